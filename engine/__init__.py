@@ -1,0 +1,1 @@
+"""blendgate's local inference engine: weights, model runner, scheduler and sampling."""

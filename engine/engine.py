@@ -1,0 +1,228 @@
+"""The local engine: token ids in, generated tokens out, as they are produced.
+
+One worker thread owns the model. Requests wait in a FIFO queue; up to `max_running` of them run
+at once and the worker steps them round-robin, one forward pass (a prefill or one decode token) at a
+time, so a long generation delays but never starves a short one, and no two forward passes touch the
+model together. The asyncio side only waits on per-request queues, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+import torch
+
+from .runner import KVState
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger("blendgate.engine")
+
+
+class EngineError(Exception):
+    pass
+
+
+class QueueFullError(EngineError):
+    pass
+
+
+class PromptTooLongError(EngineError):
+    def __init__(self, prompt_tokens: int, max_context_tokens: int) -> None:
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the model's context holds {max_context_tokens}")
+        self.prompt_tokens = prompt_tokens
+        self.max_context_tokens = max_context_tokens
+
+
+class Runner(Protocol):
+    device: torch.device
+
+    def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, KVState]: ...
+
+    def decode(self, token_id: int, state: KVState) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    # Set on the request's last event: "stop" (a stop token was generated) or "length".
+    finish_reason: str | None = None
+    # False for the stop token itself, which counts as generated but is not part of the answer's text.
+    is_text: bool = True
+
+
+_SHUTDOWN = object()
+
+
+@dataclass(eq=False)
+class GenerationHandle:
+    """One submitted request: iterate it for TokenEvents; cancel() frees its slot and KV at once."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    _loop: asyncio.AbstractEventLoop
+    _events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    # Worker-thread state.
+    kv: KVState | None = None
+    sampler: Sampler | None = None
+    generated: int = 0
+    last_token: int = -1
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _emit(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is gone (shutdown): nobody is listening any more
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        try:
+            while True:
+                item = await self._events.get()
+                if item is _SHUTDOWN:
+                    raise EngineError("the engine shut down before the request finished")
+                if isinstance(item, BaseException):
+                    raise EngineError(f"generation failed: {item}") from item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+
+class Scheduler:
+    """Which request takes the next forward pass. Plain Python: no model, no threads."""
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.waiting: deque[GenerationHandle] = deque()
+        self.running: deque[GenerationHandle] = deque()
+
+    def add(self, request: GenerationHandle) -> None:
+        if len(self.running) >= self.max_running and len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(
+                f"the local engine is busy: {len(self.running)} requests running and {len(self.waiting)} waiting")
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def next(self) -> GenerationHandle:
+        """Admit waiting requests into free slots, then rotate: the front request steps next."""
+        while self.waiting and len(self.running) < self.max_running:
+            self.running.append(self.waiting.popleft())
+        request = self.running.popleft()
+        self.running.append(request)
+        return request
+
+    def drop(self, request: GenerationHandle) -> None:
+        for queue in (self.running, self.waiting):
+            if request in queue:
+                queue.remove(request)
+
+
+class LocalEngine:
+    def __init__(self, runner: Runner, *, max_context_tokens: int, stop_token_ids: frozenset[int],
+                 max_running: int = 4, max_waiting: int = 64) -> None:
+        self.runner = runner
+        self.max_context_tokens = max_context_tokens
+        self.stop_token_ids = stop_token_ids
+        self._scheduler = Scheduler(max_running, max_waiting)
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="blendgate-engine", daemon=True)
+        self._thread.start()
+
+    # -- asyncio side ---------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+        """Queue a request; raises PromptTooLongError or QueueFullError at once, before anything runs."""
+        if len(prompt_ids) >= self.max_context_tokens:
+            raise PromptTooLongError(len(prompt_ids), self.max_context_tokens)
+        handle = GenerationHandle(
+            request_id=next(self._ids), prompt_ids=list(prompt_ids), params=params,
+            # Generation also ends where the context does; that finish counts as "length".
+            max_new_tokens=min(params.max_new_tokens, self.max_context_tokens - len(prompt_ids)),
+            _loop=asyncio.get_running_loop())
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the engine is shutting down")
+            self._scheduler.add(handle)
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len(self._scheduler.running), "waiting": len(self._scheduler.waiting)}
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- worker thread --------------------------------------------------------------------------
+    def _work(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._scheduler.has_work():
+                        self._cond.wait()
+                    if self._stopping:
+                        for request in [*self._scheduler.running, *self._scheduler.waiting]:
+                            request._emit(_SHUTDOWN)
+                        return
+                    request = self._scheduler.next()
+                if request.cancelled:
+                    self._finish(request)
+                    continue
+                try:
+                    self._step(request)
+                except Exception as exc:  # one request's failure must not stop the engine
+                    log.exception("request %d failed", request.request_id)
+                    request._emit(exc)
+                    self._finish(request)
+
+    def _step(self, request: GenerationHandle) -> None:
+        if request.kv is None:
+            request.started_at = time.perf_counter()
+            request.sampler = Sampler(request.params, self.runner.device)
+            logits, request.kv = self.runner.prefill(request.prompt_ids)
+        else:
+            logits = self.runner.decode(request.last_token, request.kv)
+        token = request.sampler.sample(logits)
+        request.generated += 1
+        request.last_token = token
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        finish = None
+        is_stop = token in self.stop_token_ids or token in request.params.stop_token_ids
+        if is_stop:
+            finish = "stop"
+        elif request.generated >= request.max_new_tokens:
+            finish = "length"
+        request._emit(TokenEvent(token, finish, is_text=not is_stop))
+        if finish is not None:
+            self._finish(request)
+
+    def _finish(self, request: GenerationHandle) -> None:
+        request.finished_at = time.perf_counter()
+        request.kv = None  # frees the KV cache now, not when the consumer lets go of the handle
+        with self._cond:
+            self._scheduler.drop(request)

@@ -1,0 +1,112 @@
+"""What every backend offers the chat endpoint, and the per-request context they report into."""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ..schemas import ChatCompletionRequest
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class RequestContext:
+    """One chat request's identity and what the layers it passed through report about it.
+
+    `report()` becomes the response's `blendgate` object; later layers fill their own slots.
+    """
+
+    tenant: str
+    request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrived_at: float = field(default_factory=time.perf_counter)
+    backend: str | None = None
+    queue_s: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    usage: Usage | None = None
+    semantic_cache: dict[str, Any] | None = None
+    rag: dict[str, Any] | None = None
+    chunk_cache: dict[str, Any] | None = None
+
+    def mark_first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def report(self) -> dict[str, Any]:
+        def ms(end: float | None) -> float | None:
+            return None if end is None else round((end - self.arrived_at) * 1000, 2)
+
+        return {
+            "request_id": self.request_id,
+            "backend": self.backend,
+            "timings": {
+                "queue_ms": None if self.queue_s is None else round(self.queue_s * 1000, 2),
+                "ttft_ms": ms(self.first_token_at),
+                "total_ms": ms(self.finished_at),
+            },
+            "semantic_cache": self.semantic_cache,
+            "rag": self.rag,
+            "chunk_cache": self.chunk_cache,
+        }
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a streamed answer: an OpenAI `delta` and, on the last piece, the finish reason."""
+
+    delta: dict[str, Any]
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChatResult:
+    message: dict[str, Any]
+    finish_reason: str | None
+
+
+class ChatBackend(abc.ABC):
+    """A model the gateway can answer with. Request errors are raised as GatewayError before the
+    first chunk of a stream, so they still get their status code."""
+
+    kind: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin getting ready; may return before the backend is ready (see status())."""
+
+    async def close(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    def status(self) -> dict[str, Any]:
+        """{"state": "ready" | "loading" | "failed", ...details}."""
+
+    @abc.abstractmethod
+    def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        ...
+
+    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
+        """A whole answer; by default gathered from stream()."""
+        parts: list[str] = []
+        finish_reason = None
+        role = "assistant"
+        async for chunk in self.stream(request, ctx):
+            role = chunk.delta.get("role", role)
+            if chunk.delta.get("content"):
+                ctx.mark_first_token()
+                parts.append(chunk.delta["content"])
+            finish_reason = chunk.finish_reason or finish_reason
+        return ChatResult(message={"role": role, "content": "".join(parts)}, finish_reason=finish_reason)

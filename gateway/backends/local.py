@@ -1,0 +1,159 @@
+"""Chat on blendgate's own engine: chat template, tokenisation, sampling settings, text streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
+from ...engine.runner import HFModelRunner
+from ...engine.sampling import SamplingParams
+from ...engine.weights import LoadedModel, WeightsError, load_model
+from ..config import LocalModelConfig
+from ..errors import GatewayError
+from ..schemas import ChatCompletionRequest
+from .base import ChatBackend, ChatChunk, RequestContext, Usage
+
+log = logging.getLogger("blendgate.gateway")
+
+# Chat roles the local chat templates understand; OpenAI's "developer" is the newer name for "system".
+_ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class LocalBackend(ChatBackend):
+    kind = "local"
+
+    def __init__(self, config: LocalModelConfig, *, cache_dir: Path, max_running: int, max_waiting: int) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.model: LoadedModel | None = None
+        self.engine: LocalEngine | None = None
+        self._load_task: asyncio.Task | None = None
+        self._error: str | None = None
+
+    async def start(self) -> None:
+        self._load_task = asyncio.create_task(self._load(), name=f"load {self.config.name}")
+
+    async def _load(self) -> None:
+        try:
+            self.model = await asyncio.to_thread(
+                load_model, self.config.path, dtype=self.config.dtype, device=self.config.device,
+                cache_dir=self.cache_dir, max_context_tokens=self.config.max_context_tokens)
+        except (WeightsError, OSError, ValueError, RuntimeError) as exc:
+            self._error = str(exc)
+            log.error("model %s failed to load: %s", self.config.name, exc)
+            return
+        self.engine = LocalEngine(
+            HFModelRunner(self.model), max_context_tokens=self.model.max_context_tokens,
+            stop_token_ids=self.model.eos_token_ids, max_running=self.max_running, max_waiting=self.max_waiting)
+        log.info("model %s is ready", self.config.name)
+
+    async def wait_ready(self) -> None:
+        if self._load_task is not None:
+            await self._load_task
+
+    async def close(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+
+    def status(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return {"state": "ready", **self.engine.stats()}
+        if self._error is not None:
+            return {"state": "failed", "error": self._error}
+        return {"state": "loading"}
+
+    # -- request path ---------------------------------------------------------------------------
+    def _check_supported(self, request: ChatCompletionRequest) -> None:
+        extra = request.model_extra or {}
+        for name in ("tools", "functions"):
+            if extra.get(name):
+                raise GatewayError(400, f"'{name}' is not supported by the local model {request.model}",
+                                   code="unsupported_parameter", param=name)
+        if extra.get("logprobs"):
+            raise GatewayError(400, "'logprobs' is not supported by local models yet",
+                               code="unsupported_parameter", param="logprobs")
+        response_format = extra.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+            raise GatewayError(400, "only response_format type 'text' is supported by local models",
+                               code="unsupported_parameter", param="response_format")
+        for index, message in enumerate(request.messages):
+            if message.role not in _ROLE_MAP:
+                raise GatewayError(400, f"role '{message.role}' is not supported by local models (tool calls are not)",
+                                   code="unsupported_value", param=f"messages[{index}].role")
+            if message.non_text_parts():
+                raise GatewayError(400, f"content parts of type {message.non_text_parts()} are not supported; "
+                                        "local models take text only",
+                                   code="unsupported_value", param=f"messages[{index}].content")
+
+    def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.model.tokenizer  # type: ignore[union-attr]
+        messages = [{"role": _ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
+        defaults = self.config.sampling_defaults
+        context = self.model.max_context_tokens  # type: ignore[union-attr]
+        return SamplingParams(
+            max_new_tokens=request.completion_limit() or max(1, context - prompt_tokens),
+            temperature=defaults.temperature if request.temperature is None else request.temperature,
+            top_p=defaults.top_p if request.top_p is None else request.top_p,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+        )
+
+    def _engine_or_raise(self) -> LocalEngine:
+        if self.engine is not None:
+            return self.engine
+        if self._error is not None:
+            raise GatewayError(503, f"model {self.config.name} failed to load: {self._error}", code="model_unavailable")
+        raise GatewayError(503, f"model {self.config.name} is still loading; retry shortly (see /healthz)",
+                           code="model_loading")
+
+    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        engine = self._engine_or_raise()
+        self._check_supported(request)
+        prompt_ids = self._prompt_ids(request)
+        try:
+            handle = engine.submit(prompt_ids, self._sampling(request, len(prompt_ids)))
+        except PromptTooLongError as exc:
+            raise GatewayError(413, f"This model's maximum context length is {exc.max_context_tokens} tokens, "
+                                    f"but the messages have {exc.prompt_tokens} tokens.",
+                               code="context_length_exceeded", param="messages") from exc
+        except QueueFullError as exc:
+            raise GatewayError(503, str(exc), code="engine_overloaded") from exc
+        ctx.backend = self.kind
+        ctx.usage = Usage(prompt_tokens=len(prompt_ids))
+        detokenizer = IncrementalDetokenizer(self.model.tokenizer)  # type: ignore[union-attr]
+        stops = StopMatcher(request.stop_sequences)
+        try:
+            yield ChatChunk(delta={"role": "assistant", "content": ""})
+            finish_reason = None
+            async for event in handle:
+                if ctx.queue_s is None and handle.started_at is not None:
+                    ctx.queue_s = handle.started_at - handle.submitted_at
+                ctx.usage.completion_tokens = handle.generated
+                text = stops.feed(detokenizer.add(event.token_id)) if event.is_text else ""
+                if stops.stopped:
+                    finish_reason = "stop"
+                elif event.finish_reason is not None:
+                    finish_reason = event.finish_reason
+                    text += stops.flush()
+                if text:
+                    yield ChatChunk(delta={"content": text})
+                if finish_reason is not None:
+                    break
+            yield ChatChunk(delta={}, finish_reason=finish_reason)
+        except EngineError as exc:
+            raise GatewayError(503, str(exc), code="engine_error") from exc
+        finally:
+            handle.cancel()  # stops generation when the client went away or a stop sequence ended it

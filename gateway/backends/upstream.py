@@ -1,0 +1,127 @@
+"""Chat through litellm to an upstream provider (OpenAI, Anthropic, another OpenAI-compatible server...)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, AsyncIterator
+
+from ..config import LitellmModelConfig
+from ..errors import GatewayError
+from ..schemas import ChatCompletionRequest
+from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage
+
+log = logging.getLogger("blendgate.gateway")
+
+# OpenAI-compatible servers without authentication still need some key for the OpenAI SDK litellm uses.
+_PLACEHOLDER_KEY = "blendgate-no-key"
+
+
+def _import_litellm() -> Any:
+    # litellm fetches a model price list from the internet at import unless told to use its bundled copy.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    data = obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+class LitellmBackend(ChatBackend):
+    kind = "litellm"
+
+    def __init__(self, config: LitellmModelConfig) -> None:
+        self.config = config
+        self.litellm: Any = None
+
+    async def start(self) -> None:
+        self.litellm = _import_litellm()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "ready" if self.litellm is not None else "loading", "upstream": self.config.litellm_model}
+
+    def _arguments(self, request: ChatCompletionRequest, stream: bool) -> dict[str, Any]:
+        api_key = self.config.api_key()
+        if api_key is None and self.config.api_base is not None:
+            api_key = _PLACEHOLDER_KEY
+        arguments: dict[str, Any] = {
+            **request.openai_params(),
+            "model": self.config.litellm_model,
+            "messages": [m.model_dump(exclude_none=True) for m in request.messages],
+            "api_base": self.config.api_base,
+            "api_key": api_key,
+            "timeout": self.config.timeout_s,
+            "stream": stream,
+            "num_retries": 0,
+        }
+        if stream:
+            # Always ask for usage, so the gateway can report it whether or not the client asked.
+            arguments["stream_options"] = {"include_usage": True}
+        return arguments
+
+    def _translate(self, exc: Exception) -> GatewayError:
+        litellm = self.litellm
+        name = f"upstream {self.config.litellm_model}"
+        message = getattr(exc, "message", None) or str(exc)
+        if isinstance(exc, litellm.Timeout):
+            return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s", code="upstream_timeout")
+        if isinstance(exc, litellm.APIConnectionError):
+            return GatewayError(502, f"{name} is unreachable at {self.config.api_base or 'its default address'}: "
+                                     f"{message}", code="upstream_unreachable")
+        if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):
+            # The client's key is fine; the gateway's key for the provider is not. That is a gateway problem.
+            return GatewayError(502, f"{name} refused the gateway's credentials: {message}", code="upstream_auth")
+        if isinstance(exc, litellm.RateLimitError):
+            return GatewayError(429, f"{name} is rate limiting: {message}", code="upstream_rate_limited")
+        if isinstance(exc, litellm.ContextWindowExceededError):
+            return GatewayError(413, message, code="context_length_exceeded", param="messages")
+        if isinstance(exc, (litellm.BadRequestError, litellm.UnprocessableEntityError)):
+            return GatewayError(400, f"{name} rejected the request: {message}", code="upstream_bad_request")
+        return GatewayError(502, f"{name} failed: {message}", code="upstream_error")
+
+    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
+        ctx.backend = self.kind
+        try:
+            response = await self.litellm.acompletion(**self._arguments(request, stream=False))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        ctx.mark_first_token()
+        choice = response.choices[0]
+        if response.usage is not None:
+            ctx.usage = Usage(response.usage.prompt_tokens or 0, response.usage.completion_tokens or 0)
+        message = _as_dict(choice.message)
+        message.setdefault("content", None)
+        return ChatResult(message=message, finish_reason=choice.finish_reason)
+
+    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        ctx.backend = self.kind
+        try:
+            response = await self.litellm.acompletion(**self._arguments(request, stream=True))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        try:
+            async for chunk in response:
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    ctx.usage = Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0)
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                delta = _as_dict(choice.delta) if choice.delta is not None else {}
+                # litellm fills fields the upstream did not send; keep what an OpenAI delta carries.
+                delta = {k: v for k, v in delta.items() if k in ("role", "content", "tool_calls", "refusal")}
+                if delta or choice.finish_reason:
+                    yield ChatChunk(delta=delta, finish_reason=choice.finish_reason)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        finally:
+            close = getattr(response, "aclose", None)
+            if close is not None:
+                await close()

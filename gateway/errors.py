@@ -1,0 +1,106 @@
+"""Every error the gateway returns uses OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("blendgate.gateway")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "upstream_error",
+}
+
+
+class GatewayError(Exception):
+    """An error with its HTTP status, raised anywhere and rendered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    parts = [p for p in loc if p != "body"]
+    # Discriminated/union branches add the branch name to the location; it means nothing to a client.
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif isinstance(part, str) and ("[" in part or "function-" in part or part in {"str", "list[str]"}):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text or None
+
+
+def validation_error(exc: RequestValidationError) -> GatewayError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    if first["type"] == "json_invalid":
+        return GatewayError(400, "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")),
+                            code="invalid_json")
+    param = _loc_to_param(tuple(first["loc"]))
+    if first["type"] == "missing":
+        return GatewayError(400, f"Missing required parameter: '{param}'.", code="missing_required_parameter",
+                            param=param)
+    if first["type"] == "model_attributes_type" or (param is None and first["type"].endswith("_type")):
+        return GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+    message = first["msg"].removeprefix("Value error, ")
+    detail = f"Invalid value for '{param}': {message}" if param else message
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return GatewayError(400, detail, code="invalid_value", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Unknown route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(GatewayError(exc.status_code, message, code=None), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(GatewayError(500, f"Internal error: {type(exc).__name__}", type="server_error"))
