@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -82,7 +83,18 @@ class LitellmModelConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-ModelConfig = Annotated[Union[LocalModelConfig, LitellmModelConfig], Field(discriminator="backend")]
+def _backend_of(value: Any) -> str:
+    # `backend` may be left out: a model is local unless it says otherwise.
+    if isinstance(value, dict):
+        return value.get("backend", "local")
+    return getattr(value, "backend", "local")
+
+
+ModelConfig = Annotated[
+    Union[Annotated[LocalModelConfig, Tag("local")], Annotated[LitellmModelConfig, Tag("litellm")]],
+    Discriminator(_backend_of, custom_error_type="invalid_backend",
+                  custom_error_message="backend must be 'local' or 'litellm'"),
+]
 
 
 class ApiKeyConfig(_Strict):

@@ -69,6 +69,8 @@ def validation_error(exc: RequestValidationError) -> GatewayError:
         return GatewayError(400, "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")),
                             code="invalid_json")
     param = _loc_to_param(tuple(first["loc"]))
+    if first["type"] == "missing" and param is None:
+        return GatewayError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     if first["type"] == "missing":
         return GatewayError(400, f"Missing required parameter: '{param}'.", code="missing_required_parameter",
                             param=param)
@@ -92,6 +94,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, GatewayError):  # FastAPI wraps errors raised while it reads the body
+            return error_response(exc.__cause__)
         if exc.status_code == 404:
             message = f"Unknown route: {request.method} {request.url.path}"
         elif exc.status_code == 405:

@@ -27,12 +27,6 @@ class BodySizeLimit:
             await error_response(self._too_large())(scope, receive, send)
             return
         received = 0
-        started = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
         async def counted_receive() -> Message:
             nonlocal received
@@ -40,15 +34,8 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge()
+                    # A body sent without Content-Length (chunked) is cut off here, once it passes the limit.
+                    raise self._too_large()
             return message
 
-        try:
-            await self.app(scope, counted_receive, guarded_send)
-        except _BodyTooLarge:
-            if not started:
-                await error_response(self._too_large())(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, counted_receive, send)

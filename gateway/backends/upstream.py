@@ -32,6 +32,22 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and everything it was raised from (litellm wraps transport errors several times)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    import httpx
+
+    return any(isinstance(e, (httpx.ConnectError, ConnectionError)) for e in _chain(exc))
+
+
 class LitellmBackend(ChatBackend):
     kind = "litellm"
 
@@ -70,7 +86,7 @@ class LitellmBackend(ChatBackend):
         message = getattr(exc, "message", None) or str(exc)
         if isinstance(exc, litellm.Timeout):
             return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s", code="upstream_timeout")
-        if isinstance(exc, litellm.APIConnectionError):
+        if isinstance(exc, litellm.APIConnectionError) or _is_connection_failure(exc):
             return GatewayError(502, f"{name} is unreachable at {self.config.api_base or 'its default address'}: "
                                      f"{message}", code="upstream_unreachable")
         if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):

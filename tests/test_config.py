@@ -1,0 +1,93 @@
+"""Configuration: YAML plus environment overrides; a broken file stops start-up naming the bad field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blendgate.gateway.config import ConfigError, LitellmModelConfig, LocalModelConfig, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "blendgate.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_embedded_model() -> None:
+    settings = load_settings()
+    assert settings.host == "127.0.0.1" and settings.port == 8000
+    assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
+    assert settings.models[0].path is None and settings.api_keys == []
+
+
+def test_yaml_models_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path, """
+port: 9000
+models:
+  - name: local-small
+    backend: local
+    dtype: bfloat16
+  - name: gpt
+    backend: litellm
+    litellm_model: openai/gpt-4o-mini
+    api_key_env: MY_OPENAI_KEY
+api_keys:
+  - key_env: CLIENT_KEY
+    tenant: acme
+""")
+    monkeypatch.setenv("CLIENT_KEY", "sk-client-12345678")
+    monkeypatch.setenv("MY_OPENAI_KEY", "sk-upstream")
+    monkeypatch.setenv("BLENDGATE_PORT", "9100")
+    settings = load_settings(config)
+    assert settings.port == 9100  # environment beats the file
+    assert load_settings(config, port=9200).port == 9200  # explicit flags beat the environment
+    local, gpt = settings.models
+    assert isinstance(local, LocalModelConfig) and local.dtype == "bfloat16"
+    assert isinstance(gpt, LitellmModelConfig) and gpt.api_key() == "sk-upstream"
+    assert settings.tenants_by_key() == {"sk-client-12345678": "acme"}
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("prot: 8000\n", "prot: unknown setting"),
+        ("port: eighty\n", "port:"),
+        ("models:\n  - name: m\n    backend: local\n    dtype: float8\n", "models.0.local.dtype"),
+        ("models:\n  - name: m\n    backend: local\n    path: /no/such/model.gguf\n", "no such file"),
+        ("models:\n  - name: m\n    backend: litellm\n", "litellm_model"),
+        ("models:\n  - name: m\n    backend: teleport\n", "models.0"),
+        ("models:\n  - {name: a}\n  - {name: a}\n", "repeated: a"),
+        ("models: []\n", "at least one model"),
+        ("api_keys:\n  - key_env: SURELY_UNSET_VAR_42\n    tenant: t\n", "SURELY_UNSET_VAR_42"),
+        ("api_keys:\n  - key: short\n    tenant: t\n", "api_keys.0.key"),
+        ("port: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+    ],
+)
+def test_broken_config_names_the_field(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text))
+    assert named in str(raised.value)
+
+
+def test_serve_refuses_a_broken_config_at_start_up(tmp_path: Path) -> None:
+    config = write(tmp_path, "models:\n  - name: m\n    backend: local\n    device: tpu\n")
+    result = subprocess.run([sys.executable, "-m", "blendgate.gateway", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "models.0.local.device" in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "blendgate.gateway", "serve", "--config", "/no/such.yaml"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_check_config_hides_keys(tmp_path: Path) -> None:
+    config = write(tmp_path, "api_keys:\n  - key: sk-secret-123456\n    tenant: t\n")
+    result = subprocess.run([sys.executable, "-m", "blendgate.gateway", "check-config", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "sk-secret" not in result.stdout and '"tenant": "t"' in result.stdout
