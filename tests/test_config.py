@@ -91,3 +91,9 @@ def test_check_config_hides_keys(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "sk-secret" not in result.stdout and '"tenant": "t"' in result.stdout
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "blendgate.example.yaml"
+    settings = load_settings(example)
+    assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]

@@ -71,3 +71,27 @@ def test_scheduler_admits_in_order_rotates_and_bounds_the_queue() -> None:
         scheduler.add(d)
     scheduler.drop(a)
     assert [scheduler.next() for _ in range(2)] == [b, c]
+
+
+def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) -> None:
+    from blendgate.gateway.backends.base import RequestContext
+    from blendgate.gateway.backends.local import LocalBackend
+    from blendgate.gateway.config import LocalModelConfig
+    from blendgate.gateway.errors import GatewayError
+    from blendgate.gateway.schemas import ChatCompletionRequest
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a folder with no weights
+    backend = LocalBackend(LocalModelConfig(name="broken", path=tmp_path), cache_dir=tmp_path,
+                           max_running=1, max_waiting=1)
+    request = ChatCompletionRequest(model="broken", messages=[{"role": "user", "content": "hi"}])
+
+    async def scenario() -> GatewayError:
+        await backend.start()
+        await backend.wait_ready()
+        with pytest.raises(GatewayError) as raised:
+            await backend.stream(request, RequestContext(tenant="t")).__anext__()
+        return raised.value
+
+    error = asyncio.run(scenario())
+    assert backend.status()["state"] == "failed"
+    assert error.status == 503 and error.code == "model_unavailable"
