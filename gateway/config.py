@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -188,7 +187,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         except yaml.YAMLError as exc:
             raise ConfigError(f"{config_file} is not valid YAML: {exc}") from exc
         if content is not None and not isinstance(content, dict):
-            raise ConfigError(f"{config_file}: the top level must be a mapping of settings, not {type(content).__name__}")
+            raise ConfigError(
+                f"{config_file}: the top level must be a mapping of settings, not {type(content).__name__}")
 
     class FileSettings(Settings):
         model_config = SettingsConfigDict(yaml_file=config_file)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from blendgate.gateway.config import ConfigError, LitellmModelConfig, LocalModelConfig, load_settings
 
 

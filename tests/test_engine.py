@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 import torch
-
 from blendgate.engine.engine import GenerationHandle, LocalEngine, QueueFullError, Scheduler
 from blendgate.engine.runner import HFModelRunner
 from blendgate.engine.sampling import SamplingParams

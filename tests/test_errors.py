@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-
 from conftest import EMBEDDED, assert_openai_error
 
 HI = [{"role": "user", "content": "hi"}]

@@ -85,7 +85,8 @@ class LitellmBackend(ChatBackend):
         name = f"upstream {self.config.litellm_model}"
         message = getattr(exc, "message", None) or str(exc)
         if isinstance(exc, litellm.Timeout):
-            return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s", code="upstream_timeout")
+            return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s",
+                                code="upstream_timeout")
         if isinstance(exc, litellm.APIConnectionError) or _is_connection_failure(exc):
             return GatewayError(502, f"{name} is unreachable at {self.config.api_base or 'its default address'}: "
                                      f"{message}", code="upstream_unreachable")
