@@ -140,3 +140,11 @@ def load_model(path: Path | None, *, dtype: str, device: str, cache_dir: Path,
              time.perf_counter() - started, type(model).__name__, sum(p.numel() for p in model.parameters()), context)
     return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, device=torch.device(device),
                        max_context_tokens=int(context), eos_token_ids=frozenset(eos))
+
+
+def load_tokenizer(path: Path | None, cache_dir: Path) -> object:
+    """Only the tokenizer of a model (converting a GGUF file first if needed), e.g. for chunking documents."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_folder(path, cache_dir)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -10,6 +10,8 @@ from typing import AsyncIterator
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
+from ..retriever.loaders import SourceDocument
+from ..retriever.service import RetrievalError
 from . import __version__
 from .auth import ApiKeyAuth
 from .backends.base import ChatBackend
@@ -19,7 +21,8 @@ from .chat import ChatService
 from .config import LocalModelConfig, Settings
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
-from .schemas import ChatCompletionRequest
+from .rag import RagPlanner, as_gateway_error, build_retriever
+from .schemas import ChatCompletionRequest, IngestRequest, RetrieveRequest
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -38,13 +41,19 @@ def build_backends(settings: Settings) -> dict[str, ChatBackend]:
 
 def create_app(settings: Settings) -> FastAPI:
     backends = build_backends(settings)
-    chat = ChatService(backends)
+    rag = RagPlanner(None, settings.retrieval.system_prompt)
+    chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models})
     auth = ApiKeyAuth(settings.tenants_by_key())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Local models load in the background: /healthz answers "loading" meanwhile.
         await asyncio.gather(*(backend.start() for backend in backends.values()))
+        # Collections open before the gateway answers: a corrupt index stops start-up, naming the file.
+        rag.retriever = await asyncio.to_thread(build_retriever, settings)
+        await asyncio.to_thread(rag.retriever.load_all)
+        log.info("retrieval ready: %d collections in %s", len(rag.retriever.collections()),
+                 settings.retrieval.data_dir)
         yield
         await asyncio.gather(*(backend.close() for backend in backends.values()), return_exceptions=True)
 
@@ -71,12 +80,45 @@ def create_app(settings: Settings) -> FastAPI:
         chat.backend_for(model)
         return model_card(model)
 
+    def retriever():
+        return rag._retriever()
+
+    async def retrieval_call(function, *args):
+        try:
+            return await asyncio.to_thread(function, *args)
+        except RetrievalError as exc:
+            raise as_gateway_error(exc) from exc
+
+    @app.post("/v1/retrieve")
+    async def retrieve(request: RetrieveRequest, _: str = Depends(auth)):
+        chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
+        return {"object": "list", "collection": request.collection,
+                "version": retriever().collection_version(request.collection),
+                "data": [{**c.citation(), "text": c.text, "token_count": c.token_count} for c in chunks]}
+
+    @app.get("/v1/collections")
+    async def list_collections(_: str = Depends(auth)):
+        return {"object": "list", "data": await retrieval_call(retriever().collections)}
+
+    @app.post("/v1/collections/{collection}/documents")
+    async def ingest_documents(collection: str, request: IngestRequest, _: str = Depends(auth)):
+        documents = [SourceDocument(d.source or f"api#{d.id or i}", d.text) for i, d in enumerate(request.documents)]
+        summary = await retrieval_call(retriever().ingest_documents, collection, documents)
+        return summary.as_dict()
+
+    @app.delete("/v1/collections/{collection}")
+    async def delete_collection(collection: str, source: str | None = None, _: str = Depends(auth)):
+        removed = await retrieval_call(retriever().delete, collection, source)
+        return {"collection": collection, "source": source, "deleted": True, "removed_chunks": removed}
+
     @app.get("/healthz")
     async def healthz():
         models = {name: backend.status() for name, backend in backends.items()}
         states = {m["state"] for m in models.values()}
         status = "ready" if states == {"ready"} else "failed" if "failed" in states else "loading"
-        return JSONResponse({"status": status, "models": models}, status_code=200 if status == "ready" else 503)
+        retrieval = {"state": "ready" if rag.retriever is not None else "loading"}
+        return JSONResponse({"status": status, "models": models, "retrieval": retrieval},
+                            status_code=200 if status == "ready" else 503)
 
     return app
 

@@ -10,7 +10,9 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .backends.base import ChatBackend, ChatChunk, RequestContext
+from .config import ModelRagConfig
 from .errors import GatewayError
+from .rag import RagPlanner
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -22,8 +24,11 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 class ChatService:
-    def __init__(self, backends: dict[str, ChatBackend]) -> None:
+    def __init__(self, backends: dict[str, ChatBackend], rag: RagPlanner,
+                 model_rag: dict[str, ModelRagConfig | None]) -> None:
         self.backends = backends
+        self.rag = rag
+        self.model_rag = model_rag
 
     def backend_for(self, model: str) -> ChatBackend:
         backend = self.backends.get(model)
@@ -33,21 +38,13 @@ class ChatService:
                                code="model_not_found", param="model")
         return backend
 
-    @staticmethod
-    def _check_features(request: ChatCompletionRequest) -> None:
-        # Validated now so clients get the same errors once these layers land; not served yet.
-        if request.rag is not None or request.documents is not None:
-            param = "rag" if request.rag is not None else "documents"
-            raise GatewayError(400, f"'{param}' needs retrieval, which this gateway does not offer yet",
-                               code="feature_unavailable", param=param)
-
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
         return {"x-request-id": ctx.request_id, "x-blendgate-backend": ctx.backend or ""}
 
     async def handle(self, request: ChatCompletionRequest, tenant: str) -> JSONResponse | StreamingResponse:
         backend = self.backend_for(request.model)
-        self._check_features(request)
         ctx = RequestContext(tenant=tenant)
+        request, ctx.rag = await self.rag.prepare(request, self.model_rag.get(request.model))
         if request.stream:
             return await self._stream(backend, request, ctx)
         result = await backend.complete(request, ctx)

@@ -57,6 +57,120 @@ def serve(
                 log_config=None, timeout_graceful_shutdown=5)
 
 
+def _quiet() -> None:
+    """Command-line tools show their own progress; silence the libraries' loading bars and chatter."""
+    _configure_logging("warning")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def _retriever_or_exit(settings: Settings):
+    from ..retriever.service import CorruptIndexError
+    from .rag import build_retriever
+
+    _quiet()
+    try:
+        return build_retriever(settings)
+    except (CorruptIndexError, OSError, ValueError) as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+class _RichProgress:
+    """Draws the retriever's progress phases as rich progress bars."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, object] = {}
+
+    def start(self, phase: str, total: int) -> None:
+        self.tasks[phase] = self.progress.add_task(phase.capitalize(), total=total)
+
+    def advance(self, phase: str, amount: int = 1) -> None:
+        self.progress.advance(self.tasks[phase], amount)
+
+
+@app.command()
+def ingest(
+    paths: list[Path] = typer.Argument(..., help="Files and folders (txt, md, html, pdf, jsonl, SQuAD json)."),
+    collection: str = typer.Option(..., "--collection", help="Collection to add to (created if new)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Add documents to a collection. Unchanged files are skipped; changed files replace their chunks."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..retriever.service import RetrievalError
+
+    settings = _settings_or_exit(config)
+    retriever = _retriever_or_exit(settings)
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            summary = retriever.ingest_paths(paths, collection, _RichProgress(progress))
+    except RetrievalError as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    console.print(f"[bold]{collection}[/]: {summary.files} files ingested, {summary.unchanged} unchanged, "
+                  f"{summary.chunks} chunks added, {summary.removed_chunks} replaced, in {summary.seconds:.1f} s")
+    for path, reason in summary.skipped:
+        console.print(f"  [yellow]skipped[/] {path}: {reason}")
+
+
+@app.command()
+def collections(config: Optional[Path] = ConfigOption) -> None:
+    """List the collections with their sizes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    retriever = _retriever_or_exit(_settings_or_exit(config))
+    table = Table("collection", "files", "chunks", "version", "embedder")
+    for info in retriever.collections():
+        table.add_row(info["name"], str(info["files"]), str(info["chunks"]), str(info["version"]), info["embedder"])
+    Console().print(table)
+
+
+@app.command()
+def delete(
+    collection: str = typer.Option(..., "--collection", help="Collection to delete from."),
+    source: Optional[str] = typer.Option(None, "--source", help="Only this file (as ingested); else everything."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Delete a collection, or one source file's chunks from it."""
+    from ..retriever.service import RetrievalError
+
+    retriever = _retriever_or_exit(_settings_or_exit(config))
+    try:
+        removed = retriever.delete(collection, source)
+    except RetrievalError as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"deleted {removed} chunks from {collection}" + (f" ({source})" if source else " (whole collection)"))
+
+
+@app.command()
+def reindex(
+    collection: str = typer.Option(..., "--collection", help="Collection whose index to rebuild."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Rebuild a collection's FAISS index from its stored chunks (e.g. after the index file was damaged)."""
+    from ..retriever.service import RetrievalError
+
+    settings = _settings_or_exit(config)
+    _quiet()
+    from .rag import build_retriever
+
+    retriever = build_retriever(settings)
+    try:
+        size = retriever.reindex(collection)
+    except RetrievalError as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"rebuilt the index of {collection}: {size} chunks")
+
+
 @app.command("check-config")
 def check_config(config: Optional[Path] = ConfigOption) -> None:
     """Validate a configuration and print it as the gateway would use it (API keys hidden)."""

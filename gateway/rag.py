@@ -1,0 +1,114 @@
+"""Retrieval-augmented chat: which chunks a request gets, and the one template that places them.
+
+The template (README, "RAG prompt"): the system prompt, the conversation so far, then a last user
+message made of one segment per chunk, "[i] <chunk text>" separated by blank lines, then the question.
+Each chunk is its own segment so that a later layer can reuse the chunk's KV wherever it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..engine.weights import load_tokenizer
+from ..retriever.chunking import chunk_id
+from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
+from .config import ModelRagConfig, Settings
+from .errors import GatewayError
+from .schemas import ChatCompletionRequest, ChatMessage, Document
+
+CHUNK_SEPARATOR = "\n\n"
+
+
+def build_retriever(settings: Settings) -> Retriever:
+    retrieval = settings.retrieval
+    tokenizer_model = settings.tokenizer_model()
+    return open_retriever(
+        retrieval.data_dir, lambda: load_tokenizer(tokenizer_model.path, settings.cache_dir),
+        retrieval.embedder_path, chunk_tokens=retrieval.chunk_tokens, overlap_tokens=retrieval.chunk_overlap_tokens,
+        approximate_threshold=retrieval.approximate_index_threshold, max_file_bytes=retrieval.max_file_bytes,
+        nprobe=retrieval.ivf_nprobe)
+
+
+def as_gateway_error(exc: RetrievalError) -> GatewayError:
+    return GatewayError(exc.status, str(exc), code=exc.code)
+
+
+@dataclass
+class RagPrompt:
+    system: str
+    chunks: list[RetrievedChunk]
+    question: str
+
+    def segments(self) -> list[str]:
+        """The last user message, piece by piece: one segment per chunk, then the question."""
+        parts = [f"[{i}] {chunk.text}{CHUNK_SEPARATOR}" for i, chunk in enumerate(self.chunks, start=1)]
+        return parts + [f"Question: {self.question}"]
+
+
+def _question(request: ChatCompletionRequest) -> str:
+    last = request.messages[-1]
+    if last.role != "user":
+        raise GatewayError(400, "with 'rag' or 'documents', the last message must be the user's question",
+                           code="invalid_value", param="messages")
+    question = last.text().strip()
+    if not question:
+        raise GatewayError(400, "the question (the last user message) is empty", code="invalid_value",
+                           param="messages")
+    return question
+
+
+def rewrite_messages(request: ChatCompletionRequest, prompt: RagPrompt) -> list[ChatMessage]:
+    """The request's messages with the chunks placed by the template."""
+    history = request.messages[:-1]
+    has_system = any(m.role in ("system", "developer") for m in history)
+    messages = [] if has_system else [ChatMessage(role="system", content=prompt.system)]
+    messages += history
+    messages.append(ChatMessage(role="user", content="".join(prompt.segments())))
+    return messages
+
+
+class RagPlanner:
+    """Decides and performs the retrieval a chat request asks for (or its model is configured for)."""
+
+    def __init__(self, retriever: Retriever | None, system_prompt: str, retriever_error: str | None = None) -> None:
+        self.retriever = retriever
+        self.system_prompt = system_prompt
+        self.retriever_error = retriever_error
+
+    async def prepare(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None
+                      ) -> tuple[ChatCompletionRequest, dict | None]:
+        """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`."""
+        if request.documents is not None:
+            prompt = RagPrompt(self.system_prompt, self._inline(request.documents), _question(request))
+            report = {"collection": None, "version": None, "chunks": [c.citation() for c in prompt.chunks]}
+        elif request.rag is not None or model_rag is not None:
+            options = request.rag or model_rag
+            retriever = self._retriever()
+            question = _question(request)
+            try:
+                chunks = await asyncio.to_thread(retriever.search, options.collection, question, options.top_k)
+            except RetrievalError as exc:
+                raise as_gateway_error(exc) from exc
+            prompt = RagPrompt(self.system_prompt, chunks, question)
+            report = {"collection": options.collection, "version": retriever.collection_version(options.collection),
+                      "chunks": [c.citation() for c in chunks]}
+        else:
+            return request, None
+        return request.model_copy(update={"messages": rewrite_messages(request, prompt)}), report
+
+    def _retriever(self) -> Retriever:
+        if self.retriever is None:
+            raise GatewayError(503, f"retrieval is unavailable: {self.retriever_error or 'still loading'}",
+                               code="retrieval_unavailable")
+        return self.retriever
+
+    def _inline(self, documents: list[str | Document]) -> list[RetrievedChunk]:
+        fingerprint = self.retriever.chunker.fingerprint if self.retriever is not None else "inline"
+        chunks = []
+        for index, document in enumerate(documents):
+            text = document if isinstance(document, str) else document.text
+            source = f"request#{index}" if isinstance(document, str) else (document.source or f"request#{index}")
+            identifier = chunk_id(fingerprint, text) if isinstance(document, str) or not document.id else document.id
+            chunks.append(RetrievedChunk(identifier, text, source, 0, 1.0, 0))
+        return chunks

@@ -1,0 +1,313 @@
+"""Collections as a service: ingest, search, list and delete, keeping each FAISS index in step with the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .chunking import Chunker
+from .embedder import Embedder
+from .index import IndexFileError, VectorIndex
+from .loaders import LoadedFile, SkippedFile, SourceDocument, discover, load_file
+from .store import ChunkStore, CollectionRecord, NewChunk, iter_batches
+
+log = logging.getLogger("blendgate.retriever")
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+EMBED_BATCH = 256
+
+
+class RetrievalError(Exception):
+    """A request the retriever cannot serve; `status` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class CorruptIndexError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RetrievedChunk:
+    id: str
+    text: str
+    source: str
+    position: int
+    score: float
+    token_count: int
+
+    def citation(self) -> dict:
+        return {"id": self.id, "source": self.source, "position": self.position, "score": round(self.score, 4)}
+
+
+@dataclass
+class IngestSummary:
+    collection: str
+    files: int = 0
+    unchanged: int = 0
+    chunks: int = 0
+    removed_chunks: int = 0
+    seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"collection": self.collection, "files": self.files, "unchanged": self.unchanged,
+                "chunks": self.chunks, "removed_chunks": self.removed_chunks, "seconds": round(self.seconds, 3),
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+
+
+class Progress:
+    """What the ingest reports as it goes; the CLI draws it as progress bars."""
+
+    def start(self, phase: str, total: int) -> None: ...
+
+    def advance(self, phase: str, amount: int = 1) -> None: ...
+
+
+@dataclass
+class _LoadedIndex:
+    index: VectorIndex
+    version: int
+
+
+class Retriever:
+    def __init__(self, data_dir: Path, embedder: Embedder, tokenizer: object, *, chunk_tokens: int = 256,
+                 overlap_tokens: int = 32, approximate_threshold: int = 20_000, max_file_bytes: int = 50 << 20,
+                 nprobe: int = 32) -> None:
+        self.data_dir = data_dir
+        self.store = ChunkStore(data_dir / "chunks.sqlite3")
+        self.embedder = embedder
+        self.chunker = Chunker(tokenizer, chunk_tokens, overlap_tokens)
+        self.approximate_threshold = approximate_threshold
+        self.max_file_bytes = max_file_bytes
+        self.nprobe = nprobe
+        self._indexes: dict[str, _LoadedIndex] = {}
+        self._lock = threading.RLock()
+        (data_dir / "indexes").mkdir(parents=True, exist_ok=True)
+
+    # -- indexes ----------------------------------------------------------------------------------
+    def _index_path(self, name: str) -> Path:
+        return self.data_dir / "indexes" / f"{name}.faiss"
+
+    def _rebuild(self, record: CollectionRecord) -> VectorIndex:
+        rows, vectors = self.store.embeddings(record.name, record.dimension)
+        return VectorIndex.build(record.dimension, vectors, rows, approximate_threshold=self.approximate_threshold,
+                                 nprobe=self.nprobe)
+
+    def _save(self, name: str, loaded: _LoadedIndex) -> None:
+        path = self._index_path(name)
+        loaded.index.save(path)
+        # The version beside the index says which store state it reflects; written after the index itself.
+        meta = path.with_suffix(".json")
+        meta.with_suffix(".json.tmp").write_text(json.dumps({"version": loaded.version, "size": loaded.index.size}))
+        meta.with_suffix(".json.tmp").replace(meta)
+
+    def _load(self, record: CollectionRecord) -> _LoadedIndex:
+        path = self._index_path(record.name)
+        meta_path = path.with_suffix(".json")
+        if path.exists() and meta_path.exists():
+            try:
+                index = VectorIndex.load(path, nprobe=self.nprobe)
+            except IndexFileError as exc:
+                raise CorruptIndexError(
+                    f"the index file {path} of collection '{record.name}' is corrupt ({exc}); rebuild it from the "
+                    f"stored chunks with: blendgate reindex --collection {record.name}") from exc
+            try:
+                saved_version = json.loads(meta_path.read_text())["version"]
+            except (ValueError, KeyError, OSError):
+                saved_version = None
+            if saved_version == record.version:
+                return _LoadedIndex(index, record.version)
+        # No index yet, or one from before a crash mid-ingest: the store is the truth.
+        log.info("building the index of collection %s from the store", record.name)
+        loaded = _LoadedIndex(self._rebuild(record), record.version)
+        self._save(record.name, loaded)
+        return loaded
+
+    def _current(self, name: str) -> _LoadedIndex:
+        record = self.store.collection(name)
+        if record is None:
+            raise RetrievalError(404, f"collection '{name}' does not exist", "collection_not_found")
+        with self._lock:
+            loaded = self._indexes.get(name)
+            if loaded is None or loaded.version != record.version:  # changed by another process (the CLI)
+                loaded = self._indexes[name] = self._load(record)
+            return loaded
+
+    def load_all(self) -> None:
+        """Open every collection's index now (the gateway does this at start-up)."""
+        for record, _, _ in self.store.collections():
+            self._current(record.name)
+
+    def reindex(self, name: str) -> int:
+        record = self.store.collection(name)
+        if record is None:
+            raise RetrievalError(404, f"collection '{name}' does not exist", "collection_not_found")
+        with self._lock:
+            loaded = self._indexes[name] = _LoadedIndex(self._rebuild(record), record.version)
+            self._save(name, loaded)
+        return loaded.index.size
+
+    # -- ingest -----------------------------------------------------------------------------------
+    def _record(self, name: str) -> CollectionRecord:
+        if not COLLECTION_NAME.match(name):
+            raise RetrievalError(400, f"invalid collection name '{name}': use letters, digits, '_', '-' or '.', "
+                                      "up to 64 characters", "invalid_collection_name")
+        existing = self.store.collection(name)
+        if existing is not None:
+            if existing.embedder != self.embedder.name or existing.dimension != self.embedder.dimension:
+                raise RetrievalError(409, f"collection '{name}' was built with embedder {existing.embedder}; "
+                                          f"this gateway uses {self.embedder.name}", "embedder_mismatch")
+            if existing.tokenizer != self.chunker.fingerprint:
+                raise RetrievalError(409, f"collection '{name}' was chunked with another tokenizer; "
+                                          "delete and re-ingest it", "tokenizer_mismatch")
+            return existing
+        return CollectionRecord(name, 0, time.time(), self.embedder.name, self.embedder.dimension,
+                                self.chunker.fingerprint)
+
+    def ingest_paths(self, paths: Iterable[Path], collection: str, progress: Progress | None = None) -> IngestSummary:
+        record = self._record(collection)
+        progress = progress or Progress()
+        started = time.perf_counter()
+        summary = IngestSummary(collection)
+        found = list(discover(paths))
+        known = self.store.file_hashes(collection)
+        changed: list[LoadedFile] = []
+        progress.start("reading", len(found))
+        for item in found:
+            loaded = item if isinstance(item, SkippedFile) else load_file(item, max_bytes=self.max_file_bytes)
+            progress.advance("reading")
+            if isinstance(loaded, SkippedFile):
+                summary.skipped.append((str(loaded.path), loaded.reason))
+            elif known.get(str(loaded.path.resolve())) == loaded.content_hash:
+                summary.unchanged += 1
+            else:
+                changed.append(loaded)
+        files = {str(f.path.resolve()): f.content_hash for f in changed}
+        documents = [(str(f.path.resolve()), d) for f in changed for d in f.documents]
+        self._write(record, files, documents, summary, progress)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def ingest_documents(self, collection: str, documents: list[SourceDocument]) -> IngestSummary:
+        """Documents sent over HTTP: each `source` is replaced as a whole, like a file."""
+        import hashlib
+
+        record = self._record(collection)
+        started = time.perf_counter()
+        summary = IngestSummary(collection)
+        known = self.store.file_hashes(collection)
+        by_source: dict[str, list[SourceDocument]] = {}
+        for document in documents:
+            by_source.setdefault(document.source, []).append(document)
+        files, changed = {}, []
+        for source, docs in by_source.items():
+            digest = hashlib.sha256("\0".join(d.text for d in docs).encode()).hexdigest()
+            if known.get(source) == digest:
+                summary.unchanged += 1
+                continue
+            files[source] = digest
+            changed += [(source, d) for d in docs]
+        self._write(record, files, changed, summary, Progress())
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _write(self, record: CollectionRecord, files: dict[str, str], documents: list[tuple[str, SourceDocument]],
+               summary: IngestSummary, progress: Progress) -> None:
+        pieces = [(file, document.source, chunk) for file, document in documents
+                  for chunk in self.chunker.chunk(document.text)]
+        progress.start("embedding", len(pieces))
+        vectors = []
+        for batch in iter_batches(pieces, EMBED_BATCH):
+            vectors.append(self.embedder.embed([chunk.text for _, _, chunk in batch]))
+            progress.advance("embedding", len(batch))
+        embeddings = np.concatenate(vectors) if vectors else np.zeros((0, self.embedder.dimension), np.float32)
+        new = [NewChunk(file, source, chunk.position, chunk.id, chunk.text, chunk.token_count, vector)
+               for (file, source, chunk), vector in zip(pieces, embeddings)]
+        summary.files = len(files)
+        summary.chunks = len(new)
+        if not files:
+            return
+        with self._lock:
+            loaded = self._current(record.name) if record.version > 0 else None
+            version, removed, added = self.store.replace_files(record, files, new)
+            summary.removed_chunks = len(removed)
+            if loaded is None or (loaded.index.kind == "flat" and loaded.index.size - len(removed) + len(added)
+                                  >= self.approximate_threshold):
+                stored = self.store.collection(record.name)
+                loaded = _LoadedIndex(self._rebuild(stored), version)  # type: ignore[arg-type]
+            else:
+                loaded.index.remove(np.array(removed, dtype=np.int64))
+                loaded.index.add(embeddings, np.array(added, dtype=np.int64))
+                loaded.version = version
+            self._indexes[record.name] = loaded
+            self._save(record.name, loaded)
+
+    # -- queries ----------------------------------------------------------------------------------
+    def search(self, collection: str, query: str, top_k: int) -> list[RetrievedChunk]:
+        loaded = self._current(collection)
+        vector = self.embedder.embed([query])[0]
+        # Ask for a few more than needed: identical texts from different sources collapse into one result.
+        with self._lock:
+            hits = loaded.index.search(vector, top_k * 2)
+        rows = self.store.chunks_by_row([row for row, _ in hits])
+        results, seen = [], set()
+        for row, score in hits:
+            chunk = rows.get(row)
+            if chunk is None or chunk.chunk_id in seen:
+                continue
+            seen.add(chunk.chunk_id)
+            results.append(RetrievedChunk(chunk.chunk_id, chunk.text, chunk.source, chunk.position, score,
+                                          chunk.token_count))
+            if len(results) == top_k:
+                break
+        return results
+
+    def collections(self) -> list[dict]:
+        return [{"name": record.name, "version": record.version, "files": files, "chunks": chunks,
+                 "embedder": record.embedder, "created": int(record.created)}
+                for record, files, chunks in self.store.collections()]
+
+    def collection_version(self, name: str) -> int | None:
+        record = self.store.collection(name)
+        return None if record is None else record.version
+
+    def delete(self, collection: str, source: str | None = None) -> int:
+        """Delete a collection, or one source (a file path as ingested, or a document source) in it."""
+        if self.store.collection(collection) is None:
+            raise RetrievalError(404, f"collection '{collection}' does not exist", "collection_not_found")
+        if source is not None:
+            files = self.store.files(collection)
+            resolved = str(Path(source).resolve())
+            match = source if source in files else resolved if resolved in files else None
+            if match is None:
+                raise RetrievalError(404, f"collection '{collection}' has no source '{source}'", "source_not_found")
+            source = match
+        with self._lock:
+            version, rows = self.store.delete(collection, source)
+            if version is None:
+                self._indexes.pop(collection, None)
+                for path in (self._index_path(collection), self._index_path(collection).with_suffix(".json")):
+                    path.unlink(missing_ok=True)
+            elif collection in self._indexes:
+                loaded = self._indexes[collection]
+                loaded.index.remove(np.array(rows, dtype=np.int64))
+                loaded.version = version
+                self._save(collection, loaded)
+        return len(rows)
+
+
+def open_retriever(data_dir: Path, tokenizer_factory: Callable[[], object], embedder_path: Path | None = None,
+                   **options) -> Retriever:
+    return Retriever(data_dir, Embedder(embedder_path), tokenizer_factory(), **options)
