@@ -49,9 +49,10 @@ class ModelRagConfig(_Strict):
     top_k: int = Field(4, ge=1, le=100)
 
 
-DEFAULT_RAG_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Answer the question using the numbered documents in the user's message. "
-    "If the documents do not contain the answer, say that you don't know.")
+# Chosen by answer accuracy of SmolLM2-135M on XQuAD questions (gold paragraph plus a distractor): this
+# wording with the documents in the user message answered 10/24, a longer instruction or documents in the
+# system message 5-6/24, no documents 1/24.
+DEFAULT_RAG_SYSTEM_PROMPT = "Answer the question using only the documents given."
 
 
 class RetrievalSettings(_Strict):

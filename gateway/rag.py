@@ -1,8 +1,9 @@
 """Retrieval-augmented chat: which chunks a request gets, and the one template that places them.
 
 The template (README, "RAG prompt"): the system prompt, the conversation so far, then a last user
-message made of one segment per chunk, "[i] <chunk text>" separated by blank lines, then the question.
-Each chunk is its own segment so that a later layer can reuse the chunk's KV wherever it lands.
+message: "Documents:", one segment per chunk ("[i] <chunk text>", blank line after each), then
+"Question: <question>" and an instruction to answer from the documents. Each chunk is its own segment so
+that a later layer can reuse the chunk's KV wherever it lands.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from .config import ModelRagConfig, Settings
 from .errors import GatewayError
 from .schemas import ChatCompletionRequest, ChatMessage, Document
 
+DOCUMENTS_HEADER = "Documents:\n\n"
 CHUNK_SEPARATOR = "\n\n"
+QUESTION_TEMPLATE = "Question: {question}\nAnswer briefly from the documents."
 
 
 def build_retriever(settings: Settings) -> Retriever:
@@ -41,9 +44,9 @@ class RagPrompt:
     question: str
 
     def segments(self) -> list[str]:
-        """The last user message, piece by piece: one segment per chunk, then the question."""
+        """The last user message, piece by piece: the header, one segment per chunk, then the question."""
         parts = [f"[{i}] {chunk.text}{CHUNK_SEPARATOR}" for i, chunk in enumerate(self.chunks, start=1)]
-        return parts + [f"Question: {self.question}"]
+        return [DOCUMENTS_HEADER, *parts, QUESTION_TEMPLATE.format(question=self.question)]
 
 
 def _question(request: ChatCompletionRequest) -> str:

@@ -51,8 +51,8 @@ class VectorIndex:
         if len(vectors) < approximate_threshold:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
         else:
-            # About 4 * sqrt(n) lists; each list then holds a few hundred vectors.
-            nlist = max(16, int(4 * math.sqrt(len(vectors))))
+            # About 4 * sqrt(n) lists, and at least 39 training points per list as k-means in FAISS wants.
+            nlist = max(1, min(int(4 * math.sqrt(len(vectors))), len(vectors) // 39))
             # IVF keeps ids itself and removes by id; wrapping it in an IndexIDMap would break removal.
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)

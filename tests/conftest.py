@@ -88,7 +88,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def upstream(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     """A plain blendgate with the embedded model: the 'remote provider' for litellm routes."""
-    process = GatewayProcess("upstream", {}, workdir, model_cache_dir).start()
+    process = GatewayProcess("upstream", {"retrieval": {"data_dir": str(workdir / "upstream-collections")}},
+                             workdir, model_cache_dir).start()
     yield process
     process.stop()
 
@@ -103,8 +104,12 @@ def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> I
              "api_base": f"{upstream.url}/v1"},
             {"name": "dead-upstream", "backend": "litellm", "litellm_model": f"openai/{EMBEDDED}",
              "api_base": f"http://127.0.0.1:{free_port()}/v1", "timeout_s": 10},
+            # RAG-enabled: every request retrieves from the "facts" collection.
+            {"name": "facts-rag", "backend": "litellm", "litellm_model": f"openai/{EMBEDDED}",
+             "api_base": f"{upstream.url}/v1", "rag": {"collection": "facts", "top_k": 2}},
         ],
         "max_request_bytes": 1_000_000,
+        "retrieval": {"data_dir": str(workdir / "gateway-collections")},
     }
     process = GatewayProcess("gateway", config, workdir, model_cache_dir).start()
     yield process

@@ -134,7 +134,7 @@ def test_client_disconnect_frees_its_generation(gateway, http: httpx.Client) -> 
 
 def test_models_list_and_health(client: openai.OpenAI, http: httpx.Client) -> None:
     ids = [model.id for model in client.models.list()]
-    assert ids == [EMBEDDED, "upstream-smol", "dead-upstream"]
+    assert ids == [EMBEDDED, "upstream-smol", "dead-upstream", "facts-rag"]
     assert client.models.retrieve(EMBEDDED).id == EMBEDDED
     health = http.get("/healthz")
     assert health.status_code == 200

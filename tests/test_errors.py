@@ -44,7 +44,12 @@ HI = [{"role": "user", "content": "hi"}]
         ({"model": EMBEDDED, "messages": HI, "cache": {"no-cache": "maybe"}}, 400, "invalid_value",
          "cache.no-cache"),
         ({"model": EMBEDDED, "messages": HI, "cache": {"ttl": -1}}, 400, "invalid_value", "cache.ttl"),
-        ({"model": EMBEDDED, "messages": HI, "rag": {"collection": "docs"}}, 400, "feature_unavailable", "rag"),
+        ({"model": EMBEDDED, "messages": HI, "rag": {"collection": "no-such-collection"}}, 404,
+         "collection_not_found", None),
+        ({"model": EMBEDDED, "messages": HI, "rag": {"collection": "docs", "top_k": 500}}, 400, "invalid_value",
+         "rag.top_k"),
+        ({"model": EMBEDDED, "messages": [{"role": "assistant", "content": "hi"}], "documents": ["x"]}, 400,
+         "invalid_value", "messages"),
     ],
 )
 def test_bad_request_bodies(http: httpx.Client, body: dict, status: int, code: str, param: str) -> None:

@@ -1,0 +1,150 @@
+"""RAG through the live gateway: HTTP ingestion, /v1/retrieve, chat with cited chunks, the CLI, LangChain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import EMBEDDED, assert_openai_error
+
+FACTS = [
+    {"source": "castle",
+     "text": "The blue castle stands on a granite hill. The secret code of the blue castle is 4711."},
+    {"source": "river", "text": "The Silverrun river flows north for 312 kilometres and freezes every January."},
+    {"source": "bakery", "text": "The corner bakery on Elm Street sells rye bread only on Tuesdays."},
+]
+QUESTION = "What is the secret code of the blue castle?"
+
+
+@pytest.fixture(scope="module")
+def facts(http: httpx.Client) -> str:
+    response = http.post("/v1/collections/facts/documents", json={"documents": FACTS})
+    assert response.status_code == 200, response.text
+    summary = response.json()
+    assert summary["files"] == 3 and summary["chunks"] == 3
+    return "facts"
+
+
+def test_http_ingest_is_idempotent_and_collections_are_listed(http: httpx.Client, facts: str) -> None:
+    again = http.post(f"/v1/collections/{facts}/documents", json={"documents": FACTS}).json()
+    assert (again["files"], again["unchanged"], again["chunks"]) == (0, 3, 0)
+    listed = {c["name"]: c for c in http.get("/v1/collections").json()["data"]}
+    assert listed[facts]["chunks"] == 3 and listed[facts]["files"] == 3
+
+
+def test_retrieve_returns_scored_chunks_with_sources(http: httpx.Client, facts: str) -> None:
+    response = http.post("/v1/retrieve", json={"collection": facts, "query": QUESTION, "top_k": 2})
+    assert response.status_code == 200
+    hits = response.json()["data"]
+    assert len(hits) == 2
+    assert hits[0]["source"] == "castle" and "4711" in hits[0]["text"]
+    assert hits[0]["score"] >= hits[1]["score"]
+    assert set(hits[0]) >= {"id", "source", "position", "score", "text"}
+
+
+def test_retrieve_and_ingest_errors(http: httpx.Client, facts: str) -> None:
+    assert_openai_error(http.post("/v1/retrieve", json={"collection": "nope", "query": "q"}), 404,
+                        "collection_not_found")
+    for top_k in (0, 101, "many"):
+        assert_openai_error(http.post("/v1/retrieve", json={"collection": facts, "query": "q", "top_k": top_k}), 400)
+    assert_openai_error(http.post("/v1/retrieve", json={"collection": facts}), 400, "missing_required_parameter")
+    assert_openai_error(http.post("/v1/collections/bad name!/documents", json={"documents": FACTS}), 400,
+                        "invalid_collection_name")
+    assert_openai_error(http.post("/v1/collections/x/documents", json={"documents": []}), 400)
+    assert_openai_error(http.delete("/v1/collections/never-made"), 404, "collection_not_found")
+
+
+def test_chat_with_rag_answers_from_the_documents_and_cites_them(client: openai.OpenAI, facts: str) -> None:
+    completion = client.chat.completions.create(
+        model=EMBEDDED, messages=[{"role": "user", "content": QUESTION}], max_tokens=30, temperature=0,
+        extra_body={"rag": {"collection": facts, "top_k": 2}})
+    assert "4711" in completion.choices[0].message.content
+    rag = completion.model_extra["blendgate"]["rag"]
+    assert rag["collection"] == facts and rag["version"] >= 1
+    assert [c["source"] for c in rag["chunks"]][0] == "castle"
+    assert all(set(c) == {"id", "source", "position", "score"} for c in rag["chunks"])
+    # Without the documents the model cannot know the code.
+    bare = client.chat.completions.create(model=EMBEDDED, messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=30, temperature=0)
+    assert "4711" not in bare.choices[0].message.content
+    assert bare.model_extra["blendgate"]["rag"] is None
+
+
+def test_streamed_rag_answer_reports_chunks_on_the_last_frame(client: openai.OpenAI, facts: str) -> None:
+    chunks = list(client.chat.completions.create(
+        model=EMBEDDED, messages=[{"role": "user", "content": QUESTION}], max_tokens=30, temperature=0, stream=True,
+        extra_body={"rag": {"collection": facts, "top_k": 1}}))
+    assert "4711" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].model_extra["blendgate"]["rag"]["chunks"][0]["source"] == "castle"
+
+
+def test_inline_documents_and_rag_enabled_models(client: openai.OpenAI, facts: str) -> None:
+    inline = client.chat.completions.create(
+        model=EMBEDDED, messages=[{"role": "user", "content": "How long is the Silverrun river?"}], max_tokens=30,
+        temperature=0, extra_body={"documents": [FACTS[1]["text"]]})
+    assert "312" in inline.choices[0].message.content
+    assert inline.model_extra["blendgate"]["rag"]["chunks"][0]["source"] == "request#0"
+    # facts-rag is configured with rag: every request to it retrieves, through litellm to the upstream.
+    routed = client.chat.completions.create(model="facts-rag", messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=30, temperature=0)
+    assert "4711" in routed.choices[0].message.content
+    assert routed.model_extra["blendgate"]["rag"]["collection"] == "facts"
+
+
+def test_cli_ingest_is_seen_by_the_running_gateway(gateway, http: httpx.Client, tmp_path: Path) -> None:
+    folder = tmp_path / "handbook"
+    folder.mkdir()
+    (folder / "vacation.md").write_text("# Vacation\n\nEmployees get 27 vacation days per year.")
+    (folder / "junk.bin").write_bytes(b"\x00\x01")
+    env = {**os.environ, "BLENDGATE_CACHE_DIR": gateway.env["BLENDGATE_CACHE_DIR"]}
+    command = [sys.executable, "-m", "blendgate.gateway"]
+    config = ["--config", str(gateway.config_path)]
+    ingest = subprocess.run([*command, "ingest", str(folder), "--collection", "handbook", *config],
+                            capture_output=True, text=True, env=env, timeout=180)
+    assert ingest.returncode == 0, ingest.stderr
+    assert "1 files ingested" in ingest.stderr and "skipped" in ingest.stderr and "junk.bin" in ingest.stderr
+    hits = http.post("/v1/retrieve", json={"collection": "handbook", "query": "vacation days"}).json()["data"]
+    assert "27 vacation days" in hits[0]["text"]
+    listing = subprocess.run([*command, "collections", *config], capture_output=True, text=True, env=env, timeout=120)
+    assert "handbook" in listing.stdout
+    deleted = subprocess.run([*command, "delete", "--collection", "handbook", *config], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert deleted.returncode == 0, deleted.stderr
+    assert_openai_error(http.post("/v1/retrieve", json={"collection": "handbook", "query": "vacation"}), 404)
+
+
+def test_langchain_retriever_in_a_chain(gateway, client: openai.OpenAI, facts: str) -> None:
+    from blendgate.retriever.langchain import BlendgateRetriever, BlendgateRetrieverError
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+    retriever = BlendgateRetriever(base_url=gateway.url, collection=facts, top_k=1)
+    documents = retriever.invoke(QUESTION)
+    assert documents[0].metadata["source"] == "castle" and "4711" in documents[0].page_content
+    assert set(documents[0].metadata) == {"id", "source", "position", "score"}
+    assert asyncio.run(retriever.ainvoke("How long is the Silverrun river?"))[0].metadata["source"] == "river"
+
+    def generate(prompt_value) -> str:
+        roles = {"system": "system", "human": "user"}
+        messages = [{"role": roles[m.type], "content": m.content} for m in prompt_value.to_messages()]
+        return client.chat.completions.create(model=EMBEDDED, messages=messages, max_tokens=30,
+                                              temperature=0).choices[0].message.content
+
+    # The gateway's own RAG template, written out as a LangChain prompt.
+    prompt = ChatPromptTemplate.from_messages([
+        ("system", "Answer the question using only the documents given."),
+        ("human", "Documents:\n\n[1] {context}\n\nQuestion: {question}\nAnswer briefly from the documents."),
+    ])
+    chain = ({"context": retriever | (lambda docs: "\n".join(d.page_content for d in docs)),
+              "question": RunnablePassthrough()} | prompt | RunnableLambda(generate) | StrOutputParser())
+    assert "4711" in chain.invoke(QUESTION)
+
+    with pytest.raises(BlendgateRetrieverError, match="404"):
+        BlendgateRetriever(base_url=gateway.url, collection="missing").invoke("anything")

@@ -1,0 +1,203 @@
+"""Retrieval in process: loaders, chunking, the store and FAISS indexes, with the real tokenizer and embedder."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from blendgate.retriever.chunking import Chunker
+from blendgate.retriever.loaders import LoadedFile, SkippedFile, load_file
+from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever
+
+FACTS = {
+    "castle.txt": "The blue castle stands on a granite hill. Its secret code is 4711.\n\nThe castle has nine towers.",
+    "river.md": "# Rivers\n\nThe Silverrun river flows north for 312 kilometres. It freezes every January.",
+    "bakery.html": "<html><head><script>var x = 1;</script><style>p {}</style></head><body><h1>Bakery</h1>"
+                   "<p>The corner bakery sells rye bread on Tuesdays.</p></body></html>",
+}
+
+
+def make_pdf(text: str) -> bytes:
+    """A minimal one-page PDF with `text` on it (computed xref, so strict readers accept it)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "docs"
+    (folder / "nested").mkdir(parents=True)
+    for name, text in FACTS.items():
+        (folder / name).write_text(text)
+    (folder / "nested" / "notes.jsonl").write_text(
+        json.dumps({"id": "n1", "text": "Marta's favourite colour is teal."}) + "\n"
+        + json.dumps({"id": "n2", "text": "The meeting moved to Thursday at noon."}) + "\n")
+    (folder / "nested" / "manual.pdf").write_bytes(make_pdf("The pump must be serviced every 90 days."))
+    (folder / "image.bin").write_bytes(b"\x89PNG\x00\x00binary")
+    (folder / "empty.txt").write_text("   \n")
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    (folder / ".hidden.txt").write_text("never ingested")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from blendgate.retriever.embedder import Embedder
+
+    return Embedder()
+
+
+def make_retriever(path: Path, embedder, tokenizer, **options) -> Retriever:
+    return Retriever(path, embedder, tokenizer, **options)
+
+
+def test_loaders_read_each_format_and_skip_bad_files_with_reasons(corpus: Path) -> None:
+    html = load_file(corpus / "bakery.html", max_bytes=1 << 20)
+    assert isinstance(html, LoadedFile)
+    assert "rye bread on Tuesdays" in html.documents[0].text and "var x" not in html.documents[0].text
+    pdf = load_file(corpus / "nested" / "manual.pdf", max_bytes=1 << 20)
+    assert isinstance(pdf, LoadedFile) and "serviced every 90 days" in pdf.documents[0].text
+    jsonl = load_file(corpus / "nested" / "notes.jsonl", max_bytes=1 << 20)
+    assert [d.source.rsplit("#", 1)[1] for d in jsonl.documents] == ["n1", "n2"]
+    squad = corpus / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "One."}, {"context": "Two."}]}]}))
+    assert [d.source.rsplit("#", 1)[1] for d in load_file(squad, max_bytes=1 << 20).documents] == ["T/0", "T/1"]
+    reasons = {
+        "image.bin": "unsupported file type",
+        "empty.txt": "no text",
+        "broken.jsonl": "line 2 is not JSON",
+    }
+    for name, reason in reasons.items():
+        skipped = load_file(corpus / name, max_bytes=1 << 20)
+        assert isinstance(skipped, SkippedFile) and reason in skipped.reason, (name, skipped)
+    binary_txt = corpus / "fake.txt"
+    binary_txt.write_bytes(b"abc\x00\x01\x02")
+    assert "binary" in load_file(binary_txt, max_bytes=1 << 20).reason
+    assert "larger than" in load_file(corpus / "castle.txt", max_bytes=10).reason
+    fake_pdf = corpus / "fake.pdf"
+    fake_pdf.write_text("not a pdf")
+    assert "not a PDF" in load_file(fake_pdf, max_bytes=1 << 20).reason
+
+
+def test_chunks_follow_sentences_fit_the_token_budget_and_have_stable_ids(tokenizer) -> None:
+    sentences = [f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(80)]
+    text = " ".join(sentences[:40]) + "\n\n" + " ".join(sentences[40:])
+    chunker = Chunker(tokenizer, chunk_tokens=64, overlap_tokens=16)
+    chunks = chunker.chunk(text)
+    assert len(chunks) > 5
+    for chunk in chunks:
+        assert chunk.token_count <= 64 + 2  # joining sentences may merge a token at a boundary
+        assert chunk.text.endswith(".")  # split on sentence ends
+    assert [c.position for c in chunks] == list(range(len(chunks)))
+    # Overlap: each chunk starts with the last sentence of the one before.
+    for before, after in zip(chunks, chunks[1:]):
+        assert re.split(r"(?<=\.)\s+", after.text)[0] in before.text
+    again = Chunker(tokenizer, chunk_tokens=64, overlap_tokens=16).chunk(text)
+    assert [c.id for c in again] == [c.id for c in chunks]
+    assert len({c.id for c in chunks}) == len(chunks)
+    # A sentence longer than a chunk is cut by tokens.
+    giant = Chunker(tokenizer, chunk_tokens=32, overlap_tokens=4).chunk("word " * 300)
+    assert len(giant) > 5 and all(c.token_count <= 34 for c in giant)
+
+
+def test_ingest_search_update_and_delete(corpus: Path, tmp_path: Path, embedder, tokenizer) -> None:
+    retriever = make_retriever(tmp_path / "data", embedder, tokenizer)
+    summary = retriever.ingest_paths([corpus], "facts")
+    assert summary.files == 5 and summary.chunks >= 6
+    assert {Path(p).name for p, _ in summary.skipped} == {"image.bin", "empty.txt", "broken.jsonl"}
+    top = retriever.search("facts", "What is the secret code of the blue castle?", 2)
+    assert "4711" in top[0].text and top[0].source.endswith("castle.txt")
+    assert top[0].score >= top[1].score
+    assert "90 days" in retriever.search("facts", "How often must the pump be serviced?", 1)[0].text
+
+    again = retriever.ingest_paths([corpus], "facts")
+    assert (again.files, again.unchanged, again.chunks) == (0, 5, 0)
+
+    (corpus / "castle.txt").write_text("The blue castle's secret code changed to 8080.")
+    changed = retriever.ingest_paths([corpus / "castle.txt"], "facts")
+    assert changed.files == 1 and changed.removed_chunks >= 1
+    hits = retriever.search("facts", "secret code of the blue castle", 3)
+    assert "8080" in hits[0].text and not any("4711" in h.text for h in hits)
+
+    version = retriever.collection_version("facts")
+    assert retriever.delete("facts", str(corpus / "river.md")) >= 1
+    assert retriever.collection_version("facts") == version + 1
+    assert all("Silverrun" not in h.text for h in retriever.search("facts", "Silverrun river", 5))
+    with pytest.raises(RetrievalError) as missing:
+        retriever.delete("facts", "/no/such/source")
+    assert missing.value.status == 404
+
+    retriever.delete("facts")
+    with pytest.raises(RetrievalError) as gone:
+        retriever.search("facts", "anything", 1)
+    assert gone.value.status == 404 and retriever.collections() == []
+
+
+def test_collections_survive_a_restart_and_a_crash_between_store_and_index(corpus, tmp_path, embedder,
+                                                                            tokenizer) -> None:
+    data = tmp_path / "data"
+    make_retriever(data, embedder, tokenizer).ingest_paths([corpus], "facts")
+    reopened = make_retriever(data, embedder, tokenizer)
+    reopened.load_all()
+    assert "4711" in reopened.search("facts", "secret code of the blue castle", 1)[0].text
+    # A crash after the store committed but before the index was saved leaves an older index version:
+    # it is rebuilt from the store, nothing lost.
+    meta = data / "indexes" / "facts.json"
+    meta.write_text(json.dumps({"version": 0, "size": 0}))
+    (data / "indexes" / "facts.faiss").write_bytes((data / "indexes" / "facts.faiss").read_bytes())
+    recovered = make_retriever(data, embedder, tokenizer)
+    assert "Silverrun" in recovered.search("facts", "Silverrun river length", 1)[0].text
+
+
+def test_a_corrupt_index_file_names_itself_and_the_fix(corpus, tmp_path, embedder, tokenizer) -> None:
+    data = tmp_path / "data"
+    make_retriever(data, embedder, tokenizer).ingest_paths([corpus], "facts")
+    (data / "indexes" / "facts.faiss").write_bytes(b"this is not an index")
+    broken = make_retriever(data, embedder, tokenizer)
+    with pytest.raises(CorruptIndexError) as raised:
+        broken.load_all()
+    assert "facts.faiss" in str(raised.value) and "blendgate reindex --collection facts" in str(raised.value)
+    assert broken.reindex("facts") > 0
+    assert "4711" in make_retriever(data, embedder, tokenizer).search("facts", "castle secret code", 1)[0].text
+
+
+def test_large_collections_switch_to_an_ivf_index(tmp_path, embedder, tokenizer) -> None:
+    lines = [json.dumps({"text": f"Record {i}: the warehouse in city {i} stores {i * 3} crates of item {i}."})
+             for i in range(300)]
+    source = tmp_path / "records.jsonl"
+    source.write_text("\n".join(lines))
+    exact = make_retriever(tmp_path / "exact", embedder, tokenizer)
+    exact.ingest_paths([source], "records")
+    # nprobe above the number of lists makes IVF search every list: it must then agree with exact search.
+    approximate = make_retriever(tmp_path / "ivf", embedder, tokenizer, approximate_threshold=100, nprobe=1000)
+    approximate.ingest_paths([source], "records")
+    assert exact._current("records").index.kind == "flat"
+    assert approximate._current("records").index.kind == "ivf"
+    for query in ("warehouse in city 123", "crates of item 7", "Record 250"):
+        expected = [h.id for h in exact.search("records", query, 5)]
+        assert [h.id for h in approximate.search("records", query, 5)] == expected
+    approximate.delete("records", str(source))
+    assert approximate.search("records", "Record 250", 5) == []
+
+
+def test_bad_collection_names_are_refused(tmp_path, embedder, tokenizer, corpus) -> None:
+    retriever = make_retriever(tmp_path / "data", embedder, tokenizer)
+    for name in ("../escape", "", "a" * 65, "white space"):
+        with pytest.raises(RetrievalError) as raised:
+            retriever.ingest_paths([corpus], name)
+        assert raised.value.status == 400
