@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
+from ..retriever.embedder import EmbedderError
 from ..retriever.loaders import SourceDocument
-from ..retriever.service import RetrievalError
+from ..retriever.service import CorruptIndexError, RetrievalError
 from . import __version__
 from .auth import ApiKeyAuth
 from .backends.base import ChatBackend
@@ -50,8 +52,12 @@ def create_app(settings: Settings) -> FastAPI:
         # Local models load in the background: /healthz answers "loading" meanwhile.
         await asyncio.gather(*(backend.start() for backend in backends.values()))
         # Collections open before the gateway answers: a corrupt index stops start-up, naming the file.
-        rag.retriever = await asyncio.to_thread(build_retriever, settings)
-        await asyncio.to_thread(rag.retriever.load_all)
+        try:
+            rag.retriever = await asyncio.to_thread(build_retriever, settings)
+            await asyncio.to_thread(rag.retriever.load_all)
+        except (CorruptIndexError, EmbedderError, sqlite3.DatabaseError) as exc:
+            log.error("cannot open the document collections: %s", exc)
+            raise SystemExit(1) from None
         log.info("retrieval ready: %d collections in %s", len(rag.retriever.collections()),
                  settings.retrieval.data_dir)
         yield

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -77,6 +78,18 @@ def _retriever_or_exit(settings: Settings):
         raise typer.Exit(code=1) from None
 
 
+@contextmanager
+def _retrieval_errors_exit() -> Iterator[None]:
+    """A refused retrieval operation ends the command with its message and exit code 1."""
+    from ..retriever.service import RetrievalError
+
+    try:
+        yield
+    except RetrievalError as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
 class _RichProgress:
     """Draws the retriever's progress phases as rich progress bars."""
 
@@ -101,18 +114,12 @@ def ingest(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..retriever.service import RetrievalError
-
     settings = _settings_or_exit(config)
     retriever = _retriever_or_exit(settings)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as progress:
-            summary = retriever.ingest_paths(paths, collection, _RichProgress(progress))
-    except RetrievalError as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+    with _retrieval_errors_exit(), Progress(*columns, console=console) as progress:
+        summary = retriever.ingest_paths(paths, collection, _RichProgress(progress))
     console.print(f"[bold]{collection}[/]: {summary.files} files ingested, {summary.unchanged} unchanged, "
                   f"{summary.chunks} chunks added, {summary.removed_chunks} replaced, in {summary.seconds:.1f} s")
     for path, reason in summary.skipped:
@@ -139,14 +146,9 @@ def delete(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Delete a collection, or one source file's chunks from it."""
-    from ..retriever.service import RetrievalError
-
     retriever = _retriever_or_exit(_settings_or_exit(config))
-    try:
+    with _retrieval_errors_exit():
         removed = retriever.delete(collection, source)
-    except RetrievalError as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"deleted {removed} chunks from {collection}" + (f" ({source})" if source else " (whole collection)"))
 
 
@@ -156,18 +158,9 @@ def reindex(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Rebuild a collection's FAISS index from its stored chunks (e.g. after the index file was damaged)."""
-    from ..retriever.service import RetrievalError
-
-    settings = _settings_or_exit(config)
-    _quiet()
-    from .rag import build_retriever
-
-    retriever = build_retriever(settings)
-    try:
+    retriever = _retriever_or_exit(_settings_or_exit(config))
+    with _retrieval_errors_exit():
         size = retriever.reindex(collection)
-    except RetrievalError as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"rebuilt the index of {collection}: {size} chunks")
 
 

@@ -72,6 +72,13 @@ class RetrievalSettings(_Strict):
     max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
     system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT
 
+    @field_validator("embedder_path")
+    @classmethod
+    def _embedder_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not (path.expanduser() / "config.json").exists():
+            raise ValueError(f"{path} is not a sentence-transformers model folder (no config.json)")
+        return None if path is None else path.expanduser()
+
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "RetrievalSettings":
         if self.chunk_overlap_tokens >= self.chunk_tokens:

@@ -30,7 +30,7 @@ def default_embedder_path() -> Path:
 
 
 class Embedder:
-    def __init__(self, path: Path | None = None, device: str | None = None, batch_size: int = 64) -> None:
+    def __init__(self, path: Path | None = None, device: str | None = None, batch_size: int | None = None) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -38,7 +38,8 @@ class Embedder:
         if not (self.path / "modules.json").exists() and not (self.path / "config.json").exists():
             raise EmbedderError(f"{self.path} is not a sentence-transformers model folder")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
+        # On 2 CPU cores, batches of 16 paragraphs embedded 31/s against 21/s for batches of 64 (less padding).
+        self.batch_size = batch_size or (128 if self.device == "cuda" else 16)
         self.model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(dimension())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import EMBEDDED, assert_openai_error
+from blendgate.retriever.store import _SCHEMA
+from conftest import EMBEDDED, GatewayProcess, assert_openai_error
 
 FACTS = [
     {"source": "castle",
@@ -148,3 +150,22 @@ def test_langchain_retriever_in_a_chain(gateway, client: openai.OpenAI, facts: s
 
     with pytest.raises(BlendgateRetrieverError, match="404"):
         BlendgateRetriever(base_url=gateway.url, collection="missing").invoke("anything")
+
+
+def test_a_corrupt_index_stops_start_up_naming_the_file(workdir, model_cache_dir, tmp_path) -> None:
+    data = tmp_path / "collections"
+    (data / "indexes").mkdir(parents=True)
+    # A store with one collection, whose index file is garbage.
+    db = sqlite3.connect(data / "chunks.sqlite3")
+    db.executescript(_SCHEMA)
+    db.execute("INSERT INTO collections VALUES ('docs', 1, 0, 'all-MiniLM-L6-v2', 384, 'x')")
+    db.commit()
+    db.close()
+    (data / "indexes" / "docs.faiss").write_bytes(b"garbage")
+    (data / "indexes" / "docs.json").write_text('{"version": 1}')
+    process = GatewayProcess("corrupt", {"models": [{"name": "m", "backend": "litellm", "litellm_model": "openai/x",
+                                                    "api_base": "http://127.0.0.1:9/v1"}],
+                                         "retrieval": {"data_dir": str(data)}}, workdir, model_cache_dir)
+    with pytest.raises(RuntimeError) as failed:
+        process.start(timeout_s=120)
+    assert "docs.faiss" in str(failed.value) and "blendgate reindex --collection docs" in str(failed.value)
