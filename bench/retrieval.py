@@ -142,7 +142,8 @@ def main() -> None:
     for size in sorted(args.sizes):
         if size <= total:
             continue
-        extra = write_jsonl(workdir / f"distractors-{size}.jsonl", distractors(distractor_pool, size - total, seed=size))
+        synthetic = distractors(distractor_pool, size - total, seed=size)
+        extra = write_jsonl(workdir / f"distractors-{size}.jsonl", synthetic)
         summary = retriever.ingest_paths([extra], "bench")
         total += summary.chunks
         print(f"{total} chunks: added {summary.chunks} in {summary.seconds:.1f} s", flush=True)

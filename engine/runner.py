@@ -1,7 +1,8 @@
-"""The model runner: forward passes over one request's tokens with its KV cache.
+"""Model runners: forward passes over one request's tokens with its KV cache.
 
-For now it drives transformers' own model; the chunk-cache work replaces it with a runner that exposes
-per-layer K/V, explicit positions and masks. The engine only relies on prefill() and decode().
+LlamaRunner runs blendgate's own forward pass (engine/llama.py) for Llama-family models, which exposes
+per-layer K/V, explicit positions and masks; HFModelRunner drives transformers' model for any other
+architecture. The engine only relies on prefill() and decode().
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
 from .weights import LoadedModel
 
 
@@ -42,3 +44,28 @@ class HFModelRunner:
         state.cache = out.past_key_values
         state.length += 1
         return out.logits[0, -1]
+
+
+class LlamaRunner:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.model = LlamaFamilyModel.from_transformers(loaded.model)
+        self.device = loaded.device
+
+    def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, KVState]:
+        ids = torch.tensor(token_ids, device=self.device)
+        cache = self.model.new_cache(len(token_ids) + 64)
+        logits = self.model.forward(ids, torch.arange(len(token_ids), device=self.device), cache)
+        return logits[-1], KVState(cache=cache, length=len(token_ids))
+
+    def decode(self, token_id: int, state: KVState) -> torch.Tensor:
+        ids = torch.tensor([token_id], device=self.device)
+        logits = self.model.forward(ids, torch.tensor([state.length], device=self.device), state.cache)
+        state.length += 1
+        return logits[-1]
+
+
+def make_runner(loaded: LoadedModel) -> LlamaRunner | HFModelRunner:
+    """Our own runner where the architecture is one we implement, transformers' otherwise."""
+    if loaded.model.config.model_type in SUPPORTED_MODEL_TYPES:
+        return LlamaRunner(loaded)
+    return HFModelRunner(loaded)

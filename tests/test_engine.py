@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 from blendgate.engine.engine import GenerationHandle, LocalEngine, QueueFullError, Scheduler
-from blendgate.engine.runner import HFModelRunner
+from blendgate.engine.runner import HFModelRunner, LlamaRunner
 from blendgate.engine.sampling import SamplingParams
 
 
@@ -21,9 +21,9 @@ def run_engine(engine: LocalEngine, prompts: list[list[int]], params: SamplingPa
     return asyncio.run(main())
 
 
-@pytest.fixture(scope="module")
-def engine(loaded_model):
-    engine = LocalEngine(HFModelRunner(loaded_model), max_context_tokens=loaded_model.max_context_tokens,
+@pytest.fixture(scope="module", params=[LlamaRunner, HFModelRunner])
+def engine(loaded_model, request):
+    engine = LocalEngine(request.param(loaded_model), max_context_tokens=loaded_model.max_context_tokens,
                          stop_token_ids=loaded_model.eos_token_ids, max_running=2, max_waiting=8)
     yield engine
     engine.shutdown()

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
-from ...engine.runner import HFModelRunner
+from ...engine.runner import make_runner
 from ...engine.sampling import SamplingParams
 from ...engine.weights import LoadedModel, WeightsError, load_model
 from ..config import LocalModelConfig
@@ -49,7 +49,7 @@ class LocalBackend(ChatBackend):
             log.error("model %s failed to load: %s", self.config.name, exc)
             return
         self.engine = LocalEngine(
-            HFModelRunner(self.model), max_context_tokens=self.model.max_context_tokens,
+            make_runner(self.model), max_context_tokens=self.model.max_context_tokens,
             stop_token_ids=self.model.eos_token_ids, max_running=self.max_running, max_waiting=self.max_waiting)
         log.info("model %s is ready", self.config.name)
 
