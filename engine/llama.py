@@ -163,15 +163,21 @@ class LlamaFamilyModel:
         cos, sin = self.rotary(self.final_norm, positions[None])
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 
-    def qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys (both rotated) and values of `hidden` [tokens, hidden] at one layer."""
+    def qkv_raw(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys before the position rotation, and values, of `hidden` [tokens, hidden]:
+        [heads or kv_heads, tokens, head_dim]. Unrotated keys can be placed at any position later."""
         w = self.layers[layer]
         x = _rms_norm(hidden, w.input_norm, self.eps)
         tokens = x.shape[0]
         q = F.linear(x, w.q, w.q_bias).view(tokens, self.heads, self.head_dim).transpose(0, 1)
         k = F.linear(x, w.k, w.k_bias).view(tokens, self.kv_heads, self.head_dim).transpose(0, 1)
         v = F.linear(x, w.v, w.v_bias).view(tokens, self.kv_heads, self.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated to their positions) and values of `hidden` at one layer."""
+        q, k, v = self.qkv_raw(layer, hidden)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, layer: int, q: torch.Tensor, query_positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""CacheBlend on a tiny random-weight model: re-rotation, the r = 1 and r = 0 limits, selection size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk, selected_count
+from blendgate.engine.llama import LlamaFamilyModel, apply_rope
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaFamilyModel:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=200, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                  max_position_embeddings=1024)
+    # Larger weights than an initialiser's make attention sharp, so context visibly changes the KV.
+    return LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=3)
+
+
+def random_ids(count: int, seed: int) -> list[int]:
+    return torch.randint(0, 200, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+PREFIX, CHUNKS, SUFFIX = random_ids(5, 1), [random_ids(12, 2), random_ids(9, 3), random_ids(15, 4)], random_ids(6, 5)
+
+
+def full_prefill(model: LlamaFamilyModel, ids: list[int]):
+    cache = model.new_cache(len(ids))
+    logits = model.forward(torch.tensor(ids), torch.arange(len(ids)), cache)
+    return logits[-1], cache
+
+
+def test_rotating_cached_keys_equals_computing_them_at_the_new_position(model) -> None:
+    chunk = precompute_chunk(model, CHUNKS[0])
+    offset = 37
+    positions = torch.arange(offset, offset + chunk.length)
+    cos, sin = model.rope(positions)
+    hidden = F.embedding(torch.tensor(CHUNKS[0]), model.embed_tokens)
+    # Layer 0's keys depend on the token and its position only, so they can be computed at the new place.
+    _, keys_there, _ = model.qkv(0, hidden, cos, sin)
+    torch.testing.assert_close(apply_rope(chunk.keys[0], cos, sin), keys_there, rtol=0, atol=1e-6)
+
+
+def test_recompute_ratio_one_equals_full_prefill_and_decodes_on(model) -> None:
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    blended = blend_prefill(model, PREFIX, chunks, SUFFIX, 1.0)
+    ids = PREFIX + [t for c in CHUNKS for t in c] + SUFFIX
+    expected, cache = full_prefill(model, ids)
+    torch.testing.assert_close(blended.logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(blended.cache.keys[:, :, : len(ids)], cache.keys[:, :, : len(ids)], atol=1e-4,
+                               rtol=1e-4)
+    assert blended.recompute_ratio == 1.0
+    next_token = torch.tensor([7])
+    position = torch.tensor([len(ids)])
+    torch.testing.assert_close(model.forward(next_token, position, blended.cache),
+                               model.forward(next_token, position, cache), atol=1e-4, rtol=1e-4)
+
+
+def block_masked_logits(model: LlamaFamilyModel, prefix: list[int], chunks: list[list[int]],
+                        suffix: list[int]) -> torch.Tensor:
+    """Reference: each chunk attends only to itself; prefix and suffix attend causally to everything before."""
+    ids = torch.tensor(prefix + [t for c in chunks for t in c] + suffix)
+    total = ids.shape[0]
+    block = torch.full((total,), -1)
+    start = len(prefix)
+    for index, chunk in enumerate(chunks):
+        block[start:start + len(chunk)] = index
+        start += len(chunk)
+    causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
+    same_block = block[:, None] == block[None, :]
+    in_chunk = block >= 0
+    mask = causal & (~in_chunk[:, None] | same_block)
+    cos, sin = model.rope(torch.arange(total))
+    hidden = F.embedding(ids, model.embed_tokens)
+    for layer in range(model.num_layers):
+        q, k, v = model.qkv(layer, hidden, cos, sin)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)
+        hidden = model.finish_layer(layer, hidden, out[0].transpose(0, 1).reshape(total, -1))
+    return model.logits(hidden[-1:])[0]
+
+
+def test_recompute_ratio_zero_equals_block_masked_computation(model) -> None:
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    blended = blend_prefill(model, PREFIX, chunks, SUFFIX, 0.0)
+    assert blended.recomputed_chunk_tokens == 0
+    torch.testing.assert_close(blended.logits, block_masked_logits(model, PREFIX, CHUNKS, SUFFIX),
+                               atol=1e-4, rtol=1e-4)
+    # ... and that differs from full prefill: context matters, which is what blending repairs.
+    full, _ = full_prefill(model, PREFIX + [t for c in CHUNKS for t in c] + SUFFIX)
+    assert (blended.logits - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.15, 0.3, 0.5])
+def test_selected_token_count_follows_the_ratio(model, ratio: float) -> None:
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    blended = blend_prefill(model, PREFIX, chunks, SUFFIX, ratio)
+    chunk_tokens = sum(len(c) for c in CHUNKS)
+    assert blended.chunk_tokens == chunk_tokens
+    assert blended.recomputed_chunk_tokens == selected_count(chunk_tokens, ratio)
+
+
+def test_blending_moves_towards_full_prefill_as_the_ratio_grows(model) -> None:
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    full, _ = full_prefill(model, PREFIX + [t for c in CHUNKS for t in c] + SUFFIX)
+    gaps = [(blend_prefill(model, PREFIX, chunks, SUFFIX, r).logits - full).abs().mean().item()
+            for r in (0.0, 0.5, 1.0)]
+    assert gaps[0] > gaps[1] > gaps[2]
+
+
+def test_bad_ratios_are_refused(model) -> None:
+    chunks = [precompute_chunk(model, CHUNKS[0])]
+    for ratio in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            blend_prefill(model, PREFIX, chunks, SUFFIX, ratio)
