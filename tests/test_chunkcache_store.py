@@ -1,0 +1,100 @@
+"""The chunk-cache store: tiers, budgets, LRU demotion and promotion, persistence, corruption, keys."""
+
+from __future__ import annotations
+
+import torch
+from blendgate.chunkcache.blend import ChunkKV
+from blendgate.chunkcache.store import ChunkCacheStore, ChunkKey, DiskTier, MemoryTier, model_fingerprint
+
+
+def kv(seed: int, tokens: int = 8) -> ChunkKV:
+    generator = torch.Generator().manual_seed(seed)
+    return ChunkKV(torch.randint(0, 100, (tokens,), generator=generator),
+                   torch.randn(2, 2, tokens, 4, generator=generator), torch.randn(2, 2, tokens, 4, generator=generator))
+
+
+def key(n: int, model: str = "m") -> ChunkKey:
+    return ChunkKey.of(model, [1, 2], [n, n + 1])
+
+
+ENTRY = kv(0).nbytes  # bytes of one entry in memory
+
+
+def assert_same(a: ChunkKV | None, b: ChunkKV) -> None:
+    assert a is not None
+    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_lru_entries_move_down_the_tiers_and_hits_come_back_up(tmp_path) -> None:
+    memory = MemoryTier("cpu", budget_bytes=2 * ENTRY, device="cpu")
+    disk = DiskTier("disk", budget_bytes=10 * ENTRY, directory=tmp_path)
+    store = ChunkCacheStore([memory, disk])
+    for n in range(4):
+        store.put(key(n), kv(n), recompute_cost=8)
+    assert set(memory.entries) == {key(2), key(3)}
+    assert {key(0), key(1)} <= set(disk.entries)
+    assert store.stats.evictions["cpu"] == 2
+    assert_same(store.get(key(0)), kv(0))  # from disk, and promoted
+    assert key(0) in memory.entries and store.stats.hits["disk"] == 1
+    assert_same(store.get(key(0)), kv(0))
+    assert store.stats.hits["cpu"] == 1
+    assert store.get(key(99)) is None and store.stats.misses == 1
+    report = store.report()
+    assert report["tiers"][0]["bytes"] <= 2 * ENTRY and report["misses"] == 1
+
+
+def test_last_tier_drops_and_budgets_hold(tmp_path) -> None:
+    store = ChunkCacheStore([MemoryTier("cpu", budget_bytes=ENTRY, device="cpu"),
+                             DiskTier("disk", budget_bytes=2 * ENTRY + 400, directory=tmp_path)])
+    for n in range(6):
+        store.put(key(n), kv(n), recompute_cost=8)
+    for tier in store.tiers:
+        assert tier.used_bytes <= tier.budget_bytes
+    assert store.get(key(0)) is None  # dropped from the last tier
+    assert len(list(tmp_path.glob("*.kv"))) == len(store.tiers[1].entries)
+
+
+def test_disk_entries_survive_a_restart(tmp_path) -> None:
+    ChunkCacheStore([DiskTier("disk", budget_bytes=1 << 20, directory=tmp_path)]).put(key(1), kv(1), 8)
+    reopened = ChunkCacheStore([MemoryTier("cpu", 1 << 20, "cpu"), DiskTier("disk", 1 << 20, directory=tmp_path)])
+    assert_same(reopened.get(key(1)), kv(1))
+
+
+def test_a_corrupt_entry_is_a_miss_and_is_removed(tmp_path) -> None:
+    store = ChunkCacheStore([DiskTier("disk", budget_bytes=1 << 20, directory=tmp_path)])
+    store.put(key(1), kv(1), 8)
+    path = next(tmp_path.glob("*.kv"))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert store.get(key(1)) is None
+    assert store.stats.corrupt == 1 and not path.exists()
+    store.put(key(1), kv(1), 8)  # recomputed and stored again
+    assert_same(store.get(key(1)), kv(1))
+
+
+def test_keys_separate_models_prefixes_and_tokens() -> None:
+    store = ChunkCacheStore([MemoryTier("cpu", 1 << 20, "cpu")])
+    store.put(key(1, model="model-a"), kv(1), 8)
+    assert store.get(key(1, model="model-b")) is None
+    assert store.get(ChunkKey.of("model-a", [9], [1, 2])) is None
+    assert store.get(key(1, model="model-a")) is not None
+
+
+def test_an_entry_larger_than_a_tier_goes_to_the_next(tmp_path) -> None:
+    store = ChunkCacheStore([MemoryTier("gpu", budget_bytes=ENTRY // 2, device="cpu"),
+                             DiskTier("disk", 1 << 20, directory=tmp_path)])
+    store.put(key(1), kv(1), 8)
+    assert not store.tiers[0].entries and key(1) in store.tiers[1].entries
+
+
+def test_model_fingerprints_follow_the_weights() -> None:
+    from blendgate.engine.llama import LlamaFamilyModel
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    first = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=1)
+    same = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=1)
+    other = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=2)
+    assert model_fingerprint(first) == model_fingerprint(same) != model_fingerprint(other)
