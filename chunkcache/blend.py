@@ -86,14 +86,16 @@ def selected_count(chunk_tokens: int, ratio: float) -> int:
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
-def blend_prefill(model: LlamaFamilyModel, prefix_ids: list[int], chunks: list[ChunkKV], suffix_ids: list[int],
-                  recompute_ratio: float) -> BlendResult:
+def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float) -> BlendResult:
+    """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
+    The last segment must be computed tokens (the question), whose last position gives the logits."""
     if not 0.0 <= recompute_ratio <= 1.0:
         raise ValueError("recompute_ratio must be between 0 and 1")
-    if not suffix_ids:
-        raise ValueError("blending needs a suffix (the question) after the chunks")
+    if not segments or isinstance(segments[-1], ChunkKV) or not segments[-1]:
+        raise ValueError("blending needs computed tokens (the question) after the last chunk")
     device = model.device
-    ids = torch.tensor([*prefix_ids, *[t for c in chunks for t in c.token_ids.tolist()], *suffix_ids], device=device)
+    pieces = [s.token_ids.tolist() if isinstance(s, ChunkKV) else list(s) for s in segments]
+    ids = torch.tensor([t for piece in pieces for t in piece], device=device)
     total = ids.shape[0]
     positions = torch.arange(total, device=device)
     cos, sin = model.rope(positions)
@@ -103,12 +105,13 @@ def blend_prefill(model: LlamaFamilyModel, prefix_ids: list[int], chunks: list[C
 
     # 1. Cached chunk KV at the chunk's positions in this prompt.
     is_chunk = torch.zeros(total, dtype=torch.bool, device=device)
-    start = len(prefix_ids)
-    for chunk in chunks:
-        span = slice(start, start + chunk.length)
-        cache.keys[:, :, span] = apply_rope(chunk.keys.to(model.dtype), cos[span], sin[span])
-        cache.values[:, :, span] = chunk.values.to(model.dtype)
-        is_chunk[span] = True
+    start = 0
+    for segment, piece in zip(segments, pieces):
+        span = slice(start, start + len(piece))
+        if isinstance(segment, ChunkKV):
+            cache.keys[:, :, span] = apply_rope(segment.keys.to(device, model.dtype), cos[span], sin[span])
+            cache.values[:, :, span] = segment.values.to(device, model.dtype)
+            is_chunk[span] = True
         start = span.stop
     chunk_tokens = int(is_chunk.sum())
 

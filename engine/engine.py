@@ -19,6 +19,7 @@ from typing import AsyncIterator, Protocol
 
 import torch
 
+from .prompt import Prompt
 from .runner import KVState
 from .sampling import Sampler, SamplingParams
 
@@ -43,7 +44,7 @@ class PromptTooLongError(EngineError):
 class Runner(Protocol):
     device: torch.device
 
-    def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, KVState]: ...
+    def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]: ...
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor: ...
 
@@ -65,7 +66,7 @@ class GenerationHandle:
     """One submitted request: iterate it for TokenEvents; cancel() frees its slot and KV at once."""
 
     request_id: int
-    prompt_ids: list[int]
+    prompt: Prompt
     params: SamplingParams
     max_new_tokens: int
     _loop: asyncio.AbstractEventLoop
@@ -80,6 +81,8 @@ class GenerationHandle:
     sampler: Sampler | None = None
     generated: int = 0
     last_token: int = -1
+    # What the runner reports of the prefill (chunk-cache hits, recompute ratio), once it has run.
+    prefill_report: dict | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -151,14 +154,15 @@ class LocalEngine:
         self._thread.start()
 
     # -- asyncio side ---------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+    def submit(self, prompt: Prompt | list[int], params: SamplingParams) -> GenerationHandle:
         """Queue a request; raises PromptTooLongError or QueueFullError at once, before anything runs."""
-        if len(prompt_ids) >= self.max_context_tokens:
-            raise PromptTooLongError(len(prompt_ids), self.max_context_tokens)
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt.plain(prompt)
+        if len(prompt) >= self.max_context_tokens:
+            raise PromptTooLongError(len(prompt), self.max_context_tokens)
         handle = GenerationHandle(
-            request_id=next(self._ids), prompt_ids=list(prompt_ids), params=params,
+            request_id=next(self._ids), prompt=prompt, params=params,
             # Generation also ends where the context does; that finish counts as "length".
-            max_new_tokens=min(params.max_new_tokens, self.max_context_tokens - len(prompt_ids)),
+            max_new_tokens=min(params.max_new_tokens, self.max_context_tokens - len(prompt)),
             _loop=asyncio.get_running_loop())
         with self._cond:
             if self._stopping:
@@ -203,7 +207,8 @@ class LocalEngine:
         if request.kv is None:
             request.started_at = time.perf_counter()
             request.sampler = Sampler(request.params, self.runner.device)
-            logits, request.kv = self.runner.prefill(request.prompt_ids)
+            logits, request.kv = self.runner.prefill(request.prompt)
+            request.prefill_report = request.kv.report
         else:
             logits = self.runner.decode(request.last_token, request.kv)
         token = request.sampler.sample(logits)

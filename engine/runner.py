@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
+from .prompt import Prompt
 from .weights import LoadedModel
 
 
@@ -21,6 +22,7 @@ class KVState:
 
     cache: object
     length: int
+    report: dict | None = None  # what the prefill did, for the response's blendgate object
 
 
 class HFModelRunner:
@@ -28,14 +30,14 @@ class HFModelRunner:
         self.model = loaded.model
         self.device = loaded.device
 
-    def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, KVState]:
+    def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
         """Run the prompt; returns the last position's logits [vocab] and the request's KV state."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([token_ids], device=self.device)
+        ids = torch.tensor([prompt.token_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1], KVState(cache=out.past_key_values, length=len(token_ids))
+        return out.logits[0, -1], KVState(cache=out.past_key_values, length=len(prompt))
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor:
         """Feed one generated token; returns the next position's logits [vocab]."""
@@ -51,11 +53,11 @@ class LlamaRunner:
         self.model = LlamaFamilyModel.from_transformers(loaded.model)
         self.device = loaded.device
 
-    def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, KVState]:
-        ids = torch.tensor(token_ids, device=self.device)
-        cache = self.model.new_cache(len(token_ids) + 64)
-        logits = self.model.forward(ids, torch.arange(len(token_ids), device=self.device), cache)
-        return logits[-1], KVState(cache=cache, length=len(token_ids))
+    def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
+        ids = torch.tensor(prompt.token_ids, device=self.device)
+        cache = self.model.new_cache(len(prompt) + 64)
+        logits = self.model.forward(ids, torch.arange(len(prompt), device=self.device), cache)
+        return logits[-1], KVState(cache=cache, length=len(prompt))
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor:
         ids = torch.tensor([token_id], device=self.device)

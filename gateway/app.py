@@ -35,7 +35,8 @@ def build_backends(settings: Settings) -> dict[str, ChatBackend]:
         if isinstance(model, LocalModelConfig):
             backends[model.name] = LocalBackend(model, cache_dir=settings.cache_dir,
                                                 max_running=settings.max_running_requests,
-                                                max_waiting=settings.max_waiting_requests)
+                                                max_waiting=settings.max_waiting_requests,
+                                                chunk_cache=settings.chunk_cache)
         else:
             backends[model.name] = LitellmBackend(model)
     return backends

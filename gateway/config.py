@@ -86,6 +86,20 @@ class RetrievalSettings(_Strict):
         return self
 
 
+class ChunkCacheSettings(_Strict):
+    """Chunk KV caches and blending for RAG prompts on local Llama-family models."""
+
+    enabled: bool = True
+    # How RAG prompts are prefilled unless a request says otherwise (blend.mode).
+    mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
+    gpu_bytes: int = Field(4 << 30, ge=0)  # used only for models on CUDA
+    cpu_bytes: int = Field(2 << 30, ge=0)
+    disk_bytes: int = Field(20 << 30, ge=0)
+    # Default: <cache_dir>/chunk-kv
+    disk_dir: Path | None = None
+
+
 class LocalModelConfig(_Strict):
     """A model served by blendgate's own engine, in the gateway process."""
 
@@ -180,6 +194,7 @@ class Settings(BaseSettings):
     models: list[ModelConfig] = Field(default_factory=_default_models)
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    chunk_cache: ChunkCacheSettings = Field(default_factory=ChunkCacheSettings)
     # Requests larger than this are refused with 413 before they are parsed.
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
     # Local engine: requests generating at once (interleaved token by token) and waiting beyond those.

@@ -43,10 +43,17 @@ class RagPrompt:
     chunks: list[RetrievedChunk]
     question: str
 
-    def segments(self) -> list[str]:
-        """The last user message, piece by piece: the header, one segment per chunk, then the question."""
-        parts = [f"[{i}] {chunk.text}{CHUNK_SEPARATOR}" for i, chunk in enumerate(self.chunks, start=1)]
-        return [DOCUMENTS_HEADER, *parts, QUESTION_TEMPLATE.format(question=self.question)]
+    def segments(self) -> list[tuple[str, bool]]:
+        """The last user message, piece by piece, each with whether it is a chunk: the header, then per
+        chunk its marker "[i] " and its text (the cacheable part, the same wherever it is placed), then the
+        question."""
+        parts = [(DOCUMENTS_HEADER, False)]
+        for i, chunk in enumerate(self.chunks, start=1):
+            parts += [(f"[{i}] ", False), (f"{chunk.text}{CHUNK_SEPARATOR}", True)]
+        return [*parts, (QUESTION_TEMPLATE.format(question=self.question), False)]
+
+    def text(self) -> str:
+        return "".join(text for text, _ in self.segments())
 
 
 def _question(request: ChatCompletionRequest) -> str:
@@ -67,7 +74,7 @@ def rewrite_messages(request: ChatCompletionRequest, prompt: RagPrompt) -> list[
     has_system = any(m.role in ("system", "developer") for m in history)
     messages = [] if has_system else [ChatMessage(role="system", content=prompt.system)]
     messages += history
-    messages.append(ChatMessage(role="user", content="".join(prompt.segments())))
+    messages.append(ChatMessage(role="user", content=prompt.text()))
     return messages
 
 
@@ -98,7 +105,9 @@ class RagPlanner:
                       "chunks": [c.citation() for c in chunks]}
         else:
             return request, None
-        return request.model_copy(update={"messages": rewrite_messages(request, prompt)}), report
+        rewritten = request.model_copy(update={"messages": rewrite_messages(request, prompt)})
+        rewritten._rag_prompt = prompt  # the local engine places its segments; other backends read the messages
+        return rewritten, report
 
     def _retriever(self) -> Retriever:
         if self.retriever is None:

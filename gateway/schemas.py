@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -71,9 +71,9 @@ class Document(_Options):
 
 
 class BlendOptions(_Options):
-    """Chunk KV reuse with selective recompute (CacheBlend)."""
+    """How a RAG prompt is prefilled on the local engine (chunk-caches and CacheBlend)."""
 
-    enabled: bool = True
+    mode: Literal["full_prefill", "prefix", "reuse", "blend"] | None = None
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -103,6 +103,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
+
+    # The RAG prompt's parts, set by the gateway (never by the client) when the request uses RAG.
+    _rag_prompt: Any = PrivateAttr(default=None)
 
     # blendgate's extension fields.
     rag: RagOptions | None = None

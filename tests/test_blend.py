@@ -46,7 +46,7 @@ def test_rotating_cached_keys_equals_computing_them_at_the_new_position(model) -
 
 def test_recompute_ratio_one_equals_full_prefill_and_decodes_on(model) -> None:
     chunks = [precompute_chunk(model, c) for c in CHUNKS]
-    blended = blend_prefill(model, PREFIX, chunks, SUFFIX, 1.0)
+    blended = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 1.0)
     ids = PREFIX + [t for c in CHUNKS for t in c] + SUFFIX
     expected, cache = full_prefill(model, ids)
     torch.testing.assert_close(blended.logits, expected, atol=1e-4, rtol=1e-4)
@@ -84,7 +84,7 @@ def block_masked_logits(model: LlamaFamilyModel, prefix: list[int], chunks: list
 
 def test_recompute_ratio_zero_equals_block_masked_computation(model) -> None:
     chunks = [precompute_chunk(model, c) for c in CHUNKS]
-    blended = blend_prefill(model, PREFIX, chunks, SUFFIX, 0.0)
+    blended = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.0)
     assert blended.recomputed_chunk_tokens == 0
     torch.testing.assert_close(blended.logits, block_masked_logits(model, PREFIX, CHUNKS, SUFFIX),
                                atol=1e-4, rtol=1e-4)
@@ -96,7 +96,7 @@ def test_recompute_ratio_zero_equals_block_masked_computation(model) -> None:
 @pytest.mark.parametrize("ratio", [0.05, 0.15, 0.3, 0.5])
 def test_selected_token_count_follows_the_ratio(model, ratio: float) -> None:
     chunks = [precompute_chunk(model, c) for c in CHUNKS]
-    blended = blend_prefill(model, PREFIX, chunks, SUFFIX, ratio)
+    blended = blend_prefill(model, [PREFIX, *chunks, SUFFIX], ratio)
     chunk_tokens = sum(len(c) for c in CHUNKS)
     assert blended.chunk_tokens == chunk_tokens
     assert blended.recomputed_chunk_tokens == selected_count(chunk_tokens, ratio)
@@ -105,13 +105,26 @@ def test_selected_token_count_follows_the_ratio(model, ratio: float) -> None:
 def test_blending_moves_towards_full_prefill_as_the_ratio_grows(model) -> None:
     chunks = [precompute_chunk(model, c) for c in CHUNKS]
     full, _ = full_prefill(model, PREFIX + [t for c in CHUNKS for t in c] + SUFFIX)
-    gaps = [(blend_prefill(model, PREFIX, chunks, SUFFIX, r).logits - full).abs().mean().item()
+    gaps = [(blend_prefill(model, [PREFIX, *chunks, SUFFIX], r).logits - full).abs().mean().item()
             for r in (0.0, 0.5, 1.0)]
     assert gaps[0] > gaps[1] > gaps[2]
 
 
-def test_bad_ratios_are_refused(model) -> None:
+def test_bad_ratios_and_layouts_are_refused(model) -> None:
     chunks = [precompute_chunk(model, CHUNKS[0])]
     for ratio in (-0.1, 1.5):
         with pytest.raises(ValueError, match="between 0 and 1"):
-            blend_prefill(model, PREFIX, chunks, SUFFIX, ratio)
+            blend_prefill(model, [PREFIX, *chunks, SUFFIX], ratio)
+    with pytest.raises(ValueError, match="after the last chunk"):
+        blend_prefill(model, [PREFIX, *chunks], 0.15)
+
+
+def test_small_computed_segments_between_chunks_are_always_computed(model) -> None:
+    # "[1] ", "[2] " markers between chunks are computed tokens; r = 1 still equals full prefill.
+    marker_a, marker_b = random_ids(3, 8), random_ids(3, 9)
+    chunks = [precompute_chunk(model, c) for c in CHUNKS[:2]]
+    segments = [PREFIX, marker_a, chunks[0], marker_b, chunks[1], SUFFIX]
+    blended = blend_prefill(model, segments, 1.0)
+    expected, _ = full_prefill(model, PREFIX + marker_a + CHUNKS[0] + marker_b + CHUNKS[1] + SUFFIX)
+    torch.testing.assert_close(blended.logits, expected, atol=1e-4, rtol=1e-4)
+    assert blend_prefill(model, segments, 0.0).chunk_tokens == len(CHUNKS[0]) + len(CHUNKS[1])

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 from blendgate.engine.engine import GenerationHandle, LocalEngine, QueueFullError, Scheduler
+from blendgate.engine.prompt import Prompt
 from blendgate.engine.runner import HFModelRunner, LlamaRunner
 from blendgate.engine.sampling import SamplingParams
 
@@ -58,7 +59,7 @@ def test_prompt_over_the_context_is_refused_before_queueing(engine) -> None:
 def test_scheduler_admits_in_order_rotates_and_bounds_the_queue() -> None:
     async def make(n: int) -> list[GenerationHandle]:
         loop = asyncio.get_running_loop()
-        return [GenerationHandle(i, [1], SamplingParams(max_new_tokens=1), 1, loop) for i in range(n)]
+        return [GenerationHandle(i, Prompt.plain([1]), SamplingParams(max_new_tokens=1), 1, loop) for i in range(n)]
 
     a, b, c, d = asyncio.run(make(4))
     scheduler = Scheduler(max_running=2, max_waiting=1)

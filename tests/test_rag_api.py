@@ -169,3 +169,28 @@ def test_a_corrupt_index_stops_start_up_naming_the_file(workdir, model_cache_dir
     with pytest.raises(RuntimeError) as failed:
         process.start(timeout_s=120)
     assert "docs.faiss" in str(failed.value) and "blendgate reindex --collection docs" in str(failed.value)
+
+
+def test_rag_chat_blends_cached_chunks_and_reports_them(client: openai.OpenAI, facts: str) -> None:
+    documents = [{"id": "castle", "text": FACTS[0]["text"]}, {"id": "river", "text": FACTS[1]["text"]}]
+    ask = [{"role": "user", "content": QUESTION}]
+    first = client.chat.completions.create(model=EMBEDDED, messages=ask, max_tokens=20, temperature=0,
+                                           extra_body={"documents": documents})
+    report = first.model_extra["blendgate"]["chunk_cache"]
+    assert report["mode"] == "blend" and 0.1 < report["recompute_ratio"] <= 0.2
+    assert [c["id"] for c in report["chunks"]] == ["castle", "river"]
+    # The same chunks in another order: both come from the chunk-cache.
+    second = client.chat.completions.create(model=EMBEDDED, messages=ask, max_tokens=20, temperature=0,
+                                            extra_body={"documents": documents[::-1]})
+    report = second.model_extra["blendgate"]["chunk_cache"]
+    assert [(c["id"], c["hit"]) for c in report["chunks"]] == [("river", True), ("castle", True)]
+    assert "4711" in second.choices[0].message.content
+    # Modes through the public API.
+    for mode, ratio in (("full_prefill", None), ("reuse", None), ("blend", 0.3), ("prefix", None)):
+        answer = client.chat.completions.create(
+            model=EMBEDDED, messages=ask, max_tokens=5, temperature=0,
+            extra_body={"documents": documents, "blend": {"mode": mode, "recompute_ratio": ratio}})
+        assert answer.model_extra["blendgate"]["chunk_cache"]["mode"] == mode
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=EMBEDDED, messages=ask, extra_body={"documents": documents,
+                                                                               "blend": {"mode": "magic"}})

@@ -7,12 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from ...chunkcache.runner import BlendingRunner
+from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
+from ...engine.llama import SUPPORTED_MODEL_TYPES
+from ...engine.prompt import Prompt, PromptSegment
 from ...engine.runner import make_runner
 from ...engine.sampling import SamplingParams
 from ...engine.weights import LoadedModel, WeightsError, load_model
-from ..config import LocalModelConfig
+from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage
@@ -21,14 +25,19 @@ log = logging.getLogger("blendgate.gateway")
 
 # Chat roles the local chat templates understand; OpenAI's "developer" is the newer name for "system".
 _ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Stands for the RAG user message while the chat template is rendered, to find where its segments go.
+_SEGMENTS_MARK = "\x00blendgate-rag-segments\x00"
 
 
 class LocalBackend(ChatBackend):
     kind = "local"
 
-    def __init__(self, config: LocalModelConfig, *, cache_dir: Path, max_running: int, max_waiting: int) -> None:
+    def __init__(self, config: LocalModelConfig, *, cache_dir: Path, max_running: int, max_waiting: int,
+                 chunk_cache: ChunkCacheSettings | None = None) -> None:
         self.config = config
         self.cache_dir = cache_dir
+        self.chunk_cache = chunk_cache or ChunkCacheSettings()
+        self.store: ChunkCacheStore | None = None
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.model: LoadedModel | None = None
@@ -49,9 +58,22 @@ class LocalBackend(ChatBackend):
             log.error("model %s failed to load: %s", self.config.name, exc)
             return
         self.engine = LocalEngine(
-            make_runner(self.model), max_context_tokens=self.model.max_context_tokens,
+            self._runner(self.model), max_context_tokens=self.model.max_context_tokens,
             stop_token_ids=self.model.eos_token_ids, max_running=self.max_running, max_waiting=self.max_waiting)
         log.info("model %s is ready", self.config.name)
+
+    def _runner(self, model: LoadedModel):
+        settings = self.chunk_cache
+        if not settings.enabled or model.model.config.model_type not in SUPPORTED_MODEL_TYPES:
+            return make_runner(model)
+        tiers = []
+        if model.device.type == "cuda":
+            tiers.append(MemoryTier("gpu", settings.gpu_bytes, model.device))
+        tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
+        disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
+        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
+        self.store = ChunkCacheStore(tiers)
+        return BlendingRunner(model, self.store)
 
     async def wait_ready(self) -> None:
         if self._load_task is not None:
@@ -93,11 +115,31 @@ class LocalBackend(ChatBackend):
                                         "local models take text only",
                                    code="unsupported_value", param=f"messages[{index}].content")
 
-    def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[union-attr]
+
+    def _prompt(self, request: ChatCompletionRequest) -> Prompt:
+        """The prompt's tokens; for RAG, in segments so that each chunk's tokens are the same wherever the
+        chunk is placed (and its KV can be reused), with the prefill mode the request or the settings pick."""
         tokenizer = self.model.tokenizer  # type: ignore[union-attr]
+        rag = request._rag_prompt
         messages = [{"role": _ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
+        if rag is not None:
+            messages[-1]["content"] = _SEGMENTS_MARK
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if rag is None:
+            return Prompt.plain(list(self._encode(text)))
+        before, after = text.split(_SEGMENTS_MARK)
+        parts = rag.segments()
+        # The chat template's text around the user message joins the first and last segments.
+        parts[0] = (before + parts[0][0], False)
+        parts[-1] = (parts[-1][0] + after, False)
+        blend = request.blend
+        mode = (blend.mode if blend and blend.mode else None) or self.chunk_cache.mode
+        ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else \
+            self.chunk_cache.recompute_ratio
+        return Prompt([PromptSegment(self._encode(part), is_chunk) for part, is_chunk in parts], mode=mode,
+                      recompute_ratio=ratio)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         defaults = self.config.sampling_defaults
@@ -119,12 +161,23 @@ class LocalBackend(ChatBackend):
         raise GatewayError(503, f"model {self.config.name} is still loading; retry shortly (see /healthz)",
                            code="model_loading")
 
+    @staticmethod
+    def _chunk_report(request: ChatCompletionRequest, report: dict | None) -> dict | None:
+        """The runner's prefill report, with each chunk's hit named by the chunk's id."""
+        if report is None:
+            return None
+        report = dict(report)
+        hits = report.pop("hits", None)
+        if hits is not None and request._rag_prompt is not None:
+            report["chunks"] = [{"id": chunk.id, "hit": hit} for chunk, hit in zip(request._rag_prompt.chunks, hits)]
+        return report
+
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = self._engine_or_raise()
         self._check_supported(request)
-        prompt_ids = self._prompt_ids(request)
+        prompt = self._prompt(request)
         try:
-            handle = engine.submit(prompt_ids, self._sampling(request, len(prompt_ids)))
+            handle = engine.submit(prompt, self._sampling(request, len(prompt)))
         except PromptTooLongError as exc:
             raise GatewayError(413, f"This model's maximum context length is {exc.max_context_tokens} tokens, "
                                     f"but the messages have {exc.prompt_tokens} tokens.",
@@ -132,7 +185,7 @@ class LocalBackend(ChatBackend):
         except QueueFullError as exc:
             raise GatewayError(503, str(exc), code="engine_overloaded") from exc
         ctx.backend = self.kind
-        ctx.usage = Usage(prompt_tokens=len(prompt_ids))
+        ctx.usage = Usage(prompt_tokens=len(prompt))
         detokenizer = IncrementalDetokenizer(self.model.tokenizer)  # type: ignore[union-attr]
         stops = StopMatcher(request.stop_sequences)
         try:
@@ -141,6 +194,7 @@ class LocalBackend(ChatBackend):
             async for event in handle:
                 if ctx.queue_s is None and handle.started_at is not None:
                     ctx.queue_s = handle.started_at - handle.submitted_at
+                    ctx.chunk_cache = self._chunk_report(request, handle.prefill_report)
                 ctx.usage.completion_tokens = handle.generated
                 text = stops.feed(detokenizer.add(event.token_id)) if event.is_text else ""
                 if stops.stopped:

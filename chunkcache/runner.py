@@ -1,0 +1,120 @@
+"""The local engine's runner with chunk-caches: prefills prompts in the mode they ask for.
+
+- full_prefill: every token computed (the quality reference);
+- prefix: the KV of an exact shared prefix is reused (the prompt's first segment, and that segment plus
+  the first chunk, are kept in a small LRU), the rest computed;
+- reuse: every chunk's cached KV used as is (CacheBlend with recompute ratio 0);
+- blend: cached chunk KV with the most deviating tokens recomputed (CacheBlend).
+
+Chunk KV is computed on first use, alone after the prompt's first segment (the chunk prefix: system
+prompt and "Documents:" header), and kept in the chunk-cache store under the model's fingerprint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from ..engine.llama import KVCache
+from ..engine.prompt import Prompt
+from ..engine.runner import KVState, LlamaRunner
+from ..engine.weights import LoadedModel
+from .blend import ChunkKV, blend_prefill, precompute_chunk
+from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
+
+
+class BlendingRunner(LlamaRunner):
+    def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16) -> None:
+        super().__init__(loaded)
+        self.store = store
+        self.fingerprint = model_fingerprint(self.model)
+        self.prefix_entries = prefix_entries
+        self._prefixes: OrderedDict[str, KVCache] = OrderedDict()
+
+    def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
+        started = time.perf_counter()
+        if not prompt.has_chunks or prompt.mode == "full_prefill":
+            logits, state = super().prefill(prompt)
+            report = {"mode": "full_prefill", "recompute_ratio": 1.0}
+        elif prompt.mode == "prefix":
+            logits, state, reused = self._prefix_prefill(prompt)
+            report = {"mode": "prefix", "prefix_tokens_reused": reused}
+        else:
+            logits, state, report = self._blend_prefill(prompt)
+        if prompt.has_chunks:
+            report["prefill_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            state.report = report
+        return logits, state
+
+    # -- chunk-caches and blending ------------------------------------------------------------------
+    def _chunk_kv(self, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
+        key = ChunkKey.of(self.fingerprint, list(prefix_ids), list(chunk_ids))
+        cached = self.store.get(key)
+        if cached is not None and tuple(cached.token_ids.tolist()) == chunk_ids:
+            return cached, True
+        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids))
+        self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers))
+        return kv, False
+
+    def _blend_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, dict]:
+        ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
+        chunk_prefix = prompt.segments[0].token_ids if not prompt.segments[0].is_chunk else ()
+        segments, hits = [], []
+        for segment in prompt.segments:
+            if segment.is_chunk:
+                kv, hit = self._chunk_kv(segment.token_ids, chunk_prefix)
+                segments.append(kv)
+                hits.append(hit)
+            else:
+                segments.append(list(segment.token_ids))
+        result = blend_prefill(self.model, segments, ratio)
+        report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
+                  "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
+                  "recomputed_tokens": result.recomputed_chunk_tokens}
+        return result.logits, KVState(cache=result.cache, length=len(prompt)), report
+
+    # -- prefix caching -----------------------------------------------------------------------------
+    def _prefix_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, int]:
+        # Reusable prefixes end after the first segment, and after the first chunk.
+        boundaries, length = [len(prompt.segments[0].token_ids)], 0
+        for segment in prompt.segments:
+            length += len(segment.token_ids)
+            if segment.is_chunk:
+                boundaries.append(length)
+                break
+        boundaries = sorted({b for b in boundaries if b < len(prompt)})
+        ids = prompt.token_ids
+        cache, reused = None, 0
+        for boundary in reversed(boundaries):
+            found = self._prefixes.get(token_digest(ids[:boundary]))
+            if found is not None:
+                self._prefixes.move_to_end(token_digest(ids[:boundary]))
+                cache, reused = self._copy(found, len(prompt) + 64), boundary
+                break
+        if cache is None:
+            cache = self.model.new_cache(len(prompt) + 64)
+        logits = None
+        start = reused
+        for boundary in [b for b in boundaries if b > reused] + [len(prompt)]:
+            piece = torch.tensor(ids[start:boundary], device=self.device)
+            logits = self.model.forward(piece, torch.arange(start, boundary, device=self.device), cache)
+            if boundary < len(prompt):
+                self._remember(token_digest(ids[:boundary]), cache)
+            start = boundary
+        return logits[-1], KVState(cache=cache, length=len(prompt)), reused
+
+    def _copy(self, source: KVCache, capacity: int) -> KVCache:
+        cache = self.model.new_cache(max(capacity, source.length))
+        cache.keys[:, :, : source.length] = source.keys[:, :, : source.length]
+        cache.values[:, :, : source.length] = source.values[:, :, : source.length]
+        cache.positions[: source.length] = source.positions[: source.length]
+        cache.length = source.length
+        return cache
+
+    def _remember(self, digest: str, cache: KVCache) -> None:
+        self._prefixes[digest] = self._copy(cache, cache.length)
+        self._prefixes.move_to_end(digest)
+        while len(self._prefixes) > self.prefix_entries:
+            self._prefixes.popitem(last=False)
