@@ -18,9 +18,9 @@ from .config import ModelRagConfig, Settings
 from .errors import GatewayError
 from .schemas import ChatCompletionRequest, ChatMessage, Document
 
-DOCUMENTS_HEADER = "Documents:\n\n"
-CHUNK_SEPARATOR = "\n\n"
-QUESTION_TEMPLATE = "Question: {question}\nAnswer briefly from the documents."
+DOCUMENTS_HEADER = "Documents:"
+CHUNK_MARKER = "\n\n[{index}]"
+QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer briefly from the documents."
 
 
 def build_retriever(settings: Settings) -> Retriever:
@@ -45,11 +45,13 @@ class RagPrompt:
 
     def segments(self) -> list[tuple[str, bool]]:
         """The last user message, piece by piece, each with whether it is a chunk: the header, then per
-        chunk its marker "[i] " and its text (the cacheable part, the same wherever it is placed), then the
-        question."""
+        chunk its marker and its text (the cacheable part, the same wherever it is placed), then the
+        question. Segments are cut where tokenising them one by one gives the tokens that tokenising the
+        whole text would: the space before a chunk's first word belongs to the chunk (" The"), and blank
+        lines to what follows them ("\n\n[2]" tokenises as "\n", "\n", "[" in both cases)."""
         parts = [(DOCUMENTS_HEADER, False)]
         for i, chunk in enumerate(self.chunks, start=1):
-            parts += [(f"[{i}] ", False), (f"{chunk.text}{CHUNK_SEPARATOR}", True)]
+            parts += [(CHUNK_MARKER.format(index=i), False), (f" {chunk.text}", True)]
         return [*parts, (QUESTION_TEMPLATE.format(question=self.question), False)]
 
     def text(self) -> str:

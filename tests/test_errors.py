@@ -67,7 +67,7 @@ def test_malformed_json(http: httpx.Client, raw: bytes) -> None:
 
 def test_unknown_extra_fields_are_ignored(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(model=EMBEDDED, messages=HI, max_tokens=2,
-                                                extra_body={"frobnicate": {"level": 11}, "blend": {"enabled": True}})
+                                                extra_body={"frobnicate": {"level": 11}, "blend": {"mode": "blend"}})
     assert completion.choices[0].message.content
 
 

@@ -1,0 +1,45 @@
+"""The RAG template: segments tokenised one by one give exactly the tokens of the whole prompt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from blendgate.gateway.backends.local import LocalBackend
+from blendgate.gateway.config import LocalModelConfig
+from blendgate.gateway.rag import RagPrompt, rewrite_messages
+from blendgate.gateway.schemas import ChatCompletionRequest
+from blendgate.retriever.service import RetrievedChunk
+
+SQUAD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qa" / "xquad.en.json"
+
+
+def sample_texts() -> list[str]:
+    texts = ["The blue castle stands on a granite hill. Its secret code is 4711.",
+             "Line one.\nLine two, with a list:\n- a\n- b", "Prices rose 3.5% (year on year) in 2024!"]
+    if SQUAD.exists():
+        data = json.loads(SQUAD.read_text())["data"]
+        texts += [p["context"] for article in data[:6] for p in article["paragraphs"][:2]]
+    return texts
+
+
+def test_segmented_tokens_equal_whole_prompt_tokens(loaded_model, tokenizer) -> None:
+    backend = LocalBackend(LocalModelConfig(name="m"), cache_dir=Path("."), max_running=1, max_waiting=1)
+    backend.model = loaded_model
+    texts = sample_texts()
+    for start in range(0, len(texts), 3):
+        chunks = [RetrievedChunk(f"c{i}", text, "s", 0, 1.0, 0) for i, text in enumerate(texts[start:start + 3])]
+        for system in (None, "You are terse."):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "What does the text say about prices?"}]
+            request = ChatCompletionRequest(model="m", messages=messages)
+            rag = RagPrompt("Answer the question using only the documents given.", chunks,
+                            "What does the text say about prices?")
+            request = request.model_copy(update={"messages": rewrite_messages(request, rag)})
+            request._rag_prompt = rag
+            prompt = backend._prompt(request)
+            whole = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages],
+                                                  tokenize=False, add_generation_prompt=True)
+            assert prompt.token_ids == tokenizer(whole, add_special_tokens=False)["input_ids"]
+            assert sum(s.is_chunk for s in prompt.segments) == len(chunks)
