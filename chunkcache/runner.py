@@ -91,7 +91,7 @@ class BlendingRunner(LlamaRunner):
             found = self._prefixes.get(token_digest(ids[:boundary]))
             if found is not None:
                 self._prefixes.move_to_end(token_digest(ids[:boundary]))
-                cache, reused = self._copy(found, len(prompt) + 64), boundary
+                cache, reused = found.clone(len(prompt) + 64), boundary
                 break
         if cache is None:
             cache = self.model.new_cache(len(prompt) + 64)
@@ -105,16 +105,8 @@ class BlendingRunner(LlamaRunner):
             start = boundary
         return logits[-1], KVState(cache=cache, length=len(prompt)), reused
 
-    def _copy(self, source: KVCache, capacity: int) -> KVCache:
-        cache = self.model.new_cache(max(capacity, source.length))
-        cache.keys[:, :, : source.length] = source.keys[:, :, : source.length]
-        cache.values[:, :, : source.length] = source.values[:, :, : source.length]
-        cache.positions[: source.length] = source.positions[: source.length]
-        cache.length = source.length
-        return cache
-
     def _remember(self, digest: str, cache: KVCache) -> None:
-        self._prefixes[digest] = self._copy(cache, cache.length)
+        self._prefixes[digest] = cache.clone()
         self._prefixes.move_to_end(digest)
         while len(self._prefixes) > self.prefix_entries:
             self._prefixes.popitem(last=False)

@@ -50,6 +50,17 @@ class KVCache:
     def capacity(self) -> int:
         return self.positions.shape[0]
 
+    def clone(self, capacity: int | None = None) -> "KVCache":
+        """A copy of the valid slots, with room for `capacity` slots in all."""
+        layers, kv_heads, _, head_dim = self.keys.shape
+        copy = KVCache(layers, kv_heads, head_dim, max(capacity or self.length, self.length), self.keys.dtype,
+                       self.keys.device)
+        copy.keys[:, :, : self.length] = self.keys[:, :, : self.length]
+        copy.values[:, :, : self.length] = self.values[:, :, : self.length]
+        copy.positions[: self.length] = self.positions[: self.length]
+        copy.length = self.length
+        return copy
+
     def grow(self, needed: int) -> None:
         """Make room for `needed` slots in all, doubling so decoding appends in amortised O(1)."""
         if needed <= self.capacity:

@@ -1,0 +1,62 @@
+"""Our forward pass, CacheBlend and the GPU chunk-cache tier on CUDA, against transformers on the same GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.store import ChunkCacheStore, ChunkKey, MemoryTier
+from blendgate.engine.llama import LlamaFamilyModel
+
+
+def config(model_type: str = "llama"):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=512, hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_match_transformers_on_cuda(model_type, dtype) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config(model_type), dtype=dtype).to("cuda").eval()
+    ours = LlamaFamilyModel.from_transformers(reference)
+    ids = torch.randint(0, 512, (300,), device="cuda")
+    with torch.inference_mode():
+        expected = reference(ids[None]).logits[0].float()
+        got = ours.forward(ids, torch.arange(300, device="cuda"), ours.new_cache(16), last_only=False)
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_blend_limits_on_cuda() -> None:
+    model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.float32, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    prefix, suffix = torch.randint(0, 512, (8,), generator=generator).tolist(), [5, 6, 7, 8]
+    chunks = [torch.randint(0, 512, (64,), generator=generator).tolist() for _ in range(4)]
+    cached = [precompute_chunk(model, c) for c in chunks]
+    ids = prefix + [t for c in chunks for t in c] + suffix
+    with torch.no_grad():
+        full = model.forward(torch.tensor(ids, device="cuda"), torch.arange(len(ids), device="cuda"),
+                             model.new_cache(len(ids)))[-1]
+    blended = blend_prefill(model, [prefix, *cached, suffix], 1.0)
+    torch.testing.assert_close(blended.logits, full, atol=1e-3, rtol=1e-3)
+    partial = blend_prefill(model, [prefix, *cached, suffix], 0.15)
+    assert partial.recomputed_chunk_tokens == 39  # ceil(0.15 * 256)
+    assert blend_prefill(model, [prefix, *cached, suffix], 0.0).recomputed_chunk_tokens == 0
+
+
+def test_gpu_tier_keeps_kv_on_the_gpu_and_demotes_to_cpu() -> None:
+    entry = ChunkKV(torch.arange(16), torch.randn(4, 2, 16, 32), torch.randn(4, 2, 16, 32))
+    store = ChunkCacheStore([MemoryTier("gpu", entry.nbytes, "cuda"), MemoryTier("cpu", 4 * entry.nbytes, "cpu")])
+    first, second = ChunkKey.of("m", [], [1]), ChunkKey.of("m", [], [2])
+    store.put(first, entry, 16)
+    assert store.get(first).keys.device.type == "cuda"
+    store.put(second, entry, 16)
+    assert first in store.tiers[1].entries and store.tiers[1].read(first).keys.device.type == "cpu"
+    assert F.mse_loss(store.get(first).keys.cpu(), entry.keys) == 0
