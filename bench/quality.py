@@ -22,6 +22,7 @@ import string
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -48,8 +49,18 @@ def token_f1(prediction: str, answers: list[str]) -> float:
     return best
 
 
-def load_questions(count: int, seed: int) -> list[dict]:
-    with gzip.open(DATA, "rt") as lines:
+# The gateway's default (gateway/config.py), repeated so that this script needs no gateway settings.
+DEFAULT_SYSTEM_PROMPT = "Answer the question using only the documents given."
+
+
+@dataclass
+class Passage:
+    id: str
+    text: str
+
+
+def load_questions(path: Path, count: int, seed: int) -> list[dict]:
+    with gzip.open(path, "rt") as lines:
         rows = [json.loads(line) for line in lines]
     passages = [f"{r['ctxs'][0]['title']}. {r['ctxs'][0]['text']}" for r in rows]
     rng = random.Random(seed)
@@ -66,43 +77,38 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05, 0.15, 0.3, 1.0])
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted model is kept")
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file or model folder [embedded SmolLM2]")
+    parser.add_argument("--shard", type=str, default="0/1", help="i/n: run every n-th question from the i-th")
+    parser.add_argument("--data", type=Path, default=DATA, help="NQ-open oracle file")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"quality-{date.today()}.md")
     args = parser.parse_args()
 
+    # Only modules without web or retrieval dependencies, so that this runs as it is on a bare GPU machine.
     from blendgate.chunkcache.runner import BlendingRunner
     from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
     from blendgate.engine.prompt import Prompt
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model
-    from blendgate.gateway.backends.local import LocalBackend
-    from blendgate.gateway.config import LocalModelConfig, default_cache_dir
-    from blendgate.gateway.rag import RagPrompt, rewrite_messages
-    from blendgate.gateway.schemas import ChatCompletionRequest
-    from blendgate.retriever.service import RetrievedChunk
+    from blendgate.gateway.rag_template import RagPrompt, encode_prompt, rag_messages
 
     torch.manual_seed(0)
-    loaded = load_model(None, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
-                        cache_dir=args.cache_dir or default_cache_dir())
+    cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
+    loaded = load_model(args.model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
+                        cache_dir=cache_dir)
     runner = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)]))
-    backend = LocalBackend(LocalModelConfig(name="smollm2"), cache_dir=Path("."), max_running=1, max_waiting=1)
-    backend.model = loaded
     tokenizer = loaded.tokenizer
     stop_ids = loaded.eos_token_ids
     modes = [("full_prefill", 1.0), ("prefix", 1.0), *[("reuse" if r == 0 else "blend", r) for r in args.ratios]]
-    questions = load_questions(args.questions, args.seed)
+    questions = load_questions(args.data, args.questions, args.seed)
 
     def build(item: dict, k: int, slot: int, mode: str, ratio: float) -> Prompt:
+        """The prompt the gateway would build for this question and these passages."""
         passages = item["others"][: k - 1]
         passages.insert(slot, item["gold"])
-        chunks = [RetrievedChunk(str(i), text, "nq", 0, 1.0, 0) for i, text in enumerate(passages)]
-        rag = RagPrompt("Answer the question using only the documents given.", chunks, item["question"])
-        request = ChatCompletionRequest(model="smollm2", messages=[{"role": "user", "content": item["question"]}])
-        request = request.model_copy(update={"messages": rewrite_messages(request, rag)})
-        request._rag_prompt = rag
-        prompt = backend._prompt(request)
-        prompt.mode, prompt.recompute_ratio = mode, ratio
-        return prompt
+        rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(passages)],
+                        item["question"])
+        return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio)
 
     def run(prompt: Prompt, answer_ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
         """Greedy output ids, and the log-distributions along the teacher-forced gold answer."""
@@ -123,21 +129,36 @@ def main() -> None:
             current = runner.decode(token, state)
         return output, forced
 
-    rows = {}
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    totals: dict[str, Counter] = {}
     started = time.perf_counter()
+    partial = args.out.with_suffix(f".shard{shard}.json" if shards > 1 else ".json")
+
+    def save() -> dict:
+        """Written after every question, so a run stopped early still leaves what it measured."""
+        result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+                  "seconds": time.perf_counter() - started,
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, device {loaded.device} "
+                             f"({torch.cuda.get_device_name() if loaded.device.type == 'cuda' else 'cpu'}), "
+                             f"torch {torch.__version__}",
+                  "questions": len(questions), "seed": args.seed, "max_tokens": args.max_tokens, "totals": totals}
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(result))
+        return result
+
     with torch.inference_mode():
         for k in args.k:
-            totals = {m: Counter() for m in modes}
-            for number, item in enumerate(questions):
-                slot = number % k
+            # Every shard places the gold passage by the question's number in the whole list.
+            for number in range(shard, len(questions), shards):
+                item = questions[number]
                 answer_ids = tokenizer(" " + item["answers"][0], add_special_tokens=False)["input_ids"][:16]
                 reference_ids, reference_forced = None, None
                 for mode, ratio in modes:
-                    output_ids, forced = run(build(item, k, slot, mode, ratio), answer_ids)
+                    output_ids, forced = run(build(item, k, number % k, mode, ratio), answer_ids)
                     if mode == "full_prefill":
                         reference_ids, reference_forced = output_ids, forced
                     text = tokenizer.decode(output_ids, skip_special_tokens=True)
-                    total = totals[(mode, ratio)]
+                    total = totals.setdefault(f"{k}|{mode}|{ratio:g}", Counter())
                     total["n"] += 1
                     total["correct"] += any(normalise(a) in normalise(text) for a in item["answers"])
                     total["f1"] += token_f1(text, item["answers"])
@@ -145,33 +166,45 @@ def main() -> None:
                     total["kl"] += sum(kl) / max(1, len(kl))
                     same = sum(a == b for a, b in zip(reference_ids, output_ids))
                     total["agree"] += same / max(1, max(len(reference_ids), len(output_ids)))
-                if (number + 1) % 10 == 0:
-                    print(f"k={k}: {number + 1}/{len(questions)} questions, {time.perf_counter() - started:.0f} s",
-                          flush=True)
-            rows[k] = totals
-    elapsed = time.perf_counter() - started
+                save()
+                done = totals[f"{k}|full_prefill|1"]["n"]
+                if done % 10 == 0:
+                    print(f"k={k}: {done} questions, {time.perf_counter() - started:.0f} s", flush=True)
+    result = save()
+    if shards == 1:
+        write_table([result], args.out)
 
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+
+def write_table(results: list[dict], out: Path) -> None:
+    """The markdown table of one run, or of the shards of one run added up."""
+    totals: dict[str, Counter] = {}
+    for result in results:
+        for key, counts in result["totals"].items():
+            totals.setdefault(key, Counter()).update(counts)
+    first = results[0]
     lines = [f"# Chunk-cache quality benchmark, {date.today()}", "",
-             f"- command: `{command}`",
-             f"- machine: {platform.machine()}, {os.cpu_count()} cores, device {loaded.device}, "
-             f"torch {torch.__version__}; took {elapsed / 60:.1f} min",
-             f"- model: SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to float32); {len(questions)} NQ-open "
-             f"questions (seed {args.seed}), gold passage at position (question number mod k) among k-1 "
-             "distractors from other questions; greedy, up to "
-             f"{args.max_tokens} tokens; KL over up to 16 teacher-forced gold-answer tokens", "",
-             "| k | mode | r | accuracy | token F1 | KL vs full prefill | greedy agreement |",
-             "|---|---|---|---|---|---|---|"]
-    for k, totals in rows.items():
-        for (mode, ratio), t in totals.items():
-            n = t["n"]
-            shown_ratio = "-" if mode in ("full_prefill", "prefix") else f"{ratio:g}"
-            lines.append(f"| {k} | {mode} | {shown_ratio} | {t['correct'] / n:.3f} | {t['f1'] / n:.3f} | "
-                         f"{t['kl'] / n:.4f} | {t['agree'] / n:.3f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+             f"- command: `{first['command']}`" + (f" ({len(results)} shards run at once)" if len(results) > 1 else ""),
+             f"- machine: {first['machine']}; took {max(r['seconds'] for r in results) / 60:.1f} min",
+             f"- model: SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to float32); the first {first['questions']} "
+             f"NQ-open questions in a seeded order (seed {first['seed']}; the questions column says how many ran), "
+             "gold passage at position (question number mod k) among k-1 "
+             f"distractors from other questions; greedy, up to {first['max_tokens']} tokens; KL over up to 16 "
+             "teacher-forced gold-answer tokens", "",
+             "| k | mode | r | questions | accuracy | token F1 | KL vs full prefill | greedy agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, t in totals.items():
+        k, mode, ratio = key.split("|")
+        n = t["n"]
+        shown_ratio = "-" if mode in ("full_prefill", "prefix") else ratio
+        lines.append(f"| {k} | {mode} | {shown_ratio} | {n} | {t['correct'] / n:.3f} | {t['f1'] / n:.3f} | "
+                     f"{t['kl'] / n:.4f} | {t['agree'] / n:.3f} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["merge"]:  # python bench/quality.py merge OUT.md SHARD.json...
+        write_table([json.loads(Path(p).read_text()) for p in sys.argv[3:]], Path(sys.argv[2]))
+    else:
+        main()

@@ -67,7 +67,6 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="blendgate", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.state.backends = backends
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, tenant: str = Depends(auth)):
@@ -88,7 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
         return model_card(model)
 
     def retriever():
-        return rag._retriever()
+        return rag.require_retriever()
 
     async def retrieval_call(function, *args):
         try:

@@ -1,26 +1,17 @@
-"""Retrieval-augmented chat: which chunks a request gets, and the one template that places them.
-
-The template (README, "RAG prompt"): the system prompt, the conversation so far, then a last user
-message: "Documents:", one segment per chunk ("[i] <chunk text>", blank line after each), then
-"Question: <question>" and an instruction to answer from the documents. Each chunk is its own segment so
-that a later layer can reuse the chunk's KV wherever it lands.
-"""
+"""Retrieval-augmented chat: which chunks a request gets (retrieved or inline), placed by the template of
+rag_template.py."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
 from .config import ModelRagConfig, Settings
 from .errors import GatewayError
+from .rag_template import RagPrompt, rag_messages
 from .schemas import ChatCompletionRequest, ChatMessage, Document
-
-DOCUMENTS_HEADER = "Documents:"
-CHUNK_MARKER = "\n\n[{index}]"
-QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer briefly from the documents."
 
 
 def build_retriever(settings: Settings) -> Retriever:
@@ -37,27 +28,6 @@ def as_gateway_error(exc: RetrievalError) -> GatewayError:
     return GatewayError(exc.status, str(exc), code=exc.code)
 
 
-@dataclass
-class RagPrompt:
-    system: str
-    chunks: list[RetrievedChunk]
-    question: str
-
-    def segments(self) -> list[tuple[str, bool]]:
-        """The last user message, piece by piece, each with whether it is a chunk: the header, then per
-        chunk its marker and its text (the cacheable part, the same wherever it is placed), then the
-        question. Segments are cut where tokenising them one by one gives the tokens that tokenising the
-        whole text would: the space before a chunk's first word belongs to the chunk (" The"), and blank
-        lines to what follows them ("\n\n[2]" tokenises as "\n", "\n", "[" in both cases)."""
-        parts = [(DOCUMENTS_HEADER, False)]
-        for i, chunk in enumerate(self.chunks, start=1):
-            parts += [(CHUNK_MARKER.format(index=i), False), (f" {chunk.text}", True)]
-        return [*parts, (QUESTION_TEMPLATE.format(question=self.question), False)]
-
-    def text(self) -> str:
-        return "".join(text for text, _ in self.segments())
-
-
 def _question(request: ChatCompletionRequest) -> str:
     last = request.messages[-1]
     if last.role != "user":
@@ -72,12 +42,8 @@ def _question(request: ChatCompletionRequest) -> str:
 
 def rewrite_messages(request: ChatCompletionRequest, prompt: RagPrompt) -> list[ChatMessage]:
     """The request's messages with the chunks placed by the template."""
-    history = request.messages[:-1]
-    has_system = any(m.role in ("system", "developer") for m in history)
-    messages = [] if has_system else [ChatMessage(role="system", content=prompt.system)]
-    messages += history
-    messages.append(ChatMessage(role="user", content=prompt.text()))
-    return messages
+    history = [m.model_dump(exclude_none=True) for m in request.messages[:-1]]
+    return [ChatMessage.model_validate(m) for m in rag_messages(history, prompt)]
 
 
 class RagPlanner:
@@ -96,7 +62,7 @@ class RagPlanner:
             report = {"collection": None, "version": None, "chunks": [c.citation() for c in prompt.chunks]}
         elif request.rag is not None or model_rag is not None:
             options = request.rag or model_rag
-            retriever = self._retriever()
+            retriever = self.require_retriever()
             question = _question(request)
             try:
                 chunks = await asyncio.to_thread(retriever.search, options.collection, question, options.top_k)
@@ -111,14 +77,14 @@ class RagPlanner:
         rewritten._rag_prompt = prompt  # the local engine places its segments; other backends read the messages
         return rewritten, report
 
-    def _retriever(self) -> Retriever:
+    def require_retriever(self) -> Retriever:
         if self.retriever is None:
             raise GatewayError(503, f"retrieval is unavailable: {self.retriever_error or 'still loading'}",
                                code="retrieval_unavailable")
         return self.retriever
 
     def _inline(self, documents: list[str | Document]) -> list[RetrievedChunk]:
-        fingerprint = self.retriever.chunker.fingerprint if self.retriever is not None else "inline"
+        fingerprint = "inline"  # ids of inline documents only need to be stable, not shared with collections
         chunks = []
         for index, document in enumerate(documents):
             text = document if isinstance(document, str) else document.text

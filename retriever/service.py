@@ -82,19 +82,36 @@ class _LoadedIndex:
 
 
 class Retriever:
-    def __init__(self, data_dir: Path, embedder: Embedder, tokenizer: object, *, chunk_tokens: int = 256,
+    def __init__(self, data_dir: Path, embedder: Embedder, tokenizer: object | None = None, *,
+                 tokenizer_factory: Callable[[], object] | None = None, chunk_tokens: int = 256,
                  overlap_tokens: int = 32, approximate_threshold: int = 20_000, max_file_bytes: int = 50 << 20,
                  nprobe: int = 32) -> None:
+        """Give the tokenizer, or a `tokenizer_factory` that loads it on the first ingest rather than at
+        start-up (a GGUF model's tokenizer comes from its one-time conversion, which the model load does)."""
+        if (tokenizer is None) == (tokenizer_factory is None):
+            raise ValueError("give a tokenizer or a tokenizer_factory")
         self.data_dir = data_dir
         self.store = ChunkStore(data_dir / "chunks.sqlite3")
         self.embedder = embedder
-        self.chunker = Chunker(tokenizer, chunk_tokens, overlap_tokens)
+        self._tokenizer = tokenizer
+        self._tokenizer_factory = tokenizer_factory
+        self._chunk_tokens = chunk_tokens
+        self._overlap_tokens = overlap_tokens
+        self._chunker: Chunker | None = None
         self.approximate_threshold = approximate_threshold
         self.max_file_bytes = max_file_bytes
         self.nprobe = nprobe
         self._indexes: dict[str, _LoadedIndex] = {}
         self._lock = threading.RLock()
         (data_dir / "indexes").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def chunker(self) -> Chunker:
+        with self._lock:
+            if self._chunker is None:
+                tokenizer = self._tokenizer if self._tokenizer is not None else self._tokenizer_factory()
+                self._chunker = Chunker(tokenizer, self._chunk_tokens, self._overlap_tokens)
+            return self._chunker
 
     # -- indexes ----------------------------------------------------------------------------------
     def _index_path(self, name: str) -> Path:
@@ -310,4 +327,4 @@ class Retriever:
 
 def open_retriever(data_dir: Path, tokenizer_factory: Callable[[], object], embedder_path: Path | None = None,
                    **options) -> Retriever:
-    return Retriever(data_dir, Embedder(embedder_path), tokenizer_factory(), **options)
+    return Retriever(data_dir, Embedder(embedder_path), tokenizer_factory=tokenizer_factory, **options)

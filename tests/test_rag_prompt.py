@@ -7,7 +7,8 @@ from pathlib import Path
 
 from blendgate.gateway.backends.local import LocalBackend
 from blendgate.gateway.config import LocalModelConfig
-from blendgate.gateway.rag import RagPrompt, rewrite_messages
+from blendgate.gateway.rag import rewrite_messages
+from blendgate.gateway.rag_template import RagPrompt
 from blendgate.gateway.schemas import ChatCompletionRequest
 from blendgate.retriever.service import RetrievedChunk
 

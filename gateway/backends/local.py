@@ -12,12 +12,13 @@ from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
-from ...engine.prompt import Prompt, PromptSegment
+from ...engine.prompt import Prompt
 from ...engine.runner import make_runner
 from ...engine.sampling import SamplingParams
 from ...engine.weights import LoadedModel, WeightsError, load_model
 from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
+from ..rag_template import encode_prompt
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage
 
@@ -25,8 +26,6 @@ log = logging.getLogger("blendgate.gateway")
 
 # Chat roles the local chat templates understand; OpenAI's "developer" is the newer name for "system".
 _ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Stands for the RAG user message while the chat template is rendered, to find where its segments go.
-_SEGMENTS_MARK = "\x00blendgate-rag-segments\x00"
 
 
 class LocalBackend(ChatBackend):
@@ -87,7 +86,10 @@ class LocalBackend(ChatBackend):
 
     def status(self) -> dict[str, Any]:
         if self.engine is not None:
-            return {"state": "ready", **self.engine.stats()}
+            status = {"state": "ready", **self.engine.stats()}
+            if self.store is not None:
+                status["chunk_cache"] = self.store.report()
+            return status
         if self._error is not None:
             return {"state": "failed", "error": self._error}
         return {"state": "loading"}
@@ -115,31 +117,16 @@ class LocalBackend(ChatBackend):
                                         "local models take text only",
                                    code="unsupported_value", param=f"messages[{index}].content")
 
-    def _encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[union-attr]
-
     def _prompt(self, request: ChatCompletionRequest) -> Prompt:
-        """The prompt's tokens; for RAG, in segments so that each chunk's tokens are the same wherever the
-        chunk is placed (and its KV can be reused), with the prefill mode the request or the settings pick."""
-        tokenizer = self.model.tokenizer  # type: ignore[union-attr]
-        rag = request._rag_prompt
+        """The prompt's tokens; for RAG, in segments whose chunk KV can be reused, with the prefill mode the
+        request or the settings pick."""
         messages = [{"role": _ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
-        if rag is not None:
-            messages[-1]["content"] = _SEGMENTS_MARK
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if rag is None:
-            return Prompt.plain(list(self._encode(text)))
-        before, after = text.split(_SEGMENTS_MARK)
-        parts = rag.segments()
-        # The chat template's text around the user message joins the first and last segments.
-        parts[0] = (before + parts[0][0], False)
-        parts[-1] = (parts[-1][0] + after, False)
         blend = request.blend
         mode = (blend.mode if blend and blend.mode else None) or self.chunk_cache.mode
         ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else \
             self.chunk_cache.recompute_ratio
-        return Prompt([PromptSegment(self._encode(part), is_chunk) for part, is_chunk in parts], mode=mode,
-                      recompute_ratio=ratio)
+        return encode_prompt(self.model.tokenizer, messages, request._rag_prompt, mode=mode,  # type: ignore[union-attr]
+                             recompute_ratio=ratio)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         defaults = self.config.sampling_defaults

@@ -1,0 +1,78 @@
+"""The one RAG prompt template, as text for any backend and as token segments for the local engine.
+
+The prompt: the system prompt, the conversation so far, then a last user message: "Documents:", for each
+chunk a blank line, "[i]" and the chunk's text, then a blank line, "Question: <question>" and an
+instruction to answer from the documents. Each chunk's text is a segment of its own so that the local
+engine can reuse the chunk's KV wherever it lands.
+
+Plain Python on purpose (no web framework, no retriever): benchmarks use it on GPU machines as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..engine.prompt import Prompt, PromptSegment
+
+DOCUMENTS_HEADER = "Documents:"
+CHUNK_MARKER = "\n\n[{index}]"
+QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer briefly from the documents."
+# Stands for the RAG user message while the chat template is rendered, to find where its segments go.
+_SEGMENTS_MARK = "\x00blendgate-rag-segments\x00"
+
+
+class ChunkLike(Protocol):
+    id: str
+    text: str
+
+
+@dataclass
+class RagPrompt:
+    system: str
+    chunks: list[ChunkLike]
+    question: str
+
+    def segments(self) -> list[tuple[str, bool]]:
+        """The last user message, piece by piece, each with whether it is a chunk: the header, then per
+        chunk its marker and its text (the cacheable part, the same wherever it is placed), then the
+        question. Segments are cut where tokenising them one by one gives the tokens that tokenising the
+        whole text would: the space before a chunk's first word belongs to the chunk (" The"), and blank
+        lines to what follows them ("\\n\\n[2]" tokenises as "\\n", "\\n", "[" in both cases)."""
+        parts = [(DOCUMENTS_HEADER, False)]
+        for i, chunk in enumerate(self.chunks, start=1):
+            parts += [(CHUNK_MARKER.format(index=i), False), (f" {chunk.text}", True)]
+        return [*parts, (QUESTION_TEMPLATE.format(question=self.question), False)]
+
+    def text(self) -> str:
+        return "".join(text for text, _ in self.segments())
+
+
+def rag_messages(history: list[dict], prompt: RagPrompt) -> list[dict]:
+    """Chat messages (role/content dicts) with the chunks placed: the history before the question, a system
+    message first unless the history has one, the RAG user message last."""
+    has_system = any(m["role"] in ("system", "developer") for m in history)
+    head = [] if has_system else [{"role": "system", "content": prompt.system}]
+    return [*head, *history, {"role": "user", "content": prompt.text()}]
+
+
+def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mode: str = "full_prefill",
+                  recompute_ratio: float = 0.15) -> Prompt:
+    """Token ids of chat `messages` through the tokenizer's chat template; with `rag` (whose text is the last
+    message), in segments so that each chunk's tokens are the same wherever the chunk is placed."""
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if rag is not None:
+        messages = [*messages[:-1], {**messages[-1], "content": _SEGMENTS_MARK}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if rag is None:
+        return Prompt.plain(list(encode(text)))
+    before, after = text.split(_SEGMENTS_MARK)
+    parts = rag.segments()
+    # The chat template's text around the user message joins the first and last segments.
+    parts[0] = (before + parts[0][0], False)
+    parts[-1] = (parts[-1][0] + after, False)
+    return Prompt([PromptSegment(encode(part), is_chunk) for part, is_chunk in parts], mode=mode,
+                  recompute_ratio=recompute_ratio)
