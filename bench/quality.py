@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="GGUF file or model folder [embedded SmolLM2]")
     parser.add_argument("--shard", type=str, default="0/1", help="i/n: run every n-th question from the i-th")
     parser.add_argument("--data", type=Path, default=DATA, help="NQ-open oracle file")
+    parser.add_argument("--chunk-prefix", choices=["system", "none"], default="system",
+                        help="compute chunk KV after the system prompt, or alone")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"quality-{date.today()}.md")
     args = parser.parse_args()
 
@@ -96,7 +98,8 @@ def main() -> None:
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
     loaded = load_model(args.model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
                         cache_dir=cache_dir)
-    runner = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)]))
+    runner = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)]),
+                            chunk_prefix=args.chunk_prefix)
     tokenizer = loaded.tokenizer
     stop_ids = loaded.eos_token_ids
     modes = [("full_prefill", 1.0), ("prefix", 1.0), *[("reuse" if r == 0 else "blend", r) for r in args.ratios]]
@@ -141,7 +144,8 @@ def main() -> None:
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, device {loaded.device} "
                              f"({torch.cuda.get_device_name() if loaded.device.type == 'cuda' else 'cpu'}), "
                              f"torch {torch.__version__}",
-                  "questions": len(questions), "seed": args.seed, "max_tokens": args.max_tokens, "totals": totals}
+                  "questions": len(questions), "seed": args.seed, "max_tokens": args.max_tokens,
+                  "chunk_prefix": args.chunk_prefix, "totals": totals}
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(result))
         return result
@@ -189,7 +193,7 @@ def write_table(results: list[dict], out: Path) -> None:
              f"NQ-open questions in a seeded order (seed {first['seed']}; the questions column says how many ran), "
              "gold passage at position (question number mod k) among k-1 "
              f"distractors from other questions; greedy, up to {first['max_tokens']} tokens; KL over up to 16 "
-             "teacher-forced gold-answer tokens", "",
+             f"teacher-forced gold-answer tokens; chunk KV computed after: {first.get('chunk_prefix', 'system')}", "",
              "| k | mode | r | questions | accuracy | token F1 | KL vs full prefill | greedy agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for key, t in totals.items():

@@ -6,8 +6,9 @@
 - reuse: every chunk's cached KV used as is (CacheBlend with recompute ratio 0);
 - blend: cached chunk KV with the most deviating tokens recomputed (CacheBlend).
 
-Chunk KV is computed on first use, alone after the prompt's first segment (the chunk prefix: system
-prompt and "Documents:" header), and kept in the chunk-cache store under the model's fingerprint.
+Chunk KV is computed on first use and kept in the chunk-cache store under the model's fingerprint: after
+the prompt's first segment (chunk_prefix "system": system prompt and "Documents:" header, the default) or
+alone (chunk_prefix "none"). bench/quality.py measures both.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
 
 
 class BlendingRunner(LlamaRunner):
-    def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16) -> None:
+    def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16,
+                 chunk_prefix: str = "system") -> None:
         super().__init__(loaded)
+        if chunk_prefix not in ("system", "none"):
+            raise ValueError("chunk_prefix must be 'system' or 'none'")
         self.store = store
+        self.chunk_prefix = chunk_prefix
         self.fingerprint = model_fingerprint(self.model)
         self.prefix_entries = prefix_entries
         self._prefixes: OrderedDict[str, KVCache] = OrderedDict()
@@ -60,7 +65,8 @@ class BlendingRunner(LlamaRunner):
 
     def _blend_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, dict]:
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
-        chunk_prefix = prompt.segments[0].token_ids if not prompt.segments[0].is_chunk else ()
+        first = prompt.segments[0]
+        chunk_prefix = first.token_ids if self.chunk_prefix == "system" and not first.is_chunk else ()
         segments, hits = [], []
         for segment in prompt.segments:
             if segment.is_chunk:

@@ -93,6 +93,9 @@ class ChunkCacheSettings(_Strict):
     # How RAG prompts are prefilled unless a request says otherwise (blend.mode).
     mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
+    # What a chunk's KV is computed after: "system" (the prompt's system prompt and "Documents:" header)
+    # or "none" (the chunk alone). Measured in bench/results/quality-*.md.
+    chunk_prefix: Literal["system", "none"] = "system"
     gpu_bytes: int = Field(4 << 30, ge=0)  # used only for models on CUDA
     cpu_bytes: int = Field(2 << 30, ge=0)
     disk_bytes: int = Field(20 << 30, ge=0)

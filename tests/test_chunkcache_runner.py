@@ -70,3 +70,13 @@ def test_decoding_continues_from_a_blended_prefill(runner, tokenizer) -> None:
             full_logits = runner.decode(token, full_state)
     assert tokens == expected
     assert "4711" in tokenizer.decode(tokens)
+
+
+def test_chunks_computed_alone_are_cached_apart_from_those_after_the_system_prompt(loaded_model, tokenizer) -> None:
+    store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
+    with torch.inference_mode():
+        BlendingRunner(loaded_model, store, chunk_prefix="system").prefill(rag_prompt(tokenizer, DOCUMENTS, "reuse"))
+        _, alone = BlendingRunner(loaded_model, store, chunk_prefix="none").prefill(
+            rag_prompt(tokenizer, DOCUMENTS, "reuse"))
+    assert alone.report["hits"] == [False, False, False]  # other keys: computed without the prefix
+    assert len(store.tiers[0].entries) == 6

@@ -72,7 +72,7 @@ class LocalBackend(ChatBackend):
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
         self.store = ChunkCacheStore(tiers)
-        return BlendingRunner(model, self.store)
+        return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix)
 
     async def wait_ready(self) -> None:
         if self._load_task is not None:
