@@ -24,7 +24,7 @@ def gpu_available() -> bool:
 
 
 class VectorIndex:
-    def __init__(self, index: faiss.Index, *, nprobe: int = 32) -> None:
+    def __init__(self, index: faiss.Index, *, nprobe: int = 256) -> None:
         self.index = index
         self.nprobe = nprobe
         self._search_index = self._for_search(index)
@@ -46,7 +46,7 @@ class VectorIndex:
 
     @classmethod
     def build(cls, dimension: int, vectors: np.ndarray, ids: np.ndarray, *, approximate_threshold: int,
-              nprobe: int = 32) -> "VectorIndex":
+              nprobe: int = 256) -> "VectorIndex":
         """Exact search below `approximate_threshold` vectors, IVF (trained on these vectors) above."""
         if len(vectors) < approximate_threshold:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
@@ -83,7 +83,7 @@ class VectorIndex:
         os.replace(temporary, path)
 
     @classmethod
-    def load(cls, path: Path, *, nprobe: int = 32) -> "VectorIndex":
+    def load(cls, path: Path, *, nprobe: int = 256) -> "VectorIndex":
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:

@@ -85,7 +85,7 @@ class Retriever:
     def __init__(self, data_dir: Path, embedder: Embedder, tokenizer: object | None = None, *,
                  tokenizer_factory: Callable[[], object] | None = None, chunk_tokens: int = 256,
                  overlap_tokens: int = 32, approximate_threshold: int = 20_000, max_file_bytes: int = 50 << 20,
-                 nprobe: int = 32) -> None:
+                 nprobe: int = 256) -> None:
         """Give the tokenizer, or a `tokenizer_factory` that loads it on the first ingest rather than at
         start-up (a GGUF model's tokenizer comes from its one-time conversion, which the model load does)."""
         if (tokenizer is None) == (tokenizer_factory is None):

@@ -122,6 +122,11 @@ class ChunkStore:
         vectors = np.frombuffer(b"".join(r[1] for r in records), dtype=np.float32).reshape(len(records), dimension)
         return rows, vectors
 
+    def sources(self, collection: str) -> dict[int, str]:
+        """Every chunk row of a collection with its source."""
+        with self._lock:
+            return dict(self._db.execute("SELECT row, source FROM chunks WHERE collection = ?", (collection,)))
+
     def chunks_by_row(self, rows: list[int]) -> dict[int, StoredChunk]:
         if not rows:
             return {}
