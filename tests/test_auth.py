@@ -7,7 +7,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from conftest import EMBEDDED, GatewayProcess, assert_openai_error
+from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 
 @pytest.fixture(scope="module")

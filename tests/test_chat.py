@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
-from conftest import EMBEDDED
+from support import EMBEDDED
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import EMBEDDED, assert_openai_error
+from support import EMBEDDED, assert_openai_error
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -79,6 +79,12 @@ def test_prompt_longer_than_context_is_413(client: openai.OpenAI, http: httpx.Cl
     with pytest.raises(openai.APIStatusError) as raised:
         client.chat.completions.create(model=EMBEDDED, messages=messages, stream=True)
     assert raised.value.status_code == 413
+
+
+def test_documents_longer_than_the_context_are_413(http: httpx.Client) -> None:
+    body = {"model": EMBEDDED, "messages": HI, "documents": [{"id": "huge", "text": "word " * 9000}]}
+    error = assert_openai_error(http.post("/v1/chat/completions", json=body), 413, "context_length_exceeded")
+    assert "8192" in error["message"]
 
 
 def test_oversized_body_is_413(http: httpx.Client) -> None:

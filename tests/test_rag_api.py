@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from blendgate.retriever.store import _SCHEMA
-from conftest import EMBEDDED, GatewayProcess, assert_openai_error
+from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 FACTS = [
     {"source": "castle",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import EMBEDDED, assert_openai_error
+from support import EMBEDDED, assert_openai_error
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
