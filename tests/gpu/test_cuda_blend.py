@@ -9,6 +9,8 @@ from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
 from blendgate.chunkcache.store import ChunkCacheStore, ChunkKey, MemoryTier
 from blendgate.engine.llama import LlamaFamilyModel
 
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 
 def config(model_type: str = "llama"):
     from transformers import AutoConfig
