@@ -69,7 +69,8 @@ class RetrievalSettings(_Strict):
     # Collections with more chunks than this use an IVF index instead of exact search.
     approximate_index_threshold: int = Field(20_000, ge=1)
     # Lists an IVF search visits. On 100k chunks (1,264 lists) recall@10 was 0.814 at 32, 0.865 at 128 and
-    # 0.887 at 256 against 0.895 for exact search, at 0.4, 1.3 and 2.5 ms a query (embedding it takes ~14 ms).
+    # 0.887 at 256 against 0.895 for exact search, at 0.35, 1.0 and 2.0 ms a query, where embedding the
+    # query takes ~14 ms (bench/ivf_nprobe.py, bench/results/retrieval-2026-11-23.md).
     ivf_nprobe: int = Field(256, ge=1)
     max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
     system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT
