@@ -94,9 +94,10 @@ class BlendingRunner(LlamaRunner):
         ids = prompt.token_ids
         cache, reused = None, 0
         for boundary in reversed(boundaries):
-            found = self._prefixes.get(token_digest(ids[:boundary]))
+            digest = token_digest(ids[:boundary])
+            found = self._prefixes.get(digest)
             if found is not None:
-                self._prefixes.move_to_end(token_digest(ids[:boundary]))
+                self._prefixes.move_to_end(digest)
                 cache, reused = found.clone(len(prompt) + 64), boundary
                 break
         if cache is None:

@@ -10,7 +10,6 @@ Disk entries carry a checksum; one that fails it is deleted and reported as a mi
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import struct
 import threading
@@ -249,8 +248,5 @@ def model_fingerprint(model) -> str:
     """Identifies a model by its configuration and a sample of its weights, not by a name."""
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for tensor in (model.embed_tokens, model.lm_head, model.layers[0].k, model.layers[-1].v):
-        sample = tensor.flatten()[:4096].float().cpu()
-        buffer = io.BytesIO()
-        buffer.write(sample.numpy().tobytes())
-        digest.update(buffer.getvalue())
+        digest.update(tensor.flatten()[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

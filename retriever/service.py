@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -219,8 +220,6 @@ class Retriever:
 
     def ingest_documents(self, collection: str, documents: list[SourceDocument]) -> IngestSummary:
         """Documents sent over HTTP: each `source` is replaced as a whole, like a file."""
-        import hashlib
-
         record = self._record(collection)
         started = time.perf_counter()
         summary = IngestSummary(collection)
