@@ -8,22 +8,25 @@ import sqlite3
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..retriever.embedder import EmbedderError
 from ..retriever.loaders import SourceDocument
 from ..retriever.service import CorruptIndexError, RetrievalError
+from ..semcache.policy import LoadMonitor
 from . import __version__
-from .auth import ApiKeyAuth
+from .auth import AdminAuth, ApiKeyAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
 from .backends.upstream import LitellmBackend
 from .chat import ChatService
 from .config import LocalModelConfig, Settings
-from .errors import install_error_handlers
+from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
 from .rag import RagPlanner, as_gateway_error, build_retriever
+from .response_cache import ChatCache, build_semantic_cache
 from .schemas import ChatCompletionRequest, IngestRequest, RetrieveRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -42,11 +45,23 @@ def build_backends(settings: Settings) -> dict[str, ChatBackend]:
     return backends
 
 
+def _default_temperature(settings: Settings):
+    def default(model: str) -> float | None:
+        config = settings.model(model)
+        # A litellm model's default is the provider's; a request that sets none counts as cacheable.
+        return config.sampling_defaults.temperature if isinstance(config, LocalModelConfig) else None
+    return default
+
+
 def create_app(settings: Settings) -> FastAPI:
     backends = build_backends(settings)
+    registry = CollectorRegistry()
+    load = LoadMonitor(settings.semantic_cache.load)
     rag = RagPlanner(None, settings.retrieval.system_prompt)
-    chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models})
+    chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt)
+    chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())
+    admin = AdminAuth(settings.resolved_admin_key())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +76,15 @@ def create_app(settings: Settings) -> FastAPI:
             raise SystemExit(1) from None
         log.info("retrieval ready: %d collections in %s", len(rag.retriever.collections()),
                  settings.retrieval.data_dir)
+        # The semantic cache embeds with the retriever's embedder, so a RAG miss embeds its question once.
+        if settings.semantic_cache.enabled:
+            semantic = build_semantic_cache(settings.semantic_cache, rag.retriever.embedder, registry, load)
+            await semantic.start()
+            chat_cache.cache, chat_cache.embed = semantic, rag.retriever.embedder.embed
+            chat_cache.collection_version = rag.retriever.collection_version
         yield
+        if chat_cache.cache is not None:
+            await chat_cache.cache.close()
         await asyncio.gather(*(backend.close() for backend in backends.values()), return_exceptions=True)
 
     app = FastAPI(title="blendgate", version=__version__, lifespan=lifespan)
@@ -69,8 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest, tenant: str = Depends(auth)):
-        return await chat.handle(request, tenant)
+    async def chat_completions(request: ChatCompletionRequest, raw: Request, tenant: str = Depends(auth)):
+        return await chat.handle(request, tenant, raw.headers)
 
     def model_card(name: str) -> dict:
         backend = backends[name]
@@ -95,6 +118,14 @@ def create_app(settings: Settings) -> FastAPI:
         except RetrievalError as exc:
             raise as_gateway_error(exc) from exc
 
+    async def invalidate_collection(collection: str) -> None:
+        # Answers built on the old documents must go; entries also carry the collection's version in their
+        # key, which covers ingests by the CLI in another process.
+        if chat_cache.cache is not None:
+            removed = await chat_cache.cache.invalidate(collection=collection)
+            if removed:
+                log.info("semantic cache: %d entries of collection %s invalidated", removed, collection)
+
     @app.post("/v1/retrieve")
     async def retrieve(request: RetrieveRequest, _: str = Depends(auth)):
         chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
@@ -110,12 +141,38 @@ def create_app(settings: Settings) -> FastAPI:
     async def ingest_documents(collection: str, request: IngestRequest, _: str = Depends(auth)):
         documents = [SourceDocument(d.source or f"api#{d.id or i}", d.text) for i, d in enumerate(request.documents)]
         summary = await retrieval_call(retriever().ingest_documents, collection, documents)
+        await invalidate_collection(collection)
         return summary.as_dict()
 
     @app.delete("/v1/collections/{collection}")
     async def delete_collection(collection: str, source: str | None = None, _: str = Depends(auth)):
         removed = await retrieval_call(retriever().delete, collection, source)
+        await invalidate_collection(collection)
         return {"collection": collection, "source": source, "deleted": True, "removed_chunks": removed}
+
+    @app.get("/metrics")
+    async def metrics():
+        if chat_cache.cache is not None:
+            chat_cache.cache.effective_policies(list(backends))  # refreshes the policy gauges
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    def semantic_cache():
+        if chat_cache.cache is None:
+            raise GatewayError(503, "the semantic cache is disabled or still loading", code="cache_unavailable")
+        return chat_cache.cache
+
+    @app.get("/admin/api/semantic-cache", dependencies=[Depends(admin)])
+    async def semantic_cache_stats():
+        cache = semantic_cache()
+        return {**cache.stats(), "policy": cache.effective_policies(list(backends))}
+
+    @app.post("/admin/api/semantic-cache/invalidate", dependencies=[Depends(admin)])
+    async def semantic_cache_invalidate(body: dict):
+        allowed = {"entry_id", "collection", "category", "tenant"}
+        if not body or set(body) - allowed or not all(isinstance(v, str) and v for v in body.values()):
+            raise GatewayError(400, f"give one or more of {sorted(allowed)} as non-empty strings",
+                               code="invalid_value")
+        return {"invalidated": await semantic_cache().invalidate(**body)}
 
     @app.get("/healthz")
     async def healthz():
@@ -123,7 +180,12 @@ def create_app(settings: Settings) -> FastAPI:
         states = {m["state"] for m in models.values()}
         status = "ready" if states == {"ready"} else "failed" if "failed" in states else "loading"
         retrieval = {"state": "ready" if rag.retriever is not None else "loading"}
-        return JSONResponse({"status": status, "models": models, "retrieval": retrieval},
+        cache = chat_cache.cache
+        semantic = {"state": "disabled"} if not settings.semantic_cache.enabled else \
+            {"state": "loading"} if cache is None else \
+            {"state": "ready" if cache.available else "degraded", "store": cache.store.kind,
+             "entries": len(cache.index), **({"error": cache.down_reason} if not cache.available else {})}
+        return JSONResponse({"status": status, "models": models, "retrieval": retrieval, "semantic_cache": semantic},
                             status_code=200 if status == "ready" else 503)
 
     return app

@@ -38,3 +38,22 @@ class ApiKeyAuth:
 
     async def __call__(self, request: Request) -> str:
         return self.tenant_for(request.headers.get("authorization"))
+
+
+class AdminAuth:
+    """The operators' key for /admin/api; client keys never open it."""
+
+    def __init__(self, admin_key: str | None) -> None:
+        self._admin_key = admin_key
+
+    def check(self, authorization: str | None) -> None:
+        if self._admin_key is None:
+            raise GatewayError(403, "The admin API is disabled: set admin_key (or admin_key_env) in the "
+                                    "configuration.", code="admin_disabled")
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(self._admin_key.encode(), key.strip().encode()):
+            raise GatewayError(401, "A valid admin key is needed (Authorization: Bearer ADMIN_KEY).",
+                               code="invalid_admin_key")
+
+    async def __call__(self, request: Request) -> None:
+        self.check(request.headers.get("authorization"))

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections import defaultdict
+from typing import Any, AsyncIterator, Mapping
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .backends.base import ChatBackend, ChatChunk, RequestContext
+from ..semcache.cache import LookupResult
+from ..semcache.policy import LoadMonitor
+from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
 from .config import ModelRagConfig
 from .errors import GatewayError
 from .rag import RagPlanner
+from .response_cache import CachePlan, ChatCache
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -23,12 +27,25 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def _replay_pieces(content: str, words_per_piece: int = 4) -> list[str]:
+    """A cached answer cut into small deltas, so a replayed stream looks like a generated one."""
+    words = content.split(" ")
+    return [" ".join(words[i:i + words_per_piece]) + (" " if i + words_per_piece < len(words) else "")
+            for i in range(0, len(words), words_per_piece)]
+
+
 class ChatService:
     def __init__(self, backends: dict[str, ChatBackend], rag: RagPlanner,
-                 model_rag: dict[str, ModelRagConfig | None]) -> None:
+                 model_rag: dict[str, ModelRagConfig | None], cache: ChatCache, load: LoadMonitor) -> None:
         self.backends = backends
         self.rag = rag
         self.model_rag = model_rag
+        self.cache = cache
+        self.load = load
+        # Requests each model is working on (cache misses): the queue depth the load-adaptive policy reads.
+        self.in_flight: dict[str, int] = defaultdict(int)
+        for name in backends:
+            load.watch_queue(name, lambda name=name: self.in_flight[name])
 
     def backend_for(self, model: str) -> ChatBackend:
         backend = self.backends.get(model)
@@ -39,17 +56,55 @@ class ChatService:
         return backend
 
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
-        return {"x-request-id": ctx.request_id, "x-blendgate-backend": ctx.backend or ""}
+        headers = {"x-request-id": ctx.request_id, "x-blendgate-backend": ctx.backend or ""}
+        cache = ctx.semantic_cache
+        if cache is not None:
+            headers["x-blendgate-cache"] = cache["status"]
+            if cache.get("category"):
+                headers["x-blendgate-cache-category"] = cache["category"]
+            if cache["status"] == "hit":
+                headers["x-blendgate-cache-similarity"] = str(cache["similarity"])
+                headers["age"] = str(int(cache["age_s"]))
+        return headers
 
-    async def handle(self, request: ChatCompletionRequest, tenant: str) -> JSONResponse | StreamingResponse:
+    def _collection(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None) -> str | None:
+        if request.documents is not None:
+            return None
+        options = request.rag or model_rag
+        return options.collection if options is not None else None
+
+    async def handle(self, request: ChatCompletionRequest, tenant: str,
+                     headers: Mapping[str, str] | None = None) -> JSONResponse | StreamingResponse:
         backend = self.backend_for(request.model)
         ctx = RequestContext(tenant=tenant)
-        request, ctx.rag = await self.rag.prepare(request, self.model_rag.get(request.model))
+        model_rag = self.model_rag.get(request.model)
+        # The semantic cache comes first: a hit needs no retrieval and no model.
+        plan, ctx.semantic_cache = await self.cache.plan(request, tenant, headers or {},
+                                                         self._collection(request, model_rag))
+        if plan is not None:
+            result = await plan.lookup()
+            ctx.semantic_cache = result.report()
+            if result.status == "hit":
+                return self._replay(request, ctx, result)
+        request, ctx.rag = await self.rag.prepare(request, model_rag,
+                                                  query_vector=plan.vector if plan is not None else None)
+        self.in_flight[request.model] += 1
         if request.stream:
-            return await self._stream(backend, request, ctx)
-        result = await backend.complete(request, ctx)
+            try:
+                return await self._stream(backend, request, ctx, plan)
+            except BaseException:
+                self.in_flight[request.model] -= 1
+                raise
+        try:
+            result = await backend.complete(request, ctx)
+        finally:
+            self.in_flight[request.model] -= 1
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
+        self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
+        if plan is not None:
+            plan.remember(result.message.get("content") or "", result.finish_reason,
+                          ctx.usage.as_dict() if ctx.usage else None)
         body = {
             "id": ctx.request_id,
             "object": "chat.completion",
@@ -63,8 +118,36 @@ class ChatService:
         }
         return JSONResponse(body, headers=self._headers(ctx))
 
+    def _replay(self, request: ChatCompletionRequest, ctx: RequestContext,
+                result: LookupResult) -> JSONResponse | StreamingResponse:
+        """A cached answer in the shape the client asked for: one JSON body, or SSE frames."""
+        entry = result.entry
+        assert entry is not None
+        ctx.backend = "semantic_cache"
+        usage = entry.response.get("usage")
+        ctx.usage = Usage(usage["prompt_tokens"], usage["completion_tokens"]) if isinstance(usage, dict) else None
+        content, finish_reason = entry.response["content"], entry.response.get("finish_reason") or "stop"
+        ctx.mark_first_token()
+        ctx.finished_at = time.perf_counter()
+        if not request.stream:
+            body = {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created, "model": request.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                                 "finish_reason": finish_reason}],
+                    "usage": ctx.usage.as_dict() if ctx.usage else None, "system_fingerprint": None,
+                    "blendgate": ctx.report()}
+            return JSONResponse(body, headers=self._headers(ctx))
+
+        async def chunks() -> AsyncIterator[ChatChunk]:
+            for piece in _replay_pieces(content):
+                yield ChatChunk(delta={"content": piece})
+            yield ChatChunk(delta={}, finish_reason=finish_reason)
+
+        first = ChatChunk(delta={"role": "assistant", "content": ""})
+        return StreamingResponse(self._frames(first, chunks(), request, ctx, None), media_type="text/event-stream",
+                                 headers={**self._headers(ctx), "cache-control": "no-cache"})
+
     async def _stream(self, backend: ChatBackend, request: ChatCompletionRequest,
-                      ctx: RequestContext) -> StreamingResponse:
+                      ctx: RequestContext, plan: CachePlan | None) -> StreamingResponse:
         chunks = backend.stream(request, ctx)
         # Run the backend up to its first chunk before answering, so request errors keep their status code.
         try:
@@ -74,7 +157,7 @@ class ChatService:
         except BaseException:
             await chunks.aclose()
             raise
-        return StreamingResponse(self._frames(first, chunks, request, ctx), media_type="text/event-stream",
+        return StreamingResponse(self._frames(first, chunks, request, ctx, plan), media_type="text/event-stream",
                                  headers={**self._headers(ctx), "cache-control": "no-cache"})
 
     def _chunk_body(self, request: ChatCompletionRequest, ctx: RequestContext, choices: list[dict[str, Any]],
@@ -83,13 +166,23 @@ class ChatService:
                 "model": request.model, "system_fingerprint": None, "choices": choices, **extra}
 
     async def _frames(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
-                      request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[bytes]:
-        """SSE frames; the last data frame carries `blendgate` (and `usage` when the client asked)."""
+                      request: ChatCompletionRequest, ctx: RequestContext,
+                      plan: CachePlan | None) -> AsyncIterator[bytes]:
+        """SSE frames; the last data frame carries `blendgate` (and `usage` when the client asked).
+
+        With a plan, the answer is stored in the semantic cache once the stream completes; a stream that
+        fails or that the client cuts off is never stored. Frames of a replayed hit come with no plan."""
         pending: dict[str, Any] | None = None  # held one frame back so the report can ride on the last one
+        parts: list[str] = []
+        finish_reason: str | None = None
+        replay = ctx.backend == "semantic_cache"
 
         def frame(chunk: ChatChunk) -> dict[str, Any]:
+            nonlocal finish_reason
+            finish_reason = chunk.finish_reason or finish_reason
             if chunk.delta.get("content"):
                 ctx.mark_first_token()
+                parts.append(chunk.delta["content"])
             choice = {"index": 0, "delta": chunk.delta, "logprobs": None, "finish_reason": chunk.finish_reason}
             return self._chunk_body(request, ctx, [choice])
 
@@ -109,7 +202,13 @@ class ChatService:
             return
         finally:
             await chunks.aclose()  # on client disconnect too: stops the generation behind the stream
+            if not replay:
+                self.in_flight[request.model] -= 1
         ctx.finished_at = time.perf_counter()
+        if not replay:
+            self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
+        if plan is not None and finish_reason is not None:
+            plan.remember("".join(parts), finish_reason, ctx.usage.as_dict() if ctx.usage else None)
         if request.include_usage_in_stream():
             if pending is not None:
                 yield _sse(pending)

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from ..semcache.settings import SemanticCacheSettings
+
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 
 
@@ -201,6 +203,10 @@ class Settings(BaseSettings):
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     chunk_cache: ChunkCacheSettings = Field(default_factory=ChunkCacheSettings)
+    semantic_cache: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
+    # The operators' key for /admin/api (separate from client keys); give the key or the variable holding it.
+    admin_key: str | None = Field(None, min_length=8)
+    admin_key_env: str | None = None
     # Requests larger than this are refused with 413 before they are parsed.
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
     # Local engine: requests generating at once (interleaved token by token) and waiting beyond those.
@@ -235,6 +241,19 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _admin_key_source(self) -> "Settings":
+        if self.admin_key is not None and self.admin_key_env is not None:
+            raise ValueError("give admin_key or admin_key_env, not both")
+        if self.admin_key_env is not None and not os.environ.get(self.admin_key_env):
+            raise ValueError(f"admin_key_env: environment variable {self.admin_key_env} is not set or empty")
+        if self.resolved_admin_key() in self.tenants_by_key():
+            raise ValueError("the admin key must differ from every client API key")
+        return self
+
+    def resolved_admin_key(self) -> str | None:
+        return os.environ.get(self.admin_key_env) if self.admin_key_env else self.admin_key
 
     def tenants_by_key(self) -> dict[str, str]:
         return {k.resolved_key(): k.tenant for k in self.api_keys}

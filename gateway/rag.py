@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
@@ -54,8 +56,8 @@ class RagPlanner:
         self.system_prompt = system_prompt
         self.retriever_error = retriever_error
 
-    async def prepare(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None
-                      ) -> tuple[ChatCompletionRequest, dict | None]:
+    async def prepare(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None,
+                      query_vector: np.ndarray | None = None) -> tuple[ChatCompletionRequest, dict | None]:
         """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`."""
         if request.documents is not None:
             prompt = RagPrompt(self.system_prompt, self._inline(request.documents), _question(request))
@@ -65,7 +67,8 @@ class RagPlanner:
             retriever = self.require_retriever()
             question = _question(request)
             try:
-                chunks = await asyncio.to_thread(retriever.search, options.collection, question, options.top_k)
+                chunks = await asyncio.to_thread(retriever.search, options.collection, question, options.top_k,
+                                                query_vector)
             except RetrievalError as exc:
                 raise as_gateway_error(exc) from exc
             prompt = RagPrompt(self.system_prompt, chunks, question)

@@ -83,7 +83,9 @@ class CacheOptions(_Options):
     ttl: float | None = Field(None, gt=0)
     no_cache: bool = Field(False, alias="no-cache")
     no_store: bool = Field(False, alias="no-store")
-    namespace: str | None = None
+    # Accept a cached answer only if it is at most this many seconds old.
+    s_maxage: float | None = Field(None, gt=0, alias="s-maxage")
+    namespace: str | None = Field(None, min_length=1)
 
 
 class ChatCompletionRequest(BaseModel):

@@ -271,9 +271,12 @@ class Retriever:
             self._save(record.name, loaded)
 
     # -- queries ----------------------------------------------------------------------------------
-    def search(self, collection: str, query: str, top_k: int) -> list[RetrievedChunk]:
+    def search(self, collection: str, query: str, top_k: int, query_vector: np.ndarray | None = None
+               ) -> list[RetrievedChunk]:
+        """The top_k chunks nearest the query; pass query_vector when the query was embedded already (by
+        this retriever's embedder, as the semantic cache does)."""
         loaded = self._current(collection)
-        vector = self.embedder.embed([query])[0]
+        vector = query_vector if query_vector is not None else self.embedder.embed([query])[0]
         # Ask for a few more than needed: identical texts from different sources collapse into one result.
         with self._lock:
             hits = loaded.index.search(vector, top_k * 2)

@@ -1,0 +1,1 @@
+"""Category-aware semantic cache: answers paraphrases of earlier questions without the model."""

@@ -1,0 +1,386 @@
+"""The semantic cache: classify, search the tenant's partition, serve fresh matching entries, store answers.
+
+Search is in memory (HNSW per tenant and category); answers live in the entry store. The index is
+rebuilt from the store at start-up and kept in step with other replicas by polling the store's change
+stream. When the store fails or times out, the cache steps aside (lookups bypass, nothing is written)
+and a background task brings it back, rebuilding the index, once the store answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .categories import CategoryClassifier, Classification
+from .entries import CacheEntry, CorruptEntry
+from .index import IndexedEntry, PartitionedIndex
+from .metrics import SemanticCacheMetrics
+from .policy import EffectivePolicy, LoadMonitor, effective_policy
+from .settings import SemanticCacheSettings
+from .stores import EntryStore, StoreUnavailable
+
+log = logging.getLogger("blendgate.semcache")
+
+SYNC_INTERVAL_S = 0.5  # how often a replica polls the change stream
+SWEEP_INTERVAL_S = 5.0  # how often expired entries leave the in-memory index
+
+
+@dataclass
+class CacheQuery:
+    """One request as the cache sees it. `context` digests everything besides the question that changes
+    the answer (model, documents and their version, history, sampling); only equal contexts match."""
+
+    tenant: str
+    model: str
+    text: str
+    context: str
+    collection: str | None = None
+    no_cache: bool = False
+    no_store: bool = False
+    ttl_s: float | None = None
+    max_age_s: float | None = None
+
+
+@dataclass
+class LookupResult:
+    status: str  # "hit", "miss" or "bypass"
+    category: str | None = None
+    reason: str | None = None
+    similarity: float | None = None
+    policy: EffectivePolicy | None = None
+    classification: Classification | None = None
+    entry: CacheEntry | None = None
+    lookup_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"status": self.status, "category": self.category,
+                                  "lookup_ms": round(self.lookup_ms, 3)}
+        if self.reason:
+            report["reason"] = self.reason
+        if self.policy is not None:
+            report["threshold"] = round(self.policy.threshold, 4)
+        if self.similarity is not None:
+            report["similarity"] = round(self.similarity, 4)
+        if self.entry is not None:
+            report["entry_id"] = self.entry.entry_id
+            report["age_s"] = round(time.time() - self.entry.created_at, 1)
+        return report
+
+
+class SemanticCache:
+    def __init__(self, settings: SemanticCacheSettings, store: EntryStore, dimension: int,
+                 embed: Callable[[list[str]], np.ndarray], metrics: SemanticCacheMetrics,
+                 load: LoadMonitor | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.dimension = dimension
+        self.metrics = metrics
+        self.load = load or LoadMonitor(settings.load)
+        self.classifier = CategoryClassifier(settings.categories, embed, settings.default_category)
+        self.policies = {c.name: c for c in settings.categories}
+        self.index = PartitionedIndex(dimension, settings.hnsw)
+        self.available = False
+        self.down_reason: str | None = None
+        self._cursor: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._recovering: asyncio.Task | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            purged = await self.store.purge_other_namespaces()
+            if purged:
+                log.warning("semantic cache: dropped %d entries made with another embedder", purged)
+            await self._rebuild()
+        except StoreUnavailable as exc:
+            self._mark_down("start", exc)
+        self._tasks = [asyncio.create_task(self._sync_loop(), name="semcache sync"),
+                       asyncio.create_task(self._sweep_loop(), name="semcache sweep")]
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self._background, *([self._recovering] if self._recovering else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        await self.store.close()
+
+    async def _rebuild(self) -> None:
+        """Index every live entry of the store (start-up, recovery, or a replica that fell behind)."""
+        started = time.perf_counter()
+        self._cursor = (await self.store.changes(None))[0]  # changes after this point are replayed by sync
+        self.index.clear()
+        self.metrics.entries.clear()
+        corrupt: list[str] = []
+        now = time.time()
+        async for entry_id, fields in self.store.scan():
+            try:
+                entry = CacheEntry.from_fields(fields, self.dimension)
+            except CorruptEntry as exc:
+                log.warning("semantic cache: dropping corrupt entry %s (%s)", entry_id, exc)
+                corrupt.append(entry_id)
+                continue
+            if not entry.expired(now) and entry.category in self.policies:
+                self._index(entry)
+        if corrupt:
+            await self.store.delete(corrupt)
+            self.metrics.evictions.labels("unknown", "corrupt").inc(len(corrupt))
+        self.available, self.down_reason = True, None
+        self.metrics.store_up.set(1)
+        log.info("semantic cache: %d entries indexed from the %s store in %.2f s", len(self.index), self.store.kind,
+                 time.perf_counter() - started)
+
+    # -- faults -----------------------------------------------------------------------------------------
+    def _mark_down(self, operation: str, exc: StoreUnavailable) -> None:
+        self.metrics.store_errors.labels(operation).inc()
+        if self.available or self.down_reason is None:
+            log.warning("semantic cache: %s store unavailable during %s (%s); serving without the cache until it "
+                        "returns", self.store.kind, operation, exc)
+        self.available, self.down_reason = False, str(exc)
+        self.metrics.store_up.set(0)
+        if self._recovering is None or self._recovering.done():
+            self._recovering = asyncio.create_task(self._recover(), name="semcache recover")
+
+    async def _recover(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.redis_retry_s)
+            try:
+                await self.store.ping()
+                await self._rebuild()
+            except StoreUnavailable as exc:
+                self.down_reason = str(exc)
+                continue
+            log.info("semantic cache: %s store is back; cache resumed", self.store.kind)
+            return
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- index bookkeeping ------------------------------------------------------------------------------
+    def _index(self, entry: CacheEntry) -> None:
+        meta = IndexedEntry(entry.entry_id, entry.context, entry.collection, entry.created_at, entry.expires_at,
+                            entry.hits, entry.last_hit_at)
+        self.index.add(entry.tenant, entry.category, meta, entry.embedding)
+        self._count(entry.tenant, entry.category)
+
+    def _unindex(self, entry_id: str, reason: str | None = None) -> None:
+        removed = self.index.remove(entry_id)
+        if removed is not None:
+            tenant, category, _ = removed
+            self._count(tenant, category)
+            if reason:
+                self.metrics.evictions.labels(category, reason).inc()
+
+    def _count(self, tenant: str, category: str) -> None:
+        partition = self.index.partition(tenant, category)
+        self.metrics.entries.labels(category, tenant).set(len(partition) if partition else 0)
+
+    async def _drop(self, entry_ids: list[str], reason: str) -> None:
+        """Remove entries from the index now and from the store when it answers."""
+        for entry_id in entry_ids:
+            self._unindex(entry_id, reason)
+        try:
+            await self.store.delete(entry_ids)
+        except StoreUnavailable as exc:
+            self._mark_down("delete", exc)
+
+    # -- policy -----------------------------------------------------------------------------------------
+    def policy_for(self, model: str, category: str) -> EffectivePolicy:
+        level = self.load.level(model)
+        policy = effective_policy(self.policies[category], level)
+        self.metrics.load_level.labels(model).set(level)
+        self.metrics.threshold.labels(model, category).set(policy.threshold)
+        self.metrics.ttl.labels(model, category).set(policy.ttl_s)
+        return policy
+
+    def effective_policies(self, models: list[str]) -> dict[str, Any]:
+        """What operators see: per model, its load signals and each category's values in force."""
+        return {model: {"load": {**self.load.signals(model), "level": round(self.load.level(model), 3)},
+                        "categories": [self.policy_for(model, name).as_dict() for name in self.policies]}
+                for model in models}
+
+    def classify(self, text: str, vector: np.ndarray) -> Classification:
+        return self.classifier.classify(text, vector)
+
+    # -- request path -----------------------------------------------------------------------------------
+    async def lookup(self, query: CacheQuery, vector: np.ndarray) -> LookupResult:
+        started = time.perf_counter()
+        result = await self._lookup(query, vector)
+        result.lookup_ms = (time.perf_counter() - started) * 1000
+        category = result.category or "none"
+        self.metrics.lookups.labels(category, query.tenant, result.status).inc()
+        self.metrics.lookup_seconds.labels(result.status).observe(result.lookup_ms / 1000)
+        return result
+
+    async def _lookup(self, query: CacheQuery, vector: np.ndarray) -> LookupResult:
+        classification = self.classify(query.text, vector)
+        policy = self.policy_for(query.model, classification.category)
+        result = LookupResult("bypass", classification.category, policy=policy, classification=classification)
+        if not policy.cached:
+            result.reason = "category_not_cached"
+            return result
+        if query.no_cache:
+            result.reason = "no-cache"
+            return result
+        if not self.available:
+            result.reason = "store_unavailable"
+            return result
+        partition = self.index.partition(query.tenant, classification.category)
+        result.status = "miss"
+        if partition is None:
+            return result
+        now = time.time()
+        for meta, similarity in partition.search(vector, self.settings.candidates):
+            if result.similarity is None:
+                result.similarity = similarity  # the nearest, reported on misses too
+            if similarity < policy.threshold:
+                break  # candidates come most similar first
+            if meta.context != query.context:
+                continue
+            if meta.expires_at <= now:
+                self._unindex(meta.entry_id, "expired")
+                continue
+            if query.max_age_s is not None and now - meta.created_at > query.max_age_s:
+                continue
+            entry = await self._fetch(meta.entry_id, query)
+            if entry is None:
+                if not self.available:
+                    result.status, result.reason = "bypass", "store_unavailable"
+                    return result
+                continue
+            meta.hits += 1
+            meta.last_hit_at = now
+            self._spawn(self._record_hit(entry.entry_id, now))
+            result.status, result.entry, result.similarity = "hit", entry, similarity
+            return result
+        return result
+
+    async def _fetch(self, entry_id: str, query: CacheQuery) -> CacheEntry | None:
+        """The entry if it is still there, intact, fresh and the caller's; otherwise None (and cleaned up)."""
+        try:
+            fields = await self.store.get(entry_id)
+        except StoreUnavailable as exc:
+            self._mark_down("get", exc)
+            return None
+        if fields is None:  # expired or deleted in the store
+            self._unindex(entry_id, "expired")
+            return None
+        try:
+            entry = CacheEntry.from_fields(fields, self.dimension)
+        except CorruptEntry as exc:
+            log.warning("semantic cache: dropping corrupt entry %s (%s)", entry_id, exc)
+            self._spawn(self._drop([entry_id], "corrupt"))
+            return None
+        if entry.tenant != query.tenant or entry.context != query.context or entry.expired():
+            return None  # never another tenant's answer, whatever the index says
+        return entry
+
+    async def _record_hit(self, entry_id: str, now: float) -> None:
+        try:
+            await self.store.record_hit(entry_id, now)
+        except StoreUnavailable as exc:
+            self._mark_down("record_hit", exc)
+
+    async def put(self, query: CacheQuery, vector: np.ndarray, category: str, response: dict[str, Any]) -> str | None:
+        """Store an answer; returns the entry id, or None when policy, controls or the store say no."""
+        policy = self.policy_for(query.model, category)
+        if not policy.cached or query.no_store or not self.available:
+            return None
+        entry = CacheEntry(tenant=query.tenant, category=category, context=query.context, model=query.model,
+                           query=query.text, response=response, embedding=np.asarray(vector, dtype=np.float32),
+                           ttl_s=query.ttl_s or policy.ttl_s, collection=query.collection)
+        try:
+            await self.store.put(entry.entry_id, entry.to_fields(), entry.ttl_s)
+        except StoreUnavailable as exc:
+            self._mark_down("put", exc)
+            return None
+        self._index(entry)
+        self.metrics.stores.labels(category, query.tenant).inc()
+        await self._enforce_quota(query.tenant, category)
+        return entry.entry_id
+
+    async def _enforce_quota(self, tenant: str, category: str) -> None:
+        quota = self.policies[category].quota
+        partition = self.index.partition(tenant, category)
+        if partition is None or len(partition) <= quota:
+            return
+        # Evict 1% below the quota at once, so a full category does not pay for a victim search per insert.
+        count = len(partition) - quota + quota // 100
+        victims = partition.victims(count, self.policies[category].eviction)
+        await self._drop([v.entry_id for v in victims], "quota")
+
+    # -- invalidation -------------------------------------------------------------------------------------
+    async def invalidate(self, *, entry_id: str | None = None, collection: str | None = None,
+                         category: str | None = None, tenant: str | None = None) -> int:
+        """Drop matching entries (all given conditions must hold); returns how many went."""
+        doomed = []
+        for (part_tenant, part_category), partition in self.index.partitions.items():
+            if tenant is not None and part_tenant != tenant or category is not None and part_category != category:
+                continue
+            for meta in partition.entries.values():
+                if entry_id is not None and meta.entry_id != entry_id:
+                    continue
+                if collection is not None and meta.collection != collection:
+                    continue
+                doomed.append(meta.entry_id)
+        if doomed:
+            await self._drop(doomed, "invalidated")
+        return len(doomed)
+
+    # -- background -----------------------------------------------------------------------------------------
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            if not self.available:
+                continue
+            try:
+                await self._sync_once()
+            except StoreUnavailable as exc:
+                self._mark_down("sync", exc)
+
+    async def _sync_once(self) -> None:
+        cursor, changes, fell_behind = await self.store.changes(self._cursor)
+        if fell_behind:
+            log.warning("semantic cache: missed changes from other replicas; rebuilding the index")
+            await self._rebuild()
+            return
+        self._cursor = cursor
+        for op, entry_id in changes:
+            if op == "del":
+                self._unindex(entry_id)
+            elif op == "put" and self.index.get(entry_id) is None:
+                fields = await self.store.get(entry_id)
+                if fields is None:
+                    continue
+                try:
+                    entry = CacheEntry.from_fields(fields, self.dimension)
+                except CorruptEntry:
+                    continue  # the lookup that finds it drops it
+                if entry.category in self.policies and not entry.expired():
+                    self._index(entry)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.sweep()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Take expired entries out of the index (the store expires its own copies)."""
+        now = now if now is not None else time.time()
+        expired = [meta.entry_id for partition in list(self.index.partitions.values())
+                   for meta in partition.expired(now)]
+        for entry_id in expired:
+            self._unindex(entry_id, "expired")
+        return len(expired)
+
+    def stats(self) -> dict[str, Any]:
+        return {"store": self.store.kind, "available": self.available, "down_reason": self.down_reason,
+                "entries": len(self.index),
+                "partitions": [{"tenant": t, "category": c, "entries": n} for (t, c), n in self.index.counts().items()]}

@@ -1,0 +1,141 @@
+"""In-memory HNSW search over cached questions, one index per (tenant, category).
+
+Only what a lookup needs to decide lives here (entry id, context digest, freshness, hit counts); the
+answers stay in the entry store. Deleted entries are tombstoned in hnswlib and their slots reused.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import hnswlib
+import numpy as np
+
+from .settings import HnswSettings
+
+
+@dataclass
+class IndexedEntry:
+    entry_id: str
+    context: str
+    collection: str | None
+    created_at: float
+    expires_at: float
+    hits: int = 0
+    last_hit_at: float = 0.0
+
+    def recency(self) -> float:
+        return max(self.last_hit_at, self.created_at)
+
+
+class Partition:
+    """One tenant's entries of one category."""
+
+    def __init__(self, dimension: int, hnsw: HnswSettings, capacity: int = 256) -> None:
+        self.hnsw = hnsw
+        self.index = hnswlib.Index(space="ip", dim=dimension)
+        self.index.init_index(max_elements=capacity, ef_construction=hnsw.ef_construction, M=hnsw.m,
+                              allow_replace_deleted=True)
+        self.index.set_ef(hnsw.ef_search)
+        self.entries: dict[int, IndexedEntry] = {}
+        self.labels: dict[str, int] = {}
+        self._next_label = 0
+        self._deleted = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: IndexedEntry, vector: np.ndarray) -> None:
+        if entry.entry_id in self.labels:
+            return  # already indexed (our own change coming back from the shared store)
+        if self._deleted == 0 and self.index.get_current_count() >= self.index.get_max_elements():
+            self.index.resize_index(max(256, 2 * self.index.get_max_elements()))
+        label = self._next_label
+        self._next_label += 1
+        self.index.add_items(vector.reshape(1, -1), np.array([label]), replace_deleted=self._deleted > 0)
+        if self._deleted > 0:
+            self._deleted -= 1
+        self.entries[label] = entry
+        self.labels[entry.entry_id] = label
+
+    def remove(self, entry_id: str) -> IndexedEntry | None:
+        label = self.labels.pop(entry_id, None)
+        if label is None:
+            return None
+        self.index.mark_deleted(label)
+        self._deleted += 1
+        return self.entries.pop(label)
+
+    def get(self, entry_id: str) -> IndexedEntry | None:
+        label = self.labels.get(entry_id)
+        return None if label is None else self.entries.get(label)
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[IndexedEntry, float]]:
+        """Nearest entries, most similar first, with cosine similarity (vectors are unit length)."""
+        k = min(k, len(self.entries))
+        while k > 0:
+            try:
+                labels, distances = self.index.knn_query(vector.reshape(1, -1), k=k)
+                break
+            except RuntimeError:
+                k //= 2  # hnswlib can find fewer than k live neighbours when many are tombstoned
+        else:
+            return []
+        # hnswlib's "ip" distance is 1 - inner product.
+        return [(self.entries[int(label)], 1.0 - float(distance))
+                for label, distance in zip(labels[0], distances[0]) if int(label) in self.entries]
+
+    def victims(self, count: int, eviction: str) -> list[IndexedEntry]:
+        """The `count` entries the category's policy gives up first."""
+        if eviction == "lfu":
+            return heapq.nsmallest(count, self.entries.values(), key=lambda e: (e.hits, e.recency()))
+        return heapq.nsmallest(count, self.entries.values(), key=IndexedEntry.recency)
+
+    def expired(self, now: float) -> list[IndexedEntry]:
+        return [e for e in self.entries.values() if e.expires_at <= now]
+
+
+class PartitionedIndex:
+    """All partitions; a tenant's lookups only ever reach that tenant's partitions."""
+
+    def __init__(self, dimension: int, hnsw: HnswSettings) -> None:
+        self.dimension = dimension
+        self.hnsw = hnsw
+        self.partitions: dict[tuple[str, str], Partition] = {}
+        self._where: dict[str, tuple[str, str]] = {}  # entry id -> its partition
+
+    def partition(self, tenant: str, category: str, create: bool = False) -> Partition | None:
+        key = (tenant, category)
+        found = self.partitions.get(key)
+        if found is None and create:
+            found = self.partitions[key] = Partition(self.dimension, self.hnsw)
+        return found
+
+    def add(self, tenant: str, category: str, entry: IndexedEntry, vector: np.ndarray) -> None:
+        self.partition(tenant, category, create=True).add(entry, vector)
+        self._where[entry.entry_id] = (tenant, category)
+
+    def remove(self, entry_id: str) -> tuple[str, str, IndexedEntry] | None:
+        key = self._where.pop(entry_id, None)
+        if key is None:
+            return None
+        removed = self.partitions[key].remove(entry_id)
+        return None if removed is None else (key[0], key[1], removed)
+
+    def locate(self, entry_id: str) -> tuple[str, str] | None:
+        return self._where.get(entry_id)
+
+    def get(self, entry_id: str) -> IndexedEntry | None:
+        key = self._where.get(entry_id)
+        return None if key is None else self.partitions[key].get(entry_id)
+
+    def clear(self) -> None:
+        self.partitions.clear()
+        self._where.clear()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return {key: len(p) for key, p in self.partitions.items()}

@@ -1,0 +1,31 @@
+"""Prometheus series of the semantic cache, registered on the registry the gateway exposes at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class SemanticCacheMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookups = Counter("blendgate_semantic_cache_lookups", "Semantic cache lookups by result "
+                               "(hit, miss, bypass)", ["category", "tenant", "result"], registry=registry)
+        self.stores = Counter("blendgate_semantic_cache_stores", "Answers written to the semantic cache",
+                              ["category", "tenant"], registry=registry)
+        self.evictions = Counter("blendgate_semantic_cache_evictions", "Entries removed, by reason "
+                                 "(quota, expired, invalidated, corrupt)", ["category", "reason"], registry=registry)
+        self.store_errors = Counter("blendgate_semantic_cache_store_errors", "Entry store calls that failed or "
+                                    "timed out", ["operation"], registry=registry)
+        self.store_up = Gauge("blendgate_semantic_cache_store_up", "1 while the entry store (Redis or embedded) "
+                              "answers, 0 while the cache is bypassed", registry=registry)
+        self.entries = Gauge("blendgate_semantic_cache_entries", "Entries in the in-memory index",
+                             ["category", "tenant"], registry=registry)
+        self.threshold = Gauge("blendgate_semantic_cache_effective_threshold", "Similarity threshold in force",
+                               ["model", "category"], registry=registry)
+        self.ttl = Gauge("blendgate_semantic_cache_effective_ttl_seconds", "TTL given to new entries now",
+                         ["model", "category"], registry=registry)
+        self.load_level = Gauge("blendgate_model_load_level", "0 = below the load marks, 1 = full load",
+                                ["model"], registry=registry)
+        self.lookup_seconds = Histogram(
+            "blendgate_semantic_cache_lookup_seconds", "Classification, index search and, on a hit, the entry "
+            "fetch (the query embedding is not included)", ["result"], registry=registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))

@@ -1,0 +1,66 @@
+"""Load-adaptive policy: how loaded each model is, and the threshold and TTL in force at that load.
+
+Plain Python with no I/O, so the arithmetic is testable on its own. Load is measured per model, because
+loosening the cache only helps the model that is overloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .settings import CategoryPolicy, LoadSettings
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    category: str
+    cached: bool
+    threshold: float
+    ttl_s: float
+    load_level: float
+
+    def as_dict(self) -> dict:
+        return {"category": self.category, "cached": self.cached, "threshold": round(self.threshold, 4),
+                "ttl_s": round(self.ttl_s, 1), "load_level": round(self.load_level, 3)}
+
+
+def effective_policy(policy: CategoryPolicy, level: float) -> EffectivePolicy:
+    """At level 0 the configured values; at 1 the *_under_load bounds; linear in between."""
+    level = min(max(level, 0.0), 1.0)
+    low = policy.threshold_under_load if policy.threshold_under_load is not None else policy.threshold
+    high_ttl = policy.ttl_under_load_s if policy.ttl_under_load_s is not None else policy.ttl_s
+    return EffectivePolicy(policy.name, policy.cached, policy.threshold - level * (policy.threshold - low),
+                           policy.ttl_s + level * (high_ttl - policy.ttl_s), level)
+
+
+class LoadMonitor:
+    """Queue depth (read from the backend when asked) and a moving average of recent request latency."""
+
+    def __init__(self, settings: LoadSettings) -> None:
+        self.settings = settings
+        self._queue_depth: dict[str, Callable[[], int]] = {}
+        self._latency_ms: dict[str, float] = {}
+
+    def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
+        self._queue_depth[model] = depth
+
+    def observe_latency(self, model: str, latency_ms: float) -> None:
+        """Latency of a request the model answered (cache hits are not the model's latency)."""
+        previous = self._latency_ms.get(model)
+        alpha = self.settings.latency_smoothing
+        self._latency_ms[model] = latency_ms if previous is None else (1 - alpha) * previous + alpha * latency_ms
+
+    def signals(self, model: str) -> dict[str, float]:
+        depth = self._queue_depth.get(model)
+        return {"queue_depth": float(depth()) if depth else 0.0, "latency_ms": self._latency_ms.get(model, 0.0)}
+
+    def level(self, model: str) -> float:
+        """0 below both marks, rising to 1 at twice the higher of the two ratios' marks."""
+        signals = self.signals(model)
+        ratio = max(signals["queue_depth"] / self.settings.queue_depth_mark,
+                    signals["latency_ms"] / self.settings.latency_mark_ms)
+        return min(max(ratio - 1.0, 0.0), 1.0)
+
+    def models(self) -> list[str]:
+        return sorted(set(self._queue_depth) | set(self._latency_ms))

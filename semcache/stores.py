@@ -1,0 +1,210 @@
+"""Where cached answers live: Redis (shared by replicas, with TTLs) or an embedded in-process store.
+
+Both speak the same small async interface. Changes are also appended to a Redis stream, which every
+replica polls (`changes`) to keep its in-memory index in step with the others.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from typing import Any, AsyncIterator, Mapping
+
+Fields = Mapping[Any, Any]
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time or at all; the request goes on without the cache."""
+
+
+class EntryStore(abc.ABC):
+    kind: str
+
+    @abc.abstractmethod
+    async def ping(self) -> None: ...
+
+    @abc.abstractmethod
+    async def put(self, entry_id: str, fields: dict[str, Any], ttl_s: float) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, entry_id: str) -> Fields | None: ...
+
+    @abc.abstractmethod
+    async def record_hit(self, entry_id: str, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def delete(self, entry_ids: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def scan(self) -> AsyncIterator[tuple[str, Fields]]:
+        """Every live entry, for rebuilding the index."""
+
+    async def changes(self, cursor: str | None) -> tuple[str | None, list[tuple[str, str]], bool]:
+        """(new cursor, [(op, entry id)], whether the cursor fell behind and a full rebuild is needed)."""
+        return cursor, [], False
+
+    async def purge_other_namespaces(self) -> int:
+        """Delete entries written under another embedder; returns how many keys went."""
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryStore(EntryStore):
+    """The embedded store: one process, entries gone when it stops."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[dict[str, Any], float]] = {}
+
+    async def ping(self) -> None:
+        return None
+
+    async def put(self, entry_id: str, fields: dict[str, Any], ttl_s: float) -> None:
+        self._entries[entry_id] = (dict(fields), time.time() + ttl_s)
+
+    async def get(self, entry_id: str) -> Fields | None:
+        found = self._entries.get(entry_id)
+        if found is None:
+            return None
+        if found[1] <= time.time():
+            del self._entries[entry_id]
+            return None
+        return found[0]
+
+    async def record_hit(self, entry_id: str, now: float) -> None:
+        found = self._entries.get(entry_id)
+        if found is not None:
+            found[0]["hits"] = str(int(found[0]["hits"]) + 1)
+            found[0]["last_hit_at"] = repr(now)
+
+    async def delete(self, entry_ids: list[str]) -> None:
+        for entry_id in entry_ids:
+            self._entries.pop(entry_id, None)
+
+    async def scan(self) -> AsyncIterator[tuple[str, Fields]]:
+        now = time.time()
+        for entry_id, (fields, expires_at) in list(self._entries.items()):
+            if expires_at > now:
+                yield entry_id, fields
+
+
+class RedisStore(EntryStore):
+    """Entries as Redis hashes with EXPIRE; a capped stream of changes for the other replicas."""
+
+    kind = "redis"
+    STREAM_LENGTH = 100_000
+
+    def __init__(self, url: str, prefix: str, namespace: str, timeout_s: float) -> None:
+        import redis.asyncio as redis
+
+        self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self.prefix = prefix
+        self.namespace = f"{prefix}:{namespace}"
+        self.timeout_s = timeout_s
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry_on_timeout=False)
+        self.url = url
+
+    def _key(self, entry_id: str) -> str:
+        return f"{self.namespace}:entry:{entry_id}"
+
+    @property
+    def _stream(self) -> str:
+        return f"{self.namespace}:changes"
+
+    async def _call(self, operation, timeout_s: float | None = None):
+        # Bound the whole call, reconnects included: a slow Redis must not hold a request up.
+        try:
+            return await asyncio.wait_for(operation, timeout=timeout_s or self.timeout_s * 2)
+        except self._errors as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+
+    async def ping(self) -> None:
+        await self._call(self.client.ping())
+
+    async def put(self, entry_id: str, fields: dict[str, Any], ttl_s: float) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self._key(entry_id), mapping=fields)
+        pipe.pexpire(self._key(entry_id), max(1, int(ttl_s * 1000)))
+        pipe.xadd(self._stream, {"op": "put", "id": entry_id}, maxlen=self.STREAM_LENGTH, approximate=True)
+        await self._call(pipe.execute())
+
+    async def get(self, entry_id: str) -> Fields | None:
+        fields = await self._call(self.client.hgetall(self._key(entry_id)))
+        return fields or None
+
+    async def record_hit(self, entry_id: str, now: float) -> None:
+        key = self._key(entry_id)
+        # Only touch a hash that still exists: HSET on an expired key would resurrect it without a TTL.
+        await self._call(self.client.eval(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'hits', 1);"
+            " redis.call('HSET', KEYS[1], 'last_hit_at', ARGV[1]) end return 0", 1, key, repr(now)))
+
+    async def delete(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.unlink(*(self._key(e) for e in entry_ids))
+        for entry_id in entry_ids:
+            pipe.xadd(self._stream, {"op": "del", "id": entry_id}, maxlen=self.STREAM_LENGTH, approximate=True)
+        await self._call(pipe.execute())
+
+    async def scan(self) -> AsyncIterator[tuple[str, Fields]]:
+        marker = f"{self.namespace}:entry:"
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(self.client.scan(cursor, match=f"{marker}*", count=1000))
+            if keys:
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hgetall(key)
+                values = await self._call(pipe.execute(), timeout_s=max(5.0, self.timeout_s * 10))
+                for key, fields in zip(keys, values):
+                    if fields:
+                        yield key.decode()[len(marker):], fields
+            if cursor == 0:
+                return
+
+    async def changes(self, cursor: str | None) -> tuple[str | None, list[tuple[str, str]], bool]:
+        if cursor is None:
+            # Start from the newest change: the scan that precedes the first poll covers what came before.
+            last = await self._call(self.client.xrevrange(self._stream, count=1))
+            return (last[0][0].decode() if last else "0-0"), [], False
+        oldest = await self._call(self.client.xrange(self._stream, count=1))
+        if cursor != "0-0" and oldest and _stream_id(oldest[0][0].decode()) > _stream_id(cursor):
+            # Changes past our cursor were trimmed away: some are lost, so rebuild from a scan.
+            newest = await self._call(self.client.xrevrange(self._stream, count=1))
+            return newest[0][0].decode(), [], True
+        read = await self._call(self.client.xread({self._stream: cursor}, count=10_000))
+        changes, new_cursor = [], cursor
+        for _, messages in read or []:
+            for message_id, data in messages:
+                new_cursor = message_id.decode()
+                changes.append((data[b"op"].decode(), data[b"id"].decode()))
+        return new_cursor, changes, False
+
+    async def purge_other_namespaces(self) -> int:
+        removed, cursor = 0, 0
+        while True:
+            cursor, keys = await self._call(self.client.scan(cursor, match=f"{self.prefix}:*", count=1000),
+                                            timeout_s=max(5.0, self.timeout_s * 10))
+            stale = [k for k in keys if not k.decode().startswith(self.namespace + ":")]
+            if stale:
+                removed += await self._call(self.client.unlink(*stale))
+            if cursor == 0:
+                return removed
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except self._errors:
+            pass
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    millis, _, sequence = value.partition("-")
+    return int(millis), int(sequence or 0)
