@@ -118,6 +118,7 @@ class SemanticCache:
         self.metrics.entries.clear()
         corrupt: list[str] = []
         now = time.time()
+        batches: dict[tuple[str, str], list[CacheEntry]] = {}
         async for entry_id, fields in self.store.scan():
             try:
                 entry = CacheEntry.from_fields(fields, self.dimension)
@@ -126,7 +127,11 @@ class SemanticCache:
                 corrupt.append(entry_id)
                 continue
             if not entry.expired(now) and entry.category in self.policies:
-                self._index(entry)
+                batches.setdefault((entry.tenant, entry.category), []).append(entry)
+        for (tenant, category), entries in batches.items():
+            self.index.add_many(tenant, category, [_indexed(e) for e in entries],
+                                np.stack([e.embedding for e in entries]))
+            self._count(tenant, category)
         if corrupt:
             await self.store.delete(corrupt)
             self.metrics.evictions.labels("unknown", "corrupt").inc(len(corrupt))
@@ -165,9 +170,7 @@ class SemanticCache:
 
     # -- index bookkeeping ------------------------------------------------------------------------------
     def _index(self, entry: CacheEntry) -> None:
-        meta = IndexedEntry(entry.entry_id, entry.context, entry.collection, entry.created_at, entry.expires_at,
-                            entry.hits, entry.last_hit_at)
-        self.index.add(entry.tenant, entry.category, meta, entry.embedding)
+        self.index.add(entry.tenant, entry.category, _indexed(entry), entry.embedding)
         self._count(entry.tenant, entry.category)
 
     def _unindex(self, entry_id: str, reason: str | None = None) -> None:
@@ -384,3 +387,8 @@ class SemanticCache:
         return {"store": self.store.kind, "available": self.available, "down_reason": self.down_reason,
                 "entries": len(self.index),
                 "partitions": [{"tenant": t, "category": c, "entries": n} for (t, c), n in self.index.counts().items()]}
+
+
+def _indexed(entry: CacheEntry) -> IndexedEntry:
+    return IndexedEntry(entry.entry_id, entry.context, entry.collection, entry.created_at, entry.expires_at,
+                        entry.hits, entry.last_hit_at)

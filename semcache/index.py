@@ -59,6 +59,21 @@ class Partition:
         self.entries[label] = entry
         self.labels[entry.entry_id] = label
 
+    def add_many(self, entries: list[IndexedEntry], vectors: np.ndarray) -> None:
+        """Bulk insert (rebuilds, benchmarks): one hnswlib call on all cores instead of one per entry."""
+        keep = [i for i, e in enumerate(entries) if e.entry_id not in self.labels]
+        if not keep:
+            return
+        needed = self.index.get_current_count() + len(keep)
+        if needed > self.index.get_max_elements():
+            self.index.resize_index(max(needed, 2 * self.index.get_max_elements()))
+        labels = np.arange(self._next_label, self._next_label + len(keep))
+        self._next_label += len(keep)
+        self.index.add_items(np.ascontiguousarray(vectors[keep], dtype=np.float32), labels, num_threads=-1)
+        for label, i in zip(labels, keep):
+            self.entries[int(label)] = entries[i]
+            self.labels[entries[i].entry_id] = int(label)
+
     def remove(self, entry_id: str) -> IndexedEntry | None:
         label = self.labels.pop(entry_id, None)
         if label is None:
@@ -115,6 +130,11 @@ class PartitionedIndex:
     def add(self, tenant: str, category: str, entry: IndexedEntry, vector: np.ndarray) -> None:
         self.partition(tenant, category, create=True).add(entry, vector)
         self._where[entry.entry_id] = (tenant, category)
+
+    def add_many(self, tenant: str, category: str, entries: list[IndexedEntry], vectors: np.ndarray) -> None:
+        self.partition(tenant, category, create=True).add_many(entries, vectors)
+        for entry in entries:
+            self._where[entry.entry_id] = (tenant, category)
 
     def remove(self, entry_id: str) -> tuple[str, str, IndexedEntry] | None:
         key = self._where.pop(entry_id, None)
