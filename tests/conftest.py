@@ -27,8 +27,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def upstream(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     """A plain blendgate with the embedded model: the 'remote provider' for litellm routes."""
-    process = GatewayProcess("upstream", {"retrieval": {"data_dir": str(workdir / "upstream-collections")}},
-                             workdir, model_cache_dir).start()
+    # The semantic cache has tests of its own (test_semantic_cache_api.py); here it would answer repeated
+    # questions without the model that the tests exercise.
+    config = {"retrieval": {"data_dir": str(workdir / "upstream-collections")}, "semantic_cache": {"enabled": False}}
+    process = GatewayProcess("upstream", config, workdir, model_cache_dir).start()
     yield process
     process.stop()
 
@@ -49,6 +51,7 @@ def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> I
         ],
         "max_request_bytes": 1_000_000,
         "retrieval": {"data_dir": str(workdir / "gateway-collections")},
+        "semantic_cache": {"enabled": False},
     }
     process = GatewayProcess("gateway", config, workdir, model_cache_dir).start()
     yield process
