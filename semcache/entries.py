@@ -46,8 +46,9 @@ class CacheEntry:
         return (now if now is not None else time.time()) >= self.expires_at
 
     def _digest(self) -> str:
+        # Times as floats, as from_fields reads them: an int TTL must sign the same as the 1.0 read back.
         signed = json.dumps([self.entry_id, self.tenant, self.category, self.context, self.model, self.query,
-                             self.response, self.collection, self.created_at, self.ttl_s],
+                             self.response, self.collection, float(self.created_at), float(self.ttl_s)],
                             sort_keys=True, separators=(",", ":"))
         hasher = hashlib.blake2b(signed.encode(), digest_size=16)
         hasher.update(self.embedding.astype("<f4").tobytes())
