@@ -306,18 +306,20 @@ class SemanticCache:
             return None
         self._index(entry)
         self.metrics.stores.labels(category, query.tenant).inc()
-        await self._enforce_quota(query.tenant, category)
+        await self._enforce_quota(query.tenant, category, keep=entry.entry_id)
         return entry.entry_id
 
-    async def _enforce_quota(self, tenant: str, category: str) -> None:
+    async def _enforce_quota(self, tenant: str, category: str, keep: str) -> None:
         quota = self.policies[category].quota
         partition = self.index.partition(tenant, category)
         if partition is None or len(partition) <= quota:
             return
         # Evict 1% below the quota at once, so a full category does not pay for a victim search per insert.
         count = len(partition) - quota + quota // 100
-        victims = partition.victims(count, self.policies[category].eviction)
-        await self._drop([v.entry_id for v in victims], "quota")
+        # The entry just stored is never its own victim: under LFU it has no hits yet, and a full category
+        # whose entries were all hit would otherwise throw away every new answer as soon as it is stored.
+        victims = [v for v in partition.victims(count + 1, self.policies[category].eviction) if v.entry_id != keep]
+        await self._drop([v.entry_id for v in victims[:count]], "quota")
 
     # -- invalidation -------------------------------------------------------------------------------------
     async def invalidate(self, *, entry_id: str | None = None, collection: str | None = None,
