@@ -102,6 +102,7 @@ class RedisStore(EntryStore):
         import redis.asyncio as redis
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._response_error = redis.ResponseError
         self.prefix = prefix
         self.namespace = f"{prefix}:{namespace}"
         self.timeout_s = timeout_s
@@ -134,7 +135,13 @@ class RedisStore(EntryStore):
         await self._call(pipe.execute())
 
     async def get(self, entry_id: str) -> Fields | None:
-        fields = await self._call(self.client.hgetall(self._key(entry_id)))
+        async def read() -> Fields:
+            try:
+                return await self.client.hgetall(self._key(entry_id))
+            except self._response_error as exc:  # not a hash: a corrupt entry, not a Redis outage
+                return {b"unreadable": str(exc).encode()}
+
+        fields = await self._call(read())
         return fields or None
 
     async def record_hit(self, entry_id: str, now: float) -> None:
@@ -162,8 +169,12 @@ class RedisStore(EntryStore):
                 pipe = self.client.pipeline(transaction=False)
                 for key in keys:
                     pipe.hgetall(key)
-                values = await self._call(pipe.execute(), timeout_s=max(5.0, self.timeout_s * 10))
+                values = await self._call(pipe.execute(raise_on_error=False), timeout_s=max(5.0, self.timeout_s * 10))
                 for key, fields in zip(keys, values):
+                    if isinstance(fields, Exception):
+                        # Not a hash (WRONGTYPE): yielded as an entry that fails to parse, so the cache drops
+                        # it as corrupt; raising would fail every rebuild and keep the cache off for good.
+                        fields = {b"unreadable": str(fields).encode()}
                     if fields:
                         yield key.decode()[len(marker):], fields
             if cursor == 0:
