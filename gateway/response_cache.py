@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -65,14 +66,14 @@ class CacheControls:
     namespace: str | None = None
 
 
-def _positive_number(value: str, name: str) -> float:
+def _positive_number(value: str, name: str, allow_zero: bool = False) -> float:
     try:
         number = float(value)
     except ValueError:
         number = -1.0
-    if number <= 0:
-        raise GatewayError(400, f"{name} must be a positive number of seconds, not {value!r}",
-                           code="invalid_value", param=name)
+    if not math.isfinite(number) or number < 0 or number == 0 and not allow_zero:
+        raise GatewayError(400, f"{name} must be a {'non-negative' if allow_zero else 'positive'} number of "
+                                f"seconds, not {value!r}", code="invalid_value", param=name)
     return number
 
 
@@ -89,7 +90,8 @@ def cache_controls(request: ChatCompletionRequest, headers: Mapping[str, str]) -
         elif name == "no-store":
             controls.no_store = True
         elif name in ("max-age", "s-maxage"):
-            controls.max_age_s = _positive_number(value, "Cache-Control max-age")
+            # max-age=0 (what browsers send on reload) is valid HTTP: no stored answer is young enough.
+            controls.max_age_s = _positive_number(value, "Cache-Control max-age", allow_zero=True)
     if "x-blendgate-cache-ttl" in headers:
         controls.ttl_s = _positive_number(headers["x-blendgate-cache-ttl"], "x-blendgate-cache-ttl")
     if headers.get("x-blendgate-cache-namespace"):

@@ -80,11 +80,11 @@ class BlendOptions(_Options):
 class CacheOptions(_Options):
     """Semantic-cache controls, in LiteLLM's `cache` convention."""
 
-    ttl: float | None = Field(None, gt=0)
+    ttl: float | None = Field(None, gt=0, allow_inf_nan=False)
     no_cache: bool = Field(False, alias="no-cache")
     no_store: bool = Field(False, alias="no-store")
     # Accept a cached answer only if it is at most this many seconds old.
-    s_maxage: float | None = Field(None, gt=0, alias="s-maxage")
+    s_maxage: float | None = Field(None, gt=0, alias="s-maxage", allow_inf_nan=False)
     namespace: str | None = Field(None, min_length=1)
 
 

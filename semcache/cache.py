@@ -28,6 +28,9 @@ log = logging.getLogger("blendgate.semcache")
 
 SYNC_INTERVAL_S = 0.5  # how often a replica polls the change stream
 SWEEP_INTERVAL_S = 5.0  # how often expired entries leave the in-memory index
+# Longest life an entry gets, whatever a request or category asks: Redis refuses an expiry past ~2**63 ms,
+# and that refusal, inside the write's transaction, left the entry without any TTL and the cache marked down.
+MAX_TTL_S = 10 * 365 * 86_400.0
 
 
 @dataclass
@@ -298,7 +301,7 @@ class SemanticCache:
             return None
         entry = CacheEntry(tenant=query.tenant, category=category, context=query.context, model=query.model,
                            query=query.text, response=response, embedding=np.asarray(vector, dtype=np.float32),
-                           ttl_s=query.ttl_s or policy.ttl_s, collection=query.collection)
+                           ttl_s=min(query.ttl_s or policy.ttl_s, MAX_TTL_S), collection=query.collection)
         try:
             await self.store.put(entry.entry_id, entry.to_fields(), entry.ttl_s)
         except StoreUnavailable as exc:
