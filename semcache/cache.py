@@ -190,8 +190,14 @@ class SemanticCache:
 
     async def _drop(self, entry_ids: list[str], reason: str) -> None:
         """Remove entries from the index now and from the store when it answers."""
+        touched: dict[tuple[str, str], int] = {}
         for entry_id in entry_ids:
-            self._unindex(entry_id, reason)
+            removed = self.index.remove(entry_id)
+            if removed is not None:
+                touched[removed[:2]] = touched.get(removed[:2], 0) + 1
+        for (tenant, category), count in touched.items():
+            self._count(tenant, category)
+            self.metrics.evictions.labels(category, reason).inc(count)
         try:
             await self.store.delete(entry_ids)
         except StoreUnavailable as exc:

@@ -97,6 +97,7 @@ class RedisStore(EntryStore):
 
     kind = "redis"
     STREAM_LENGTH = 100_000
+    DELETE_BATCH = 500
 
     def __init__(self, url: str, prefix: str, namespace: str, timeout_s: float) -> None:
         import redis.asyncio as redis
@@ -152,13 +153,14 @@ class RedisStore(EntryStore):
             " redis.call('HSET', KEYS[1], 'last_hit_at', ARGV[1]) end return 0", 1, key, repr(now)))
 
     async def delete(self, entry_ids: list[str]) -> None:
-        if not entry_ids:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.unlink(*(self._key(e) for e in entry_ids))
-        for entry_id in entry_ids:
-            pipe.xadd(self._stream, {"op": "del", "id": entry_id}, maxlen=self.STREAM_LENGTH, approximate=True)
-        await self._call(pipe.execute())
+        # In batches, each within the call timeout: invalidating a large category must not look like an outage.
+        for start in range(0, len(entry_ids), self.DELETE_BATCH):
+            batch = entry_ids[start:start + self.DELETE_BATCH]
+            pipe = self.client.pipeline(transaction=True)
+            pipe.unlink(*(self._key(e) for e in batch))
+            for entry_id in batch:
+                pipe.xadd(self._stream, {"op": "del", "id": entry_id}, maxlen=self.STREAM_LENGTH, approximate=True)
+            await self._call(pipe.execute())
 
     async def scan(self) -> AsyncIterator[tuple[str, Fields]]:
         marker = f"{self.namespace}:entry:"
