@@ -91,6 +91,7 @@ class SemanticCache:
         self.available = False
         self.down_reason: str | None = None
         self._cursor: str | None = None
+        self._rebuilding = False
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._recovering: asyncio.Task | None = None
@@ -116,24 +117,28 @@ class SemanticCache:
     async def _rebuild(self) -> None:
         """Index every live entry of the store (start-up, recovery, or a replica that fell behind)."""
         started = time.perf_counter()
-        self._cursor = (await self.store.changes(None))[0]  # changes after this point are replayed by sync
-        self.index.clear()
+        self._rebuilding = True  # sync waits: the changes it would apply to the old index are replayed after
+        try:
+            self._cursor = (await self.store.changes(None))[0]  # changes after this point are replayed by sync
+            corrupt: list[str] = []
+            now = time.time()
+            batches: dict[tuple[str, str], list[CacheEntry]] = {}
+            async for entry_id, fields in self.store.scan():
+                try:
+                    entry = CacheEntry.from_fields(fields, self.dimension)
+                except CorruptEntry as exc:
+                    log.warning("semantic cache: dropping corrupt entry %s (%s)", entry_id, exc)
+                    corrupt.append(entry_id)
+                    continue
+                if not entry.expired(now) and entry.category in self.policies:
+                    batches.setdefault((entry.tenant, entry.category), []).append(entry)
+            # Built off the event loop (a million entries take minutes) and swapped in whole, so lookups
+            # keep using the old index meanwhile and never see one half built.
+            self.index = await asyncio.to_thread(self._build_index, batches)
+        finally:
+            self._rebuilding = False
         self.metrics.entries.clear()
-        corrupt: list[str] = []
-        now = time.time()
-        batches: dict[tuple[str, str], list[CacheEntry]] = {}
-        async for entry_id, fields in self.store.scan():
-            try:
-                entry = CacheEntry.from_fields(fields, self.dimension)
-            except CorruptEntry as exc:
-                log.warning("semantic cache: dropping corrupt entry %s (%s)", entry_id, exc)
-                corrupt.append(entry_id)
-                continue
-            if not entry.expired(now) and entry.category in self.policies:
-                batches.setdefault((entry.tenant, entry.category), []).append(entry)
-        for (tenant, category), entries in batches.items():
-            self.index.add_many(tenant, category, [_indexed(e) for e in entries],
-                                np.stack([e.embedding for e in entries]))
+        for tenant, category in self.index.partitions:
             self._count(tenant, category)
         if corrupt:
             await self.store.delete(corrupt)
@@ -142,6 +147,12 @@ class SemanticCache:
         self.metrics.store_up.set(1)
         log.info("semantic cache: %d entries indexed from the %s store in %.2f s", len(self.index), self.store.kind,
                  time.perf_counter() - started)
+
+    def _build_index(self, batches: dict[tuple[str, str], list[CacheEntry]]) -> PartitionedIndex:
+        index = PartitionedIndex(self.dimension, self.settings.hnsw)
+        for (tenant, category), entries in batches.items():
+            index.add_many(tenant, category, [_indexed(e) for e in entries], np.stack([e.embedding for e in entries]))
+        return index
 
     # -- faults -----------------------------------------------------------------------------------------
     def _mark_down(self, operation: str, exc: StoreUnavailable) -> None:
@@ -352,7 +363,7 @@ class SemanticCache:
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(SYNC_INTERVAL_S)
-            if not self.available:
+            if not self.available or self._rebuilding:
                 continue
             try:
                 await self._sync_once()
