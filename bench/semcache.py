@@ -403,7 +403,7 @@ def main() -> None:
         return
     if args.command in ("quality", "all"):
         table, details = asyncio.run(quality(embedder, embeddings))
-        report += ["## Hit rate and false hits (test split)", "", table, "",
+        report += ["## Hit rate and false hits (dev + test splits; thresholds tuned on train)", "", table, "",
                    f"Train-split tuning: {details['train']}", ""]
         print(table, flush=True)
     if args.command in ("latency", "all"):
