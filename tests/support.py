@@ -1,4 +1,5 @@
-"""Helpers the tests import: live gateway processes on free loopback ports, and the OpenAI error check.
+"""Helpers the tests import: live gateway processes and Redis servers on free loopback ports, and the OpenAI
+error check.
 
 (Not in conftest.py: tests/gpu has a conftest of its own, and `import conftest` would find either.)
 """
@@ -6,10 +7,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +74,98 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class RedisServer:
+    """A throwaway `redis-server` on a free loopback port, with no persistence; it can be stopped and started
+    again on the same port (an empty server then, as after a crash of a cache-only Redis)."""
+
+    def __init__(self, executable: str = "redis-server") -> None:
+        self.executable = executable
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = Path(tempfile.mkdtemp(prefix="blendgate-redis-"))
+        self.log_path = self.dir / "redis.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout_s: float = 20.0) -> "RedisServer":
+        if self.running:
+            return self
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                 "no", "--dir", str(self.dir), "--protected-mode", "no"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log()}")
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} after {timeout_s} s:\n{self.log()}")
+
+    def ping(self) -> bool:
+        """True when the server answers PING (a bare RESP exchange: no client library needed)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Kill the server outright (SIGKILL: the cache must cope with a Redis that vanishes)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing (a hung Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def find_redis_server() -> str | None:
+    """The redis-server executable; installed with apt-get (quietly) when missing and we are root."""
+    found = shutil.which("redis-server") or next(
+        (p for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if os.access(p, os.X_OK)), None)
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "install", "-y", "-qq", "redis-server"],
+                    ["sh", "-c", "apt-get update -qq && apt-get install -y -qq redis-server"]):
+        try:
+            subprocess.run(command, env=env, capture_output=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    return None
+
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     """The error has OpenAI's shape and the expected status; returns the inner error object."""
