@@ -1,0 +1,443 @@
+"""The semantic cache through a live gateway: the embedded model, a real Redis server, the openai client.
+
+One gateway (restarted once) serves the whole module, over a Redis of the module's own that one test kills
+and starts again; tests ask questions of their own, so they do not answer each other's. Tests that stop
+the gateway or Redis come last and leave both running.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import EMBEDDED, GatewayProcess, RedisServer, assert_openai_error
+
+KEY_A = "sk-tenant-a-0123456789"
+KEY_B = "sk-tenant-b-9876543210"
+ADMIN_KEY = "admin-key-0123456789"
+MAX_TOKENS = 16
+
+QUESTION = "What is the capital of France?"
+PARAPHRASE = "What's the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def redis(redis_executable: str) -> Iterator[RedisServer]:
+    server = RedisServer(redis_executable).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def prefix() -> str:
+    return f"bgapi:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def cached_gateway(redis: RedisServer, prefix: str, workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
+    config = {
+        "models": [{"name": EMBEDDED, "backend": "local", "sampling_defaults": {"temperature": 0.2, "top_p": 0.9}}],
+        "api_keys": [{"key": KEY_A, "tenant": "tenant-a"}, {"key": KEY_B, "tenant": "tenant-b"}],
+        "admin_key": ADMIN_KEY,
+        "retrieval": {"data_dir": str(workdir / "semcache-collections")},
+        "semantic_cache": {"redis_url": redis.url, "key_prefix": prefix, "redis_retry_s": 0.3},
+    }
+    process = GatewayProcess("semcache", config, workdir, model_cache_dir).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client_a(cached_gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cached_gateway.url}/v1", api_key=KEY_A, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client_b(cached_gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cached_gateway.url}/v1", api_key=KEY_B, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(cached_gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cached_gateway.url, timeout=120, headers={"authorization": f"Bearer {KEY_A}"}) as c:
+        yield c
+
+
+class Entries:
+    """The gateway's entries as Redis holds them, read with redis-py."""
+
+    def __init__(self, redis: RedisServer, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    def keys(self) -> set[bytes]:
+        with self.redis.client() as direct:
+            return set(direct.scan_iter(f"{self.prefix}:*:entry:*"))
+
+    def wait_for(self, condition: Callable[[set[bytes]], bool], timeout_s: float = 5.0) -> set[bytes]:
+        """Entries are stored in the background after the answer: wait for the store to show them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            keys = self.keys()
+            if condition(keys):
+                return keys
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the entries did not reach the expected state: {keys}")
+            time.sleep(0.05)
+
+    def new_after(self, before: set[bytes], count: int = 1) -> set[bytes]:
+        return self.wait_for(lambda keys: len(keys - before) >= count) - before
+
+
+@pytest.fixture(scope="module")
+def entries(redis: RedisServer, prefix: str) -> Entries:
+    return Entries(redis, prefix)
+
+
+def ask(client: openai.OpenAI, question: str, **options: Any):
+    """(headers, completion) of a non-streamed request."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=EMBEDDED, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, **options)
+    return raw.headers, raw.parse()
+
+
+def cache_report(completion) -> dict:
+    return completion.model_extra["blendgate"]["semantic_cache"]
+
+
+def ask_and_store(client: openai.OpenAI, entries: Entries, question: str, **options: Any):
+    """A miss whose answer the gateway stores; returns the completion and the new entry's key."""
+    before = entries.keys()
+    headers, completion = ask(client, question, **options)
+    assert headers["x-blendgate-cache"] == "miss", cache_report(completion)
+    (key,) = entries.new_after(before)
+    return completion, key
+
+
+def stream(client: openai.OpenAI, question: str, **options: Any) -> tuple[str, str | None, dict]:
+    """(content, finish_reason, blendgate report) of a streamed answer, parsed by the openai client."""
+    chunks = list(client.chat.completions.create(
+        model=EMBEDDED, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, stream=True,
+        **options))
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1
+    return content, finishes[0], chunks[-1].model_extra["blendgate"]
+
+
+# -- hits and misses ------------------------------------------------------------------------------------------------
+
+
+def test_a_miss_then_a_hit_on_a_paraphrase(client_a: openai.OpenAI, entries: Entries, redis: RedisServer) -> None:
+    first, key = ask_and_store(client_a, entries, QUESTION)
+    assert cache_report(first)["status"] == "miss" and cache_report(first)["category"] == "factual"
+    assert first.model_extra["blendgate"]["backend"] == "local"
+    headers, hit = ask(client_a, PARAPHRASE)
+    assert headers["x-blendgate-cache"] == "hit" and headers["x-blendgate-cache-category"] == "factual"
+    assert float(headers["x-blendgate-cache-similarity"]) > 0.95 and int(headers["age"]) >= 0
+    report = cache_report(hit)
+    assert report["status"] == "hit" and report["entry_id"] == key.decode().rsplit(":", 1)[1]
+    assert report["similarity"] >= report["threshold"]
+    assert hit.model_extra["blendgate"]["backend"] == "semantic_cache"
+    assert hit.choices[0].message.content == first.choices[0].message.content
+    assert hit.choices[0].message.role == "assistant"
+    assert hit.choices[0].finish_reason == first.choices[0].finish_reason
+    assert hit.usage.completion_tokens == first.usage.completion_tokens
+    assert hit.id != first.id and hit.model == EMBEDDED
+    # The entry is a Redis hash with the factual category's TTL (a week by default).
+    with redis.client() as direct:
+        assert 86_400_000 < direct.pttl(key) <= 30 * 86_400_000
+
+
+def test_a_streamed_answer_is_cached_and_replayed_as_sse(client_a: openai.OpenAI, entries: Entries,
+                                                         http: httpx.Client) -> None:
+    question = "Who painted the Mona Lisa?"
+    before = entries.keys()
+    content, finish, report = stream(client_a, question)
+    assert report["semantic_cache"]["status"] == "miss" and report["backend"] == "local"
+    entries.new_after(before)
+    replayed, replayed_finish, replay_report = stream(client_a, question, stream_options={"include_usage": True})
+    assert replay_report["semantic_cache"]["status"] == "hit" and replay_report["backend"] == "semantic_cache"
+    assert (replayed, replayed_finish) == (content, finish)
+    # The frames themselves: `data: {json}` frames, then [DONE].
+    body = {"model": EMBEDDED, "messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS,
+            "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["x-blendgate-cache"] == "hit"
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in frames) and frames[-1] == "data: [DONE]"
+    data = [json.loads(line[len("data: "):]) for line in frames[:-1]]
+    assert "".join(d["choices"][0]["delta"].get("content") or "" for d in data) == content
+    # The same question without streaming is a hit too.
+    headers, completion = ask(client_a, question)
+    assert headers["x-blendgate-cache"] == "hit" and completion.choices[0].message.content == content
+    assert completion.choices[0].finish_reason == finish
+
+
+def test_a_stream_the_client_cuts_off_is_not_cached(cached_gateway: GatewayProcess, http: httpx.Client,
+                                                    entries: Entries) -> None:
+    body = {"model": EMBEDDED, "stream": True, "max_tokens": 2000,
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to cook."}]}
+
+    def running() -> int:
+        return cached_gateway.health()["models"][EMBEDDED]["running"]
+
+    def wait_idle() -> None:
+        deadline = time.monotonic() + 10
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running() == 0
+
+    before = entries.keys()
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["x-blendgate-cache"] == "miss"
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+    wait_idle()
+    time.sleep(0.3)
+    assert entries.keys() == before
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["x-blendgate-cache"] == "miss"
+    wait_idle()
+
+
+# -- per-request controls -------------------------------------------------------------------------------------------
+
+
+def test_no_cache_and_no_store_in_the_body_and_in_cache_control(client_a: openai.OpenAI, entries: Entries) -> None:
+    question = "Who wrote the play Romeo and Juliet?"
+    before = entries.keys()
+    headers, _ = ask(client_a, question, extra_body={"cache": {"no-store": True}})
+    assert headers["x-blendgate-cache"] == "miss"
+    stored, _ = ask_and_store(client_a, entries, question)  # not stored above, so a miss again
+    assert len(entries.keys() - before) == 1
+    headers, fresh = ask(client_a, question, extra_body={"cache": {"no-cache": True}})
+    assert headers["x-blendgate-cache"] == "bypass" and cache_report(fresh)["reason"] == "no-cache"
+    assert fresh.model_extra["blendgate"]["backend"] == "local"
+    headers, fresh = ask(client_a, question, extra_headers={"Cache-Control": "no-cache"})
+    assert headers["x-blendgate-cache"] == "bypass" and cache_report(fresh)["reason"] == "no-cache"
+    # no-store does not stop a hit.
+    headers, hit = ask(client_a, question, extra_headers={"Cache-Control": "no-store"})
+    assert headers["x-blendgate-cache"] == "hit"
+    assert hit.choices[0].message.content == stored.choices[0].message.content
+    # no-cache answers come from the model and are stored (as in HTTP: no-cache is about reading); the
+    # no-store hit stores nothing.
+    marked = entries.wait_for(lambda keys: len(keys - before) >= 3)
+    # Cache-Control no-store on a new question: answered, not stored.
+    other = "Who wrote the novel War and Peace?"
+    headers, _ = ask(client_a, other, extra_headers={"Cache-Control": "no-store"})
+    assert headers["x-blendgate-cache"] == "miss"
+    time.sleep(0.3)
+    assert entries.keys() == marked
+    headers, _ = ask(client_a, other)
+    assert headers["x-blendgate-cache"] == "miss"
+    # max-age: only entries younger than it answer; max-age=0 (browsers send it on reload) is a miss, not a 400.
+    assert ask(client_a, question, extra_headers={"Cache-Control": "max-age=3600"})[0]["x-blendgate-cache"] == "hit"
+    assert ask(client_a, question, extra_body={"cache": {"s-maxage": 3600}})[0]["x-blendgate-cache"] == "hit"
+    headers, fresh = ask(client_a, question, extra_headers={"Cache-Control": "max-age=0"})
+    assert headers["x-blendgate-cache"] == "miss" and fresh.model_extra["blendgate"]["backend"] == "local"
+
+
+def test_ttl_override_from_the_body_and_the_header(client_a: openai.OpenAI, entries: Entries,
+                                                   redis: RedisServer) -> None:
+    _, key = ask_and_store(client_a, entries, "How many legs does a spider have?", extra_body={"cache": {"ttl": 1}})
+    with redis.client() as direct:
+        assert 0 < direct.pttl(key) <= 1000
+    time.sleep(1.2)
+    headers, _ = ask(client_a, "How many legs does a spider have?")
+    assert headers["x-blendgate-cache"] == "miss"
+    _, key = ask_and_store(client_a, entries, "How many moons does Mars have?",
+                           extra_headers={"x-blendgate-cache-ttl": "120"})
+    with redis.client() as direct:
+        assert 100_000 < direct.pttl(key) <= 120_000
+
+
+def test_absurd_ttls_are_refused_or_capped(cached_gateway: GatewayProcess, client_a: openai.OpenAI,
+                                           http: httpx.Client, entries: Entries, redis: RedisServer) -> None:
+    body = {"model": EMBEDDED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for value in ("inf", "nan", "0", "-5", "soon"):
+        assert_openai_error(http.post("/v1/chat/completions", json=body, headers={"x-blendgate-cache-ttl": value}),
+                            400, "invalid_value")
+    assert_openai_error(http.post("/v1/chat/completions", json=body, headers={"cache-control": "max-age=inf"}),
+                        400, "invalid_value")
+    for value in ("1e999", "NaN"):  # Python's json reads these as inf and nan
+        raw = json.dumps(body)[:-1] + f', "cache": {{"ttl": {value}}}}}'
+        error = assert_openai_error(http.post("/v1/chat/completions", content=raw,
+                                              headers={"content-type": "application/json"}), 400, "invalid_value")
+        assert error["param"] == "cache.ttl"
+    # A finite TTL past what Redis can expire is capped: stored with a TTL, and the cache stays up.
+    _, key = ask_and_store(client_a, entries, "What is the freezing point of water?",
+                           extra_headers={"x-blendgate-cache-ttl": "1e20"})
+    with redis.client() as direct:
+        assert 0 < direct.ttl(key) <= 10 * 366 * 86_400
+    assert cached_gateway.health()["semantic_cache"]["state"] == "ready"
+    assert ask(client_a, "What is the freezing point of water?")[0]["x-blendgate-cache"] == "hit"
+
+
+def test_hot_sampling_bypasses_the_cache(client_a: openai.OpenAI, entries: Entries) -> None:
+    before = entries.keys()
+    for _ in range(2):
+        headers, completion = ask(client_a, QUESTION, temperature=0.9)
+        assert headers["x-blendgate-cache"] == "bypass"
+        assert cache_report(completion) == {"status": "bypass", "reason": "temperature"}
+    time.sleep(0.3)
+    assert entries.keys() == before
+
+
+def test_tenants_do_not_share_entries(client_a: openai.OpenAI, client_b: openai.OpenAI, entries: Entries) -> None:
+    question = "What is the tallest mountain in Africa?"
+    answer_a, _ = ask_and_store(client_a, entries, question)
+    assert ask(client_a, question)[0]["x-blendgate-cache"] == "hit"
+    answer_b, _ = ask_and_store(client_b, entries, question)  # a miss for tenant B
+    headers, hit_b = ask(client_b, question)
+    assert headers["x-blendgate-cache"] == "hit"
+    assert hit_b.choices[0].message.content == answer_b.choices[0].message.content
+    assert cache_report(hit_b)["entry_id"] != cache_report(ask(client_a, question)[1])["entry_id"]
+
+
+def test_reingesting_a_collection_invalidates_its_answers(client_a: openai.OpenAI, http: httpx.Client,
+                                                          entries: Entries) -> None:
+    documents = [{"source": "castle", "text": "The secret code of the blue castle is 4711."},
+                 {"source": "river", "text": "The Silverrun river flows north for 312 kilometres."}]
+    assert http.post("/v1/collections/c1/documents", json={"documents": documents}).status_code == 200
+    question, rag = "What is the secret code of the blue castle?", {"rag": {"collection": "c1", "top_k": 1}}
+    first, key = ask_and_store(client_a, entries, question, extra_body=rag)
+    assert first.model_extra["blendgate"]["rag"]["collection"] == "c1"
+    headers, hit = ask(client_a, question, extra_body=rag)
+    assert headers["x-blendgate-cache"] == "hit"
+    assert hit.choices[0].message.content == first.choices[0].message.content
+    # The same question without the collection is another question.
+    assert ask(client_a, question)[0]["x-blendgate-cache"] == "miss"
+    added = http.post("/v1/collections/c1/documents",
+                      json={"documents": [{"source": "bakery", "text": "The bakery sells rye bread on Tuesdays."}]})
+    assert added.status_code == 200 and added.json()["files"] == 1
+    assert key not in entries.keys()
+    headers, after = ask(client_a, question, extra_body=rag)
+    assert headers["x-blendgate-cache"] == "miss"
+    assert after.model_extra["blendgate"]["rag"]["version"] > first.model_extra["blendgate"]["rag"]["version"]
+
+
+# -- operations -----------------------------------------------------------------------------------------------------
+
+
+def test_metrics_count_hits(cached_gateway: GatewayProcess, client_a: openai.OpenAI, entries: Entries) -> None:
+    question = "What is the largest ocean on Earth?"
+    ask_and_store(client_a, entries, question)
+    assert ask(client_a, question)[0]["x-blendgate-cache"] == "hit"
+    text = httpx.get(f"{cached_gateway.url}/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    hits = {labels: value for (name, labels), value in samples.items()
+            if name == "blendgate_semantic_cache_lookups_total" and dict(labels)["result"] == "hit"}
+    assert hits[(("category", "factual"), ("result", "hit"), ("tenant", "tenant-a"))] >= 1
+    assert samples[("blendgate_semantic_cache_store_up", ())] == 1
+    assert any(name == "blendgate_semantic_cache_effective_threshold" for name, _ in samples)
+
+
+def test_admin_api_needs_the_admin_key(cached_gateway: GatewayProcess) -> None:
+    url = f"{cached_gateway.url}/admin/api/semantic-cache"
+    assert_openai_error(httpx.get(url, timeout=10), 401, "invalid_admin_key")
+    for key in ("wrong-admin-key-000", KEY_A):
+        assert_openai_error(httpx.get(url, headers={"authorization": f"Bearer {key}"}, timeout=10), 401,
+                            "invalid_admin_key")
+        assert_openai_error(httpx.post(f"{url}/invalidate", json={"tenant": "tenant-a"},
+                                       headers={"authorization": f"Bearer {key}"}, timeout=10), 401,
+                            "invalid_admin_key")
+
+
+def test_admin_api_shows_the_policy_and_invalidates_an_entry(cached_gateway: GatewayProcess,
+                                                             client_a: openai.OpenAI, entries: Entries) -> None:
+    admin = httpx.Client(base_url=f"{cached_gateway.url}/admin/api", timeout=10,
+                         headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    with admin:
+        question = "What is the chemical symbol for gold?"
+        _, key = ask_and_store(client_a, entries, question)
+        stats = admin.get("/semantic-cache").json()
+        assert stats["store"] == "redis" and stats["available"] is True and stats["entries"] >= 1
+        assert {"tenant": "tenant-a", "category": "factual"} in [
+            {k: p[k] for k in ("tenant", "category")} for p in stats["partitions"]]
+        policy = stats["policy"][EMBEDDED]
+        assert policy["load"]["level"] == 0
+        categories = {c["category"]: c for c in policy["categories"]}
+        assert {"code", "factual", "conversational", "time_sensitive", "personal"} <= set(categories)
+        assert categories["personal"]["cached"] is False
+        assert all(0 < c["threshold"] <= 1 and c["ttl_s"] > 0 for c in categories.values() if c["cached"])
+
+        headers, hit = ask(client_a, question)
+        assert headers["x-blendgate-cache"] == "hit"
+        entry_id = cache_report(hit)["entry_id"]
+        invalidated = admin.post("/semantic-cache/invalidate", json={"entry_id": entry_id})
+        assert invalidated.status_code == 200 and invalidated.json() == {"invalidated": 1}
+        assert key not in entries.keys()
+        assert ask(client_a, question)[0]["x-blendgate-cache"] == "miss"
+        for bad in ({}, {"entry": entry_id}, {"entry_id": ""}, {"tenant": 3}):
+            assert_openai_error(admin.post("/semantic-cache/invalidate", json=bad), 400, "invalid_value")
+
+
+def test_health_reports_the_cache(cached_gateway: GatewayProcess) -> None:
+    semantic = cached_gateway.health()["semantic_cache"]
+    assert semantic["state"] == "ready" and semantic["store"] == "redis" and semantic["entries"] >= 0
+    assert "error" not in semantic
+
+
+def test_a_bad_redis_url_stops_the_gateway_naming_the_setting(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text('semantic_cache:\n  redis_url: "localhost:6379"\n')
+    for command in ("check-config", "serve"):
+        result = subprocess.run([sys.executable, "-m", "blendgate.gateway", command, "--config", str(config)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "semantic_cache.redis_url" in result.stderr and "redis://" in result.stderr
+
+
+# -- restarts and outages (last: they stop the gateway or Redis and leave them running) ------------------------------
+
+
+def test_entries_survive_a_gateway_restart(cached_gateway: GatewayProcess, client_a: openai.OpenAI,
+                                           entries: Entries) -> None:
+    question = "Which planet is closest to the Sun?"
+    first, _ = ask_and_store(client_a, entries, question)
+    cached_gateway.stop()
+    cached_gateway.start()
+    assert cached_gateway.health()["semantic_cache"]["entries"] >= 1
+    headers, hit = ask(client_a, question)
+    assert headers["x-blendgate-cache"] == "hit"
+    assert hit.choices[0].message.content == first.choices[0].message.content
+
+
+def test_redis_killed_mid_test(cached_gateway: GatewayProcess, client_a: openai.OpenAI, entries: Entries,
+                               redis: RedisServer) -> None:
+    question = "What is the boiling point of water at sea level?"
+    ask_and_store(client_a, entries, question)
+    assert ask(client_a, question)[0]["x-blendgate-cache"] == "hit"
+    redis.stop()
+    try:
+        for text in (question, "Who discovered penicillin?"):
+            started = time.monotonic()
+            headers, completion = ask(client_a, text)
+            assert headers["x-blendgate-cache"] == "bypass"
+            assert cache_report(completion)["reason"] == "store_unavailable"
+            assert completion.choices[0].message.content and completion.model_extra["blendgate"]["backend"] == "local"
+            assert time.monotonic() - started < 30
+        semantic = cached_gateway.health()["semantic_cache"]
+        assert semantic["state"] == "degraded" and semantic["error"]
+    finally:
+        redis.start()  # empty: nothing was persisted
+    deadline = time.monotonic() + 10
+    while cached_gateway.health()["semantic_cache"]["state"] != "ready":
+        assert time.monotonic() < deadline, cached_gateway.health()
+        time.sleep(0.1)
+    ask_and_store(client_a, entries, question)
+    headers, completion = ask(client_a, question)
+    assert headers["x-blendgate-cache"] == "hit" and cache_report(completion)["status"] == "hit"
