@@ -84,7 +84,7 @@ class CacheOptions(_Options):
     no_cache: bool = Field(False, alias="no-cache")
     no_store: bool = Field(False, alias="no-store")
     # Accept a cached answer only if it is at most this many seconds old.
-    s_maxage: float | None = Field(None, gt=0, alias="s-maxage", allow_inf_nan=False)
+    s_maxage: float | None = Field(None, ge=0, alias="s-maxage", allow_inf_nan=False)
     namespace: str | None = Field(None, min_length=1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import re
 import time
 from typing import Any, AsyncIterator, Mapping
 
@@ -166,7 +167,7 @@ class RedisStore(EntryStore):
         marker = f"{self.namespace}:entry:"
         cursor = 0
         while True:
-            cursor, keys = await self._call(self.client.scan(cursor, match=f"{marker}*", count=1000))
+            cursor, keys = await self._call(self.client.scan(cursor, match=f"{_glob_escape(marker)}*", count=1000))
             if keys:
                 pipe = self.client.pipeline(transaction=False)
                 for key in keys:
@@ -203,7 +204,8 @@ class RedisStore(EntryStore):
     async def purge_other_namespaces(self) -> int:
         removed, cursor = 0, 0
         while True:
-            cursor, keys = await self._call(self.client.scan(cursor, match=f"{self.prefix}:*", count=1000),
+            pattern = f"{_glob_escape(self.prefix)}:*"
+            cursor, keys = await self._call(self.client.scan(cursor, match=pattern, count=1000),
                                             timeout_s=max(5.0, self.timeout_s * 10))
             stale = [k for k in keys if not k.decode().startswith(self.namespace + ":")]
             if stale:
@@ -221,3 +223,8 @@ class RedisStore(EntryStore):
 def _stream_id(value: str) -> tuple[int, int]:
     millis, _, sequence = value.partition("-")
     return int(millis), int(sequence or 0)
+
+
+def _glob_escape(text: str) -> str:
+    """A key prefix as a literal in a SCAN pattern, so `*`, `?` or `[` in it never match other keys."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
