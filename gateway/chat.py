@@ -105,13 +105,17 @@ class ChatService:
         if plan is not None:
             plan.remember(result.message.get("content") or "", result.finish_reason,
                           ctx.usage.as_dict() if ctx.usage else None)
+        return self._completion(request, ctx, result.message, result.finish_reason)
+
+    def _completion(self, request: ChatCompletionRequest, ctx: RequestContext, message: dict[str, Any],
+                    finish_reason: str | None) -> JSONResponse:
+        """A whole answer as OpenAI's chat.completion body, generated or replayed from the cache."""
         body = {
             "id": ctx.request_id,
             "object": "chat.completion",
             "created": ctx.created,
             "model": request.model,
-            "choices": [{"index": 0, "message": result.message, "logprobs": None,
-                         "finish_reason": result.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": ctx.usage.as_dict() if ctx.usage else None,
             "system_fingerprint": None,
             "blendgate": ctx.report(),
@@ -130,12 +134,7 @@ class ChatService:
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
         if not request.stream:
-            body = {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created, "model": request.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                                 "finish_reason": finish_reason}],
-                    "usage": ctx.usage.as_dict() if ctx.usage else None, "system_fingerprint": None,
-                    "blendgate": ctx.report()}
-            return JSONResponse(body, headers=self._headers(ctx))
+            return self._completion(request, ctx, {"role": "assistant", "content": content}, finish_reason)
 
         async def chunks() -> AsyncIterator[ChatChunk]:
             for piece in _replay_pieces(content):
