@@ -85,7 +85,8 @@ class SemanticCache:
         self.dimension = dimension
         self.metrics = metrics
         self.load = load or LoadMonitor(settings.load)
-        self.classifier = CategoryClassifier(settings.categories, embed, settings.default_category)
+        self.classifier = CategoryClassifier(settings.categories, embed, settings.default_category,
+                                             settings.neighbour_margin)
         self.policies = {c.name: c for c in settings.categories}
         self.index = PartitionedIndex(dimension, settings.hnsw)
         self.available = False
@@ -255,16 +256,21 @@ class SemanticCache:
         if not self.available:
             result.reason = "store_unavailable"
             return result
-        partition = self.index.partition(query.tenant, classification.category)
         result.status = "miss"
-        if partition is None:
-            return result
+        # A neighbour category's entry must pass the stricter of its own and the query's threshold.
+        thresholds = {classification.category: policy.threshold}
+        for name in classification.neighbours:
+            neighbour = self.policy_for(query.model, name)
+            if neighbour.cached:
+                thresholds[name] = max(policy.threshold, neighbour.threshold)
         now = time.time()
-        for meta, similarity in partition.search(vector, self.settings.candidates):
+        for meta, similarity, category in self.nearest(query.tenant, list(thresholds), vector):
             if result.similarity is None:
                 result.similarity = similarity  # the nearest, reported on misses too
             if similarity < policy.threshold:
-                break  # candidates come most similar first
+                break  # most similar first: nothing further can pass
+            if similarity < thresholds[category]:
+                continue
             if meta.context != query.context:
                 continue
             if meta.expires_at <= now:
@@ -284,6 +290,17 @@ class SemanticCache:
             result.status, result.entry, result.similarity = "hit", entry, similarity
             return result
         return result
+
+    def nearest(self, tenant: str, categories: list[str], vector: np.ndarray) -> list[tuple[IndexedEntry, float, str]]:
+        """The tenant's nearest entries in each of these categories, merged, most similar first."""
+        found = []
+        for category in categories:
+            partition = self.index.partition(tenant, category)
+            if partition is not None:
+                found += [(meta, similarity, category)
+                          for meta, similarity in partition.search(vector, self.settings.candidates)]
+        found.sort(key=lambda candidate: -candidate[1])
+        return found
 
     async def _fetch(self, entry_id: str, query: CacheQuery) -> CacheEntry | None:
         """The entry if it is still there, intact, fresh and the caller's; otherwise None (and cleaned up)."""

@@ -21,12 +21,15 @@ class Classification:
     # "rule" when a rule decided, "centroid" for the nearest centroid, "default" when neither applied.
     method: str
     score: float
+    # Other categories whose centroid scored within the neighbour margin of the chosen one.
+    neighbours: tuple[str, ...] = ()
 
 
 class CategoryClassifier:
     def __init__(self, categories: list[CategoryPolicy], embed: Callable[[list[str]], np.ndarray],
-                 default_category: str) -> None:
+                 default_category: str, neighbour_margin: float = 0.0) -> None:
         self.default_category = default_category
+        self.neighbour_margin = neighbour_margin
         # Rules are tried in the configured order of the categories; the first match wins.
         self._rules = [(c.name, re.compile(rule, re.IGNORECASE)) for c in categories for rule in c.rules]
         self._names: list[str] = []
@@ -48,4 +51,6 @@ class CategoryClassifier:
             return Classification(self.default_category, "default", 0.0)
         scores = self._centroids @ vector
         best = int(np.argmax(scores))
-        return Classification(self._names[best], "centroid", float(scores[best]))
+        close = np.flatnonzero(scores >= scores[best] - self.neighbour_margin) if self.neighbour_margin else ()
+        neighbours = tuple(self._names[i] for i in close if i != best)
+        return Classification(self._names[best], "centroid", float(scores[best]), neighbours)

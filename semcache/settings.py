@@ -96,6 +96,10 @@ class SemanticCacheSettings(_Strict):
     default_category: str = "conversational"
     # Nearest cached questions checked per lookup (they must also match model, context and freshness).
     candidates: int = Field(8, ge=1, le=256)
+    # A query whose runner-up category scores within this margin of its own (nearest-centroid cosine) also
+    # searches that category's entries, at the stricter of the two thresholds: paraphrases that fall on either
+    # side of a category boundary still find each other. 0 searches the query's own category only.
+    neighbour_margin: float = Field(0.06, ge=0.0, le=2.0)
     hnsw: HnswSettings = Field(default_factory=HnswSettings)
     load: LoadSettings = Field(default_factory=LoadSettings)
     categories: list[CategoryPolicy] = Field(default_factory=default_categories)

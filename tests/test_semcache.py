@@ -186,6 +186,32 @@ def test_classifier_sends_queries_to_their_category(harness: Harness) -> None:
     asyncio.run(scenario())
 
 
+def test_a_query_near_a_category_boundary_also_searches_the_neighbour_category(harness: Harness) -> None:
+    def settings(margin: float) -> SemanticCacheSettings:
+        return SemanticCacheSettings(redis_url=harness.redis.url, neighbour_margin=margin, categories=[
+            CategoryPolicy(name="geography", examples=["What is the capital of Spain?"], threshold=0.8),
+            CategoryPolicy(name="strict", examples=["How do I reverse a list in Python?"], threshold=0.995),
+        ], default_category="geography")
+
+    async def scenario() -> None:
+        near = harness.cache(settings(2.0))
+        async with running(near):
+            classified = near.classify(QUESTION, harness.vector(QUESTION))
+            assert (classified.category, classified.neighbours) == ("geography", ("strict",))
+            # Stored under the other category (as a replica whose classifier put it there would have).
+            await near.put(harness.query(QUESTION), harness.vector(QUESTION), "strict", ANSWER)
+            assert (await harness.lookup(near, QUESTION)).status == "hit"
+            # The neighbour's entry is held to the stricter threshold: 0.99 passes geography's 0.8, not 0.995.
+            paraphrase = await harness.lookup(near, PARAPHRASE)
+            assert paraphrase.status == "miss" and 0.8 < paraphrase.similarity < 0.995
+        own_only = harness.cache(settings(0.0))
+        async with running(own_only):
+            assert own_only.classify(QUESTION, harness.vector(QUESTION)).neighbours == ()
+            assert (await harness.lookup(own_only, QUESTION)).status == "miss"
+
+    asyncio.run(scenario())
+
+
 def test_another_context_is_a_miss(harness: Harness) -> None:
     async def scenario() -> None:
         cache = harness.cache()
