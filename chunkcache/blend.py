@@ -21,9 +21,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..engine.llama import KVCache, LlamaFamilyModel, apply_rope
+from ..engine.llama import KVCache, LlamaFamilyModel
+from ..kernels.attention import plan_causal, plan_sparse
+from ..kernels.rope import place, rotate
+from ..kernels.selection import select_rows
 
 # The layer at which tokens are selected; the paper finds the deviation at an early layer predicts the
 # later ones, and layer 0's KV never deviates (it depends on the token and its position only).
@@ -34,7 +36,7 @@ SELECTION_LAYER = 1
 class ChunkKV:
     """One chunk's KV, computed with the chunk alone after `prefix_ids`; keys are not rotated."""
 
-    token_ids: torch.Tensor  # [tokens]
+    token_ids: torch.Tensor  # [tokens], on the host
     keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], before RoPE
     values: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
 
@@ -51,22 +53,12 @@ class ChunkKV:
 def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: list[int] = ()) -> ChunkKV:
     """The chunk's KV as computed after `prefix_ids` (e.g. the system prompt), keys kept unrotated."""
     ids = torch.tensor([*prefix_ids, *chunk_ids], device=model.device)
-    positions = torch.arange(ids.shape[0], device=model.device)
     start = len(prefix_ids)
-    cache = model.new_cache(ids.shape[0])
-    cache.positions[: ids.shape[0]] = positions
-    cache.length = ids.shape[0]
-    cos, sin = model.rope(positions)
-    hidden = F.embedding(ids, model.embed_tokens)
-    keys, values = [], []
-    for layer in range(model.num_layers):
-        q, k_raw, v = model.qkv_raw(layer, hidden)
-        keys.append(k_raw[:, start:])
-        values.append(v[:, start:])
-        cache.keys[layer] = apply_rope(k_raw, cos, sin)
-        cache.values[layer] = v
-        hidden = model.finish_layer(layer, hidden, model.attend(layer, apply_rope(q, cos, sin), positions, cache))
-    return ChunkKV(token_ids=ids[start:].clone(), keys=torch.stack(keys), values=torch.stack(values))
+    raw: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model.forward(ids, None, model.new_cache(ids.shape[0]), raw_kv=raw)
+    keys = torch.stack([k[:, start:] for k, _ in raw])
+    values = torch.stack([v[:, start:] for _, v in raw])
+    return ChunkKV(token_ids=torch.tensor(list(chunk_ids)), keys=keys, values=values)
 
 
 @dataclass
@@ -85,59 +77,147 @@ def selected_count(chunk_tokens: int, ratio: float) -> int:
     return min(chunk_tokens, math.ceil(ratio * chunk_tokens - 1e-9))
 
 
+class ChunkLoader:
+    """Puts each chunk's cached KV into the request's cache at its slots, keys rotated to its positions.
+
+    Chunks already on the GPU are placed for every needed layer at once (one fused launch per chunk).
+    Chunks in (pinned) CPU memory are copied up on a side stream in groups of `group` layers, one group
+    ahead of the compute, which waits only for the group it is about to use: the copy hides behind earlier
+    layers. Groups rather than single layers because each copy and launch costs host time (about 20 us a
+    launch on the H100 machine), which per layer and chunk would make the host the bottleneck."""
+
+    def __init__(self, cache: KVCache, placements: list[tuple[ChunkKV, int]], cos: torch.Tensor,
+                 sin: torch.Tensor, first_layer: int, group: int = 4) -> None:
+        self.cache, self.cos, self.sin = cache, cos, sin
+        self.first_layer, self.group = first_layer, group
+        self.layers = cache.keys.shape[0]
+        device = cache.keys.device
+        resident = [(kv, start) for kv, start in placements if kv.keys.device == device]
+        self.streamed = [(kv, start) for kv, start in placements if kv.keys.device != device]
+        for kv, start in resident:
+            self._place(kv, start, slice(first_layer, self.layers))
+        self.stream = None
+        self.events: dict[int, torch.cuda.Event] = {}
+        self.waited: torch.cuda.Event | None = None
+        self.next_layer = first_layer
+        if self.streamed and device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            # The cache's memory may have been in use on the compute stream until just now.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            self._issue_through(first_layer)  # starts copying while the layers before it compute
+        elif self.streamed:  # no GPU: plain copies
+            for kv, start in self.streamed:
+                self._place(kv, start, slice(first_layer, self.layers))
+            self.streamed = []
+
+    def _place(self, kv: ChunkKV, start: int, layers: slice) -> None:
+        device = self.cache.keys.device
+        span = slice(start, start + kv.length)
+        keys = kv.keys[layers].to(device, non_blocking=True)
+        values = kv.values[layers].to(device, non_blocking=True)
+        place(keys, values, self.cache.keys[layers], self.cache.values[layers], start, self.cos[span],
+              self.sin[span])
+
+    def _issue_through(self, layer: int) -> None:
+        """Queue the copies of every group up to the one holding `layer` on the side stream."""
+        while self.next_layer < self.layers and self.next_layer <= layer:
+            layers = slice(self.next_layer, min(self.next_layer + self.group, self.layers))
+            with torch.cuda.stream(self.stream):
+                for kv, start in self.streamed:
+                    self._place(kv, start, layers)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.events.update({index: event for index in range(layers.start, layers.stop)})
+            self.next_layer = layers.stop
+
+    def ready(self, layer: int) -> None:
+        """Block the compute stream until the chunks' KV of `layer` is in place (no host wait)."""
+        if self.stream is None or layer < self.first_layer:
+            return
+        self._issue_through(layer + self.group)
+        event = self.events.pop(layer)
+        if event is not self.waited:  # once per group
+            torch.cuda.current_stream(self.cache.keys.device).wait_event(event)
+            self.waited = event
+
+
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
-def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float) -> BlendResult:
+def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
+                  marks: list | None = None) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
-    The last segment must be computed tokens (the question), whose last position gives the logits."""
+    The last segment must be computed tokens (the question), whose last position gives the logits.
+    ChunkKVs may live on the GPU or in (pinned) CPU memory; the latter are streamed up layer by layer.
+    `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown."""
+    def mark(stage: str) -> None:
+        if marks is not None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append((stage, event))
+
     if not 0.0 <= recompute_ratio <= 1.0:
         raise ValueError("recompute_ratio must be between 0 and 1")
     if not segments or isinstance(segments[-1], ChunkKV) or not segments[-1]:
         raise ValueError("blending needs computed tokens (the question) after the last chunk")
     device = model.device
-    pieces = [s.token_ids.tolist() if isinstance(s, ChunkKV) else list(s) for s in segments]
-    ids = torch.tensor([t for piece in pieces for t in piece], device=device)
-    total = ids.shape[0]
+    # Everything about the layout is known on the host, so the GPU never has to be waited for.
+    ids, placements, chunk_rows, other_rows = [], [], [], []
+    for segment in segments:
+        start = len(ids)
+        if isinstance(segment, ChunkKV):
+            ids += segment.token_ids.tolist()
+            placements.append((segment, start))
+            chunk_rows += range(start, len(ids))
+        else:
+            ids += list(segment)
+            other_rows += range(start, len(ids))
+    mark("start")
+    total, chunk_tokens = len(ids), len(chunk_rows)
+    count = selected_count(chunk_tokens, recompute_ratio)
     positions = torch.arange(total, device=device)
     cos, sin = model.rope(positions)
     cache = model.new_cache(total + 64)
     cache.positions[:total] = positions
     cache.length = total
 
-    # 1. Cached chunk KV at the chunk's positions in this prompt.
-    is_chunk = torch.zeros(total, dtype=torch.bool, device=device)
-    start = 0
-    for segment, piece in zip(segments, pieces):
-        span = slice(start, start + len(piece))
-        if isinstance(segment, ChunkKV):
-            cache.keys[:, :, span] = apply_rope(segment.keys.to(device, model.dtype), cos[span], sin[span])
-            cache.values[:, :, span] = segment.values.to(device, model.dtype)
-            is_chunk[span] = True
-        start = span.stop
-    chunk_tokens = int(is_chunk.sum())
+    # Layers before the selection layer run every token (their KV depends on little context, and the
+    # selection needs every token's fresh values); with nothing to recompute, only the question runs at all.
+    first_cached = SELECTION_LAYER if count else 0
+    everything = count == chunk_tokens  # r = 1: full prefill, computed as such
+    loader = ChunkLoader(cache, [] if everything else placements, cos, sin, first_cached)
+    mark("chunks placed")
+    other = torch.tensor(other_rows, dtype=torch.long, device=device)
+    chunk = torch.tensor(chunk_rows, dtype=torch.long, device=device)
 
-    # 2-4. Layer by layer over the active tokens (all of them until the selection layer).
-    active = positions
-    hidden = F.embedding(ids, model.embed_tokens)
+    active = None  # None: every row
+    plan = plan_causal(total)
+    hidden = torch.nn.functional.embedding(torch.tensor(ids, device=device), model.embed_tokens)
+    active_cos, active_sin = cos, sin
     for layer in range(model.num_layers):
-        q, k, v = model.qkv_raw(layer, hidden)
-        q, k = apply_rope(q, cos[active], sin[active]), apply_rope(k, cos[active], sin[active])
-        if layer == SELECTION_LAYER and chunk_tokens:
-            keep = _select(cache.values[layer][:, active], v, is_chunk[active], recompute_ratio)
-            active, hidden, q, k, v = active[keep], hidden[keep], q[:, keep], k[:, keep], v[:, keep]
-        cache.keys[layer][:, active] = k
-        cache.values[layer][:, active] = v
-        hidden = model.finish_layer(layer, hidden, model.attend(layer, q, active, cache))
-    recomputed = int(is_chunk[active].sum()) if model.num_layers > SELECTION_LAYER else chunk_tokens
-    return BlendResult(model.logits(hidden[-1:])[0], cache, chunk_tokens, recomputed)
-
-
-def _select(cached_values: torch.Tensor, fresh_values: torch.Tensor, chunk_rows: torch.Tensor,
-            ratio: float) -> torch.Tensor:
-    """Rows to keep computing: every non-chunk row, and the chunk rows whose values deviate most."""
-    deviation = (fresh_values.float() - cached_values.float()).pow(2).sum(dim=(0, 2))  # [rows]
-    deviation[~chunk_rows] = -1.0
-    count = selected_count(int(chunk_rows.sum()), ratio)
-    keep = ~chunk_rows
-    if count:
-        keep[torch.topk(deviation, count).indices] = True
-    return keep
+        loader.ready(layer)
+        if layer == first_cached and not everything:
+            mark("layers before selection")
+            if count:  # every row's fresh values, to find the rows whose cached values deviate most
+                q, k, v = model.qkv_raw(layer, hidden)
+                active = select_rows(v, cache.values[layer, :, :total], chunk, other, count)
+                q, k, v, hidden = q[:, active], k[:, active], v[:, active], hidden[active]
+            else:
+                active, hidden = other, hidden[other]
+                q, k, v = model.qkv_raw(layer, hidden)
+            plan = plan_sparse(active, total)
+            active_cos, active_sin = cos[active], sin[active]
+            mark("selection")
+        else:
+            q, k, v = model.qkv_raw(layer, hidden)
+        k = rotate(k, active_cos, active_sin)
+        if active is None:
+            cache.keys[layer, :, :total] = k
+            cache.values[layer, :, :total] = v
+        else:
+            cache.keys[layer][:, active] = k
+            cache.values[layer][:, active] = v
+        hidden = model.finish_layer(layer, hidden, model.attend(layer, rotate(q, active_cos, active_sin), cache, plan))
+    mark("layers after selection")
+    logits = model.logits(hidden[-1:])[0]
+    mark("logits")
+    recomputed = count if model.num_layers > first_cached else chunk_tokens
+    return BlendResult(logits, cache, chunk_tokens, recomputed)

@@ -54,9 +54,10 @@ class BlendingRunner(LlamaRunner):
         return logits, state
 
     # -- chunk-caches and blending ------------------------------------------------------------------
-    def _chunk_kv(self, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
-        key = ChunkKey.of(self.fingerprint, list(prefix_ids), list(chunk_ids))
-        cached = self.store.get(key)
+    def _chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
+                  ) -> tuple[ChunkKV, bool]:
+        # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
+        cached = self.store.get(key, promote=False)
         if cached is not None and tuple(cached.token_ids.tolist()) == chunk_ids:
             return cached, True
         kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids))
@@ -67,15 +68,18 @@ class BlendingRunner(LlamaRunner):
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         chunk_prefix = first.token_ids if self.chunk_prefix == "system" and not first.is_chunk else ()
-        segments, hits = [], []
+        segments, hits, keys = [], [], []
         for segment in prompt.segments:
             if segment.is_chunk:
-                kv, hit = self._chunk_kv(segment.token_ids, chunk_prefix)
+                keys.append(ChunkKey.of(self.fingerprint, list(chunk_prefix), list(segment.token_ids)))
+                kv, hit = self._chunk_kv(keys[-1], segment.token_ids, chunk_prefix)
                 segments.append(kv)
                 hits.append(hit)
             else:
                 segments.append(list(segment.token_ids))
         result = blend_prefill(self.model, segments, ratio)
+        for key in keys:
+            self.store.promote(key)
         report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
                   "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
                   "recomputed_tokens": result.recomputed_chunk_tokens}
@@ -106,7 +110,7 @@ class BlendingRunner(LlamaRunner):
         start = reused
         for boundary in [b for b in boundaries if b > reused] + [len(prompt)]:
             piece = torch.tensor(ids[start:boundary], device=self.device)
-            logits = self.model.forward(piece, torch.arange(start, boundary, device=self.device), cache)
+            logits = self.model.forward(piece, None, cache)
             if boundary < len(prompt):
                 self._remember(token_digest(ids[:boundary]), cache)
             start = boundary

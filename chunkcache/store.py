@@ -118,14 +118,17 @@ class MemoryTier(Tier):
         self._pin = self.device.type == "cpu" and torch.cuda.is_available()
 
     def _place(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
+        # From pinned memory the copy to the GPU is queued, not waited for (the host allocator keeps the source
+        # alive until it is done).
+        tensor = tensor.to(self.device, non_blocking=tensor.is_pinned())
         return tensor.pin_memory() if self._pin else tensor
 
     def read(self, key: ChunkKey) -> ChunkKV | None:
         return self._data.get(key)
 
     def write(self, key: ChunkKey, kv: ChunkKV) -> int:
-        stored = ChunkKV(self._place(kv.token_ids), self._place(kv.keys), self._place(kv.values))
+        # Token ids stay on the host: blending reads them there, and a GPU copy would make it wait.
+        stored = ChunkKV(kv.token_ids.cpu(), self._place(kv.keys), self._place(kv.values))
         self._data[key] = stored
         return stored.nbytes
 
@@ -192,7 +195,10 @@ class ChunkCacheStore:
         self.stats = CacheStats(hits={t.name: 0 for t in tiers}, evictions={t.name: 0 for t in tiers})
         self._lock = threading.RLock()
 
-    def get(self, key: ChunkKey) -> ChunkKV | None:
+    def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
+        """The entry from the fastest tier holding it. With promote=False an entry found in a lower tier stays
+        there for now (call `promote` later): blending streams CPU-memory entries up layer by layer, and a
+        promotion copy queued before it would hold the prefill up."""
         with self._lock:
             for level, tier in enumerate(self.tiers):
                 info = tier.entries.get(key)
@@ -206,11 +212,23 @@ class ChunkCacheStore:
                 info.hits += 1
                 self.stats.hits[tier.name] += 1
                 tier.entries.move_to_end(key)
-                if level > 0:
+                if level > 0 and promote:
                     self._insert(0, key, kv, info)
                 return kv
             self.stats.misses += 1
             return None
+
+    def promote(self, key: ChunkKey) -> None:
+        """Move an entry found in a lower tier to the top one (no-op when it is there or gone)."""
+        with self._lock:
+            if key in self.tiers[0].entries:
+                return
+            for tier in self.tiers[1:]:
+                info = tier.entries.get(key)
+                kv = tier.read(key) if info is not None else None
+                if kv is not None:
+                    self._insert(0, key, kv, info)
+                    return
 
     def put(self, key: ChunkKey, kv: ChunkKV, recompute_cost: float) -> None:
         with self._lock:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.attention import AttentionPlan, attend, plan_all, plan_causal, plan_masked, plan_sparse
+from ..kernels.rope import rotate
+
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
@@ -84,14 +87,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [heads, tokens, head_dim]; cos/sin: [tokens, head_dim]."""
-    return x * cos + _rotate_half(x) * sin
+    return rotate(x, cos, sin)
 
 
 class LlamaFamilyModel:
@@ -191,15 +189,11 @@ class LlamaFamilyModel:
         q, k, v = self.qkv_raw(layer, hidden)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, layer: int, q: torch.Tensor, query_positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Attention of queries [heads, tokens, head_dim] over every valid slot of the cache, each query
-        seeing the slots whose position is not after its own. Returns [tokens, heads * head_dim]."""
-        keys = cache.keys[layer, :, : cache.length]
-        values = cache.values[layer, :, : cache.length]
-        mask = cache.positions[: cache.length][None, :] <= query_positions[:, None]
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None],
-                                             enable_gqa=self.heads != self.kv_heads)
-        return out[0].transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
+    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
+        """Attention of queries [heads, tokens, head_dim] over the cache's slots as the plan says (causal by
+        position). Returns [tokens, heads * head_dim]."""
+        out = attend(q, cache.keys[layer], cache.values[layer], plan)
+        return out.transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP and residual."""
@@ -212,19 +206,33 @@ class LlamaFamilyModel:
         return F.linear(_rms_norm(hidden, self.final_norm, self.eps), self.lm_head).float()
 
     # -- whole passes ---------------------------------------------------------------------------------
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                last_only: bool = True) -> torch.Tensor:
-        """Append these tokens to the cache (in new slots) and return their logits (or the last one's)."""
-        start = cache.length
-        cache.grow(start + token_ids.shape[0])
-        slots = slice(start, start + token_ids.shape[0])
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache,
+                last_only: bool = True, raw_kv: list | None = None) -> torch.Tensor:
+        """Append these tokens to the cache (in new slots) and return their logits (or the last one's).
+
+        positions None: the tokens continue the cache, at positions equal to their slots (prefill, decode,
+        a prompt after a cached prefix); this picks the fused causal kernels. With `raw_kv` (a list), each
+        layer's unrotated keys and values of these tokens are appended to it (chunk-cache entries)."""
+        start, count = cache.length, token_ids.shape[0]
+        cache.grow(start + count)
+        slots = slice(start, start + count)
+        if positions is None:
+            positions = torch.arange(start, start + count, device=self.device)
+            plan = plan_causal(count) if start == 0 else plan_all(start + 1) if count == 1 else None
+            plan = plan or plan_sparse(positions, start + count)
+        else:
+            plan = None
         cache.positions[slots] = positions
         cache.length = slots.stop
+        if plan is None:
+            plan = plan_masked(positions, cache.positions[: cache.length])
         hidden = F.embedding(token_ids, self.embed_tokens)
         cos, sin = self.rope(positions)
         for layer in range(self.num_layers):
-            q, k, v = self.qkv(layer, hidden, cos, sin)
-            cache.keys[layer, :, slots] = k
+            q, k, v = self.qkv_raw(layer, hidden)
+            if raw_kv is not None:
+                raw_kv.append((k, v))
+            cache.keys[layer, :, slots] = apply_rope(k, cos, sin)
             cache.values[layer, :, slots] = v
-            hidden = self.finish_layer(layer, hidden, self.attend(layer, q, positions, cache))
+            hidden = self.finish_layer(layer, hidden, self.attend(layer, apply_rope(q, cos, sin), cache, plan))
         return self.logits(hidden[-1:] if last_only else hidden)

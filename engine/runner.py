@@ -56,12 +56,12 @@ class LlamaRunner:
     def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
         ids = torch.tensor(prompt.token_ids, device=self.device)
         cache = self.model.new_cache(len(prompt) + 64)
-        logits = self.model.forward(ids, torch.arange(len(prompt), device=self.device), cache)
+        logits = self.model.forward(ids, None, cache)
         return logits[-1], KVState(cache=cache, length=len(prompt))
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor:
         ids = torch.tensor([token_id], device=self.device)
-        logits = self.model.forward(ids, torch.tensor([state.length], device=self.device), state.cache)
+        logits = self.model.forward(ids, None, state.cache)
         state.length += 1
         return logits[-1]
 

@@ -43,6 +43,21 @@ def test_lru_entries_move_down_the_tiers_and_hits_come_back_up(tmp_path) -> None
     assert report["tiers"][0]["bytes"] <= 2 * ENTRY and report["misses"] == 1
 
 
+def test_a_hit_can_wait_for_its_promotion(tmp_path) -> None:
+    store = ChunkCacheStore([MemoryTier("cpu", budget_bytes=2 * ENTRY, device="cpu"),
+                             DiskTier("disk", budget_bytes=10 * ENTRY, directory=tmp_path)])
+    for n in range(3):
+        store.put(key(n), kv(n), recompute_cost=8)
+    assert key(0) not in store.tiers[0].entries
+    assert_same(store.get(key(0), promote=False), kv(0))  # read where it lies (blending streams it up)
+    assert key(0) not in store.tiers[0].entries and store.stats.hits["disk"] == 1
+    store.promote(key(0))
+    assert key(0) in store.tiers[0].entries
+    store.promote(key(0))  # already at the top: nothing changes
+    store.promote(key(42))  # unknown: nothing happens
+    assert len(store.tiers[0].entries) == 2
+
+
 def test_last_tier_drops_and_budgets_hold(tmp_path) -> None:
     store = ChunkCacheStore([MemoryTier("cpu", budget_bytes=ENTRY, device="cpu"),
                              DiskTier("disk", budget_bytes=2 * ENTRY + 400, directory=tmp_path)])

@@ -17,4 +17,4 @@ if ls .carry/wheels/*.whl >/dev/null 2>&1; then
 fi
 # blendgate's folders as the package they install as, without installing (the machine has no network).
 mkdir -p /tmp/bg/blendgate
-for d in gateway engine retriever chunkcache; do ln -sfn "$PWD/$d" "/tmp/bg/blendgate/$d"; done
+for d in gateway engine retriever chunkcache semcache kernels; do ln -sfn "$PWD/$d" "/tmp/bg/blendgate/$d"; done

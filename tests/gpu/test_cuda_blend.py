@@ -31,7 +31,7 @@ def test_logits_match_transformers_on_cuda(model_type, dtype) -> None:
     ids = torch.randint(0, 512, (300,), device="cuda")
     with torch.inference_mode():
         expected = reference(ids[None]).logits[0].float()
-        got = ours.forward(ids, torch.arange(300, device="cuda"), ours.new_cache(16), last_only=False)
+        got = ours.forward(ids, None, ours.new_cache(16), last_only=False)
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 
@@ -44,7 +44,7 @@ def test_blend_limits_on_cuda() -> None:
     cached = [precompute_chunk(model, c) for c in chunks]
     ids = prefix + [t for c in chunks for t in c] + suffix
     with torch.no_grad():
-        full = model.forward(torch.tensor(ids, device="cuda"), torch.arange(len(ids), device="cuda"),
+        full = model.forward(torch.tensor(ids, device="cuda"), None,
                              model.new_cache(len(ids)))[-1]
     blended = blend_prefill(model, [prefix, *cached, suffix], 1.0)
     torch.testing.assert_close(blended.logits, full, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,109 @@
+"""Times of blendgate.kernels against their PyTorch references at Llama-3-8B blending shapes, on CUDA.
+
+    python bench/kernels.py
+
+Shapes: k = 8 chunks of 512 tokens after a 64-token prefix and before a 32-token question (4192 slots);
+32 query heads, 8 KV heads, head_dim 128, bf16; r = 0.15 (710 computed rows after selection).
+Also counts torch.compile recompilations of flex_attention over varied prompt lengths (should be ~1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+import triton.testing
+from blendgate.kernels import attention, rope, selection, sparse_attention
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    slots, heads, kv_heads, dim, layers = 4192, 32, 8, 128, 32
+    rows = []
+
+    print("| kernel | median ms |\n|---|---|", flush=True)
+
+    def add(name: str, fn) -> None:
+        try:
+            rows.append((name, ms(fn)))
+            print(f"| {name} | {rows[-1][1]:.4f} |", flush=True)
+        except Exception as exc:  # keep timing the others; the error is the row
+            print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:200]} |", flush=True)
+    # Masked attention: selected queries over every slot.
+    chosen = torch.randperm(slots, device="cuda")[:710].sort().values
+    q = torch.randn(heads, 710, dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    positions = torch.arange(slots, device="cuda")
+    flex = attention.plan_masked(chosen, positions, "flex")
+    sdpa = attention.plan_masked(chosen, positions, "sdpa")
+    add("masked attention 710 x 4192: flex_attention (block mask)", lambda: attention.attend(q, keys, values, flex))
+    add("masked attention 710 x 4192: SDPA boolean mask", lambda: attention.attend(q, keys, values, sdpa))
+    add("block mask build (per forward)", lambda: attention.position_block_mask(chosen, positions))
+    for config in [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3)]:
+        ends = sparse_attention.block_ends(chosen, config[0])
+        add(f"masked attention 710 x 4192: Triton sparse kernel {config}",
+            lambda: sparse_attention.sparse_causal_attention(q, keys, values, chosen, ends, config))
+    full_q = torch.randn(heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    causal = attention.plan_causal(slots)
+    add("causal attention 4192 x 4192: SDPA is_causal", lambda: attention.attend(full_q, keys, values, causal))
+    everything = attention.plan_masked(positions, positions, "flex")
+    add("causal attention 4192 x 4192: flex_attention", lambda: attention.attend(full_q, keys, values, everything))
+    add("causal attention 4192 x 4192: SDPA boolean mask",
+        lambda: attention.attend(full_q, keys, values, attention.plan_masked(positions, positions, "sdpa")))
+    rest = attention.plan_masked(positions[576:], positions, "flex")
+    add("prefix continuation 3616 x 4192: flex_attention",
+        lambda: attention.attend(full_q[:, 576:], keys, values, rest))
+    sparse_rest = attention.plan_sparse(positions[576:], slots)
+    add("prefix continuation 3616 x 4192: Triton sparse kernel",
+        lambda: attention.attend(full_q[:, 576:], keys, values, sparse_rest))
+    front_padded = attention.plan_causal(slots)
+    add("prefix continuation 3616 x 4192: SDPA is_causal on front-padded queries",
+        lambda: attention.attend(torch.nn.functional.pad(full_q[:, 576:], (0, 0, 576, 0)), keys, values, front_padded))
+
+    # Placing 8 chunks' KV (all layers) with keys rotated.
+    chunk_keys = torch.randn(layers, kv_heads, 512, dim, device="cuda", dtype=torch.bfloat16)
+    chunk_values = torch.randn_like(chunk_keys)
+    cache_keys = torch.empty(layers, kv_heads, slots + 64, dim, device="cuda", dtype=torch.bfloat16)
+    cache_values = torch.empty_like(cache_keys)
+    angles = torch.rand(512, dim // 2, device="cuda")
+    cos = torch.cat([angles.cos()] * 2, -1).to(torch.bfloat16)
+    sin = torch.cat([angles.sin()] * 2, -1).to(torch.bfloat16)
+
+    def place(fn):
+        return lambda: [fn(chunk_keys, chunk_values, cache_keys, cache_values, 64 + 512 * i, cos, sin)
+                        for i in range(8)]
+
+    moved = 8 * 4 * chunk_keys.numel() * 2  # read K and V, write K and V, bf16
+    add(f"place 8 chunks x 32 layers ({moved / 2**30:.2f} GiB moved): Triton fused", place(rope.place))
+    add("place 8 chunks x 32 layers: PyTorch reference", place(rope.place_reference))
+    copy = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+    add("device-to-device copy of the same bytes (the floor)", lambda: copy.clone())
+
+    fresh = torch.randn(kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    cached = torch.randn_like(fresh)
+    chunk_rows = torch.arange(64, 4160, device="cuda")
+    other_rows = torch.cat([torch.arange(64, device="cuda"), torch.arange(4160, 4192, device="cuda")])
+    add("deviation score: Triton fused", lambda: selection.deviation(fresh, cached))
+    add("deviation score: PyTorch reference", lambda: selection.deviation_reference(fresh, cached))
+    add("select 614 of 4096 rows (score + top-k + merge)",
+        lambda: selection.select_rows(fresh, cached, chunk_rows, other_rows, 614))
+
+    # Recompilations of flex_attention across prompt lengths.
+    torch._dynamo.utils.counters.clear()
+    for count, length in [(300, 2000), (517, 3001), (711, 4192), (64, 777), (1000, 8000)]:
+        pos = torch.arange(length, device="cuda")
+        sel = torch.randperm(length, device="cuda")[:count].sort().values
+        attention.attend(torch.randn(heads, count, dim, device="cuda", dtype=torch.bfloat16),
+                         torch.randn(kv_heads, length, dim, device="cuda", dtype=torch.bfloat16),
+                         torch.randn(kv_heads, length, dim, device="cuda", dtype=torch.bfloat16),
+                         attention.plan_masked(sel, pos, "flex"))
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    print(f"\nflex_attention graphs compiled over 5 new prompt lengths (after the runs above): {compiles}")
+
+
+if __name__ == "__main__":
+    main()

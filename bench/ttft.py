@@ -1,0 +1,254 @@
+"""Time to first token of blending against full prefill and prefix caching, on a GPU (issue 6's benchmark).
+
+Prompts: a system prefix (64 tokens), k chunks of 512 tokens and a 32-token question, random token ids.
+Models: the real architectures' configs with random bf16 weights (as vLLM's and SGLang's dummy load format),
+and optionally SmolLM2-135M-Instruct's real weights (--smollm). Every time is TTFT: from the request's token
+ids (chunk-caches already in their tier) to the first token's id on the host, measured with CUDA events,
+median and p90 over --runs runs after warm-up. Speed-ups are over our own full prefill of the same run.
+The ideal speed-up for recompute ratio r is L / (1 + r (L - 1)): one full layer plus r of each other layer,
+from the measured per-layer time of full prefill. transformers' own model (SDPA) runs the same prompts as the
+dense baseline our runner must keep up with.
+
+    python bench/ttft.py                                   # Llama-3-8B and Qwen2.5-7B shapes, k = 4 8 16
+    python bench/ttft.py --models llama3-8b --chunks 8 --runs 20 --out bench/results/ttft-DATE.md
+    python bench/ttft.py --smollm SmolLM2-135M-Instruct.Q4_1.gguf --models   # real-weight rows only
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.engine.llama import LlamaFamilyModel
+
+ARCHITECTURES = {
+    # config.json values of meta-llama/Meta-Llama-3-8B and Qwen/Qwen2.5-7B-Instruct (written here: no hub access).
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+SYSTEM_TOKENS, CHUNK_TOKENS, QUESTION_TOKENS = 64, 512, 32
+RATIOS = (0.05, 0.15, 0.3)
+
+
+def timed(fn, runs: int, warmup: int = 3) -> list[float]:
+    """Milliseconds per call (CUDA events around the call; the call ends by reading its token on the host)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def copy_bandwidth(mib: int = 512) -> float:
+    """GiB/s of one host-to-GPU copy from pinned memory."""
+    pinned = torch.empty(mib * 2**20, dtype=torch.uint8).pin_memory()
+    target = torch.empty_like(pinned, device="cuda")
+    return mib / 1024 / statistics.median(timed(lambda: target.copy_(pinned, non_blocking=True), 10)) * 1000
+
+
+def p90(times: list[float]) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+class Bench:
+    def __init__(self, name: str, hf_model, runs: int, max_chunks: int, seed: int = 0) -> None:
+        self.name, self.hf, self.runs = name, hf_model, runs
+        self.model = LlamaFamilyModel.from_transformers(hf_model)
+        vocab = hf_model.config.vocab_size
+        generator = torch.Generator().manual_seed(seed)
+        # Ids from the ordinary vocabulary (the first thousand hold the special and byte tokens).
+        draw = lambda n: torch.randint(1000, vocab, (n,), generator=generator).tolist()  # noqa: E731
+        self.system, self.question = draw(SYSTEM_TOKENS), draw(QUESTION_TOKENS)
+        self.chunks = [draw(CHUNK_TOKENS) for _ in range(max_chunks)]
+        self.on_gpu = [precompute_chunk(self.model, chunk, self.system) for chunk in self.chunks]
+        self.in_cpu = [ChunkKV(c.token_ids, c.keys.cpu().pin_memory(), c.values.cpu().pin_memory())
+                       for c in self.on_gpu]
+        self.rows: list[dict] = []
+
+    def ids(self, k: int) -> list[int]:
+        return self.system + [t for chunk in self.chunks[:k] for t in chunk] + self.question
+
+    def row(self, k: int, label: str, fn, ideal: float | None = None) -> dict:
+        times = timed(fn, self.runs)
+        row = {"model": self.name, "k": k, "row": label, "median": statistics.median(times), "p90": p90(times),
+               "ideal": ideal}
+        self.rows.append(row)
+        print(f"{self.name} k={k} {label}: {row['median']:.2f} ms (p90 {row['p90']:.2f})", flush=True)
+        return row
+
+    @torch.inference_mode()
+    def run(self, k: int, with_transformers: bool = True) -> None:
+        model, layers = self.model, self.model.num_layers
+        ids = self.ids(k)
+        ids_gpu = torch.tensor(ids, device="cuda")
+
+        def ours_full():
+            return int(model.forward(torch.tensor(ids, device="cuda"), None, model.new_cache(len(ids) + 64))
+                       [-1].argmax())
+
+        def transformers_full():
+            out = self.hf(input_ids=torch.tensor([ids], device="cuda"), use_cache=True, logits_to_keep=1)
+            return int(out.logits[0, -1].argmax())
+
+        if with_transformers:
+            self.row(k, "transformers full prefill (SDPA)", transformers_full)
+        full = self.row(k, "full prefill", ours_full, ideal=1.0)
+
+        # Prefix caching: the system prefix and first chunk's KV reused (copied into the request's cache).
+        reused = SYSTEM_TOKENS + CHUNK_TOKENS
+        base = model.new_cache(reused)
+        model.forward(ids_gpu[:reused], None, base)
+
+        def prefix():
+            cache = base.clone(len(ids) + 64)
+            return int(model.forward(torch.tensor(ids[reused:], device="cuda"), None, cache)[-1].argmax())
+
+        self.row(k, "prefix caching (first chunk)", prefix, ideal=len(ids) / (len(ids) - reused))
+        for tier, chunks in (("GPU", self.on_gpu), ("CPU", self.in_cpu)):
+            for ratio in (0.0, *RATIOS):
+                segments = [self.system, *chunks[:k], self.question]
+                label = f"{'full reuse (r = 0)' if ratio == 0 else f'blend r = {ratio}'}, chunks in {tier} memory"
+                self.row(k, label, lambda: int(blend_prefill(model, segments, ratio).logits.argmax()),
+                         ideal=layers / (1 + ratio * (layers - 1)))
+        for row in self.rows:
+            if row["model"] == self.name and row["k"] == k:
+                row["speedup"] = full["median"] / row["median"]
+
+    @torch.inference_mode()
+    def breakdown(self, k: int, ratio: float, chunks: list[ChunkKV]) -> dict[str, float]:
+        """Median milliseconds per stage of a blended prefill."""
+        segments = [self.system, *chunks[:k], self.question]
+        per_stage: dict[str, list[float]] = {}
+        for run in range(self.runs + 3):
+            marks: list = []
+            blend_prefill(self.model, segments, ratio, marks=marks)
+            torch.cuda.synchronize()
+            if run >= 3:
+                for (_, before), (stage, after) in zip(marks, marks[1:]):
+                    per_stage.setdefault(stage, []).append(before.elapsed_time(after))
+        return {stage: statistics.median(times) for stage, times in per_stage.items()}
+
+    @torch.inference_mode()
+    def decode_rate(self, k: int, ratio: float, tokens: int = 64) -> tuple[float, float]:
+        """Tokens per second decoding greedily after a blended prefill (ours) and after transformers' prefill."""
+        result = blend_prefill(self.model, [self.system, *self.on_gpu[:k], self.question], ratio)
+        cache, token = result.cache, int(result.logits.argmax())
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(tokens):
+            token = int(self.model.forward(torch.tensor([token], device="cuda"), None, cache)[-1].argmax())
+        ours = tokens / (time.perf_counter() - started)
+        out = self.hf(input_ids=torch.tensor([self.ids(k)], device="cuda"), use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(tokens):
+            out = self.hf(input_ids=torch.tensor([[token]], device="cuda"), past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        return ours, tokens / (time.perf_counter() - started)
+
+
+def random_model(name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(ARCHITECTURES[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device("cuda"):  # initialised on the GPU: seconds, not minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def smollm_model(path: Path):
+    from blendgate.engine.weights import load_model
+
+    loaded = load_model(path, dtype="bfloat16", device="cuda", cache_dir=Path("/tmp/blendgate-ttft"))
+    return loaded.model.eval()
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | k | row | TTFT median ms | TTFT p90 ms | speed-up over full prefill | ideal speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ideal = f"{r['ideal']:.2f}x" if r.get("ideal") else "-"
+        lines.append(f"| {r['model']} | {r['k']} | {r['row']} | {r['median']:.2f} | {r['p90']:.2f} | "
+                     f"{r.get('speedup', 0):.2f}x | {ideal} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--smollm", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF: real-weight rows")
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/ttft.py needs a CUDA GPU")
+    # transformers' SDPA would pick cuDNN, whose plan is rebuilt for every new length (~20 ms of host time
+    # per layer and decode step here); FlashAttention, as blendgate's own SDPA calls use, is its fair form.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    report = [f"# TTFT benchmark, {date.today().isoformat()}", "",
+              f"- command: `python bench/ttft.py {' '.join(sys.argv[1:])}`",
+              f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"Python {platform.python_version()}",
+              f"- prompts: {SYSTEM_TOKENS}-token system prefix, k chunks of {CHUNK_TOKENS} tokens, "
+              f"{QUESTION_TOKENS}-token question; {args.runs} runs after 3 warm-up runs",
+              "- transformers runs with cuDNN's SDPA backend turned off (FlashAttention instead): cuDNN rebuilds "
+              "its plan for every new sequence length", ""]
+    rows, extra = [], []
+    extra.append(f"- host to GPU copy from pinned memory (512 MiB): {copy_bandwidth():.1f} GiB/s median; this "
+                 "bounds chunk-caches streamed from CPU memory")
+    for name in args.models:
+        started = time.perf_counter()
+        bench = Bench(name, random_model(name), args.runs, max(args.chunks))
+        print(f"{name}: ready in {time.perf_counter() - started:.0f} s", flush=True)
+        for k in args.chunks:
+            bench.run(k)
+        k = 8 if 8 in args.chunks else args.chunks[0]
+        for tier, chunks in (("GPU", bench.on_gpu), ("CPU", bench.in_cpu)):
+            stages = bench.breakdown(k, 0.15, chunks)
+            extra.append(f"- {name}, k = {k}, blend r = 0.15, chunks in {tier} memory, median ms per stage: "
+                         + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stages.items()))
+        ours, theirs = bench.decode_rate(k, 0.15)
+        extra.append(f"- {name}, decode after a blended prefill (k = {k}, r = 0.15): {ours:.1f} tokens/s; "
+                     f"transformers (SDPA) after its own prefill: {theirs:.1f} tokens/s ({ours / theirs:.2f}x)")
+        rows += bench.rows
+        del bench
+        torch.cuda.empty_cache()
+    if args.smollm:
+        bench = Bench("SmolLM2-135M (real weights)", smollm_model(args.smollm), args.runs, max(args.chunks))
+        context = bench.hf.config.max_position_embeddings
+        for k in args.chunks:
+            if SYSTEM_TOKENS + k * CHUNK_TOKENS + QUESTION_TOKENS <= context:
+                bench.run(k)
+        rows += bench.rows
+    report += [table(rows), "", *extra]
+    print("\n".join(report[-len(extra) - 2:]))
+    print(table(rows))
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

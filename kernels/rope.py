@@ -1,0 +1,85 @@
+"""Chunk KV placed into a request's cache, keys rotated to the chunk's positions in the prompt, in one pass.
+
+Chunk keys are stored before RoPE, so one stored chunk serves any position. Placing it is: read its keys,
+rotate them by the target positions' angles, write them into the request's slots, and copy its values. The
+Triton kernel does it in one read and one write per element, all layers (or one, for pipelined loading) in
+one launch; `place_reference` is the PyTorch version, used on the CPU and in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU builds run the reference.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention of Llama-family models: x [..., tokens, head_dim]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def place_reference(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor, cache_values: torch.Tensor,
+                    start: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """keys/values [layers, kv_heads, tokens, head_dim] (keys unrotated) into cache_keys/cache_values
+    [layers, kv_heads, capacity, head_dim] at slots [start, start + tokens); cos/sin [tokens, head_dim]."""
+    span = slice(start, start + keys.shape[2])
+    cache_keys[:, :, span] = rotate(keys.to(cache_keys.dtype), cos, sin)
+    cache_values[:, :, span] = values.to(cache_values.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _place_kernel(keys, values, cache_keys, cache_values, cos, sin, tokens, start,
+                      src_layer, src_head, src_token, dst_layer, dst_head, dst_token,
+                      KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+        layer_head = tl.program_id(0)
+        layer, head = layer_head // KV_HEADS, layer_head % KV_HEADS
+        t = tl.program_id(1) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+        d = tl.arange(0, HALF)
+        rows = t[:, None] < tokens
+        src = layer.to(tl.int64) * src_layer + head * src_head + t[:, None].to(tl.int64) * src_token + d[None, :]
+        dst = (layer.to(tl.int64) * dst_layer + head * dst_head + (start + t[:, None]).to(tl.int64) * dst_token
+               + d[None, :])
+        angle = t[:, None] * (2 * HALF) + d[None, :]
+        x1 = tl.load(keys + src, mask=rows).to(tl.float32)
+        x2 = tl.load(keys + src + HALF, mask=rows).to(tl.float32)
+        cos1 = tl.load(cos + angle, mask=rows).to(tl.float32)
+        cos2 = tl.load(cos + angle + HALF, mask=rows).to(tl.float32)
+        sin1 = tl.load(sin + angle, mask=rows).to(tl.float32)
+        sin2 = tl.load(sin + angle + HALF, mask=rows).to(tl.float32)
+        out_type = cache_keys.dtype.element_ty
+        tl.store(cache_keys + dst, (x1 * cos1 - x2 * sin1).to(out_type), mask=rows)
+        tl.store(cache_keys + dst + HALF, (x2 * cos2 + x1 * sin2).to(out_type), mask=rows)
+        v1 = tl.load(values + src, mask=rows)
+        v2 = tl.load(values + src + HALF, mask=rows)
+        tl.store(cache_values + dst, v1.to(out_type), mask=rows)
+        tl.store(cache_values + dst + HALF, v2.to(out_type), mask=rows)
+
+
+def _fits_kernel(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor, cos: torch.Tensor) -> bool:
+    head_dim = keys.shape[-1]
+    return (triton is not None and keys.is_cuda and values.is_cuda and cache_keys.is_cuda
+            and head_dim % 2 == 0 and (head_dim // 2) & (head_dim // 2 - 1) == 0  # a power of two half
+            and keys.stride() == values.stride() and keys.stride(-1) == 1
+            and cache_keys.stride(-1) == 1 and cos.is_contiguous())
+
+
+def place(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor, cache_values: torch.Tensor,
+          start: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """As `place_reference`, in one fused pass on CUDA."""
+    if not _fits_kernel(keys, values, cache_keys, cos) or cache_keys.stride() != cache_values.stride():
+        place_reference(keys, values, cache_keys, cache_values, start, cos, sin)
+        return
+    layers, kv_heads, tokens, head_dim = keys.shape
+    block = 32
+    grid = (layers * kv_heads, triton.cdiv(tokens, block))
+    _place_kernel[grid](keys, values, cache_keys, cache_values, cos.contiguous(), sin.contiguous(), tokens, start,
+                        keys.stride(0), keys.stride(1), keys.stride(2),
+                        cache_keys.stride(0), cache_keys.stride(1), cache_keys.stride(2),
+                        KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_TOKENS=block)

@@ -1,0 +1,135 @@
+"""blendgate.kernels on CUDA against their references, on fresh random inputs each run (the seed is printed)
+with outputs poisoned first, so an unwritten element or a wrong index cannot pass."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.engine.llama import LlamaFamilyModel
+from blendgate.kernels import attention, rope, selection
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected.double()).norm() / expected.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8, 512, 128), (4, 2, 77, 64), (32, 8, 33, 128)])
+def test_place_rotates_and_writes_exactly_the_chunk_slots(gen, dtype, shape) -> None:
+    layers, heads, tokens, head_dim = shape
+    keys = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    values = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    angles = torch.rand(tokens, head_dim // 2, generator=gen, device="cuda") * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    capacity, start = tokens + 300, 123
+    cache = [torch.full((layers, heads, capacity, head_dim), float("nan"), dtype=dtype, device="cuda")
+             for _ in range(4)]
+    rope.place(keys, values, cache[0], cache[1], start, cos, sin)
+    rope.place_reference(keys.double(), values.double(), cache[2].double(), cache[3].double(), start, cos.double(),
+                         sin.double())
+    expected_keys = rope.rotate(keys.double(), cos.double(), sin.double())
+    span = slice(start, start + tokens)
+    assert relative_error(cache[0][:, :, span], expected_keys) < (1e-6 if dtype == torch.float32 else 8e-3)
+    assert torch.equal(cache[1][:, :, span], values)
+    outside = torch.cat([cache[0][:, :, :start], cache[0][:, :, span.stop:]], dim=2)
+    assert outside.isnan().all(), "wrote outside the chunk's slots"
+
+
+def test_deviation_and_selection_match_the_reference(gen) -> None:
+    fresh = torch.randn(8, 4200, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    cached = torch.randn(8, 4200, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    score = selection.deviation(fresh, cached)
+    expected = selection.deviation_reference(fresh, cached)
+    assert relative_error(score, expected) < 1e-5
+    chunk_rows = torch.arange(64, 4160, device="cuda")
+    other_rows = torch.cat([torch.arange(64, device="cuda"), torch.arange(4160, 4200, device="cuda")])
+    rows = selection.select_rows(fresh, cached, chunk_rows, other_rows, 614)
+    expected_chunk = set((chunk_rows[torch.topk(expected[chunk_rows], 614).indices]).tolist())
+    assert rows.tolist() == sorted(expected_chunk | set(other_rows.tolist()))
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+@pytest.mark.parametrize("queries,slots,shuffled", [(650, 4200, False), (37, 300, True), (1, 129, False),
+                                                    (1000, 1000, False)])
+def test_masked_attention_matches_the_reference(gen, backend, queries, slots, shuffled) -> None:
+    q = torch.randn(32, queries, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    keys = torch.randn(8, slots, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    values = torch.randn(8, slots, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    slot_positions = torch.arange(slots, device="cuda")
+    if shuffled:  # slots need not be in position order
+        slot_positions = slot_positions[torch.randperm(slots, generator=gen, device="cuda")]
+    query_positions = torch.randperm(slots, generator=gen, device="cuda")[:queries].sort().values
+    plan = attention.plan_masked(query_positions, slot_positions, backend)
+    got = attention.attend(q, keys, values, plan)
+    expected = attention.reference_attention(q, keys, values, query_positions, slot_positions)
+    assert not got.isnan().any()
+    assert relative_error(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("queries,slots,head_dim,sort", [(710, 4192, 128, True), (37, 300, 64, False),
+                                                         (1, 129, 128, True), (3616, 4192, 128, True)])
+def test_sparse_attention_matches_the_reference(gen, dtype, queries, slots, head_dim, sort) -> None:
+    q = torch.randn(32, queries, head_dim, generator=gen, device="cuda").to(dtype)
+    keys = torch.randn(8, slots + 64, head_dim, generator=gen, device="cuda").to(dtype)
+    values = torch.randn(8, slots + 64, head_dim, generator=gen, device="cuda").to(dtype)
+    keys[:, slots:], values[:, slots:] = float("nan"), float("nan")  # past the valid slots: never read
+    query_positions = torch.randperm(slots, generator=gen, device="cuda")[:queries]
+    if sort:
+        query_positions = query_positions.sort().values
+    plan = attention.plan_sparse(query_positions, slots)
+    assert plan.kind == "sparse"
+    got = attention.attend(q, keys, values, plan)
+    expected = attention.reference_attention(q, keys[:, :slots], values[:, :slots], query_positions,
+                                             torch.arange(slots, device="cuda"))
+    assert not got.isnan().any()
+    assert relative_error(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("kind", ["causal", "all"])
+def test_dense_attention_matches_the_reference(gen, kind) -> None:
+    slots = 2048
+    queries = slots if kind == "causal" else 1
+    q = torch.randn(32, queries, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    keys = torch.randn(8, slots + 100, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    values = torch.randn(8, slots + 100, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    keys[:, slots:] = float("nan")  # beyond the valid slots: must never be read
+    plan = attention.plan_causal(slots) if kind == "causal" else attention.plan_all(slots)
+    positions = torch.arange(slots, device="cuda")
+    query_positions = positions if kind == "causal" else positions[-1:]
+    expected = attention.reference_attention(q, keys[:, :slots], values[:, :slots], query_positions, positions)
+    assert relative_error(attention.attend(q, keys, values, plan), expected) < 1e-2
+
+
+def small_config():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.15, 1.0])
+def test_chunks_streamed_from_cpu_memory_blend_like_chunks_on_the_gpu(gen, ratio) -> None:
+    model = LlamaFamilyModel.random(small_config(), device="cuda", dtype=torch.bfloat16, seed=5)
+    ids = torch.randint(0, 512, (4 * 128 + 40,), generator=gen, device="cuda").tolist()
+    prefix, chunks, question = ids[:24], [ids[24 + 128 * i: 24 + 128 * (i + 1)] for i in range(4)], ids[-16:]
+    on_gpu = [precompute_chunk(model, c, prefix) for c in chunks]
+    in_cpu = [ChunkKV(c.token_ids.cpu(), c.keys.cpu().pin_memory(), c.values.cpu().pin_memory()) for c in on_gpu]
+    expected = blend_prefill(model, [prefix, *on_gpu, question], ratio)
+    got = blend_prefill(model, [prefix, *in_cpu, question], ratio)
+    torch.testing.assert_close(got.logits, expected.logits, atol=0, rtol=0)
+    length = len(ids)
+    torch.testing.assert_close(got.cache.keys[:, :, :length], expected.cache.keys[:, :, :length], atol=0, rtol=0)
