@@ -24,7 +24,7 @@ import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
-from ..kernels.rope import place, rotate
+from ..kernels.rope import place, rotate_heads
 from ..kernels.selection import select_rows
 
 # The layer at which tokens are selected; the paper finds the deviation at an early layer predicts the
@@ -208,14 +208,15 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             mark("selection")
         else:
             q, k, v = model.qkv_raw(layer, hidden)
-        k = rotate(k, active_cos, active_sin)
+        k = rotate_heads(k, active_cos, active_sin)
         if active is None:
             cache.keys[layer, :, :total] = k
             cache.values[layer, :, :total] = v
         else:
             cache.keys[layer][:, active] = k
             cache.values[layer][:, active] = v
-        hidden = model.finish_layer(layer, hidden, model.attend(layer, rotate(q, active_cos, active_sin), cache, plan))
+        attention = model.attend(layer, rotate_heads(q, active_cos, active_sin), cache, plan)
+        hidden = model.finish_layer(layer, hidden, attention)
     mark("layers after selection")
     logits = model.logits(hidden[-1:])[0]
     mark("logits")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.attention import AttentionPlan, attend, plan_all, plan_causal, plan_masked, plan_sparse
-from ..kernels.rope import rotate
+from ..kernels.norm import rms_norm
+from ..kernels.rope import rotate_heads
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -80,16 +81,13 @@ class KVCache:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Computed in float32 like transformers, then back to the model's dtype.
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    # Computed in float32 like transformers, then back to the model's dtype (one fused launch on CUDA).
+    return rms_norm(x, weight, eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [heads, tokens, head_dim]; cos/sin: [tokens, head_dim]."""
-    return rotate(x, cos, sin)
+    return rotate_heads(x, cos, sin)
 
 
 class LlamaFamilyModel:

@@ -1,7 +1,10 @@
 """GPU pieces of blending, each with a PyTorch reference that also serves on the CPU.
 
 - attention.py: attention of a request's query tokens over its KV cache, causal by position;
-- rope.py: chunk KV placed into a request's cache with its keys rotated to their new positions;
+- sparse_attention.py: the Triton kernel behind attention.py's sparse shape;
+- rope.py: chunk KV placed into a request's cache with its keys rotated to their new positions, and the
+  rotary embedding of queries and keys;
+- norm.py: RMSNorm;
 - selection.py: the KV-deviation score of each token and the choice of tokens to recompute.
 
 Installed as `blendgate.kernels` (a bare `kernels` would shadow Hugging Face's package of that name).

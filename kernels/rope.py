@@ -62,6 +62,44 @@ if triton is not None:
         tl.store(cache_values + dst + HALF, v2.to(out_type), mask=rows)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rotate_kernel(x, out, cos, sin, tokens, x_head, x_token, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+        head = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+        d = tl.arange(0, HALF)
+        rows = t[:, None] < tokens
+        src = head * x_head + t[:, None].to(tl.int64) * x_token + d[None, :]
+        dst = (head * tokens + t[:, None]).to(tl.int64) * (2 * HALF) + d[None, :]
+        angle = t[:, None] * (2 * HALF) + d[None, :]
+        x1 = tl.load(x + src, mask=rows).to(tl.float32)
+        x2 = tl.load(x + src + HALF, mask=rows).to(tl.float32)
+        cos1 = tl.load(cos + angle, mask=rows).to(tl.float32)
+        cos2 = tl.load(cos + angle + HALF, mask=rows).to(tl.float32)
+        sin1 = tl.load(sin + angle, mask=rows).to(tl.float32)
+        sin2 = tl.load(sin + angle + HALF, mask=rows).to(tl.float32)
+        out_type = out.dtype.element_ty
+        tl.store(out + dst, (x1 * cos1 - x2 * sin1).to(out_type), mask=rows)
+        tl.store(out + dst + HALF, (x2 * cos2 + x1 * sin2).to(out_type), mask=rows)
+
+
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """As `rotate` for x [heads, tokens, head_dim] (any head/token strides), one launch on CUDA instead of
+    five; the result is contiguous."""
+    heads, tokens, head_dim = x.shape
+    half = head_dim // 2
+    if (triton is None or not x.is_cuda or x.stride(-1) != 1 or head_dim % 2 or half & (half - 1)
+            or not cos.is_contiguous() or not sin.is_contiguous() or cos.shape != (tokens, head_dim)):
+        return rotate(x, cos, sin)
+    out = torch.empty((heads, tokens, head_dim), dtype=x.dtype, device=x.device)
+    if tokens:
+        block = 32
+        _rotate_kernel[(heads, triton.cdiv(tokens, block))](x, out, cos, sin, tokens, x.stride(0), x.stride(1),
+                                                           HALF=half, BLOCK_TOKENS=block)
+    return out
+
+
 def _fits_kernel(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor, cos: torch.Tensor) -> bool:
     head_dim = keys.shape[-1]
     return (triton is not None and keys.is_cuda and values.is_cuda and cache_keys.is_cuda

@@ -39,13 +39,13 @@ if triton is not None:
         tl.store(out + t, total, mask=t < tokens)
 
 
-def deviation(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-    """As `deviation_reference`, fused on CUDA."""
+def deviation(fresh: torch.Tensor, cached: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `deviation_reference`, fused on CUDA (into `out` when given)."""
     kv_heads, tokens, head_dim = fresh.shape
     if (triton is None or not fresh.is_cuda or head_dim & (head_dim - 1) or fresh.stride(-1) != 1
             or cached.stride(-1) != 1):
         return deviation_reference(fresh, cached)
-    out = torch.empty(tokens, dtype=torch.float32, device=fresh.device)
+    out = torch.empty(tokens, dtype=torch.float32, device=fresh.device) if out is None else out
     block = 16
     _deviation_kernel[(triton.cdiv(tokens, block),)](fresh, cached, out, tokens, fresh.stride(0), fresh.stride(1),
                                                       cached.stride(0), cached.stride(1), KV_HEADS=kv_heads,

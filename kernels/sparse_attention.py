@@ -84,14 +84,15 @@ def block_ends(query_positions: torch.Tensor, block_m: int = DEFAULT_CONFIG[0]) 
 
 def sparse_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             query_positions: torch.Tensor, ends: torch.Tensor | None = None,
-                            config: tuple[int, int, int, int] = DEFAULT_CONFIG) -> torch.Tensor:
+                            config: tuple[int, int, int, int] = DEFAULT_CONFIG, out: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """q [heads, queries, head_dim] at `query_positions` (ascending for speed; any order is correct);
     keys/values [kv_heads, slots, head_dim] with slot j at position j; `ends` from block_ends (same block
-    size as the config's). Returns [heads, queries, head_dim]."""
+    size as the config's). Returns [heads, queries, head_dim] (in `out` when given)."""
     heads, queries, head_dim = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     block_m, block_n, warps, stages = config
     if ends is None:
         ends = block_ends(query_positions, block_m)

@@ -62,3 +62,22 @@ def test_gpu_tier_keeps_kv_on_the_gpu_and_demotes_to_cpu() -> None:
     store.put(second, entry, 16)
     assert first in store.tiers[1].entries and store.tiers[1].read(first).keys.device.type == "cpu"
     assert F.mse_loss(store.get(first).keys.cpu(), entry.keys) == 0
+
+
+def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> None:
+    model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=4)
+    generator = torch.Generator().manual_seed(2)
+    prefix, suffix = torch.randint(0, 512, (8,), generator=generator).tolist(), [5, 6, 7, 8]
+    chunk = torch.randint(0, 512, (64,), generator=generator).tolist()
+    kv = precompute_chunk(model, chunk, prefix)
+    store = ChunkCacheStore([MemoryTier("gpu", 1, "cuda"), MemoryTier("cpu", 4 * kv.nbytes, "cpu")])
+    key = ChunkKey.of("m", prefix, chunk)
+    store.put(key, kv, 64)  # too big for the GPU tier's budget: lands in CPU memory, pinned
+    found = store.get(key, promote=False)
+    assert found.keys.device.type == "cpu" and found.keys.is_pinned()
+    streamed = blend_prefill(model, [prefix, found, suffix], 0.15)
+    on_gpu = blend_prefill(model, [prefix, kv, suffix], 0.15)
+    torch.testing.assert_close(streamed.logits, on_gpu.logits, atol=0, rtol=0)
+    store.tiers[0].budget_bytes = 4 * kv.nbytes
+    store.promote(key)
+    assert store.get(key).keys.device.type == "cuda"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
 from blendgate.engine.llama import LlamaFamilyModel
-from blendgate.kernels import attention, rope, selection
+from blendgate.kernels import attention, norm, rope, selection, sparse_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,12 +47,34 @@ def test_place_rotates_and_writes_exactly_the_chunk_slots(gen, dtype, shape) -> 
     assert outside.isnan().all(), "wrote outside the chunk's slots"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(710, 4096), (3, 576), (1, 3584)])
+def test_rms_norm_matches_the_reference(gen, dtype, rows, hidden) -> None:
+    x = (torch.randn(rows, hidden, generator=gen, device="cuda") * 3).to(dtype)
+    weight = torch.randn(hidden, generator=gen, device="cuda").to(dtype)
+    got = norm.rms_norm(x, weight, 1e-5)
+    expected = norm.rms_norm_reference(x.double(), weight.double(), 1e-5)
+    assert not got.isnan().any()
+    assert relative_error(got, expected) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_heads_matches_the_reference(gen, dtype) -> None:
+    x = torch.randn(700, 32, 128, generator=gen, device="cuda").to(dtype).transpose(0, 1)  # as qkv_raw gives
+    angles = torch.rand(700, 64, generator=gen, device="cuda") * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    got = rope.rotate_heads(x, cos, sin)
+    expected = rope.rotate(x.double(), cos.double(), sin.double())
+    assert got.is_contiguous() and not got.isnan().any()
+    assert relative_error(got, expected) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
 def test_deviation_and_selection_match_the_reference(gen) -> None:
     fresh = torch.randn(8, 4200, 128, generator=gen, device="cuda").to(torch.bfloat16)
     cached = torch.randn(8, 4200, 128, generator=gen, device="cuda").to(torch.bfloat16)
-    score = selection.deviation(fresh, cached)
+    score = selection.deviation(fresh, cached, out=torch.full((4200,), float("nan"), device="cuda"))
     expected = selection.deviation_reference(fresh, cached)
-    assert relative_error(score, expected) < 1e-5
+    assert not score.isnan().any() and relative_error(score, expected) < 1e-5
     chunk_rows = torch.arange(64, 4160, device="cuda")
     other_rows = torch.cat([torch.arange(64, device="cuda"), torch.arange(4160, 4200, device="cuda")])
     rows = selection.select_rows(fresh, cached, chunk_rows, other_rows, 614)
@@ -92,6 +114,10 @@ def test_sparse_attention_matches_the_reference(gen, dtype, queries, slots, head
     plan = attention.plan_sparse(query_positions, slots)
     assert plan.kind == "sparse"
     got = attention.attend(q, keys, values, plan)
+    if dtype != torch.float32:  # the Triton kernel itself, into a poisoned buffer
+        poisoned = torch.full_like(q, float("nan"))
+        sparse_attention.sparse_causal_attention(q, keys, values, query_positions, plan.block_ends, out=poisoned)
+        assert torch.equal(poisoned, got)
     expected = attention.reference_attention(q, keys[:, :slots], values[:, :slots], query_positions,
                                              torch.arange(slots, device="cuda"))
     assert not got.isnan().any()
