@@ -1,6 +1,9 @@
 """Time to first token of blending against full prefill and prefix caching, on a GPU (issue 6's benchmark).
 
-Prompts: a system prefix (64 tokens), k chunks of 512 tokens and a 32-token question, random token ids.
+Prompts: a system prefix (64 tokens), k chunks of 512 tokens and a 32-token question, random token ids. With
+--reuse-system-prefix, blend and reuse rows also reuse the system prefix's exact KV (computed alone from
+position 0), as the gateway's blending runner does; without it (the recorded 2026-11-23 results) the
+prefix is computed with the question.
 Models: the real architectures' configs with random bf16 weights (as vLLM's and SGLang's dummy load format),
 and optionally SmolLM2-135M-Instruct's real weights (--smollm). Every time is TTFT: from the request's token
 ids (chunk-caches already in their tier) to the first token's id on the host, measured with CUDA events,
@@ -64,13 +67,21 @@ def copy_bandwidth(mib: int = 512) -> float:
     return mib / 1024 / statistics.median(timed(lambda: target.copy_(pinned, non_blocking=True), 10)) * 1000
 
 
+def pinned(kv: ChunkKV | None) -> ChunkKV | None:
+    """A copy of a chunk-cache in pinned CPU memory, as the CPU tier keeps it."""
+    if kv is None:
+        return None
+    return ChunkKV(kv.token_ids, kv.keys.cpu().pin_memory(), kv.values.cpu().pin_memory())
+
+
 def p90(times: list[float]) -> float:
     ordered = sorted(times)
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 class Bench:
-    def __init__(self, name: str, hf_model, runs: int, max_chunks: int, seed: int = 0) -> None:
+    def __init__(self, name: str, hf_model, runs: int, max_chunks: int, seed: int = 0,
+                 reuse_system_prefix: bool = False) -> None:
         self.name, self.hf, self.runs = name, hf_model, runs
         self.model = LlamaFamilyModel.from_transformers(hf_model)
         vocab = hf_model.config.vocab_size
@@ -80,8 +91,10 @@ class Bench:
         self.system, self.question = draw(SYSTEM_TOKENS), draw(QUESTION_TOKENS)
         self.chunks = [draw(CHUNK_TOKENS) for _ in range(max_chunks)]
         self.on_gpu = [precompute_chunk(self.model, chunk, self.system) for chunk in self.chunks]
-        self.in_cpu = [ChunkKV(c.token_ids, c.keys.cpu().pin_memory(), c.values.cpu().pin_memory())
-                       for c in self.on_gpu]
+        self.in_cpu = [pinned(c) for c in self.on_gpu]
+        # The system prefix's own KV (exact: it is a prefix), reused by blending like any serving system would.
+        self.prefix_gpu = precompute_chunk(self.model, self.system) if reuse_system_prefix else None
+        self.prefix_cpu = pinned(self.prefix_gpu) if reuse_system_prefix else None
         self.rows: list[dict] = []
 
     def ids(self, k: int) -> list[int]:
@@ -123,24 +136,25 @@ class Bench:
             return int(model.forward(torch.tensor(ids[reused:], device="cuda"), None, cache)[-1].argmax())
 
         self.row(k, "prefix caching (first chunk)", prefix, ideal=len(ids) / (len(ids) - reused))
-        for tier, chunks in (("GPU", self.on_gpu), ("CPU", self.in_cpu)):
+        for tier, chunks, prefix_kv in (("GPU", self.on_gpu, self.prefix_gpu), ("CPU", self.in_cpu, self.prefix_cpu)):
             for ratio in (0.0, *RATIOS):
                 segments = [self.system, *chunks[:k], self.question]
                 label = f"{'full reuse (r = 0)' if ratio == 0 else f'blend r = {ratio}'}, chunks in {tier} memory"
-                self.row(k, label, lambda: int(blend_prefill(model, segments, ratio).logits.argmax()),
-                         ideal=layers / (1 + ratio * (layers - 1)))
+                self.row(k, label, lambda: int(blend_prefill(model, segments, ratio, prefix_kv=prefix_kv)
+                                               .logits.argmax()), ideal=layers / (1 + ratio * (layers - 1)))
         for row in self.rows:
             if row["model"] == self.name and row["k"] == k:
                 row["speedup"] = full["median"] / row["median"]
 
     @torch.inference_mode()
-    def breakdown(self, k: int, ratio: float, chunks: list[ChunkKV]) -> dict[str, float]:
+    def breakdown(self, k: int, ratio: float, chunks: list[ChunkKV], prefix_kv: ChunkKV | None
+                  ) -> dict[str, float]:
         """Median milliseconds per stage of a blended prefill."""
         segments = [self.system, *chunks[:k], self.question]
         per_stage: dict[str, list[float]] = {}
         for run in range(self.runs + 3):
             marks: list = []
-            blend_prefill(self.model, segments, ratio, marks=marks)
+            blend_prefill(self.model, segments, ratio, marks=marks, prefix_kv=prefix_kv)
             torch.cuda.synchronize()
             if run >= 3:
                 for (_, before), (stage, after) in zip(marks, marks[1:]):
@@ -150,7 +164,8 @@ class Bench:
     @torch.inference_mode()
     def decode_rate(self, k: int, ratio: float, tokens: int = 64) -> tuple[float, float]:
         """Tokens per second decoding greedily after a blended prefill (ours) and after transformers' prefill."""
-        result = blend_prefill(self.model, [self.system, *self.on_gpu[:k], self.question], ratio)
+        result = blend_prefill(self.model, [self.system, *self.on_gpu[:k], self.question], ratio,
+                               prefix_kv=self.prefix_gpu)
         cache, token = result.cache, int(result.logits.argmax())
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -200,6 +215,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--smollm", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF: real-weight rows")
+    parser.add_argument("--reuse-system-prefix", action="store_true",
+                        help="blend and reuse rows reuse the system prefix's exact KV, as the gateway does")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -220,13 +237,15 @@ def main() -> None:
                  "bounds chunk-caches streamed from CPU memory")
     for name in args.models:
         started = time.perf_counter()
-        bench = Bench(name, random_model(name), args.runs, max(args.chunks))
+        bench = Bench(name, random_model(name), args.runs, max(args.chunks),
+                      reuse_system_prefix=args.reuse_system_prefix)
         print(f"{name}: ready in {time.perf_counter() - started:.0f} s", flush=True)
         for k in args.chunks:
             bench.run(k)
         k = 8 if 8 in args.chunks else args.chunks[0]
-        for tier, chunks in (("GPU", bench.on_gpu), ("CPU", bench.in_cpu)):
-            stages = bench.breakdown(k, 0.15, chunks)
+        for tier, chunks, prefix_kv in (("GPU", bench.on_gpu, bench.prefix_gpu), ("CPU", bench.in_cpu,
+                                                                                     bench.prefix_cpu)):
+            stages = bench.breakdown(k, 0.15, chunks, prefix_kv)
             extra.append(f"- {name}, k = {k}, blend r = 0.15, chunks in {tier} memory, median ms per stage: "
                          + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stages.items()))
         ours, theirs = bench.decode_rate(k, 0.15)
@@ -236,7 +255,8 @@ def main() -> None:
         del bench
         torch.cuda.empty_cache()
     if args.smollm:
-        bench = Bench("SmolLM2-135M (real weights)", smollm_model(args.smollm), args.runs, max(args.chunks))
+        bench = Bench("SmolLM2-135M (real weights)", smollm_model(args.smollm), args.runs, max(args.chunks),
+                      reuse_system_prefix=args.reuse_system_prefix)
         context = bench.hf.config.max_position_embeddings
         for k in args.chunks:
             if SYSTEM_TOKENS + k * CHUNK_TOKENS + QUESTION_TOKENS <= context:

@@ -143,10 +143,12 @@ class ChunkLoader:
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
-                  marks: list | None = None) -> BlendResult:
+                  marks: list | None = None, prefix_kv: ChunkKV | None = None) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
     The last segment must be computed tokens (the question), whose last position gives the logits.
     ChunkKVs may live on the GPU or in (pinned) CPU memory; the latter are streamed up layer by layer.
+    `prefix_kv`: the KV of the first segment's tokens computed alone from position 0 (the system prompt every
+    request shares), which is exactly what computing them here gives: reused as is, never recomputed.
     `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown."""
     def mark(stage: str) -> None:
         if marks is not None:
@@ -158,6 +160,11 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
         raise ValueError("recompute_ratio must be between 0 and 1")
     if not segments or isinstance(segments[-1], ChunkKV) or not segments[-1]:
         raise ValueError("blending needs computed tokens (the question) after the last chunk")
+    exact = 0  # leading rows whose KV is reused exactly
+    if prefix_kv is not None:
+        if isinstance(segments[0], ChunkKV) or list(segments[0]) != prefix_kv.token_ids.tolist():
+            raise ValueError("prefix_kv must be the KV of the first segment's tokens")
+        exact = prefix_kv.length
     device = model.device
     # Everything about the layout is known on the host, so the GPU never has to be waited for.
     ids, placements, chunk_rows, other_rows = [], [], [], []
@@ -169,7 +176,7 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             chunk_rows += range(start, len(ids))
         else:
             ids += list(segment)
-            other_rows += range(start, len(ids))
+            other_rows += range(max(start, exact), len(ids))
     mark("start")
     total, chunk_tokens = len(ids), len(chunk_rows)
     count = selected_count(chunk_tokens, recompute_ratio)
@@ -178,6 +185,9 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     cache = model.new_cache(total + 64)
     cache.positions[:total] = positions
     cache.length = total
+    if exact:
+        place(prefix_kv.keys.to(device, non_blocking=True), prefix_kv.values.to(device, non_blocking=True),
+              cache.keys, cache.values, 0, cos[:exact], sin[:exact])
 
     # Layers before the selection layer run every token (their KV depends on little context, and the
     # selection needs every token's fresh values); with nothing to recompute, only the question runs at all.
@@ -185,36 +195,39 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     everything = count == chunk_tokens  # r = 1: full prefill, computed as such
     loader = ChunkLoader(cache, [] if everything else placements, cos, sin, first_cached)
     mark("chunks placed")
-    other = torch.tensor(other_rows, dtype=torch.long, device=device)
-    chunk = torch.tensor(chunk_rows, dtype=torch.long, device=device)
+    # Row indices below are local to the computed rows, which start after the exact prefix.
+    other = torch.tensor(other_rows, dtype=torch.long, device=device) - exact
+    chunk = torch.tensor(chunk_rows, dtype=torch.long, device=device) - exact
 
-    active = None  # None: every row
-    plan = plan_causal(total)
-    hidden = torch.nn.functional.embedding(torch.tensor(ids, device=device), model.embed_tokens)
-    active_cos, active_sin = cos, sin
+    rows: torch.Tensor | None = None  # positions of the computed rows once narrowed; before: exact..total-1
+    plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
+    hidden = torch.nn.functional.embedding(torch.tensor(ids[exact:], device=device), model.embed_tokens)
+    active_cos, active_sin = cos[exact:], sin[exact:]
     for layer in range(model.num_layers):
         loader.ready(layer)
         if layer == first_cached and not everything:
             mark("layers before selection")
             if count:  # every row's fresh values, to find the rows whose cached values deviate most
                 q, k, v = model.qkv_raw(layer, hidden)
-                active = select_rows(v, cache.values[layer, :, :total], chunk, other, count)
-                q, k, v, hidden = q[:, active], k[:, active], v[:, active], hidden[active]
+                local = select_rows(v, cache.values[layer, :, exact:total], chunk, other, count)
+                q, k, v, hidden = q[:, local], k[:, local], v[:, local], hidden[local]
             else:
-                active, hidden = other, hidden[other]
+                local = other
+                hidden = hidden[local]
                 q, k, v = model.qkv_raw(layer, hidden)
-            plan = plan_sparse(active, total)
-            active_cos, active_sin = cos[active], sin[active]
+            rows = local + exact
+            plan = plan_sparse(rows, total)
+            active_cos, active_sin = cos[rows], sin[rows]
             mark("selection")
         else:
             q, k, v = model.qkv_raw(layer, hidden)
         k = rotate_heads(k, active_cos, active_sin)
-        if active is None:
-            cache.keys[layer, :, :total] = k
-            cache.values[layer, :, :total] = v
+        if rows is None:
+            cache.keys[layer, :, exact:total] = k
+            cache.values[layer, :, exact:total] = v
         else:
-            cache.keys[layer][:, active] = k
-            cache.values[layer][:, active] = v
+            cache.keys[layer][:, rows] = k
+            cache.values[layer][:, rows] = v
         attention = model.attend(layer, rotate_heads(q, active_cos, active_sin), cache, plan)
         hidden = model.finish_layer(layer, hidden, attention)
     mark("layers after selection")

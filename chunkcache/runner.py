@@ -77,12 +77,18 @@ class BlendingRunner(LlamaRunner):
                 hits.append(hit)
             else:
                 segments.append(list(segment.token_ids))
-        result = blend_prefill(self.model, segments, ratio)
+        # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
+        prefix_kv = None
+        if not first.is_chunk and len(prompt.segments) > 1:
+            keys.append(ChunkKey.of(self.fingerprint, [], list(first.token_ids)))
+            prefix_kv, _ = self._chunk_kv(keys[-1], first.token_ids, ())
+        result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv)
         for key in keys:
             self.store.promote(key)
         report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
                   "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
-                  "recomputed_tokens": result.recomputed_chunk_tokens}
+                  "recomputed_tokens": result.recomputed_chunk_tokens,
+                  "prefix_tokens_reused": prefix_kv.length if prefix_kv is not None else 0}
         return result.logits, KVState(cache=result.cache, length=len(prompt)), report
 
     # -- prefix caching -----------------------------------------------------------------------------

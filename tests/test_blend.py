@@ -128,3 +128,20 @@ def test_small_computed_segments_between_chunks_are_always_computed(model) -> No
     expected, _ = full_prefill(model, PREFIX + marker_a + CHUNKS[0] + marker_b + CHUNKS[1] + SUFFIX)
     torch.testing.assert_close(blended.logits, expected, atol=1e-4, rtol=1e-4)
     assert blend_prefill(model, segments, 0.0).chunk_tokens == len(CHUNKS[0]) + len(CHUNKS[1])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.15, 1.0])
+def test_an_exact_prefix_kv_changes_nothing_but_the_work(model, ratio: float) -> None:
+    """The system prompt's KV computed alone from position 0 is what computing it in place gives, so reusing it
+    leaves the blend's logits and cache as they were."""
+    chunks = [precompute_chunk(model, c, PREFIX) for c in CHUNKS]
+    prefix_kv = precompute_chunk(model, PREFIX)
+    computed = blend_prefill(model, [PREFIX, *chunks, SUFFIX], ratio)
+    reused = blend_prefill(model, [PREFIX, *chunks, SUFFIX], ratio, prefix_kv=prefix_kv)
+    torch.testing.assert_close(reused.logits, computed.logits, atol=1e-4, rtol=1e-4)
+    length = len(PREFIX) + sum(len(c) for c in CHUNKS) + len(SUFFIX)
+    torch.testing.assert_close(reused.cache.keys[:, :, :length], computed.cache.keys[:, :, :length], atol=1e-4,
+                               rtol=1e-4)
+    assert reused.recomputed_chunk_tokens == computed.recomputed_chunk_tokens
+    with pytest.raises(ValueError, match="prefix_kv"):
+        blend_prefill(model, [SUFFIX, *chunks, SUFFIX], ratio, prefix_kv=prefix_kv)

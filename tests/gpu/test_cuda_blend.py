@@ -81,3 +81,15 @@ def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> N
     store.tiers[0].budget_bytes = 4 * kv.nbytes
     store.promote(key)
     assert store.get(key).keys.device.type == "cuda"
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.15, 1.0])
+def test_an_exact_prefix_kv_changes_nothing_but_the_work_on_cuda(ratio) -> None:
+    model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.float32, seed=6)
+    generator = torch.Generator().manual_seed(3)
+    prefix, suffix = torch.randint(0, 512, (24,), generator=generator).tolist(), [5, 6, 7, 8]
+    chunks = [precompute_chunk(model, torch.randint(0, 512, (100,), generator=generator).tolist(), prefix)
+              for _ in range(3)]
+    computed = blend_prefill(model, [prefix, *chunks, suffix], ratio)
+    reused = blend_prefill(model, [prefix, *chunks, suffix], ratio, prefix_kv=precompute_chunk(model, prefix))
+    torch.testing.assert_close(reused.logits, computed.logits, atol=1e-3, rtol=1e-3)
