@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any, AsyncIterator, Mapping
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..semcache.cache import LookupResult
 from ..semcache.policy import LoadMonitor
@@ -32,6 +33,27 @@ def _replay_pieces(content: str, words_per_piece: int = 4) -> list[str]:
     words = content.split(" ")
     return [" ".join(words[i:i + words_per_piece]) + (" " if i + words_per_piece < len(words) else "")
             for i in range(0, len(words), words_per_piece)]
+
+
+class StreamRelease:
+    """Ends a streamed request's bookkeeping exactly once: stops the generation behind it and takes it off the
+    model's in-flight count. Called from the body's `finally`, and as the response's background task, which
+    Starlette runs even when the client left before the body started (a body never started never reaches
+    its `finally`, and the count would leak, holding the load-adaptive policy at "loaded")."""
+
+    def __init__(self, chunks: AsyncIterator[ChatChunk], in_flight: dict[str, int] | None, model: str) -> None:
+        self.chunks, self.in_flight, self.model = chunks, in_flight, model
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            await self.chunks.aclose()
+        finally:
+            if self.in_flight is not None:
+                self.in_flight[self.model] -= 1
 
 
 class ChatService:
@@ -142,7 +164,14 @@ class ChatService:
             yield ChatChunk(delta={}, finish_reason=finish_reason)
 
         first = ChatChunk(delta={"role": "assistant", "content": ""})
-        return StreamingResponse(self._frames(first, chunks(), request, ctx, None), media_type="text/event-stream",
+        return self._streaming_response(first, chunks(), request, ctx, None, counted=False)
+
+    def _streaming_response(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
+                            request: ChatCompletionRequest, ctx: RequestContext, plan: CachePlan | None,
+                            counted: bool) -> StreamingResponse:
+        release = StreamRelease(chunks, self.in_flight if counted else None, request.model)
+        return StreamingResponse(self._frames(first, chunks, request, ctx, plan, release),
+                                 media_type="text/event-stream", background=BackgroundTask(release),
                                  headers={**self._headers(ctx), "cache-control": "no-cache"})
 
     async def _stream(self, backend: ChatBackend, request: ChatCompletionRequest,
@@ -156,8 +185,7 @@ class ChatService:
         except BaseException:
             await chunks.aclose()
             raise
-        return StreamingResponse(self._frames(first, chunks, request, ctx, plan), media_type="text/event-stream",
-                                 headers={**self._headers(ctx), "cache-control": "no-cache"})
+        return self._streaming_response(first, chunks, request, ctx, plan, counted=True)
 
     def _chunk_body(self, request: ChatCompletionRequest, ctx: RequestContext, choices: list[dict[str, Any]],
                     **extra: Any) -> dict[str, Any]:
@@ -166,7 +194,7 @@ class ChatService:
 
     async def _frames(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
                       request: ChatCompletionRequest, ctx: RequestContext,
-                      plan: CachePlan | None) -> AsyncIterator[bytes]:
+                      plan: CachePlan | None, release: StreamRelease) -> AsyncIterator[bytes]:
         """SSE frames; the last data frame carries `blendgate` (and `usage` when the client asked).
 
         With a plan, the answer is stored in the semantic cache once the stream completes; a stream that
@@ -200,9 +228,7 @@ class ChatService:
             yield _sse("[DONE]")
             return
         finally:
-            await chunks.aclose()  # on client disconnect too: stops the generation behind the stream
-            if not replay:
-                self.in_flight[request.model] -= 1
+            await release()  # on client disconnect too: stops the generation behind the stream
         ctx.finished_at = time.perf_counter()
         if not replay:
             self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
