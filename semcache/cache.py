@@ -31,6 +31,8 @@ SWEEP_INTERVAL_S = 5.0  # how often expired entries leave the in-memory index
 # Longest life an entry gets, whatever a request or category asks: Redis refuses an expiry past ~2**63 ms,
 # and that refusal, inside the write's transaction, left the entry without any TTL and the cache marked down.
 MAX_TTL_S = 10 * 365 * 86_400.0
+# Cosine similarity at which two questions are the same question (equal text embeds to within float error).
+SAME_QUESTION = 0.9999
 
 
 @dataclass
@@ -336,6 +338,9 @@ class SemanticCache:
         entry = CacheEntry(tenant=query.tenant, category=category, context=query.context, model=query.model,
                            query=query.text, response=response, embedding=np.asarray(vector, dtype=np.float32),
                            ttl_s=min(query.ttl_s or policy.ttl_s, MAX_TTL_S), collection=query.collection)
+        # The same question answered again (a no-cache request, say) replaces its entry instead of piling up.
+        replaced = [meta.entry_id for meta, similarity, _ in self.nearest(query.tenant, [category], vector)
+                    if similarity >= SAME_QUESTION and meta.context == query.context]
         try:
             await self.store.put(entry.entry_id, entry.to_fields(), entry.ttl_s)
         except StoreUnavailable as exc:
@@ -343,6 +348,8 @@ class SemanticCache:
             return None
         self._index(entry)
         self.metrics.stores.labels(category, query.tenant).inc()
+        if replaced:
+            await self._drop(replaced, "replaced")
         await self._enforce_quota(query.tenant, category, keep=entry.entry_id)
         return entry.entry_id
 

@@ -212,6 +212,28 @@ def test_a_query_near_a_category_boundary_also_searches_the_neighbour_category(h
     asyncio.run(scenario())
 
 
+def test_the_same_question_answered_again_replaces_its_entry(harness: Harness) -> None:
+    async def scenario() -> None:
+        cache = harness.cache()
+        async with running(cache):
+            first = await harness.store(cache, QUESTION, "first answer")
+            # A no-cache request skips the lookup and stores its fresh answer: it replaces the old entry.
+            second = await cache.put(harness.query(QUESTION), harness.vector(QUESTION), "factual",
+                                     {**ANSWER, "content": "second answer"})
+            assert second is not None and second != first
+            hit = await harness.lookup(cache, QUESTION)
+            assert hit.status == "hit" and hit.entry.response["content"] == "second answer"
+            assert len(cache.index.partition("tenant-a", "factual")) == 1
+            await eventually(lambda: len(harness.keys("*:entry:*")) == 1)
+            assert harness.metric(cache, "blendgate_semantic_cache_evictions_total", category="factual",
+                                  reason="replaced") == 1
+            # Another context is another answer, kept beside it.
+            await harness.store(cache, QUESTION, "other docs", context="ctx-2")
+            assert len(cache.index.partition("tenant-a", "factual")) == 2
+
+    asyncio.run(scenario())
+
+
 def test_another_context_is_a_miss(harness: Harness) -> None:
     async def scenario() -> None:
         cache = harness.cache()
