@@ -1,6 +1,6 @@
 """Attention of a request's query tokens over its KV cache, causal by position.
 
-Three shapes occur, and each goes to the fastest kernel that computes it exactly:
+Four shapes occur, and each goes to the fastest kernel that computes it exactly:
 - "causal": a prefill from an empty cache, queries = every slot in position order -> SDPA with is_causal
   (FlashAttention on CUDA);
 - "all": one decoded token that sees every slot -> SDPA without a mask;
