@@ -214,16 +214,19 @@ class LlamaFamilyModel:
         start, count = cache.length, token_ids.shape[0]
         cache.grow(start + count)
         slots = slice(start, start + count)
-        if positions is None:
+        explicit = positions is not None
+        if not explicit:
             positions = torch.arange(start, start + count, device=self.device)
-            plan = plan_causal(count) if start == 0 else plan_all(start + 1) if count == 1 else None
-            plan = plan or plan_sparse(positions, start + count)
-        else:
-            plan = None
         cache.positions[slots] = positions
         cache.length = slots.stop
-        if plan is None:
+        if explicit:
             plan = plan_masked(positions, cache.positions[: cache.length])
+        elif start == 0:
+            plan = plan_causal(count)
+        elif count == 1:
+            plan = plan_all(start + 1)
+        else:
+            plan = plan_sparse(positions, start + count)
         hidden = F.embedding(token_ids, self.embed_tokens)
         cos, sin = self.rope(positions)
         for layer in range(self.num_layers):

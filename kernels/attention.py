@@ -151,23 +151,17 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Atte
     keys, values = keys[:, : plan.kv_length], values[:, : plan.kv_length]
     if plan.kind == "sparse" and sparse_attention.supported(q, keys):
         return sparse_attention.sparse_causal_attention(q, keys, values, plan.query_positions, plan.block_ends)
-    if plan.kind == "sparse":  # e.g. float32 on CUDA: SDPA with the mask the kernel would apply
-        visible = torch.arange(plan.kv_length, device=q.device)[None, :] <= plan.query_positions[:, None]
-        with sdpa_kernel(_SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], enable_gqa=gqa,
-                                                 attn_mask=visible[None, None])
-    elif plan.kind in ("causal", "all"):
-        with sdpa_kernel(_SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=plan.kind == "causal",
-                                                 enable_gqa=gqa)
-    elif plan.block_mask is not None:
+    if plan.block_mask is not None:
         queries = q.shape[1]
         if plan.padded_queries > queries:
             q = torch.nn.functional.pad(q, (0, 0, 0, plan.padded_queries - queries))
-        out = _flex(q[None], keys[None], values[None], plan.block_mask, gqa)[:, :, :queries]
-    else:
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=plan.mask[None, None],
-                                             enable_gqa=gqa)
+        return _flex(q[None], keys[None], values[None], plan.block_mask, gqa)[0, :, :queries]
+    mask = plan.mask
+    if plan.kind == "sparse":  # e.g. float32 on CUDA: SDPA with the mask the kernel would apply
+        mask = torch.arange(plan.kv_length, device=q.device)[None, :] <= plan.query_positions[:, None]
+    with sdpa_kernel(_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=plan.kind == "causal",
+                                             attn_mask=None if mask is None else mask[None, None], enable_gqa=gqa)
     return out[0]
 
 
