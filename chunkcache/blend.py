@@ -77,6 +77,17 @@ def selected_count(chunk_tokens: int, ratio: float) -> int:
     return min(chunk_tokens, math.ceil(ratio * chunk_tokens - 1e-9))
 
 
+def place_chunk(cache: KVCache, kv: ChunkKV, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                layers: slice = slice(None)) -> None:
+    """A chunk's KV (these layers) into the cache at slots from `start`, keys rotated to those positions;
+    copied to the cache's device first when it lives elsewhere (queued, not waited for, from pinned memory)."""
+    device = cache.keys.device
+    span = slice(start, start + kv.length)
+    keys = kv.keys[layers].to(device, non_blocking=True)
+    values = kv.values[layers].to(device, non_blocking=True)
+    place(keys, values, cache.keys[layers], cache.values[layers], start, cos[span], sin[span])
+
+
 class ChunkLoader:
     """Puts each chunk's cached KV into the request's cache at its slots, keys rotated to its positions.
 
@@ -95,7 +106,7 @@ class ChunkLoader:
         resident = [(kv, start) for kv, start in placements if kv.keys.device == device]
         self.streamed = [(kv, start) for kv, start in placements if kv.keys.device != device]
         for kv, start in resident:
-            self._place(kv, start, slice(first_layer, self.layers))
+            place_chunk(cache, kv, start, cos, sin, slice(first_layer, self.layers))
         self.stream = None
         self.events: dict[int, torch.cuda.Event] = {}
         self.waited: torch.cuda.Event | None = None
@@ -107,16 +118,8 @@ class ChunkLoader:
             self._issue_through(first_layer)  # starts copying while the layers before it compute
         elif self.streamed:  # no GPU: plain copies
             for kv, start in self.streamed:
-                self._place(kv, start, slice(first_layer, self.layers))
+                place_chunk(cache, kv, start, cos, sin, slice(first_layer, self.layers))
             self.streamed = []
-
-    def _place(self, kv: ChunkKV, start: int, layers: slice) -> None:
-        device = self.cache.keys.device
-        span = slice(start, start + kv.length)
-        keys = kv.keys[layers].to(device, non_blocking=True)
-        values = kv.values[layers].to(device, non_blocking=True)
-        place(keys, values, self.cache.keys[layers], self.cache.values[layers], start, self.cos[span],
-              self.sin[span])
 
     def _issue_through(self, layer: int) -> None:
         """Queue the copies of every group up to the one holding `layer` on the side stream."""
@@ -124,7 +127,7 @@ class ChunkLoader:
             layers = slice(self.next_layer, min(self.next_layer + self.group, self.layers))
             with torch.cuda.stream(self.stream):
                 for kv, start in self.streamed:
-                    self._place(kv, start, layers)
+                    place_chunk(self.cache, kv, start, self.cos, self.sin, layers)
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self.events.update({index: event for index in range(layers.start, layers.stop)})
@@ -186,8 +189,7 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     cache.positions[:total] = positions
     cache.length = total
     if exact:
-        place(prefix_kv.keys.to(device, non_blocking=True), prefix_kv.values.to(device, non_blocking=True),
-              cache.keys, cache.values, 0, cos[:exact], sin[:exact])
+        place_chunk(cache, prefix_kv, 0, cos, sin)  # every layer: the prefix rows are never computed
 
     # Layers before the selection layer run every token (their KV depends on little context, and the
     # selection needs every token's fresh values); with nothing to recompute, only the question runs at all.

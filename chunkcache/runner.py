@@ -68,23 +68,25 @@ class BlendingRunner(LlamaRunner):
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         chunk_prefix = first.token_ids if self.chunk_prefix == "system" and not first.is_chunk else ()
-        segments, hits, keys = [], [], []
+        segments, hits, found = [], [], []
         for segment in prompt.segments:
             if segment.is_chunk:
-                keys.append(ChunkKey.of(self.fingerprint, list(chunk_prefix), list(segment.token_ids)))
-                kv, hit = self._chunk_kv(keys[-1], segment.token_ids, chunk_prefix)
+                key = ChunkKey.of(self.fingerprint, list(chunk_prefix), list(segment.token_ids))
+                kv, hit = self._chunk_kv(key, segment.token_ids, chunk_prefix)
                 segments.append(kv)
                 hits.append(hit)
+                found.append((key, kv))
             else:
                 segments.append(list(segment.token_ids))
         # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
         prefix_kv = None
         if not first.is_chunk and len(prompt.segments) > 1:
-            keys.append(ChunkKey.of(self.fingerprint, [], list(first.token_ids)))
-            prefix_kv, _ = self._chunk_kv(keys[-1], first.token_ids, ())
+            key = ChunkKey.of(self.fingerprint, [], list(first.token_ids))
+            prefix_kv, _ = self._chunk_kv(key, first.token_ids, ())
+            found.append((key, prefix_kv))
         result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv)
-        for key in keys:
-            self.store.promote(key)
+        for key, kv in found:
+            self.store.promote(key, kv)
         report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
                   "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
                   "recomputed_tokens": result.recomputed_chunk_tokens,

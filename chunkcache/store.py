@@ -218,15 +218,15 @@ class ChunkCacheStore:
             self.stats.misses += 1
             return None
 
-    def promote(self, key: ChunkKey) -> None:
-        """Move an entry found in a lower tier to the top one (no-op when it is there or gone)."""
+    def promote(self, key: ChunkKey, kv: ChunkKV) -> None:
+        """Move an entry that `get(promote=False)` found in a lower tier (as `kv`, so it is not read twice) to
+        the top tier; nothing happens when it is at the top already or no longer stored."""
         with self._lock:
             if key in self.tiers[0].entries:
                 return
             for tier in self.tiers[1:]:
                 info = tier.entries.get(key)
-                kv = tier.read(key) if info is not None else None
-                if kv is not None:
+                if info is not None:
                     self._insert(0, key, kv, info)
                     return
 

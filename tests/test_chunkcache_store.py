@@ -49,12 +49,14 @@ def test_a_hit_can_wait_for_its_promotion(tmp_path) -> None:
     for n in range(3):
         store.put(key(n), kv(n), recompute_cost=8)
     assert key(0) not in store.tiers[0].entries
-    assert_same(store.get(key(0), promote=False), kv(0))  # read where it lies (blending streams it up)
+    found = store.get(key(0), promote=False)
+    assert_same(found, kv(0))  # read where it lies (blending streams it up)
     assert key(0) not in store.tiers[0].entries and store.stats.hits["disk"] == 1
-    store.promote(key(0))
+    store.promote(key(0), found)
     assert key(0) in store.tiers[0].entries
-    store.promote(key(0))  # already at the top: nothing changes
-    store.promote(key(42))  # unknown: nothing happens
+    assert_same(store.get(key(0)), kv(0))
+    store.promote(key(0), found)  # already at the top: nothing changes
+    store.promote(key(42), kv(42))  # unknown: nothing happens
     assert len(store.tiers[0].entries) == 2
 
 

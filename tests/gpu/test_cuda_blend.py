@@ -79,7 +79,7 @@ def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> N
     on_gpu = blend_prefill(model, [prefix, kv, suffix], 0.15)
     torch.testing.assert_close(streamed.logits, on_gpu.logits, atol=0, rtol=0)
     store.tiers[0].budget_bytes = 4 * kv.nbytes
-    store.promote(key)
+    store.promote(key, found)
     assert store.get(key).keys.device.type == "cuda"
 
 
