@@ -24,7 +24,7 @@ import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
-from ..kernels.rope import place, rotate_heads
+from ..kernels.rope import place
 from ..kernels.selection import select_rows
 
 # The layer at which tokens are selected; the paper finds the deviation at an early layer predicts the
@@ -73,8 +73,26 @@ class BlendResult:
         return self.recomputed_chunk_tokens / self.chunk_tokens if self.chunk_tokens else 0.0
 
 
+# cuBLAS multiplies a multiple of 128 rows at full speed but a few rows past one up to a fifth slower per row
+# (bench/gemm_rows.py on the H100: Llama-3-8B's four products take 396 us for 640 rows, 471 us for 646), and
+# a blend's later layers are nearly all matrix products over the computed rows.
+GPU_ROW_ALIGNMENT = 128
+ALIGNMENT_SLACK = 0.05  # how far (relative) aligning may move the number of recomputed tokens
+
+
 def selected_count(chunk_tokens: int, ratio: float) -> int:
     return min(chunk_tokens, math.ceil(ratio * chunk_tokens - 1e-9))
+
+
+def aligned_count(count: int, other_rows: int, chunk_tokens: int, alignment: int) -> int:
+    """`count` moved to the nearest value that makes the computed rows (count + other_rows) a multiple of
+    `alignment`, if that moves it by at most ALIGNMENT_SLACK of itself; else `count` unchanged."""
+    if alignment <= 1 or count in (0, chunk_tokens):
+        return count
+    aligned = round((count + other_rows) / alignment) * alignment - other_rows
+    if 0 < aligned <= chunk_tokens and abs(aligned - count) <= ALIGNMENT_SLACK * count:
+        return aligned
+    return count
 
 
 def place_chunk(cache: KVCache, kv: ChunkKV, start: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -146,12 +164,15 @@ class ChunkLoader:
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
-                  marks: list | None = None, prefix_kv: ChunkKV | None = None) -> BlendResult:
+                  marks: list | None = None, prefix_kv: ChunkKV | None = None,
+                  row_alignment: int | None = None) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
     The last segment must be computed tokens (the question), whose last position gives the logits.
     ChunkKVs may live on the GPU or in (pinned) CPU memory; the latter are streamed up layer by layer.
     `prefix_kv`: the KV of the first segment's tokens computed alone from position 0 (the system prompt every
     request shares), which is exactly what computing them here gives: reused as is, never recomputed.
+    `row_alignment`: the recomputed count is nudged (by at most 5%) so the computed rows fill whole GEMM
+    tiles; default GPU_ROW_ALIGNMENT on CUDA, none elsewhere. The result reports the count used.
     `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown."""
     def mark(stage: str) -> None:
         if marks is not None:
@@ -182,7 +203,10 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             other_rows += range(max(start, exact), len(ids))
     mark("start")
     total, chunk_tokens = len(ids), len(chunk_rows)
-    count = selected_count(chunk_tokens, recompute_ratio)
+    if row_alignment is None:
+        row_alignment = GPU_ROW_ALIGNMENT if device.type == "cuda" else 1
+    count = aligned_count(selected_count(chunk_tokens, recompute_ratio), len(other_rows), chunk_tokens,
+                          row_alignment)
     positions = torch.arange(total, device=device)
     cos, sin = model.rope(positions)
     cache = model.new_cache(total + 64)
@@ -201,36 +225,29 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     other = torch.tensor(other_rows, dtype=torch.long, device=device) - exact
     chunk = torch.tensor(chunk_rows, dtype=torch.long, device=device) - exact
 
-    rows: torch.Tensor | None = None  # positions of the computed rows once narrowed; before: exact..total-1
     plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
     hidden = torch.nn.functional.embedding(torch.tensor(ids[exact:], device=device), model.embed_tokens)
-    active_cos, active_sin = cos[exact:], sin[exact:]
+    slots, active_cos, active_sin = positions[exact:], cos[exact:], sin[exact:]  # slot j holds position j
     for layer in range(model.num_layers):
         loader.ready(layer)
         if layer == first_cached and not everything:
             mark("layers before selection")
             if count:  # every row's fresh values, to find the rows whose cached values deviate most
-                q, k, v = model.qkv_raw(layer, hidden)
-                local = select_rows(v, cache.values[layer, :, exact:total], chunk, other, count)
-                q, k, v, hidden = q[:, local], k[:, local], v[:, local], hidden[local]
+                qkv = model.project_qkv(layer, hidden)
+                fresh_values = model.split_qkv(qkv)[2]
+                local = select_rows(fresh_values, cache.values[layer, :, exact:total], chunk, other, count)
+                qkv, hidden = qkv[local], hidden[local]
             else:
                 local = other
                 hidden = hidden[local]
-                q, k, v = model.qkv_raw(layer, hidden)
-            rows = local + exact
-            plan = plan_sparse(rows, total)
-            active_cos, active_sin = cos[rows], sin[rows]
+                qkv = model.project_qkv(layer, hidden)
+            slots = local + exact
+            plan = plan_sparse(slots, total)
+            active_cos, active_sin = cos[slots], sin[slots]
             mark("selection")
         else:
-            q, k, v = model.qkv_raw(layer, hidden)
-        k = rotate_heads(k, active_cos, active_sin)
-        if rows is None:
-            cache.keys[layer, :, exact:total] = k
-            cache.values[layer, :, exact:total] = v
-        else:
-            cache.keys[layer][:, rows] = k
-            cache.values[layer][:, rows] = v
-        attention = model.attend(layer, rotate_heads(q, active_cos, active_sin), cache, plan)
+            qkv = model.project_qkv(layer, hidden)
+        attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)
         hidden = model.finish_layer(layer, hidden, attention)
     mark("layers after selection")
     logits = model.logits(hidden[-1:])[0]

@@ -265,6 +265,6 @@ class ChunkCacheStore:
 def model_fingerprint(model) -> str:
     """Identifies a model by its configuration and a sample of its weights, not by a name."""
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for tensor in (model.embed_tokens, model.lm_head, model.layers[0].k, model.layers[-1].v):
+    for tensor in (model.embed_tokens, model.lm_head, model.layers[0].qkv, model.layers[-1].qkv):
         digest.update(tensor.flatten()[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

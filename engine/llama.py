@@ -16,27 +16,53 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.activation import silu_and_mul
 from ..kernels.attention import AttentionPlan, attend, plan_all, plan_causal, plan_masked, plan_sparse
 from ..kernels.norm import rms_norm
-from ..kernels.rope import rotate_heads
+from ..kernels.rope import rope_store, rotate_heads
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
 @dataclass
 class LayerWeights:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    """One decoder layer's weights. The q, k and v projections are stacked into one matrix, and gate and up
+    into another, so each is one matrix product (fewer launches, fuller GPU waves); q, k, v, gate and up are
+    views into them, under the names of the checkpoint's tensors."""
+
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
     o: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_bias: torch.Tensor | None
-    v_bias: torch.Tensor | None
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
     down: torch.Tensor
     input_norm: torch.Tensor
     post_norm: torch.Tensor
+
+    @classmethod
+    def stacked(cls, weights: dict[str, torch.Tensor], prefix: str) -> "LayerWeights":
+        def get(name: str) -> torch.Tensor | None:
+            return weights.get(prefix + name)
+
+        biases = [get(f"self_attn.{p}_proj.bias") for p in "qkv"]
+        return cls(qkv=torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"]),
+                   qkv_bias=None if biases[0] is None else torch.cat(biases),
+                   o=get("self_attn.o_proj.weight"),
+                   gate_up=torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]),
+                   down=get("mlp.down_proj.weight"), input_norm=get("input_layernorm.weight"),
+                   post_norm=get("post_attention_layernorm.weight"))
+
+    def views(self, kv_rows: int) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors (by name within the layer) as views into the stacked ones."""
+        q_rows = self.qkv.shape[0] - 2 * kv_rows
+        inter = self.gate_up.shape[0] // 2
+        named = {"self_attn.q_proj.weight": self.qkv[:q_rows], "self_attn.k_proj.weight": self.qkv[q_rows:-kv_rows],
+                 "self_attn.v_proj.weight": self.qkv[-kv_rows:], "mlp.gate_proj.weight": self.gate_up[:inter],
+                 "mlp.up_proj.weight": self.gate_up[inter:]}
+        if self.qkv_bias is not None:
+            named.update({"self_attn.q_proj.bias": self.qkv_bias[:q_rows],
+                          "self_attn.k_proj.bias": self.qkv_bias[q_rows:-kv_rows],
+                          "self_attn.v_proj.bias": self.qkv_bias[-kv_rows:]})
+        return named
 
 
 class KVCache:
@@ -108,17 +134,7 @@ class LlamaFamilyModel:
         self.embed_tokens = weights["model.embed_tokens.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed_tokens)  # tied embeddings reuse the input table
-        self.layers = []
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            self.layers.append(LayerWeights(
-                q=weights[p + "self_attn.q_proj.weight"], k=weights[p + "self_attn.k_proj.weight"],
-                v=weights[p + "self_attn.v_proj.weight"], o=weights[p + "self_attn.o_proj.weight"],
-                q_bias=weights.get(p + "self_attn.q_proj.bias"), k_bias=weights.get(p + "self_attn.k_proj.bias"),
-                v_bias=weights.get(p + "self_attn.v_proj.bias"),
-                gate=weights[p + "mlp.gate_proj.weight"], up=weights[p + "mlp.up_proj.weight"],
-                down=weights[p + "mlp.down_proj.weight"], input_norm=weights[p + "input_layernorm.weight"],
-                post_norm=weights[p + "post_attention_layernorm.weight"]))
+        self.layers = [LayerWeights.stacked(weights, f"model.layers.{i}.") for i in range(self.num_layers)]
         # transformers' own rotary module covers every RoPE scaling type a config can name.
         self.rotary = LlamaRotaryEmbedding(config).to(device)
 
@@ -127,7 +143,13 @@ class LlamaFamilyModel:
         """Shares the parameters of a loaded transformers model."""
         weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
         first = next(model.parameters())
-        return cls(model.config, weights, device=first.device, dtype=first.dtype)
+        ours = cls(model.config, weights, device=first.device, dtype=first.dtype)
+        del weights
+        # The transformers model's projections become views into our stacked weights: one copy in memory.
+        for i, layer in enumerate(ours.layers):
+            for name, view in layer.views(ours.kv_heads * ours.head_dim).items():
+                model.get_parameter(f"model.layers.{i}.{name}").data = view
+        return ours
 
     @classmethod
     def random(cls, config, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> "LlamaFamilyModel":
@@ -170,16 +192,22 @@ class LlamaFamilyModel:
         cos, sin = self.rotary(self.final_norm, positions[None])
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 
+    def project_qkv(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Queries, keys (both before the position rotation) and values of `hidden` [tokens, hidden], side by
+        side: [tokens, (heads + 2 kv_heads) * head_dim]."""
+        w = self.layers[layer]
+        return F.linear(_rms_norm(hidden, w.input_norm, self.eps), w.qkv, w.qkv_bias)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of project_qkv's result: [heads or kv_heads, tokens, head_dim] each."""
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim).transpose(0, 1)
+        q, k, v = heads.split([self.heads, self.kv_heads, self.kv_heads])
+        return q, k, v
+
     def qkv_raw(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries and keys before the position rotation, and values, of `hidden` [tokens, hidden]:
         [heads or kv_heads, tokens, head_dim]. Unrotated keys can be placed at any position later."""
-        w = self.layers[layer]
-        x = _rms_norm(hidden, w.input_norm, self.eps)
-        tokens = x.shape[0]
-        q = F.linear(x, w.q, w.q_bias).view(tokens, self.heads, self.head_dim).transpose(0, 1)
-        k = F.linear(x, w.k, w.k_bias).view(tokens, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = F.linear(x, w.v, w.v_bias).view(tokens, self.kv_heads, self.head_dim).transpose(0, 1)
-        return q, k, v
+        return self.split_qkv(self.project_qkv(layer, hidden))
 
     def qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,12 +221,19 @@ class LlamaFamilyModel:
         out = attend(q, cache.keys[layer], cache.values[layer], plan)
         return out.transpose(0, 1).reshape(q.shape[1], self.heads * self.head_dim)
 
+    def attend_storing_kv(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          cache: KVCache, slots: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Keys (rotated) and values of project_qkv's result written into the cache at `slots`, then attention
+        of its queries (rotated) as the plan says: [tokens, heads * head_dim]."""
+        q = rope_store(qkv, self.heads, cos, sin, cache.keys[layer], cache.values[layer], slots)
+        return self.attend(layer, q, cache, plan)
+
     def finish_layer(self, layer: int, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """Output projection, residual, MLP and residual."""
+        """Output projection, residual, MLP and residual (each residual added in its matrix product)."""
         w = self.layers[layer]
-        hidden = hidden + F.linear(attention, w.o)
+        hidden = torch.addmm(hidden, attention, w.o.t())
         x = _rms_norm(hidden, w.post_norm, self.eps)
-        return hidden + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+        return torch.addmm(hidden, silu_and_mul(F.linear(x, w.gate_up)), w.down.t())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(hidden, self.final_norm, self.eps), self.lm_head).float()
@@ -213,12 +248,12 @@ class LlamaFamilyModel:
         layer's unrotated keys and values of these tokens are appended to it (chunk-cache entries)."""
         start, count = cache.length, token_ids.shape[0]
         cache.grow(start + count)
-        slots = slice(start, start + count)
+        slots = torch.arange(start, start + count, device=self.device)
         explicit = positions is not None
         if not explicit:
-            positions = torch.arange(start, start + count, device=self.device)
-        cache.positions[slots] = positions
-        cache.length = slots.stop
+            positions = slots
+        cache.positions[start: start + count] = positions
+        cache.length = start + count
         if explicit:
             plan = plan_masked(positions, cache.positions[: cache.length])
         elif start == 0:
@@ -230,10 +265,9 @@ class LlamaFamilyModel:
         hidden = F.embedding(token_ids, self.embed_tokens)
         cos, sin = self.rope(positions)
         for layer in range(self.num_layers):
-            q, k, v = self.qkv_raw(layer, hidden)
+            qkv = self.project_qkv(layer, hidden)
             if raw_kv is not None:
-                raw_kv.append((k, v))
-            cache.keys[layer, :, slots] = apply_rope(k, cos, sin)
-            cache.values[layer, :, slots] = v
-            hidden = self.finish_layer(layer, hidden, self.attend(layer, apply_rope(q, cos, sin), cache, plan))
+                raw_kv.append(self.split_qkv(qkv)[1:])
+            attention = self.attend_storing_kv(layer, qkv, cos, sin, cache, slots, plan)
+            hidden = self.finish_layer(layer, hidden, attention)
         return self.logits(hidden[-1:] if last_only else hidden)

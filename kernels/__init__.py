@@ -3,8 +3,9 @@
 - attention.py: attention of a request's query tokens over its KV cache, causal by position;
 - sparse_attention.py: the Triton kernel behind attention.py's sparse shape;
 - rope.py: chunk KV placed into a request's cache with its keys rotated to their new positions, and the
-  rotary embedding of queries and keys;
+  rotary embedding of a layer's queries and keys with the keys and values stored into the cache;
 - norm.py: RMSNorm;
+- activation.py: SwiGLU's silu(gate) * up;
 - selection.py: the KV-deviation score of each token and the choice of tokens to recompute.
 
 Installed as `blendgate.kernels` (a bare `kernels` would shadow Hugging Face's package of that name).

@@ -146,11 +146,14 @@ def _flex(q, k, v, block_mask, gqa: bool):
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """q [heads, queries, head_dim]; keys/values [kv_heads, slots, head_dim] (the plan's kv_length valid
-    slots). Returns [heads, queries, head_dim]."""
+    slots). Returns [heads, queries, head_dim] (a view: its memory may be token-major)."""
     gqa = q.shape[0] != keys.shape[0]
     keys, values = keys[:, : plan.kv_length], values[:, : plan.kv_length]
     if plan.kind == "sparse" and sparse_attention.supported(q, keys):
-        return sparse_attention.sparse_causal_attention(q, keys, values, plan.query_positions, plan.block_ends)
+        # Written token-major, so the caller's [tokens, heads * head_dim] view of it needs no copy.
+        out = torch.empty((q.shape[1], q.shape[0], q.shape[2]), dtype=q.dtype, device=q.device).transpose(0, 1)
+        return sparse_attention.sparse_causal_attention(q, keys, values, plan.query_positions, plan.block_ends,
+                                                        out=out)
     if plan.block_mask is not None:
         queries = q.shape[1]
         if plan.padded_queries > queries:

@@ -4,6 +4,10 @@ Chunk keys are stored before RoPE, so one stored chunk serves any position. Plac
 rotate them by the target positions' angles, write them into the request's slots, and copy its values. The
 Triton kernel does it in one read and one write per element, all layers (or one, for pipelined loading) in
 one launch; `place_reference` is the PyTorch version, used on the CPU and in the tests.
+
+Every forward pass also rotates each layer's fresh queries and keys and stores keys and values into the
+request's cache (`rope_store`, one launch per layer). The rotate-half arithmetic is one Triton helper shared
+by the kernels.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ def place_reference(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.
 if triton is not None:
 
     @triton.jit
+    def _rotated_halves(x, src, cos, sin, angle, rows, HALF: tl.constexpr):
+        """Both halves of the head vectors at x + src rotated by the angles at cos/sin + angle (rotate-half
+        RoPE), in float32."""
+        x1 = tl.load(x + src, mask=rows).to(tl.float32)
+        x2 = tl.load(x + src + HALF, mask=rows).to(tl.float32)
+        cos1 = tl.load(cos + angle, mask=rows).to(tl.float32)
+        cos2 = tl.load(cos + angle + HALF, mask=rows).to(tl.float32)
+        sin1 = tl.load(sin + angle, mask=rows).to(tl.float32)
+        sin2 = tl.load(sin + angle + HALF, mask=rows).to(tl.float32)
+        return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+    @triton.jit
     def _place_kernel(keys, values, cache_keys, cache_values, cos, sin, tokens, start,
                       src_layer, src_head, src_token, dst_layer, dst_head, dst_token,
                       KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
@@ -47,22 +63,14 @@ if triton is not None:
         dst = (layer.to(tl.int64) * dst_layer + head * dst_head + (start + t[:, None]).to(tl.int64) * dst_token
                + d[None, :])
         angle = t[:, None] * (2 * HALF) + d[None, :]
-        x1 = tl.load(keys + src, mask=rows).to(tl.float32)
-        x2 = tl.load(keys + src + HALF, mask=rows).to(tl.float32)
-        cos1 = tl.load(cos + angle, mask=rows).to(tl.float32)
-        cos2 = tl.load(cos + angle + HALF, mask=rows).to(tl.float32)
-        sin1 = tl.load(sin + angle, mask=rows).to(tl.float32)
-        sin2 = tl.load(sin + angle + HALF, mask=rows).to(tl.float32)
+        first, second = _rotated_halves(keys, src, cos, sin, angle, rows, HALF)
         out_type = cache_keys.dtype.element_ty
-        tl.store(cache_keys + dst, (x1 * cos1 - x2 * sin1).to(out_type), mask=rows)
-        tl.store(cache_keys + dst + HALF, (x2 * cos2 + x1 * sin2).to(out_type), mask=rows)
+        tl.store(cache_keys + dst, first.to(out_type), mask=rows)
+        tl.store(cache_keys + dst + HALF, second.to(out_type), mask=rows)
         v1 = tl.load(values + src, mask=rows)
         v2 = tl.load(values + src + HALF, mask=rows)
         tl.store(cache_values + dst, v1.to(out_type), mask=rows)
         tl.store(cache_values + dst + HALF, v2.to(out_type), mask=rows)
-
-
-if triton is not None:
 
     @triton.jit
     def _rotate_kernel(x, out, cos, sin, tokens, x_head, x_token, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
@@ -73,15 +81,38 @@ if triton is not None:
         src = head * x_head + t[:, None].to(tl.int64) * x_token + d[None, :]
         dst = (head * tokens + t[:, None]).to(tl.int64) * (2 * HALF) + d[None, :]
         angle = t[:, None] * (2 * HALF) + d[None, :]
-        x1 = tl.load(x + src, mask=rows).to(tl.float32)
-        x2 = tl.load(x + src + HALF, mask=rows).to(tl.float32)
-        cos1 = tl.load(cos + angle, mask=rows).to(tl.float32)
-        cos2 = tl.load(cos + angle + HALF, mask=rows).to(tl.float32)
-        sin1 = tl.load(sin + angle, mask=rows).to(tl.float32)
-        sin2 = tl.load(sin + angle + HALF, mask=rows).to(tl.float32)
+        first, second = _rotated_halves(x, src, cos, sin, angle, rows, HALF)
         out_type = out.dtype.element_ty
-        tl.store(out + dst, (x1 * cos1 - x2 * sin1).to(out_type), mask=rows)
-        tl.store(out + dst + HALF, (x2 * cos2 + x1 * sin2).to(out_type), mask=rows)
+        tl.store(out + dst, first.to(out_type), mask=rows)
+        tl.store(out + dst + HALF, second.to(out_type), mask=rows)
+
+    @triton.jit
+    def _rope_store_kernel(qkv, q_out, cache_keys, cache_values, cos, sin, slots, tokens, qkv_row, cache_head,
+                           cache_slot, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                           BLOCK_TOKENS: tl.constexpr):
+        # One program per (head of q, k or v; block of tokens); a qkv row holds the q, then k, then v heads.
+        head = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+        d = tl.arange(0, HALF)
+        rows = t[:, None] < tokens
+        src = t[:, None].to(tl.int64) * qkv_row + head * (2 * HALF) + d[None, :]
+        angle = t[:, None] * (2 * HALF) + d[None, :]
+        if head < HEADS:
+            first, second = _rotated_halves(qkv, src, cos, sin, angle, rows, HALF)
+            dst = (head * tokens + t[:, None]).to(tl.int64) * (2 * HALF) + d[None, :]
+            tl.store(q_out + dst, first.to(q_out.dtype.element_ty), mask=rows)
+            tl.store(q_out + dst + HALF, second.to(q_out.dtype.element_ty), mask=rows)
+        else:
+            slot = tl.load(slots + t, mask=t < tokens, other=0).to(tl.int64)
+            if head < HEADS + KV_HEADS:
+                dst = (head - HEADS).to(tl.int64) * cache_head + slot[:, None] * cache_slot + d[None, :]
+                first, second = _rotated_halves(qkv, src, cos, sin, angle, rows, HALF)
+                tl.store(cache_keys + dst, first.to(cache_keys.dtype.element_ty), mask=rows)
+                tl.store(cache_keys + dst + HALF, second.to(cache_keys.dtype.element_ty), mask=rows)
+            else:
+                dst = (head - HEADS - KV_HEADS).to(tl.int64) * cache_head + slot[:, None] * cache_slot + d[None, :]
+                tl.store(cache_values + dst, tl.load(qkv + src, mask=rows), mask=rows)
+                tl.store(cache_values + dst + HALF, tl.load(qkv + src + HALF, mask=rows), mask=rows)
 
 
 def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -121,3 +152,37 @@ def place(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor, ca
                         keys.stride(0), keys.stride(1), keys.stride(2),
                         cache_keys.stride(0), cache_keys.stride(1), cache_keys.stride(2),
                         KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_TOKENS=block)
+
+
+def rope_store_reference(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                         cache_keys: torch.Tensor, cache_values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """qkv [tokens, (heads + 2 kv_heads) * head_dim]: one layer's projections, unrotated. Keys rotated by
+    cos/sin [tokens, head_dim] and values go into cache_keys/cache_values [kv_heads, capacity, head_dim] at
+    `slots` [tokens]; returns the rotated queries [heads, tokens, head_dim]."""
+    kv_heads, _, head_dim = cache_keys.shape
+    q, k, v = qkv.view(qkv.shape[0], -1, head_dim).transpose(0, 1).split([heads, kv_heads, kv_heads])
+    cache_keys[:, slots] = rotate(k, cos, sin).to(cache_keys.dtype)
+    cache_values[:, slots] = v.to(cache_values.dtype)
+    return rotate(q, cos, sin)
+
+
+def rope_store(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, cache_keys: torch.Tensor,
+               cache_values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """As `rope_store_reference`, one launch on CUDA where PyTorch takes two rotations and two scatters: every
+    layer of every forward pass does this, and a blend's sparse layers are short of GPU work."""
+    tokens = qkv.shape[0]
+    kv_heads, _, head_dim = cache_keys.shape
+    half = head_dim // 2
+    if (triton is None or not qkv.is_cuda or qkv.stride(-1) != 1 or head_dim % 2 or half & (half - 1)
+            or not cos.is_contiguous() or not sin.is_contiguous() or cos.shape != (tokens, head_dim)
+            or cache_keys.stride() != cache_values.stride() or cache_keys.stride(-1) != 1
+            or cache_keys.dtype != qkv.dtype or cache_values.dtype != qkv.dtype):
+        return rope_store_reference(qkv, heads, cos, sin, cache_keys, cache_values, slots)
+    q = torch.empty((heads, tokens, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if tokens:
+        block = 32
+        grid = (heads + 2 * kv_heads, triton.cdiv(tokens, block))
+        _rope_store_kernel[grid](qkv, q, cache_keys, cache_values, cos, sin, slots, tokens, qkv.stride(0),
+                                 cache_keys.stride(0), cache_keys.stride(1), HEADS=heads, KV_HEADS=kv_heads,
+                                 HALF=half, BLOCK_TOKENS=block)
+    return q

@@ -145,3 +145,13 @@ def test_an_exact_prefix_kv_changes_nothing_but_the_work(model, ratio: float) ->
     assert reused.recomputed_chunk_tokens == computed.recomputed_chunk_tokens
     with pytest.raises(ValueError, match="prefix_kv"):
         blend_prefill(model, [SUFFIX, *chunks, SUFFIX], ratio, prefix_kv=prefix_kv)
+
+
+def test_the_recomputed_count_is_aligned_to_whole_gemm_tiles_only_when_that_moves_it_little() -> None:
+    from blendgate.chunkcache.blend import aligned_count
+
+    assert aligned_count(614, 32, 4096, 128) == 608  # 640 computed rows instead of 646
+    assert aligned_count(1229, 32, 8192, 128) == 1248  # 1280 rows
+    assert aligned_count(308, 32, 2048, 128) == 308  # the nearest whole tile would move it by 14%
+    assert aligned_count(614, 32, 4096, 1) == 614  # no alignment asked (the CPU default)
+    assert aligned_count(0, 32, 4096, 128) == 0 and aligned_count(4096, 32, 4096, 128) == 4096  # r = 0 and 1 kept

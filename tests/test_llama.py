@@ -62,7 +62,7 @@ def test_random_weights_follow_the_config_shapes() -> None:
     model = LlamaFamilyModel.random(config, device="cpu", dtype=torch.bfloat16)
     logits = model.forward(torch.tensor([1, 2, 3]), torch.arange(3), model.new_cache(2))
     assert logits.shape == (1, 300) and torch.isfinite(logits).all()
-    assert model.layers[0].q_bias is not None and model.lm_head is model.embed_tokens
+    assert model.layers[0].qkv_bias is not None and model.lm_head is model.embed_tokens
 
 
 def test_unsupported_architectures_are_refused() -> None:

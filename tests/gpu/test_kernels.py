@@ -9,7 +9,7 @@ import pytest
 import torch
 from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
 from blendgate.engine.llama import LlamaFamilyModel
-from blendgate.kernels import attention, norm, rope, selection, sparse_attention
+from blendgate.kernels import activation, attention, norm, rope, selection, sparse_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -159,3 +159,41 @@ def test_chunks_streamed_from_cpu_memory_blend_like_chunks_on_the_gpu(gen, ratio
     torch.testing.assert_close(got.logits, expected.logits, atol=0, rtol=0)
     length = len(ids)
     torch.testing.assert_close(got.cache.keys[:, :, :length], expected.cache.keys[:, :, :length], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,tokens", [(32, 8, 128, 650), (9, 3, 64, 1), (28, 4, 128, 77)])
+def test_rope_store_rotates_queries_and_writes_exactly_the_given_slots(gen, dtype, heads, kv_heads, head_dim,
+                                                                        tokens) -> None:
+    width = (heads + 2 * kv_heads) * head_dim
+    # A row-sliced view, as blending's selected rows are: the row stride is the kernel's to respect.
+    qkv = torch.randn(tokens, width + 64, generator=gen, device="cuda").to(dtype)[:, :width]
+    angles = torch.rand(tokens, head_dim // 2, generator=gen, device="cuda") * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    capacity = tokens + 500
+    slots = torch.randperm(capacity, generator=gen, device="cuda")[:tokens]
+    layer_keys = torch.full((2, kv_heads, capacity, head_dim), float("nan"), dtype=dtype, device="cuda")
+    layer_values = torch.full_like(layer_keys, float("nan"))
+    q = rope.rope_store(qkv, heads, cos, sin, layer_keys[1], layer_values[1], slots)
+    expected_keys = torch.zeros(kv_heads, capacity, head_dim, dtype=torch.float64, device="cuda")
+    expected_values = torch.zeros_like(expected_keys)
+    expected_q = rope.rope_store_reference(qkv.double(), heads, cos.double(), sin.double(), expected_keys,
+                                           expected_values, slots)
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3
+    assert q.shape == (heads, tokens, head_dim) and relative_error(q, expected_q) < tolerance
+    assert relative_error(layer_keys[1][:, slots], expected_keys[:, slots]) < tolerance
+    assert torch.equal(layer_values[1][:, slots].double(), expected_values[:, slots])
+    untouched = torch.ones(capacity, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert layer_keys[1][:, untouched].isnan().all() and layer_values[1][:, untouched].isnan().all()
+    assert layer_keys[0].isnan().all(), "wrote into another layer"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(650, 14336), (1, 1536), (33, 18944)])
+def test_silu_and_mul_matches_the_reference(gen, dtype, rows, inter) -> None:
+    gate_up = (torch.randn(rows, 2 * inter, generator=gen, device="cuda") * 3).to(dtype)
+    got = activation.silu_and_mul(gate_up)
+    expected = activation.silu_and_mul_reference(gate_up.double())
+    assert got.shape == (rows, inter) and not got.isnan().any()
+    assert relative_error(got, expected) < (1e-6 if dtype == torch.float32 else 8e-3)
