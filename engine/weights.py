@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,11 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_MARKER = "blendgate-converted.json"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# One transformers load at a time per process (models, tokenizers, the retriever's embedder): the gateway
+# loads them from several threads, and concurrent loads deadlocked in transformers' lazy imports or left a
+# model's weights on the meta device (from_pretrained's initialisation context is process-wide).
+LOAD_LOCK = threading.RLock()
 
 
 class WeightsError(Exception):
@@ -109,19 +115,20 @@ class LoadedModel:
 
 def load_model(path: Path | None, *, dtype: str, device: str, cache_dir: Path,
                max_context_tokens: int | None = None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     if device == "cuda" and not torch.cuda.is_available():
         raise WeightsError("device 'cuda' was configured but torch sees no CUDA device")
-    folder = resolve_model_folder(path, cache_dir)
-    started = time.perf_counter()
-    log.info("loading weights from %s (dtype %s, device %s)", folder, dtype, device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, dtype=_DTYPES.get(dtype, "auto"))
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot load the model in {folder}: {exc}") from exc
+    with LOAD_LOCK:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        folder = resolve_model_folder(path, cache_dir)
+        started = time.perf_counter()
+        log.info("loading weights from %s (dtype %s, device %s)", folder, dtype, device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, dtype=_DTYPES.get(dtype, "auto"))
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"cannot load the model in {folder}: {exc}") from exc
     model.to(device).eval()
     if tokenizer.chat_template is None:
         raise WeightsError(f"the tokenizer in {folder} has no chat template; blendgate serves chat models")
@@ -144,7 +151,11 @@ def load_model(path: Path | None, *, dtype: str, device: str, cache_dir: Path,
 
 def load_tokenizer(path: Path | None, cache_dir: Path) -> object:
     """Only the tokenizer of a model (converting a GGUF file first if needed), e.g. for chunking documents."""
-    from transformers import AutoTokenizer
+    with LOAD_LOCK:
+        from transformers import AutoTokenizer
 
-    folder = resolve_model_folder(path, cache_dir)
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        folder = resolve_model_folder(path, cache_dir)
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"cannot load the tokenizer in {folder}: {exc}") from exc

@@ -20,9 +20,10 @@ from . import __version__
 from .auth import AdminAuth, ApiKeyAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
+from .backends.sglang import SglangBackend
 from .backends.upstream import LitellmBackend
 from .chat import ChatService
-from .config import LocalModelConfig, Settings
+from .config import LocalModelConfig, Settings, SglangModelConfig
 from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
 from .rag import RagPlanner, as_gateway_error, build_retriever
@@ -40,6 +41,8 @@ def build_backends(settings: Settings) -> dict[str, ChatBackend]:
                                                 max_running=settings.max_running_requests,
                                                 max_waiting=settings.max_waiting_requests,
                                                 chunk_cache=settings.chunk_cache)
+        elif isinstance(model, SglangModelConfig):
+            backends[model.name] = SglangBackend(model, cache_dir=settings.cache_dir)
         else:
             backends[model.name] = LitellmBackend(model)
     return backends
@@ -49,7 +52,8 @@ def _default_temperature(settings: Settings):
     def default(model: str) -> float | None:
         config = settings.model(model)
         # A litellm model's default is the provider's; a request that sets none counts as cacheable.
-        return config.sampling_defaults.temperature if isinstance(config, LocalModelConfig) else None
+        return config.sampling_defaults.temperature if isinstance(config, (LocalModelConfig, SglangModelConfig)) \
+            else None
     return default
 
 
@@ -97,7 +101,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     def model_card(name: str) -> dict:
         backend = backends[name]
-        owner = "blendgate" if isinstance(backend, LocalBackend) else backend.config.litellm_model.split("/")[0]
+        owner = "blendgate" if isinstance(backend, LocalBackend) else "sglang" if isinstance(backend, SglangBackend) \
+            else backend.config.litellm_model.split("/")[0]
         return {"id": name, "object": "model", "created": 0, "owned_by": owner}
 
     @app.get("/v1/models")
@@ -178,7 +183,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz():
         models = {name: backend.status() for name, backend in backends.items()}
         states = {m["state"] for m in models.values()}
-        status = "ready" if states == {"ready"} else "failed" if "failed" in states else "loading"
+        status = "ready" if states == {"ready"} else "failed" if "failed" in states else \
+            "degraded" if "unavailable" in states else "loading"
         retrieval = {"state": "ready" if rag.retriever is not None else "loading"}
         cache = chat_cache.cache
         semantic = {"state": "disabled"} if not settings.semantic_cache.enabled else \

@@ -108,6 +108,20 @@ class ChunkCacheSettings(_Strict):
     disk_dir: Path | None = None
 
 
+def _model_path(path: Path | None) -> Path | None:
+    """A model given as a .gguf file or a Hugging Face model folder, checked to exist."""
+    if path is None:
+        return None
+    path = path.expanduser()
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file but not a .gguf; give a .gguf file or a Hugging Face model folder")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    return path
+
+
 class LocalModelConfig(_Strict):
     """A model served by blendgate's own engine, in the gateway process."""
 
@@ -126,16 +140,7 @@ class LocalModelConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: Path | None) -> Path | None:
-        if path is None:
-            return None
-        path = path.expanduser()
-        if not path.exists():
-            raise ValueError(f"no such file or folder: {path}")
-        if path.is_file() and path.suffix != ".gguf":
-            raise ValueError(f"{path} is a file but not a .gguf; give a .gguf file or a Hugging Face model folder")
-        if path.is_dir() and not (path / "config.json").exists():
-            raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
-        return path
+        return _model_path(path)
 
 
 class LitellmModelConfig(_Strict):
@@ -155,6 +160,58 @@ class LitellmModelConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class SglangModelConfig(_Strict):
+    """A model served by SGLang workers (stock, or with blendgate's blending plugin) over SGLang's HTTP API.
+
+    The gateway renders the chat template and sends token ids, with each retrieved chunk's token span in
+    `sampling_params.custom_params`, so the worker sees exactly the tokens the local engine would and a stock
+    worker simply ignores the spans (it prefills in full)."""
+
+    name: str = Field(min_length=1)
+    backend: Literal["sglang"]
+    # Base URLs of the workers, e.g. ["http://gpu-1:30000", "http://gpu-2:30000"].
+    workers: list[str] = Field(min_length=1)
+    # The served model's tokenizer: a Hugging Face model folder or a .gguf. Left out: the embedded SmolLM2's.
+    tokenizer_path: Path | None = None
+    max_context_tokens: int = Field(8192, gt=0)
+    # Name of the environment variable holding the workers' --api-key, if they were started with one.
+    api_key_env: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # The longest wait for the worker's next output (first token included) before the request fails with 504.
+    read_timeout_s: float = Field(120.0, gt=0)
+    health_interval_s: float = Field(5.0, gt=0)
+    # SGLang streams the whole text so far in each event unless started with --incremental-streaming-output.
+    stream_output: Literal["cumulative", "incremental"] = "cumulative"
+    # How a worker with the plugin prefills RAG prompts (a stock worker always prefills in full).
+    prefill_mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
+    # Cache-affinity routing sends a request to the worker that served most of its chunks, unless that worker
+    # has this many more requests in flight than the least busy one.
+    max_imbalance: int = Field(4, ge=0)
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
+    rag: ModelRagConfig | None = None
+
+    @field_validator("workers")
+    @classmethod
+    def _urls(cls, workers: list[str]) -> list[str]:
+        cleaned = []
+        for url in workers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"worker {url!r} must be an http:// or https:// URL, e.g. http://gpu-1:30000")
+            cleaned.append(url.rstrip("/"))
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("a worker is listed twice")
+        return cleaned
+
+    @field_validator("tokenizer_path")
+    @classmethod
+    def _tokenizer_exists(cls, path: Path | None) -> Path | None:
+        return _model_path(path)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
 def _backend_of(value: Any) -> str:
     # `backend` may be left out: a model is local unless it says otherwise.
     if isinstance(value, dict):
@@ -163,9 +220,10 @@ def _backend_of(value: Any) -> str:
 
 
 ModelConfig = Annotated[
-    Union[Annotated[LocalModelConfig, Tag("local")], Annotated[LitellmModelConfig, Tag("litellm")]],
+    Union[Annotated[LocalModelConfig, Tag("local")], Annotated[LitellmModelConfig, Tag("litellm")],
+          Annotated[SglangModelConfig, Tag("sglang")]],
     Discriminator(_backend_of, custom_error_type="invalid_backend",
-                  custom_error_message="backend must be 'local' or 'litellm'"),
+                  custom_error_message="backend must be 'local', 'sglang' or 'litellm'"),
 ]
 
 
@@ -258,7 +316,7 @@ class Settings(BaseSettings):
     def tenants_by_key(self) -> dict[str, str]:
         return {k.resolved_key(): k.tenant for k in self.api_keys}
 
-    def model(self, name: str) -> LocalModelConfig | LitellmModelConfig | None:
+    def model(self, name: str) -> LocalModelConfig | LitellmModelConfig | SglangModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
     def tokenizer_model(self) -> LocalModelConfig:

@@ -32,7 +32,6 @@ def default_embedder_path() -> Path:
 class Embedder:
     def __init__(self, path: Path | None = None, device: str | None = None, batch_size: int | None = None) -> None:
         import torch
-        from sentence_transformers import SentenceTransformer
 
         self.path = path or default_embedder_path()
         if not (self.path / "modules.json").exists() and not (self.path / "config.json").exists():
@@ -40,7 +39,12 @@ class Embedder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # On 2 CPU cores, batches of 16 paragraphs embedded 31/s against 21/s for batches of 64 (less padding).
         self.batch_size = batch_size or (128 if self.device == "cuda" else 16)
-        self.model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+        from ..engine.weights import LOAD_LOCK  # loads in other threads must not overlap this one
+
+        with LOAD_LOCK:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(dimension())
         self.name = "all-MiniLM-L6-v2" if path is None else self.path.name

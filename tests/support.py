@@ -41,7 +41,9 @@ class GatewayProcess:
         self.env = {**os.environ, "BLENDGATE_CACHE_DIR": str(cache_dir), **(env or {})}
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 240.0) -> "GatewayProcess":
+    def start(self, timeout_s: float = 240.0, ready_models: list[str] | None = None) -> "GatewayProcess":
+        """Start, and wait until /healthz says ready (or, with `ready_models`, until those models are ready:
+        a configuration with a model that can never be ready, e.g. a dead worker, is never "ready" overall)."""
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "blendgate.gateway", "serve", "--config", str(self.config_path),
@@ -52,9 +54,13 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                health = httpx.get(f"{self.url}/healthz", timeout=2)
+                if ready_models is None and health.status_code == 200:
                     return self
-            except httpx.HTTPError:
+                if ready_models is not None and all(health.json()["models"][name]["state"] == "ready"
+                                                    for name in ready_models):
+                    return self
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.5)
         self.stop()
@@ -178,3 +184,50 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+class SglangStandin:
+    """tests/sglang_standin.py (a worker speaking SGLang's HTTP API, backed by the local engine) in a
+    subprocess on a free port."""
+
+    def __init__(self, name: str, workdir: Path, cache_dir: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"{name}.log"
+        self.cache_dir = cache_dir
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 240.0) -> "SglangStandin":
+        script = Path(__file__).with_name("sglang_standin.py")
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(script), "--port", str(self.port), "--cache-dir", str(self.cache_dir)],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
+
+    def fault(self, **faults) -> None:
+        httpx.post(f"{self.url}/standin/fault", json=faults, timeout=5).raise_for_status()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.running:
+            self.process.kill()
+            self.process.wait(timeout=15)

@@ -18,15 +18,11 @@ from ...engine.sampling import SamplingParams
 from ...engine.weights import LoadedModel, WeightsError, load_model
 from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
-from ..rag_template import encode_prompt
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage
+from .chat_prompt import chat_prompt, check_text_chat
 
 log = logging.getLogger("blendgate.gateway")
-
-# Chat roles the local chat templates understand; OpenAI's "developer" is the newer name for "system".
-_ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
 
 class LocalBackend(ChatBackend):
     kind = "local"
@@ -95,38 +91,9 @@ class LocalBackend(ChatBackend):
         return {"state": "loading"}
 
     # -- request path ---------------------------------------------------------------------------
-    def _check_supported(self, request: ChatCompletionRequest) -> None:
-        extra = request.model_extra or {}
-        for name in ("tools", "functions"):
-            if extra.get(name):
-                raise GatewayError(400, f"'{name}' is not supported by the local model {request.model}",
-                                   code="unsupported_parameter", param=name)
-        if extra.get("logprobs"):
-            raise GatewayError(400, "'logprobs' is not supported by local models yet",
-                               code="unsupported_parameter", param="logprobs")
-        response_format = extra.get("response_format")
-        if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
-            raise GatewayError(400, "only response_format type 'text' is supported by local models",
-                               code="unsupported_parameter", param="response_format")
-        for index, message in enumerate(request.messages):
-            if message.role not in _ROLE_MAP:
-                raise GatewayError(400, f"role '{message.role}' is not supported by local models (tool calls are not)",
-                                   code="unsupported_value", param=f"messages[{index}].role")
-            if message.non_text_parts():
-                raise GatewayError(400, f"content parts of type {message.non_text_parts()} are not supported; "
-                                        "local models take text only",
-                                   code="unsupported_value", param=f"messages[{index}].content")
-
     def _prompt(self, request: ChatCompletionRequest) -> Prompt:
-        """The prompt's tokens; for RAG, in segments whose chunk KV can be reused, with the prefill mode the
-        request or the settings pick."""
-        messages = [{"role": _ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
-        blend = request.blend
-        mode = (blend.mode if blend and blend.mode else None) or self.chunk_cache.mode
-        ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else \
-            self.chunk_cache.recompute_ratio
-        return encode_prompt(self.model.tokenizer, messages, request._rag_prompt, mode=mode,  # type: ignore[union-attr]
-                             recompute_ratio=ratio)
+        return chat_prompt(self.model.tokenizer, request, mode=self.chunk_cache.mode,  # type: ignore[union-attr]
+                           recompute_ratio=self.chunk_cache.recompute_ratio)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         defaults = self.config.sampling_defaults
@@ -161,7 +128,7 @@ class LocalBackend(ChatBackend):
 
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = self._engine_or_raise()
-        self._check_supported(request)
+        check_text_chat(request, "local models")
         prompt = self._prompt(request)
         try:
             handle = engine.submit(prompt, self._sampling(request, len(prompt)))

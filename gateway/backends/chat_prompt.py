@@ -1,0 +1,46 @@
+"""Chat requests as prompts for the backends that tokenise in the gateway (local and SGLang): which requests
+they can take, and the prompt's tokens through the model's chat template, in segments for RAG."""
+
+from __future__ import annotations
+
+from ...engine.prompt import Prompt
+from ..errors import GatewayError
+from ..rag_template import encode_prompt
+from ..schemas import ChatCompletionRequest
+
+# Chat roles the chat templates understand; OpenAI's "developer" is the newer name for "system".
+ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def check_text_chat(request: ChatCompletionRequest, served_by: str) -> None:
+    """Refuse (400) what a text-only chat template cannot carry: tools, logprobs, structured output, images."""
+    extra = request.model_extra or {}
+    for name in ("tools", "functions"):
+        if extra.get(name):
+            raise GatewayError(400, f"'{name}' is not supported by {request.model} ({served_by})",
+                               code="unsupported_parameter", param=name)
+    if extra.get("logprobs"):
+        raise GatewayError(400, f"'logprobs' is not supported by {served_by} yet",
+                           code="unsupported_parameter", param="logprobs")
+    response_format = extra.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        raise GatewayError(400, f"only response_format type 'text' is supported by {served_by}",
+                           code="unsupported_parameter", param="response_format")
+    for index, message in enumerate(request.messages):
+        if message.role not in ROLE_MAP:
+            raise GatewayError(400, f"role '{message.role}' is not supported by {served_by} (tool calls are not)",
+                               code="unsupported_value", param=f"messages[{index}].role")
+        if message.non_text_parts():
+            raise GatewayError(400, f"content parts of type {message.non_text_parts()} are not supported; "
+                                    f"{served_by} take text only",
+                               code="unsupported_value", param=f"messages[{index}].content")
+
+
+def chat_prompt(tokenizer, request: ChatCompletionRequest, *, mode: str, recompute_ratio: float) -> Prompt:
+    """The prompt's tokens; for RAG, in segments whose chunk KV can be reused, with the request's prefill
+    mode and ratio when it names them (its `blend` object), else the given ones."""
+    messages = [{"role": ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
+    blend = request.blend
+    mode = (blend.mode if blend and blend.mode else None) or mode
+    ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else recompute_ratio
+    return encode_prompt(tokenizer, messages, request._rag_prompt, mode=mode, recompute_ratio=ratio)

@@ -1,0 +1,283 @@
+"""Chat on SGLang workers over SGLang's HTTP API (`POST /generate`, `GET /health`).
+
+The gateway renders the chat template and tokenises (with the served model's tokenizer), then sends token
+ids. A RAG prompt's chunks are marked by token spans sent alongside, in `sampling_params.custom_params`
+(the one free-form field SGLang carries from the request to the scheduler), rather than by separator tokens
+in the prompt: the worker sees exactly the tokens the local engine would, chunk keys are computed from the
+same token ids, and a stock worker, which ignores the spans, still answers the same prompt (prefilled in
+full). Workers with blendgate's plugin blend the chunks' cached KV and report what they reused in
+`meta_info["blendgate"]`, which this backend passes on in the response's `blendgate.chunk_cache`.
+
+Which worker: routing.AffinityRouter (the one that served most of the request's chunks, within a load
+bound). Failures: a worker that refuses the connection is marked down and the request goes to the next one
+(nothing was accepted, so nothing runs twice); a worker silent for `read_timeout_s` gives 504; a worker error
+or a stream cut off mid-answer gives 502. A background task polls every worker's /health, so one that comes
+back gets traffic again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+
+from ...chunkcache.store import token_digest
+from ...engine.prompt import Prompt
+from ...engine.weights import WeightsError, load_tokenizer
+from ..config import SglangModelConfig
+from ..errors import GatewayError
+from ..schemas import ChatCompletionRequest
+from .base import ChatBackend, ChatChunk, RequestContext, Usage
+from .chat_prompt import chat_prompt, check_text_chat
+from .routing import AffinityRouter, WorkerState
+
+log = logging.getLogger("blendgate.gateway")
+
+# Keys blendgate puts in sampling_params.custom_params; the plugin reads them (flat lists of scalars, as
+# custom_params must survive SGLang's msgpack IPC).
+CHUNK_SPANS = "blendgate_chunk_spans"  # [start0, end0, start1, end1, ...] token offsets in input_ids
+PREFILL_MODE = "blendgate_prefill_mode"
+RECOMPUTE_RATIO = "blendgate_recompute_ratio"
+
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def chunk_spans(prompt: Prompt) -> list[int]:
+    """Flat [start, end, ...] token offsets of the prompt's chunk segments."""
+    spans, offset = [], 0
+    for segment in prompt.segments:
+        if segment.is_chunk:
+            spans += [offset, offset + len(segment.token_ids)]
+        offset += len(segment.token_ids)
+    return spans
+
+
+def _error_message(body: bytes) -> str:
+    """SGLang's error text from an error response ({"error": {"message"}} or {"message"} or plain text)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip()[:500] or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if data.get("message"):
+            return str(data["message"])
+    return json.dumps(data)[:500]
+
+
+class SglangBackend(ChatBackend):
+    kind = "sglang"
+
+    def __init__(self, config: SglangModelConfig, *, cache_dir: Path) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self.router = AffinityRouter(config.workers, config.max_imbalance)
+        self.tokenizer: Any = None
+        self.client: httpx.AsyncClient | None = None
+        self._error: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.totals = {"requests": 0, "chunks_sent": 0, "chunks_reused": 0, "cached_tokens": 0,
+                       "chunk_tokens_not_recomputed": 0}
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        headers = {}
+        if self.config.api_key():
+            headers["Authorization"] = f"Bearer {self.config.api_key()}"
+        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s)
+        self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
+        self._tasks = [asyncio.create_task(self._load_tokenizer(), name=f"tokenizer {self.config.name}"),
+                       asyncio.create_task(self._watch_health(), name=f"health {self.config.name}")]
+
+    async def _load_tokenizer(self) -> None:
+        try:
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.tokenizer_path, self.cache_dir)
+        except (WeightsError, OSError, ValueError) as exc:
+            self._error = f"cannot load the tokenizer: {exc}"
+            log.error("model %s: %s", self.config.name, self._error)
+
+    async def check_health(self) -> None:
+        """One /health round over every worker."""
+        async def check(worker: WorkerState) -> None:
+            try:
+                response = await self.client.get(f"{worker.url}/health", timeout=self.config.connect_timeout_s)
+                ok, error = response.status_code == 200, f"/health answered {response.status_code}"
+            except httpx.HTTPError as exc:
+                ok, error = False, f"/health failed: {type(exc).__name__}: {exc}"
+            if ok != worker.healthy:
+                log.warning("SGLang worker %s of %s is %s%s", worker.url, self.config.name,
+                            "back" if ok else "down", "" if ok else f" ({error})")
+            self.router.mark(worker, ok, None if ok else error)
+
+        await asyncio.gather(*(check(w) for w in self.router.workers.values()))
+
+    async def _watch_health(self) -> None:
+        while True:
+            await self.check_health()
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+
+    def status(self) -> dict[str, Any]:
+        details = {"workers": self.router.report(), **self.totals}
+        if self._error is not None:
+            return {"state": "failed", "error": self._error, **details}
+        if self.tokenizer is None:
+            return {"state": "loading", **details}
+        if not self.router.healthy():
+            return {"state": "unavailable", "error": "no SGLang worker answers /health", **details}
+        return {"state": "ready", **details}
+
+    # -- request path -----------------------------------------------------------------------------
+    def _tokenizer_or_raise(self) -> Any:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self._error is not None:
+            raise GatewayError(503, f"model {self.config.name}: {self._error}", code="model_unavailable")
+        raise GatewayError(503, f"model {self.config.name} is still loading its tokenizer; retry shortly",
+                           code="model_loading")
+
+    def _payload(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> dict[str, Any]:
+        limit = self.config.max_context_tokens
+        if len(prompt) >= limit:
+            raise GatewayError(413, f"This model's maximum context length is {limit} tokens, but the messages "
+                                    f"have {len(prompt)} tokens.", code="context_length_exceeded", param="messages")
+        defaults = self.config.sampling_defaults
+        sampling: dict[str, Any] = {
+            "max_new_tokens": min(request.completion_limit() or limit, limit - len(prompt)),
+            "temperature": defaults.temperature if request.temperature is None else request.temperature,
+            "top_p": defaults.top_p if request.top_p is None else request.top_p,
+            "frequency_penalty": request.frequency_penalty or 0.0,
+            "presence_penalty": request.presence_penalty or 0.0,
+        }
+        if request.stop_sequences:
+            sampling["stop"] = request.stop_sequences
+        if request.seed is not None:
+            sampling["sampling_seed"] = request.seed
+        spans = chunk_spans(prompt)
+        if spans:
+            sampling["custom_params"] = {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode,
+                                         RECOMPUTE_RATIO: prompt.recompute_ratio}
+        return {"input_ids": prompt.token_ids, "sampling_params": sampling, "stream": True, "rid": ctx.request_id}
+
+    async def _open(self, payload: dict[str, Any], digests: list[str]) -> tuple[WorkerState, httpx.Response]:
+        """A streaming /generate response from the best worker that accepts the connection."""
+        tried: set[str] = set()
+        while True:
+            worker = self.router.choose(digests, exclude=tried)
+            if worker is None:
+                if tried:
+                    raise GatewayError(502, f"no SGLang worker of {self.config.name} could be reached "
+                                            f"(tried {', '.join(sorted(tried))})", code="upstream_unreachable")
+                raise GatewayError(503, f"no SGLang worker of {self.config.name} is healthy; see /healthz",
+                                   code="model_unavailable")
+            tried.add(worker.url)
+            request = self.client.build_request("POST", f"{worker.url}/generate", json=payload)
+            try:
+                response = await self.client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Refused or never connected: the worker got nothing, so the next one may take it.
+                log.warning("SGLang worker %s unreachable (%s); trying another", worker.url, exc)
+                self.router.mark(worker, False, f"{type(exc).__name__}: {exc}")
+                continue
+            except httpx.TimeoutException as exc:
+                raise GatewayError(504, f"SGLang worker {worker.url} did not answer within "
+                                        f"{self.config.read_timeout_s:g} s", code="upstream_timeout") from exc
+            except httpx.HTTPError as exc:
+                raise GatewayError(502, f"SGLang worker {worker.url} failed: {exc}", code="upstream_error") from exc
+            if response.status_code == 200:
+                return worker, response
+            message = _error_message(await response.aread())
+            await response.aclose()
+            if 400 <= response.status_code < 500:
+                raise GatewayError(400, f"SGLang worker {worker.url} rejected the request: {message}",
+                                   code="upstream_bad_request")
+            raise GatewayError(502, f"SGLang worker {worker.url} failed ({response.status_code}): {message}",
+                               code="upstream_error")
+
+    def _report(self, ctx: RequestContext, worker: WorkerState, meta: dict[str, Any], chunks: int) -> None:
+        """The worker's prefill report (the plugin's `blendgate` object) and the gateway's totals."""
+        report = dict(meta.get("blendgate") or {})
+        report.update(worker=worker.url, chunks_sent=chunks, cached_tokens=meta.get("cached_tokens"))
+        ctx.chunk_cache = report
+        self.totals["chunks_sent"] += chunks
+        self.totals["cached_tokens"] += int(meta.get("cached_tokens") or 0)
+        hits = report.get("hits")
+        if isinstance(hits, list):
+            self.totals["chunks_reused"] += sum(bool(h) for h in hits)
+        if isinstance(report.get("chunk_tokens"), int) and isinstance(report.get("recomputed_tokens"), int):
+            self.totals["chunk_tokens_not_recomputed"] += report["chunk_tokens"] - report["recomputed_tokens"]
+
+    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        tokenizer = self._tokenizer_or_raise()
+        check_text_chat(request, "SGLang-served models")
+        prompt = chat_prompt(tokenizer, request, mode=self.config.prefill_mode,
+                             recompute_ratio=self.config.recompute_ratio)
+        payload = self._payload(request, prompt, ctx)
+        digests = [token_digest(s.token_ids) for s in prompt.segments if s.is_chunk]
+        worker, response = await self._open(payload, digests)
+        self.router.started(worker, digests)
+        self.totals["requests"] += 1
+        ctx.backend = self.kind
+        ctx.usage = Usage(prompt_tokens=len(prompt))
+        text, reported = "", False
+        try:
+            yield ChatChunk(delta={"role": "assistant", "content": ""})
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise GatewayError(502, f"SGLang worker {worker.url} failed mid-answer: "
+                                            f"{_error_message(data.encode())}", code="upstream_error")
+                meta = event.get("meta_info") or {}
+                if not reported:
+                    self._report(ctx, worker, meta, len(digests))
+                    reported = True
+                ctx.usage = Usage(int(meta.get("prompt_tokens") or len(prompt)),
+                                  int(meta.get("completion_tokens") or 0))
+                piece = event.get("text") or ""
+                if self.config.stream_output == "cumulative":
+                    piece, text = piece[len(text):], piece
+                if piece:
+                    yield ChatChunk(delta={"content": piece})
+                finish = meta.get("finish_reason")
+                if finish:
+                    kind = finish.get("type") if isinstance(finish, dict) else str(finish)
+                    if kind not in _FINISH_REASONS:  # "abort": the worker gave up on the request
+                        raise GatewayError(502, f"SGLang worker {worker.url} aborted the request: "
+                                                f"{finish.get('message') if isinstance(finish, dict) else finish}",
+                                           code="upstream_error")
+                    yield ChatChunk(delta={}, finish_reason=_FINISH_REASONS[kind])
+                    return
+            raise GatewayError(502, f"SGLang worker {worker.url} ended the stream without finishing the answer",
+                               code="upstream_error")
+        except httpx.TimeoutException as exc:
+            raise GatewayError(504, f"SGLang worker {worker.url} sent nothing for {self.config.read_timeout_s:g} s",
+                               code="upstream_timeout") from exc
+        except httpx.HTTPError as exc:  # the connection broke: the worker died or restarted
+            self.router.mark(worker, False, f"stream broke: {type(exc).__name__}: {exc}")
+            raise GatewayError(502, f"SGLang worker {worker.url} broke off the answer: {exc}",
+                               code="upstream_error") from exc
+        except ValueError as exc:  # not JSON
+            raise GatewayError(502, f"SGLang worker {worker.url} sent an unreadable event: {exc}",
+                               code="upstream_error") from exc
+        finally:
+            self.router.finished(worker)
+            await response.aclose()  # a client that left closes the connection: SGLang aborts the request

@@ -1,0 +1,147 @@
+"""The gateway's SGLang backend against stand-in workers that speak SGLang's HTTP API (tests/sglang_standin.py,
+backed by the local engine: SGLang does not run on a CPU): answers, streaming, chunk spans and the workers'
+blend reports, cache-affinity routing, and every failure mapped to an OpenAI error."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+from support import EMBEDDED, GatewayProcess, SglangStandin, assert_openai_error, free_port
+
+DOCUMENTS = ["The blue castle's secret code is 4471. It was set by the castle's first keeper, Edda Marrow.",
+             "The Silverrun river is 312 kilometres long and flows into the Grey Sea near Portwick."]
+QUESTION = "What is the secret code of the blue castle?"
+
+
+@pytest.fixture(scope="module")
+def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin]]:
+    started = [SglangStandin(f"sglang-{i}", workdir, model_cache_dir).start() for i in (1, 2)]
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def sgl_gateway(workers: list[SglangStandin], workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
+    greedy = {"temperature": 0.0, "top_p": 1.0}
+    sglang = {"backend": "sglang", "health_interval_s": 0.5, "read_timeout_s": 3, "max_context_tokens": 2048,
+              "sampling_defaults": greedy}
+    config = {
+        "models": [
+            {"name": EMBEDDED, "backend": "local", "sampling_defaults": greedy},
+            {"name": "sgl", "workers": [w.url for w in workers], **sglang},
+            {"name": "sgl-second", "workers": [workers[1].url], **sglang},
+            {"name": "sgl-nowhere", "workers": [f"http://127.0.0.1:{free_port()}"], **sglang},
+        ],
+        "retrieval": {"data_dir": str(workdir / "sglang-collections")},
+        "semantic_cache": {"enabled": False},
+    }
+    process = GatewayProcess("sglang-gateway", config, workdir, model_cache_dir)
+    # sgl-nowhere is never ready, so the gateway as a whole is not: wait for the other models.
+    yield process.start(ready_models=["sgl", "sgl-second", EMBEDDED])
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def sgl_client(sgl_gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{sgl_gateway.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def ask(client: openai.OpenAI, model: str, content: str, **options):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          max_tokens=options.pop("max_tokens", 24), **options)
+
+
+def test_answers_are_the_local_engines_streamed_or_not(sgl_client: openai.OpenAI) -> None:
+    local = ask(sgl_client, EMBEDDED, "Name three colours.")
+    remote = ask(sgl_client, "sgl", "Name three colours.")
+    assert remote.choices[0].message.content == local.choices[0].message.content  # same tokens went over the wire
+    assert remote.usage.prompt_tokens == local.usage.prompt_tokens
+    assert remote.model_extra["blendgate"]["backend"] == "sglang"
+    assert remote.choices[0].finish_reason in ("stop", "length")
+    pieces = list(ask(sgl_client, "sgl", "Name three colours.", stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces if p.choices) == local.choices[0].message.content
+    assert pieces[-1].model_extra["blendgate"]["backend"] == "sglang"
+    stopped = ask(sgl_client, "sgl", "Count from one to ten, one number a line.", stop=["\n"], max_tokens=30)
+    assert "\n" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+
+
+def test_chunks_go_to_the_worker_that_holds_them_and_come_back_blended(sgl_client: openai.OpenAI) -> None:
+    first = ask(sgl_client, "sgl", QUESTION, extra_body={"documents": DOCUMENTS})
+    report = first.model_extra["blendgate"]["chunk_cache"]
+    assert report["mode"] == "blend" and report["chunks_sent"] == 2 and report["hits"] == [False, False]
+    again = ask(sgl_client, "sgl", "Who set the code of the blue castle?", extra_body={"documents": DOCUMENTS})
+    report_again = again.model_extra["blendgate"]["chunk_cache"]
+    assert report_again["worker"] == report["worker"], "affinity: the worker holding the chunks gets the request"
+    assert report_again["hits"] == [True, True] and report_again["recomputed_tokens"] < report_again["chunk_tokens"]
+    assert "4471" in first.choices[0].message.content
+    # The request's own blend settings travel to the worker.
+    full = ask(sgl_client, "sgl", QUESTION, extra_body={"documents": DOCUMENTS, "blend": {"mode": "full_prefill"}})
+    assert full.model_extra["blendgate"]["chunk_cache"]["mode"] == "full_prefill"
+
+
+def test_requests_the_workers_cannot_take_get_openai_errors(sgl_gateway: GatewayProcess) -> None:
+    url = f"{sgl_gateway.url}/v1/chat/completions"
+
+    def post(model: str, content: str, **extra) -> httpx.Response:
+        return httpx.post(url, json={"model": model, "messages": [{"role": "user", "content": content}],
+                                     "max_tokens": 8, **extra}, timeout=60)
+
+    assert_openai_error(post("sgl", "word " * 3000), 413, "context_length_exceeded")
+    assert_openai_error(post("sgl", "hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+                        "unsupported_parameter")
+    nowhere = post("sgl-nowhere", "hi")
+    assert nowhere.status_code in (502, 503), nowhere.text  # refused (502), or known down already (503)
+    assert_openai_error(nowhere, nowhere.status_code)
+    health = httpx.get(f"{sgl_gateway.url}/healthz", timeout=5).json()
+    assert health["status"] == "degraded" and health["models"]["sgl-nowhere"]["state"] == "unavailable"
+
+
+def test_a_silent_worker_gives_504_and_a_failing_one_502(sgl_gateway: GatewayProcess,
+                                                          workers: list[SglangStandin]) -> None:
+    url = f"{sgl_gateway.url}/v1/chat/completions"
+    body = {"model": "sgl-second", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        workers[1].fault(delay_s=6)
+        started = time.monotonic()
+        assert_openai_error(httpx.post(url, json=body, timeout=60), 504, "upstream_timeout")
+        assert time.monotonic() - started < 6, "the gateway waited out the worker instead of its read timeout"
+        workers[1].fault(status=500)
+        error = assert_openai_error(httpx.post(url, json=body, timeout=60), 502, "upstream_error")
+        assert "injected failure" in error["message"]
+    finally:
+        workers[1].fault()
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
+
+
+def test_a_worker_dying_mid_answer_ends_the_stream_with_an_error_and_traffic_moves_on(
+        sgl_gateway: GatewayProcess, sgl_client: openai.OpenAI, workers: list[SglangStandin]) -> None:
+    workers[1].fault(die_after_events=2)
+    body = {"model": "sgl-second", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 40,
+            "stream": True}
+    with httpx.stream("POST", f"{sgl_gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        frames = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])["error"]
+    assert error["code"] == "upstream_error" and error["type"]
+    assert not workers[1].running
+    # "sgl" has the dead worker too: its requests go to the live one, however they are routed.
+    for i in range(3):
+        answer = ask(sgl_client, "sgl", f"Say the number {i}.", extra_body={"documents": [f"Note {i}: hello."]})
+        assert answer.model_extra["blendgate"]["chunk_cache"]["worker"] == workers[0].url
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{sgl_gateway.url}/healthz", timeout=5).json()["models"]["sgl"]
+        down = {w["url"]: w for w in state["workers"]}[workers[1].url]
+        if not down["healthy"]:
+            break
+        time.sleep(0.3)
+    assert not down["healthy"] and down["last_error"] and state["state"] == "ready"
+    assert state["requests"] >= 3 and state["chunks_sent"] >= 3
