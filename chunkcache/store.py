@@ -262,6 +262,15 @@ class ChunkCacheStore:
             }
 
 
+    def top_entries(self, count: int = 10) -> list[dict]:
+        """The chunks hit most, with the tier each lies in (for operators)."""
+        with self._lock:
+            held = [(info, key, tier.name) for tier in self.tiers for key, info in tier.entries.items()]
+        held.sort(key=lambda item: item[0].hits, reverse=True)
+        return [{"chunk": key.tokens, "hits": info.hits, "bytes": info.nbytes, "tier": tier,
+                 "recompute_cost": info.recompute_cost} for info, key, tier in held[:count]]
+
+
 def model_fingerprint(model) -> str:
     """Identifies a model by its configuration and a sample of its weights, not by a name."""
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())

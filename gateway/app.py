@@ -17,6 +17,7 @@ from ..retriever.loaders import SourceDocument
 from ..retriever.service import CorruptIndexError, RetrievalError
 from ..semcache.policy import LoadMonitor
 from . import __version__
+from .admin import chunk_stores, install_admin
 from .auth import AdminAuth, ApiKeyAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
@@ -26,6 +27,7 @@ from .chat import ChatService
 from .config import LocalModelConfig, Settings, SglangModelConfig
 from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
+from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter
 from .rag import RagPlanner, as_gateway_error, build_retriever
 from .response_cache import ChatCache, build_semantic_cache
 from .schemas import ChatCompletionRequest, IngestRequest, RetrieveRequest
@@ -66,6 +68,9 @@ def create_app(settings: Settings) -> FastAPI:
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())
     admin = AdminAuth(settings.resolved_admin_key())
+    metrics = GatewayMetrics(registry)
+    chat.metrics = metrics
+    registry.register(LiveStateCollector(lambda: chunk_stores(backends), lambda: dict(chat.in_flight)))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -94,9 +99,18 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="blendgate", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestCounter, counter=metrics.requests)
+
+    def refresh_gauges() -> None:
+        if chat_cache.cache is not None:
+            chat_cache.cache.effective_policies(list(backends))  # refreshes the policy gauges
+
+    install_admin(app, settings=settings, admin=admin, metrics=metrics, chat_cache=chat_cache, backends=backends,
+                  refresh_gauges=refresh_gauges)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request, tenant: str = Depends(auth)):
+        raw.state.model = request.model  # the request counter's model label
         return await chat.handle(request, tenant, raw.headers)
 
     def model_card(name: str) -> dict:
@@ -133,7 +147,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/retrieve")
     async def retrieve(request: RetrieveRequest, _: str = Depends(auth)):
-        chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
+        with metrics.retrieval.labels("retrieve").time():
+            chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
         return {"object": "list", "collection": request.collection,
                 "version": retriever().collection_version(request.collection),
                 "data": [{**c.citation(), "text": c.text, "token_count": c.token_count} for c in chunks]}
@@ -156,28 +171,24 @@ def create_app(settings: Settings) -> FastAPI:
         return {"collection": collection, "source": source, "deleted": True, "removed_chunks": removed}
 
     @app.get("/metrics")
-    async def metrics():
-        if chat_cache.cache is not None:
-            chat_cache.cache.effective_policies(list(backends))  # refreshes the policy gauges
+    async def prometheus_metrics():
+        refresh_gauges()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    def semantic_cache():
-        if chat_cache.cache is None:
-            raise GatewayError(503, "the semantic cache is disabled or still loading", code="cache_unavailable")
-        return chat_cache.cache
-
-    @app.get("/admin/api/semantic-cache", dependencies=[Depends(admin)])
-    async def semantic_cache_stats():
-        cache = semantic_cache()
-        return {**cache.stats(), "policy": cache.effective_policies(list(backends))}
-
-    @app.post("/admin/api/semantic-cache/invalidate", dependencies=[Depends(admin)])
-    async def semantic_cache_invalidate(body: dict):
-        allowed = {"entry_id", "collection", "category", "tenant"}
-        if not body or set(body) - allowed or not all(isinstance(v, str) and v for v in body.values()):
-            raise GatewayError(400, f"give one or more of {sorted(allowed)} as non-empty strings",
-                               code="invalid_value")
-        return {"invalidated": await semantic_cache().invalidate(**body)}
+    @app.post("/v1/semantic-cache/false-hit")
+    async def report_false_hit(body: dict, tenant: str = Depends(auth)):
+        """A client says a cached answer was wrong (entry_id from the hit's blendgate.semantic_cache): it is
+        counted and the entry invalidated. Only the tenant the entry belongs to may report it."""
+        entry_id = body.get("entry_id")
+        if not isinstance(entry_id, str) or not entry_id or set(body) != {"entry_id"}:
+            raise GatewayError(400, "give entry_id (from a hit's blendgate.semantic_cache.entry_id)",
+                               code="invalid_value", param="entry_id")
+        cache = chat_cache.cache
+        owner = cache.category_of(entry_id) if cache is not None else None
+        if owner is None or owner[0] != tenant:
+            raise GatewayError(404, f"no live semantic-cache entry {entry_id} of yours", code="entry_not_found")
+        metrics.false_hits.labels(owner[1], tenant).inc()
+        return {"reported": True, "invalidated": await cache.invalidate(entry_id=entry_id, tenant=tenant)}
 
     @app.get("/healthz")
     async def healthz():

@@ -16,6 +16,7 @@ from ..semcache.policy import LoadMonitor
 from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
 from .config import ModelRagConfig
 from .errors import GatewayError
+from .metrics import GatewayMetrics
 from .rag import RagPlanner
 from .response_cache import CachePlan, ChatCache
 from .schemas import ChatCompletionRequest
@@ -66,6 +67,7 @@ class ChatService:
         self.load = load
         # Requests each model is working on (cache misses): the queue depth the load-adaptive policy reads.
         self.in_flight: dict[str, int] = defaultdict(int)
+        self.metrics: GatewayMetrics | None = None  # set by the app: per-request series for /metrics
         for name in backends:
             load.watch_queue(name, lambda name=name: self.in_flight[name])
 
@@ -124,10 +126,15 @@ class ChatService:
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
         self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
+        self._observe(request, ctx)
         if plan is not None:
             plan.remember(result.message.get("content") or "", result.finish_reason,
                           ctx.usage.as_dict() if ctx.usage else None)
         return self._completion(request, ctx, result.message, result.finish_reason)
+
+    def _observe(self, request: ChatCompletionRequest, ctx: RequestContext) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_chat(request.model, ctx)
 
     def _completion(self, request: ChatCompletionRequest, ctx: RequestContext, message: dict[str, Any],
                     finish_reason: str | None) -> JSONResponse:
@@ -156,6 +163,7 @@ class ChatService:
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
         if not request.stream:
+            self._observe(request, ctx)
             return self._completion(request, ctx, {"role": "assistant", "content": content}, finish_reason)
 
         async def chunks() -> AsyncIterator[ChatChunk]:
@@ -230,6 +238,7 @@ class ChatService:
         finally:
             await release()  # on client disconnect too: stops the generation behind the stream
         ctx.finished_at = time.perf_counter()
+        self._observe(request, ctx)
         if not replay:
             self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
         if plan is not None and finish_reason is not None:

@@ -166,13 +166,8 @@ def reindex(
 
 @app.command("check-config")
 def check_config(config: Optional[Path] = ConfigOption) -> None:
-    """Validate a configuration and print it as the gateway would use it (API keys hidden)."""
-    settings = _settings_or_exit(config)
-    data = json.loads(settings.model_dump_json())
-    for entry in data.get("api_keys", []):
-        if entry.get("key"):
-            entry["key"] = "***"
-    typer.echo(json.dumps(data, indent=2))
+    """Validate a configuration and print it as the gateway would use it (keys and passwords hidden)."""
+    typer.echo(json.dumps(_settings_or_exit(config).redacted(), indent=2))
 
 
 @app.command()

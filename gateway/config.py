@@ -6,7 +6,9 @@ Unknown keys are errors, so a typo in the file stops start-up instead of being i
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -312,6 +314,27 @@ class Settings(BaseSettings):
 
     def resolved_admin_key(self) -> str | None:
         return os.environ.get(self.admin_key_env) if self.admin_key_env else self.admin_key
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON data with every secret hidden: client keys, the admin key, a password in a
+        Redis URL (for check-config and the admin API)."""
+        data = json.loads(self.model_dump_json())
+        for entry in data.get("api_keys", []):
+            if entry.get("key"):
+                entry["key"] = "***"
+        if data.get("admin_key"):
+            data["admin_key"] = "***"
+
+        def hide_passwords(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: hide_passwords(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [hide_passwords(v) for v in value]
+            if isinstance(value, str) and "://" in value and "@" in value:
+                return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
+            return value
+
+        return hide_passwords(data)
 
     def tenants_by_key(self) -> dict[str, str]:
         return {k.resolved_key(): k.tenant for k in self.api_keys}

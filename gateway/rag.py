@@ -4,6 +4,7 @@ rag_template.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -66,6 +67,7 @@ class RagPlanner:
             options = request.rag or model_rag
             retriever = self.require_retriever()
             question = _question(request)
+            started = time.perf_counter()
             try:
                 chunks = await asyncio.to_thread(retriever.search, options.collection, question, options.top_k,
                                                 query_vector)
@@ -73,7 +75,8 @@ class RagPlanner:
                 raise as_gateway_error(exc) from exc
             prompt = RagPrompt(self.system_prompt, chunks, question)
             report = {"collection": options.collection, "version": retriever.collection_version(options.collection),
-                      "chunks": [c.citation() for c in chunks]}
+                      "chunks": [c.citation() for c in chunks],
+                      "retrieval_ms": round((time.perf_counter() - started) * 1000, 2)}
         else:
             return request, None
         rewritten = request.model_copy(update={"messages": rewrite_messages(request, prompt)})

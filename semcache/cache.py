@@ -383,6 +383,49 @@ class SemanticCache:
             await self._drop(doomed, "invalidated")
         return len(doomed)
 
+    # -- operators' view -------------------------------------------------------------------------------------
+    async def browse(self, *, search: str | None = None, category: str | None = None, tenant: str | None = None,
+                     offset: int = 0, limit: int = 50) -> dict[str, Any]:
+        """Live entries, newest first, for the admin API. The index says which entries are live; their text
+        is in the store, read only for the page shown (or, to search the question text, for every live
+        entry of the filtered partitions)."""
+        now = time.time()
+        live: list[tuple[IndexedEntry, str, str]] = []
+        for (part_tenant, part_category), partition in self.index.partitions.items():
+            if tenant and part_tenant != tenant or category and part_category != category:
+                continue
+            live += [(meta, part_tenant, part_category) for meta in partition.entries.values()
+                     if meta.expires_at > now]
+        live.sort(key=lambda item: item[0].created_at, reverse=True)
+        needle = (search or "").strip().lower()
+
+        async def read(meta: IndexedEntry) -> CacheEntry | None:
+            try:
+                fields = await self.store.get(meta.entry_id)
+                return CacheEntry.from_fields(fields, self.dimension) if fields is not None else None
+            except (StoreUnavailable, CorruptEntry):
+                return None
+
+        if needle:
+            entries = [e for e in await asyncio.gather(*(read(meta) for meta, _, _ in live))
+                       if e is not None and needle in e.query.lower()]
+            total, page = len(entries), entries[offset:offset + limit]
+        else:
+            total = len(live)
+            page = [e for e in await asyncio.gather(*(read(meta) for meta, _, _ in live[offset:offset + limit]))
+                    if e is not None]
+        return {"total": total, "offset": offset, "limit": limit,
+                "data": [{"id": e.entry_id, "tenant": e.tenant, "category": e.category, "model": e.model,
+                          "collection": e.collection, "query": e.query, "response": e.response.get("content"),
+                          "created_at": e.created_at, "expires_at": e.expires_at, "hits": e.hits} for e in page]}
+
+    def category_of(self, entry_id: str) -> tuple[str, str] | None:
+        """(tenant, category) of a live entry, or None."""
+        for (tenant, category), partition in self.index.partitions.items():
+            if any(meta.entry_id == entry_id for meta in partition.entries.values()):
+                return tenant, category
+        return None
+
     # -- background -----------------------------------------------------------------------------------------
     async def _sync_loop(self) -> None:
         while True:

@@ -1,0 +1,96 @@
+"""Operators' side of the gateway: the admin JSON API (docs/admin-api.md) behind the admin key, and the admin
+web UI (web/static, served as files: no build step, nothing fetched from elsewhere at run time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from .auth import AdminAuth
+from .backends.base import ChatBackend
+from .backends.local import LocalBackend
+from .config import Settings
+from .errors import GatewayError
+from .metrics import GatewayMetrics, semantic_categories, snapshot
+from .response_cache import ChatCache
+
+WEB_STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+
+
+def chunk_stores(backends: dict[str, ChatBackend]) -> dict[str, Any]:
+    """Each local model's chunk-cache store report (only models whose store exists)."""
+    return {name: b.store.report() for name, b in backends.items()
+            if isinstance(b, LocalBackend) and b.store is not None}
+
+
+def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics: GatewayMetrics,
+                  chat_cache: ChatCache, backends: dict[str, ChatBackend],
+                  refresh_gauges: Callable[[], None]) -> None:
+    api = APIRouter(prefix="/admin/api", dependencies=[Depends(admin)])
+
+    def semantic_cache():
+        if chat_cache.cache is None:
+            raise GatewayError(503, "the semantic cache is disabled or still loading", code="cache_unavailable")
+        return chat_cache.cache
+
+    @api.get("/stats")
+    async def stats():
+        refresh_gauges()
+        return snapshot(metrics, chat_cache.cache.store.kind if chat_cache.cache is not None else None)
+
+    @api.get("/semantic-cache")
+    async def semantic_cache_stats():
+        cache = semantic_cache()
+        refresh_gauges()
+        return {**cache.stats(), "categories": semantic_categories(metrics),
+                "policy": cache.effective_policies(list(backends))}
+
+    @api.get("/semantic-cache/entries")
+    async def semantic_cache_entries(search: str | None = Query(None, max_length=500),
+                                     category: str | None = None, tenant: str | None = None,
+                                     offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=200)):
+        return await semantic_cache().browse(search=search, category=category, tenant=tenant, offset=offset,
+                                             limit=limit)
+
+    @api.delete("/semantic-cache/entries/{entry_id}")
+    async def semantic_cache_delete(entry_id: str):
+        removed = await semantic_cache().invalidate(entry_id=entry_id)
+        if not removed:
+            raise GatewayError(404, f"no live semantic-cache entry {entry_id}", code="entry_not_found")
+        return {"invalidated": removed}
+
+    @api.post("/semantic-cache/invalidate")
+    async def semantic_cache_invalidate(body: dict):
+        allowed = {"entry_id", "collection", "category", "tenant"}
+        if not body or set(body) - allowed or not all(isinstance(v, str) and v for v in body.values()):
+            raise GatewayError(400, f"give one or more of {sorted(allowed)} as non-empty strings",
+                               code="invalid_value")
+        return {"invalidated": await semantic_cache().invalidate(**body)}
+
+    @api.get("/chunk-cache")
+    async def chunk_cache():
+        return {"models": {name: {**report, "top_chunks": _top_chunks(backends[name])}
+                           for name, report in chunk_stores(backends).items()}}
+
+    @api.get("/config")
+    async def config():
+        return settings.redacted()
+
+    app.include_router(api)
+
+    @app.get("/admin", include_in_schema=False)
+    async def admin_page():
+        return FileResponse(WEB_STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    if WEB_STATIC.is_dir():
+        app.mount("/admin/static", StaticFiles(directory=WEB_STATIC), name="admin-static")
+
+
+def _top_chunks(backend: ChatBackend, count: int = 10) -> list[dict[str, Any]]:
+    store = getattr(backend, "store", None)
+    top = getattr(store, "top_entries", None)
+    return top(count) if top is not None else []
