@@ -262,13 +262,12 @@ class ChunkCacheStore:
             }
 
 
-    def top_entries(self, count: int = 10) -> list[dict]:
-        """The chunks hit most, with the tier each lies in (for operators)."""
+    def entries(self) -> list[dict]:
+        """Every entry (chunk token digest, tier, bytes, hits), for operators."""
         with self._lock:
-            held = [(info, key, tier.name) for tier in self.tiers for key, info in tier.entries.items()]
-        held.sort(key=lambda item: item[0].hits, reverse=True)
-        return [{"chunk": key.tokens, "hits": info.hits, "bytes": info.nbytes, "tier": tier,
-                 "recompute_cost": info.recompute_cost} for info, key, tier in held[:count]]
+            return [{"chunk": key.tokens, "tier": tier.name, "bytes": info.nbytes, "hits": info.hits,
+                     "recompute_cost": info.recompute_cost}
+                    for tier in self.tiers for key, info in tier.entries.items()]
 
 
 def model_fingerprint(model) -> str:

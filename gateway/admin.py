@@ -73,7 +73,7 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
 
     @api.get("/chunk-cache")
     async def chunk_cache():
-        return {"models": {name: {**report, "top_chunks": _top_chunks(backends[name])}
+        return {"models": {name: {**report, **_contents(backends[name])}
                            for name, report in chunk_stores(backends).items()}}
 
     @api.get("/config")
@@ -90,7 +90,17 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
         app.mount("/admin/static", StaticFiles(directory=WEB_STATIC), name="admin-static")
 
 
-def _top_chunks(backend: ChatBackend, count: int = 10) -> list[dict[str, Any]]:
-    store = getattr(backend, "store", None)
-    top = getattr(store, "top_entries", None)
-    return top(count) if top is not None else []
+def _contents(backend: LocalBackend, top: int = 10) -> dict[str, Any]:
+    """The chunks hit most, and what the store holds per collection (chunks the gateway placed in prompts;
+    "(inline)" for documents sent with a request, "(unknown)" for entries from before this process)."""
+    held = backend.store.entries() if backend.store is not None else []
+    by_collection: dict[str, dict[str, int]] = {}
+    for entry in held:
+        origin = backend.chunk_origins.get(entry["chunk"], {})
+        entry.update(collection=origin.get("collection"), id=origin.get("id"), source=origin.get("source"))
+        name = origin.get("collection") or ("(inline)" if origin else "(unknown)")
+        totals = by_collection.setdefault(name, {"chunks": 0, "bytes": 0, "hits": 0})
+        totals["chunks"] += 1
+        totals["bytes"] += entry["bytes"]
+        totals["hits"] += entry["hits"]
+    return {"top_chunks": sorted(held, key=lambda e: e["hits"], reverse=True)[:top], "collections": by_collection}

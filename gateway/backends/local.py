@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ...chunkcache.runner import BlendingRunner
-from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier
+from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier, token_digest
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
@@ -23,6 +24,8 @@ from .base import ChatBackend, ChatChunk, RequestContext, Usage
 from .chat_prompt import chat_prompt, check_text_chat
 
 log = logging.getLogger("blendgate.gateway")
+
+MAX_CHUNK_ORIGINS = 100_000
 
 class LocalBackend(ChatBackend):
     kind = "local"
@@ -39,6 +42,9 @@ class LocalBackend(ChatBackend):
         self.engine: LocalEngine | None = None
         self._load_task: asyncio.Task | None = None
         self._error: str | None = None
+        # Which document chunk each chunk-cache entry holds (by the digest of its tokens), for operators:
+        # the store's keys are token digests and know nothing of collections.
+        self.chunk_origins: OrderedDict[str, dict[str, str | None]] = OrderedDict()
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load(), name=f"load {self.config.name}")
@@ -95,6 +101,19 @@ class LocalBackend(ChatBackend):
         return chat_prompt(self.model.tokenizer, request, mode=self.chunk_cache.mode,  # type: ignore[union-attr]
                            recompute_ratio=self.chunk_cache.recompute_ratio)
 
+    def _remember_origins(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> None:
+        if self.store is None or request._rag_prompt is None:
+            return
+        collection = (ctx.rag or {}).get("collection")
+        chunk_segments = [s for s in prompt.segments if s.is_chunk]
+        for chunk, segment in zip(request._rag_prompt.chunks, chunk_segments):
+            digest = token_digest(list(segment.token_ids))
+            self.chunk_origins[digest] = {"collection": collection, "id": chunk.id,
+                                          "source": getattr(chunk, "source", None)}
+            self.chunk_origins.move_to_end(digest)
+        while len(self.chunk_origins) > MAX_CHUNK_ORIGINS:
+            self.chunk_origins.popitem(last=False)
+
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         defaults = self.config.sampling_defaults
         context = self.model.max_context_tokens  # type: ignore[union-attr]
@@ -130,6 +149,7 @@ class LocalBackend(ChatBackend):
         engine = self._engine_or_raise()
         check_text_chat(request, "local models")
         prompt = self._prompt(request)
+        self._remember_origins(request, prompt, ctx)
         try:
             handle = engine.submit(prompt, self._sampling(request, len(prompt)))
         except PromptTooLongError as exc:
