@@ -154,23 +154,34 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def find_redis_server() -> str | None:
-    """The redis-server executable; installed with apt-get (quietly) when missing and we are root."""
-    found = shutil.which("redis-server") or next(
-        (p for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if os.access(p, os.X_OK)), None)
+def _find_or_apt_install(executable: str, package: str) -> str | None:
+    """An executable from a Debian package; the package is installed with apt-get (quietly) when the
+    executable is missing and we are root."""
+    found = shutil.which(executable) or next(
+        (p for p in (f"/usr/bin/{executable}", f"/usr/local/bin/{executable}") if os.access(p, os.X_OK)), None)
     if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "install", "-y", "-qq", "redis-server"],
-                    ["sh", "-c", "apt-get update -qq && apt-get install -y -qq redis-server"]):
+    for command in (["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+                    ["sh", "-c", f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {package}"]):
         try:
-            subprocess.run(command, env=env, capture_output=True, timeout=600, check=False)
+            subprocess.run(command, env=env, capture_output=True, timeout=900, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        found = shutil.which("redis-server")
+        found = shutil.which(executable)
         if found:
             return found
     return None
+
+
+def find_redis_server() -> str | None:
+    """The redis-server executable (Debian's redis-server package, installed when missing and we can)."""
+    return _find_or_apt_install("redis-server", "redis-server")
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium, for the admin UI's browser test (installed when missing and we can)."""
+    return _find_or_apt_install("chromium", "chromium")
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
