@@ -105,6 +105,10 @@ class LocalBackend(ChatBackend):
         if self.store is None or request._rag_prompt is None:
             return
         collection = (ctx.rag or {}).get("collection")
+        first = prompt.segments[0]
+        if not first.is_chunk:  # the system prompt's own KV, which blending reuses, is stored too
+            self.chunk_origins[token_digest(list(first.token_ids))] = {"collection": "(system prompt)", "id": None,
+                                                                        "source": None}
         chunk_segments = [s for s in prompt.segments if s.is_chunk]
         for chunk, segment in zip(request._rag_prompt.chunks, chunk_segments):
             digest = token_digest(list(segment.token_ids))
