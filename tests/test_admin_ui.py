@@ -4,11 +4,13 @@ Playwright drives Debian's chromium (no `playwright install`, no browser downloa
 module's own: the embedded model, the embedded semantic-cache store, an admin key. The tests sign in with a
 wrong key and with the right one, send chat requests through the openai client and watch the pages follow,
 invalidate an entry from the Entries page and check that the question then misses, and save a full-page
-screenshot of every page to docs/screenshots/admin-<page>.png (1366x768 viewport).
+screenshot of every page (1366x768 viewport), into docs/screenshots/admin-<page>.png with
+BLENDGATE_SCREENSHOTS=1.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -70,9 +72,13 @@ def browser(chromium: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def screenshots() -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    return SCREENSHOTS
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """docs/screenshots when BLENDGATE_SCREENSHOTS=1 (to refresh the README's pictures), else a temporary
+    folder: an ordinary test run leaves the checkout as it was."""
+    if os.environ.get("BLENDGATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
 
 
 class Console:
