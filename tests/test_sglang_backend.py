@@ -30,7 +30,7 @@ def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin
 @pytest.fixture(scope="module")
 def sgl_gateway(workers: list[SglangStandin], workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     greedy = {"temperature": 0.0, "top_p": 1.0}
-    sglang = {"backend": "sglang", "health_interval_s": 0.5, "read_timeout_s": 3, "max_context_tokens": 2048,
+    sglang = {"backend": "sglang", "health_interval_s": 0.5, "read_timeout_s": 5, "max_context_tokens": 2048,
               "sampling_defaults": greedy}
     config = {
         "models": [
@@ -108,10 +108,10 @@ def test_a_silent_worker_gives_504_and_a_failing_one_502(sgl_gateway: GatewayPro
     url = f"{sgl_gateway.url}/v1/chat/completions"
     body = {"model": "sgl-second", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     try:
-        workers[1].fault(delay_s=6)
+        workers[1].fault(delay_s=12)
         started = time.monotonic()
         assert_openai_error(httpx.post(url, json=body, timeout=60), 504, "upstream_timeout")
-        assert time.monotonic() - started < 6, "the gateway waited out the worker instead of its read timeout"
+        assert time.monotonic() - started < 12, "the gateway waited out the worker instead of its read timeout"
         workers[1].fault(status=500)
         error = assert_openai_error(httpx.post(url, json=body, timeout=60), 502, "upstream_error")
         assert "injected failure" in error["message"]
