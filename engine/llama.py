@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..kernels.activation import silu_and_mul
 from ..kernels.attention import AttentionPlan, attend, plan_all, plan_causal, plan_masked, plan_sparse
 from ..kernels.norm import rms_norm
-from ..kernels.rope import rope_store, rotate_heads
+from ..kernels.rope import rope_store
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -111,11 +111,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return rms_norm(x, weight, eps)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, tokens, head_dim]; cos/sin: [tokens, head_dim]."""
-    return rotate_heads(x, cos, sin)
-
-
 class LlamaFamilyModel:
     def __init__(self, config, weights: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype) -> None:
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -193,8 +188,8 @@ class LlamaFamilyModel:
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 
     def project_qkv(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Queries, keys (both before the position rotation) and values of `hidden` [tokens, hidden], side by
-        side: [tokens, (heads + 2 kv_heads) * head_dim]."""
+        """Queries, keys (both before the position rotation, so keys can be placed at any position later) and
+        values of `hidden` [tokens, hidden], side by side: [tokens, (heads + 2 kv_heads) * head_dim]."""
         w = self.layers[layer]
         return F.linear(_rms_norm(hidden, w.input_norm, self.eps), w.qkv, w.qkv_bias)
 
@@ -203,17 +198,6 @@ class LlamaFamilyModel:
         heads = qkv.view(qkv.shape[0], -1, self.head_dim).transpose(0, 1)
         q, k, v = heads.split([self.heads, self.kv_heads, self.kv_heads])
         return q, k, v
-
-    def qkv_raw(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries and keys before the position rotation, and values, of `hidden` [tokens, hidden]:
-        [heads or kv_heads, tokens, head_dim]. Unrotated keys can be placed at any position later."""
-        return self.split_qkv(self.project_qkv(layer, hidden))
-
-    def qkv(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys (both rotated to their positions) and values of `hidden` at one layer."""
-        q, k, v = self.qkv_raw(layer, hidden)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, layer: int, q: torch.Tensor, cache: KVCache, plan: AttentionPlan) -> torch.Tensor:
         """Attention of queries [heads, tokens, head_dim] over the cache's slots as the plan says (causal by

@@ -73,20 +73,6 @@ if triton is not None:
         tl.store(cache_values + dst + HALF, v2.to(out_type), mask=rows)
 
     @triton.jit
-    def _rotate_kernel(x, out, cos, sin, tokens, x_head, x_token, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
-        head = tl.program_id(0)
-        t = tl.program_id(1) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-        d = tl.arange(0, HALF)
-        rows = t[:, None] < tokens
-        src = head * x_head + t[:, None].to(tl.int64) * x_token + d[None, :]
-        dst = (head * tokens + t[:, None]).to(tl.int64) * (2 * HALF) + d[None, :]
-        angle = t[:, None] * (2 * HALF) + d[None, :]
-        first, second = _rotated_halves(x, src, cos, sin, angle, rows, HALF)
-        out_type = out.dtype.element_ty
-        tl.store(out + dst, first.to(out_type), mask=rows)
-        tl.store(out + dst + HALF, second.to(out_type), mask=rows)
-
-    @triton.jit
     def _rope_store_kernel(qkv, q_out, cache_keys, cache_values, cos, sin, slots, tokens, qkv_row, cache_head,
                            cache_slot, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                            BLOCK_TOKENS: tl.constexpr):
@@ -113,22 +99,6 @@ if triton is not None:
                 dst = (head - HEADS - KV_HEADS).to(tl.int64) * cache_head + slot[:, None] * cache_slot + d[None, :]
                 tl.store(cache_values + dst, tl.load(qkv + src, mask=rows), mask=rows)
                 tl.store(cache_values + dst + HALF, tl.load(qkv + src + HALF, mask=rows), mask=rows)
-
-
-def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """As `rotate` for x [heads, tokens, head_dim] (any head/token strides), one launch on CUDA instead of
-    five; the result is contiguous."""
-    heads, tokens, head_dim = x.shape
-    half = head_dim // 2
-    if (triton is None or not x.is_cuda or x.stride(-1) != 1 or head_dim % 2 or half & (half - 1)
-            or not cos.is_contiguous() or not sin.is_contiguous() or cos.shape != (tokens, head_dim)):
-        return rotate(x, cos, sin)
-    out = torch.empty((heads, tokens, head_dim), dtype=x.dtype, device=x.device)
-    if tokens:
-        block = 32
-        _rotate_kernel[(heads, triton.cdiv(tokens, block))](x, out, cos, sin, tokens, x.stride(0), x.stride(1),
-                                                           HALF=half, BLOCK_TOKENS=block)
-    return out
 
 
 def _fits_kernel(keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor, cos: torch.Tensor) -> bool:

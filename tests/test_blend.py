@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blendgate.chunkcache.blend import blend_prefill, precompute_chunk, selected_count
-from blendgate.engine.llama import LlamaFamilyModel, apply_rope
+from blendgate.engine.llama import LlamaFamilyModel
+from blendgate.kernels.rope import rotate
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,12 @@ def full_prefill(model: LlamaFamilyModel, ids: list[int]):
     return logits[-1], cache
 
 
+def rotated_qkv(model: LlamaFamilyModel, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Reference: a layer's queries and keys rotated to their positions, and its values."""
+    q, k, v = model.split_qkv(model.project_qkv(layer, hidden))
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
 def test_rotating_cached_keys_equals_computing_them_at_the_new_position(model) -> None:
     chunk = precompute_chunk(model, CHUNKS[0])
     offset = 37
@@ -40,8 +47,8 @@ def test_rotating_cached_keys_equals_computing_them_at_the_new_position(model) -
     cos, sin = model.rope(positions)
     hidden = F.embedding(torch.tensor(CHUNKS[0]), model.embed_tokens)
     # Layer 0's keys depend on the token and its position only, so they can be computed at the new place.
-    _, keys_there, _ = model.qkv(0, hidden, cos, sin)
-    torch.testing.assert_close(apply_rope(chunk.keys[0], cos, sin), keys_there, rtol=0, atol=1e-6)
+    _, keys_there, _ = rotated_qkv(model, 0, hidden, cos, sin)
+    torch.testing.assert_close(rotate(chunk.keys[0], cos, sin), keys_there, rtol=0, atol=1e-6)
 
 
 def test_recompute_ratio_one_equals_full_prefill_and_decodes_on(model) -> None:
@@ -76,7 +83,7 @@ def block_masked_logits(model: LlamaFamilyModel, prefix: list[int], chunks: list
     cos, sin = model.rope(torch.arange(total))
     hidden = F.embedding(ids, model.embed_tokens)
     for layer in range(model.num_layers):
-        q, k, v = model.qkv(layer, hidden, cos, sin)
+        q, k, v = rotated_qkv(model, layer, hidden, cos, sin)
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)
         hidden = model.finish_layer(layer, hidden, out[0].transpose(0, 1).reshape(total, -1))
     return model.logits(hidden[-1:])[0]
