@@ -1,9 +1,12 @@
 """Chat requests as prompts for the backends that tokenise in the gateway (local and SGLang): which requests
-they can take, and the prompt's tokens through the model's chat template, in segments for RAG."""
+they can take, the prompt's tokens through the model's chat template (in segments for RAG), the sampling
+settings with the model's defaults, and the error for a prompt over the context."""
 
 from __future__ import annotations
 
 from ...engine.prompt import Prompt
+from ...engine.sampling import SamplingParams
+from ..config import SamplingDefaults
 from ..errors import GatewayError
 from ..rag_template import encode_prompt
 from ..schemas import ChatCompletionRequest
@@ -44,3 +47,22 @@ def chat_prompt(tokenizer, request: ChatCompletionRequest, *, mode: str, recompu
     mode = (blend.mode if blend and blend.mode else None) or mode
     ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else recompute_ratio
     return encode_prompt(tokenizer, messages, request._rag_prompt, mode=mode, recompute_ratio=ratio)
+
+
+def sampling_params(request: ChatCompletionRequest, defaults: SamplingDefaults, max_new_tokens: int) -> SamplingParams:
+    """The request's sampling settings, the model's defaults where it sets none."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+    )
+
+
+def context_length_error(max_context_tokens: int, prompt_tokens: int) -> GatewayError:
+    """413 in OpenAI's words for a prompt that does not fit the model's context."""
+    return GatewayError(413, f"This model's maximum context length is {max_context_tokens} tokens, but the "
+                             f"messages have {prompt_tokens} tokens.", code="context_length_exceeded",
+                        param="messages")

@@ -21,7 +21,7 @@ from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage
-from .chat_prompt import chat_prompt, check_text_chat
+from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -119,16 +119,9 @@ class LocalBackend(ChatBackend):
             self.chunk_origins.popitem(last=False)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
-        defaults = self.config.sampling_defaults
         context = self.model.max_context_tokens  # type: ignore[union-attr]
-        return SamplingParams(
-            max_new_tokens=request.completion_limit() or max(1, context - prompt_tokens),
-            temperature=defaults.temperature if request.temperature is None else request.temperature,
-            top_p=defaults.top_p if request.top_p is None else request.top_p,
-            seed=request.seed,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-        )
+        return sampling_params(request, self.config.sampling_defaults,
+                               request.completion_limit() or max(1, context - prompt_tokens))
 
     def _engine_or_raise(self) -> LocalEngine:
         if self.engine is not None:
@@ -157,9 +150,7 @@ class LocalBackend(ChatBackend):
         try:
             handle = engine.submit(prompt, self._sampling(request, len(prompt)))
         except PromptTooLongError as exc:
-            raise GatewayError(413, f"This model's maximum context length is {exc.max_context_tokens} tokens, "
-                                    f"but the messages have {exc.prompt_tokens} tokens.",
-                               code="context_length_exceeded", param="messages") from exc
+            raise context_length_error(exc.max_context_tokens, exc.prompt_tokens) from exc
         except QueueFullError as exc:
             raise GatewayError(503, str(exc), code="engine_overloaded") from exc
         ctx.backend = self.kind

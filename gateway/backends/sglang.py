@@ -32,7 +32,7 @@ from ..config import SglangModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage
-from .chat_prompt import chat_prompt, check_text_chat
+from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
 from .routing import AffinityRouter, WorkerState
 
 log = logging.getLogger("blendgate.gateway")
@@ -153,20 +153,17 @@ class SglangBackend(ChatBackend):
     def _payload(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> dict[str, Any]:
         limit = self.config.max_context_tokens
         if len(prompt) >= limit:
-            raise GatewayError(413, f"This model's maximum context length is {limit} tokens, but the messages "
-                                    f"have {len(prompt)} tokens.", code="context_length_exceeded", param="messages")
-        defaults = self.config.sampling_defaults
+            raise context_length_error(limit, len(prompt))
+        params = sampling_params(request, self.config.sampling_defaults,
+                                 min(request.completion_limit() or limit, limit - len(prompt)))
         sampling: dict[str, Any] = {
-            "max_new_tokens": min(request.completion_limit() or limit, limit - len(prompt)),
-            "temperature": defaults.temperature if request.temperature is None else request.temperature,
-            "top_p": defaults.top_p if request.top_p is None else request.top_p,
-            "frequency_penalty": request.frequency_penalty or 0.0,
-            "presence_penalty": request.presence_penalty or 0.0,
+            "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty,
         }
         if request.stop_sequences:
             sampling["stop"] = request.stop_sequences
-        if request.seed is not None:
-            sampling["sampling_seed"] = request.seed
+        if params.seed is not None:
+            sampling["sampling_seed"] = params.seed
         spans = chunk_spans(prompt)
         if spans:
             sampling["custom_params"] = {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode,
