@@ -63,6 +63,13 @@ api_keys:
         ("models: []\n", "at least one model"),
         ("api_keys:\n  - key_env: SURELY_UNSET_VAR_42\n    tenant: t\n", "SURELY_UNSET_VAR_42"),
         ("api_keys:\n  - key: short\n    tenant: t\n", "api_keys.0.key"),
+        ("models:\n  - name: m\n    backend: sglang\n", "models.0.sglang.workers"),
+        ("models:\n  - name: m\n    backend: sglang\n    workers: [gpu-1:30000]\n", "must be an http"),
+        ("models:\n  - name: m\n    backend: sglang\n    workers: [http://a:1, http://a:1/]\n", "listed twice"),
+        ("models:\n  - name: m\n    backend: sglang\n    workers: [http://a:1]\n    tokenizer_path: /no/such\n",
+         "no such file"),
+        ("models:\n  - name: m\n    backend: sglang\n    workers: [http://a:1]\n    recompute_ratio: 2\n",
+         "models.0.sglang.recompute_ratio"),
         ("port: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "top level must be a mapping"),
     ],
@@ -90,6 +97,12 @@ def test_check_config_hides_keys(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "sk-secret" not in result.stdout and '"tenant": "t"' in result.stdout
+    config = write(tmp_path, "admin_key: admin-secret-123456\nsemantic_cache:\n  redis_url: redis://:pw-secret@h:6379/0\n")
+    result = subprocess.run([sys.executable, "-m", "blendgate.gateway", "check-config", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "admin-secret" not in result.stdout and "pw-secret" not in result.stdout
+    assert "redis://:***@h" in result.stdout
 
 
 def test_the_example_config_is_valid() -> None:
