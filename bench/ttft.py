@@ -15,6 +15,7 @@ dense baseline our runner must keep up with.
     python bench/ttft.py                                   # Llama-3-8B and Qwen2.5-7B shapes, k = 4 8 16
     python bench/ttft.py --models llama3-8b --chunks 8 --runs 20 --out bench/results/ttft-DATE.md
     python bench/ttft.py --smollm SmolLM2-135M-Instruct.Q4_1.gguf --models   # real-weight rows only
+    python bench/ttft.py --models llama3-8b --chunks 8 --sglang   # with SGLang's rows (bench/sglang_rows.py)
 """
 
 from __future__ import annotations
@@ -222,6 +223,9 @@ def main() -> None:
     parser.add_argument("--smollm", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF: real-weight rows")
     parser.add_argument("--reuse-system-prefix", action="store_true",
                         help="blend and reuse rows reuse the system prefix's exact KV, as the gateway does")
+    parser.add_argument("--sglang", action="store_true",
+                        help="add SGLang 0.5.15's rows (stock, prefix caching, with blendgate's plugin): "
+                             "bench/sglang_rows.py")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -257,8 +261,13 @@ def main() -> None:
         extra.append(f"- {name}, decode after a blended prefill (k = {k}, r = 0.15): {ours:.1f} tokens/s; "
                      f"transformers (SDPA) after its own prefill: {theirs:.1f} tokens/s ({ours / theirs:.2f}x)")
         rows += bench.rows
+        prompts = (bench.system, bench.chunks, bench.question)
         del bench
         torch.cuda.empty_cache()
+        if args.sglang:
+            from sglang_rows import sglang_rows
+
+            rows += sglang_rows(name, ARCHITECTURES[name], *prompts, args.chunks, args.runs)
     if args.smollm:
         bench = Bench("SmolLM2-135M (real weights)", smollm_model(args.smollm), args.runs, max(args.chunks),
                       reuse_system_prefix=args.reuse_system_prefix)

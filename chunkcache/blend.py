@@ -63,10 +63,11 @@ def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: 
 
 @dataclass
 class BlendResult:
-    logits: torch.Tensor  # [vocab] of the last prompt token
+    logits: torch.Tensor | None  # [vocab] of the last prompt token (None when the caller asked for hidden)
     cache: KVCache  # the prompt's KV, ready for decoding
     chunk_tokens: int
     recomputed_chunk_tokens: int
+    hidden: torch.Tensor | None = None  # [hidden] of the last prompt token, before the final norm
 
     @property
     def recompute_ratio(self) -> float:
@@ -165,7 +166,7 @@ class ChunkLoader:
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
                   marks: list | None = None, prefix_kv: ChunkKV | None = None,
-                  row_alignment: int | None = None) -> BlendResult:
+                  row_alignment: int | None = None, logits: bool = True) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
     The last segment must be computed tokens (the question), whose last position gives the logits.
     ChunkKVs may live on the GPU or in (pinned) CPU memory; the latter are streamed up layer by layer.
@@ -173,7 +174,9 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     request shares), which is exactly what computing them here gives: reused as is, never recomputed.
     `row_alignment`: the recomputed count is nudged (by at most 5%) so the computed rows fill whole GEMM
     tiles; default GPU_ROW_ALIGNMENT on CUDA, none elsewhere. The result reports the count used.
-    `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown."""
+    `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown.
+    `logits` False: the result carries the last token's hidden state instead (an engine with its own
+    logits processor, such as SGLang, finishes it)."""
     def mark(stage: str) -> None:
         if marks is not None:
             event = torch.cuda.Event(enable_timing=True)
@@ -250,7 +253,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
         attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)
         hidden = model.finish_layer(layer, hidden, attention)
     mark("layers after selection")
-    logits = model.logits(hidden[-1:])[0]
+    last = hidden[-1]
+    result_logits = model.logits(last[None])[0] if logits else None
     mark("logits")
     recomputed = count if model.num_layers > first_cached else chunk_tokens
-    return BlendResult(logits, cache, chunk_tokens, recomputed)
+    return BlendResult(result_logits, cache, chunk_tokens, recomputed, hidden=None if logits else last)

@@ -18,23 +18,76 @@ from collections import OrderedDict
 
 import torch
 
-from ..engine.llama import KVCache
+from ..engine.llama import KVCache, LlamaFamilyModel
 from ..engine.prompt import Prompt
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
-from .blend import ChunkKV, blend_prefill, precompute_chunk
+from .blend import BlendResult, ChunkKV, blend_prefill, precompute_chunk
 from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
+
+
+class ChunkBlender:
+    """Blends a prompt's chunks on a LlamaFamilyModel: each chunk's KV from the store (computed and stored on
+    a miss), then CacheBlend. Shared by the local engine's runner and the SGLang plugin, so both find chunk KV
+    under the same keys."""
+
+    def __init__(self, model: LlamaFamilyModel, store: ChunkCacheStore, chunk_prefix: str = "system") -> None:
+        if chunk_prefix not in ("system", "none"):
+            raise ValueError("chunk_prefix must be 'system' or 'none'")
+        self.model = model
+        self.store = store
+        self.chunk_prefix = chunk_prefix
+        self.fingerprint = model_fingerprint(model)
+
+    def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
+                 ) -> tuple[ChunkKV, bool]:
+        # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
+        cached = self.store.get(key, promote=False)
+        if cached is not None and tuple(cached.token_ids.tolist()) == chunk_ids:
+            return cached, True
+        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids))
+        self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers))
+        return kv, False
+
+    def blend(self, prompt: Prompt, logits: bool = True) -> tuple[BlendResult, dict]:
+        """The prompt prefilled in its mode ("reuse" or "blend"), and the report of what was reused."""
+        ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
+        first = prompt.segments[0]
+        chunk_prefix = first.token_ids if self.chunk_prefix == "system" and not first.is_chunk else ()
+        segments, hits, found = [], [], []
+        for segment in prompt.segments:
+            if segment.is_chunk:
+                key = ChunkKey.of(self.fingerprint, list(chunk_prefix), list(segment.token_ids))
+                kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix)
+                segments.append(kv)
+                hits.append(hit)
+                found.append((key, kv))
+            else:
+                segments.append(list(segment.token_ids))
+        # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
+        prefix_kv = None
+        if not first.is_chunk and len(prompt.segments) > 1:
+            key = ChunkKey.of(self.fingerprint, [], list(first.token_ids))
+            prefix_kv, _ = self.chunk_kv(key, first.token_ids, ())
+            found.append((key, prefix_kv))
+        result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv, logits=logits)
+        for key, kv in found:
+            self.store.promote(key, kv)
+        report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
+                  "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
+                  "recomputed_tokens": result.recomputed_chunk_tokens,
+                  "prefix_tokens_reused": prefix_kv.length if prefix_kv is not None else 0}
+        return result, report
 
 
 class BlendingRunner(LlamaRunner):
     def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16,
                  chunk_prefix: str = "system") -> None:
         super().__init__(loaded)
-        if chunk_prefix not in ("system", "none"):
-            raise ValueError("chunk_prefix must be 'system' or 'none'")
+        self.blender = ChunkBlender(self.model, store, chunk_prefix)
         self.store = store
         self.chunk_prefix = chunk_prefix
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = self.blender.fingerprint
         self.prefix_entries = prefix_entries
         self._prefixes: OrderedDict[str, KVCache] = OrderedDict()
 
@@ -47,51 +100,12 @@ class BlendingRunner(LlamaRunner):
             logits, state, reused = self._prefix_prefill(prompt)
             report = {"mode": "prefix", "prefix_tokens_reused": reused}
         else:
-            logits, state, report = self._blend_prefill(prompt)
+            result, report = self.blender.blend(prompt)
+            logits, state = result.logits, KVState(cache=result.cache, length=len(prompt))
         if prompt.has_chunks:
             report["prefill_ms"] = round((time.perf_counter() - started) * 1000, 2)
             state.report = report
         return logits, state
-
-    # -- chunk-caches and blending ------------------------------------------------------------------
-    def _chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
-                  ) -> tuple[ChunkKV, bool]:
-        # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
-        cached = self.store.get(key, promote=False)
-        if cached is not None and tuple(cached.token_ids.tolist()) == chunk_ids:
-            return cached, True
-        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids))
-        self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers))
-        return kv, False
-
-    def _blend_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, dict]:
-        ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
-        first = prompt.segments[0]
-        chunk_prefix = first.token_ids if self.chunk_prefix == "system" and not first.is_chunk else ()
-        segments, hits, found = [], [], []
-        for segment in prompt.segments:
-            if segment.is_chunk:
-                key = ChunkKey.of(self.fingerprint, list(chunk_prefix), list(segment.token_ids))
-                kv, hit = self._chunk_kv(key, segment.token_ids, chunk_prefix)
-                segments.append(kv)
-                hits.append(hit)
-                found.append((key, kv))
-            else:
-                segments.append(list(segment.token_ids))
-        # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
-        prefix_kv = None
-        if not first.is_chunk and len(prompt.segments) > 1:
-            key = ChunkKey.of(self.fingerprint, [], list(first.token_ids))
-            prefix_kv, _ = self._chunk_kv(key, first.token_ids, ())
-            found.append((key, prefix_kv))
-        result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv)
-        for key, kv in found:
-            self.store.promote(key, kv)
-        report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
-                  "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
-                  "recomputed_tokens": result.recomputed_chunk_tokens,
-                  "prefix_tokens_reused": prefix_kv.length if prefix_kv is not None else 0}
-        return result.logits, KVState(cache=result.cache, length=len(prompt)), report
 
     # -- prefix caching -----------------------------------------------------------------------------
     def _prefix_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, int]:

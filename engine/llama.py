@@ -43,11 +43,16 @@ class LayerWeights:
         def get(name: str) -> torch.Tensor | None:
             return weights.get(prefix + name)
 
-        biases = [get(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        return cls(qkv=torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"]),
-                   qkv_bias=None if biases[0] is None else torch.cat(biases),
-                   o=get("self_attn.o_proj.weight"),
-                   gate_up=torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]),
+        # Engines that keep them stacked already (SGLang's qkv_proj and gate_up_proj) are shared, not copied.
+        qkv, qkv_bias, gate_up = get("self_attn.qkv_proj.weight"), get("self_attn.qkv_proj.bias"), \
+            get("mlp.gate_up_proj.weight")
+        if qkv is None:
+            qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"])
+            biases = [get(f"self_attn.{p}_proj.bias") for p in "qkv"]
+            qkv_bias = None if biases[0] is None else torch.cat(biases)
+        if gate_up is None:
+            gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+        return cls(qkv=qkv, qkv_bias=qkv_bias, o=get("self_attn.o_proj.weight"), gate_up=gate_up,
                    down=get("mlp.down_proj.weight"), input_norm=get("input_layernorm.weight"),
                    post_norm=get("post_attention_layernorm.weight"))
 

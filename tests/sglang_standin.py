@@ -4,8 +4,9 @@ It speaks the part of SGLang's HTTP API the gateway uses (`POST /generate` with 
 `sampling_params` and `stream`, answered as SSE events `data: {"text", "output_ids", "meta_info"}` with the
 whole text so far, then `data: [DONE]`; `GET /health`; `GET /get_model_info`), backed by blendgate's local
 engine with the embedded SmolLM2 and a chunk-cache in CPU memory. Like the plugin, it reads the chunk spans
-from `sampling_params.custom_params` and reports its prefill in `meta_info["blendgate"]`. SGLang itself
-does not run on a CPU; this is the contract the real plugin is held to on the GPU.
+from `sampling_params.custom_params` and reports its prefill in `meta_info["blendgate"]` (a one-element
+list, as SGLang's customized_info gives it). SGLang itself does not run on a CPU; this is the contract the
+real plugin is held to on the GPU.
 
 `POST /standin/fault` sets faults for the tests: {"delay_s": seconds before the first event, "status": an
 HTTP status to answer /generate with, "die_after_events": exit the process mid-stream, "unhealthy": bool}.
@@ -27,33 +28,15 @@ from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
 from blendgate.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from blendgate.engine.engine import LocalEngine, PromptTooLongError
-from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.engine.sampling import SamplingParams
 from blendgate.engine.weights import load_model
+from blendgate.sglang_plugin.protocol import REPORT_KEY, prompt_of
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=status)
-
-
-def segments_of(input_ids: list[int], custom: dict) -> Prompt:
-    """The prompt as the plugin sees it: chunk spans from custom_params, the rest computed."""
-    spans = custom.get("blendgate_chunk_spans") or []
-    if len(spans) % 2 or any(not isinstance(x, int) for x in spans) or spans != sorted(spans) or \
-            (spans and (spans[0] < 0 or spans[-1] > len(input_ids))):
-        raise ValueError(f"blendgate_chunk_spans must be ordered [start, end, ...] offsets, got {spans}")
-    segments, offset = [], 0
-    for start, end in zip(spans[::2], spans[1::2]):
-        if start > offset:
-            segments.append(PromptSegment(tuple(input_ids[offset:start])))
-        segments.append(PromptSegment(tuple(input_ids[start:end]), is_chunk=True))
-        offset = end
-    if offset < len(input_ids):
-        segments.append(PromptSegment(tuple(input_ids[offset:])))
-    return Prompt(segments, mode=custom.get("blendgate_prefill_mode", "full_prefill"),
-                  recompute_ratio=float(custom.get("blendgate_recompute_ratio", 0.15)))
 
 
 def create_app(cache_dir: Path) -> FastAPI:
@@ -88,7 +71,7 @@ def create_app(cache_dir: Path) -> FastAPI:
             if not isinstance(input_ids, list) or not all(isinstance(t, int) for t in input_ids):
                 raise ValueError("input_ids must be a list of token ids")
             sampling = body.get("sampling_params") or {}
-            prompt = segments_of(input_ids, sampling.get("custom_params") or {})
+            prompt = prompt_of(input_ids, sampling.get("custom_params"))
             params = SamplingParams(max_new_tokens=int(sampling.get("max_new_tokens", 128)),
                                     temperature=float(sampling.get("temperature", 1.0)),
                                     top_p=float(sampling.get("top_p", 1.0)), seed=sampling.get("sampling_seed"),
@@ -125,7 +108,8 @@ def create_app(cache_dir: Path) -> FastAPI:
                             "completion_tokens": len(output_ids), "cached_tokens": 0,
                             "e2e_latency": time.perf_counter() - started}
                     if handle.prefill_report is not None:
-                        meta["blendgate"] = {k: v for k, v in handle.prefill_report.items()}
+                        # As SGLang's customized_info arrives: one value per forward pass that set it.
+                        meta[REPORT_KEY] = [dict(handle.prefill_report)]
                     yield f"data: {json.dumps({'text': text, 'output_ids': output_ids, 'meta_info': meta})}\n\n"
                     sent += 1
                     if faults.get("die_after_events") and sent >= faults["die_after_events"]:

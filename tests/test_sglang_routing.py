@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.gateway.backends.routing import AffinityRouter
-from blendgate.gateway.backends.sglang import chunk_spans
+from blendgate.sglang_plugin.protocol import chunk_spans
 
 
 def test_a_request_goes_to_the_worker_that_served_its_chunks() -> None:

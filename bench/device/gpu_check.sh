@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # On the device machine, one call: link the packages, run the GPU tests, time the kernels, run bench/ttft.
 #   bash bench/device/gpu_check.sh [tests] [kernels] [ttft ARGS...]   (default: all three, ttft with its defaults)
+# With SGLang installed in /tmp/site (sglang_bundle.sh / sglang_receive.sh), tests/gpu/test_sglang_plugin.py
+# runs too, and `ttft ... --sglang` adds SGLang's rows.
 # Output worth keeping goes to $OUT (gpu-tests.log, kernels.md, ttft.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bg:/tmp/site:${PYTHONPATH:-}
 mkdir -p /tmp/bg/blendgate "${OUT:-/tmp/out}"
 OUT=${OUT:-/tmp/out}
-for d in gateway engine retriever chunkcache semcache kernels; do ln -sfn "$PWD/$d" "/tmp/bg/blendgate/$d"; done
+for d in gateway engine retriever chunkcache semcache kernels sglang_plugin; do ln -sfn "$PWD/$d" "/tmp/bg/blendgate/$d"; done
+# The plugin's entry point, as `pip install blendgate` would declare it (SGLang finds plugins by entry point).
+mkdir -p /tmp/bg/blendgate-0.0.dist-info
+printf 'Metadata-Version: 2.1\nName: blendgate\nVersion: 0.0\n' > /tmp/bg/blendgate-0.0.dist-info/METADATA
+printf '[sglang.srt.plugins]\nblendgate = blendgate.sglang_plugin:register\n' > /tmp/bg/blendgate-0.0.dist-info/entry_points.txt
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests kernels ttft)
 status=0
 while [ ${#steps[@]} -gt 0 ]; do
     step=${steps[0]}; steps=("${steps[@]:1}")
     case $step in
+        sglang-check) python3 -c "import sglang, sgl_kernel, flashinfer.sampling, sglang.srt.entrypoints.engine; print('sglang', sglang.__version__, 'imports')" 2>&1 | tail -5 || status=1 ;;
         tests) python3 -m pytest -q tests/gpu --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 || status=1 ;;
         kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | grep -v Warning || status=1 ;;
         ttft) python3 bench/ttft.py "${steps[@]}" --out "$OUT/ttft.md" 2>&1 | tee "$OUT/ttft.log" | grep -v "Warning\|warn" || status=1; steps=() ;;

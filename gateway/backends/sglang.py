@@ -28,6 +28,7 @@ import httpx
 from ...chunkcache.store import token_digest
 from ...engine.prompt import Prompt
 from ...engine.weights import WeightsError, load_tokenizer
+from ...sglang_plugin.protocol import custom_params, report_of
 from ..config import SglangModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
@@ -37,23 +38,7 @@ from .routing import AffinityRouter, WorkerState
 
 log = logging.getLogger("blendgate.gateway")
 
-# Keys blendgate puts in sampling_params.custom_params; the plugin reads them (flat lists of scalars, as
-# custom_params must survive SGLang's msgpack IPC).
-CHUNK_SPANS = "blendgate_chunk_spans"  # [start0, end0, start1, end1, ...] token offsets in input_ids
-PREFILL_MODE = "blendgate_prefill_mode"
-RECOMPUTE_RATIO = "blendgate_recompute_ratio"
-
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
-
-
-def chunk_spans(prompt: Prompt) -> list[int]:
-    """Flat [start, end, ...] token offsets of the prompt's chunk segments."""
-    spans, offset = [], 0
-    for segment in prompt.segments:
-        if segment.is_chunk:
-            spans += [offset, offset + len(segment.token_ids)]
-        offset += len(segment.token_ids)
-    return spans
 
 
 def _error_message(body: bytes) -> str:
@@ -164,10 +149,9 @@ class SglangBackend(ChatBackend):
             sampling["stop"] = request.stop_sequences
         if params.seed is not None:
             sampling["sampling_seed"] = params.seed
-        spans = chunk_spans(prompt)
-        if spans:
-            sampling["custom_params"] = {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode,
-                                         RECOMPUTE_RATIO: prompt.recompute_ratio}
+        chunk_params = custom_params(prompt)
+        if chunk_params:
+            sampling["custom_params"] = chunk_params
         return {"input_ids": prompt.token_ids, "sampling_params": sampling, "stream": True, "rid": ctx.request_id}
 
     async def _open(self, payload: dict[str, Any], digests: list[str]) -> tuple[WorkerState, httpx.Response]:
@@ -207,7 +191,7 @@ class SglangBackend(ChatBackend):
 
     def _report(self, ctx: RequestContext, worker: WorkerState, meta: dict[str, Any], chunks: int) -> None:
         """The worker's prefill report (the plugin's `blendgate` object) and the gateway's totals."""
-        report = dict(meta.get("blendgate") or {})
+        report = report_of(meta)
         report.update(worker=worker.url, chunks_sent=chunks, cached_tokens=meta.get("cached_tokens"))
         ctx.chunk_cache = report
         self.totals["chunks_sent"] += chunks

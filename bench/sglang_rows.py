@@ -1,0 +1,135 @@
+"""SGLang's rows for bench/ttft.py (issue 7): stock SGLang 0.5.15 as the baseline, and SGLang with blendgate's
+plugin, on the same prompts and architecture as the local engine's rows (random weights: SGLang's dummy load
+format).
+
+Each SGLang row is the wall time of `sglang.Engine.generate` for one request with max_new_tokens = 1 (the
+offline engine: no HTTP, but SGLang's tokenizer-manager/scheduler hand-off and sampling included), median and
+p90 over the runs after warm-up. The local engine's rows are GPU time measured with CUDA events, so the
+"floor" row (a 16-token prompt) shows SGLang's fixed cost per request; speed-ups of SGLang rows are over
+stock SGLang's own full prefill of the same run.
+
+- stock SGLang, full prefill: the radix cache flushed before each run;
+- stock SGLang, prefix caching: before each run the cache is flushed and a request sharing the system prefix
+  and first chunk (then diverging) is served, so the timed one finds exactly those in the radix cache;
+- SGLang + blendgate, blend r: a second engine with the plugin and --disable-radix-cache; one warm-up request
+  puts the chunks' KV in the plugin's GPU tier, the timed ones find it there. r = 1.0 is blendgate's own
+  full prefill inside SGLang (its kernels, SGLang's scheduling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+RUNS_WARMUP = 3
+
+
+def write_model_dir(spec: dict, root: Path) -> Path:
+    """A model directory SGLang can load with --load-format dummy: config.json only."""
+    from transformers import AutoConfig
+
+    spec = dict(spec)
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, **spec).to_dict()
+    config.update(architectures=["LlamaForCausalLM" if model_type == "llama" else "Qwen2ForCausalLM"],
+                  torch_dtype="bfloat16")
+    path = root / f"{model_type}-dummy"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _engine(model_dir: Path, plugin: bool, radix: bool):
+    import sglang
+
+    # The plugin is loaded (or not) in SGLang's scheduler process, which reads this when it starts.
+    os.environ["BLENDGATE_SGLANG_PLUGIN"] = "1" if plugin else "0"
+    return sglang.Engine(model_path=str(model_dir), load_format="dummy", skip_tokenizer_init=True,
+                         disable_radix_cache=not radix, mem_fraction_static=0.45, dtype="bfloat16",
+                         random_seed=0, log_level="error")
+
+
+def _timed(fn, runs: int, before=None) -> list[float]:
+    times = []
+    for run in range(runs + RUNS_WARMUP):
+        if before is not None:
+            before()
+        started = time.perf_counter()
+        fn()
+        if run >= RUNS_WARMUP:
+            times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def _p90(times: list[float]) -> float:
+    return sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+
+
+def sglang_rows(name: str, spec: dict, system: list[int], chunks: list[list[int]], question: list[int],
+                ks: list[int], runs: int, ratios=(0.15, 1.0)) -> list[dict]:
+    rows: list[dict] = []
+    one_token = {"max_new_tokens": 1, "temperature": 0.0}
+
+    def add(k: int, label: str, times: list[float]) -> dict:
+        row = {"model": name, "k": k, "row": label, "median": statistics.median(times), "p90": _p90(times),
+               "ideal": None}
+        rows.append(row)
+        print(f"{name} k={k} {label}: {row['median']:.2f} ms (p90 {row['p90']:.2f})", flush=True)
+        return row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(spec, Path(tmp))
+        engine = _engine(model_dir, plugin=False, radix=True)
+        try:
+            add(0, "SGLang floor (16-token prompt)",
+                _timed(lambda: engine.generate(input_ids=question[:16], sampling_params=one_token), runs,
+                       engine.flush_cache))
+            full = {}
+            for k in ks:
+                ids = system + [t for chunk in chunks[:k] for t in chunk] + question
+                full[k] = add(k, "stock SGLang full prefill", _timed(
+                    lambda: engine.generate(input_ids=ids, sampling_params=one_token), runs, engine.flush_cache))
+                shared = system + chunks[0]
+                # Diverges right after the first chunk, so the radix cache holds exactly system + chunk 1.
+                warm = shared + [question[0] + 1 if question[0] + 1 != chunks[1][0] else question[0] + 2] * 8
+
+                def seed_prefix():
+                    engine.flush_cache()
+                    engine.generate(input_ids=warm, sampling_params=one_token)
+
+                add(k, "stock SGLang prefix caching (system + first chunk)", _timed(
+                    lambda: engine.generate(input_ids=ids, sampling_params=one_token), runs, seed_prefix))
+        finally:
+            engine.shutdown()
+
+        engine = _engine(model_dir, plugin=True, radix=False)
+        try:
+            for k in ks:
+                segments = [system, *chunks[:k], question]
+                ids = [t for segment in segments for t in segment]
+                spans, offset = [], len(system)
+                for chunk in chunks[:k]:
+                    spans += [offset, offset + len(chunk)]
+                    offset += len(chunk)
+                for ratio in ratios:
+                    params = {**one_token, "custom_params": {"blendgate_chunk_spans": spans,
+                                                             "blendgate_prefill_mode": "blend",
+                                                             "blendgate_recompute_ratio": ratio}}
+                    result = engine.generate(input_ids=ids, sampling_params=params)
+                    report = (result["meta_info"].get("blendgate") or [None])[0]
+                    if not report or report.get("mode") != "blend":
+                        raise RuntimeError(f"the plugin did not blend: meta_info['blendgate'] = {report}")
+                    label = ("SGLang + blendgate, r = 1.0 (blendgate's full prefill in SGLang)" if ratio == 1.0
+                             else f"SGLang + blendgate blend r = {ratio}, chunks in GPU memory "
+                                  f"({report['recomputed_tokens']} of {report['chunk_tokens']} recomputed)")
+                    add(k, label, _timed(lambda: engine.generate(input_ids=ids, sampling_params=params), runs))
+        finally:
+            engine.shutdown()
+    for row in rows:
+        if row["k"] in full:
+            row["speedup"] = full[row["k"]]["median"] / row["median"]
+    return rows

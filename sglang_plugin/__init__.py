@@ -1,0 +1,24 @@
+"""blendgate's plugin for SGLang workers: CacheBlend inside SGLang's forward pass.
+
+SGLang (0.5.15 and later) calls `register` in each of its processes through the entry point group
+"sglang.srt.plugins" (pyproject.toml), so installing blendgate next to SGLang is all it takes:
+
+    pip install blendgate sglang==0.5.15
+    python -m sglang.launch_server --model-path MODEL --disable-radix-cache
+
+BLENDGATE_SGLANG_PLUGIN=0 turns it off. worker.py says what it does, internals.py names every SGLang internal
+it relies on, protocol.py is what the gateway sends it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def register() -> None:
+    if os.environ.get("BLENDGATE_SGLANG_PLUGIN", "1") == "0":
+        return
+    from . import internals
+    from .worker import around_forward_raw, around_init_new
+
+    internals.register_hooks(around_init_new, around_forward_raw)

@@ -1,0 +1,78 @@
+"""What the gateway and an SGLang worker with blendgate's plugin say to each other about chunks.
+
+The gateway sends the prompt as token ids (`POST /generate`, `input_ids`) and marks its chunks by token spans
+in `sampling_params.custom_params`, the one free-form field SGLang carries from the request to the scheduler.
+Its values must be JSON scalars or flat lists of them (SGLang checks this with msgspec), hence flat spans.
+The worker answers with its prefill report in `meta_info["blendgate"]`.
+
+This module imports nothing from SGLang: the gateway, the plugin and the tests' stand-in worker share it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine.prompt import PREFILL_MODES, Prompt, PromptSegment
+
+CHUNK_SPANS = "blendgate_chunk_spans"  # [start0, end0, start1, end1, ...] token offsets in input_ids
+PREFILL_MODE = "blendgate_prefill_mode"
+RECOMPUTE_RATIO = "blendgate_recompute_ratio"
+REPORT_KEY = "blendgate"  # meta_info key of the worker's prefill report
+DEFAULT_RECOMPUTE_RATIO = 0.15
+
+
+def chunk_spans(prompt: Prompt) -> list[int]:
+    """Flat [start, end, ...] token offsets of the prompt's chunk segments."""
+    spans, offset = [], 0
+    for segment in prompt.segments:
+        if segment.is_chunk:
+            spans += [offset, offset + len(segment.token_ids)]
+        offset += len(segment.token_ids)
+    return spans
+
+
+def custom_params(prompt: Prompt) -> dict[str, Any] | None:
+    """The custom_params entries for a prompt; None when it has no chunks (nothing for a worker to blend)."""
+    spans = chunk_spans(prompt)
+    if not spans:
+        return None
+    return {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode, RECOMPUTE_RATIO: prompt.recompute_ratio}
+
+
+def wants_chunk_cache(custom: dict | None) -> bool:
+    return bool(custom) and bool(custom.get(CHUNK_SPANS))
+
+
+def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
+    """The prompt as a worker sees it: chunk spans from custom_params, the rest computed. Raises ValueError
+    on spans that are not ordered [start, end, ...] offsets within the prompt, or on an unknown mode."""
+    custom = custom or {}
+    spans = custom.get(CHUNK_SPANS) or []
+    if len(spans) % 2 or any(not isinstance(x, int) or isinstance(x, bool) for x in spans) or \
+            spans != sorted(spans) or (spans and (spans[0] < 0 or spans[-1] > len(input_ids))):
+        raise ValueError(f"{CHUNK_SPANS} must be ordered [start, end, ...] offsets, got {spans}")
+    mode = custom.get(PREFILL_MODE, "full_prefill")
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"{PREFILL_MODE} must be one of {', '.join(PREFILL_MODES)}, got {mode!r}")
+    ratio = float(custom.get(RECOMPUTE_RATIO, DEFAULT_RECOMPUTE_RATIO))
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{RECOMPUTE_RATIO} must be between 0 and 1, got {ratio}")
+    segments, offset = [], 0
+    for start, end in zip(spans[::2], spans[1::2]):
+        if start > offset:
+            segments.append(PromptSegment(tuple(input_ids[offset:start])))
+        if end > start:
+            segments.append(PromptSegment(tuple(input_ids[start:end]), is_chunk=True))
+        offset = end
+    if offset < len(input_ids):
+        segments.append(PromptSegment(tuple(input_ids[offset:])))
+    return Prompt(segments, mode=mode, recompute_ratio=ratio)
+
+
+def report_of(meta_info: dict) -> dict:
+    """The worker's prefill report from meta_info: a dict from the stand-in, a one-element list from SGLang
+    (whose customized_info carries one value per forward pass that set it)."""
+    found = meta_info.get(REPORT_KEY)
+    if isinstance(found, list):
+        found = next((item for item in found if isinstance(item, dict)), None)
+    return dict(found) if isinstance(found, dict) else {}

@@ -1,0 +1,141 @@
+"""The SGLang plugin's decisions, on the CPU (SGLang itself runs only on the GPU: tests/gpu/test_sglang_plugin.py):
+the wire format the gateway and the plugin share, which extend batches the plugin takes over, and the hook that
+attaches the requests' chunk spans to a forward batch."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from blendgate.engine.prompt import Prompt, PromptSegment
+from blendgate.sglang_plugin import worker
+from blendgate.sglang_plugin.internals import BATCH_PARAMS_ATTRIBUTE
+from blendgate.sglang_plugin.protocol import (
+    CHUNK_SPANS,
+    PREFILL_MODE,
+    RECOMPUTE_RATIO,
+    custom_params,
+    prompt_of,
+    report_of,
+)
+
+PROMPT = Prompt([PromptSegment((1, 2, 3)), PromptSegment((4, 5), True), PromptSegment((6,)),
+                 PromptSegment((7, 8, 9), True), PromptSegment((10, 11))], mode="blend", recompute_ratio=0.3)
+
+
+def test_the_prompt_survives_the_trip_to_a_worker() -> None:
+    params = custom_params(PROMPT)
+    assert params == {CHUNK_SPANS: [3, 5, 6, 9], PREFILL_MODE: "blend", RECOMPUTE_RATIO: 0.3}
+    # Flat lists of scalars only: SGLang's msgspec check refuses nested lists in custom_params.
+    assert all(not isinstance(v, list) or all(isinstance(x, int) for x in v) for v in params.values())
+    again = prompt_of(PROMPT.token_ids, params)
+    assert again.segments == PROMPT.segments and again.mode == "blend" and again.recompute_ratio == 0.3
+    assert custom_params(Prompt.plain([1, 2])) is None
+
+
+@pytest.mark.parametrize("bad", [{CHUNK_SPANS: [3]}, {CHUNK_SPANS: [5, 3]}, {CHUNK_SPANS: [3, 99]},
+                                 {CHUNK_SPANS: [-1, 2]}, {CHUNK_SPANS: [1.5, 2]}, {CHUNK_SPANS: [True, 2]},
+                                 {CHUNK_SPANS: [1, 2], PREFILL_MODE: "fast"},
+                                 {CHUNK_SPANS: [1, 2], RECOMPUTE_RATIO: 2}])
+def test_malformed_chunk_parameters_are_refused_with_the_reason(bad) -> None:
+    with pytest.raises(ValueError, match="blendgate_"):
+        prompt_of(list(range(11)), bad)
+
+
+def test_the_report_is_read_as_sglang_and_the_stand_in_give_it() -> None:
+    assert report_of({"blendgate": [{"mode": "blend"}]}) == {"mode": "blend"}
+    assert report_of({"blendgate": [None, {"mode": "blend"}]}) == {"mode": "blend"}
+    assert report_of({"blendgate": {"mode": "reuse"}}) == {"mode": "reuse"}
+    assert report_of({}) == {} and report_of({"blendgate": [None]}) == {}
+
+
+def plan(requests, **overrides):
+    lens = [len(ids) for _, ids in requests]
+    options = dict(extend_lens=lens, prefix_lens=[0] * len(requests), logprob_starts=None, plain_extend=True,
+                   single_device=True, radix_cache=False, model_type="llama")
+    options.update(overrides)
+    return worker.plan_batch(requests, options.pop("extend_lens"), options.pop("prefix_lens"),
+                             options.pop("logprob_starts"), **options)
+
+
+BLEND = (custom_params(PROMPT), PROMPT.token_ids)
+PLAIN = (None, [1, 2, 3])
+
+
+def test_a_batch_of_blending_requests_is_the_plugins() -> None:
+    result = plan([BLEND, BLEND])
+    assert [p.segments for p in result.prompts] == [PROMPT.segments] * 2
+    # Logprobs of the last prompt token only (what SGLang asks for by default) need only the last row.
+    assert plan([BLEND], logprob_starts=[len(PROMPT) - 1]).prompts is not None
+
+
+def test_batches_without_chunks_are_sglangs_and_say_nothing() -> None:
+    result = plan([PLAIN, PLAIN])
+    assert result.prompts is None and result.reports == [None, None]
+    full = ({**custom_params(PROMPT), PREFILL_MODE: "full_prefill"}, PROMPT.token_ids)
+    assert plan([full]).prompts is None and plan([full]).reports == [None]
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(radix_cache=True), "--disable-radix-cache"),
+    (dict(plain_extend=False), "not a plain prefill"),
+    (dict(single_device=False), "parallelism"),
+    (dict(model_type="gemma"), "gemma"),
+    (dict(prefix_lens=[4]), "chunked prefill"),
+    (dict(extend_lens=[5]), "chunked prefill"),
+    (dict(logprob_starts=[0]), "input logprobs"),
+])
+def test_a_blend_that_cannot_happen_is_a_full_prefill_that_says_why(overrides, reason) -> None:
+    result = plan([BLEND], **overrides)
+    assert result.prompts is None
+    assert result.reports[0]["mode"] == "full_prefill" and result.reports[0]["requested_mode"] == "blend"
+    assert reason in result.reports[0]["fallback"]
+
+
+def test_a_mixed_batch_is_prefilled_in_full_and_only_the_blending_request_hears_why() -> None:
+    result = plan([BLEND, PLAIN])
+    assert result.prompts is None and result.reports[1] is None
+    assert "do not blend" in result.reports[0]["fallback"]
+
+
+def test_bad_spans_or_a_prompt_ending_in_a_chunk_fall_back() -> None:
+    bad = ({**custom_params(PROMPT), CHUNK_SPANS: [5, 3]}, PROMPT.token_ids)
+    assert "bad chunk spans" in plan([bad]).reports[0]["fallback"]
+    ends = ({CHUNK_SPANS: [9, 11], PREFILL_MODE: "blend"}, PROMPT.token_ids)
+    assert "ends inside a chunk" in plan([ends]).reports[0]["fallback"]
+
+
+class _Mode:
+    def __init__(self, extend: bool) -> None:
+        self.extend = extend
+
+    def is_extend(self) -> bool:
+        return self.extend
+
+
+def test_the_init_hook_attaches_spans_to_prefill_batches_only() -> None:
+    def original(cls, batch, model_runner):
+        return SimpleNamespace()
+
+    def request(custom):
+        return SimpleNamespace(sampling_params=SimpleNamespace(custom_params=custom), origin_input_ids=[1, 2, 3])
+
+    spans = {CHUNK_SPANS: [0, 2], PREFILL_MODE: "blend"}
+    prefill = SimpleNamespace(forward_mode=_Mode(True), reqs=[request({**spans, "__req__": object()}),
+                                                               request(None)])
+    forward_batch = worker.around_init_new(original, object, prefill, None)
+    assert getattr(forward_batch, BATCH_PARAMS_ATTRIBUTE) == [(spans, [1, 2, 3]), (None, [1, 2, 3])]
+    decode = SimpleNamespace(forward_mode=_Mode(False), reqs=prefill.reqs)
+    assert not hasattr(worker.around_init_new(original, object, decode, None), BATCH_PARAMS_ATTRIBUTE)
+    plain = SimpleNamespace(forward_mode=_Mode(True), reqs=[request(None)])
+    assert not hasattr(worker.around_init_new(original, object, plain, None), BATCH_PARAMS_ATTRIBUTE)
+
+
+def test_store_settings_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("BLENDGATE_SGLANG_GPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("BLENDGATE_SGLANG_CHUNK_PREFIX", "none")
+    settings = worker.PluginSettings.from_env()
+    assert settings.gpu_cache_bytes == 1 << 29 and settings.chunk_prefix == "none"
+    monkeypatch.setenv("BLENDGATE_SGLANG_CPU_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match="BLENDGATE_SGLANG_CPU_CACHE_GB"):
+        worker.PluginSettings.from_env()
