@@ -86,8 +86,6 @@ class BlendingRunner(LlamaRunner):
         super().__init__(loaded)
         self.blender = ChunkBlender(self.model, store, chunk_prefix)
         self.store = store
-        self.chunk_prefix = chunk_prefix
-        self.fingerprint = self.blender.fingerprint
         self.prefix_entries = prefix_entries
         self._prefixes: OrderedDict[str, KVCache] = OrderedDict()
 

@@ -39,6 +39,19 @@ def custom_params(prompt: Prompt) -> dict[str, Any] | None:
     return {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode, RECOMPUTE_RATIO: prompt.recompute_ratio}
 
 
+def generate_request(prompt: Prompt, sampling: dict[str, Any], rid: str | None = None) -> dict[str, Any]:
+    """The body of SGLang's `POST /generate` for a prompt: its token ids, the sampling settings with the chunk
+    spans added, streamed."""
+    sampling = dict(sampling)
+    chunk_params = custom_params(prompt)
+    if chunk_params:
+        sampling["custom_params"] = chunk_params
+    body = {"input_ids": prompt.token_ids, "sampling_params": sampling, "stream": True}
+    if rid is not None:
+        body["rid"] = rid
+    return body
+
+
 def wants_chunk_cache(custom: dict | None) -> bool:
     return bool(custom) and bool(custom.get(CHUNK_SPANS))
 

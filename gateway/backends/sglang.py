@@ -28,7 +28,7 @@ import httpx
 from ...chunkcache.store import token_digest
 from ...engine.prompt import Prompt
 from ...engine.weights import WeightsError, load_tokenizer
-from ...sglang_plugin.protocol import custom_params, report_of
+from ...sglang_plugin.protocol import generate_request, report_of
 from ..config import SglangModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
@@ -149,10 +149,7 @@ class SglangBackend(ChatBackend):
             sampling["stop"] = request.stop_sequences
         if params.seed is not None:
             sampling["sampling_seed"] = params.seed
-        chunk_params = custom_params(prompt)
-        if chunk_params:
-            sampling["custom_params"] = chunk_params
-        return {"input_ids": prompt.token_ids, "sampling_params": sampling, "stream": True, "rid": ctx.request_id}
+        return generate_request(prompt, sampling, rid=ctx.request_id)
 
     async def _open(self, payload: dict[str, Any], digests: list[str]) -> tuple[WorkerState, httpx.Response]:
         """A streaming /generate response from the best worker that accepts the connection."""

@@ -11,7 +11,6 @@ Needs CUDA and SGLang (bench/device/sglang_bundle.sh brings it to the GPU machin
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import pytest
@@ -20,50 +19,10 @@ import torch
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs SGLang")]
 
-SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-             tie_word_embeddings=False)
 TOP = 20
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = AutoConfig.for_model("llama", **SHAPE).to_dict()
-    config.update(architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
-    (path / "config.json").write_text(json.dumps(config))
-    generator = torch.Generator().manual_seed(0)
-    h, i, v, d = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"], 64
-    q, kv = SHAPE["num_attention_heads"] * d, SHAPE["num_key_value_heads"] * d
-
-    def tensor(*shape, scale=0.08):
-        return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
-
-    weights = {"model.embed_tokens.weight": tensor(v, h, scale=1.0), "lm_head.weight": tensor(v, h),
-               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-    for layer in range(SHAPE["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        weights.update({p + "self_attn.q_proj.weight": tensor(q, h), p + "self_attn.k_proj.weight": tensor(kv, h),
-                        p + "self_attn.v_proj.weight": tensor(kv, h), p + "self_attn.o_proj.weight": tensor(h, q),
-                        p + "mlp.gate_proj.weight": tensor(i, h), p + "mlp.up_proj.weight": tensor(i, h),
-                        p + "mlp.down_proj.weight": tensor(h, i),
-                        p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                        p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
-    save_file(weights, str(path / "model.safetensors"))
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    generator = torch.Generator().manual_seed(1)
-    draw = lambda n: torch.randint(10, SHAPE["vocab_size"], (n,), generator=generator).tolist()  # noqa: E731
-    system, chunks, question = draw(32), [draw(64) for _ in range(4)], draw(16)
-    ids = system + [t for c in chunks for t in c] + question
-    spans = [s for n in range(4) for s in (32 + 64 * n, 32 + 64 * (n + 1))]
-    return ids, spans
+# SGLang's logits are bf16: at these magnitudes (4 to 16) one step is 1/32 to 1/16, and two computations of
+# the same layers in a different order land a step or two apart (seen: 0.061 in one decode step).
+BF16_LOGITS = 0.125
 
 
 def generate(model_dir, plugin: bool, requests: list[dict]) -> list[dict]:
@@ -110,11 +69,11 @@ def test_plugin_at_ratio_one_matches_stock_sglang_and_decodes_over_its_pool(outp
     stock, (full, _, _) = outputs
     report = full["meta_info"]["blendgate"][0]
     assert report["mode"] == "blend" and report["recompute_ratio"] == 1.0, report
-    assert_close(top_logprobs(full), top_logprobs(stock), atol=0.05)
+    assert_close(top_logprobs(full), top_logprobs(stock), atol=BF16_LOGITS)
     # Decoding reads the KV the plugin wrote into SGLang's pool: the same tokens and log-probabilities follow
     # (compared while both pick the same tokens; bf16 near-ties may part them later).
     for step, (ours, theirs) in enumerate(zip(full["output_ids"], stock["output_ids"])):
-        assert_close(top_logprobs(full, step), top_logprobs(stock, step), atol=0.05)
+        assert_close(top_logprobs(full, step), top_logprobs(stock, step), atol=BF16_LOGITS)
         if ours != theirs:
             break
     assert full["output_ids"][:2] == stock["output_ids"][:2]
@@ -141,7 +100,7 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
     report = blended["meta_info"]["blendgate"][0]
     assert report["mode"] == "blend"
     assert report["recomputed_tokens"] == local_report["recomputed_tokens"] < report["chunk_tokens"] == 256
-    assert_close({t: float(local[t]) for t in top_logprobs(blended)}, top_logprobs(blended), atol=0.05)
+    assert_close({t: float(local[t]) for t in top_logprobs(blended)}, top_logprobs(blended), atol=BF16_LOGITS)
 
 
 def test_requests_without_chunks_are_stock_sglang(outputs) -> None:
