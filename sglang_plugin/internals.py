@@ -57,7 +57,7 @@ def requests_of(schedule_batch) -> list[tuple[dict | None, list[int]]]:
         custom = req.sampling_params.custom_params
         if isinstance(custom, dict):
             custom = {k: v for k, v in custom.items() if k != "__req__"}
-        found.append((custom, req.origin_input_ids))  # not copied: read before the batch moves on
+        found.append((custom, list(req.origin_input_ids)))
     return found
 
 
