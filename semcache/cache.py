@@ -370,15 +370,19 @@ class SemanticCache:
                          category: str | None = None, tenant: str | None = None) -> int:
         """Drop matching entries (all given conditions must hold); returns how many went."""
         doomed = []
-        for (part_tenant, part_category), partition in self.index.partitions.items():
-            if tenant is not None and part_tenant != tenant or category is not None and part_category != category:
-                continue
-            for meta in partition.entries.values():
-                if entry_id is not None and meta.entry_id != entry_id:
+        if entry_id is not None:  # one entry: found through the index's id map, not a scan
+            where, meta = self.index.locate(entry_id), self.index.get(entry_id)
+            if where is not None and meta is not None and (tenant is None or where[0] == tenant) and \
+                    (category is None or where[1] == category) and \
+                    (collection is None or meta.collection == collection):
+                doomed.append(entry_id)
+        else:
+            for (part_tenant, part_category), partition in self.index.partitions.items():
+                if tenant is not None and part_tenant != tenant or \
+                        category is not None and part_category != category:
                     continue
-                if collection is not None and meta.collection != collection:
-                    continue
-                doomed.append(meta.entry_id)
+                doomed += [meta.entry_id for meta in partition.entries.values()
+                           if collection is None or meta.collection == collection]
         if doomed:
             await self._drop(doomed, "invalidated")
         return len(doomed)
@@ -420,11 +424,8 @@ class SemanticCache:
                           "created_at": e.created_at, "expires_at": e.expires_at, "hits": e.hits} for e in page]}
 
     def category_of(self, entry_id: str) -> tuple[str, str] | None:
-        """(tenant, category) of a live entry, or None."""
-        for (tenant, category), partition in self.index.partitions.items():
-            if any(meta.entry_id == entry_id for meta in partition.entries.values()):
-                return tenant, category
-        return None
+        """(tenant, category) of an indexed entry, or None."""
+        return self.index.locate(entry_id)
 
     # -- background -----------------------------------------------------------------------------------------
     async def _sync_loop(self) -> None:

@@ -442,6 +442,25 @@ def test_replicas_sharing_redis_see_each_others_entries_and_deletions(harness: H
     asyncio.run(scenario())
 
 
+def test_one_entry_is_invalidated_only_when_every_condition_holds(harness: Harness) -> None:
+    async def scenario() -> None:
+        cache = harness.cache()
+        async with running(cache):
+            entry_id = await harness.store(cache, QUESTION, collection="handbook")
+            tenant, category = cache.category_of(entry_id)
+            assert tenant == "tenant-a" and cache.category_of("no-such-entry") is None
+            # Another tenant's id, another collection or category: nothing goes.
+            assert await cache.invalidate(entry_id=entry_id, tenant="tenant-b") == 0
+            assert await cache.invalidate(entry_id=entry_id, collection="other") == 0
+            assert await cache.invalidate(entry_id=entry_id, category=category + "-not") == 0
+            assert await cache.invalidate(entry_id="no-such-entry") == 0
+            assert await cache.invalidate(entry_id=entry_id, tenant=tenant, collection="handbook",
+                                          category=category) == 1
+            assert cache.category_of(entry_id) is None
+
+    asyncio.run(scenario())
+
+
 # -- damage ---------------------------------------------------------------------------------------------------------
 
 
