@@ -171,12 +171,18 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
     requests = getattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE, None)
     if requests is None:
         return original(model_runner, forward_batch, *args, **kwargs)
-    extend_lens, prefix_lens, logprob_starts = internals.extend_layout(forward_batch)
-    plan = plan_batch(requests, extend_lens, prefix_lens, logprob_starts,
-                      plain_extend=internals.is_plain_extend(forward_batch),
-                      single_device=internals.single_device(model_runner),
-                      radix_cache=internals.radix_cache_enabled(model_runner),
-                      model_type=internals.hf_config(model_runner).model_type)
+    try:
+        plain_extend = internals.is_plain_extend(forward_batch)
+        # Speculative and split passes are extends too, but may lack the per-request extend lengths.
+        extend_lens, prefix_lens, logprob_starts = internals.extend_layout(forward_batch) if plain_extend else \
+            ([], [], None)
+        plan = plan_batch(requests, extend_lens, prefix_lens, logprob_starts, plain_extend=plain_extend,
+                          single_device=internals.single_device(model_runner),
+                          radix_cache=internals.radix_cache_enabled(model_runner),
+                          model_type=internals.hf_config(model_runner).model_type)
+    except Exception:  # an SGLang we do not know: serve the batch as SGLang would, never fail it
+        log.exception("blendgate plugin could not read this batch; SGLang prefills it")
+        return original(model_runner, forward_batch, *args, **kwargs)
     worker = _worker(model_runner) if plan.prompts is not None else None
     if worker is not None:
         try:
