@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from blendgate.engine.prompt import Prompt, PromptSegment
+from blendgate.sglang_plugin.protocol import custom_params
+
 RUNS_WARMUP = 3
 
 
@@ -94,8 +97,9 @@ def sglang_rows(name: str, spec: dict, system: list[int], chunks: list[list[int]
                 full[k] = add(k, "stock SGLang full prefill", _timed(
                     lambda: engine.generate(input_ids=ids, sampling_params=one_token), runs, engine.flush_cache))
                 shared = system + chunks[0]
-                # Diverges right after the first chunk, so the radix cache holds exactly system + chunk 1.
-                warm = shared + [question[0] + 1 if question[0] + 1 != chunks[1][0] else question[0] + 2] * 8
+                # Diverges right after the first chunk (its next token differs from the timed prompt's), so the
+                # radix cache holds exactly system + chunk 1.
+                warm = shared + [t for t in question if t != ids[len(shared)]][:8]
 
                 def seed_prefix():
                     engine.flush_cache()
@@ -109,16 +113,12 @@ def sglang_rows(name: str, spec: dict, system: list[int], chunks: list[list[int]
         engine = _engine(model_dir, plugin=True, radix=False)
         try:
             for k in ks:
-                segments = [system, *chunks[:k], question]
-                ids = [t for segment in segments for t in segment]
-                spans, offset = [], len(system)
-                for chunk in chunks[:k]:
-                    spans += [offset, offset + len(chunk)]
-                    offset += len(chunk)
+                segments = [PromptSegment(tuple(system)), *(PromptSegment(tuple(c), True) for c in chunks[:k]),
+                            PromptSegment(tuple(question))]
                 for ratio in ratios:
-                    params = {**one_token, "custom_params": {"blendgate_chunk_spans": spans,
-                                                             "blendgate_prefill_mode": "blend",
-                                                             "blendgate_recompute_ratio": ratio}}
+                    prompt = Prompt(segments, mode="blend", recompute_ratio=ratio)
+                    ids = prompt.token_ids
+                    params = {**one_token, "custom_params": custom_params(prompt)}  # as the gateway sends them
                     result = engine.generate(input_ids=ids, sampling_params=params)
                     report = (result["meta_info"].get("blendgate") or [None])[0]
                     if not report or report.get("mode") != "blend":

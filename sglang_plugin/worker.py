@@ -114,8 +114,7 @@ class BlendWorker:
                                       dtype=first.dtype)
         tiers = [MemoryTier("gpu", settings.gpu_cache_bytes, first.device),
                  MemoryTier("cpu", settings.cpu_cache_bytes, "cpu")]
-        self.store = ChunkCacheStore(tiers)
-        self.blender = ChunkBlender(self.model, self.store, settings.chunk_prefix)
+        self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers), settings.chunk_prefix)
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,
                  settings.cpu_cache_bytes / 2**30)
