@@ -164,6 +164,56 @@ def reindex(
     typer.echo(f"rebuilt the index of {collection}: {size} chunks")
 
 
+@app.command("tune-thresholds")
+def tune_thresholds(
+    pairs_file: Path = typer.Argument(..., help='JSON lines: {"cached": "...", "query": "...", "same_answer": true}.',
+                                      dir_okay=False),
+    false_hits: float = typer.Option(0.02, "--false-hits", min=0.0, max=0.5,
+                                     help="Largest share of a category's hits that may be false."),
+    min_pairs: int = typer.Option(30, "--min-pairs", min=1,
+                                  help="Fewest labelled pairs a category needs for a suggestion."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Suggest each semantic-cache category's threshold from labelled question pairs of your own traffic."""
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from ..retriever.embedder import Embedder, EmbedderError
+    from ..semcache.tuning import PairsFileError, read_pairs, suggest_thresholds
+
+    settings = _settings_or_exit(config)
+    try:
+        pairs = read_pairs(pairs_file)
+    except PairsFileError as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    _quiet()
+    try:
+        embedder = Embedder(settings.retrieval.embedder_path)
+    except EmbedderError as exc:
+        typer.echo(f"blendgate: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    results = suggest_thresholds(settings.semantic_cache, embedder.embed, pairs, false_hits, min_pairs)
+    console = Console(stderr=True)
+    title = f"{len(pairs)} labelled pairs, {embedder.name}, false hits at most {false_hits:.1%} of hits"
+    table = Table(Column("category", no_wrap=True), "pairs", "same", "configured", "suggested", "hits", "false",
+                  "served", title=title,
+                  caption="same: pairs labelled same_answer; served: share of those at or above the suggestion")
+    for r in results:
+        configured = "never" if r.configured is None else f"{r.configured:.4f}"
+        if r.suggested is None:
+            table.add_row(r.category, str(r.pairs), str(r.same), configured, "-", "", "", "")
+        else:
+            table.add_row(r.category, str(r.pairs), str(r.same), configured, f"{r.suggested:.4f}", str(r.hits),
+                          str(r.false_hits), f"{r.recall:.0%}")
+    console.print(table)
+    for r in results:
+        if r.suggested is None and r.configured is not None:
+            console.print(f"[yellow]{r.category}[/]: {r.reason}")
+    # The suggestions alone on stdout, to paste under semantic_cache.categories or to pipe on.
+    typer.echo(json.dumps({r.category: round(r.suggested, 4) for r in results if r.suggested is not None}))
+
+
 @app.command("check-config")
 def check_config(config: Optional[Path] = ConfigOption) -> None:
     """Validate a configuration and print it as the gateway would use it (keys and passwords hidden)."""

@@ -52,7 +52,7 @@ def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, re
         store = MemoryStore()
     if embedder.name != settings.thresholds_tuned_for:
         log.warning("semantic cache: thresholds were tuned for %s but the embedder is %s; tune "
-                    "semantic_cache.categories for it (bench/semcache.py tune)", settings.thresholds_tuned_for,
+                    "semantic_cache.categories for it (blendgate tune-thresholds)", settings.thresholds_tuned_for,
                     embedder.name)
     return SemanticCache(settings, store, embedder.dimension, embedder.embed, SemanticCacheMetrics(registry), load)
 
