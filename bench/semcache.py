@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -413,8 +414,16 @@ def false_share_interval(aware: list[dict], uniform: list[dict], resamples: int 
     return float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
 
 
+@dataclass
+class WorkloadRun:
+    points: list[dict]  # one per false-hit penalty
+    train_agreement: float  # share of queries the classifier puts in their genre's category
+    eval_agreement: float
+    eval_pairs: list[Pair]
+
+
 async def workload_points(embedder: Embedder, embeddings: Embeddings, settings: SemanticCacheSettings,
-                          penalties=(5, 10, 20, 50)) -> tuple[list[dict], dict]:
+                          penalties=(5, 10, 20, 50)) -> WorkloadRun:
     """Per penalty: thresholds tuned on train for these categories, applied to dev + test, against the
     uniform threshold with the same hit rate there."""
     names = [c.name for c in settings.categories]
@@ -430,10 +439,9 @@ async def workload_points(embedder: Embedder, embeddings: Embeddings, settings: 
         theirs = uniform_at(uniform, threshold)
         points.append({"penalty": penalty, "thresholds": thresholds, "aware": point, "uniform_threshold": threshold,
                        "uniform": summarise(theirs, "", ""), "interval": false_share_interval(mine, theirs)})
-    agreement = {"train": np.mean([r["category"] == GENRE_CATEGORY[p.genre] for r, p in zip(train, train_pairs)]),
-                 "eval": np.mean([r["category"] == g for r, g in zip(aware, genres)]),
-                 "pairs": pairs}
-    return points, agreement
+    return WorkloadRun(points,
+                       float(np.mean([r["category"] == GENRE_CATEGORY[p.genre] for r, p in zip(train, train_pairs)])),
+                       float(np.mean([r["category"] == g for r, g in zip(aware, genres)])), pairs)
 
 
 def share(summary: dict) -> str:
@@ -444,7 +452,8 @@ def share(summary: dict) -> str:
 async def workload(embedder: Embedder, embeddings: Embeddings) -> tuple[str, dict]:
     """Category-aware against uniform with categories configured for STS-B's traffic (its genres)."""
     settings = workload_settings()
-    points, agreement = await workload_points(embedder, embeddings, settings)
+    run = await workload_points(embedder, embeddings, settings)
+    points = run.points
     lines = ["| penalty | category thresholds (tuned on train) | aware hit rate | aware false / labelled | "
              "uniform threshold (same hit rate) | uniform hit rate | uniform false / labelled | "
              "uniform - aware false share, pp (95% bootstrap) |", "|---|---|---|---|---|---|---|---|"]
@@ -458,32 +467,31 @@ async def workload(embedder: Embedder, embeddings: Embeddings) -> tuple[str, dic
     tuned = next(p for p in points if p["penalty"] == 20)
     live_settings = settings.model_copy(update={"categories": [
         c.model_copy(update={"threshold": tuned["thresholds"][c.name]}) for c in settings.categories]})
-    live = await live_hits(live_settings, embedder, embeddings, agreement["pairs"])
+    live = await live_hits(live_settings, embedder, embeddings, run.eval_pairs)
     assert live == tuned["aware"]["hits"], f"decide() disagrees with the cache: {live} live hits"
     checks = ["| examples per category | sampling seed | classifier = genre (dev + test) | "
               "aware false / labelled at penalties 5, 10, 20, 50 | uniform false / labelled, same hit rates | "
               "points where aware has the lower false share |", "|---|---|---|---|---|---|"]
     wins = 0
     for examples, seed in WORKLOAD_SENSITIVITY:
-        rerun, rerun_agreement = await workload_points(embedder, embeddings, workload_settings(examples, seed))
-        better = sum(p["aware"]["false_hit_share"] < p["uniform"]["false_hit_share"] for p in rerun)
+        rerun = await workload_points(embedder, embeddings, workload_settings(examples, seed))
+        better = sum(p["aware"]["false_hit_share"] < p["uniform"]["false_hit_share"] for p in rerun.points)
         wins += better
-        checks.append(f"| {examples} | {seed} | {rerun_agreement['eval']:.3f} | "
-                      f"{'; '.join(share(p['aware']) for p in rerun)} | "
-                      f"{'; '.join(share(p['uniform']) for p in rerun)} | {better} of {len(rerun)} |")
+        checks.append(f"| {examples} | {seed} | {rerun.eval_agreement:.3f} | "
+                      f"{'; '.join(share(p['aware']) for p in rerun.points)} | "
+                      f"{'; '.join(share(p['uniform']) for p in rerun.points)} | {better} of {len(rerun.points)} |")
     # Where the default classifier puts each genre's queries: why its categories cannot separate them.
     default = cache_with(SemanticCacheSettings(), embedder)
-    spread: dict[str, dict[str, int]] = {}
-    for pair in agreement["pairs"]:
+    spread: dict[str, Counter] = {}
+    for pair in run.eval_pairs:
         category = default.classify(pair.second, embeddings(pair.second)).category
-        counts = spread.setdefault(GENRE_CATEGORY[pair.genre], {})
-        counts[category] = counts.get(category, 0) + 1
+        spread.setdefault(GENRE_CATEGORY[pair.genre], Counter())[category] += 1
     spread_lines = ["| genre (dev + test queries) | default categories the default classifier gives them |",
-                    "|---|---|"] + [f"| {genre} | " + ", ".join(f"{name} {n}" for name, n in
-                                                                  sorted(counts.items(), key=lambda kv: -kv[1]))
-                                    + " |" for genre, counts in sorted(spread.items())]
+                    "|---|---|"]
+    for genre, counts in sorted(spread.items()):
+        spread_lines.append(f"| {genre} | " + ", ".join(f"{name} {n}" for name, n in counts.most_common()) + " |")
     note = (f"Classifier (nearest centroid of {WORKLOAD_EXAMPLES} train sentences per genre) agrees with the "
-            f"genre on {agreement['train']:.3f} of train and {agreement['eval']:.3f} of dev + test queries. "
+            f"genre on {run.train_agreement:.3f} of train and {run.eval_agreement:.3f} of dev + test queries. "
             f"Checked: the real cache at the penalty-20 thresholds gave {live} hits, as `decide` does.")
     return "\n".join(lines) + "\n\n" + note + "\n\n" + "\n".join(checks) + "\n\n" + "\n".join(spread_lines), \
         {"points": points, "sensitivity_wins": wins}
