@@ -95,3 +95,17 @@ def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) ->
     error = asyncio.run(scenario())
     assert backend.status()["state"] == "failed"
     assert error.status == 503 and error.code == "model_unavailable"
+
+
+def test_a_backend_part_still_loading_or_failed_is_a_503_saying_which() -> None:
+    from blendgate.gateway.backends.base import loaded_or_503
+    from blendgate.gateway.errors import GatewayError
+
+    assert loaded_or_503("tokenizer", "m", None, "loading") == "tokenizer"
+    with pytest.raises(GatewayError) as loading:
+        loaded_or_503(None, "m", None, "loading its tokenizer")
+    assert loading.value.status == 503 and loading.value.code == "model_loading"
+    assert "still loading its tokenizer; retry shortly" in loading.value.message
+    with pytest.raises(GatewayError) as failed:
+        loaded_or_503(None, "m", "no such file", "loading")
+    assert failed.value.code == "model_unavailable" and "m failed to load: no such file" in failed.value.message

@@ -6,9 +6,12 @@ import abc
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 
+from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
+
+Loaded = TypeVar("Loaded")
 
 
 @dataclass
@@ -75,6 +78,16 @@ class ChatChunk:
 class ChatResult:
     message: dict[str, Any]
     finish_reason: str | None
+
+
+def loaded_or_503(part: Loaded | None, model: str, error: str | None, loading: str) -> Loaded:
+    """What a backend loads in the background (engine, tokenizer), once it is there; before that a 503
+    saying whether loading failed or is still under way, so clients know whether to retry."""
+    if part is not None:
+        return part
+    if error is not None:
+        raise GatewayError(503, f"model {model} failed to load: {error}", code="model_unavailable")
+    raise GatewayError(503, f"model {model} is still {loading}; retry shortly (see /healthz)", code="model_loading")
 
 
 class ChatBackend(abc.ABC):

@@ -20,7 +20,7 @@ from ...engine.weights import LoadedModel, WeightsError, load_model
 from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
-from .base import ChatBackend, ChatChunk, RequestContext, Usage
+from .base import ChatBackend, ChatChunk, RequestContext, Usage, loaded_or_503
 from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
 
 log = logging.getLogger("blendgate.gateway")
@@ -123,14 +123,6 @@ class LocalBackend(ChatBackend):
         return sampling_params(request, self.config.sampling_defaults,
                                request.completion_limit() or max(1, context - prompt_tokens))
 
-    def _engine_or_raise(self) -> LocalEngine:
-        if self.engine is not None:
-            return self.engine
-        if self._error is not None:
-            raise GatewayError(503, f"model {self.config.name} failed to load: {self._error}", code="model_unavailable")
-        raise GatewayError(503, f"model {self.config.name} is still loading; retry shortly (see /healthz)",
-                           code="model_loading")
-
     @staticmethod
     def _chunk_report(request: ChatCompletionRequest, report: dict | None) -> dict | None:
         """The runner's prefill report, with each chunk's hit named by the chunk's id."""
@@ -143,7 +135,7 @@ class LocalBackend(ChatBackend):
         return report
 
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
-        engine = self._engine_or_raise()
+        engine = loaded_or_503(self.engine, self.config.name, self._error, "loading")
         check_text_chat(request, "local models")
         prompt = self._prompt(request)
         self._remember_origins(request, prompt, ctx)

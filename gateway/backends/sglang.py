@@ -32,7 +32,7 @@ from ...sglang_plugin.protocol import generate_request, report_of
 from ..config import SglangModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
-from .base import ChatBackend, ChatChunk, RequestContext, Usage
+from .base import ChatBackend, ChatChunk, RequestContext, Usage, loaded_or_503
 from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
 from .routing import AffinityRouter, WorkerState
 
@@ -127,14 +127,6 @@ class SglangBackend(ChatBackend):
         return {"state": "ready", **details}
 
     # -- request path -----------------------------------------------------------------------------
-    def _tokenizer_or_raise(self) -> Any:
-        if self.tokenizer is not None:
-            return self.tokenizer
-        if self._error is not None:
-            raise GatewayError(503, f"model {self.config.name}: {self._error}", code="model_unavailable")
-        raise GatewayError(503, f"model {self.config.name} is still loading its tokenizer; retry shortly",
-                           code="model_loading")
-
     def _payload(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> dict[str, Any]:
         limit = self.config.max_context_tokens
         if len(prompt) >= limit:
@@ -200,7 +192,7 @@ class SglangBackend(ChatBackend):
             self.totals["chunk_tokens_not_recomputed"] += report["chunk_tokens"] - report["recomputed_tokens"]
 
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
-        tokenizer = self._tokenizer_or_raise()
+        tokenizer = loaded_or_503(self.tokenizer, self.config.name, self._error, "loading its tokenizer")
         check_text_chat(request, "SGLang-served models")
         prompt = chat_prompt(tokenizer, request, mode=self.config.prefill_mode,
                              recompute_ratio=self.config.recompute_ratio)
