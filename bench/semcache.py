@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from blendgate.retriever.embedder import Embedder
 from blendgate.semcache.cache import CacheQuery, SemanticCache
+from blendgate.semcache.categories import CategoryClassifier
 from blendgate.semcache.index import IndexedEntry
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
@@ -225,20 +226,31 @@ def lagrange_thresholds(records: list[dict], categories: list[str], penalty: flo
     return chosen
 
 
-async def lowest_threshold_runs(embedder: Embedder, embeddings: Embeddings, split: list[str],
-                                settings: SemanticCacheSettings | None = None) -> tuple:
-    """Candidate records of one category-aware cache (the default categories unless `settings` gives
-    others) and one uniform cache over the split's pairs."""
+@dataclass
+class Split:
+    pairs: list[Pair]
+    labels: dict[tuple[str, str], bool]
+
+
+def load_split(embeddings: Embeddings, split: list[str]) -> Split:
+    """The split's pairs (their sentences embedded) and its pair labels."""
     pairs = [p for name in split for p in load_pairs(name)]
     embeddings.load([p.first for p in pairs] + [p.second for p in pairs])
-    labels = {k: v for name in split for k, v in pair_labels(name).items()}
-    settings = settings or SemanticCacheSettings()
+    return Split(pairs, {k: v for name in split for k, v in pair_labels(name).items()})
+
+
+async def lowest_threshold_runs(embedder: Embedder, embeddings: Embeddings, split: list[str]) -> tuple:
+    """Candidate records of one category-aware cache (the default categories) and one uniform cache over
+    the split's pairs."""
+    loaded = load_split(embeddings, split)
+    pairs, labels = loaded.pairs, loaded.labels
+    settings = SemanticCacheSettings()
     cached = [c.name for c in settings.categories if c.cached]
     aware = await candidate_records(cache_with(settings, embedder), pairs, embeddings, labels)
     uniform = await candidate_records(cache_with(uniform_settings(0.01), embedder), pairs, embeddings, labels)
     # Compared on the same queries: those the category-aware cache would look up at all (not "personal").
     asked = [r["category"] in cached for r in aware]
-    return aware, [r for r, keep in zip(uniform, asked) if keep], cached, pairs, labels
+    return aware, [r for r, keep in zip(uniform, asked) if keep], cached, pairs
 
 
 # Shrinkage of per-category thresholds toward the one uniform threshold: a category with n train queries
@@ -263,7 +275,7 @@ async def tune(embedder: Embedder, embeddings: Embeddings, penalties=(5, 10, 20,
                neighbours: bool = True, shrink: bool = False) -> dict:
     """Thresholds per category on the train split, one set per false-hit penalty (shrunk toward the
     train-optimal uniform threshold with `shrink`)."""
-    aware, uniform, cached, _, _ = await lowest_threshold_runs(embedder, embeddings, ["train"])
+    aware, uniform, cached, _ = await lowest_threshold_runs(embedder, embeddings, ["train"])
     result = {}
     for penalty in penalties:
         thresholds = lagrange_thresholds(aware, cached, penalty, neighbours)
@@ -329,7 +341,7 @@ def operating_points(aware: list[dict], uniform: list[dict], tuned: dict, neighb
 async def quality(embedder: Embedder, embeddings: Embeddings) -> tuple[str, dict]:
     settings = SemanticCacheSettings()
     # Evaluated on dev + test, which tuning (train) never sees.
-    aware, uniform, cached, pairs, _ = await lowest_threshold_runs(embedder, embeddings, ["dev", "test"])
+    aware, uniform, cached, pairs = await lowest_threshold_runs(embedder, embeddings, ["dev", "test"])
     configured = {c.name: c.threshold for c in settings.categories if c.cached}
     defaults = decide(aware, configured)
     live = await live_hits(settings, embedder, embeddings, pairs)
@@ -386,11 +398,11 @@ WORKLOAD_PROTOCOL = (
     "table reruns the comparison with other seed sets.")
 
 
-def workload_settings(examples: int = WORKLOAD_EXAMPLES, seed: int = 0) -> SemanticCacheSettings:
+def workload_settings(train: list[Pair], examples: int = WORKLOAD_EXAMPLES, seed: int = 0) -> SemanticCacheSettings:
     """Categories configured for STS-B's traffic: one per genre, each with `examples` sentences of that
-    genre from the train split as its seed set (read from the data files here, never shipped)."""
+    genre from the train split's pairs as its seed set (read from the data files, never shipped)."""
     by_category: dict[str, set[str]] = {}
-    for pair in load_pairs("train"):
+    for pair in train:
         by_category.setdefault(GENRE_CATEGORY[pair.genre], set()).update((pair.first, pair.second))
     rng = np.random.default_rng(seed)
     categories = []
@@ -419,17 +431,18 @@ class WorkloadRun:
     points: list[dict]  # one per false-hit penalty
     train_agreement: float  # share of queries the classifier puts in their genre's category
     eval_agreement: float
-    eval_pairs: list[Pair]
 
 
 async def workload_points(embedder: Embedder, embeddings: Embeddings, settings: SemanticCacheSettings,
+                          train_split: Split, eval_split: Split, uniform: list[dict],
                           penalties=(5, 10, 20, 50)) -> WorkloadRun:
-    """Per penalty: thresholds tuned on train for these categories, applied to dev + test, against the
-    uniform threshold with the same hit rate there."""
+    """Per penalty: thresholds tuned on train for these categories (all cached), applied to dev + test,
+    against the uniform threshold with the same hit rate there (`uniform`: the uniform cache's dev + test
+    records, the same for every configuration)."""
     names = [c.name for c in settings.categories]
-    train, _, _, train_pairs, _ = await lowest_threshold_runs(embedder, embeddings, ["train"], settings)
-    aware, uniform, _, pairs, _ = await lowest_threshold_runs(embedder, embeddings, ["dev", "test"], settings)
-    genres = [GENRE_CATEGORY[p.genre] for p in pairs]
+    train_pairs, pairs = train_split.pairs, eval_split.pairs
+    train = await candidate_records(cache_with(settings, embedder), train_pairs, embeddings, train_split.labels)
+    aware = await candidate_records(cache_with(settings, embedder), pairs, embeddings, eval_split.labels)
     points = []
     for penalty in penalties:
         thresholds = lagrange_thresholds(train, names, penalty)
@@ -439,9 +452,11 @@ async def workload_points(embedder: Embedder, embeddings: Embeddings, settings: 
         theirs = uniform_at(uniform, threshold)
         points.append({"penalty": penalty, "thresholds": thresholds, "aware": point, "uniform_threshold": threshold,
                        "uniform": summarise(theirs, "", ""), "interval": false_share_interval(mine, theirs)})
-    return WorkloadRun(points,
-                       float(np.mean([r["category"] == GENRE_CATEGORY[p.genre] for r, p in zip(train, train_pairs)])),
-                       float(np.mean([r["category"] == g for r, g in zip(aware, genres)])), pairs)
+
+    def agreement(records: list[dict], of: list[Pair]) -> float:
+        return float(np.mean([r["category"] == GENRE_CATEGORY[p.genre] for r, p in zip(records, of)]))
+
+    return WorkloadRun(points, agreement(train, train_pairs), agreement(aware, pairs))
 
 
 def share(summary: dict) -> str:
@@ -449,41 +464,43 @@ def share(summary: dict) -> str:
     return f"{summary['false_hit_share']:.3f} ({summary['false_hits']}/{labelled})"
 
 
-async def workload(embedder: Embedder, embeddings: Embeddings) -> tuple[str, dict]:
+async def workload(embedder: Embedder, embeddings: Embeddings) -> str:
     """Category-aware against uniform with categories configured for STS-B's traffic (its genres)."""
-    settings = workload_settings()
-    run = await workload_points(embedder, embeddings, settings)
-    points = run.points
+    train_split, eval_split = load_split(embeddings, ["train"]), load_split(embeddings, ["dev", "test"])
+    uniform = await candidate_records(cache_with(uniform_settings(0.01), embedder), eval_split.pairs, embeddings,
+                                      eval_split.labels)
+    settings = workload_settings(train_split.pairs)
+    run = await workload_points(embedder, embeddings, settings, train_split, eval_split, uniform)
     lines = ["| penalty | category thresholds (tuned on train) | aware hit rate | aware false / labelled | "
              "uniform threshold (same hit rate) | uniform hit rate | uniform false / labelled | "
              "uniform - aware false share, pp (95% bootstrap) |", "|---|---|---|---|---|---|---|---|"]
-    for p in points:
+    for p in run.points:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(p["thresholds"].items()))
         low, high = p["interval"]
         lines.append(f"| {p['penalty']} | {shown} | {p['aware']['hit_rate']:.3f} | {share(p['aware'])} | "
                      f"{p['uniform_threshold']:.4f} | {p['uniform']['hit_rate']:.3f} | {share(p['uniform'])} | "
                      f"{low:+.1f} to {high:+.1f} |")
     # The real cache at one tuned point must hit exactly where `decide` says it does.
-    tuned = next(p for p in points if p["penalty"] == 20)
+    tuned = next(p for p in run.points if p["penalty"] == 20)
     live_settings = settings.model_copy(update={"categories": [
         c.model_copy(update={"threshold": tuned["thresholds"][c.name]}) for c in settings.categories]})
-    live = await live_hits(live_settings, embedder, embeddings, run.eval_pairs)
+    live = await live_hits(live_settings, embedder, embeddings, eval_split.pairs)
     assert live == tuned["aware"]["hits"], f"decide() disagrees with the cache: {live} live hits"
     checks = ["| examples per category | sampling seed | classifier = genre (dev + test) | "
               "aware false / labelled at penalties 5, 10, 20, 50 | uniform false / labelled, same hit rates | "
               "points where aware has the lower false share |", "|---|---|---|---|---|---|"]
-    wins = 0
     for examples, seed in WORKLOAD_SENSITIVITY:
-        rerun = await workload_points(embedder, embeddings, workload_settings(examples, seed))
+        rerun = await workload_points(embedder, embeddings, workload_settings(train_split.pairs, examples, seed),
+                                      train_split, eval_split, uniform)
         better = sum(p["aware"]["false_hit_share"] < p["uniform"]["false_hit_share"] for p in rerun.points)
-        wins += better
         checks.append(f"| {examples} | {seed} | {rerun.eval_agreement:.3f} | "
                       f"{'; '.join(share(p['aware']) for p in rerun.points)} | "
                       f"{'; '.join(share(p['uniform']) for p in rerun.points)} | {better} of {len(rerun.points)} |")
     # Where the default classifier puts each genre's queries: why its categories cannot separate them.
-    default = cache_with(SemanticCacheSettings(), embedder)
+    defaults = SemanticCacheSettings()
+    default = CategoryClassifier(defaults.categories, embedder.embed, defaults.default_category)
     spread: dict[str, Counter] = {}
-    for pair in run.eval_pairs:
+    for pair in eval_split.pairs:
         category = default.classify(pair.second, embeddings(pair.second)).category
         spread.setdefault(GENRE_CATEGORY[pair.genre], Counter())[category] += 1
     spread_lines = ["| genre (dev + test queries) | default categories the default classifier gives them |",
@@ -493,8 +510,7 @@ async def workload(embedder: Embedder, embeddings: Embeddings) -> tuple[str, dic
     note = (f"Classifier (nearest centroid of {WORKLOAD_EXAMPLES} train sentences per genre) agrees with the "
             f"genre on {run.train_agreement:.3f} of train and {run.eval_agreement:.3f} of dev + test queries. "
             f"Checked: the real cache at the penalty-20 thresholds gave {live} hits, as `decide` does.")
-    return "\n".join(lines) + "\n\n" + note + "\n\n" + "\n".join(checks) + "\n\n" + "\n".join(spread_lines), \
-        {"points": points, "sensitivity_wins": wins}
+    return "\n".join(lines) + "\n\n" + note + "\n\n" + "\n".join(checks) + "\n\n" + "\n".join(spread_lines)
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -608,7 +624,7 @@ def main() -> None:
                    f"Train-split tuning: {details['train']}", ""]
         print(table, flush=True)
     if args.command in ("quality", "workload", "all"):
-        table, _ = asyncio.run(workload(embedder, embeddings))
+        table = asyncio.run(workload(embedder, embeddings))
         report += ["## Categories configured for the workload (STS-B's genres)", "", WORKLOAD_PROTOCOL, "", table,
                    ""]
         print(table, flush=True)

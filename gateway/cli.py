@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,12 +21,19 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML configuration fil
                             exists=False, dir_okay=False)
 
 
-def _settings_or_exit(config: Optional[Path], **overrides: object) -> Settings:
+@contextmanager
+def _errors_exit(*errors: type[Exception], code: int) -> Iterator[None]:
+    """One of these errors ends the command with its message and this exit code, not a traceback."""
     try:
-        return load_settings(config, **overrides)
-    except ConfigError as exc:
+        yield
+    except errors as exc:
         typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=code) from None
+
+
+def _settings_or_exit(config: Optional[Path], **overrides: object) -> Settings:
+    with _errors_exit(ConfigError, code=2):
+        return load_settings(config, **overrides)
 
 
 def _configure_logging(level: str) -> None:
@@ -71,23 +78,15 @@ def _retriever_or_exit(settings: Settings):
     from .rag import build_retriever
 
     _quiet()
-    try:
+    with _errors_exit(CorruptIndexError, OSError, ValueError, code=1):
         return build_retriever(settings)
-    except (CorruptIndexError, OSError, ValueError) as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=1) from None
 
 
-@contextmanager
-def _retrieval_errors_exit() -> Iterator[None]:
+def _retrieval_errors_exit() -> AbstractContextManager[None]:
     """A refused retrieval operation ends the command with its message and exit code 1."""
     from ..retriever.service import RetrievalError
 
-    try:
-        yield
-    except RetrievalError as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+    return _errors_exit(RetrievalError, code=1)
 
 
 class _RichProgress:
@@ -170,6 +169,7 @@ def tune_thresholds(
                                       dir_okay=False),
     false_hits: float = typer.Option(0.02, "--false-hits", min=0.0, max=0.5,
                                      help="Largest share of a category's hits that may be false."),
+    # With fewer pairs than this, one false pair swings a category's suggestion.
     min_pairs: int = typer.Option(30, "--min-pairs", min=1,
                                   help="Fewest labelled pairs a category needs for a suggestion."),
     config: Optional[Path] = ConfigOption,
@@ -182,17 +182,11 @@ def tune_thresholds(
     from ..semcache.tuning import PairsFileError, read_pairs, suggest_thresholds
 
     settings = _settings_or_exit(config)
-    try:
+    with _errors_exit(PairsFileError, code=2):
         pairs = read_pairs(pairs_file)
-    except PairsFileError as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     _quiet()
-    try:
+    with _errors_exit(EmbedderError, code=1):
         embedder = Embedder(settings.retrieval.embedder_path)
-    except EmbedderError as exc:
-        typer.echo(f"blendgate: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     results = suggest_thresholds(settings.semantic_cache, embedder.embed, pairs, false_hits, min_pairs)
     console = Console(stderr=True)
     title = f"{len(pairs)} labelled pairs, {embedder.name}, false hits at most {false_hits:.1%} of hits"

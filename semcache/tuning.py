@@ -19,9 +19,6 @@ import numpy as np
 from .categories import CategoryClassifier
 from .settings import SemanticCacheSettings
 
-# Past this many labelled pairs a category's suggestion is trusted; with fewer, one false pair swings it.
-MIN_PAIRS = 30
-
 
 class PairsFileError(ValueError):
     """The labelled pairs file cannot be read; the message says where and why."""
@@ -91,8 +88,9 @@ def lowest_threshold_within(similarities: np.ndarray, same: np.ndarray, budget: 
 
 
 def suggest_thresholds(settings: SemanticCacheSettings, embed: Callable[[list[str]], np.ndarray],
-                       pairs: list[LabelledPair], budget: float = 0.02,
-                       min_pairs: int = MIN_PAIRS) -> list[CategoryTuning]:
+                       pairs: list[LabelledPair], budget: float, min_pairs: int) -> list[CategoryTuning]:
+    """Per category of `settings`: the suggestion, or why there is none (a category with fewer than
+    `min_pairs` labelled pairs keeps its configured threshold)."""
     classifier = CategoryClassifier(settings.categories, embed, settings.default_category)
     cached_vectors = embed([p.cached for p in pairs])
     query_vectors = embed([p.query for p in pairs])
