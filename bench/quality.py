@@ -1,13 +1,24 @@
-"""Quality of the chunk-cache modes against full prefill, on NQ-open questions with SmolLM2-135M-Instruct.
+"""Quality of the chunk-cache modes and blending's selection rules against full prefill, SmolLM2-135M-Instruct.
 
-Each question gets its gold passage at a varying position among k-1 distractor passages of other questions
-(every passage one chunk), placed by the gateway's own RAG template and segmentation. For each mode:
-- accuracy: a gold answer appears in the normalised greedy output;
+Question sets (`--set`):
+- nq: NQ-open questions, each with its gold passage at a varying position among k-1 distractor passages of
+  other questions (every passage one chunk);
+- xquad: XQuAD questions with their gold paragraph among the other paragraphs of the same article (topically
+  close distractors; k = the article's paragraphs, 5).
+Each prompt is built by the gateway's own RAG template and segmentation. For each variant:
+- accuracy: a gold answer appears in the normalised greedy output, with a 95% bootstrap interval;
 - token F1 against the best gold answer;
-- KL(full prefill || mode), averaged over the next-token distributions along the teacher-forced gold answer;
-- agreement: the share of greedy output tokens identical to full prefill's at the same place.
+- KL(full prefill || variant), averaged over the next-token distributions along the teacher-forced gold answer;
+- gap closed: the share of full reuse's accuracy loss (and KL) that the variant wins back, with a paired
+  bootstrap interval over questions;
+- recomputed: the mean share of chunk tokens recomputed; compute: the mean share of (chunk token, layer) pairs
+  computed (chunkcache/selection.py: compute_share), which counts the layers a deviation rule runs in full.
 
-    python bench/quality.py --questions 300 --k 5 10
+Variants (`--variants`): `full_prefill`, `prefix`, `reuse`, and `RULE@R` (blend with selection rule RULE at
+recompute ratio R; see RULES), or `target=F@R` (the quality-targeted mode: fidelity F, at most R).
+
+    python bench/quality.py --set nq --k 10 20 --questions 300
+    python bench/quality.py --set xquad --questions 300
 """
 
 from __future__ import annotations
@@ -29,7 +40,30 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "qa" / "nq-open-oracle.dev.jsonl.gz"
+# The question sets' folder: ../shared/data/qa beside the checkout, or BLENDGATE_QA_DATA (the GPU machine).
+DATA = Path(os.environ.get("BLENDGATE_QA_DATA", REPO.parent / "shared" / "data" / "qa"))
+
+# Selection rules by name (fields of chunkcache.selection.SelectionRule), for `RULE@R` variants.
+RULES: dict[str, dict] = {
+    "value": {"score": "value"},  # CacheBlend as the paper and blendgate did until 2026-11-30
+    "key": {"score": "key"},
+    "kv": {"score": "kv"},
+    "value-l2": {"score": "value", "layer": 2},
+    "value-gradual": {"score": "value", "gradual": 2.0},
+    "value-sinks": {"score": "value", "sink_tokens": 4},
+    "attention": {"score": "attention"},
+    "attention-p8": {"score": "attention", "probe_layers": 8},
+    "attention-p4": {"score": "attention", "probe_layers": 4},
+    "attention-sinks": {"score": "attention", "sink_tokens": 4},
+    "attention-value": {"score": "attention_value"},
+    "attention-key": {"score": "attention_key"},
+    "attention-uniform": {"score": "attention", "chunk_budget": "uniform"},
+    "attention-spread": {"score": "attention", "spread": 2},
+    "attention-late": {"score": "attention", "probe_from": 15},
+    "attention-shift": {"score": "attention", "drift_shift": 1.0},
+    "attention-shift-half": {"score": "attention", "drift_shift": 0.5},
+}
+DEFAULT_VARIANTS = ["full_prefill", "reuse", "value@0.15", "attention@0.15/context5", "target=0.9@0.5/context5"]
 
 
 def normalise(text: str) -> str:
@@ -59,32 +93,86 @@ class Passage:
     text: str
 
 
-def load_questions(path: Path, count: int, seed: int) -> list[dict]:
+@dataclass
+class Item:
+    """One question and its passages: the gold one at `slot` among the others."""
+
+    question: str
+    answers: list[str]
+    passages: list[str]
+
+
+def nq_items(path: Path, count: int, seed: int, k: int) -> list[Item]:
     with gzip.open(path, "rt") as lines:
         rows = [json.loads(line) for line in lines]
     passages = [f"{r['ctxs'][0]['title']}. {r['ctxs'][0]['text']}" for r in rows]
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
-    return [{"question": rows[i]["question"], "answers": rows[i]["answers"], "gold": passages[i],
-             "others": [passages[j] for j in order if passages[j] != passages[i]]} for i in order[:count]]
+    items = []
+    for number, i in enumerate(order[:count]):
+        others = [passages[j] for j in order if passages[j] != passages[i]][: k - 1]
+        others.insert(number % k, passages[i])  # the gold passage by the question's number in the whole list
+        items.append(Item(rows[i]["question"], rows[i]["answers"], others))
+    return items
+
+
+def xquad_items(path: Path, count: int, seed: int) -> list[Item]:
+    """XQuAD questions, each with every paragraph of its article in the article's order (so the gold one sits
+    where the article has it and the distractors are on the same subject)."""
+    articles = json.loads(path.read_text())["data"]
+    items = []
+    for article in articles:
+        contexts = [p["context"] for p in article["paragraphs"]]
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                items.append(Item(qa["question"], [a["text"] for a in qa["answers"]], contexts))
+    random.Random(seed).shuffle(items)
+    return items[:count]
+
+
+def parse_variant(spec: str):
+    """(mode, ratio, rule or None, fidelity target or None) of a variant name."""
+    from blendgate.chunkcache.selection import SelectionRule
+
+    spec = spec.split("/")[0]  # RULE@R/PREFIX: the chunk prefix is the runner's
+    if spec in ("full_prefill", "prefix"):
+        return spec, 1.0, None, None
+    if spec == "reuse":
+        return "reuse", 0.0, None, None
+    name, _, ratio = spec.partition("@")
+    if not ratio:
+        raise SystemExit(f"variant {spec!r}: write RULE@RATIO or target=F@RATIO")
+    if name.startswith("target="):
+        return "blend", float(ratio), SelectionRule(), float(name.split("=", 1)[1])
+    if name.startswith("target-"):  # target-RULE=F@R
+        rule_name, _, target = name[len("target-"):].partition("=")
+        return "blend", float(ratio), SelectionRule(**RULES[rule_name]), float(target)
+    if name not in RULES:
+        raise SystemExit(f"unknown rule {name!r}; known: {', '.join(RULES)}")
+    return "blend", float(ratio), SelectionRule(**RULES[name]), None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=["nq", "xquad"], default="nq", dest="question_set")
     parser.add_argument("--questions", type=int, default=300)
-    parser.add_argument("--k", type=int, nargs="+", default=[5, 10])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05, 0.15, 0.3, 1.0])
+    parser.add_argument("--k", type=int, nargs="+", default=[10], help="passages per prompt (nq only)")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted model is kept")
     parser.add_argument("--model", type=Path, default=None, help="GGUF file or model folder [embedded SmolLM2]")
     parser.add_argument("--shard", type=str, default="0/1", help="i/n: run every n-th question from the i-th")
-    parser.add_argument("--data", type=Path, default=DATA, help="NQ-open oracle file")
-    parser.add_argument("--chunk-prefix", choices=["system", "none"], default="system",
-                        help="compute chunk KV after the system prompt, or alone")
+    parser.add_argument("--data", type=Path, default=None, help="the set's file [../shared/data/qa/...]")
+    parser.add_argument("--chunk-prefix", default="system",
+                        help="what chunk KV is computed after: system, none, or contextN (the system prompt and N "
+                             "neutral documents, gateway/rag_template.py); a variant RULE@R/PREFIX overrides it")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"quality-{date.today()}.md")
     args = parser.parse_args()
+    variants = [(spec, *parse_variant(spec)) for spec in args.variants]
+    if variants[0][0] != "full_prefill":
+        raise SystemExit("the first variant must be full_prefill (the reference)")
 
     # Only modules without web or retrieval dependencies, so that this runs as it is on a bare GPU machine.
     from blendgate.chunkcache.runner import BlendingRunner
@@ -98,80 +186,90 @@ def main() -> None:
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
     loaded = load_model(args.model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
                         cache_dir=cache_dir)
-    runner = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)]),
-                            chunk_prefix=args.chunk_prefix)
     tokenizer = loaded.tokenizer
+    store = ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)])
+
+    runners = {prefix: BlendingRunner(loaded, store, chunk_prefix=prefix) for prefix in ("system", "none")}
+    runner = runners["system"]  # decoding and teacher forcing: any runner
     stop_ids = loaded.eos_token_ids
-    modes = [("full_prefill", 1.0), ("prefix", 1.0), *[("reuse" if r == 0 else "blend", r) for r in args.ratios]]
-    questions = load_questions(args.data, args.questions, args.seed)
+    if args.question_set == "nq":
+        path = args.data or DATA / "nq-open-oracle.dev.jsonl.gz"
+        sets = {k: nq_items(path, args.questions, args.seed, k) for k in args.k}
+    else:
+        items = xquad_items(args.data or DATA / "xquad.en.json", args.questions, args.seed)
+        sets = {len(items[0].passages): items}
 
-    def build(item: dict, k: int, slot: int, mode: str, ratio: float) -> Prompt:
+    def build(item: Item, mode: str, ratio: float, target: float | None, context: int) -> Prompt:
         """The prompt the gateway would build for this question and these passages."""
-        passages = item["others"][: k - 1]
-        passages.insert(slot, item["gold"])
-        rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(passages)],
-                        item["question"])
-        return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio)
+        rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(item.passages)],
+                        item.question)
+        return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
+                             fidelity_target=target, context_documents=context)
 
-    def run(prompt: Prompt, answer_ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-        """Greedy output ids, and the log-distributions along the teacher-forced gold answer."""
-        logits, state = runner.prefill(prompt)
-        forced, current = [], logits
-        forced_state_logits = logits
-        # Teacher forcing on a copy of the prefilled state: feed the gold answer token by token.
-        forced_state = KVState(cache=state.cache.clone(len(prompt) + len(answer_ids) + 1), length=state.length)
-        for token in answer_ids:
-            forced.append(torch.log_softmax(forced_state_logits.float(), -1))
-            forced_state_logits = runner.decode(token, forced_state)
-        output = []
+    def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str) -> tuple[list[int], list[torch.Tensor], dict]:
+        """Greedy output ids, the log-distributions along the teacher-forced gold answer, the prefill report."""
+        if rule is not None:
+            result, report = runners[prefix].blender.blend(prompt, rule=rule)
+            logits, state = result.logits, KVState(cache=result.cache, length=len(prompt))
+        else:
+            logits, state = runners[prefix].prefill(prompt)
+            report = getattr(state, "report", None) or {}
+        # Teacher forcing in one pass over a copy of the prefilled KV: the gold answer's tokens appended.
+        forced_cache = state.cache.clone(len(prompt) + len(answer_ids) + 1)
+        forced_logits = runner.model.forward(torch.tensor(answer_ids[:-1], device=loaded.device), None,
+                                             forced_cache, last_only=False) if len(answer_ids) > 1 else logits[:0]
+        forced = torch.log_softmax(torch.cat((logits[None].float(), forced_logits.float())), -1)
+        output, current = [], logits
         for _ in range(args.max_tokens):
             token = int(torch.argmax(current))
             if token in stop_ids:
                 break
             output.append(token)
             current = runner.decode(token, state)
-        return output, forced
+        return output, forced, report
 
     shard, shards = (int(x) for x in args.shard.split("/"))
-    totals: dict[str, Counter] = {}
+    records: dict[str, list] = {}  # "k|variant" -> per question [number, correct, f1, kl, agree, ratio, compute]
     started = time.perf_counter()
     partial = args.out.with_suffix(f".shard{shard}.json" if shards > 1 else ".json")
 
     def save() -> dict:
         """Written after every question, so a run stopped early still leaves what it measured."""
         result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]),
-                  "seconds": time.perf_counter() - started,
+                  "seconds": time.perf_counter() - started, "set": args.question_set,
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, device {loaded.device} "
                              f"({torch.cuda.get_device_name() if loaded.device.type == 'cuda' else 'cpu'}), "
                              f"torch {torch.__version__}",
-                  "questions": len(questions), "seed": args.seed, "max_tokens": args.max_tokens,
-                  "chunk_prefix": args.chunk_prefix, "totals": totals}
+                  "questions": args.questions, "seed": args.seed, "max_tokens": args.max_tokens,
+                  "chunk_prefix": args.chunk_prefix, "records": records}
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(result))
         return result
 
     with torch.inference_mode():
-        for k in args.k:
-            # Every shard places the gold passage by the question's number in the whole list.
-            for number in range(shard, len(questions), shards):
-                item = questions[number]
-                answer_ids = tokenizer(" " + item["answers"][0], add_special_tokens=False)["input_ids"][:16]
+        for k, items in sets.items():
+            for number in range(shard, len(items), shards):
+                item = items[number]
+                answer_ids = tokenizer(" " + item.answers[0], add_special_tokens=False)["input_ids"][:16]
                 reference_ids, reference_forced = None, None
-                for mode, ratio in modes:
-                    output_ids, forced = run(build(item, k, number % k, mode, ratio), answer_ids)
+                for spec, mode, ratio, rule, target in variants:
+                    prefix = spec.split("/")[1] if "/" in spec else args.chunk_prefix
+                    documents = int(prefix[len("context"):] or 1) if prefix.startswith("context") else 0
+                    output_ids, forced, report = run(build(item, mode, ratio, target, documents), rule, answer_ids,
+                                                     "none" if prefix == "none" else "system")
                     if mode == "full_prefill":
                         reference_ids, reference_forced = output_ids, forced
                     text = tokenizer.decode(output_ids, skip_special_tokens=True)
-                    total = totals.setdefault(f"{k}|{mode}|{ratio:g}", Counter())
-                    total["n"] += 1
-                    total["correct"] += any(normalise(a) in normalise(text) for a in item["answers"])
-                    total["f1"] += token_f1(text, item["answers"])
-                    kl = [torch.sum(p.exp() * (p - q)).item() for p, q in zip(reference_forced, forced)]
-                    total["kl"] += sum(kl) / max(1, len(kl))
+                    kl = torch.sum(reference_forced.exp() * (reference_forced - forced), -1).mean().item()
                     same = sum(a == b for a, b in zip(reference_ids, output_ids))
-                    total["agree"] += same / max(1, max(len(reference_ids), len(output_ids)))
+                    recomputed = report.get("recompute_ratio", 1.0 if mode in ("full_prefill", "prefix") else 0.0)
+                    compute = report.get("compute_share", recomputed)
+                    records.setdefault(f"{k}|{spec}", []).append(
+                        [number, any(normalise(a) in normalise(text) for a in item.answers),
+                         token_f1(text, item.answers), kl,
+                         same / max(1, max(len(reference_ids), len(output_ids))), recomputed, compute])
                 save()
-                done = totals[f"{k}|full_prefill|1"]["n"]
+                done = len(records[f"{k}|{variants[0][0]}"])
                 if done % 10 == 0:
                     print(f"k={k}: {done} questions, {time.perf_counter() - started:.0f} s", flush=True)
     result = save()
@@ -179,29 +277,65 @@ def main() -> None:
         write_table([result], args.out)
 
 
+def bootstrap(values: dict[str, list[list]], statistic, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of statistic(rows by variant) over questions resampled with replacement (the
+    same questions for every variant: paired)."""
+    rng = random.Random(seed)
+    numbers = sorted({row[0] for rows in values.values() for row in rows})
+    by_number = {name: {row[0]: row for row in rows} for name, rows in values.items()}
+    stats = []
+    for _ in range(draws):
+        sample = [rng.choice(numbers) for _ in numbers]
+        stats.append(statistic({name: [rows[n] for n in sample if n in rows] for name, rows in by_number.items()}))
+    stats.sort()
+    return stats[int(0.025 * draws)], stats[int(0.975 * draws) - 1]
+
+
+def mean(rows: list[list], column: int) -> float:
+    return sum(float(r[column]) for r in rows) / max(1, len(rows))
+
+
+def gap_closed(rows: dict[str, list[list]], name: str, column: int) -> float:
+    """Share of full reuse's loss (accuracy: full - reuse; KL: reuse's KL) that `name` wins back."""
+    if column == 3:  # KL: full prefill's is 0
+        loss = mean(rows["reuse"], 3)
+        return (loss - mean(rows[name], 3)) / loss if loss else float("nan")
+    loss = mean(rows["full_prefill"], column) - mean(rows["reuse"], column)
+    return (mean(rows[name], column) - mean(rows["reuse"], column)) / loss if loss else float("nan")
+
+
 def write_table(results: list[dict], out: Path) -> None:
     """The markdown table of one run, or of the shards of one run added up."""
-    totals: dict[str, Counter] = {}
+    records: dict[str, list] = {}
     for result in results:
-        for key, counts in result["totals"].items():
-            totals.setdefault(key, Counter()).update(counts)
+        for key, rows in result["records"].items():
+            records.setdefault(key, []).extend(rows)
     first = results[0]
-    lines = [f"# Chunk-cache quality benchmark, {date.today()}", "",
+    lines = [f"# Chunk-cache quality benchmark ({first.get('set', 'nq')}), {date.today()}", "",
              f"- command: `{first['command']}`" + (f" ({len(results)} shards run at once)" if len(results) > 1 else ""),
              f"- machine: {first['machine']}; took {max(r['seconds'] for r in results) / 60:.1f} min",
-             f"- model: SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to float32); the first {first['questions']} "
-             f"NQ-open questions in a seeded order (seed {first['seed']}; the questions column says how many ran), "
-             "gold passage at position (question number mod k) among k-1 "
-             f"distractors from other questions; greedy, up to {first['max_tokens']} tokens; KL over up to 16 "
-             f"teacher-forced gold-answer tokens; chunk KV computed after: {first.get('chunk_prefix', 'system')}", "",
-             "| k | mode | r | questions | accuracy | token F1 | KL vs full prefill | greedy agreement |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, t in totals.items():
-        k, mode, ratio = key.split("|")
-        n = t["n"]
-        shown_ratio = "-" if mode in ("full_prefill", "prefix") else ratio
-        lines.append(f"| {k} | {mode} | {shown_ratio} | {n} | {t['correct'] / n:.3f} | {t['f1'] / n:.3f} | "
-                     f"{t['kl'] / n:.4f} | {t['agree'] / n:.3f} |")
+             f"- model: SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to float32); {first['questions']} questions "
+             f"(seed {first['seed']}); greedy, up to {first['max_tokens']} tokens; KL over up to 16 teacher-forced "
+             f"gold-answer tokens; chunk KV computed after: {first.get('chunk_prefix', 'system')}; intervals: 95% "
+             "bootstrap over questions (gap closed: paired)", "",
+             "| k | variant | questions | recomputed | compute | accuracy [95% CI] | token F1 | KL vs full [95% CI] "
+             "| acc. gap closed [95% CI] | KL gap closed [95% CI] | agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted({key.split("|")[0] for key in records}, key=int):
+        rows = {key.split("|", 1)[1]: value for key, value in records.items() if key.split("|")[0] == k}
+        for name, values in rows.items():
+            acc_ci = bootstrap({name: values}, lambda r, n=name: mean(r[n], 1))
+            kl_ci = bootstrap({name: values}, lambda r, n=name: mean(r[n], 3))
+            closed = ["-", "-"]
+            if "reuse" in rows and name not in ("full_prefill", "prefix", "reuse"):
+                pair = {"full_prefill": rows["full_prefill"], "reuse": rows["reuse"], name: values}
+                for i, column in enumerate((1, 3)):
+                    low, high = bootstrap(pair, lambda r, n=name, c=column: gap_closed(r, n, c))
+                    closed[i] = f"{gap_closed(pair, name, column):.0%} [{low:.0%}, {high:.0%}]"
+            lines.append(f"| {k} | {name} | {len(values)} | {mean(values, 5):.3f} | {mean(values, 6):.3f} | "
+                         f"{mean(values, 1):.3f} [{acc_ci[0]:.3f}, {acc_ci[1]:.3f}] | {mean(values, 2):.3f} | "
+                         f"{mean(values, 3):.4f} [{kl_ci[0]:.4f}, {kl_ci[1]:.4f}] | {closed[0]} | {closed[1]} | "
+                         f"{mean(values, 4):.3f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

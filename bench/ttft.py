@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
 from blendgate.engine.llama import LlamaFamilyModel
 
 ARCHITECTURES = {
@@ -82,8 +83,11 @@ def p90(times: list[float]) -> float:
 
 class Bench:
     def __init__(self, name: str, hf_model, runs: int, max_chunks: int, seed: int = 0,
-                 reuse_system_prefix: bool = False) -> None:
+                 reuse_system_prefix: bool = False, rules: dict[str, SelectionRule] | None = None,
+                 ratios: tuple[float, ...] = RATIOS) -> None:
         self.name, self.hf, self.runs = name, hf_model, runs
+        self.rules = rules or {"default": DEFAULT_RULE}
+        self.ratios = ratios
         self.model = LlamaFamilyModel.from_transformers(hf_model)
         vocab = hf_model.config.vocab_size
         generator = torch.Generator().manual_seed(seed)
@@ -138,16 +142,20 @@ class Bench:
 
         self.row(k, "prefix caching (first chunk)", prefix, ideal=len(ids) / (len(ids) - reused))
         for tier, chunks, prefix_kv in (("GPU", self.on_gpu, self.prefix_gpu), ("CPU", self.in_cpu, self.prefix_cpu)):
-            for ratio in (0.0, *RATIOS):
-                segments = [self.system, *chunks[:k], self.question]
-                # The ideal from the ratio actually recomputed (blending aligns the count to GEMM tiles).
-                done = blend_prefill(model, segments, ratio, prefix_kv=prefix_kv)
-                label = f"{'full reuse (r = 0)' if ratio == 0 else f'blend r = {ratio}'}, chunks in {tier} memory"
-                if ratio:
-                    label += f" ({done.recomputed_chunk_tokens} of {done.chunk_tokens} recomputed)"
-                actual = done.recompute_ratio
-                self.row(k, label, lambda: int(blend_prefill(model, segments, ratio, prefix_kv=prefix_kv)
-                                               .logits.argmax()), ideal=layers / (1 + actual * (layers - 1)))
+            segments = [self.system, *chunks[:k], self.question]
+            self.row(k, f"full reuse (r = 0), chunks in {tier} memory",
+                     lambda: int(blend_prefill(model, segments, 0.0, prefix_kv=prefix_kv).logits.argmax()))
+            # Every rule with chunks in GPU memory; the first (the default) from CPU memory too.
+            for name, rule in list(self.rules.items())[: None if tier == "GPU" else 1]:
+                for ratio in self.ratios:
+                    # The ideal from the compute actually spent (blending aligns the count to GEMM tiles, and a
+                    # deviation rule runs its first layers in full): 1 / compute share.
+                    done = blend_prefill(model, segments, ratio, prefix_kv=prefix_kv, rule=rule)
+                    label = (f"blend {name} r = {ratio}, chunks in {tier} memory ({done.recomputed_chunk_tokens} "
+                             f"of {done.chunk_tokens} recomputed)")
+                    self.row(k, label, lambda r=ratio, rl=rule: int(blend_prefill(model, segments, r, prefix_kv=prefix_kv,
+                                                                                   rule=rl).logits.argmax()),
+                             ideal=1 / done.compute_share)
         for row in self.rows:
             if row["model"] == self.name and row["k"] == k:
                 row["speedup"] = full["median"] / row["median"]
@@ -226,8 +234,14 @@ def main() -> None:
     parser.add_argument("--sglang", action="store_true",
                         help="add SGLang 0.5.15's rows (stock, prefix caching, with blendgate's plugin): "
                              "bench/sglang_rows.py")
+    parser.add_argument("--rules", nargs="+", default=["default"],
+                        help="selection rules to time: 'default' and names of bench/quality.py's RULES")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
+    from quality import RULES
+
+    rules = {name: DEFAULT_RULE if name == "default" else SelectionRule(**RULES[name]) for name in args.rules}
     if not torch.cuda.is_available():
         sys.exit("bench/ttft.py needs a CUDA GPU")
     # transformers' SDPA would pick cuDNN, whose plan is rebuilt for every new length (~20 ms of host time
@@ -247,7 +261,7 @@ def main() -> None:
     for name in args.models:
         started = time.perf_counter()
         bench = Bench(name, random_model(name), args.runs, max(args.chunks),
-                      reuse_system_prefix=args.reuse_system_prefix)
+                      reuse_system_prefix=args.reuse_system_prefix, rules=rules, ratios=tuple(args.ratios))
         print(f"{name}: ready in {time.perf_counter() - started:.0f} s", flush=True)
         for k in args.chunks:
             bench.run(k)
@@ -270,7 +284,7 @@ def main() -> None:
             rows += sglang_rows(name, ARCHITECTURES[name], *prompts, args.chunks, args.runs)
     if args.smollm:
         bench = Bench("SmolLM2-135M (real weights)", smollm_model(args.smollm), args.runs, max(args.chunks),
-                      reuse_system_prefix=args.reuse_system_prefix)
+                      reuse_system_prefix=args.reuse_system_prefix, rules=rules, ratios=tuple(args.ratios))
         context = bench.hf.config.max_position_embeddings
         for k in args.chunks:
             if SYSTEM_TOKENS + k * CHUNK_TOKENS + QUESTION_TOKENS <= context:

@@ -18,18 +18,16 @@ as if each chunk had been computed in a block of its own (full reuse).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
-from ..kernels.rope import place
-from ..kernels.selection import select_rows
-
-# The layer at which tokens are selected; the paper finds the deviation at an early layer predicts the
-# later ones, and layer 0's KV never deviates (it depends on the token and its position only).
-SELECTION_LAYER = 1
+from ..kernels.rope import place, rope_store, rotate
+from ..kernels.selection import attention_mass, deviation
+from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count,
+                        targeted_count, uniform_counts)
 
 
 @dataclass
@@ -50,12 +48,20 @@ class ChunkKV:
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
-def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: list[int] = ()) -> ChunkKV:
-    """The chunk's KV as computed after `prefix_ids` (e.g. the system prompt), keys kept unrotated."""
-    ids = torch.tensor([*prefix_ids, *chunk_ids], device=model.device)
-    start = len(prefix_ids)
+def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: list[int] = (),
+                     prefix_cache: KVCache | None = None) -> ChunkKV:
+    """The chunk's KV as computed after `prefix_ids` (e.g. the system prompt), keys kept unrotated.
+    `prefix_cache`: the prefix's KV already computed (model.forward over `prefix_ids` alone), which is then
+    continued instead of computed again (the same numbers: a prefix's KV does not depend on what follows)."""
     raw: list[tuple[torch.Tensor, torch.Tensor]] = []
-    model.forward(ids, None, model.new_cache(ids.shape[0]), raw_kv=raw)
+    if prefix_cache is not None and prefix_cache.length == len(prefix_ids) and len(prefix_ids):
+        cache = prefix_cache.clone(len(prefix_ids) + len(chunk_ids))
+        model.forward(torch.tensor(list(chunk_ids), device=model.device), None, cache, raw_kv=raw)
+        start = 0
+    else:
+        ids = torch.tensor([*prefix_ids, *chunk_ids], device=model.device)
+        start = len(prefix_ids)
+        model.forward(ids, None, model.new_cache(ids.shape[0]), raw_kv=raw)
     keys = torch.stack([k[:, start:] for k, _ in raw])
     values = torch.stack([v[:, start:] for _, v in raw])
     return ChunkKV(token_ids=torch.tensor(list(chunk_ids)), keys=keys, values=values)
@@ -68,6 +74,13 @@ class BlendResult:
     chunk_tokens: int
     recomputed_chunk_tokens: int
     hidden: torch.Tensor | None = None  # [hidden] of the last prompt token, before the final norm
+    # The share of (chunk token, layer) pairs computed (selection.compute_share): the blend's real cost.
+    compute_share: float = 0.0
+    # Quality-targeted mode: the share of the selection score the recomputed tokens cover (None otherwise).
+    covered: float | None = None
+    # Prompt rows (slots) of the recomputed chunk tokens, [recomputed_chunk_tokens] on the model's device.
+    selected_rows: torch.Tensor | None = None
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # (first slot, tokens) of each chunk
 
     @property
     def recompute_ratio(self) -> float:
@@ -78,22 +91,6 @@ class BlendResult:
 # (bench/gemm_rows.py on the H100: Llama-3-8B's four products take 396 us for 640 rows, 471 us for 646), and
 # a blend's later layers are nearly all matrix products over the computed rows.
 GPU_ROW_ALIGNMENT = 128
-ALIGNMENT_SLACK = 0.05  # how far (relative) aligning may move the number of recomputed tokens
-
-
-def selected_count(chunk_tokens: int, ratio: float) -> int:
-    return min(chunk_tokens, math.ceil(ratio * chunk_tokens - 1e-9))
-
-
-def aligned_count(count: int, other_rows: int, chunk_tokens: int, alignment: int) -> int:
-    """`count` moved to the nearest value that makes the computed rows (count + other_rows) a multiple of
-    `alignment`, if that moves it by at most ALIGNMENT_SLACK of itself; else `count` unchanged."""
-    if alignment <= 1 or count in (0, chunk_tokens):
-        return count
-    aligned = round((count + other_rows) / alignment) * alignment - other_rows
-    if 0 < aligned <= chunk_tokens and abs(aligned - count) <= ALIGNMENT_SLACK * count:
-        return aligned
-    return count
 
 
 def place_chunk(cache: KVCache, kv: ChunkKV, start: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -157,19 +154,175 @@ class ChunkLoader:
         if self.stream is None or layer < self.first_layer:
             return
         self._issue_through(layer + self.group)
-        event = self.events.pop(layer)
-        if event is not self.waited:  # once per group
+        event = self.events.pop(layer, None)  # None: already waited for (a probe pass came first)
+        if event is not None and event is not self.waited:  # once per group
             torch.cuda.current_stream(self.cache.keys.device).wait_event(event)
             self.waited = event
+
+
+@dataclass
+class _Layout:
+    """A prompt's rows as blending sees them, all known on the host. Row indices are local to the computed
+    rows, which start after the exact prefix (`exact` rows reused as they are)."""
+
+    ids: list[int]
+    exact: int
+    chunk_rows: list[int]  # global slots of chunk tokens, in order
+    other_rows: list[int]  # global slots of computed non-chunk tokens (markers, question), in order
+    vote_rows: list[int]  # global slots of the last segment (the question): the rows that score chunks
+    chunk_lengths: list[int]  # tokens of each chunk, in order
+    placements: list[tuple[ChunkKV, int]]
+
+
+def _layout(segments: list, prefix_kv: ChunkKV | None) -> _Layout:
+    if not segments or isinstance(segments[-1], ChunkKV) or not segments[-1]:
+        raise ValueError("blending needs computed tokens (the question) after the last chunk")
+    exact = 0  # leading rows whose KV is reused exactly
+    if prefix_kv is not None:
+        if isinstance(segments[0], ChunkKV) or list(segments[0]) != prefix_kv.token_ids.tolist():
+            raise ValueError("prefix_kv must be the KV of the first segment's tokens")
+        exact = prefix_kv.length
+    ids, placements, chunk_rows, other_rows, lengths = [], [], [], [], []
+    for segment in segments:
+        start = len(ids)
+        if isinstance(segment, ChunkKV):
+            ids += segment.token_ids.tolist()
+            placements.append((segment, start))
+            chunk_rows += range(start, len(ids))
+            lengths.append(segment.length)
+        else:
+            ids += list(segment)
+            other_rows += range(max(start, exact), len(ids))
+    vote = list(range(len(ids) - len(segments[-1]), len(ids)))
+    return _Layout(ids, exact, chunk_rows, other_rows, vote, lengths, placements)
+
+
+def _probe(model: LlamaFamilyModel, layout: _Layout, cache: KVCache, loader: "ChunkLoader", cos: torch.Tensor,
+           sin: torch.Tensor, layers: int, first_voting: int = 0) -> torch.Tensor:
+    """Query-aware scores: the computed non-chunk rows run over the cached chunk KV (as full reuse would) for
+    `layers` layers; at each, the attention the question's rows pay every slot is added up. Returns
+    [chunk tokens] float32. The rows' KV written here is overwritten by the blend's own pass."""
+    device, total = model.device, len(layout.ids)
+    slots = torch.tensor(layout.other_rows, dtype=torch.long, device=device)
+    vote = torch.tensor([i for i, row in enumerate(layout.other_rows) if row >= layout.vote_rows[0]],
+                        dtype=torch.long, device=device)
+    hidden = torch.nn.functional.embedding(torch.tensor(layout.ids, device=device)[slots], model.embed_tokens)
+    plan = plan_sparse(slots, total)
+    active_cos, active_sin = cos[slots], sin[slots]
+    mass = torch.zeros(total, dtype=torch.float32, device=device)
+    for layer in range(layers):
+        loader.ready(layer)
+        qkv = model.project_qkv(layer, hidden)
+        q = rope_store(qkv, model.heads, active_cos, active_sin, cache.keys[layer], cache.values[layer], slots)
+        if layer >= first_voting:
+            mass += attention_mass(q[:, vote], cache.keys[layer], slots[vote], total)
+        if layer + 1 < layers:
+            hidden = model.finish_layer(layer, hidden, model.attend(layer, q, cache, plan))
+    return mass[torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)]
+
+
+def _fresh_deviation(model: LlamaFamilyModel, rule: SelectionRule, layer: int, qkv: torch.Tensor, cache: KVCache,
+                     rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Deviation of these rows' fresh KV (from `qkv`, [rows, ...]) from the cache's at their slots `rows`."""
+    _, keys, values = model.split_qkv(qkv)
+    score = torch.zeros(rows.shape[0], dtype=torch.float32, device=qkv.device)
+    if rule.score in ("value", "kv", "attention_value"):
+        score += deviation(values, cache.values[layer][:, rows])
+    if rule.score in ("key", "kv", "attention_key"):
+        score += deviation(rotate(keys, cos[rows], sin[rows]).contiguous(), cache.keys[layer][:, rows])
+    return score
+
+
+class _DriftShift:
+    """Corrects the KV of the chunk tokens not recomputed by the drift seen on those recomputed: at each layer,
+    the mean difference between fresh and cached KV of a chunk's recomputed tokens (keys compared before
+    rotation; shrunk toward the mean over all chunks when a chunk has few) is added, times `strength`, to the
+    cached KV of the chunk's other tokens. Much of a chunk's drift is shared by its tokens (its context shifts
+    every key alike), so this moves all of them toward their fresh KV at the cost of one pass over them."""
+
+    PRIOR_WEIGHT = 4.0  # recomputed tokens' worth of the all-chunks mean in each chunk's estimate
+
+    def __init__(self, model: LlamaFamilyModel, cache: KVCache, layout: "_Layout", cos: torch.Tensor,
+                 sin: torch.Tensor, strength: float) -> None:
+        self.model, self.cache, self.cos, self.sin, self.strength = model, cache, cos, sin, strength
+        device = cache.keys.device
+        total = len(layout.ids)
+        self.chunks = len(layout.chunk_lengths)
+        self.chunk_of = torch.full((total,), -1, dtype=torch.long, device=device)
+        for index, (kv, start) in enumerate(layout.placements):
+            self.chunk_of[start: start + kv.length] = index
+        self.chunk_slots = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)
+        self.stale: torch.Tensor | None = None
+
+    def store_and_correct(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          slots: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+        """rope_store's work for this layer, then the correction; returns the rotated queries."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        old_keys, old_values = keys[:, recomputed], values[:, recomputed]
+        q = rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
+        if recomputed.numel() == 0:
+            return q
+        if self.stale is None:
+            fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
+            fresh[recomputed] = True
+            self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
+        which = self.chunk_of[recomputed]
+        stale_chunk = self.chunk_of[self.stale]
+        delta_keys = rotate((keys[:, recomputed] - old_keys).float(), self.cos[recomputed].float(),
+                            -self.sin[recomputed].float())  # unrotated: the same frame at every position
+        delta_values = (values[:, recomputed] - old_values).float()
+        for delta, target, rotated in ((delta_keys, keys, True), (delta_values, values, False)):
+            sums = torch.zeros(delta.shape[0], self.chunks, delta.shape[2], device=delta.device)
+            sums.index_add_(1, which, delta)
+            counts = torch.bincount(which, minlength=self.chunks).float()
+            prior = delta.mean(dim=1, keepdim=True)
+            mean = (sums + self.PRIOR_WEIGHT * prior) / (counts + self.PRIOR_WEIGHT)[None, :, None]
+            shift = mean[:, stale_chunk] * self.strength
+            if rotated:
+                shift = rotate(shift, self.cos[self.stale].float(), self.sin[self.stale].float())
+            target[:, self.stale] += shift.to(target.dtype)
+        return q
+
+
+def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[int]) -> torch.Tensor:
+    """Indices (into the chunk tokens, ascending) of the `count` tokens to recompute, by `score`
+    [chunk tokens]: each chunk's first `rule.sink_tokens` first, then the top scores, over all chunks
+    ("global") or in proportion to each chunk's length ("uniform")."""
+    if rule.spread:
+        width = 2 * rule.spread + 1
+        nearby = torch.nn.functional.max_pool1d(score[None, None], width, stride=1, padding=rule.spread)[0, 0]
+        score = score + 0.5 * nearby
+    if rule.sink_tokens:
+        score = score.clone()
+        start = 0
+        for length in lengths:
+            score[start: start + min(rule.sink_tokens, length)] = float("inf")
+            start += length
+    if rule.chunk_budget == "uniform":
+        picked, start = [], 0
+        for length, n in zip(lengths, uniform_counts(lengths, count)):
+            if n:
+                picked.append(start + torch.topk(score[start: start + length], n, sorted=False).indices)
+            start += length
+        chosen = torch.cat(picked) if picked else score.new_zeros(0, dtype=torch.long)
+    else:
+        chosen = torch.topk(score, count, sorted=False).indices
+    return chosen.sort().values
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
                   marks: list | None = None, prefix_kv: ChunkKV | None = None,
-                  row_alignment: int | None = None, logits: bool = True) -> BlendResult:
+                  row_alignment: int | None = None, logits: bool = True, rule: SelectionRule = DEFAULT_RULE,
+                  target_fidelity: float | None = None) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
     The last segment must be computed tokens (the question), whose last position gives the logits.
     ChunkKVs may live on the GPU or in (pinned) CPU memory; the latter are streamed up layer by layer.
+
+    `rule` says how the recomputed chunk tokens are picked (chunkcache/selection.py); `recompute_ratio` is
+    the share of chunk tokens recomputed, or, with `target_fidelity` (0..1], the most that may be: the
+    quality-targeted mode recomputes the fewest tokens whose scores cover that share of the total score
+    (the result's `covered` says what it reached). Raises ValueError for a ratio or target out of range.
     `prefix_kv`: the KV of the first segment's tokens computed alone from position 0 (the system prompt every
     request shares), which is exactly what computing them here gives: reused as is, never recomputed.
     `row_alignment`: the recomputed count is nudged (by at most 5%) so the computed rows fill whole GEMM
@@ -185,31 +338,21 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
 
     if not 0.0 <= recompute_ratio <= 1.0:
         raise ValueError("recompute_ratio must be between 0 and 1")
-    if not segments or isinstance(segments[-1], ChunkKV) or not segments[-1]:
-        raise ValueError("blending needs computed tokens (the question) after the last chunk")
-    exact = 0  # leading rows whose KV is reused exactly
-    if prefix_kv is not None:
-        if isinstance(segments[0], ChunkKV) or list(segments[0]) != prefix_kv.token_ids.tolist():
-            raise ValueError("prefix_kv must be the KV of the first segment's tokens")
-        exact = prefix_kv.length
+    if target_fidelity is not None and not 0.0 < target_fidelity <= 1.0:
+        raise ValueError("the fidelity target must be in (0, 1]")
+    if target_fidelity is not None and rule.gradual > 1.0:
+        raise ValueError("gradual filtering has a fixed budget: it does not take a fidelity target")
+    layout = _layout(segments, prefix_kv)
+    exact, ids = layout.exact, layout.ids
     device = model.device
-    # Everything about the layout is known on the host, so the GPU never has to be waited for.
-    ids, placements, chunk_rows, other_rows = [], [], [], []
-    for segment in segments:
-        start = len(ids)
-        if isinstance(segment, ChunkKV):
-            ids += segment.token_ids.tolist()
-            placements.append((segment, start))
-            chunk_rows += range(start, len(ids))
-        else:
-            ids += list(segment)
-            other_rows += range(max(start, exact), len(ids))
     mark("start")
-    total, chunk_tokens = len(ids), len(chunk_rows)
+    total, chunk_tokens = len(ids), len(layout.chunk_rows)
     if row_alignment is None:
         row_alignment = GPU_ROW_ALIGNMENT if device.type == "cuda" else 1
-    count = aligned_count(selected_count(chunk_tokens, recompute_ratio), len(other_rows), chunk_tokens,
-                          row_alignment)
+    cap = selected_count(chunk_tokens, recompute_ratio)
+    count = aligned_count(cap, len(layout.other_rows), chunk_tokens, row_alignment)
+    targeted = target_fidelity is not None and 0 < cap
+    everything = count == chunk_tokens and not targeted  # r = 1: full prefill, computed as such
     positions = torch.arange(total, device=device)
     cos, sin = model.rope(positions)
     cache = model.new_cache(total + 64)
@@ -218,43 +361,100 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     if exact:
         place_chunk(cache, prefix_kv, 0, cos, sin)  # every layer: the prefix rows are never computed
 
-    # Layers before the selection layer run every token (their KV depends on little context, and the
-    # selection needs every token's fresh values); with nothing to recompute, only the question runs at all.
-    first_cached = SELECTION_LAYER if count else 0
-    everything = count == chunk_tokens  # r = 1: full prefill, computed as such
-    loader = ChunkLoader(cache, [] if everything else placements, cos, sin, first_cached)
+    scoring = count > 0 and not everything
+    query_aware = scoring and rule.query_aware
+    # The first layer at which chunk rows stop being computed in full. Deviation rules run every token before
+    # the selection layer (their KV depends on little context, and the selection needs every token's fresh
+    # KV); attention selects before layer 0; with nothing to recompute, only the other rows run at all.
+    first_cached = rule.first_selective_layer() if scoring else 0
+    first_cached = min(first_cached, model.num_layers)
+    loader = ChunkLoader(cache, [] if everything else layout.placements, cos, sin,
+                         0 if query_aware else first_cached)
     mark("chunks placed")
-    # Row indices below are local to the computed rows, which start after the exact prefix.
-    other = torch.tensor(other_rows, dtype=torch.long, device=device) - exact
-    chunk = torch.tensor(chunk_rows, dtype=torch.long, device=device) - exact
+    other = torch.tensor(layout.other_rows, dtype=torch.long, device=device) - exact
+    chunk = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device) - exact
+    importance = None
+    if query_aware:
+        probe_layers = min(rule.probe_layers or model.num_layers, model.num_layers)
+        importance = _probe(model, layout, cache, loader, cos, sin, probe_layers,
+                            min(rule.probe_from, probe_layers - 1))
+        mark("probe")
+    covered = None
 
+    def pick(score: torch.Tensor) -> torch.Tensor:
+        """The chunk rows (local) to recompute by `score`, fixing the count in the targeted mode."""
+        nonlocal count, covered
+        if targeted:
+            ranked = torch.sort(score, descending=True).values.tolist()  # one host sync, to size the pass
+            count, covered = targeted_count(ranked, target_fidelity, cap)
+            count = max(count, min(cap, rule.sink_tokens * len(layout.chunk_lengths)))
+            count = aligned_count(count, len(layout.other_rows), chunk_tokens, row_alignment)
+            count = min(count, cap)
+        return chunk[_choose(rule, score, count, layout.chunk_lengths)]
+
+    is_chunk = torch.zeros(total - exact, dtype=torch.bool, device=device)
+    is_chunk[chunk] = True
+    shift = _DriftShift(model, cache, layout, cos, sin, rule.drift_shift) if rule.drift_shift else None
     plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
     hidden = torch.nn.functional.embedding(torch.tensor(ids[exact:], device=device), model.embed_tokens)
     slots, active_cos, active_sin = positions[exact:], cos[exact:], sin[exact:]  # slot j holds position j
+    local = torch.arange(total - exact, device=device)
+    selected = chunk if everything else chunk[:0]
+    narrow_at = -1  # gradual filtering: the layer at which the widened set is narrowed to the budget
     for layer in range(model.num_layers):
         loader.ready(layer)
         if layer == first_cached and not everything:
             mark("layers before selection")
-            if count:  # every row's fresh values, to find the rows whose cached values deviate most
-                qkv = model.project_qkv(layer, hidden)
-                fresh_values = model.split_qkv(qkv)[2]
-                local = select_rows(fresh_values, cache.values[layer, :, exact:total], chunk, other, count)
+            if rule.uses_deviation and scoring:
+                qkv = model.project_qkv(layer, hidden)  # every row's, for their fresh KV
+                score = _fresh_deviation(model, rule, layer, qkv[chunk], cache, chunk + exact, cos, sin)
+                if importance is not None:
+                    score = score * importance
+                final = count
+                if rule.gradual > 1.0 and layer + 1 < model.num_layers:
+                    count, narrow_at = min(chunk_tokens, math.ceil(rule.gradual * count)), layer + 1
+                selected = pick(score)
+                local = torch.cat((selected, other)).sort().values
                 qkv, hidden = qkv[local], hidden[local]
+                if narrow_at > layer:
+                    count = final
             else:
-                local = other
+                if scoring:
+                    selected = pick(importance)
+                local = torch.cat((selected, other)).sort().values
                 hidden = hidden[local]
                 qkv = model.project_qkv(layer, hidden)
             slots = local + exact
             plan = plan_sparse(slots, total)
             active_cos, active_sin = cos[slots], sin[slots]
             mark("selection")
+        elif layer == narrow_at:
+            qkv = model.project_qkv(layer, hidden)
+            rows = torch.nonzero(is_chunk[local]).flatten()  # positions within `local` of chunk rows
+            score = deviation(model.split_qkv(qkv)[2][:, rows], cache.values[layer][:, local[rows] + exact])
+            keep_chunk = rows[torch.topk(score, count, sorted=False).indices]
+            keep = torch.cat((keep_chunk, torch.nonzero(~is_chunk[local]).flatten())).sort().values
+            local, qkv, hidden = local[keep], qkv[keep], hidden[keep]
+            selected = local[is_chunk[local]]
+            slots = local + exact
+            plan = plan_sparse(slots, total)
+            active_cos, active_sin = cos[slots], sin[slots]
         else:
             qkv = model.project_qkv(layer, hidden)
-        attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)
+        if shift is not None and layer >= first_cached and not everything and scoring:
+            q = shift.store_and_correct(layer, qkv, active_cos, active_sin, slots, selected + exact)
+            attention = model.attend(layer, q, cache, plan)
+        else:
+            attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)
         hidden = model.finish_layer(layer, hidden, attention)
     mark("layers after selection")
     last = hidden[-1]
     result_logits = model.logits(last[None])[0] if logits else None
     mark("logits")
-    recomputed = count if model.num_layers > first_cached else chunk_tokens
-    return BlendResult(result_logits, cache, chunk_tokens, recomputed, hidden=None if logits else last)
+    recomputed = chunk_tokens if everything else count
+    if first_cached >= model.num_layers:  # the selection layer is past the last: everything was computed
+        recomputed = chunk_tokens
+    share = compute_share(rule, recomputed, chunk_tokens, model.num_layers)
+    return BlendResult(result_logits, cache, chunk_tokens, recomputed, hidden=None if logits else last,
+                       compute_share=share, covered=covered, selected_rows=selected + exact,
+                       chunk_spans=[(start, kv.length) for kv, start in layout.placements])

@@ -13,6 +13,7 @@ alone (chunk_prefix "none"). bench/quality.py measures both.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import OrderedDict
 
@@ -23,7 +24,13 @@ from ..engine.prompt import Prompt
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
 from .blend import BlendResult, ChunkKV, blend_prefill, precompute_chunk
+from .selection import DEFAULT_RULE, SelectionRule
 from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
+
+
+# What a chunk's KV is computed after: "system" (the prompt's first segment: system prompt and "Documents:"
+# header, then the prompt's chunk_context: neutral documents) or "none" (the chunk alone).
+CHUNK_PREFIXES = ("system", "none")
 
 
 class ChunkBlender:
@@ -31,13 +38,40 @@ class ChunkBlender:
     a miss), then CacheBlend. Shared by the local engine's runner and the SGLang plugin, so both find chunk KV
     under the same keys."""
 
-    def __init__(self, model: LlamaFamilyModel, store: ChunkCacheStore, chunk_prefix: str = "system") -> None:
-        if chunk_prefix not in ("system", "none"):
-            raise ValueError("chunk_prefix must be 'system' or 'none'")
+    def __init__(self, model: LlamaFamilyModel, store: ChunkCacheStore, chunk_prefix: str = "system",
+                 rule: SelectionRule = DEFAULT_RULE) -> None:
+        if chunk_prefix not in CHUNK_PREFIXES:
+            raise ValueError(f"chunk_prefix must be one of {', '.join(CHUNK_PREFIXES)}")
+        # The KV of the few chunk prefixes in use (system prompt, context), continued for each new chunk.
+        self._prefix_caches: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
         self.model = model
         self.store = store
         self.chunk_prefix = chunk_prefix
+        self.rule = rule
         self.fingerprint = model_fingerprint(model)
+
+    def prefix_for(self, prompt: Prompt) -> tuple[int, ...]:
+        """What every chunk of this prompt is computed after (see CHUNK_PREFIXES)."""
+        first = prompt.segments[0]
+        if self.chunk_prefix == "none" or first.is_chunk:
+            return ()
+        return first.token_ids + tuple(prompt.chunk_context)
+
+    PREFIX_CACHES = 4
+
+    def _prefix_cache(self, prefix_ids: tuple[int, ...]) -> KVCache | None:
+        """The KV of a chunk prefix, computed on first use and kept (a few, least recently used dropped)."""
+        if not prefix_ids:
+            return None
+        found = self._prefix_caches.get(prefix_ids)
+        if found is None:
+            found = self.model.new_cache(len(prefix_ids))
+            self.model.forward(torch.tensor(list(prefix_ids), device=self.model.device), None, found)
+            self._prefix_caches[prefix_ids] = found
+            while len(self._prefix_caches) > self.PREFIX_CACHES:
+                self._prefix_caches.popitem(last=False)
+        self._prefix_caches.move_to_end(prefix_ids)
+        return found
 
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
                  ) -> tuple[ChunkKV, bool]:
@@ -45,15 +79,17 @@ class ChunkBlender:
         cached = self.store.get(key, promote=False)
         if cached is not None and tuple(cached.token_ids.tolist()) == chunk_ids:
             return cached, True
-        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids))
+        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), self._prefix_cache(prefix_ids))
         self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers))
         return kv, False
 
-    def blend(self, prompt: Prompt, logits: bool = True) -> tuple[BlendResult, dict]:
-        """The prompt prefilled in its mode ("reuse" or "blend"), and the report of what was reused."""
+    def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None
+              ) -> tuple[BlendResult, dict]:
+        """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
+        report of what was reused and recomputed."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
-        chunk_prefix = first.token_ids if self.chunk_prefix == "system" and not first.is_chunk else ()
+        chunk_prefix = self.prefix_for(prompt)
         segments, hits, found = [], [], []
         for segment in prompt.segments:
             if segment.is_chunk:
@@ -70,21 +106,39 @@ class ChunkBlender:
             key = ChunkKey.of(self.fingerprint, [], list(first.token_ids))
             prefix_kv, _ = self.chunk_kv(key, first.token_ids, ())
             found.append((key, prefix_kv))
-        result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv, logits=logits)
+        rule = rule or self.rule
+        target = prompt.fidelity_target if prompt.mode == "blend" else None
+        result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv, logits=logits, rule=rule,
+                               target_fidelity=target)
         for key, kv in found:
             self.store.promote(key, kv)
         report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
                   "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
                   "recomputed_tokens": result.recomputed_chunk_tokens,
+                  "recomputed_per_chunk": per_chunk_counts(result),
+                  "selection": rule.score if ratio else None, "compute_share": round(result.compute_share, 4),
                   "prefix_tokens_reused": prefix_kv.length if prefix_kv is not None else 0}
+        if target is not None:
+            report["fidelity_target"] = target
+            report["fidelity_estimate"] = None if result.covered is None else round(result.covered, 4)
         return result, report
+
+
+def per_chunk_counts(result: BlendResult) -> list[int]:
+    """How many of each chunk's tokens the blend recomputed (chunks in prompt order)."""
+    starts = [start for start, _ in result.chunk_spans]
+    counts = [0 for _ in starts]
+    if result.selected_rows is not None:
+        for slot in result.selected_rows.tolist():
+            counts[bisect.bisect_right(starts, slot) - 1] += 1
+    return counts
 
 
 class BlendingRunner(LlamaRunner):
     def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16,
-                 chunk_prefix: str = "system") -> None:
+                 chunk_prefix: str = "system", rule: SelectionRule = DEFAULT_RULE) -> None:
         super().__init__(loaded)
-        self.blender = ChunkBlender(self.model, store, chunk_prefix)
+        self.blender = ChunkBlender(self.model, store, chunk_prefix, rule)
         self.store = store
         self.prefix_entries = prefix_entries
         self._prefixes: OrderedDict[str, KVCache] = OrderedDict()

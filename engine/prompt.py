@@ -8,6 +8,12 @@ from typing import Literal
 
 PrefillMode = Literal["full_prefill", "prefix", "reuse", "blend"]
 PREFILL_MODES: tuple[str, ...] = ("full_prefill", "prefix", "reuse", "blend")
+# Blending's defaults, defined once: the share of chunk tokens recomputed, and what chunk KV is computed
+# after (chunkcache/runner.py: CHUNK_PREFIXES). bench/results/quality-2026-11-30.md says why.
+DEFAULT_RECOMPUTE_RATIO = 0.15
+DEFAULT_CHUNK_PREFIX = "system"
+# Neutral documents each chunk's KV is computed after (gateway/rag_template.py: CONTEXT_DOCUMENTS).
+DEFAULT_CONTEXT_DOCUMENTS = 5
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,12 @@ class Prompt:
     # full_prefill: compute everything; prefix: reuse the KV of an exact shared prefix; reuse: chunk KV as
     # cached (recompute ratio 0); blend: chunk KV with the most deviating tokens recomputed.
     mode: PrefillMode = "full_prefill"
-    recompute_ratio: float = 0.15
+    recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO
+    # Quality-targeted blending: the fidelity wanted (0..1], recompute_ratio then being the most spent.
+    fidelity_target: float | None = None
+    # Token ids every chunk's KV is computed after, following the first segment: a neutral context (documents
+    # with their markers) so that each chunk is computed as a document among others, as it will stand.
+    chunk_context: tuple[int, ...] = ()
     token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

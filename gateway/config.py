@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
+from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
+from .rag_template import CONTEXT_DOCUMENTS
 from ..semcache.settings import SemanticCacheSettings
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -93,16 +96,37 @@ class RetrievalSettings(_Strict):
         return self
 
 
+class SelectionSettings(_Strict):
+    """How blending picks the chunk tokens it recomputes: the fields of chunkcache.selection.SelectionRule,
+    whose defaults (DEFAULT_RULE) are these settings' defaults."""
+
+    score: Literal["value", "key", "kv", "attention", "attention_value", "attention_key"] = DEFAULT_RULE.score
+    layer: int = Field(DEFAULT_RULE.layer, ge=1)
+    probe_layers: int | None = Field(DEFAULT_RULE.probe_layers, ge=1)
+    sink_tokens: int = Field(DEFAULT_RULE.sink_tokens, ge=0)
+    gradual: float = Field(DEFAULT_RULE.gradual, ge=1.0)
+    chunk_budget: Literal["global", "uniform"] = DEFAULT_RULE.chunk_budget
+
+    def rule(self) -> SelectionRule:
+        return SelectionRule(**self.model_dump())
+
+
 class ChunkCacheSettings(_Strict):
     """Chunk KV caches and blending for RAG prompts on local Llama-family models."""
 
     enabled: bool = True
     # How RAG prompts are prefilled unless a request says otherwise (blend.mode).
     mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
-    # What a chunk's KV is computed after: "system" (the prompt's system prompt and "Documents:" header)
-    # or "none" (the chunk alone). Measured in bench/results/quality-*.md.
-    chunk_prefix: Literal["system", "none"] = "system"
+    recompute_ratio: float = Field(DEFAULT_RECOMPUTE_RATIO, ge=0.0, le=1.0)
+    # The quality-targeted mode: the fidelity wanted (0..1]; blending then recomputes the fewest tokens that
+    # reach it, recompute_ratio being the most it spends. None: a fixed recompute_ratio.
+    fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
+    selection: SelectionSettings = SelectionSettings()
+    # What a chunk's KV is computed after (chunkcache/runner.py: CHUNK_PREFIXES): "system" (the prompt's
+    # system prompt and "Documents:" header, then `context_documents` neutral documents) or "none" (the chunk
+    # alone). Measured in bench/results/quality-*.md.
+    chunk_prefix: Literal["system", "none"] = DEFAULT_CHUNK_PREFIX
+    context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
     gpu_bytes: int = Field(4 << 30, ge=0)  # used only for models on CUDA
     cpu_bytes: int = Field(2 << 30, ge=0)
     disk_bytes: int = Field(20 << 30, ge=0)
@@ -186,7 +210,10 @@ class SglangModelConfig(_Strict):
     stream_output: Literal["cumulative", "incremental"] = "cumulative"
     # How a worker with the plugin prefills RAG prompts (a stock worker always prefills in full).
     prefill_mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
+    recompute_ratio: float = Field(DEFAULT_RECOMPUTE_RATIO, ge=0.0, le=1.0)
+    fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
+    # Neutral documents the worker computes each chunk's KV after (sent with the request).
+    context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
     # Cache-affinity routing sends a request to the worker that served most of its chunks, unless that worker
     # has this many more requests in flight than the least busy one.
     max_imbalance: int = Field(4, ge=0)

@@ -13,11 +13,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engine.prompt import Prompt, PromptSegment
+from ..engine.prompt import DEFAULT_RECOMPUTE_RATIO, Prompt, PromptSegment
 
 DOCUMENTS_HEADER = "Documents:"
 CHUNK_MARKER = "\n\n[{index}]"
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer briefly from the documents."
+# Neutral documents. With chunk prefix "context" (chunkcache/runner.py), every chunk's KV is computed after the
+# prompt's first segment and these documents with their markers: as a document that follows others, which is
+# what most chunks of a RAG prompt are.
+CONTEXT_DOCUMENTS = (
+    "Encyclopedia. An encyclopedia is a reference work that gives summaries of knowledge on many subjects, "
+    "arranged in articles by name or by topic; its articles are written by experts and checked by editors.",
+    "Library. A library is a collection of books, periodicals and other materials kept for reading, study and "
+    "reference; public libraries lend them to the people of a town without charge.",
+    "Museum. A museum is an institution that cares for objects of artistic, cultural, historical or scientific "
+    "importance and shows them to the public in permanent and temporary exhibitions.",
+    "Almanac. An almanac is a yearly publication listing events expected in the coming year, with tables of "
+    "dates, tides, weather forecasts and the rising and setting of the sun and moon.",
+    "Atlas. An atlas is a collection of maps of the Earth or of a region, often bound as a book, with tables, "
+    "facts about places and an index of their names.",
+)
 # Stands for the RAG user message while the chat template is rendered, to find where its segments go.
 _SEGMENTS_MARK = "\x00blendgate-rag-segments\x00"
 
@@ -48,6 +63,21 @@ class RagPrompt:
         return "".join(text for text, _ in self.segments())
 
 
+def rag_context_ids(tokenizer, documents: int) -> tuple[int, ...]:
+    """Token ids of the first `documents` CONTEXT_DOCUMENTS, each after its marker, and the next marker, each
+    piece tokenised as the template's segments are: what each chunk's KV is computed after (Prompt's
+    chunk_context). Raises ValueError past the documents there are."""
+    if not 0 <= documents <= len(CONTEXT_DOCUMENTS):
+        raise ValueError(f"there are {len(CONTEXT_DOCUMENTS)} context documents, not {documents}")
+    if documents == 0:
+        return ()
+    parts = []
+    for index, text in enumerate(CONTEXT_DOCUMENTS[:documents], start=1):
+        parts += [CHUNK_MARKER.format(index=index), f" {text}"]
+    parts.append(CHUNK_MARKER.format(index=documents + 1))
+    return tuple(t for part in parts for t in tokenizer(part, add_special_tokens=False)["input_ids"])
+
+
 def rag_messages(history: list[dict], prompt: RagPrompt) -> list[dict]:
     """Chat messages (role/content dicts) with the chunks placed: the history before the question, a system
     message first unless the history has one, the RAG user message last."""
@@ -57,9 +87,11 @@ def rag_messages(history: list[dict], prompt: RagPrompt) -> list[dict]:
 
 
 def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mode: str = "full_prefill",
-                  recompute_ratio: float = 0.15) -> Prompt:
+                  recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO, fidelity_target: float | None = None,
+                  context_documents: int = 0) -> Prompt:
     """Token ids of chat `messages` through the tokenizer's chat template; with `rag` (whose text is the last
-    message), in segments so that each chunk's tokens are the same wherever the chunk is placed."""
+    message), in segments so that each chunk's tokens are the same wherever the chunk is placed, and with
+    `context_documents` neutral documents as what the chunks' KV is computed after (chunk_context)."""
 
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -75,4 +107,5 @@ def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mod
     parts[0] = (before + parts[0][0], False)
     parts[-1] = (parts[-1][0] + after, False)
     return Prompt([PromptSegment(encode(part), is_chunk) for part, is_chunk in parts], mode=mode,
-                  recompute_ratio=recompute_ratio)
+                  recompute_ratio=recompute_ratio, fidelity_target=fidelity_target,
+                  chunk_context=rag_context_ids(tokenizer, context_documents))

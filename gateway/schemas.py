@@ -75,6 +75,8 @@ class BlendOptions(_Options):
 
     mode: Literal["full_prefill", "prefix", "reuse", "blend"] | None = None
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    # The quality-targeted mode: the fidelity wanted, recompute_ratio then being the most spent.
+    fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class CacheOptions(_Options):

@@ -1,8 +1,13 @@
-"""Which chunk tokens blending recomputes: those whose fresh KV deviates most from their cached KV.
+"""Scores that decide which chunk tokens blending recomputes (the rules are in chunkcache/selection.py).
 
-CacheBlend scores each token by how far its freshly computed values at an early layer are from the cached
-ones (squared L2 over heads and dimensions) and recomputes the top fraction. The score is one fused
-reduction on CUDA (Triton: one read of each input, no float32 copies); top-k is torch's.
+- `deviation`: CacheBlend (arXiv 2405.16444) scores each token by how far its freshly computed KV at an
+  early layer is from the cached one (squared L2 over heads and dimensions). One fused reduction on CUDA
+  (Triton: one read of each input, no float32 copies).
+- `attention_mass`: query-aware selection (ProphetKV arXiv 2602.02579, A3 arXiv 2511.17560) scores each
+  token by the attention probability the question's tokens give it, summed over heads and query rows. Two
+  batched matrix products and a softmax (cuBLAS on CUDA); the scores of a few dozen question rows over a few
+  thousand slots are small, so no fused kernel pays here.
+Top-k is torch's.
 """
 
 from __future__ import annotations
@@ -53,12 +58,28 @@ def deviation(fresh: torch.Tensor, cached: torch.Tensor, out: torch.Tensor | Non
     return out
 
 
-def select_rows(fresh: torch.Tensor, cached: torch.Tensor, chunk_rows: torch.Tensor, other_rows: torch.Tensor,
-                count: int) -> torch.Tensor:
-    """Row indices to keep computing, ascending: every row in `other_rows` (not from a chunk) and the `count`
-    rows of `chunk_rows` whose values deviate most. Sizes are known on the host, so nothing waits on the GPU."""
-    if count == 0:
-        return other_rows
-    score = deviation(fresh, cached)[chunk_rows]
-    chosen = chunk_rows[torch.topk(score, count, sorted=False).indices]
-    return torch.cat((chosen, other_rows)).sort().values
+def attention_mass(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int
+                   ) -> torch.Tensor:
+    """q [heads, queries, head_dim] (rotated), keys [kv_heads, slots, head_dim] (rotated; slot j holds
+    position j), query_positions [queries] -> [kv_length] float32: for each slot, the softmax attention
+    probability the queries give it, causal by position, summed over heads and queries (each query and head
+    contributes 1 in all). Grouped-query attention: heads // kv_heads query heads share a KV head."""
+    heads, queries, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    grouped = q.float().reshape(kv_heads, group * queries, head_dim)
+    scores = torch.bmm(grouped, keys[:, :kv_length].float().transpose(1, 2)) * head_dim ** -0.5
+    future = torch.arange(kv_length, device=q.device)[None, :] > query_positions[:, None]  # [queries, slots]
+    scores = scores.view(kv_heads, group, queries, kv_length).masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))
+
+
+def attention_mass_reference(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int
+                             ) -> torch.Tensor:
+    """As `attention_mass`, in float64 with the KV heads repeated: what it must equal."""
+    group = q.shape[0] // keys.shape[0]
+    k = keys[:, :kv_length].double().repeat_interleave(group, dim=0)
+    scores = q.double() @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(torch.arange(kv_length, device=q.device)[None, None, :]
+                                > query_positions[None, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).sum(dim=(0, 1)).float()

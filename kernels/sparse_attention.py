@@ -3,7 +3,7 @@
 Blending recomputes ~15% of a prompt's tokens: those queries sit at scattered positions and each sees every
 slot at or before its own position (slots hold positions in order: slot j is position j). flex_attention
 with a block mask computes this but measured slower on the H100 than FlashAttention on the whole prompt
-(bench/kernels.py), so this is a FlashAttention-style forward for that one pattern: each program takes a
+(bench/kernel_times.py), so this is a FlashAttention-style forward for that one pattern: each program takes a
 block of queries of one head, walks the key blocks up to the block's last query position (not beyond, so
 keys after every query are never read), and masks only by position. Grouped-query heads read their shared
 KV head directly.
@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): chosen on the H100 by bench/kernels.py's sweep.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): chosen on the H100 by bench/kernel_times.py's sweep.
 DEFAULT_CONFIG = (64, 64, 4, 3)
 
 if triton is not None:

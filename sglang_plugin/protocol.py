@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.prompt import PREFILL_MODES, Prompt, PromptSegment
+from ..engine.prompt import DEFAULT_RECOMPUTE_RATIO, PREFILL_MODES, Prompt, PromptSegment
 
 CHUNK_SPANS = "blendgate_chunk_spans"  # [start0, end0, start1, end1, ...] token offsets in input_ids
 PREFILL_MODE = "blendgate_prefill_mode"
 RECOMPUTE_RATIO = "blendgate_recompute_ratio"
+FIDELITY_TARGET = "blendgate_fidelity_target"
+CHUNK_CONTEXT = "blendgate_chunk_context"  # token ids each chunk's KV is computed after (Prompt.chunk_context)  # the quality-targeted mode's target (recompute ratio: the cap)
 REPORT_KEY = "blendgate"  # meta_info key of the worker's prefill report
-DEFAULT_RECOMPUTE_RATIO = 0.15
 
 
 def chunk_spans(prompt: Prompt) -> list[int]:
@@ -36,7 +37,12 @@ def custom_params(prompt: Prompt) -> dict[str, Any] | None:
     spans = chunk_spans(prompt)
     if not spans:
         return None
-    return {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode, RECOMPUTE_RATIO: prompt.recompute_ratio}
+    params = {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode, RECOMPUTE_RATIO: prompt.recompute_ratio}
+    if prompt.fidelity_target is not None:
+        params[FIDELITY_TARGET] = prompt.fidelity_target
+    if prompt.chunk_context:
+        params[CHUNK_CONTEXT] = list(prompt.chunk_context)
+    return params
 
 
 def generate_request(prompt: Prompt, sampling: dict[str, Any], rid: str | None = None) -> dict[str, Any]:
@@ -70,6 +76,13 @@ def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
     ratio = float(custom.get(RECOMPUTE_RATIO, DEFAULT_RECOMPUTE_RATIO))
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{RECOMPUTE_RATIO} must be between 0 and 1, got {ratio}")
+    target = custom.get(FIDELITY_TARGET)
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not 0.0 < target <= 1.0):
+        raise ValueError(f"{FIDELITY_TARGET} must be a number in (0, 1], got {target!r}")
+    context = custom.get(CHUNK_CONTEXT) or []
+    if not isinstance(context, list) or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in context):
+        raise ValueError(f"{CHUNK_CONTEXT} must be a list of token ids")
     segments, offset = [], 0
     for start, end in zip(spans[::2], spans[1::2]):
         if start > offset:
@@ -79,7 +92,8 @@ def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
         offset = end
     if offset < len(input_ids):
         segments.append(PromptSegment(tuple(input_ids[offset:])))
-    return Prompt(segments, mode=mode, recompute_ratio=ratio)
+    return Prompt(segments, mode=mode, recompute_ratio=ratio,
+                  fidelity_target=None if target is None else float(target), chunk_context=tuple(context))
 
 
 def report_of(meta_info: dict) -> dict:

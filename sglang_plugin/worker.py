@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chunkcache.runner import ChunkBlender
+from ..chunkcache.runner import CHUNK_PREFIXES, ChunkBlender
 from ..chunkcache.store import ChunkCacheStore, MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
-from ..engine.prompt import Prompt
+from ..engine.prompt import DEFAULT_CHUNK_PREFIX, Prompt
 from . import internals
 from .protocol import PREFILL_MODE, REPORT_KEY, prompt_of, wants_chunk_cache
 
@@ -54,8 +54,8 @@ class PluginSettings:
             except ValueError:
                 raise ValueError(f"{name} must be a number of gigabytes, got {value!r}") from None
 
-        prefix = os.environ.get("BLENDGATE_SGLANG_CHUNK_PREFIX", "system")
-        if prefix not in ("system", "none"):
+        prefix = os.environ.get("BLENDGATE_SGLANG_CHUNK_PREFIX", DEFAULT_CHUNK_PREFIX)
+        if prefix not in CHUNK_PREFIXES:
             raise ValueError(f"BLENDGATE_SGLANG_CHUNK_PREFIX must be 'system' or 'none', got {prefix!r}")
         return cls(gigabytes("BLENDGATE_SGLANG_GPU_CACHE_GB", 4), gigabytes("BLENDGATE_SGLANG_CPU_CACHE_GB", 16),
                    prefix)

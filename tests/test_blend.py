@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from blendgate.chunkcache.blend import blend_prefill, precompute_chunk, selected_count
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.selection import SelectionRule, selected_count
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels.rope import rotate
 
@@ -155,10 +156,151 @@ def test_an_exact_prefix_kv_changes_nothing_but_the_work(model, ratio: float) ->
 
 
 def test_the_recomputed_count_is_aligned_to_whole_gemm_tiles_only_when_that_moves_it_little() -> None:
-    from blendgate.chunkcache.blend import aligned_count
+    from blendgate.chunkcache.selection import aligned_count
 
     assert aligned_count(614, 32, 4096, 128) == 608  # 640 computed rows instead of 646
     assert aligned_count(1229, 32, 8192, 128) == 1248  # 1280 rows
     assert aligned_count(308, 32, 2048, 128) == 308  # the nearest whole tile would move it by 14%
     assert aligned_count(614, 32, 4096, 1) == 614  # no alignment asked (the CPU default)
     assert aligned_count(0, 32, 4096, 128) == 0 and aligned_count(4096, 32, 4096, 128) == 4096  # r = 0 and 1 kept
+
+
+RULES = [SelectionRule("value"), SelectionRule("key"), SelectionRule("kv"), SelectionRule("value", layer=2),
+         SelectionRule("value", gradual=2.0), SelectionRule("value", sink_tokens=2), SelectionRule("attention"),
+         SelectionRule("attention", probe_layers=2), SelectionRule("attention", sink_tokens=2),
+         SelectionRule("attention_value"), SelectionRule("attention", chunk_budget="uniform"),
+         SelectionRule("attention", drift_shift=1.0), SelectionRule("attention", spread=2, probe_from=2),
+         SelectionRule("attention_key")]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.score}-l{r.layer}-p{r.probe_layers}-s{r.sink_tokens}"
+                         f"-g{r.gradual}-{r.chunk_budget}")
+def test_every_rule_keeps_the_limits_and_follows_the_budget(model, rule: SelectionRule) -> None:
+    """r = 1 is full prefill, r = 0 full reuse, and in between the rule recomputes the budgeted count."""
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    segments = [PREFIX, *chunks, SUFFIX]
+    ids = PREFIX + [t for c in CHUNKS for t in c] + SUFFIX
+    full, _ = full_prefill(model, ids)
+    torch.testing.assert_close(blend_prefill(model, segments, 1.0, rule=rule).logits, full, atol=1e-4, rtol=1e-4)
+    reused = blend_prefill(model, segments, 0.0, rule=rule)
+    assert reused.recomputed_chunk_tokens == 0 and reused.compute_share == 0.0
+    torch.testing.assert_close(reused.logits, block_masked_logits(model, PREFIX, CHUNKS, SUFFIX), atol=1e-4,
+                               rtol=1e-4)
+    chunk_tokens = sum(len(c) for c in CHUNKS)
+    for ratio in (0.15, 0.5):
+        blended = blend_prefill(model, segments, ratio, rule=rule)
+        count = selected_count(chunk_tokens, ratio)
+        assert blended.recomputed_chunk_tokens == count
+        selected = blended.selected_rows.tolist()
+        assert len(set(selected)) == count
+        assert all(len(PREFIX) <= row < len(PREFIX) + chunk_tokens for row in selected)
+        if rule.sink_tokens:  # each chunk's first tokens are among the recomputed ones
+            start = len(PREFIX)
+            for chunk in CHUNKS:
+                assert set(range(start, start + rule.sink_tokens)) <= set(selected)
+                start += len(chunk)
+        assert 0.0 < blended.compute_share < 1.0
+
+
+def test_recomputing_a_selected_token_gives_its_kv_as_computed_in_full(model) -> None:
+    """What is recomputed is right wherever the rule picked it: at r = 0.5 with the attention rule, each
+    recomputed token's layer-0 KV equals full prefill's and its later layers moved toward it."""
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    ids = PREFIX + [t for c in CHUNKS for t in c] + SUFFIX
+    _, full_cache = full_prefill(model, ids)
+    blended = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.5, rule=SelectionRule("attention"))
+    reused = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.0)
+    rows = blended.selected_rows
+    last = model.num_layers - 1
+    blended_gap = (blended.cache.values[last][:, rows] - full_cache.values[last][:, rows]).abs().mean()
+    reused_gap = (reused.cache.values[last][:, rows] - full_cache.values[last][:, rows]).abs().mean()
+    assert blended_gap < reused_gap
+
+
+def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None:
+    """The probe's scores are the question rows' attention to each chunk token, summed over layers, heads and
+    rows, in a full-reuse pass: the reference runs that pass with plain float64 attention."""
+    from blendgate.chunkcache.blend import ChunkLoader, _layout, _probe
+    from blendgate.kernels.attention import reference_attention
+    from blendgate.kernels.selection import attention_mass_reference
+
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    layout = _layout([PREFIX, *chunks, SUFFIX], None)
+    total = len(layout.ids)
+    positions = torch.arange(total)
+    cos, sin = model.rope(positions)
+
+    def placed_cache():
+        cache = model.new_cache(total)
+        cache.positions[:total] = positions
+        cache.length = total
+        return cache
+
+    cache = placed_cache()
+    scores = _probe(model, layout, cache, ChunkLoader(cache, layout.placements, cos, sin, 0), cos, sin,
+                    model.num_layers)
+
+    reference = placed_cache()
+    ChunkLoader(reference, layout.placements, cos, sin, 0)
+    rows = torch.tensor(layout.other_rows)
+    vote = torch.tensor([i for i, row in enumerate(layout.other_rows) if row in layout.vote_rows])
+    hidden = F.embedding(torch.tensor(layout.ids)[rows], model.embed_tokens)
+    expected = torch.zeros(total)
+    for layer in range(model.num_layers):
+        q, k, v = rotated_qkv(model, layer, hidden, cos[rows], sin[rows])
+        reference.keys[layer][:, rows], reference.values[layer][:, rows] = k, v
+        expected += attention_mass_reference(q[:, vote], reference.keys[layer], rows[vote], total)
+        out = reference_attention(q, reference.keys[layer], reference.values[layer], rows, positions).float()
+        hidden = model.finish_layer(layer, hidden, out.transpose(0, 1).reshape(len(rows), -1))
+    torch.testing.assert_close(scores, expected[torch.tensor(layout.chunk_rows)], atol=1e-4, rtol=1e-4)
+    # Each question row and head gives 1 in all at each layer, part of it to the chunks.
+    assert 0 < scores.sum() < model.num_layers * model.heads * len(layout.vote_rows)
+
+
+@pytest.mark.parametrize("rule", [SelectionRule("attention"), SelectionRule("attention_value")],
+                         ids=["attention", "attention_value"])
+def test_the_quality_targeted_mode_spends_what_its_target_needs_within_the_cap(model, rule) -> None:
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    segments = [PREFIX, *chunks, SUFFIX]
+    counts = []
+    for target in (0.3, 0.6, 0.9, 1.0):
+        blended = blend_prefill(model, segments, 0.8, rule=rule, target_fidelity=target)
+        cap = selected_count(blended.chunk_tokens, 0.8)
+        assert blended.recomputed_chunk_tokens <= cap
+        assert blended.covered is not None
+        assert blended.covered >= target or blended.recomputed_chunk_tokens == cap
+        counts.append(blended.recomputed_chunk_tokens)
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+    with pytest.raises(ValueError, match="fidelity target"):
+        blend_prefill(model, segments, 0.5, rule=rule, target_fidelity=0.0)
+    with pytest.raises(ValueError, match="gradual"):
+        blend_prefill(model, segments, 0.5, rule=SelectionRule("value", gradual=2.0), target_fidelity=0.5)
+
+
+def test_continuing_a_computed_prefix_gives_the_chunk_kv_computing_it_whole_gives(model) -> None:
+    prefix_cache = model.new_cache(len(PREFIX))
+    model.forward(torch.tensor(PREFIX), None, prefix_cache)
+    whole = precompute_chunk(model, CHUNKS[0], PREFIX)
+    continued = precompute_chunk(model, CHUNKS[0], PREFIX, prefix_cache=prefix_cache)
+    torch.testing.assert_close(continued.keys, whole.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(continued.values, whole.values, atol=1e-5, rtol=1e-5)
+    assert prefix_cache.length == len(PREFIX)  # the prefix's own cache is left as it was, for the next chunk
+
+
+def test_the_drift_shift_moves_the_kv_not_recomputed_toward_full_prefill(model) -> None:
+    """Each chunk's unrecomputed tokens get the mean drift its recomputed tokens showed: their KV ends nearer
+    full prefill's than without the shift."""
+    chunks = [precompute_chunk(model, c, PREFIX) for c in CHUNKS]
+    ids = PREFIX + [t for c in CHUNKS for t in c] + SUFFIX
+    _, full_cache = full_prefill(model, ids)
+    plain = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.3, rule=SelectionRule("attention"))
+    shifted = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.3, rule=SelectionRule("attention", drift_shift=1.0))
+    assert plain.selected_rows.tolist() == shifted.selected_rows.tolist()
+    stale = [row for row in range(len(PREFIX), len(PREFIX) + plain.chunk_tokens)
+             if row not in set(plain.selected_rows.tolist())]
+
+    def gap(result) -> float:
+        return float(sum((result.cache.keys[layer][:, stale] - full_cache.keys[layer][:, stale]).norm()
+                         for layer in range(1, model.num_layers)))
+
+    assert gap(shifted) < gap(plain)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 from pathlib import Path
 
 from blendgate.gateway.backends.local import LocalBackend
@@ -44,3 +46,20 @@ def test_segmented_tokens_equal_whole_prompt_tokens(loaded_model, tokenizer) -> 
                                                   tokenize=False, add_generation_prompt=True)
             assert prompt.token_ids == tokenizer(whole, add_special_tokens=False)["input_ids"]
             assert sum(s.is_chunk for s in prompt.segments) == len(chunks)
+
+
+def test_the_chunk_context_is_neutral_documents_tokenised_as_the_template_places_them(tokenizer) -> None:
+    from blendgate.gateway.rag_template import CONTEXT_DOCUMENTS, encode_prompt, rag_context_ids, rag_messages
+
+    assert rag_context_ids(tokenizer, 0) == ()
+    three = rag_context_ids(tokenizer, 3)
+    # The same tokens a prompt with these documents as its first three chunks has after its first segment.
+    rag = RagPrompt("S", [RetrievedChunk(str(i), text, "s", 0, 1.0, 0) for i, text in enumerate(CONTEXT_DOCUMENTS[:3])]
+                    + [RetrievedChunk("x", "Next.", "s", 0, 1.0, 0)], "Q?")
+    prompt = encode_prompt(tokenizer, rag_messages([], rag), rag)
+    following = [t for segment in prompt.segments[1:8] for t in segment.token_ids]
+    assert list(three) == following
+    assert encode_prompt(tokenizer, rag_messages([], rag), rag, context_documents=3).chunk_context == three
+    assert encode_prompt(tokenizer, rag_messages([], rag), rag).chunk_context == ()
+    with pytest.raises(ValueError, match="context documents"):
+        rag_context_ids(tokenizer, len(CONTEXT_DOCUMENTS) + 1)

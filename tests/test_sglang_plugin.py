@@ -11,7 +11,9 @@ from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.sglang_plugin import worker
 from blendgate.sglang_plugin.internals import BATCH_PARAMS_ATTRIBUTE
 from blendgate.sglang_plugin.protocol import (
+    CHUNK_CONTEXT,
     CHUNK_SPANS,
+    FIDELITY_TARGET,
     PREFILL_MODE,
     RECOMPUTE_RATIO,
     custom_params,
@@ -31,12 +33,23 @@ def test_the_prompt_survives_the_trip_to_a_worker() -> None:
     again = prompt_of(PROMPT.token_ids, params)
     assert again.segments == PROMPT.segments and again.mode == "blend" and again.recompute_ratio == 0.3
     assert custom_params(Prompt.plain([1, 2])) is None
+    # The quality-targeted mode's target and the chunk context travel too, and only when set.
+    targeted = Prompt(PROMPT.segments, mode="blend", recompute_ratio=0.4, fidelity_target=0.85,
+                      chunk_context=(21, 22, 23))
+    params = custom_params(targeted)
+    assert params[FIDELITY_TARGET] == 0.85 and params[CHUNK_CONTEXT] == [21, 22, 23]
+    again = prompt_of(targeted.token_ids, params)
+    assert again.fidelity_target == 0.85 and again.chunk_context == (21, 22, 23) and again.recompute_ratio == 0.4
 
 
 @pytest.mark.parametrize("bad", [{CHUNK_SPANS: [3]}, {CHUNK_SPANS: [5, 3]}, {CHUNK_SPANS: [3, 99]},
                                  {CHUNK_SPANS: [-1, 2]}, {CHUNK_SPANS: [1.5, 2]}, {CHUNK_SPANS: [True, 2]},
                                  {CHUNK_SPANS: [1, 2], PREFILL_MODE: "fast"},
-                                 {CHUNK_SPANS: [1, 2], RECOMPUTE_RATIO: 2}])
+                                 {CHUNK_SPANS: [1, 2], RECOMPUTE_RATIO: 2},
+                                 {CHUNK_SPANS: [1, 2], FIDELITY_TARGET: 0}, {CHUNK_SPANS: [1, 2], FIDELITY_TARGET: 1.5},
+                                 {CHUNK_SPANS: [1, 2], FIDELITY_TARGET: "high"},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT: [1, -2]},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT: "1 2"}])
 def test_malformed_chunk_parameters_are_refused_with_the_reason(bad) -> None:
     with pytest.raises(ValueError, match="blendgate_"):
         prompt_of(list(range(11)), bad)

@@ -21,7 +21,7 @@ while [ ${#steps[@]} -gt 0 ]; do
     case $step in
         sglang-check) python3 -c "import sglang, sgl_kernel, flashinfer.sampling, sglang.srt.entrypoints.engine; print('sglang', sglang.__version__, 'imports')" 2>&1 | tail -5 || status=1 ;;
         tests) python3 -m pytest -q tests/gpu --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 || status=1 ;;
-        kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.md" | grep -v Warning || status=1 ;;
+        kernels) python3 bench/kernel_times.py 2>&1 | tee "$OUT/kernels.md" | grep -v Warning || status=1 ;;
         ttft) python3 bench/ttft.py "${steps[@]}" --out "$OUT/ttft.md" 2>&1 | tee "$OUT/ttft.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# On the device, after stage.sh/receive.sh brought SmolLM2's GGUF (and .carry/ holds the NQ-open file, copied
-# from ../shared/data/qa/): bench/quality.py in N shards at once (the model is small; the GPU has room), merged
-# into $OUT/quality.md.   bash bench/device/quality_shards.sh N [quality.py options...]
-set -euo pipefail
+# On the device, after stage.sh/receive.sh brought SmolLM2's GGUF (and .carry/common holds the question sets,
+# copied from ../shared/data/qa/): bench/quality.py in N shards at once (the model is small; the GPU has room),
+# merged into $OUT/quality-NAME.md, with the shards' per-question records in $OUT/quality-NAME.tar.gz (merge
+# them here with `python bench/quality.py merge OUT.md SHARD.json...`). QUALITY_SECONDS, when set, stops the
+# shards after that long; the questions they finished are merged (the same questions for every variant).
+#   bash bench/device/quality_shards.sh NAME N [quality.py options...]
+set -uo pipefail
 cd "$(dirname "$0")/../.."
-shards=$1; shift
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bg:/tmp/site:${PYTHONPATH:-}
-OUT=${OUT:-/tmp/out}; mkdir -p /tmp/quality "$OUT"
+name=$1; shards=$2; shift 2
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bg:/tmp/site:${PYTHONPATH:-} BLENDGATE_QA_DATA=.carry/common
+OUT=${OUT:-/tmp/out}; work=/tmp/quality/$name; mkdir -p "$work" "$OUT"
 started=$(date +%s)
 for i in $(seq 0 $((shards - 1))); do
-    python3 bench/quality.py "$@" --shard "$i/$shards" --model /tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --cache-dir /tmp/cache --data .carry/nq-open-oracle.dev.jsonl.gz --out /tmp/quality/quality.md \
-        > "/tmp/quality/shard$i.log" 2>&1 &
+    timeout "${QUALITY_SECONDS:-36000}" python3 bench/quality.py "$@" --shard "$i/$shards" \
+        --model /tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf --cache-dir /tmp/cache \
+        --out "$work/quality.md" > "$work/shard$i.log" 2>&1 &
 done
-wait || true
-tail -3 /tmp/quality/shard0.log
-python3 bench/quality.py merge "$OUT/quality.md" /tmp/quality/quality.shard*.json
-echo "took $(( $(date +%s) - started )) s"; cat "$OUT/quality.md"
+wait
+tail -2 "$work/shard0.log"
+python3 bench/quality.py merge "$OUT/quality-$name.md" "$work"/quality.shard*.json
+tar -czf "$OUT/quality-$name.tar.gz" -C "$work" $(cd "$work" && ls quality.shard*.json)
+echo "$name took $(( $(date +%s) - started )) s"

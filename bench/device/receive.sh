@@ -3,17 +3,17 @@
 # join each file whose parts are all there into /tmp/stage/files, check it, install carried wheels.
 set -euo pipefail
 mkdir -p /tmp/stage/parts /tmp/stage/files /tmp/site
-cp .carry/*.part* /tmp/stage/parts/ 2>/dev/null || true
+cp .carry/part*/*.part* /tmp/stage/parts/ 2>/dev/null || true
 while read -r name sum parts; do
     [ -f "/tmp/stage/files/$name" ] && continue
     have=$(ls /tmp/stage/parts/"$name".part* 2>/dev/null | wc -l)
     if [ "$have" -lt "$parts" ]; then echo "$name: $have of $parts parts"; continue; fi
     cat /tmp/stage/parts/"$name".part* > "/tmp/stage/files/$name"
     echo "$sum  /tmp/stage/files/$name" | sha256sum -c - || { rm "/tmp/stage/files/$name"; exit 1; }
-done < .carry/manifest
-if ls .carry/wheels/*.whl >/dev/null 2>&1; then
+done < .carry/common/manifest
+if ls .carry/common/wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .carry/wheels/*.whl
+        .carry/common/wheels/*.whl
 fi
 # blendgate's folders as the package they install as, without installing (the machine has no network).
 mkdir -p /tmp/bg/blendgate

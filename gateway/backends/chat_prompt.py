@@ -39,14 +39,17 @@ def check_text_chat(request: ChatCompletionRequest, served_by: str) -> None:
                                code="unsupported_value", param=f"messages[{index}].content")
 
 
-def chat_prompt(tokenizer, request: ChatCompletionRequest, *, mode: str, recompute_ratio: float) -> Prompt:
+def chat_prompt(tokenizer, request: ChatCompletionRequest, *, mode: str, recompute_ratio: float,
+                fidelity_target: float | None = None, context_documents: int = 0) -> Prompt:
     """The prompt's tokens; for RAG, in segments whose chunk KV can be reused, with the request's prefill
-    mode and ratio when it names them (its `blend` object), else the given ones."""
+    mode, ratio and fidelity target when it names them (its `blend` object), else the given ones."""
     messages = [{"role": ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
     blend = request.blend
     mode = (blend.mode if blend and blend.mode else None) or mode
     ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else recompute_ratio
-    return encode_prompt(tokenizer, messages, request._rag_prompt, mode=mode, recompute_ratio=ratio)
+    target = blend.fidelity_target if blend and blend.fidelity_target is not None else fidelity_target
+    return encode_prompt(tokenizer, messages, request._rag_prompt, mode=mode, recompute_ratio=ratio,
+                         fidelity_target=target, context_documents=context_documents)
 
 
 def sampling_params(request: ChatCompletionRequest, defaults: SamplingDefaults, max_new_tokens: int) -> SamplingParams:

@@ -74,7 +74,7 @@ class LocalBackend(ChatBackend):
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
         self.store = ChunkCacheStore(tiers)
-        return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix)
+        return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule())
 
     async def wait_ready(self) -> None:
         if self._load_task is not None:
@@ -99,7 +99,9 @@ class LocalBackend(ChatBackend):
     # -- request path ---------------------------------------------------------------------------
     def _prompt(self, request: ChatCompletionRequest) -> Prompt:
         return chat_prompt(self.model.tokenizer, request, mode=self.chunk_cache.mode,  # type: ignore[union-attr]
-                           recompute_ratio=self.chunk_cache.recompute_ratio)
+                           recompute_ratio=self.chunk_cache.recompute_ratio,
+                           fidelity_target=self.chunk_cache.fidelity_target,
+                           context_documents=self.chunk_cache.context_documents)
 
     def _remember_origins(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> None:
         if self.store is None or request._rag_prompt is None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.selection import SelectionRule
 from blendgate.chunkcache.store import ChunkCacheStore, ChunkKey, MemoryTier
 from blendgate.engine.llama import LlamaFamilyModel
 
@@ -36,7 +37,15 @@ def test_logits_match_transformers_on_cuda(model_type, dtype) -> None:
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 
 
-def test_blend_limits_on_cuda() -> None:
+RULES = [SelectionRule("value"), SelectionRule("kv"), SelectionRule("value", gradual=2.0),
+         SelectionRule("attention"), SelectionRule("attention", probe_layers=2, sink_tokens=4),
+         SelectionRule("attention_value"), SelectionRule("attention", chunk_budget="uniform"),
+         SelectionRule("key"), SelectionRule("attention_key"), SelectionRule("attention", drift_shift=0.5)]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.score}-p{r.probe_layers}-s{r.sink_tokens}-g{r.gradual}"
+                         f"-{r.chunk_budget}")
+def test_blend_limits_on_cuda(rule) -> None:
     model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.float32, seed=3)
     generator = torch.Generator().manual_seed(1)
     prefix, suffix = torch.randint(0, 512, (8,), generator=generator).tolist(), [5, 6, 7, 8]
@@ -46,11 +55,15 @@ def test_blend_limits_on_cuda() -> None:
     with torch.no_grad():
         full = model.forward(torch.tensor(ids, device="cuda"), None,
                              model.new_cache(len(ids)))[-1]
-    blended = blend_prefill(model, [prefix, *cached, suffix], 1.0)
+    blended = blend_prefill(model, [prefix, *cached, suffix], 1.0, rule=rule)
     torch.testing.assert_close(blended.logits, full, atol=1e-3, rtol=1e-3)
-    partial = blend_prefill(model, [prefix, *cached, suffix], 0.15)
+    partial = blend_prefill(model, [prefix, *cached, suffix], 0.15, rule=rule)
     assert partial.recomputed_chunk_tokens == 39  # ceil(0.15 * 256)
-    assert blend_prefill(model, [prefix, *cached, suffix], 0.0).recomputed_chunk_tokens == 0
+    assert partial.selected_rows.unique().numel() == 39
+    assert blend_prefill(model, [prefix, *cached, suffix], 0.0, rule=rule).recomputed_chunk_tokens == 0
+    if rule.score != "value" or rule.gradual == 1.0:
+        targeted = blend_prefill(model, [prefix, *cached, suffix], 0.5, rule=rule, target_fidelity=0.5)
+        assert 0 < targeted.recomputed_chunk_tokens <= 128 and targeted.covered is not None
 
 
 def test_gpu_tier_keeps_kv_on_the_gpu_and_demotes_to_cpu() -> None:

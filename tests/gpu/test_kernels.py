@@ -58,17 +58,26 @@ def test_rms_norm_matches_the_reference(gen, dtype, rows, hidden) -> None:
     assert relative_error(got, expected) < (1e-6 if dtype == torch.float32 else 8e-3)
 
 
-def test_deviation_and_selection_match_the_reference(gen) -> None:
+def test_deviation_matches_the_reference(gen) -> None:
     fresh = torch.randn(8, 4200, 128, generator=gen, device="cuda").to(torch.bfloat16)
     cached = torch.randn(8, 4200, 128, generator=gen, device="cuda").to(torch.bfloat16)
     score = selection.deviation(fresh, cached, out=torch.full((4200,), float("nan"), device="cuda"))
     expected = selection.deviation_reference(fresh, cached)
     assert not score.isnan().any() and relative_error(score, expected) < 1e-5
-    chunk_rows = torch.arange(64, 4160, device="cuda")
-    other_rows = torch.cat([torch.arange(64, device="cuda"), torch.arange(4160, 4200, device="cuda")])
-    rows = selection.select_rows(fresh, cached, chunk_rows, other_rows, 614)
-    expected_chunk = set((chunk_rows[torch.topk(expected[chunk_rows], 614).indices]).tolist())
-    assert rows.tolist() == sorted(expected_chunk | set(other_rows.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,queries,slots,head_dim", [(32, 8, 40, 4200, 128), (9, 3, 25, 1700, 64),
+                                                                   (8, 8, 1, 129, 64), (28, 4, 70, 8300, 128)])
+def test_attention_mass_matches_the_reference(gen, dtype, heads, kv_heads, queries, slots, head_dim) -> None:
+    q = torch.randn(heads, queries, head_dim, generator=gen, device="cuda").to(dtype)
+    keys = torch.randn(kv_heads, slots + 64, head_dim, generator=gen, device="cuda").to(dtype)  # spare capacity
+    positions = torch.arange(slots - queries, slots, device="cuda")
+    got = selection.attention_mass(q, keys, positions, slots)
+    expected = selection.attention_mass_reference(q, keys, positions, slots)
+    assert got.shape == (slots,) and not got.isnan().any()
+    assert relative_error(got, expected) < 1e-4
+    assert abs(float(got.sum()) - heads * queries) < 1e-2 * heads * queries  # each query and head gives 1
 
 
 @pytest.mark.parametrize("backend", ["flex", "sdpa"])

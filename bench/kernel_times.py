@@ -1,6 +1,6 @@
 """Times of blendgate.kernels against their PyTorch references at Llama-3-8B blending shapes, on CUDA.
 
-    python bench/kernels.py
+    python bench/kernel_times.py
 
 Shapes: k = 8 chunks of 512 tokens after a 64-token prefix and before a 32-token question (4192 slots);
 32 query heads, 8 KV heads, head_dim 128, bf16; r = 0.15 (710 computed rows after selection).
@@ -85,12 +85,16 @@ def main() -> None:
 
     fresh = torch.randn(kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
     cached = torch.randn_like(fresh)
-    chunk_rows = torch.arange(64, 4160, device="cuda")
-    other_rows = torch.cat([torch.arange(64, device="cuda"), torch.arange(4160, 4192, device="cuda")])
     add("deviation score: Triton fused", lambda: selection.deviation(fresh, cached))
     add("deviation score: PyTorch reference", lambda: selection.deviation_reference(fresh, cached))
-    add("select 614 of 4096 rows (score + top-k + merge)",
-        lambda: selection.select_rows(fresh, cached, chunk_rows, other_rows, 614))
+    score = torch.rand(4096, device="cuda")
+    add("top 614 of 4096 scores (top-k + sort)", lambda: torch.topk(score, 614, sorted=False).indices.sort())
+    question = torch.randn(heads, 32, dim, device="cuda", dtype=torch.bfloat16)
+    query_positions = torch.arange(slots - 32, slots, device="cuda")
+    add("attention mass of a 32-token question over 4192 slots (one layer): bmm + softmax",
+        lambda: selection.attention_mass(question, fresh, query_positions, slots))
+    add("attention mass, float64 reference",
+        lambda: selection.attention_mass_reference(question, fresh, query_positions, slots))
 
     # Recompilations of flex_attention across prompt lengths.
     torch._dynamo.utils.counters.clear()

@@ -1,0 +1,171 @@
+"""Which chunk tokens a blend recomputes, and how many: the selection rule and the budget, in plain Python.
+
+A blend reuses every chunk's cached KV and recomputes a few chunk tokens in full (CacheBlend, arXiv
+2405.16444). This module holds the decisions that need no tensors, so they are testable anywhere:
+
+- `SelectionRule`: how tokens are scored and picked. Scores are either the deviation of a token's cached KV
+  from its fresh KV at an early layer (CacheBlend: values; keys; both), or the attention the question pays
+  the token (query-aware selection, as ProphetKV arXiv 2602.02579, A3 arXiv 2511.17560 and QCFuse arXiv
+  2606.05875 do: a cheap pass of the question over the cached KV, before anything is recomputed, says which
+  chunk tokens its answer depends on), or their product. Options: each chunk's first tokens always
+  recomputed (they act as attention sinks in a chunk computed alone: EPIC, arXiv 2410.15332), CacheBlend's
+  gradual filtering (a wider set at the selection layer, narrowed at the next), and a budget split evenly
+  over chunks instead of spent where the score is (Cache-Craft, arXiv 2502.15734, argues for the latter).
+- the budget: a recompute ratio r (the share of chunk tokens recomputed), or, in the quality-targeted mode, a
+  fidelity target: the fewest tokens whose scores cover that share of all chunk tokens' score, capped by r.
+- `selected_count` / `aligned_count` / `targeted_count`: the counts, aligned to GEMM tiles on the GPU.
+- `compute_share`: the honest cost of a blend: the share of (chunk token, layer) pairs computed, which
+  counts the layers a deviation rule runs in full before it selects.
+
+The kernels that compute the scores are in `blendgate.kernels.selection`; `chunkcache.blend` runs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+ScoreKind = Literal["value", "key", "kv", "attention", "attention_value", "attention_key"]
+SCORE_KINDS: tuple[str, ...] = ("value", "key", "kv", "attention", "attention_value", "attention_key")
+ChunkBudget = Literal["global", "uniform"]
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How a blend picks the chunk tokens it recomputes.
+
+    score: "value" / "key" / "kv" (squared L2 deviation of fresh from cached values, keys, or both, at
+        `layer`; every token runs in full before it), "attention" (attention mass the question's tokens pay
+        each chunk token in a probe pass over the cached KV, summed over heads, query rows and the first
+        `probe_layers` layers; recomputed tokens then run from layer 0), "attention_value" and
+        "attention_key" (the attention times the value or key deviation).
+    layer: for deviation scores, the layer whose fresh KV is compared with the cache (>= 1: layer 0's KV
+        depends on the token and position alone, so it never deviates).
+    probe_layers: for attention scores, how many layers of the probe pass vote (None: all).
+    sink_tokens: each chunk's first tokens, always recomputed (counted in the budget).
+    gradual: CacheBlend's gradual filtering: keep `gradual` times the budget at `layer`, narrow to the budget
+        by value deviation at the next layer (1.0: off).
+    chunk_budget: "global" spends the budget on the top-scoring tokens wherever they are; "uniform" gives each
+        chunk the same share of its tokens.
+    spread: a token's score is raised by half the highest score within `spread` tokens of it, so the
+        neighbours of what matters are recomputed with it (0: off).
+    probe_from: for attention scores, the first layer whose attention votes (earlier layers still run).
+    drift_shift: the chunk tokens not recomputed get this share of the mean KV drift their chunk's recomputed
+        tokens show at each layer (0: off; chunkcache/blend.py: _DriftShift).
+    """
+
+    score: ScoreKind = "attention"
+    layer: int = 1
+    probe_layers: int | None = None
+    sink_tokens: int = 0
+    gradual: float = 1.0
+    chunk_budget: ChunkBudget = "global"
+    spread: int = 0
+    probe_from: int = 0
+    drift_shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_KINDS:
+            raise ValueError(f"score must be one of {', '.join(SCORE_KINDS)}")
+        if self.layer < 1:
+            raise ValueError("the selection layer must be 1 or later (layer 0's KV never deviates)")
+        if self.probe_layers is not None and self.probe_layers < 1:
+            raise ValueError("probe_layers must be at least 1")
+        if self.sink_tokens < 0:
+            raise ValueError("sink_tokens must not be negative")
+        if self.gradual < 1.0:
+            raise ValueError("gradual must be at least 1")
+        if self.spread < 0 or self.probe_from < 0 or self.drift_shift < 0:
+            raise ValueError("spread and probe_from must not be negative")
+        if self.chunk_budget not in ("global", "uniform"):
+            raise ValueError("chunk_budget must be 'global' or 'uniform'")
+
+    @property
+    def query_aware(self) -> bool:
+        """Whether the rule needs the question's probe pass."""
+        return self.score.startswith("attention")
+
+    @property
+    def uses_deviation(self) -> bool:
+        """Whether the rule compares fresh and cached KV (so layers before `layer` run every token)."""
+        return self.score != "attention"
+
+    def first_selective_layer(self) -> int:
+        """The first layer at which only selected chunk tokens are computed."""
+        return self.layer if self.uses_deviation else 0
+
+
+# The rule blending uses unless told otherwise (bench/results/quality-2026-11-30.md says why).
+DEFAULT_RULE = SelectionRule()
+
+
+def selected_count(chunk_tokens: int, ratio: float) -> int:
+    """Chunk tokens recomputed at recompute ratio `ratio` (rounded up)."""
+    return min(chunk_tokens, math.ceil(ratio * chunk_tokens - 1e-9))
+
+
+# How far (relative) aligning to GEMM tiles may move the number of recomputed tokens.
+ALIGNMENT_SLACK = 0.05
+
+
+def aligned_count(count: int, other_rows: int, chunk_tokens: int, alignment: int) -> int:
+    """`count` moved to the nearest value that makes the computed rows (count + other_rows) a multiple of
+    `alignment`, if that moves it by at most ALIGNMENT_SLACK of itself; else `count` unchanged."""
+    if alignment <= 1 or count in (0, chunk_tokens):
+        return count
+    aligned = round((count + other_rows) / alignment) * alignment - other_rows
+    if 0 < aligned <= chunk_tokens and abs(aligned - count) <= ALIGNMENT_SLACK * count:
+        return aligned
+    return count
+
+
+def targeted_count(sorted_scores: Sequence[float], target: float, cap: int) -> tuple[int, float]:
+    """Quality-targeted budget: the fewest top tokens whose scores (sorted descending, non-negative) cover
+    `target` (0..1] of the total, at most `cap`. Returns (count, covered share)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError("the fidelity target must be in (0, 1]")
+    total = float(sum(sorted_scores))
+    if total <= 0.0 or cap <= 0:
+        return 0, 1.0 if total <= 0.0 else 0.0
+    covered = 0.0
+    for count, score in enumerate(sorted_scores[:cap], start=1):
+        covered += float(score)
+        if covered >= target * total:
+            return count, covered / total
+    return min(cap, len(sorted_scores)), covered / total
+
+
+def uniform_counts(lengths: Sequence[int], count: int) -> list[int]:
+    """`count` tokens spread over chunks of these lengths in proportion to their length (largest remainders),
+    never more than a chunk has."""
+    total = sum(lengths)
+    if total == 0:
+        return [0 for _ in lengths]
+    exact = [count * n / total for n in lengths]
+    counts = [min(n, math.floor(e)) for n, e in zip(lengths, exact)]
+    order = sorted(range(len(lengths)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order:
+        if sum(counts) >= count:
+            break
+        if counts[i] < lengths[i]:
+            counts[i] += 1
+    return counts
+
+
+def compute_share(rule: SelectionRule, count: int, chunk_tokens: int, layers: int) -> float:
+    """The share of (chunk token, layer) pairs a blend computes: every chunk token at the layers before the
+    rule selects (and its QKV at the selection layer, counted as that layer), the widened set of gradual
+    filtering at the selection layer, the selected tokens at every later layer. 0 for full reuse, 1 for
+    full prefill. The question's own rows (and the probe pass over them) are not chunk tokens."""
+    if chunk_tokens == 0 or count == 0:
+        return 0.0
+    if count >= chunk_tokens:
+        return 1.0
+    first = min(rule.first_selective_layer(), layers)
+    if rule.uses_deviation:  # the selection layer's QKV for every token, then the selected rows from there
+        pairs = first * chunk_tokens + min(chunk_tokens, math.ceil(rule.gradual * count)) * (layers > first)
+        pairs += count * max(0, layers - first - 1)
+    else:
+        pairs = count * layers
+    return pairs / (chunk_tokens * layers)
