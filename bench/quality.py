@@ -58,8 +58,6 @@ RULES: dict[str, dict] = {
     "attention-value": {"score": "attention_value"},
     "attention-key": {"score": "attention_key"},
     "attention-uniform": {"score": "attention", "chunk_budget": "uniform"},
-    "attention-spread": {"score": "attention", "spread": 2},
-    "attention-late": {"score": "attention", "probe_from": 15},
     "attention-shift": {"score": "attention", "drift_shift": 1.0},
     "attention-shift-half": {"score": "attention", "drift_shift": 0.5},
 }
@@ -287,8 +285,10 @@ def bootstrap(values: dict[str, list[list]], statistic, draws: int = 2000, seed:
     for _ in range(draws):
         sample = [rng.choice(numbers) for _ in numbers]
         stats.append(statistic({name: [rows[n] for n in sample if n in rows] for name, rows in by_number.items()}))
-    stats.sort()
-    return stats[int(0.025 * draws)], stats[int(0.975 * draws) - 1]
+    stats = sorted(x for x in stats if x == x)  # a resample where full prefill and reuse tie has no gap (NaN)
+    if not stats:
+        return float("nan"), float("nan")
+    return stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
 
 
 def mean(rows: list[list], column: int) -> float:

@@ -25,7 +25,7 @@ import torch
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
 from ..kernels.rope import place, rope_store, rotate
-from ..kernels.selection import attention_mass, deviation
+from ..kernels.selection import attention_mass, causal_bias, deviation
 from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count,
                         targeted_count, uniform_counts)
 
@@ -198,14 +198,15 @@ def _layout(segments: list, prefix_kv: ChunkKV | None) -> _Layout:
 
 
 def _probe(model: LlamaFamilyModel, layout: _Layout, cache: KVCache, loader: "ChunkLoader", cos: torch.Tensor,
-           sin: torch.Tensor, layers: int, first_voting: int = 0) -> torch.Tensor:
+           sin: torch.Tensor, layers: int) -> torch.Tensor:
     """Query-aware scores: the computed non-chunk rows run over the cached chunk KV (as full reuse would) for
     `layers` layers; at each, the attention the question's rows pay every slot is added up. Returns
     [chunk tokens] float32. The rows' KV written here is overwritten by the blend's own pass."""
     device, total = model.device, len(layout.ids)
     slots = torch.tensor(layout.other_rows, dtype=torch.long, device=device)
-    vote = torch.tensor([i for i, row in enumerate(layout.other_rows) if row >= layout.vote_rows[0]],
-                        dtype=torch.long, device=device)
+    # The question is the last segment, so its rows are the last of the computed rows.
+    first_vote = len(layout.other_rows) - len(layout.vote_rows)
+    bias = causal_bias(slots[first_vote:], total, model.heads // model.kv_heads, model.dtype)
     hidden = torch.nn.functional.embedding(torch.tensor(layout.ids, device=device)[slots], model.embed_tokens)
     plan = plan_sparse(slots, total)
     active_cos, active_sin = cos[slots], sin[slots]
@@ -214,8 +215,7 @@ def _probe(model: LlamaFamilyModel, layout: _Layout, cache: KVCache, loader: "Ch
         loader.ready(layer)
         qkv = model.project_qkv(layer, hidden)
         q = rope_store(qkv, model.heads, active_cos, active_sin, cache.keys[layer], cache.values[layer], slots)
-        if layer >= first_voting:
-            mass += attention_mass(q[:, vote], cache.keys[layer], slots[vote], total)
+        attention_mass(q[:, first_vote:], cache.keys[layer], slots[first_vote:], total, out=mass, bias=bias)
         if layer + 1 < layers:
             hidden = model.finish_layer(layer, hidden, model.attend(layer, q, cache, plan))
     return mass[torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)]
@@ -288,10 +288,6 @@ def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[
     """Indices (into the chunk tokens, ascending) of the `count` tokens to recompute, by `score`
     [chunk tokens]: each chunk's first `rule.sink_tokens` first, then the top scores, over all chunks
     ("global") or in proportion to each chunk's length ("uniform")."""
-    if rule.spread:
-        width = 2 * rule.spread + 1
-        nearby = torch.nn.functional.max_pool1d(score[None, None], width, stride=1, padding=rule.spread)[0, 0]
-        score = score + 0.5 * nearby
     if rule.sink_tokens:
         score = score.clone()
         start = 0
@@ -375,9 +371,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     chunk = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device) - exact
     importance = None
     if query_aware:
-        probe_layers = min(rule.probe_layers or model.num_layers, model.num_layers)
-        importance = _probe(model, layout, cache, loader, cos, sin, probe_layers,
-                            min(rule.probe_from, probe_layers - 1))
+        importance = _probe(model, layout, cache, loader, cos, sin,
+                            min(rule.probe_layers or model.num_layers, model.num_layers))
         mark("probe")
     covered = None
 

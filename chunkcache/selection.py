@@ -48,9 +48,6 @@ class SelectionRule:
         by value deviation at the next layer (1.0: off).
     chunk_budget: "global" spends the budget on the top-scoring tokens wherever they are; "uniform" gives each
         chunk the same share of its tokens.
-    spread: a token's score is raised by half the highest score within `spread` tokens of it, so the
-        neighbours of what matters are recomputed with it (0: off).
-    probe_from: for attention scores, the first layer whose attention votes (earlier layers still run).
     drift_shift: the chunk tokens not recomputed get this share of the mean KV drift their chunk's recomputed
         tokens show at each layer (0: off; chunkcache/blend.py: _DriftShift).
     """
@@ -61,8 +58,6 @@ class SelectionRule:
     sink_tokens: int = 0
     gradual: float = 1.0
     chunk_budget: ChunkBudget = "global"
-    spread: int = 0
-    probe_from: int = 0
     drift_shift: float = 0.0
 
     def __post_init__(self) -> None:
@@ -76,8 +71,8 @@ class SelectionRule:
             raise ValueError("sink_tokens must not be negative")
         if self.gradual < 1.0:
             raise ValueError("gradual must be at least 1")
-        if self.spread < 0 or self.probe_from < 0 or self.drift_shift < 0:
-            raise ValueError("spread and probe_from must not be negative")
+        if self.drift_shift < 0:
+            raise ValueError("drift_shift must not be negative")
         if self.chunk_budget not in ("global", "uniform"):
             raise ValueError("chunk_budget must be 'global' or 'uniform'")
 

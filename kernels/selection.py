@@ -58,20 +58,34 @@ def deviation(fresh: torch.Tensor, cached: torch.Tensor, out: torch.Tensor | Non
     return out
 
 
-def attention_mass(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int
-                   ) -> torch.Tensor:
+def causal_bias(query_positions: torch.Tensor, kv_length: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """[group * queries, kv_length]: 0 where a query (repeated for each of a KV head's `group` query heads)
+    sees the slot, -inf where the slot's position is after the query's. Built once per probe, for all layers."""
+    future = torch.arange(kv_length, device=query_positions.device)[None, :] > query_positions[:, None]
+    bias = torch.zeros(future.shape, dtype=dtype, device=query_positions.device).masked_fill_(future, float("-inf"))
+    return bias.repeat(group, 1)
+
+
+def attention_mass(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int,
+                   out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """q [heads, queries, head_dim] (rotated), keys [kv_heads, slots, head_dim] (rotated; slot j holds
     position j), query_positions [queries] -> [kv_length] float32: for each slot, the softmax attention
     probability the queries give it, causal by position, summed over heads and queries (each query and head
-    contributes 1 in all). Grouped-query attention: heads // kv_heads query heads share a KV head."""
+    contributes 1 in all). Grouped-query attention: heads // kv_heads query heads share a KV head.
+    Added into `out` when given; `bias`: causal_bias(...) for these queries, when the caller keeps it. Four
+    launches (scores with the mask in one batched product, softmax in float32, the sums): the probe that
+    calls it runs once per layer on few rows, where launches, not arithmetic, cost the time."""
     heads, queries, head_dim = q.shape
     kv_heads = keys.shape[0]
     group = heads // kv_heads
-    grouped = q.float().reshape(kv_heads, group * queries, head_dim)
-    scores = torch.bmm(grouped, keys[:, :kv_length].float().transpose(1, 2)) * head_dim ** -0.5
-    future = torch.arange(kv_length, device=q.device)[None, :] > query_positions[:, None]  # [queries, slots]
-    scores = scores.view(kv_heads, group, queries, kv_length).masked_fill(future, float("-inf"))
-    return torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))
+    if bias is None:
+        bias = causal_bias(query_positions, kv_length, group, q.dtype)
+    grouped = q.reshape(kv_heads, group * queries, head_dim)  # heads h*group .. h*group+group-1 share KV head h
+    scores = torch.baddbmm(bias, grouped, keys[:, :kv_length].transpose(1, 2), alpha=head_dim ** -0.5)
+    mass = torch.softmax(scores, dim=-1, dtype=torch.float32).sum(dim=(0, 1))
+    if out is None:
+        return mass
+    return out.add_(mass)
 
 
 def attention_mass_reference(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int

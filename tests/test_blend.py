@@ -169,7 +169,7 @@ RULES = [SelectionRule("value"), SelectionRule("key"), SelectionRule("kv"), Sele
          SelectionRule("value", gradual=2.0), SelectionRule("value", sink_tokens=2), SelectionRule("attention"),
          SelectionRule("attention", probe_layers=2), SelectionRule("attention", sink_tokens=2),
          SelectionRule("attention_value"), SelectionRule("attention", chunk_budget="uniform"),
-         SelectionRule("attention", drift_shift=1.0), SelectionRule("attention", spread=2, probe_from=2),
+         SelectionRule("attention", drift_shift=1.0), SelectionRule("attention", probe_layers=2, drift_shift=0.5),
          SelectionRule("attention_key")]
 
 

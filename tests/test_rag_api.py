@@ -194,3 +194,15 @@ def test_rag_chat_blends_cached_chunks_and_reports_them(client: openai.OpenAI, f
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=EMBEDDED, messages=ask, extra_body={"documents": documents,
                                                                                "blend": {"mode": "magic"}})
+    # The quality-targeted mode: the target and the estimate reached come back with the ratio spent (at most r).
+    targeted = client.chat.completions.create(
+        model=EMBEDDED, messages=ask, max_tokens=5, temperature=0,
+        extra_body={"documents": documents, "blend": {"fidelity_target": 0.6, "recompute_ratio": 0.5}})
+    report = targeted.model_extra["blendgate"]["chunk_cache"]
+    assert report["fidelity_target"] == 0.6 and report["recompute_ratio"] <= 0.5
+    assert report["fidelity_estimate"] >= 0.6 or report["recompute_ratio"] >= 0.49
+    assert sum(report["recomputed_per_chunk"]) == report["recomputed_tokens"]
+    for bad in (0, 1.5, "high"):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=EMBEDDED, messages=ask, extra_body={
+                "documents": documents, "blend": {"fidelity_target": bad}})

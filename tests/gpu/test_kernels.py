@@ -76,7 +76,8 @@ def test_attention_mass_matches_the_reference(gen, dtype, heads, kv_heads, queri
     got = selection.attention_mass(q, keys, positions, slots)
     expected = selection.attention_mass_reference(q, keys, positions, slots)
     assert got.shape == (slots,) and not got.isnan().any()
-    assert relative_error(got, expected) < 1e-4
+    # Scores are rounded to the inputs' dtype before the float32 softmax (one fused, masked product).
+    assert relative_error(got, expected) < (1e-4 if dtype == torch.float32 else 2e-2)
     assert abs(float(got.sum()) - heads * queries) < 1e-2 * heads * queries  # each query and head gives 1
 
 
