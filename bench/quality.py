@@ -164,8 +164,9 @@ def main() -> None:
     parser.add_argument("--shard", type=str, default="0/1", help="i/n: run every n-th question from the i-th")
     parser.add_argument("--data", type=Path, default=None, help="the set's file [../shared/data/qa/...]")
     parser.add_argument("--chunk-prefix", default="system",
-                        help="what chunk KV is computed after: system, none, or contextN (the system prompt and N "
-                             "neutral documents, gateway/rag_template.py); a variant RULE@R/PREFIX overrides it")
+                        help="what chunk KV is computed after: system, none, contextN (the system prompt and N "
+                             "neutral documents, gateway/rag_template.py) or auto (as many as the gateway picks "
+                             "for the prompt's k); a variant RULE@R/PREFIX overrides it")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"quality-{date.today()}.md")
     args = parser.parse_args()
     variants = [(spec, *parse_variant(spec)) for spec in args.variants]
@@ -178,7 +179,8 @@ def main() -> None:
     from blendgate.engine.prompt import Prompt
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model
-    from blendgate.gateway.rag_template import RagPrompt, encode_prompt, rag_messages
+    from blendgate.engine.prompt import DEFAULT_CONTEXT_DOCUMENTS
+    from blendgate.gateway.rag_template import RagPrompt, context_documents_for, encode_prompt, rag_messages
 
     torch.manual_seed(0)
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
@@ -253,6 +255,8 @@ def main() -> None:
                 for spec, mode, ratio, rule, target in variants:
                     prefix = spec.split("/")[1] if "/" in spec else args.chunk_prefix
                     documents = int(prefix[len("context"):] or 1) if prefix.startswith("context") else 0
+                    if prefix == "auto":  # as the gateway does: context_documents_for(k, 5)
+                        documents = context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS)
                     output_ids, forced, report = run(build(item, mode, ratio, target, documents), rule, answer_ids,
                                                      "none" if prefix == "none" else "system")
                     if mode == "full_prefill":

@@ -78,6 +78,14 @@ def rag_context_ids(tokenizer, documents: int) -> tuple[int, ...]:
     return tuple(t for part in parts for t in tokenizer(part, add_special_tokens=False)["input_ids"])
 
 
+def context_documents_for(chunks: int, limit: int) -> int:
+    """How many neutral documents a prompt's chunks are computed after: half of the other chunks a chunk
+    stands among in this prompt, (chunks - 1) // 2 (its average place), at most `limit`. Measured: five
+    documents won back most at 10 and 20 chunks; with 2 to 4 chunks, five did worse than none on the few
+    questions tried (bench/results/quality-2026-11-30.md)."""
+    return max(0, min(limit, (chunks - 1) // 2))
+
+
 def rag_messages(history: list[dict], prompt: RagPrompt) -> list[dict]:
     """Chat messages (role/content dicts) with the chunks placed: the history before the question, a system
     message first unless the history has one, the RAG user message last."""

@@ -63,3 +63,10 @@ def test_the_chunk_context_is_neutral_documents_tokenised_as_the_template_places
     assert encode_prompt(tokenizer, rag_messages([], rag), rag).chunk_context == ()
     with pytest.raises(ValueError, match="context documents"):
         rag_context_ids(tokenizer, len(CONTEXT_DOCUMENTS) + 1)
+
+
+def test_chunks_are_computed_after_about_as_many_documents_as_stand_before_them_on_average() -> None:
+    from blendgate.gateway.rag_template import context_documents_for
+
+    assert [context_documents_for(k, 5) for k in (1, 2, 3, 4, 5, 10, 11, 20)] == [0, 0, 1, 1, 2, 4, 5, 5]
+    assert context_documents_for(20, 0) == 0 and context_documents_for(0, 5) == 0

@@ -8,7 +8,7 @@ from ...engine.prompt import Prompt
 from ...engine.sampling import SamplingParams
 from ..config import SamplingDefaults
 from ..errors import GatewayError
-from ..rag_template import encode_prompt
+from ..rag_template import context_documents_for, encode_prompt
 from ..schemas import ChatCompletionRequest
 
 # Chat roles the chat templates understand; OpenAI's "developer" is the newer name for "system".
@@ -42,14 +42,17 @@ def check_text_chat(request: ChatCompletionRequest, served_by: str) -> None:
 def chat_prompt(tokenizer, request: ChatCompletionRequest, *, mode: str, recompute_ratio: float,
                 fidelity_target: float | None = None, context_documents: int = 0) -> Prompt:
     """The prompt's tokens; for RAG, in segments whose chunk KV can be reused, with the request's prefill
-    mode, ratio and fidelity target when it names them (its `blend` object), else the given ones."""
+    mode, ratio and fidelity target when it names them (its `blend` object), else the given ones, and chunk KV
+    computed after up to `context_documents` neutral documents (rag_template.context_documents_for)."""
     messages = [{"role": ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
     blend = request.blend
     mode = (blend.mode if blend and blend.mode else None) or mode
     ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else recompute_ratio
     target = blend.fidelity_target if blend and blend.fidelity_target is not None else fidelity_target
-    return encode_prompt(tokenizer, messages, request._rag_prompt, mode=mode, recompute_ratio=ratio,
-                         fidelity_target=target, context_documents=context_documents)
+    rag = request._rag_prompt
+    documents = context_documents_for(len(rag.chunks), context_documents) if rag is not None else 0
+    return encode_prompt(tokenizer, messages, rag, mode=mode, recompute_ratio=ratio, fidelity_target=target,
+                         context_documents=documents)
 
 
 def sampling_params(request: ChatCompletionRequest, defaults: SamplingDefaults, max_new_tokens: int) -> SamplingParams:
