@@ -15,10 +15,11 @@ from .backends.base import ChatBackend
 from .backends.local import LocalBackend
 from .config import Settings
 from .errors import GatewayError
-from .metrics import GatewayMetrics, semantic_categories, snapshot
+from .metrics import GatewayMetrics, Samples, semantic_categories, snapshot
 from .openapi import ADMIN_AUTH, JSON_BODY, errors
 from .response_cache import ChatCache
 from .schemas import InvalidateRequest
+from .stats_history import SAMPLE_INTERVAL_S, StatsHistory
 
 WEB_STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
@@ -30,7 +31,7 @@ def chunk_stores(backends: dict[str, ChatBackend]) -> dict[str, Any]:
 
 
 def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics: GatewayMetrics,
-                  chat_cache: ChatCache, backends: dict[str, ChatBackend],
+                  chat_cache: ChatCache, backends: dict[str, ChatBackend], history: StatsHistory,
                   refresh_gauges: Callable[[], None]) -> None:
     api = APIRouter(prefix="/admin/api", dependencies=[Depends(admin)], responses=errors(*ADMIN_AUTH))
 
@@ -43,6 +44,11 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
     async def stats():
         refresh_gauges()
         return snapshot(metrics, chat_cache.cache.store.kind if chat_cache.cache is not None else None)
+
+    @api.get("/stats/history")
+    async def stats_history():
+        """The overview's chart fields, sampled every SAMPLE_INTERVAL_S seconds over the last ten minutes."""
+        return {"object": "list", "interval_s": SAMPLE_INTERVAL_S, "data": history.recent()}
 
     @api.get("/semantic-cache", responses=errors(503))
     async def semantic_cache_stats():
@@ -71,7 +77,9 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
 
     @api.get("/chunk-cache")
     async def chunk_cache():
-        return {"models": {name: {**report, **_contents(backends[name])}
+        lookups = _document_chunk_lookups(metrics)
+        return {"models": {name: {**report, **_contents(backends[name]),
+                                  "document_chunks": lookups.get(name, {"lookups": 0, "hits": 0, "hit_rate": None})}
                            for name, report in chunk_stores(backends).items()}}
 
     @api.get("/config")
@@ -86,6 +94,16 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
 
     if WEB_STATIC.is_dir():
         app.mount("/admin/static", StaticFiles(directory=WEB_STATIC), name="admin-static")
+
+
+def _document_chunk_lookups(metrics: GatewayMetrics) -> dict[str, dict[str, Any]]:
+    """Per model, the chunks of RAG prompts found in the chunk-cache: the figure the overview's chunk hit rate
+    sums over models (the store's own tier counters also count the system prompt's KV)."""
+    s = Samples(metrics.registry)
+    lookups = s.by("blendgate_chunk_cache_lookups_total", "model")
+    hits = s.by("blendgate_chunk_cache_lookups_total", "model", result="hit")
+    return {model: {"lookups": int(n), "hits": int(hits.get(model, 0)),
+                    "hit_rate": hits.get(model, 0) / n if n else None} for model, n in lookups.items()}
 
 
 def _contents(backend: LocalBackend, top: int = 10) -> dict[str, Any]:

@@ -27,13 +27,14 @@ from .chat import ChatService
 from .config import LocalModelConfig, Settings, SglangModelConfig
 from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
-from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter
+from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter, snapshot
 from .openapi import CLIENT_AUTH, JSON_BODY, RETRIEVAL, errors, install_openapi
 from .rag import RagPlanner, as_gateway_error, build_retriever
 from .response_cache import ChatCache, build_semantic_cache
 from .responses import (CollectionList, DeleteResult, FalseHitResult, Health, IngestResult, ModelCard, ModelList,
                         RetrieveResponse)
 from .schemas import ChatCompletionRequest, FalseHitReport, IngestRequest, RetrieveRequest
+from .stats_history import StatsHistory
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -74,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = GatewayMetrics(registry)
     chat.metrics = metrics
     registry.register(LiveStateCollector(lambda: chunk_stores(backends), lambda: dict(chat.in_flight)))
+    history = StatsHistory(lambda: snapshot(metrics))  # the admin charts' recent past
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -94,7 +96,9 @@ def create_app(settings: Settings) -> FastAPI:
             await semantic.start()
             chat_cache.cache, chat_cache.embed = semantic, rag.retriever.embedder.embed
             chat_cache.collection_version = rag.retriever.collection_version
+        history.start()
         yield
+        await history.stop()
         if chat_cache.cache is not None:
             await chat_cache.cache.close()
         await asyncio.gather(*(backend.close() for backend in backends.values()), return_exceptions=True)
@@ -110,7 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
             chat_cache.cache.effective_policies(list(backends))  # refreshes the policy gauges
 
     install_admin(app, settings=settings, admin=admin, metrics=metrics, chat_cache=chat_cache, backends=backends,
-                  refresh_gauges=refresh_gauges)
+                  history=history, refresh_gauges=refresh_gauges)
 
     @app.post("/v1/chat/completions", responses=errors(*CLIENT_AUTH, *JSON_BODY, 404, 429, 502, 503, 504))
     async def chat_completions(request: ChatCompletionRequest, raw: Request, tenant: str = Depends(auth)):
