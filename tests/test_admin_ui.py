@@ -259,7 +259,8 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         # The overview's chunk hit rate is this page's document-chunk hit rate (one local model here): the
         # same figure, of the same lookups; the store's own counters are shown apart, labelled as such.
         expect(page.get_by_test_id(f"chunk-model-hit-rate-{EMBEDDED}")).to_have_text(chunk_rate)
-        expect(page.get_by_test_id(f"chunk-model-lookups-{EMBEDDED}")).to_have_text(f"({chunk_hits} of {chunk_lookups})")
+        expect(page.get_by_test_id(f"chunk-model-lookups-{EMBEDDED}")
+               ).to_have_text(f"({chunk_hits} of {chunk_lookups})")
         expect(model).to_contain_text("Store hits")
         expect(page.get_by_test_id(f"chunk-collections-{EMBEDDED}")).to_contain_text("(inline)")
         top_tier = page.get_by_test_id(f"chunk-top-{EMBEDDED}").locator("tbody tr").first.locator("td").last
@@ -279,7 +280,8 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
             expect(rows.nth(i).get_by_test_id("entry-variants")).to_have_text("2 variants")
         differing = {tuple(sorted(rows.nth(i).get_by_test_id("entry-settings").locator("[data-differs]")
                                   .all_inner_texts())) for i in range(2)}
-        assert differing == {(f"max_tokens {MAX_TOKENS}",), (f"max_tokens {MAX_TOKENS - 4}", "namespace ops")}, differing
+        assert differing == {(f"max_tokens {MAX_TOKENS}",),
+                             (f"max_tokens {MAX_TOKENS - 4}", "namespace ops")}, differing
         shared = rows.nth(0).get_by_test_id("entry-settings").locator(".chip:not([data-differs])")
         expect(shared.filter(has_text="temperature 0")).to_have_count(1)
         page.get_by_test_id("entries-search").fill("capital of france")

@@ -22,6 +22,11 @@ ADMIN_KEY = "admin-key-for-openapi-tests"
 EXAMPLES_PER_OPERATION = 20
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance]
+# Schema-valid requests must be accepted (2xx, or 404 for a name that does not exist, ...), never refused with
+# 400: every operation but chat, whose request schema still admits values the gateway refuses by design (lone
+# surrogates, n > 1, ...) until the chat request model is made strict (issue 17, items 5 and 6).
+ACCEPTS_WHAT_IT_DECLARES = [checks.positive_data_acceptance]
+SCHEMA_LOOSER_THAN_GATEWAY = {"POST /v1/chat/completions"}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +93,13 @@ def test_answers_conform_to_the_document(documented: GatewayProcess) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15, [op.label for op in operations]
     for operation in operations:
+        applied = CHECKS if operation.label in SCHEMA_LOOSER_THAN_GATEWAY else CHECKS + ACCEPTS_WHAT_IT_DECLARES
+
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         def conforms(case) -> None:
-            case.call_and_validate(headers=headers, checks=CHECKS, timeout=60)
+            case.call_and_validate(headers=headers, checks=applied, timeout=60)
 
         try:
             conforms()
