@@ -15,8 +15,11 @@ from .backends.base import ChatBackend
 from .backends.local import LocalBackend
 from .config import Settings
 from .errors import GatewayError
-from .metrics import GatewayMetrics, semantic_categories, snapshot
+from .metrics import GatewayMetrics, Samples, semantic_categories, snapshot
+from .openapi import ADMIN_AUTH, JSON_BODY, errors
 from .response_cache import ChatCache
+from .schemas import InvalidateRequest
+from .stats_history import SAMPLE_INTERVAL_S, StatsHistory
 
 WEB_STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 
@@ -28,9 +31,9 @@ def chunk_stores(backends: dict[str, ChatBackend]) -> dict[str, Any]:
 
 
 def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics: GatewayMetrics,
-                  chat_cache: ChatCache, backends: dict[str, ChatBackend],
+                  chat_cache: ChatCache, backends: dict[str, ChatBackend], history: StatsHistory,
                   refresh_gauges: Callable[[], None]) -> None:
-    api = APIRouter(prefix="/admin/api", dependencies=[Depends(admin)])
+    api = APIRouter(prefix="/admin/api", dependencies=[Depends(admin)], responses=errors(*ADMIN_AUTH))
 
     def semantic_cache():
         if chat_cache.cache is None:
@@ -42,38 +45,41 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
         refresh_gauges()
         return snapshot(metrics, chat_cache.cache.store.kind if chat_cache.cache is not None else None)
 
-    @api.get("/semantic-cache")
+    @api.get("/stats/history")
+    async def stats_history():
+        """The overview's chart fields, sampled every SAMPLE_INTERVAL_S seconds over the last ten minutes."""
+        return {"object": "list", "interval_s": SAMPLE_INTERVAL_S, "data": history.recent()}
+
+    @api.get("/semantic-cache", responses=errors(503))
     async def semantic_cache_stats():
         cache = semantic_cache()
         refresh_gauges()
         return {**cache.stats(), "categories": semantic_categories(metrics),
                 "policy": cache.effective_policies(list(backends))}
 
-    @api.get("/semantic-cache/entries")
+    @api.get("/semantic-cache/entries", responses=errors(400, 503))
     async def semantic_cache_entries(search: str | None = Query(None, max_length=500),
                                      category: str | None = None, tenant: str | None = None,
                                      offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=200)):
         return await semantic_cache().browse(search=search, category=category, tenant=tenant, offset=offset,
                                              limit=limit)
 
-    @api.delete("/semantic-cache/entries/{entry_id}")
+    @api.delete("/semantic-cache/entries/{entry_id}", responses=errors(404, 503))
     async def semantic_cache_delete(entry_id: str):
         removed = await semantic_cache().invalidate(entry_id=entry_id)
         if not removed:
             raise GatewayError(404, f"no live semantic-cache entry {entry_id}", code="entry_not_found")
         return {"invalidated": removed}
 
-    @api.post("/semantic-cache/invalidate")
-    async def semantic_cache_invalidate(body: dict):
-        allowed = {"entry_id", "collection", "category", "tenant"}
-        if not body or set(body) - allowed or not all(isinstance(v, str) and v for v in body.values()):
-            raise GatewayError(400, f"give one or more of {sorted(allowed)} as non-empty strings",
-                               code="invalid_value")
-        return {"invalidated": await semantic_cache().invalidate(**body)}
+    @api.post("/semantic-cache/invalidate", responses=errors(*JSON_BODY, 503))
+    async def semantic_cache_invalidate(body: InvalidateRequest):
+        return {"invalidated": await semantic_cache().invalidate(**body.selectors())}
 
     @api.get("/chunk-cache")
     async def chunk_cache():
-        return {"models": {name: {**report, **_contents(backends[name])}
+        lookups = _document_chunk_lookups(metrics)
+        return {"models": {name: {**report, **_contents(backends[name]),
+                                  "document_chunks": lookups.get(name, {"lookups": 0, "hits": 0, "hit_rate": None})}
                            for name, report in chunk_stores(backends).items()}}
 
     @api.get("/config")
@@ -88,6 +94,16 @@ def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics
 
     if WEB_STATIC.is_dir():
         app.mount("/admin/static", StaticFiles(directory=WEB_STATIC), name="admin-static")
+
+
+def _document_chunk_lookups(metrics: GatewayMetrics) -> dict[str, dict[str, Any]]:
+    """Per model, the chunks of RAG prompts found in the chunk-cache: the figure the overview's chunk hit rate
+    sums over models (the store's own tier counters also count the system prompt's KV)."""
+    s = Samples(metrics.registry)
+    lookups = s.by("blendgate_chunk_cache_lookups_total", "model")
+    hits = s.by("blendgate_chunk_cache_lookups_total", "model", result="hit")
+    return {model: {"lookups": int(n), "hits": int(hits.get(model, 0)),
+                    "hit_rate": hits.get(model, 0) / n if n else None} for model, n in lookups.items()}
 
 
 def _contents(backend: LocalBackend, top: int = 10) -> dict[str, Any]:

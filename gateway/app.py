@@ -8,13 +8,13 @@ import sqlite3
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..retriever.embedder import EmbedderError
 from ..retriever.loaders import SourceDocument
-from ..retriever.service import CorruptIndexError, RetrievalError
+from ..retriever.service import COLLECTION_NAME, CorruptIndexError, RetrievalError
 from ..semcache.policy import LoadMonitor
 from . import __version__
 from .admin import chunk_stores, install_admin
@@ -27,10 +27,14 @@ from .chat import ChatService
 from .config import LocalModelConfig, Settings, SglangModelConfig
 from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
-from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter
+from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter, snapshot
+from .openapi import CLIENT_AUTH, JSON_BODY, RETRIEVAL, errors, install_openapi
 from .rag import RagPlanner, as_gateway_error, build_retriever
 from .response_cache import ChatCache, build_semantic_cache
-from .schemas import ChatCompletionRequest, IngestRequest, RetrieveRequest
+from .responses import (CollectionList, DeleteResult, FalseHitResult, Health, IngestResult, ModelCard, ModelList,
+                        RetrieveResponse)
+from .schemas import ChatCompletionRequest, FalseHitReport, IngestRequest, RetrieveRequest
+from .stats_history import StatsHistory
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -71,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = GatewayMetrics(registry)
     chat.metrics = metrics
     registry.register(LiveStateCollector(lambda: chunk_stores(backends), lambda: dict(chat.in_flight)))
+    history = StatsHistory(lambda: snapshot(metrics))  # the admin charts' recent past
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -91,13 +96,16 @@ def create_app(settings: Settings) -> FastAPI:
             await semantic.start()
             chat_cache.cache, chat_cache.embed = semantic, rag.retriever.embedder.embed
             chat_cache.collection_version = rag.retriever.collection_version
+        history.start()
         yield
+        await history.stop()
         if chat_cache.cache is not None:
             await chat_cache.cache.close()
         await asyncio.gather(*(backend.close() for backend in backends.values()), return_exceptions=True)
 
     app = FastAPI(title="blendgate", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestCounter, counter=metrics.requests)
 
@@ -106,25 +114,25 @@ def create_app(settings: Settings) -> FastAPI:
             chat_cache.cache.effective_policies(list(backends))  # refreshes the policy gauges
 
     install_admin(app, settings=settings, admin=admin, metrics=metrics, chat_cache=chat_cache, backends=backends,
-                  refresh_gauges=refresh_gauges)
+                  history=history, refresh_gauges=refresh_gauges)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=errors(*CLIENT_AUTH, *JSON_BODY, 404, 429, 502, 503, 504))
     async def chat_completions(request: ChatCompletionRequest, raw: Request, tenant: str = Depends(auth)):
         raw.state.model = request.model  # the request counter's model label
         return await chat.handle(request, tenant, raw.headers)
 
-    def model_card(name: str) -> dict:
+    def model_card(name: str) -> ModelCard:
         backend = backends[name]
         owner = "blendgate" if isinstance(backend, LocalBackend) else "sglang" if isinstance(backend, SglangBackend) \
             else backend.config.litellm_model.split("/")[0]
-        return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+        return ModelCard(id=name, owned_by=owner)
 
-    @app.get("/v1/models")
-    async def list_models(_: str = Depends(auth)):
-        return {"object": "list", "data": [model_card(name) for name in backends]}
+    @app.get("/v1/models", responses=errors(*CLIENT_AUTH))
+    async def list_models(_: str = Depends(auth)) -> ModelList:
+        return ModelList(data=[model_card(name) for name in backends])
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, _: str = Depends(auth)):
+    @app.get("/v1/models/{model:path}", responses=errors(*CLIENT_AUTH, 404))
+    async def get_model(model: str, _: str = Depends(auth)) -> ModelCard:
         chat.backend_for(model)
         return model_card(model)
 
@@ -145,52 +153,58 @@ def create_app(settings: Settings) -> FastAPI:
             if removed:
                 log.info("semantic cache: %d entries of collection %s invalidated", removed, collection)
 
-    @app.post("/v1/retrieve")
-    async def retrieve(request: RetrieveRequest, _: str = Depends(auth)):
+    # A collection in a path: the retriever's naming rule, declared so the document says which names exist.
+    collection_name = Path(pattern=COLLECTION_NAME.pattern, description="letters, digits, '_', '-', '.'; "
+                                                                         "at most 64 characters")
+
+    @app.post("/v1/retrieve", responses=errors(*CLIENT_AUTH, *JSON_BODY, *RETRIEVAL, 404, 409))
+    async def retrieve(request: RetrieveRequest, _: str = Depends(auth)) -> RetrieveResponse:
         with metrics.retrieval.labels("retrieve").time():
             chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
-        return {"object": "list", "collection": request.collection,
-                "version": retriever().collection_version(request.collection),
-                "data": [{**c.citation(), "text": c.text, "token_count": c.token_count} for c in chunks]}
+        return RetrieveResponse(collection=request.collection,
+                                version=retriever().collection_version(request.collection),
+                                data=[{**c.citation(), "text": c.text, "token_count": c.token_count} for c in chunks])
 
-    @app.get("/v1/collections")
-    async def list_collections(_: str = Depends(auth)):
-        return {"object": "list", "data": await retrieval_call(retriever().collections)}
+    @app.get("/v1/collections", responses=errors(*CLIENT_AUTH, *RETRIEVAL))
+    async def list_collections(_: str = Depends(auth)) -> CollectionList:
+        return CollectionList(data=await retrieval_call(retriever().collections))
 
-    @app.post("/v1/collections/{collection}/documents")
-    async def ingest_documents(collection: str, request: IngestRequest, _: str = Depends(auth)):
+    @app.post("/v1/collections/{collection}/documents", responses=errors(*CLIENT_AUTH, *JSON_BODY, *RETRIEVAL, 409))
+    async def ingest_documents(request: IngestRequest, collection: str = collection_name,
+                               _: str = Depends(auth)) -> IngestResult:
         documents = [SourceDocument(d.source or f"api#{d.id or i}", d.text) for i, d in enumerate(request.documents)]
         summary = await retrieval_call(retriever().ingest_documents, collection, documents)
         await invalidate_collection(collection)
-        return summary.as_dict()
+        return IngestResult.model_validate(summary.as_dict())
 
-    @app.delete("/v1/collections/{collection}")
-    async def delete_collection(collection: str, source: str | None = None, _: str = Depends(auth)):
+    @app.delete("/v1/collections/{collection}", responses=errors(*CLIENT_AUTH, *RETRIEVAL, 400, 404))
+    async def delete_collection(collection: str = collection_name, source: str | None = None,
+                                _: str = Depends(auth)) -> DeleteResult:
         removed = await retrieval_call(retriever().delete, collection, source)
         await invalidate_collection(collection)
-        return {"collection": collection, "source": source, "deleted": True, "removed_chunks": removed}
+        return DeleteResult(collection=collection, source=source, removed_chunks=removed)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus_metrics():
         refresh_gauges()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/semantic-cache/false-hit")
-    async def report_false_hit(body: dict, tenant: str = Depends(auth)):
+    @app.post("/v1/semantic-cache/false-hit", responses=errors(*CLIENT_AUTH, *JSON_BODY, 404))
+    async def report_false_hit(body: FalseHitReport, tenant: str = Depends(auth)) -> FalseHitResult:
         """A client says a cached answer was wrong (entry_id from the hit's blendgate.semantic_cache): it is
         counted and the entry invalidated. Only the tenant the entry belongs to may report it."""
-        entry_id = body.get("entry_id")
-        if not isinstance(entry_id, str) or not entry_id or set(body) != {"entry_id"}:
-            raise GatewayError(400, "give entry_id (from a hit's blendgate.semantic_cache.entry_id)",
-                               code="invalid_value", param="entry_id")
+        entry_id = body.entry_id
         cache = chat_cache.cache
         owner = cache.category_of(entry_id) if cache is not None else None
         if owner is None or owner[0] != tenant:
             raise GatewayError(404, f"no live semantic-cache entry {entry_id} of yours", code="entry_not_found")
         metrics.false_hits.labels(owner[1], tenant).inc()
-        return {"reported": True, "invalidated": await cache.invalidate(entry_id=entry_id, tenant=tenant)}
+        return FalseHitResult(invalidated=await cache.invalidate(entry_id=entry_id, tenant=tenant))
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health,
+             responses={503: {"model": Health, "description": "Not ready: still loading, degraded or failed"}})
     async def healthz():
         models = {name: backend.status() for name, backend in backends.items()}
         states = {m["state"] for m in models.values()}
@@ -202,8 +216,8 @@ def create_app(settings: Settings) -> FastAPI:
             {"state": "loading"} if cache is None else \
             {"state": "ready" if cache.available else "degraded", "store": cache.store.kind,
              "entries": len(cache.index), **({"error": cache.down_reason} if not cache.available else {})}
-        return JSONResponse({"status": status, "models": models, "retrieval": retrieval, "semantic_cache": semantic},
-                            status_code=200 if status == "ready" else 503)
+        health = Health(status=status, models=models, retrieval=retrieval, semantic_cache=semantic)
+        return JSONResponse(health.model_dump(), status_code=200 if status == "ready" else 503)
 
     return app
 

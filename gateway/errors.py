@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("blendgate.gateway")
@@ -27,6 +28,19 @@ _TYPE_BY_STATUS = {
 }
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (what the OpenAPI document declares for each 4xx/5xx)."""
+
+    error: ErrorDetail
+
+
 class GatewayError(Exception):
     """An error with its HTTP status, raised anywhere and rendered in OpenAI's shape."""
 
@@ -40,7 +54,8 @@ class GatewayError(Exception):
         self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                               code=self.code)).model_dump()
 
 
 def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -48,8 +63,8 @@ def error_response(error: GatewayError, headers: dict[str, str] | None = None) -
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    parts = [p for p in loc if p != "body"]
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; ('path', 'collection') -> 'collection'."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "path", "query", "header") else list(loc)
     # Discriminated/union branches add the branch name to the location; it means nothing to a client.
     text = ""
     for part in parts:

@@ -33,6 +33,30 @@ _ANSWER_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens",
 _UNCACHEABLE_PARAMS = ("tools", "functions", "logprobs", "top_logprobs", "audio", "modalities", "prediction")
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def readable_settings(key: dict[str, Any]) -> dict[str, Any]:
+    """A cache key's context as people read it (the admin UI's "cached under"): what was set, with long parts
+    (earlier turns, inline documents, the RAG system prompt) as a count and a short digest, so that two
+    entries of one question show where they differ without holding the conversation twice."""
+    shown: dict[str, Any] = {}
+    for name, value in key.items():
+        if value is None or value == [] or value == {}:
+            continue
+        if name == "history":
+            shown[name] = {"messages": len(value), "digest": _digest(value)[:8]}
+        elif name == "rag_system_prompt":
+            shown[name] = {"digest": _digest(value)[:8]}
+        elif name == "params":
+            shown[name] = {k: {"count": len(v), "digest": _digest(v)[:8]} if k == "documents" else v
+                           for k, v in value.items()}
+        else:
+            shown[name] = value
+    return json.loads(json.dumps(shown, default=str))  # JSON values only: the entry stores it as JSON
+
+
 def embedder_fingerprint(embedder: Embedder) -> str:
     """Names the embedding space; entries and thresholds of another embedder are never reused."""
     hasher = hashlib.blake2b(f"{embedder.name}:{embedder.dimension}".encode(), digest_size=6)
@@ -153,8 +177,10 @@ class ChatCache:
             return "temperature"
         return None
 
-    def context_digest(self, request: ChatCompletionRequest, namespace: str | None,
-                       collection: str | None) -> str:
+    def context(self, request: ChatCompletionRequest, namespace: str | None,
+                collection: str | None) -> tuple[str, dict[str, Any]]:
+        """The cache key's context (a digest of everything besides the question that changes the answer; only
+        equal digests share answers) and its readable form (`readable_settings`), stored with the entry."""
         data = request.model_dump(exclude_unset=True, by_alias=True)
         extra = request.model_extra or {}
         params = {k: data.get(k, extra.get(k)) for k in _ANSWER_PARAMS if k in data or k in extra}
@@ -163,7 +189,7 @@ class ChatCache:
                "collection": collection,
                "version": self.collection_version(collection) if collection else None,
                "rag_system_prompt": self.rag_system_prompt if collection or request.documents else None}
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        return _digest(key), readable_settings(key)
 
     async def plan(self, request: ChatCompletionRequest, tenant: str, headers: Mapping[str, str],
                    collection: str | None) -> tuple[CachePlan | None, dict[str, Any] | None]:
@@ -178,8 +204,9 @@ class ChatCache:
             return None, {"status": "bypass", "reason": reason}
         text = request.messages[-1].text().strip()
         vector = (await asyncio.to_thread(self.embed, [text]))[0]
-        context = await asyncio.to_thread(self.context_digest, request, controls.namespace, collection)
+        context, settings = await asyncio.to_thread(self.context, request, controls.namespace, collection)
         query = CacheQuery(tenant=tenant, model=request.model, text=text, context=context, collection=collection,
+                           settings=settings,
                            no_cache=controls.no_cache, no_store=controls.no_store, ttl_s=controls.ttl_s,
                            max_age_s=controls.max_age_s)
         return CachePlan(self.cache, query, vector), None

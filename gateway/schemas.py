@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -169,3 +169,30 @@ class IngestDocument(_Options):
 
 class IngestRequest(_Options):
     documents: list[IngestDocument] = Field(min_length=1)
+
+
+class FalseHitReport(_Options):
+    """A client's report that a cached answer was wrong: the entry id from a hit's blendgate.semantic_cache."""
+
+    entry_id: str = Field(min_length=1)
+
+
+class InvalidateRequest(_Options):
+    """Which semantic-cache entries an operator drops: one or more selectors, all of which an entry must match."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    # Absent, not null: the schema types each as a string (None is only the "not given" default).
+    entry_id: str = Field(None, min_length=1)
+    collection: str = Field(None, min_length=1)
+    category: str = Field(None, min_length=1)
+    tenant: str = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "InvalidateRequest":
+        if not self.selectors():
+            raise ValueError("give one or more of entry_id, collection, category, tenant")
+        return self
+
+    def selectors(self) -> dict[str, str]:
+        return self.model_dump(exclude_none=True)

@@ -45,6 +45,8 @@ class CacheQuery:
     text: str
     context: str
     collection: str | None = None
+    # The readable form of `context` (CacheEntry.settings), stored with the answer.
+    settings: dict[str, Any] = field(default_factory=dict)
     no_cache: bool = False
     no_store: bool = False
     ttl_s: float | None = None
@@ -337,7 +339,8 @@ class SemanticCache:
             return None
         entry = CacheEntry(tenant=query.tenant, category=category, context=query.context, model=query.model,
                            query=query.text, response=response, embedding=np.asarray(vector, dtype=np.float32),
-                           ttl_s=min(query.ttl_s or policy.ttl_s, MAX_TTL_S), collection=query.collection)
+                           ttl_s=min(query.ttl_s or policy.ttl_s, MAX_TTL_S), collection=query.collection,
+                           settings=query.settings)
         # The same question answered again (a no-cache request, say) replaces its entry instead of piling up.
         replaced = [meta.entry_id for meta, similarity, _ in self.nearest(query.tenant, [category], vector)
                     if similarity >= SAME_QUESTION and meta.context == query.context]
@@ -420,7 +423,8 @@ class SemanticCache:
                     if e is not None]
         return {"total": total, "offset": offset, "limit": limit,
                 "data": [{"id": e.entry_id, "tenant": e.tenant, "category": e.category, "model": e.model,
-                          "collection": e.collection, "query": e.query, "response": e.response.get("content"),
+                          "collection": e.collection, "settings": e.settings, "query": e.query,
+                          "response": e.response.get("content"),
                           "created_at": e.created_at, "expires_at": e.expires_at, "hits": e.hits} for e in page]}
 
     def category_of(self, entry_id: str) -> tuple[str, str] | None:

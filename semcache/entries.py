@@ -33,6 +33,9 @@ class CacheEntry:
     embedding: np.ndarray
     ttl_s: float
     collection: str | None = None
+    # What `context` digests, for people to read (model, namespace, sampling parameters, collection and
+    # version, earlier turns): the admin UI shows how entries of the same question differ.
+    settings: dict[str, Any] = field(default_factory=dict)
     entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     last_hit_at: float = 0.0
@@ -48,7 +51,8 @@ class CacheEntry:
     def _digest(self) -> str:
         # Times as floats, as from_fields reads them: an int TTL must sign the same as the 1.0 read back.
         signed = json.dumps([self.entry_id, self.tenant, self.category, self.context, self.model, self.query,
-                             self.response, self.collection, float(self.created_at), float(self.ttl_s)],
+                             self.response, self.collection, float(self.created_at), float(self.ttl_s),
+                             self.settings],
                             sort_keys=True, separators=(",", ":"))
         hasher = hashlib.blake2b(signed.encode(), digest_size=16)
         hasher.update(self.embedding.astype("<f4").tobytes())
@@ -58,7 +62,8 @@ class CacheEntry:
         return {
             "id": self.entry_id, "tenant": self.tenant, "category": self.category, "context": self.context,
             "model": self.model, "query": self.query, "response": json.dumps(self.response),
-            "collection": self.collection or "", "created_at": repr(self.created_at), "ttl_s": repr(self.ttl_s),
+            "collection": self.collection or "", "settings": json.dumps(self.settings, sort_keys=True),
+            "created_at": repr(self.created_at), "ttl_s": repr(self.ttl_s),
             "embedding": self.embedding.astype("<f4").tobytes(), "digest": self._digest(),
             "hits": str(self.hits), "last_hit_at": repr(self.last_hit_at),
         }
@@ -79,13 +84,16 @@ class CacheEntry:
                 tenant=text("tenant"), category=text("category"), context=text("context"), model=text("model"),
                 query=text("query"), response=json.loads(text("response")),
                 embedding=np.frombuffer(raw, dtype="<f4").astype(np.float32),
-                ttl_s=float(text("ttl_s")), collection=text("collection") or None, entry_id=text("id"),
+                ttl_s=float(text("ttl_s")), collection=text("collection") or None,
+                settings=json.loads(text("settings")), entry_id=text("id"),
                 created_at=float(text("created_at")), last_hit_at=float(text("last_hit_at")),
                 hits=int(text("hits")))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptEntry(str(exc)) from None
         if not isinstance(entry.response, dict) or not isinstance(entry.response.get("content"), str):
             raise CorruptEntry("response has no content")
+        if not isinstance(entry.settings, dict):
+            raise CorruptEntry("settings are not an object")
         if entry._digest() != text("digest"):
             raise CorruptEntry("digest does not match")
         return entry

@@ -34,6 +34,8 @@ VIEWPORT = {"width": 1366, "height": 768}
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 MAX_TOKENS = 16
 QUESTION = "What is the capital of France?"
+# Asked twice under different settings: two entries the Entries page must tell apart.
+VARIANT_QUESTION = "Which planet is known as the red planet?"
 DOCUMENTS = ["The Nile is about 6,650 km long and flows north into the Mediterranean Sea.",
              "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa at 5,895 m."]
 # The browser's own report of a response with an error status (not something the page logged or threw).
@@ -93,10 +95,10 @@ class Console:
         return [(kind, text) for kind, text in self.messages if kind in ("error", "warning", "pageerror")]
 
 
-def ask(gateway: GatewayProcess, question: str, **extra: Any):
+def ask(gateway: GatewayProcess, question: str, max_tokens: int = MAX_TOKENS, **extra: Any):
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
     return client.chat.completions.create(model=EMBEDDED, messages=[{"role": "user", "content": question}],
-                                          temperature=0, max_tokens=MAX_TOKENS, **extra)
+                                          temperature=0, max_tokens=max_tokens, **extra)
 
 
 def cache_report(completion) -> dict:
@@ -115,6 +117,27 @@ def stored_entry(gateway: GatewayProcess, question: str, timeout_s: float = 15.0
         if time.monotonic() > deadline:
             raise AssertionError(f"no entry was stored for {question!r}: {listed}")
         time.sleep(0.1)
+
+
+def stored_entries(gateway: GatewayProcess, question: str, n: int, timeout_s: float = 15.0) -> list[dict]:
+    """The `n` entries of `question` once the gateway has stored them all."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = httpx.get(f"{gateway.url}/admin/api/semantic-cache/entries", params={"search": question},
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+        exact = [entry for entry in listed["data"] if entry["query"] == question]
+        if len(exact) >= n:
+            return exact
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(exact)} entries of {question!r} stored, not {n}: {listed}")
+        time.sleep(0.1)
+
+
+def sign_in(page, gateway: GatewayProcess) -> None:
+    page.goto(f"{gateway.url}/admin")
+    page.get_by_test_id("login-key").fill(ADMIN_KEY)
+    page.get_by_test_id("login-submit").click()
+    expect(page.get_by_test_id("view-overview")).to_be_visible()
 
 
 def count(page, testid: str) -> int:
@@ -205,6 +228,20 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         ask(admin_gateway, "How long is the Nile?", extra_body={"documents": DOCUMENTS})
         ask(admin_gateway, "Which is the highest mountain in Africa?", extra_body={"documents": DOCUMENTS})
         expect(page.get_by_test_id("chunk-hit-rate")).to_have_text(PERCENT, timeout=20_000)
+        page.wait_for_function(
+            "(least) => Number(document.querySelector('[data-testid=\"chunk-lookups\"]').textContent) >= least",
+            arg=2 * len(DOCUMENTS), timeout=20_000)
+        chunk_rate, chunk_hits = page.get_by_test_id("chunk-hit-rate").inner_text(), count(page, "chunk-hits")
+        chunk_lookups = count(page, "chunk-lookups")
+        expect(page.get_by_test_id("chunk-lookups").locator("xpath=following-sibling::span[1]")
+               ).to_have_text("RAG chunks")
+
+        # One question under two settings (max_tokens, a cache namespace): two entries, told apart below.
+        ask(admin_gateway, VARIANT_QUESTION)
+        ask(admin_gateway, VARIANT_QUESTION, max_tokens=MAX_TOKENS - 4, extra_body={"cache": {"namespace": "ops"}})
+        variants = stored_entries(admin_gateway, VARIANT_QUESTION, 2)
+        assert sorted(e["settings"]["params"]["max_tokens"] for e in variants) == [MAX_TOKENS - 4, MAX_TOKENS]
+        assert sorted(str(e["settings"].get("namespace")) for e in variants) == ["None", "ops"]
 
         open_view(page, "semantic-cache")
         expect(page.get_by_test_id("semantic-store")).to_have_text("Embedded")
@@ -219,6 +256,12 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         tiers = page.get_by_test_id(f"chunk-tiers-{EMBEDDED}")
         expect(tiers.locator("tr[data-tier='cpu']")).to_be_visible()
         expect(tiers.locator("tr[data-tier='disk']")).to_be_visible()
+        # The overview's chunk hit rate is this page's document-chunk hit rate (one local model here): the
+        # same figure, of the same lookups; the store's own counters are shown apart, labelled as such.
+        expect(page.get_by_test_id(f"chunk-model-hit-rate-{EMBEDDED}")).to_have_text(chunk_rate)
+        expect(page.get_by_test_id(f"chunk-model-lookups-{EMBEDDED}")
+               ).to_have_text(f"({chunk_hits} of {chunk_lookups})")
+        expect(model).to_contain_text("Store hits")
         expect(page.get_by_test_id(f"chunk-collections-{EMBEDDED}")).to_contain_text("(inline)")
         top_tier = page.get_by_test_id(f"chunk-top-{EMBEDDED}").locator("tbody tr").first.locator("td").last
         expect(top_tier).to_have_text(re.compile(r"^(cpu|disk)$"))
@@ -229,6 +272,18 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         expect(row).to_have_count(1)
         expect(row).to_have_attribute("data-entry-id", entry["id"])
         page.screenshot(path=str(screenshots / "admin-entries.png"), full_page=True)
+        # Entries of one question cached under different settings say so, and mark what differs.
+        page.get_by_test_id("entries-search").fill("red planet")
+        rows = page.get_by_test_id("entry-row")
+        expect(rows).to_have_count(2)
+        for i in range(2):
+            expect(rows.nth(i).get_by_test_id("entry-variants")).to_have_text("2 variants")
+        differing = {tuple(sorted(rows.nth(i).get_by_test_id("entry-settings").locator("[data-differs]")
+                                  .all_inner_texts())) for i in range(2)}
+        assert differing == {(f"max_tokens {MAX_TOKENS}",),
+                             (f"max_tokens {MAX_TOKENS - 4}", "namespace ops")}, differing
+        shared = rows.nth(0).get_by_test_id("entry-settings").locator(".chip:not([data-differs])")
+        expect(shared.filter(has_text="temperature 0")).to_have_count(1)
         page.get_by_test_id("entries-search").fill("capital of france")
         expect(page.get_by_test_id("entry-row")).to_have_count(1)
         row.get_by_test_id(f"invalidate-{entry['id']}").click()
@@ -258,6 +313,34 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         page.get_by_test_id("logout").click()
         expect(page.get_by_test_id("login-key")).to_be_visible()
         expect(page.get_by_test_id("app")).to_be_hidden()
+    finally:
+        context.close()
+    assert console.problems() == [], console.problems()
+
+
+def test_charts_start_from_the_gateways_history_and_the_logo_keeps_its_shape(admin_gateway: GatewayProcess,
+                                                                             browser) -> None:
+    # The gateway has been sampling its counters since it started (the tests above took well over 20 s).
+    history = httpx.get(f"{admin_gateway.url}/admin/api/stats/history", timeout=10,
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    times = [sample["time"] for sample in history["data"]]
+    assert len(times) >= 3 and times == sorted(times), history
+    assert history["data"][-1]["requests"]["total"] >= 1 and "chunk_cache" in history["data"][-1]["layers"]
+
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    console = Console(page)
+    try:
+        sign_in(page, admin_gateway)
+        # Drawn from the gateway's samples at once: from the page's own snapshots (one every 2 s) the chart
+        # would have its third point after 6 s.
+        page.wait_for_function(
+            "() => Number(document.getElementById('chart-requests').dataset.points || 0) >= 3", timeout=4_000)
+        expect(page.locator("#chart-requests-empty")).to_be_hidden()
+        expect(page.locator("#chart-hit-rates-empty")).to_be_hidden()
+
+        mark = page.locator(".sidebar .brand-mark").bounding_box()
+        assert mark is not None and abs(mark["width"] - mark["height"]) < 0.5, mark
     finally:
         context.close()
     assert console.problems() == [], console.problems()

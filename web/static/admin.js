@@ -287,6 +287,23 @@
     ingestStats(stats);
     route();
     scheduleStats(STATS_INTERVAL_MS);
+    seedHistory();
+  }
+
+  /** The charts start from the gateway's recent samples (GET /admin/api/stats/history), then follow the
+   * page's own snapshots. */
+  async function seedHistory() {
+    let data;
+    try {
+      data = await api('/stats/history');
+    } catch (err) {
+      return;   // the charts fill from the page's own snapshots instead
+    }
+    const live = state.history;
+    state.history = [];
+    for (const stats of Array.isArray(data && data.data) ? data.data : []) addPoint(historyPoint(stats));
+    for (const point of live) addPoint(point);
+    if (state.view === 'overview') renderCharts();
   }
 
   function signOut(message, kind) {
@@ -403,9 +420,9 @@
 
   const get = (object, ...path) => path.reduce((o, k) => (o && typeof o === 'object' ? o[k] : undefined), object);
 
-  function ingestStats(stats) {
-    if (!stats || typeof stats !== 'object') return;
-    const point = {
+  /** A snapshot's chart fields (a full snapshot or a sample of the gateway's history). */
+  function historyPoint(stats) {
+    return {
       t: isNum(stats.time) ? stats.time : Date.now() / 1000,
       total: apiRequests(stats.requests || {}),
       semLookups: get(stats, 'layers', 'semantic_cache', 'lookups'),
@@ -413,6 +430,9 @@
       chunkLookups: get(stats, 'layers', 'chunk_cache', 'lookups'),
       chunkHits: get(stats, 'layers', 'chunk_cache', 'hits'),
     };
+  }
+
+  function addPoint(point) {
     const last = state.history[state.history.length - 1];
     if (last && point.t <= last.t) {
       state.history[state.history.length - 1] = point;   // same snapshot time: replace
@@ -424,6 +444,11 @@
       state.history.push(point);
       if (state.history.length > HISTORY_POINTS) state.history.splice(0, state.history.length - HISTORY_POINTS);
     }
+  }
+
+  function ingestStats(stats) {
+    if (!stats || typeof stats !== 'object') return;
+    addPoint(historyPoint(stats));
     state.lastStats = stats;
     setLive(true);
     setText('uptime', fmt.duration(stats.uptime_s));
@@ -547,6 +572,7 @@
     if (state.view !== 'overview' || typeof window.uPlot !== 'function') return;
     const data = chartData();
     const ready = data.xs.length > 0;
+    byId('chart-requests').dataset.points = String(data.xs.length);
     byId('chart-requests-empty').hidden = ready;
     byId('chart-hit-rates-empty').hidden = ready;
     if (!state.charts.requests) {
@@ -773,8 +799,8 @@
   function chunkModelCard(name, model) {
     const tiers = Array.isArray(model.tiers) ? model.tiers : [];
     const hits = tiers.reduce((sum, t) => sum + (isNum(t.hits) ? t.hits : 0), 0);
-    const misses = isNum(model.misses) ? model.misses : 0;
-    const lookups = hits + misses;
+    // The overview's figure for this model: chunks of RAG prompts found in the cache.
+    const documents = model.document_chunks || {};
     const tierRows = tiers.map((tier) => {
       const share = isNum(tier.bytes) && isNum(tier.budget_bytes) && tier.budget_bytes > 0
         ? Math.min(1, tier.bytes / tier.budget_bytes) : null;
@@ -840,9 +866,14 @@
       h('div', { class: 'card' },
         h('div', { class: 'card-head' }, h('h2', { text: name }),
           h('div', { class: 'model-stats' },
-            h('span', null, 'Hit rate ', h('b', { 'data-testid': `chunk-model-hit-rate-${name}`, text: lookups ? fmt.pct(hits / lookups) : DASH })),
-            h('span', null, 'Hits ', h('b', { 'data-testid': `chunk-hits-${name}`, text: fmt.int(hits) })),
-            h('span', null, 'Misses ', h('b', { 'data-testid': `chunk-misses-${name}`, text: fmt.int(model.misses) })),
+            h('span', { title: 'Chunks placed in RAG prompts whose KV cache was found: the Overview\'s chunk hit rate, for this model' },
+              'RAG-chunk hit rate ', h('b', { 'data-testid': `chunk-model-hit-rate-${name}`,
+                text: documents.lookups ? fmt.pct(documents.hits / documents.lookups) : DASH }),
+              h('span', { class: 'muted', 'data-testid': `chunk-model-lookups-${name}`,
+                text: ` (${fmt.int(documents.hits)} of ${fmt.int(documents.lookups)})` })),
+            h('span', { title: 'The store\'s own counters: every lookup, the system prompt\'s KV included' },
+              'Store hits ', h('b', { 'data-testid': `chunk-hits-${name}`, text: fmt.int(hits) }),
+              ' · misses ', h('b', { 'data-testid': `chunk-misses-${name}`, text: fmt.int(model.misses) })),
             h('span', null, 'Corrupt ', h('b', { text: fmt.int(model.corrupt) })))),
         h('div', { class: collectionsBlock ? 'model-grid' : '' },
           h('div', null, h('div', { class: 'card-head card-head-sub' }, h('h2', { text: 'Tiers' })),
@@ -913,7 +944,8 @@
   function renderEntries(rows) {
     const query = state.entries;
     const filtered = query.search || query.category || query.tenant;
-    fillBody(tid('entries-table'), rows.map(entryRow),
+    const variants = variantsOf(rows);
+    fillBody(tid('entries-table'), rows.map((entry) => entryRow(entry, variants.get(entry))),
       filtered ? 'No entries match these filters.' : 'No answers are cached yet.', 8);
     const first = rows.length ? query.offset + 1 : 0;
     const last = query.offset + rows.length;
@@ -923,18 +955,68 @@
     byId('entries-next').disabled = last >= query.total;
   }
 
-  function entryRow(entry) {
+  /** What an entry's answer was cached under besides the question (its `settings`), as short labels; the
+   * model first. Long parts (earlier turns, inline documents) come as a count and a digest. */
+  function settingLabels(entry) {
+    const s = entry.settings && typeof entry.settings === 'object' ? entry.settings : {};
+    const text = (v) => (v !== null && typeof v === 'object' ? JSON.stringify(v) : String(v));
+    const labels = [`model ${entry.model || DASH}`];
+    if (s.namespace) labels.push(`namespace ${s.namespace}`);
+    if (s.collection) labels.push(`collection ${s.collection}${s.version === undefined || s.version === null ? '' : ` v${s.version}`}`);
+    for (const [name, value] of Object.entries(s.params && typeof s.params === 'object' ? s.params : {})) {
+      if (name === 'documents' && value && typeof value === 'object') {
+        labels.push(`${fmt.int(value.count)} inline ${value.count === 1 ? 'document' : 'documents'} · ${value.digest}`);
+      } else {
+        labels.push(`${name} ${text(value)}`);
+      }
+    }
+    if (s.history) labels.push(`${fmt.int(s.history.messages)} earlier ${s.history.messages === 1 ? 'message' : 'messages'} · ${s.history.digest}`);
+    if (s.rag_system_prompt) labels.push(`RAG system prompt · ${s.rag_system_prompt.digest}`);
+    return labels;
+  }
+
+  /** Entries of one tenant's same question on this page, cached under different settings: per entry, how many
+   * there are and which of its labels the others do not all share. */
+  function variantsOf(rows) {
+    const groups = new Map();
+    for (const entry of rows) {
+      const key = `${entry.tenant}\u0000${String(entry.query || '').trim().toLowerCase()}`;
+      if (!groups.has(key)) groups.set(key, []);
+      groups.get(key).push(entry);
+    }
+    const variants = new Map();
+    for (const group of groups.values()) {
+      if (group.length < 2) continue;
+      const labels = group.map((entry) => new Set(settingLabels(entry)));
+      group.forEach((entry, i) => {
+        const differs = new Set([...labels[i]].filter((label) => !labels.every((other) => other.has(label))));
+        variants.set(entry, { count: group.length, differs });
+      });
+    }
+    return variants;
+  }
+
+  function entryRow(entry, variant) {
     const id = String(entry.id);
     const now = Date.now() / 1000;
     const expired = isNum(entry.expires_at) && entry.expires_at <= now;
+    const differs = variant ? variant.differs : new Set();
+    const [modelLabel, ...settings] = settingLabels(entry);
     return h('tr', { 'data-entry-id': id, 'data-testid': 'entry-row' },
       h('td', { class: 'col-question' },
         h('div', { class: 'question', 'data-testid': 'entry-question', text: entry.query || '' }),
+        variant ? h('span', { class: 'badge badge-warn variants', 'data-testid': 'entry-variants',
+          title: 'This question is cached more than once, under different settings: the settings that differ are marked',
+          text: `${variant.count} variants` }) : null,
         entry.response ? h('div', { class: 'answer', title: String(entry.response), text: String(entry.response) }) : null),
       h('td', null, entry.category ? badge(entry.category) : DASH),
       h('td', { class: 'nowrap', text: entry.tenant || DASH }),
-      h('td', { class: 'model-cell', text: entry.model || DASH,
-        title: entry.collection ? `collection ${entry.collection}` : null }),
+      h('td', { class: 'model-cell' },
+        h('div', { class: differs.has(modelLabel) ? 'differs' : null, text: entry.model || DASH }),
+        h('div', { class: 'chips', 'data-testid': 'entry-settings' },
+          settings.length ? settings.map((label) => h('span', { class: `chip${differs.has(label) ? ' differs' : ''}`,
+            'data-differs': differs.has(label), text: label, title: label }))
+            : h('span', { class: 'chip chip-quiet', text: 'no parameters set' }))),
       h('td', { class: 'num', text: fmt.int(entry.hits) }),
       h('td', { class: 'when', title: fmt.date(entry.created_at) }, fmt.shortDate(entry.created_at),
         h('small', { text: fmt.relative(entry.created_at) })),
