@@ -14,6 +14,7 @@ from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 ADMIN_KEY = "admin-key-for-metrics-tests"
 KEYS = {"acme": "sk-acme-metrics-test", "globex": "sk-globex-metrics-test"}
+SECRET_API_BASE = "http://127.0.0.1:9/v1?api_key=S3CRET&api-version=1"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,12 @@ def observed(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     config = {
         "admin_key": ADMIN_KEY,
         "api_keys": [{"key": key, "tenant": tenant} for tenant, key in KEYS.items()],
-        "models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}}],
+        "models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}},
+                   # Never reachable: its api_base carries secrets in the userinfo and the query string.
+                   {"name": "secret-upstream", "backend": "litellm", "litellm_model": "openai/x",
+                    "api_base": SECRET_API_BASE, "timeout_s": 10},
+                   {"name": "secret-userinfo", "backend": "litellm", "litellm_model": "openai/x",
+                    "api_base": "http://bob:p@ss-S3CRET@127.0.0.1:9/v1"}],
         "retrieval": {"data_dir": str(workdir / "metrics-collections")},
         "semantic_cache": {"enabled": True},  # the embedded entry store: no Redis configured
     }
@@ -149,3 +155,16 @@ def test_admin_api_needs_its_key_and_hides_secrets(observed: GatewayProcess) -> 
     # The Nile document of the first test was sent inline: its chunk is held, and named.
     assert chunk["collections"]["(inline)"]["chunks"] >= 1
     assert any(c["source"] == "request#0" and c["tier"] in ("cpu", "disk") for c in chunk["top_chunks"])
+
+
+def test_upstream_secrets_are_hidden_from_the_config_view_and_errors(observed: GatewayProcess) -> None:
+    config = admin(observed, "GET", "/config")
+    assert config.status_code == 200 and "S3CRET" not in config.text
+    api_bases = {m["name"]: m.get("api_base") for m in config.json()["models"]}
+    assert api_bases["secret-upstream"] == "http://127.0.0.1:9/v1?api_key=***&api-version=1"
+    assert api_bases["secret-userinfo"] == "http://bob:***@127.0.0.1:9/v1"
+    failed = httpx.post(f"{observed.url}/v1/chat/completions", timeout=30,
+                        headers={"Authorization": f"Bearer {KEYS['acme']}"},
+                        json={"model": "secret-upstream", "messages": [{"role": "user", "content": "hi"}]})
+    error = assert_openai_error(failed, 502, "upstream_unreachable")
+    assert "S3CRET" not in failed.text and "127.0.0.1:9" in error["message"]

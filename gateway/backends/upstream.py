@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 
 from ..config import LitellmModelConfig
 from ..errors import GatewayError
+from ..redaction import redact_url
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage
 
@@ -84,11 +85,15 @@ class LitellmBackend(ChatBackend):
         litellm = self.litellm
         name = f"upstream {self.config.litellm_model}"
         message = getattr(exc, "message", None) or str(exc)
+        where = "its default address"
+        if self.config.api_base:  # shown without a key in its query string or userinfo
+            where = redact_url(self.config.api_base)
+            message = message.replace(self.config.api_base, where)
         if isinstance(exc, litellm.Timeout):
             return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s",
                                 code="upstream_timeout")
         if isinstance(exc, litellm.APIConnectionError) or _is_connection_failure(exc):
-            return GatewayError(502, f"{name} is unreachable at {self.config.api_base or 'its default address'}: "
+            return GatewayError(502, f"{name} is unreachable at {where}: "
                                      f"{message}", code="upstream_unreachable")
         if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):
             # The client's key is fine; the gateway's key for the provider is not. That is a gateway problem.
