@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from ..retriever.embedder import EmbedderError
 from ..retriever.loaders import SourceDocument
 from ..retriever.service import CorruptIndexError, RetrievalError
+from ..semcache.metrics import SemanticCacheMetrics, TenantLabel
 from ..semcache.policy import LoadMonitor
 from . import __version__
 from .admin import chunk_stores, install_admin
@@ -68,7 +69,8 @@ def create_app(settings: Settings) -> FastAPI:
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())
     admin = AdminAuth(settings.resolved_admin_key())
-    metrics = GatewayMetrics(registry)
+    tenant_label = TenantLabel(settings.metrics.tenant_label)
+    metrics = GatewayMetrics(registry, tenant_label)
     chat.metrics = metrics
     registry.register(LiveStateCollector(lambda: chunk_stores(backends), lambda: dict(chat.in_flight)))
 
@@ -87,7 +89,8 @@ def create_app(settings: Settings) -> FastAPI:
                  settings.retrieval.data_dir)
         # The semantic cache embeds with the retriever's embedder, so a RAG miss embeds its question once.
         if settings.semantic_cache.enabled:
-            semantic = build_semantic_cache(settings.semantic_cache, rag.retriever.embedder, registry, load)
+            semantic = build_semantic_cache(settings.semantic_cache, rag.retriever.embedder,
+                                            SemanticCacheMetrics(registry, tenant_label), load)
             await semantic.start()
             chat_cache.cache, chat_cache.embed = semantic, rag.retriever.embedder.embed
             chat_cache.collection_version = rag.retriever.collection_version
@@ -187,7 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
         owner = cache.category_of(entry_id) if cache is not None else None
         if owner is None or owner[0] != tenant:
             raise GatewayError(404, f"no live semantic-cache entry {entry_id} of yours", code="entry_not_found")
-        metrics.false_hits.labels(owner[1], tenant).inc()
+        metrics.false_hit(owner[1], tenant)
         return {"reported": True, "invalidated": await cache.invalidate(entry_id=entry_id, tenant=tenant)}
 
     @app.get("/healthz")

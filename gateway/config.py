@@ -21,6 +21,7 @@ from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
 from .rag_template import CONTEXT_DOCUMENTS
 from .redaction import MASK, redact
+from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -138,6 +139,15 @@ class ChunkCacheSettings(_Strict):
     disk_bytes: int = Field(20 << 30, ge=0)
     # Default: <cache_dir>/chunk-kv
     disk_dir: Path | None = None
+
+
+class MetricsSettings(_Strict):
+    """What the open /metrics endpoint shows."""
+
+    # How tenants appear in the per-tenant series: "name", "hash" (SHA-256 of the name, first 12 hex digits)
+    # or "drop" (no tenant label). Default "drop": /metrics needs no key, and a tenant's name, or the hash of
+    # a guessable name, tells anyone who can reach it who the customers are and how much each one asks.
+    tenant_label: TenantLabelMode = "drop"
 
 
 def _model_path(path: Path | None) -> Path | None:
@@ -330,6 +340,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     chunk_cache: ChunkCacheSettings = Field(default_factory=ChunkCacheSettings)
     semantic_cache: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # The operators' key for /admin/api (separate from client keys); give the key or the variable holding it.
     admin_key: Secret | None = None
     admin_key_env: str | None = None

@@ -24,6 +24,7 @@ def test_defaults_serve_the_embedded_model() -> None:
     assert settings.host == "127.0.0.1" and settings.port == 8000
     assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
     assert settings.models[0].path is None and settings.api_keys == []
+    assert settings.metrics.tenant_label == "drop"  # /metrics is open: no tenant named unless chosen
 
 
 def test_yaml_models_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,6 +77,7 @@ api_keys:
         ("chunk_cache:\n  selection:\n    score: loudness\n", "chunk_cache.selection.score"),
         ("chunk_cache:\n  context_documents: 9\n", "chunk_cache.context_documents"),
         ("chunk_cache:\n  fidelity_target: 0\n", "chunk_cache.fidelity_target"),
+        ("metrics:\n  tenant_label: plain\n", "metrics.tenant_label"),
         ("port: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "top level must be a mapping"),
     ],

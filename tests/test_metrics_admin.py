@@ -81,7 +81,7 @@ def test_metrics_cover_requests_latency_caches_and_queues(observed: GatewayProce
     assert {"cpu", "disk"} <= tiers
     assert "blendgate_backend_queue_depth" in families and "blendgate_request_duration_seconds" in families
     lookups = families["blendgate_semantic_cache_lookups"]
-    assert total(lookups, "blendgate_semantic_cache_lookups_total", tenant="acme", result="hit") >= 1
+    assert total(lookups, "blendgate_semantic_cache_lookups_total", result="hit") >= 1
     assert first.choices[0].message.content == hit.choices[0].message.content
 
 
@@ -136,7 +136,7 @@ def test_false_hit_reports_are_counted_and_scoped_to_their_tenant(observed: Gate
     assert own.json() == {"reported": True, "invalidated": 1}
     families = scrape(observed)
     assert total(families["blendgate_semantic_cache_false_hit_reports"],
-                 "blendgate_semantic_cache_false_hit_reports_total", tenant="acme", category=report["category"]) == 1
+                 "blendgate_semantic_cache_false_hit_reports_total", category=report["category"]) == 1
     assert_openai_error(httpx.post(url, json={"id": "x"}, timeout=10,
                                    headers={"Authorization": f"Bearer {KEYS['acme']}"}), 400)
 
@@ -168,3 +168,12 @@ def test_upstream_secrets_are_hidden_from_the_config_view_and_errors(observed: G
                         json={"model": "secret-upstream", "messages": [{"role": "user", "content": "hi"}]})
     error = assert_openai_error(failed, 502, "upstream_unreachable")
     assert "S3CRET" not in failed.text and "127.0.0.1:9" in error["message"]
+
+
+def test_open_metrics_name_no_tenant_by_default(observed: GatewayProcess) -> None:
+    ask(observed, "globex", "What is the tallest mountain on Earth?")
+    text = httpx.get(f"{observed.url}/metrics", timeout=10).text
+    assert "acme" not in text and "globex" not in text
+    families = scrape(observed)
+    assert total(families["blendgate_semantic_cache_lookups"], "blendgate_semantic_cache_lookups_total") >= 1
+    assert all("tenant" not in sample.labels for samples in families.values() for sample in samples)
