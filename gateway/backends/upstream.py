@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, AsyncIterator
@@ -10,7 +11,7 @@ from ..config import LitellmModelConfig
 from ..errors import GatewayError
 from ..redaction import redact_url
 from ..schemas import ChatCompletionRequest
-from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage
+from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage, loaded_or_503
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -55,12 +56,30 @@ class LitellmBackend(ChatBackend):
     def __init__(self, config: LitellmModelConfig) -> None:
         self.config = config
         self.litellm: Any = None
+        self._import_task: asyncio.Task | None = None
+        self._error: str | None = None
 
     async def start(self) -> None:
-        self.litellm = _import_litellm()
+        # Importing litellm takes seconds: done in a thread, after the port is open (/healthz: "loading").
+        self._import_task = asyncio.create_task(self._import(), name=f"import litellm for {self.config.name}")
+
+    async def _import(self) -> None:
+        try:
+            self.litellm = await asyncio.to_thread(_import_litellm)
+        except ImportError as exc:
+            self._error = f"cannot import litellm: {exc}"
+            log.error("model %s: %s", self.config.name, self._error)
+
+    async def close(self) -> None:
+        if self._import_task is not None and not self._import_task.done():
+            self._import_task.cancel()
 
     def status(self) -> dict[str, Any]:
-        return {"state": "ready" if self.litellm is not None else "loading", "upstream": self.config.litellm_model}
+        state = "ready" if self.litellm is not None else "failed" if self._error else "loading"
+        return {"state": state, "upstream": self.config.litellm_model, **({"error": self._error} if self._error else {})}
+
+    def _library(self) -> Any:
+        return loaded_or_503(self.litellm, self.config.name, self._error, "loading litellm")
 
     def _arguments(self, request: ChatCompletionRequest, stream: bool) -> dict[str, Any]:
         api_key = self.config.api_key()
@@ -109,7 +128,7 @@ class LitellmBackend(ChatBackend):
     async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
         ctx.backend = self.kind
         try:
-            response = await self.litellm.acompletion(**self._arguments(request, stream=False))
+            response = await self._library().acompletion(**self._arguments(request, stream=False))
         except Exception as exc:
             raise self._translate(exc) from exc
         ctx.mark_first_token()
@@ -123,7 +142,7 @@ class LitellmBackend(ChatBackend):
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         ctx.backend = self.kind
         try:
-            response = await self.litellm.acompletion(**self._arguments(request, stream=True))
+            response = await self._library().acompletion(**self._arguments(request, stream=True))
         except Exception as exc:
             raise self._translate(exc) from exc
         try:
