@@ -93,7 +93,11 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
         if settings.semantic_cache.enabled:
             semantic = build_semantic_cache(settings.semantic_cache, retriever.embedder,
                                             SemanticCacheMetrics(registry, tenant_label), load)
-            await semantic.start()
+            try:
+                await semantic.start()
+            except asyncio.CancelledError:  # shut down while starting
+                await semantic.close()
+                raise
             chat_cache.embed, chat_cache.collection_version = retriever.embedder.embed, retriever.collection_version
             chat_cache.cache = semantic
 
