@@ -76,7 +76,8 @@ class LitellmBackend(ChatBackend):
 
     def status(self) -> dict[str, Any]:
         state = "ready" if self.litellm is not None else "failed" if self._error else "loading"
-        return {"state": state, "upstream": self.config.litellm_model, **({"error": self._error} if self._error else {})}
+        return {"state": state, "upstream": self.config.litellm_model,
+                **({"error": self._error} if self._error else {})}
 
     def _library(self) -> Any:
         return loaded_or_503(self.litellm, self.config.name, self._error, "loading litellm")
