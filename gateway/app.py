@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sqlite3
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from ..retriever.embedder import EmbedderError
 from ..retriever.loaders import SourceDocument
 from ..retriever.service import COLLECTION_NAME, CorruptIndexError, RetrievalError
+from ..semcache.metrics import SemanticCacheMetrics, TenantLabel
 from ..semcache.policy import LoadMonitor
 from . import __version__
 from .admin import chunk_stores, install_admin
@@ -63,7 +64,9 @@ def _default_temperature(settings: Settings):
     return default
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
+    """The gateway. `on_fatal` is called when a part it cannot serve without fails to load in the background
+    (the document collections): the caller stops the server and exits non-zero."""
     backends = build_backends(settings)
     registry = CollectorRegistry()
     load = LoadMonitor(settings.semantic_cache.load)
@@ -72,33 +75,54 @@ def create_app(settings: Settings) -> FastAPI:
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())
     admin = AdminAuth(settings.resolved_admin_key())
-    metrics = GatewayMetrics(registry)
+    tenant_label = TenantLabel(settings.metrics.tenant_label)
+    metrics = GatewayMetrics(registry, tenant_label)
     chat.metrics = metrics
     registry.register(LiveStateCollector(lambda: chunk_stores(backends), lambda: dict(chat.in_flight)))
     history = StatsHistory(lambda: snapshot(metrics))  # the admin charts' recent past
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Local models load in the background: /healthz answers "loading" meanwhile.
-        await asyncio.gather(*(backend.start() for backend in backends.values()))
-        # Collections open before the gateway answers: a corrupt index stops start-up, naming the file.
+    async def open_collections_and_cache() -> None:
+        """The document collections, then the semantic cache (which embeds with the retriever's embedder, so
+        a RAG miss embeds its question once). A collection that cannot be opened (a corrupt index) is fatal:
+        it is logged, naming the file, and `on_fatal` stops the gateway."""
         try:
-            rag.retriever = await asyncio.to_thread(build_retriever, settings)
-            await asyncio.to_thread(rag.retriever.load_all)
+            retriever = await asyncio.to_thread(build_retriever, settings)
+            await asyncio.to_thread(retriever.load_all)
         except (CorruptIndexError, EmbedderError, sqlite3.DatabaseError) as exc:
             log.error("cannot open the document collections: %s", exc)
-            raise SystemExit(1) from None
-        log.info("retrieval ready: %d collections in %s", len(rag.retriever.collections()),
-                 settings.retrieval.data_dir)
-        # The semantic cache embeds with the retriever's embedder, so a RAG miss embeds its question once.
+            rag.retriever_error = str(exc)
+            on_fatal()
+            return
+        rag.retriever = retriever
+        log.info("retrieval ready: %d collections in %s", len(retriever.collections()), settings.retrieval.data_dir)
         if settings.semantic_cache.enabled:
-            semantic = build_semantic_cache(settings.semantic_cache, rag.retriever.embedder, registry, load)
-            await semantic.start()
-            chat_cache.cache, chat_cache.embed = semantic, rag.retriever.embedder.embed
-            chat_cache.collection_version = rag.retriever.collection_version
+            semantic = build_semantic_cache(settings.semantic_cache, retriever.embedder,
+                                            SemanticCacheMetrics(registry, tenant_label), load)
+            try:
+                await semantic.start()
+            except asyncio.CancelledError:  # shut down while starting
+                await semantic.close()
+                raise
+            chat_cache.embed, chat_cache.collection_version = retriever.embedder.embed, retriever.collection_version
+            chat_cache.cache = semantic
+
+    def fatal_if_failed(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("start-up failed", exc_info=task.exception())
+            on_fatal()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Nothing here waits for loading, so the port opens at once: models, collections and the semantic
+        # cache load in the background, and /healthz answers 503 "loading" until all are ready.
+        await asyncio.gather(*(backend.start() for backend in backends.values()))
+        opening = asyncio.create_task(open_collections_and_cache(), name="open collections and cache")
+        opening.add_done_callback(fatal_if_failed)
         history.start()
         yield
         await history.stop()
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
         if chat_cache.cache is not None:
             await chat_cache.cache.close()
         await asyncio.gather(*(backend.close() for backend in backends.values()), return_exceptions=True)
@@ -200,22 +224,26 @@ def create_app(settings: Settings) -> FastAPI:
         owner = cache.category_of(entry_id) if cache is not None else None
         if owner is None or owner[0] != tenant:
             raise GatewayError(404, f"no live semantic-cache entry {entry_id} of yours", code="entry_not_found")
-        metrics.false_hits.labels(owner[1], tenant).inc()
+        metrics.false_hit(owner[1], tenant)
         return FalseHitResult(invalidated=await cache.invalidate(entry_id=entry_id, tenant=tenant))
 
     @app.get("/healthz", response_model=Health,
              responses={503: {"model": Health, "description": "Not ready: still loading, degraded or failed"}})
     async def healthz():
+        """200 "ready" when every model, the collections and the semantic cache are ready (a cache whose store
+        is down is "degraded" but serves without it); else 503 with "loading", "failed" or "degraded"."""
         models = {name: backend.status() for name, backend in backends.items()}
-        states = {m["state"] for m in models.values()}
-        status = "ready" if states == {"ready"} else "failed" if "failed" in states else \
-            "degraded" if "unavailable" in states else "loading"
-        retrieval = {"state": "ready" if rag.retriever is not None else "loading"}
+        retrieval = {"state": "ready"} if rag.retriever is not None else \
+            {"state": "failed", "error": rag.retriever_error} if rag.retriever_error else {"state": "loading"}
         cache = chat_cache.cache
         semantic = {"state": "disabled"} if not settings.semantic_cache.enabled else \
             {"state": "loading"} if cache is None else \
             {"state": "ready" if cache.available else "degraded", "store": cache.store.kind,
              "entries": len(cache.index), **({"error": cache.down_reason} if not cache.available else {})}
+        states = {m["state"] for m in models.values()} | {retrieval["state"]} | \
+            ({"loading"} if semantic["state"] == "loading" else set())
+        status = "ready" if states == {"ready"} else "failed" if "failed" in states else \
+            "degraded" if "unavailable" in states else "loading"
         health = Health(status=status, models=models, retrieval=retrieval, semantic_cache=semantic)
         return JSONResponse(health.model_dump(), status_code=200 if status == "ready" else 503)
 

@@ -61,8 +61,18 @@ def serve(
     logging.getLogger("blendgate.gateway").info(
         "blendgate %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
         ", ".join(m.name for m in settings.models))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, timeout_graceful_shutdown=5)
+    failed = False
+
+    def stop() -> None:  # something the gateway cannot serve without failed to load (logged where it failed)
+        nonlocal failed
+        failed = server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings, on_fatal=stop), host=settings.host, port=settings.port, log_level=settings.log_level,
+        log_config=None, timeout_graceful_shutdown=5))
+    server.run()
+    if failed or not server.started:
+        raise typer.Exit(code=1)
 
 
 def _quiet() -> None:

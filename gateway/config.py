@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, SecretStr, Tag, ValidationError,
+                      field_validator, model_validator)
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+                               YamlConfigSettingsSource)
 
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
 from .rag_template import CONTEXT_DOCUMENTS
+from .redaction import MASK, redact
+from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -40,6 +43,10 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# A key given in the configuration: repr, str and JSON output show MASK; get_secret_value() gives the key.
+Secret = Annotated[SecretStr, Field(min_length=8), PlainSerializer(lambda _: MASK, return_type=str, when_used="json")]
 
 
 class SamplingDefaults(_Strict):
@@ -132,6 +139,15 @@ class ChunkCacheSettings(_Strict):
     disk_bytes: int = Field(20 << 30, ge=0)
     # Default: <cache_dir>/chunk-kv
     disk_dir: Path | None = None
+
+
+class MetricsSettings(_Strict):
+    """What the open /metrics endpoint shows."""
+
+    # How tenants appear in the per-tenant series: "name", "hash" (SHA-256 of the name, first 12 hex digits)
+    # or "drop" (no tenant label). Default "drop": /metrics needs no key, and a tenant's name, or the hash of
+    # a guessable name, tells anyone who can reach it who the customers are and how much each one asks.
+    tenant_label: TenantLabelMode = "drop"
 
 
 def _model_path(path: Path | None) -> Path | None:
@@ -259,7 +275,7 @@ ModelConfig = Annotated[
 class ApiKeyConfig(_Strict):
     """One client API key and the tenant it belongs to; caches are isolated per tenant."""
 
-    key: str | None = Field(None, min_length=8)
+    key: Secret | None = None
     key_env: str | None = None
     tenant: str = Field(min_length=1)
 
@@ -272,7 +288,40 @@ class ApiKeyConfig(_Strict):
         return self
 
     def resolved_key(self) -> str:
-        return self.key if self.key is not None else os.environ[self.key_env]  # type: ignore[index]
+        return self.key.get_secret_value() if self.key is not None else os.environ[self.key_env]  # type: ignore
+
+
+def _variables_named(data: Any) -> set[str]:
+    """The values of every `*_env` setting (admin_key_env, api_keys[].key_env, models[].api_key_env) in
+    settings data: the names of environment variables that hold secrets."""
+    if isinstance(data, dict):
+        named = {v for k, v in data.items() if isinstance(k, str) and k.endswith("_env") and isinstance(v, str)}
+        return named.union(*(_variables_named(v) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_variables_named(v) for v in data))
+    return set()
+
+
+class _EnvSource(EnvSettingsSource):
+    """BLENDGATE_* environment variables, except those that a `*_env` setting names as holding a secret.
+
+    `admin_key_env: BLENDGATE_ADMIN_KEY` names a variable that the prefix also maps to `admin_key`; read both
+    ways, the one key would be given twice. A variable named by a `*_env` setting (in any source) is only
+    the secret it was named for."""
+
+    def __init__(self, settings_cls: type[BaseSettings], others: tuple[PydanticBaseSettingsSource, ...]) -> None:
+        super().__init__(settings_cls)
+        self.others = others
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        named = _variables_named([source() for source in self.others] + [data])
+        if not self.case_sensitive:
+            named = {name.lower() for name in named}
+        if named & set(self.env_vars):
+            self.env_vars = {name: value for name, value in self.env_vars.items() if name not in named}
+            data = super().__call__()
+        return data
 
 
 def _default_models() -> list[Any]:
@@ -291,8 +340,9 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     chunk_cache: ChunkCacheSettings = Field(default_factory=ChunkCacheSettings)
     semantic_cache: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # The operators' key for /admin/api (separate from client keys); give the key or the variable holding it.
-    admin_key: str | None = Field(None, min_length=8)
+    admin_key: Secret | None = None
     admin_key_env: str | None = None
     # Requests larger than this are refused with 413 before they are parsed.
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
@@ -327,7 +377,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+        yaml_file = YamlConfigSettingsSource(settings_cls)
+        return (init_settings, _EnvSource(settings_cls, others=(init_settings, yaml_file)), yaml_file)
 
     @model_validator(mode="after")
     def _admin_key_source(self) -> "Settings":
@@ -340,28 +391,15 @@ class Settings(BaseSettings):
         return self
 
     def resolved_admin_key(self) -> str | None:
-        return os.environ.get(self.admin_key_env) if self.admin_key_env else self.admin_key
+        if self.admin_key_env:
+            return os.environ.get(self.admin_key_env)
+        return self.admin_key.get_secret_value() if self.admin_key is not None else None
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as JSON data with every secret hidden: client keys, the admin key, a password in a
-        Redis URL (for check-config and the admin API)."""
-        data = json.loads(self.model_dump_json())
-        for entry in data.get("api_keys", []):
-            if entry.get("key"):
-                entry["key"] = "***"
-        if data.get("admin_key"):
-            data["admin_key"] = "***"
-
-        def hide_passwords(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: hide_passwords(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [hide_passwords(v) for v in value]
-            if isinstance(value, str) and "://" in value and "@" in value:
-                return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
-            return value
-
-        return hide_passwords(data)
+        """The settings as JSON data with every secret hidden (for check-config and the admin API): keys show
+        as "***", and URLs (a Redis URL, an upstream's api_base, SGLang workers) lose their passwords and
+        secret-looking query parameters (redaction.redact_url)."""
+        return redact(json.loads(self.model_dump_json()))
 
     def tenants_by_key(self) -> dict[str, str]:
         return {k.resolved_key(): k.tenant for k in self.api_keys}

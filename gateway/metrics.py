@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..semcache.metrics import TenantLabel
 from .backends.base import RequestContext
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -34,8 +35,9 @@ def route_of(path: str) -> str:
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tenant_label: TenantLabel) -> None:
         self.registry = registry
+        self.tenant_label = tenant_label
         self.started_at = time.time()
         self.requests = Counter("blendgate_requests", "HTTP requests by model (chat only), status and route",
                                 ["model", "status", "route"], registry=registry)
@@ -60,7 +62,10 @@ class GatewayMetrics:
                                    "searching the collection)", ["route"], registry=registry,
                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.false_hits = Counter("blendgate_semantic_cache_false_hit_reports", "Cached answers reported wrong "
-                                  "by clients", ["category", "tenant"], registry=registry)
+                                  "by clients", ["category", *tenant_label.names], registry=registry)
+
+    def false_hit(self, category: str, tenant: str) -> None:
+        self.false_hits.labels(category, *self.tenant_label.values(tenant)).inc()
 
     def observe_chat(self, model: str, ctx: RequestContext) -> None:
         """A chat request that finished (answered from the cache or by a backend)."""

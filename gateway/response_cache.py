@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from prometheus_client import CollectorRegistry
 
 from ..retriever.embedder import Embedder
 from ..semcache.cache import CacheQuery, LookupResult, SemanticCache
@@ -66,7 +65,7 @@ def embedder_fingerprint(embedder: Embedder) -> str:
     return hasher.hexdigest()
 
 
-def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, registry: CollectorRegistry,
+def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, metrics: SemanticCacheMetrics,
                          load: LoadMonitor) -> SemanticCache:
     store: EntryStore
     if settings.redis_url:
@@ -78,7 +77,7 @@ def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, re
         log.warning("semantic cache: thresholds were tuned for %s but the embedder is %s; tune "
                     "semantic_cache.categories for it (blendgate tune-thresholds)", settings.thresholds_tuned_for,
                     embedder.name)
-    return SemanticCache(settings, store, embedder.dimension, embedder.embed, SemanticCacheMetrics(registry), load)
+    return SemanticCache(settings, store, embedder.dimension, embedder.embed, metrics, load)
 
 
 @dataclass

@@ -201,8 +201,7 @@ class SemanticCache:
                 self.metrics.evictions.labels(category, reason).inc()
 
     def _count(self, tenant: str, category: str) -> None:
-        partition = self.index.partition(tenant, category)
-        self.metrics.entries.labels(category, tenant).set(len(partition) if partition else 0)
+        self.metrics.count_entries(tenant, category, self.index.counts())
 
     async def _drop(self, entry_ids: list[str], reason: str) -> None:
         """Remove entries from the index now and from the store when it answers."""
@@ -243,7 +242,7 @@ class SemanticCache:
         result = await self._lookup(query, vector)
         result.lookup_ms = (time.perf_counter() - started) * 1000
         category = result.category or "none"
-        self.metrics.lookups.labels(category, query.tenant, result.status).inc()
+        self.metrics.lookup(category, query.tenant, result.status)
         self.metrics.lookup_seconds.labels(result.status).observe(result.lookup_ms / 1000)
         return result
 
@@ -350,7 +349,7 @@ class SemanticCache:
             self._mark_down("put", exc)
             return None
         self._index(entry)
-        self.metrics.stores.labels(category, query.tenant).inc()
+        self.metrics.stored(category, query.tenant)
         if replaced:
             await self._drop(replaced, "replaced")
         await self._enforce_quota(query.tenant, category, keep=entry.entry_id)

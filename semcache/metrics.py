@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TenantLabelMode = Literal["name", "hash", "drop"]
+
+
+class TenantLabel:
+    """How a tenant appears in the Prometheus series (/metrics is open, so this is the operator's choice):
+    "name" as configured; "hash" the first 12 hex digits of the SHA-256 of the name (stable across restarts
+    and replicas; `printf %s NAME | sha256sum | cut -c1-12` maps a name to it); "drop" not at all (the
+    series have no tenant label and count all tenants together)."""
+
+    def __init__(self, mode: TenantLabelMode = "name") -> None:
+        self.mode = mode
+
+    @property
+    def names(self) -> list[str]:
+        """The label names a per-tenant series has: ["tenant"], or none when dropped."""
+        return [] if self.mode == "drop" else ["tenant"]
+
+    def values(self, tenant: str) -> list[str]:
+        """The label values for this tenant, matching `names`."""
+        if self.mode == "drop":
+            return []
+        return [hashlib.sha256(tenant.encode()).hexdigest()[:12] if self.mode == "hash" else tenant]
 
 
 class SemanticCacheMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tenant_label: TenantLabel | None = None) -> None:
+        self.tenant_label = tenant_label or TenantLabel()
+        tenant = self.tenant_label.names
         self.lookups = Counter("blendgate_semantic_cache_lookups", "Semantic cache lookups by result "
-                               "(hit, miss, bypass)", ["category", "tenant", "result"], registry=registry)
+                               "(hit, miss, bypass)", ["category", *tenant, "result"], registry=registry)
         self.stores = Counter("blendgate_semantic_cache_stores", "Answers written to the semantic cache",
-                              ["category", "tenant"], registry=registry)
+                              ["category", *tenant], registry=registry)
         self.evictions = Counter("blendgate_semantic_cache_evictions", "Entries removed, by reason "
                                  "(quota, expired, invalidated, corrupt)", ["category", "reason"], registry=registry)
         self.store_errors = Counter("blendgate_semantic_cache_store_errors", "Entry store calls that failed or "
@@ -18,7 +46,7 @@ class SemanticCacheMetrics:
         self.store_up = Gauge("blendgate_semantic_cache_store_up", "1 while the entry store (Redis or embedded) "
                               "answers, 0 while the cache is bypassed", registry=registry)
         self.entries = Gauge("blendgate_semantic_cache_entries", "Entries in the in-memory index",
-                             ["category", "tenant"], registry=registry)
+                             ["category", *tenant], registry=registry)
         self.threshold = Gauge("blendgate_semantic_cache_effective_threshold", "Similarity threshold in force",
                                ["model", "category"], registry=registry)
         self.ttl = Gauge("blendgate_semantic_cache_effective_ttl_seconds", "TTL given to new entries now",
@@ -29,3 +57,17 @@ class SemanticCacheMetrics:
             "blendgate_semantic_cache_lookup_seconds", "Classification, index search and, on a hit, the entry "
             "fetch (the query embedding is not included)", ["result"], registry=registry,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+
+    def lookup(self, category: str, tenant: str, result: str) -> None:
+        self.lookups.labels(category, *self.tenant_label.values(tenant), result).inc()
+
+    def stored(self, category: str, tenant: str) -> None:
+        self.stores.labels(category, *self.tenant_label.values(tenant)).inc()
+
+    def count_entries(self, tenant: str, category: str, counts: dict[tuple[str, str], int]) -> None:
+        """Set the entries gauge of this tenant's label in `category` from the index's
+        {(tenant, category): entries}; with the label dropped, the category's total over all tenants."""
+        if self.tenant_label.mode == "drop":
+            self.entries.labels(category).set(sum(n for (_, c), n in counts.items() if c == category))
+        else:
+            self.entries.labels(category, *self.tenant_label.values(tenant)).set(counts.get((tenant, category), 0))

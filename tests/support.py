@@ -44,11 +44,7 @@ class GatewayProcess:
     def start(self, timeout_s: float = 240.0, ready_models: list[str] | None = None) -> "GatewayProcess":
         """Start, and wait until /healthz says ready (or, with `ready_models`, until those models are ready:
         a configuration with a model that can never be ready, e.g. a dead worker, is never "ready" overall)."""
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "blendgate.gateway", "serve", "--config", str(self.config_path),
-             "--port", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.launch()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -65,6 +61,15 @@ class GatewayProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
+
+    def launch(self) -> "GatewayProcess":
+        """Start the process without waiting for anything."""
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "blendgate.gateway", "serve", "--config", str(self.config_path),
+                 "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from blendgate.gateway.cli import app as cli
 from blendgate.gateway.config import ConfigError, LitellmModelConfig, LocalModelConfig, load_settings
+from typer.testing import CliRunner
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,6 +25,7 @@ def test_defaults_serve_the_embedded_model() -> None:
     assert settings.host == "127.0.0.1" and settings.port == 8000
     assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
     assert settings.models[0].path is None and settings.api_keys == []
+    assert settings.metrics.tenant_label == "drop"  # /metrics is open: no tenant named unless chosen
 
 
 def test_yaml_models_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,6 +78,7 @@ api_keys:
         ("chunk_cache:\n  selection:\n    score: loudness\n", "chunk_cache.selection.score"),
         ("chunk_cache:\n  context_documents: 9\n", "chunk_cache.context_documents"),
         ("chunk_cache:\n  fidelity_target: 0\n", "chunk_cache.fidelity_target"),
+        ("metrics:\n  tenant_label: plain\n", "metrics.tenant_label"),
         ("port: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "top level must be a mapping"),
     ],
@@ -112,3 +118,73 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).parent.parent / "deploy" / "blendgate.example.yaml"
     settings = load_settings(example)
     assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
+
+
+# A secret inside a URL, in each shape a configuration holds one, and the URL as shown with it hidden.
+URL_SECRETS = [
+    ("redis://h:6379/0?password=S3CRET", "redis://h:6379/0?password=***"),
+    ("redis://:p@ss-S3CRET@h:6379/0", "redis://:***@h:6379/0"),  # an unescaped @ in the password
+    ("rediss://default:S3CRET@h:6380/0?ssl_cert_reqs=none", "rediss://default:***@h:6380/0?ssl_cert_reqs=none"),
+    ("redis://user:S3CRET/x?y#z@h:6379/0", "redis://***@h:6379/0"),  # unescaped reserved characters
+    ("https://llm.example.com/v1?api_key=S3CRET&api-version=2024-06-01",
+     "https://llm.example.com/v1?api_key=***&api-version=2024-06-01"),
+    ("https://llm.example.com/v1?apiKey=S3CRET", "https://llm.example.com/v1?apiKey=***"),
+    ("https://llm.example.com/v1?x-api-key=S3CRET&sig=S3CRET#access_token=S3CRET",
+     "https://llm.example.com/v1?x-api-key=***&sig=***#access_token=***"),
+    ("https://S3CRET@llm.example.com/v1", "https://***@llm.example.com/v1"),  # a token as the userinfo
+]
+
+
+@pytest.mark.parametrize("url, shown", URL_SECRETS)
+def test_check_config_hides_a_secret_in_any_url(tmp_path: Path, url: str, shown: str) -> None:
+    config = {"models": [{"name": "up", "backend": "litellm", "litellm_model": "openai/x", "api_base": url}]}
+    if url.startswith("redis"):
+        config["semantic_cache"] = {"redis_url": url}
+    else:
+        config["models"].append({"name": "sg", "backend": "sglang", "workers": [url]})
+    result = CliRunner().invoke(cli, ["check-config", "--config", str(write(tmp_path, yaml.safe_dump(config)))])
+    assert result.exit_code == 0, result.output
+    assert "S3CRET" not in result.output
+    printed = json.loads(result.output)
+    assert printed["models"][0]["api_base"] == shown
+    if url.startswith("redis"):
+        assert printed["semantic_cache"]["redis_url"] == shown
+    else:
+        assert printed["models"][1]["workers"] == [shown]
+
+
+def test_keys_are_held_as_secrets(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "admin_key: admin-S3CRET-1\napi_keys:\n  - key: client-S3CRET-1\n"
+                                             "    tenant: t\n"))
+    assert "S3CRET" not in repr(settings) and "S3CRET" not in str(settings.redacted())
+    assert settings.resolved_admin_key() == "admin-S3CRET-1"
+    assert settings.tenants_by_key() == {"client-S3CRET-1": "t"}
+
+
+def test_a_variable_named_by_an_env_setting_is_only_that_secret(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # BLENDGATE_ADMIN_KEY and BLENDGATE_HOST also match the settings prefix (admin_key, host); named by a
+    # *_env setting, each is only the secret it was named for.
+    monkeypatch.setenv("BLENDGATE_ADMIN_KEY", "admin-key-123456")
+    monkeypatch.setenv("BLENDGATE_HOST", "client-key-123456")
+    config = write(tmp_path, "admin_key_env: BLENDGATE_ADMIN_KEY\napi_keys:\n  - key_env: BLENDGATE_HOST\n"
+                             "    tenant: t\n")
+    settings = load_settings(config)
+    assert settings.admin_key is None and settings.resolved_admin_key() == "admin-key-123456"
+    assert settings.host == "127.0.0.1" and settings.tenants_by_key() == {"client-key-123456": "t"}
+    # Named in the environment itself, the same.
+    monkeypatch.delenv("BLENDGATE_HOST")
+    monkeypatch.setenv("BLENDGATE_ADMIN_KEY_ENV", "BLENDGATE_ADMIN_KEY")
+    assert load_settings().resolved_admin_key() == "admin-key-123456"
+    # Named by nothing, the variable still sets its field.
+    monkeypatch.delenv("BLENDGATE_ADMIN_KEY_ENV")
+    assert load_settings().admin_key.get_secret_value() == "admin-key-123456"
+
+
+def test_the_example_admin_key_env_line_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = (Path(__file__).parent.parent / "deploy" / "blendgate.example.yaml").read_text()
+    assert "# admin_key_env: BLENDGATE_ADMIN_KEY\n" in example  # the line a new user uncomments
+    monkeypatch.setenv("BLENDGATE_ADMIN_KEY", "admin-key-123456")
+    line = "admin_key_env: BLENDGATE_ADMIN_KEY\n"
+    config = write(tmp_path, example.replace(f"# {line}", line))
+    assert load_settings(config).resolved_admin_key() == "admin-key-123456"

@@ -14,6 +14,7 @@ from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 ADMIN_KEY = "admin-key-for-metrics-tests"
 KEYS = {"acme": "sk-acme-metrics-test", "globex": "sk-globex-metrics-test"}
+SECRET_API_BASE = "http://127.0.0.1:9/v1?api_key=S3CRET&api-version=1"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,12 @@ def observed(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     config = {
         "admin_key": ADMIN_KEY,
         "api_keys": [{"key": key, "tenant": tenant} for tenant, key in KEYS.items()],
-        "models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}}],
+        "models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}},
+                   # Never reachable: its api_base carries secrets in the userinfo and the query string.
+                   {"name": "secret-upstream", "backend": "litellm", "litellm_model": "openai/x",
+                    "api_base": SECRET_API_BASE, "timeout_s": 10},
+                   {"name": "secret-userinfo", "backend": "litellm", "litellm_model": "openai/x",
+                    "api_base": "http://bob:p@ss-S3CRET@127.0.0.1:9/v1"}],
         "retrieval": {"data_dir": str(workdir / "metrics-collections")},
         "semantic_cache": {"enabled": True},  # the embedded entry store: no Redis configured
     }
@@ -75,7 +81,7 @@ def test_metrics_cover_requests_latency_caches_and_queues(observed: GatewayProce
     assert {"cpu", "disk"} <= tiers
     assert "blendgate_backend_queue_depth" in families and "blendgate_request_duration_seconds" in families
     lookups = families["blendgate_semantic_cache_lookups"]
-    assert total(lookups, "blendgate_semantic_cache_lookups_total", tenant="acme", result="hit") >= 1
+    assert total(lookups, "blendgate_semantic_cache_lookups_total", result="hit") >= 1
     assert first.choices[0].message.content == hit.choices[0].message.content
 
 
@@ -130,7 +136,7 @@ def test_false_hit_reports_are_counted_and_scoped_to_their_tenant(observed: Gate
     assert own.json() == {"reported": True, "invalidated": 1}
     families = scrape(observed)
     assert total(families["blendgate_semantic_cache_false_hit_reports"],
-                 "blendgate_semantic_cache_false_hit_reports_total", tenant="acme", category=report["category"]) == 1
+                 "blendgate_semantic_cache_false_hit_reports_total", category=report["category"]) == 1
     assert_openai_error(httpx.post(url, json={"id": "x"}, timeout=10,
                                    headers={"Authorization": f"Bearer {KEYS['acme']}"}), 400)
 
@@ -149,3 +155,25 @@ def test_admin_api_needs_its_key_and_hides_secrets(observed: GatewayProcess) -> 
     # The Nile document of the first test was sent inline: its chunk is held, and named.
     assert chunk["collections"]["(inline)"]["chunks"] >= 1
     assert any(c["source"] == "request#0" and c["tier"] in ("cpu", "disk") for c in chunk["top_chunks"])
+
+
+def test_upstream_secrets_are_hidden_from_the_config_view_and_errors(observed: GatewayProcess) -> None:
+    config = admin(observed, "GET", "/config")
+    assert config.status_code == 200 and "S3CRET" not in config.text
+    api_bases = {m["name"]: m.get("api_base") for m in config.json()["models"]}
+    assert api_bases["secret-upstream"] == "http://127.0.0.1:9/v1?api_key=***&api-version=1"
+    assert api_bases["secret-userinfo"] == "http://bob:***@127.0.0.1:9/v1"
+    failed = httpx.post(f"{observed.url}/v1/chat/completions", timeout=30,
+                        headers={"Authorization": f"Bearer {KEYS['acme']}"},
+                        json={"model": "secret-upstream", "messages": [{"role": "user", "content": "hi"}]})
+    error = assert_openai_error(failed, 502, "upstream_unreachable")
+    assert "S3CRET" not in failed.text and "127.0.0.1:9" in error["message"]
+
+
+def test_open_metrics_name_no_tenant_by_default(observed: GatewayProcess) -> None:
+    ask(observed, "globex", "What is the tallest mountain on Earth?")
+    text = httpx.get(f"{observed.url}/metrics", timeout=10).text
+    assert "acme" not in text and "globex" not in text
+    families = scrape(observed)
+    assert total(families["blendgate_semantic_cache_lookups"], "blendgate_semantic_cache_lookups_total") >= 1
+    assert all("tenant" not in sample.labels for samples in families.values() for sample in samples)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from blendgate.semcache.cache import MAX_TTL_S, CacheQuery, SemanticCache
 from blendgate.semcache.index import IndexedEntry
-from blendgate.semcache.metrics import SemanticCacheMetrics
+from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
 from blendgate.semcache.policy import LoadMonitor, effective_policy
 from blendgate.semcache.settings import CategoryPolicy, LoadSettings, SemanticCacheSettings
 from blendgate.semcache.stores import MemoryStore, RedisStore
@@ -697,5 +697,36 @@ def test_load_loosens_the_threshold_and_lengthens_the_ttl(harness: Harness) -> N
             depth[0] = 1  # load falls: the configured values return
             assert (await harness.lookup(cache, loose)).status == "miss"
             assert cache.policy_for(MODEL, "general").ttl_s == 100
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode, labels", [
+    ("name", {"tenant-a": {"tenant": "tenant-a"}, "tenant-b": {"tenant": "tenant-b"}}),
+    ("hash", {"tenant-a": {"tenant": "80a707af7dc7"}, "tenant-b": {"tenant": "df6b6a5f230e"}}),  # sha256[:12]
+    ("drop", {"tenant-a": {}, "tenant-b": {}}),
+])
+def test_the_tenant_label_is_the_name_a_hash_or_nothing(embed, mode: str, labels: dict) -> None:
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        cache = SemanticCache(SemanticCacheSettings(), MemoryStore(), embed(["x"]).shape[1], embed,
+                              SemanticCacheMetrics(registry, TenantLabel(mode)))
+        async with running(cache):
+            for tenant, question in (("tenant-a", QUESTION), ("tenant-b", QUESTION)):
+                query = CacheQuery(tenant=tenant, model=MODEL, text=question, context="ctx-1")
+                result = await cache.lookup(query, embed([question])[0])
+                assert await cache.put(query, embed([question])[0], result.category, ANSWER) is not None
+        factual = {"category": "factual"}
+
+        def value(name: str, tenant: str, **extra: str) -> float | None:
+            return registry.get_sample_value(name, {**factual, **labels[tenant], **extra})
+
+        # Per tenant, or all tenants together when the label is dropped.
+        together = mode == "drop"
+        assert value("blendgate_semantic_cache_lookups_total", "tenant-a", result="miss") == (2 if together else 1)
+        assert value("blendgate_semantic_cache_stores_total", "tenant-b") == (2 if together else 1)
+        assert value("blendgate_semantic_cache_entries", "tenant-a") == (2 if together else 1)
+        names = {sample.labels.get("tenant") for family in registry.collect() for sample in family.samples}
+        assert names - {None} == {label["tenant"] for label in labels.values() if label}
 
     asyncio.run(scenario())

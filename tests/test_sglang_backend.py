@@ -145,3 +145,31 @@ def test_a_worker_dying_mid_answer_ends_the_stream_with_an_error_and_traffic_mov
         time.sleep(0.3)
     assert not down["healthy"] and down["last_error"] and state["state"] == "ready"
     assert state["requests"] >= 3 and state["chunks_sent"] >= 3
+
+
+def test_a_worker_url_password_is_shown_nowhere(workdir: Path, model_cache_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    config = {"models": [{"name": "sgl-secret", "backend": "sglang", "health_interval_s": 0.5,
+                          "workers": [f"http://ops:p@ss-S3CRET@127.0.0.1:{port}"]}],
+              "retrieval": {"data_dir": str(tmp_path / "collections")}, "semantic_cache": {"enabled": False}}
+    process = GatewayProcess("sglang-secret", config, workdir, model_cache_dir).launch()
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until the tokenizer is loaded and the dead worker found out
+            assert process.process is not None and process.process.poll() is None, process.log()
+            assert time.monotonic() < deadline, process.log()
+            try:
+                health = httpx.get(f"{process.url}/healthz", timeout=5)
+                if health.json()["models"]["sgl-secret"]["state"] == "unavailable":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert "S3CRET" not in health.text
+        assert health.json()["models"]["sgl-secret"]["workers"][0]["url"] == f"http://ops:***@127.0.0.1:{port}"
+        answer = httpx.post(f"{process.url}/v1/chat/completions", timeout=30,
+                            json={"model": "sgl-secret", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code >= 500 and "S3CRET" not in answer.text
+    finally:
+        process.stop()
+    assert "S3CRET" not in process.log()

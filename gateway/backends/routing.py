@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ..redaction import redact_url
+
 
 @dataclass
 class WorkerState:
@@ -25,11 +27,16 @@ class WorkerState:
     last_error: str | None = None
     chunks: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
+    @property
+    def name(self) -> str:
+        """The URL as shown in /healthz, logs and errors: without a password (redaction.redact_url)."""
+        return redact_url(self.url)
+
     def holds(self, digests: list[str]) -> int:
         return sum(digest in self.chunks for digest in digests)
 
     def report(self) -> dict:
-        return {"url": self.url, "healthy": self.healthy, "in_flight": self.in_flight, "requests": self.requests,
+        return {"url": self.name, "healthy": self.healthy, "in_flight": self.in_flight, "requests": self.requests,
                 "failures": self.failures, "chunks_remembered": len(self.chunks), "last_error": self.last_error}
 
 

@@ -98,7 +98,7 @@ class SglangBackend(ChatBackend):
             except httpx.HTTPError as exc:
                 ok, error = False, f"/health failed: {type(exc).__name__}: {exc}"
             if ok != worker.healthy:
-                log.warning("SGLang worker %s of %s is %s%s", worker.url, self.config.name,
+                log.warning("SGLang worker %s of %s is %s%s", worker.name, self.config.name,
                             "back" if ok else "down", "" if ok else f" ({error})")
             self.router.mark(worker, ok, None if ok else error)
 
@@ -160,28 +160,28 @@ class SglangBackend(ChatBackend):
                 response = await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Refused or never connected: the worker got nothing, so the next one may take it.
-                log.warning("SGLang worker %s unreachable (%s); trying another", worker.url, exc)
+                log.warning("SGLang worker %s unreachable (%s); trying another", worker.name, exc)
                 self.router.mark(worker, False, f"{type(exc).__name__}: {exc}")
                 continue
             except httpx.TimeoutException as exc:
-                raise GatewayError(504, f"SGLang worker {worker.url} did not answer within "
+                raise GatewayError(504, f"SGLang worker {worker.name} did not answer within "
                                         f"{self.config.read_timeout_s:g} s", code="upstream_timeout") from exc
             except httpx.HTTPError as exc:
-                raise GatewayError(502, f"SGLang worker {worker.url} failed: {exc}", code="upstream_error") from exc
+                raise GatewayError(502, f"SGLang worker {worker.name} failed: {exc}", code="upstream_error") from exc
             if response.status_code == 200:
                 return worker, response
             message = _error_message(await response.aread())
             await response.aclose()
             if 400 <= response.status_code < 500:
-                raise GatewayError(400, f"SGLang worker {worker.url} rejected the request: {message}",
+                raise GatewayError(400, f"SGLang worker {worker.name} rejected the request: {message}",
                                    code="upstream_bad_request")
-            raise GatewayError(502, f"SGLang worker {worker.url} failed ({response.status_code}): {message}",
+            raise GatewayError(502, f"SGLang worker {worker.name} failed ({response.status_code}): {message}",
                                code="upstream_error")
 
     def _report(self, ctx: RequestContext, worker: WorkerState, meta: dict[str, Any], chunks: int) -> None:
         """The worker's prefill report (the plugin's `blendgate` object) and the gateway's totals."""
         report = report_of(meta)
-        report.update(worker=worker.url, chunks_sent=chunks, cached_tokens=meta.get("cached_tokens"))
+        report.update(worker=worker.name, chunks_sent=chunks, cached_tokens=meta.get("cached_tokens"))
         ctx.chunk_cache = report
         self.totals["chunks_sent"] += chunks
         self.totals["cached_tokens"] += int(meta.get("cached_tokens") or 0)
@@ -215,7 +215,7 @@ class SglangBackend(ChatBackend):
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    raise GatewayError(502, f"SGLang worker {worker.url} failed mid-answer: "
+                    raise GatewayError(502, f"SGLang worker {worker.name} failed mid-answer: "
                                             f"{_error_message(data.encode())}", code="upstream_error")
                 meta = event.get("meta_info") or {}
                 if not reported:
@@ -232,22 +232,22 @@ class SglangBackend(ChatBackend):
                 if finish:
                     kind = finish.get("type") if isinstance(finish, dict) else str(finish)
                     if kind not in _FINISH_REASONS:  # "abort": the worker gave up on the request
-                        raise GatewayError(502, f"SGLang worker {worker.url} aborted the request: "
+                        raise GatewayError(502, f"SGLang worker {worker.name} aborted the request: "
                                                 f"{finish.get('message') if isinstance(finish, dict) else finish}",
                                            code="upstream_error")
                     yield ChatChunk(delta={}, finish_reason=_FINISH_REASONS[kind])
                     return
-            raise GatewayError(502, f"SGLang worker {worker.url} ended the stream without finishing the answer",
+            raise GatewayError(502, f"SGLang worker {worker.name} ended the stream without finishing the answer",
                                code="upstream_error")
         except httpx.TimeoutException as exc:
-            raise GatewayError(504, f"SGLang worker {worker.url} sent nothing for {self.config.read_timeout_s:g} s",
+            raise GatewayError(504, f"SGLang worker {worker.name} sent nothing for {self.config.read_timeout_s:g} s",
                                code="upstream_timeout") from exc
         except httpx.HTTPError as exc:  # the connection broke: the worker died or restarted
             self.router.mark(worker, False, f"stream broke: {type(exc).__name__}: {exc}")
-            raise GatewayError(502, f"SGLang worker {worker.url} broke off the answer: {exc}",
+            raise GatewayError(502, f"SGLang worker {worker.name} broke off the answer: {exc}",
                                code="upstream_error") from exc
         except ValueError as exc:  # not JSON
-            raise GatewayError(502, f"SGLang worker {worker.url} sent an unreadable event: {exc}",
+            raise GatewayError(502, f"SGLang worker {worker.name} sent an unreadable event: {exc}",
                                code="upstream_error") from exc
         finally:
             self.router.finished(worker)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, AsyncIterator
 
 from ..config import LitellmModelConfig
 from ..errors import GatewayError
+from ..redaction import redact_url
 from ..schemas import ChatCompletionRequest
-from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage
+from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage, loaded_or_503
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -54,12 +56,31 @@ class LitellmBackend(ChatBackend):
     def __init__(self, config: LitellmModelConfig) -> None:
         self.config = config
         self.litellm: Any = None
+        self._import_task: asyncio.Task | None = None
+        self._error: str | None = None
 
     async def start(self) -> None:
-        self.litellm = _import_litellm()
+        # Importing litellm takes seconds: done in a thread, after the port is open (/healthz: "loading").
+        self._import_task = asyncio.create_task(self._import(), name=f"import litellm for {self.config.name}")
+
+    async def _import(self) -> None:
+        try:
+            self.litellm = await asyncio.to_thread(_import_litellm)
+        except ImportError as exc:
+            self._error = f"cannot import litellm: {exc}"
+            log.error("model %s: %s", self.config.name, self._error)
+
+    async def close(self) -> None:
+        if self._import_task is not None and not self._import_task.done():
+            self._import_task.cancel()
 
     def status(self) -> dict[str, Any]:
-        return {"state": "ready" if self.litellm is not None else "loading", "upstream": self.config.litellm_model}
+        state = "ready" if self.litellm is not None else "failed" if self._error else "loading"
+        return {"state": state, "upstream": self.config.litellm_model,
+                **({"error": self._error} if self._error else {})}
+
+    def _library(self) -> Any:
+        return loaded_or_503(self.litellm, self.config.name, self._error, "loading litellm")
 
     def _arguments(self, request: ChatCompletionRequest, stream: bool) -> dict[str, Any]:
         api_key = self.config.api_key()
@@ -84,11 +105,15 @@ class LitellmBackend(ChatBackend):
         litellm = self.litellm
         name = f"upstream {self.config.litellm_model}"
         message = getattr(exc, "message", None) or str(exc)
+        where = "its default address"
+        if self.config.api_base:  # shown without a key in its query string or userinfo
+            where = redact_url(self.config.api_base)
+            message = message.replace(self.config.api_base, where)
         if isinstance(exc, litellm.Timeout):
             return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s",
                                 code="upstream_timeout")
         if isinstance(exc, litellm.APIConnectionError) or _is_connection_failure(exc):
-            return GatewayError(502, f"{name} is unreachable at {self.config.api_base or 'its default address'}: "
+            return GatewayError(502, f"{name} is unreachable at {where}: "
                                      f"{message}", code="upstream_unreachable")
         if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):
             # The client's key is fine; the gateway's key for the provider is not. That is a gateway problem.
@@ -104,7 +129,7 @@ class LitellmBackend(ChatBackend):
     async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
         ctx.backend = self.kind
         try:
-            response = await self.litellm.acompletion(**self._arguments(request, stream=False))
+            response = await self._library().acompletion(**self._arguments(request, stream=False))
         except Exception as exc:
             raise self._translate(exc) from exc
         ctx.mark_first_token()
@@ -118,7 +143,7 @@ class LitellmBackend(ChatBackend):
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         ctx.backend = self.kind
         try:
-            response = await self.litellm.acompletion(**self._arguments(request, stream=True))
+            response = await self._library().acompletion(**self._arguments(request, stream=True))
         except Exception as exc:
             raise self._translate(exc) from exc
         try:
