@@ -28,7 +28,7 @@ from .config import LocalModelConfig, Settings, SglangModelConfig
 from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter
-from .rag import RagPlanner, as_gateway_error, build_retriever
+from .rag import RagPlanner, as_gateway_error, build_retriever, version_fields
 from .response_cache import ChatCache, build_semantic_cache
 from .schemas import ChatCompletionRequest, IngestRequest, RetrieveRequest
 
@@ -150,7 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
         with metrics.retrieval.labels("retrieve").time():
             chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
         return {"object": "list", "collection": request.collection,
-                "version": retriever().collection_version(request.collection),
+                **version_fields(retriever().collection_version(request.collection)),
                 "data": [{**c.citation(), "text": c.text, "token_count": c.token_count} for c in chunks]}
 
     @app.get("/v1/collections")
