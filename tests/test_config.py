@@ -112,3 +112,10 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).parent.parent / "deploy" / "blendgate.example.yaml"
     settings = load_settings(example)
     assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
+
+
+def test_every_selection_rule_field_is_a_setting(tmp_path: Path) -> None:
+    """The README lists `drift_shift` under chunk_cache.selection; the settings must accept and pass it on."""
+    config = tmp_path / "c.yaml"
+    config.write_text("chunk_cache:\n  selection:\n    drift_shift: 0.5\n")
+    assert load_settings(config).chunk_cache.selection.rule().drift_shift == 0.5
