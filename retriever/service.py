@@ -246,8 +246,13 @@ class Retriever:
         return summary
 
     def ingest_documents(self, collection: str, documents: list[SourceDocument]) -> IngestSummary:
-        """Documents sent over HTTP: each `source` is replaced as a whole, like a file."""
+        """Documents sent over HTTP: each `source` is replaced as a whole, like a file. A document with no text
+        (only whitespace) raises RetrievalError (400, "nothing_to_ingest") naming its source; nothing is written."""
         record = self._record(collection)
+        empty = [document.source for document in documents if not document.text.strip()]
+        if empty:
+            raise RetrievalError(400, "nothing to ingest from " + "; ".join(f"{source}: no text in it"
+                                                                             for source in empty), "nothing_to_ingest")
         started = time.perf_counter()
         summary = IngestSummary(collection)
         known = self.store.file_hashes(collection)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from blendgate.retriever.chunking import Chunker
-from blendgate.retriever.loaders import LoadedFile, SkippedFile, load_file
+from blendgate.retriever.loaders import LoadedFile, SkippedFile, SourceDocument, load_file
 from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever
 from blendgate.retriever.store import ChunkStore
 
@@ -258,6 +258,11 @@ def test_an_ingest_that_finds_nothing_usable_in_a_path_is_an_error(corpus, tmp_p
     with pytest.raises(RetrievalError, match="missing.txt: no such file or folder"):
         retriever.ingest_paths([corpus / "castle.txt", tmp_path / "missing.txt"], "c")
     assert retriever.collections() == []
+    # Documents sent over HTTP: one with only whitespace is nothing to ingest either.
+    with pytest.raises(RetrievalError, match="api#2: no text in it") as blank:
+        retriever.ingest_documents("c", [SourceDocument("api#1", "The mill grinds barley."),
+                                         SourceDocument("api#2", " \n\t ")])
+    assert (blank.value.status, blank.value.code) == (400, "nothing_to_ingest") and retriever.collections() == []
     # Found but unchanged is not nothing.
     assert retriever.ingest_paths([corpus / "castle.txt"], "c").files == 1
     assert retriever.ingest_paths([corpus / "castle.txt"], "c").unchanged == 1
