@@ -4,7 +4,8 @@ The README gives a setting's default as a figure in parentheses right after its 
 "`gpu_bytes` (4 GiB)", "`probe_layers` (all)", "`chunk_prefix` (`system`, the default, or `none`)",
 "`retrieval.max_file_bytes` (50 MiB)", "`recompute_ratio` (default 0.15)". This test reads every such figure in
 the README's "Documents and RAG" and "Chunk-caches and blending" sections and compares it with the default of
-the setting of that name, so the two cannot drift apart again.
+the setting of that name, so the two cannot drift apart again; deploy/blendgate.example.yaml, which spells out
+those sections with their defaults, is checked too.
 """
 
 from __future__ import annotations
@@ -92,3 +93,12 @@ def test_the_readme_figure_is_the_default(model: type[BaseModel], name: str, fig
         assert quoted == pytest.approx(default), f"README says {name} defaults to {figure}, the code {default}"
     else:
         assert quoted == default, f"README says {name} defaults to {figure}, the code {default}"
+
+
+def test_the_example_config_sets_the_retrieval_and_chunk_cache_defaults() -> None:
+    """deploy/blendgate.example.yaml spells out these sections with their defaults: they must be the defaults."""
+    from blendgate.gateway.config import load_settings
+
+    example = load_settings(README.parent / "deploy" / "blendgate.example.yaml")
+    assert example.retrieval == RetrievalSettings()
+    assert example.chunk_cache == ChunkCacheSettings()
