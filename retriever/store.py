@@ -124,9 +124,13 @@ class ChunkStore:
 
     def _add_generations(self) -> None:
         """Stores written before generations existed get the column, and each collection a generation."""
-        with self._transaction():  # the check inside: another process may be opening the store too
-            columns = [row[1] for row in self._db.execute("PRAGMA table_info(collections)")]
-            if "generation" not in columns:
+        def missing() -> bool:
+            return "generation" not in [row[1] for row in self._db.execute("PRAGMA table_info(collections)")]
+
+        if not missing():
+            return
+        with self._transaction():
+            if missing():  # checked again under the write lock: another process may be opening the store too
                 self._db.execute("ALTER TABLE collections ADD COLUMN generation TEXT NOT NULL DEFAULT ''")
                 for (name,) in self._db.execute("SELECT name FROM collections").fetchall():
                     self._db.execute("UPDATE collections SET generation = ? WHERE name = ?",
