@@ -54,7 +54,7 @@ class ModelRagConfig(_Strict):
     """Makes a model RAG-enabled: every request to it retrieves from this collection."""
 
     collection: str = Field(min_length=1)
-    top_k: int = Field(4, ge=1, le=100)
+    top_k: int = Field(retrieval_defaults.TOP_K, ge=1, le=100)
 
 
 # Chosen in an informal comparison during development (SmolLM2-135M, XQuAD questions with the gold

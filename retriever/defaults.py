@@ -11,5 +11,7 @@ APPROXIMATE_THRESHOLD = 20_000
 # 256 against 0.895 for exact search, at 0.35, 1.0 and 2.0 ms a query, where embedding the query takes ~14 ms
 # (bench/ivf_nprobe.py, bench/results/retrieval-2026-11-23.md).
 NPROBE = 256
+# Chunks a retrieval returns when a request or a RAG-enabled model leaves top_k out.
+TOP_K = 4
 # Files larger than this are skipped.
 MAX_FILE_BYTES = 50 * 1024 * 1024

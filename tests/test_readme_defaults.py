@@ -14,22 +14,23 @@ import re
 from pathlib import Path
 
 import pytest
-from blendgate.gateway.config import ChunkCacheSettings, RetrievalSettings, SelectionSettings, default_data_dir
+from blendgate.gateway.config import (ChunkCacheSettings, ModelRagConfig, RetrievalSettings, SelectionSettings,
+                                      default_data_dir)
 from pydantic import BaseModel
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTIONS = ("## Documents and RAG", "## Chunk-caches and blending")
 # Settings models by the prefix a README name may carry; a bare name is looked up in this order.
 MODELS: dict[str, type[BaseModel]] = {"retrieval": RetrievalSettings, "chunk_cache": ChunkCacheSettings,
-                                      "selection": SelectionSettings}
+                                      "selection": SelectionSettings, "rag": ModelRagConfig}
 # Every one of these must be quoted with its default (a figure dropped from the README fails too).
 REQUIRED = {"chunk_tokens", "chunk_overlap_tokens", "approximate_index_threshold", "ivf_nprobe", "max_file_bytes",
             "data_dir", "recompute_ratio", "fidelity_target", "chunk_prefix", "context_documents", "gpu_bytes",
             "cpu_bytes", "disk_bytes", "score", "layer", "probe_layers", "sink_tokens", "gradual", "chunk_budget",
-            "drift_shift"}
+            "drift_shift", "top_k"}
 # `name` (figure ...: the figure is a `word`, a number with thousands commas, or runs to the first comma,
 # semicolon, colon or closing parenthesis.
-FIGURE = re.compile(r"`(?:(retrieval|chunk_cache|selection)\.)?([a-z_]+)`\s\((?:default\s+)?"
+FIGURE = re.compile(r"`(?:(retrieval|chunk_cache|selection|rag)\.)?([a-z_]+)`\s\((?:default\s+)?"
                     r"(`[^`]*`|\d{1,3}(?:,\d{3})+(?:\.\d+)?|[^,;:)]+)")
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
