@@ -61,6 +61,9 @@ def test_retrieve_and_ingest_errors(http: httpx.Client, facts: str) -> None:
     assert_openai_error(http.post("/v1/collections/bad name!/documents", json={"documents": FACTS}), 400,
                         "invalid_collection_name")
     assert_openai_error(http.post("/v1/collections/x/documents", json={"documents": []}), 400)
+    blank = http.post("/v1/collections/x/documents", json={"documents": [{"text": " \n ", "source": "blank"}]})
+    assert "blank: no text in it" in assert_openai_error(blank, 400, "nothing_to_ingest")["message"]
+    assert "x" not in {c["name"] for c in http.get("/v1/collections").json()["data"]}
     assert_openai_error(http.delete("/v1/collections/never-made"), 404, "collection_not_found")
 
 
