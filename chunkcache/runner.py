@@ -76,8 +76,9 @@ class ChunkBlender:
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
                  ) -> tuple[ChunkKV, bool]:
         # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
+        # The key holds the digest of the chunk's tokens, and the store refuses entries that are not the key's.
         cached = self.store.get(key, promote=False)
-        if cached is not None and tuple(cached.token_ids.tolist()) == chunk_ids:
+        if cached is not None:
             return cached, True
         kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), self._prefix_cache(prefix_ids))
         self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers))

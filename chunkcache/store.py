@@ -4,12 +4,14 @@ Keyed by the model's fingerprint, the chunk prefix's tokens and the chunk's toke
 model, tokenizer or prefix can never be found. Each tier has a byte budget; a tier over budget moves its
 least recently used entries down one tier (the last tier drops them). A hit in a lower tier is promoted to
 the top. Entries record their hits and recompute cost, so a cost-aware policy (Cache-Craft) can replace LRU.
-Disk entries carry a checksum; one that fails it is deleted and reported as a miss, never used.
+Disk entries carry a checksum and their key; one that fails either check is deleted, counted as corrupt and
+reported as a miss, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import threading
@@ -63,7 +65,9 @@ class Codec:
         return self.MAGIC + hashlib.sha256(body).digest() + body
 
     def decode(self, key: ChunkKey, data: bytes) -> ChunkKV | None:
-        """None when the bytes are damaged or belong to another key."""
+        """The entry `data` holds for `key`, or None when the bytes are damaged or hold another key's entry: the
+        checksum must match, the key written into the file must be `key`, and its token ids must digest to
+        `key.tokens` (a whole valid file of another chunk or model copied over this one is refused too)."""
         header = len(self.MAGIC) + 32
         if len(data) < header or not data.startswith(self.MAGIC):
             return None
@@ -72,9 +76,19 @@ class Codec:
             return None
         try:
             tensors = load_tensors(body)
+            stored_key = _safetensors_metadata(body).get("key")
         except Exception:  # safetensors raises several types for malformed input
             return None
+        if stored_key != key.name or token_digest(tensors["token_ids"]) != key.tokens:
+            return None
         return ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"])
+
+
+def _safetensors_metadata(body: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors buffer: its header is a little-endian u64 length, then that many
+    bytes of JSON (the format's specification); safetensors' `load` reads the tensors only."""
+    (length,) = struct.unpack_from("<Q", body)
+    return json.loads(body[8:8 + length]).get("__metadata__") or {}
 
 
 class Tier(ABC):

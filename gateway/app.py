@@ -30,7 +30,7 @@ from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter, snapshot
 from .openapi import CLIENT_AUTH, JSON_BODY, RETRIEVAL, errors, install_openapi
-from .rag import RagPlanner, as_gateway_error, build_retriever
+from .rag import RagPlanner, as_gateway_error, build_retriever, version_fields
 from .response_cache import ChatCache, build_semantic_cache
 from .responses import (CollectionList, DeleteResult, FalseHitResult, Health, IngestResult, ModelCard, ModelList,
                         RetrieveResponse)
@@ -186,7 +186,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
         with metrics.retrieval.labels("retrieve").time():
             chunks = await retrieval_call(retriever().search, request.collection, request.query, request.top_k)
         return RetrieveResponse(collection=request.collection,
-                                version=retriever().collection_version(request.collection),
+                                **version_fields(retriever().collection_version(request.collection)),
                                 data=[{**c.citation(), "text": c.text, "token_count": c.token_count} for c in chunks])
 
     @app.get("/v1/collections", responses=errors(*CLIENT_AUTH, *RETRIEVAL))

@@ -19,6 +19,7 @@ from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSett
 
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
+from ..retriever import defaults as retrieval_defaults
 from .rag_template import CONTEXT_DOCUMENTS
 from .redaction import MASK, redact
 from ..semcache.metrics import TenantLabelMode
@@ -60,7 +61,7 @@ class ModelRagConfig(_Strict):
     """Makes a model RAG-enabled: every request to it retrieves from this collection."""
 
     collection: str = Field(min_length=1)
-    top_k: int = Field(4, ge=1, le=100)
+    top_k: int = Field(retrieval_defaults.TOP_K, ge=1, le=100)
 
 
 # Chosen in an informal comparison during development (SmolLM2-135M, XQuAD questions with the gold
@@ -78,15 +79,13 @@ class RetrievalSettings(_Strict):
     embedder_path: Path | None = None
     # Chunks are measured in tokens of this local model's tokenizer (default: the first local model).
     tokenizer_model: str | None = None
-    chunk_tokens: int = Field(256, ge=16, le=8192)
-    chunk_overlap_tokens: int = Field(32, ge=0)
+    chunk_tokens: int = Field(retrieval_defaults.CHUNK_TOKENS, ge=16, le=8192)
+    chunk_overlap_tokens: int = Field(retrieval_defaults.OVERLAP_TOKENS, ge=0)
     # Collections with more chunks than this use an IVF index instead of exact search.
-    approximate_index_threshold: int = Field(20_000, ge=1)
-    # Lists an IVF search visits. On 100k chunks (1,264 lists) recall@10 was 0.814 at 32, 0.865 at 128 and
-    # 0.887 at 256 against 0.895 for exact search, at 0.35, 1.0 and 2.0 ms a query, where embedding the
-    # query takes ~14 ms (bench/ivf_nprobe.py, bench/results/retrieval-2026-11-23.md).
-    ivf_nprobe: int = Field(256, ge=1)
-    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    approximate_index_threshold: int = Field(retrieval_defaults.APPROXIMATE_THRESHOLD, ge=1)
+    # Lists an IVF search visits (the measurements behind the default: retriever/defaults.py).
+    ivf_nprobe: int = Field(retrieval_defaults.NPROBE, ge=1)
+    max_file_bytes: int = Field(retrieval_defaults.MAX_FILE_BYTES, gt=0)
     system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT
 
     @field_validator("embedder_path")
@@ -113,6 +112,7 @@ class SelectionSettings(_Strict):
     sink_tokens: int = Field(DEFAULT_RULE.sink_tokens, ge=0)
     gradual: float = Field(DEFAULT_RULE.gradual, ge=1.0)
     chunk_budget: Literal["global", "uniform"] = DEFAULT_RULE.chunk_budget
+    drift_shift: float = Field(DEFAULT_RULE.drift_shift, ge=0.0)
 
     def rule(self) -> SelectionRule:
         return SelectionRule(**self.model_dump())

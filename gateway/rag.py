@@ -11,6 +11,7 @@ import numpy as np
 from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
+from ..retriever.store import CollectionVersion
 from .config import ModelRagConfig, Settings
 from .errors import GatewayError
 from .rag_template import RagPrompt, rag_messages
@@ -25,6 +26,13 @@ def build_retriever(settings: Settings) -> Retriever:
         retrieval.embedder_path, chunk_tokens=retrieval.chunk_tokens, overlap_tokens=retrieval.chunk_overlap_tokens,
         approximate_threshold=retrieval.approximate_index_threshold, max_file_bytes=retrieval.max_file_bytes,
         nprobe=retrieval.ivf_nprobe)
+
+
+def version_fields(version: CollectionVersion | None) -> dict:
+    """A collection's version as answers report it: `version` (bumped by every change) and `generation` (the
+    id of this collection since it was created; a collection deleted and created again has a new one)."""
+    return {"version": None if version is None else version.number,
+            "generation": None if version is None else version.generation}
 
 
 def as_gateway_error(exc: RetrievalError) -> GatewayError:
@@ -62,7 +70,7 @@ class RagPlanner:
         """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`."""
         if request.documents is not None:
             prompt = RagPrompt(self.system_prompt, self._inline(request.documents), _question(request))
-            report = {"collection": None, "version": None, "chunks": [c.citation() for c in prompt.chunks]}
+            report = {"collection": None, **version_fields(None), "chunks": [c.citation() for c in prompt.chunks]}
         elif request.rag is not None or model_rag is not None:
             options = request.rag or model_rag
             retriever = self.require_retriever()
@@ -74,8 +82,8 @@ class RagPlanner:
             except RetrievalError as exc:
                 raise as_gateway_error(exc) from exc
             prompt = RagPrompt(self.system_prompt, chunks, question)
-            report = {"collection": options.collection, "version": retriever.collection_version(options.collection),
-                      "chunks": [c.citation() for c in chunks],
+            report = {"collection": options.collection,
+                      **version_fields(retriever.collection_version(options.collection)), "chunks": [c.citation() for c in chunks],
                       "retrieval_ms": round((time.perf_counter() - started) * 1000, 2)}
         else:
             return request, None

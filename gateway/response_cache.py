@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..retriever.embedder import Embedder
+from ..retriever.store import CollectionVersion
 from ..semcache.cache import CacheQuery, LookupResult, SemanticCache
 from ..semcache.categories import Classification
 from ..semcache.metrics import SemanticCacheMetrics
@@ -162,7 +163,7 @@ class ChatCache:
         self.rag_system_prompt = rag_system_prompt
         self.cache: SemanticCache | None = None
         self.embed: Callable[[list[str]], np.ndarray] | None = None
-        self.collection_version: Callable[[str], int | None] = lambda name: None
+        self.collection_version: Callable[[str], CollectionVersion | None] = lambda name: None
 
     def skip_reason(self, request: ChatCompletionRequest) -> str | None:
         extra = request.model_extra or {}
@@ -186,7 +187,8 @@ class ChatCache:
         history = [m.model_dump(exclude_none=True) for m in request.messages[:-1]]
         key = {"model": request.model, "namespace": namespace, "history": history, "params": params,
                "collection": collection,
-               "version": self.collection_version(collection) if collection else None,
+               # generation and version: a collection deleted and created again is another collection
+               "version": str(self.collection_version(collection)) if collection else None,
                "rag_system_prompt": self.rag_system_prompt if collection or request.documents else None}
         return _digest(key), readable_settings(key)
 

@@ -44,7 +44,8 @@ class RetrievedChunk(BaseModel):
 class RetrieveResponse(BaseModel):
     object: Literal["list"] = "list"
     collection: str
-    version: int | str | None  # the collection's version at the time of the search
+    version: int | None  # the collection's version at the time of the search (bumped by every change)
+    generation: str | None  # the collection's id since it was created (a re-created collection has another)
     data: list[RetrievedChunk]
 
 

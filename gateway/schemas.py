@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from ..retriever import defaults as retrieval_defaults
+
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 # OpenAI chat parameters that an upstream provider may understand; only these are forwarded through litellm.
@@ -61,7 +63,7 @@ class RagOptions(_Options):
     """Retrieval-augmented generation over an ingested collection (served from the retrieval issue on)."""
 
     collection: str = Field(min_length=1)
-    top_k: int = Field(4, ge=1, le=100)
+    top_k: int = Field(retrieval_defaults.TOP_K, ge=1, le=100)
 
 
 class Document(_Options):
@@ -158,7 +160,7 @@ class ChatCompletionRequest(BaseModel):
 class RetrieveRequest(_Options):
     collection: str = Field(min_length=1)
     query: str = Field(min_length=1)
-    top_k: int = Field(4, ge=1, le=100)
+    top_k: int = Field(retrieval_defaults.TOP_K, ge=1, le=100)
 
 
 class IngestDocument(_Options):

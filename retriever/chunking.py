@@ -11,6 +11,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from . import defaults
+
 # A paragraph break, or a sentence end followed by whitespace. The separator stays with the text before it,
 # so joining the pieces gives the original text back.
 _PARAGRAPH = re.compile(r"(?<=\n)\s*\n")
@@ -46,7 +48,8 @@ def _split_keep(pattern: re.Pattern[str], text: str) -> list[str]:
 
 
 class Chunker:
-    def __init__(self, tokenizer: object, chunk_tokens: int = 256, overlap_tokens: int = 32) -> None:
+    def __init__(self, tokenizer: object, chunk_tokens: int = defaults.CHUNK_TOKENS,
+                 overlap_tokens: int = defaults.OVERLAP_TOKENS) -> None:
         if not 0 <= overlap_tokens < chunk_tokens:
             raise ValueError("overlap_tokens must be at least 0 and less than chunk_tokens")
         self.tokenizer = tokenizer

@@ -2,11 +2,13 @@
 
 
 Vectors are unit length, so inner product is cosine similarity. Ids are the chunk rows of the store,
-so the index can be rebuilt from the store at any time and removals are by id.
+so the index can be rebuilt from the store at any time and removals are by id. Saving returns the file's
+SHA-256 and loading checks it, so a file damaged after it was written is refused rather than searched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -14,9 +16,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import defaults
+
+
 
 class IndexFileError(Exception):
-    pass
+    """An index file that cannot be used: unreadable, not a collection index, or not the bytes written."""
 
 
 def gpu_available() -> bool:
@@ -24,7 +29,7 @@ def gpu_available() -> bool:
 
 
 class VectorIndex:
-    def __init__(self, index: faiss.Index, *, nprobe: int = 256) -> None:
+    def __init__(self, index: faiss.Index, *, nprobe: int = defaults.NPROBE) -> None:
         self.index = index
         self.nprobe = nprobe
         self._search_index = self._for_search(index)
@@ -46,7 +51,7 @@ class VectorIndex:
 
     @classmethod
     def build(cls, dimension: int, vectors: np.ndarray, ids: np.ndarray, *, approximate_threshold: int,
-              nprobe: int = 256) -> "VectorIndex":
+              nprobe: int = defaults.NPROBE) -> "VectorIndex":
         """Exact search below `approximate_threshold` vectors, IVF (trained on these vectors) above."""
         if len(vectors) < approximate_threshold:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
@@ -76,16 +81,27 @@ class VectorIndex:
         scores, ids = self._search_index.search(query.reshape(1, -1).astype(np.float32), min(k, self.size))
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
-    def save(self, path: Path) -> None:
-        """Write to a temporary file and rename it over the old one: a crash leaves one or the other."""
+    def save(self, path: Path) -> str:
+        """Write to a temporary file and rename it over the old one: a crash leaves one or the other. Returns
+        the SHA-256 (hex) of the bytes written, for `load` to check."""
+        data = faiss.serialize_index(self.index).tobytes()
         temporary = path.with_suffix(path.suffix + ".tmp")
-        faiss.write_index(self.index, str(temporary))
+        temporary.write_bytes(data)
         os.replace(temporary, path)
+        return hashlib.sha256(data).hexdigest()
 
     @classmethod
-    def load(cls, path: Path, *, nprobe: int = 256) -> "VectorIndex":
+    def load(cls, path: Path, sha256: str, *, nprobe: int = defaults.NPROBE) -> "VectorIndex":
+        """The index in `path`, whose bytes must have the SHA-256 `save` returned. Raises IndexFileError when
+        the file cannot be read, is not those bytes (damaged since), or is not a collection index."""
         try:
-            index = faiss.read_index(str(path))
+            data = path.read_bytes()
+        except OSError as exc:
+            raise IndexFileError(f"unreadable ({exc.strerror})") from exc
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IndexFileError("its checksum does not match the one recorded when it was written")
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as exc:
             raise IndexFileError(str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable") from exc
         # read_index already returns the concrete class (a downcast copy would not own the index).

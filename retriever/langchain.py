@@ -17,6 +17,8 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import Field
 
+from . import defaults
+
 
 class BlendgateRetrieverError(RuntimeError):
     """The gateway refused the query; the message is the gateway's own."""
@@ -25,7 +27,7 @@ class BlendgateRetrieverError(RuntimeError):
 class BlendgateRetriever(BaseRetriever):
     base_url: str = "http://127.0.0.1:8000"
     collection: str
-    top_k: int = Field(4, ge=1, le=100)
+    top_k: int = Field(defaults.TOP_K, ge=1, le=100)
     api_key: str | None = None
     timeout_s: float = 30.0
 

@@ -1,4 +1,10 @@
-"""Collections as a service: ingest, search, list and delete, keeping each FAISS index in step with the store."""
+"""Collections as a service: ingest, search, list and delete, keeping each FAISS index in step with the store.
+
+Each index file has a JSON file beside it naming the collection state it reflects (generation and version) and
+the index file's SHA-256. An index of another state (older, or of an earlier collection of the same name) is
+rebuilt from the store; one of the current state whose bytes fail the checksum or cannot be read is refused
+with CorruptIndexError, which names the file and `blendgate reindex`.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import defaults
 from .chunking import Chunker
 from .embedder import Embedder
 from .index import IndexFileError, VectorIndex
 from .loaders import LoadedFile, SkippedFile, SourceDocument, discover, load_file
-from .store import ChunkStore, CollectionRecord, NewChunk, iter_batches
+from .store import ChunkStore, CollectionRecord, CollectionVersion, NewChunk, iter_batches, new_generation
 
 log = logging.getLogger("blendgate.retriever")
 
@@ -35,8 +42,12 @@ class RetrievalError(Exception):
         self.code = code
 
 
-class CorruptIndexError(Exception):
-    pass
+class CorruptIndexError(RetrievalError):
+    """A collection's index file is damaged; the message names the file and the `blendgate reindex` command.
+    At start-up it stops the gateway; later (a file written by another process) a query gets 503."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, "index_corrupt")
 
 
 @dataclass(frozen=True)
@@ -79,14 +90,15 @@ class Progress:
 @dataclass
 class _LoadedIndex:
     index: VectorIndex
-    version: int
+    version: CollectionVersion
 
 
 class Retriever:
     def __init__(self, data_dir: Path, embedder: Embedder, tokenizer: object | None = None, *,
-                 tokenizer_factory: Callable[[], object] | None = None, chunk_tokens: int = 256,
-                 overlap_tokens: int = 32, approximate_threshold: int = 20_000, max_file_bytes: int = 50 << 20,
-                 nprobe: int = 256) -> None:
+                 tokenizer_factory: Callable[[], object] | None = None, chunk_tokens: int = defaults.CHUNK_TOKENS,
+                 overlap_tokens: int = defaults.OVERLAP_TOKENS,
+                 approximate_threshold: int = defaults.APPROXIMATE_THRESHOLD,
+                 max_file_bytes: int = defaults.MAX_FILE_BYTES, nprobe: int = defaults.NPROBE) -> None:
         """Give the tokenizer, or a `tokenizer_factory` that loads it on the first ingest rather than at
         start-up (a GGUF model's tokenizer comes from its one-time conversion, which the model load does)."""
         if (tokenizer is None) == (tokenizer_factory is None):
@@ -125,31 +137,32 @@ class Retriever:
 
     def _save(self, name: str, loaded: _LoadedIndex) -> None:
         path = self._index_path(name)
-        loaded.index.save(path)
-        # The version beside the index says which store state it reflects; written after the index itself.
+        sha256 = loaded.index.save(path)
+        # Beside the index: the collection state it reflects and its checksum; written after the index itself.
         meta = path.with_suffix(".json")
-        meta.with_suffix(".json.tmp").write_text(json.dumps({"version": loaded.version, "size": loaded.index.size}))
+        meta.with_suffix(".json.tmp").write_text(json.dumps(
+            {"generation": loaded.version.generation, "version": loaded.version.number, "size": loaded.index.size,
+             "sha256": sha256}))
         meta.with_suffix(".json.tmp").replace(meta)
 
     def _load(self, record: CollectionRecord) -> _LoadedIndex:
         path = self._index_path(record.name)
-        meta_path = path.with_suffix(".json")
-        if path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            saved = CollectionVersion(meta["generation"], meta["version"])
+        except (ValueError, KeyError, TypeError, OSError):
+            saved = None
+        if saved == record.state and path.exists():
             try:
-                index = VectorIndex.load(path, nprobe=self.nprobe)
+                return _LoadedIndex(VectorIndex.load(path, str(meta.get("sha256")), nprobe=self.nprobe), saved)
             except IndexFileError as exc:
                 raise CorruptIndexError(
                     f"the index file {path} of collection '{record.name}' is corrupt ({exc}); rebuild it from the "
                     f"stored chunks with: blendgate reindex --collection {record.name}") from exc
-            try:
-                saved_version = json.loads(meta_path.read_text())["version"]
-            except (ValueError, KeyError, OSError):
-                saved_version = None
-            if saved_version == record.version:
-                return _LoadedIndex(index, record.version)
-        # No index yet, or one from before a crash mid-ingest: the store is the truth.
+        # No index yet, one from before a crash mid-ingest, or one of an earlier collection of this name: the
+        # store is the truth.
         log.info("building the index of collection %s from the store", record.name)
-        loaded = _LoadedIndex(self._rebuild(record), record.version)
+        loaded = _LoadedIndex(self._rebuild(record), record.state)
         self._save(record.name, loaded)
         return loaded
 
@@ -159,7 +172,8 @@ class Retriever:
             raise RetrievalError(404, f"collection '{name}' does not exist", "collection_not_found")
         with self._lock:
             loaded = self._indexes.get(name)
-            if loaded is None or loaded.version != record.version:  # changed by another process (the CLI)
+            # Changed by another process (the CLI), or deleted and created again there.
+            if loaded is None or loaded.version != record.state:
                 loaded = self._indexes[name] = self._load(record)
             return loaded
 
@@ -173,7 +187,7 @@ class Retriever:
         if record is None:
             raise RetrievalError(404, f"collection '{name}' does not exist", "collection_not_found")
         with self._lock:
-            loaded = self._indexes[name] = _LoadedIndex(self._rebuild(record), record.version)
+            loaded = self._indexes[name] = _LoadedIndex(self._rebuild(record), record.state)
             self._save(name, loaded)
         return loaded.index.size
 
@@ -192,26 +206,39 @@ class Retriever:
                                           "delete and re-ingest it", "tokenizer_mismatch")
             return existing
         return CollectionRecord(name, 0, time.time(), self.embedder.name, self.embedder.dimension,
-                                self.chunker.fingerprint)
+                                self.chunker.fingerprint, new_generation())
 
     def ingest_paths(self, paths: Iterable[Path], collection: str, progress: Progress | None = None) -> IngestSummary:
+        """Ingest files and folders (walked recursively) into `collection`, created if new. Files that cannot be
+        used are skipped with a reason in the summary, but every given path must hold at least one usable file
+        (new, changed or unchanged): a path that is missing, an empty folder or only unusable files raises
+        RetrievalError (400, "nothing_to_ingest") naming each such path and why, and nothing is written."""
+        paths = list(dict.fromkeys(paths))  # each given path once
         record = self._record(collection)
         progress = progress or Progress()
         started = time.perf_counter()
         summary = IngestSummary(collection)
-        found = list(discover(paths))
+        found = [(given, item) for given in paths for item in discover([given])]
         known = self.store.file_hashes(collection)
         changed: list[LoadedFile] = []
+        usable: dict[Path, bool] = {given: False for given in paths}
+        unusable: dict[Path, list[SkippedFile]] = {given: [] for given in paths}
         progress.start("reading", len(found))
-        for item in found:
+        for given, item in found:
             loaded = item if isinstance(item, SkippedFile) else load_file(item, max_bytes=self.max_file_bytes)
             progress.advance("reading")
             if isinstance(loaded, SkippedFile):
                 summary.skipped.append((str(loaded.path), loaded.reason))
-            elif known.get(str(loaded.path.resolve())) == loaded.content_hash:
+                unusable[given].append(loaded)
+                continue
+            usable[given] = True
+            if known.get(str(loaded.path.resolve())) == loaded.content_hash:
                 summary.unchanged += 1
             else:
                 changed.append(loaded)
+        barren = [f"{given}: {_why_nothing(given, unusable[given])}" for given, ok in usable.items() if not ok]
+        if barren:
+            raise RetrievalError(400, "nothing to ingest from " + "; ".join(barren), "nothing_to_ingest")
         files = {str(f.path.resolve()): f.content_hash for f in changed}
         documents = [(str(f.path.resolve()), d) for f in changed for d in f.documents]
         self._write(record, files, documents, summary, progress)
@@ -219,8 +246,13 @@ class Retriever:
         return summary
 
     def ingest_documents(self, collection: str, documents: list[SourceDocument]) -> IngestSummary:
-        """Documents sent over HTTP: each `source` is replaced as a whole, like a file."""
+        """Documents sent over HTTP: each `source` is replaced as a whole, like a file. A document with no text
+        (only whitespace) raises RetrievalError (400, "nothing_to_ingest") naming its source; nothing is written."""
         record = self._record(collection)
+        empty = [document.source for document in documents if not document.text.strip()]
+        if empty:
+            raise RetrievalError(400, "nothing to ingest from " + "; ".join(f"{source}: no text in it"
+                                                                             for source in empty), "nothing_to_ingest")
         started = time.perf_counter()
         summary = IngestSummary(collection)
         known = self.store.file_hashes(collection)
@@ -259,8 +291,11 @@ class Retriever:
             loaded = self._current(record.name) if record.version > 0 else None
             version, removed, added = self.store.replace_files(record, files, new)
             summary.removed_chunks = len(removed)
-            if loaded is None or (loaded.index.kind == "flat" and loaded.index.size - len(removed) + len(added)
-                                  >= self.approximate_threshold):
+            # The loaded index is updated in place only when this change came right after the state it reflects
+            # (another process may have changed, or deleted and re-created, the collection in between).
+            if loaded is None or not version.follows(loaded.version) or (
+                    loaded.index.kind == "flat"
+                    and loaded.index.size - len(removed) + len(added) >= self.approximate_threshold):
                 stored = self.store.collection(record.name)
                 loaded = _LoadedIndex(self._rebuild(stored), version)  # type: ignore[arg-type]
             else:
@@ -294,13 +329,14 @@ class Retriever:
         return results
 
     def collections(self) -> list[dict]:
-        return [{"name": record.name, "version": record.version, "files": files, "chunks": chunks,
-                 "embedder": record.embedder, "created": int(record.created)}
+        return [{"name": record.name, "version": record.version, "generation": record.generation, "files": files,
+                 "chunks": chunks, "embedder": record.embedder, "created": int(record.created)}
                 for record, files, chunks in self.store.collections()]
 
-    def collection_version(self, name: str) -> int | None:
+    def collection_version(self, name: str) -> CollectionVersion | None:
+        """The collection's current generation and version (None when it does not exist)."""
         record = self.store.collection(name)
-        return None if record is None else record.version
+        return None if record is None else record.state
 
     def delete(self, collection: str, source: str | None = None) -> int:
         """Delete a collection, or one source (a file path as ingested, or a document source) in it."""
@@ -321,10 +357,22 @@ class Retriever:
                     path.unlink(missing_ok=True)
             elif collection in self._indexes:
                 loaded = self._indexes[collection]
-                loaded.index.remove(np.array(rows, dtype=np.int64))
-                loaded.version = version
-                self._save(collection, loaded)
+                if version.follows(loaded.version):
+                    loaded.index.remove(np.array(rows, dtype=np.int64))
+                    loaded.version = version
+                    self._save(collection, loaded)
+                else:  # changed by another process meanwhile: loaded afresh at the next query
+                    del self._indexes[collection]
         return len(rows)
+
+
+def _why_nothing(given: Path, skipped: list[SkippedFile]) -> str:
+    """Why a path given to ingest yielded no usable file."""
+    if len(skipped) == 1 and skipped[0].path == given:  # a missing path, or one file that was skipped
+        return skipped[0].reason
+    if not skipped:
+        return "no files in it (hidden files are left out)"
+    return "no usable file in it (" + "; ".join(f"{s.path.relative_to(given)}: {s.reason}" for s in skipped) + ")"
 
 
 def open_retriever(data_dir: Path, tokenizer_factory: Callable[[], object], embedder_path: Path | None = None,

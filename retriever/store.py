@@ -1,11 +1,14 @@
 """Collections on disk: chunk texts, metadata and embeddings in SQLite, the source of truth.
 
 Every ingest or delete is one transaction that also bumps the collection's version, so a crash leaves
-the previous state whole, and the FAISS index (a derived file) can always be rebuilt from here.
+the previous state whole, and the FAISS index (a derived file) can always be rebuilt from here. A collection
+also has a generation, a random id drawn when it is created: a collection deleted and created again under the
+same name (its version numbers starting over) is another collection to every reader that compares versions.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -22,7 +25,8 @@ CREATE TABLE IF NOT EXISTS collections (
     created REAL NOT NULL,
     embedder TEXT NOT NULL,
     dimension INTEGER NOT NULL,
-    tokenizer TEXT NOT NULL
+    tokenizer TEXT NOT NULL,
+    generation TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS files (
     collection TEXT NOT NULL,
@@ -46,6 +50,28 @@ CREATE INDEX IF NOT EXISTS chunks_by_file ON chunks (collection, file);
 """
 
 
+def new_generation() -> str:
+    """A fresh generation id: 16 hex digits, drawn when a collection is created."""
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class CollectionVersion:
+    """Which state of a collection something reflects: the collection's generation (a random id drawn when it
+    was created) and the version number (bumped by every change since). Equal only for the same state of the
+    same collection, so a collection deleted and created again never matches its predecessor."""
+
+    generation: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.number}@{self.generation}"
+
+    def follows(self, earlier: CollectionVersion) -> bool:
+        """True when this is the state right after `earlier` (same collection, the next version)."""
+        return self.generation == earlier.generation and self.number == earlier.number + 1
+
+
 @dataclass(frozen=True)
 class CollectionRecord:
     name: str
@@ -54,6 +80,11 @@ class CollectionRecord:
     embedder: str
     dimension: int
     tokenizer: str
+    generation: str
+
+    @property
+    def state(self) -> CollectionVersion:
+        return CollectionVersion(self.generation, self.version)
 
 
 @dataclass(frozen=True)
@@ -86,28 +117,43 @@ class ChunkStore:
             self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")  # the CLI may ingest while the gateway reads
             self._db.executescript(_SCHEMA)
+            self._add_generations()
         except sqlite3.DatabaseError as exc:
             raise sqlite3.DatabaseError(f"{path} is not a usable blendgate store ({exc}); "
                                         "move it away to start empty") from exc
+
+    def _add_generations(self) -> None:
+        """Stores written before generations existed get the column, and each collection a generation."""
+        def missing() -> bool:
+            return "generation" not in [row[1] for row in self._db.execute("PRAGMA table_info(collections)")]
+
+        if not missing():
+            return
+        with self._transaction():
+            if missing():  # checked again under the write lock: another process may be opening the store too
+                self._db.execute("ALTER TABLE collections ADD COLUMN generation TEXT NOT NULL DEFAULT ''")
+                for (name,) in self._db.execute("SELECT name FROM collections").fetchall():
+                    self._db.execute("UPDATE collections SET generation = ? WHERE name = ?",
+                                     (new_generation(), name))
 
     def close(self) -> None:
         self._db.close()
 
     def collection(self, name: str) -> CollectionRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT name, version, created, embedder, dimension, tokenizer FROM collections "
-                                   "WHERE name = ?", (name,)).fetchone()
+            row = self._db.execute("SELECT name, version, created, embedder, dimension, tokenizer, generation "
+                                   "FROM collections WHERE name = ?", (name,)).fetchone()
         return CollectionRecord(*row) if row else None
 
     def collections(self) -> list[tuple[CollectionRecord, int, int]]:
         """Each collection with its number of files and chunks."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.name, c.version, c.created, c.embedder, c.dimension, c.tokenizer, "
+                "SELECT c.name, c.version, c.created, c.embedder, c.dimension, c.tokenizer, c.generation, "
                 "(SELECT COUNT(*) FROM files f WHERE f.collection = c.name), "
                 "(SELECT COUNT(*) FROM chunks k WHERE k.collection = c.name) "
                 "FROM collections c ORDER BY c.name").fetchall()
-        return [(CollectionRecord(*r[:6]), r[6], r[7]) for r in rows]
+        return [(CollectionRecord(*r[:7]), r[7], r[8]) for r in rows]
 
     def file_hashes(self, collection: str) -> dict[str, str]:
         with self._lock:
@@ -137,9 +183,10 @@ class ChunkStore:
         return {r[0]: StoredChunk(*r) for r in records}
 
     def replace_files(self, record: CollectionRecord, files: dict[str, str], chunks: list[NewChunk]
-                      ) -> tuple[int, list[int], list[int]]:
-        """In one transaction: drop the chunks of `files` (path -> content hash), insert `chunks`, record the
-        files, bump the version. Returns (new version, removed rows, added rows)."""
+                      ) -> tuple[CollectionVersion, list[int], list[int]]:
+        """In one transaction: create the collection as `record` describes unless it exists (then `record` only
+        names it), drop the chunks of `files` (path -> content hash), insert `chunks`, record the files, bump
+        the version. Returns (the collection's new version, removed rows, added rows)."""
         with self._lock, self._transaction():
             self._ensure_collection(record)
             removed: list[int] = []
@@ -160,7 +207,7 @@ class ChunkStore:
             version = self._bump(record.name)
         return version, removed, added
 
-    def delete(self, collection: str, file: str | None = None) -> tuple[int | None, list[int]]:
+    def delete(self, collection: str, file: str | None = None) -> tuple[CollectionVersion | None, list[int]]:
         """Remove one file's chunks, or the whole collection. Returns (new version or None if gone, rows)."""
         with self._lock, self._transaction():
             where, args = ("collection = ?", (collection,)) if file is None else \
@@ -179,12 +226,15 @@ class ChunkStore:
                                                    (collection,))]
 
     def _ensure_collection(self, record: CollectionRecord) -> None:
-        self._db.execute("INSERT OR IGNORE INTO collections VALUES (?, 0, ?, ?, ?, ?)",
-                         (record.name, record.created, record.embedder, record.dimension, record.tokenizer))
+        self._db.execute("INSERT OR IGNORE INTO collections VALUES (?, 0, ?, ?, ?, ?, ?)",
+                         (record.name, record.created, record.embedder, record.dimension, record.tokenizer,
+                          record.generation))
 
-    def _bump(self, collection: str) -> int:
+    def _bump(self, collection: str) -> CollectionVersion:
         self._db.execute("UPDATE collections SET version = version + 1 WHERE name = ?", (collection,))
-        return int(self._db.execute("SELECT version FROM collections WHERE name = ?", (collection,)).fetchone()[0])
+        generation, number = self._db.execute("SELECT generation, version FROM collections WHERE name = ?",
+                                              (collection,)).fetchone()
+        return CollectionVersion(generation, int(number))
 
     class _Tx:
         def __init__(self, db: sqlite3.Connection) -> None:

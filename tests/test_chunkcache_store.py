@@ -14,7 +14,8 @@ def kv(seed: int, tokens: int = 8) -> ChunkKV:
 
 
 def key(n: int, model: str = "m") -> ChunkKey:
-    return ChunkKey.of(model, [1, 2], [n, n + 1])
+    """The key of kv(n): its token digest is that of kv(n)'s token ids, as in real use."""
+    return ChunkKey.of(model, [1, 2], kv(n).token_ids.tolist())
 
 
 ENTRY = kv(0).nbytes  # bytes of one entry in memory
@@ -88,6 +89,30 @@ def test_a_corrupt_entry_is_a_miss_and_is_removed(tmp_path) -> None:
     assert store.stats.corrupt == 1 and not path.exists()
     store.put(key(1), kv(1), 8)  # recomputed and stored again
     assert_same(store.get(key(1)), kv(1))
+
+
+def test_a_valid_entry_of_another_chunk_copied_over_a_file_is_damaged(tmp_path) -> None:
+    store = ChunkCacheStore([DiskTier("disk", budget_bytes=1 << 20, directory=tmp_path)])
+    store.put(key(1), kv(1), 8)
+    store.put(key(2), kv(2), 8)
+    victim = tmp_path / f"{key(1).name}.kv"
+    victim.write_bytes((tmp_path / f"{key(2).name}.kv").read_bytes())  # checksum fine, but chunk 2's entry
+    assert store.get(key(1)) is None
+    assert store.stats.corrupt == 1 and not victim.exists() and key(1) not in store.tiers[0].entries
+    assert_same(store.get(key(2)), kv(2))  # the original is untouched
+    store.put(key(1), kv(1), 8)  # recomputed and stored again
+    assert_same(store.get(key(1)), kv(1))
+
+
+def test_an_entry_of_another_model_with_the_same_tokens_is_damaged(tmp_path) -> None:
+    """Same chunk tokens, another model: only the key stored in the file tells them apart."""
+    ChunkCacheStore([DiskTier("disk", 1 << 20, directory=tmp_path)]).put(key(1, model="aaaa"), kv(1), 8)
+    (tmp_path / f"{key(1, model='bbbb').name}.kv").write_bytes(
+        (tmp_path / f"{key(1, model='aaaa').name}.kv").read_bytes())
+    reopened = ChunkCacheStore([DiskTier("disk", 1 << 20, directory=tmp_path)])  # finds both files
+    assert reopened.get(key(1, model="bbbb")) is None
+    assert reopened.stats.corrupt == 1 and not (tmp_path / f"{key(1, model='bbbb').name}.kv").exists()
+    assert_same(reopened.get(key(1, model="aaaa")), kv(1))
 
 
 def test_keys_separate_models_prefixes_and_tokens() -> None:

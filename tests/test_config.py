@@ -188,3 +188,10 @@ def test_the_example_admin_key_env_line_works(tmp_path: Path, monkeypatch: pytes
     line = "admin_key_env: BLENDGATE_ADMIN_KEY\n"
     config = write(tmp_path, example.replace(f"# {line}", line))
     assert load_settings(config).resolved_admin_key() == "admin-key-123456"
+
+
+def test_every_selection_rule_field_is_a_setting(tmp_path: Path) -> None:
+    """The README lists `drift_shift` under chunk_cache.selection; the settings must accept and pass it on."""
+    config = tmp_path / "c.yaml"
+    config.write_text("chunk_cache:\n  selection:\n    drift_shift: 0.5\n")
+    assert load_settings(config).chunk_cache.selection.rule().drift_shift == 0.5

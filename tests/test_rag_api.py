@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -59,6 +61,9 @@ def test_retrieve_and_ingest_errors(http: httpx.Client, facts: str) -> None:
     assert_openai_error(http.post("/v1/collections/bad name!/documents", json={"documents": FACTS}), 400,
                         "invalid_collection_name")
     assert_openai_error(http.post("/v1/collections/x/documents", json={"documents": []}), 400)
+    blank = http.post("/v1/collections/x/documents", json={"documents": [{"text": " \n ", "source": "blank"}]})
+    assert "blank: no text in it" in assert_openai_error(blank, 400, "nothing_to_ingest")["message"]
+    assert "x" not in {c["name"] for c in http.get("/v1/collections").json()["data"]}
     assert_openai_error(http.delete("/v1/collections/never-made"), 404, "collection_not_found")
 
 
@@ -119,6 +124,18 @@ def test_cli_ingest_is_seen_by_the_running_gateway(gateway, http: httpx.Client, 
                              text=True, env=env, timeout=120)
     assert deleted.returncode == 0, deleted.stderr
     assert_openai_error(http.post("/v1/retrieve", json={"collection": "handbook", "query": "vacation"}), 404)
+    # Created again under the same name (its version number starts over): the gateway serves the new documents.
+    (folder / "vacation.md").unlink()
+    (folder / "parking.md").write_text("# Parking\n\nThe staff car park opens at 6 am.")
+    again = subprocess.run([*command, "ingest", str(folder / "parking.md"), "--collection", "handbook", *config],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert again.returncode == 0, again.stderr
+    hits = http.post("/v1/retrieve", json={"collection": "handbook", "query": "when does the car park open"}).json()
+    assert hits["version"] == 1 and [h["source"] for h in hits["data"]] == [str((folder / "parking.md").resolve())]
+    # A path with nothing to ingest is an error that names it, not "0 files ingested".
+    missing = subprocess.run([*command, "ingest", str(tmp_path / "no-such-folder"), "--collection", "handbook",
+                              *config], capture_output=True, text=True, env=env, timeout=180)
+    assert missing.returncode == 1 and "no-such-folder: no such file or folder" in missing.stderr, missing.stderr
 
 
 def test_langchain_retriever_in_a_chain(gateway, client: openai.OpenAI, facts: str) -> None:
@@ -158,11 +175,12 @@ def test_a_corrupt_index_stops_start_up_naming_the_file(workdir, model_cache_dir
     # A store with one collection, whose index file is garbage.
     db = sqlite3.connect(data / "chunks.sqlite3")
     db.executescript(_SCHEMA)
-    db.execute("INSERT INTO collections VALUES ('docs', 1, 0, 'all-MiniLM-L6-v2', 384, 'x')")
+    db.execute("INSERT INTO collections VALUES ('docs', 1, 0, 'all-MiniLM-L6-v2', 384, 'x', 'g1')")
     db.commit()
     db.close()
     (data / "indexes" / "docs.faiss").write_bytes(b"garbage")
-    (data / "indexes" / "docs.json").write_text('{"version": 1}')
+    (data / "indexes" / "docs.json").write_text(json.dumps(
+        {"generation": "g1", "version": 1, "sha256": hashlib.sha256(b"garbage").hexdigest()}))
     process = GatewayProcess("corrupt", {"models": [{"name": "m", "backend": "litellm", "litellm_model": "openai/x",
                                                     "api_base": "http://127.0.0.1:9/v1"}],
                                          "retrieval": {"data_dir": str(data)}}, workdir, model_cache_dir)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
 from blendgate.retriever.chunking import Chunker
-from blendgate.retriever.loaders import LoadedFile, SkippedFile, load_file
+from blendgate.retriever.loaders import LoadedFile, SkippedFile, SourceDocument, load_file
 from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever
+from blendgate.retriever.store import ChunkStore
 
 FACTS = {
     "castle.txt": "The blue castle stands on a granite hill. Its secret code is 4711.\n\nThe castle has nine towers.",
@@ -136,7 +138,7 @@ def test_ingest_search_update_and_delete(corpus: Path, tmp_path: Path, embedder,
 
     version = retriever.collection_version("facts")
     assert retriever.delete("facts", str(corpus / "river.md")) >= 1
-    assert retriever.collection_version("facts") == version + 1
+    assert retriever.collection_version("facts").follows(version)
     assert all("Silverrun" not in h.text for h in retriever.search("facts", "Silverrun river", 5))
     with pytest.raises(RetrievalError) as missing:
         retriever.delete("facts", "/no/such/source")
@@ -174,6 +176,109 @@ def test_a_corrupt_index_file_names_itself_and_the_fix(corpus, tmp_path, embedde
     assert "facts.faiss" in str(raised.value) and "blendgate reindex --collection facts" in str(raised.value)
     assert broken.reindex("facts") > 0
     assert "4711" in make_retriever(data, embedder, tokenizer).search("facts", "castle secret code", 1)[0].text
+
+
+def test_a_damaged_index_file_is_refused_not_searched(corpus, tmp_path, embedder, tokenizer) -> None:
+    """Bytes flipped inside the vectors leave a file FAISS reads happily (scores of 1e23, wrong hits): the
+    checksum written beside it catches that, at start-up and when another process's index is picked up."""
+    data = tmp_path / "data"
+    make_retriever(data, embedder, tokenizer).ingest_paths([corpus], "facts")
+    index_file = data / "indexes" / "facts.faiss"
+
+    def damage() -> None:
+        damaged = bytearray(index_file.read_bytes())
+        damaged[len(damaged) // 2] ^= 0x7F  # in the middle of the stored vectors
+        index_file.write_bytes(bytes(damaged))
+
+    damage()
+    with pytest.raises(CorruptIndexError) as raised:
+        make_retriever(data, embedder, tokenizer).load_all()
+    assert "facts.faiss" in str(raised.value) and "checksum" in str(raised.value)
+    assert "blendgate reindex --collection facts" in str(raised.value)
+
+    gateway = make_retriever(data, embedder, tokenizer)
+    assert gateway.reindex("facts") > 0
+    assert "4711" in gateway.search("facts", "castle secret code", 1)[0].text
+    # Another process (the CLI) changes the collection; its index file is damaged before the gateway reads it.
+    extra = tmp_path / "extra.txt"
+    extra.write_text("The old mill grinds barley on Mondays.")
+    make_retriever(data, embedder, tokenizer).ingest_paths([extra], "facts")
+    damage()
+    with pytest.raises(CorruptIndexError) as at_query:
+        gateway.search("facts", "castle secret code", 1)
+    assert at_query.value.status == 503 and at_query.value.code == "index_corrupt"
+
+
+def test_a_collection_deleted_and_created_again_elsewhere_is_another_collection(corpus, tmp_path, embedder,
+                                                                                tokenizer) -> None:
+    """`blendgate delete` then `blendgate ingest` of the same name while the gateway runs: the gateway must
+    drop its index of the old collection and the semantic-cache key must change, although the new
+    collection's version number is the old one's again."""
+    from blendgate.gateway.response_cache import ChatCache
+    from blendgate.gateway.schemas import ChatCompletionRequest
+    from blendgate.semcache.settings import SemanticCacheSettings
+
+    data = tmp_path / "data"
+    gateway = make_retriever(data, embedder, tokenizer)
+    cli = make_retriever(data, embedder, tokenizer)  # another process in real use: they share only the files
+    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.")
+    cache.collection_version = gateway.collection_version
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "What is sold on Tuesdays?"}],
+         "rag": {"collection": "c", "top_k": 1}})
+
+    cli.ingest_paths([corpus / "castle.txt"], "c")
+    assert "4711" in gateway.search("c", "secret code of the blue castle", 1)[0].text
+    before, key_before = gateway.collection_version("c"), cache.context_digest(request, None, "c")
+    cli.delete("c")
+    cli.ingest_paths([corpus / "bakery.html"], "c")
+    hits = gateway.search("c", "When does the bakery sell rye bread?", 1)
+    assert hits and "rye bread" in hits[0].text
+    after = gateway.collection_version("c")
+    assert after.number == before.number and after != before
+    assert cache.context_digest(request, None, "c") != key_before
+
+
+def test_an_ingest_that_finds_nothing_usable_in_a_path_is_an_error(corpus, tmp_path, embedder, tokenizer) -> None:
+    retriever = make_retriever(tmp_path / "data", embedder, tokenizer)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hidden-only").mkdir()
+    (tmp_path / "hidden-only" / ".notes.txt").write_text("hidden")
+    (tmp_path / "unusable").mkdir()
+    (tmp_path / "unusable" / "image.bin").write_bytes(b"\x89PNG\x00\x00binary")
+    cases = {tmp_path / "missing.txt": "no such file or folder", tmp_path / "empty": "no files in it",
+             tmp_path / "hidden-only": "no files in it", tmp_path / "unusable": "image.bin: ",
+             corpus / "empty.txt": "empty"}
+    for path, reason in cases.items():
+        with pytest.raises(RetrievalError) as refused:
+            retriever.ingest_paths([path], "c")
+        assert (refused.value.status, refused.value.code) == (400, "nothing_to_ingest")
+        assert str(path) in str(refused.value) and reason in str(refused.value), str(refused.value)
+    # One barren path among good ones: the whole ingest is refused, naming it, and nothing is written.
+    with pytest.raises(RetrievalError, match="missing.txt: no such file or folder"):
+        retriever.ingest_paths([corpus / "castle.txt", tmp_path / "missing.txt"], "c")
+    assert retriever.collections() == []
+    # Documents sent over HTTP: one with only whitespace is nothing to ingest either.
+    with pytest.raises(RetrievalError, match="api#2: no text in it") as blank:
+        retriever.ingest_documents("c", [SourceDocument("api#1", "The mill grinds barley."),
+                                         SourceDocument("api#2", " \n\t ")])
+    assert (blank.value.status, blank.value.code) == (400, "nothing_to_ingest") and retriever.collections() == []
+    # Found but unchanged is not nothing.
+    assert retriever.ingest_paths([corpus / "castle.txt"], "c").files == 1
+    assert retriever.ingest_paths([corpus / "castle.txt"], "c").unchanged == 1
+
+
+def test_a_store_from_before_generations_gets_one_per_collection(tmp_path) -> None:
+    path = tmp_path / "chunks.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE collections (name TEXT PRIMARY KEY, version INTEGER NOT NULL, created REAL NOT NULL, "
+                "embedder TEXT NOT NULL, dimension INTEGER NOT NULL, tokenizer TEXT NOT NULL)")
+    old.execute("INSERT INTO collections VALUES ('docs', 3, 0, 'all-MiniLM-L6-v2', 384, 'x')")
+    old.commit()
+    old.close()
+    record = ChunkStore(path).collection("docs")
+    assert record.version == 3 and re.fullmatch(r"[0-9a-f]{16}", record.generation)
+    assert ChunkStore(path).collection("docs").generation == record.generation  # drawn once, then kept
 
 
 def test_large_collections_switch_to_an_ivf_index(tmp_path, embedder, tokenizer) -> None:

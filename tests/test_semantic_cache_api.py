@@ -332,6 +332,34 @@ def test_reingesting_a_collection_invalidates_its_answers(client_a: openai.OpenA
     assert after.model_extra["blendgate"]["rag"]["version"] > first.model_extra["blendgate"]["rag"]["version"]
 
 
+def test_a_collection_re_created_by_the_cli_is_not_answered_from_the_old_one(
+        client_a: openai.OpenAI, http: httpx.Client, entries: Entries, cached_gateway: GatewayProcess,
+        tmp_path: Path) -> None:
+    """`blendgate delete` and `blendgate ingest` in another process while the gateway runs: the new collection's
+    version number is the old one's again, but its generation differs, and so does the cache key."""
+    name, rag = "recreated", {"rag": {"collection": "recreated", "top_k": 1}}
+    old = [{"source": "bakery", "text": "The corner bakery sells rye bread on Tuesdays."}]
+    assert http.post(f"/v1/collections/{name}/documents", json={"documents": old}).status_code == 200
+    question = "What does the corner bakery sell on Tuesdays?"
+    first, _ = ask_and_store(client_a, entries, question, extra_body=rag)
+    assert ask(client_a, question, extra_body=rag)[0]["x-blendgate-cache"] == "hit"
+    command = [sys.executable, "-m", "blendgate.gateway"]
+    config = ["--config", str(cached_gateway.config_path)]
+    deleted = subprocess.run([*command, "delete", "--collection", name, *config], capture_output=True, text=True,
+                             env=cached_gateway.env, timeout=180)
+    assert deleted.returncode == 0, deleted.stderr
+    new = tmp_path / "bakery.txt"
+    new.write_text("The corner bakery sells plum cake on Tuesdays.")
+    ingested = subprocess.run([*command, "ingest", str(new), "--collection", name, *config], capture_output=True,
+                              text=True, env=cached_gateway.env, timeout=180)
+    assert ingested.returncode == 0, ingested.stderr
+    headers, after = ask(client_a, question, extra_body=rag)
+    assert headers["x-blendgate-cache"] == "miss"
+    before_rag, after_rag = first.model_extra["blendgate"]["rag"], after.model_extra["blendgate"]["rag"]
+    assert after_rag["version"] == before_rag["version"] and after_rag["generation"] != before_rag["generation"]
+    assert after_rag["chunks"][0]["source"] == str(new.resolve())
+
+
 # -- operations -----------------------------------------------------------------------------------------------------
 
 
