@@ -26,9 +26,6 @@ from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
 
-# Request parameters that change the answer, and so belong to the cache key besides the question.
-_ANSWER_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
-                  "frequency_penalty", "response_format", "logit_bias", "blend", "rag", "documents")
 # Requests with these are never cached: their answers are not plain text for one question.
 _UNCACHEABLE_PARAMS = ("tools", "functions", "logprobs", "top_logprobs", "audio", "modalities", "prediction")
 
@@ -155,11 +152,15 @@ class ChatCache:
 
     def context_digest(self, request: ChatCompletionRequest, namespace: str | None,
                        collection: str | None) -> str:
-        data = request.model_dump(exclude_unset=True, by_alias=True)
-        extra = request.model_extra or {}
-        params = {k: data.get(k, extra.get(k)) for k in _ANSWER_PARAMS if k in data or k in extra}
-        history = [m.model_dump(exclude_none=True) for m in request.messages[:-1]]
-        key = {"model": request.model, "namespace": namespace, "history": history, "params": params,
+        """The hash of everything besides the question's text that the answer depends on: the model, namespace,
+        earlier messages, the question's other fields (its name, non-text parts), every answer-changing
+        parameter (ChatCompletionRequest.answer_params), and the RAG collection's version and prompt."""
+        history = [m.model_dump(mode="json", exclude_none=True) for m in request.messages[:-1]]
+        question = request.messages[-1].model_dump(mode="json", exclude_none=True)
+        parts = question.pop("content", None)
+        question["parts"] = [p for p in parts if p.get("type") != "text"] if isinstance(parts, list) else []
+        key = {"model": request.model, "namespace": namespace, "history": history, "question": question,
+               "params": request.answer_params(),
                "collection": collection,
                "version": self.collection_version(collection) if collection else None,
                "rag_system_prompt": self.rag_system_prompt if collection or request.documents else None}
