@@ -29,7 +29,7 @@ from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter
 from .rag import RagPlanner, as_gateway_error, build_retriever
-from .response_cache import ChatCache, build_semantic_cache
+from .response_cache import ChatCache, build_semantic_cache, model_fingerprints
 from .schemas import ChatCompletionRequest, IngestRequest, RetrieveRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -64,7 +64,8 @@ def create_app(settings: Settings) -> FastAPI:
     registry = CollectorRegistry()
     load = LoadMonitor(settings.semantic_cache.load)
     rag = RagPlanner(None, settings.retrieval.system_prompt)
-    chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt)
+    chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt,
+                           model_fingerprints(settings))
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())
     admin = AdminAuth(settings.resolved_admin_key())

@@ -21,6 +21,7 @@ from ..semcache.metrics import SemanticCacheMetrics
 from ..semcache.policy import LoadMonitor
 from ..semcache.settings import SemanticCacheSettings
 from ..semcache.stores import EntryStore, MemoryStore, RedisStore
+from .config import LocalModelConfig, Settings
 from .errors import GatewayError
 from .schemas import ChatCompletionRequest
 
@@ -52,6 +53,21 @@ def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, re
                     "semantic_cache.categories for it (blendgate tune-thresholds)", settings.thresholds_tuned_for,
                     embedder.name)
     return SemanticCache(settings, store, embedder.dimension, embedder.embed, SemanticCacheMetrics(registry), load)
+
+
+def model_fingerprints(settings: Settings) -> dict[str, str]:
+    """Per model name, a hash of its configuration: the model's entry (upstream model string and address, weights,
+    dtype, sampling defaults, prefill settings...) and, for a model on the gateway's own engine, the chunk-cache
+    settings it blends with (sizes and places left out). It is part of the semantic-cache key, so an answer made
+    under another configuration of the model (one routed to another provider model, say) is never served."""
+    blending = settings.chunk_cache.model_dump(mode="json", exclude={"gpu_bytes", "cpu_bytes", "disk_bytes",
+                                                                     "disk_dir"})
+    fingerprints = {}
+    for model in settings.models:
+        data = {"model": model.model_dump(mode="json", exclude={"name"}),
+                "blending": blending if isinstance(model, LocalModelConfig) else None}
+        fingerprints[model.name] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprints
 
 
 @dataclass
@@ -130,9 +146,10 @@ class ChatCache:
     """Decides whether a chat request goes through the semantic cache and prepares its key."""
 
     def __init__(self, settings: SemanticCacheSettings, default_temperature: Callable[[str], float | None],
-                 rag_system_prompt: str) -> None:
+                 rag_system_prompt: str, model_fingerprints: Mapping[str, str]) -> None:
         self.settings = settings
         self.default_temperature = default_temperature
+        self.model_fingerprints = model_fingerprints
         self.rag_system_prompt = rag_system_prompt
         self.cache: SemanticCache | None = None
         self.embed: Callable[[list[str]], np.ndarray] | None = None
@@ -152,14 +169,16 @@ class ChatCache:
 
     def context_digest(self, request: ChatCompletionRequest, namespace: str | None,
                        collection: str | None) -> str:
-        """The hash of everything besides the question's text that the answer depends on: the model, namespace,
-        earlier messages, the question's other fields (its name, non-text parts), every answer-changing
-        parameter (ChatCompletionRequest.answer_params), and the RAG collection's version and prompt."""
+        """The hash of everything besides the question's text that the answer depends on: the model and its
+        configuration (model_fingerprints), the namespace, earlier messages, the question's other fields (its
+        name, non-text parts), every answer-changing parameter (ChatCompletionRequest.answer_params), and the
+        RAG collection's version and prompt."""
         history = [m.model_dump(mode="json", exclude_none=True) for m in request.messages[:-1]]
         question = request.messages[-1].model_dump(mode="json", exclude_none=True)
         parts = question.pop("content", None)
         question["parts"] = [p for p in parts if p.get("type") != "text"] if isinstance(parts, list) else []
-        key = {"model": request.model, "namespace": namespace, "history": history, "question": question,
+        key = {"model": request.model, "model_config": self.model_fingerprints.get(request.model),
+               "namespace": namespace, "history": history, "question": question,
                "params": request.answer_params(),
                "collection": collection,
                "version": self.collection_version(collection) if collection else None,

@@ -17,7 +17,8 @@ import pytest
 from openai_standin import OpenAIStandin, chunk, completion, stream_of
 from support import GatewayProcess, assert_openai_error
 
-from blendgate.gateway.response_cache import ChatCache
+from blendgate.gateway.config import Settings
+from blendgate.gateway.response_cache import ChatCache, model_fingerprints
 from blendgate.gateway.schemas import ANSWER_NEUTRAL_PARAMS, OPENAI_CHAT_PARAMS, ChatCompletionRequest
 from blendgate.semcache.settings import SemanticCacheSettings
 
@@ -104,7 +105,7 @@ def _two_values(name: str) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("name", sorted(set(OPENAI_CHAT_PARAMS) - ANSWER_NEUTRAL_PARAMS - {"n"}))
 def test_every_forwarded_parameter_changes_the_key(name: str) -> None:
-    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "system prompt")
+    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
     one, two = _two_values(name)
 
     def digest(value: Any) -> str:
@@ -116,7 +117,7 @@ def test_every_forwarded_parameter_changes_the_key(name: str) -> None:
 
 
 def test_the_question_s_other_fields_are_part_of_the_key() -> None:
-    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "system prompt")
+    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
 
     def digest(**fields: Any) -> str:
         request = ChatCompletionRequest.model_validate(
@@ -125,6 +126,23 @@ def test_the_question_s_other_fields_are_part_of_the_key() -> None:
 
     assert digest(name="alice") != digest(name="bob")
     assert digest() == digest(content=[{"type": "text", "text": QUESTION}])
+
+
+def test_the_model_s_configuration_is_part_of_the_key() -> None:
+    """A model name routed to another provider model, or blending differently, never gets the old answers."""
+    def digest(model: dict[str, Any], **settings: Any) -> str:
+        config = Settings(models=[{"name": "m", **model}], **settings)
+        cache = ChatCache(SemanticCacheSettings(), lambda name: None, "system prompt", model_fingerprints(config))
+        request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}]})
+        return cache.context_digest(request, None, None)
+
+    mini = {"backend": "litellm", "litellm_model": "openai/gpt-4o-mini"}
+    assert digest(mini) != digest({**mini, "litellm_model": "openai/gpt-4o"})
+    assert digest(mini) != digest({**mini, "api_base": "http://127.0.0.1:9/v1"})
+    local = {"backend": "local"}
+    assert digest(local) != digest({**local, "sampling_defaults": {"temperature": 0.3}})
+    assert digest(local) != digest(local, chunk_cache={"recompute_ratio": 0.5})
+    assert digest(local) == digest(local, chunk_cache={"cpu_bytes": 1 << 20})
 
 
 # 3. An answer the gateway cannot interpret is a 502 upstream_error, never cached, and the connection survives.
