@@ -155,6 +155,10 @@ MALFORMED_BODIES = {
     "message null": {**completion(), "choices": [{"index": 0, "message": None, "finish_reason": "stop"}]},
     "content of the wrong type": completion(5),
     "empty message": completion(None),
+    "finish_reason of the wrong type": completion("Paris", finish_reason=5),
+    "tool_calls of the wrong type": completion(None, tool_calls="call f"),
+    "logprobs of the wrong type": completion("Paris", logprobs="high"),
+    "usage of the wrong type": {**completion(), "usage": "many"},
     "a JSON list": [completion()],
 }
 
@@ -182,6 +186,9 @@ MALFORMED_STREAMS = {
     "no finish reason": stream_of("Par", "is")[:-3] + ["[DONE]"],
     "content of the wrong type": [chunk({"role": "assistant", "content": 5}), chunk({}, "stop"), "[DONE]"],
     "a frame that is not JSON": ["garbage", "[DONE]"],
+    "choices not a list": [{**chunk(), "choices": "Paris"}, "[DONE]"],
+    "a delta of the wrong type": [{**chunk(), "choices": [{"index": 0, "delta": "Paris"}]}, chunk({}, "stop"),
+                                  "[DONE]"],
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .base import ChatChunk, ChatResult, Usage
 
@@ -25,7 +25,18 @@ class MalformedAnswer(ValueError):
 
 
 class _Part(BaseModel):
+    """A part of the answer; fields litellm keeps in its own container are checked and passed on by name."""
+
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unpack_litellm_container(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get(_LITELLM_CONTAINER), dict):
+            data = {**data[_LITELLM_CONTAINER], **data}
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != _LITELLM_CONTAINER}
+        return data
 
 
 class AnswerMessage(_Part):
@@ -45,6 +56,8 @@ class AnswerMessage(_Part):
 class _Choice(_Part):
     index: int = 0
     finish_reason: str | None = None
+    # The provider's own finish reason, which litellm keeps when it maps an unknown one to "stop".
+    native_finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
 
 
@@ -75,12 +88,8 @@ class Chunk(_Part):
 
 
 def _fields(part: BaseModel, *leave_out: str) -> dict[str, Any]:
-    """A part's fields as the provider sent them, without empty ones; litellm's container is unpacked."""
-    data = {k: v for k, v in part.model_dump(exclude=set(leave_out)).items() if v is not None}
-    for name, value in (data.pop(_LITELLM_CONTAINER, None) or {}).items():
-        if value is not None:
-            data.setdefault(name, value)
-    return data
+    """A part's fields as the provider sent them, without empty ones."""
+    return {k: v for k, v in part.model_dump(exclude=set(leave_out)).items() if v is not None}
 
 
 def _parse(model: type[Completion] | type[Chunk], raw: Any) -> Completion | Chunk:
@@ -130,10 +139,8 @@ class StreamReader:
         assert isinstance(chunk, Chunk)
         if chunk.usage is not None:
             self.usage = chunk.usage.as_usage()
-        if not chunk.choices:
+        if not chunk.choices or self.finished:  # usage-only chunks; nothing is sent after the finish
             return None
-        if self.finished:
-            raise MalformedAnswer("a chunk after the finish reason")
         choice = chunk.choices[0]
         self.said_something = self.said_something or choice.delta.carries_answer()
         if choice.finish_reason is not None:
