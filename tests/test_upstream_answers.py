@@ -54,10 +54,12 @@ def http(gateway: GatewayProcess, standin: OpenAIStandin) -> Iterator[httpx.Clie
         yield client
 
 
-def chat(http: httpx.Client, stream: bool = False, **params: Any) -> httpx.Response:
+def chat(http: httpx.Client, stream: bool = False, namespace: str | None = None, **params: Any) -> httpx.Response:
+    """Asks QUESTION; `namespace` replaces the test's cache namespace."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
             "stream": stream, **params}
-    return http.post("/v1/chat/completions", json=body)
+    headers = {"x-blendgate-cache-namespace": namespace} if namespace else None
+    return http.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def sse(response: httpx.Response) -> list[Any]:
@@ -207,6 +209,52 @@ def test_a_malformed_stream_is_502_and_never_cached(http: httpx.Client, standin:
     answer = chat(http, stream=True)
     assert answer.status_code == 200 and answer.headers["x-blendgate-cache"] == "miss"
     assert streamed_text(sse(answer)) == f"answer {calls + 1}"
+
+
+WRONG_VALUES = [None, 7, -1.5, "x", [], {}, [None], {"x": None}]
+
+
+def _paths(value: Any, path: tuple = ()) -> Iterator[tuple]:
+    """Every path into a JSON value (keys and list indexes), the value's own first."""
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, inner in items:
+        yield from _paths(inner, (*path, key))
+
+
+def _replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+def test_no_field_of_an_upstream_answer_breaks_the_gateway(http: httpx.Client, standin: OpenAIStandin) -> None:
+    """Every field of a good answer and of a good stream chunk, in turn set to values of other types: the
+    gateway answers a well-formed completion or 502 upstream_error, never anything else."""
+    good, good_chunk = completion("Paris"), chunk({"role": "assistant", "content": "Paris"})
+    cases = [(False, _replaced(good, path, new)) for path in _paths(good) for new in WRONG_VALUES]
+    cases += [(True, _replaced(good_chunk, path, new)) for path in _paths(good_chunk) for new in WRONG_VALUES]
+    for stream, body in cases:
+        if stream:
+            standin.reply(sse=[body, chunk({}, "stop"), "[DONE]"])
+        else:
+            standin.reply(json=body)
+        response = chat(http, stream=stream, namespace=uuid.uuid4().hex)  # each case reaches the provider
+        assert not standin.script
+        where = f"{'stream' if stream else 'answer'} {json.dumps(body)[:300]}"
+        assert response.status_code in (200, 502), f"{where}: {response.status_code} {response.text[:300]}"
+        if response.status_code == 502:
+            assert_openai_error(response, 502, "upstream_error")
+        elif stream:
+            frames = sse(response)
+            assert frames[-1] == "[DONE]", where
+            for frame in frames[:-1]:
+                assert "error" in frame or isinstance(frame["choices"][0]["delta"].get("content", ""), str), where
+        else:
+            message = response.json()["choices"][0]["message"]
+            assert isinstance(message["content"], str) or message.get("tool_calls") or message.get("refusal"), where
 
 
 def test_an_answer_cut_short_by_length_may_be_empty(http: httpx.Client, standin: OpenAIStandin) -> None:
