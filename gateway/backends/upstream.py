@@ -38,6 +38,16 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def _provider_message(exc: BaseException, limit: int = 500) -> str:
+    """What went wrong, for the client: litellm's message without the traceback and arguments it appends when
+    it cannot read an answer (server paths, the whole body), on one line and at most `limit` characters."""
+    message = getattr(exc, "message", None) or str(exc)
+    for tail in ("Traceback (most recent call last)", "received_args="):
+        message = message.split(tail, 1)[0]
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit - 1] + "…"
+
+
 def _is_connection_failure(exc: BaseException) -> bool:
     import httpx
 
@@ -79,7 +89,7 @@ class LitellmBackend(ChatBackend):
     def _translate(self, exc: Exception) -> GatewayError:
         litellm = self.litellm
         name = f"upstream {self.config.litellm_model}"
-        message = getattr(exc, "message", None) or str(exc)
+        message = _provider_message(exc)
         if isinstance(exc, litellm.Timeout):
             return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s",
                                 code="upstream_timeout")
@@ -106,7 +116,7 @@ class LitellmBackend(ChatBackend):
         is a broken or unreadable answer (502 upstream_error), not an unreachable provider."""
         if isinstance(exc, self.litellm.Timeout):
             return self._translate(exc)
-        message = getattr(exc, "message", None) or str(exc)
+        message = _provider_message(exc)
         return GatewayError(502, f"upstream {self.config.litellm_model} broke off its stream: {message}",
                             code="upstream_error")
 
