@@ -10,7 +10,7 @@ and the finish reason (`logprobs`, and fields litellm does not know) are passed 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -87,12 +87,15 @@ class Chunk(_Part):
     usage: _Usage | None = None
 
 
+Answer = TypeVar("Answer", Completion, Chunk)
+
+
 def _fields(part: BaseModel, *leave_out: str) -> dict[str, Any]:
     """A part's fields as the provider sent them, without empty ones."""
     return {k: v for k, v in part.model_dump(exclude=set(leave_out)).items() if v is not None}
 
 
-def _parse(model: type[Completion] | type[Chunk], raw: Any) -> Completion | Chunk:
+def _parse(model: type[Answer], raw: Any) -> Answer:
     data = raw.model_dump() if hasattr(raw, "model_dump") else raw
     try:
         return model.model_validate(data)
@@ -110,7 +113,6 @@ def _check_says_something(message: AnswerMessage, finish_reason: str | None) -> 
 def read_completion(raw: Any) -> tuple[ChatResult, Usage | None]:
     """The first choice of a non-streamed answer, and its usage. Raises MalformedAnswer."""
     completion = _parse(Completion, raw)
-    assert isinstance(completion, Completion)
     choice = completion.choices[0]
     _check_says_something(choice.message, choice.finish_reason)
     message = _fields(choice.message)
@@ -136,7 +138,6 @@ class StreamReader:
     def feed(self, raw: Any) -> ChatChunk | None:
         """The ChatChunk to send for one upstream chunk, or None (nothing to send yet). Raises MalformedAnswer."""
         chunk = _parse(Chunk, raw)
-        assert isinstance(chunk, Chunk)
         if chunk.usage is not None:
             self.usage = chunk.usage.as_usage()
         if not chunk.choices or self.finished:  # usage-only chunks; nothing is sent after the finish
