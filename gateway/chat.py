@@ -130,21 +130,23 @@ class ChatService:
         if plan is not None:
             plan.remember(result.message.get("content") or "", result.finish_reason,
                           ctx.usage.as_dict() if ctx.usage else None)
-        return self._completion(request, ctx, result.message, result.finish_reason)
+        return self._completion(request, ctx, result.message, result.finish_reason, result.choice)
 
     def _observe(self, request: ChatCompletionRequest, ctx: RequestContext) -> None:
         if self.metrics is not None:
             self.metrics.observe_chat(request.model, ctx)
 
     def _completion(self, request: ChatCompletionRequest, ctx: RequestContext, message: dict[str, Any],
-                    finish_reason: str | None) -> JSONResponse:
-        """A whole answer as OpenAI's chat.completion body, generated or replayed from the cache."""
+                    finish_reason: str | None, choice: dict[str, Any] | None = None) -> JSONResponse:
+        """A whole answer as OpenAI's chat.completion body, generated or replayed from the cache; `choice` adds
+        the backend's further choice-level fields (ChatResult.choice)."""
         body = {
             "id": ctx.request_id,
             "object": "chat.completion",
             "created": ctx.created,
             "model": request.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason,
+                         **(choice or {})}],
             "usage": ctx.usage.as_dict() if ctx.usage else None,
             "system_fingerprint": None,
             "blendgate": ctx.report(),
@@ -218,7 +220,8 @@ class ChatService:
             if chunk.delta.get("content"):
                 ctx.mark_first_token()
                 parts.append(chunk.delta["content"])
-            choice = {"index": 0, "delta": chunk.delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+            choice = {"index": 0, "delta": chunk.delta, "logprobs": None, "finish_reason": chunk.finish_reason,
+                      **chunk.choice}
             return self._chunk_body(request, ctx, [choice])
 
         try:

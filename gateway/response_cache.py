@@ -21,14 +21,12 @@ from ..semcache.metrics import SemanticCacheMetrics
 from ..semcache.policy import LoadMonitor
 from ..semcache.settings import SemanticCacheSettings
 from ..semcache.stores import EntryStore, MemoryStore, RedisStore
+from .config import LocalModelConfig, Settings
 from .errors import GatewayError
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
 
-# Request parameters that change the answer, and so belong to the cache key besides the question.
-_ANSWER_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
-                  "frequency_penalty", "response_format", "logit_bias", "blend", "rag", "documents")
 # Requests with these are never cached: their answers are not plain text for one question.
 _UNCACHEABLE_PARAMS = ("tools", "functions", "logprobs", "top_logprobs", "audio", "modalities", "prediction")
 
@@ -79,6 +77,21 @@ def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, me
                     "semantic_cache.categories for it (blendgate tune-thresholds)", settings.thresholds_tuned_for,
                     embedder.name)
     return SemanticCache(settings, store, embedder.dimension, embedder.embed, metrics, load)
+
+
+def model_fingerprints(settings: Settings) -> dict[str, str]:
+    """Per model name, a hash of its configuration: the model's entry (upstream model string and address, weights,
+    dtype, sampling defaults, prefill settings...) and, for a model on the gateway's own engine, the chunk-cache
+    settings it blends with (sizes and places left out). It is part of the semantic-cache key, so an answer made
+    under another configuration of the model (one routed to another provider model, say) is never served."""
+    blending = settings.chunk_cache.model_dump(mode="json", exclude={"gpu_bytes", "cpu_bytes", "disk_bytes",
+                                                                     "disk_dir"})
+    fingerprints = {}
+    for model in settings.models:
+        data = {"model": model.model_dump(mode="json", exclude={"name"}),
+                "blending": blending if isinstance(model, LocalModelConfig) else None}
+        fingerprints[model.name] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprints
 
 
 @dataclass
@@ -157,9 +170,10 @@ class ChatCache:
     """Decides whether a chat request goes through the semantic cache and prepares its key."""
 
     def __init__(self, settings: SemanticCacheSettings, default_temperature: Callable[[str], float | None],
-                 rag_system_prompt: str) -> None:
+                 rag_system_prompt: str, model_fingerprints: Mapping[str, str]) -> None:
         self.settings = settings
         self.default_temperature = default_temperature
+        self.model_fingerprints = model_fingerprints
         self.rag_system_prompt = rag_system_prompt
         self.cache: SemanticCache | None = None
         self.embed: Callable[[list[str]], np.ndarray] | None = None
@@ -179,13 +193,18 @@ class ChatCache:
 
     def context(self, request: ChatCompletionRequest, namespace: str | None,
                 collection: str | None) -> tuple[str, dict[str, Any]]:
-        """The cache key's context (a digest of everything besides the question that changes the answer; only
-        equal digests share answers) and its readable form (`readable_settings`), stored with the entry."""
-        data = request.model_dump(exclude_unset=True, by_alias=True)
-        extra = request.model_extra or {}
-        params = {k: data.get(k, extra.get(k)) for k in _ANSWER_PARAMS if k in data or k in extra}
-        history = [m.model_dump(exclude_none=True) for m in request.messages[:-1]]
-        key = {"model": request.model, "namespace": namespace, "history": history, "params": params,
+        """The cache key's context and its readable form (`readable_settings`, stored with the entry): the hash
+        of everything besides the question's text that the answer depends on: the model and its configuration
+        (model_fingerprints), the namespace, earlier messages, the question's other fields (its name, non-text
+        parts), every answer-changing parameter (ChatCompletionRequest.answer_params), and the RAG
+        collection's generation, version and prompt. Only equal digests share answers."""
+        history = [m.model_dump(mode="json", exclude_none=True) for m in request.messages[:-1]]
+        question = request.messages[-1].model_dump(mode="json", exclude_none=True)
+        parts = question.pop("content", None)
+        question["parts"] = [p for p in parts if p.get("type") != "text"] if isinstance(parts, list) else []
+        key = {"model": request.model, "model_config": self.model_fingerprints.get(request.model),
+               "namespace": namespace, "history": history, "question": question,
+               "params": request.answer_params(),
                "collection": collection,
                # generation and version: a collection deleted and created again is another collection
                "version": str(self.collection_version(collection)) if collection else None,

@@ -22,6 +22,15 @@ OPENAI_CHAT_PARAMS = (
     "service_tier", "store", "web_search_options", "verbosity",
 )
 
+# Fields of a request that the semantic-cache key leaves out, and why: the model, the namespace and the messages
+# enter the key on their own (the last message as the question's embedding); `cache` only steers the cache.
+# The rest are shown not to change the answer's text: how it is delivered (`stream`, `stream_options`), whom
+# it is for (`user`, `metadata`: OpenAI's end-user id and tags), whether the provider keeps a copy (`store`)
+# and the latency tier it is served at (`service_tier`, the same model). Every other field a client sets,
+# forwarded to a backend or one of blendgate's own, is in the key (ChatCompletionRequest.answer_params).
+KEYED_SEPARATELY = frozenset({"model", "messages", "cache"})
+ANSWER_NEUTRAL_PARAMS = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
+
 
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -147,6 +156,13 @@ class ChatCompletionRequest(BaseModel):
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def answer_params(self) -> dict[str, Any]:
+        """Every field the client set that may change the answer (JSON values by field name): all of them but
+        KEYED_SEPARATELY and ANSWER_NEUTRAL_PARAMS, so a parameter the gateway forwards but has never heard
+        of is part of the semantic-cache key rather than served an answer made without it."""
+        data = self.model_dump(mode="json", exclude_unset=True, by_alias=True)
+        return {k: v for k, v in data.items() if k not in KEYED_SEPARATELY and k not in ANSWER_NEUTRAL_PARAMS}
 
     def openai_params(self) -> dict[str, Any]:
         """The OpenAI parameters the client set, for forwarding upstream."""

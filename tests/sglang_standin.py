@@ -9,7 +9,8 @@ list, as SGLang's customized_info gives it). SGLang itself does not run on a CPU
 real plugin is held to on the GPU.
 
 `POST /standin/fault` sets faults for the tests: {"delay_s": seconds before the first event, "status": an
-HTTP status to answer /generate with, "die_after_events": exit the process mid-stream, "unhealthy": bool}.
+HTTP status to answer /generate with, "die_after_events": exit the process mid-stream, "unhealthy": bool,
+"event": a JSON value sent as the only event instead of the answer's}.
 
     python tests/sglang_standin.py --port 30000 [--cache-dir DIR]
 """
@@ -92,6 +93,10 @@ def create_app(cache_dir: Path) -> FastAPI:
             matcher = StopMatcher([stops] if isinstance(stops, str) else list(stops))
             text, output_ids, sent = "", [], 0
             try:
+                if "event" in faults:
+                    yield f"data: {json.dumps(faults['event'])}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 if faults.get("delay_s"):
                     await asyncio.sleep(faults["delay_s"])
                 async for event in handle:

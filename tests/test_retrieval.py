@@ -229,14 +229,14 @@ def test_a_collection_deleted_and_created_again_elsewhere_is_another_collection(
 
     cli.ingest_paths([corpus / "castle.txt"], "c")
     assert "4711" in gateway.search("c", "secret code of the blue castle", 1)[0].text
-    before, key_before = gateway.collection_version("c"), cache.context_digest(request, None, "c")
+    before, key_before = gateway.collection_version("c"), cache.context(request, None, "c")[0]
     cli.delete("c")
     cli.ingest_paths([corpus / "bakery.html"], "c")
     hits = gateway.search("c", "When does the bakery sell rye bread?", 1)
     assert hits and "rye bread" in hits[0].text
     after = gateway.collection_version("c")
     assert after.number == before.number and after != before
-    assert cache.context_digest(request, None, "c") != key_before
+    assert cache.context(request, None, "c")[0] != key_before
 
 
 def test_an_ingest_that_finds_nothing_usable_in_a_path_is_an_error(corpus, tmp_path, embedder, tokenizer) -> None:

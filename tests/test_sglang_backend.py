@@ -120,6 +120,26 @@ def test_a_silent_worker_gives_504_and_a_failing_one_502(sgl_gateway: GatewayPro
     assert httpx.post(url, json=body, timeout=60).status_code == 200
 
 
+@pytest.mark.parametrize("event", [[1, 2], {"text": 5}, {"text": "Paris", "meta_info": "done"},
+                                   {"text": "Paris", "meta_info": {"cached_tokens": [1]}},
+                                   {"text": "Paris", "meta_info": {"finish_reason": 7}}])
+def test_an_event_of_the_wrong_shape_is_502_upstream_error(sgl_gateway: GatewayProcess,
+                                                            workers: list[SglangStandin], event) -> None:
+    url = f"{sgl_gateway.url}/v1/chat/completions"
+    body = {"model": "sgl-second", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        workers[1].fault(event=event)
+        error = assert_openai_error(httpx.post(url, json=body, timeout=60), 502, "upstream_error")
+        assert "unreadable event" in error["message"]
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+            assert response.status_code == 200
+            frames = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert frames[-1] == "[DONE]" and json.loads(frames[-2])["error"]["code"] == "upstream_error"
+    finally:
+        workers[1].fault()
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
+
+
 def test_a_worker_dying_mid_answer_ends_the_stream_with_an_error_and_traffic_moves_on(
         sgl_gateway: GatewayProcess, sgl_client: openai.OpenAI, workers: list[SglangStandin]) -> None:
     workers[1].fault(die_after_events=2)

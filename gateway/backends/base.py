@@ -68,16 +68,22 @@ class RequestContext:
 
 @dataclass
 class ChatChunk:
-    """A piece of a streamed answer: an OpenAI `delta` and, on the last piece, the finish reason."""
+    """A piece of a streamed answer: an OpenAI `delta` and, on the last piece, the finish reason; `choice` holds
+    further choice-level fields the backend passes on as they came (e.g. `logprobs`)."""
 
     delta: dict[str, Any]
     finish_reason: str | None = None
+    choice: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ChatResult:
+    """A whole answer: OpenAI's `message`, the finish reason, and further choice-level fields (`choice`, as for
+    ChatChunk)."""
+
     message: dict[str, Any]
     finish_reason: str | None
+    choice: dict[str, Any] = field(default_factory=dict)
 
 
 def loaded_or_503(part: Loaded | None, model: str, error: str | None, loading: str) -> Loaded:

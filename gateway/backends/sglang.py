@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...chunkcache.store import token_digest
 from ...engine.prompt import Prompt
@@ -39,6 +40,26 @@ from .routing import AffinityRouter, WorkerState
 log = logging.getLogger("blendgate.gateway")
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+class _Meta(BaseModel):
+    """The `meta_info` of a worker's event, with the types of the fields the gateway reads checked."""
+
+    model_config = ConfigDict(extra="allow")
+    finish_reason: dict[str, Any] | str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+class _Event(BaseModel):
+    """One SSE event of `/generate`: the text so far (or the new piece), its meta_info, or an error. A body of
+    another shape fails validation (a ValueError), which the stream reports as an unreadable event."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str = ""
+    meta_info: _Meta = Field(default_factory=_Meta)
+    error: Any = None
 
 
 def _error_message(body: bytes) -> str:
@@ -213,22 +234,21 @@ class SglangBackend(ChatBackend):
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                event = json.loads(data)
-                if "error" in event:
+                event = _Event.model_validate_json(data)
+                if event.error is not None:
                     raise GatewayError(502, f"SGLang worker {worker.name} failed mid-answer: "
                                             f"{_error_message(data.encode())}", code="upstream_error")
-                meta = event.get("meta_info") or {}
+                meta = event.meta_info
                 if not reported:
-                    self._report(ctx, worker, meta, len(digests))
+                    self._report(ctx, worker, meta.model_dump(), len(digests))
                     reported = True
-                ctx.usage = Usage(int(meta.get("prompt_tokens") or len(prompt)),
-                                  int(meta.get("completion_tokens") or 0))
-                piece = event.get("text") or ""
+                ctx.usage = Usage(meta.prompt_tokens or len(prompt), meta.completion_tokens or 0)
+                piece = event.text
                 if self.config.stream_output == "cumulative":
                     piece, text = piece[len(text):], piece
                 if piece:
                     yield ChatChunk(delta={"content": piece})
-                finish = meta.get("finish_reason")
+                finish = meta.finish_reason
                 if finish:
                     kind = finish.get("type") if isinstance(finish, dict) else str(finish)
                     if kind not in _FINISH_REASONS:  # "abort": the worker gave up on the request
@@ -246,7 +266,7 @@ class SglangBackend(ChatBackend):
             self.router.mark(worker, False, f"stream broke: {type(exc).__name__}: {exc}")
             raise GatewayError(502, f"SGLang worker {worker.name} broke off the answer: {exc}",
                                code="upstream_error") from exc
-        except ValueError as exc:  # not JSON
+        except ValueError as exc:  # not JSON, or not an event's shape (pydantic's ValidationError)
             raise GatewayError(502, f"SGLang worker {worker.name} sent an unreadable event: {exc}",
                                code="upstream_error") from exc
         finally:

@@ -11,7 +11,8 @@ from ..config import LitellmModelConfig
 from ..errors import GatewayError
 from ..redaction import redact_url
 from ..schemas import ChatCompletionRequest
-from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, Usage, loaded_or_503
+from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, loaded_or_503
+from .upstream_answer import MalformedAnswer, StreamReader, read_completion
 
 log = logging.getLogger("blendgate.gateway")
 
@@ -29,11 +30,6 @@ def _import_litellm() -> Any:
     return litellm
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    data = obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
-    return {k: v for k, v in data.items() if v is not None}
-
-
 def _chain(exc: BaseException) -> list[BaseException]:
     """The exception and everything it was raised from (litellm wraps transport errors several times)."""
     seen: list[BaseException] = []
@@ -42,6 +38,16 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return seen
+
+
+def _provider_message(exc: BaseException, limit: int = 500) -> str:
+    """What went wrong, for the client: litellm's message without the traceback and arguments it appends when
+    it cannot read an answer (server paths, the whole body), on one line and at most `limit` characters."""
+    message = getattr(exc, "message", None) or str(exc)
+    for tail in ("Traceback (most recent call last)", "received_args="):
+        message = message.split(tail, 1)[0]
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit - 1] + "…"
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
@@ -101,14 +107,18 @@ class LitellmBackend(ChatBackend):
             arguments["stream_options"] = {"include_usage": True}
         return arguments
 
+    def _message(self, exc: BaseException) -> str:
+        """The provider's message (_provider_message), with the configured api_base shown redacted."""
+        message = _provider_message(exc)
+        if self.config.api_base:  # shown without a key in its query string or userinfo
+            message = message.replace(self.config.api_base, redact_url(self.config.api_base))
+        return message
+
     def _translate(self, exc: Exception) -> GatewayError:
         litellm = self.litellm
         name = f"upstream {self.config.litellm_model}"
-        message = getattr(exc, "message", None) or str(exc)
-        where = "its default address"
-        if self.config.api_base:  # shown without a key in its query string or userinfo
-            where = redact_url(self.config.api_base)
-            message = message.replace(self.config.api_base, where)
+        where = redact_url(self.config.api_base) if self.config.api_base else "its default address"
+        message = self._message(exc)
         if isinstance(exc, litellm.Timeout):
             return GatewayError(504, f"{name} did not answer within {self.config.timeout_s:g} s",
                                 code="upstream_timeout")
@@ -126,43 +136,55 @@ class LitellmBackend(ChatBackend):
             return GatewayError(400, f"{name} rejected the request: {message}", code="upstream_bad_request")
         return GatewayError(502, f"{name} failed: {message}", code="upstream_error")
 
+    def _malformed(self, problem: MalformedAnswer) -> GatewayError:
+        return GatewayError(502, f"upstream {self.config.litellm_model} answered with something the gateway "
+                                 f"cannot interpret ({problem})", code="upstream_error")
+
+    def _broken_stream(self, exc: Exception) -> GatewayError:
+        """An error while reading a stream the provider had begun: it was reachable, so unless it timed out this
+        is a broken or unreadable answer (502 upstream_error), not an unreachable provider."""
+        if isinstance(exc, self.litellm.Timeout):
+            return self._translate(exc)
+        message = self._message(exc)
+        return GatewayError(502, f"upstream {self.config.litellm_model} broke off its stream: {message}",
+                            code="upstream_error")
+
     async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
+        """The provider's first choice; 502 `upstream_error` for an answer that is not OpenAI's shape."""
         ctx.backend = self.kind
         try:
             response = await self._library().acompletion(**self._arguments(request, stream=False))
         except Exception as exc:
             raise self._translate(exc) from exc
+        try:
+            result, ctx.usage = read_completion(response)
+        except MalformedAnswer as problem:
+            raise self._malformed(problem) from None
         ctx.mark_first_token()
-        choice = response.choices[0]
-        if response.usage is not None:
-            ctx.usage = Usage(response.usage.prompt_tokens or 0, response.usage.completion_tokens or 0)
-        message = _as_dict(choice.message)
-        message.setdefault("content", None)
-        return ChatResult(message=message, finish_reason=choice.finish_reason)
+        return result
 
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        """The provider's stream, checked chunk by chunk (StreamReader); an empty or unreadable stream fails
+        with 502 `upstream_error`, before the first chunk when nothing of it was sendable."""
         ctx.backend = self.kind
         try:
             response = await self._library().acompletion(**self._arguments(request, stream=True))
         except Exception as exc:
             raise self._translate(exc) from exc
+        reader = StreamReader()
         try:
-            async for chunk in response:
-                usage = getattr(chunk, "usage", None)
-                if usage is not None:
-                    ctx.usage = Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0)
-                if not chunk.choices:
-                    continue
-                choice = chunk.choices[0]
-                delta = _as_dict(choice.delta) if choice.delta is not None else {}
-                # litellm fills fields the upstream did not send; keep what an OpenAI delta carries.
-                delta = {k: v for k, v in delta.items() if k in ("role", "content", "tool_calls", "refusal")}
-                if delta or choice.finish_reason:
-                    yield ChatChunk(delta=delta, finish_reason=choice.finish_reason)
+            async for raw in response:
+                piece = reader.feed(raw)
+                ctx.usage = reader.usage or ctx.usage
+                if piece is not None:
+                    yield piece
+            reader.end()
+        except MalformedAnswer as problem:
+            raise self._malformed(problem) from None
         except GatewayError:
             raise
         except Exception as exc:
-            raise self._translate(exc) from exc
+            raise self._broken_stream(exc) from exc
         finally:
             close = getattr(response, "aclose", None)
             if close is not None:
