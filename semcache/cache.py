@@ -129,7 +129,9 @@ class SemanticCache:
         self.metrics.rebuilds.labels(reason).inc()
         self._rebuilding = True  # sync waits: the changes it would apply to the old index are replayed after
         try:
-            self._cursor = (await self.store.changes(None)).cursor  # changes after this point are replayed by sync
+            # Changes after this point are replayed by sync. The cursor moves with the new index only: a rebuild
+            # that fails midway leaves the old index and its cursor, so recovery still knows what it missed.
+            cursor = (await self.store.changes(None)).cursor
             corrupt: list[str] = []
             now = time.time()
             batches: dict[tuple[str, str], list[CacheEntry]] = {}
@@ -145,6 +147,7 @@ class SemanticCache:
             # Built off the event loop (a million entries take minutes) and swapped in whole, so lookups
             # keep using the old index meanwhile and never see one half built.
             self.index = await asyncio.to_thread(self._build_index, batches)
+            self._cursor = cursor
         finally:
             self._rebuilding = False
         self.metrics.entries.clear()
