@@ -186,6 +186,21 @@ def test_classifier_sends_queries_to_their_category(harness: Harness) -> None:
     asyncio.run(scenario())
 
 
+def test_classifying_a_long_question_takes_milliseconds(harness: Harness) -> None:
+    """Rules run on the event loop: over a whole 5 MB question the default rules took 2 s, and the code rule
+    (`def ... [:(]`) is quadratic on text like the first here (4 s for its 110 kB); they read the question's
+    beginning only."""
+    cache = harness.cache()
+    vector = harness.vector(QUESTION)
+    cases = [(("def " + "x" * 50 + " ") * 2_000, "centroid", None),  # no rule matches: every rule reads it all
+             ("Is it raining today? " + "the quick brown fox " * 250_000, "rule", "time_sensitive")]
+    for text, method, category in cases:
+        started = time.monotonic()
+        classification = cache.classify(text, vector)
+        assert time.monotonic() - started < 0.5, f"classifying {len(text)} characters took too long"
+        assert classification.method == method and category in (None, classification.category)
+
+
 def test_a_query_near_a_category_boundary_also_searches_the_neighbour_category(harness: Harness) -> None:
     def settings(margin: float) -> SemanticCacheSettings:
         return SemanticCacheSettings(redis_url=harness.redis.url, neighbour_margin=margin, categories=[
