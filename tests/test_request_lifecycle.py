@@ -1,7 +1,8 @@
 """A live gateway while requests run: heavy requests leave the event loop free, and a client that leaves a
 non-streamed request stops its generation (streams: tests/test_stream_release.py).
 
-The gateway is the module's own, with the default body limit (8 MiB), so that a body of megabytes gets in.
+The gateway is the module's own, with the default body limit (8 MiB), so that a body of megabytes gets in, and
+the semantic cache on (its embedded store), which embeds and classifies every question before the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ COUNTING = {"role": "user", "content": "Count from 1 to 2000, one number per lin
 def lifecycle_gateway(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     config = {"models": [{"name": EMBEDDED, "backend": "local"}],
               "retrieval": {"data_dir": str(workdir / "lifecycle-collections")},
-              "semantic_cache": {"enabled": False}}
+              # The embedded store: a request passes through the cache's embedding and classification too.
+              "semantic_cache": {"enabled": True}}
     process = GatewayProcess("lifecycle", config, workdir, model_cache_dir).start()
     yield process
     process.stop()
@@ -98,7 +100,8 @@ def test_a_client_that_leaves_stops_its_generation(lifecycle_gateway: GatewayPro
     wait_for(lambda: running(lifecycle_gateway) == 0, 3, "the abandoned generation stops")
     # The engine answers the next request at once.
     reply = httpx.post(f"{lifecycle_gateway.url}/v1/chat/completions", timeout=60,
-                       json={"model": EMBEDDED, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+                       json={"model": EMBEDDED, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                             "cache": {"no-cache": True, "no-store": True}})
     assert reply.status_code == 200 and reply.json()["blendgate"]["timings"]["queue_ms"] < 1000
     if not stream:  # counted as nginx's "client closed request" (a stream had answered 200 already)
         assert closed_requests(httpx.get(metrics_url, timeout=10).text) == closed_before + 1
