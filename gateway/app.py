@@ -26,6 +26,7 @@ from .backends.sglang import SglangBackend
 from .backends.upstream import LitellmBackend
 from .chat import ChatService
 from .config import LocalModelConfig, Settings, SglangModelConfig
+from .disconnect import ClientDisconnected, unless_disconnected
 from .errors import GatewayError, install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter, snapshot
@@ -38,6 +39,8 @@ from .schemas import ChatCompletionRequest, FalseHitReport, IngestRequest, Retri
 from .stats_history import StatsHistory
 
 log = logging.getLogger("blendgate.gateway")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before the answer
 
 
 def build_backends(settings: Settings) -> dict[str, ChatBackend]:
@@ -144,7 +147,11 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
     @app.post("/v1/chat/completions", responses=errors(*CLIENT_AUTH, *JSON_BODY, 404, 429, 502, 503, 504))
     async def chat_completions(request: ChatCompletionRequest, raw: Request, tenant: str = Depends(auth)):
         raw.state.model = request.model  # the request counter's model label
-        return await chat.handle(request, tenant, raw.headers)
+        try:
+            return await unless_disconnected(raw.receive, chat.handle(request, tenant, raw.headers))
+        except ClientDisconnected:
+            # Nobody reads this; the request counter records it under nginx's "client closed request".
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     def model_card(name: str) -> ModelCard:
         backend = backends[name]

@@ -67,9 +67,11 @@ class RagPlanner:
 
     async def prepare(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None,
                       query_vector: np.ndarray | None = None) -> tuple[ChatCompletionRequest, dict | None]:
-        """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`."""
+        """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`.
+        Building the prompt (hashing documents, rendering the template) runs off the event loop."""
         if request.documents is not None:
-            prompt = RagPrompt(self.system_prompt, self._inline(request.documents), _question(request))
+            chunks = await asyncio.to_thread(self._inline, request.documents)
+            prompt = RagPrompt(self.system_prompt, chunks, _question(request))
             report = {"collection": None, **version_fields(None), "chunks": [c.citation() for c in prompt.chunks]}
         elif request.rag is not None or model_rag is not None:
             options = request.rag or model_rag
@@ -87,7 +89,7 @@ class RagPlanner:
                       "retrieval_ms": round((time.perf_counter() - started) * 1000, 2)}
         else:
             return request, None
-        rewritten = request.model_copy(update={"messages": rewrite_messages(request, prompt)})
+        rewritten = request.model_copy(update={"messages": await asyncio.to_thread(rewrite_messages, request, prompt)})
         rewritten._rag_prompt = prompt  # the local engine places its segments; other backends read the messages
         return rewritten, report
 

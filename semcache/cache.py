@@ -3,7 +3,10 @@
 Search is in memory (HNSW per tenant and category); answers live in the entry store. The index is
 rebuilt from the store at start-up and kept in step with other replicas by polling the store's change
 stream. When the store fails or times out, the cache steps aside (lookups bypass, nothing is written)
-and a background task brings it back, rebuilding the index, once the store answers again.
+and a background task brings it back once the store answers again: it sends the deletes that failed
+meanwhile and catches up from the change stream where it left off, rebuilding the whole index only when
+that is impossible (the index was never built, or changes past its cursor were trimmed or lost with
+the store's data).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .index import IndexedEntry, PartitionedIndex
 from .metrics import SemanticCacheMetrics
 from .policy import EffectivePolicy, LoadMonitor, effective_policy
 from .settings import SemanticCacheSettings
-from .stores import EntryStore, StoreUnavailable
+from .stores import Change, EntryStore, StoreUnavailable
 
 log = logging.getLogger("blendgate.semcache")
 
@@ -100,6 +103,8 @@ class SemanticCache:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._recovering: asyncio.Task | None = None
+        # Entries dropped from the index whose delete the store did not take: sent again when it answers.
+        self._undeleted: set[str] = set()
 
     # -- life cycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -107,7 +112,7 @@ class SemanticCache:
             purged = await self.store.purge_other_namespaces()
             if purged:
                 log.warning("semantic cache: dropped %d entries made with another embedder", purged)
-            await self._rebuild()
+            await self._rebuild("start")
         except StoreUnavailable as exc:
             self._mark_down("start", exc)
         self._tasks = [asyncio.create_task(self._sync_loop(), name="semcache sync"),
@@ -119,12 +124,16 @@ class SemanticCache:
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.store.close()
 
-    async def _rebuild(self) -> None:
-        """Index every live entry of the store (start-up, recovery, or a replica that fell behind)."""
+    async def _rebuild(self, reason: str) -> None:
+        """Index every live entry of the store; `reason` (start, recovery, lost_changes) labels the count of
+        rebuilds. Raises StoreUnavailable."""
         started = time.perf_counter()
+        self.metrics.rebuilds.labels(reason).inc()
         self._rebuilding = True  # sync waits: the changes it would apply to the old index are replayed after
         try:
-            self._cursor = (await self.store.changes(None))[0]  # changes after this point are replayed by sync
+            # Changes after this point are replayed by sync. The cursor moves with the new index only: a rebuild
+            # that fails midway leaves the old index and its cursor, so recovery still knows what it missed.
+            cursor = (await self.store.changes(None)).cursor
             corrupt: list[str] = []
             now = time.time()
             batches: dict[tuple[str, str], list[CacheEntry]] = {}
@@ -140,6 +149,7 @@ class SemanticCache:
             # Built off the event loop (a million entries take minutes) and swapped in whole, so lookups
             # keep using the old index meanwhile and never see one half built.
             self.index = await asyncio.to_thread(self._build_index, batches)
+            self._cursor = cursor
         finally:
             self._rebuilding = False
         self.metrics.entries.clear()
@@ -148,8 +158,7 @@ class SemanticCache:
         if corrupt:
             await self.store.delete(corrupt)
             self.metrics.evictions.labels("unknown", "corrupt").inc(len(corrupt))
-        self.available, self.down_reason = True, None
-        self.metrics.store_up.set(1)
+        self._mark_up()
         log.info("semantic cache: %d entries indexed from the %s store in %.2f s", len(self.index), self.store.kind,
                  time.perf_counter() - started)
 
@@ -170,15 +179,28 @@ class SemanticCache:
         if self._recovering is None or self._recovering.done():
             self._recovering = asyncio.create_task(self._recover(), name="semcache recover")
 
+    def _mark_up(self) -> None:
+        self.available, self.down_reason = True, None
+        self.metrics.store_up.set(1)
+
     async def _recover(self) -> None:
+        """Try the store at once (a timeout is often over by then), then every `redis_retry_s`, until it
+        answers; then catch up and resume."""
         while True:
-            await asyncio.sleep(self.settings.redis_retry_s)
             try:
                 await self.store.ping()
-                await self._rebuild()
+                if self._undeleted:
+                    await self.store.delete(sorted(self._undeleted))
+                    self._undeleted.clear()
+                if self._cursor is None:  # the index was never built (the store was down at start-up)
+                    await self._rebuild("recovery")
+                else:  # changes made meanwhile, from where sync left off (a rebuild when they are lost)
+                    await self._sync_once()
             except StoreUnavailable as exc:
                 self.down_reason = str(exc)
+                await asyncio.sleep(self.settings.redis_retry_s)
                 continue
+            self._mark_up()
             log.info("semantic cache: %s store is back; cache resumed", self.store.kind)
             return
 
@@ -204,7 +226,7 @@ class SemanticCache:
         self.metrics.count_entries(tenant, category, self.index.counts())
 
     async def _drop(self, entry_ids: list[str], reason: str) -> None:
-        """Remove entries from the index now and from the store when it answers."""
+        """Remove entries from the index now and from the store when it answers (at once, or on recovery)."""
         touched: dict[tuple[str, str], int] = {}
         for entry_id in entry_ids:
             removed = self.index.remove(entry_id)
@@ -213,9 +235,13 @@ class SemanticCache:
         for (tenant, category), count in touched.items():
             self._count(tenant, category)
             self.metrics.evictions.labels(category, reason).inc(count)
+        if not self.available:
+            self._undeleted.update(entry_ids)
+            return
         try:
             await self.store.delete(entry_ids)
         except StoreUnavailable as exc:
+            self._undeleted.update(entry_ids)
             self._mark_down("delete", exc)
 
     # -- policy -----------------------------------------------------------------------------------------
@@ -442,25 +468,32 @@ class SemanticCache:
                 self._mark_down("sync", exc)
 
     async def _sync_once(self) -> None:
-        cursor, changes, fell_behind = await self.store.changes(self._cursor)
-        if fell_behind:
-            log.warning("semantic cache: missed changes from other replicas; rebuilding the index")
-            await self._rebuild()
+        """Apply the changes past the cursor, moving it past each one applied: a call the store fails midway
+        resumes at the first change not applied. Raises StoreUnavailable."""
+        feed = await self.store.changes(self._cursor)
+        if feed.lost:
+            log.warning("semantic cache: changes from other replicas were lost (trimmed, or the store lost its "
+                        "data); rebuilding the index")
+            await self._rebuild("lost_changes")
             return
-        self._cursor = cursor
-        for op, entry_id in changes:
-            if op == "del":
-                self._unindex(entry_id)
-            elif op == "put" and self.index.get(entry_id) is None:
-                fields = await self.store.get(entry_id)
-                if fields is None:
-                    continue
-                try:
-                    entry = CacheEntry.from_fields(fields, self.dimension)
-                except CorruptEntry:
-                    continue  # the lookup that finds it drops it
-                if entry.category in self.policies and not entry.expired():
-                    self._index(entry)
+        for change in feed.changes:
+            await self._apply(change)
+            self._cursor = change.position
+        self._cursor = feed.cursor
+
+    async def _apply(self, change: Change) -> None:
+        if change.op == "del":
+            self._unindex(change.entry_id)
+        elif change.op == "put" and self.index.get(change.entry_id) is None:
+            fields = await self.store.get(change.entry_id)
+            if fields is None:
+                return
+            try:
+                entry = CacheEntry.from_fields(fields, self.dimension)
+            except CorruptEntry:
+                return  # the lookup that finds it drops it
+            if entry.category in self.policies and not entry.expired():
+                self._index(entry)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -43,6 +43,10 @@ class SemanticCacheMetrics:
                                  "(quota, expired, invalidated, corrupt)", ["category", "reason"], registry=registry)
         self.store_errors = Counter("blendgate_semantic_cache_store_errors", "Entry store calls that failed or "
                                     "timed out", ["operation"], registry=registry)
+        self.rebuilds = Counter("blendgate_semantic_cache_rebuilds", "Full rebuilds of the in-memory index from "
+                                "a scan of the store, by reason (start, recovery: the store was down at start-up, "
+                                "lost_changes: changes past the replica's cursor were trimmed or lost with the "
+                                "store's data)", ["reason"], registry=registry)
         self.store_up = Gauge("blendgate_semantic_cache_store_up", "1 while the entry store (Redis or embedded) "
                               "answers, 0 while the cache is bypassed", registry=registry)
         self.entries = Gauge("blendgate_semantic_cache_entries", "Entries in the in-memory index",

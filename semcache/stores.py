@@ -10,13 +10,40 @@ import abc
 import asyncio
 import re
 import time
-from typing import Any, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Mapping
 
 Fields = Mapping[Any, Any]
+
+# A pooled connection idle this long is PINGed before it carries a command (one that died silently, with no
+# FIN from the server, would otherwise time out a request).
+HEALTH_CHECK_INTERVAL_S = 30
 
 
 class StoreUnavailable(Exception):
     """The store did not answer in time or at all; the request goes on without the cache."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write or delete on the change stream. `position` is its stream id: the cursor once it is applied."""
+
+    position: str
+    op: Literal["put", "del"]
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class ChangeFeed:
+    """What `EntryStore.changes` read past a cursor.
+
+    `cursor`: where the next read starts (the last change's position, or where a first read starts).
+    `changes`: oldest first. `lost`: changes past the cursor are gone (trimmed from the capped stream, or lost
+    with the store's data in a restart): the reader must rebuild its index from a scan."""
+
+    cursor: str | None
+    changes: list[Change] = field(default_factory=list)
+    lost: bool = False
 
 
 class EntryStore(abc.ABC):
@@ -41,9 +68,10 @@ class EntryStore(abc.ABC):
     def scan(self) -> AsyncIterator[tuple[str, Fields]]:
         """Every live entry, for rebuilding the index."""
 
-    async def changes(self, cursor: str | None) -> tuple[str | None, list[tuple[str, str]], bool]:
-        """(new cursor, [(op, entry id)], whether the cursor fell behind and a full rebuild is needed)."""
-        return cursor, [], False
+    async def changes(self, cursor: str | None) -> ChangeFeed:
+        """Changes after `cursor` (None: no changes, and the cursor a first read starts from). Raises
+        StoreUnavailable."""
+        return ChangeFeed(cursor)
 
     async def purge_other_namespaces(self) -> int:
         """Delete entries written under another embedder; returns how many keys went."""
@@ -102,14 +130,21 @@ class RedisStore(EntryStore):
 
     def __init__(self, url: str, prefix: str, namespace: str, timeout_s: float) -> None:
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
         self._response_error = redis.ResponseError
         self.prefix = prefix
         self.namespace = f"{prefix}:{namespace}"
         self.timeout_s = timeout_s
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry_on_timeout=False)
+        # A command that meets a dead connection (one the server closed, e.g. in a restart, while it sat in the
+        # pool) is sent once more on a fresh connection; a timeout is not retried (a slow Redis is not asked
+        # twice), and `_call` bounds the whole call either way.
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)),
+            health_check_interval=HEALTH_CHECK_INTERVAL_S)
         self.url = url
 
     def _key(self, entry_id: str) -> str:
@@ -183,23 +218,23 @@ class RedisStore(EntryStore):
             if cursor == 0:
                 return
 
-    async def changes(self, cursor: str | None) -> tuple[str | None, list[tuple[str, str]], bool]:
+    async def changes(self, cursor: str | None) -> ChangeFeed:
         if cursor is None:
             # Start from the newest change: the scan that precedes the first poll covers what came before.
-            last = await self._call(self.client.xrevrange(self._stream, count=1))
-            return (last[0][0].decode() if last else "0-0"), [], False
+            return ChangeFeed(await self._newest())
         oldest = await self._call(self.client.xrange(self._stream, count=1))
-        if cursor != "0-0" and oldest and _stream_id(oldest[0][0].decode()) > _stream_id(cursor):
-            # Changes past our cursor were trimmed away: some are lost, so rebuild from a scan.
-            newest = await self._call(self.client.xrevrange(self._stream, count=1))
-            return newest[0][0].decode(), [], True
+        if cursor != "0-0" and (not oldest or _stream_id(oldest[0][0].decode()) > _stream_id(cursor)):
+            # Changes past our cursor were trimmed away, or the stream is gone with the rest of Redis's data (a
+            # restart without persistence, a flush): some are lost, so rebuild from a scan.
+            return ChangeFeed(await self._newest(), lost=True)
         read = await self._call(self.client.xread({self._stream: cursor}, count=10_000))
-        changes, new_cursor = [], cursor
-        for _, messages in read or []:
-            for message_id, data in messages:
-                new_cursor = message_id.decode()
-                changes.append((data[b"op"].decode(), data[b"id"].decode()))
-        return new_cursor, changes, False
+        changes = [Change(message_id.decode(), data[b"op"].decode(), data[b"id"].decode())
+                   for _, messages in read or [] for message_id, data in messages]
+        return ChangeFeed(changes[-1].position if changes else cursor, changes)
+
+    async def _newest(self) -> str:
+        last = await self._call(self.client.xrevrange(self._stream, count=1))
+        return last[0][0].decode() if last else "0-0"
 
     async def purge_other_namespaces(self) -> int:
         removed, cursor = 0, 0

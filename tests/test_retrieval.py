@@ -221,7 +221,7 @@ def test_a_collection_deleted_and_created_again_elsewhere_is_another_collection(
     data = tmp_path / "data"
     gateway = make_retriever(data, embedder, tokenizer)
     cli = make_retriever(data, embedder, tokenizer)  # another process in real use: they share only the files
-    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.")
+    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.", {})
     cache.collection_version = gateway.collection_version
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "What is sold on Tuesdays?"}],

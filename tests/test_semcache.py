@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 import pytest
-from blendgate.semcache.cache import MAX_TTL_S, CacheQuery, SemanticCache
+from blendgate.semcache.cache import MAX_TTL_S, SYNC_INTERVAL_S, CacheQuery, SemanticCache
 from blendgate.semcache.index import IndexedEntry
 from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
 from blendgate.semcache.policy import LoadMonitor, effective_policy
@@ -184,6 +184,21 @@ def test_classifier_sends_queries_to_their_category(harness: Harness) -> None:
             assert 0 < harness.direct.pttl(key) <= cache.settings.category("time_sensitive").ttl_s * 1000
 
     asyncio.run(scenario())
+
+
+def test_classifying_a_long_question_takes_milliseconds(harness: Harness) -> None:
+    """Rules run on the event loop: over a whole 5 MB question the default rules took 2 s, and the code rule
+    (`def ... [:(]`) is quadratic on text like the first here (4 s for its 110 kB); they read the question's
+    beginning only."""
+    cache = harness.cache()
+    vector = harness.vector(QUESTION)
+    cases = [(("def " + "x" * 50 + " ") * 2_000, "centroid", None),  # no rule matches: every rule reads it all
+             ("Is it raining today? " + "the quick brown fox " * 250_000, "rule", "time_sensitive")]
+    for text, method, category in cases:
+        started = time.monotonic()
+        classification = cache.classify(text, vector)
+        assert time.monotonic() - started < 0.5, f"classifying {len(text)} characters took too long"
+        assert classification.method == method and category in (None, classification.category)
 
 
 def test_a_query_near_a_category_boundary_also_searches_the_neighbour_category(harness: Harness) -> None:
@@ -629,6 +644,87 @@ def test_a_hung_redis_times_out_instead_of_holding_requests(fresh_redis: RedisSe
                 hit = await harness.lookup(cache, text)
                 assert hit.status == "hit" and hit.entry.entry_id == entry_id
                 assert hit.entry.response["content"] == content
+
+    asyncio.run(scenario())
+
+
+def store_errors(harness: Harness, cache: SemanticCache) -> float:
+    registry = harness.registries[id(cache)]
+    return sum(s.value for m in registry.collect() for s in m.samples
+               if s.name == "blendgate_semantic_cache_store_errors_total")
+
+
+def test_a_redis_restart_costs_one_outage_and_one_rebuild(fresh_redis: RedisServer, embed, prefix: str) -> None:
+    """Pooled connections the restart closed are replaced on first use, not reported as a new outage each."""
+    harness = Harness(fresh_redis, embed, prefix)
+    settings = general_settings().model_copy(update={"redis_url": fresh_redis.url, "redis_retry_s": 0.2})
+    questions = [f"What is fact number {i} about the river {name}?" for i, name in
+                 enumerate(("Nile", "Amazon", "Danube", "Rhine", "Volga", "Thames", "Seine", "Loire", "Elbe", "Po",
+                            "Tiber", "Ganges", "Indus", "Mekong", "Yukon", "Congo"))]
+
+    async def traffic(cache: SemanticCache) -> list[str | None]:
+        """Concurrent stores (each on a pooled connection of its own), then a lookup of each."""
+        stored = await asyncio.gather(*(cache.put(harness.query(q), harness.vector(q), "general", ANSWER)
+                                        for q in questions))
+        hits = await asyncio.gather(*(harness.lookup(cache, q) for q in questions))
+        assert [h.status for h in hits] == ["hit"] * len(questions) or not all(stored)
+        return stored
+
+    async def scenario() -> None:
+        cache = harness.cache(settings)
+        async with running(cache):
+            for restart in range(3):
+                assert all(await traffic(cache))
+                await asyncio.sleep(SYNC_INTERVAL_S * 2)  # the replica's sync has read those changes
+                fresh_redis.stop()
+                assert not any(await traffic(cache))  # down: bypassed, nothing stored
+                assert not cache.available
+                fresh_redis.start()  # empty: a cache-only Redis loses its entries when it dies
+                await eventually(lambda: cache.available)
+                errors = store_errors(harness, cache)
+                for _ in range(3):  # every pooled connection the restart closed is used again
+                    assert all(await traffic(cache))
+                    assert cache.available
+                assert store_errors(harness, cache) == errors, f"restart {restart}: the cache failed again"
+                assert len(cache.index) == len(questions)  # entries lost with Redis's data left the index
+            # One rebuild at start and one per restart (its data was lost), none for a stale connection.
+            assert harness.metric(cache, "blendgate_semantic_cache_rebuilds_total", reason="start") == 1
+            assert harness.metric(cache, "blendgate_semantic_cache_rebuilds_total", reason="lost_changes") == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_timeout_catches_up_from_the_change_stream_without_a_rebuild(fresh_redis: RedisServer, embed,
+                                                                       prefix: str) -> None:
+    harness = Harness(fresh_redis, embed, prefix)
+    settings = SemanticCacheSettings(redis_url=fresh_redis.url, redis_retry_s=0.2, redis_timeout_ms=100)
+
+    async def scenario() -> None:
+        one, two = harness.cache(settings), harness.cache(settings)
+        async with running(one, two):
+            kept = await harness.store(one, QUESTION)
+            doomed = await harness.store(one, "Who wrote War and Peace?")
+            await eventually(lambda: two.index.get(doomed) is not None)
+            index = one.index
+            fresh_redis.pause()  # Redis is slow: calls time out, the data stays
+            try:
+                assert (await harness.lookup(one, PARAPHRASE)).reason == "store_unavailable"
+                assert not one.available
+                # Dropped while the store is away: the delete is sent when it answers.
+                assert await one.invalidate(entry_id=doomed) == 1
+            finally:
+                fresh_redis.resume()
+            await eventually(lambda: one.available and two.available)
+            # A change made by the other replica after the outage arrives through the stream.
+            other = await harness.store(two, UNRELATED)
+            await eventually(lambda: one.index.get(other) is not None)
+            assert one.index is index and one.index.get(kept) is not None  # caught up, not rebuilt
+            assert harness.metric(one, "blendgate_semantic_cache_rebuilds_total", reason="start") == 1
+            assert harness.metric(one, "blendgate_semantic_cache_rebuilds_total", reason="lost_changes") is None
+            assert (await harness.lookup(one, PARAPHRASE)).entry.entry_id == kept
+            # The delete made while Redis hung reached Redis and the other replica.
+            assert harness.direct.exists(harness.key(one, doomed)) == 0
+            await eventually(lambda: two.index.get(doomed) is None)
 
     asyncio.run(scenario())
 

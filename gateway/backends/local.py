@@ -139,7 +139,8 @@ class LocalBackend(ChatBackend):
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = loaded_or_503(self.engine, self.config.name, self._error, "loading")
         check_text_chat(request, "local models")
-        prompt = self._prompt(request)
+        # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
+        prompt = await asyncio.to_thread(self._prompt, request)
         self._remember_origins(request, prompt, ctx)
         try:
             handle = engine.submit(prompt, self._sampling(request, len(prompt)))

@@ -215,9 +215,10 @@ class SglangBackend(ChatBackend):
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         tokenizer = loaded_or_503(self.tokenizer, self.config.name, self._error, "loading its tokenizer")
         check_text_chat(request, "SGLang-served models")
-        prompt = chat_prompt(tokenizer, request, mode=self.config.prefill_mode,
-                             recompute_ratio=self.config.recompute_ratio, fidelity_target=self.config.fidelity_target,
-                             context_documents=self.config.context_documents)
+        # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
+        prompt = await asyncio.to_thread(
+            chat_prompt, tokenizer, request, mode=self.config.prefill_mode, recompute_ratio=self.config.recompute_ratio,
+            fidelity_target=self.config.fidelity_target, context_documents=self.config.context_documents)
         payload = self._payload(request, prompt, ctx)
         digests = [token_digest(s.token_ids) for s in prompt.segments if s.is_chunk]
         worker, response = await self._open(payload, digests)
