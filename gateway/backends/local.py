@@ -136,9 +136,11 @@ class LocalBackend(ChatBackend):
             report["chunks"] = [{"id": chunk.id, "hit": hit} for chunk, hit in zip(request._rag_prompt.chunks, hits)]
         return report
 
+    def check(self, request: ChatCompletionRequest) -> None:
+        check_text_chat(request, "local models")
+
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = loaded_or_503(self.engine, self.config.name, self._error, "loading")
-        check_text_chat(request, "local models")
         prompt = self._prompt(request)
         self._remember_origins(request, prompt, ctx)
         try:
