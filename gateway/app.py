@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     backends = build_backends(settings)
     registry = CollectorRegistry()
     load = LoadMonitor(settings.semantic_cache.load)
-    rag = RagPlanner(None, settings.retrieval.system_prompt)
+    rag = RagPlanner(None, settings.retrieval)
     chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt)
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())

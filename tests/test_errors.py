@@ -145,6 +145,22 @@ def test_documents_longer_than_the_context_are_413(http: httpx.Client) -> None:
     assert "8192" in error["message"]
 
 
+def test_inline_documents_are_bounded_in_count_and_tokens(http: httpx.Client) -> None:
+    """retrieval.max_inline_documents (100) and max_inline_document_tokens (32,768) by default: each limit
+    is named in the refusal, before any document is placed or blended."""
+    body = {"model": EMBEDDED, "messages": HI, "max_tokens": 1}
+    many = assert_openai_error(http.post("/v1/chat/completions", json={**body, "documents": ["x"] * 101}), 400,
+                               "too_many_documents")
+    assert many["param"] == "documents"
+    assert "101 inline documents" in many["message"] and "100" in many["message"]
+    assert "retrieval.max_inline_documents" in many["message"]
+    long = assert_openai_error(http.post("/v1/chat/completions", json={**body, "documents": ["word " * 20_000] * 2}),
+                               413, "documents_too_long")
+    assert "40000 tokens" in long["message"] and "32768" in long["message"]
+    assert long["param"] == "documents"
+    assert http.post("/v1/chat/completions", json={**body, "documents": ["x"] * 100}).status_code == 200
+
+
 def test_oversized_body_is_413(http: httpx.Client) -> None:
     body = b'{"model": "' + b"x" * 1_200_000 + b'"}'  # the test gateway's limit is 1,000,000 bytes
     assert_openai_error(http.post("/v1/chat/completions", content=body,

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import EMBEDDED, GatewayProcess, assert_openai_error
+from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, assert_openai_error
 
 ADMIN_KEY = "admin-key-for-metrics-tests"
 KEYS = {"acme": "sk-acme-metrics-test", "globex": "sk-globex-metrics-test"}
@@ -23,6 +23,7 @@ def observed(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
         "api_keys": [{"key": key, "tenant": tenant} for tenant, key in KEYS.items()],
         "models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}}],
         "retrieval": {"data_dir": str(workdir / "metrics-collections")},
+        "chunk_cache": BLEND_ALWAYS,
         "semantic_cache": {"enabled": True},  # the embedded entry store: no Redis configured
     }
     process = GatewayProcess("metrics", config, workdir, model_cache_dir).start()
