@@ -1,5 +1,6 @@
-"""Valid-shaped chat bodies with odd values in every field, against the live gateway with the embedded model:
-never a 5xx, an error always in OpenAI's shape, a stream never cut by an error.
+"""Valid-shaped chat bodies with odd values in every field, against live gateways with the embedded model (the
+shared one, and one with the semantic cache on): never a 5xx, an error always in OpenAI's shape, a stream
+never cut by an error.
 
 Hypothesis draws text from every Unicode category (lone surrogates included, sent as JSON escapes), and for
 every field mostly a value of its type, sometimes any JSON: integers at and past the 64-bit edges, floats from
@@ -11,11 +12,14 @@ refused for that field, so the run stays short.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Iterator
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import EMBEDDED, assert_openai_error
+from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 
 def weighted(common: st.SearchStrategy, rare: st.SearchStrategy, odds: int) -> st.SearchStrategy:
@@ -84,11 +88,35 @@ BODY = st.fixed_dictionaries(
     })
 
 
-@settings(max_examples=200, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@pytest.fixture(scope="module")
+def cached_http(workdir: Path, model_cache_dir: Path) -> Iterator[httpx.Client]:
+    """A gateway with the semantic cache on (the embedded entry store), whose fields then reach a layer."""
+    config = {"retrieval": {"data_dir": str(workdir / "fuzz-collections")}, "semantic_cache": {"enabled": True}}
+    process = GatewayProcess("fuzz-cached", config, workdir, model_cache_dir).start()
+    with httpx.Client(base_url=process.url, timeout=120) as session:
+        yield session
+    process.stop()
+
+
+FUZZ = settings(max_examples=150, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large])
+
+
+@FUZZ
 @given(body=BODY)
 def test_no_chat_body_gets_a_server_error(http: httpx.Client, body: dict) -> None:
+    check_answer(http, body)
+
+
+@FUZZ
+@given(body=BODY)
+def test_no_chat_body_gets_a_server_error_through_the_semantic_cache(cached_http: httpx.Client, body: dict) -> None:
+    check_answer(cached_http, body)
+
+
+def check_answer(http: httpx.Client, body: dict) -> None:
+    """Not a 5xx; an error in OpenAI's shape; a whole answer, or a stream that ends with [DONE] and no error."""
     raw = json.dumps(body).encode()  # ASCII JSON: lone surrogates as \ud800 escapes, NaN and Infinity as Python writes
     response = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code < 500, response.text
