@@ -9,6 +9,10 @@
 Chunk KV is computed on first use and kept in the chunk-cache store under the model's fingerprint: after
 the prompt's first segment (chunk_prefix "system": system prompt and "Documents:" header, the default) or
 alone (chunk_prefix "none"). bench/quality.py measures both.
+
+A blend is never chosen when it would be slower than a full prefill (fallback.py: blend_fallback): every chunk
+costs a fixed overhead (a forward pass of its own when it is not cached yet, placing it when it is), which
+many small chunks do not earn back; such prompts are prefilled in full and the report says why ("fallback").
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..engine.prompt import Prompt
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
 from .blend import BlendResult, ChunkKV, blend_prefill, precompute_chunk
+from .fallback import PrefillCosts, blend_fallback
 from .selection import DEFAULT_RULE, SelectionRule
 from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
 
@@ -73,6 +78,17 @@ class ChunkBlender:
         self._prefix_caches.move_to_end(prefix_ids)
         return found
 
+    def chunk_key(self, chunk_prefix: tuple[int, ...], chunk_ids: tuple[int, ...]) -> ChunkKey:
+        return ChunkKey.of(self.fingerprint, list(chunk_prefix), list(chunk_ids))
+
+    def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
+        """blend_fallback for this prompt: its chunks, which of them the store holds, and its mode's ratio."""
+        chunk_prefix = self.prefix_for(prompt)
+        chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
+        hits = [self.store.contains(self.chunk_key(chunk_prefix, ids)) for ids in chunks]
+        ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
+        return blend_fallback([len(ids) for ids in chunks], hits, ratio, costs)
+
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
                  ) -> tuple[ChunkKV, bool]:
         # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
@@ -94,7 +110,7 @@ class ChunkBlender:
         segments, hits, found = [], [], []
         for segment in prompt.segments:
             if segment.is_chunk:
-                key = ChunkKey.of(self.fingerprint, list(chunk_prefix), list(segment.token_ids))
+                key = self.chunk_key(chunk_prefix, segment.token_ids)
                 kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix)
                 segments.append(kv)
                 hits.append(hit)
@@ -137,18 +153,24 @@ def per_chunk_counts(result: BlendResult) -> list[int]:
 
 class BlendingRunner(LlamaRunner):
     def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16,
-                 chunk_prefix: str = "system", rule: SelectionRule = DEFAULT_RULE) -> None:
+                 chunk_prefix: str = "system", rule: SelectionRule = DEFAULT_RULE,
+                 costs: PrefillCosts = PrefillCosts()) -> None:
         super().__init__(loaded)
         self.blender = ChunkBlender(self.model, store, chunk_prefix, rule)
         self.store = store
+        self.costs = costs
         self.prefix_entries = prefix_entries
         self._prefixes: OrderedDict[str, KVCache] = OrderedDict()
 
     def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
         started = time.perf_counter()
-        if not prompt.has_chunks or prompt.mode == "full_prefill":
+        fallback = self.blender.fallback(prompt, self.costs) \
+            if prompt.has_chunks and prompt.mode in ("reuse", "blend") else None
+        if not prompt.has_chunks or prompt.mode == "full_prefill" or fallback is not None:
             logits, state = super().prefill(prompt)
             report = {"mode": "full_prefill", "recompute_ratio": 1.0}
+            if fallback is not None:
+                report.update(requested_mode=prompt.mode, fallback=fallback)
         elif prompt.mode == "prefix":
             logits, state, reused = self._prefix_prefill(prompt)
             report = {"mode": "prefix", "prefix_tokens_reused": reused}

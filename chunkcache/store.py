@@ -209,6 +209,11 @@ class ChunkCacheStore:
         self.stats = CacheStats(hits={t.name: 0 for t in tiers}, evictions={t.name: 0 for t in tiers})
         self._lock = threading.RLock()
 
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether a tier holds the entry (nothing read, no statistics counted)."""
+        with self._lock:
+            return any(key in tier.entries for tier in self.tiers)
+
     def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
         """The entry from the fastest tier holding it. With promote=False an entry found in a lower tier stays
         there for now (call `promote` later): blending streams CPU-memory entries up layer by layer, and a

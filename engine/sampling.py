@@ -60,9 +60,12 @@ class Sampler:
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one)."""
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one: the most
+    likely, even for a top_p too small for the tensor's precision, which compares as 0)."""
     sorted_probs, order = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0
+    dropped = mass_before >= top_p
+    dropped[..., 0] = False
+    sorted_probs[dropped] = 0.0
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return filtered / filtered.sum()

@@ -73,7 +73,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
     backends = build_backends(settings)
     registry = CollectorRegistry()
     load = LoadMonitor(settings.semantic_cache.load)
-    rag = RagPlanner(None, settings.retrieval.system_prompt)
+    rag = RagPlanner(None, settings.retrieval)
     chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt,
                            model_fingerprints(settings))
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)

@@ -100,6 +100,7 @@ class ChatService:
     async def handle(self, request: ChatCompletionRequest, tenant: str,
                      headers: Mapping[str, str] | None = None) -> JSONResponse | StreamingResponse:
         backend = self.backend_for(request.model)
+        backend.check(request)  # before the cache: a hit must not answer what a miss would refuse
         ctx = RequestContext(tenant=tenant)
         model_rag = self.model_rag.get(request.model)
         # The semantic cache comes first: a hit needs no retrieval and no model.

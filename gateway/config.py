@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializ
 from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
                                YamlConfigSettingsSource)
 
+from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
 from ..retriever import defaults as retrieval_defaults
@@ -87,6 +88,9 @@ class RetrievalSettings(_Strict):
     ivf_nprobe: int = Field(retrieval_defaults.NPROBE, ge=1)
     max_file_bytes: int = Field(retrieval_defaults.MAX_FILE_BYTES, gt=0)
     system_prompt: str = DEFAULT_RAG_SYSTEM_PROMPT
+    # Bounds on a chat request's inline `documents`: how many (400 past it) and their tokens in all (413).
+    max_inline_documents: int = Field(100, ge=1)
+    max_inline_document_tokens: int = Field(32_768, ge=1)
 
     @field_validator("embedder_path")
     @classmethod
@@ -134,6 +138,11 @@ class ChunkCacheSettings(_Strict):
     # alone). Measured in bench/results/quality-*.md.
     chunk_prefix: Literal["system", "none"] = DEFAULT_CHUNK_PREFIX
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
+    # The blend-or-full-prefill rule's costs, in tokens computed (chunkcache/fallback.py): a
+    # forward pass of its own for a chunk not cached yet, and placing a cached one. A prompt whose chunks cost
+    # more than blending saves is prefilled in full. The defaults are SmolLM2-135M's on CPU.
+    pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
+    placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
     gpu_bytes: int = Field(4 << 30, ge=0)  # used only for models on CUDA
     cpu_bytes: int = Field(2 << 30, ge=0)
     disk_bytes: int = Field(20 << 30, ge=0)

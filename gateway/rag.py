@@ -12,7 +12,7 @@ from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
 from ..retriever.store import CollectionVersion
-from .config import ModelRagConfig, Settings
+from .config import ModelRagConfig, RetrievalSettings, Settings
 from .errors import GatewayError
 from .rag_template import RagPrompt, rag_messages
 from .schemas import ChatCompletionRequest, ChatMessage, Document
@@ -60,9 +60,12 @@ def rewrite_messages(request: ChatCompletionRequest, prompt: RagPrompt) -> list[
 class RagPlanner:
     """Decides and performs the retrieval a chat request asks for (or its model is configured for)."""
 
-    def __init__(self, retriever: Retriever | None, system_prompt: str, retriever_error: str | None = None) -> None:
+    def __init__(self, retriever: Retriever | None, settings: RetrievalSettings,
+                 retriever_error: str | None = None) -> None:
         self.retriever = retriever
-        self.system_prompt = system_prompt
+        self.system_prompt = settings.system_prompt
+        self.max_documents = settings.max_inline_documents
+        self.max_document_tokens = settings.max_inline_document_tokens
         self.retriever_error = retriever_error
 
     async def prepare(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None,
@@ -70,7 +73,7 @@ class RagPlanner:
         """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`.
         Building the prompt (hashing documents, rendering the template) runs off the event loop."""
         if request.documents is not None:
-            chunks = await asyncio.to_thread(self._inline, request.documents)
+            chunks = await asyncio.to_thread(self._inline, request.documents)  # tokenising is CPU work
             prompt = RagPrompt(self.system_prompt, chunks, _question(request))
             report = {"collection": None, **version_fields(None), "chunks": [c.citation() for c in prompt.chunks]}
         elif request.rag is not None or model_rag is not None:
@@ -100,11 +103,24 @@ class RagPlanner:
         return self.retriever
 
     def _inline(self, documents: list[str | Document]) -> list[RetrievedChunk]:
+        """The request's inline documents as chunks, each with its token count (the retriever's tokenizer).
+        Raises GatewayError: 400 for more than `max_inline_documents`, 413 for more than
+        `max_inline_document_tokens` tokens in all (each limit named in the message)."""
+        if len(documents) > self.max_documents:
+            raise GatewayError(400, f"{len(documents)} inline documents are more than the {self.max_documents} "
+                                    f"this gateway takes (retrieval.max_inline_documents)",
+                               code="too_many_documents", param="documents")
+        texts = [document if isinstance(document, str) else document.text for document in documents]
+        counts = self.require_retriever().chunker.count_tokens(texts)
+        if sum(counts) > self.max_document_tokens:
+            raise GatewayError(413, f"the inline documents have {sum(counts)} tokens, more than the "
+                                    f"{self.max_document_tokens} this gateway takes "
+                                    f"(retrieval.max_inline_document_tokens)",
+                               code="documents_too_long", param="documents")
         fingerprint = "inline"  # ids of inline documents only need to be stable, not shared with collections
         chunks = []
-        for index, document in enumerate(documents):
-            text = document if isinstance(document, str) else document.text
+        for index, (document, text, count) in enumerate(zip(documents, texts, counts)):
             source = f"request#{index}" if isinstance(document, str) else (document.source or f"request#{index}")
             identifier = chunk_id(fingerprint, text) if isinstance(document, str) or not document.id else document.id
-            chunks.append(RetrievedChunk(identifier, text, source, 0, 1.0, 0))
+            chunks.append(RetrievedChunk(identifier, text, source, 0, 1.0, count))
         return chunks

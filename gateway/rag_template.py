@@ -33,8 +33,9 @@ CONTEXT_DOCUMENTS = (
     "Atlas. An atlas is a collection of maps of the Earth or of a region, often bound as a book, with tables, "
     "facts about places and an index of their names.",
 )
-# Stands for the RAG user message while the chat template is rendered, to find where its segments go.
-_SEGMENTS_MARK = "\x00blendgate-rag-segments\x00"
+# Two stand-ins for the RAG user message that differ in their one character: the chat template rendered with
+# each differs only where the message goes, which locates it by position, whatever the other messages hold.
+_STAND_INS = ("a", "b")
 
 
 class ChunkLike(Protocol):
@@ -94,6 +95,24 @@ def rag_messages(history: list[dict], prompt: RagPrompt) -> list[dict]:
     return [*head, *history, {"role": "user", "content": prompt.text()}]
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat template's text for `messages`, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _around_last_message(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """The chat template's text before and after the last message's content: found by rendering the messages
+    with two stand-ins for that content and cutting where the renderings differ (by position, so no text a
+    client sends can be taken for the place of the RAG message)."""
+    first, second = (render_chat(tokenizer, [*messages[:-1], {**messages[-1], "content": stand_in}])
+                     for stand_in in _STAND_INS)
+    start = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
+    end = len(first) - next(i for i, (x, y) in enumerate(zip(reversed(first), reversed(second))) if x != y)
+    if end - start != 1 or first[start] != _STAND_INS[0]:
+        raise ValueError("the chat template does not place the last message's content as it is")
+    return first[:start], first[end:]
+
+
 def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mode: str = "full_prefill",
                   recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO, fidelity_target: float | None = None,
                   context_documents: int = 0) -> Prompt:
@@ -104,12 +123,9 @@ def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mod
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    if rag is not None:
-        messages = [*messages[:-1], {**messages[-1], "content": _SEGMENTS_MARK}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if rag is None:
-        return Prompt.plain(list(encode(text)))
-    before, after = text.split(_SEGMENTS_MARK)
+        return Prompt.plain(list(encode(render_chat(tokenizer, messages))))
+    before, after = _around_last_message(tokenizer, messages)
     parts = rag.segments()
     # The chat template's text around the user message joins the first and last segments.
     parts[0] = (before + parts[0][0], False)

@@ -185,6 +185,8 @@ class ChatCache:
             return "uncacheable_parameters"
         if request.messages[-1].role != "user" or not request.messages[-1].text().strip():
             return "no_question"
+        if request.messages[-1].non_text_parts():  # the key holds the question's text only, not an image
+            return "non_text_content"
         temperature = request.temperature if request.temperature is not None else \
             self.default_temperature(request.model)
         if temperature is not None and temperature > self.settings.max_cacheable_temperature:

@@ -1,14 +1,21 @@
-"""Request schema of the chat endpoint: OpenAI's fields plus blendgate's own extension fields.
+"""Request schemas of the API: OpenAI's chat fields plus blendgate's own extension fields, and the retrieval bodies.
 
 blendgate's options (`rag`, `documents`, `blend`, `cache`) arrive as extra top-level fields, which
 is what the openai client sends for `extra_body`. Other unknown fields are accepted and ignored.
+
+Types are strict, as OpenAI's are: "10" is not an integer, "yes" not a boolean, null not a message's text.
+Every string in a body, unknown fields included, must be valid Unicode (no lone surrogates such as "\\ud800",
+which JSON can spell but no tokenizer or encoder takes); a body breaking either rule is refused with 400 here,
+before any layer sees it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..retriever import defaults as retrieval_defaults
 
@@ -32,22 +39,103 @@ KEYED_SEPARATELY = frozenset({"model", "messages", "cache"})
 ANSWER_NEUTRAL_PARAMS = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
 
 
-class _Options(BaseModel):
+# The 64-bit signed range OpenAI declares for `seed`.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
+# Roles whose messages must carry content (an assistant message may have none: it made tool calls).
+_CONTENT_REQUIRED = frozenset({"system", "developer", "user", "tool"})
+
+
+def invalid_unicode_at(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], str] | None:
+    """Where in JSON data (dicts, lists, strings) the first string that is not valid Unicode is, and that
+    string; None when every string (object keys included) encodes as UTF-8. A lone surrogate is the one
+    way JSON text can hold such a string."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return loc, value
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = invalid_unicode_at(key, loc) or invalid_unicode_at(item, (*loc, str(key)))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = invalid_unicode_at(item, (*loc, index))
+            if found:
+                return found
+    return None
+
+
+class _Strict(BaseModel):
+    """Strict types (OpenAI's): no coercion of strings to numbers or booleans."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class _Body(_Strict):
+    """A whole request body: its text, every field and unknown field included, must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = invalid_unicode_at(data)
+        if found is not None:
+            loc, text = found
+            bad = next(ord(c) for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+            error = PydanticCustomError("invalid_unicode", f"text must be valid Unicode; it holds a lone surrogate "
+                                        f"(U+{bad:04X}), which is not a character")
+            raise ValidationError.from_exception_data(cls.__name__, [
+                InitErrorDetails(type=error, loc=loc, input=text)])
+        return data
+
+
+class _Options(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
+    """A content part: {"type": "text", "text": ...}, or another type (image_url, input_audio, file...) that
+    only some backends take; they refuse it before anything else happens (ChatBackend.check)."""
+
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> "TextPart":
+        if self.type == "text" and self.text is None:
+            raise PydanticCustomError("missing_text", "a content part of type 'text' needs a string 'text'")
+        return self
 
-class ChatMessage(BaseModel):
+
+def _content_kind(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list[TextPart]" if isinstance(value, list) else None
+
+
+# A string or an array of content parts; errors come from the branch the value's type picks.
+Content = Annotated[Union[Annotated[str, Tag("str")], Annotated[list[TextPart], Tag("list[TextPart]")]],
+                    Discriminator(_content_kind, custom_error_type="invalid_content",
+                                  custom_error_message="content must be a string or an array of content parts")]
+
+
+class ChatMessage(_Strict):
     model_config = ConfigDict(extra="allow")
 
     role: Role
-    content: str | list[TextPart] | None = None
+    content: Content | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_for_role(cls, content: str | list[TextPart] | None, info: ValidationInfo
+                          ) -> str | list[TextPart] | None:
+        role = info.data.get("role")
+        if content is None and role in _CONTENT_REQUIRED:
+            raise PydanticCustomError("missing_content", "a {role} message needs content: a string or an array "
+                                      "of content parts", {"role": role})
+        return content
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused by the caller first."""
@@ -63,7 +151,7 @@ class ChatMessage(BaseModel):
         return []
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
@@ -101,7 +189,7 @@ class CacheOptions(_Options):
     namespace: str | None = Field(None, min_length=1)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_Body):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
@@ -111,7 +199,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -173,7 +261,7 @@ class ChatCompletionRequest(BaseModel):
         return params
 
 
-class RetrieveRequest(_Options):
+class RetrieveRequest(_Options, _Body):
     collection: str = Field(min_length=1)
     query: str = Field(min_length=1)
     top_k: int = Field(retrieval_defaults.TOP_K, ge=1, le=100)
@@ -185,7 +273,7 @@ class IngestDocument(_Options):
     id: str | None = None
 
 
-class IngestRequest(_Options):
+class IngestRequest(_Options, _Body):
     documents: list[IngestDocument] = Field(min_length=1)
 
 

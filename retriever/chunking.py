@@ -57,7 +57,8 @@ class Chunker:
         self.overlap_tokens = overlap_tokens
         self.fingerprint = tokenizer_fingerprint(tokenizer)
 
-    def _count(self, texts: list[str]) -> list[int]:
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Each text's length in tokens of the chunker's tokenizer (no special tokens)."""
         if not texts:
             return []
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
@@ -67,7 +68,7 @@ class Chunker:
         """Sentences (inside paragraphs), each with its token count; ones longer than a chunk are cut by tokens."""
         pieces = [s for p in _split_keep(_PARAGRAPH, text) for s in _split_keep(_SENTENCE, p)]
         units = []
-        for piece, count in zip(pieces, self._count(pieces)):
+        for piece, count in zip(pieces, self.count_tokens(pieces)):
             if count <= self.chunk_tokens:
                 units.append((piece, count))
                 continue
@@ -91,7 +92,7 @@ class Chunker:
                 end += 1
             body = "".join(u[0] for u in units[start:end]).strip()
             if body:
-                chunks.append(Chunk(chunk_id(self.fingerprint, body), body, self._count([body])[0], len(chunks)))
+                chunks.append(Chunk(chunk_id(self.fingerprint, body), body, self.count_tokens([body])[0], len(chunks)))
             if end >= len(units):
                 break
             # Overlap: the next chunk repeats the last whole sentences that fit in overlap_tokens.

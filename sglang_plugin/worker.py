@@ -8,14 +8,16 @@ request's last hidden state handed to SGLang's logits processor. Decoding is SGL
 
 Anything else runs SGLang's forward unchanged. A request that asked to blend but could not (batched with
 requests that do not blend, a prompt split by chunked prefill or found in the radix cache, input logprobs
-asked, tensor parallelism) is prefilled in full and its report says why.
+asked, tensor parallelism, or a batch where blending a request would be slower than a full prefill:
+chunkcache/fallback.py) is prefilled in full and its report says why.
 
 Blended KV is approximate, so it must never be shared with later requests as an exact prefix: the plugin only
 blends when SGLang runs with --disable-radix-cache (the chunk-cache replaces it for chunks).
 
 The store's size comes from the environment: BLENDGATE_SGLANG_GPU_CACHE_GB (default 4),
 BLENDGATE_SGLANG_CPU_CACHE_GB (default 16), BLENDGATE_SGLANG_CHUNK_PREFIX ("system" or "none", as the
-local engine's chunk_prefix setting).
+local engine's chunk_prefix setting), BLENDGATE_SGLANG_PASS_COST_TOKENS and BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS
+(the blend-or-full-prefill costs, as the local engine's pass_cost_tokens and placement_cost_tokens).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
 from ..chunkcache.runner import CHUNK_PREFIXES, ChunkBlender
 from ..chunkcache.store import ChunkCacheStore, MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
@@ -44,21 +48,30 @@ class PluginSettings:
     gpu_cache_bytes: int
     cpu_cache_bytes: int
     chunk_prefix: str
+    costs: PrefillCosts = PrefillCosts()
 
     @classmethod
     def from_env(cls) -> "PluginSettings":
-        def gigabytes(name: str, default: float) -> int:
+        def number(name: str, default: float, unit: str) -> float:
             value = os.environ.get(name, "")
             try:
-                return int(float(value or default) * (1 << 30))
+                parsed = float(value or default)
             except ValueError:
-                raise ValueError(f"{name} must be a number of gigabytes, got {value!r}") from None
+                parsed = -1.0
+            if not 0 <= parsed < float("inf"):
+                raise ValueError(f"{name} must be a number of {unit}, got {value!r}") from None
+            return parsed
+
+        def gigabytes(name: str, default: float) -> int:
+            return int(number(name, default, "gigabytes") * (1 << 30))
 
         prefix = os.environ.get("BLENDGATE_SGLANG_CHUNK_PREFIX", DEFAULT_CHUNK_PREFIX)
         if prefix not in CHUNK_PREFIXES:
             raise ValueError(f"BLENDGATE_SGLANG_CHUNK_PREFIX must be 'system' or 'none', got {prefix!r}")
+        costs = PrefillCosts(number("BLENDGATE_SGLANG_PASS_COST_TOKENS", DEFAULT_PASS_COST_TOKENS, "tokens"),
+                             number("BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS", DEFAULT_PLACEMENT_COST_TOKENS, "tokens"))
         return cls(gigabytes("BLENDGATE_SGLANG_GPU_CACHE_GB", 4), gigabytes("BLENDGATE_SGLANG_CPU_CACHE_GB", 16),
-                   prefix)
+                   prefix, costs)
 
 
 @dataclass
@@ -104,6 +117,18 @@ def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[
     return BatchPlan(prompts, [])
 
 
+def slower_than_full(prompts: list[Prompt], fallback: Callable[[Prompt], str | None]) -> BatchPlan | None:
+    """A full-prefill plan when blending any request of the batch would be slower than a full prefill
+    (`fallback`: ChunkBlender.fallback with the worker's costs), else None. The batch is prefilled as one, so
+    either every request blends or none does."""
+    reasons = [fallback(prompt) for prompt in prompts]
+    if not any(reasons):
+        return None
+    return BatchPlan(None, [{"mode": "full_prefill", "requested_mode": prompt.mode,
+                             "fallback": reason or "batched with a request that blending would slow down"}
+                            for prompt, reason in zip(prompts, reasons)])
+
+
 class BlendWorker:
     """The plugin's state in one SGLang model runner: blendgate's view of SGLang's weights and the store."""
 
@@ -115,6 +140,7 @@ class BlendWorker:
         tiers = [MemoryTier("gpu", settings.gpu_cache_bytes, first.device),
                  MemoryTier("cpu", settings.cpu_cache_bytes, "cpu")]
         self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers), settings.chunk_prefix)
+        self.costs = settings.costs
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,
                  settings.cpu_cache_bytes / 2**30)
@@ -184,12 +210,16 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
         return original(model_runner, forward_batch, *args, **kwargs)
     worker = _worker(model_runner) if plan.prompts is not None else None
     if worker is not None:
-        try:
-            return internals.runner_output(worker.prefill(model_runner, forward_batch, plan.prompts))
-        except Exception as exc:  # e.g. out of memory: SGLang's own prefill overwrites whatever was written
-            log.exception("blendgate plugin failed to blend; prefilling in full")
-            plan = BatchPlan(None, [{"mode": "full_prefill", "fallback": f"blending failed: {exc}"}
-                                    for _ in requests])
+        slower = slower_than_full(plan.prompts, lambda prompt: worker.blender.fallback(prompt, worker.costs))
+        if slower is not None:
+            plan = slower
+        else:
+            try:
+                return internals.runner_output(worker.prefill(model_runner, forward_batch, plan.prompts))
+            except Exception as exc:  # e.g. out of memory: SGLang's own prefill overwrites whatever was written
+                log.exception("blendgate plugin failed to blend; prefilling in full")
+                plan = BatchPlan(None, [{"mode": "full_prefill", "fallback": f"blending failed: {exc}"}
+                                        for _ in requests])
     elif plan.prompts is not None:
         plan = BatchPlan(None, [{"mode": "full_prefill", "fallback": "the plugin could not start (see the log)"}
                                 for _ in requests])

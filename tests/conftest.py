@@ -9,7 +9,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from support import EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port
+from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +51,7 @@ def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> I
         ],
         "max_request_bytes": 1_000_000,
         "retrieval": {"data_dir": str(workdir / "gateway-collections")},
+        "chunk_cache": BLEND_ALWAYS,
         "semantic_cache": {"enabled": False},
     }
     process = GatewayProcess("gateway", config, workdir, model_cache_dir).start()

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import uvicorn
+from blendgate.chunkcache.fallback import PrefillCosts
 from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
 from blendgate.engine.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -43,7 +44,10 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(cache_dir: Path) -> FastAPI:
     loaded = load_model(None, dtype="float32", device="cpu", cache_dir=cache_dir)
     store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
-    engine = LocalEngine(BlendingRunner(loaded, store), max_context_tokens=loaded.max_context_tokens,
+    # The tests' documents are a few tokens long, which blending does not pay for: no per-chunk cost, so they
+    # are blended anyway and the tests exercise blending (support.BLEND_ALWAYS).
+    runner = BlendingRunner(loaded, store, costs=PrefillCosts(pass_tokens=0, placement_tokens=0))
+    engine = LocalEngine(runner, max_context_tokens=loaded.max_context_tokens,
                          stop_token_ids=loaded.eos_token_ids, max_running=4, max_waiting=64)
     faults: dict = {}
     app = FastAPI()

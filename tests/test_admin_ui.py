@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import httpx
 import openai
 import pytest
-from support import EMBEDDED, GatewayProcess, find_chromium
+from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, find_chromium
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",
@@ -58,6 +58,7 @@ def admin_gateway(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProce
     config = {
         "admin_key": ADMIN_KEY,
         "retrieval": {"data_dir": str(workdir / "admin-ui-collections")},
+        "chunk_cache": BLEND_ALWAYS,
         "semantic_cache": {"enabled": True},  # no redis_url: the embedded entry store
     }
     process = GatewayProcess("admin-ui", config, workdir, model_cache_dir).start()

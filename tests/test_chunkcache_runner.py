@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from blendgate.chunkcache.fallback import PrefillCosts, blend_fallback
 from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
 from blendgate.engine.prompt import Prompt, PromptSegment
@@ -13,9 +16,14 @@ DOCUMENTS = ["The blue castle stands on a granite hill. Its secret code is 4711.
              "The corner bakery sells rye bread on Tuesdays.\n\n"]
 
 
+# These documents are a few tokens each, which blending does not pay for (see the fallback tests at the end):
+# no per-chunk cost, so the runner blends them and the tests exercise blending.
+BLEND_ALWAYS = PrefillCosts(pass_tokens=0, placement_tokens=0)
+
+
 @pytest.fixture()
 def runner(loaded_model) -> BlendingRunner:
-    return BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]))
+    return BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]), costs=BLEND_ALWAYS)
 
 
 def rag_prompt(tokenizer, documents: list[str], mode: str, ratio: float = 0.15) -> Prompt:
@@ -77,8 +85,53 @@ def test_decoding_continues_from_a_blended_prefill(runner, tokenizer) -> None:
 def test_chunks_computed_alone_are_cached_apart_from_those_after_the_system_prompt(loaded_model, tokenizer) -> None:
     store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
     with torch.inference_mode():
-        BlendingRunner(loaded_model, store, chunk_prefix="system").prefill(rag_prompt(tokenizer, DOCUMENTS, "reuse"))
-        _, alone = BlendingRunner(loaded_model, store, chunk_prefix="none").prefill(
+        BlendingRunner(loaded_model, store, chunk_prefix="system", costs=BLEND_ALWAYS).prefill(
+            rag_prompt(tokenizer, DOCUMENTS, "reuse"))
+        _, alone = BlendingRunner(loaded_model, store, chunk_prefix="none", costs=BLEND_ALWAYS).prefill(
             rag_prompt(tokenizer, DOCUMENTS, "reuse"))
     assert alone.report["hits"] == [False, False, False]  # other keys: computed without the prefix
     assert len(store.tiers[0].entries) == 7  # 3 chunks each way, and the system prompt's own KV, shared
+
+
+# -- blend or full prefill ----------------------------------------------------------------------------------------
+
+
+def test_the_rule_weighs_per_chunk_work_against_the_tokens_blending_saves() -> None:
+    costs = PrefillCosts(pass_tokens=24, placement_tokens=1)
+    # Four retrieval-sized chunks, none cached: 4 passes (96) against 0.85 * 1024 = 870 tokens saved.
+    assert blend_fallback([256] * 4, [False] * 4, 0.15, costs) is None
+    # The issue's 700 five-token documents, none cached: 16,800 against 2,975.
+    reason = blend_fallback([5] * 700, [False] * 700, 0.15, costs)
+    assert reason == ("blending 700 chunks (700 not cached) would cost about 16800 tokens of per-chunk work to "
+                      "save 2975: slower than a full prefill")
+    # Cached, they cost a placement each (700) and blending pays.
+    assert blend_fallback([5] * 700, [True] * 700, 0.15, costs) is None
+    # At the edge: 10 uncached 20-token chunks cost 240 and save 200 at r = 0, 170 at r = 0.15.
+    assert blend_fallback([20] * 10, [False] * 10, 0.0, costs) is not None
+    assert blend_fallback([20] * 10, [False] * 9 + [True], 0.0, PrefillCosts(20, 0)) is None  # 180 <= 200
+    assert blend_fallback([], [], 0.15, costs) is None
+    with pytest.raises(ValueError):
+        blend_fallback([5, 5], [True], 0.15, costs)
+
+
+def test_many_tiny_chunks_are_prefilled_in_full_and_faster_than_blending_them(loaded_model, tokenizer) -> None:
+    documents = [f"Fact {i} is {i * 7}.\n\n" for i in range(8)]
+    prompt = rag_prompt(tokenizer, documents, "blend")
+    store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
+    deciding, forced_runner = BlendingRunner(loaded_model, store), BlendingRunner(loaded_model, store,
+                                                                                  costs=BLEND_ALWAYS)
+    with torch.inference_mode():
+        full, _ = deciding.prefill(rag_prompt(tokenizer, documents, "full_prefill"))
+        started = time.perf_counter()
+        fallen_back, state = deciding.prefill(prompt)
+        fallback_s = time.perf_counter() - started
+        assert store.report()["tiers"][0]["entries"] == 0  # nothing computed for the cache
+        started = time.perf_counter()
+        _, forced = forced_runner.prefill(prompt)
+        forced_s = time.perf_counter() - started
+    report = state.report
+    assert report["mode"] == "full_prefill" and report["requested_mode"] == "blend"
+    assert report["fallback"].startswith("blending 8 chunks (8 not cached)")
+    torch.testing.assert_close(fallen_back, full, atol=1e-3, rtol=1e-4)
+    assert forced.report["mode"] == "blend" and forced.report["miss_count"] == 8
+    assert fallback_s < forced_s, (fallback_s, forced_s)

@@ -109,3 +109,15 @@ def test_a_backend_part_still_loading_or_failed_is_a_503_saying_which() -> None:
     with pytest.raises(GatewayError) as failed:
         loaded_or_503(None, "m", "no such file", "loading")
     assert failed.value.code == "model_unavailable" and "m failed to load: no such file" in failed.value.message
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46, 1e-30, 0.5, 1.0])
+def test_top_p_keeps_the_most_likely_token_however_small_it_is(top_p: float) -> None:
+    """A top_p below float32's smallest number compared as 0 and dropped every token: NaN probabilities, a 503
+    engine_error. The most likely token is always kept."""
+    from blendgate.engine.sampling import Sampler
+
+    logits = torch.tensor([0.0, 3.0, 1.0, -2.0])
+    sampler = Sampler(SamplingParams(max_new_tokens=1, temperature=1.0, top_p=top_p, seed=7), torch.device("cpu"))
+    tokens = {sampler.sample(logits) for _ in range(20)}
+    assert tokens == {1} if top_p < 0.5 else tokens <= {0, 1, 2, 3}

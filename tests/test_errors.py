@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -50,6 +52,24 @@ HI = [{"role": "user", "content": "hi"}]
          "rag.top_k"),
         ({"model": EMBEDDED, "messages": [{"role": "assistant", "content": "hi"}], "documents": ["x"]}, 400,
          "invalid_value", "messages"),
+        # Strict types, as OpenAI's: no string for a number or a boolean, no null for a message's text.
+        ({"model": EMBEDDED, "messages": HI, "max_tokens": "10"}, 400, "invalid_value", "max_tokens"),
+        ({"model": EMBEDDED, "messages": HI, "stream": "yes"}, 400, "invalid_value", "stream"),
+        ({"model": EMBEDDED, "messages": HI, "temperature": "0.5"}, 400, "invalid_value", "temperature"),
+        ({"model": EMBEDDED, "messages": HI, "rag": {"collection": "docs", "top_k": "3"}}, 400, "invalid_value",
+         "rag.top_k"),
+        ({"model": EMBEDDED, "messages": [{"role": "user", "content": None}]}, 400, "invalid_value",
+         "messages[0].content"),
+        ({"model": EMBEDDED, "messages": [{"role": "system", "content": None}, *HI]}, 400, "invalid_value",
+         "messages[0].content"),
+        ({"model": EMBEDDED, "messages": [{"role": "user"}]}, 400, "invalid_value", "messages[0].content"),
+        ({"model": EMBEDDED, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value",
+         "messages[0].content"),
+        ({"model": EMBEDDED, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "invalid_value",
+         "messages[0].content[0]"),
+        # OpenAI's seed is a signed 64-bit integer.
+        ({"model": EMBEDDED, "messages": HI, "seed": 2 ** 64}, 400, "invalid_value", "seed"),
+        ({"model": EMBEDDED, "messages": HI, "seed": -(2 ** 63) - 1}, 400, "invalid_value", "seed"),
     ],
 )
 def test_bad_request_bodies(http: httpx.Client, body: dict, status: int, code: str, param: str) -> None:
@@ -57,6 +77,44 @@ def test_bad_request_bodies(http: httpx.Client, body: dict, status: int, code: s
         error = assert_openai_error(http.post("/v1/chat/completions", json={**body, "stream": stream}
                                               if "stream" not in body else body), status, code)
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": EMBEDDED, "messages": [{"role": "user", "content": "x \ud800"}]}, "messages[0].content"),
+        ({"model": EMBEDDED, "messages": [{"role": "system", "content": "be \udfff terse"}, *HI]},
+         "messages[0].content"),
+        ({"model": EMBEDDED, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+         "messages[0].content[0].text"),
+        ({"model": EMBEDDED, "messages": HI, "documents": ["a \ud800 b"]}, "documents[0]"),
+        ({"model": EMBEDDED, "messages": HI, "documents": [{"text": "\udc00", "id": "d"}]}, "documents[0].text"),
+        ({"model": EMBEDDED, "messages": HI, "user": "\ud800"}, "user"),
+        ({"model": EMBEDDED, "messages": HI, "metadata": {"k\ud800": "v"}}, "metadata"),
+    ],
+)
+def test_text_that_is_not_valid_unicode_is_400(http: httpx.Client, body: dict, param: str) -> None:
+    """JSON can spell a lone surrogate; no tokenizer or encoder takes one. Refused where it arrives."""
+    for stream in (False, True):
+        raw = json.dumps({**body, "stream": stream}).encode()  # ASCII JSON with the \ud800 escapes as sent
+        error = assert_openai_error(http.post("/v1/chat/completions", content=raw,
+                                              headers={"content-type": "application/json"}), 400, "invalid_value")
+        assert error["param"] == param
+        assert "lone surrogate" in error["message"]
+
+
+def test_text_that_looks_like_the_templates_internals_is_just_text(http: httpx.Client) -> None:
+    """Whatever a message holds (here the NUL-delimited marker the RAG template once searched for), the RAG
+    prompt places the documents where the last message goes."""
+    odd = "\x00blendgate-rag-segments\x00"
+    for messages in ([{"role": "system", "content": f"Be terse. {odd}"}, {"role": "user", "content": "Who?"}],
+                     [{"role": "user", "content": odd}, {"role": "assistant", "content": odd},
+                      {"role": "user", "content": f"Who {odd}?"}]):
+        body = {"model": EMBEDDED, "messages": messages, "documents": ["Ada wrote the first program."],
+                "max_tokens": 3}
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["blendgate"]["rag"]["chunks"][0]["source"] == "request#0"
 
 
 @pytest.mark.parametrize("raw", [b'{"model": "x", ', b"not json at all", b"", b"[1, 2]", b'"a string"'])
@@ -85,6 +143,22 @@ def test_documents_longer_than_the_context_are_413(http: httpx.Client) -> None:
     body = {"model": EMBEDDED, "messages": HI, "documents": [{"id": "huge", "text": "word " * 9000}]}
     error = assert_openai_error(http.post("/v1/chat/completions", json=body), 413, "context_length_exceeded")
     assert "8192" in error["message"]
+
+
+def test_inline_documents_are_bounded_in_count_and_tokens(http: httpx.Client) -> None:
+    """retrieval.max_inline_documents (100) and max_inline_document_tokens (32,768) by default: each limit
+    is named in the refusal, before any document is placed or blended."""
+    body = {"model": EMBEDDED, "messages": HI, "max_tokens": 1}
+    many = assert_openai_error(http.post("/v1/chat/completions", json={**body, "documents": ["x"] * 101}), 400,
+                               "too_many_documents")
+    assert many["param"] == "documents"
+    assert "101 inline documents" in many["message"] and "100" in many["message"]
+    assert "retrieval.max_inline_documents" in many["message"]
+    long = assert_openai_error(http.post("/v1/chat/completions", json={**body, "documents": [" ".join(["word"] * 20_000)] * 2}),
+                               413, "documents_too_long")
+    assert "40000 tokens" in long["message"] and "32768" in long["message"]
+    assert long["param"] == "documents"
+    assert http.post("/v1/chat/completions", json={**body, "documents": ["x"] * 100}).status_code == 200
 
 
 def test_oversized_body_is_413(http: httpx.Client) -> None:

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import EMBEDDED, GatewayProcess, assert_openai_error
+from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, assert_openai_error
 
 ADMIN_KEY = "admin-key-for-metrics-tests"
 KEYS = {"acme": "sk-acme-metrics-test", "globex": "sk-globex-metrics-test"}
@@ -29,6 +29,7 @@ def observed(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
                    {"name": "secret-userinfo", "backend": "litellm", "litellm_model": "openai/x",
                     "api_base": "http://bob:p@ss-S3CRET@127.0.0.1:9/v1"}],
         "retrieval": {"data_dir": str(workdir / "metrics-collections")},
+        "chunk_cache": BLEND_ALWAYS,
         "semantic_cache": {"enabled": True},  # the embedded entry store: no Redis configured
     }
     process = GatewayProcess("metrics", config, workdir, model_cache_dir).start()

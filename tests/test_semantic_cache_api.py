@@ -212,6 +212,22 @@ def test_a_stream_the_client_cuts_off_is_not_cached(cached_gateway: GatewayProce
     wait_idle()
 
 
+def test_content_a_model_cannot_take_is_refused_even_when_its_text_is_cached(client_a: openai.OpenAI,
+                                                                           entries: Entries,
+                                                                           http: httpx.Client) -> None:
+    """The local model takes text only: a question with an image is refused whether or not its text alone has
+    a cached answer (the refusal comes before the lookup), so cache state never changes the answer."""
+    question = "What is the tallest mountain on Earth?"
+    ask_and_store(client_a, entries, question)
+    with_image = [{"type": "text", "text": question},
+                  {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    for stream in (False, True):
+        body = {"model": EMBEDDED, "messages": [{"role": "user", "content": with_image}], "max_tokens": MAX_TOKENS,
+                "stream": stream}
+        error = assert_openai_error(http.post("/v1/chat/completions", json=body), 400, "unsupported_value")
+        assert error["param"] == "messages[0].content" and "image_url" in error["message"]
+
+
 # -- per-request controls -------------------------------------------------------------------------------------------
 
 

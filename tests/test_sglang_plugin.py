@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from blendgate.chunkcache.fallback import PrefillCosts
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.sglang_plugin import worker
 from blendgate.sglang_plugin.internals import BATCH_PARAMS_ATTRIBUTE
@@ -151,4 +152,25 @@ def test_store_settings_come_from_the_environment(monkeypatch) -> None:
     assert settings.gpu_cache_bytes == 1 << 29 and settings.chunk_prefix == "none"
     monkeypatch.setenv("BLENDGATE_SGLANG_CPU_CACHE_GB", "lots")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_CPU_CACHE_GB"):
+        worker.PluginSettings.from_env()
+
+
+def test_a_batch_where_blending_would_be_slower_is_prefilled_in_full_and_says_why() -> None:
+    reasons = {id(PROMPT): None}
+    slow = Prompt(PROMPT.segments, mode="reuse")
+    reasons[id(slow)] = "blending 2 chunks (2 not cached) would cost about 48 tokens ..."
+    assert worker.slower_than_full([PROMPT, PROMPT], lambda p: reasons[id(p)]) is None
+    result = worker.slower_than_full([PROMPT, slow], lambda p: reasons[id(p)])
+    assert result.prompts is None
+    assert result.reports[0] == {"mode": "full_prefill", "requested_mode": "blend",
+                                 "fallback": "batched with a request that blending would slow down"}
+    assert result.reports[1] == {"mode": "full_prefill", "requested_mode": "reuse", "fallback": reasons[id(slow)]}
+
+
+def test_fallback_costs_come_from_the_environment(monkeypatch) -> None:
+    assert worker.PluginSettings.from_env().costs == PrefillCosts()
+    monkeypatch.setenv("BLENDGATE_SGLANG_PASS_COST_TOKENS", "500")
+    assert worker.PluginSettings.from_env().costs == PrefillCosts(pass_tokens=500)
+    monkeypatch.setenv("BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS", "-1")
+    with pytest.raises(ValueError, match="BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS"):
         worker.PluginSettings.from_env()

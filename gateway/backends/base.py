@@ -113,9 +113,14 @@ class ChatBackend(abc.ABC):
     def status(self) -> dict[str, Any]:
         """{"state": "ready" | "loading" | "failed", ...details}."""
 
+    def check(self, request: ChatCompletionRequest) -> None:
+        """Refuse (GatewayError, 4xx) a request this backend cannot take, e.g. content parts it cannot carry.
+        Called before anything else serves the request (the semantic cache first), so that a request is
+        answered or refused the same way whether its answer is cached or not. By default: all are taken."""
+
     @abc.abstractmethod
     def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
-        ...
+        """The answer in pieces; the request has passed check()."""
 
     async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
         """A whole answer; by default gathered from stream()."""

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.runner import BlendingRunner
 from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier, token_digest
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -74,7 +75,8 @@ class LocalBackend(ChatBackend):
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
         self.store = ChunkCacheStore(tiers)
-        return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule())
+        return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(),
+                              costs=PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens))
 
     async def wait_ready(self) -> None:
         if self._load_task is not None:
@@ -136,9 +138,11 @@ class LocalBackend(ChatBackend):
             report["chunks"] = [{"id": chunk.id, "hit": hit} for chunk, hit in zip(request._rag_prompt.chunks, hits)]
         return report
 
+    def check(self, request: ChatCompletionRequest) -> None:
+        check_text_chat(request, "local models")
+
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = loaded_or_503(self.engine, self.config.name, self._error, "loading")
-        check_text_chat(request, "local models")
         # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
         prompt = await asyncio.to_thread(self._prompt, request)
         self._remember_origins(request, prompt, ctx)

@@ -212,9 +212,11 @@ class SglangBackend(ChatBackend):
         if isinstance(report.get("chunk_tokens"), int) and isinstance(report.get("recomputed_tokens"), int):
             self.totals["chunk_tokens_not_recomputed"] += report["chunk_tokens"] - report["recomputed_tokens"]
 
+    def check(self, request: ChatCompletionRequest) -> None:
+        check_text_chat(request, "SGLang-served models")
+
     async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         tokenizer = loaded_or_503(self.tokenizer, self.config.name, self._error, "loading its tokenizer")
-        check_text_chat(request, "SGLang-served models")
         # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
         prompt = await asyncio.to_thread(
             chat_prompt, tokenizer, request, mode=self.config.prefill_mode, recompute_ratio=self.config.recompute_ratio,
