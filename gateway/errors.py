@@ -77,6 +77,10 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return text or None
 
 
+# Validation errors whose pydantic type is one of the gateway's own error codes keep it as the code.
+OWN_CODES = frozenset({"nothing_to_ingest"})
+
+
 def validation_error(exc: RequestValidationError) -> GatewayError:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
@@ -91,11 +95,16 @@ def validation_error(exc: RequestValidationError) -> GatewayError:
                             param=param)
     if first["type"] == "model_attributes_type" or (param is None and first["type"].endswith("_type")):
         return GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+    if first["type"] == "string_pattern_mismatch" and tuple(first["loc"]) == ("path", "collection"):
+        return GatewayError(400, f"Invalid collection name {first.get('input')!r}: letters, digits, '_', '-', '.', "
+                                 "starting with a letter or digit, up to 64 characters",
+                            code="invalid_collection_name", param="collection")
     message = first["msg"].removeprefix("Value error, ")
     detail = f"Invalid value for '{param}': {message}" if param else message
     if len(errors) > 1:
         detail += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return GatewayError(400, detail, code="invalid_value", param=param)
+    code = first["type"] if first["type"] in OWN_CODES else "invalid_value"
+    return GatewayError(400, detail, code=code, param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

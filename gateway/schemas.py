@@ -68,6 +68,18 @@ def invalid_unicode_at(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tup
     return None
 
 
+def integral_numbers(value: Any) -> Any:
+    """JSON data with every float that holds a whole number (64.0) as an int: JSON and JSON Schema do not tell
+    64.0 from 64, so an integer field takes either; strings are never numbers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: integral_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [integral_numbers(item) for item in value]
+    return value
+
+
 class _Strict(BaseModel):
     """Strict types (OpenAI's): no coercion of strings to numbers or booleans."""
 
@@ -75,7 +87,8 @@ class _Strict(BaseModel):
 
 
 class _Body(_Strict):
-    """A whole request body: its text, every field and unknown field included, must be valid Unicode."""
+    """A whole request body: its text, every field and unknown field included, must be valid Unicode; whole
+    numbers written as floats (64.0) count as integers, as JSON Schema counts them."""
 
     @model_validator(mode="before")
     @classmethod
@@ -88,7 +101,7 @@ class _Body(_Strict):
                                         f"(U+{bad:04X}), which is not a character")
             raise ValidationError.from_exception_data(cls.__name__, [
                 InitErrorDetails(type=error, loc=loc, input=text)])
-        return data
+        return integral_numbers(data)
 
 
 class _Options(_Strict):
@@ -268,9 +281,17 @@ class RetrieveRequest(_Options, _Body):
 
 
 class IngestDocument(_Options):
-    text: str = Field(min_length=1)
+    # Some text: a document of only whitespace has nothing to ingest (declared as a pattern in the schema).
+    text: str = Field(min_length=1, json_schema_extra={"pattern": r"\S"})
     source: str | None = None
     id: str | None = None
+
+    @model_validator(mode="after")
+    def _has_text(self) -> "IngestDocument":
+        if not self.text.strip():
+            raise PydanticCustomError("nothing_to_ingest", "nothing to ingest from {source}: no text in it",
+                                      {"source": self.source or self.id or "a document"})
+        return self
 
 
 class IngestRequest(_Options, _Body):
