@@ -197,8 +197,9 @@ def test_rag_chat_blends_cached_chunks_and_reports_them(client: openai.OpenAI, f
     report = first.model_extra["blendgate"]["chunk_cache"]
     assert report["mode"] == "blend" and 0.1 < report["recompute_ratio"] <= 0.2
     assert [c["id"] for c in report["chunks"]] == ["castle", "river"]
-    # The same chunks in another order: both come from the chunk-cache.
-    second = client.chat.completions.create(model=EMBEDDED, messages=ask, max_tokens=20, temperature=0,
+    # The same chunks in another order: both come from the chunk-cache. (SmolLM2 may first restate the question:
+    # room for the answer after it.)
+    second = client.chat.completions.create(model=EMBEDDED, messages=ask, max_tokens=32, temperature=0,
                                             extra_body={"documents": documents[::-1]})
     report = second.model_extra["blendgate"]["chunk_cache"]
     assert [(c["id"], c["hit"]) for c in report["chunks"]] == [("river", True), ("castle", True)]
