@@ -80,8 +80,10 @@ class Harness:
         return self.embed([text])[0]
 
     @staticmethod
-    def query(text: str, tenant: str = "tenant-a", context: str = "ctx-1", **controls: object) -> CacheQuery:
-        return CacheQuery(tenant=tenant, model=MODEL, text=text, context=context, **controls)
+    def query(text: str, tenant: str = "tenant-a", context: str = "ctx-1", user: str | None = "user-1",
+              **controls: object) -> CacheQuery:
+        """A query of one end user (user-scoped questions are cached only for a known user)."""
+        return CacheQuery(tenant=tenant, model=MODEL, text=text, context=context, user=user, **controls)
 
     async def lookup(self, cache: SemanticCache, text: str, **query: object):
         return await cache.lookup(self.query(text, **query), self.vector(text))
