@@ -285,7 +285,7 @@ class SemanticCache:
         owner_of hash, or None for a user-scoped question without a user (not cached)."""
         if scope == "tenant":
             return ""
-        return owner_of(query.tenant, query.user) if query.user else None
+        return owner_of(query.tenant, query.user) if query.user and query.user.strip() else None
 
     # -- request path -----------------------------------------------------------------------------------
     async def lookup(self, query: CacheQuery, vector: np.ndarray) -> LookupResult:

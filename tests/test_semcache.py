@@ -188,6 +188,46 @@ def test_classifier_sends_queries_to_their_category(harness: Harness) -> None:
     asyncio.run(scenario())
 
 
+# Pairs for the default asker rules: a question that refers to the asker, and a close one that does not.
+ASKER_PAIRS = [
+    ("What grade did I get on the chemistry exam?", "What grade is needed to pass a chemistry exam?"),
+    ("Remind me what I said my daughter's name was.", "What does the name Sophia mean?"),
+    ("Why does my Python script crash on import?", "How do I fix a Python script that crashes on import?"),
+    ("What is our company's refund policy?", "What is a typical refund policy for online shops?"),
+    ("I'm allergic to nuts, which cakes are safe?", "Which cakes are usually free of nuts?"),
+    ("Tell me the password hint I gave you.", "Tell me what a good password hint looks like."),
+    ("Is that phone number mine?", "How are phone numbers assigned?"),
+    ("Quel est le nom de mon chien ?", "Quel est le nom du chien de Tintin ?"),
+    ("¿Cuál es la dirección de mi oficina?", "¿Cuál es la capital de España?"),
+    ("Wie heißt meine Schwester?", "Wie heißt die Hauptstadt von Frankreich?"),
+]
+
+
+def test_questions_that_refer_to_the_asker_are_user_scoped_whatever_their_category(harness: Harness) -> None:
+    async def scenario() -> None:
+        cache = harness.cache()
+        for about_asker, shared in ASKER_PAIRS:
+            assert cache.scope_of(about_asker, "factual") == "user", about_asker
+            assert cache.scope_of(shared, "factual") == "tenant", shared
+            assert cache.scope_of(shared, "conversational") == "user"  # the category's own scope
+        async with running(cache):
+            question = "What grade did I get on the chemistry exam?"
+            for user in (None, "  "):  # no user known: not cached
+                bypass = await harness.lookup(cache, question, user=user)
+                assert (bypass.status, bypass.reason) == ("bypass", "no_user_for_personal_question")
+                assert await cache.put(harness.query(question, user=user), harness.vector(question), "factual",
+                                       ANSWER) is None
+            await harness.store(cache, question, user="alice")
+            assert (await harness.lookup(cache, question, user="alice")).status == "hit"
+            assert (await harness.lookup(cache, question, user="bob")).status == "miss"
+            shared = "What is the capital of Australia?"
+            await harness.store(cache, shared, user="alice")
+            assert (await harness.lookup(cache, shared, user="bob")).status == "hit"
+            assert (await harness.lookup(cache, shared, user=None)).status == "hit"
+
+    asyncio.run(scenario())
+
+
 def test_classifying_a_long_question_takes_milliseconds(harness: Harness) -> None:
     """Rules run on the event loop: over a whole 5 MB question the default rules took 2 s, and the code rule
     (`def ... [:(]`) is quadratic on text like the first here (4 s for its 110 kB); they read the question's
