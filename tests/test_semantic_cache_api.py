@@ -188,7 +188,8 @@ def test_a_streamed_answer_is_cached_and_replayed_as_sse(client_a: openai.OpenAI
 
 def test_a_stream_the_client_cuts_off_is_not_cached(cached_gateway: GatewayProcess, http: httpx.Client,
                                                     entries: Entries) -> None:
-    body = {"model": EMBEDDED, "stream": True, "max_tokens": 2000,
+    # A conversational request, cached per end user: it names one.
+    body = {"model": EMBEDDED, "stream": True, "max_tokens": 2000, "user": "reader",
             "messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to cook."}]}
 
     def running() -> int:
