@@ -116,7 +116,8 @@ def uniform_settings(threshold: float) -> SemanticCacheSettings:
 
 
 def query(text: str, context: str = "bench") -> CacheQuery:
-    return CacheQuery(tenant="bench", model="bench", text=text, context=context)
+    return CacheQuery(tenant="bench", model="bench", text=text, context=context,
+                      user="bench")  # one end user: scopes do not change what the benchmark measures
 
 
 def _norm(text: str) -> str:
@@ -165,7 +166,7 @@ async def candidate_records(cache: SemanticCache, pairs: list[Pair], embeddings:
         classified = cache.classify(pair.second, vector)
         searched = [classified.category] + [n for n in classified.neighbours if cache.policies[n].cached]
         candidates = [(similarity, category, labels.get((_norm(pair.second), _norm(questions[meta.entry_id]))))
-                      for meta, similarity, category in cache.nearest("bench", searched, vector)] \
+                      for meta, similarity, category in cache.nearest("bench", searched, vector, "")] \
             if cache.policies[classified.category].cached else []
         records.append({"category": classified.category, "candidates": candidates, "paraphrase": pair.paraphrase})
     await cache.close()

@@ -136,6 +136,15 @@ def cache_controls(request: ChatCompletionRequest, headers: Mapping[str, str]) -
     return controls
 
 
+def end_user(request: ChatCompletionRequest, headers: Mapping[str, str]) -> str | None:
+    """Who is asking inside the tenant: the body's `user` (OpenAI's end-user id), else the x-blendgate-user
+    header; None when neither names one (blank counts as none)."""
+    for user in (request.user, headers.get("x-blendgate-user")):
+        if user and user.strip():
+            return user
+    return None
+
+
 @dataclass
 class CachePlan:
     """A request the cache can answer: its query, embedding and category, ready for lookup and storing."""
@@ -228,7 +237,7 @@ class ChatCache:
         vector = (await asyncio.to_thread(self.embed, [text]))[0]
         context, settings = await asyncio.to_thread(self.context, request, controls.namespace, collection)
         query = CacheQuery(tenant=tenant, model=request.model, text=text, context=context, collection=collection,
-                           settings=settings,
+                           settings=settings, user=end_user(request, headers),
                            no_cache=controls.no_cache, no_store=controls.no_store, ttl_s=controls.ttl_s,
                            max_age_s=controls.max_age_s)
         return CachePlan(self.cache, query, vector), None

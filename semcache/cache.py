@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from .categories import CategoryClassifier, Classification
-from .entries import CacheEntry, CorruptEntry
+from .categories import RULE_TEXT_CHARS, CategoryClassifier, Classification
+from .entries import CacheEntry, CorruptEntry, owner_of
 from .index import IndexedEntry, PartitionedIndex
 from .metrics import SemanticCacheMetrics
 from .policy import EffectivePolicy, LoadMonitor, effective_policy
@@ -48,6 +49,9 @@ class CacheQuery:
     text: str
     context: str
     collection: str | None = None
+    # The end user inside the tenant (OpenAI's `user` field or x-blendgate-user), None when not given. Only
+    # its owner_of hash is stored; user-scoped questions without one are not cached.
+    user: str | None = None
     # The readable form of `context` (CacheEntry.settings), stored with the answer.
     settings: dict[str, Any] = field(default_factory=dict)
     no_cache: bool = False
@@ -60,6 +64,8 @@ class CacheQuery:
 class LookupResult:
     status: str  # "hit", "miss" or "bypass"
     category: str | None = None
+    # "tenant" or "user" once the question's scope is known (SemanticCache.scope_of), else None.
+    scope: str | None = None
     reason: str | None = None
     similarity: float | None = None
     policy: EffectivePolicy | None = None
@@ -71,6 +77,8 @@ class LookupResult:
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = {"status": self.status, "category": self.category,
                                   "lookup_ms": round(self.lookup_ms, 3)}
+        if self.scope:
+            report["scope"] = self.scope
         if self.reason:
             report["reason"] = self.reason
         if self.policy is not None:
@@ -95,6 +103,7 @@ class SemanticCache:
         self.classifier = CategoryClassifier(settings.categories, embed, settings.default_category,
                                              settings.neighbour_margin)
         self.policies = {c.name: c for c in settings.categories}
+        self.asker_rules = [re.compile(rule, re.IGNORECASE) for rule in settings.asker_rules]
         self.index = PartitionedIndex(dimension, settings.hnsw)
         self.available = False
         self.down_reason: str | None = None
@@ -262,13 +271,29 @@ class SemanticCache:
     def classify(self, text: str, vector: np.ndarray) -> Classification:
         return self.classifier.classify(text, vector)
 
+    def scope_of(self, text: str, category: str) -> str:
+        """"user" when the question refers to the asker (an asker rule matches its first RULE_TEXT_CHARS
+        characters) or its category is user-scoped; else "tenant"."""
+        head = text[:RULE_TEXT_CHARS]
+        if self.policies[category].scope == "user" or any(rule.search(head) for rule in self.asker_rules):
+            return "user"
+        return "tenant"
+
+    @staticmethod
+    def owner_for(query: CacheQuery, scope: str) -> str | None:
+        """Whose entries a query of this scope reads and writes: "" (the tenant's shared ones), the end user's
+        owner_of hash, or None for a user-scoped question without a user (not cached)."""
+        if scope == "tenant":
+            return ""
+        return owner_of(query.tenant, query.user) if query.user and query.user.strip() else None
+
     # -- request path -----------------------------------------------------------------------------------
     async def lookup(self, query: CacheQuery, vector: np.ndarray) -> LookupResult:
         started = time.perf_counter()
         result = await self._lookup(query, vector)
         result.lookup_ms = (time.perf_counter() - started) * 1000
         category = result.category or "none"
-        self.metrics.lookup(category, query.tenant, result.status)
+        self.metrics.lookup(category, query.tenant, result.status, result.scope or "none")
         self.metrics.lookup_seconds.labels(result.status).observe(result.lookup_ms / 1000)
         return result
 
@@ -282,6 +307,11 @@ class SemanticCache:
         if query.no_cache:
             result.reason = "no-cache"
             return result
+        result.scope = self.scope_of(query.text, classification.category)
+        owner = self.owner_for(query, result.scope)
+        if owner is None:
+            result.reason = "no_user_for_personal_question"
+            return result
         if not self.available:
             result.reason = "store_unavailable"
             return result
@@ -293,7 +323,7 @@ class SemanticCache:
             if neighbour.cached:
                 thresholds[name] = max(policy.threshold, neighbour.threshold)
         now = time.time()
-        for meta, similarity, category in self.nearest(query.tenant, list(thresholds), vector):
+        for meta, similarity, category in self.nearest(query.tenant, list(thresholds), vector, owner):
             if result.similarity is None:
                 result.similarity = similarity  # the nearest, reported on misses too
             if similarity < policy.threshold:
@@ -307,7 +337,7 @@ class SemanticCache:
                 continue
             if query.max_age_s is not None and now - meta.created_at > query.max_age_s:
                 continue
-            entry = await self._fetch(meta.entry_id, query)
+            entry = await self._fetch(meta.entry_id, query, owner)
             if entry is None:
                 if not self.available:
                     result.status, result.reason = "bypass", "store_unavailable"
@@ -320,19 +350,22 @@ class SemanticCache:
             return result
         return result
 
-    def nearest(self, tenant: str, categories: list[str], vector: np.ndarray) -> list[tuple[IndexedEntry, float, str]]:
-        """The tenant's nearest entries in each of these categories, merged, most similar first."""
+    def nearest(self, tenant: str, categories: list[str], vector: np.ndarray,
+                owner: str) -> list[tuple[IndexedEntry, float, str]]:
+        """The tenant's nearest entries of `owner` (see owner_for) in each of these categories, merged, most
+        similar first."""
         found = []
         for category in categories:
             partition = self.index.partition(tenant, category)
             if partition is not None:
                 found += [(meta, similarity, category)
-                          for meta, similarity in partition.search(vector, self.settings.candidates)]
+                          for meta, similarity in partition.search(vector, self.settings.candidates, owner)]
         found.sort(key=lambda candidate: -candidate[1])
         return found
 
-    async def _fetch(self, entry_id: str, query: CacheQuery) -> CacheEntry | None:
-        """The entry if it is still there, intact, fresh and the caller's; otherwise None (and cleaned up)."""
+    async def _fetch(self, entry_id: str, query: CacheQuery, owner: str) -> CacheEntry | None:
+        """The entry if it is still there, intact, fresh and the caller's (its tenant, and `owner`'s: shared
+        when "", else that end user's); otherwise None (and cleaned up)."""
         try:
             fields = await self.store.get(entry_id)
         except StoreUnavailable as exc:
@@ -347,8 +380,9 @@ class SemanticCache:
             log.warning("semantic cache: dropping corrupt entry %s (%s)", entry_id, exc)
             self._spawn(self._drop([entry_id], "corrupt"))
             return None
-        if entry.tenant != query.tenant or entry.context != query.context or entry.expired():
-            return None  # never another tenant's answer, whatever the index says
+        if entry.tenant != query.tenant or entry.owner != owner or entry.context != query.context or \
+                entry.expired():
+            return None  # never another tenant's or end user's answer, whatever the index says
         return entry
 
     async def _record_hit(self, entry_id: str, now: float) -> None:
@@ -360,14 +394,16 @@ class SemanticCache:
     async def put(self, query: CacheQuery, vector: np.ndarray, category: str, response: dict[str, Any]) -> str | None:
         """Store an answer; returns the entry id, or None when policy, controls or the store say no."""
         policy = self.policy_for(query.model, category)
-        if not policy.cached or query.no_store or not self.available:
+        scope = self.scope_of(query.text, category)
+        owner = self.owner_for(query, scope)
+        if not policy.cached or owner is None or query.no_store or not self.available:
             return None
         entry = CacheEntry(tenant=query.tenant, category=category, context=query.context, model=query.model,
                            query=query.text, response=response, embedding=np.asarray(vector, dtype=np.float32),
                            ttl_s=min(query.ttl_s or policy.ttl_s, MAX_TTL_S), collection=query.collection,
-                           settings=query.settings)
+                           settings=query.settings, scope=scope, owner=owner)
         # The same question answered again (a no-cache request, say) replaces its entry instead of piling up.
-        replaced = [meta.entry_id for meta, similarity, _ in self.nearest(query.tenant, [category], vector)
+        replaced = [meta.entry_id for meta, similarity, _ in self.nearest(query.tenant, [category], vector, owner)
                     if similarity >= SAME_QUESTION and meta.context == query.context]
         try:
             await self.store.put(entry.entry_id, entry.to_fields(), entry.ttl_s)
@@ -447,7 +483,8 @@ class SemanticCache:
             page = [e for e in await asyncio.gather(*(read(meta) for meta, _, _ in live[offset:offset + limit]))
                     if e is not None]
         return {"total": total, "offset": offset, "limit": limit,
-                "data": [{"id": e.entry_id, "tenant": e.tenant, "category": e.category, "model": e.model,
+                "data": [{"id": e.entry_id, "tenant": e.tenant, "category": e.category, "scope": e.scope,
+                          "owner": e.owner or None, "model": e.model,
                           "collection": e.collection, "settings": e.settings, "query": e.query,
                           "response": e.response.get("content"),
                           "created_at": e.created_at, "expires_at": e.expires_at, "hits": e.hits} for e in page]}
@@ -517,4 +554,4 @@ class SemanticCache:
 
 def _indexed(entry: CacheEntry) -> IndexedEntry:
     return IndexedEntry(entry.entry_id, entry.context, entry.collection, entry.created_at, entry.expires_at,
-                        entry.hits, entry.last_hit_at)
+                        entry.hits, entry.last_hit_at, entry.owner)

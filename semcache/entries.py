@@ -20,6 +20,12 @@ class CorruptEntry(Exception):
     pass
 
 
+def owner_of(tenant: str, user: str) -> str:
+    """How a user-scoped entry names its end user: 16 hex digits of a hash of the tenant and the user id,
+    never the id in clear (the admin UI and Redis show it)."""
+    return hashlib.blake2b(f"{tenant}\0{user}".encode(), digest_size=8).hexdigest()
+
+
 @dataclass
 class CacheEntry:
     tenant: str
@@ -36,6 +42,9 @@ class CacheEntry:
     # What `context` digests, for people to read (model, namespace, sampling parameters, collection and
     # version, earlier turns): the admin UI shows how entries of the same question differ.
     settings: dict[str, Any] = field(default_factory=dict)
+    # "tenant" (anyone under the key may be served it) or "user" (only `owner`, an owner_of hash, may).
+    scope: str = "tenant"
+    owner: str = ""
     entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     last_hit_at: float = 0.0
@@ -52,7 +61,7 @@ class CacheEntry:
         # Times as floats, as from_fields reads them: an int TTL must sign the same as the 1.0 read back.
         signed = json.dumps([self.entry_id, self.tenant, self.category, self.context, self.model, self.query,
                              self.response, self.collection, float(self.created_at), float(self.ttl_s),
-                             self.settings],
+                             self.settings, self.scope, self.owner],
                             sort_keys=True, separators=(",", ":"))
         hasher = hashlib.blake2b(signed.encode(), digest_size=16)
         hasher.update(self.embedding.astype("<f4").tobytes())
@@ -66,6 +75,7 @@ class CacheEntry:
             "created_at": repr(self.created_at), "ttl_s": repr(self.ttl_s),
             "embedding": self.embedding.astype("<f4").tobytes(), "digest": self._digest(),
             "hits": str(self.hits), "last_hit_at": repr(self.last_hit_at),
+            "scope": self.scope, "owner": self.owner,
         }
 
     @classmethod
@@ -85,13 +95,16 @@ class CacheEntry:
                 query=text("query"), response=json.loads(text("response")),
                 embedding=np.frombuffer(raw, dtype="<f4").astype(np.float32),
                 ttl_s=float(text("ttl_s")), collection=text("collection") or None,
-                settings=json.loads(text("settings")), entry_id=text("id"),
+                settings=json.loads(text("settings")), scope=text("scope"), owner=text("owner"),
+                entry_id=text("id"),
                 created_at=float(text("created_at")), last_hit_at=float(text("last_hit_at")),
                 hits=int(text("hits")))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptEntry(str(exc)) from None
         if not isinstance(entry.response, dict) or not isinstance(entry.response.get("content"), str):
             raise CorruptEntry("response has no content")
+        if entry.scope not in ("tenant", "user") or (entry.scope == "user") != bool(entry.owner):
+            raise CorruptEntry("scope and owner do not agree")
         if not isinstance(entry.settings, dict):
             raise CorruptEntry("settings are not an object")
         if entry._digest() != text("digest"):

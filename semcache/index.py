@@ -24,6 +24,8 @@ class IndexedEntry:
     expires_at: float
     hits: int = 0
     last_hit_at: float = 0.0
+    # The owner_of hash of a user-scoped entry, "" for one the whole tenant shares.
+    owner: str = ""
 
     def recency(self) -> float:
         return max(self.last_hit_at, self.created_at)
@@ -86,12 +88,20 @@ class Partition:
         label = self.labels.get(entry_id)
         return None if label is None else self.entries.get(label)
 
-    def search(self, vector: np.ndarray, k: int) -> list[tuple[IndexedEntry, float]]:
-        """Nearest entries, most similar first, with cosine similarity (vectors are unit length)."""
+    def search(self, vector: np.ndarray, k: int, owner: str = "") -> list[tuple[IndexedEntry, float]]:
+        """Nearest entries of `owner` ("" the tenant's shared entries, else one end user's owner_of hash), most
+        similar first, with cosine similarity (vectors are unit length). Other owners' entries are skipped
+        inside the graph search, so they neither show up nor crowd the owner's out of the k nearest."""
+        entries = self.entries
+
+        def readable(label: int) -> bool:
+            entry = entries.get(label)
+            return entry is not None and entry.owner == owner
+
         k = min(k, len(self.entries))
         while k > 0:
             try:
-                labels, distances = self.index.knn_query(vector.reshape(1, -1), k=k)
+                labels, distances = self.index.knn_query(vector.reshape(1, -1), k=k, num_threads=1, filter=readable)
                 break
             except RuntimeError:
                 k //= 2  # hnswlib can find fewer than k live neighbours when many are tombstoned
@@ -99,7 +109,7 @@ class Partition:
             return []
         # hnswlib's "ip" distance is 1 - inner product.
         return [(self.entries[int(label)], 1.0 - float(distance))
-                for label, distance in zip(labels[0], distances[0]) if int(label) in self.entries]
+                for label, distance in zip(labels[0], distances[0]) if readable(int(label))]
 
     def victims(self, count: int, eviction: str) -> list[IndexedEntry]:
         """The `count` entries the category's policy gives up first."""

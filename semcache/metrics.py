@@ -37,6 +37,10 @@ class SemanticCacheMetrics:
         tenant = self.tenant_label.names
         self.lookups = Counter("blendgate_semantic_cache_lookups", "Semantic cache lookups by result "
                                "(hit, miss, bypass)", ["category", *tenant, "result"], registry=registry)
+        self.scoped_lookups = Counter("blendgate_semantic_cache_scoped_lookups", "Semantic cache lookups by the "
+                                      "question's sharing scope (tenant, user; none when decided before it, "
+                                      "e.g. a category never cached) and result", ["scope", "result"],
+                                      registry=registry)
         self.stores = Counter("blendgate_semantic_cache_stores", "Answers written to the semantic cache",
                               ["category", *tenant], registry=registry)
         self.evictions = Counter("blendgate_semantic_cache_evictions", "Entries removed, by reason "
@@ -62,8 +66,9 @@ class SemanticCacheMetrics:
             "fetch (the query embedding is not included)", ["result"], registry=registry,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 
-    def lookup(self, category: str, tenant: str, result: str) -> None:
+    def lookup(self, category: str, tenant: str, result: str, scope: str) -> None:
         self.lookups.labels(category, *self.tenant_label.values(tenant), result).inc()
+        self.scoped_lookups.labels(scope, result).inc()
 
     def stored(self, category: str, tenant: str) -> None:
         self.stores.labels(category, *self.tenant_label.values(tenant)).inc()

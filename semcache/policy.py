@@ -19,9 +19,10 @@ class EffectivePolicy:
     threshold: float
     ttl_s: float
     load_level: float
+    scope: str = "tenant"  # the category's sharing scope (CategoryPolicy.scope)
 
     def as_dict(self) -> dict:
-        return {"category": self.category, "cached": self.cached, "threshold": round(self.threshold, 4),
+        return {"category": self.category, "cached": self.cached, "scope": self.scope, "threshold": round(self.threshold, 4),
                 "ttl_s": round(self.ttl_s, 1), "load_level": round(self.load_level, 3)}
 
 
@@ -31,7 +32,7 @@ def effective_policy(policy: CategoryPolicy, level: float) -> EffectivePolicy:
     low = policy.threshold_under_load if policy.threshold_under_load is not None else policy.threshold
     high_ttl = policy.ttl_under_load_s if policy.ttl_under_load_s is not None else policy.ttl_s
     return EffectivePolicy(policy.name, policy.cached, policy.threshold - level * (policy.threshold - low),
-                           policy.ttl_s + level * (high_ttl - policy.ttl_s), level)
+                           policy.ttl_s + level * (high_ttl - policy.ttl_s), level, policy.scope)
 
 
 class LoadMonitor:

@@ -16,6 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_CATEGORIES_FILE = Path(__file__).with_name("default_categories.yaml")
 
 
+def _compiled(rules: list[str]) -> list[str]:
+    for rule in rules:
+        try:
+            re.compile(rule)
+        except re.error as exc:
+            raise ValueError(f"rule {rule!r} is not a valid regular expression: {exc}") from None
+    return rules
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +40,9 @@ class CategoryPolicy(_Strict):
     # Most entries per tenant in this category; past it the policy's victim is evicted.
     quota: int = Field(10_000, ge=1)
     eviction: Literal["lru", "lfu"] = "lru"
+    # Who may be served an answer cached in this category: everyone under the API key ("tenant") or only the
+    # end user who asked it ("user": the request's `user` field or the x-blendgate-user header).
+    scope: Literal["tenant", "user"] = "tenant"
     # Under full load the threshold falls to this and the TTL rises to this (None: unchanged).
     threshold_under_load: float | None = Field(None, gt=0.0, le=1.0)
     ttl_under_load_s: float | None = Field(None, gt=0)
@@ -42,12 +54,7 @@ class CategoryPolicy(_Strict):
     @field_validator("rules")
     @classmethod
     def _compiles(cls, rules: list[str]) -> list[str]:
-        for rule in rules:
-            try:
-                re.compile(rule)
-            except re.error as exc:
-                raise ValueError(f"rule {rule!r} is not a valid regular expression: {exc}") from None
-        return rules
+        return _compiled(rules)
 
     @model_validator(mode="after")
     def _bounds(self) -> "CategoryPolicy":
@@ -81,6 +88,10 @@ def default_categories() -> list[CategoryPolicy]:
     return [CategoryPolicy.model_validate(c) for c in data["categories"]]
 
 
+def default_asker_rules() -> list[str]:
+    return list(yaml.safe_load(DEFAULT_CATEGORIES_FILE.read_text())["asker_rules"])
+
+
 class SemanticCacheSettings(_Strict):
     enabled: bool = True
     # redis://host:port/db. Left out: an embedded in-process store (entries last until the gateway stops).
@@ -103,6 +114,9 @@ class SemanticCacheSettings(_Strict):
     hnsw: HnswSettings = Field(default_factory=HnswSettings)
     load: LoadSettings = Field(default_factory=LoadSettings)
     categories: list[CategoryPolicy] = Field(default_factory=default_categories)
+    # Regular expressions (case-insensitive) for questions that refer to the asker (first-person pronouns and
+    # possessives): such a question is user-scoped whatever its category, and not cached without a user.
+    asker_rules: list[str] = Field(default_factory=default_asker_rules)
     # The embedder the thresholds were tuned with; another embedder gets a warning at start-up.
     thresholds_tuned_for: str = "all-MiniLM-L6-v2"
 
@@ -112,6 +126,11 @@ class SemanticCacheSettings(_Strict):
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
         return url
+
+    @field_validator("asker_rules")
+    @classmethod
+    def _asker_rules_compile(cls, rules: list[str]) -> list[str]:
+        return _compiled(rules)
 
     @model_validator(mode="after")
     def _categories(self) -> "SemanticCacheSettings":

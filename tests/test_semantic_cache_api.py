@@ -188,7 +188,8 @@ def test_a_streamed_answer_is_cached_and_replayed_as_sse(client_a: openai.OpenAI
 
 def test_a_stream_the_client_cuts_off_is_not_cached(cached_gateway: GatewayProcess, http: httpx.Client,
                                                     entries: Entries) -> None:
-    body = {"model": EMBEDDED, "stream": True, "max_tokens": 2000,
+    # A conversational request, cached per end user: it names one.
+    body = {"model": EMBEDDED, "stream": True, "max_tokens": 2000, "user": "reader",
             "messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to cook."}]}
 
     def running() -> int:
@@ -489,3 +490,117 @@ def test_redis_killed_mid_test(cached_gateway: GatewayProcess, client_a: openai.
     ask_and_store(client_a, entries, question)
     headers, completion = ask(client_a, question)
     assert headers["x-blendgate-cache"] == "hit" and cache_report(completion)["status"] == "hit"
+
+
+# Questions that refer to the asker, across categories. Several land on purpose where the classifier puts them
+# outside `personal` (code, factual, time_sensitive, conversational): the asker rules user-scope them anyway.
+ASKER_QUESTIONS = [
+    "What grade did I get on the chemistry exam?",
+    "Remind me what I said my daughter's name was.",
+    "How do I fix the bug in my Python script that reads my CSV file?",
+    "Why does my Rust code fail to compile after I renamed the module?",
+    "What is the capital of the country I told you I was born in?",
+    "Who wrote the book I mentioned reading last week?",
+    "What's the weather today in the town where I live?",
+    "Is my flight to Berlin delayed right now?",
+    "What did I say my favourite colour was?",
+    "Can you summarise what we discussed about my garden?",
+    "Remind me of my dentist's phone number.",
+    "What is the name of my cat?",
+    "How old is my son now if he was born in 2015?",
+    "Which city did I say our wedding was in?",
+    "What was the title of the poem I wrote for you?",
+    "Write a SQL query for my customers table that I described earlier.",
+    "What are my plans for the weekend?",
+    "Remind me what I'm allergic to.",
+    "What is the boiling point of the liquid I use in my lab?",
+    "When is our team meeting tomorrow?",
+    "What was my score in yesterday's match?",
+    "Tell me the password hint I gave you.",
+    "Which bank did I open my savings account with?",
+    "What is my manager's email address?",
+    "What did we decide about the budget for our trip?",
+    "What is the vaccine I got last spring called?",
+    "What were the three goals I set for this year?",
+    "Translate the message I sent to my landlord into French.",
+    "How many steps did I walk yesterday?",
+    "What was the address of our first apartment?",
+    "Quel est le nom de mon chien ?",
+    "¿Cuál es la dirección de mi oficina?",
+    "Wie heißt meine Schwester?",
+]
+
+
+def test_end_users_of_one_key_never_see_each_others_answers_to_questions_about_themselves(
+        client_a: openai.OpenAI, entries: Entries) -> None:
+    assert len(ASKER_QUESTIONS) >= 30
+    cached_for_alice, categories, scopes = 0, set(), set()
+    for question in ASKER_QUESTIONS:
+        before = entries.keys()
+        headers, first = ask(client_a, question, user="alice")
+        assert headers["x-blendgate-cache"] in ("miss", "bypass"), (question, cache_report(first))
+        if headers["x-blendgate-cache"] == "miss":  # cached for alice: found again by alice, never by bob
+            scopes.add(cache_report(first).get("scope"))
+            categories.add(cache_report(first)["category"])
+            entries.new_after(before)
+            cached_for_alice += 1
+            again_headers, again = ask(client_a, question, user="alice")
+            assert again_headers["x-blendgate-cache"] == "hit", (question, cache_report(again))
+            assert again.choices[0].message.content == first.choices[0].message.content
+        else:  # a category never cached (personal)
+            assert cache_report(first)["reason"] == "category_not_cached", (question, cache_report(first))
+        bob_headers, bob = ask(client_a, question, extra_headers={"x-blendgate-user": "bob"})
+        assert bob_headers["x-blendgate-cache"] != "hit", (question, cache_report(bob))
+    assert cached_for_alice >= 20, cached_for_alice
+    assert scopes == {"user"}
+    # Misclassified on purpose: user-scoped by the asker rules, not by their category's scope.
+    assert {"factual", "code", "time_sensitive"} <= categories, categories
+
+
+def test_shared_questions_still_hit_across_end_users(client_a: openai.OpenAI, entries: Entries) -> None:
+    question = "Who painted The Starry Night?"
+    headers, first = ask(client_a, question, user="carol")
+    assert headers["x-blendgate-cache"] == "miss" and cache_report(first)["scope"] == "tenant"
+    entries.wait_for(lambda keys: len(keys) > 0)
+    for _ in range(50):  # the answer is stored in the background
+        headers, shared = ask(client_a, question, user="dave")
+        if headers["x-blendgate-cache"] == "hit":
+            break
+        time.sleep(0.1)
+    assert headers["x-blendgate-cache"] == "hit"
+    assert shared.choices[0].message.content == first.choices[0].message.content
+    assert ask(client_a, QUESTION, user="carol")[0]["x-blendgate-cache"] in ("hit", "miss")
+    time.sleep(0.5)
+    assert ask(client_a, QUESTION, user="dave")[0]["x-blendgate-cache"] == "hit"
+
+
+def test_without_a_user_questions_about_the_asker_are_not_cached(client_a: openai.OpenAI, entries: Entries) -> None:
+    for question in ("What grade did I get on the physics exam?", "Remind me what I said my son's name was.",
+                     "Why does my Go program panic on startup?"):
+        before = entries.keys()
+        for _ in range(2):
+            headers, completion = ask(client_a, question)
+            assert headers["x-blendgate-cache"] == "bypass", cache_report(completion)
+            assert cache_report(completion)["reason"] in ("no_user_for_personal_question", "category_not_cached")
+        time.sleep(0.3)
+        assert entries.keys() == before
+
+
+def test_user_scoped_entries_show_their_scope_and_an_owner_hash(cached_gateway: GatewayProcess,
+                                                                client_a: openai.OpenAI, entries: Entries) -> None:
+    question = "What was the name of my first teacher?"
+    before = entries.keys()
+    ask(client_a, question, user="erin@example.com")
+    entries.new_after(before)
+    with httpx.Client(base_url=f"{cached_gateway.url}/admin/api", timeout=10,
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        page = admin.get("/semantic-cache/entries", params={"search": "first teacher"})
+        policy = admin.get("/semantic-cache").json()["policy"][EMBEDDED]["categories"]
+    assert {c["category"]: c["scope"] for c in policy if c["cached"]} == {
+        "code": "tenant", "factual": "tenant", "conversational": "user", "time_sensitive": "tenant"}
+    (entry,) = page.json()["data"]
+    assert entry["scope"] == "user" and len(entry["owner"]) == 16 and "erin" not in page.text
+    text = httpx.get(f"{cached_gateway.url}/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("blendgate_semantic_cache_scoped_lookups_total", (("result", "miss"), ("scope", "user")))] >= 1

@@ -80,8 +80,10 @@ class Harness:
         return self.embed([text])[0]
 
     @staticmethod
-    def query(text: str, tenant: str = "tenant-a", context: str = "ctx-1", **controls: object) -> CacheQuery:
-        return CacheQuery(tenant=tenant, model=MODEL, text=text, context=context, **controls)
+    def query(text: str, tenant: str = "tenant-a", context: str = "ctx-1", user: str | None = "user-1",
+              **controls: object) -> CacheQuery:
+        """A query of one end user (user-scoped questions are cached only for a known user)."""
+        return CacheQuery(tenant=tenant, model=MODEL, text=text, context=context, user=user, **controls)
 
     async def lookup(self, cache: SemanticCache, text: str, **query: object):
         return await cache.lookup(self.query(text, **query), self.vector(text))
@@ -182,6 +184,46 @@ def test_classifier_sends_queries_to_their_category(harness: Harness) -> None:
             await harness.store(cache, weather)
             (key,) = harness.keys("*:entry:*")
             assert 0 < harness.direct.pttl(key) <= cache.settings.category("time_sensitive").ttl_s * 1000
+
+    asyncio.run(scenario())
+
+
+# Pairs for the default asker rules: a question that refers to the asker, and a close one that does not.
+ASKER_PAIRS = [
+    ("What grade did I get on the chemistry exam?", "What grade is needed to pass a chemistry exam?"),
+    ("Remind me what I said my daughter's name was.", "What does the name Sophia mean?"),
+    ("Why does my Python script crash on import?", "How do I fix a Python script that crashes on import?"),
+    ("What is our company's refund policy?", "What is a typical refund policy for online shops?"),
+    ("I'm allergic to nuts, which cakes are safe?", "Which cakes are usually free of nuts?"),
+    ("Tell me the password hint I gave you.", "Tell me what a good password hint looks like."),
+    ("Is that phone number mine?", "How are phone numbers assigned?"),
+    ("Quel est le nom de mon chien ?", "Quel est le nom du chien de Tintin ?"),
+    ("¿Cuál es la dirección de mi oficina?", "¿Cuál es la capital de España?"),
+    ("Wie heißt meine Schwester?", "Wie heißt die Hauptstadt von Frankreich?"),
+]
+
+
+def test_questions_that_refer_to_the_asker_are_user_scoped_whatever_their_category(harness: Harness) -> None:
+    async def scenario() -> None:
+        cache = harness.cache()
+        for about_asker, shared in ASKER_PAIRS:
+            assert cache.scope_of(about_asker, "factual") == "user", about_asker
+            assert cache.scope_of(shared, "factual") == "tenant", shared
+            assert cache.scope_of(shared, "conversational") == "user"  # the category's own scope
+        async with running(cache):
+            question = "What grade did I get on the chemistry exam?"
+            for user in (None, "  "):  # no user known: not cached
+                bypass = await harness.lookup(cache, question, user=user)
+                assert (bypass.status, bypass.reason) == ("bypass", "no_user_for_personal_question")
+                assert await cache.put(harness.query(question, user=user), harness.vector(question), "factual",
+                                       ANSWER) is None
+            await harness.store(cache, question, user="alice")
+            assert (await harness.lookup(cache, question, user="alice")).status == "hit"
+            assert (await harness.lookup(cache, question, user="bob")).status == "miss"
+            shared = "What is the capital of Australia?"
+            await harness.store(cache, shared, user="alice")
+            assert (await harness.lookup(cache, shared, user="bob")).status == "hit"
+            assert (await harness.lookup(cache, shared, user=None)).status == "hit"
 
     asyncio.run(scenario())
 

@@ -739,7 +739,8 @@
         h('td', { class: 'num', text: fmt.int(s.entries || 0) }),
         h('td', { class: 'num', text: fmt.threshold(p.threshold) }),
         h('td', { class: 'num', text: fmt.duration(p.ttl_s) }),
-        h('td', null, p.cached === false ? badge('No', 'warn') : p.cached === true ? badge('Yes', 'ok') : DASH));
+        h('td', null, p.cached === false ? badge('No', 'warn')
+          : p.cached === true ? badge(p.scope === 'user' ? 'Per user' : 'Yes', 'ok') : DASH));
     });
     fillBody(tid('semantic-categories'), rows, 'No categories', 9);
 
@@ -1010,7 +1011,9 @@
           text: `${variant.count} variants` }) : null,
         entry.response ? h('div', { class: 'answer', title: String(entry.response), text: String(entry.response) }) : null),
       h('td', null, entry.category ? badge(entry.category) : DASH),
-      h('td', { class: 'nowrap', text: entry.tenant || DASH }),
+      h('td', { class: 'nowrap', text: entry.tenant || DASH },
+        entry.scope === 'user' ? h('small', { 'data-testid': 'entry-owner', title: `End user (hash): ${entry.owner}`,
+          text: `user ${String(entry.owner || '').slice(0, 8)}` }) : null),
       h('td', { class: 'model-cell' },
         h('div', { class: differs.has(modelLabel) ? 'differs' : null, text: entry.model || DASH }),
         h('div', { class: 'chips', 'data-testid': 'entry-settings' },
