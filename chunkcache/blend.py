@@ -387,8 +387,6 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             count = min(count, cap)
         return chunk[_choose(rule, score, count, layout.chunk_lengths)]
 
-    is_chunk = torch.zeros(total - exact, dtype=torch.bool, device=device)
-    is_chunk[chunk] = True
     shift = _DriftShift(model, cache, layout, cos, sin, rule.drift_shift) if rule.drift_shift else None
     plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
     hidden = torch.nn.functional.embedding(torch.tensor(ids[exact:], device=device), model.embed_tokens)
@@ -424,6 +422,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             active_cos, active_sin = cos[slots], sin[slots]
             mark("selection")
         elif layer == narrow_at:
+            is_chunk = torch.zeros(total - exact, dtype=torch.bool, device=device)  # only gradual filtering asks
+            is_chunk[chunk] = True
             qkv = model.project_qkv(layer, hidden)
             rows = torch.nonzero(is_chunk[local]).flatten()  # positions within `local` of chunk rows
             score = deviation(model.split_qkv(qkv)[2][:, rows], cache.values[layer][:, local[rows] + exact])
