@@ -60,6 +60,9 @@ RULES: dict[str, dict] = {
     "attention-uniform": {"score": "attention", "chunk_budget": "uniform"},
     "attention-shift": {"score": "attention", "drift_shift": 1.0},
     "attention-shift-half": {"score": "attention", "drift_shift": 0.5},
+    "attention-span1": {"score": "attention", "neighbours": 1},
+    "attention-span2": {"score": "attention", "neighbours": 2},
+    "attention-p16": {"score": "attention", "probe_layers": 16},
 }
 DEFAULT_VARIANTS = ["full_prefill", "reuse", "value@0.15", "attention@0.15/context5", "target=0.9@0.5/context5"]
 
