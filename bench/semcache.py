@@ -47,7 +47,7 @@ from blendgate.semcache.categories import CategoryClassifier
 from blendgate.semcache.index import IndexedEntry
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
-from blendgate.semcache.stores import MemoryStore, RedisStore
+from blendgate.semcache.answer_store import MemoryAnswerStore, RedisAnswerStore
 from prometheus_client import CollectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ class Embeddings:
 
 
 def cache_with(settings: SemanticCacheSettings, embedder: Embedder, store=None) -> SemanticCache:
-    return SemanticCache(settings, store or MemoryStore(), embedder.dimension, embedder.embed,
+    return SemanticCache(settings, store or MemoryAnswerStore(), embedder.dimension, embedder.embed,
                          SemanticCacheMetrics(CollectorRegistry()))
 
 
@@ -526,8 +526,8 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
     embeddings.load(sentences)
     base = np.stack([embeddings(s) for s in sentences])
     settings = SemanticCacheSettings()
-    store = RedisStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
-        if redis_url else MemoryStore()
+    store = RedisAnswerStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
+        if redis_url else MemoryAnswerStore()
     cache = cache_with(settings, embedder, store)
     await cache.start()
     categories = [cache.classify(s, v).category for s, v in zip(sentences, base)]

@@ -26,7 +26,7 @@ from .index import IndexedEntry, PartitionedIndex
 from .metrics import SemanticCacheMetrics
 from .policy import EffectivePolicy, LoadMonitor, effective_policy
 from .settings import SemanticCacheSettings
-from .stores import Change, EntryStore, StoreUnavailable
+from .answer_store import AnswerStore, Change, StoreUnavailable
 
 log = logging.getLogger("blendgate.semcache")
 
@@ -92,7 +92,7 @@ class LookupResult:
 
 
 class SemanticCache:
-    def __init__(self, settings: SemanticCacheSettings, store: EntryStore, dimension: int,
+    def __init__(self, settings: SemanticCacheSettings, store: AnswerStore, dimension: int,
                  embed: Callable[[list[str]], np.ndarray], metrics: SemanticCacheMetrics,
                  load: LoadMonitor | None = None) -> None:
         self.settings = settings

@@ -19,7 +19,7 @@ from blendgate.semcache.index import IndexedEntry
 from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
 from blendgate.semcache.policy import LoadMonitor, effective_policy
 from blendgate.semcache.settings import CategoryPolicy, LoadSettings, SemanticCacheSettings
-from blendgate.semcache.stores import MemoryStore, RedisStore
+from blendgate.semcache.answer_store import MemoryAnswerStore, RedisAnswerStore
 from prometheus_client import CollectorRegistry
 from support import RedisServer
 
@@ -70,7 +70,7 @@ class Harness:
     def cache(self, settings: SemanticCacheSettings | None = None, namespace: str = "ns",
               load: LoadMonitor | None = None, prefix: str | None = None) -> SemanticCache:
         settings = settings or SemanticCacheSettings(redis_url=self.redis.url)
-        store = RedisStore(self.redis.url, prefix or self.prefix, namespace, settings.redis_timeout_ms / 1000)
+        store = RedisAnswerStore(self.redis.url, prefix or self.prefix, namespace, settings.redis_timeout_ms / 1000)
         registry = CollectorRegistry()
         cache = SemanticCache(settings, store, self.dimension, self.embed, SemanticCacheMetrics(registry), load)
         self.registries[id(cache)] = registry
@@ -98,7 +98,7 @@ class Harness:
         return entry_id
 
     def key(self, cache: SemanticCache, entry_id: str) -> str:
-        assert isinstance(cache.store, RedisStore)
+        assert isinstance(cache.store, RedisAnswerStore)
         return cache.store._key(entry_id)
 
     def keys(self, pattern: str = "*") -> list[bytes]:
@@ -419,7 +419,7 @@ def test_evicted_slots_are_reused_and_the_survivors_stay_findable(harness: Harne
 
 def test_the_embedded_store_caches_too(embed) -> None:
     async def scenario() -> None:
-        cache = SemanticCache(SemanticCacheSettings(), MemoryStore(), embed(["x"]).shape[1], embed,
+        cache = SemanticCache(SemanticCacheSettings(), MemoryAnswerStore(), embed(["x"]).shape[1], embed,
                               SemanticCacheMetrics(CollectorRegistry()))
         query = Harness.query(QUESTION)
         async with running(cache):
@@ -595,14 +595,14 @@ def test_entries_of_another_embedder_are_purged(harness: Harness) -> None:
             await harness.store(neighbour, QUESTION)
         assert harness.keys("old-embedder:*")  # the entry and the change stream
         new = harness.cache(namespace="new-embedder")
-        assert isinstance(new.store, RedisStore)
+        assert isinstance(new.store, RedisAnswerStore)
         async with running(new):
             assert harness.keys("old-embedder:*") == []
             assert len(new.index) == 0 and (await harness.lookup(new, QUESTION)).status == "miss"
             await harness.store(new, QUESTION)
         # Another deployment's prefix is left alone.
         assert list(harness.direct.scan_iter(f"{harness.prefix}-neighbour:*"))
-        store = RedisStore(harness.redis.url, harness.prefix, "new-embedder", 1.0)
+        store = RedisAnswerStore(harness.redis.url, harness.prefix, "new-embedder", 1.0)
         try:
             assert await store.purge_other_namespaces() == 0
         finally:
@@ -847,7 +847,7 @@ def test_load_loosens_the_threshold_and_lengthens_the_ttl(harness: Harness) -> N
 def test_the_tenant_label_is_the_name_a_hash_or_nothing(embed, mode: str, labels: dict) -> None:
     async def scenario() -> None:
         registry = CollectorRegistry()
-        cache = SemanticCache(SemanticCacheSettings(), MemoryStore(), embed(["x"]).shape[1], embed,
+        cache = SemanticCache(SemanticCacheSettings(), MemoryAnswerStore(), embed(["x"]).shape[1], embed,
                               SemanticCacheMetrics(registry, TenantLabel(mode)))
         async with running(cache):
             for tenant, question in (("tenant-a", QUESTION), ("tenant-b", QUESTION)):
