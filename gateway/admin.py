@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from .answer_cache import AnswerCache
 from .auth import AdminAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
@@ -17,7 +18,6 @@ from .config import Settings
 from .errors import GatewayError
 from .metrics import GatewayMetrics, Samples, semantic_categories, snapshot
 from .openapi import ADMIN_AUTH, JSON_BODY, errors
-from .answer_cache import AnswerCache
 from .schemas import InvalidateRequest
 from .stats_history import SAMPLE_INTERVAL_S, StatsHistory
 

@@ -22,12 +22,13 @@ import numpy as np
 
 from ..retriever.embedder import Embedder
 from ..retriever.store import CollectionVersion
-from ..semcache.cache import CacheQuery, LookupResult, SemanticCache
+from ..semcache.answer_store import AnswerStore, MemoryAnswerStore, RedisAnswerStore
+from ..semcache.cache import SemanticCache
 from ..semcache.categories import Classification
+from ..semcache.lookup import CacheQuery, LookupResult
 from ..semcache.metrics import SemanticCacheMetrics
 from ..semcache.policy import LoadMonitor
 from ..semcache.settings import SemanticCacheSettings
-from ..semcache.answer_store import AnswerStore, MemoryAnswerStore, RedisAnswerStore
 from .config import LocalModelConfig, Settings
 from .errors import GatewayError
 from .schemas import ChatCompletionRequest

@@ -19,6 +19,7 @@ from ..semcache.metrics import SemanticCacheMetrics, TenantLabel
 from ..semcache.policy import LoadMonitor
 from . import __version__
 from .admin import chunk_stores, install_admin
+from .answer_cache import AnswerCache, build_semantic_cache, model_fingerprints
 from .auth import AdminAuth, ApiKeyAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
@@ -32,7 +33,6 @@ from .limits import BodySizeLimit
 from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter, snapshot
 from .openapi import CLIENT_AUTH, JSON_BODY, RETRIEVAL, errors, install_openapi
 from .rag import RagPlanner, as_gateway_error, build_retriever, version_fields
-from .answer_cache import AnswerCache, build_semantic_cache, model_fingerprints
 from .responses import (CollectionList, DeleteResult, FalseHitResult, Health, IngestResult, ModelCard, ModelList,
                         RetrieveResponse)
 from .schemas import ChatCompletionRequest, FalseHitReport, IngestRequest, RetrieveRequest

@@ -11,14 +11,14 @@ from typing import Any, AsyncIterator, Mapping
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..semcache.cache import LookupResult
+from ..semcache.lookup import LookupResult
 from ..semcache.policy import LoadMonitor
+from .answer_cache import AnswerCache, AnswerCachePlan
 from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
 from .config import ModelRagConfig
 from .errors import GatewayError
 from .metrics import GatewayMetrics
 from .rag import RagPlanner
-from .answer_cache import AnswerCache, AnswerCachePlan
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")

@@ -14,12 +14,14 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 import pytest
-from blendgate.semcache.cache import MAX_TTL_S, SYNC_INTERVAL_S, CacheQuery, SemanticCache
+from blendgate.semcache.answer_store import MemoryAnswerStore, RedisAnswerStore
+from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.index import IndexedEntry
+from blendgate.semcache.lookup import MAX_TTL_S, CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
 from blendgate.semcache.policy import LoadMonitor, effective_policy
+from blendgate.semcache.replica import SYNC_INTERVAL_S
 from blendgate.semcache.settings import CategoryPolicy, LoadSettings, SemanticCacheSettings
-from blendgate.semcache.answer_store import MemoryAnswerStore, RedisAnswerStore
 from prometheus_client import CollectorRegistry
 from support import RedisServer
 
