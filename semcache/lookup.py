@@ -69,7 +69,6 @@ class LookupResult:
     classification: Classification | None = None
     entry: CacheEntry | None = None
     lookup_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = {"status": self.status, "category": self.category,

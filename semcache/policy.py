@@ -71,7 +71,8 @@ class CachePolicy:
     """The categories' configured policies and the values in force for each model at its current load.
 
     Read by the lookup path (threshold, TTL, quota, eviction, scope), the replica sync (which categories
-    exist), the admin view and the scrape-time policy gauges (metrics.PolicyCollector). No side effects."""
+    exist), the operators' view (`in_force`) and the scrape-time policy gauges (metrics.PolicyCollector). No side
+    effects."""
 
     def __init__(self, categories: list[CategoryPolicy], load: LoadMonitor) -> None:
         self.categories = {c.name: c for c in categories}
