@@ -27,10 +27,12 @@ from ..engine.llama import KVCache, LlamaFamilyModel
 from ..engine.prompt import Prompt
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
-from .blend import BlendResult, ChunkKV, blend_prefill, precompute_chunk
+from .blend import BlendResult, blend_prefill, precompute_chunk
 from .fallback import PrefillCosts, blend_fallback
+from .keys import ChunkKey, model_fingerprint, token_digest
+from .kv import ChunkKV
+from .kv_store import ChunkCacheStore
 from .selection import DEFAULT_RULE, SelectionRule
-from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
 
 
 # What a chunk's KV is computed after: "system" (the prompt's first segment: system prompt and "Documents:"

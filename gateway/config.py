@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializ
 from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
                                YamlConfigSettingsSource)
 
+from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
@@ -143,6 +144,9 @@ class ChunkCacheSettings(_Strict):
     # more than blending saves is prefilled in full. The defaults are SmolLM2-135M's on CPU.
     pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
     placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
+    # Which entry a full tier moves down (chunkcache/eviction.py): "lru", or "cost_aware" (the least recorded
+    # recompute cost times hits per byte).
+    eviction: EvictionPolicyName = DEFAULT_EVICTION
     gpu_bytes: int = Field(4 << 30, ge=0)  # used only for models on CUDA
     cpu_bytes: int = Field(2 << 30, ge=0)
     disk_bytes: int = Field(20 << 30, ge=0)

@@ -31,7 +31,8 @@ import torch
 
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
 from ..chunkcache.runner import CHUNK_PREFIXES, ChunkBlender
-from ..chunkcache.store import ChunkCacheStore, MemoryTier
+from ..chunkcache.kv_store import ChunkCacheStore
+from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, Prompt
 from . import internals

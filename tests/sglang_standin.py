@@ -27,7 +27,8 @@ from pathlib import Path
 import uvicorn
 from blendgate.chunkcache.fallback import PrefillCosts
 from blendgate.chunkcache.runner import BlendingRunner
-from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
+from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from blendgate.engine.engine import LocalEngine, PromptTooLongError
 from blendgate.engine.sampling import SamplingParams

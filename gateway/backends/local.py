@@ -10,7 +10,9 @@ from typing import Any, AsyncIterator
 
 from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.runner import BlendingRunner
-from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier, token_digest
+from ...chunkcache.keys import token_digest
+from ...chunkcache.kv_store import ChunkCacheStore
+from ...chunkcache.tiers import DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
@@ -74,7 +76,7 @@ class LocalBackend(ChatBackend):
         tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
-        self.store = ChunkCacheStore(tiers)
+        self.store = ChunkCacheStore(tiers, eviction=settings.eviction)
         return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(),
                               costs=PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens))
 

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...chunkcache.store import token_digest
+from ...chunkcache.keys import token_digest
 from ...engine.prompt import Prompt
 from ...engine.weights import WeightsError, load_tokenizer
 from ...sglang_plugin.protocol import generate_request, report_of
