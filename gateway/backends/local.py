@@ -14,7 +14,8 @@ from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
 from ...chunkcache.tiers import DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
+from ...engine.engine import LocalEngine
+from ...engine.errors import EngineError, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
 from ...engine.prompt import Prompt
 from ...engine.runner import make_runner
