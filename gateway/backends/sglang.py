@@ -85,7 +85,7 @@ class SglangBackend(ChatBackend):
     def __init__(self, config: SglangModelConfig, *, cache_dir: Path) -> None:
         self.config = config
         self.cache_dir = cache_dir
-        self.router = AffinityRouter(config.workers, config.max_imbalance)
+        self.router = AffinityRouter(config.workers, config.max_imbalance, config.remembered_chunks)
         self.tokenizer: Any = None
         self.client: httpx.AsyncClient | None = None
         self._error: str | None = None
