@@ -160,10 +160,6 @@ class PartitionedIndex:
         key = self._where.get(entry_id)
         return None if key is None else self.partitions[key].get(entry_id)
 
-    def clear(self) -> None:
-        self.partitions.clear()
-        self._where.clear()
-
     def __len__(self) -> int:
         return len(self._where)
 
