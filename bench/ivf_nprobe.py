@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from blendgate.retriever.document_store import DocumentStore  # noqa: E402
 from blendgate.retriever.embedder import Embedder  # noqa: E402
 from blendgate.retriever.index import VectorIndex  # noqa: E402
-from blendgate.retriever.document_store import DocumentStore  # noqa: E402
 from retrieval import load_corpus  # noqa: E402
 
 

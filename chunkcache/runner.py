@@ -36,8 +36,6 @@ from .kv_store import ChunkCacheStore
 from .selection import DEFAULT_RULE, SelectionRule
 
 
-
-
 class ChunkBlender:
     """Blends a prompt's chunks on a LlamaFamilyModel: each chunk's KV from the store (computed and stored on
     a miss), then CacheBlend. Shared by the local engine's runner and the SGLang plugin, so both find chunk KV

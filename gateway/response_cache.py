@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..retriever.embedder import Embedder
 from ..retriever.document_store import CollectionVersion
+from ..retriever.embedder import Embedder
 from ..semcache.cache import CacheQuery, LookupResult, SemanticCache
 from ..semcache.categories import Classification
 from ..semcache.metrics import SemanticCacheMetrics

@@ -23,11 +23,10 @@ import numpy as np
 
 from . import defaults
 from .chunking import Chunker
+from .document_store import CollectionRecord, CollectionVersion, DocumentStore, NewChunk, iter_batches, new_generation
 from .embedder import Embedder
 from .index import IndexFileError, VectorIndex
 from .loaders import LoadedFile, SkippedFile, SourceDocument, discover, load_file
-from .document_store import (CollectionRecord, CollectionVersion, DocumentStore, NewChunk, iter_batches,
-                             new_generation)
 
 log = logging.getLogger("blendgate.retriever")
 

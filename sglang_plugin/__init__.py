@@ -6,8 +6,8 @@ SGLang (0.5.15 and later) calls `register` in each of its processes through the 
     pip install blendgate sglang==0.5.15
     python -m sglang.launch_server --model-path MODEL --disable-radix-cache
 
-BLENDGATE_SGLANG_PLUGIN=0 turns it off (settings.py lists every setting). worker.py says what it does, internals.py names every SGLang internal
-it relies on, protocol.py is what the gateway sends it.
+BLENDGATE_SGLANG_PLUGIN=0 turns it off (settings.py lists every setting). worker.py says what it does,
+internals.py names every SGLang internal it relies on, protocol.py is what the gateway sends it.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from ..chunkcache.runner import ChunkBlender
 from ..chunkcache.kv_store import ChunkCacheStore
+from ..chunkcache.runner import ChunkBlender
 from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
 from ..engine.prompt import Prompt

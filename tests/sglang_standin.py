@@ -26,8 +26,8 @@ from pathlib import Path
 
 import uvicorn
 from blendgate.chunkcache.fallback import PrefillCosts
-from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from blendgate.engine.engine import LocalEngine

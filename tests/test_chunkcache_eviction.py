@@ -9,8 +9,14 @@ from typing import get_args
 
 import pytest
 import torch
-from blendgate.chunkcache.eviction import (EVICTION_POLICIES, CostAwarePolicy, EntryInfo, EvictionPolicyName,
-                                           LRUPolicy, eviction_policy)
+from blendgate.chunkcache.eviction import (
+    EVICTION_POLICIES,
+    CostAwarePolicy,
+    EntryInfo,
+    EvictionPolicyName,
+    LRUPolicy,
+    eviction_policy,
+)
 from blendgate.chunkcache.keys import ChunkKey
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.kv_store import ChunkCacheStore

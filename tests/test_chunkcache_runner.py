@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 from blendgate.chunkcache.fallback import PrefillCosts, blend_fallback
-from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.prompt import Prompt, PromptSegment
 

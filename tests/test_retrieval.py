@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from blendgate.retriever.chunking import Chunker
+from blendgate.retriever.document_store import DocumentStore
 from blendgate.retriever.loaders import LoadedFile, SkippedFile, SourceDocument, load_file
 from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever
-from blendgate.retriever.document_store import DocumentStore
 
 FACTS = {
     "castle.txt": "The blue castle stands on a granite hill. Its secret code is 4711.\n\nThe castle has nine towers.",

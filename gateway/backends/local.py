@@ -10,9 +10,9 @@ from typing import Any, AsyncIterator
 from cachetools import LRUCache
 
 from ...chunkcache.fallback import PrefillCosts
-from ...chunkcache.runner import BlendingRunner
 from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
+from ...chunkcache.runner import BlendingRunner
 from ...chunkcache.tiers import DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import LocalEngine
