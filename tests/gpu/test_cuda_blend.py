@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
 from blendgate.chunkcache.keys import ChunkKey
+from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.selection import SelectionRule
 from blendgate.chunkcache.tiers import MemoryTier
