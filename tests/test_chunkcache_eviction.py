@@ -102,3 +102,19 @@ def test_hits_keep_a_cheap_chunk_in_the_cost_aware_store(tmp_path) -> None:
         assert store.get(key(1)) is not None
     store.put(key(2), kv(2), recompute_cost=150)
     assert set(memory.entries) == {key(1), key(2)}
+
+
+def test_the_policy_is_a_setting_of_the_gateway_and_of_the_plugin(monkeypatch) -> None:
+    from blendgate.gateway.config import ChunkCacheSettings
+    from blendgate.sglang_plugin.settings import PluginSettings
+    from pydantic import ValidationError
+
+    assert ChunkCacheSettings().eviction == PluginSettings.from_env().eviction == "lru"
+    assert ChunkCacheSettings(eviction="cost_aware").eviction == "cost_aware"
+    with pytest.raises(ValidationError):
+        ChunkCacheSettings(eviction="fifo")
+    monkeypatch.setenv("BLENDGATE_SGLANG_EVICTION", "cost_aware")
+    assert PluginSettings.from_env().eviction == "cost_aware"
+    monkeypatch.setenv("BLENDGATE_SGLANG_EVICTION", "fifo")
+    with pytest.raises(ValueError, match="BLENDGATE_SGLANG_EVICTION"):
+        PluginSettings.from_env()
