@@ -178,7 +178,8 @@ def main() -> None:
 
     # Only modules without web or retrieval dependencies, so that this runs as it is on a bare GPU machine.
     from blendgate.chunkcache.runner import BlendingRunner
-    from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
+    from blendgate.chunkcache.kv_store import ChunkCacheStore
+    from blendgate.chunkcache.tiers import MemoryTier
     from blendgate.engine.prompt import Prompt
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model

@@ -29,7 +29,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
 from blendgate.engine.llama import LlamaFamilyModel
 

@@ -26,26 +26,10 @@ from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
 from ..kernels.rope import place, rope_store, rotate
 from ..kernels.selection import deviation
+from .kv import ChunkKV
 from .probe import ProbeGraphs, probe_eager
 from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count,
                         targeted_count, uniform_counts)
-
-
-@dataclass
-class ChunkKV:
-    """One chunk's KV, computed with the chunk alone after `prefix_ids`; keys are not rotated."""
-
-    token_ids: torch.Tensor  # [tokens], on the host
-    keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], before RoPE
-    values: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
-
-    @property
-    def length(self) -> int:
-        return int(self.token_ids.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it

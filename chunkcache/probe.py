@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from cachetools import LRUCache
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels import sparse_attention
 from ..kernels.attention import AttentionPlan, plan_sparse
-from ..kernels.attention import _wanted as _attention_wanted
+from ..kernels.settings import kernel_settings
 from ..kernels.rope import rope_store
 from ..kernels.selection import attention_mass, causal_bias
 
@@ -64,7 +64,7 @@ def probe_eager(model: LlamaFamilyModel, ids: torch.Tensor, rows: torch.Tensor, 
 
 def sparse_attention_wanted() -> bool:
     """Whether attention of sparse queries goes to the Triton kernel (the graphs are captured around it)."""
-    return _attention_wanted() == "auto"
+    return kernel_settings().attention == "auto"
 
 
 def _round_up(value: int, bucket: int) -> int:
@@ -102,7 +102,9 @@ class ProbeGraphs:
     def __init__(self, model: LlamaFamilyModel) -> None:
         self.model = model
         self.arena: KVCache | None = None
-        self.captured: OrderedDict[tuple[int, int, int], tuple[_Inputs, list[torch.cuda.CUDAGraph]]] = OrderedDict()
+        # (slots, rows, votes) -> the fixed inputs and one graph per layer; the least recently used shapes dropped.
+        self.captured: LRUCache[tuple[int, int, int], tuple[_Inputs, list[torch.cuda.CUDAGraph]]] = LRUCache(
+            self.SHAPES_KEPT)
         self.pool = torch.cuda.graph_pool_handle()
         self.lock = threading.Lock()
 
@@ -150,13 +152,9 @@ class ProbeGraphs:
         model = self.model
         key = self.shape(total, rows.shape[0], votes)
         slots, padded_rows, padded_votes = key
-        entry = self.captured.get(key)
+        entry = self.captured.get(key)  # a lookup counts as use
         if entry is None:
-            entry = self._capture(key)
-            self.captured[key] = entry
-            while len(self.captured) > self.SHAPES_KEPT:
-                self.captured.popitem(last=False)
-        self.captured.move_to_end(key)
+            entry = self.captured[key] = self._capture(key)
         inputs, graphs = entry
         pad = padded_rows - rows.shape[0]
         device = model.device

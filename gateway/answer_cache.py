@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..retriever.document_store import CollectionVersion
 from ..retriever.embedder import Embedder
-from ..retriever.store import CollectionVersion
 from ..semcache.answer_store import AnswerStore, MemoryAnswerStore, RedisAnswerStore
 from ..semcache.cache import SemanticCache
 from ..semcache.categories import Classification

@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.kv import ChunkKV
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels import activation, attention, norm, rope, selection, sparse_attention
 
