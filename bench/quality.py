@@ -60,6 +60,8 @@ RULES: dict[str, dict] = {
     "attention-uniform": {"score": "attention", "chunk_budget": "uniform"},
     "attention-shift": {"score": "attention", "drift_shift": 1.0},
     "attention-shift-half": {"score": "attention", "drift_shift": 0.5},
+    "attention-shift-0.75": {"score": "attention", "drift_shift": 0.75},
+    "attention-shift-half-sinks": {"score": "attention", "drift_shift": 0.5, "sink_tokens": 4},
     "attention-span1": {"score": "attention", "neighbours": 1},
     "attention-span2": {"score": "attention", "neighbours": 2},
     "attention-p16": {"score": "attention", "probe_layers": 16},

@@ -24,6 +24,7 @@ import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
+from ..kernels.drift import drift_apply, drift_deltas
 from ..kernels.rope import place, rope_store, rotate
 from ..kernels.selection import deviation
 from .kv import ChunkKV
@@ -204,7 +205,8 @@ class _DriftShift:
     the mean difference between fresh and cached KV of a chunk's recomputed tokens (keys compared before
     rotation; shrunk toward the mean over all chunks when a chunk has few) is added, times `strength`, to the
     cached KV of the chunk's other tokens. Much of a chunk's drift is shared by its tokens (its context shifts
-    every key alike), so this moves all of them toward their fresh KV at the cost of one pass over them."""
+    every key alike), so this moves all of them toward their fresh KV. Three launches a layer on CUDA
+    (kernels/drift.py): the recomputed tokens' deltas, the per-chunk means as one matrix product, the shift."""
 
     PRIOR_WEIGHT = 4.0  # recomputed tokens' worth of the all-chunks mean in each chunk's estimate
 
@@ -212,41 +214,38 @@ class _DriftShift:
                  sin: torch.Tensor, strength: float) -> None:
         self.model, self.cache, self.cos, self.sin, self.strength = model, cache, cos, sin, strength
         device = cache.keys.device
-        total = len(layout.ids)
         self.chunks = len(layout.chunk_lengths)
-        self.chunk_of = torch.full((total,), -1, dtype=torch.long, device=device)
+        self.chunk_of = torch.full((len(layout.ids),), -1, dtype=torch.long, device=device)
         for index, (kv, start) in enumerate(layout.placements):
             self.chunk_of[start: start + kv.length] = index
         self.chunk_slots = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)
-        self.stale: torch.Tensor | None = None
+        self.recomputed = self.rows = self.weights = self.stale = self.stale_chunk = None
+
+    def select(self, recomputed: torch.Tensor, rows: torch.Tensor) -> None:
+        """The recomputed chunk tokens from now on: their slots, and their rows among the computed rows."""
+        self.recomputed, self.rows = recomputed, rows
+        count = recomputed.shape[0]
+        which = self.chunk_of[recomputed]
+        members = torch.nn.functional.one_hot(which, self.chunks).t().float()  # [chunks, recomputed]
+        counts = members.sum(dim=1, keepdim=True)
+        # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
+        self.weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
+        fresh[recomputed] = True
+        self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
+        self.stale_chunk = self.chunk_of[self.stale]
 
     def store_and_correct(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          slots: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
-        """rope_store's work for this layer, then the correction; returns the rotated queries."""
+                          slots: torch.Tensor) -> torch.Tensor:
+        """rope_store's work for this layer (`qkv` of the computed rows at `slots`), then the correction;
+        returns the rotated queries."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        old_keys, old_values = keys[:, recomputed], values[:, recomputed]
+        if self.recomputed is None or self.recomputed.numel() == 0:
+            return rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
+        deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin)
+        mean = torch.matmul(self.weights, deltas)  # [2 kv_heads, chunks, head_dim]
         q = rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
-        if recomputed.numel() == 0:
-            return q
-        if self.stale is None:
-            fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
-            fresh[recomputed] = True
-            self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
-        which = self.chunk_of[recomputed]
-        stale_chunk = self.chunk_of[self.stale]
-        delta_keys = rotate((keys[:, recomputed] - old_keys).float(), self.cos[recomputed].float(),
-                            -self.sin[recomputed].float())  # unrotated: the same frame at every position
-        delta_values = (values[:, recomputed] - old_values).float()
-        for delta, target, rotated in ((delta_keys, keys, True), (delta_values, values, False)):
-            sums = torch.zeros(delta.shape[0], self.chunks, delta.shape[2], device=delta.device)
-            sums.index_add_(1, which, delta)
-            counts = torch.bincount(which, minlength=self.chunks).float()
-            prior = delta.mean(dim=1, keepdim=True)
-            mean = (sums + self.PRIOR_WEIGHT * prior) / (counts + self.PRIOR_WEIGHT)[None, :, None]
-            shift = mean[:, stale_chunk] * self.strength
-            if rotated:
-                shift = rotate(shift, self.cos[self.stale].float(), self.sin[self.stale].float())
-            target[:, self.stale] += shift.to(target.dtype)
+        drift_apply(mean, self.stale_chunk, self.stale, self.strength, keys, values, self.cos, self.sin)
         return q
 
 
@@ -416,6 +415,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             slots = local + exact
             plan = plan_sparse(slots, total)
             active_cos, active_sin = cos[slots], sin[slots]
+            if shift is not None and scoring:
+                shift.select(selected + exact, torch.searchsorted(local, selected))
             mark("selection")
         elif layer == narrow_at:
             is_chunk = torch.zeros(total - exact, dtype=torch.bool, device=device)  # only gradual filtering asks
@@ -430,10 +431,12 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             slots = local + exact
             plan = plan_sparse(slots, total)
             active_cos, active_sin = cos[slots], sin[slots]
+            if shift is not None:
+                shift.select(selected + exact, torch.searchsorted(local, selected))
         else:
             qkv = model.project_qkv(layer, hidden)
         if shift is not None and layer >= first_cached and not everything and scoring:
-            q = shift.store_and_correct(layer, qkv, active_cos, active_sin, slots, selected + exact)
+            q = shift.store_and_correct(layer, qkv, active_cos, active_sin, slots)
             attention = model.attend(layer, q, cache, plan)
         else:
             attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)
