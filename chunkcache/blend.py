@@ -220,6 +220,7 @@ class _DriftShift:
             self.chunk_of[start: start + kv.length] = index
         self.chunk_slots = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)
         self.recomputed = self.rows = self.weights = self.stale = self.stale_chunk = None
+        self.deltas = self.mean = None
 
     def select(self, recomputed: torch.Tensor, rows: torch.Tensor) -> None:
         """The recomputed chunk tokens from now on: their slots, and their rows among the computed rows."""
@@ -229,7 +230,12 @@ class _DriftShift:
         members = torch.nn.functional.one_hot(which, self.chunks).t().float()  # [chunks, recomputed]
         counts = members.sum(dim=1, keepdim=True)
         # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
-        self.weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        # One batched product a layer over the keys' and values' heads, into buffers kept for every layer.
+        kv_heads, head_dim = self.cache.keys.shape[1], self.cache.keys.shape[3]
+        self.weights = weights.expand(2 * kv_heads, *weights.shape).contiguous()
+        self.deltas = torch.empty(2 * kv_heads, count, head_dim, dtype=torch.float32, device=recomputed.device)
+        self.mean = torch.empty(2 * kv_heads, self.chunks, head_dim, dtype=torch.float32, device=recomputed.device)
         fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
         fresh[recomputed] = True
         self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
@@ -242,8 +248,9 @@ class _DriftShift:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         if self.recomputed is None or self.recomputed.numel() == 0:
             return rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
-        deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin)
-        mean = torch.matmul(self.weights, deltas)  # [2 kv_heads, chunks, head_dim]
+        deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin,
+                              out=self.deltas)
+        mean = torch.bmm(self.weights, deltas, out=self.mean)  # [2 kv_heads, chunks, head_dim]
         q = rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
         drift_apply(mean, self.stale_chunk, self.stale, self.strength, keys, values, self.cos, self.sin)
         return q
