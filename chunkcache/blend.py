@@ -29,7 +29,7 @@ from ..kernels.rope import place, rope_store, rotate
 from ..kernels.selection import deviation
 from .kv import ChunkKV
 from .probe import ProbeGraphs, probe_eager
-from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count,
+from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count, sink_count,
                         targeted_count, uniform_counts)
 
 
@@ -268,7 +268,7 @@ class _DriftShift:
 
 def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[int]) -> torch.Tensor:
     """Indices (into the chunk tokens, ascending) of the `count` tokens to recompute, by `score`
-    [chunk tokens]: each chunk's first `rule.sink_tokens` first, then the top scores, over all chunks
+    [chunk tokens]: each chunk's first sink_count(...) tokens first, then the top scores, over all chunks
     ("global") or in proportion to each chunk's length ("uniform")."""
     if rule.neighbours:  # each token at the best score within `neighbours` of it, chunk by chunk
         width, pooled, start = 2 * rule.neighbours + 1, [], 0
@@ -278,11 +278,12 @@ def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[
                           if length else part[0, 0])
             start += length
         score = torch.cat(pooled) if pooled else score
-    if rule.sink_tokens:
+    sinks = sink_count(rule, count, len(lengths))
+    if sinks:
         score = score.clone()
         start = 0
         for length in lengths:
-            score[start: start + min(rule.sink_tokens, length)] = float("inf")
+            score[start: start + min(sinks, length)] = float("inf")
             start += length
     if rule.chunk_budget == "uniform":
         picked, start = [], 0
@@ -394,7 +395,7 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
         if targeted:
             ranked = torch.sort(score, descending=True).values.tolist()  # one host sync, to size the pass
             count, covered = targeted_count(ranked, target_fidelity, cap)
-            count = max(count, min(cap, rule.sink_tokens * len(layout.chunk_lengths)))
+            count = max(count, min(cap, sink_count(rule, cap, len(layout.chunk_lengths)) * len(layout.chunk_lengths)))
             count = aligned_count(count, len(layout.other_rows), chunk_tokens, row_alignment)
             count = min(count, cap)
         return chunk[_choose(rule, score, count, layout.chunk_lengths)]

@@ -43,7 +43,8 @@ class SelectionRule:
     layer: for deviation scores, the layer whose fresh KV is compared with the cache (>= 1: layer 0's KV
         depends on the token and position alone, so it never deviates).
     probe_layers: for attention scores, how many layers of the probe pass vote (None: all).
-    sink_tokens: each chunk's first tokens, always recomputed (counted in the budget).
+    sink_tokens: each chunk's first tokens, always recomputed (counted in the budget, of which they take at most
+        half: see sink_count).
     gradual: CacheBlend's gradual filtering: keep `gradual` times the budget at `layer`, narrow to the budget
         by value deviation at the next layer (1.0: off).
     chunk_budget: "global" spends the budget on the top-scoring tokens wherever they are; "uniform" gives each
@@ -137,6 +138,15 @@ def targeted_count(sorted_scores: Sequence[float], target: float, cap: int) -> t
         if covered >= target * total:
             return count, covered / total
     return min(cap, len(sorted_scores)), covered / total
+
+
+def sink_count(rule: SelectionRule, count: int, chunks: int) -> int:
+    """Each chunk's first tokens recomputed as attention sinks for a budget of `count` tokens over `chunks`
+    chunks: `rule.sink_tokens`, fewer when they would take more than half the budget (short chunks: the
+    question's tokens keep the rest)."""
+    if chunks <= 0:
+        return 0
+    return min(rule.sink_tokens, (count // 2) // chunks)
 
 
 def uniform_counts(lengths: Sequence[int], count: int) -> list[int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
-from blendgate.chunkcache.selection import SelectionRule, selected_count
+from blendgate.chunkcache.selection import SelectionRule, selected_count, sink_count
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels.rope import rotate
 
@@ -194,10 +194,12 @@ def test_every_rule_keeps_the_limits_and_follows_the_budget(model, rule: Selecti
         selected = blended.selected_rows.tolist()
         assert len(set(selected)) == count
         assert all(len(PREFIX) <= row < len(PREFIX) + chunk_tokens for row in selected)
+        sinks = sink_count(rule, count, len(CHUNKS))  # at most half the budget
         if rule.sink_tokens:  # each chunk's first tokens are among the recomputed ones
+            assert 0 < sinks <= rule.sink_tokens and sinks * len(CHUNKS) <= count // 2
             start = len(PREFIX)
             for chunk in CHUNKS:
-                assert set(range(start, start + rule.sink_tokens)) <= set(selected)
+                assert set(range(start, start + sinks)) <= set(selected)
                 start += len(chunk)
         assert 0.0 < blended.compute_share < 1.0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from blendgate.chunkcache.selection import (SelectionRule, compute_share, selected_count, targeted_count,
+from blendgate.chunkcache.selection import (SelectionRule, compute_share, selected_count, sink_count, targeted_count,
                                             uniform_counts)
 
 
@@ -62,3 +62,11 @@ def test_the_compute_share_counts_the_layers_a_deviation_rule_runs_in_full() -> 
         SelectionRule("value"), count, tokens, layers)
     assert compute_share(SelectionRule("value"), 0, tokens, layers) == 0.0
     assert compute_share(SelectionRule("value"), tokens, tokens, layers) == 1.0
+
+
+def test_sinks_take_at_most_half_the_budget() -> None:
+    rule = SelectionRule("attention", sink_tokens=4)
+    assert sink_count(rule, 210, 10) == 4  # a 10-chunk prompt at r = 0.15: 40 of 210
+    assert sink_count(rule, 6, 2) == 1  # two short chunks, 6 tokens to spend: 2 sinks, 4 for the question
+    assert sink_count(rule, 1, 3) == 0 and sink_count(rule, 50, 0) == 0
+    assert sink_count(SelectionRule("attention"), 210, 10) == 0
