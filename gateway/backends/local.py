@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -14,6 +15,7 @@ from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier, token_dig
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
+from ...engine.prefill_report import PrefillReport
 from ...engine.prompt import Prompt
 from ...engine.runner import make_runner
 from ...engine.sampling import SamplingParams
@@ -22,6 +24,7 @@ from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage, loaded_or_503
+from .request import BackendRequest
 from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
 
 log = logging.getLogger("blendgate.gateway")
@@ -99,24 +102,23 @@ class LocalBackend(ChatBackend):
         return {"state": "loading"}
 
     # -- request path ---------------------------------------------------------------------------
-    def _prompt(self, request: ChatCompletionRequest) -> Prompt:
+    def _prompt(self, request: BackendRequest) -> Prompt:
         return chat_prompt(self.model.tokenizer, request, mode=self.chunk_cache.mode,  # type: ignore[union-attr]
                            recompute_ratio=self.chunk_cache.recompute_ratio,
                            fidelity_target=self.chunk_cache.fidelity_target,
                            context_documents=self.chunk_cache.context_documents)
 
-    def _remember_origins(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> None:
-        if self.store is None or request._rag_prompt is None:
+    def _remember_origins(self, request: BackendRequest, prompt: Prompt) -> None:
+        if self.store is None or request.rag_prompt is None:
             return
-        collection = (ctx.rag or {}).get("collection")
         first = prompt.segments[0]
         if not first.is_chunk:  # the system prompt's own KV, which blending reuses, is stored too
             self.chunk_origins[token_digest(list(first.token_ids))] = {"collection": "(system prompt)", "id": None,
                                                                         "source": None}
         chunk_segments = [s for s in prompt.segments if s.is_chunk]
-        for chunk, segment in zip(request._rag_prompt.chunks, chunk_segments):
+        for chunk, segment in zip(request.rag_prompt.chunks, chunk_segments):
             digest = token_digest(list(segment.token_ids))
-            self.chunk_origins[digest] = {"collection": collection, "id": chunk.id,
+            self.chunk_origins[digest] = {"collection": request.collection, "id": chunk.id,
                                           "source": getattr(chunk, "source", None)}
             self.chunk_origins.move_to_end(digest)
         while len(self.chunk_origins) > MAX_CHUNK_ORIGINS:
@@ -128,26 +130,23 @@ class LocalBackend(ChatBackend):
                                request.completion_limit() or max(1, context - prompt_tokens))
 
     @staticmethod
-    def _chunk_report(request: ChatCompletionRequest, report: dict | None) -> dict | None:
+    def _chunk_report(request: BackendRequest, report: PrefillReport | None) -> PrefillReport | None:
         """The runner's prefill report, with each chunk's hit named by the chunk's id."""
-        if report is None:
-            return None
-        report = dict(report)
-        hits = report.pop("hits", None)
-        if hits is not None and request._rag_prompt is not None:
-            report["chunks"] = [{"id": chunk.id, "hit": hit} for chunk, hit in zip(request._rag_prompt.chunks, hits)]
-        return report
+        if report is None or report.hits is None or request.rag_prompt is None:
+            return report
+        return dataclasses.replace(report, chunk_ids=[chunk.id for chunk in request.rag_prompt.chunks])
 
     def check(self, request: ChatCompletionRequest) -> None:
         check_text_chat(request, "local models")
 
-    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: BackendRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = loaded_or_503(self.engine, self.config.name, self._error, "loading")
         # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
         prompt = await asyncio.to_thread(self._prompt, request)
-        self._remember_origins(request, prompt, ctx)
+        self._remember_origins(request, prompt)
+        chat = request.chat
         try:
-            handle = engine.submit(prompt, self._sampling(request, len(prompt)))
+            handle = engine.submit(prompt, self._sampling(chat, len(prompt)))
         except PromptTooLongError as exc:
             raise context_length_error(exc.max_context_tokens, exc.prompt_tokens) from exc
         except QueueFullError as exc:
@@ -155,7 +154,7 @@ class LocalBackend(ChatBackend):
         ctx.backend = self.kind
         ctx.usage = Usage(prompt_tokens=len(prompt))
         detokenizer = IncrementalDetokenizer(self.model.tokenizer)  # type: ignore[union-attr]
-        stops = StopMatcher(request.stop_sequences)
+        stops = StopMatcher(chat.stop_sequences)
         try:
             yield ChatChunk(delta={"role": "assistant", "content": ""})
             finish_reason = None
