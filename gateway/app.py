@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI
+from prometheus_client import Counter
 
 from . import __version__
 from .config import Settings
@@ -27,9 +28,9 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
         # Nothing here waits for loading, so the port opens at once: models, collections and the semantic
         # cache load in the background, and /healthz answers 503 "loading" until all are ready.
         state = build_state(settings)
-        await state.start(on_fatal)
+        loading = await state.start(on_fatal)
         yield {STATE_KEY: state}
-        await state.close()
+        await state.close(loading)
 
     app = FastAPI(title="blendgate", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
@@ -44,5 +45,6 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
     return app
 
 
-def _request_counter(state: Mapping[str, Any]):
+def _request_counter(state: Mapping[str, Any]) -> Counter:
+    """The request counter of the lifespan state's AppState (for the RequestCounter middleware)."""
     return state[STATE_KEY].metrics.requests

@@ -73,7 +73,7 @@ def _default_temperature(settings: Settings) -> Callable[[str], float | None]:
     return default
 
 
-@dataclass
+@dataclass(frozen=True)
 class AppState:
     """What the routes use. `retriever` and `semantic_cache` load in the background (`start`); the semantic
     cache stays loading for ever when it is disabled (settings.semantic_cache.enabled)."""
@@ -92,7 +92,6 @@ class AppState:
     auth: ApiKeyAuth
     admin: AdminAuth
     history: StatsHistory  # the admin charts' recent past
-    _opening: asyncio.Task | None = None
 
     def refresh_gauges(self) -> None:
         """The semantic cache's policy gauges, brought up to date before a scrape."""
@@ -100,20 +99,21 @@ class AppState:
         if cache is not None:
             cache.effective_policies(list(self.backends))
 
-    async def start(self, on_fatal: Callable[[], None]) -> None:
-        """Start the backends and the background loading; returns at once. `on_fatal` is called when a part
-        the gateway cannot serve without fails to load (the document collections)."""
+    async def start(self, on_fatal: Callable[[], None]) -> asyncio.Task:
+        """Start the backends and the background loading; returns at once, with the loading task (for
+        `close`). `on_fatal` is called when a part the gateway cannot serve without fails to load (the
+        document collections)."""
         await asyncio.gather(*(backend.start() for backend in self.backends.values()))
-        self._opening = asyncio.create_task(self._open_collections_and_cache(on_fatal),
-                                            name="open collections and cache")
+        loading = asyncio.create_task(self._open_collections_and_cache(on_fatal), name="open collections and cache")
 
         def fatal_if_failed(task: asyncio.Task) -> None:
             if not task.cancelled() and task.exception() is not None:
                 log.error("start-up failed", exc_info=task.exception())
                 on_fatal()
 
-        self._opening.add_done_callback(fatal_if_failed)
+        loading.add_done_callback(fatal_if_failed)
         self.history.start()
+        return loading
 
     async def _open_collections_and_cache(self, on_fatal: Callable[[], None]) -> None:
         """The document collections, then the semantic cache (which embeds with the retriever's embedder, so
@@ -140,11 +140,11 @@ class AppState:
                 raise
             self.semantic_cache.set(semantic)
 
-    async def close(self) -> None:
+    async def close(self, loading: asyncio.Task) -> None:
+        """Stop the background loading (`start`'s task), the admin history, the semantic cache and the backends."""
         await self.history.stop()
-        if self._opening is not None:
-            self._opening.cancel()
-            await asyncio.gather(self._opening, return_exceptions=True)
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
         cache = self.semantic_cache.value
         if cache is not None:
             await cache.close()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
+from ...semcache.cache import SemanticCache
 from ..errors import GatewayError
 from ..state import STATE_KEY, AppState
-from ...semcache.cache import SemanticCache
 
 
 def app_state(request: Request) -> AppState:
