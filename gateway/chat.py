@@ -3,8 +3,8 @@ streams it ends as. ChatService.handle runs the stages in this order:
 
 1. ChatCompletionRequest (gateway/schemas.py), validated by FastAPI, with the tenant from auth.ApiKeyAuth;
    its backend (gateway/backends/) is picked by model name and refuses what it cannot take (check()).
-2. Semantic-cache lookup: ChatCache (gateway/response_cache.py) decides whether the cache applies and makes a
-   CachePlan (key, question embedding); its lookup gives semcache's LookupResult. A hit is replayed as the
+2. Semantic-cache lookup: AnswerCache (gateway/answer_cache.py) decides whether the cache applies and makes
+   an AnswerCachePlan (key, question embedding); its lookup gives semcache's LookupResult. A hit is replayed as the
    answer (JSON or SSE) and the request ends here.
 3. RAG: retrieval_for (gateway/rag.py) decides which collection applies, once, for both the cache key and the
    retrieval; RagPlanner gives a RagResult (the rewritten request, the RagPrompt of rag_template.py, and the
@@ -15,7 +15,7 @@ streams it ends as. ChatService.handle runs the stages in this order:
    RequestContext (timings, usage, the prefill's PrefillReport of engine/prefill_report.py).
 6. Response and cache put: the answer as chat.completion JSON or SSE frames, with RequestContext.report() as
    `blendgate`; the request's series recorded (gateway/metrics/series.py: GatewayMetrics.observe_chat); a
-   complete answer stored by the CachePlan.
+   complete answer stored by the AnswerCachePlan.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from typing import Any, AsyncIterator, Mapping
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..semcache.cache import LookupResult
+from ..semcache.lookup import LookupResult
 from ..semcache.policy import LoadMonitor
+from .answer_cache import AnswerCache, AnswerCachePlan
 from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
 from .backends.request import BackendRequest
 from .config import ModelRagConfig
 from .errors import GatewayError
 from .metrics.series import GatewayMetrics
 from .rag import RagPlanner, retrieval_for
-from .response_cache import CachePlan, ChatCache
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -80,7 +80,7 @@ class ChatService:
     """Answers chat requests through the stages of this module's docstring."""
 
     def __init__(self, backends: dict[str, ChatBackend], rag: RagPlanner,
-                 model_rag: dict[str, ModelRagConfig | None], cache: ChatCache, load: LoadMonitor,
+                 model_rag: dict[str, ModelRagConfig | None], cache: AnswerCache, load: LoadMonitor,
                  metrics: GatewayMetrics) -> None:
         self.backends = backends
         self.rag = rag
@@ -141,7 +141,7 @@ class ChatService:
         return await self._answer(backend, backend_request, ctx, plan)
 
     async def _answer(self, backend: ChatBackend, request: BackendRequest, ctx: RequestContext,
-                      plan: CachePlan | None) -> JSONResponse:
+                      plan: AnswerCachePlan | None) -> JSONResponse:
         """A whole answer from the backend: recorded, stored in the semantic cache, sent as one JSON body."""
         model = request.model
         self.in_flight[model] += 1
@@ -199,7 +199,7 @@ class ChatService:
         return self._streaming_response(first, chunks(), request, ctx, None, counted=False)
 
     def _streaming_response(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
-                            request: ChatCompletionRequest, ctx: RequestContext, plan: CachePlan | None,
+                            request: ChatCompletionRequest, ctx: RequestContext, plan: AnswerCachePlan | None,
                             counted: bool) -> StreamingResponse:
         release = StreamRelease(chunks, self.in_flight if counted else None, request.model)
         return StreamingResponse(self._frames(first, chunks, request, ctx, plan, release),
@@ -207,7 +207,7 @@ class ChatService:
                                  headers={**self._headers(ctx), "cache-control": "no-cache"})
 
     async def _stream(self, backend: ChatBackend, request: BackendRequest,
-                      ctx: RequestContext, plan: CachePlan | None) -> StreamingResponse:
+                      ctx: RequestContext, plan: AnswerCachePlan | None) -> StreamingResponse:
         self.in_flight[request.model] += 1
         try:
             chunks = backend.stream(request, ctx)
@@ -231,7 +231,7 @@ class ChatService:
 
     async def _frames(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
                       request: ChatCompletionRequest, ctx: RequestContext,
-                      plan: CachePlan | None, release: StreamRelease) -> AsyncIterator[bytes]:
+                      plan: AnswerCachePlan | None, release: StreamRelease) -> AsyncIterator[bytes]:
         """SSE frames; the last data frame carries `blendgate` (and `usage` when the client asked).
 
         With a plan, the answer is stored in the semantic cache once the stream completes; a stream that

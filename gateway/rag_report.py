@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..retriever.store import CollectionVersion
+from ..retriever.document_store import CollectionVersion
 
 
 def version_fields(version: CollectionVersion | None) -> dict:

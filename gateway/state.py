@@ -34,7 +34,7 @@ from .metrics.admin_stats import snapshot
 from .metrics.live import LiveStateCollector
 from .metrics.series import GatewayMetrics
 from .rag import RagPlanner, build_retriever
-from .response_cache import ChatCache, build_semantic_cache, model_fingerprints
+from .answer_cache import AnswerCache, build_semantic_cache, model_fingerprints
 from .stats_history import StatsHistory
 
 log = logging.getLogger("blendgate.gateway")
@@ -87,7 +87,7 @@ class AppState:
     retriever: Loadable[Retriever]
     semantic_cache: Loadable[SemanticCache]
     rag: RagPlanner
-    chat_cache: ChatCache
+    answer_cache: AnswerCache
     chat: ChatService
     auth: ApiKeyAuth
     admin: AdminAuth
@@ -161,12 +161,13 @@ def build_state(settings: Settings) -> AppState:
     retriever: Loadable[Retriever] = Loadable()
     semantic: Loadable[SemanticCache] = Loadable()
     rag = RagPlanner(retriever, settings.retrieval)
-    chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt,
-                           model_fingerprints(settings), retriever=retriever, semantic=semantic)
-    chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load, metrics)
+    answer_cache = AnswerCache(settings.semantic_cache, _default_temperature(settings),
+                               settings.retrieval.system_prompt, model_fingerprints(settings), retriever=retriever,
+                               semantic=semantic)
+    chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, answer_cache, load, metrics)
     registry.register(LiveStateCollector(lambda: chunk_stores(backends), lambda: dict(chat.in_flight)))
     return AppState(settings=settings, registry=registry, metrics=metrics, tenant_label=tenant_label,
                     backends=backends, load=load, retriever=retriever, semantic_cache=semantic, rag=rag,
-                    chat_cache=chat_cache, chat=chat, auth=ApiKeyAuth(settings.tenants_by_key()),
+                    answer_cache=answer_cache, chat=chat, auth=ApiKeyAuth(settings.tenants_by_key()),
                     admin=AdminAuth(settings.resolved_admin_key()),
                     history=StatsHistory(lambda: snapshot(metrics)))
