@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -28,12 +28,23 @@ from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage, loaded_or_503
-from .request import BackendRequest
 from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
+from .request import BackendRequest
 
 log = logging.getLogger("blendgate.gateway")
 
 MAX_CHUNK_ORIGINS = 100_000
+
+@dataclass(frozen=True)
+class ChunkOrigin:
+    """Which document chunk a chunk-cache entry holds, for operators (the admin API's chunk-cache view):
+    `collection` (None for inline documents; "(system prompt)" for the system prompt's own KV), the chunk's
+    `id` and `source`."""
+
+    collection: str | None
+    id: str | None = None
+    source: str | None = None
+
 
 class LocalBackend(ChatBackend):
     kind = "local"
@@ -52,7 +63,7 @@ class LocalBackend(ChatBackend):
         self._error: str | None = None
         # Which document chunk each chunk-cache entry holds (by the digest of its tokens), for operators:
         # the store's keys are token digests and know nothing of collections.
-        self.chunk_origins: LRUCache[str, dict[str, str | None]] = LRUCache(MAX_CHUNK_ORIGINS)
+        self.chunk_origins: LRUCache[str, ChunkOrigin] = LRUCache(MAX_CHUNK_ORIGINS)
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load(), name=f"load {self.config.name}")
@@ -119,13 +130,11 @@ class LocalBackend(ChatBackend):
             return
         first = prompt.segments[0]
         if not first.is_chunk:  # the system prompt's own KV, which blending reuses, is stored too
-            self.chunk_origins[token_digest(list(first.token_ids))] = {"collection": "(system prompt)", "id": None,
-                                                                        "source": None}
+            self.chunk_origins[token_digest(list(first.token_ids))] = ChunkOrigin("(system prompt)")
         chunk_segments = [s for s in prompt.segments if s.is_chunk]
         for chunk, segment in zip(request.rag_prompt.chunks, chunk_segments):
             digest = token_digest(list(segment.token_ids))
-            self.chunk_origins[digest] = {"collection": request.collection, "id": chunk.id,
-                                          "source": getattr(chunk, "source", None)}
+            self.chunk_origins[digest] = ChunkOrigin(request.collection, chunk.id, chunk.source)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         context = self.model.max_context_tokens  # type: ignore[union-attr]
@@ -137,7 +146,7 @@ class LocalBackend(ChatBackend):
         """The runner's prefill report, with each chunk's hit named by the chunk's id."""
         if report is None or report.hits is None or request.rag_prompt is None:
             return report
-        return dataclasses.replace(report, chunk_ids=[chunk.id for chunk in request.rag_prompt.chunks])
+        return replace(report, chunk_ids=[chunk.id for chunk in request.rag_prompt.chunks])
 
     def check(self, request: ChatCompletionRequest) -> None:
         check_text_chat(request, "local models")

@@ -101,9 +101,12 @@ def _contents(backend: LocalBackend, top: int = 10) -> dict[str, Any]:
     held = backend.store.entries() if backend.store is not None else []
     by_collection: dict[str, dict[str, int]] = {}
     for entry in held:
-        origin = backend.chunk_origins.get(entry["chunk"], {})
-        entry.update(collection=origin.get("collection"), id=origin.get("id"), source=origin.get("source"))
-        name = origin.get("collection") or ("(inline)" if origin else "(unknown)")
+        origin = backend.chunk_origins.get(entry["chunk"])
+        if origin is not None:
+            entry.update(collection=origin.collection, id=origin.id, source=origin.source)
+        else:
+            entry.update(collection=None, id=None, source=None)
+        name = (origin.collection or "(inline)") if origin is not None else "(unknown)"
         totals = by_collection.setdefault(name, {"chunks": 0, "bytes": 0, "hits": 0})
         totals["chunks"] += 1
         totals["bytes"] += entry["bytes"]
