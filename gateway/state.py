@@ -93,12 +93,6 @@ class AppState:
     admin: AdminAuth
     history: StatsHistory  # the admin charts' recent past
 
-    def refresh_gauges(self) -> None:
-        """The semantic cache's policy gauges, brought up to date before a scrape."""
-        cache = self.semantic_cache.value
-        if cache is not None:
-            cache.effective_policies(list(self.backends))
-
     async def start(self, on_fatal: Callable[[], None]) -> asyncio.Task:
         """Start the backends and the background loading; returns at once, with the loading task (for
         `close`). `on_fatal` is called when a part the gateway cannot serve without fails to load (the

@@ -26,7 +26,6 @@ api = APIRouter(prefix="/admin/api", dependencies=[Depends(admin)], responses=er
 
 @api.get("/stats")
 async def stats(state: AppState = Depends(app_state)):
-    state.refresh_gauges()
     cache = state.semantic_cache.value
     return snapshot(state.metrics, cache.store.kind if cache is not None else None)
 
@@ -40,7 +39,6 @@ async def stats_history(state: AppState = Depends(app_state)):
 @api.get("/semantic-cache", responses=errors(503))
 async def semantic_cache_stats(state: AppState = Depends(app_state)):
     cache = semantic_cache_of(state)
-    state.refresh_gauges()
     return {**cache.stats(), "categories": semantic_categories(state.metrics),
             "policy": cache.effective_policies(list(state.backends))}
 

@@ -18,7 +18,6 @@ router = APIRouter()
             responses={200: {"description": "Prometheus text exposition format",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus_metrics(state: AppState = Depends(app_state)):
-    state.refresh_gauges()
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
