@@ -183,6 +183,7 @@ def main() -> None:
     from blendgate.chunkcache.runner import BlendingRunner
     from blendgate.chunkcache.kv_store import ChunkCacheStore
     from blendgate.chunkcache.tiers import MemoryTier
+    from blendgate.engine.prefill_report import PrefillReport
     from blendgate.engine.prompt import Prompt
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model
@@ -213,14 +214,15 @@ def main() -> None:
         return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
                              fidelity_target=target, context_documents=context)
 
-    def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str) -> tuple[list[int], list[torch.Tensor], dict]:
+    def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str
+            ) -> tuple[list[int], list[torch.Tensor], PrefillReport]:
         """Greedy output ids, the log-distributions along the teacher-forced gold answer, the prefill report."""
         if rule is not None:
             result, report = runners[prefix].blender.blend(prompt, rule=rule)
             logits, state = result.logits, KVState(cache=result.cache, length=len(prompt))
         else:
             logits, state = runners[prefix].prefill(prompt)
-            report = getattr(state, "report", None) or {}
+            report = state.report or PrefillReport()
         # Teacher forcing in one pass over a copy of the prefilled KV: the gold answer's tokens appended.
         forced_cache = state.cache.clone(len(prompt) + len(answer_ids) + 1)
         forced_logits = runner.model.forward(torch.tensor(answer_ids[:-1], device=loaded.device), None,
@@ -271,8 +273,9 @@ def main() -> None:
                     text = tokenizer.decode(output_ids, skip_special_tokens=True)
                     kl = torch.sum(reference_forced.exp() * (reference_forced - forced), -1).mean().item()
                     same = sum(a == b for a, b in zip(reference_ids, output_ids))
-                    recomputed = report.get("recompute_ratio", 1.0 if mode in ("full_prefill", "prefix") else 0.0)
-                    compute = report.get("compute_share", recomputed)
+                    recomputed = report.recompute_ratio if report.recompute_ratio is not None else \
+                        1.0 if mode in ("full_prefill", "prefix") else 0.0
+                    compute = report.compute_share if report.compute_share is not None else recomputed
                     records.setdefault(f"{k}|{spec}", []).append(
                         [number, any(normalise(a) in normalise(text) for a in item.answers),
                          token_f1(text, item.answers), kl,

@@ -18,12 +18,14 @@ many small chunks do not earn back; such prompts are prefilled in full and the r
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 
 import torch
 from cachetools import LRUCache
 
 from ..engine.llama import KVCache, LlamaFamilyModel
+from ..engine.prefill_report import PrefillReport
 from ..engine.prompt import CHUNK_PREFIXES, Prompt
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
@@ -94,7 +96,7 @@ class ChunkBlender:
         return kv, False
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None
-              ) -> tuple[BlendResult, dict]:
+              ) -> tuple[BlendResult, PrefillReport]:
         """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
         report of what was reused and recomputed."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
@@ -125,15 +127,13 @@ class ChunkBlender:
         if result.chunk_drift is not None:  # each chunk's measured sensitivity, into its entry (Cache-Craft)
             for (key, _), drift in zip(found, result.chunk_drift.tolist()):
                 self.store.note_sensitivity(key, drift)
-        report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
-                  "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
-                  "recomputed_tokens": result.recomputed_chunk_tokens,
-                  "recomputed_per_chunk": per_chunk_counts(result),
-                  "selection": rule.score if ratio else None, "compute_share": round(result.compute_share, 4),
-                  "prefix_tokens_reused": prefix_kv.length if prefix_kv is not None else 0}
-        if target is not None:
-            report["fidelity_target"] = target
-            report["fidelity_estimate"] = None if result.covered is None else round(result.covered, 4)
+        report = PrefillReport(
+            mode=prompt.mode, hits=hits, recompute_ratio=round(result.recompute_ratio, 4),
+            chunk_tokens=result.chunk_tokens, recomputed_tokens=result.recomputed_chunk_tokens,
+            recomputed_per_chunk=per_chunk_counts(result), selection=rule.score if ratio else None,
+            compute_share=round(result.compute_share, 4),
+            prefix_tokens_reused=prefix_kv.length if prefix_kv is not None else 0, fidelity_target=target,
+            fidelity_estimate=None if target is None or result.covered is None else round(result.covered, 4))
         return result, report
 
 
@@ -164,18 +164,16 @@ class BlendingRunner(LlamaRunner):
             if prompt.has_chunks and prompt.mode in ("reuse", "blend") else None
         if not prompt.has_chunks or prompt.mode == "full_prefill" or fallback is not None:
             logits, state = super().prefill(prompt)
-            report = {"mode": "full_prefill", "recompute_ratio": 1.0}
-            if fallback is not None:
-                report.update(requested_mode=prompt.mode, fallback=fallback)
+            report = PrefillReport(mode="full_prefill", recompute_ratio=1.0,
+                                   requested_mode=prompt.mode if fallback is not None else None, fallback=fallback)
         elif prompt.mode == "prefix":
             logits, state, reused = self._prefix_prefill(prompt)
-            report = {"mode": "prefix", "prefix_tokens_reused": reused}
+            report = PrefillReport(mode="prefix", prefix_tokens_reused=reused)
         else:
             result, report = self.blender.blend(prompt)
             logits, state = result.logits, KVState(cache=result.cache, length=len(prompt))
         if prompt.has_chunks:
-            report["prefill_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            state.report = report
+            state.report = dataclasses.replace(report, prefill_ms=round((time.perf_counter() - started) * 1000, 2))
         return logits, state
 
     # -- prefix caching -----------------------------------------------------------------------------

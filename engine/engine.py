@@ -18,6 +18,7 @@ from typing import AsyncIterator, Protocol
 import torch
 
 from .errors import EngineError, PromptTooLongError
+from .prefill_report import PrefillReport
 from .prompt import Prompt
 from .runner import KVState
 from .sampling import Sampler, SamplingParams
@@ -67,7 +68,7 @@ class GenerationHandle:
     generated: int = 0
     last_token: int = -1
     # What the runner reports of the prefill (chunk-cache hits, recompute ratio), once it has run.
-    prefill_report: dict | None = None
+    prefill_report: PrefillReport | None = None
 
     def cancel(self) -> None:
         self.cancelled = True

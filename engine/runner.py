@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
+from .prefill_report import PrefillReport
 from .prompt import Prompt
 from .weights import LoadedModel
 
@@ -22,7 +23,7 @@ class KVState:
 
     cache: object
     length: int
-    report: dict | None = None  # what the prefill did, for the response's blendgate object
+    report: PrefillReport | None = None  # what the prefill did, for the response's blendgate object
 
 
 class HFModelRunner:

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..retriever.document_store import CollectionVersion
 from ..retriever.embedder import Embedder
+from ..retriever.service import Retriever
 from ..semcache.answer_store import AnswerStore, MemoryAnswerStore, RedisAnswerStore
 from ..semcache.cache import SemanticCache
 from ..semcache.categories import Classification
@@ -31,6 +32,7 @@ from ..semcache.policy import LoadMonitor
 from ..semcache.settings import SemanticCacheSettings
 from .config import LocalModelConfig, Settings
 from .errors import GatewayError
+from .loadable import Loadable
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -190,14 +192,20 @@ class AnswerCache:
     cache (`plan`) and builds its key (`context`)."""
 
     def __init__(self, settings: SemanticCacheSettings, default_temperature: Callable[[str], float | None],
-                 rag_system_prompt: str, model_fingerprints: Mapping[str, str]) -> None:
+                 rag_system_prompt: str, model_fingerprints: Mapping[str, str], *,
+                 retriever: Loadable[Retriever] | None = None, semantic: Loadable[SemanticCache] | None = None) -> None:
+        """`retriever`: embeds questions and knows the collections' versions; `semantic`: the cache, loaded
+        after the retriever (both loading for ever when left out: keys can still be computed)."""
         self.settings = settings
         self.default_temperature = default_temperature
         self.model_fingerprints = model_fingerprints
         self.rag_system_prompt = rag_system_prompt
-        self.cache: SemanticCache | None = None
-        self.embed: Callable[[list[str]], np.ndarray] | None = None
-        self.collection_version: Callable[[str], CollectionVersion | None] = lambda name: None
+        self.retriever: Loadable[Retriever] = retriever or Loadable()
+        self.semantic: Loadable[SemanticCache] = semantic or Loadable()
+
+    def collection_version(self, collection: str) -> CollectionVersion | None:
+        retriever = self.retriever.value
+        return retriever.collection_version(collection) if retriever is not None else None
 
     def skip_reason(self, request: ChatCompletionRequest) -> str | None:
         extra = request.model_extra or {}
@@ -239,16 +247,17 @@ class AnswerCache:
         controls = cache_controls(request, headers)
         if not self.settings.enabled:
             return None, None
-        if self.cache is None or self.embed is None:
+        cache, retriever = self.semantic.value, self.retriever.value
+        if cache is None or retriever is None:
             return None, {"status": "bypass", "reason": "loading"}
         reason = self.skip_reason(request)
         if reason is not None:
             return None, {"status": "bypass", "reason": reason}
         text = request.messages[-1].text().strip()
-        vector = (await asyncio.to_thread(self.embed, [text]))[0]
+        vector = (await asyncio.to_thread(retriever.embedder.embed, [text]))[0]
         context, settings = await asyncio.to_thread(self.context, request, controls.namespace, collection)
         query = CacheQuery(tenant=tenant, model=request.model, text=text, context=context, collection=collection,
                            settings=settings, user=end_user(request, headers),
                            no_cache=controls.no_cache, no_store=controls.no_store, ttl_s=controls.ttl_s,
                            max_age_s=controls.max_age_s)
-        return AnswerCachePlan(self.cache, query, vector), None
+        return AnswerCachePlan(cache, query, vector), None

@@ -1,4 +1,22 @@
-"""The chat endpoint's work: pick the backend, run it, and shape OpenAI responses and SSE streams."""
+"""The chat endpoint's work: what a chat request becomes at each stage, and the OpenAI responses and SSE
+streams it ends as. ChatService.handle runs the stages in this order:
+
+1. ChatCompletionRequest (gateway/schemas.py), validated by FastAPI, with the tenant from auth.ApiKeyAuth;
+   its backend (gateway/backends/) is picked by model name and refuses what it cannot take (check()).
+2. Semantic-cache lookup: AnswerCache (gateway/answer_cache.py) decides whether the cache applies and makes
+   an AnswerCachePlan (key, question embedding); its lookup gives semcache's LookupResult. A hit is replayed as the
+   answer (JSON or SSE) and the request ends here.
+3. RAG: retrieval_for (gateway/rag.py) decides which collection applies, once, for both the cache key and the
+   retrieval; RagPlanner gives a RagResult (the rewritten request, the RagPrompt of rag_template.py, and the
+   RagReport of rag_report.py).
+4. BackendRequest (gateway/backends/request.py): the chat request, the RAG prompt, the collection and the
+   tenant, as the backend receives it.
+5. Backend stream: ChatChunks (or a ChatResult) from the backend (backends/base.py), which fills the
+   RequestContext (timings, usage, the prefill's PrefillReport of engine/prefill_report.py).
+6. Response and cache put: the answer as chat.completion JSON or SSE frames, with RequestContext.report() as
+   `blendgate`; the request's series recorded (gateway/metrics/series.py: GatewayMetrics.observe_chat); a
+   complete answer stored by the AnswerCachePlan.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +33,11 @@ from ..semcache.lookup import LookupResult
 from ..semcache.policy import LoadMonitor
 from .answer_cache import AnswerCache, AnswerCachePlan
 from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
+from .backends.request import BackendRequest
 from .config import ModelRagConfig
 from .errors import GatewayError
-from .metrics import GatewayMetrics
-from .rag import RagPlanner
+from .metrics.series import GatewayMetrics
+from .rag import RagPlanner, retrieval_for
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -58,16 +77,19 @@ class StreamRelease:
 
 
 class ChatService:
+    """Answers chat requests through the stages of this module's docstring."""
+
     def __init__(self, backends: dict[str, ChatBackend], rag: RagPlanner,
-                 model_rag: dict[str, ModelRagConfig | None], cache: AnswerCache, load: LoadMonitor) -> None:
+                 model_rag: dict[str, ModelRagConfig | None], cache: AnswerCache, load: LoadMonitor,
+                 metrics: GatewayMetrics) -> None:
         self.backends = backends
         self.rag = rag
         self.model_rag = model_rag
         self.cache = cache
         self.load = load
+        self.metrics = metrics  # per-request series for /metrics
         # Requests each model is working on (cache misses): the queue depth the load-adaptive policy reads.
         self.in_flight: dict[str, int] = defaultdict(int)
-        self.metrics: GatewayMetrics | None = None  # set by the app: per-request series for /metrics
         for name in backends:
             load.watch_queue(name, lambda name=name: self.in_flight[name])
 
@@ -91,51 +113,50 @@ class ChatService:
                 headers["age"] = str(int(cache["age_s"]))
         return headers
 
-    def _collection(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None) -> str | None:
-        if request.documents is not None:
-            return None
-        options = request.rag or model_rag
-        return options.collection if options is not None else None
-
     async def handle(self, request: ChatCompletionRequest, tenant: str,
                      headers: Mapping[str, str] | None = None) -> JSONResponse | StreamingResponse:
+        # 1. The backend, which refuses before the cache: a hit must not answer what a miss would refuse.
         backend = self.backend_for(request.model)
-        backend.check(request)  # before the cache: a hit must not answer what a miss would refuse
-        ctx = RequestContext(tenant=tenant)
-        model_rag = self.model_rag.get(request.model)
-        # The semantic cache comes first: a hit needs no retrieval and no model.
+        backend.check(request)
+        ctx = RequestContext()
+        # 2. The semantic cache: a hit needs no retrieval and no model.
+        retrieval = retrieval_for(request, self.model_rag.get(request.model))
         plan, ctx.semantic_cache = await self.cache.plan(request, tenant, headers or {},
-                                                         self._collection(request, model_rag))
+                                                         retrieval.collection if retrieval is not None else None)
         if plan is not None:
             result = await plan.lookup()
             ctx.semantic_cache = result.report()
             if result.status == "hit":
                 return self._replay(request, ctx, result)
-        request, ctx.rag = await self.rag.prepare(request, model_rag,
-                                                  query_vector=plan.vector if plan is not None else None)
-        self.in_flight[request.model] += 1
+        # 3. RAG, 4. the backend's request.
+        rag = await self.rag.prepare(request, retrieval, query_vector=plan.vector if plan is not None else None)
+        if rag is None:
+            backend_request = BackendRequest(request, tenant)
+        else:
+            ctx.rag = rag.report
+            backend_request = BackendRequest(rag.request, tenant, rag.prompt, rag.report.collection)
+        # 5. The backend's answer, 6. the response (the cache put is in _answer, or in _frames once streamed).
         if request.stream:
-            try:
-                return await self._stream(backend, request, ctx, plan)
-            except BaseException:
-                self.in_flight[request.model] -= 1
-                raise
+            return await self._stream(backend, backend_request, ctx, plan)
+        return await self._answer(backend, backend_request, ctx, plan)
+
+    async def _answer(self, backend: ChatBackend, request: BackendRequest, ctx: RequestContext,
+                      plan: AnswerCachePlan | None) -> JSONResponse:
+        """A whole answer from the backend: recorded, stored in the semantic cache, sent as one JSON body."""
+        model = request.model
+        self.in_flight[model] += 1
         try:
             result = await backend.complete(request, ctx)
         finally:
-            self.in_flight[request.model] -= 1
+            self.in_flight[model] -= 1
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
-        self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
-        self._observe(request, ctx)
+        self.load.observe_latency(model, (ctx.finished_at - ctx.arrived_at) * 1000)
+        self.metrics.observe_chat(model, ctx)
         if plan is not None:
             plan.remember(result.message.get("content") or "", result.finish_reason,
                           ctx.usage.as_dict() if ctx.usage else None)
-        return self._completion(request, ctx, result.message, result.finish_reason, result.choice)
-
-    def _observe(self, request: ChatCompletionRequest, ctx: RequestContext) -> None:
-        if self.metrics is not None:
-            self.metrics.observe_chat(request.model, ctx)
+        return self._completion(request.chat, ctx, result.message, result.finish_reason, result.choice)
 
     def _completion(self, request: ChatCompletionRequest, ctx: RequestContext, message: dict[str, Any],
                     finish_reason: str | None, choice: dict[str, Any] | None = None) -> JSONResponse:
@@ -166,7 +187,7 @@ class ChatService:
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
         if not request.stream:
-            self._observe(request, ctx)
+            self.metrics.observe_chat(request.model, ctx)
             return self._completion(request, ctx, {"role": "assistant", "content": content}, finish_reason)
 
         async def chunks() -> AsyncIterator[ChatChunk]:
@@ -185,18 +206,23 @@ class ChatService:
                                  media_type="text/event-stream", background=BackgroundTask(release),
                                  headers={**self._headers(ctx), "cache-control": "no-cache"})
 
-    async def _stream(self, backend: ChatBackend, request: ChatCompletionRequest,
+    async def _stream(self, backend: ChatBackend, request: BackendRequest,
                       ctx: RequestContext, plan: AnswerCachePlan | None) -> StreamingResponse:
-        chunks = backend.stream(request, ctx)
-        # Run the backend up to its first chunk before answering, so request errors keep their status code.
+        self.in_flight[request.model] += 1
         try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
+            chunks = backend.stream(request, ctx)
+            # Run the backend up to its first chunk before answering, so request errors keep their status code.
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                await chunks.aclose()
+                raise
+            return self._streaming_response(first, chunks, request.chat, ctx, plan, counted=True)
         except BaseException:
-            await chunks.aclose()
+            self.in_flight[request.model] -= 1
             raise
-        return self._streaming_response(first, chunks, request, ctx, plan, counted=True)
 
     def _chunk_body(self, request: ChatCompletionRequest, ctx: RequestContext, choices: list[dict[str, Any]],
                     **extra: Any) -> dict[str, Any]:
@@ -242,7 +268,7 @@ class ChatService:
         finally:
             await release()  # on client disconnect too: stops the generation behind the stream
         ctx.finished_at = time.perf_counter()
-        self._observe(request, ctx)
+        self.metrics.observe_chat(request.model, ctx)
         if not replay:
             self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
         if plan is not None and finish_reason is not None:

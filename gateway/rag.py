@@ -1,21 +1,23 @@
-"""Retrieval-augmented chat: which chunks a request gets (retrieved or inline), placed by the template of
-rag_template.py."""
+"""Retrieval-augmented chat: which collection applies to a request (retrieval_for), which chunks it gets
+(retrieved or inline), placed by the template of rag_template.py; the outcome is a RagResult."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
-from ..retriever.document_store import CollectionVersion
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
 from .config import ModelRagConfig, RetrievalSettings, Settings
 from .errors import GatewayError
+from .loadable import Loadable
+from .rag_report import RagReport
 from .rag_template import RagPrompt, rag_messages
-from .schemas import ChatCompletionRequest, ChatMessage, Document
+from .schemas import ChatCompletionRequest, ChatMessage, Document, RagOptions
 
 
 def build_retriever(settings: Settings) -> Retriever:
@@ -26,13 +28,6 @@ def build_retriever(settings: Settings) -> Retriever:
         retrieval.embedder_path, chunk_tokens=retrieval.chunk_tokens, overlap_tokens=retrieval.chunk_overlap_tokens,
         approximate_threshold=retrieval.approximate_index_threshold, max_file_bytes=retrieval.max_file_bytes,
         nprobe=retrieval.ivf_nprobe)
-
-
-def version_fields(version: CollectionVersion | None) -> dict:
-    """A collection's version as answers report it: `version` (bumped by every change) and `generation` (the
-    id of this collection since it was created; a collection deleted and created again has a new one)."""
-    return {"version": None if version is None else version.number,
-            "generation": None if version is None else version.generation}
 
 
 def as_gateway_error(exc: RetrievalError) -> GatewayError:
@@ -57,50 +52,73 @@ def rewrite_messages(request: ChatCompletionRequest, prompt: RagPrompt) -> list[
     return [ChatMessage.model_validate(m) for m in rag_messages(history, prompt)]
 
 
-class RagPlanner:
-    """Decides and performs the retrieval a chat request asks for (or its model is configured for)."""
+# What a request retrieves by: the collection and top_k, from the request or from its model's configuration.
+Retrieval = RagOptions | ModelRagConfig
 
-    def __init__(self, retriever: Retriever | None, settings: RetrievalSettings,
-                 retriever_error: str | None = None) -> None:
+
+def retrieval_for(request: ChatCompletionRequest, model_rag: ModelRagConfig | None) -> Retrieval | None:
+    """Which collection a chat request retrieves from, decided here only: none when it brings its own
+    documents; else its `rag` options, else its model's configured RAG (ModelRagConfig), else none."""
+    if request.documents is not None:
+        return None
+    return request.rag or model_rag
+
+
+@dataclass(frozen=True)
+class RagResult:
+    """The RAG step's outcome for a chat request: the request with its messages rewritten by the template,
+    the prompt's parts (for the backends that place chunks as segments) and the report for `blendgate.rag`."""
+
+    request: ChatCompletionRequest
+    prompt: RagPrompt
+    report: RagReport
+
+
+class RagPlanner:
+    """Performs the retrieval a chat request asks for (or its model is configured for), or places its inline
+    documents: the chunks of its RAG prompt."""
+
+    def __init__(self, retriever: Loadable[Retriever], settings: RetrievalSettings) -> None:
         self.retriever = retriever
         self.system_prompt = settings.system_prompt
         self.max_documents = settings.max_inline_documents
         self.max_document_tokens = settings.max_inline_document_tokens
-        self.retriever_error = retriever_error
 
-    async def prepare(self, request: ChatCompletionRequest, model_rag: ModelRagConfig | None,
-                      query_vector: np.ndarray | None = None) -> tuple[ChatCompletionRequest, dict | None]:
-        """Returns the request to send on (rewritten when RAG applies) and the report for `blendgate.rag`.
-        Building the prompt (hashing documents, rendering the template) runs off the event loop."""
+    async def prepare(self, request: ChatCompletionRequest, retrieval: Retrieval | None,
+                      query_vector: np.ndarray | None = None) -> RagResult | None:
+        """The RAG prompt of a request with inline documents, or retrieved by `retrieval` (retrieval_for);
+        None when neither applies. `query_vector`: the question's embedding when the semantic cache made it
+        already. Building the prompt (hashing documents, rendering the template) runs off the event loop.
+        Raises GatewayError: 400 for a last message that is not a user's question, 503 while the collections
+        load, and the retriever's errors (as_gateway_error)."""
         if request.documents is not None:
             chunks = await asyncio.to_thread(self._inline, request.documents)  # tokenising is CPU work
             prompt = RagPrompt(self.system_prompt, chunks, _question(request))
-            report = {"collection": None, **version_fields(None), "chunks": [c.citation() for c in prompt.chunks]}
-        elif request.rag is not None or model_rag is not None:
-            options = request.rag or model_rag
+            report = RagReport(None, None, [c.citation() for c in prompt.chunks])
+        elif retrieval is not None:
             retriever = self.require_retriever()
             question = _question(request)
             started = time.perf_counter()
             try:
-                chunks = await asyncio.to_thread(retriever.search, options.collection, question, options.top_k,
+                chunks = await asyncio.to_thread(retriever.search, retrieval.collection, question, retrieval.top_k,
                                                 query_vector)
             except RetrievalError as exc:
                 raise as_gateway_error(exc) from exc
             prompt = RagPrompt(self.system_prompt, chunks, question)
-            report = {"collection": options.collection,
-                      **version_fields(retriever.collection_version(options.collection)), "chunks": [c.citation() for c in chunks],
-                      "retrieval_ms": round((time.perf_counter() - started) * 1000, 2)}
+            report = RagReport(retrieval.collection, retriever.collection_version(retrieval.collection),
+                               [c.citation() for c in chunks], round((time.perf_counter() - started) * 1000, 2))
         else:
-            return request, None
+            return None
         rewritten = request.model_copy(update={"messages": await asyncio.to_thread(rewrite_messages, request, prompt)})
-        rewritten._rag_prompt = prompt  # the local engine places its segments; other backends read the messages
-        return rewritten, report
+        return RagResult(rewritten, prompt, report)
 
     def require_retriever(self) -> Retriever:
-        if self.retriever is None:
-            raise GatewayError(503, f"retrieval is unavailable: {self.retriever_error or 'still loading'}",
+        """The retriever; GatewayError 503 `retrieval_unavailable` while it loads or after it failed."""
+        retriever = self.retriever.value
+        if retriever is None:
+            raise GatewayError(503, f"retrieval is unavailable: {self.retriever.error or 'still loading'}",
                                code="retrieval_unavailable")
-        return self.retriever
+        return retriever
 
     def _inline(self, documents: list[str | Document]) -> list[RetrievedChunk]:
         """The request's inline documents as chunks, each with its token count (the retriever's tokenizer).

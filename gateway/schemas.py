@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -220,9 +220,6 @@ class ChatCompletionRequest(_Body):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
-
-    # The RAG prompt's parts, set by the gateway (never by the client) when the request uses RAG.
-    _rag_prompt: Any = PrivateAttr(default=None)
 
     # blendgate's extension fields.
     rag: RagOptions | None = None

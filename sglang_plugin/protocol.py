@@ -3,7 +3,8 @@
 The gateway sends the prompt as token ids (`POST /generate`, `input_ids`) and marks its chunks by token spans
 in `sampling_params.custom_params`, the one free-form field SGLang carries from the request to the scheduler.
 Its values must be JSON scalars or flat lists of them (SGLang checks this with msgspec), hence flat spans.
-The worker answers with its prefill report in `meta_info["blendgate"]`.
+The worker answers with its prefill report (engine/prefill_report.py: PrefillReport, in its `as_dict()` form)
+in `meta_info["blendgate"]`, which the gateway reads back with `prefill_report_of`.
 
 This module imports nothing from SGLang: the gateway, the plugin and the tests' stand-in worker share it.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.prefill_report import PrefillReport
 from ..engine.prompt import DEFAULT_RECOMPUTE_RATIO, PREFILL_MODES, Prompt, PromptSegment
 
 CHUNK_SPANS = "blendgate_chunk_spans"  # [start0, end0, start1, end1, ...] token offsets in input_ids
@@ -103,3 +105,14 @@ def report_of(meta_info: dict) -> dict:
     if isinstance(found, list):
         found = next((item for item in found if isinstance(item, dict)), None)
     return dict(found) if isinstance(found, dict) else {}
+
+
+def fallback_report(requested_mode: str | None, reason: str) -> dict:
+    """The wire form of a worker's report for a request it prefilled in full although a blend was asked for."""
+    return PrefillReport(mode="full_prefill", requested_mode=requested_mode, fallback=reason).as_dict()
+
+
+def prefill_report_of(meta_info: dict) -> PrefillReport:
+    """The worker's prefill report (report_of) as the gateway reads it; an empty report when the worker sent
+    none (a stock SGLang worker, or a request without chunks)."""
+    return PrefillReport.from_dict(report_of(meta_info))

@@ -32,7 +32,7 @@ from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
 from ..engine.prompt import Prompt
 from . import internals
-from .protocol import PREFILL_MODE, REPORT_KEY, prompt_of, wants_chunk_cache
+from .protocol import PREFILL_MODE, REPORT_KEY, fallback_report, prompt_of, wants_chunk_cache
 from .settings import PluginSettings
 
 log = logging.getLogger("blendgate.sglang_plugin")
@@ -44,7 +44,8 @@ _WORKER_ATTRIBUTE = "blendgate_worker"
 @dataclass
 class BatchPlan:
     prompts: list[Prompt] | None  # the plugin prefills these (one per request), or None: SGLang's forward
-    reports: list[dict | None]  # per request, for a batch left to SGLang: why a request did not blend
+    # Per request, for a batch left to SGLang: why a request did not blend (PrefillReport's wire form).
+    reports: list[dict | None]
 
 
 def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[int], prefix_lens: list[int],
@@ -78,8 +79,8 @@ def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[
         if not reason and any(p.segments[-1].is_chunk for p in prompts):
             reason = "the prompt ends inside a chunk (blending needs computed tokens after the last chunk)"
     if reason:
-        reports = [{"mode": "full_prefill", "requested_mode": custom.get(PREFILL_MODE), "fallback": reason}
-                   if want else None for want, (custom, _) in zip(wanted, requests)]
+        reports = [fallback_report(custom.get(PREFILL_MODE), reason) if want else None
+                   for want, (custom, _) in zip(wanted, requests)]
         return BatchPlan(None, reports)
     return BatchPlan(prompts, [])
 
@@ -91,8 +92,8 @@ def slower_than_full(prompts: list[Prompt], fallback: Callable[[Prompt], str | N
     reasons = [fallback(prompt) for prompt in prompts]
     if not any(reasons):
         return None
-    return BatchPlan(None, [{"mode": "full_prefill", "requested_mode": prompt.mode,
-                             "fallback": reason or "batched with a request that blending would slow down"}
+    return BatchPlan(None, [fallback_report(prompt.mode, reason or "batched with a request that blending would "
+                                                                   "slow down")
                             for prompt, reason in zip(prompts, reasons)])
 
 
@@ -128,7 +129,7 @@ class BlendWorker:
                                          cache.keys[layer, :, :count].transpose(0, 1).contiguous(),
                                          cache.values[layer, :, :count].transpose(0, 1).contiguous())
             hidden.append(result.hidden)
-            reports.append(report)
+            reports.append(report.as_dict())  # the wire form (protocol.py)
             offset += count
         logits_output = internals.logits_from_hidden(model_runner, forward_batch, torch.stack(hidden))
         internals.set_report(logits_output, REPORT_KEY, reports)

@@ -120,7 +120,7 @@ def create_app(cache_dir: Path) -> FastAPI:
                             "e2e_latency": time.perf_counter() - started}
                     if handle.prefill_report is not None:
                         # As SGLang's customized_info arrives: one value per forward pass that set it.
-                        meta[REPORT_KEY] = [dict(handle.prefill_report)]
+                        meta[REPORT_KEY] = [handle.prefill_report.as_dict()]
                     yield f"data: {json.dumps({'text': text, 'output_ids': output_ids, 'meta_info': meta})}\n\n"
                     sent += 1
                     if faults.get("die_after_events") and sent >= faults["die_after_events"]:

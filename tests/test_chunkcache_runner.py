@@ -45,10 +45,10 @@ def test_modes_that_must_equal_full_prefill_do(runner, tokenizer) -> None:
         for _ in range(2):  # the second time the prefixes come from the prefix cache
             prefix, state = runner.prefill(rag_prompt(tokenizer, DOCUMENTS, "prefix"))
             torch.testing.assert_close(prefix, full, atol=1e-3, rtol=1e-4)
-        assert state.report["prefix_tokens_reused"] > 20
+        assert state.report.prefix_tokens_reused > 20
         blended, state = runner.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend", ratio=1.0))
     torch.testing.assert_close(blended, full, atol=1e-3, rtol=1e-4)
-    assert state.report["recompute_ratio"] == 1.0
+    assert state.report.recompute_ratio == 1.0
 
 
 def test_chunk_kv_is_cached_and_reused_in_any_order(runner, tokenizer) -> None:
@@ -56,13 +56,13 @@ def test_chunk_kv_is_cached_and_reused_in_any_order(runner, tokenizer) -> None:
         _, first = runner.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend"))
         _, reordered = runner.prefill(rag_prompt(tokenizer, DOCUMENTS[::-1], "blend"))
         _, reused = runner.prefill(rag_prompt(tokenizer, DOCUMENTS[1:], "reuse"))
-    assert first.report["hits"] == [False, False, False]
-    assert reordered.report["hits"] == [True, True, True]
-    assert reused.report["hits"] == [True, True] and reused.report["recompute_ratio"] == 0.0
-    assert 0.1 < first.report["recompute_ratio"] <= 0.2
+    assert first.report.hits == [False, False, False]
+    assert reordered.report.hits == [True, True, True]
+    assert reused.report.hits == [True, True] and reused.report.recompute_ratio == 0.0
+    assert 0.1 < first.report.recompute_ratio <= 0.2
     # Three chunks and the system prompt, whose exact KV is reused too.
     assert runner.store.report()["tiers"][0]["entries"] == 4
-    assert first.report["prefix_tokens_reused"] > 0
+    assert first.report.prefix_tokens_reused > 0
     # The default rule measures each chunk's drift when blending and records it in the chunk's entry.
     assert sum(entry["sensitivity"] is not None for entry in runner.store.entries()) == 3
 
@@ -92,7 +92,7 @@ def test_chunks_computed_alone_are_cached_apart_from_those_after_the_system_prom
             rag_prompt(tokenizer, DOCUMENTS, "reuse"))
         _, alone = BlendingRunner(loaded_model, store, chunk_prefix="none", costs=BLEND_ALWAYS).prefill(
             rag_prompt(tokenizer, DOCUMENTS, "reuse"))
-    assert alone.report["hits"] == [False, False, False]  # other keys: computed without the prefix
+    assert alone.report.hits == [False, False, False]  # other keys: computed without the prefix
     assert len(store.tiers[0].entries) == 7  # 3 chunks each way, and the system prompt's own KV, shared
 
 
@@ -132,9 +132,9 @@ def test_many_tiny_chunks_are_prefilled_in_full_and_faster_than_blending_them(lo
         started = time.perf_counter()
         _, forced = forced_runner.prefill(prompt)
         forced_s = time.perf_counter() - started
-    report = state.report
+    report = state.report.as_dict()
     assert report["mode"] == "full_prefill" and report["requested_mode"] == "blend"
     assert report["fallback"].startswith("blending 8 chunks (8 not cached)")
     torch.testing.assert_close(fallen_back, full, atol=1e-3, rtol=1e-4)
-    assert forced.report["mode"] == "blend" and forced.report["miss_count"] == 8
+    assert forced.report.mode == "blend" and forced.report.miss_count == 8
     assert fallback_s < forced_s, (fallback_s, forced_s)

@@ -58,6 +58,7 @@ def test_prompt_over_the_context_is_refused_before_queueing(engine) -> None:
 def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) -> None:
     from blendgate.gateway.backends.base import RequestContext
     from blendgate.gateway.backends.local import LocalBackend
+    from blendgate.gateway.backends.request import BackendRequest
     from blendgate.gateway.config import LocalModelConfig
     from blendgate.gateway.errors import GatewayError
     from blendgate.gateway.schemas import ChatCompletionRequest
@@ -71,7 +72,7 @@ def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) ->
         await backend.start()
         await backend.wait_ready()
         with pytest.raises(GatewayError) as raised:
-            await backend.stream(request, RequestContext(tenant="t")).__anext__()
+            await backend.stream(BackendRequest(request, "t"), RequestContext()).__anext__()
         return raised.value
 
     error = asyncio.run(scenario())

@@ -8,6 +8,7 @@ import pytest
 from pathlib import Path
 
 from blendgate.gateway.backends.local import LocalBackend
+from blendgate.gateway.backends.request import BackendRequest
 from blendgate.gateway.config import LocalModelConfig
 from blendgate.gateway.rag import rewrite_messages
 from blendgate.gateway.rag_template import RagPrompt
@@ -40,8 +41,7 @@ def test_segmented_tokens_equal_whole_prompt_tokens(loaded_model, tokenizer) -> 
             rag = RagPrompt("Answer the question using only the documents given.", chunks,
                             "What does the text say about prices?")
             request = request.model_copy(update={"messages": rewrite_messages(request, rag)})
-            request._rag_prompt = rag
-            prompt = backend._prompt(request)
+            prompt = backend._prompt(BackendRequest(request, "t", rag))
             whole = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages],
                                                   tokenize=False, add_generation_prompt=True)
             assert prompt.token_ids == tokenizer(whole, add_special_tokens=False)["input_ids"]

@@ -215,14 +215,15 @@ def test_a_collection_deleted_and_created_again_elsewhere_is_another_collection(
     drop its index of the old collection and the semantic-cache key must change, although the new
     collection's version number is the old one's again."""
     from blendgate.gateway.answer_cache import AnswerCache
+    from blendgate.gateway.loadable import Loadable
     from blendgate.gateway.schemas import ChatCompletionRequest
     from blendgate.semcache.settings import SemanticCacheSettings
 
     data = tmp_path / "data"
     gateway = make_retriever(data, embedder, tokenizer)
     cli = make_retriever(data, embedder, tokenizer)  # another process in real use: they share only the files
-    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.", {})
-    cache.collection_version = gateway.collection_version
+    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.", {},
+                        retriever=Loadable.of(gateway))
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "What is sold on Tuesdays?"}],
          "rag": {"collection": "c", "top_k": 1}})

@@ -1,4 +1,6 @@
-"""What every backend offers the chat endpoint, and the per-request context they report into."""
+"""What every backend offers the chat service (ChatBackend), what it answers with (ChatChunk, ChatResult),
+and the per-request context every layer reports into (RequestContext). What a backend is asked is a
+BackendRequest (request.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, TypeVar
 
+from ...engine.prefill_report import PrefillReport
 from ..errors import GatewayError
+from ..rag_report import RagReport
 from ..schemas import ChatCompletionRequest
+from .request import BackendRequest
 
 Loaded = TypeVar("Loaded")
 
@@ -26,12 +31,12 @@ class Usage:
 
 @dataclass
 class RequestContext:
-    """One chat request's identity and what the layers it passed through report about it.
-
-    `report()` becomes the response's `blendgate` object; later layers fill their own slots.
+    """One chat request's identity and what the layers it passed through report about it: the interface
+    between every layer of a request (semantic cache, RAG, backend, prefill) and the response's `blendgate`
+    object (`report()`) and the per-request series (gateway/metrics/). Each layer fills its own slots;
+    times are time.perf_counter() seconds.
     """
 
-    tenant: str
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
     arrived_at: float = field(default_factory=time.perf_counter)
@@ -40,9 +45,9 @@ class RequestContext:
     first_token_at: float | None = None
     finished_at: float | None = None
     usage: Usage | None = None
-    semantic_cache: dict[str, Any] | None = None
-    rag: dict[str, Any] | None = None
-    chunk_cache: dict[str, Any] | None = None
+    semantic_cache: dict[str, Any] | None = None  # semcache's LookupResult.report(), or why it was bypassed
+    rag: RagReport | None = None
+    chunk_cache: PrefillReport | None = None
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
@@ -61,8 +66,8 @@ class RequestContext:
                 "total_ms": ms(self.finished_at),
             },
             "semantic_cache": self.semantic_cache,
-            "rag": self.rag,
-            "chunk_cache": self.chunk_cache,
+            "rag": None if self.rag is None else self.rag.as_dict(),
+            "chunk_cache": None if self.chunk_cache is None else self.chunk_cache.as_dict(),
         }
 
 
@@ -119,10 +124,10 @@ class ChatBackend(abc.ABC):
         answered or refused the same way whether its answer is cached or not. By default: all are taken."""
 
     @abc.abstractmethod
-    def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
-        """The answer in pieces; the request has passed check()."""
+    def stream(self, request: BackendRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        """The answer in pieces; the request's chat request has passed check()."""
 
-    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
+    async def complete(self, request: BackendRequest, ctx: RequestContext) -> ChatResult:
         """A whole answer; by default gathered from stream()."""
         parts: list[str] = []
         finish_reason = None

@@ -10,6 +10,7 @@ from ..config import SamplingDefaults
 from ..errors import GatewayError
 from ..rag_template import context_documents_for, encode_prompt
 from ..schemas import ChatCompletionRequest
+from .request import BackendRequest
 
 # Chat roles the chat templates understand; OpenAI's "developer" is the newer name for "system".
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -39,17 +40,18 @@ def check_text_chat(request: ChatCompletionRequest, served_by: str) -> None:
                                code="unsupported_value", param=f"messages[{index}].content")
 
 
-def chat_prompt(tokenizer, request: ChatCompletionRequest, *, mode: str, recompute_ratio: float,
+def chat_prompt(tokenizer, request: BackendRequest, *, mode: str, recompute_ratio: float,
                 fidelity_target: float | None = None, context_documents: int = 0) -> Prompt:
-    """The prompt's tokens; for RAG, in segments whose chunk KV can be reused, with the request's prefill
-    mode, ratio and fidelity target when it names them (its `blend` object), else the given ones, and chunk KV
-    computed after up to `context_documents` neutral documents (rag_template.context_documents_for)."""
-    messages = [{"role": ROLE_MAP[m.role], "content": m.text()} for m in request.messages]
-    blend = request.blend
+    """The prompt's tokens; for RAG (request.rag_prompt), in segments whose chunk KV can be reused, with the
+    request's prefill mode, ratio and fidelity target when it names them (its `blend` object), else the given
+    ones, and chunk KV computed after up to `context_documents` neutral documents
+    (rag_template.context_documents_for)."""
+    messages = [{"role": ROLE_MAP[m.role], "content": m.text()} for m in request.chat.messages]
+    blend = request.chat.blend
     mode = (blend.mode if blend and blend.mode else None) or mode
     ratio = blend.recompute_ratio if blend and blend.recompute_ratio is not None else recompute_ratio
     target = blend.fidelity_target if blend and blend.fidelity_target is not None else fidelity_target
-    rag = request._rag_prompt
+    rag = request.rag_prompt
     documents = context_documents_for(len(rag.chunks), context_documents) if rag is not None else 0
     return encode_prompt(tokenizer, messages, rag, mode=mode, recompute_ratio=ratio, fidelity_target=target,
                          context_documents=documents)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -18,6 +19,7 @@ from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import LocalEngine
 from ...engine.errors import EngineError, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
+from ...engine.prefill_report import PrefillReport
 from ...engine.prompt import Prompt
 from ...engine.runner import make_runner
 from ...engine.sampling import SamplingParams
@@ -27,10 +29,22 @@ from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage, loaded_or_503
 from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
+from .request import BackendRequest
 
 log = logging.getLogger("blendgate.gateway")
 
 MAX_CHUNK_ORIGINS = 100_000
+
+@dataclass(frozen=True)
+class ChunkOrigin:
+    """Which document chunk a chunk-cache entry holds, for operators (the admin API's chunk-cache view):
+    `collection` (None for inline documents; "(system prompt)" for the system prompt's own KV), the chunk's
+    `id` and `source`."""
+
+    collection: str | None
+    id: str | None = None
+    source: str | None = None
+
 
 class LocalBackend(ChatBackend):
     kind = "local"
@@ -49,7 +63,7 @@ class LocalBackend(ChatBackend):
         self._error: str | None = None
         # Which document chunk each chunk-cache entry holds (by the digest of its tokens), for operators:
         # the store's keys are token digests and know nothing of collections.
-        self.chunk_origins: LRUCache[str, dict[str, str | None]] = LRUCache(MAX_CHUNK_ORIGINS)
+        self.chunk_origins: LRUCache[str, ChunkOrigin] = LRUCache(MAX_CHUNK_ORIGINS)
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load(), name=f"load {self.config.name}")
@@ -105,25 +119,22 @@ class LocalBackend(ChatBackend):
         return {"state": "loading"}
 
     # -- request path ---------------------------------------------------------------------------
-    def _prompt(self, request: ChatCompletionRequest) -> Prompt:
+    def _prompt(self, request: BackendRequest) -> Prompt:
         return chat_prompt(self.model.tokenizer, request, mode=self.chunk_cache.mode,  # type: ignore[union-attr]
                            recompute_ratio=self.chunk_cache.recompute_ratio,
                            fidelity_target=self.chunk_cache.fidelity_target,
                            context_documents=self.chunk_cache.context_documents)
 
-    def _remember_origins(self, request: ChatCompletionRequest, prompt: Prompt, ctx: RequestContext) -> None:
-        if self.store is None or request._rag_prompt is None:
+    def _remember_origins(self, request: BackendRequest, prompt: Prompt) -> None:
+        if self.store is None or request.rag_prompt is None:
             return
-        collection = (ctx.rag or {}).get("collection")
         first = prompt.segments[0]
         if not first.is_chunk:  # the system prompt's own KV, which blending reuses, is stored too
-            self.chunk_origins[token_digest(list(first.token_ids))] = {"collection": "(system prompt)", "id": None,
-                                                                        "source": None}
+            self.chunk_origins[token_digest(list(first.token_ids))] = ChunkOrigin("(system prompt)")
         chunk_segments = [s for s in prompt.segments if s.is_chunk]
-        for chunk, segment in zip(request._rag_prompt.chunks, chunk_segments):
+        for chunk, segment in zip(request.rag_prompt.chunks, chunk_segments):
             digest = token_digest(list(segment.token_ids))
-            self.chunk_origins[digest] = {"collection": collection, "id": chunk.id,
-                                          "source": getattr(chunk, "source", None)}
+            self.chunk_origins[digest] = ChunkOrigin(request.collection, chunk.id, chunk.source)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         context = self.model.max_context_tokens  # type: ignore[union-attr]
@@ -131,26 +142,23 @@ class LocalBackend(ChatBackend):
                                request.completion_limit() or max(1, context - prompt_tokens))
 
     @staticmethod
-    def _chunk_report(request: ChatCompletionRequest, report: dict | None) -> dict | None:
+    def _chunk_report(request: BackendRequest, report: PrefillReport | None) -> PrefillReport | None:
         """The runner's prefill report, with each chunk's hit named by the chunk's id."""
-        if report is None:
-            return None
-        report = dict(report)
-        hits = report.pop("hits", None)
-        if hits is not None and request._rag_prompt is not None:
-            report["chunks"] = [{"id": chunk.id, "hit": hit} for chunk, hit in zip(request._rag_prompt.chunks, hits)]
-        return report
+        if report is None or report.hits is None or request.rag_prompt is None:
+            return report
+        return replace(report, chunk_ids=[chunk.id for chunk in request.rag_prompt.chunks])
 
     def check(self, request: ChatCompletionRequest) -> None:
         check_text_chat(request, "local models")
 
-    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: BackendRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         engine = loaded_or_503(self.engine, self.config.name, self._error, "loading")
         # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
         prompt = await asyncio.to_thread(self._prompt, request)
-        self._remember_origins(request, prompt, ctx)
+        self._remember_origins(request, prompt)
+        chat = request.chat
         try:
-            handle = engine.submit(prompt, self._sampling(request, len(prompt)))
+            handle = engine.submit(prompt, self._sampling(chat, len(prompt)))
         except PromptTooLongError as exc:
             raise context_length_error(exc.max_context_tokens, exc.prompt_tokens) from exc
         except QueueFullError as exc:
@@ -158,7 +166,7 @@ class LocalBackend(ChatBackend):
         ctx.backend = self.kind
         ctx.usage = Usage(prompt_tokens=len(prompt))
         detokenizer = IncrementalDetokenizer(self.model.tokenizer)  # type: ignore[union-attr]
-        stops = StopMatcher(request.stop_sequences)
+        stops = StopMatcher(chat.stop_sequences)
         try:
             yield ChatChunk(delta={"role": "assistant", "content": ""})
             finish_reason = None

@@ -6,7 +6,8 @@ ids. A RAG prompt's chunks are marked by token spans sent alongside, in `samplin
 in the prompt: the worker sees exactly the tokens the local engine would, chunk keys are computed from the
 same token ids, and a stock worker, which ignores the spans, still answers the same prompt (prefilled in
 full). Workers with blendgate's plugin blend the chunks' cached KV and report what they reused in
-`meta_info["blendgate"]`, which this backend passes on in the response's `blendgate.chunk_cache`.
+`meta_info["blendgate"]`, which this backend reads as a PrefillReport (protocol.prefill_report_of) and passes
+on, with the worker and the chunks sent, in the response's `blendgate.chunk_cache`.
 
 Which worker: routing.AffinityRouter (the one that served most of the request's chunks, within a load
 bound). Failures: a worker that refuses the connection is marked down and the request goes to the next one
@@ -18,6 +19,7 @@ back gets traffic again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -29,12 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...chunkcache.keys import token_digest
 from ...engine.prompt import Prompt
 from ...engine.weights import WeightsError, load_tokenizer
-from ...sglang_plugin.protocol import generate_request, report_of
+from ...sglang_plugin.protocol import generate_request, prefill_report_of
 from ..config import SglangModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, RequestContext, Usage, loaded_or_503
 from .chat_prompt import chat_prompt, check_text_chat, context_length_error, sampling_params
+from .request import BackendRequest
 from .routing import AffinityRouter, WorkerState
 
 log = logging.getLogger("blendgate.gateway")
@@ -199,29 +202,27 @@ class SglangBackend(ChatBackend):
             raise GatewayError(502, f"SGLang worker {worker.name} failed ({response.status_code}): {message}",
                                code="upstream_error")
 
-    def _report(self, ctx: RequestContext, worker: WorkerState, meta: dict[str, Any], chunks: int) -> None:
+    def _report(self, ctx: RequestContext, worker: WorkerState, meta: _Meta, chunks: int) -> None:
         """The worker's prefill report (the plugin's `blendgate` object) and the gateway's totals."""
-        report = report_of(meta)
-        report.update(worker=worker.name, chunks_sent=chunks, cached_tokens=meta.get("cached_tokens"))
+        report = dataclasses.replace(prefill_report_of(meta.model_dump()), worker=worker.name, chunks_sent=chunks,
+                                     cached_tokens=meta.cached_tokens)
         ctx.chunk_cache = report
         self.totals["chunks_sent"] += chunks
-        self.totals["cached_tokens"] += int(meta.get("cached_tokens") or 0)
-        hits = report.get("hits")
-        if isinstance(hits, list):
-            self.totals["chunks_reused"] += sum(bool(h) for h in hits)
-        if isinstance(report.get("chunk_tokens"), int) and isinstance(report.get("recomputed_tokens"), int):
-            self.totals["chunk_tokens_not_recomputed"] += report["chunk_tokens"] - report["recomputed_tokens"]
+        self.totals["cached_tokens"] += meta.cached_tokens or 0
+        self.totals["chunks_reused"] += report.hit_count
+        if report.chunk_tokens is not None and report.recomputed_tokens is not None:
+            self.totals["chunk_tokens_not_recomputed"] += report.chunk_tokens - report.recomputed_tokens
 
     def check(self, request: ChatCompletionRequest) -> None:
         check_text_chat(request, "SGLang-served models")
 
-    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: BackendRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         tokenizer = loaded_or_503(self.tokenizer, self.config.name, self._error, "loading its tokenizer")
         # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
         prompt = await asyncio.to_thread(
             chat_prompt, tokenizer, request, mode=self.config.prefill_mode, recompute_ratio=self.config.recompute_ratio,
             fidelity_target=self.config.fidelity_target, context_documents=self.config.context_documents)
-        payload = self._payload(request, prompt, ctx)
+        payload = self._payload(request.chat, prompt, ctx)
         digests = [token_digest(s.token_ids) for s in prompt.segments if s.is_chunk]
         worker, response = await self._open(payload, digests)
         self.router.started(worker, digests)
@@ -243,7 +244,7 @@ class SglangBackend(ChatBackend):
                                             f"{_error_message(data.encode())}", code="upstream_error")
                 meta = event.meta_info
                 if not reported:
-                    self._report(ctx, worker, meta.model_dump(), len(digests))
+                    self._report(ctx, worker, meta, len(digests))
                     reported = True
                 ctx.usage = Usage(meta.prompt_tokens or len(prompt), meta.completion_tokens or 0)
                 piece = event.text

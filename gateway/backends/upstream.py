@@ -12,6 +12,7 @@ from ..errors import GatewayError
 from ..redaction import redact_url
 from ..schemas import ChatCompletionRequest
 from .base import ChatBackend, ChatChunk, ChatResult, RequestContext, loaded_or_503
+from .request import BackendRequest
 from .upstream_answer import MalformedAnswer, StreamReader, read_completion
 
 log = logging.getLogger("blendgate.gateway")
@@ -149,11 +150,11 @@ class LitellmBackend(ChatBackend):
         return GatewayError(502, f"upstream {self.config.litellm_model} broke off its stream: {message}",
                             code="upstream_error")
 
-    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
+    async def complete(self, request: BackendRequest, ctx: RequestContext) -> ChatResult:
         """The provider's first choice; 502 `upstream_error` for an answer that is not OpenAI's shape."""
         ctx.backend = self.kind
         try:
-            response = await self._library().acompletion(**self._arguments(request, stream=False))
+            response = await self._library().acompletion(**self._arguments(request.chat, stream=False))
         except Exception as exc:
             raise self._translate(exc) from exc
         try:
@@ -163,12 +164,12 @@ class LitellmBackend(ChatBackend):
         ctx.mark_first_token()
         return result
 
-    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: BackendRequest, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
         """The provider's stream, checked chunk by chunk (StreamReader); an empty or unreadable stream fails
         with 502 `upstream_error`, before the first chunk when nothing of it was sendable."""
         ctx.backend = self.kind
         try:
-            response = await self._library().acompletion(**self._arguments(request, stream=True))
+            response = await self._library().acompletion(**self._arguments(request.chat, stream=True))
         except Exception as exc:
             raise self._translate(exc) from exc
         reader = StreamReader()

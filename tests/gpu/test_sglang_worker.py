@@ -96,7 +96,8 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
     blender = ChunkBlender(model, ChunkCacheStore([MemoryTier("gpu", 1 << 30, "cuda")]))
     custom = {"blendgate_chunk_spans": spans, "blendgate_prefill_mode": "blend", "blendgate_recompute_ratio": 0.15}
     with torch.inference_mode():
-        result, local_report = blender.blend(prompt_of(ids, custom))
+        result, local = blender.blend(prompt_of(ids, custom))
+    local_report = local.as_dict()
     local = torch.log_softmax(result.logits.float(), dim=-1)
     report = blended["meta_info"]["blendgate"][0]
     assert report["mode"] == "blend"
