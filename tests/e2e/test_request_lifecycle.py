@@ -1,5 +1,5 @@
 """A live gateway while requests run: heavy requests leave the event loop free, and a client that leaves a
-non-streamed request stops its generation (streams: tests/test_stream_release.py).
+non-streamed request stops its generation (streams: tests/unit/gateway/test_stream_release.py).
 
 The gateway is the module's own, with the default body limit (8 MiB), so that a body of megabytes gets in, and
 the semantic cache on (its embedded store), which embeds and classifies every question before the model.
