@@ -11,6 +11,21 @@ import openai
 import pytest
 from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port
 
+E2E = Path(__file__).parent / "e2e"
+# A test needing one of these fixtures (directly or through another fixture) gets the marker
+# (registered in pyproject.toml): `pytest -m "not slow"` runs the plain-Python tests in seconds.
+MARKERS_BY_FIXTURE = {"redis_executable": "redis", "chromium": "browser", "model_cache_dir": "slow"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers from where a test lives (e2e: tests/e2e/) and from the fixtures it needs (MARKERS_BY_FIXTURE)."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+        needed = getattr(item, "fixturenames", ())
+        for marker in sorted({MARKERS_BY_FIXTURE[name] for name in needed if name in MARKERS_BY_FIXTURE}):
+            item.add_marker(marker)
+
 
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -27,7 +42,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def upstream(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     """A plain blendgate with the embedded model: the 'remote provider' for litellm routes."""
-    # The semantic cache has tests of its own (test_semantic_cache_api.py); here it would answer repeated
+    # The semantic cache has tests of its own (e2e/test_semantic_cache_api.py); here it would answer repeated
     # questions without the model that the tests exercise.
     config = {"retrieval": {"data_dir": str(workdir / "upstream-collections")}, "semantic_cache": {"enabled": False}}
     process = GatewayProcess("upstream", config, workdir, model_cache_dir).start()
