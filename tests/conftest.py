@@ -75,6 +75,19 @@ def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> I
 
 
 @pytest.fixture(scope="session")
+def cache_gateway(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
+    """The default configuration (the embedded model, the default 8 MiB body limit) with the semantic cache on,
+    in its embedded store: a request passes through the cache's embedding and classification too. Shared by
+    tests that check what each request gets, never what the cache holds (e2e/test_fuzz_chat.py,
+    e2e/test_request_lifecycle.py): one start-up instead of one per module."""
+    config = {"retrieval": {"data_dir": str(workdir / "cache-gateway-collections")},
+              "semantic_cache": {"enabled": True}}
+    process = GatewayProcess("cache-gateway", config, workdir, model_cache_dir).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
 def client(gateway: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
 
