@@ -13,14 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from blendgate.retriever.document_store import DocumentStore  # noqa: E402
 from blendgate.retriever.embedder import Embedder  # noqa: E402
 from blendgate.retriever.index import VectorIndex  # noqa: E402
-from blendgate.retriever.store import ChunkStore  # noqa: E402
 from retrieval import load_corpus  # noqa: E402
 
 
 def main() -> None:
-    store = ChunkStore(Path(sys.argv[1]) / "chunks.sqlite3")
+    store = DocumentStore(Path(sys.argv[1]) / "chunks.sqlite3")
     record = store.collection("bench")
     rows, vectors = store.embeddings("bench", record.dimension)
     sources = {row: source.rsplit("#", 1)[1] for row, source in store.sources("bench").items()}

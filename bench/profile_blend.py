@@ -13,6 +13,7 @@ import time
 
 import torch
 from blendgate.chunkcache.blend import blend_prefill
+from blendgate.engine.prompt import DEFAULT_RECOMPUTE_RATIO
 from torch.profiler import ProfilerActivity, profile
 from ttft import Bench, random_model  # bench/ is on sys.path when this runs as a script
 
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--ratio", type=float, default=0.15)
+    parser.add_argument("--ratio", type=float, default=DEFAULT_RECOMPUTE_RATIO)
     args = parser.parse_args()
     print(f"one tiny kernel launch: {launch_cost():.1f} us (host side, back to back)")
     bench = Bench(args.model, random_model(args.model), runs=3, max_chunks=args.chunks)

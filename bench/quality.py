@@ -60,6 +60,11 @@ RULES: dict[str, dict] = {
     "attention-uniform": {"score": "attention", "chunk_budget": "uniform"},
     "attention-shift": {"score": "attention", "drift_shift": 1.0},
     "attention-shift-half": {"score": "attention", "drift_shift": 0.5},
+    "attention-shift-0.75": {"score": "attention", "drift_shift": 0.75},
+    "attention-shift-half-sinks": {"score": "attention", "drift_shift": 0.5, "sink_tokens": 4},
+    "attention-span1": {"score": "attention", "neighbours": 1},
+    "attention-span2": {"score": "attention", "neighbours": 2},
+    "attention-p16": {"score": "attention", "probe_layers": 16},
 }
 DEFAULT_VARIANTS = ["full_prefill", "reuse", "value@0.15", "attention@0.15/context5", "target=0.9@0.5/context5"]
 
@@ -175,7 +180,8 @@ def main() -> None:
 
     # Only modules without web or retrieval dependencies, so that this runs as it is on a bare GPU machine.
     from blendgate.chunkcache.runner import BlendingRunner
-    from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
+    from blendgate.chunkcache.kv_store import ChunkCacheStore
+    from blendgate.chunkcache.tiers import MemoryTier
     from blendgate.engine.prompt import Prompt
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model

@@ -99,10 +99,10 @@ def evaluate(retriever, collection: str, queries: list[tuple[str, str]], latency
         return sum(1 for r in ranks if r is not None and r <= k) / len(ranks)
 
     # The same queries on an exact index of the same vectors: what the approximate index costs in recall.
-    record = retriever.store.collection(collection)
-    rows, vectors = retriever.store.embeddings(collection, record.dimension)
+    record = retriever.documents.collection(collection)
+    rows, vectors = retriever.documents.embeddings(collection, record.dimension)
     exact = VectorIndex.build(record.dimension, vectors, rows, approximate_threshold=len(rows) + 1)
-    sources = retriever.store.sources(collection)
+    sources = retriever.documents.sources(collection)
     exact_found = 0
     for vector, (_, gold) in zip(retriever.embedder.embed([q for q, _ in queries]), queries):
         exact_found += gold in [gold_of(sources[row]) for row, _ in exact.search(vector, 10)]

@@ -42,12 +42,13 @@ from pathlib import Path
 
 import numpy as np
 from blendgate.retriever.embedder import Embedder
-from blendgate.semcache.cache import CacheQuery, SemanticCache
+from blendgate.semcache.answer_store import MemoryAnswerStore, RedisAnswerStore
+from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.categories import CategoryClassifier
 from blendgate.semcache.index import IndexedEntry
+from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
-from blendgate.semcache.stores import MemoryStore, RedisStore
 from prometheus_client import CollectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +107,7 @@ class Embeddings:
 
 
 def cache_with(settings: SemanticCacheSettings, embedder: Embedder, store=None) -> SemanticCache:
-    return SemanticCache(settings, store or MemoryStore(), embedder.dimension, embedder.embed,
+    return SemanticCache(settings, store or MemoryAnswerStore(), embedder.dimension, embedder.embed,
                          SemanticCacheMetrics(CollectorRegistry()))
 
 
@@ -164,10 +165,10 @@ async def candidate_records(cache: SemanticCache, pairs: list[Pair], embeddings:
     for pair in pairs:
         vector = embeddings(pair.second)
         classified = cache.classify(pair.second, vector)
-        searched = [classified.category] + [n for n in classified.neighbours if cache.policies[n].cached]
+        searched = [classified.category] + [n for n in classified.neighbours if cache.policy.category(n).cached]
         candidates = [(similarity, category, labels.get((_norm(pair.second), _norm(questions[meta.entry_id]))))
-                      for meta, similarity, category in cache.nearest("bench", searched, vector, "")] \
-            if cache.policies[classified.category].cached else []
+                      for meta, similarity, category in cache.lookups.nearest("bench", searched, vector, "")] \
+            if cache.policy.category(classified.category).cached else []
         records.append({"category": classified.category, "candidates": candidates, "paraphrase": pair.paraphrase})
     await cache.close()
     return records
@@ -526,8 +527,8 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
     embeddings.load(sentences)
     base = np.stack([embeddings(s) for s in sentences])
     settings = SemanticCacheSettings()
-    store = RedisStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
-        if redis_url else MemoryStore()
+    store = RedisAnswerStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
+        if redis_url else MemoryAnswerStore()
     cache = cache_with(settings, embedder, store)
     await cache.start()
     categories = [cache.classify(s, v).category for s, v in zip(sentences, base)]

@@ -29,7 +29,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
 from blendgate.engine.llama import LlamaFamilyModel
 
@@ -83,10 +84,10 @@ def p90(times: list[float]) -> float:
 
 class Bench:
     def __init__(self, name: str, hf_model, runs: int, max_chunks: int, seed: int = 0,
-                 reuse_system_prefix: bool = False, rules: dict[str, SelectionRule] | None = None,
+                 reuse_system_prefix: bool = False, rules: dict[str, tuple[SelectionRule, bool | None]] | None = None,
                  ratios: tuple[float, ...] = RATIOS) -> None:
         self.name, self.hf, self.runs = name, hf_model, runs
-        self.rules = rules or {"default": DEFAULT_RULE}
+        self.rules = rules or {"default": (DEFAULT_RULE, None)}
         self.ratios = ratios
         self.model = LlamaFamilyModel.from_transformers(hf_model)
         vocab = hf_model.config.vocab_size
@@ -146,15 +147,15 @@ class Bench:
             self.row(k, f"full reuse (r = 0), chunks in {tier} memory",
                      lambda: int(blend_prefill(model, segments, 0.0, prefix_kv=prefix_kv).logits.argmax()))
             # Every rule with chunks in GPU memory; the first (the default) from CPU memory too.
-            for name, rule in list(self.rules.items())[: None if tier == "GPU" else 1]:
+            for name, (rule, graphs) in list(self.rules.items())[: None if tier == "GPU" else 1]:
                 for ratio in self.ratios:
                     # The ideal from the compute actually spent (blending aligns the count to GEMM tiles, and a
                     # deviation rule runs its first layers in full): 1 / compute share.
-                    done = blend_prefill(model, segments, ratio, prefix_kv=prefix_kv, rule=rule)
+                    done = blend_prefill(model, segments, ratio, prefix_kv=prefix_kv, rule=rule, probe_graphs=graphs)
                     label = (f"blend {name} r = {ratio}, chunks in {tier} memory ({done.recomputed_chunk_tokens} "
                              f"of {done.chunk_tokens} recomputed)")
-                    self.row(k, label, lambda r=ratio, rl=rule: int(blend_prefill(model, segments, r, prefix_kv=prefix_kv,
-                                                                                   rule=rl).logits.argmax()),
+                    self.row(k, label, lambda r=ratio, rl=rule, g=graphs: int(blend_prefill(
+                        model, segments, r, prefix_kv=prefix_kv, rule=rl, probe_graphs=g).logits.argmax()),
                              ideal=1 / done.compute_share)
         for row in self.rows:
             if row["model"] == self.name and row["k"] == k:
@@ -235,13 +236,18 @@ def main() -> None:
                         help="add SGLang 0.5.15's rows (stock, prefix caching, with blendgate's plugin): "
                              "bench/sglang_rows.py")
     parser.add_argument("--rules", nargs="+", default=["default"],
-                        help="selection rules to time: 'default' and names of bench/quality.py's RULES")
+                        help="selection rules to time: 'default' and names of bench/quality.py's RULES; a name "
+                             "ending in ':eager' runs the probe pass op by op instead of from CUDA graphs")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     from quality import RULES
 
-    rules = {name: DEFAULT_RULE if name == "default" else SelectionRule(**RULES[name]) for name in args.rules}
+    rules = {}
+    for name in args.rules:
+        base = name.removesuffix(":eager")
+        rules[name] = (DEFAULT_RULE if base == "default" else SelectionRule(**RULES[base]),
+                       False if name.endswith(":eager") else None)
     if not torch.cuda.is_available():
         sys.exit("bench/ttft.py needs a CUDA GPU")
     # transformers' SDPA would pick cuDNN, whose plan is rebuilt for every new length (~20 ms of host time

@@ -24,27 +24,13 @@ import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels.attention import plan_causal, plan_sparse
+from ..kernels.drift import drift_apply, drift_deltas
 from ..kernels.rope import place, rope_store, rotate
-from ..kernels.selection import attention_mass, causal_bias, deviation
+from ..kernels.selection import deviation
+from .kv import ChunkKV
+from .probe import ProbeGraphs, probe_eager
 from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count,
                         targeted_count, uniform_counts)
-
-
-@dataclass
-class ChunkKV:
-    """One chunk's KV, computed with the chunk alone after `prefix_ids`; keys are not rotated."""
-
-    token_ids: torch.Tensor  # [tokens], on the host
-    keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], before RoPE
-    values: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
-
-    @property
-    def length(self) -> int:
-        return int(self.token_ids.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
@@ -149,6 +135,11 @@ class ChunkLoader:
             self.events.update({index: event for index in range(layers.start, layers.stop)})
             self.next_layer = layers.stop
 
+    def ready_all(self) -> None:
+        """Block the compute stream until every layer's chunk KV is in place."""
+        for layer in range(self.first_layer, self.layers):
+            self.ready(layer)
+
     def ready(self, layer: int) -> None:
         """Block the compute stream until the chunks' KV of `layer` is in place (no host wait)."""
         if self.stream is None or layer < self.first_layer:
@@ -197,30 +188,6 @@ def _layout(segments: list, prefix_kv: ChunkKV | None) -> _Layout:
     return _Layout(ids, exact, chunk_rows, other_rows, vote, lengths, placements)
 
 
-def _probe(model: LlamaFamilyModel, layout: _Layout, cache: KVCache, loader: "ChunkLoader", cos: torch.Tensor,
-           sin: torch.Tensor, layers: int) -> torch.Tensor:
-    """Query-aware scores: the computed non-chunk rows run over the cached chunk KV (as full reuse would) for
-    `layers` layers; at each, the attention the question's rows pay every slot is added up. Returns
-    [chunk tokens] float32. The rows' KV written here is overwritten by the blend's own pass."""
-    device, total = model.device, len(layout.ids)
-    slots = torch.tensor(layout.other_rows, dtype=torch.long, device=device)
-    # The question is the last segment, so its rows are the last of the computed rows.
-    first_vote = len(layout.other_rows) - len(layout.vote_rows)
-    bias = causal_bias(slots[first_vote:], total, model.heads // model.kv_heads, model.dtype)
-    hidden = torch.nn.functional.embedding(torch.tensor(layout.ids, device=device)[slots], model.embed_tokens)
-    plan = plan_sparse(slots, total)
-    active_cos, active_sin = cos[slots], sin[slots]
-    mass = torch.zeros(total, dtype=torch.float32, device=device)
-    for layer in range(layers):
-        loader.ready(layer)
-        qkv = model.project_qkv(layer, hidden)
-        q = rope_store(qkv, model.heads, active_cos, active_sin, cache.keys[layer], cache.values[layer], slots)
-        attention_mass(q[:, first_vote:], cache.keys[layer], slots[first_vote:], total, out=mass, bias=bias)
-        if layer + 1 < layers:
-            hidden = model.finish_layer(layer, hidden, model.attend(layer, q, cache, plan))
-    return mass[torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)]
-
-
 def _fresh_deviation(model: LlamaFamilyModel, rule: SelectionRule, layer: int, qkv: torch.Tensor, cache: KVCache,
                      rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Deviation of these rows' fresh KV (from `qkv`, [rows, ...]) from the cache's at their slots `rows`."""
@@ -238,7 +205,8 @@ class _DriftShift:
     the mean difference between fresh and cached KV of a chunk's recomputed tokens (keys compared before
     rotation; shrunk toward the mean over all chunks when a chunk has few) is added, times `strength`, to the
     cached KV of the chunk's other tokens. Much of a chunk's drift is shared by its tokens (its context shifts
-    every key alike), so this moves all of them toward their fresh KV at the cost of one pass over them."""
+    every key alike), so this moves all of them toward their fresh KV. Three launches a layer on CUDA
+    (kernels/drift.py): the recomputed tokens' deltas, the per-chunk means as one matrix product, the shift."""
 
     PRIOR_WEIGHT = 4.0  # recomputed tokens' worth of the all-chunks mean in each chunk's estimate
 
@@ -246,41 +214,38 @@ class _DriftShift:
                  sin: torch.Tensor, strength: float) -> None:
         self.model, self.cache, self.cos, self.sin, self.strength = model, cache, cos, sin, strength
         device = cache.keys.device
-        total = len(layout.ids)
         self.chunks = len(layout.chunk_lengths)
-        self.chunk_of = torch.full((total,), -1, dtype=torch.long, device=device)
+        self.chunk_of = torch.full((len(layout.ids),), -1, dtype=torch.long, device=device)
         for index, (kv, start) in enumerate(layout.placements):
             self.chunk_of[start: start + kv.length] = index
         self.chunk_slots = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)
-        self.stale: torch.Tensor | None = None
+        self.recomputed = self.rows = self.weights = self.stale = self.stale_chunk = None
+
+    def select(self, recomputed: torch.Tensor, rows: torch.Tensor) -> None:
+        """The recomputed chunk tokens from now on: their slots, and their rows among the computed rows."""
+        self.recomputed, self.rows = recomputed, rows
+        count = recomputed.shape[0]
+        which = self.chunk_of[recomputed]
+        members = torch.nn.functional.one_hot(which, self.chunks).t().float()  # [chunks, recomputed]
+        counts = members.sum(dim=1, keepdim=True)
+        # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
+        self.weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
+        fresh[recomputed] = True
+        self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
+        self.stale_chunk = self.chunk_of[self.stale]
 
     def store_and_correct(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          slots: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
-        """rope_store's work for this layer, then the correction; returns the rotated queries."""
+                          slots: torch.Tensor) -> torch.Tensor:
+        """rope_store's work for this layer (`qkv` of the computed rows at `slots`), then the correction;
+        returns the rotated queries."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        old_keys, old_values = keys[:, recomputed], values[:, recomputed]
+        if self.recomputed is None or self.recomputed.numel() == 0:
+            return rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
+        deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin)
+        mean = torch.matmul(self.weights, deltas)  # [2 kv_heads, chunks, head_dim]
         q = rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
-        if recomputed.numel() == 0:
-            return q
-        if self.stale is None:
-            fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
-            fresh[recomputed] = True
-            self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
-        which = self.chunk_of[recomputed]
-        stale_chunk = self.chunk_of[self.stale]
-        delta_keys = rotate((keys[:, recomputed] - old_keys).float(), self.cos[recomputed].float(),
-                            -self.sin[recomputed].float())  # unrotated: the same frame at every position
-        delta_values = (values[:, recomputed] - old_values).float()
-        for delta, target, rotated in ((delta_keys, keys, True), (delta_values, values, False)):
-            sums = torch.zeros(delta.shape[0], self.chunks, delta.shape[2], device=delta.device)
-            sums.index_add_(1, which, delta)
-            counts = torch.bincount(which, minlength=self.chunks).float()
-            prior = delta.mean(dim=1, keepdim=True)
-            mean = (sums + self.PRIOR_WEIGHT * prior) / (counts + self.PRIOR_WEIGHT)[None, :, None]
-            shift = mean[:, stale_chunk] * self.strength
-            if rotated:
-                shift = rotate(shift, self.cos[self.stale].float(), self.sin[self.stale].float())
-            target[:, self.stale] += shift.to(target.dtype)
+        drift_apply(mean, self.stale_chunk, self.stale, self.strength, keys, values, self.cos, self.sin)
         return q
 
 
@@ -288,6 +253,14 @@ def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[
     """Indices (into the chunk tokens, ascending) of the `count` tokens to recompute, by `score`
     [chunk tokens]: each chunk's first `rule.sink_tokens` first, then the top scores, over all chunks
     ("global") or in proportion to each chunk's length ("uniform")."""
+    if rule.neighbours:  # each token at the best score within `neighbours` of it, chunk by chunk
+        width, pooled, start = 2 * rule.neighbours + 1, [], 0
+        for length in lengths:
+            part = score[start: start + length].float()[None, None]
+            pooled.append(torch.nn.functional.max_pool1d(part, width, 1, rule.neighbours)[0, 0].to(score.dtype)
+                          if length else part[0, 0])
+            start += length
+        score = torch.cat(pooled) if pooled else score
     if rule.sink_tokens:
         score = score.clone()
         start = 0
@@ -310,7 +283,7 @@ def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[
 def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
                   marks: list | None = None, prefix_kv: ChunkKV | None = None,
                   row_alignment: int | None = None, logits: bool = True, rule: SelectionRule = DEFAULT_RULE,
-                  target_fidelity: float | None = None) -> BlendResult:
+                  target_fidelity: float | None = None, probe_graphs: bool | None = None) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
     The last segment must be computed tokens (the question), whose last position gives the logits.
     ChunkKVs may live on the GPU or in (pinned) CPU memory; the latter are streamed up layer by layer.
@@ -325,7 +298,9 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     tiles; default GPU_ROW_ALIGNMENT on CUDA, none elsewhere. The result reports the count used.
     `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown.
     `logits` False: the result carries the last token's hidden state instead (an engine with its own
-    logits processor, such as SGLang, finishes it)."""
+    logits processor, such as SGLang, finishes it).
+    `probe_graphs`: run the query-aware rules' probe pass from CUDA graphs (chunkcache/probe.py: the same
+    numbers, without the host's launch time); None: wherever ProbeGraphs.usable says it applies."""
     def mark(stage: str) -> None:
         if marks is not None:
             event = torch.cuda.Event(enable_timing=True)
@@ -351,11 +326,9 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     everything = count == chunk_tokens and not targeted  # r = 1: full prefill, computed as such
     positions = torch.arange(total, device=device)
     cos, sin = model.rope(positions)
-    cache = model.new_cache(total + 64)
-    cache.positions[:total] = positions
-    cache.length = total
-    if exact:
-        place_chunk(cache, prefix_kv, 0, cos, sin)  # every layer: the prefix rows are never computed
+    token_ids = torch.tensor(ids, device=device)
+    other = torch.tensor(layout.other_rows, dtype=torch.long, device=device) - exact
+    chunk = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device) - exact
 
     scoring = count > 0 and not everything
     query_aware = scoring and rule.query_aware
@@ -364,16 +337,38 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     # KV); attention selects before layer 0; with nothing to recompute, only the other rows run at all.
     first_cached = rule.first_selective_layer() if scoring else 0
     first_cached = min(first_cached, model.num_layers)
-    loader = ChunkLoader(cache, [] if everything else layout.placements, cos, sin,
-                         0 if query_aware else first_cached)
-    mark("chunks placed")
-    other = torch.tensor(layout.other_rows, dtype=torch.long, device=device) - exact
-    chunk = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device) - exact
+
+    def placed(cache: KVCache) -> ChunkLoader:
+        """The exact prefix and the chunks' KV put into `cache` (chunks streamed from CPU memory: queued)."""
+        if exact:
+            place_chunk(cache, prefix_kv, 0, cos, sin)  # every layer: the prefix rows are never computed
+        loader = ChunkLoader(cache, [] if everything else layout.placements, cos, sin,
+                             0 if query_aware else first_cached)
+        mark("chunks placed")
+        return loader
+
     importance = None
-    if query_aware:
-        importance = _probe(model, layout, cache, loader, cos, sin,
-                            min(rule.probe_layers or model.num_layers, model.num_layers))
+    probe_layers = min(rule.probe_layers or model.num_layers, model.num_layers)
+    votes = len(layout.vote_rows)
+    if query_aware and probe_graphs is not False and ProbeGraphs.usable(model):
+        graphs = ProbeGraphs.for_model(model)
+        with graphs.arena_for(total, len(layout.other_rows)) as arena:
+            loader = placed(arena)
+            mass = graphs.probe(token_ids, other + exact, votes, total, cos, sin, loader.ready, probe_layers)
+            importance = mass[chunk + exact]
+            loader.ready_all()
+            cache = arena.clone(total + 64)  # the request's own cache; the arena serves the next probe
         mark("probe")
+    else:
+        cache = model.new_cache(total + 64)
+        cache.positions[:total] = positions
+        cache.length = total
+        loader = placed(cache)
+        if query_aware:
+            mass = probe_eager(model, token_ids, other + exact, votes, total, cache, loader.ready, cos, sin,
+                               probe_layers)
+            importance = mass[chunk + exact]
+            mark("probe")
     covered = None
 
     def pick(score: torch.Tensor) -> torch.Tensor:
@@ -389,7 +384,7 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
 
     shift = _DriftShift(model, cache, layout, cos, sin, rule.drift_shift) if rule.drift_shift else None
     plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
-    hidden = torch.nn.functional.embedding(torch.tensor(ids[exact:], device=device), model.embed_tokens)
+    hidden = torch.nn.functional.embedding(token_ids[exact:], model.embed_tokens)
     slots, active_cos, active_sin = positions[exact:], cos[exact:], sin[exact:]  # slot j holds position j
     local = torch.arange(total - exact, device=device)
     selected = chunk if everything else chunk[:0]
@@ -420,6 +415,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             slots = local + exact
             plan = plan_sparse(slots, total)
             active_cos, active_sin = cos[slots], sin[slots]
+            if shift is not None and scoring:
+                shift.select(selected + exact, torch.searchsorted(local, selected))
             mark("selection")
         elif layer == narrow_at:
             is_chunk = torch.zeros(total - exact, dtype=torch.bool, device=device)  # only gradual filtering asks
@@ -434,10 +431,12 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             slots = local + exact
             plan = plan_sparse(slots, total)
             active_cos, active_sin = cos[slots], sin[slots]
+            if shift is not None:
+                shift.select(selected + exact, torch.searchsorted(local, selected))
         else:
             qkv = model.project_qkv(layer, hidden)
         if shift is not None and layer >= first_cached and not everything and scoring:
-            q = shift.store_and_correct(layer, qkv, active_cos, active_sin, slots, selected + exact)
+            q = shift.store_and_correct(layer, qkv, active_cos, active_sin, slots)
             attention = model.attend(layer, q, cache, plan)
         else:
             attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)

@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import OrderedDict
 
 import torch
+from cachetools import LRUCache
 
 from ..engine.llama import KVCache, LlamaFamilyModel
-from ..engine.prompt import Prompt
+from ..engine.prompt import CHUNK_PREFIXES, Prompt
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
-from .blend import BlendResult, ChunkKV, blend_prefill, precompute_chunk
+from . import defaults
+from .blend import BlendResult, blend_prefill, precompute_chunk
 from .fallback import PrefillCosts, blend_fallback
+from .keys import ChunkKey, model_fingerprint, token_digest
+from .kv import ChunkKV
+from .kv_store import ChunkCacheStore
 from .selection import DEFAULT_RULE, SelectionRule
-from .store import ChunkCacheStore, ChunkKey, model_fingerprint, token_digest
-
-
-# What a chunk's KV is computed after: "system" (the prompt's first segment: system prompt and "Documents:"
-# header, then the prompt's chunk_context: neutral documents) or "none" (the chunk alone).
-CHUNK_PREFIXES = ("system", "none")
 
 
 class ChunkBlender:
@@ -44,11 +42,11 @@ class ChunkBlender:
     under the same keys."""
 
     def __init__(self, model: LlamaFamilyModel, store: ChunkCacheStore, chunk_prefix: str = "system",
-                 rule: SelectionRule = DEFAULT_RULE) -> None:
+                 rule: SelectionRule = DEFAULT_RULE, prefix_caches: int = defaults.CHUNK_PREFIX_ENTRIES) -> None:
         if chunk_prefix not in CHUNK_PREFIXES:
             raise ValueError(f"chunk_prefix must be one of {', '.join(CHUNK_PREFIXES)}")
         # The KV of the few chunk prefixes in use (system prompt, context), continued for each new chunk.
-        self._prefix_caches: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+        self._prefix_caches: LRUCache[tuple[int, ...], KVCache] = LRUCache(prefix_caches)
         self.model = model
         self.store = store
         self.chunk_prefix = chunk_prefix
@@ -62,8 +60,6 @@ class ChunkBlender:
             return ()
         return first.token_ids + tuple(prompt.chunk_context)
 
-    PREFIX_CACHES = 4
-
     def _prefix_cache(self, prefix_ids: tuple[int, ...]) -> KVCache | None:
         """The KV of a chunk prefix, computed on first use and kept (a few, least recently used dropped)."""
         if not prefix_ids:
@@ -73,9 +69,6 @@ class ChunkBlender:
             found = self.model.new_cache(len(prefix_ids))
             self.model.forward(torch.tensor(list(prefix_ids), device=self.model.device), None, found)
             self._prefix_caches[prefix_ids] = found
-            while len(self._prefix_caches) > self.PREFIX_CACHES:
-                self._prefix_caches.popitem(last=False)
-        self._prefix_caches.move_to_end(prefix_ids)
         return found
 
     def chunk_key(self, chunk_prefix: tuple[int, ...], chunk_ids: tuple[int, ...]) -> ChunkKey:
@@ -152,15 +145,15 @@ def per_chunk_counts(result: BlendResult) -> list[int]:
 
 
 class BlendingRunner(LlamaRunner):
-    def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = 16,
+    def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = defaults.PREFIX_ENTRIES,
                  chunk_prefix: str = "system", rule: SelectionRule = DEFAULT_RULE,
-                 costs: PrefillCosts = PrefillCosts()) -> None:
+                 costs: PrefillCosts = PrefillCosts(),
+                 chunk_prefix_entries: int = defaults.CHUNK_PREFIX_ENTRIES) -> None:
         super().__init__(loaded)
-        self.blender = ChunkBlender(self.model, store, chunk_prefix, rule)
+        self.blender = ChunkBlender(self.model, store, chunk_prefix, rule, chunk_prefix_entries)
         self.store = store
         self.costs = costs
-        self.prefix_entries = prefix_entries
-        self._prefixes: OrderedDict[str, KVCache] = OrderedDict()
+        self._prefixes: LRUCache[str, KVCache] = LRUCache(prefix_entries)  # exact prefixes, by token digest
 
     def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
         started = time.perf_counter()
@@ -196,9 +189,8 @@ class BlendingRunner(LlamaRunner):
         cache, reused = None, 0
         for boundary in reversed(boundaries):
             digest = token_digest(ids[:boundary])
-            found = self._prefixes.get(digest)
+            found = self._prefixes.get(digest)  # a hit is the most recent now
             if found is not None:
-                self._prefixes.move_to_end(digest)
                 cache, reused = found.clone(len(prompt) + 64), boundary
                 break
         if cache is None:
@@ -214,7 +206,4 @@ class BlendingRunner(LlamaRunner):
         return logits[-1], KVState(cache=cache, length=len(prompt)), reused
 
     def _remember(self, digest: str, cache: KVCache) -> None:
-        self._prefixes[digest] = cache.clone()
-        self._prefixes.move_to_end(digest)
-        while len(self._prefixes) > self.prefix_entries:
-            self._prefixes.popitem(last=False)
+        self._prefixes[digest] = cache.clone()  # past the bound the least recently used goes

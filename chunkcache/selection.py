@@ -50,6 +50,8 @@ class SelectionRule:
         chunk the same share of its tokens.
     drift_shift: the chunk tokens not recomputed get this share of the mean KV drift their chunk's recomputed
         tokens show at each layer (0: off; chunkcache/blend.py: _DriftShift).
+    neighbours: each token scored at least as high as the best within this many tokens of it in its chunk, so
+        that spans around the high-scoring tokens are recomputed together (0: off).
     """
 
     score: ScoreKind = "attention"
@@ -59,6 +61,7 @@ class SelectionRule:
     gradual: float = 1.0
     chunk_budget: ChunkBudget = "global"
     drift_shift: float = 0.0
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:
@@ -73,6 +76,8 @@ class SelectionRule:
             raise ValueError("gradual must be at least 1")
         if self.drift_shift < 0:
             raise ValueError("drift_shift must not be negative")
+        if self.neighbours < 0:
+            raise ValueError("neighbours must not be negative")
         if self.chunk_budget not in ("global", "uniform"):
             raise ValueError("chunk_budget must be 'global' or 'uniform'")
 

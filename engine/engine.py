@@ -1,9 +1,8 @@
 """The local engine: token ids in, generated tokens out, as they are produced.
 
-One worker thread owns the model. Requests wait in a FIFO queue; up to `max_running` of them run
-at once and the worker steps them round-robin, one forward pass (a prefill or one decode token) at a
-time, so a long generation delays but never starves a short one, and no two forward passes touch the
-model together. The asyncio side only waits on per-request queues, so the event loop never blocks.
+One worker thread owns the model and runs one forward pass at a time (a prefill or one decode token) for
+the request the scheduler (scheduler.py: FIFO admission, round-robin steps) picks, so no two forward passes
+touch the model together. The asyncio side only waits on per-request queues, so the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -13,32 +12,18 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 import torch
 
+from .errors import EngineError, PromptTooLongError
 from .prompt import Prompt
 from .runner import KVState
 from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler
 
 log = logging.getLogger("blendgate.engine")
-
-
-class EngineError(Exception):
-    pass
-
-
-class QueueFullError(EngineError):
-    pass
-
-
-class PromptTooLongError(EngineError):
-    def __init__(self, prompt_tokens: int, max_context_tokens: int) -> None:
-        super().__init__(f"the prompt has {prompt_tokens} tokens but the model's context holds {max_context_tokens}")
-        self.prompt_tokens = prompt_tokens
-        self.max_context_tokens = max_context_tokens
 
 
 class Runner(Protocol):
@@ -108,45 +93,13 @@ class GenerationHandle:
             self.cancel()
 
 
-class Scheduler:
-    """Which request takes the next forward pass. Plain Python: no model, no threads."""
-
-    def __init__(self, max_running: int, max_waiting: int) -> None:
-        self.max_running = max_running
-        self.max_waiting = max_waiting
-        self.waiting: deque[GenerationHandle] = deque()
-        self.running: deque[GenerationHandle] = deque()
-
-    def add(self, request: GenerationHandle) -> None:
-        if len(self.running) >= self.max_running and len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(
-                f"the local engine is busy: {len(self.running)} requests running and {len(self.waiting)} waiting")
-        self.waiting.append(request)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def next(self) -> GenerationHandle:
-        """Admit waiting requests into free slots, then rotate: the front request steps next."""
-        while self.waiting and len(self.running) < self.max_running:
-            self.running.append(self.waiting.popleft())
-        request = self.running.popleft()
-        self.running.append(request)
-        return request
-
-    def drop(self, request: GenerationHandle) -> None:
-        for queue in (self.running, self.waiting):
-            if request in queue:
-                queue.remove(request)
-
-
 class LocalEngine:
     def __init__(self, runner: Runner, *, max_context_tokens: int, stop_token_ids: frozenset[int],
                  max_running: int = 4, max_waiting: int = 64) -> None:
         self.runner = runner
         self.max_context_tokens = max_context_tokens
         self.stop_token_ids = stop_token_ids
-        self._scheduler = Scheduler(max_running, max_waiting)
+        self._scheduler: Scheduler[GenerationHandle] = Scheduler(max_running, max_waiting)
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False

@@ -4,14 +4,18 @@ prefill it (the chunk-cache modes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 PrefillMode = Literal["full_prefill", "prefix", "reuse", "blend"]
-PREFILL_MODES: tuple[str, ...] = ("full_prefill", "prefix", "reuse", "blend")
+PREFILL_MODES: tuple[str, ...] = get_args(PrefillMode)
+# What a chunk's KV is computed after: "system" (the prompt's first segment: system prompt and "Documents:"
+# header, then the prompt's chunk_context: neutral documents) or "none" (the chunk alone).
+ChunkPrefix = Literal["system", "none"]
+CHUNK_PREFIXES: tuple[str, ...] = get_args(ChunkPrefix)
 # Blending's defaults, defined once: the share of chunk tokens recomputed, and what chunk KV is computed
-# after (chunkcache/runner.py: CHUNK_PREFIXES). bench/results/quality-2026-11-30.md says why.
+# after. bench/results/quality-2026-11-30.md says why.
 DEFAULT_RECOMPUTE_RATIO = 0.15
-DEFAULT_CHUNK_PREFIX = "system"
+DEFAULT_CHUNK_PREFIX: ChunkPrefix = "system"
 # Neutral documents each chunk's KV is computed after (gateway/rag_template.py: CONTEXT_DOCUMENTS).
 DEFAULT_CONTEXT_DOCUMENTS = 5
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from .answer_cache import AnswerCache
 from .auth import AdminAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
@@ -17,7 +18,6 @@ from .config import Settings
 from .errors import GatewayError
 from .metrics import GatewayMetrics, Samples, semantic_categories, snapshot
 from .openapi import ADMIN_AUTH, JSON_BODY, errors
-from .response_cache import ChatCache
 from .schemas import InvalidateRequest
 from .stats_history import SAMPLE_INTERVAL_S, StatsHistory
 
@@ -31,7 +31,7 @@ def chunk_stores(backends: dict[str, ChatBackend]) -> dict[str, Any]:
 
 
 def install_admin(app: FastAPI, *, settings: Settings, admin: AdminAuth, metrics: GatewayMetrics,
-                  chat_cache: ChatCache, backends: dict[str, ChatBackend], history: StatsHistory,
+                  chat_cache: AnswerCache, backends: dict[str, ChatBackend], history: StatsHistory,
                   refresh_gauges: Callable[[], None]) -> None:
     api = APIRouter(prefix="/admin/api", dependencies=[Depends(admin)], responses=errors(*ADMIN_AUTH))
 

@@ -19,6 +19,7 @@ from ..semcache.metrics import SemanticCacheMetrics, TenantLabel
 from ..semcache.policy import LoadMonitor
 from . import __version__
 from .admin import chunk_stores, install_admin
+from .answer_cache import AnswerCache, build_semantic_cache, model_fingerprints
 from .auth import AdminAuth, ApiKeyAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
@@ -32,7 +33,6 @@ from .limits import BodySizeLimit
 from .metrics import GatewayMetrics, LiveStateCollector, RequestCounter, snapshot
 from .openapi import CLIENT_AUTH, JSON_BODY, RETRIEVAL, errors, install_openapi
 from .rag import RagPlanner, as_gateway_error, build_retriever, version_fields
-from .response_cache import ChatCache, build_semantic_cache, model_fingerprints
 from .responses import (CollectionList, DeleteResult, FalseHitResult, Health, IngestResult, ModelCard, ModelList,
                         RetrieveResponse)
 from .schemas import ChatCompletionRequest, FalseHitReport, IngestRequest, RetrieveRequest
@@ -74,7 +74,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
     registry = CollectorRegistry()
     load = LoadMonitor(settings.semantic_cache.load)
     rag = RagPlanner(None, settings.retrieval)
-    chat_cache = ChatCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt,
+    chat_cache = AnswerCache(settings.semantic_cache, _default_temperature(settings), settings.retrieval.system_prompt,
                            model_fingerprints(settings))
     chat = ChatService(backends, rag, {m.name: m.rag for m in settings.models}, chat_cache, load)
     auth = ApiKeyAuth(settings.tenants_by_key())

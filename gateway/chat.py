@@ -11,14 +11,14 @@ from typing import Any, AsyncIterator, Mapping
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..semcache.cache import LookupResult
+from ..semcache.lookup import LookupResult
 from ..semcache.policy import LoadMonitor
+from .answer_cache import AnswerCache, AnswerCachePlan
 from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
 from .config import ModelRagConfig
 from .errors import GatewayError
 from .metrics import GatewayMetrics
 from .rag import RagPlanner
-from .response_cache import CachePlan, ChatCache
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -59,7 +59,7 @@ class StreamRelease:
 
 class ChatService:
     def __init__(self, backends: dict[str, ChatBackend], rag: RagPlanner,
-                 model_rag: dict[str, ModelRagConfig | None], cache: ChatCache, load: LoadMonitor) -> None:
+                 model_rag: dict[str, ModelRagConfig | None], cache: AnswerCache, load: LoadMonitor) -> None:
         self.backends = backends
         self.rag = rag
         self.model_rag = model_rag
@@ -178,7 +178,7 @@ class ChatService:
         return self._streaming_response(first, chunks(), request, ctx, None, counted=False)
 
     def _streaming_response(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
-                            request: ChatCompletionRequest, ctx: RequestContext, plan: CachePlan | None,
+                            request: ChatCompletionRequest, ctx: RequestContext, plan: AnswerCachePlan | None,
                             counted: bool) -> StreamingResponse:
         release = StreamRelease(chunks, self.in_flight if counted else None, request.model)
         return StreamingResponse(self._frames(first, chunks, request, ctx, plan, release),
@@ -186,7 +186,7 @@ class ChatService:
                                  headers={**self._headers(ctx), "cache-control": "no-cache"})
 
     async def _stream(self, backend: ChatBackend, request: ChatCompletionRequest,
-                      ctx: RequestContext, plan: CachePlan | None) -> StreamingResponse:
+                      ctx: RequestContext, plan: AnswerCachePlan | None) -> StreamingResponse:
         chunks = backend.stream(request, ctx)
         # Run the backend up to its first chunk before answering, so request errors keep their status code.
         try:
@@ -205,7 +205,7 @@ class ChatService:
 
     async def _frames(self, first: ChatChunk | None, chunks: AsyncIterator[ChatChunk],
                       request: ChatCompletionRequest, ctx: RequestContext,
-                      plan: CachePlan | None, release: StreamRelease) -> AsyncIterator[bytes]:
+                      plan: AnswerCachePlan | None, release: StreamRelease) -> AsyncIterator[bytes]:
         """SSE frames; the last data frame carries `blendgate` (and `usage` when the client asked).
 
         With a plan, the answer is stored in the semantic cache once the stream completes; a stream that

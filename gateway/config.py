@@ -17,10 +17,14 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializ
 from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
                                YamlConfigSettingsSource)
 
+from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
-from ..engine.prompt import DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO
+from ..chunkcache import defaults as chunk_cache_defaults
+from ..engine.prompt import (DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO, ChunkPrefix,
+                             PrefillMode)
 from ..retriever import defaults as retrieval_defaults
+from .backends.routing import DEFAULT_REMEMBERED_CHUNKS
 from .rag_template import CONTEXT_DOCUMENTS
 from .redaction import MASK, redact
 from ..semcache.metrics import TenantLabelMode
@@ -127,22 +131,28 @@ class ChunkCacheSettings(_Strict):
 
     enabled: bool = True
     # How RAG prompts are prefilled unless a request says otherwise (blend.mode).
-    mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
+    mode: PrefillMode = "blend"
     recompute_ratio: float = Field(DEFAULT_RECOMPUTE_RATIO, ge=0.0, le=1.0)
     # The quality-targeted mode: the fidelity wanted (0..1]; blending then recomputes the fewest tokens that
     # reach it, recompute_ratio being the most it spends. None: a fixed recompute_ratio.
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
     selection: SelectionSettings = SelectionSettings()
-    # What a chunk's KV is computed after (chunkcache/runner.py: CHUNK_PREFIXES): "system" (the prompt's
+    # What a chunk's KV is computed after (engine/prompt.py: CHUNK_PREFIXES): "system" (the prompt's
     # system prompt and "Documents:" header, then `context_documents` neutral documents) or "none" (the chunk
     # alone). Measured in bench/results/quality-*.md.
-    chunk_prefix: Literal["system", "none"] = DEFAULT_CHUNK_PREFIX
+    chunk_prefix: ChunkPrefix = DEFAULT_CHUNK_PREFIX
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
     # The blend-or-full-prefill rule's costs, in tokens computed (chunkcache/fallback.py): a
     # forward pass of its own for a chunk not cached yet, and placing a cached one. A prompt whose chunks cost
     # more than blending saves is prefilled in full. The defaults are SmolLM2-135M's on CPU.
     pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
     placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
+    # Which entry a full tier moves down (chunkcache/eviction.py): "lru", or "cost_aware" (the least recorded
+    # recompute cost times hits per byte).
+    eviction: EvictionPolicyName = DEFAULT_EVICTION
+    # LRU bounds: exact prompt prefixes the "prefix" mode keeps, and chunk prefixes whose KV new chunks continue.
+    prefix_entries: int = Field(chunk_cache_defaults.PREFIX_ENTRIES, ge=1)
+    chunk_prefix_entries: int = Field(chunk_cache_defaults.CHUNK_PREFIX_ENTRIES, ge=1)
     gpu_bytes: int = Field(4 << 30, ge=0)  # used only for models on CUDA
     cpu_bytes: int = Field(2 << 30, ge=0)
     disk_bytes: int = Field(20 << 30, ge=0)
@@ -234,7 +244,7 @@ class SglangModelConfig(_Strict):
     # SGLang streams the whole text so far in each event unless started with --incremental-streaming-output.
     stream_output: Literal["cumulative", "incremental"] = "cumulative"
     # How a worker with the plugin prefills RAG prompts (a stock worker always prefills in full).
-    prefill_mode: Literal["full_prefill", "prefix", "reuse", "blend"] = "blend"
+    prefill_mode: PrefillMode = "blend"
     recompute_ratio: float = Field(DEFAULT_RECOMPUTE_RATIO, ge=0.0, le=1.0)
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
     # Neutral documents the worker computes each chunk's KV after (sent with the request).
@@ -242,6 +252,8 @@ class SglangModelConfig(_Strict):
     # Cache-affinity routing sends a request to the worker that served most of its chunks, unless that worker
     # has this many more requests in flight than the least busy one.
     max_imbalance: int = Field(4, ge=0)
+    # Chunk digests the router remembers per worker (least recently sent forgotten past it).
+    remembered_chunks: int = Field(DEFAULT_REMEMBERED_CHUNKS, ge=1)
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     rag: ModelRagConfig | None = None
 

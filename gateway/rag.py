@@ -10,8 +10,8 @@ import numpy as np
 
 from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
+from ..retriever.document_store import CollectionVersion
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
-from ..retriever.store import CollectionVersion
 from .config import ModelRagConfig, RetrievalSettings, Settings
 from .errors import GatewayError
 from .rag_template import RagPrompt, rag_messages

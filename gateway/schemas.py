@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
                       field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from ..engine.prompt import PrefillMode
 from ..retriever import defaults as retrieval_defaults
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -185,7 +186,7 @@ class Document(_Options):
 class BlendOptions(_Options):
     """How a RAG prompt is prefilled on the local engine (chunk-caches and CacheBlend)."""
 
-    mode: Literal["full_prefill", "prefix", "reuse", "blend"] | None = None
+    mode: PrefillMode | None = None
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
     # The quality-targeted mode: the fidelity wanted, recompute_ratio then being the most spent.
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)

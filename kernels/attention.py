@@ -9,7 +9,7 @@ Four shapes occur, and each goes to the fastest kernel that computes it exactly:
   prefix. On CUDA the Triton kernel of sparse_attention.py (flex_attention measured slower there);
 - "masked": the general case, slots in any order: flex_attention with a block mask built from the positions
   on CUDA (blocks wholly in a query block's future skipped, wholly visible ones unmasked), SDPA with a
-  boolean mask elsewhere. BLENDGATE_ATTENTION=flex or sdpa sends the sparse shape here too (to compare).
+  boolean mask elsewhere. BLENDGATE_ATTENTION=flex or sdpa (settings.py) sends the sparse shape here too.
 
 SDPA runs on FlashAttention (or the memory-efficient or math kernels), never cuDNN's: cuDNN rebuilds its
 plan for every new sequence length, about 20 ms of host time per call on the H100 (bench/profile_blend.py),
@@ -21,7 +21,6 @@ its forward.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import sparse_attention
+from .settings import kernel_settings
 
 BLOCK = 128  # flex_attention's block size (queries and keys)
 _FAR = 2**62  # position of padding keys: after every query
@@ -50,16 +50,9 @@ class AttentionPlan:
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _wanted() -> str:
-    wanted = os.environ.get("BLENDGATE_ATTENTION", "auto")
-    if wanted not in ("auto", "flex", "sdpa"):
-        raise ValueError("BLENDGATE_ATTENTION must be auto, flex or sdpa")
-    return wanted
-
-
 def masked_backend(device: torch.device) -> str:
     """"flex" or "sdpa": which kernel runs the masked shape on this device."""
-    wanted = _wanted()
+    wanted = kernel_settings().attention
     if wanted == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
     return wanted
@@ -67,7 +60,7 @@ def masked_backend(device: torch.device) -> str:
 
 def plan_sparse(query_positions: torch.Tensor, kv_length: int) -> AttentionPlan:
     """Queries at `query_positions` over slots 0..kv_length-1 holding positions 0..kv_length-1."""
-    if query_positions.is_cuda and sparse_attention.triton is not None and _wanted() == "auto":
+    if query_positions.is_cuda and sparse_attention.triton is not None and kernel_settings().attention == "auto":
         return AttentionPlan("sparse", kv_length, query_positions=query_positions,
                              block_ends=sparse_attention.block_ends(query_positions))
     return plan_masked(query_positions, torch.arange(kv_length, device=query_positions.device))

@@ -1,4 +1,5 @@
-"""Collections as a service: ingest, search, list and delete, keeping each FAISS index in step with the store.
+"""Collections as a service: ingest, search, list and delete, keeping each FAISS index in step with the
+document store (document_store.py).
 
 Each index file has a JSON file beside it naming the collection state it reflects (generation and version) and
 the index file's SHA-256. An index of another state (older, or of an earlier collection of the same name) is
@@ -22,10 +23,10 @@ import numpy as np
 
 from . import defaults
 from .chunking import Chunker
+from .document_store import CollectionRecord, CollectionVersion, DocumentStore, NewChunk, iter_batches, new_generation
 from .embedder import Embedder
 from .index import IndexFileError, VectorIndex
 from .loaders import LoadedFile, SkippedFile, SourceDocument, discover, load_file
-from .store import ChunkStore, CollectionRecord, CollectionVersion, NewChunk, iter_batches, new_generation
 
 log = logging.getLogger("blendgate.retriever")
 
@@ -104,7 +105,7 @@ class Retriever:
         if (tokenizer is None) == (tokenizer_factory is None):
             raise ValueError("give a tokenizer or a tokenizer_factory")
         self.data_dir = data_dir
-        self.store = ChunkStore(data_dir / "chunks.sqlite3")
+        self.documents = DocumentStore(data_dir / "chunks.sqlite3")
         self.embedder = embedder
         self._tokenizer = tokenizer
         self._tokenizer_factory = tokenizer_factory
@@ -131,7 +132,7 @@ class Retriever:
         return self.data_dir / "indexes" / f"{name}.faiss"
 
     def _rebuild(self, record: CollectionRecord) -> VectorIndex:
-        rows, vectors = self.store.embeddings(record.name, record.dimension)
+        rows, vectors = self.documents.embeddings(record.name, record.dimension)
         return VectorIndex.build(record.dimension, vectors, rows, approximate_threshold=self.approximate_threshold,
                                  nprobe=self.nprobe)
 
@@ -167,7 +168,7 @@ class Retriever:
         return loaded
 
     def _current(self, name: str) -> _LoadedIndex:
-        record = self.store.collection(name)
+        record = self.documents.collection(name)
         if record is None:
             raise RetrievalError(404, f"collection '{name}' does not exist", "collection_not_found")
         with self._lock:
@@ -179,11 +180,11 @@ class Retriever:
 
     def load_all(self) -> None:
         """Open every collection's index now (the gateway does this at start-up)."""
-        for record, _, _ in self.store.collections():
+        for record, _, _ in self.documents.collections():
             self._current(record.name)
 
     def reindex(self, name: str) -> int:
-        record = self.store.collection(name)
+        record = self.documents.collection(name)
         if record is None:
             raise RetrievalError(404, f"collection '{name}' does not exist", "collection_not_found")
         with self._lock:
@@ -196,7 +197,7 @@ class Retriever:
         if not COLLECTION_NAME.match(name):
             raise RetrievalError(400, f"invalid collection name '{name}': use letters, digits, '_', '-' or '.', "
                                       "up to 64 characters", "invalid_collection_name")
-        existing = self.store.collection(name)
+        existing = self.documents.collection(name)
         if existing is not None:
             if existing.embedder != self.embedder.name or existing.dimension != self.embedder.dimension:
                 raise RetrievalError(409, f"collection '{name}' was built with embedder {existing.embedder}; "
@@ -219,7 +220,7 @@ class Retriever:
         started = time.perf_counter()
         summary = IngestSummary(collection)
         found = [(given, item) for given in paths for item in discover([given])]
-        known = self.store.file_hashes(collection)
+        known = self.documents.file_hashes(collection)
         changed: list[LoadedFile] = []
         usable: dict[Path, bool] = {given: False for given in paths}
         unusable: dict[Path, list[SkippedFile]] = {given: [] for given in paths}
@@ -255,7 +256,7 @@ class Retriever:
                                                                              for source in empty), "nothing_to_ingest")
         started = time.perf_counter()
         summary = IngestSummary(collection)
-        known = self.store.file_hashes(collection)
+        known = self.documents.file_hashes(collection)
         by_source: dict[str, list[SourceDocument]] = {}
         for document in documents:
             by_source.setdefault(document.source, []).append(document)
@@ -289,14 +290,14 @@ class Retriever:
             return
         with self._lock:
             loaded = self._current(record.name) if record.version > 0 else None
-            version, removed, added = self.store.replace_files(record, files, new)
+            version, removed, added = self.documents.replace_files(record, files, new)
             summary.removed_chunks = len(removed)
             # The loaded index is updated in place only when this change came right after the state it reflects
             # (another process may have changed, or deleted and re-created, the collection in between).
             if loaded is None or not version.follows(loaded.version) or (
                     loaded.index.kind == "flat"
                     and loaded.index.size - len(removed) + len(added) >= self.approximate_threshold):
-                stored = self.store.collection(record.name)
+                stored = self.documents.collection(record.name)
                 loaded = _LoadedIndex(self._rebuild(stored), version)  # type: ignore[arg-type]
             else:
                 loaded.index.remove(np.array(removed, dtype=np.int64))
@@ -315,7 +316,7 @@ class Retriever:
         # Ask for a few more than needed: identical texts from different sources collapse into one result.
         with self._lock:
             hits = loaded.index.search(vector, top_k * 2)
-        rows = self.store.chunks_by_row([row for row, _ in hits])
+        rows = self.documents.chunks_by_row([row for row, _ in hits])
         results, seen = [], set()
         for row, score in hits:
             chunk = rows.get(row)
@@ -331,26 +332,26 @@ class Retriever:
     def collections(self) -> list[dict]:
         return [{"name": record.name, "version": record.version, "generation": record.generation, "files": files,
                  "chunks": chunks, "embedder": record.embedder, "created": int(record.created)}
-                for record, files, chunks in self.store.collections()]
+                for record, files, chunks in self.documents.collections()]
 
     def collection_version(self, name: str) -> CollectionVersion | None:
         """The collection's current generation and version (None when it does not exist)."""
-        record = self.store.collection(name)
+        record = self.documents.collection(name)
         return None if record is None else record.state
 
     def delete(self, collection: str, source: str | None = None) -> int:
         """Delete a collection, or one source (a file path as ingested, or a document source) in it."""
-        if self.store.collection(collection) is None:
+        if self.documents.collection(collection) is None:
             raise RetrievalError(404, f"collection '{collection}' does not exist", "collection_not_found")
         if source is not None:
-            files = self.store.files(collection)
+            files = self.documents.files(collection)
             resolved = str(Path(source).resolve())
             match = source if source in files else resolved if resolved in files else None
             if match is None:
                 raise RetrievalError(404, f"collection '{collection}' has no source '{source}'", "source_not_found")
             source = match
         with self._lock:
-            version, rows = self.store.delete(collection, source)
+            version, rows = self.documents.delete(collection, source)
             if version is None:
                 self._indexes.pop(collection, None)
                 for path in (self._index_path(collection), self._index_path(collection).with_suffix(".json")):

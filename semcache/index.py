@@ -1,7 +1,7 @@
 """In-memory HNSW search over cached questions, one index per (tenant, category).
 
 Only what a lookup needs to decide lives here (entry id, context digest, freshness, hit counts); the
-answers stay in the entry store. Deleted entries are tombstoned in hnswlib and their slots reused.
+answers stay in the answer store (answer_store.py). Deleted entries are tombstoned in hnswlib and their slots reused.
 """
 
 from __future__ import annotations
@@ -159,10 +159,6 @@ class PartitionedIndex:
     def get(self, entry_id: str) -> IndexedEntry | None:
         key = self._where.get(entry_id)
         return None if key is None else self.partitions[key].get(entry_id)
-
-    def clear(self) -> None:
-        self.partitions.clear()
-        self._where.clear()
 
     def __len__(self) -> int:
         return len(self._where)

@@ -1,11 +1,20 @@
-"""Prometheus series of the semantic cache, registered on the registry the gateway exposes at /metrics."""
+"""Prometheus series of the semantic cache, registered on the registry the gateway exposes at /metrics.
+
+Counters, the entries and store-up gauges and the lookup histogram are updated as the cache works; the
+load-adaptive policy in force (effective threshold and TTL per model and category, each model's load level)
+is read at scrape time by `PolicyCollector`, so nothing has to refresh it before a scrape.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Iterator, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .policy import CachePolicy
 
 TenantLabelMode = Literal["name", "hash", "drop"]
 
@@ -31,8 +40,43 @@ class TenantLabel:
         return [hashlib.sha256(tenant.encode()).hexdigest()[:12] if self.mode == "hash" else tenant]
 
 
+class PolicyCollector(Collector):
+    """The load-adaptive policy in force, read at scrape time: per model the load monitor knows (in the gateway,
+    every backend's model: the chat service watches each one's queue), its load level (0 to 1) and each
+    category's effective similarity threshold and TTL (seconds)."""
+
+    def __init__(self, policy: CachePolicy) -> None:
+        self.policy = policy
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        threshold, ttl, load_level = self._families()
+        for model in self.policy.load.models():
+            level = self.policy.load.level(model)
+            load_level.add_metric([model], level)
+            for category in self.policy.categories:
+                in_force = self.policy.policy_for(model, category)
+                threshold.add_metric([model, category], in_force.threshold)
+                ttl.add_metric([model, category], in_force.ttl_s)
+        return iter((threshold, ttl, load_level))
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("blendgate_semantic_cache_effective_threshold", "Similarity threshold in force",
+                                  labels=["model", "category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_effective_ttl_seconds", "TTL given to new entries now",
+                                  labels=["model", "category"]),
+                GaugeMetricFamily("blendgate_model_load_level", "0 = below the load marks, 1 = full load",
+                                  labels=["model"]))
+
+
 class SemanticCacheMetrics:
+    """The semantic cache's series on `registry`; `watch_policy` adds the policy gauges (once per registry)."""
+
     def __init__(self, registry: CollectorRegistry, tenant_label: TenantLabel | None = None) -> None:
+        self.registry = registry
         self.tenant_label = tenant_label or TenantLabel()
         tenant = self.tenant_label.names
         self.lookups = Counter("blendgate_semantic_cache_lookups", "Semantic cache lookups by result "
@@ -55,16 +99,15 @@ class SemanticCacheMetrics:
                               "answers, 0 while the cache is bypassed", registry=registry)
         self.entries = Gauge("blendgate_semantic_cache_entries", "Entries in the in-memory index",
                              ["category", *tenant], registry=registry)
-        self.threshold = Gauge("blendgate_semantic_cache_effective_threshold", "Similarity threshold in force",
-                               ["model", "category"], registry=registry)
-        self.ttl = Gauge("blendgate_semantic_cache_effective_ttl_seconds", "TTL given to new entries now",
-                         ["model", "category"], registry=registry)
-        self.load_level = Gauge("blendgate_model_load_level", "0 = below the load marks, 1 = full load",
-                                ["model"], registry=registry)
         self.lookup_seconds = Histogram(
             "blendgate_semantic_cache_lookup_seconds", "Classification, index search and, on a hit, the entry "
             "fetch (the query embedding is not included)", ["result"], registry=registry,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+
+    def watch_policy(self, policy: CachePolicy) -> None:
+        """Expose `policy` in force as gauges read at scrape time (PolicyCollector). Raises ValueError when the
+        registry already has them (a second cache on one registry)."""
+        self.registry.register(PolicyCollector(policy))
 
     def lookup(self, category: str, tenant: str, result: str, scope: str) -> None:
         self.lookups.labels(category, *self.tenant_label.values(tenant), result).inc()

@@ -7,7 +7,7 @@ loosening the cache only helps the model that is overloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .settings import CategoryPolicy, LoadSettings
 
@@ -65,3 +65,32 @@ class LoadMonitor:
 
     def models(self) -> list[str]:
         return sorted(set(self._queue_depth) | set(self._latency_ms))
+
+
+class CachePolicy:
+    """The categories' configured policies and the values in force for each model at its current load.
+
+    Read by the lookup path (threshold, TTL, quota, eviction, scope), the replica sync (which categories
+    exist), the operators' view (`in_force`) and the scrape-time policy gauges (metrics.PolicyCollector). No side
+    effects."""
+
+    def __init__(self, categories: list[CategoryPolicy], load: LoadMonitor) -> None:
+        self.categories = {c.name: c for c in categories}
+        self.load = load
+
+    def __contains__(self, category: str) -> bool:
+        return category in self.categories
+
+    def category(self, name: str) -> CategoryPolicy:
+        """The configured policy of a category; KeyError for a category not configured."""
+        return self.categories[name]
+
+    def policy_for(self, model: str, category: str) -> EffectivePolicy:
+        """The category's threshold and TTL in force for `model` at its load level now."""
+        return effective_policy(self.categories[category], self.load.level(model))
+
+    def in_force(self, models: list[str]) -> dict[str, Any]:
+        """What operators see: per model, its load signals and each category's values in force."""
+        return {model: {"load": {**self.load.signals(model), "level": round(self.load.level(model), 3)},
+                        "categories": [self.policy_for(model, name).as_dict() for name in self.categories]}
+                for model in models}

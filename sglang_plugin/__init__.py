@@ -6,17 +6,23 @@ SGLang (0.5.15 and later) calls `register` in each of its processes through the 
     pip install blendgate sglang==0.5.15
     python -m sglang.launch_server --model-path MODEL --disable-radix-cache
 
-BLENDGATE_SGLANG_PLUGIN=0 turns it off. worker.py says what it does, internals.py names every SGLang internal
-it relies on, protocol.py is what the gateway sends it.
+BLENDGATE_SGLANG_PLUGIN=0 turns it off (settings.py lists every setting). worker.py says what it does,
+internals.py names every SGLang internal it relies on, protocol.py is what the gateway sends it.
 """
 
 from __future__ import annotations
 
-import os
+from pydantic import ValidationError
+
+from .settings import PluginSettings
 
 
 def register() -> None:
-    if os.environ.get("BLENDGATE_SGLANG_PLUGIN", "1") == "0":
+    try:
+        enabled = PluginSettings().plugin
+    except ValidationError:  # another setting is bad: the worker logs it when it starts, and does not blend
+        enabled = True
+    if not enabled:
         return
     from . import internals
     from .worker import around_forward_raw, around_init_new

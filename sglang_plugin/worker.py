@@ -14,64 +14,31 @@ chunkcache/fallback.py) is prefilled in full and its report says why.
 Blended KV is approximate, so it must never be shared with later requests as an exact prefix: the plugin only
 blends when SGLang runs with --disable-radix-cache (the chunk-cache replaces it for chunks).
 
-The store's size comes from the environment: BLENDGATE_SGLANG_GPU_CACHE_GB (default 4),
-BLENDGATE_SGLANG_CPU_CACHE_GB (default 16), BLENDGATE_SGLANG_CHUNK_PREFIX ("system" or "none", as the
-local engine's chunk_prefix setting), BLENDGATE_SGLANG_PASS_COST_TOKENS and BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS
-(the blend-or-full-prefill costs, as the local engine's pass_cost_tokens and placement_cost_tokens).
+The store's sizes, eviction policy, chunk prefix and fallback costs come from BLENDGATE_SGLANG_* environment
+variables (settings.py: PluginSettings).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
-from ..chunkcache.runner import CHUNK_PREFIXES, ChunkBlender
-from ..chunkcache.store import ChunkCacheStore, MemoryTier
+from ..chunkcache.kv_store import ChunkCacheStore
+from ..chunkcache.runner import ChunkBlender
+from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
-from ..engine.prompt import DEFAULT_CHUNK_PREFIX, Prompt
+from ..engine.prompt import Prompt
 from . import internals
 from .protocol import PREFILL_MODE, REPORT_KEY, prompt_of, wants_chunk_cache
+from .settings import PluginSettings
 
 log = logging.getLogger("blendgate.sglang_plugin")
 
 BLEND_MODES = ("blend", "reuse")
 _WORKER_ATTRIBUTE = "blendgate_worker"
-
-
-@dataclass(frozen=True)
-class PluginSettings:
-    gpu_cache_bytes: int
-    cpu_cache_bytes: int
-    chunk_prefix: str
-    costs: PrefillCosts = PrefillCosts()
-
-    @classmethod
-    def from_env(cls) -> "PluginSettings":
-        def number(name: str, default: float, unit: str) -> float:
-            value = os.environ.get(name, "")
-            try:
-                parsed = float(value or default)
-            except ValueError:
-                parsed = -1.0
-            if not 0 <= parsed < float("inf"):
-                raise ValueError(f"{name} must be a number of {unit}, got {value!r}") from None
-            return parsed
-
-        def gigabytes(name: str, default: float) -> int:
-            return int(number(name, default, "gigabytes") * (1 << 30))
-
-        prefix = os.environ.get("BLENDGATE_SGLANG_CHUNK_PREFIX", DEFAULT_CHUNK_PREFIX)
-        if prefix not in CHUNK_PREFIXES:
-            raise ValueError(f"BLENDGATE_SGLANG_CHUNK_PREFIX must be 'system' or 'none', got {prefix!r}")
-        costs = PrefillCosts(number("BLENDGATE_SGLANG_PASS_COST_TOKENS", DEFAULT_PASS_COST_TOKENS, "tokens"),
-                             number("BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS", DEFAULT_PLACEMENT_COST_TOKENS, "tokens"))
-        return cls(gigabytes("BLENDGATE_SGLANG_GPU_CACHE_GB", 4), gigabytes("BLENDGATE_SGLANG_CPU_CACHE_GB", 16),
-                   prefix, costs)
 
 
 @dataclass
@@ -139,7 +106,8 @@ class BlendWorker:
                                       dtype=first.dtype)
         tiers = [MemoryTier("gpu", settings.gpu_cache_bytes, first.device),
                  MemoryTier("cpu", settings.cpu_cache_bytes, "cpu")]
-        self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers), settings.chunk_prefix)
+        self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers, eviction=settings.eviction),
+                                    settings.chunk_prefix)
         self.costs = settings.costs
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import uvicorn
 from blendgate.chunkcache.fallback import PrefillCosts
+from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.runner import BlendingRunner
-from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
+from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from blendgate.engine.engine import LocalEngine, PromptTooLongError
+from blendgate.engine.engine import LocalEngine
+from blendgate.engine.errors import PromptTooLongError
 from blendgate.engine.sampling import SamplingParams
 from blendgate.engine.weights import load_model
 from blendgate.sglang_plugin.protocol import REPORT_KEY, prompt_of

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from cachetools import LRUCache
+
 from ...chunkcache.fallback import PrefillCosts
+from ...chunkcache.keys import token_digest
+from ...chunkcache.kv_store import ChunkCacheStore
 from ...chunkcache.runner import BlendingRunner
-from ...chunkcache.store import ChunkCacheStore, DiskTier, MemoryTier, token_digest
+from ...chunkcache.tiers import DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from ...engine.engine import EngineError, LocalEngine, PromptTooLongError, QueueFullError
+from ...engine.engine import LocalEngine
+from ...engine.errors import EngineError, PromptTooLongError, QueueFullError
 from ...engine.llama import SUPPORTED_MODEL_TYPES
 from ...engine.prompt import Prompt
 from ...engine.runner import make_runner
@@ -45,7 +49,7 @@ class LocalBackend(ChatBackend):
         self._error: str | None = None
         # Which document chunk each chunk-cache entry holds (by the digest of its tokens), for operators:
         # the store's keys are token digests and know nothing of collections.
-        self.chunk_origins: OrderedDict[str, dict[str, str | None]] = OrderedDict()
+        self.chunk_origins: LRUCache[str, dict[str, str | None]] = LRUCache(MAX_CHUNK_ORIGINS)
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load(), name=f"load {self.config.name}")
@@ -74,8 +78,10 @@ class LocalBackend(ChatBackend):
         tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
-        self.store = ChunkCacheStore(tiers)
-        return BlendingRunner(model, self.store, chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(),
+        self.store = ChunkCacheStore(tiers, eviction=settings.eviction)
+        return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
+                              chunk_prefix_entries=settings.chunk_prefix_entries,
+                              chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(),
                               costs=PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens))
 
     async def wait_ready(self) -> None:
@@ -118,9 +124,6 @@ class LocalBackend(ChatBackend):
             digest = token_digest(list(segment.token_ids))
             self.chunk_origins[digest] = {"collection": collection, "id": chunk.id,
                                           "source": getattr(chunk, "source", None)}
-            self.chunk_origins.move_to_end(digest)
-        while len(self.chunk_origins) > MAX_CHUNK_ORIGINS:
-            self.chunk_origins.popitem(last=False)
 
     def _sampling(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         context = self.model.max_context_tokens  # type: ignore[union-attr]

@@ -9,12 +9,17 @@ cache-aware policy, but keyed by chunks rather than by prompt prefixes, since bl
 the prompt. Plain Python, no I/O: the backend reports health and outcomes into it.
 """
 
+
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from cachetools import LRUCache
+
 from ..redaction import redact_url
+
+# Chunk digests remembered per worker (SglangModelConfig.remembered_chunks).
+DEFAULT_REMEMBERED_CHUNKS = 65536
 
 
 @dataclass
@@ -25,7 +30,8 @@ class WorkerState:
     requests: int = 0
     failures: int = 0
     last_error: str | None = None
-    chunks: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # Digests of the chunks it was sent, the least recently sent dropped past the router's bound.
+    chunks: LRUCache[str, None] = field(default_factory=lambda: LRUCache(DEFAULT_REMEMBERED_CHUNKS))
 
     @property
     def name(self) -> str:
@@ -41,10 +47,10 @@ class WorkerState:
 
 
 class AffinityRouter:
-    def __init__(self, urls: list[str], max_imbalance: int = 4, remembered_chunks: int = 65536) -> None:
-        self.workers = {url: WorkerState(url) for url in urls}
+    def __init__(self, urls: list[str], max_imbalance: int = 4,
+                 remembered_chunks: int = DEFAULT_REMEMBERED_CHUNKS) -> None:
+        self.workers = {url: WorkerState(url, chunks=LRUCache(remembered_chunks)) for url in urls}
         self.max_imbalance = max_imbalance
-        self.remembered_chunks = remembered_chunks
 
     def healthy(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.healthy]
@@ -68,10 +74,7 @@ class AffinityRouter:
         worker.in_flight += 1
         worker.requests += 1
         for digest in digests:
-            worker.chunks[digest] = None
-            worker.chunks.move_to_end(digest)
-        while len(worker.chunks) > self.remembered_chunks:
-            worker.chunks.popitem(last=False)
+            worker.chunks[digest] = None  # the most recent now; past the bound the least recent goes
 
     def finished(self, worker: WorkerState) -> None:
         worker.in_flight -= 1

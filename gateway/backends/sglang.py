@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...chunkcache.store import token_digest
+from ...chunkcache.keys import token_digest
 from ...engine.prompt import Prompt
 from ...engine.weights import WeightsError, load_tokenizer
 from ...sglang_plugin.protocol import generate_request, report_of
@@ -85,7 +85,7 @@ class SglangBackend(ChatBackend):
     def __init__(self, config: SglangModelConfig, *, cache_dir: Path) -> None:
         self.config = config
         self.cache_dir = cache_dir
-        self.router = AffinityRouter(config.workers, config.max_imbalance)
+        self.router = AffinityRouter(config.workers, config.max_imbalance, config.remembered_chunks)
         self.tokenizer: Any = None
         self.client: httpx.AsyncClient | None = None
         self._error: str | None = None

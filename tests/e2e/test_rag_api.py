@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from blendgate.retriever.store import _SCHEMA
+from blendgate.retriever.document_store import _SCHEMA
 from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 FACTS = [

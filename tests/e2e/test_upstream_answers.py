@@ -18,7 +18,7 @@ from openai_standin import OpenAIStandin, chunk, completion, stream_of
 from support import GatewayProcess, assert_openai_error
 
 from blendgate.gateway.config import Settings
-from blendgate.gateway.response_cache import ChatCache, model_fingerprints
+from blendgate.gateway.answer_cache import AnswerCache, model_fingerprints
 from blendgate.gateway.schemas import ANSWER_NEUTRAL_PARAMS, OPENAI_CHAT_PARAMS, ChatCompletionRequest
 from blendgate.semcache.settings import SemanticCacheSettings
 
@@ -107,7 +107,7 @@ def _two_values(name: str) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("name", sorted(set(OPENAI_CHAT_PARAMS) - ANSWER_NEUTRAL_PARAMS - {"n"}))
 def test_every_forwarded_parameter_changes_the_key(name: str) -> None:
-    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
+    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
     one, two = _two_values(name)
 
     def digest(value: Any) -> str:
@@ -119,7 +119,7 @@ def test_every_forwarded_parameter_changes_the_key(name: str) -> None:
 
 
 def test_the_question_s_other_fields_are_part_of_the_key() -> None:
-    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
+    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
 
     def digest(**fields: Any) -> str:
         request = ChatCompletionRequest.model_validate(
@@ -134,7 +134,7 @@ def test_the_model_s_configuration_is_part_of_the_key() -> None:
     """A model name routed to another provider model, or blending differently, never gets the old answers."""
     def digest(model: dict[str, Any], **settings: Any) -> str:
         config = Settings(models=[{"name": "m", **model}], **settings)
-        cache = ChatCache(SemanticCacheSettings(), lambda name: None, "system prompt", model_fingerprints(config))
+        cache = AnswerCache(SemanticCacheSettings(), lambda name: None, "system prompt", model_fingerprints(config))
         request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}]})
         return cache.context(request, None, None)[0]
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.keys import ChunkKey
+from blendgate.chunkcache.kv import ChunkKV
+from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.selection import SelectionRule
-from blendgate.chunkcache.store import ChunkCacheStore, ChunkKey, MemoryTier
+from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.llama import LlamaFamilyModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

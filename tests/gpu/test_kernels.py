@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from blendgate.chunkcache.blend import ChunkKV, blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.kv import ChunkKV
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels import activation, attention, norm, rope, selection, sparse_attention
 
@@ -196,3 +197,40 @@ def test_silu_and_mul_matches_the_reference(gen, dtype, rows, inter) -> None:
     expected = activation.silu_and_mul_reference(gate_up.double())
     assert got.shape == (rows, inter) and not got.isnan().any()
     assert relative_error(got, expected) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,recomputed,stale,chunks", [(32, 8, 128, 608, 3500, 8),
+                                                                             (9, 3, 64, 5, 40, 3),
+                                                                             (8, 8, 64, 1, 1, 1)])
+def test_drift_kernels_match_their_references(gen, dtype, heads, kv_heads, head_dim, recomputed, stale,
+                                              chunks) -> None:
+    from blendgate.kernels import drift
+
+    capacity, active = 4400, recomputed + 30
+    qkv = torch.randn(active, (heads + 2 * kv_heads) * head_dim, generator=gen, device="cuda").to(dtype)
+    keys = torch.randn(kv_heads, capacity, head_dim, generator=gen, device="cuda").to(dtype)
+    values = torch.randn(kv_heads, capacity, head_dim, generator=gen, device="cuda").to(dtype)
+    angles = torch.rand(capacity, head_dim // 2, generator=gen, device="cuda") * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    order = torch.randperm(capacity, generator=gen, device="cuda")
+    slots, stale_slots = order[:recomputed].sort().values, order[recomputed: recomputed + stale]
+    rows = torch.randperm(active, generator=gen, device="cuda")[:recomputed]
+    got = drift.drift_deltas(qkv, rows, heads, keys, values, slots, cos, sin)
+    expected = drift.drift_deltas_reference(qkv.double(), rows, heads, keys.double(), values.double(), slots,
+                                            cos.double(), sin.double())
+    assert got.shape == (2 * kv_heads, recomputed, head_dim) and not got.isnan().any()
+    assert relative_error(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+    mean = torch.randn(2 * kv_heads, chunks, head_dim, generator=gen, device="cuda")
+    chunk_of = torch.randint(0, chunks, (stale,), generator=gen, device="cuda")
+    shifted_keys, shifted_values = keys.clone(), values.clone()
+    drift.drift_apply(mean, chunk_of, stale_slots, 0.5, shifted_keys, shifted_values, cos, sin)
+    reference_keys, reference_values = keys.double(), values.double()
+    drift.drift_apply_reference(mean.double(), chunk_of, stale_slots, 0.5, reference_keys, reference_values,
+                                cos.double(), sin.double())
+    assert relative_error(shifted_keys, reference_keys) < (1e-6 if dtype == torch.float32 else 8e-3)
+    assert relative_error(shifted_values, reference_values) < (1e-6 if dtype == torch.float32 else 8e-3)
+    untouched = torch.ones(capacity, dtype=torch.bool, device="cuda")
+    untouched[stale_slots] = False
+    assert torch.equal(shifted_keys[:, untouched], keys[:, untouched]), "wrote outside the stale slots"

@@ -80,8 +80,9 @@ def test_plugin_at_ratio_one_matches_stock_sglang_and_decodes_over_its_pool(outp
 
 
 def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> None:
+    from blendgate.chunkcache.kv_store import ChunkCacheStore
     from blendgate.chunkcache.runner import ChunkBlender
-    from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
+    from blendgate.chunkcache.tiers import MemoryTier
     from blendgate.engine.llama import LlamaFamilyModel
     from blendgate.sglang_plugin.protocol import prompt_of
     from safetensors.torch import load_file

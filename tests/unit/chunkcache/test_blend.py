@@ -170,7 +170,7 @@ RULES = [SelectionRule("value"), SelectionRule("key"), SelectionRule("kv"), Sele
          SelectionRule("attention", probe_layers=2), SelectionRule("attention", sink_tokens=2),
          SelectionRule("attention_value"), SelectionRule("attention", chunk_budget="uniform"),
          SelectionRule("attention", drift_shift=1.0), SelectionRule("attention", probe_layers=2, drift_shift=0.5),
-         SelectionRule("attention_key")]
+         SelectionRule("attention_key"), SelectionRule("attention", neighbours=2)]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.score}-l{r.layer}-p{r.probe_layers}-s{r.sink_tokens}"
@@ -220,7 +220,8 @@ def test_recomputing_a_selected_token_gives_its_kv_as_computed_in_full(model) ->
 def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None:
     """The probe's scores are the question rows' attention to each chunk token, summed over layers, heads and
     rows, in a full-reuse pass: the reference runs that pass with plain float64 attention."""
-    from blendgate.chunkcache.blend import ChunkLoader, _layout, _probe
+    from blendgate.chunkcache.blend import ChunkLoader, _layout
+    from blendgate.chunkcache.probe import probe_eager
     from blendgate.kernels.attention import reference_attention
     from blendgate.kernels.selection import attention_mass_reference
 
@@ -237,8 +238,10 @@ def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None
         return cache
 
     cache = placed_cache()
-    scores = _probe(model, layout, cache, ChunkLoader(cache, layout.placements, cos, sin, 0), cos, sin,
-                    model.num_layers)
+    loader = ChunkLoader(cache, layout.placements, cos, sin, 0)
+    mass = probe_eager(model, torch.tensor(layout.ids), torch.tensor(layout.other_rows), len(layout.vote_rows),
+                       total, cache, loader.ready, cos, sin, model.num_layers)
+    scores = mass[torch.tensor(layout.chunk_rows)]
 
     reference = placed_cache()
     ChunkLoader(reference, layout.placements, cos, sin, 0)
@@ -304,3 +307,12 @@ def test_the_drift_shift_moves_the_kv_not_recomputed_toward_full_prefill(model) 
                          for layer in range(1, model.num_layers)))
 
     assert gap(shifted) < gap(plain)
+
+
+def test_neighbours_recompute_spans_around_the_best_tokens_within_each_chunk() -> None:
+    """With `neighbours`, a token scores as its best neighbour within its chunk: the budget goes to spans."""
+    from blendgate.chunkcache.blend import _choose
+
+    score = torch.tensor([0.0, 5, 0, 0, 0, 0, 9, 0, 0, 1])  # two chunks of 5: the 9 spans 5..7, not 4
+    assert _choose(SelectionRule("attention", neighbours=1), score, 3, [5, 5]).tolist() == [5, 6, 7]
+    assert _choose(SelectionRule("attention"), score, 3, [5, 5]).tolist() == [1, 6, 9]

@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 from blendgate.chunkcache.fallback import PrefillCosts, blend_fallback
+from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.runner import BlendingRunner
-from blendgate.chunkcache.store import ChunkCacheStore, MemoryTier
+from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.prompt import Prompt, PromptSegment
 
 DOCUMENTS = ["The blue castle stands on a granite hill. Its secret code is 4711.\n\n",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
-from blendgate.chunkcache.blend import ChunkKV
-from blendgate.chunkcache.store import ChunkCacheStore, ChunkKey, DiskTier, MemoryTier, model_fingerprint
+from blendgate.chunkcache.keys import ChunkKey, model_fingerprint
+from blendgate.chunkcache.kv import ChunkKV
+from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.tiers import DiskTier, MemoryTier
 
 
 def kv(seed: int, tokens: int = 8) -> ChunkKV:

@@ -9,7 +9,7 @@ from blendgate.chunkcache.selection import (SelectionRule, compute_share, select
 
 def test_rules_refuse_settings_that_mean_nothing() -> None:
     for bad in ({"score": "loudness"}, {"layer": 0}, {"probe_layers": 0}, {"sink_tokens": -1}, {"gradual": 0.5},
-                {"chunk_budget": "random"}):
+                {"chunk_budget": "random"}, {"neighbours": -1}, {"drift_shift": -0.5}):
         with pytest.raises(ValueError):
             SelectionRule(**bad)
 

@@ -1,4 +1,4 @@
-"""The local engine against transformers' own generate(), and the scheduler's policy."""
+"""The local engine against transformers' own generate() (its scheduler: test_scheduler.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from blendgate.engine.engine import GenerationHandle, LocalEngine, QueueFullError, Scheduler
-from blendgate.engine.prompt import Prompt
+from blendgate.engine.engine import LocalEngine
 from blendgate.engine.runner import HFModelRunner, LlamaRunner
 from blendgate.engine.sampling import SamplingParams
 
@@ -54,23 +53,6 @@ def test_prompt_over_the_context_is_refused_before_queueing(engine) -> None:
 
     with pytest.raises(Exception, match="context holds"):
         asyncio.run(submit())
-
-
-def test_scheduler_admits_in_order_rotates_and_bounds_the_queue() -> None:
-    async def make(n: int) -> list[GenerationHandle]:
-        loop = asyncio.get_running_loop()
-        return [GenerationHandle(i, Prompt.plain([1]), SamplingParams(max_new_tokens=1), 1, loop) for i in range(n)]
-
-    a, b, c, d = asyncio.run(make(4))
-    scheduler = Scheduler(max_running=2, max_waiting=1)
-    scheduler.add(a)
-    scheduler.add(b)
-    assert [scheduler.next() for _ in range(3)] == [a, b, a]
-    scheduler.add(c)
-    with pytest.raises(QueueFullError):
-        scheduler.add(d)
-    scheduler.drop(a)
-    assert [scheduler.next() for _ in range(2)] == [b, c]
 
 
 def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from blendgate.retriever.chunking import Chunker
+from blendgate.retriever.document_store import DocumentStore
 from blendgate.retriever.loaders import LoadedFile, SkippedFile, SourceDocument, load_file
 from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever
-from blendgate.retriever.store import ChunkStore
 
 FACTS = {
     "castle.txt": "The blue castle stands on a granite hill. Its secret code is 4711.\n\nThe castle has nine towers.",
@@ -207,14 +207,14 @@ def test_a_collection_deleted_and_created_again_elsewhere_is_another_collection(
     """`blendgate delete` then `blendgate ingest` of the same name while the gateway runs: the gateway must
     drop its index of the old collection and the semantic-cache key must change, although the new
     collection's version number is the old one's again."""
-    from blendgate.gateway.response_cache import ChatCache
+    from blendgate.gateway.answer_cache import AnswerCache
     from blendgate.gateway.schemas import ChatCompletionRequest
     from blendgate.semcache.settings import SemanticCacheSettings
 
     data = tmp_path / "data"
     gateway = make_retriever(data, embedder, tokenizer)
     cli = make_retriever(data, embedder, tokenizer)  # another process in real use: they share only the files
-    cache = ChatCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.", {})
+    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "Answer from the documents.", {})
     cache.collection_version = gateway.collection_version
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "What is sold on Tuesdays?"}],
@@ -269,9 +269,9 @@ def test_a_store_from_before_generations_gets_one_per_collection(tmp_path) -> No
     old.execute("INSERT INTO collections VALUES ('docs', 3, 0, 'all-MiniLM-L6-v2', 384, 'x')")
     old.commit()
     old.close()
-    record = ChunkStore(path).collection("docs")
+    record = DocumentStore(path).collection("docs")
     assert record.version == 3 and re.fullmatch(r"[0-9a-f]{16}", record.generation)
-    assert ChunkStore(path).collection("docs").generation == record.generation  # drawn once, then kept
+    assert DocumentStore(path).collection("docs").generation == record.generation  # drawn once, then kept
 
 
 def test_large_collections_switch_to_an_ivf_index(tmp_path, embedder, tokenizer) -> None:

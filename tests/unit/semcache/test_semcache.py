@@ -1,4 +1,6 @@
-"""The semantic cache on its own: the real embedder (all-MiniLM-L6-v2) and a real Redis server.
+"""The semantic cache on its own: the real embedder (all-MiniLM-L6-v2) and a real Redis server, for what they
+prove (matching of real paraphrases, classification, entries and TTLs in Redis, replica sync, restarts, outages and
+recovery). Policy that needs neither is tested on the embedded store in test_semcache_policy.py.
 
 Each test works under a key prefix of its own, so tests sharing the session's Redis never see each other.
 Tests are plain functions that drive their scenario with asyncio.run.
@@ -14,12 +16,13 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 import pytest
-from blendgate.semcache.cache import MAX_TTL_S, SYNC_INTERVAL_S, CacheQuery, SemanticCache
-from blendgate.semcache.index import IndexedEntry
+from blendgate.semcache.answer_store import MemoryAnswerStore, RedisAnswerStore
+from blendgate.semcache.cache import SemanticCache
+from blendgate.semcache.lookup import MAX_TTL_S, CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
-from blendgate.semcache.policy import LoadMonitor, effective_policy
+from blendgate.semcache.policy import LoadMonitor
+from blendgate.semcache.replica import SYNC_INTERVAL_S
 from blendgate.semcache.settings import CategoryPolicy, LoadSettings, SemanticCacheSettings
-from blendgate.semcache.stores import MemoryStore, RedisStore
 from prometheus_client import CollectorRegistry
 from support import RedisServer
 
@@ -70,7 +73,7 @@ class Harness:
     def cache(self, settings: SemanticCacheSettings | None = None, namespace: str = "ns",
               load: LoadMonitor | None = None, prefix: str | None = None) -> SemanticCache:
         settings = settings or SemanticCacheSettings(redis_url=self.redis.url)
-        store = RedisStore(self.redis.url, prefix or self.prefix, namespace, settings.redis_timeout_ms / 1000)
+        store = RedisAnswerStore(self.redis.url, prefix or self.prefix, namespace, settings.redis_timeout_ms / 1000)
         registry = CollectorRegistry()
         cache = SemanticCache(settings, store, self.dimension, self.embed, SemanticCacheMetrics(registry), load)
         self.registries[id(cache)] = registry
@@ -98,7 +101,7 @@ class Harness:
         return entry_id
 
     def key(self, cache: SemanticCache, entry_id: str) -> str:
-        assert isinstance(cache.store, RedisStore)
+        assert isinstance(cache.store, RedisAnswerStore)
         return cache.store._key(entry_id)
 
     def keys(self, pattern: str = "*") -> list[bytes]:
@@ -291,26 +294,6 @@ def test_the_same_question_answered_again_replaces_its_entry(harness: Harness) -
     asyncio.run(scenario())
 
 
-def test_another_context_is_a_miss(harness: Harness) -> None:
-    async def scenario() -> None:
-        cache = harness.cache()
-        async with running(cache):
-            await harness.store(cache, QUESTION, context="model-a+docs-v1")
-            assert (await harness.lookup(cache, QUESTION, context="model-a+docs-v1")).status == "hit"
-            other = await harness.lookup(cache, QUESTION, context="model-a+docs-v2")
-            assert other.status == "miss" and other.similarity is not None and other.similarity > 0.99
-            # no-cache skips the lookup; max-age refuses entries older than it.
-            assert (await harness.lookup(cache, QUESTION, context="model-a+docs-v1", no_cache=True)).reason == \
-                "no-cache"
-            await asyncio.sleep(0.05)
-            assert (await harness.lookup(cache, QUESTION, context="model-a+docs-v1", max_age_s=0.01)).status == "miss"
-            # no-store answers are not written.
-            assert await cache.put(harness.query(UNRELATED, no_store=True), harness.vector(UNRELATED), "factual",
-                                   ANSWER) is None
-
-    asyncio.run(scenario())
-
-
 def test_expired_entries_are_never_served_and_sweep_removes_them(harness: Harness) -> None:
     async def scenario() -> None:
         cache = harness.cache()
@@ -419,7 +402,7 @@ def test_evicted_slots_are_reused_and_the_survivors_stay_findable(harness: Harne
 
 def test_the_embedded_store_caches_too(embed) -> None:
     async def scenario() -> None:
-        cache = SemanticCache(SemanticCacheSettings(), MemoryStore(), embed(["x"]).shape[1], embed,
+        cache = SemanticCache(SemanticCacheSettings(), MemoryAnswerStore(), embed(["x"]).shape[1], embed,
                               SemanticCacheMetrics(CollectorRegistry()))
         query = Harness.query(QUESTION)
         async with running(cache):
@@ -438,27 +421,6 @@ def test_the_embedded_store_caches_too(embed) -> None:
 
 
 # -- tenants, restarts and replicas ---------------------------------------------------------------------------------
-
-
-def test_tenants_never_see_each_others_entries(harness: Harness) -> None:
-    async def scenario() -> None:
-        cache = harness.cache()
-        async with running(cache):
-            entry_id = await harness.store(cache, QUESTION, tenant="tenant-a")
-            assert (await harness.lookup(cache, QUESTION, tenant="tenant-b")).status == "miss"
-            assert (await harness.lookup(cache, QUESTION, tenant="tenant-a")).status == "hit"
-            # Even if the index put tenant A's entry in tenant B's partition, the stored entry's tenant decides.
-            meta = cache.index.get(entry_id)
-            cache.index.add("tenant-b", "factual", IndexedEntry(**vars(meta)), harness.vector(QUESTION))
-            leaked = await harness.lookup(cache, QUESTION, tenant="tenant-b")
-            assert leaked.status == "miss" and leaked.entry is None
-            # Tenant B's own answer to the same question is an entry of its own.
-            other = await harness.store(cache, QUESTION, "B's answer", tenant="tenant-b")
-            assert other != entry_id
-            assert (await harness.lookup(cache, PARAPHRASE, tenant="tenant-b")).entry.response["content"] == \
-                "B's answer"
-
-    asyncio.run(scenario())
 
 
 def test_restart_rebuilds_the_index_from_redis(harness: Harness) -> None:
@@ -495,25 +457,6 @@ def test_replicas_sharing_redis_see_each_others_entries_and_deletions(harness: H
             await eventually(lambda: two.index.get(entry_id) is None)
             assert (await harness.lookup(two, QUESTION)).status == "miss"
             assert (await harness.lookup(two, UNRELATED)).status == "hit"
-
-    asyncio.run(scenario())
-
-
-def test_one_entry_is_invalidated_only_when_every_condition_holds(harness: Harness) -> None:
-    async def scenario() -> None:
-        cache = harness.cache()
-        async with running(cache):
-            entry_id = await harness.store(cache, QUESTION, collection="handbook")
-            tenant, category = cache.category_of(entry_id)
-            assert tenant == "tenant-a" and cache.category_of("no-such-entry") is None
-            # Another tenant's id, another collection or category: nothing goes.
-            assert await cache.invalidate(entry_id=entry_id, tenant="tenant-b") == 0
-            assert await cache.invalidate(entry_id=entry_id, collection="other") == 0
-            assert await cache.invalidate(entry_id=entry_id, category=category + "-not") == 0
-            assert await cache.invalidate(entry_id="no-such-entry") == 0
-            assert await cache.invalidate(entry_id=entry_id, tenant=tenant, collection="handbook",
-                                          category=category) == 1
-            assert cache.category_of(entry_id) is None
 
     asyncio.run(scenario())
 
@@ -595,14 +538,14 @@ def test_entries_of_another_embedder_are_purged(harness: Harness) -> None:
             await harness.store(neighbour, QUESTION)
         assert harness.keys("old-embedder:*")  # the entry and the change stream
         new = harness.cache(namespace="new-embedder")
-        assert isinstance(new.store, RedisStore)
+        assert isinstance(new.store, RedisAnswerStore)
         async with running(new):
             assert harness.keys("old-embedder:*") == []
             assert len(new.index) == 0 and (await harness.lookup(new, QUESTION)).status == "miss"
             await harness.store(new, QUESTION)
         # Another deployment's prefix is left alone.
         assert list(harness.direct.scan_iter(f"{harness.prefix}-neighbour:*"))
-        store = RedisStore(harness.redis.url, harness.prefix, "new-embedder", 1.0)
+        store = RedisAnswerStore(harness.redis.url, harness.prefix, "new-embedder", 1.0)
         try:
             assert await store.purge_other_namespaces() == 0
         finally:
@@ -774,41 +717,6 @@ def test_a_timeout_catches_up_from_the_change_stream_without_a_rebuild(fresh_red
 # -- load-adaptive policy -------------------------------------------------------------------------------------------
 
 
-def test_load_level_rises_between_the_mark_and_twice_the_mark() -> None:
-    monitor = LoadMonitor(LoadSettings(queue_depth_mark=4, latency_mark_ms=1000, latency_smoothing=0.5))
-    depth = [0]
-    monitor.watch_queue("m", lambda: depth[0])
-    assert monitor.level("m") == 0.0 and monitor.level("unwatched") == 0.0
-    for queued, level in [(3, 0.0), (4, 0.0), (6, 0.5), (8, 1.0), (100, 1.0), (0, 0.0)]:
-        depth[0] = queued
-        assert monitor.level("m") == pytest.approx(level)
-    # Latency: an exponential moving average against its own mark; the higher of the two signals counts.
-    monitor.observe_latency("m", 1500)
-    assert monitor.level("m") == pytest.approx(0.5)
-    monitor.observe_latency("m", 500)  # average 1000: at the mark
-    assert monitor.level("m") == pytest.approx(0.0)
-    depth[0] = 8
-    assert monitor.level("m") == pytest.approx(1.0)
-    assert monitor.signals("m") == {"queue_depth": 8.0, "latency_ms": 1000.0}
-    assert monitor.models() == ["m"]
-
-
-def test_effective_policy_moves_linearly_within_the_bounds() -> None:
-    policy = CategoryPolicy(name="p", rules=["."], threshold=0.95, threshold_under_load=0.85, ttl_s=100,
-                            ttl_under_load_s=300)
-    at = {level: effective_policy(policy, level) for level in (-1.0, 0.0, 0.5, 1.0, 3.0)}
-    assert (at[0.0].threshold, at[0.0].ttl_s) == (0.95, 100)
-    assert at[0.5].threshold == pytest.approx(0.90) and at[0.5].ttl_s == pytest.approx(200)
-    assert (at[1.0].threshold, at[1.0].ttl_s) == (pytest.approx(0.85), pytest.approx(300))
-    assert at[3.0] == at[1.0] and at[-1.0] == at[0.0]  # never past the bounds
-    fixed = effective_policy(CategoryPolicy(name="q", rules=["."], threshold=0.9, ttl_s=60), 1.0)
-    assert (fixed.threshold, fixed.ttl_s) == (0.9, 60)
-    with pytest.raises(ValueError, match="threshold_under_load"):
-        CategoryPolicy(name="r", rules=["."], threshold=0.9, threshold_under_load=0.95)
-    with pytest.raises(ValueError, match="ttl_under_load_s"):
-        CategoryPolicy(name="r", rules=["."], ttl_s=100, ttl_under_load_s=50)
-
-
 def test_load_loosens_the_threshold_and_lengthens_the_ttl(harness: Harness) -> None:
     # "capital city" is a looser paraphrase (cosine ~0.96): under the strict bar, above the loaded one.
     loose = "what is the capital city of France?"
@@ -847,7 +755,7 @@ def test_load_loosens_the_threshold_and_lengthens_the_ttl(harness: Harness) -> N
 def test_the_tenant_label_is_the_name_a_hash_or_nothing(embed, mode: str, labels: dict) -> None:
     async def scenario() -> None:
         registry = CollectorRegistry()
-        cache = SemanticCache(SemanticCacheSettings(), MemoryStore(), embed(["x"]).shape[1], embed,
+        cache = SemanticCache(SemanticCacheSettings(), MemoryAnswerStore(), embed(["x"]).shape[1], embed,
                               SemanticCacheMetrics(registry, TenantLabel(mode)))
         async with running(cache):
             for tenant, question in (("tenant-a", QUESTION), ("tenant-b", QUESTION)):

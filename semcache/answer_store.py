@@ -1,6 +1,7 @@
-"""Where cached answers live: Redis (shared by replicas, with TTLs) or an embedded in-process store.
+"""The answer store, where the semantic cache's entries (question, answer, embedding) live: Redis (shared by
+replicas, with TTLs) or an embedded in-process store (one process, also what policy tests run on).
 
-Both speak the same small async interface. Changes are also appended to a Redis stream, which every
+Both speak the same small async interface, `AnswerStore`. Changes are also appended to a Redis stream, which every
 replica polls (`changes`) to keep its in-memory index in step with the others.
 """
 
@@ -35,7 +36,7 @@ class Change:
 
 @dataclass(frozen=True)
 class ChangeFeed:
-    """What `EntryStore.changes` read past a cursor.
+    """What `AnswerStore.changes` read past a cursor.
 
     `cursor`: where the next read starts (the last change's position, or where a first read starts).
     `changes`: oldest first. `lost`: changes past the cursor are gone (trimmed from the capped stream, or lost
@@ -46,8 +47,10 @@ class ChangeFeed:
     lost: bool = False
 
 
-class EntryStore(abc.ABC):
-    kind: str
+class AnswerStore(abc.ABC):
+    """Entries by id as flat mappings (CacheEntry.to_fields); every call may raise StoreUnavailable."""
+
+    kind: str  # "redis" or "memory": shown in /healthz and the admin API
 
     @abc.abstractmethod
     async def ping(self) -> None: ...
@@ -81,8 +84,9 @@ class EntryStore(abc.ABC):
         return None
 
 
-class MemoryStore(EntryStore):
-    """The embedded store: one process, entries gone when it stops."""
+class MemoryAnswerStore(AnswerStore):
+    """The embedded store: one process, entries gone when it stops; no change stream (there are no other
+    replicas). Used when no Redis is configured, and by tests of the cache's policy."""
 
     kind = "memory"
 
@@ -121,7 +125,7 @@ class MemoryStore(EntryStore):
                 yield entry_id, fields
 
 
-class RedisStore(EntryStore):
+class RedisAnswerStore(AnswerStore):
     """Entries as Redis hashes with EXPIRE; a capped stream of changes for the other replicas."""
 
     kind = "redis"

@@ -1,5 +1,12 @@
-"""The semantic cache as the chat endpoint uses it: what a request's cache key covers, its per-request
-controls (headers and LiteLLM's `cache` object), and building the cache from the settings."""
+"""The answer cache: the semantic cache (blendgate.semcache) in front of the chat backends, as the chat
+endpoint uses it.
+
+`AnswerCache` decides whether a chat request goes through the cache and builds its key: the question,
+the context digest of everything else the answer depends on, and the per-request controls (headers and
+LiteLLM's `cache` object). An applicable request becomes an `AnswerCachePlan`, the hand-off between the
+chat service and the semantic cache: it looks the answer up and, after a miss, stores the backend's
+answer. `build_semantic_cache` builds the cache and its answer store (semcache/answer_store.py) from
+the settings."""
 
 from __future__ import annotations
 
@@ -13,14 +20,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..retriever.document_store import CollectionVersion
 from ..retriever.embedder import Embedder
-from ..retriever.store import CollectionVersion
-from ..semcache.cache import CacheQuery, LookupResult, SemanticCache
+from ..semcache.answer_store import AnswerStore, MemoryAnswerStore, RedisAnswerStore
+from ..semcache.cache import SemanticCache
 from ..semcache.categories import Classification
+from ..semcache.lookup import CacheQuery, LookupResult
 from ..semcache.metrics import SemanticCacheMetrics
 from ..semcache.policy import LoadMonitor
 from ..semcache.settings import SemanticCacheSettings
-from ..semcache.stores import EntryStore, MemoryStore, RedisStore
 from .config import LocalModelConfig, Settings
 from .errors import GatewayError
 from .schemas import ChatCompletionRequest
@@ -66,12 +74,12 @@ def embedder_fingerprint(embedder: Embedder) -> str:
 
 def build_semantic_cache(settings: SemanticCacheSettings, embedder: Embedder, metrics: SemanticCacheMetrics,
                          load: LoadMonitor) -> SemanticCache:
-    store: EntryStore
+    store: AnswerStore
     if settings.redis_url:
-        store = RedisStore(settings.redis_url, settings.key_prefix, embedder_fingerprint(embedder),
+        store = RedisAnswerStore(settings.redis_url, settings.key_prefix, embedder_fingerprint(embedder),
                            settings.redis_timeout_ms / 1000)
     else:
-        store = MemoryStore()
+        store = MemoryAnswerStore()
     if embedder.name != settings.thresholds_tuned_for:
         log.warning("semantic cache: thresholds were tuned for %s but the embedder is %s; tune "
                     "semantic_cache.categories for it (blendgate tune-thresholds)", settings.thresholds_tuned_for,
@@ -146,8 +154,10 @@ def end_user(request: ChatCompletionRequest, headers: Mapping[str, str]) -> str 
 
 
 @dataclass
-class CachePlan:
-    """A request the cache can answer: its query, embedding and category, ready for lookup and storing."""
+class AnswerCachePlan:
+    """One chat request the answer cache applies to (the hand-off from AnswerCache.plan to the chat service):
+    its query and embedding, ready for lookup, then its lookup result and classification, ready for storing
+    the backend's answer after a miss."""
 
     cache: SemanticCache
     query: CacheQuery
@@ -175,8 +185,9 @@ def _log_failure(task: asyncio.Task) -> None:
         log.error("semantic cache: storing an answer failed: %r", task.exception())
 
 
-class ChatCache:
-    """Decides whether a chat request goes through the semantic cache and prepares its key."""
+class AnswerCache:
+    """The answer cache in front of the backends: decides whether a chat request goes through the semantic
+    cache (`plan`) and builds its key (`context`)."""
 
     def __init__(self, settings: SemanticCacheSettings, default_temperature: Callable[[str], float | None],
                  rag_system_prompt: str, model_fingerprints: Mapping[str, str]) -> None:
@@ -223,7 +234,7 @@ class ChatCache:
         return _digest(key), readable_settings(key)
 
     async def plan(self, request: ChatCompletionRequest, tenant: str, headers: Mapping[str, str],
-                   collection: str | None) -> tuple[CachePlan | None, dict[str, Any] | None]:
+                   collection: str | None) -> tuple[AnswerCachePlan | None, dict[str, Any] | None]:
         """(plan, None) when the cache applies, else (None, a report saying why not)."""
         controls = cache_controls(request, headers)
         if not self.settings.enabled:
@@ -240,4 +251,4 @@ class ChatCache:
                            settings=settings, user=end_user(request, headers),
                            no_cache=controls.no_cache, no_store=controls.no_store, ttl_s=controls.ttl_s,
                            max_age_s=controls.max_age_s)
-        return CachePlan(self.cache, query, vector), None
+        return AnswerCachePlan(self.cache, query, vector), None

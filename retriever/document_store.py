@@ -1,4 +1,5 @@
-"""Collections on disk: chunk texts, metadata and embeddings in SQLite, the source of truth.
+"""The document store: collections on disk, their chunk texts, metadata and embeddings in SQLite, the source of
+truth (not to be confused with the chunk-KV store, chunkcache/kv_store.py, which keeps chunks' KV caches).
 
 Every ingest or delete is one transaction that also bumps the collection's version, so a crash leaves
 the previous state whole, and the FAISS index (a derived file) can always be rebuilt from here. A collection
@@ -108,7 +109,9 @@ class NewChunk:
     embedding: np.ndarray
 
 
-class ChunkStore:
+class DocumentStore:
+    """One SQLite file of collections; thread-safe, and shared with other processes (the CLI) through WAL."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -246,8 +249,8 @@ class ChunkStore:
         def __exit__(self, kind, value, traceback) -> None:
             self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
-    def _transaction(self) -> "ChunkStore._Tx":
-        return ChunkStore._Tx(self._db)
+    def _transaction(self) -> "DocumentStore._Tx":
+        return DocumentStore._Tx(self._db)
 
 
 def iter_batches(items: list, size: int) -> Iterator[list]:

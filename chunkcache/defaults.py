@@ -1,0 +1,9 @@
+"""The chunk-cache's size bounds, defined once: the code's keyword defaults and the gateway's settings
+(gateway/config.py: ChunkCacheSettings) both take them from here. Blending's own defaults (recompute ratio,
+chunk prefix, context documents) are in engine/prompt.py, the fallback's costs in fallback.py, eviction's in
+eviction.py."""
+
+# Exact prompt prefixes whose KV the "prefix" mode keeps (least recently used dropped past it).
+PREFIX_ENTRIES = 16
+# Chunk prefixes (system prompt and context documents) whose KV each new chunk's precompute continues.
+CHUNK_PREFIX_ENTRIES = 4

@@ -1,0 +1,118 @@
+"""The chunk-KV store: chunk KV in tiers (GPU memory, CPU memory, disk), fastest first.
+
+Looked up by ChunkKey (keys.py). Each tier (tiers.py) has a byte budget; a tier over budget moves entries down
+one tier, the eviction policy (eviction.py: "lru" by default, or "cost_aware") choosing which, and the last
+tier drops them. A hit in a lower tier is promoted to the top. Entries record their hits and recompute cost,
+which the cost-aware policy weighs. A damaged disk entry is deleted, counted as corrupt and reported as a miss,
+never used.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from .eviction import DEFAULT_EVICTION, EntryInfo, EvictionPolicy, eviction_policy
+from .keys import ChunkKey
+from .kv import ChunkKV
+from .tiers import Tier
+
+
+@dataclass
+class CacheStats:
+    hits: dict[str, int] = field(default_factory=dict)  # by tier
+    misses: int = 0
+    evictions: dict[str, int] = field(default_factory=dict)  # entries pushed out of each tier
+    corrupt: int = 0
+
+
+class ChunkCacheStore:
+    """Thread-safe: one lock around every operation (the engine's worker thread and the gateway's reports)."""
+
+    def __init__(self, tiers: list[Tier], eviction: EvictionPolicy | str = DEFAULT_EVICTION) -> None:
+        if not tiers:
+            raise ValueError("the chunk-cache store needs at least one tier")
+        self.tiers = tiers
+        self.eviction = eviction_policy(eviction) if isinstance(eviction, str) else eviction
+        self.stats = CacheStats(hits={t.name: 0 for t in tiers}, evictions={t.name: 0 for t in tiers})
+        self._lock = threading.RLock()
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether a tier holds the entry (nothing read, no statistics counted)."""
+        with self._lock:
+            return any(key in tier.entries for tier in self.tiers)
+
+    def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
+        """The entry from the fastest tier holding it. With promote=False an entry found in a lower tier stays
+        there for now (call `promote` later): blending streams CPU-memory entries up layer by layer, and a
+        promotion copy queued before it would hold the prefill up."""
+        with self._lock:
+            for level, tier in enumerate(self.tiers):
+                info = tier.entries.get(key)
+                if info is None:
+                    continue
+                kv = tier.read(key)
+                if kv is None:  # damaged: dropped by the tier; recomputing it is the caller's miss
+                    tier.forget(key)
+                    self.stats.corrupt += 1
+                    break
+                info.hits += 1
+                self.stats.hits[tier.name] += 1
+                tier.touch(key)
+                if level > 0 and promote:
+                    self._insert(0, key, kv, info)
+                return kv
+            self.stats.misses += 1
+            return None
+
+    def promote(self, key: ChunkKey, kv: ChunkKV) -> None:
+        """Move an entry that `get(promote=False)` found in a lower tier (as `kv`, so it is not read twice) to
+        the top tier; nothing happens when it is at the top already or no longer stored."""
+        with self._lock:
+            if key in self.tiers[0].entries:
+                return
+            for tier in self.tiers[1:]:
+                info = tier.entries.get(key)
+                if info is not None:
+                    self._insert(0, key, kv, info)
+                    return
+
+    def put(self, key: ChunkKey, kv: ChunkKV, recompute_cost: float) -> None:
+        """Stores a chunk's KV just computed in the top tier. recompute_cost: what computing it again costs (the
+        chunk's tokens times the model's layers), for the cost-aware eviction policy."""
+        with self._lock:
+            self._insert(0, key, kv, EntryInfo(nbytes=0, recompute_cost=recompute_cost))
+
+    def _insert(self, level: int, key: ChunkKey, kv: ChunkKV, info: EntryInfo) -> None:
+        tier = self.tiers[level]
+        info = EntryInfo(nbytes=tier.write(key, kv), recompute_cost=info.recompute_cost, hits=info.hits)
+        if info.nbytes > tier.budget_bytes:  # larger than the whole tier: try the next one
+            tier.remove(key)
+            if level + 1 < len(self.tiers):
+                self._insert(level + 1, key, kv, info)
+            return
+        tier.admit(key, info)
+        while tier.used_bytes > tier.budget_bytes:
+            victim = self.eviction.victim(tier.entries)
+            victim_info = tier.forget(victim)
+            victim_kv = tier.read(victim)
+            tier.remove(victim)
+            self.stats.evictions[tier.name] += 1
+            if victim_kv is not None and level + 1 < len(self.tiers) and victim not in self.tiers[level + 1].entries:
+                self._insert(level + 1, victim, victim_kv, victim_info)
+
+    def report(self) -> dict:
+        with self._lock:
+            return {
+                "tiers": [{"name": t.name, "entries": len(t.entries), "bytes": t.used_bytes,
+                           "budget_bytes": t.budget_bytes, "hits": self.stats.hits[t.name],
+                           "evictions": self.stats.evictions[t.name]} for t in self.tiers],
+                "misses": self.stats.misses, "corrupt": self.stats.corrupt,
+            }
+
+    def entries(self) -> list[dict]:
+        """Every entry (chunk token digest, tier, bytes, hits), for operators."""
+        with self._lock:
+            return [{"chunk": key.tokens, "tier": tier.name, "bytes": info.nbytes, "hits": info.hits,
+                     "recompute_cost": info.recompute_cost}
+                    for tier in self.tiers for key, info in tier.entries.items()]

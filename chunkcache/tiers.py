@@ -1,0 +1,128 @@
+"""The chunk-cache store's storage backends (tiers), behind one interface: GPU or CPU memory, and disk.
+
+A tier stores and reads entries and keeps their bookkeeping (bytes used, each entry's EntryInfo in recency
+order); which entry leaves a full tier is the eviction policy's choice (eviction.py), and moving entries
+between tiers is the store's (kv_store.py). Disk entries are encoded by codec.py and checked on every read.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .codec import Codec
+from .eviction import EntryInfo
+from .keys import ChunkKey
+from .kv import ChunkKV
+
+
+class Tier(ABC):
+    """One storage level with a byte budget. Not thread-safe on its own: the store serialises access."""
+
+    def __init__(self, name: str, budget_bytes: int) -> None:
+        self.name = name
+        self.budget_bytes = budget_bytes
+        self.entries: OrderedDict[ChunkKey, EntryInfo] = OrderedDict()  # least recently used first
+        self.used_bytes = 0
+
+    def admit(self, key: ChunkKey, info: EntryInfo) -> None:
+        """Records an entry just written (as the most recently used)."""
+        self.forget(key)
+        self.entries[key] = info
+        self.used_bytes += info.nbytes
+
+    def touch(self, key: ChunkKey) -> None:
+        """Records a hit on the entry: it becomes the most recently used."""
+        self.entries.move_to_end(key)
+
+    def forget(self, key: ChunkKey) -> EntryInfo | None:
+        """Drops the entry's bookkeeping (not its data: `remove`); its EntryInfo, or None when not held."""
+        info = self.entries.pop(key, None)
+        if info is not None:
+            self.used_bytes -= info.nbytes
+        return info
+
+    @abstractmethod
+    def read(self, key: ChunkKey) -> ChunkKV | None:
+        """The entry's KV, or None when this tier cannot give it (missing, or damaged on disk)."""
+
+    @abstractmethod
+    def write(self, key: ChunkKey, kv: ChunkKV) -> int:
+        """Stores the entry; returns the bytes it takes in this tier."""
+
+    @abstractmethod
+    def remove(self, key: ChunkKey) -> None:
+        """Deletes the entry's data (nothing happens when there is none)."""
+
+
+class MemoryTier(Tier):
+    """Tensors kept in GPU or CPU memory (pinned on the CPU when there is a GPU, for fast copies up)."""
+
+    def __init__(self, name: str, budget_bytes: int, device: str | torch.device) -> None:
+        super().__init__(name, budget_bytes)
+        self.device = torch.device(device)
+        self._data: dict[ChunkKey, ChunkKV] = {}
+        self._pin = self.device.type == "cpu" and torch.cuda.is_available()
+
+    def _place(self, tensor: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy to the GPU is queued, not waited for (the host allocator keeps the source
+        # alive until it is done).
+        tensor = tensor.to(self.device, non_blocking=tensor.is_pinned())
+        return tensor.pin_memory() if self._pin else tensor
+
+    def read(self, key: ChunkKey) -> ChunkKV | None:
+        return self._data.get(key)
+
+    def write(self, key: ChunkKey, kv: ChunkKV) -> int:
+        # Token ids stay on the host: blending reads them there, and a GPU copy would make it wait.
+        stored = ChunkKV(kv.token_ids.cpu(), self._place(kv.keys), self._place(kv.values))
+        self._data[key] = stored
+        return stored.nbytes
+
+    def remove(self, key: ChunkKey) -> None:
+        self._data.pop(key, None)
+
+
+class DiskTier(Tier):
+    """Files in a folder, written to a temporary name and renamed; checked on every read. Entries left by
+    earlier runs are found at start (their recompute cost is not known: 0)."""
+
+    def __init__(self, name: str, budget_bytes: int, directory: Path, codec: Codec | None = None) -> None:
+        super().__init__(name, budget_bytes)
+        self.directory = directory
+        self.codec = codec or Codec()
+        directory.mkdir(parents=True, exist_ok=True)
+        # Entries from earlier runs, oldest first; their keys are recovered from the file names.
+        for path in sorted(directory.glob("*.kv"), key=lambda p: p.stat().st_mtime):
+            parts = path.stem.split("-")
+            if len(parts) == 3:
+                self.admit(ChunkKey(*parts), EntryInfo(nbytes=path.stat().st_size, recompute_cost=0.0))
+
+    def _path(self, key: ChunkKey) -> Path:
+        return self.directory / f"{key.name}.kv"
+
+    def read(self, key: ChunkKey) -> ChunkKV | None:
+        try:
+            data = self._path(key).read_bytes()
+        except OSError:
+            return None
+        kv = self.codec.decode(key, data)
+        if kv is None:
+            self.remove(key)
+        return kv
+
+    def write(self, key: ChunkKey, kv: ChunkKV) -> int:
+        data = self.codec.encode(key, kv)
+        path = self._path(key)
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+        return len(data)
+
+    def remove(self, key: ChunkKey) -> None:
+        self._path(key).unlink(missing_ok=True)

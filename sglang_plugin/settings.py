@@ -1,0 +1,57 @@
+"""The plugin's settings, from BLENDGATE_SGLANG_* environment variables (SGLang starts its worker processes;
+there is no blendgate configuration file there). Each default is the local engine's (gateway/config.py:
+ChunkCacheSettings) where both have the setting, taken from the same constant.
+
+- BLENDGATE_SGLANG_PLUGIN: 0 turns the plugin off (default on);
+- BLENDGATE_SGLANG_GPU_CACHE_GB, BLENDGATE_SGLANG_CPU_CACHE_GB: the chunk-KV store's tiers (defaults 4 and 16);
+- BLENDGATE_SGLANG_CHUNK_PREFIX: "system" or "none", as the local engine's chunk_prefix;
+- BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
+  the local engine's pass_cost_tokens and placement_cost_tokens;
+- BLENDGATE_SGLANG_EVICTION: "lru" or "cost_aware", as the local engine's eviction.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
+from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
+from ..engine.prompt import DEFAULT_CHUNK_PREFIX, ChunkPrefix
+
+PREFIX = "BLENDGATE_SGLANG_"
+GIB = 1 << 30
+
+
+class PluginSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
+
+    plugin: bool = True
+    gpu_cache_gb: float = Field(4.0, ge=0, allow_inf_nan=False)
+    cpu_cache_gb: float = Field(16.0, ge=0, allow_inf_nan=False)
+    chunk_prefix: ChunkPrefix = DEFAULT_CHUNK_PREFIX
+    pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
+    placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
+    eviction: EvictionPolicyName = DEFAULT_EVICTION
+
+    @classmethod
+    def from_env(cls) -> "PluginSettings":
+        """The settings from the environment; ValueError naming each bad variable and what it must be."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(f"{PREFIX}{str(error['loc'][0]).upper()}: {error['msg']}, got {error['input']!r}"
+                                 for error in exc.errors())
+            raise ValueError(f"bad blendgate plugin setting: {problems}") from None
+
+    @property
+    def gpu_cache_bytes(self) -> int:
+        return int(self.gpu_cache_gb * GIB)
+
+    @property
+    def cpu_cache_bytes(self) -> int:
+        return int(self.cpu_cache_gb * GIB)
+
+    @property
+    def costs(self) -> PrefillCosts:
+        return PrefillCosts(self.pass_cost_tokens, self.placement_cost_tokens)

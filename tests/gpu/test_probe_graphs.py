@@ -1,0 +1,101 @@
+"""The probe pass replayed from CUDA graphs (chunkcache/probe.py: ProbeGraphs) against the same pass launched
+op by op: the same scores for prompts of any shape (padded to the graphs' buckets), replays that read the new
+prompt rather than the one captured, and blends that select the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from blendgate.chunkcache.blend import ChunkKV, ChunkLoader, _layout, blend_prefill, precompute_chunk
+from blendgate.chunkcache.probe import ProbeGraphs, probe_eager
+from blendgate.chunkcache.selection import SelectionRule
+from blendgate.engine.llama import LlamaFamilyModel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def config():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaFamilyModel:
+    return LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=5)
+
+
+def prompt(model: LlamaFamilyModel, seed: int, chunks: int, length: int, question: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 512, (length + i,), generator=generator).tolist() for i in range(chunks)]
+    segments: list = [torch.randint(0, 512, (9,), generator=generator).tolist()]
+    for chunk in ids:
+        segments += [precompute_chunk(model, chunk), [1, 2]]  # a marker after each chunk, as the template has
+    segments.append(torch.randint(0, 512, (question,), generator=generator).tolist())
+    return segments
+
+
+def both_probes(model: LlamaFamilyModel, segments: list, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _layout(segments, None)
+    total = len(layout.ids)
+    positions = torch.arange(total, device="cuda")
+    cos, sin = model.rope(positions)
+    ids = torch.tensor(layout.ids, device="cuda")
+    rows = torch.tensor(layout.other_rows, device="cuda")
+    cache = model.new_cache(total)
+    cache.positions[:total], cache.length = positions, total
+    loader = ChunkLoader(cache, layout.placements, cos, sin, 0)
+    with torch.no_grad():
+        eager = probe_eager(model, ids, rows, len(layout.vote_rows), total, cache, loader.ready, cos, sin, layers)
+        graphs = ProbeGraphs.for_model(model)
+        with graphs.arena_for(total, rows.shape[0]) as arena:
+            loader = ChunkLoader(arena, layout.placements, cos, sin, 0)
+            graphed = graphs.probe(ids, rows, len(layout.vote_rows), total, cos, sin, loader.ready, layers).clone()
+    chunk = torch.tensor(layout.chunk_rows, device="cuda")
+    return eager[chunk], graphed[chunk]
+
+
+@pytest.mark.parametrize("chunks,length,question,layers", [(3, 100, 7, 4), (5, 301, 33, 4), (2, 40, 1, 2),
+                                                           (9, 130, 17, 3)])
+def test_graphs_give_the_scores_of_the_eager_probe(model, chunks, length, question, layers) -> None:
+    assert ProbeGraphs.usable(model)
+    eager, graphed = both_probes(model, prompt(model, chunks, chunks, length, question), layers)
+    assert not graphed.isnan().any()
+    # Padding changes the reduction order only (bfloat16 scores, float32 sums).
+    assert float((graphed - eager).norm() / eager.norm()) < 1e-2
+    top = max(1, eager.numel() // 7)
+    same = set(torch.topk(eager, top).indices.tolist()) & set(torch.topk(graphed, top).indices.tolist())
+    assert len(same) >= 0.9 * top
+
+
+def test_a_replay_reads_the_new_prompt_not_the_captured_one(model) -> None:
+    first = prompt(model, 11, 4, 200, 12)
+    second = prompt(model, 12, 4, 210, 14)  # the same buckets: replays the graphs captured for `first`
+    graphs = ProbeGraphs.for_model(model)
+    both_probes(model, first, 4)
+    kept = len(graphs.captured)
+    eager, graphed = both_probes(model, second, 4)
+    assert len(graphs.captured) == kept
+    assert float((graphed - eager).norm() / eager.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_a_blend_with_graphs_selects_what_the_eager_probe_selects(model, on_cpu) -> None:
+    segments = prompt(model, 21, 6, 250, 20)
+    if on_cpu:  # chunks streamed from pinned CPU memory during the probe
+        segments = [ChunkKV(s.token_ids, s.keys.cpu().pin_memory(), s.values.cpu().pin_memory())
+                    if isinstance(s, ChunkKV) else s for s in segments]
+    rule = SelectionRule("attention")
+    graphed = blend_prefill(model, segments, 0.15, rule=rule, probe_graphs=True)
+    eager = blend_prefill(model, segments, 0.15, rule=rule, probe_graphs=False)
+    assert graphed.recomputed_chunk_tokens == eager.recomputed_chunk_tokens
+    chosen, expected = set(graphed.selected_rows.tolist()), set(eager.selected_rows.tolist())
+    assert len(chosen & expected) >= 0.9 * len(expected)
+    assert graphed.cache.length == eager.cache.length
+    torch.testing.assert_close(graphed.logits, eager.logits, atol=0.1, rtol=0.1)
+    full = blend_prefill(model, segments, 1.0, rule=rule, probe_graphs=True)
+    with torch.no_grad():
+        layout = _layout(segments, None)
+        reference = model.forward(torch.tensor(layout.ids, device="cuda"), None, model.new_cache(len(layout.ids)))[-1]
+    torch.testing.assert_close(full.logits, reference, atol=5e-2, rtol=5e-2)
