@@ -63,7 +63,7 @@ class GatewayProcess:
                     return self
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
 
@@ -234,7 +234,7 @@ class SglangStandin:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
 
