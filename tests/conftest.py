@@ -13,7 +13,7 @@ from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, find_re
 
 E2E = Path(__file__).parent / "e2e"
 # A test needing one of these fixtures (directly or through another fixture) gets the marker
-# (registered in pyproject.toml): `pytest -m "not slow"` runs the plain-Python tests in seconds.
+# (registered in pyproject.toml): `pytest -m "not slow"` runs the tests that load no model in about a minute.
 MARKERS_BY_FIXTURE = {"redis_executable": "redis", "chromium": "browser", "model_cache_dir": "slow"}
 
 
