@@ -51,6 +51,7 @@ RULES: dict[str, dict] = {
     "value-l2": {"score": "value", "layer": 2},
     "value-gradual": {"score": "value", "gradual": 2.0},
     "value-sinks": {"score": "value", "sink_tokens": 4},
+    "default": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5},  # DEFAULT_RULE, since 2026-11-30
     "attention": {"score": "attention"},
     "attention-p8": {"score": "attention", "probe_layers": 8},
     "attention-p4": {"score": "attention", "probe_layers": 4},
@@ -66,7 +67,7 @@ RULES: dict[str, dict] = {
     "attention-span2": {"score": "attention", "neighbours": 2},
     "attention-p16": {"score": "attention", "probe_layers": 16},
 }
-DEFAULT_VARIANTS = ["full_prefill", "reuse", "value@0.15", "attention@0.15/context5", "target=0.9@0.5/context5"]
+DEFAULT_VARIANTS = ["full_prefill", "reuse", "value@0.15", "default@0.15/auto", "target=0.9@0.5/auto"]
 
 
 def normalise(text: str) -> str:
@@ -136,7 +137,7 @@ def xquad_items(path: Path, count: int, seed: int) -> list[Item]:
 
 def parse_variant(spec: str):
     """(mode, ratio, rule or None, fidelity target or None) of a variant name."""
-    from blendgate.chunkcache.selection import SelectionRule
+    from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
 
     spec = spec.split("/")[0]  # RULE@R/PREFIX: the chunk prefix is the runner's
     if spec in ("full_prefill", "prefix"):
@@ -146,8 +147,8 @@ def parse_variant(spec: str):
     name, _, ratio = spec.partition("@")
     if not ratio:
         raise SystemExit(f"variant {spec!r}: write RULE@RATIO or target=F@RATIO")
-    if name.startswith("target="):
-        return "blend", float(ratio), SelectionRule(), float(name.split("=", 1)[1])
+    if name.startswith("target="):  # the default rule
+        return "blend", float(ratio), DEFAULT_RULE, float(name.split("=", 1)[1])
     if name.startswith("target-"):  # target-RULE=F@R
         rule_name, _, target = name[len("target-"):].partition("=")
         return "blend", float(ratio), SelectionRule(**RULES[rule_name]), float(target)

@@ -67,6 +67,11 @@ class BlendResult:
     # Prompt rows (slots) of the recomputed chunk tokens, [recomputed_chunk_tokens] on the model's device.
     selected_rows: torch.Tensor | None = None
     chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # (first slot, tokens) of each chunk
+    # Each chunk's measured sensitivity to its context (Cache-Craft, arXiv 2502.15734): the mean squared
+    # difference between fresh and cached KV of its recomputed tokens, per element, at the middle layer (keys
+    # before rotation); [chunks] float32, NaN for a chunk with none recomputed; None when not measured (the
+    # drift shift measures it, at no extra pass).
+    chunk_drift: torch.Tensor | None = None
 
     @property
     def recompute_ratio(self) -> float:
@@ -220,6 +225,9 @@ class _DriftShift:
             self.chunk_of[start: start + kv.length] = index
         self.chunk_slots = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)
         self.recomputed = self.rows = self.weights = self.stale = self.stale_chunk = None
+        self.deltas = self.mean = self.members = None
+        self.measure_layer = model.num_layers // 2
+        self.chunk_drift: torch.Tensor | None = None
 
     def select(self, recomputed: torch.Tensor, rows: torch.Tensor) -> None:
         """The recomputed chunk tokens from now on: their slots, and their rows among the computed rows."""
@@ -228,8 +236,14 @@ class _DriftShift:
         which = self.chunk_of[recomputed]
         members = torch.nn.functional.one_hot(which, self.chunks).t().float()  # [chunks, recomputed]
         counts = members.sum(dim=1, keepdim=True)
+        self.members = members / counts  # each chunk's average over its recomputed tokens (NaN: none)
         # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
-        self.weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        # One batched product a layer over the keys' and values' heads, into buffers kept for every layer.
+        kv_heads, head_dim = self.cache.keys.shape[1], self.cache.keys.shape[3]
+        self.weights = weights.expand(2 * kv_heads, *weights.shape).contiguous()
+        self.deltas = torch.empty(2 * kv_heads, count, head_dim, dtype=torch.float32, device=recomputed.device)
+        self.mean = torch.empty(2 * kv_heads, self.chunks, head_dim, dtype=torch.float32, device=recomputed.device)
         fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
         fresh[recomputed] = True
         self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
@@ -242,8 +256,11 @@ class _DriftShift:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         if self.recomputed is None or self.recomputed.numel() == 0:
             return rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
-        deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin)
-        mean = torch.matmul(self.weights, deltas)  # [2 kv_heads, chunks, head_dim]
+        deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin,
+                              out=self.deltas)
+        mean = torch.bmm(self.weights, deltas, out=self.mean)  # [2 kv_heads, chunks, head_dim]
+        if layer == self.measure_layer:
+            self.chunk_drift = self.members @ deltas.square().mean(dim=(0, 2))
         q = rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
         drift_apply(mean, self.stale_chunk, self.stale, self.strength, keys, values, self.cos, self.sin)
         return q
@@ -451,4 +468,5 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     share = compute_share(rule, recomputed, chunk_tokens, model.num_layers)
     return BlendResult(result_logits, cache, chunk_tokens, recomputed, hidden=None if logits else last,
                        compute_share=share, covered=covered, selected_rows=selected + exact,
-                       chunk_spans=[(start, kv.length) for kv, start in layout.placements])
+                       chunk_spans=[(start, kv.length) for kv, start in layout.placements],
+                       chunk_drift=None if shift is None else shift.chunk_drift)

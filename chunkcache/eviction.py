@@ -26,6 +26,9 @@ class EntryInfo:
     nbytes: int  # bytes the entry takes in its tier
     recompute_cost: float  # what a miss costs: the chunk's prefill, in tokens times layers (0: not known)
     hits: int = 0  # lookups that found it, in any tier
+    # How much the chunk's KV moves with its context when blended (Cache-Craft's sensitivity): an exponential
+    # average of BlendResult.chunk_drift over the blends that measured it; None until one did.
+    sensitivity: float | None = None
 
 
 class EvictionPolicy(ABC):

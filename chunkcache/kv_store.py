@@ -83,9 +83,26 @@ class ChunkCacheStore:
         with self._lock:
             self._insert(0, key, kv, EntryInfo(nbytes=0, recompute_cost=recompute_cost))
 
+    SENSITIVITY_WEIGHT = 0.25  # the newest measurement's share in an entry's running sensitivity
+
+    def note_sensitivity(self, key: ChunkKey, drift: float) -> None:
+        """Record a blend's measured drift of this chunk (BlendResult.chunk_drift) in its entry, as an exponential
+        average (Cache-Craft's per-chunk sensitivity: later requests and operators read it from `entries()`).
+        Nothing happens for an entry no longer stored or a value that is not a finite, non-negative number."""
+        if not drift >= 0.0 or drift == float("inf"):
+            return
+        with self._lock:
+            for tier in self.tiers:
+                info = tier.entries.get(key)
+                if info is not None:
+                    info.sensitivity = drift if info.sensitivity is None else (
+                        (1 - self.SENSITIVITY_WEIGHT) * info.sensitivity + self.SENSITIVITY_WEIGHT * drift)
+                    return
+
     def _insert(self, level: int, key: ChunkKey, kv: ChunkKV, info: EntryInfo) -> None:
         tier = self.tiers[level]
-        info = EntryInfo(nbytes=tier.write(key, kv), recompute_cost=info.recompute_cost, hits=info.hits)
+        info = EntryInfo(nbytes=tier.write(key, kv), recompute_cost=info.recompute_cost, hits=info.hits,
+                         sensitivity=info.sensitivity)
         if info.nbytes > tier.budget_bytes:  # larger than the whole tier: try the next one
             tier.remove(key)
             if level + 1 < len(self.tiers):
@@ -111,8 +128,8 @@ class ChunkCacheStore:
             }
 
     def entries(self) -> list[dict]:
-        """Every entry (chunk token digest, tier, bytes, hits), for operators."""
+        """Every entry (chunk token digest, tier, bytes, hits, recompute cost, sensitivity), for operators."""
         with self._lock:
             return [{"chunk": key.tokens, "tier": tier.name, "bytes": info.nbytes, "hits": info.hits,
-                     "recompute_cost": info.recompute_cost}
+                     "recompute_cost": info.recompute_cost, "sensitivity": info.sensitivity}
                     for tier in self.tiers for key, info in tier.entries.items()]

@@ -122,6 +122,9 @@ class ChunkBlender:
                                target_fidelity=target)
         for key, kv in found:
             self.store.promote(key, kv)
+        if result.chunk_drift is not None:  # each chunk's measured sensitivity, into its entry (Cache-Craft)
+            for (key, _), drift in zip(found, result.chunk_drift.tolist()):
+                self.store.note_sensitivity(key, drift)
         report = {"mode": prompt.mode, "hits": hits, "hit_count": sum(hits), "miss_count": len(hits) - sum(hits),
                   "recompute_ratio": round(result.recompute_ratio, 4), "chunk_tokens": result.chunk_tokens,
                   "recomputed_tokens": result.recomputed_chunk_tokens,

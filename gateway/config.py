@@ -121,6 +121,7 @@ class SelectionSettings(_Strict):
     gradual: float = Field(DEFAULT_RULE.gradual, ge=1.0)
     chunk_budget: Literal["global", "uniform"] = DEFAULT_RULE.chunk_budget
     drift_shift: float = Field(DEFAULT_RULE.drift_shift, ge=0.0)
+    neighbours: int = Field(DEFAULT_RULE.neighbours, ge=0)
 
     def rule(self) -> SelectionRule:
         return SelectionRule(**self.model_dump())

@@ -89,7 +89,7 @@ if triton is not None:
         v2 = tl.load(cache_values + cached + HALF, mask=mask).to(tl.float32)
         g1 = tl.load(qkv + value_src, mask=mask).to(tl.float32)
         g2 = tl.load(qkv + value_src + HALF, mask=mask).to(tl.float32)
-        dst = dst + (KV_HEADS * tokens).to(tl.int64) * (2 * HALF)
+        dst = dst + KV_HEADS * tokens * (2 * HALF)  # the values' heads follow the keys'
         tl.store(out + dst, g1 - v1, mask=mask)
         tl.store(out + dst + HALF, g2 - v2, mask=mask)
 
@@ -138,14 +138,16 @@ BLOCK = 32
 
 
 def drift_deltas(qkv: torch.Tensor, rows: torch.Tensor, heads: int, cache_keys: torch.Tensor,
-                 cache_values: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> torch.Tensor:
-    """As drift_deltas_reference, one launch on CUDA."""
+                 cache_values: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """As drift_deltas_reference, one launch on CUDA (into `out` when given: a layer after layer buffer)."""
     if not _fits(qkv, cache_keys, cache_values, cos) or not sin.is_contiguous():
-        return drift_deltas_reference(qkv, rows, heads, cache_keys, cache_values, slots, cos, sin)
+        deltas = drift_deltas_reference(qkv, rows, heads, cache_keys, cache_values, slots, cos, sin)
+        return deltas if out is None else out.copy_(deltas)
     kv_heads, _, head_dim = cache_keys.shape
     tokens = rows.shape[0]
-    out = torch.empty((2 * kv_heads, tokens, head_dim), dtype=torch.float32, device=qkv.device)
+    if out is None:
+        out = torch.empty((2 * kv_heads, tokens, head_dim), dtype=torch.float32, device=qkv.device)
     if tokens:
         _deltas_kernel[(kv_heads, triton.cdiv(tokens, BLOCK))](
             qkv, rows, slots, cache_keys, cache_values, cos, sin, out, tokens, qkv.stride(0), cache_keys.stride(0),

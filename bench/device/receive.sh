@@ -6,7 +6,7 @@ mkdir -p /tmp/stage/parts /tmp/stage/files /tmp/site
 cp .carry/part*/*.part* /tmp/stage/parts/ 2>/dev/null || true
 while read -r name sum parts; do
     [ -f "/tmp/stage/files/$name" ] && continue
-    have=$(ls /tmp/stage/parts/"$name".part* 2>/dev/null | wc -l)
+    have=$(ls /tmp/stage/parts/"$name".part* 2>/dev/null | wc -l || true)
     if [ "$have" -lt "$parts" ]; then echo "$name: $have of $parts parts"; continue; fi
     cat /tmp/stage/parts/"$name".part* > "/tmp/stage/files/$name"
     echo "$sum  /tmp/stage/files/$name" | sha256sum -c - || { rm "/tmp/stage/files/$name"; exit 1; }

@@ -316,3 +316,13 @@ def test_neighbours_recompute_spans_around_the_best_tokens_within_each_chunk() -
     score = torch.tensor([0.0, 5, 0, 0, 0, 0, 9, 0, 0, 1])  # two chunks of 5: the 9 spans 5..7, not 4
     assert _choose(SelectionRule("attention", neighbours=1), score, 3, [5, 5]).tolist() == [5, 6, 7]
     assert _choose(SelectionRule("attention"), score, 3, [5, 5]).tolist() == [1, 6, 9]
+
+
+def test_the_drift_shift_measures_each_chunks_sensitivity(model) -> None:
+    """chunk_drift: per chunk, the mean squared KV change of its recomputed tokens; NaN where none was."""
+    chunks = [precompute_chunk(model, c) for c in CHUNKS]
+    shifted = blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.5, rule=SelectionRule("attention", drift_shift=0.5))
+    assert shifted.chunk_drift is not None and shifted.chunk_drift.shape == (len(CHUNKS),)
+    measured = shifted.chunk_drift[~shifted.chunk_drift.isnan()]
+    assert measured.numel() >= 1 and (measured > 0).all()
+    assert blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.5, rule=SelectionRule("attention")).chunk_drift is None

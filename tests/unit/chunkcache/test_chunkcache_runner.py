@@ -63,6 +63,8 @@ def test_chunk_kv_is_cached_and_reused_in_any_order(runner, tokenizer) -> None:
     # Three chunks and the system prompt, whose exact KV is reused too.
     assert runner.store.report()["tiers"][0]["entries"] == 4
     assert first.report["prefix_tokens_reused"] > 0
+    # The default rule measures each chunk's drift when blending and records it in the chunk's entry.
+    assert sum(entry["sensitivity"] is not None for entry in runner.store.entries()) == 3
 
 
 def test_decoding_continues_from_a_blended_prefill(runner, tokenizer) -> None:

@@ -142,3 +142,19 @@ def test_model_fingerprints_follow_the_weights() -> None:
     same = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=1)
     other = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=2)
     assert model_fingerprint(first) == model_fingerprint(same) != model_fingerprint(other)
+
+
+def test_a_chunks_measured_sensitivity_is_averaged_in_its_entry_and_moves_with_it(tmp_path) -> None:
+    store = ChunkCacheStore([MemoryTier("cpu", budget_bytes=ENTRY, device="cpu"),
+                             DiskTier("disk", budget_bytes=10 * ENTRY, directory=tmp_path)])
+    store.put(key(0), kv(0), recompute_cost=8)
+    assert store.entries()[0]["sensitivity"] is None  # not measured yet
+    store.note_sensitivity(key(0), 0.4)
+    store.note_sensitivity(key(0), 0.8)
+    assert abs(store.entries()[0]["sensitivity"] - 0.5) < 1e-9  # 0.75 * 0.4 + 0.25 * 0.8
+    for bad in (float("nan"), float("inf"), -1.0):
+        store.note_sensitivity(key(0), bad)
+    store.note_sensitivity(key(7), 0.3)  # not stored: nothing happens
+    store.put(key(1), kv(1), recompute_cost=8)  # moves key(0) to disk
+    moved = {entry["tier"]: entry for entry in store.entries()}["disk"]
+    assert abs(moved["sensitivity"] - 0.5) < 1e-9
