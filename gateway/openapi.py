@@ -3,7 +3,7 @@
 Each route declares the error statuses it can give, all with OpenAI's error body (errors.ErrorResponse),
 through `errors()`. FastAPI adds a 422 "HTTPValidationError" to every route with parameters or a body; the
 gateway answers validation errors with 400 in OpenAI's shape instead (errors.validation_error), so
-`install_openapi` takes the 422 and its schemas out of the document. tests/test_openapi.py runs schemathesis
+`install_openapi` takes the 422 and its schemas out of the document. tests/e2e/test_openapi.py runs schemathesis
 against a live gateway to keep the two in step.
 """
 

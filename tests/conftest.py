@@ -11,6 +11,21 @@ import openai
 import pytest
 from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port
 
+E2E = Path(__file__).parent / "e2e"
+# A test needing one of these fixtures (directly or through another fixture) gets the marker
+# (registered in pyproject.toml): `pytest -m "not slow"` runs the tests that load no model in about a minute.
+MARKERS_BY_FIXTURE = {"redis_executable": "redis", "chromium": "browser", "model_cache_dir": "slow"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers from where a test lives (e2e: tests/e2e/) and from the fixtures it needs (MARKERS_BY_FIXTURE)."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+        needed = getattr(item, "fixturenames", ())
+        for marker in sorted({MARKERS_BY_FIXTURE[name] for name in needed if name in MARKERS_BY_FIXTURE}):
+            item.add_marker(marker)
+
 
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -27,7 +42,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def upstream(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     """A plain blendgate with the embedded model: the 'remote provider' for litellm routes."""
-    # The semantic cache has tests of its own (test_semantic_cache_api.py); here it would answer repeated
+    # The semantic cache has tests of its own (e2e/test_semantic_cache_api.py); here it would answer repeated
     # questions without the model that the tests exercise.
     config = {"retrieval": {"data_dir": str(workdir / "upstream-collections")}, "semantic_cache": {"enabled": False}}
     process = GatewayProcess("upstream", config, workdir, model_cache_dir).start()
@@ -55,6 +70,19 @@ def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> I
         "semantic_cache": {"enabled": False},
     }
     process = GatewayProcess("gateway", config, workdir, model_cache_dir).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def cache_gateway(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
+    """The default configuration (the embedded model, the default 8 MiB body limit) with the semantic cache on,
+    in its embedded store: a request passes through the cache's embedding and classification too. Shared by
+    tests that check what each request gets, never what the cache holds (e2e/test_fuzz_chat.py,
+    e2e/test_request_lifecycle.py): one start-up instead of one per module."""
+    config = {"retrieval": {"data_dir": str(workdir / "cache-gateway-collections")},
+              "semantic_cache": {"enabled": True}}
+    process = GatewayProcess("cache-gateway", config, workdir, model_cache_dir).start()
     yield process
     process.stop()
 

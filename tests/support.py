@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import yaml
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout: README.md, deploy/, docs/
 EMBEDDED = "smollm2-135m-instruct"
 # chunk_cache settings for gateways whose tests blend documents of a few tokens, which blending does not pay
 # for (chunkcache/fallback.py would prefill them in full): no per-chunk cost, so they are blended anyway and
-# the tests exercise blending. The fallback has tests of its own (test_chunkcache_runner.py).
+# the tests exercise blending. The fallback has tests of its own (unit/chunkcache/test_chunkcache_runner.py).
 BLEND_ALWAYS = {"pass_cost_tokens": 0, "placement_cost_tokens": 0}
 
 
@@ -62,7 +63,7 @@ class GatewayProcess:
                     return self
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
 
@@ -233,7 +234,7 @@ class SglangStandin:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the device machine, one call: link the packages, run the GPU tests, time the kernels, run bench/ttft.
 #   bash bench/device/gpu_check.sh [tests] [kernels] [ttft ARGS...]   (default: all three, ttft with its defaults)
-# With SGLang installed in /tmp/site (sglang_bundle.sh / sglang_receive.sh), tests/gpu/test_sglang_plugin.py
-# runs too, and `ttft ... --sglang` adds SGLang's rows.
+# With SGLang installed in /tmp/site (sglang_bundle.sh / sglang_receive.sh), tests/gpu/test_sglang_worker.py and
+# test_sglang_http.py run too, and `ttft ... --sglang` adds SGLang's rows.
 # Output worth keeping goes to $OUT (gpu-tests.log, kernels.md, ttft.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."

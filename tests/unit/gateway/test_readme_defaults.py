@@ -17,8 +17,9 @@ import pytest
 from blendgate.gateway.config import (ChunkCacheSettings, ModelRagConfig, RetrievalSettings, SelectionSettings,
                                       default_data_dir)
 from pydantic import BaseModel
+from support import REPO
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 SECTIONS = ("## Documents and RAG", "## Chunk-caches and blending")
 # Settings models by the prefix a README name may carry; a bare name is looked up in this order.
 MODELS: dict[str, type[BaseModel]] = {"retrieval": RetrievalSettings, "chunk_cache": ChunkCacheSettings,

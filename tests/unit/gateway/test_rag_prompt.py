@@ -14,8 +14,9 @@ from blendgate.gateway.rag import rewrite_messages
 from blendgate.gateway.rag_template import RagPrompt
 from blendgate.gateway.schemas import ChatCompletionRequest
 from blendgate.retriever.service import RetrievedChunk
+from support import REPO
 
-SQUAD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qa" / "xquad.en.json"
+SQUAD = REPO.parent / "shared" / "data" / "qa" / "xquad.en.json"
 
 
 def sample_texts() -> list[str]:

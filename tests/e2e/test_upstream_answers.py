@@ -17,10 +17,7 @@ import pytest
 from openai_standin import OpenAIStandin, chunk, completion, stream_of
 from support import GatewayProcess, assert_openai_error
 
-from blendgate.gateway.config import Settings
-from blendgate.gateway.answer_cache import AnswerCache, model_fingerprints
-from blendgate.gateway.schemas import ANSWER_NEUTRAL_PARAMS, OPENAI_CHAT_PARAMS, ChatCompletionRequest
-from blendgate.semcache.settings import SemanticCacheSettings
+from blendgate.gateway.schemas import OPENAI_CHAT_PARAMS
 
 MODEL = "standin"
 QUESTION = "What is the capital of France?"
@@ -73,7 +70,8 @@ def streamed_text(frames: list[Any]) -> str:
                    if isinstance(f, dict) and f.get("choices"))
 
 
-# 1. Whatever reaches the model is in the semantic-cache key, unless shown not to change the answer.
+# 1. Whatever reaches the model is in the semantic-cache key, unless shown not to change the answer
+# (key by key, without a gateway: tests/unit/gateway/test_answer_cache_keys.py).
 
 @pytest.mark.parametrize("name, low, high", [("reasoning_effort", "low", "high"),
                                              ("a_parameter_openai_adds_later", 1, 2)])
@@ -97,54 +95,6 @@ def test_a_forwarded_parameter_is_part_of_the_cache_key(http: httpx.Client, stan
 def test_a_parameter_shown_not_to_change_the_answer_still_hits(http: httpx.Client) -> None:
     assert chat(http, user="alice").headers["x-blendgate-cache"] == "miss"
     assert chat(http, user="bob", metadata={"team": "x"}).headers["x-blendgate-cache"] == "hit"
-
-
-def _two_values(name: str) -> tuple[Any, Any]:
-    declared = {"temperature": (0.1, 0.2), "top_p": (0.5, 0.6), "max_tokens": (5, 6), "max_completion_tokens": (5, 6),
-                "presence_penalty": (0.1, 0.2), "frequency_penalty": (0.1, 0.2), "seed": (1, 2), "stop": ("a", "b")}
-    return declared.get(name, ("a", "b"))
-
-
-@pytest.mark.parametrize("name", sorted(set(OPENAI_CHAT_PARAMS) - ANSWER_NEUTRAL_PARAMS - {"n"}))
-def test_every_forwarded_parameter_changes_the_key(name: str) -> None:
-    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
-    one, two = _two_values(name)
-
-    def digest(value: Any) -> str:
-        request = ChatCompletionRequest.model_validate(
-            {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], name: value})
-        return cache.context(request, None, None)[0]
-
-    assert digest(one) != digest(two)
-
-
-def test_the_question_s_other_fields_are_part_of_the_key() -> None:
-    cache = AnswerCache(SemanticCacheSettings(), lambda model: None, "system prompt", {})
-
-    def digest(**fields: Any) -> str:
-        request = ChatCompletionRequest.model_validate(
-            {"model": MODEL, "messages": [{"role": "user", "content": QUESTION, **fields}]})
-        return cache.context(request, None, None)[0]
-
-    assert digest(name="alice") != digest(name="bob")
-    assert digest() == digest(content=[{"type": "text", "text": QUESTION}])
-
-
-def test_the_model_s_configuration_is_part_of_the_key() -> None:
-    """A model name routed to another provider model, or blending differently, never gets the old answers."""
-    def digest(model: dict[str, Any], **settings: Any) -> str:
-        config = Settings(models=[{"name": "m", **model}], **settings)
-        cache = AnswerCache(SemanticCacheSettings(), lambda name: None, "system prompt", model_fingerprints(config))
-        request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}]})
-        return cache.context(request, None, None)[0]
-
-    mini = {"backend": "litellm", "litellm_model": "openai/gpt-4o-mini"}
-    assert digest(mini) != digest({**mini, "litellm_model": "openai/gpt-4o"})
-    assert digest(mini) != digest({**mini, "api_base": "http://127.0.0.1:9/v1"})
-    local = {"backend": "local"}
-    assert digest(local) != digest({**local, "sampling_defaults": {"temperature": 0.3}})
-    assert digest(local) != digest(local, chunk_cache={"recompute_ratio": 0.5})
-    assert digest(local) == digest(local, chunk_cache={"cpu_bytes": 1 << 20})
 
 
 # 3. An answer the gateway cannot interpret is a 502 upstream_error, never cached, and the connection survives.

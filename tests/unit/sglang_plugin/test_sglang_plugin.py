@@ -1,6 +1,6 @@
-"""The SGLang plugin's decisions, on the CPU (SGLang itself runs only on the GPU: tests/gpu/test_sglang_plugin.py):
-the wire format the gateway and the plugin share, which extend batches the plugin takes over, and the hook that
-attaches the requests' chunk spans to a forward batch."""
+"""The SGLang plugin's decisions, on the CPU (SGLang itself runs only on the GPU: tests/gpu/test_sglang_worker.py,
+tests/gpu/test_sglang_http.py): the wire format the gateway and the plugin share, which extend batches the plugin
+takes over, and the hook that attaches the requests' chunk spans to a forward batch."""
 
 from __future__ import annotations
 

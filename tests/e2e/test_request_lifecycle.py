@@ -1,16 +1,14 @@
 """A live gateway while requests run: heavy requests leave the event loop free, and a client that leaves a
-non-streamed request stops its generation (streams: tests/test_stream_release.py).
+non-streamed request stops its generation (streams: tests/unit/gateway/test_stream_release.py).
 
-The gateway is the module's own, with the default body limit (8 MiB), so that a body of megabytes gets in, and
-the semantic cache on (its embedded store), which embeds and classifies every question before the model.
+The gateway is conftest's cache_gateway, with the default body limit (8 MiB), so that a body of megabytes gets
+in, and the semantic cache on (its embedded store), which embeds and classifies every question before the model.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -20,17 +18,6 @@ from support import EMBEDDED, GatewayProcess, assert_openai_error
 HEALTHZ_BOUND_S = 1.0
 # A prompt a small model keeps answering for a long time at temperature 0.
 COUNTING = {"role": "user", "content": "Count from 1 to 2000, one number per line, without stopping."}
-
-
-@pytest.fixture(scope="module")
-def lifecycle_gateway(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
-    config = {"models": [{"name": EMBEDDED, "backend": "local"}],
-              "retrieval": {"data_dir": str(workdir / "lifecycle-collections")},
-              # The embedded store: a request passes through the cache's embedding and classification too.
-              "semantic_cache": {"enabled": True}}
-    process = GatewayProcess("lifecycle", config, workdir, model_cache_dir).start()
-    yield process
-    process.stop()
 
 
 def running(gateway: GatewayProcess) -> int:
@@ -47,17 +34,17 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def test_healthz_answers_while_a_body_of_megabytes_is_tokenised(lifecycle_gateway: GatewayProcess) -> None:
+def test_healthz_answers_while_a_body_of_megabytes_is_tokenised(cache_gateway: GatewayProcess) -> None:
     text = ("the quick brown fox jumps over the lazy dog " * 120_000)[:5_000_000]  # ~1M tokens, under 8 MiB
     body = {"model": EMBEDDED, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
     answer: dict[str, httpx.Response] = {}
     sender = threading.Thread(target=lambda: answer.update(response=httpx.post(
-        f"{lifecycle_gateway.url}/v1/chat/completions", json=body, timeout=300)))
+        f"{cache_gateway.url}/v1/chat/completions", json=body, timeout=300)))
     sender.start()
     latencies = []
     while sender.is_alive():
         started = time.monotonic()
-        assert httpx.get(f"{lifecycle_gateway.url}/healthz", timeout=60).status_code == 200
+        assert httpx.get(f"{cache_gateway.url}/healthz", timeout=60).status_code == 200
         latencies.append(time.monotonic() - started)
         time.sleep(0.02)
     sender.join()
@@ -86,20 +73,20 @@ def abandon(gateway: GatewayProcess, body: dict) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "streamed"])
-def test_a_client_that_leaves_stops_its_generation(lifecycle_gateway: GatewayProcess, stream: bool) -> None:
-    wait_for(lambda: running(lifecycle_gateway) == 0, 30, "the engine is idle before the test")
-    metrics_url = f"{lifecycle_gateway.url}/metrics"
+def test_a_client_that_leaves_stops_its_generation(cache_gateway: GatewayProcess, stream: bool) -> None:
+    wait_for(lambda: running(cache_gateway) == 0, 30, "the engine is idle before the test")
+    metrics_url = f"{cache_gateway.url}/metrics"
     closed_before = closed_requests(httpx.get(metrics_url, timeout=10).text)
     # Long before 4000 tokens are generated, the client leaves.
     body = {"model": EMBEDDED, "messages": [COUNTING], "max_tokens": 4000, "temperature": 0, "stream": stream}
-    client = threading.Thread(target=abandon, args=(lifecycle_gateway, body))
+    client = threading.Thread(target=abandon, args=(cache_gateway, body))
     client.start()
-    wait_for(lambda: running(lifecycle_gateway) == 1, 3, "the generation starts")
+    wait_for(lambda: running(cache_gateway) == 1, 3, "the generation starts")
     client.join()
     # Freed at the engine's next step; a non-streamed generation used to run to its end.
-    wait_for(lambda: running(lifecycle_gateway) == 0, 3, "the abandoned generation stops")
+    wait_for(lambda: running(cache_gateway) == 0, 3, "the abandoned generation stops")
     # The engine answers the next request at once.
-    reply = httpx.post(f"{lifecycle_gateway.url}/v1/chat/completions", timeout=60,
+    reply = httpx.post(f"{cache_gateway.url}/v1/chat/completions", timeout=60,
                        json={"model": EMBEDDED, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
                              "cache": {"no-cache": True, "no-store": True}})
     assert reply.status_code == 200 and reply.json()["blendgate"]["timings"]["queue_ms"] < 1000

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import httpx
 import openai
 import pytest
-from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, find_chromium
+from support import BLEND_ALWAYS, EMBEDDED, REPO, GatewayProcess, find_chromium
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",
@@ -31,7 +31,7 @@ ADMIN_KEY = "admin-key-for-tests-123"
 KEY_STORAGE = "blendgate.adminKey"   # web/static/admin.js keeps the key under this name
 NOT_ACCEPTED = "That admin key was not accepted"
 VIEWPORT = {"width": 1366, "height": 768}
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = REPO / "docs" / "screenshots"
 MAX_TOKENS = 16
 QUESTION = "What is the capital of France?"
 # Asked twice under different settings: two entries the Entries page must tell apart.

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from blendgate.gateway.cli import app as cli
 from blendgate.gateway.config import ConfigError, LitellmModelConfig, LocalModelConfig, load_settings
+from support import REPO
 from typer.testing import CliRunner
 
 
@@ -115,7 +116,7 @@ def test_check_config_hides_keys(tmp_path: Path) -> None:
 
 
 def test_the_example_config_is_valid() -> None:
-    example = Path(__file__).parent.parent / "deploy" / "blendgate.example.yaml"
+    example = REPO / "deploy" / "blendgate.example.yaml"
     settings = load_settings(example)
     assert [m.name for m in settings.models] == ["smollm2-135m-instruct"]
 
@@ -182,7 +183,7 @@ def test_a_variable_named_by_an_env_setting_is_only_that_secret(tmp_path: Path,
 
 
 def test_the_example_admin_key_env_line_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    example = (Path(__file__).parent.parent / "deploy" / "blendgate.example.yaml").read_text()
+    example = (REPO / "deploy" / "blendgate.example.yaml").read_text()
     assert "# admin_key_env: BLENDGATE_ADMIN_KEY\n" in example  # the line a new user uncomments
     monkeypatch.setenv("BLENDGATE_ADMIN_KEY", "admin-key-123456")
     line = "admin_key_env: BLENDGATE_ADMIN_KEY\n"

@@ -57,13 +57,6 @@ def corpus(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    from blendgate.retriever.embedder import Embedder
-
-    return Embedder()
-
-
 def make_retriever(path: Path, embedder, tokenizer, **options) -> Retriever:
     return Retriever(path, embedder, tokenizer, **options)
 

@@ -12,7 +12,6 @@ refused for that field, so the run stays short.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -89,13 +88,10 @@ BODY = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def cached_http(workdir: Path, model_cache_dir: Path) -> Iterator[httpx.Client]:
+def cached_http(cache_gateway: GatewayProcess) -> Iterator[httpx.Client]:
     """A gateway with the semantic cache on (the embedded entry store), whose fields then reach a layer."""
-    config = {"retrieval": {"data_dir": str(workdir / "fuzz-collections")}, "semantic_cache": {"enabled": True}}
-    process = GatewayProcess("fuzz-cached", config, workdir, model_cache_dir).start()
-    with httpx.Client(base_url=process.url, timeout=120) as session:
+    with httpx.Client(base_url=cache_gateway.url, timeout=120) as session:
         yield session
-    process.stop()
 
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
