@@ -66,7 +66,7 @@ class AdminView:
     def stats(self) -> dict[str, Any]:
         """The store's kind and state, the index's entries in all and per (tenant, category) partition, and the
         verifier's false-hit bound per category (bound.Calibration.as_dict, with the probability threshold
-        in force) or None when the verifier is off."""
+        in force, null when guards alone decide) or None when the verifier is off."""
         state = self.state
         verifier = None
         if self.verifier is not None:

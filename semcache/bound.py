@@ -40,7 +40,9 @@ class Calibration:
     cosine threshold: `estimate` the false share of the hits the verifier lets through, `upper` its 95% upper
     bound (Wilson), `hit_rate` the share of same-answer pairs still served, `unverified_hit_rate` the share
     served without the verifier (what the bound costs is the difference) and `unverified_estimate` the false
-    share without it. `probability` is None when no threshold meets the bound (every candidate is refused)."""
+    share without it. `met` is False when no threshold meets the bound on these pairs (or there are none):
+    `probability` is then None, the verifier falls back to its guards alone (verifier.Verifier), and the shares
+    are those of the cosine threshold alone (the guards only lower the false share)."""
 
     category: str
     bound: float
@@ -52,13 +54,14 @@ class Calibration:
     unverified_hit_rate: float
     unverified_estimate: float
     pairs: int
+    met: bool
 
     def as_dict(self) -> dict[str, Any]:
         return {"category": self.category, "bound": self.bound, "cosine_threshold": round(self.cosine_threshold, 4),
                 "probability_threshold": None if self.probability is None else round(self.probability, 4),
                 "estimate": round(self.estimate, 4), "upper": round(self.upper, 4),
                 "hit_rate": round(self.hit_rate, 4), "unverified_hit_rate": round(self.unverified_hit_rate, 4),
-                "unverified_estimate": round(self.unverified_estimate, 4), "pairs": self.pairs}
+                "unverified_estimate": round(self.unverified_estimate, 4), "pairs": self.pairs, "met": self.met}
 
 
 class CalibrationTable:
@@ -94,7 +97,8 @@ class CalibrationTable:
 
     def calibrate(self, category: str, cosine_threshold: float, bound: float) -> Calibration:
         """The lowest probability threshold (a multiple of 0.01) at which the 95% upper bound of the false share
-        of hits, among the pairs at or above `cosine_threshold` (to the bin below it), is within `bound`."""
+        of hits, among the pairs at or above `cosine_threshold` (to the bin below it), is within `bound`; where
+        none is, None and `met` False (see Calibration)."""
         first = max(0, int((cosine_threshold - COSINE_FLOOR) / (1 - COSINE_FLOOR) * COSINE_BINS + 1e-9))
         above = self.counts[first:].sum(axis=0)  # [probability bin, same]
         same_total, pairs = int(above[:, 1].sum()), int(above.sum())
@@ -109,6 +113,7 @@ class CalibrationTable:
             if hits and upper <= bound:
                 return Calibration(category, bound, cosine_threshold, k / PROBABILITY_BINS, false / hits, upper,
                                    (hits - false) / same_total if same_total else 0.0, unverified_hit_rate,
-                                   unverified_false, pairs)
-        return Calibration(category, bound, cosine_threshold, None, 0.0, 0.0, 0.0, unverified_hit_rate,
-                           unverified_false, pairs)
+                                   unverified_false, pairs, True)
+        return Calibration(category, bound, cosine_threshold, None, unverified_false,
+                           wilson_upper(int(false_at[0]), int(hits_at[0])), unverified_hit_rate,
+                           unverified_hit_rate, unverified_false, pairs, False)

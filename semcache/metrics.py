@@ -85,11 +85,14 @@ class BoundCollector(Collector):
         return iter(self._families())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        bound, estimate, threshold, hit_rate, unverified = families = self._families()
+        bound, estimate, met, threshold, hit_rate, unverified = families = self._families()
         for category, calibration in self.verifier.calibrations.items():
             bound.add_metric([category], calibration.bound)
             estimate.add_metric([category], calibration.estimate)
-            threshold.add_metric([category], self.verifier.thresholds[category])
+            met.add_metric([category], float(calibration.met))
+            in_force = self.verifier.thresholds[category]
+            if in_force is not None:
+                threshold.add_metric([category], in_force)
             hit_rate.add_metric([category], calibration.hit_rate)
             unverified.add_metric([category], calibration.unverified_hit_rate)
         return iter(families)
@@ -100,8 +103,12 @@ class BoundCollector(Collector):
                                   "be false (configured)", labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_false_hit_estimate", "False share of hits on the "
                                   "verifier's calibration pairs at the threshold in force", labels=["category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_false_hit_bound_met", "1 when the 95% upper bound of "
+                                  "the estimate is within the bound, 0 when no verifier threshold meets it (guards "
+                                  "alone decide)",
+                                  labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_verifier_threshold", "Verifier probability a candidate "
-                                  "needs (+Inf: none meets the bound, nothing is served)", labels=["category"]),
+                                  "needs (absent: the bound is not met, guards alone decide)", labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_verified_hit_rate", "Share of same-answer calibration "
                                   "pairs served with the verifier", labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_unverified_hit_rate", "Share of same-answer calibration "

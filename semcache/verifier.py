@@ -27,6 +27,11 @@ DEFAULT_VERIFIER_FILE = Path(__file__).with_name("verifier_default.json")
 
 FEATURES = ("cosine", "jaccard", "content_jaccard", "length_ratio", "differing_content_words",
             "numbers", "entities", "negation", "comparison")
+# The direction each feature may push the probability of "same question": +1 only up, -1 only down. Training
+# keeps to these (verifier_training.fit_logistic): QQP's different-answer pairs were picked for their shared
+# words, so an unconstrained fit learns that near-identical wording means a different question, and would
+# refuse "What's the capital of France?" for "What is the capital of France?".
+FEATURE_SIGNS = (1, 1, 1, 1, -1, -1, -1, -1, -1)
 STOPWORDS = frozenset(
     "a an the is are was were be been being do does did i you he she it we they me my your of to in on at for "
     "with by from and or as that this these those what which who whom how why when where can could should "
@@ -119,18 +124,20 @@ class Verdict:
 
 class Verifier:
     """Decides candidate hits with `model`, per category at the probability threshold its policy fixes
-    (CategoryPolicy.verifier_threshold) or else the one calibrated for its false_hit_bound at its threshold."""
+    (CategoryPolicy.verifier_threshold) or else the one calibrated for its false_hit_bound at its threshold.
+    Where no probability threshold holds the bound on the calibration pairs (bound.Calibration.met is False),
+    the category's candidates are refused only when a guard fires: a tighter probability would act as a
+    higher cosine threshold (the classifier's probability rises with the cosine), overriding the category's
+    threshold and its loosening under load, and the metrics and admin stats say the bound is not met."""
 
     def __init__(self, model: VerifierModel, categories: list[CategoryPolicy]) -> None:
         self.model = model
         self.calibrations: dict[str, Calibration] = {
             c.name: model.calibration.calibrate(c.name, c.threshold, c.false_hit_bound) for c in categories if c.cached}
-        self.thresholds: dict[str, float] = {}
-        for c in categories:
-            if c.cached:
-                calibrated = self.calibrations[c.name].probability
-                self.thresholds[c.name] = c.verifier_threshold if c.verifier_threshold is not None else \
-                    (calibrated if calibrated is not None else math.inf)
+        # Per category, the probability a candidate needs; None: guards alone decide.
+        self.thresholds: dict[str, float | None] = {
+            c.name: c.verifier_threshold if c.verifier_threshold is not None else self.calibrations[c.name].probability
+            for c in categories if c.cached}
 
     @classmethod
     def load(cls, path: Path | None, categories: list[CategoryPolicy]) -> "Verifier":
@@ -141,6 +148,10 @@ class Verifier:
         """Whether the answer cached for question `cached` (of `category`) may answer `query`."""
         features = pair_features(query, cached, cosine)
         probability = float(self.model.probabilities(features.values[None, :])[0])
-        if probability >= self.thresholds.get(category, math.inf):
+        threshold = self.thresholds.get(category, math.inf)
+        if threshold is None:
+            fired = features.guards.fired()
+            return Verdict(fired is None, probability, fired)
+        if probability >= threshold:
             return Verdict(True, probability)
         return Verdict(False, probability, features.guards.fired() or "classifier")

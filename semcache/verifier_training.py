@@ -17,7 +17,7 @@ import numpy as np
 
 from .bound import COSINE_FLOOR, CalibrationTable
 from .tuning import LabelledPair
-from .verifier import FEATURES, VerifierModel, pair_features
+from .verifier import FEATURE_SIGNS, FEATURES, VerifierModel, pair_features
 
 SEED = 19
 FOLDS = 5
@@ -27,9 +27,24 @@ L2 = 1e-3
 TRAINING_FLOOR = 0.60
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = L2, steps: int = 25) -> tuple[np.ndarray, float]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, signs: tuple[int, ...] | None = None, l2: float = L2,
+                 steps: int = 25) -> tuple[np.ndarray, float]:
     """Weights and bias of a logistic regression of labels `y` (0/1, shape (n,)) on standardised features
-    `x` (shape (n, d)), by Newton's method with an L2 penalty `l2` (not on the bias)."""
+    `x` (shape (n, d)), by Newton's method with an L2 penalty `l2` (not on the bias). With `signs` (+1 or -1
+    per feature), a feature whose weight comes out of the other sign is left out (weight 0) and the rest
+    refitted, until every weight keeps to its sign."""
+    active = np.ones(x.shape[1], dtype=bool)
+    while True:
+        weights = np.zeros(x.shape[1])
+        fitted, bias = _newton(x[:, active], y, l2, steps)
+        weights[active] = fitted
+        wrong = (weights * np.asarray(signs) < 0) if signs is not None else np.zeros_like(active)
+        if not wrong.any():
+            return weights, bias
+        active &= ~wrong
+
+
+def _newton(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> tuple[np.ndarray, float]:
     design = np.hstack([x, np.ones((len(x), 1))])
     theta = np.zeros(design.shape[1])
     penalty = np.full(design.shape[1], l2 * len(x))
@@ -66,9 +81,9 @@ def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str) 
     folds = np.random.default_rng(SEED).permutation(len(y)) % FOLDS
     held = np.zeros(len(y))
     for fold in range(FOLDS):
-        weights, bias = fit_logistic(standard[folds != fold], y[folds != fold])
+        weights, bias = fit_logistic(standard[folds != fold], y[folds != fold], FEATURE_SIGNS)
         held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
-    weights, bias = fit_logistic(standard, y)
+    weights, bias = fit_logistic(standard, y, FEATURE_SIGNS)
     table = CalibrationTable.from_pairs(cos, held, y.astype(bool))
     return VerifierModel(weights, bias, mean, scale, table, source)
 
