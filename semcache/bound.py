@@ -36,13 +36,13 @@ def wilson_upper(false_hits: int, hits: int, z: float = Z_95) -> float:
 @dataclass(frozen=True)
 class Calibration:
     """One category's calibrated verifier threshold (the hand-off from bound.py to the verifier and, through
-    it, to the metrics and the admin stats). Shares are of the calibration pairs at or above the category's
-    cosine threshold: `estimate` the false share of the hits the verifier lets through, `upper` its 95% upper
-    bound (Wilson), `hit_rate` the share of same-answer pairs still served, `unverified_hit_rate` the share
-    served without the verifier (what the bound costs is the difference) and `unverified_estimate` the false
-    share without it. `met` is False when no threshold meets the bound on these pairs (or there are none):
-    `probability` is then None, the verifier falls back to its guards alone (verifier.Verifier), and the shares
-    are those of the cosine threshold alone (the guards only lower the false share)."""
+    it, to the metrics and the admin stats). Of the calibration pairs served (at or above the category's cosine
+    threshold and let through): `estimate` the false share, `upper` its 95% upper bound (Wilson); `hit_rate`
+    the share of all same-answer calibration pairs served, `unverified_hit_rate` the share served on the cosine
+    alone (what the verifier costs is the difference), `unverified_estimate` the false share on the cosine
+    alone. `met` is False when no probability threshold meets the bound on these pairs (or there are none):
+    `probability` is then None, the verifier falls back to its guards alone (verifier.Verifier), and
+    `estimate`, `upper` and `hit_rate` are the guards'."""
 
     category: str
     bound: float
@@ -64,56 +64,65 @@ class Calibration:
                 "unverified_estimate": round(self.unverified_estimate, 4), "pairs": self.pairs, "met": self.met}
 
 
+SHAPE = (COSINE_BINS, PROBABILITY_BINS, 2, 2)
+
+
 class CalibrationTable:
-    """Labelled pairs as counts[cosine bin, probability bin, same answer (0/1)]."""
+    """Labelled pairs as counts[cosine bin, probability bin, a guard fired (0/1), same answer (0/1)]."""
 
     def __init__(self, counts: np.ndarray) -> None:
-        if counts.shape != (COSINE_BINS, PROBABILITY_BINS, 2):
-            raise ValueError(f"calibration counts must have shape {(COSINE_BINS, PROBABILITY_BINS, 2)}")
+        if counts.shape != SHAPE:
+            raise ValueError(f"calibration counts must have shape {SHAPE}")
         self.counts = counts.astype(np.int64)
 
     @classmethod
-    def from_pairs(cls, cosines: np.ndarray, probabilities: np.ndarray, same: np.ndarray) -> "CalibrationTable":
-        """From each pair's cosine, verifier probability (held out from its training: cross-fitted) and label;
-        pairs below COSINE_FLOOR are left out."""
+    def from_pairs(cls, cosines: np.ndarray, probabilities: np.ndarray, guarded: np.ndarray,
+                   same: np.ndarray) -> "CalibrationTable":
+        """From each pair's cosine, verifier probability (held out from its training: cross-fitted), whether a
+        guard fired and its label (all shape (n,)); pairs below COSINE_FLOOR are left out."""
         keep = cosines >= COSINE_FLOOR
         cosine_bin = np.minimum(((cosines[keep] - COSINE_FLOOR) / (1 - COSINE_FLOOR) * COSINE_BINS).astype(int),
                                 COSINE_BINS - 1)
         probability_bin = np.minimum((probabilities[keep] * PROBABILITY_BINS).astype(int), PROBABILITY_BINS - 1)
-        counts = np.zeros((COSINE_BINS, PROBABILITY_BINS, 2), dtype=np.int64)
-        np.add.at(counts, (cosine_bin, probability_bin, same[keep].astype(int)), 1)
+        counts = np.zeros(SHAPE, dtype=np.int64)
+        np.add.at(counts, (cosine_bin, probability_bin, guarded[keep].astype(int), same[keep].astype(int)), 1)
         return cls(counts)
 
     def to_json(self) -> list[list[int]]:
-        """Sparse: [cosine bin, probability bin, same, count] per non-empty cell."""
-        return [[int(i), int(j), int(k), int(self.counts[i, j, k])] for i, j, k in zip(*np.nonzero(self.counts))]
+        """Sparse: [cosine bin, probability bin, guarded, same, count] per non-empty cell."""
+        return [[*map(int, cell), int(self.counts[cell])] for cell in zip(*np.nonzero(self.counts))]
 
     @classmethod
     def from_json(cls, cells: list[list[int]]) -> "CalibrationTable":
-        counts = np.zeros((COSINE_BINS, PROBABILITY_BINS, 2), dtype=np.int64)
-        for i, j, k, count in cells:
-            counts[i, j, k] = count
+        counts = np.zeros(SHAPE, dtype=np.int64)
+        for i, j, g, k, count in cells:
+            counts[i, j, g, k] = count
         return cls(counts)
 
     def calibrate(self, category: str, cosine_threshold: float, bound: float) -> Calibration:
         """The lowest probability threshold (a multiple of 0.01) at which the 95% upper bound of the false share
         of hits, among the pairs at or above `cosine_threshold` (to the bin below it), is within `bound`; where
-        none is, None and `met` False (see Calibration)."""
+        none is, None and `met` False, with the shares of the guards alone (see Calibration). Hit rates are
+        shares of all the table's same-answer pairs (cosine >= COSINE_FLOOR)."""
         first = max(0, int((cosine_threshold - COSINE_FLOOR) / (1 - COSINE_FLOOR) * COSINE_BINS + 1e-9))
-        above = self.counts[first:].sum(axis=0)  # [probability bin, same]
-        same_total, pairs = int(above[:, 1].sum()), int(above.sum())
+        same_total = int(self.counts[..., 1].sum())
+        above = self.counts[first:].sum(axis=0)  # [probability bin, guarded, same]
+        pairs = int(above.sum())
+        both = above.sum(axis=1)  # [probability bin, same]
+        hits_all, false_all = int(both.sum()), int(both[:, 0].sum())
+        unverified_false = false_all / hits_all if hits_all else 0.0
+        unverified_hit_rate = (hits_all - false_all) / same_total if same_total else 0.0
         # Hits and false hits when the probability threshold is bin k's lower edge: everything from bin k up.
-        hits_at = np.cumsum(above[::-1].sum(axis=1))[::-1]
-        false_at = np.cumsum(above[::-1, 0])[::-1]
-        unverified_false = int(false_at[0]) / int(hits_at[0]) if hits_at[0] else 0.0
-        unverified_hit_rate = (int(hits_at[0]) - int(false_at[0])) / same_total if same_total else 0.0
+        hits_at = np.cumsum(both[::-1].sum(axis=1))[::-1]
+        false_at = np.cumsum(both[::-1, 0])[::-1]
         for k in range(PROBABILITY_BINS):
             hits, false = int(hits_at[k]), int(false_at[k])
             upper = wilson_upper(false, hits)
             if hits and upper <= bound:
                 return Calibration(category, bound, cosine_threshold, k / PROBABILITY_BINS, false / hits, upper,
-                                   (hits - false) / same_total if same_total else 0.0, unverified_hit_rate,
-                                   unverified_false, pairs, True)
-        return Calibration(category, bound, cosine_threshold, None, unverified_false,
-                           wilson_upper(int(false_at[0]), int(hits_at[0])), unverified_hit_rate,
+                                   (hits - false) / same_total, unverified_hit_rate, unverified_false, pairs, True)
+        unguarded = above[:, 0].sum(axis=0)  # [same]: what the guards let through
+        hits, false = int(unguarded.sum()), int(unguarded[0])
+        return Calibration(category, bound, cosine_threshold, None, false / hits if hits else 0.0,
+                           wilson_upper(false, hits), int(unguarded[1]) / same_total if same_total else 0.0,
                            unverified_hit_rate, unverified_false, pairs, False)

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .bound import COSINE_FLOOR, CalibrationTable
+from .guards import check
 from .tuning import LabelledPair
 from .verifier import FEATURE_SIGNS, FEATURES, VerifierModel, pair_features
 
@@ -84,7 +85,8 @@ def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str) 
         weights, bias = fit_logistic(standard[folds != fold], y[folds != fold], FEATURE_SIGNS)
         held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
     weights, bias = fit_logistic(standard, y, FEATURE_SIGNS)
-    table = CalibrationTable.from_pairs(cos, held, y.astype(bool))
+    guarded = np.array([check(p.query, p.cached).fired() is not None for p in chosen])
+    table = CalibrationTable.from_pairs(cos, held, guarded, y.astype(bool))
     return VerifierModel(weights, bias, mean, scale, table, source)
 
 

@@ -44,21 +44,24 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     same = rng.random(20_000) < 0.5
     # Same-answer pairs score high, different ones low: a higher threshold leaves fewer false hits.
     probabilities = np.clip(np.where(same, rng.normal(0.8, 0.15, same.size), rng.normal(0.3, 0.15, same.size)), 0, 0.999)
-    table = CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, same)
+    guarded = rng.random(same.size) < np.where(same, 0.1, 0.5)  # guards fire more often on different pairs
+    table = CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, guarded, same)
     loose, strict = table.calibrate("factual", 0.9, 0.05), table.calibrate("factual", 0.9, 0.01)
     assert loose.probability is not None and strict.probability is not None
     assert loose.probability < strict.probability and strict.upper <= 0.01 and loose.upper <= 0.05
     assert strict.estimate <= strict.upper and strict.hit_rate < loose.hit_rate < loose.unverified_hit_rate == 1.0
+    assert loose.unverified_estimate == pytest.approx(0.5, abs=0.02)
     assert loose.met and strict.met
-    # Out of reach: no threshold, flagged as not met, with the cosine threshold's own shares.
+    # Out of reach: no threshold, flagged as not met, with the guards' own shares (the pairs no guard refuses).
     unreachable = table.calibrate("factual", 0.9, 0.0001)
     assert not unreachable.met and unreachable.probability is None
-    assert unreachable.estimate == unreachable.unverified_estimate == pytest.approx(0.5, abs=0.02)
+    assert unreachable.estimate == pytest.approx(0.5 / (0.5 + 0.9), abs=0.02)
+    assert unreachable.hit_rate == pytest.approx(0.9, abs=0.02)
     # Pairs below a category's cosine threshold do not count for it.
     assert table.calibrate("code", 0.96, 0.05).pairs == 0
     assert table.calibrate("code", 0.96, 0.05).probability is None
     restored = CalibrationTable.from_json(table.to_json())
-    assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2)
+    assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2, 2)
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -132,6 +135,9 @@ def test_default_calibration_holds_each_category_bound_or_the_tightest(default_v
             assert 0 < calibration.hit_rate <= calibration.unverified_hit_rate
         else:  # QQP's labels put the false share of hits near 9% even at cosine 0.99: guards alone decide
             assert calibration.probability is None and calibration.estimate > 0.02
+            # ... and they serve fewer false hits than the cosine alone.
+            assert calibration.estimate < calibration.unverified_estimate
+            assert 0 < calibration.hit_rate < calibration.unverified_hit_rate
 
 
 def test_a_fixed_verifier_threshold_overrides_the_calibrated_one() -> None:
