@@ -68,7 +68,8 @@ SHAPE = (COSINE_BINS, PROBABILITY_BINS, 2, 2)
 
 
 class CalibrationTable:
-    """Labelled pairs as counts[cosine bin, probability bin, a guard fired (0/1), same answer (0/1)]."""
+    """Labelled pairs as counts[cosine bin, probability bin, a veto guard fired (verifier.VETO_GUARDS; 0/1),
+    same answer (0/1)]."""
 
     def __init__(self, counts: np.ndarray) -> None:
         if counts.shape != SHAPE:

@@ -70,6 +70,9 @@ def names(words: list[str]) -> set[str]:
     return {w.lower() for w in words[1:] if w[0].isupper() and w.lower() not in _NOT_NAMES}
 
 
+GUARDS = ("numbers", "entities", "negation", "comparison")
+
+
 @dataclass(frozen=True)
 class GuardFlags:
     """Which guards fired for one (query, cached question) pair: the hand-off from guards.py to the verifier's
@@ -80,9 +83,9 @@ class GuardFlags:
     negation: bool
     comparison: bool
 
-    def fired(self) -> str | None:
-        """The first guard that fired, in the order numbers, entities, negation, comparison; None if none."""
-        for name in ("numbers", "entities", "negation", "comparison"):
+    def fired(self, among: tuple[str, ...] = GUARDS) -> str | None:
+        """The first of the guards `among` (in their order) that fired; None if none."""
+        for name in among:
             if getattr(self, name):
                 return name
         return None

@@ -18,7 +18,7 @@ import numpy as np
 from .bound import COSINE_FLOOR, CalibrationTable
 from .guards import check
 from .tuning import LabelledPair
-from .verifier import FEATURE_SIGNS, FEATURES, VerifierModel, pair_features
+from .verifier import FEATURE_SIGNS, FEATURES, VETO_GUARDS, VerifierModel, pair_features
 
 SEED = 19
 FOLDS = 5
@@ -85,7 +85,7 @@ def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str) 
         weights, bias = fit_logistic(standard[folds != fold], y[folds != fold], FEATURE_SIGNS)
         held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
     weights, bias = fit_logistic(standard, y, FEATURE_SIGNS)
-    guarded = np.array([check(p.query, p.cached).fired() is not None for p in chosen])
+    guarded = np.array([check(p.query, p.cached).fired(VETO_GUARDS) is not None for p in chosen])
     table = CalibrationTable.from_pairs(cos, held, guarded, y.astype(bool))
     return VerifierModel(weights, bias, mean, scale, table, source)
 

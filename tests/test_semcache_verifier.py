@@ -118,7 +118,7 @@ def test_default_verifier_accepts_paraphrases(default_verifier: Verifier, query:
     ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
     ("Why can't I sleep at night?", "Why can I sleep at night?", "negation"),
     ("What can I do with 5 years of experience?", "What can I do with 2 years of experience?", "numbers"),
-    ("What is the worst phone to buy?", "What is the best phone to buy?", "comparison"),
+    # (The comparison guard is a feature only: as a veto it cost same-answer pairs without fewer false hits.)
 ])
 def test_default_verifier_refuses_near_misses(default_verifier: Verifier, query: str, cached: str,
                                               reason: str) -> None:
