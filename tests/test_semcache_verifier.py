@@ -199,3 +199,18 @@ def test_lookup_skips_a_candidate_the_verifier_refuses_and_counts_why(embedder) 
     assert asyncio.run(_store_then_look_up(cache, embedder, stored, asked)).status == "hit"
     assert cache.stats()["verifier"] is None
     assert registry.get_sample_value("blendgate_semantic_cache_false_hit_bound", {"category": "general"}) is None
+
+
+def test_verifier_path_loads_the_operators_weights(tmp_path: Path, embedder) -> None:
+    pairs = [LabelledPair(f"What is fact {i}?", f"Tell me fact {i}.", i % 2 == 0) for i in range(40)]
+    path = tmp_path / "mine.json"
+    train_verifier(pairs, np.linspace(0.8, 0.99, 40), "my pairs").save(path)
+    policy = CategoryPolicy(name="general", rules=["."])
+    settings = SemanticCacheSettings.model_validate({"categories": [policy.model_dump()], "default_category": "general",
+                                                     "verifier": "on", "verifier_path": str(path)})
+    cache = SemanticCache(settings, MemoryAnswerStore(), embedder.dimension, embedder.embed,
+                          SemanticCacheMetrics(CollectorRegistry()))
+    assert cache.verifier.model.source == "my pairs" and cache.stats()["verifier"]["source"] == "my pairs"
+    off = SemanticCacheSettings.model_validate({"categories": [policy.model_dump()], "default_category": "general",
+                                                "verifier": "off"})
+    assert off.verifier is False
