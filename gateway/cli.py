@@ -7,12 +7,19 @@ import logging
 import sys
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..retriever.embedder import Embedder
+    from ..semcache.settings import SemanticCacheSettings
+    from ..semcache.tuning import LabelledPair
 
 app = typer.Typer(help="blendgate: an OpenAI-compatible RAG gateway with semantic and KV caching.",
                   no_args_is_help=True, add_completion=False)
@@ -182,9 +189,14 @@ def tune_thresholds(
     # With fewer pairs than this, one false pair swings a category's suggestion.
     min_pairs: int = typer.Option(30, "--min-pairs", min=1,
                                   help="Fewest labelled pairs a category needs for a suggestion."),
+    verifier_out: Optional[Path] = typer.Option(
+        None, "--verifier-out", dir_okay=False,
+        help="Also train the semantic cache's verifier on these pairs and write its weights here "
+             "(then set semantic_cache.verifier_path to it)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Suggest each semantic-cache category's threshold from labelled question pairs of your own traffic."""
+    """Suggest each semantic-cache category's threshold from labelled question pairs of your own traffic, and
+    with --verifier-out train the verifier of candidate hits on them."""
     from rich.console import Console
     from rich.table import Column, Table
 
@@ -214,8 +226,33 @@ def tune_thresholds(
     for r in results:
         if r.suggested is None and r.configured is not None:
             console.print(f"[yellow]{r.category}[/]: {r.reason}")
+    if verifier_out is not None:
+        _train_verifier(settings.semantic_cache, embedder, pairs, pairs_file, verifier_out, console)
     # The suggestions alone on stdout, to paste under semantic_cache.categories or to pipe on.
     typer.echo(json.dumps({r.category: round(r.suggested, 4) for r in results if r.suggested is not None}))
+
+
+def _train_verifier(settings: SemanticCacheSettings, embedder: Embedder, pairs: list[LabelledPair], pairs_file: Path,
+                    out: Path, console: Console) -> None:
+    """Train the verifier on the operator's pairs, write its weights to `out` and show its calibration per
+    category at the configured thresholds and false-hit bounds."""
+    from rich.table import Column, Table
+
+    from ..semcache.verifier import Verifier
+    from ..semcache.verifier_training import train_from_embeddings
+
+    with _errors_exit(ValueError, OSError, code=2):
+        model = train_from_embeddings(pairs, embedder.embed, f"{pairs_file.name} ({len(pairs)} pairs), {embedder.name}")
+        model.save(out)
+    verifier = Verifier(model, settings.categories)
+    table = Table(Column("category", no_wrap=True), "bound", "probability", "false share", "95% upper", "served",
+                  "served unverified", title=f"verifier written to {out}",
+                  caption="shares of the pairs at or above each category's threshold; served: of those labelled "
+                          "same_answer")
+    for c in verifier.calibrations.values():
+        table.add_row(c.category, f"{c.bound:.1%}", "-" if c.probability is None else f"{c.probability:.2f}",
+                      f"{c.estimate:.1%}", f"{c.upper:.1%}", f"{c.hit_rate:.0%}", f"{c.unverified_hit_rate:.0%}")
+    console.print(table)
 
 
 @app.command("check-config")

@@ -15,13 +15,15 @@ from .answer_store import StoreUnavailable
 from .entries import CacheEntry, CorruptEntry
 from .index import IndexedEntry
 from .state import CacheState
+from .verifier import Verifier
 
 
 class AdminView:
-    """Reads one replica's CacheState for operators."""
+    """Reads one replica's CacheState (and its verifier, None when off) for operators."""
 
-    def __init__(self, state: CacheState) -> None:
+    def __init__(self, state: CacheState, verifier: Verifier | None = None) -> None:
         self.state = state
+        self.verifier = verifier
 
     async def browse(self, *, search: str | None = None, category: str | None = None, tenant: str | None = None,
                      offset: int = 0, limit: int = 50) -> dict[str, Any]:
@@ -62,10 +64,18 @@ class AdminView:
                           "created_at": e.created_at, "expires_at": e.expires_at, "hits": e.hits} for e in page]}
 
     def stats(self) -> dict[str, Any]:
-        """The store's kind and state, and the index's entries in all and per (tenant, category) partition."""
+        """The store's kind and state, the index's entries in all and per (tenant, category) partition, and the
+        verifier's false-hit bound per category (bound.Calibration.as_dict, with the probability threshold
+        in force, null when guards alone decide) or None when the verifier is off."""
         state = self.state
+        verifier = None
+        if self.verifier is not None:
+            verifier = {"source": self.verifier.model.source,
+                        "categories": [{**c.as_dict(), "threshold_in_force": self.verifier.thresholds[name]}
+                                       for name, c in self.verifier.calibrations.items()]}
         return {"store": state.store.kind, "available": state.available, "down_reason": state.down_reason,
                 "entries": len(state.index),
                 "partitions": [{"tenant": t, "category": c, "entries": n}
-                               for (t, c), n in state.index.counts().items()]}
+                               for (t, c), n in state.index.counts().items()],
+                "verifier": verifier}
 

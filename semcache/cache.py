@@ -8,6 +8,8 @@ Search is in memory (HNSW per tenant and category, index.py); answers live in th
 - lookup.py, `CacheLookup`: lookups, stores (within quota) and invalidation; `CacheQuery` in, `LookupResult` out;
 - replica.py, `ReplicaSync`: the index's build at start-up, replica sync from the store's change stream,
   sweeping of expired entries, and recovery after the store fails;
+- verifier.py, `Verifier`: what a candidate hit must pass (guards.py, a classifier) before it is served, at
+  the probability threshold calibrated for its category's false-hit bound (bound.py);
 - admin_view.py, `AdminView`: what operators browse;
 - policy.py, `CachePolicy`: the categories' policies and the load-adaptive values in force, which
   metrics.py's `PolicyCollector` exposes at scrape time.
@@ -29,6 +31,7 @@ from .policy import CachePolicy, EffectivePolicy, LoadMonitor
 from .replica import ReplicaSync
 from .settings import SemanticCacheSettings
 from .state import CacheState
+from .verifier import Verifier
 
 
 class SemanticCache:
@@ -44,10 +47,14 @@ class SemanticCache:
         self.state = CacheState(store, dimension, settings.hnsw, metrics)
         classifier = CategoryClassifier(settings.categories, embed, settings.default_category,
                                         settings.neighbour_margin)
-        self.lookups = CacheLookup(self.state, self.policy, classifier, settings.candidates, settings.asker_rules)
+        self.verifier = Verifier.load(settings.verifier_path, settings.categories) if settings.verifier else None
+        self.lookups = CacheLookup(self.state, self.policy, classifier, settings.candidates, settings.asker_rules,
+                                   self.verifier)
         self.replica = ReplicaSync(self.state, self.policy, settings.redis_retry_s)
-        self.admin = AdminView(self.state)
+        self.admin = AdminView(self.state, self.verifier)
         metrics.watch_policy(self.policy)
+        if self.verifier is not None:
+            metrics.watch_bound(self.verifier)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property

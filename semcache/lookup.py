@@ -22,6 +22,7 @@ from .entries import CacheEntry, CorruptEntry, owner_of
 from .index import IndexedEntry
 from .policy import CachePolicy, EffectivePolicy
 from .state import CacheState
+from .verifier import Verifier
 
 log = logging.getLogger("blendgate.semcache")
 
@@ -91,11 +92,13 @@ class CacheLookup:
     """Lookups, stores and invalidation on one replica's index and store.
 
     `candidates`: how many nearest entries a lookup checks per category; `asker_rules`: regular expressions
-    that make a question user-scoped (SemanticCacheSettings)."""
+    that make a question user-scoped (SemanticCacheSettings); `verifier`: what a candidate must pass before it
+    is served (None: nothing, every candidate at or above the threshold is)."""
 
     def __init__(self, state: CacheState, policy: CachePolicy, classifier: CategoryClassifier, candidates: int,
-                 asker_rules: list[str]) -> None:
+                 asker_rules: list[str], verifier: Verifier | None = None) -> None:
         self.state = state
+        self.verifier = verifier
         self.policy = policy
         self.classifier = classifier
         self.candidates = candidates
@@ -193,12 +196,24 @@ class CacheLookup:
                     result.status, result.reason = "bypass", "store_unavailable"
                     return result
                 continue
+            if not self._verified(query.text, entry, similarity, category):
+                continue
             meta.hits += 1
             meta.last_hit_at = now
             self._spawn(self._record_hit(entry.entry_id, now))
             result.status, result.entry, result.similarity = "hit", entry, similarity
             return result
         return result
+
+    def _verified(self, text: str, entry: CacheEntry, similarity: float, category: str) -> bool:
+        """Whether the verifier lets `entry` (a candidate of `category`) answer `text`; the same question
+        (SAME_QUESTION) always passes. A refusal is counted by category and reason."""
+        if self.verifier is None or similarity >= SAME_QUESTION:
+            return True
+        verdict = self.verifier.verify(text, entry.query, similarity, category)
+        if not verdict.accepted:
+            self.state.metrics.verifier_rejections.labels(category, verdict.reason).inc()
+        return verdict.accepted
 
     def nearest(self, tenant: str, categories: list[str], vector: np.ndarray,
                 owner: str) -> list[tuple[IndexedEntry, float, str]]:

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .policy import CachePolicy
+from .verifier import Verifier
 
 TenantLabelMode = Literal["name", "hash", "drop"]
 
@@ -72,6 +73,48 @@ class PolicyCollector(Collector):
                                   labels=["model"]))
 
 
+class BoundCollector(Collector):
+    """The false-hit bound per category, read at scrape time from the verifier: the bound the operator set,
+    the estimate (false share of hits on the calibration pairs), the verifier's probability threshold, and
+    the share of same-answer pairs served with and without the verifier (what the bound costs)."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        bound, estimate, met, threshold, hit_rate, unverified = families = self._families()
+        for category, calibration in self.verifier.calibrations.items():
+            bound.add_metric([category], calibration.bound)
+            estimate.add_metric([category], calibration.estimate)
+            met.add_metric([category], float(calibration.met))
+            in_force = self.verifier.thresholds[category]
+            if in_force is not None:
+                threshold.add_metric([category], in_force)
+            hit_rate.add_metric([category], calibration.hit_rate)
+            unverified.add_metric([category], calibration.unverified_hit_rate)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (GaugeMetricFamily("blendgate_semantic_cache_false_hit_bound", "Largest share of hits allowed to "
+                                  "be false (configured)", labels=["category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_false_hit_estimate", "False share of hits on the "
+                                  "verifier's calibration pairs at the threshold in force", labels=["category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_false_hit_bound_met", "1 when the 95% upper bound of "
+                                  "the estimate is within the bound, 0 when no verifier threshold meets it (guards "
+                                  "alone decide)",
+                                  labels=["category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_verifier_threshold", "Verifier probability a candidate "
+                                  "needs (absent: the bound is not met, guards alone decide)", labels=["category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_verified_hit_rate", "Share of same-answer calibration "
+                                  "pairs served with the verifier", labels=["category"]),
+                GaugeMetricFamily("blendgate_semantic_cache_unverified_hit_rate", "Share of same-answer calibration "
+                                  "pairs served without the verifier", labels=["category"]))
+
+
 class SemanticCacheMetrics:
     """The semantic cache's series on `registry`; `watch_policy` adds the policy gauges (once per registry)."""
 
@@ -99,6 +142,10 @@ class SemanticCacheMetrics:
                               "answers, 0 while the cache is bypassed", registry=registry)
         self.entries = Gauge("blendgate_semantic_cache_entries", "Entries in the in-memory index",
                              ["category", *tenant], registry=registry)
+        self.verifier_rejections = Counter("blendgate_semantic_cache_verifier_rejections", "Candidate hits the "
+                                           "verifier refused, by reason (numbers, entities, negation, comparison: "
+                                           "the guard that fired; classifier)", ["category", "reason"],
+                                           registry=registry)
         self.lookup_seconds = Histogram(
             "blendgate_semantic_cache_lookup_seconds", "Classification, index search and, on a hit, the entry "
             "fetch (the query embedding is not included)", ["result"], registry=registry,
@@ -108,6 +155,10 @@ class SemanticCacheMetrics:
         """Expose `policy` in force as gauges read at scrape time (PolicyCollector). Raises ValueError when the
         registry already has them (a second cache on one registry)."""
         self.registry.register(PolicyCollector(policy))
+
+    def watch_bound(self, verifier: Verifier) -> None:
+        """Expose the verifier's false-hit bound per category as gauges read at scrape time (BoundCollector)."""
+        self.registry.register(BoundCollector(verifier))
 
     def lookup(self, category: str, tenant: str, result: str, scope: str) -> None:
         self.lookups.labels(category, *self.tenant_label.values(tenant), result).inc()

@@ -50,6 +50,12 @@ class CategoryPolicy(_Strict):
     examples: list[str] = Field(default_factory=list)
     # Regular expressions (case-insensitive); a query matching one belongs to this category outright.
     rules: list[str] = Field(default_factory=list)
+    # Largest share of this category's hits allowed to answer another question (vCache's error bound). The
+    # verifier's probability threshold is calibrated so that the 95% upper bound of the false share of hits
+    # on its labelled pairs stays within it (semcache/bound.py).
+    false_hit_bound: float = Field(0.02, gt=0.0, lt=1.0)
+    # A fixed probability threshold for the verifier instead of the calibrated one (None: calibrated).
+    verifier_threshold: float | None = Field(None, ge=0.0, le=1.0)
 
     @field_validator("rules")
     @classmethod
@@ -117,6 +123,12 @@ class SemanticCacheSettings(_Strict):
     # Regular expressions (case-insensitive) for questions that refer to the asker (first-person pronouns and
     # possessives): such a question is user-scoped whatever its category, and not cached without a user.
     asker_rules: list[str] = Field(default_factory=default_asker_rules)
+    # Candidate hits pass the verifier (semcache/verifier.py: guards and a classifier over the pair) before
+    # they are served; off serves every candidate at or above the category's threshold.
+    verifier: bool = True
+    # Verifier weights trained on your own pairs (`blendgate tune-thresholds --verifier-out FILE`); left out:
+    # the default shipped with blendgate (trained on Quora Question Pairs).
+    verifier_path: Path | None = None
     # The embedder the thresholds were tuned with; another embedder gets a warning at start-up.
     thresholds_tuned_for: str = "all-MiniLM-L6-v2"
 

@@ -102,8 +102,16 @@ def test_admin_figures_are_the_metrics_counters(observed: GatewayProcess) -> Non
     assert stats["ttft_ms"]["cache_hit"]["count"] == total(
         families["blendgate_time_to_first_token_seconds"], "blendgate_time_to_first_token_seconds_count", cache="hit")
     assert stats["saved"]["tokens"] >= 1 and stats["redis"] is None  # the embedded entry store
-    categories = admin(observed, "GET", "/semantic-cache").json()["categories"]
+    semantic_cache = admin(observed, "GET", "/semantic-cache").json()
+    categories = semantic_cache["categories"]
     assert sum(c["hits"] for c in categories.values()) == semantic["hits"]
+    # The false-hit bound per category, in the admin stats and as gauges, the same figures.
+    bounds = {c["category"]: c for c in semantic_cache["verifier"]["categories"]}
+    assert {s.labels["category"] for s in families["blendgate_semantic_cache_false_hit_bound"]} == set(bounds)
+    for sample in families["blendgate_semantic_cache_false_hit_bound"]:
+        assert bounds[sample.labels["category"]]["bound"] == sample.value == 0.02
+    for sample in families["blendgate_semantic_cache_false_hit_estimate"]:
+        assert bounds[sample.labels["category"]]["estimate"] == pytest.approx(sample.value, abs=1e-4)
 
 
 def test_entries_are_browsed_searched_and_invalidated(observed: GatewayProcess) -> None:

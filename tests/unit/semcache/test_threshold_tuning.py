@@ -97,3 +97,31 @@ def test_command_prints_the_suggestions_and_refuses_a_bad_file(tmp_path: Path, e
     bad = write(tmp_path / "bad.jsonl", ['{"cached": "a"'])
     result = subprocess.run([*command, str(bad)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "bad.jsonl:1: not JSON" in result.stderr
+
+
+COUNTRIES = ["Canada", "France", "Japan", "Brazil", "Kenya", "Norway", "Chile", "India", "Egypt", "Spain", "Peru",
+             "Italy"]
+
+
+def test_command_trains_the_verifier_with_verifier_out(tmp_path: Path) -> None:
+    from blendgate.semcache.verifier import VerifierModel
+
+    rows = []
+    for country in COUNTRIES:
+        asked = f"What was the population of {country} in 2010?"
+        rows.append({"cached": f"What is the population of {country} in 2010?", "query": asked, "same_answer": True})
+        rows.append({"cached": f"What was the population of {country} in 2020?", "query": asked,
+                     "same_answer": False})
+    pairs = write(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "verifier.json"
+    command = [sys.executable, "-m", "blendgate.gateway", "tune-thresholds", str(pairs), "--verifier-out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "verifier written to" in result.stderr and json.loads(result.stdout) is not None
+    model = VerifierModel.load(out)
+    assert model.source.startswith("pairs.jsonl (24 pairs)") and model.calibration.counts.sum() == 24
+
+    few = write(tmp_path / "few.jsonl", rows[:6])
+    result = subprocess.run([*command[:4], str(few), "--verifier-out", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "at least 10 pairs of each label" in result.stderr

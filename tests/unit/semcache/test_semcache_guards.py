@@ -1,0 +1,90 @@
+"""The verifier's guards (semcache/guards.py), each with pairs of its own: pairs that differ in that way
+fire it, paraphrases do not."""
+
+import pytest
+
+from blendgate.semcache.guards import check, names, numbers, tokens
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What can I do with 2 years of experience?", "What can I do with 5 years of experience?"),
+    ("Is 1,000 dollars enough for a week in Paris?", "Is 100 dollars enough for a week in Paris?"),
+    ("What are three ways to save money?", "What are ten ways to save money?"),
+    ("How old is the universe?", "How old is the universe in 2020?"),
+])
+def test_numbers_guard_fires_on_different_numbers(query: str, cached: str) -> None:
+    assert check(query, cached).numbers
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What are 2 ways to save money?", "What are two ways to save money?"),
+    ("Is 1,000 dollars enough?", "Is 1000 dollars enough?"),
+    ("How do I cook rice?", "What is the way to cook rice?"),
+])
+def test_numbers_guard_keeps_same_numbers(query: str, cached: str) -> None:
+    assert not check(query, cached).numbers
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("How do I learn Python quickly?", "How do I learn Java quickly?"),
+    ("What is the capital of France?", "What is the capital of Germany?"),
+    ("Is Barack Obama taller than Trump?", "Is Barack Obama taller than Biden?"),
+])
+def test_entity_guard_fires_on_a_name_not_shared(query: str, cached: str) -> None:
+    assert check(query, cached).entities
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("How do I learn Python quickly?", "How can I learn python fast?"),
+    ("What is the capital of France?", "Which city is the capital of France?"),
+    ("How Do I Reverse A List?", "how do i reverse a list?"),
+])
+def test_entity_guard_keeps_shared_names_whatever_the_case(query: str, cached: str) -> None:
+    assert not check(query, cached).entities
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("Why can't I sleep at night?", "Why can I sleep at night?"),
+    ("Is it safe to drink coffee without milk?", "Is it safe to drink coffee with milk?"),
+    ("Why do people never vote?", "Why do people vote?"),
+    ("Is a tomato not a fruit?", "Is a tomato a fruit?"),
+])
+def test_negation_guard_fires_when_one_negates(query: str, cached: str) -> None:
+    assert check(query, cached).negation
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("Why can't I sleep at night?", "Why am I not able to sleep at night?"),
+    ("How do I stop snoring?", "What can I do to stop snoring?"),
+])
+def test_negation_guard_keeps_both_negated_or_neither(query: str, cached: str) -> None:
+    assert not check(query, cached).negation
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What is the best phone to buy?", "What is the worst phone to buy?"),
+    ("What should I eat before a run?", "What should I eat after a run?"),
+    ("How do I earn more money?", "How do I earn less money?"),
+    ("What are the advantages of remote work?", "What are the disadvantages of remote work?"),
+])
+def test_comparison_guard_fires_on_opposed_words(query: str, cached: str) -> None:
+    assert check(query, cached).comparison
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What is the best phone to buy?", "Which phone is the best to buy?"),
+    ("Which is faster, a cheetah or a horse?", "Which is faster: a horse or a cheetah?"),
+])
+def test_comparison_guard_keeps_the_same_comparison(query: str, cached: str) -> None:
+    assert not check(query, cached).comparison
+
+
+def test_first_guard_names_the_reason() -> None:
+    assert check("What is the best phone?", "What is the worst phone?").fired() == "comparison"
+    assert check("How do I cook rice?", "How should I cook rice?").fired() is None
+
+
+def test_tokens_split_negations_and_keep_numbers() -> None:
+    assert tokens("Don't sell 1,500 shares") == ["Do", "n't", "sell", "1,500", "shares"]
+    assert numbers(tokens("two or 2 or 3.5")) == {"2", "3.5"}
+    assert names(tokens("What Is the capital of France")) == {"france"}

@@ -1,0 +1,216 @@
+"""The verifier of candidate hits (semcache/verifier.py, verifier_training.py) and the false-hit bound
+(semcache/bound.py): the shipped default weights on real paraphrases and near misses, training and its
+file, calibration to a bound, and the verifier in a real cache's lookups (all-MiniLM-L6-v2, embedded store)
+with its metrics and admin stats."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from blendgate.semcache.answer_store import MemoryAnswerStore
+from blendgate.semcache.bound import COSINE_BINS, PROBABILITY_BINS, CalibrationTable, wilson_upper
+from blendgate.semcache.cache import SemanticCache
+from blendgate.semcache.lookup import CacheQuery
+from blendgate.semcache.metrics import SemanticCacheMetrics
+from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings, default_categories
+from blendgate.semcache.tuning import LabelledPair
+from blendgate.semcache.verifier import Verifier, VerifierFileError, VerifierModel
+from blendgate.semcache.verifier_training import fit_logistic, train_verifier
+from prometheus_client import CollectorRegistry
+
+ANSWER = {"content": "an answer", "finish_reason": "stop",
+          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+@pytest.fixture(scope="module")
+def default_verifier() -> Verifier:
+    return Verifier.load(None, default_categories())
+
+
+# -- the bound --------------------------------------------------------------------------------------------------
+
+def test_wilson_upper_bound() -> None:
+    assert wilson_upper(0, 100) == pytest.approx(0.0263, abs=1e-4)
+    assert wilson_upper(5, 100) == pytest.approx(0.0985, abs=1e-3)
+    assert wilson_upper(0, 0) == 1.0
+    assert wilson_upper(10, 1000) < wilson_upper(1, 100)  # more pairs, tighter bound
+
+
+def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
+    rng = np.random.default_rng(0)
+    same = rng.random(20_000) < 0.5
+    # Same-answer pairs score high, different ones low: a higher threshold leaves fewer false hits.
+    probabilities = np.clip(np.where(same, rng.normal(0.8, 0.15, same.size), rng.normal(0.3, 0.15, same.size)), 0, 0.999)
+    guarded = rng.random(same.size) < np.where(same, 0.1, 0.5)  # guards fire more often on different pairs
+    table = CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, guarded, same)
+    loose, strict = table.calibrate("factual", 0.9, 0.05), table.calibrate("factual", 0.9, 0.01)
+    assert loose.probability is not None and strict.probability is not None
+    assert loose.probability < strict.probability and strict.upper <= 0.01 and loose.upper <= 0.05
+    assert strict.estimate <= strict.upper and strict.hit_rate < loose.hit_rate < loose.unverified_hit_rate == 1.0
+    assert loose.unverified_estimate == pytest.approx(0.5, abs=0.02)
+    assert loose.met and strict.met
+    # Out of reach: no threshold, flagged as not met, with the guards' own shares (the pairs no guard refuses).
+    unreachable = table.calibrate("factual", 0.9, 0.0001)
+    assert not unreachable.met and unreachable.probability is None
+    assert unreachable.estimate == pytest.approx(0.5 / (0.5 + 0.9), abs=0.02)
+    assert unreachable.hit_rate == pytest.approx(0.9, abs=0.02)
+    # Pairs below a category's cosine threshold do not count for it.
+    assert table.calibrate("code", 0.96, 0.05).pairs == 0
+    assert table.calibrate("code", 0.96, 0.05).probability is None
+    restored = CalibrationTable.from_json(table.to_json())
+    assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2, 2)
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+def test_logistic_regression_finds_the_separating_direction() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 2))
+    y = (x[:, 0] - 0.5 * x[:, 1] + rng.normal(scale=0.3, size=2000) > 0).astype(float)
+    weights, bias = fit_logistic(x, y)
+    assert weights[0] > 0 > weights[1] and abs(bias) < 0.5
+    assert weights[0] / -weights[1] == pytest.approx(2.0, rel=0.25)
+
+
+def test_a_trained_verifier_round_trips_through_its_file(tmp_path: Path) -> None:
+    pairs, cosines = [], []
+    for i in range(60):
+        pairs.append(LabelledPair(f"How do I learn topic {i}?", f"How can I learn topic {i}?", True))
+        pairs.append(LabelledPair(f"How do I learn Python {i}?", f"How do I learn Java {i + 1}?", False))
+        cosines += [0.95, 0.9]
+    model = train_verifier(pairs, np.array(cosines), "test pairs")
+    path = tmp_path / "verifier.json"
+    model.save(path)
+    loaded = VerifierModel.load(path)
+    assert loaded.source == "test pairs" and loaded.calibration.counts.sum() == 120
+    categories = [CategoryPolicy(name="general", rules=["."], threshold=0.85, false_hit_bound=0.05)]
+    verifier = Verifier(loaded, categories)
+    assert verifier.verify("How can I learn topic 200?", "How do I learn topic 200?", 0.95, "general").accepted
+    refused = verifier.verify("How do I learn Java 3?", "How do I learn Python 2?", 0.9, "general")
+    assert not refused.accepted and refused.reason in ("numbers", "entities")
+
+
+def test_a_bad_weights_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "verifier.json"
+    path.write_text('{"features": ["cosine"], "weights": [1], "bias": 0, "mean": [0], "scale": [1], "calibration": []}')
+    with pytest.raises(VerifierFileError, match="features"):
+        VerifierModel.load(path)
+    with pytest.raises(VerifierFileError):
+        VerifierModel.load(tmp_path / "missing.json")
+
+
+# -- the default weights -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query, cached", [
+    ("What's the capital of France?", "What is the capital of France?"),
+    ("How can I learn Python quickly?", "How do I learn Python quickly?"),
+    ("What are the best ways to lose weight?", "What is the best way to lose weight?"),
+])
+def test_default_verifier_accepts_paraphrases(default_verifier: Verifier, query: str, cached: str) -> None:
+    verdict = default_verifier.verify(query, cached, 0.97, "factual")
+    assert verdict.accepted, verdict
+
+
+@pytest.mark.parametrize("query, cached, reason", [
+    ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
+    ("Why can't I sleep at night?", "Why can I sleep at night?", "negation"),
+    ("What can I do with 5 years of experience?", "What can I do with 2 years of experience?", "numbers"),
+    # (The comparison guard is a feature only: as a veto it cost same-answer pairs without fewer false hits.)
+])
+def test_default_verifier_refuses_near_misses(default_verifier: Verifier, query: str, cached: str,
+                                              reason: str) -> None:
+    verdict = default_verifier.verify(query, cached, 0.93, "factual")
+    assert not verdict.accepted and verdict.reason == reason, verdict
+
+
+def test_default_calibration_holds_each_category_bound_or_the_tightest(default_verifier: Verifier) -> None:
+    for name, calibration in default_verifier.calibrations.items():
+        assert calibration.bound == 0.02 and calibration.pairs > 100
+        assert default_verifier.thresholds[name] == calibration.probability
+        if calibration.met:
+            assert calibration.upper <= 0.02 and calibration.estimate < calibration.unverified_estimate
+            assert 0 < calibration.hit_rate <= calibration.unverified_hit_rate
+        else:  # QQP's labels put the false share of hits near 9% even at cosine 0.99: guards alone decide
+            assert calibration.probability is None and calibration.estimate > 0.02
+            # ... and they serve fewer false hits than the cosine alone.
+            assert calibration.estimate < calibration.unverified_estimate
+            assert 0 < calibration.hit_rate < calibration.unverified_hit_rate
+
+
+def test_a_fixed_verifier_threshold_overrides_the_calibrated_one() -> None:
+    categories = [CategoryPolicy(name="general", rules=["."], verifier_threshold=0.0),
+                  CategoryPolicy(name="strict", rules=["."], verifier_threshold=0.99)]
+    verifier = Verifier.load(None, categories)
+    assert verifier.thresholds == {"general": 0.0, "strict": 0.99}
+    assert verifier.verify("How do I learn Java?", "How do I learn Python?", 0.9, "general").accepted
+    refused = verifier.verify("How can I learn Python?", "How do I learn Python?", 0.95, "strict")
+    assert not refused.accepted and refused.reason == "classifier"
+
+
+# -- in a cache's lookups ----------------------------------------------------------------------------------------
+
+def _cache(embedder, verifier: bool) -> tuple[SemanticCache, CollectorRegistry]:
+    policy = CategoryPolicy(name="general", rules=["."], threshold=0.8, ttl_s=3600)
+    settings = SemanticCacheSettings(categories=[policy], default_category="general", verifier=verifier)
+    registry = CollectorRegistry()
+    cache = SemanticCache(settings, MemoryAnswerStore(), embedder.dimension, embedder.embed,
+                          SemanticCacheMetrics(registry))
+    return cache, registry
+
+
+def _query(text: str) -> CacheQuery:
+    return CacheQuery(tenant="t", model="m", text=text, context="c", user="u")
+
+
+async def _store_then_look_up(cache: SemanticCache, embedder, stored: str, asked: str):
+    await cache.start()
+    try:
+        vector = embedder.embed([stored])[0]
+        assert await cache.put(_query(stored), vector, "general", ANSWER) is not None
+        return await cache.lookup(_query(asked), embedder.embed([asked])[0])
+    finally:
+        await cache.close()
+
+
+def test_lookup_skips_a_candidate_the_verifier_refuses_and_counts_why(embedder) -> None:
+    stored, asked = "What is the population of Canada in 2010?", "What is the population of Canada in 2020?"
+    cache, registry = _cache(embedder, verifier=True)
+    result = asyncio.run(_store_then_look_up(cache, embedder, stored, asked))
+    assert result.similarity >= 0.8 and result.status == "miss"  # above the threshold, yet refused
+    assert registry.get_sample_value("blendgate_semantic_cache_verifier_rejections_total",
+                                     {"category": "general", "reason": "numbers"}) == 1
+    assert registry.get_sample_value("blendgate_semantic_cache_false_hit_bound", {"category": "general"}) == 0.02
+    calibration = cache.verifier.calibrations["general"]
+    assert registry.get_sample_value("blendgate_semantic_cache_false_hit_estimate",
+                                     {"category": "general"}) == calibration.estimate > 0
+    assert registry.get_sample_value("blendgate_semantic_cache_false_hit_bound_met",
+                                     {"category": "general"}) == float(calibration.met)
+    stats = cache.stats()["verifier"]["categories"][0]
+    assert stats["category"] == "general" and stats["bound"] == 0.02 and "hit_rate" in stats
+
+    paraphrase = asyncio.run(_store_then_look_up(_cache(embedder, True)[0], embedder, stored,
+                                                 "What was the population of Canada in 2010?"))
+    assert paraphrase.status == "hit"
+
+    cache, registry = _cache(embedder, verifier=False)
+    assert asyncio.run(_store_then_look_up(cache, embedder, stored, asked)).status == "hit"
+    assert cache.stats()["verifier"] is None
+    assert registry.get_sample_value("blendgate_semantic_cache_false_hit_bound", {"category": "general"}) is None
+
+
+def test_verifier_path_loads_the_operators_weights(tmp_path: Path, embedder) -> None:
+    pairs = [LabelledPair(f"What is fact {i}?", f"Tell me fact {i}.", i % 2 == 0) for i in range(40)]
+    path = tmp_path / "mine.json"
+    train_verifier(pairs, np.linspace(0.8, 0.99, 40), "my pairs").save(path)
+    policy = CategoryPolicy(name="general", rules=["."])
+    settings = SemanticCacheSettings.model_validate({"categories": [policy.model_dump()], "default_category": "general",
+                                                     "verifier": "on", "verifier_path": str(path)})
+    cache = SemanticCache(settings, MemoryAnswerStore(), embedder.dimension, embedder.embed,
+                          SemanticCacheMetrics(CollectorRegistry()))
+    assert cache.verifier.model.source == "my pairs" and cache.stats()["verifier"]["source"] == "my pairs"
+    off = SemanticCacheSettings.model_validate({"categories": [policy.model_dump()], "default_category": "general",
+                                                "verifier": "off"})
+    assert off.verifier is False
