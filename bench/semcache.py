@@ -12,6 +12,7 @@ unlabelled, and left out of the false-hit share.
     python bench/semcache.py quality              # dev + test, category-aware vs uniform (runs workload too)
     python bench/semcache.py workload             # categories configured for STS-B's genres vs uniform
     python bench/semcache.py latency --sizes 10000 100000 1000000 [--redis-url redis://...]
+    python bench/semcache.py qqp [--per-class N] [--redis-url redis://...]   # Quora pairs: bench/semcache_qqp.py
     python bench/semcache.py all --sizes 10000 100000 1000000 --out bench/results/semcache-DATE.md
 
 Latency entries are synthesised from the real embeddings of the STS-B sentences in cached categories
@@ -50,6 +51,8 @@ from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
+from semcache_qqp import balanced, cache_outcomes, default_cache, load_qqp, pair_cosines, qqp_split
+from semcache_qqp import report as qqp_report
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "pairs" / "stsb"
@@ -82,7 +85,8 @@ def load_pairs(split: str) -> list[Pair]:
 
 
 class Embeddings:
-    """MiniLM embeddings of sentences, kept on disk between runs (they take a minute on 2 cores)."""
+    """MiniLM embeddings of sentences (STS-B's, QQP's), kept on disk between runs (they take a minute on 2
+    cores)."""
 
     def __init__(self, embedder: Embedder, cache_dir: Path) -> None:
         self.embedder = embedder
@@ -94,7 +98,7 @@ class Embeddings:
         if not unique:
             return
         key = hashlib.sha256("\n".join(unique).encode()).hexdigest()[:16]
-        path = self.cache_dir / f"stsb-minilm-{key}.npy"
+        path = self.cache_dir / f"minilm-{key}.npy"
         if path.exists():
             matrix = np.load(path)
         else:
@@ -596,17 +600,47 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
         "requests.")
 
 
+QQP_PROTOCOL = (
+    "Held-out pairs only (`int(id) % 5 == 0`; the tuning split, every other pair, only chooses the tuned "
+    "static thresholds), balanced: {duplicates} duplicate pairs and as many non-duplicates drawn with seed 0 "
+    "(tuning split balanced the same way: {tune} pairs). Per pair, the real `SemanticCache` (default settings, "
+    "{store}, all-MiniLM-L6-v2) stores the first question with an answer of its own, looks up the second, then "
+    "drops the entry: each lookup sees its own pair's first question only. Static thresholds serve a pair when "
+    "the MiniLM cosine of its two questions reaches them. Intervals: 95% bootstrap over pairs (2,000 resamples "
+    "within duplicates and within non-duplicates).")
+
+
+async def qqp(embedder: Embedder, embeddings: Embeddings, redis_url: str | None, per_class: int | None) -> str:
+    """The default cache and static thresholds on held-out Quora question pairs (bench/semcache_qqp.py)."""
+    tune_pairs, held_out_pairs = qqp_split(load_qqp())
+    held, tune = balanced(held_out_pairs, per_class), balanced(tune_pairs)
+    embeddings.load([q for p in held + tune for q in (p.first, p.second)])
+    settings = SemanticCacheSettings()
+    store = RedisAnswerStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
+        if redis_url else None
+    cache = default_cache(settings, embedder.dimension, embedder.embed, store)
+    await cache.start()
+    outcomes = await cache_outcomes(cache, held, embeddings)
+    await cache.close()
+    protocol = QQP_PROTOCOL.format(duplicates=sum(p.duplicate for p in held), tune=len(tune),
+                                   store=f"Redis ({redis_url})" if redis_url else "the embedded store")
+    tuning = (pair_cosines(tune, embeddings), np.array([p.duplicate for p in tune]))
+    return protocol + "\n\n" + qqp_report(outcomes, pair_cosines(held, embeddings), tuning)
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["tune", "quality", "workload", "latency", "all"])
+    parser.add_argument("command", choices=["tune", "quality", "workload", "latency", "qqp", "all"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--redis-url", default=None, help="store the real entries in this Redis for hit latency")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "blendgate-bench",
                         help="where sentence embeddings are kept between runs")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="qqp: held-out duplicates (and as many non-duplicates) to use; default all")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -614,8 +648,12 @@ def main() -> None:
     embeddings = Embeddings(embedder, args.cache_dir)
     report = [f"# Semantic cache benchmark, {date.today().isoformat()}", "",
               f"- command: `python bench/semcache.py {' '.join(sys.argv[1:])}`", f"- machine: {machine()}",
-              "- embedder: all-MiniLM-L6-v2 (cosine similarity); data: STS-B, pairs >= 4.0 paraphrases, "
-              "<= 2.0 different", ""]
+              "- embedder: all-MiniLM-L6-v2 (cosine similarity); data: " +
+              ("Quora question pairs (../shared/data/pairs/qqp/qqp-train.tsv, held-out split)" if args.command == "qqp" else
+               "STS-B, pairs >= 4.0 paraphrases, <= 2.0 different"), ""]
+    if args.command == "qqp":
+        section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class))
+        report += ["## Hit rate and false hits on Quora question pairs (held out)", "", section]
     if args.command == "tune":
         for key, value in asyncio.run(tune(embedder, embeddings)).items():
             print(key, value)
