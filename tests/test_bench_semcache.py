@@ -93,8 +93,10 @@ def test_static_thresholds() -> None:
     assert qqp.tuned_threshold(cosines, ~duplicate, 0.0) is None  # the most similar pair is a false hit
     assert qqp.same_rate_threshold(cosines, duplicate, 2 / 3) == 0.95
     assert qqp.same_rate_threshold(cosines, duplicate, 0.5) == 0.95
-    ratio, (low, high) = qqp.false_hit_ratio(cosines >= 0.99, cosines >= 0.90, duplicate, resamples=200)
-    assert ratio == 0.0 and low == 0.0
+    versus = qqp.compare_false_hits(cosines >= 0.99, cosines >= 0.90, duplicate, resamples=200)
+    assert (versus.mine, versus.theirs, versus.ratio) == (0, 2, 0.0)
+    assert versus.difference_interval[0] <= -2 <= versus.difference_interval[1] <= 0
+    assert qqp.compare_false_hits(cosines >= 0.99, cosines >= 0.99, duplicate, resamples=200).ratio is None
 
 
 def test_split_and_balance() -> None:
