@@ -52,7 +52,8 @@ from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
-from semcache_qqp import REDISVL_DEFAULT, QqpPair, balanced, cache_outcomes, default_cache, load_qqp, pair_cosines, qqp_split
+from semcache_qqp import (REDISVL_DEFAULT, QqpPair, balanced, cache_outcomes, default_cache, load_qqp, pair_cosines,
+                          split_held_out)
 from semcache_qqp import report as qqp_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -627,22 +628,22 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
 QQP_PROTOCOL = (
     "Held-out pairs only (`int(id) % 5 == 0`; the tuning split, every other pair, only chooses the tuned "
     "static thresholds), balanced: {duplicates} duplicate pairs and as many non-duplicates drawn with seed 0 "
-    "(tuning split: {tune} pairs, half duplicates, drawn the same way). Per pair, the real `SemanticCache` (default settings, "
-    "{store}, all-MiniLM-L6-v2) stores the first question with an answer of its own, looks up the second, then "
-    "drops the entry: each lookup sees its own pair's first question only. Static thresholds serve a pair when "
-    "the MiniLM cosine of its two questions reaches them. Intervals: 95% bootstrap over pairs (2,000 resamples "
-    "within duplicates and within non-duplicates).")
+    "(tuning split: {tune} pairs, half duplicates, drawn the same way). Per pair, the real `SemanticCache` "
+    "(default settings, {store}, all-MiniLM-L6-v2) stores the first question with an answer of its own, looks "
+    "up the second, then drops the entry: each lookup sees its own pair's first question only. Static "
+    "thresholds serve a pair when the MiniLM cosine of its two questions reaches them. Intervals: 95% bootstrap "
+    "over pairs (2,000 resamples within duplicates and within non-duplicates).")
 
 
-# Tuning-split pairs per class the static thresholds are tuned on: embedding questions runs at about 15 a second
-# on the shared 2 cores, and one threshold needs no more.
+# Tuning-split pairs per class the static thresholds are tuned on: embedding runs at 15 to 40 questions a
+# second on the shared 2 cores, and one threshold needs no more.
 QQP_TUNE_PER_CLASS = 1000
 
 
 def qqp_sets(embeddings: Embeddings, per_class: int | None = None) -> tuple[list[QqpPair], list[QqpPair]]:
     """(held-out, tuning) Quora pairs, balanced, their questions embedded (a file on disk for each split,
     shared by the qqp and latency modes)."""
-    tune_pairs, held_out_pairs = qqp_split(load_qqp())
+    tune_pairs, held_out_pairs = split_held_out(load_qqp())
     held, tune = balanced(held_out_pairs, per_class), balanced(tune_pairs, QQP_TUNE_PER_CLASS)
     for pairs in (held, tune):
         embeddings.load([q for p in pairs for q in (p.first, p.second)])
@@ -683,11 +684,11 @@ def main() -> None:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     embedder = Embedder(device="cpu")
     embeddings = Embeddings(embedder, args.cache_dir)
+    data = "Quora question pairs (../shared/data/pairs/qqp/qqp-train.tsv, held-out split)" \
+        if args.command == "qqp" else "STS-B, pairs >= 4.0 paraphrases, <= 2.0 different"
     report = [f"# Semantic cache benchmark, {date.today().isoformat()}", "",
               f"- command: `python bench/semcache.py {' '.join(sys.argv[1:])}`", f"- machine: {machine()}",
-              "- embedder: all-MiniLM-L6-v2 (cosine similarity); data: " +
-              ("Quora question pairs (../shared/data/pairs/qqp/qqp-train.tsv, held-out split)" if args.command == "qqp" else
-               "STS-B, pairs >= 4.0 paraphrases, <= 2.0 different"), ""]
+              f"- embedder: all-MiniLM-L6-v2 (cosine similarity); data: {data}", ""]
     if args.command == "qqp":
         section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class))
         report += ["## Hit rate and false hits on Quora question pairs (held out)", "", section]

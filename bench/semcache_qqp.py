@@ -1,8 +1,8 @@
 """The semantic cache on real user questions: Quora question pairs (QQP), `python bench/semcache.py qqp`.
 
 Data: ../shared/data/pairs/qqp/qqp-train.tsv (15.5k labelled pairs, read by path, never copied). Pairs with
-`int(id) % 5 == 0` are held out: evaluation only, never used to tune anything (`qqp_split`); the others are
-the tuning split. Both splits are balanced the same way: all their duplicate pairs and as many non-duplicates,
+`int(id) % 5 == 0` are held out: evaluation only, never used to tune anything (`split_held_out`); the others
+are the tuning split. Both splits are balanced the same way: all their duplicate pairs and as many non-duplicates,
 drawn with a fixed seed (`balanced`), as the issue's live measurement balanced 150 and 150.
 
 Protocol (`cache_outcomes`), as the issue measured it, through the real `SemanticCache` with the default
@@ -56,9 +56,10 @@ def load_qqp(path: Path = QQP_FILE) -> list[QqpPair]:
     return [QqpPair(int(row[0]), row[3].strip(), row[4].strip(), row[5] == "1") for row in rows[1:]]
 
 
-def qqp_split(pairs: list[QqpPair]) -> tuple[list[QqpPair], list[QqpPair]]:
+def split_held_out(pairs: list[QqpPair]) -> tuple[list[QqpPair], list[QqpPair]]:
     """(tuning, held out): a pair whose id is a multiple of 5 is held out for evaluation and never used to tune
-    or train anything. The same rule as the verifier's semcache/pairs.py (issue 19), kept here until both meet."""
+    or train anything. The rule of `is_held_out` in semcache/pairs.py (issue 19's verifier, not merged into
+    this branch yet), which this should call once it is."""
     return [p for p in pairs if p.pair_id % 5 != 0], [p for p in pairs if p.pair_id % 5 == 0]
 
 
@@ -275,9 +276,10 @@ def report(outcomes: list[PairOutcome], held_out: np.ndarray, tune: tuple[np.nda
                      "|---|---|---|---|---|"]
     for name in categories:
         mine = [o for o in outcomes if (o.category or "none") == name]
-        category_rows.append(f"| {name} | {len(mine)} | {sum(o.served and o.pair.duplicate for o in mine)}/"
-                             f"{sum(o.pair.duplicate for o in mine)} | {sum(o.served and not o.pair.duplicate for o in mine)}"
-                             f" | {sum(o.status == 'bypass' for o in mine)} |")
+        true = sum(o.served and o.pair.duplicate for o in mine)
+        false = sum(o.served and not o.pair.duplicate for o in mine)
+        category_rows.append(f"| {name} | {len(mine)} | {true}/{sum(o.pair.duplicate for o in mine)} | {false} | "
+                             f"{sum(o.status == 'bypass' for o in mine)} |")
     looked_up = [o.lookup_ms for o in outcomes if o.status != "bypass"]
     done = cache.false_share <= 0.05 and cache.duplicate_hit_rate >= 0.15
     notes = [

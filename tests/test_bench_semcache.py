@@ -101,7 +101,7 @@ def test_static_thresholds() -> None:
 
 def test_split_and_balance() -> None:
     pairs = [qqp.QqpPair(i, f"q{i}a", f"q{i}b", i % 3 == 0) for i in range(1, 61)]
-    tune, held_out = qqp.qqp_split(pairs)
+    tune, held_out = qqp.split_held_out(pairs)
     assert {p.pair_id for p in held_out} == set(range(5, 61, 5)) and len(tune) + len(held_out) == 60
     chosen = qqp.balanced(tune)
     assert sum(p.duplicate for p in chosen) == sum(not p.duplicate for p in chosen) == sum(p.duplicate for p in tune)
