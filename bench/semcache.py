@@ -12,7 +12,7 @@ unlabelled, and left out of the false-hit share.
     python bench/semcache.py quality              # dev + test, category-aware vs uniform (runs workload too)
     python bench/semcache.py workload             # categories configured for STS-B's genres vs uniform
     python bench/semcache.py latency --sizes 10000 100000 1000000 [--redis-url redis://...]
-    python bench/semcache.py qqp [--per-class N] [--redis-url redis://...]   # Quora pairs: bench/semcache_qqp.py
+    python bench/semcache.py qqp [--per-class N] [--set KEY=VALUE] [--category-set KEY=VALUE]  # Quora pairs
     python bench/semcache.py all --sizes 10000 100000 1000000 --out bench/results/semcache-DATE.md
 
 Latency entries are synthesised from the real embeddings of the STS-B sentences in cached categories
@@ -53,7 +53,7 @@ from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
 from semcache_qqp import (REDISVL_DEFAULT, QqpPair, balanced, cache_outcomes, default_cache, load_qqp, pair_cosines,
-                          split_held_out)
+                          settings_with, split_held_out)
 from semcache_qqp import report as qqp_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -626,13 +626,13 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
 
 
 QQP_PROTOCOL = (
-    "Held-out pairs only (`int(id) % 5 == 0`; the tuning split, every other pair, only chooses the tuned "
-    "static thresholds), balanced: {duplicates} duplicate pairs and as many non-duplicates drawn with seed 0 "
-    "(tuning split: {tune} pairs, half duplicates, drawn the same way). Per pair, the real `SemanticCache` "
-    "(default settings, {store}, all-MiniLM-L6-v2) stores the first question with an answer of its own, looks "
-    "up the second, then drops the entry: each lookup sees its own pair's first question only. Static "
-    "thresholds serve a pair when the MiniLM cosine of its two questions reaches them. Intervals: 95% bootstrap "
-    "over pairs (2,000 resamples within duplicates and within non-duplicates).")
+    "Held-out pairs only (`int(id) % 5 == 0`; the tuning split, every other pair, only chooses the tuned static "
+    "thresholds), balanced: {duplicates} duplicate pairs and as many non-duplicates drawn with seed 0 (tuning "
+    "split: {tune} pairs, half duplicates, drawn the same way). Per pair, the real `SemanticCache` (default "
+    "settings but the command's --set and --category-set, {store}, all-MiniLM-L6-v2) stores the first question with"
+    " an answer of its own, looks up the second, then drops the entry: each lookup sees its own pair's first "
+    "question only. Static thresholds serve a pair when the MiniLM cosine of its two questions reaches them. "
+    "Intervals: 95% bootstrap over pairs (2,000 resamples within duplicates and within non-duplicates).")
 
 
 # Tuning-split pairs per class the static thresholds are tuned on: embedding runs at 15 to 40 questions a
@@ -650,10 +650,10 @@ def qqp_sets(embeddings: Embeddings, per_class: int | None = None) -> tuple[list
     return held, tune
 
 
-async def qqp(embedder: Embedder, embeddings: Embeddings, redis_url: str | None, per_class: int | None) -> str:
-    """The default cache and static thresholds on held-out Quora question pairs (bench/semcache_qqp.py)."""
+async def qqp(embedder: Embedder, embeddings: Embeddings, redis_url: str | None, per_class: int | None,
+              settings: SemanticCacheSettings) -> str:
+    """The cache with `settings` and static thresholds on held-out Quora question pairs (bench/semcache_qqp.py)."""
     held, tune = qqp_sets(embeddings, per_class)
-    settings = SemanticCacheSettings()
     store = RedisAnswerStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
         if redis_url else None
     cache = default_cache(settings, embedder.dimension, embedder.embed, store)
@@ -679,6 +679,10 @@ def main() -> None:
                         help="where sentence embeddings are kept between runs")
     parser.add_argument("--per-class", type=int, default=None,
                         help="qqp: held-out duplicates (and as many non-duplicates) to use; default all")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="qqp: a semantic_cache setting for the cache (value as YAML), e.g. verifier=false")
+    parser.add_argument("--category-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="qqp: a setting of every category, e.g. false_hit_bound=0.01")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -690,7 +694,8 @@ def main() -> None:
               f"- command: `python bench/semcache.py {' '.join(sys.argv[1:])}`", f"- machine: {machine()}",
               f"- embedder: all-MiniLM-L6-v2 (cosine similarity); data: {data}", ""]
     if args.command == "qqp":
-        section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class))
+        settings = settings_with(args.set, args.category_set)
+        section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class, settings))
         report += ["## Hit rate and false hits on Quora question pairs (held out)", "", section]
     if args.command == "tune":
         for key, value in asyncio.run(tune(embedder, embeddings)).items():

@@ -2,17 +2,18 @@
 
 Data: ../shared/data/pairs/qqp/qqp-train.tsv (15.5k labelled pairs, read by path, never copied). Pairs with
 `int(id) % 5 == 0` are held out: evaluation only, never used to tune anything (`split_held_out`); the others
-are the tuning split. Both splits are balanced the same way: all their duplicate pairs and as many non-duplicates,
-drawn with a fixed seed (`balanced`), as the issue's live measurement balanced 150 and 150.
+are the tuning split. Both are balanced (`balanced`): the held-out pairs used are all held-out duplicates and as
+many non-duplicates drawn with a fixed seed, as the issue's live measurement balanced 150 and 150; the tuning
+pairs, a seeded draw of as many of each (bench/semcache.py caps them at QQP_TUNE_PER_CLASS).
 
 Protocol (`cache_outcomes`), as the issue measured it, through the real `SemanticCache` with the default
-settings and the embedded answer store (or Redis): for each held-out pair, store the first question with an
-answer of its own, look up the second question, then drop the entry, so that each lookup sees its own pair's
-first question only. Whatever the cache decides (categories, scopes, thresholds, and any verifier inside
-`SemanticCache.lookup`) is what is measured. A hit on a duplicate pair is a true hit, on a non-duplicate a
-false hit. Reported: the share of duplicate pairs served from the cache and the false share of hits
-(false / all hits), each with a 95% bootstrap interval over pairs (resampled within duplicates and within
-non-duplicates, keeping the balance).
+settings (or the command's overrides, `settings_with`) and the embedded answer store (or Redis): for each
+held-out pair, store the first question with an answer of its own, look up the second question, then drop the entry,
+so that each lookup sees its own pair's first question only. Whatever the cache decides (categories, scopes,
+thresholds, and any verifier inside `SemanticCache.lookup`) is what is measured. A hit on a duplicate pair is a
+true hit, on a non-duplicate a false hit. Reported: the share of duplicate pairs served from the cache and the
+false share of hits (false / all hits), each with a 95% bootstrap interval over pairs (resampled within
+duplicates and within non-duplicates, keeping the balance).
 
 Baselines come from the all-MiniLM-L6-v2 cosine of each pair alone (no cache): a static threshold serves a pair
 when the cosine reaches it.
@@ -26,11 +27,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import yaml
 from blendgate.semcache.answer_store import AnswerStore, MemoryAnswerStore
 from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
-from blendgate.semcache.settings import SemanticCacheSettings
+from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
 
 QQP_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pairs" / "qqp" / "qqp-train.tsv"
@@ -90,6 +92,22 @@ class PairOutcome:
     @property
     def served(self) -> bool:
         return self.status == "hit"
+
+
+def settings_with(overrides: list[str], category_overrides: list[str]) -> SemanticCacheSettings:
+    """The default settings with KEY=VALUE `overrides` of their own fields and `category_overrides` of every
+    category's (values read as YAML: 0.01, false, [a, b]), e.g. a false-hit bound or a verifier part switched
+    off. Raises ValueError for a pair without "=", pydantic's ValidationError for an unknown key or a bad value."""
+    def parsed(pairs: list[str]) -> dict:
+        if any("=" not in pair for pair in pairs):
+            raise ValueError(f"expected KEY=VALUE, got {[pair for pair in pairs if '=' not in pair]}")
+        return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+
+    defaults = SemanticCacheSettings()
+    categories = [CategoryPolicy.model_validate({**c.model_dump(), **parsed(category_overrides)})
+                  for c in defaults.categories]
+    return SemanticCacheSettings.model_validate({**defaults.model_dump(), "categories": categories,
+                                                 **parsed(overrides)})
 
 
 def default_cache(settings: SemanticCacheSettings, dimension: int, embed: Callable[[list[str]], np.ndarray],
@@ -242,7 +260,7 @@ def report(outcomes: list[PairOutcome], held_out: np.ndarray, tune: tuple[np.nda
     duplicate = np.array([o.pair.duplicate for o in outcomes])
     served = np.array([o.served for o in outcomes])
     cache = rates(served, duplicate)
-    rows = TABLE_HEAD + [table_row("**semantic cache, default settings** (live lookups)", "per category", cache)]
+    rows = TABLE_HEAD + [table_row("**semantic cache** (live lookups)", "per category", cache)]
     # The thresholds the cache applied, on the pair cosine alone: the cache without its category and scope
     # routing (a bypassed question, e.g. a personal one, is not served).
     applied = np.array([o.threshold if o.threshold is not None and o.status != "bypass" else np.inf

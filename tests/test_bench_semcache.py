@@ -106,3 +106,15 @@ def test_split_and_balance() -> None:
     chosen = qqp.balanced(tune)
     assert sum(p.duplicate for p in chosen) == sum(not p.duplicate for p in chosen) == sum(p.duplicate for p in tune)
     assert qqp.balanced(tune, seed=0) == chosen and len(qqp.balanced(tune, per_class=4)) == 8
+
+
+def test_settings_overrides() -> None:
+    settings = qqp.settings_with(["candidates=4"], ["threshold=0.98", "ttl_s=60"])
+    assert settings.candidates == 4
+    assert all(c.threshold == 0.98 and c.ttl_s == 60 for c in settings.categories)
+    assert [c.name for c in settings.categories] == [c.name for c in SemanticCacheSettings().categories]
+    assert qqp.settings_with([], []) == SemanticCacheSettings()
+    with pytest.raises(ValueError):
+        qqp.settings_with(["no_such_setting=1"], [])  # pydantic's ValidationError is a ValueError
+    with pytest.raises(ValueError):
+        qqp.settings_with([], ["threshold"])
