@@ -87,8 +87,8 @@ def load_pairs(split: str) -> list[Pair]:
 
 
 class Embeddings:
-    """MiniLM embeddings of sentences (STS-B's, QQP's), kept on disk between runs (they take a minute on 2
-    cores)."""
+    """MiniLM embeddings of sentences (STS-B's, QQP's), kept on disk between runs (minutes on 2 cores): one file
+    per set of sentences loaded, named by the set alone, whatever was loaded before."""
 
     def __init__(self, embedder: Embedder, cache_dir: Path) -> None:
         self.embedder = embedder
@@ -96,8 +96,8 @@ class Embeddings:
         self.vectors: dict[str, np.ndarray] = {}
 
     def load(self, sentences: list[str]) -> None:
-        unique = sorted(set(sentences) - set(self.vectors))
-        if not unique:
+        unique = sorted(set(sentences))
+        if all(sentence in self.vectors for sentence in unique):
             return
         key = hashlib.sha256("\n".join(unique).encode()).hexdigest()[:16]
         path = self.cache_dir / f"minilm-{key}.npy"
