@@ -12,14 +12,16 @@ unlabelled, and left out of the false-hit share.
     python bench/semcache.py quality              # dev + test, category-aware vs uniform (runs workload too)
     python bench/semcache.py workload             # categories configured for STS-B's genres vs uniform
     python bench/semcache.py latency --sizes 10000 100000 1000000 [--redis-url redis://...]
+    python bench/semcache.py qqp [--per-class N] [--set KEY=VALUE] [--category-set KEY=VALUE]  # Quora pairs
     python bench/semcache.py all --sizes 10000 100000 1000000 --out bench/results/semcache-DATE.md
 
 Latency entries are synthesised from the real embeddings of the STS-B sentences in cached categories
 (about 12k unique): entry i is sentence (i mod n)'s embedding plus seeded Gaussian noise (sigma 0.015 a
 dimension, cosine about 0.96 to it), renormalised, in that sentence's category; so the index holds dense
-clusters of near-paraphrases, as a busy cache does. They go straight into the in-memory index (a miss never
-reads the store); 500 real entries are stored through the cache (in the embedded store or Redis) so that
-hits fetch a real entry.
+clusters of near-paraphrases, as a busy cache does. They go straight into the in-memory index, in a context of
+their own (a lookup weighs them but never fetches one); 500 real entries are stored through the cache (in the
+embedded store or Redis) so that hits fetch a real entry. Candidate-check probes (the cost of a miss that a
+verifier decides) ask the second questions of held-out QQP non-duplicates whose first questions are stored.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
+from semcache_qqp import (REDISVL_DEFAULT, QqpPair, balanced, cache_outcomes, default_cache, load_qqp, pair_cosines,
+                          settings_with, split_held_out)
+from semcache_qqp import report as qqp_report
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "pairs" / "stsb"
@@ -82,7 +87,8 @@ def load_pairs(split: str) -> list[Pair]:
 
 
 class Embeddings:
-    """MiniLM embeddings of sentences, kept on disk between runs (they take a minute on 2 cores)."""
+    """MiniLM embeddings of sentences (STS-B's, QQP's), kept on disk between runs (minutes on 2 cores): one file
+    per set of sentences loaded, named by the set alone, whatever was loaded before."""
 
     def __init__(self, embedder: Embedder, cache_dir: Path) -> None:
         self.embedder = embedder
@@ -90,11 +96,11 @@ class Embeddings:
         self.vectors: dict[str, np.ndarray] = {}
 
     def load(self, sentences: list[str]) -> None:
-        unique = sorted(set(sentences) - set(self.vectors))
-        if not unique:
+        unique = sorted(set(sentences))
+        if all(sentence in self.vectors for sentence in unique):
             return
         key = hashlib.sha256("\n".join(unique).encode()).hexdigest()[:16]
-        path = self.cache_dir / f"stsb-minilm-{key}.npy"
+        path = self.cache_dir / f"minilm-{key}.npy"
         if path.exists():
             matrix = np.load(path)
         else:
@@ -116,9 +122,14 @@ def uniform_settings(threshold: float) -> SemanticCacheSettings:
     return SemanticCacheSettings(categories=[policy], default_category="all")
 
 
-def query(text: str, context: str = "bench") -> CacheQuery:
-    return CacheQuery(tenant="bench", model="bench", text=text, context=context,
+def query(text: str, context: str = "bench", ttl_s: float | None = None) -> CacheQuery:
+    return CacheQuery(tenant="bench", model="bench", text=text, context=context, ttl_s=ttl_s,
                       user="bench")  # one end user: scopes do not change what the benchmark measures
+
+
+# Life of the latency mode's real entries, as its synthetic ones: a slow run on shared cores outlived
+# time_sensitive's 5-minute TTL, and the hit probes then missed.
+LATENCY_TTL_S = 86_400
 
 
 def _norm(text: str) -> str:
@@ -537,12 +548,23 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
     # Real entries, stored through the cache, that the hit queries find (their own sentence, exactly).
     real = [i for i in rng.permutation(len(sentences)) if categories[i] in cached][:500]
     for i in real:
-        await cache.put(query(sentences[i]), base[i], categories[i], {"content": sentences[i], "usage": None})
+        await cache.put(query(sentences[i], ttl_s=LATENCY_TTL_S), base[i], categories[i],
+                        {"content": sentences[i], "usage": None})
     probes = [i for i in rng.permutation(len(sentences)) if categories[i] in cached][:2000]
+    # Candidate-check probes: held-out QQP non-duplicates at MiniLM cosine >= 0.9, first question stored, second
+    # asked: a candidate passes the threshold, so the lookup goes through every check (and a verifier, when
+    # SemanticCache.lookup has one) to a hit (a false one) or a rejection.
+    near = [p for p in qqp_sets(embeddings)[0] if not p.duplicate and
+            float(np.dot(embeddings(p.first), embeddings(p.second))) >= REDISVL_DEFAULT][:500]
+    for pair in near:
+        vector = embeddings(pair.first)
+        await cache.put(query(pair.first, ttl_s=LATENCY_TTL_S), vector, cache.classify(pair.first, vector).category,
+                        {"content": f"answer to question {pair.pair_id}/1", "usage": None})
     cacheable = [i for i in range(len(sentences)) if categories[i] in cached]
 
     rows = ["| entries | build s (cumulative) | miss p50 ms | miss p99 ms | hit p50 ms | hit p99 ms | "
-            "hit rate of hit probes |", "|---|---|---|---|---|---|---|"]
+            "hit rate of hit probes | candidate-check p50 ms | candidate-check p99 ms | served by candidate checks |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     built, build_s = len(real), 0.0
     for size in sizes:
         started = time.perf_counter()
@@ -557,7 +579,8 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
                 mask = np.array([categories[i] == category for i in ids])
                 if not mask.any():
                     continue
-                metas = [IndexedEntry(f"syn-{built + j}", "bench", None, now, now + 86_400)
+                # A context of their own: a probe may weigh them but never fetches one (they have no answer).
+                metas = [IndexedEntry(f"syn-{built + j}", "synthetic", None, now, now + LATENCY_TTL_S)
                          for j in np.flatnonzero(mask)]
                 cache.index.add_many("bench", category, metas, vectors[mask])
             built += count
@@ -574,10 +597,18 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
             result = await cache.lookup(query(sentences[i]), base[i])
             hits.append((time.perf_counter() - started) * 1000)
             found += result.status == "hit"
+        checks, served = [], 0
+        for pair in near:
+            started = time.perf_counter()
+            result = await cache.lookup(query(pair.second), embeddings(pair.second))
+            checks.append((time.perf_counter() - started) * 1000)
+            served += result.status == "hit"
         miss50, miss99 = percentiles(misses)
         hit50, hit99 = percentiles(hits)
+        check50, check99 = percentiles(checks)
         rows.append(f"| {len(cache.index):,} | {build_s:.0f} | {miss50:.3f} | {miss99:.3f} | {hit50:.3f} | "
-                    f"{hit99:.3f} | {found / len(real):.3f} |")
+                    f"{hit99:.3f} | {found / len(real):.3f} | {check50:.3f} | {check99:.3f} | "
+                    f"{served}/{len(near)} |")
         print(rows[-1], flush=True)
     await cache.invalidate(tenant="bench")
     await cache.close()
@@ -590,10 +621,55 @@ async def latency(embedder: Embedder, embeddings: Embeddings, sizes: list[int], 
     store_name = f"Redis ({redis_url})" if redis_url else "the embedded store"
     return "\n".join(rows) + (
         f"\n\nStore for the real entries: {store_name}. Miss = classify + HNSW search (k = {settings.candidates}, "
-        f"ef {settings.hnsw.ef_search}) + candidate checks, no store access; hit adds the entry fetch. Query "
+        f"ef {settings.hnsw.ef_search}) + candidate checks, no store access (the probes' context matches no "
+        "entry, so no candidate reaches a verifier); hit adds the entry fetch. Candidate check = the second "
+        f"question of {len(near)} held-out QQP non-duplicate pairs at MiniLM cosine >= {REDISVL_DEFAULT}, their "
+        "first questions stored: classify + search + every check on a candidate above the threshold, the "
+        "fetch and any verifier in SemanticCache.lookup; served = the hits it let through. Query "
         f"embedding (all-MiniLM-L6-v2, one query, {embedder.device}): p50 {e50:.1f} ms, p99 {e99:.1f} ms; it is "
         "computed once per request and shared with retrieval, so it is not part of the cache's miss cost for RAG "
         "requests.")
+
+
+QQP_PROTOCOL = (
+    "Held-out pairs only (`int(id) % 5 == 0`; the tuning split, every other pair, only chooses the tuned static "
+    "thresholds), balanced: {duplicates} duplicate pairs and as many non-duplicates drawn with seed 0 (tuning "
+    "split: {tune} pairs, half duplicates, drawn the same way). Per pair, the real `SemanticCache` (default "
+    "settings but the command's --set and --category-set, {store}, all-MiniLM-L6-v2) stores the first question with"
+    " an answer of its own, looks up the second, then drops the entry: each lookup sees its own pair's first "
+    "question only. Static thresholds serve a pair when the MiniLM cosine of its two questions reaches them. "
+    "Intervals: 95% bootstrap over pairs (2,000 resamples within duplicates and within non-duplicates).")
+
+
+# Tuning-split pairs per class the static thresholds are tuned on: embedding runs at 15 to 40 questions a
+# second on the shared 2 cores, and one threshold needs no more.
+QQP_TUNE_PER_CLASS = 1000
+
+
+def qqp_sets(embeddings: Embeddings, per_class: int | None = None) -> tuple[list[QqpPair], list[QqpPair]]:
+    """(held-out, tuning) Quora pairs, balanced, their questions embedded (a file on disk for each split,
+    shared by the qqp and latency modes)."""
+    tune_pairs, held_out_pairs = split_held_out(load_qqp())
+    held, tune = balanced(held_out_pairs, per_class), balanced(tune_pairs, QQP_TUNE_PER_CLASS)
+    for pairs in (held, tune):
+        embeddings.load([q for p in pairs for q in (p.first, p.second)])
+    return held, tune
+
+
+async def qqp(embedder: Embedder, embeddings: Embeddings, redis_url: str | None, per_class: int | None,
+              settings: SemanticCacheSettings) -> str:
+    """The cache with `settings` and static thresholds on held-out Quora question pairs (bench/semcache_qqp.py)."""
+    held, tune = qqp_sets(embeddings, per_class)
+    store = RedisAnswerStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
+        if redis_url else None
+    cache = default_cache(settings, embedder.dimension, embedder.embed, store)
+    await cache.start()
+    outcomes = await cache_outcomes(cache, held, embeddings)
+    await cache.close()
+    protocol = QQP_PROTOCOL.format(duplicates=sum(p.duplicate for p in held), tune=len(tune),
+                                   store=f"Redis ({redis_url})" if redis_url else "the embedded store")
+    tuning = (pair_cosines(tune, embeddings), np.array([p.duplicate for p in tune]))
+    return protocol + "\n\n" + qqp_report(outcomes, pair_cosines(held, embeddings), tuning)
 
 
 def machine() -> str:
@@ -602,20 +678,31 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["tune", "quality", "workload", "latency", "all"])
+    parser.add_argument("command", choices=["tune", "quality", "workload", "latency", "qqp", "all"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--redis-url", default=None, help="store the real entries in this Redis for hit latency")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "blendgate-bench",
                         help="where sentence embeddings are kept between runs")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="qqp: held-out duplicates (and as many non-duplicates) to use; default all")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="qqp: a semantic_cache setting for the cache (value as YAML), e.g. verifier=false")
+    parser.add_argument("--category-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="qqp: a setting of every category, e.g. false_hit_bound=0.01")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     embedder = Embedder(device="cpu")
     embeddings = Embeddings(embedder, args.cache_dir)
+    data = "Quora question pairs (../shared/data/pairs/qqp/qqp-train.tsv, held-out split)" \
+        if args.command == "qqp" else "STS-B, pairs >= 4.0 paraphrases, <= 2.0 different"
     report = [f"# Semantic cache benchmark, {date.today().isoformat()}", "",
               f"- command: `python bench/semcache.py {' '.join(sys.argv[1:])}`", f"- machine: {machine()}",
-              "- embedder: all-MiniLM-L6-v2 (cosine similarity); data: STS-B, pairs >= 4.0 paraphrases, "
-              "<= 2.0 different", ""]
+              f"- embedder: all-MiniLM-L6-v2 (cosine similarity); data: {data}", ""]
+    if args.command == "qqp":
+        settings = settings_with(args.set, args.category_set)
+        section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class, settings))
+        report += ["## Hit rate and false hits on Quora question pairs (held out)", "", section]
     if args.command == "tune":
         for key, value in asyncio.run(tune(embedder, embeddings)).items():
             print(key, value)
