@@ -32,6 +32,7 @@ from blendgate.semcache.answer_store import AnswerStore, MemoryAnswerStore
 from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
+from blendgate.semcache.pairs import is_held_out
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
 
@@ -60,9 +61,8 @@ def load_qqp(path: Path = QQP_FILE) -> list[QqpPair]:
 
 def split_held_out(pairs: list[QqpPair]) -> tuple[list[QqpPair], list[QqpPair]]:
     """(tuning, held out): a pair whose id is a multiple of 5 is held out for evaluation and never used to tune
-    or train anything. The rule of `is_held_out` in semcache/pairs.py (issue 19's verifier, not merged into
-    this branch yet), which this should call once it is."""
-    return [p for p in pairs if p.pair_id % 5 != 0], [p for p in pairs if p.pair_id % 5 == 0]
+    or train anything (semcache/pairs.py: `is_held_out`, the rule the verifier's training follows)."""
+    return [p for p in pairs if not is_held_out(p.pair_id)], [p for p in pairs if is_held_out(p.pair_id)]
 
 
 def balanced(pairs: list[QqpPair], per_class: int | None = None, seed: int = 0) -> list[QqpPair]:
