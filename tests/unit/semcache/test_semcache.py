@@ -23,15 +23,13 @@ from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
 from blendgate.semcache.policy import LoadMonitor
 from blendgate.semcache.replica import SYNC_INTERVAL_S
 from blendgate.semcache.settings import CategoryPolicy, LoadSettings, SemanticCacheSettings
+from cache_requests import ANSWER, MODEL, CacheRequests
 from prometheus_client import CollectorRegistry
 from support import RedisServer
 
-MODEL = "test-model"
 QUESTION = "What is the capital of France?"
 PARAPHRASE = "What's the capital of France?"  # cosine 0.99 with QUESTION: above every category's threshold
 UNRELATED = "How do I bake sourdough bread?"
-ANSWER = {"content": "The capital of France is Paris.", "finish_reason": "stop",
-          "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def general_settings(**category: object) -> SemanticCacheSettings:
     return SemanticCacheSettings(categories=[policy], default_category="general")
 
 
-class Harness:
+class Harness(CacheRequests):
     """Builds caches over the real Redis and runs the lookups and stores a request would."""
 
     def __init__(self, redis: RedisServer, embed: Callable[[list[str]], np.ndarray], prefix: str) -> None:
@@ -82,33 +80,12 @@ class Harness:
     def vector(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 
-    @staticmethod
-    def query(text: str, tenant: str = "tenant-a", context: str = "ctx-1", user: str | None = "user-1",
-              **controls: object) -> CacheQuery:
-        """A query of one end user (user-scoped questions are cached only for a known user)."""
-        return CacheQuery(tenant=tenant, model=MODEL, text=text, context=context, user=user, **controls)
-
-    async def lookup(self, cache: SemanticCache, text: str, **query: object):
-        return await cache.lookup(self.query(text, **query), self.vector(text))
-
-    async def store(self, cache: SemanticCache, text: str, content: str | None = None, **query: object) -> str:
-        """Look up (as the gateway does first), then store an answer; returns the entry id."""
-        result = await self.lookup(cache, text, **query)
-        assert result.status == "miss", result.report()
-        response = {**ANSWER, "content": content or f"answer to {text}"}
-        entry_id = await cache.put(self.query(text, **query), self.vector(text), result.category, response)
-        assert entry_id is not None
-        return entry_id
-
     def key(self, cache: SemanticCache, entry_id: str) -> str:
         assert isinstance(cache.store, RedisAnswerStore)
         return cache.store._key(entry_id)
 
     def keys(self, pattern: str = "*") -> list[bytes]:
         return list(self.direct.scan_iter(f"{self.prefix}:{pattern}"))
-
-    def metric(self, cache: SemanticCache, name: str, **labels: str) -> float | None:
-        return self.registries[id(cache)].get_sample_value(name, labels)
 
 
 @pytest.fixture

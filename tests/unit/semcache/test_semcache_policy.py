@@ -17,18 +17,15 @@ import pytest
 from blendgate.semcache.answer_store import MemoryAnswerStore
 from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.index import IndexedEntry
-from blendgate.semcache.lookup import CacheQuery, LookupResult
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.policy import LoadMonitor, effective_policy
 from blendgate.semcache.settings import CategoryPolicy, LoadSettings, SemanticCacheSettings
+from cache_requests import ANSWER, MODEL, CacheRequests
 from prometheus_client import CollectorRegistry
 
-MODEL = "test-model"
 QUESTION = "What is the capital of France?"
 PARAPHRASE = "What's the capital of France?"  # the same words once "'s" reads "is": similarity 1 here
 UNRELATED = "How do I bake sourdough bread?"
-ANSWER = {"content": "The capital of France is Paris.", "finish_reason": "stop",
-          "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}
 DIMENSION = 256
 
 
@@ -52,7 +49,7 @@ def catch_all(**category: object) -> SemanticCacheSettings:
     return SemanticCacheSettings(categories=[policy], default_category="factual")
 
 
-class MemoryHarness:
+class MemoryHarness(CacheRequests):
     """Builds caches over the in-memory answer store and runs the lookups and stores a request would."""
 
     def __init__(self) -> None:
@@ -68,26 +65,6 @@ class MemoryHarness:
     @staticmethod
     def vector(text: str) -> np.ndarray:
         return fake_embed([text])[0]
-
-    @staticmethod
-    def query(text: str, tenant: str = "tenant-a", context: str = "ctx-1", user: str | None = "user-1",
-              **controls: object) -> CacheQuery:
-        return CacheQuery(tenant=tenant, model=MODEL, text=text, context=context, user=user, **controls)
-
-    async def lookup(self, cache: SemanticCache, text: str, **query: object) -> LookupResult:
-        return await cache.lookup(self.query(text, **query), self.vector(text))
-
-    async def store(self, cache: SemanticCache, text: str, content: str | None = None, **query: object) -> str:
-        """Look up (as the gateway does first), then store an answer; returns the entry id."""
-        result = await self.lookup(cache, text, **query)
-        assert result.status == "miss", result.report()
-        response = {**ANSWER, "content": content or f"answer to {text}"}
-        entry_id = await cache.put(self.query(text, **query), self.vector(text), result.category, response)
-        assert entry_id is not None
-        return entry_id
-
-    def metric(self, cache: SemanticCache, name: str, **labels: str) -> float | None:
-        return self.registries[id(cache)].get_sample_value(name, labels)
 
 
 @pytest.fixture
