@@ -9,6 +9,8 @@ never used.
 
 from __future__ import annotations
 
+import math
+
 import threading
 from dataclasses import dataclass, field
 
@@ -89,7 +91,7 @@ class ChunkCacheStore:
         """Record a blend's measured drift of this chunk (BlendResult.chunk_drift) in its entry, as an exponential
         average (Cache-Craft's per-chunk sensitivity: later requests and operators read it from `entries()`).
         Nothing happens for an entry no longer stored or a value that is not a finite, non-negative number."""
-        if not drift >= 0.0 or drift == float("inf"):
+        if not (math.isfinite(drift) and drift >= 0.0):
             return
         with self._lock:
             for tier in self.tiers:
