@@ -10,7 +10,6 @@ never used.
 from __future__ import annotations
 
 import math
-
 import threading
 from dataclasses import dataclass, field
 
