@@ -136,9 +136,9 @@ class CategoryFeedback:
     /metrics collector): the configured `bound`, hits served and reports since start over the tenants given,
     the reported false `share`, the windowed 95% `upper` bound (largest over those tenants; None before any
     hit), and the learned
-    thresholds in force at no load: `cosine_threshold` (configured + raise) and `verifier_threshold`
-    (calibrated or fixed, 0 when guards alone decide, + raise; None when the verifier is off), the largest over
-    those tenants. `tenants` breaks it down (the admin API shows tenants by name)."""
+    thresholds in force at no load: `cosine_threshold` (configured + `cosine_raise`) and `verifier_threshold`
+    (calibrated or fixed, 0 when guards alone decide, + `verifier_raise`; None when the verifier is off), the
+    largest over those tenants. `tenants` breaks it down (the admin API shows tenants by name)."""
 
     category: str
     bound: float
@@ -148,6 +148,8 @@ class CategoryFeedback:
     upper: float | None
     cosine_threshold: float
     verifier_threshold: float | None
+    cosine_raise: float = 0.0
+    verifier_raise: float = 0.0
     tenants: list["CategoryFeedback"] = field(default_factory=list)
     tenant: str | None = None
 
@@ -156,7 +158,8 @@ class CategoryFeedback:
             "category": self.category, "bound": self.bound, "hits": self.hits, "reports": self.reports,
             "reported_false_share": None if self.share is None else round(self.share, 4),
             "upper": None if self.upper is None else round(self.upper, 4), "cosine_threshold": round(self.cosine_threshold, 4),
-            "verifier_threshold": None if self.verifier_threshold is None else round(self.verifier_threshold, 4)}
+            "verifier_threshold": None if self.verifier_threshold is None else round(self.verifier_threshold, 4),
+            "cosine_raise": round(self.cosine_raise, 4), "verifier_raise": round(self.verifier_raise, 4)}
         if self.tenant is not None:
             shown["tenant"] = self.tenant
         else:
@@ -266,7 +269,8 @@ class FeedbackLearner:
             verifier = (self.verifier_thresholds.get(category) or 0.0) + probability
         upper = max((s.upper for s in states if s.window_hits), default=None)
         return CategoryFeedback(category, configured.false_hit_bound, hits, reports, reports / hits if hits else None,
-                                upper, configured.threshold + cosine, verifier, tenant=tenant)
+                                upper, configured.threshold + cosine, verifier, cosine,
+                                probability if verifier is not None else 0.0, tenant=tenant)
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _state(self, tenant: str, category: str) -> PartitionFeedback:
