@@ -114,9 +114,14 @@ class SemanticCache:
 
     def learn_false_hit(self, entry_id: str, tenant: str, category: str) -> ReportOutcome | None:
         """A client of `tenant` reports the hit served from `entry_id` (of `category`, see category_of) as
-        wrong: the learned thresholds take it in (feedback.py); None when learning is off. Invalidating the
-        entry is `invalidate`'s."""
-        return self.feedback.report(entry_id, tenant, category) if self.feedback is not None else None
+        wrong: the learned thresholds and the entry's neighbourhood take it in (feedback.py; call it before
+        invalidating the entry, whose embedding it reads from the index); None when learning is off.
+        Invalidating the entry is `invalidate`'s."""
+        if self.feedback is None:
+            return None
+        meta = self.state.index.get(entry_id)
+        return self.feedback.report(entry_id, tenant, category, meta.owner if meta is not None else None,
+                                    self.state.index.vector(entry_id))
 
     def category_of(self, entry_id: str) -> tuple[str, str] | None:
         """(tenant, category) of an indexed entry, or None."""

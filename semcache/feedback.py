@@ -34,11 +34,19 @@ The rule, per (tenant, category), with the settings of `FeedbackSettings`:
   relaxes any bound of 0.0014 or more.
 - A report that matches no hit this learner served (served by another replica, or more than
   `report_window_s` ago, or pushed out of the recent-hits table) counts in the share but moves no threshold.
+- Per entry, as vCache's per-embedding threshold: the reported entry is invalidated, but its neighbourhood is
+  remembered (its embedding and the similarity s of the reported hit, for its tenant, category and owner; the
+  newest `reported_neighbourhoods` of each). A later candidate that is a near-duplicate of the reported entry
+  (cosine to it at least s + MARGIN: nearer to it than the wrongly served question was) is served only to a
+  question at least s + MARGIN similar to it: one no nearer than the reported question was is refused
+  (`refused_nearby`), whatever the category's thresholds. The question wrongly served, stored with its own
+  answer after the miss, lies at s from the reported entry, outside its neighbourhood.
 
 The effective thresholds of a lookup are the category's similarity threshold in force (load-adaptive,
 policy.py) plus the cosine raise, and the verifier's probability threshold (0 when guards alone decide) plus
-the verifier raise. Memory is bounded: `recent_hits` served hits and `max_partitions` (tenant, category)
-records (least recently used dropped first). Plain Python, no I/O: every method runs to completion in the
+the verifier raise. Memory is bounded: `recent_hits` served hits, `max_partitions` (tenant, category)
+records and as many (tenant, category, owner) lists of at most `reported_neighbourhoods` neighbourhoods
+(least recently used dropped first). Plain Python, no I/O: every method runs to completion in the
 event loop without awaiting, so concurrent requests never see a half-applied update.
 
 Replicas sharing Redis learn apart: the state lives in this replica's memory, starts at zero with each
@@ -51,6 +59,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from cachetools import LRUCache, TTLCache
 
 from .bound import wilson_upper
@@ -78,6 +87,16 @@ class ServedHit:
     probability: float | None = None
     probability_threshold: float | None = None
     exact: bool = False
+
+
+@dataclass(frozen=True)
+class ReportedNeighbourhood:
+    """Where a reported hit came from: the reported entry's embedding (unit length, float32, shape
+    (dimension,)) and the cosine `similarity` of the question it was wrongly served to. Near-duplicates of
+    the entry need a question more similar than that (FeedbackLearner.refused_nearby)."""
+
+    vector: np.ndarray
+    similarity: float
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,8 @@ class FeedbackLearner:
         self.verifier_thresholds = verifier_thresholds
         self.partitions: LRUCache[tuple[str, str], PartitionFeedback] = LRUCache(settings.max_partitions)
         self.recent: TTLCache[str, ServedHit] = TTLCache(settings.recent_hits, settings.report_window_s)
+        self.neighbourhoods: LRUCache[tuple[str, str, str], list[ReportedNeighbourhood]] = \
+            LRUCache(settings.max_partitions)
         self._keep = 1.0 - 1.0 / settings.window_hits
         self._relax = 0.5 ** (1.0 / settings.relax_half_life_hits)
 
@@ -198,6 +219,16 @@ class FeedbackLearner:
             return None
         return (self.verifier_thresholds.get(category) or 0.0) + learned.probability
 
+    def refused_nearby(self, tenant: str, category: str, owner: str, vector: np.ndarray, similarity: float) -> bool:
+        """Whether a candidate entry of `owner` (embedding `vector`, unit length) at `similarity` to the
+        question lies in a reported entry's neighbourhood without the question being nearer to it than the
+        reported hit's question was (see the module docstring)."""
+        for reported in self.neighbourhoods.get((tenant, category, owner), ()):
+            if similarity < reported.similarity + MARGIN and float(vector @ reported.vector) >= \
+                    reported.similarity + MARGIN:
+                return True
+        return False
+
     def served(self, entry_id: str, hit: ServedHit) -> None:
         """A hit was served from `entry_id`: count it, remember it for a report, and relax the partition's
         raises while its windowed false share is within the bound."""
@@ -211,10 +242,12 @@ class FeedbackLearner:
             state.probability_raise = self._relaxed(state.probability_raise)
 
     # -- reports -----------------------------------------------------------------------------------------------
-    def report(self, entry_id: str, tenant: str, category: str) -> ReportOutcome:
-        """A client of `tenant` reports the hit it was served from `entry_id` (of `category`) as wrong. The
-        served hit is matched (and forgotten: a second report of it is not matched again), counted, and the
-        partition's thresholds raised as the rule says."""
+    def report(self, entry_id: str, tenant: str, category: str, owner: str | None = None,
+               vector: np.ndarray | None = None) -> ReportOutcome:
+        """A client of `tenant` reports the hit it was served from `entry_id` (of `category`; the entry's
+        `owner` and embedding `vector` where still known) as wrong. The served hit is matched (and forgotten:
+        a second report of it is not matched again), counted, the partition's thresholds raised as the rule
+        says, and the entry's neighbourhood remembered."""
         hit = self.recent.pop(entry_id, None)
         if category not in self.policy:
             return ReportOutcome(False, False, NO_RAISE)  # a category no longer configured: nothing to learn
@@ -224,9 +257,17 @@ class FeedbackLearner:
         state.reports += 1
         state.window_reports += 1.0
         raised = False
-        if hit is not None and not hit.exact and state.upper > self._bound(category):
-            raised = self._raise(state, hit)
+        if hit is not None and not hit.exact:
+            if state.upper > self._bound(category):
+                raised = self._raise(state, hit)
+            if owner is not None and vector is not None and self.settings.reported_neighbourhoods:
+                self._remember(tenant, category, owner, ReportedNeighbourhood(vector, hit.similarity))
         return ReportOutcome(hit is not None, raised, state.learned)
+
+    def _remember(self, tenant: str, category: str, owner: str, neighbourhood: ReportedNeighbourhood) -> None:
+        key = (tenant, category, owner)
+        kept = self.neighbourhoods.get(key, [])
+        self.neighbourhoods[key] = [*kept, neighbourhood][-self.settings.reported_neighbourhoods:]
 
     def _raise(self, state: PartitionFeedback, hit: ServedHit) -> bool:
         settings = self.settings

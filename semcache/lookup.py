@@ -204,6 +204,10 @@ class CacheLookup:
                     result.status, result.reason = "bypass", "store_unavailable"
                     return result
                 continue
+            if self.feedback is not None and \
+                    self.feedback.refused_nearby(query.tenant, category, owner, entry.embedding, similarity):
+                self.state.metrics.verifier_rejections.labels(category, "feedback").inc()
+                continue
             served = self._verified(query, entry, similarity, category, thresholds[category], learned[category])
             if served is None:
                 continue

@@ -102,8 +102,11 @@ class FeedbackSettings(_Strict):
     # Served hits remembered for a report (their similarity and probability), and for how long.
     recent_hits: int = Field(100_000, ge=1)
     report_window_s: float = Field(86_400, gt=0)
-    # (tenant, category) records kept (least recently used dropped first).
+    # (tenant, category) records kept, and (tenant, category, owner) lists of reported neighbourhoods (least
+    # recently used dropped first).
     max_partitions: int = Field(10_000, ge=1)
+    # Reported entries whose neighbourhood stays refused, per tenant, category and owner (newest kept); 0: none.
+    reported_neighbourhoods: int = Field(64, ge=0)
 
 
 class HnswSettings(_Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from blendgate.semcache.answer_store import MemoryAnswerStore
 from blendgate.semcache.bound import wilson_upper
@@ -139,11 +140,42 @@ def test_learning_is_per_tenant_and_category_and_bounded() -> None:
     assert shown["code"].share is None and shown["code"].upper is None
 
 
+def unit(vector: np.ndarray) -> np.ndarray:
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def test_a_reported_entrys_near_duplicates_need_a_nearer_question() -> None:
+    learned = learner(reported_neighbourhoods=2)
+    reported = unit(np.array([1.0, 0.0, 0.0]))
+    learned.served("e", hit(similarity=0.95))
+    learned.report("e", "acme", "factual", owner="", vector=reported)
+    near = unit(np.array([1.0, 0.05, 0.0]))  # cosine 0.9988 to the reported entry: a near-duplicate
+    asked_at = unit(np.array([0.95, np.sqrt(1 - 0.95 ** 2), 0.0]))  # where the wrongly served question lay
+    assert learned.refused_nearby("acme", "factual", "", near, 0.95)  # no nearer than the reported question
+    assert learned.refused_nearby("acme", "factual", "", near, 0.95 + MARGIN / 2)
+    assert not learned.refused_nearby("acme", "factual", "", near, 0.95 + MARGIN)  # nearer: served
+    # The wrongly served question's own entry (at 0.95 from the reported one) is outside the neighbourhood.
+    assert not learned.refused_nearby("acme", "factual", "", asked_at, 0.9)
+    # Another owner, tenant or category: nothing remembered there.
+    assert not learned.refused_nearby("acme", "factual", "user-hash", near, 0.95)
+    assert not learned.refused_nearby("globex", "factual", "", near, 0.95)
+    assert not learned.refused_nearby("acme", "code", "", near, 0.95)
+    # The same question repeated teaches no neighbourhood; the newest 2 are kept per owner.
+    learned.served("x", hit(similarity=1.0, exact=True))
+    learned.report("x", "acme", "factual", owner="", vector=reported)
+    assert len(learned.neighbourhoods[("acme", "factual", "")]) == 1
+    for i in range(3):
+        learned.served(f"n{i}", hit())
+        learned.report(f"n{i}", "acme", "factual", owner="", vector=unit(np.array([0.0, 1.0, float(i)])))
+    assert len(learned.neighbourhoods[("acme", "factual", "")]) == 2
+    assert not learned.refused_nearby("acme", "factual", "", near, 0.95)  # the oldest went
+
+
 # -- in a real cache ------------------------------------------------------------------------------------------------
 
-def _cache(embedder, threshold: float, verifier: bool = True, tenant_label: str = "name"):
+def _cache(embedder, threshold: float, verifier: bool = True, tenant_label: str = "name", **feedback: object):
     settings = SemanticCacheSettings(categories=[CategoryPolicy(name="general", rules=["."], threshold=threshold)],
-                                     default_category="general", verifier=verifier)
+                                     default_category="general", verifier=verifier, feedback=feedback)
     registry = CollectorRegistry()
     cache = SemanticCache(settings, MemoryAnswerStore(), embedder.dimension, embedder.embed,
                           SemanticCacheMetrics(registry, TenantLabel(tenant_label)))
@@ -198,6 +230,37 @@ def test_a_reported_paraphrase_is_refused_afterwards(embedder) -> None:
     assert shown["hits"] == 2 and shown["reported_false_share"] == 0.5
     assert {t["tenant"]: t["reports"] for t in shown["tenants"]} == {"acme": 1, "globex": 0}
     assert shown["cosine_threshold"] == pytest.approx(threshold + outcome.learned.cosine, abs=1e-4)
+
+
+def test_the_reported_entrys_question_stored_again_is_not_served_to_the_reported_question(embedder) -> None:
+    question, paraphrase = embedder.embed([QUESTION])[0], embedder.embed([PARAPHRASE])[0]
+    # No threshold raise: only the reported entry's neighbourhood refuses.
+    cache, registry = _cache(embedder, threshold=0.8, cosine_step=0.0, probability_step=0.0)
+
+    async def scenario():
+        await cache.start()
+        try:
+            first = await cache.put(_query(QUESTION), question, "general", ANSWER)
+            served = await cache.lookup(_query(PARAPHRASE), paraphrase)
+            assert served.status == "hit" and served.entry.entry_id == first, served.report()
+            assert cache.learn_false_hit(first, "acme", "general").matched
+            await cache.invalidate(entry_id=first, tenant="acme")
+            assert await cache.put(_query(QUESTION), question, "general", ANSWER)  # the same question again
+            refused = await cache.lookup(_query(PARAPHRASE), paraphrase)
+            repeated = await cache.lookup(_query(QUESTION), question)
+            # The reported question gets its own answer, which serves it from then on.
+            assert await cache.put(_query(PARAPHRASE), paraphrase, "general", ANSWER)
+            own = await cache.lookup(_query(PARAPHRASE), paraphrase)
+            return refused, repeated, own
+        finally:
+            await cache.close()
+
+    refused, repeated, own = asyncio.run(scenario())
+    assert cache.feedback.learned("acme", "general") == NO_RAISE
+    assert refused.status == "miss" and repeated.status == "hit" and own.status == "hit"
+    assert own.similarity >= 0.9999
+    assert registry.get_sample_value("blendgate_semantic_cache_verifier_rejections_total",
+                                     {"category": "general", "reason": "feedback"}) == 1
 
 
 def test_concurrent_hits_and_reports_keep_exact_counts(embedder) -> None:
