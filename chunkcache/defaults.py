@@ -1,9 +1,14 @@
 """The chunk-cache's size bounds, defined once: the code's keyword defaults and the gateway's settings
 (gateway/config.py: ChunkCacheSettings) both take them from here. Blending's own defaults (recompute ratio,
 chunk prefix, context documents) are in engine/prompt.py, the fallback's costs in fallback.py, eviction's in
-eviction.py."""
+eviction.py; the KV codecs' names and levels here too (plain Python, for the settings)."""
 
 # Exact prompt prefixes whose KV the "prefix" mode keeps (least recently used dropped past it).
 PREFIX_ENTRIES = 16
 # Chunk prefixes (system prompt and context documents) whose KV each new chunk's precompute continues.
 CHUNK_PREFIX_ENTRIES = 4
+
+# The chunk-cache entries' KV codecs (chunkcache/codec/) by name, with their number of levels (0 .. n - 1; higher:
+# larger and more exact), and the default: `raw`, exact.
+CODEC_LEVELS = {"raw": 1, "int8": 1, "int4": 1, "cachegen": 4}
+DEFAULT_CODEC = "raw"

@@ -127,6 +127,23 @@ class SelectionSettings(_Strict):
         return SelectionRule(**self.model_dump())
 
 
+class ChunkCodecSettings(_Strict):
+    """How the disk tier (and a shared tier) compresses chunk-cache entries: a KV codec of chunkcache/codec/ by
+    name (`raw`, `int8`, `int4`, `cachegen`) and its level. Connects the settings and the tiers' `Codec`."""
+
+    name: str = chunk_cache_defaults.DEFAULT_CODEC
+    level: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _known(self) -> "ChunkCodecSettings":
+        levels = chunk_cache_defaults.CODEC_LEVELS.get(self.name)
+        if levels is None:
+            raise ValueError(f"unknown codec {self.name!r}; known: {', '.join(chunk_cache_defaults.CODEC_LEVELS)}")
+        if self.level >= levels:
+            raise ValueError(f"codec {self.name!r} has levels 0..{levels - 1}, not {self.level}")
+        return self
+
+
 class ChunkCacheSettings(_Strict):
     """Chunk KV caches and blending for RAG prompts on local Llama-family models."""
 
@@ -159,6 +176,8 @@ class ChunkCacheSettings(_Strict):
     disk_bytes: int = Field(20 << 30, ge=0)
     # Default: <cache_dir>/chunk-kv
     disk_dir: Path | None = None
+    # The entries' compression in the disk tier: raw (exact), int8, int4 or cachegen levels 0..3.
+    codec: ChunkCodecSettings = ChunkCodecSettings()
 
 
 class MetricsSettings(_Strict):

@@ -22,6 +22,7 @@ import constriction
 import numpy as np
 import torch
 
+from ..defaults import CODEC_LEVELS
 from .base import KVCodec, KVLayout, Parts, register
 from .entropy import decode_channels, encode_channels
 from .quantize import SMALLEST_WIDTH
@@ -52,7 +53,7 @@ class CacheGenCodec(KVCodec):
     """Level 0: the smallest (about 2 bits per value with SmolLM2's KV); level 3: the most exact."""
 
     name = "cachegen"
-    levels = len(LEVEL_BINS)
+    levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
 
     def encode(self, tensor: torch.Tensor) -> Parts:
         layers, heads, tokens, dim = tensor.shape

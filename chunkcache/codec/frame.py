@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from ..defaults import DEFAULT_CODEC
 from ..keys import ChunkKey, token_digest
 from ..kv import ChunkKV
 from . import base
@@ -33,7 +34,7 @@ class Codec:
 
     MAGIC = b"BGKV1"
 
-    def __init__(self, kv_codec: str = "raw", level: int = 0) -> None:
+    def __init__(self, kv_codec: str = DEFAULT_CODEC, level: int = 0) -> None:
         self.kv_codec: KVCodec = base.kv_codec(kv_codec, level)
 
     def encode(self, key: ChunkKey, kv: ChunkKV) -> bytes:

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from ..defaults import CODEC_LEVELS
 from .base import KVCodec, KVLayout, Parts, register
 
 SMALLEST_WIDTH = 2.0 ** -24  # a constant channel still gets a positive bin width
@@ -24,11 +25,9 @@ def channel_range(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ChannelQuantizer(KVCodec):
-    """Asymmetric per-channel quantisation to `bits` bits; one level."""
+    """Asymmetric per-channel quantisation to `bits` bits."""
 
     bits: ClassVar[int]
-    levels = 1
-
     def encode(self, tensor: torch.Tensor) -> Parts:
         low, high = channel_range(tensor)
         top = (1 << self.bits) - 1
@@ -76,6 +75,7 @@ class Int8Codec(ChannelQuantizer):
     """8 bits per value (plus 8 bytes per channel): about 2x smaller than bf16."""
 
     name = "int8"
+    levels = CODEC_LEVELS["int8"]
     bits = 8
 
 
@@ -84,4 +84,5 @@ class Int4Codec(ChannelQuantizer):
     """4 bits per value (plus 8 bytes per channel): about 4x smaller than bf16."""
 
     name = "int4"
+    levels = CODEC_LEVELS["int4"]
     bits = 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import CODEC_LEVELS
 from .base import KVCodec, KVLayout, Parts, register
 
 
@@ -13,7 +14,7 @@ class RawCodec(KVCodec):
     """Exact: the tensor itself, 2 bytes per value in bf16."""
 
     name = "raw"
-    levels = 1
+    levels = CODEC_LEVELS["raw"]
 
     def encode(self, tensor: torch.Tensor) -> Parts:
         return {"": tensor.cpu().contiguous()}

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 
 from cachetools import LRUCache
 
+from ...chunkcache.codec import Codec
 from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
@@ -91,7 +92,7 @@ class LocalBackend(ChatBackend):
             tiers.append(MemoryTier("gpu", settings.gpu_bytes, model.device))
         tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
-        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir))
+        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, Codec(settings.codec.name, settings.codec.level)))
         self.store = ChunkCacheStore(tiers, eviction=settings.eviction)
         return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                               chunk_prefix_entries=settings.chunk_prefix_entries,
