@@ -33,6 +33,10 @@ class KVLayout:
     head_dim: int
     dtype: str  # a key of DTYPES: "float16", "bfloat16" or "float32"
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES or min(self.shape) < 0:
+            raise ValueError(f"not a KV layout: shape {self.shape}, dtype {self.dtype!r}")
+
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "KVLayout":
         """The layout of a [layers, kv_heads, tokens, head_dim] tensor; ValueError for another rank or dtype."""

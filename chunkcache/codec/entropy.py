@@ -32,6 +32,14 @@ def shape_table(half: int) -> np.ndarray:
     return np.maximum(np.round(table * FREQUENCY_TOTAL), 1.0).astype(np.float32)
 
 
+@lru_cache(maxsize=None)
+def _bits(half: int) -> np.ndarray:
+    """Each shape's cost of each symbol in bits, [2 * half + 1, shapes] (float32)."""
+    table = shape_table(half)
+    return np.ascontiguousarray(-np.log2(table / table.sum(axis=1, keepdims=True)).T)
+
+
+@lru_cache(maxsize=None)
 def _model(half: int, shape: int) -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(shape_table(half)[shape], perfect=False)
 
@@ -40,15 +48,13 @@ def encode_channels(encoder: constriction.stream.queue.RangeEncoder, symbols: np
     """Appends `symbols` ([channels, n] integers in -half..half) to `encoder`, each channel with the shape that
     codes it in the fewest bits; returns the shapes chosen, [channels] uint8 (decode_channels needs them)."""
     channels, count = symbols.shape
-    table = shape_table(half)
     codes = (symbols + half).astype(np.int32)
     if count == 0:
         return np.zeros(channels, dtype=np.uint8)
     width = 2 * half + 1
     offsets = (np.arange(channels) * width)[:, None]
     histogram = np.bincount((codes + offsets).ravel(), minlength=channels * width).reshape(channels, width)
-    bits = -np.log2(table / table.sum(axis=1, keepdims=True))  # [shapes, width]
-    shapes = np.argmin(histogram @ bits.T, axis=1).astype(np.uint8)
+    shapes = np.argmin(histogram.astype(np.float32) @ _bits(half), axis=1).astype(np.uint8)
     for shape in np.unique(shapes):
         encoder.encode(codes[shapes == shape].ravel(), _model(half, int(shape)))
     return shapes

@@ -1,8 +1,9 @@
 """`int8` and `int4`: per-channel uniform quantisers, the baselines the CacheGen codec is measured against.
 
 Each channel (layer, KV head, head_dim index) of keys and of values gets its own offset (its minimum over the
-chunk's tokens) and bin width ((maximum - minimum) / (2^bits - 1)), both float32, as KIVI quantises keys per
-channel. A value's error is at most half its channel's bin width. int4 packs two values per byte.
+chunk's tokens, rounded down to bf16) and bin width ((maximum - offset) / (2^bits - 1), rounded up to bf16), as
+KIVI quantises keys per channel. A value's error is at most half its channel's bin width. int4 packs two values
+per byte.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from ..defaults import CODEC_LEVELS
 from .base import KVCodec, KVLayout, Parts, register
 
 SMALLEST_WIDTH = 2.0 ** -24  # a constant channel still gets a positive bin width
+
+
+def bf16_toward(values: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 `values` as bf16 (2 bytes a parameter), rounded toward +inf (direction > 0) or -inf (< 0)."""
+    rounded = values.bfloat16()
+    missed = rounded.float() < values if direction > 0 else rounded.float() > values
+    return torch.where(missed, torch.nextafter(rounded, torch.full_like(rounded, direction * float("inf"))), rounded)
 
 
 def channel_range(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +39,9 @@ class ChannelQuantizer(KVCodec):
     def encode(self, tensor: torch.Tensor) -> Parts:
         low, high = channel_range(tensor)
         top = (1 << self.bits) - 1
-        width = ((high - low) / top).clamp_min(SMALLEST_WIDTH)
-        codes = ((tensor.float() - low) / width).round_().clamp_(0, top).to(torch.uint8).cpu()
+        low = bf16_toward(low, -1.0)
+        width = bf16_toward(((high - low.float()) / top).clamp_min(SMALLEST_WIDTH), 1.0)
+        codes = ((tensor.float() - low.float()) / width.float()).round_().clamp_(0, top).to(torch.uint8).cpu()
         if self.bits == 4:
             codes = pack_nibbles(codes.flatten())
         return {"offset": low.cpu(), "width": width.cpu(), "codes": codes}
@@ -72,7 +81,7 @@ def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 @register
 class Int8Codec(ChannelQuantizer):
-    """8 bits per value (plus 8 bytes per channel): about 2x smaller than bf16."""
+    """8 bits per value (plus 4 bytes per channel): about 2x smaller than bf16."""
 
     name = "int8"
     levels = CODEC_LEVELS["int8"]
@@ -81,7 +90,7 @@ class Int8Codec(ChannelQuantizer):
 
 @register
 class Int4Codec(ChannelQuantizer):
-    """4 bits per value (plus 8 bytes per channel): about 4x smaller than bf16."""
+    """4 bits per value (plus 4 bytes per channel): about 4x smaller than bf16."""
 
     name = "int4"
     levels = CODEC_LEVELS["int4"]

@@ -1,0 +1,237 @@
+"""The chunk-cache entries' codecs (chunkcache/codec/): round trips per codec and level within each one's error
+bound, raw's exactness and its reading of entries written before codecs, refusal of damaged and mismatched
+entries, random shapes and dtypes, the disk tier and store storing each codec, and the setting."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from blendgate.chunkcache.codec import KV_CODECS, Codec, KVLayout, kv_codec
+from blendgate.chunkcache.codec.cachegen import layer_groups
+from blendgate.chunkcache.codec.frame import _safetensors_metadata
+from blendgate.chunkcache.defaults import CODEC_LEVELS
+from blendgate.chunkcache.keys import ChunkKey
+from blendgate.chunkcache.kv import ChunkKV
+from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.tiers import DiskTier, MemoryTier
+from blendgate.gateway.config import ChunkCacheSettings
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+ALL = [(name, level) for name, levels in CODEC_LEVELS.items() for level in range(levels)]
+
+
+def kv_like(seed: int, layers: int = 6, heads: int = 2, tokens: int = 37, dim: int = 16,
+            dtype: torch.dtype = torch.float32) -> ChunkKV:
+    """KV with what real KV has: per-channel offsets, neighbouring tokens alike (a random walk) in the keys."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = 3 * torch.randn(layers, heads, 1, dim, generator=generator)
+    keys = offsets + 0.2 * torch.randn(layers, heads, tokens, dim, generator=generator).cumsum(dim=2)
+    values = torch.randn(layers, heads, tokens, dim, generator=generator)
+    return ChunkKV(torch.randint(0, 50_000, (tokens,), generator=generator), keys.to(dtype), values.to(dtype))
+
+
+def key_of(kv: ChunkKV, model: str = "m") -> ChunkKey:
+    return ChunkKey.of(model, [1, 2], kv.token_ids.tolist())
+
+
+def stored_bound(data: bytes, tensor_name: str, layout: KVLayout) -> torch.Tensor:
+    """The most each channel's values may be off after a round trip, [layers, heads, 1, dim]: half the widest
+    bin the entry records for the channel (0 for raw)."""
+    tensors = load_tensors(data[37:])
+    metadata = _safetensors_metadata(data[37:])
+    layers, heads, _, dim = layout.shape
+    if metadata["codec"] == "raw":
+        return torch.zeros(layers, heads, 1, dim)
+    if metadata["codec"] in ("int8", "int4"):
+        return tensors[f"{tensor_name}.width"].float() / 2
+    bound = torch.empty(layers, heads, 1, dim)
+    for group, layer_range in enumerate(layer_groups(layers)):
+        widths = torch.maximum(tensors[f"{tensor_name}.{group}.anchor_width"].float(),
+                               tensors[f"{tensor_name}.{group}.delta_width"].float())
+        bound[layer_range.start:layer_range.stop] = widths.reshape(len(layer_range), heads, dim)[:, :, None] / 2
+    return bound
+
+
+def assert_within_bound(decoded: ChunkKV, original: ChunkKV, data: bytes) -> None:
+    """Keys and values within the entry's bin widths, of the original's shape and dtype."""
+    for tensor_name in ("keys", "values"):
+        got, want = getattr(decoded, tensor_name), getattr(original, tensor_name)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        error = (got.float() - want.float()).abs()
+        # The output's own rounding (bf16: 8 bits of mantissa) comes on top of the codec's bound.
+        rounding = want.float().abs() * torch.finfo(want.dtype).eps + 1e-7
+        assert (error <= stored_bound(data, tensor_name, KVLayout.of(want)) * 1.0001 + rounding).all()
+
+
+def relative_error(decoded: torch.Tensor, original: torch.Tensor) -> float:
+    return float((decoded.float() - original.float()).norm() / original.float().norm())
+
+
+def round_trip(name: str, level: int, kv: ChunkKV) -> tuple[ChunkKV, bytes]:
+    codec = Codec(name, level)
+    data = codec.encode(key_of(kv), kv)
+    decoded = codec.decode(key_of(kv), data)
+    assert decoded is not None
+    return decoded, data
+
+
+@pytest.mark.parametrize(("name", "level"), ALL)
+def test_round_trip_within_the_codecs_bound(name: str, level: int) -> None:
+    kv = kv_like(1)
+    decoded, data = round_trip(name, level, kv)
+    assert torch.equal(decoded.token_ids, kv.token_ids)
+    assert_within_bound(decoded, kv, data)
+    if name != "raw":  # the bound is a bin's half: a few percent of the channel's spread, not more
+        spread = kv.values.amax(dim=2, keepdim=True) - kv.values.amin(dim=2, keepdim=True)
+        assert (stored_bound(data, "values", KVLayout.of(kv.values)) < 0.6 * spread).all()
+
+
+def test_raw_is_exact_and_the_default() -> None:
+    kv = kv_like(2, dtype=torch.bfloat16)
+    decoded = Codec().decode(key_of(kv), Codec().encode(key_of(kv), kv))
+    assert decoded is not None and torch.equal(decoded.keys, kv.keys) and torch.equal(decoded.values, kv.values)
+    assert Codec().kv_codec.name == "raw"
+
+
+def test_levels_trade_size_for_error_and_cachegen_beats_int4_on_alike_tokens() -> None:
+    generator = torch.Generator().manual_seed(3)
+
+    def walk() -> torch.Tensor:  # per-channel offsets, neighbouring tokens alike
+        offsets = 3 * torch.randn(6, 2, 1, 32, generator=generator)
+        return (offsets + 0.2 * torch.randn(6, 2, 200, 32, generator=generator).cumsum(dim=2)).bfloat16()
+
+    kv = ChunkKV(torch.arange(200), walk(), walk())
+    sizes, errors = {}, {}
+    for name, level in ALL:
+        decoded, data = round_trip(name, level, kv)
+        sizes[name, level] = len(data)
+        errors[name, level] = relative_error(decoded.keys, kv.keys) + relative_error(decoded.values, kv.values)
+    cachegen = [("cachegen", level) for level in range(CODEC_LEVELS["cachegen"])]
+    assert [sizes[c] for c in cachegen] == sorted(sizes[c] for c in cachegen)
+    assert [errors[c] for c in cachegen] == sorted((errors[c] for c in cachegen), reverse=True)
+    assert sizes["raw", 0] > sizes["int8", 0] > sizes["int4", 0]
+    assert errors["raw", 0] == 0 < errors["int8", 0] < errors["int4", 0]
+    # Deltas against anchors pay here: at about int4's size, cachegen is far more exact; its smallest level is
+    # over 6x smaller than bf16.
+    assert sizes["cachegen", 2] < 1.05 * sizes["int4", 0] and errors["cachegen", 2] < 0.75 * errors["int4", 0]
+    assert sizes["raw", 0] / sizes["cachegen", 0] > 6
+    assert errors["cachegen", 3] < 0.02
+
+
+def test_entries_written_before_codecs_read_as_raw() -> None:
+    kv = kv_like(4, dtype=torch.bfloat16)
+    key = key_of(kv)
+    body = save_tensors({"token_ids": kv.token_ids, "keys": kv.keys, "values": kv.values},
+                        metadata={"key": key.name})
+    old = b"BGKV1" + hashlib.sha256(body).digest() + body
+    decoded = Codec().decode(key, old)
+    assert decoded is not None and torch.equal(decoded.keys, kv.keys) and torch.equal(decoded.values, kv.values)
+    assert Codec("int8").decode(key, old) is None  # an entry of another codec is a miss
+
+
+def reframed(data: bytes, tensors: dict[str, torch.Tensor] | None = None, **metadata: str) -> bytes:
+    """The entry with its tensors or metadata changed and a valid checksum (damage the checksum cannot see)."""
+    body = data[37:]
+    stored = load_tensors(body)
+    stored.update(tensors or {})
+    body = save_tensors(stored, metadata={**_safetensors_metadata(body), **metadata})
+    return b"BGKV1" + hashlib.sha256(body).digest() + body
+
+
+@pytest.mark.parametrize(("name", "level"), [("raw", 0), ("int4", 0), ("cachegen", 1)])
+def test_damaged_or_mismatched_entries_are_refused(name: str, level: int) -> None:
+    kv, other = kv_like(5), kv_like(6)
+    codec = Codec(name, level)
+    data = codec.encode(key_of(kv), kv)
+    assert codec.decode(key_of(kv), data) is not None
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40
+    assert codec.decode(key_of(kv), bytes(flipped)) is None
+    assert codec.decode(key_of(kv), data[:-10]) is None
+    assert codec.decode(key_of(kv), data[:20]) is None
+    assert codec.decode(key_of(kv), b"") is None
+    assert codec.decode(key_of(other), data) is None  # another chunk's key
+    assert codec.decode(key_of(kv, model="other"), data) is None
+    for name_, level_ in ALL:
+        if (name_, level_) != (name, level):
+            assert Codec(name_, level_).decode(key_of(kv), data) is None
+    assert codec.decode(key_of(kv), reframed(data, codec="int8" if name != "int8" else "raw")) is None
+    assert codec.decode(key_of(kv), reframed(data, level="7")) is None
+    assert codec.decode(key_of(kv), reframed(data, shape="6,2,36,16")) is None
+    assert codec.decode(key_of(kv), reframed(data, shape="6,2,37,8")) is None
+    if name == "raw":  # quantised parts decode to the dtype recorded (under the checksum): nothing to disagree
+        assert codec.decode(key_of(kv), reframed(data, dtype="float16")) is None
+    assert codec.decode(key_of(kv), reframed(data, dtype="int8")) is None
+    assert codec.decode(key_of(kv), reframed(data, shape="x")) is None
+    parts = {tensor: value for tensor, value in load_tensors(data[37:]).items() if tensor.startswith("values")}
+    truncated = {tensor: value.flatten()[:-1].clone() for tensor, value in parts.items()}
+    assert codec.decode(key_of(kv), reframed(data, truncated)) is None
+
+
+def test_unknown_codecs_and_levels_are_errors() -> None:
+    assert {name: cls.levels for name, cls in KV_CODECS.items()} == CODEC_LEVELS
+    with pytest.raises(ValueError, match="unknown KV codec"):
+        kv_codec("zip")
+    with pytest.raises(ValueError, match="levels 0..3"):
+        Codec("cachegen", 4)
+    with pytest.raises(ValueError):
+        KVLayout.of(torch.zeros(2, 3, dtype=torch.float32))
+    kv = kv_like(7)
+    with pytest.raises(ValueError):
+        Codec().encode(key_of(kv), ChunkKV(kv.token_ids, kv.keys, kv.values[:, :, :-1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(codec=st.sampled_from(ALL), layers=st.integers(1, 5), heads=st.integers(1, 3), tokens=st.integers(1, 25),
+       dim=st.integers(1, 9), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 1.0, 300.0]))
+def test_random_shapes_and_dtypes_round_trip(codec, layers, heads, tokens, dim, dtype, seed, scale) -> None:
+    name, level = codec
+    base = kv_like(seed, layers, heads, tokens, dim)
+    kv = ChunkKV(base.token_ids, (base.keys * scale).to(dtype), (base.values * scale).to(dtype))
+    decoded, data = round_trip(name, level, kv)
+    assert_within_bound(decoded, kv, data)
+
+
+@pytest.mark.parametrize(("name", "level"), ALL)
+def test_the_disk_tier_stores_and_reads_each_codec(tmp_path, name: str, level: int) -> None:
+    entries = [kv_like(seed, tokens=20) for seed in range(3)]
+    store = ChunkCacheStore([MemoryTier("cpu", budget_bytes=entries[0].nbytes, device="cpu"),
+                             DiskTier("disk", 1 << 24, tmp_path, Codec(name, level))])
+    for kv in entries:
+        store.put(key_of(kv), kv, recompute_cost=20)
+    assert len(list(tmp_path.glob("*.kv"))) == 2  # the first two moved down to disk
+    reopened = DiskTier("disk", 1 << 24, tmp_path, Codec(name, level))
+    for kv in entries[:2]:
+        decoded = reopened.read(key_of(kv))
+        assert decoded is not None
+        assert_within_bound(decoded, kv, (tmp_path / f"{key_of(kv).name}.kv").read_bytes())
+    other = "int8" if name != "int8" else "raw"
+    assert DiskTier("disk", 1 << 24, tmp_path, Codec(other)).read(key_of(entries[0])) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding onto a GPU needs one")
+@pytest.mark.parametrize(("name", "level"), ALL)
+def test_decoding_onto_the_gpu_matches_the_host(name: str, level: int) -> None:
+    kv = kv_like(8, dtype=torch.bfloat16)
+    codec = Codec(name, level)
+    data = codec.encode(key_of(kv), kv)
+    host, gpu = codec.decode(key_of(kv), data), codec.decode(key_of(kv), data, device="cuda")
+    assert gpu.keys.is_cuda and gpu.token_ids.device.type == "cpu"
+    assert torch.allclose(gpu.keys.cpu().float(), host.keys.float(), atol=1e-2, rtol=1e-2)
+    assert torch.allclose(gpu.values.cpu().float(), host.values.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_the_codec_setting_names_a_known_codec_and_level() -> None:
+    assert ChunkCacheSettings().codec.name == "raw" and ChunkCacheSettings().codec.level == 0
+    assert ChunkCacheSettings(codec={"name": "cachegen", "level": 3}).codec.level == 3
+    for bad in ({"name": "zip"}, {"name": "cachegen", "level": 4}, {"name": "int8", "level": 1},
+                {"name": "raw", "level": -1}):
+        with pytest.raises(ValidationError):
+            ChunkCacheSettings(codec=bad)
