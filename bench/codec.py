@@ -128,7 +128,8 @@ def main() -> None:
 
 
 def write(args, rows: list[dict], chunks: int, tokens: int, layers: int, groups, loaded) -> None:
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores ({args.threads} threads used), torch {torch.__version__}, "
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores ({args.threads} threads used; load average "
+               f"{os.getloadavg()[0]:.1f} at the end: the CPU is shared), torch {torch.__version__}, "
                f"{platform.python_implementation()} {platform.python_version()}")
     spans = ", ".join(f"{g.start}-{g.stop - 1}" for g in groups)
     lines = [f"# Chunk-cache codecs on SmolLM2-135M's KV ({date.today()})", "",

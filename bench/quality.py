@@ -15,10 +15,13 @@ Each prompt is built by the gateway's own RAG template and segmentation. For eac
   computed (chunkcache/selection.py: compute_share), which counts the layers a deviation rule runs in full.
 
 Variants (`--variants`): `full_prefill`, `prefix`, `reuse`, and `RULE@R` (blend with selection rule RULE at
-recompute ratio R; see RULES), or `target=F@R` (the quality-targeted mode: fidelity F, at most R).
+recompute ratio R; see RULES), or `target=F@R` (the quality-targeted mode: fidelity F, at most R). A `reuse` or
+blend variant ending in `+CODEC:LEVEL` (e.g. `default@0.15/auto+cachegen:1`) blends from chunk KV sent through
+that chunk-cache codec (chunkcache/codec/: encoded, then decoded), as a tier storing it would give it back.
 
     python bench/quality.py --set nq --k 10 20 --questions 300
     python bench/quality.py --set xquad --questions 300
+    python bench/quality.py --k 5 10 --variants full_prefill default@0.15/auto default@0.15/auto+cachegen:1
 """
 
 from __future__ import annotations
@@ -141,8 +144,11 @@ def parse_variant(spec: str):
     """(mode, ratio, rule or None, fidelity target or None) of a variant name."""
     from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
 
+    spec, _, codec = spec.partition("+")  # +CODEC:LEVEL: round_trip_blender's
     spec = spec.split("/")[0]  # RULE@R/PREFIX: the chunk prefix is the runner's
     if spec in ("full_prefill", "prefix"):
+        if codec:
+            raise SystemExit(f"variant {spec}+{codec}: a codec applies to chunk KV (reuse or blend variants)")
         return spec, 1.0, None, None
     if spec == "reuse":
         return "reuse", 0.0, None, None
@@ -157,6 +163,28 @@ def parse_variant(spec: str):
     if name not in RULES:
         raise SystemExit(f"unknown rule {name!r}; known: {', '.join(RULES)}")
     return "blend", float(ratio), SelectionRule(**RULES[name]), None
+
+
+def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
+    """A ChunkBlender whose chunk KV (and chunk prefix KV) goes through the chunk-cache codec `NAME:LEVEL`,
+    encoded then decoded, before blending: what a tier storing that codec gives back. Decoded entries are kept
+    (the same passages recur across questions)."""
+    from blendgate.chunkcache.codec import Codec
+    from blendgate.chunkcache.runner import ChunkBlender
+    from cachetools import LRUCache
+
+    name, _, level = codec_spec.partition(":")
+    codec = Codec(name, int(level or 0))
+    decoded = LRUCache(64)
+
+    class RoundTripBlender(ChunkBlender):
+        def chunk_kv(self, key, chunk_ids, prefix_ids):
+            kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids)
+            if key not in decoded:
+                decoded[key] = codec.decode(key, codec.encode(key, kv), kv.keys.device)
+            return decoded[key], hit
+
+    return RoundTripBlender(model, store, chunk_prefix)
 
 
 def main() -> None:
@@ -203,6 +231,10 @@ def main() -> None:
     store = ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)])
 
     runners = {prefix: BlendingRunner(loaded, store, chunk_prefix=prefix) for prefix in ("system", "none")}
+    # Blenders of `+CODEC:LEVEL` variants, by (chunk prefix, codec), over the same store.
+    blenders = {(prefix, spec.partition("+")[2]): round_trip_blender(runners[prefix].model, store, prefix,
+                                                                     spec.partition("+")[2])
+                for prefix in runners for spec, *_ in variants if "+" in spec}
     runner = runners["system"]  # decoding and teacher forcing: any runner
     stop_ids = loaded.eos_token_ids
     if args.question_set == "nq":
@@ -219,11 +251,12 @@ def main() -> None:
         return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
                              fidelity_target=target, context_documents=context)
 
-    def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str
+    def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str, codec: str
             ) -> tuple[list[int], list[torch.Tensor], PrefillReport]:
         """Greedy output ids, the log-distributions along the teacher-forced gold answer, the prefill report."""
-        if rule is not None:
-            result, report = runners[prefix].blender.blend(prompt, rule=rule)
+        if rule is not None or codec:
+            blender = blenders[prefix, codec] if codec else runners[prefix].blender
+            result, report = blender.blend(prompt, rule=rule)
             logits, state = result.logits, KVState(cache=result.cache, length=len(prompt))
         else:
             logits, state = runners[prefix].prefill(prompt)
@@ -267,12 +300,13 @@ def main() -> None:
                 answer_ids = tokenizer(" " + item.answers[0], add_special_tokens=False)["input_ids"][:16]
                 reference_ids, reference_forced = None, None
                 for spec, mode, ratio, rule, target in variants:
-                    prefix = spec.split("/")[1] if "/" in spec else args.chunk_prefix
+                    base, _, codec = spec.partition("+")
+                    prefix = base.split("/")[1] if "/" in base else args.chunk_prefix
                     documents = int(prefix[len("context"):] or 1) if prefix.startswith("context") else 0
                     if prefix == "auto":  # as the gateway does: context_documents_for(k, 5)
                         documents = context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS)
                     output_ids, forced, report = run(build(item, mode, ratio, target, documents), rule, answer_ids,
-                                                     "none" if prefix == "none" else "system")
+                                                     "none" if prefix == "none" else "system", codec)
                     if mode == "full_prefill":
                         reference_ids, reference_forced = output_ids, forced
                     text = tokenizer.decode(output_ids, skip_special_tokens=True)

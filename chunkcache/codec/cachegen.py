@@ -33,7 +33,7 @@ GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
 ANCHOR_BINS_FACTOR = 2
 # Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
 # layers, by level: a bin is the channel's RMS delta / bins wide.
-LEVEL_BINS = ((1.0, 0.7, 0.5), (2.0, 1.4, 1.0), (4.0, 2.8, 2.0), (8.0, 5.6, 4.0))
+LEVEL_BINS = ((2.0, 1.4, 1.0), (4.0, 2.8, 2.0), (8.0, 5.6, 4.0), (16.0, 11.2, 8.0))
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
 
 

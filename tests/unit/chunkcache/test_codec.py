@@ -118,10 +118,10 @@ def test_levels_trade_size_for_error_and_cachegen_beats_int4_on_alike_tokens() -
     assert sizes["raw", 0] > sizes["int8", 0] > sizes["int4", 0]
     assert errors["raw", 0] == 0 < errors["int8", 0] < errors["int4", 0]
     # Deltas against anchors pay here: at about int4's size, cachegen is far more exact; its smallest level is
-    # over 6x smaller than bf16.
-    assert sizes["cachegen", 2] < 1.05 * sizes["int4", 0] and errors["cachegen", 2] < 0.75 * errors["int4", 0]
-    assert sizes["raw", 0] / sizes["cachegen", 0] > 6
-    assert errors["cachegen", 3] < 0.02
+    # over 4.5x smaller than bf16, its most exact within 1% (relative Frobenius error).
+    assert sizes["cachegen", 1] < 1.05 * sizes["int4", 0] and errors["cachegen", 1] < 0.75 * errors["int4", 0]
+    assert sizes["raw", 0] / sizes["cachegen", 0] > 4.5
+    assert errors["cachegen", 3] < 0.01
 
 
 def test_entries_written_before_codecs_read_as_raw() -> None:
