@@ -24,7 +24,6 @@ from ..chunkcache import defaults as chunk_cache_defaults
 from ..engine.prompt import (DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO, ChunkPrefix,
                              PrefillMode)
 from ..retriever import defaults as retrieval_defaults
-from .backends.routing import DEFAULT_REMEMBERED_CHUNKS
 from .rag_template import CONTEXT_DOCUMENTS
 from .redaction import MASK, redact
 from ..semcache.metrics import TenantLabelMode
@@ -250,11 +249,10 @@ class SglangModelConfig(_Strict):
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
     # Neutral documents the worker computes each chunk's KV after (sent with the request).
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
-    # Cache-affinity routing sends a request to the worker that served most of its chunks, unless that worker
-    # has this many more requests in flight than the least busy one.
+    # Cache-affinity routing (gateway/backends/routing.py) sends a request to its first chunk's home worker by
+    # rendezvous hashing, alike in every replica, unless that worker has this many more requests in flight than
+    # the least busy one.
     max_imbalance: int = Field(4, ge=0)
-    # Chunk digests the router remembers per worker (least recently sent forgotten past it).
-    remembered_chunks: int = Field(DEFAULT_REMEMBERED_CHUNKS, ge=1)
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     rag: ModelRagConfig | None = None
 
