@@ -12,22 +12,42 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, SecretStr, Tag, ValidationError,
-                      field_validator, model_validator)
-from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
-                               YamlConfigSettingsSource)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
+from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
-from ..chunkcache import defaults as chunk_cache_defaults
-from ..engine.prompt import (DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO, ChunkPrefix,
-                             PrefillMode)
+from ..engine.prompt import (
+    DEFAULT_CHUNK_PREFIX,
+    DEFAULT_CONTEXT_DOCUMENTS,
+    DEFAULT_RECOMPUTE_RATIO,
+    ChunkPrefix,
+    PrefillMode,
+)
 from ..retriever import defaults as retrieval_defaults
-from .rag_template import CONTEXT_DOCUMENTS
-from .redaction import MASK, redact
 from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
+from .rag_template import CONTEXT_DOCUMENTS
+from .redaction import MASK, redact
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 

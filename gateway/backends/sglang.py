@@ -10,10 +10,10 @@ full). Workers with blendgate's plugin blend the chunks' cached KV and report wh
 on, with the worker and the chunks sent, in the response's `blendgate.chunk_cache`.
 
 Which worker: routing.AffinityRouter (the home of the request's first chunk by rendezvous hashing, alike in
-every gateway replica, within a load bound). Failures: a worker that refuses the connection is marked down and the request goes to the next one
-(nothing was accepted, so nothing runs twice); a worker silent for `read_timeout_s` gives 504; a worker error
-or a stream cut off mid-answer gives 502. A background task polls every worker's /health, so one that comes
-back gets traffic again.
+every gateway replica, within a load bound). Failures: a worker that refuses the connection is marked down
+and the request goes to the next one (nothing was accepted, so nothing runs twice); a worker silent for
+`read_timeout_s` gives 504; a worker error or a stream cut off mid-answer gives 502. A background task polls
+every worker's /health, so one that comes back gets traffic again.
 """
 
 from __future__ import annotations
