@@ -368,12 +368,23 @@ def _default_models() -> list[Any]:
     return [LocalModelConfig(name=EMBEDDED_MODEL_NAME, sampling_defaults=SamplingDefaults(temperature=0.2, top_p=0.9))]
 
 
+class ShutdownSettings(_Strict):
+    """How the gateway stops on SIGTERM (gateway/lifecycle.py): /healthz answers 503 "draining" at once; requests
+    are still served for `drain_delay_s` (set it to the time your load balancer takes to stop routing to a
+    replica that is not ready, e.g. 5-10 s on Kubernetes); then the listener closes and requests in flight get
+    up to `grace_s` to finish before they are cut."""
+
+    drain_delay_s: float = Field(0.0, ge=0.0, le=300.0)
+    grace_s: float = Field(30.0, ge=0.0, le=3600.0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLENDGATE_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown: ShutdownSettings = ShutdownSettings()
     cache_dir: Path = Field(default_factory=default_cache_dir)
     models: list[ModelConfig] = Field(default_factory=_default_models)
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
