@@ -35,6 +35,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from . import defaults
 from .codec import Codec
 from .keys import ChunkKey
 from .kv import ChunkKV
@@ -159,9 +160,10 @@ class RedisTier:
 
     Thread-safe: the engine's worker thread reads, the writer thread writes, the gateway reads `report()`."""
 
-    def __init__(self, url: str, budget_bytes: int, key_prefix: str = "blendgate:chunk-kv", timeout_s: float = 2.0,
-                 codec: Codec | None = None, write_queue: int = 64, retry_s: float = 1.0, name: str = "redis"
-                 ) -> None:
+    def __init__(self, url: str, budget_bytes: int = defaults.REDIS_BUDGET_BYTES,
+                 key_prefix: str = defaults.REDIS_KEY_PREFIX, timeout_s: float = defaults.REDIS_TIMEOUT_S,
+                 codec: Codec | None = None, write_queue: int = defaults.REDIS_WRITE_QUEUE,
+                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis") -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
