@@ -35,6 +35,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 from . import defaults
 from .codec import Codec
 from .keys import ChunkKey
@@ -133,7 +135,8 @@ class CircuitBreaker:
 class RedisTierReport:
     """The shared tier's figures, between the tier and the store's report (kv_store.py), hence the admin API's
     chunk-cache view and /metrics. `entries` and `bytes` are the whole shared tier's (all replicas), as last
-    seen by a write of this process (no Redis call is made for a report); the counters are this process's."""
+    seen by a read or write of this process (no Redis call is made for a report); the counters are this
+    process's."""
 
     name: str
     up: bool
@@ -173,6 +176,7 @@ class RedisTier:
         self.budget_bytes = budget_bytes
         self.key_prefix = key_prefix
         self.codec = codec or Codec()
+        self._pin = torch.cuda.is_available()
         self.breaker = CircuitBreaker(first_s=retry_s, max_s=max(30.0, retry_s))
         self._errors = (redis.RedisError, OSError)
         self._response_error = redis.ResponseError
@@ -221,21 +225,26 @@ class RedisTier:
         return found
 
     def read(self, key: ChunkKey) -> ChunkKV | None:
-        """The entry under `key`, decoded on the CPU (tensors on the host), and marked used now; None when
-        there is none, the tier is down, or the entry is damaged or another key's (then it is deleted)."""
+        """The entry under `key`, decoded on the CPU (tensors on the host, pinned when there is a GPU), and
+        marked used now; None when there is none, the tier is down, or the entry is damaged or another key's
+        (then it is deleted)."""
         if not self.breaker.allow():
             self._count(misses=1)
             return None
         try:
+            lru, _, used = self._bookkeeping
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self._entry(key))
-            pipe.zadd(self._bookkeeping[0], {key.name: time.time()}, xx=True)
-            data, _ = pipe.execute(raise_on_error=False)
+            pipe.zadd(lru, {key.name: time.time()}, xx=True)
+            pipe.get(used)
+            pipe.zcard(lru)
+            data, _, used_bytes, entries = pipe.execute(raise_on_error=False)
         except self._errors as exc:
             self._failed(exc)
             self._count(misses=1)
             return None
         self.breaker.success()
+        self._seen(used_bytes, entries)
         if data is None:
             self._count(misses=1)
             return None
@@ -246,6 +255,8 @@ class RedisTier:
             self.remove(key)
             return None
         self._count(hits=1)
+        if self._pin:  # as the CPU-memory tier's: blending streams it up behind compute, layer group by group
+            kv = ChunkKV(kv.token_ids, kv.keys.pin_memory(), kv.values.pin_memory())
         return kv
 
     def write(self, key: ChunkKey, kv: ChunkKV) -> None:
@@ -271,11 +282,15 @@ class RedisTier:
             self._failed(exc)
             return False
         self.breaker.success()
-        with self._stats_lock:
-            self._stats.writes += int(written == 1)
-            self._stats.evictions += int(evicted)
-            self._stats.bytes, self._stats.entries = int(used), int(entries)
+        self._count(writes=int(written == 1), evictions=int(evicted))
+        self._seen(used, entries)
         return written >= 0
+
+    def _seen(self, used_bytes, entries) -> None:
+        """Record the whole tier's size as a call just read it (replies that are errors are skipped)."""
+        if isinstance(entries, int):
+            with self._stats_lock:
+                self._stats.bytes, self._stats.entries = int(used_bytes or 0), entries
 
     def remove(self, key: ChunkKey) -> None:
         """Delete the entry and its bookkeeping (nothing happens when there is none, or the tier is down)."""

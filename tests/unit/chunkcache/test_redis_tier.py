@@ -61,6 +61,7 @@ def test_an_entry_put_by_one_replica_is_a_hit_for_another(redis_server, prefix) 
         assert_same(second.get(key(0)), kv(0))  # now from its own memory
         shared = second.report()["tiers"][-1]
         assert shared["name"] == "redis" and shared["shared"] and shared["up"] and shared["hits"] == 1
+        assert (shared["entries"], shared["bytes"]) == (1, ENCODED)  # the whole tier's, as its read saw it
         assert second.report()["tiers"][0]["hits"] == 1 and second.stats.misses == 0
         # Stored once: the second replica's put of the same chunk only marks it used.
         second.put(key(0), kv(0), recompute_cost=16)
