@@ -62,8 +62,9 @@ class ChunkCacheStore:
 
     def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
         """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host). With
-        promote=False an entry found in a lower tier (or the shared one) stays there for now (call `promote` later): blending streams CPU-memory entries up layer by layer, and a
-        promotion copy queued before it would hold the prefill up."""
+        promote=False an entry found in a lower tier (or the shared one) stays there for now (call `promote`
+        later): blending streams CPU-memory entries up layer by layer, and a promotion copy queued before it
+        would hold the prefill up."""
         with self._lock:
             for level, tier in enumerate(self.tiers):
                 info = tier.entries.get(key)

@@ -19,8 +19,8 @@ build themselves, so the tier needs a standalone Redis (or one hash slot), not a
 
 Redis down (refused, reset, timed out): every call is bounded by `timeout_s`, a failure opens the circuit
 breaker, and while it is open the tier answers "miss" without trying the network; it is tried again after a
-backoff that doubles (`retry_s`, 1 s by default, to 30 s) while the server stays down, one call at a time. Requests never fail
-because of this tier: they find their chunks in the local tiers or recompute them.
+backoff that doubles (`retry_s`, 1 s by default, to 30 s) while the server stays down, one call at a time.
+Requests never fail because of this tier: they find their chunks in the local tiers or recompute them.
 
 Writes are queued to one background thread (encode, then SET): the engine's worker thread, which prefills,
 never waits for them; a full queue drops the write (counted). Reads are synchronous on the caller's thread,
@@ -139,18 +139,18 @@ class RedisTierReport:
     process's."""
 
     name: str
-    up: bool
-    down_reason: str | None
-    entries: int
-    bytes: int
     budget_bytes: int
-    hits: int  # reads that found a valid entry
-    misses: int  # reads that found none (or the tier was down)
-    writes: int  # entries this process stored (already held ones not counted)
-    evictions: int  # entries this process's writes pushed out
-    corrupt: int  # damaged or mismatched entries found, and deleted
-    dropped_writes: int  # writes not made: the queue was full or the server down
-    errors: int  # calls that failed (refused, reset, timed out)
+    up: bool = True
+    down_reason: str | None = None  # the last failure, while down
+    entries: int = 0
+    bytes: int = 0  # encoded bytes
+    hits: int = 0  # reads that found a valid entry
+    misses: int = 0  # reads that found none (or the tier was down)
+    writes: int = 0  # entries this process stored (already held ones not counted)
+    evictions: int = 0  # entries this process's writes pushed out
+    corrupt: int = 0  # damaged or mismatched entries found, and deleted
+    dropped_writes: int = 0  # writes not made: the queue was full or the server down
+    errors: int = 0  # calls that failed (refused, reset, timed out)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +179,6 @@ class RedisTier:
         self._pin = torch.cuda.is_available()
         self.breaker = CircuitBreaker(first_s=retry_s, max_s=max(30.0, retry_s))
         self._errors = (redis.RedisError, OSError)
-        self._response_error = redis.ResponseError
         # A command meeting a connection the server closed while it sat in the pool is sent once more on a fresh
         # one; a timeout is not retried (a slow Redis is not asked twice).
         self.client = redis.Redis.from_url(
@@ -187,7 +186,7 @@ class RedisTier:
             retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)))
         self._write_script = self.client.register_script(_WRITE)
         self._remove_script = self.client.register_script(_REMOVE)
-        self._stats = RedisTierReport(name, True, None, 0, 0, budget_bytes, 0, 0, 0, 0, 0, 0, 0)
+        self._stats = RedisTierReport(name, budget_bytes)
         self._stats_lock = threading.Lock()
         self._queue: queue.Queue[tuple[ChunkKey, ChunkKV] | None] = queue.Queue(maxsize=write_queue)
         self._writer = threading.Thread(target=self._write_loop, name="chunk-cache redis writer", daemon=True)

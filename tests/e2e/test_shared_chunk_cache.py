@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer
 
 ADMIN_KEY = "admin-key-for-shared-chunk-cache-tests"
-DOCUMENTS = [{"id": "castle", "text": "The blue castle stands on a granite hill. The secret code of the blue castle is 4711."},
+DOCUMENTS = [{"id": "castle",
+              "text": "The blue castle stands on a granite hill. The secret code of the blue castle is 4711."},
              {"id": "river", "text": "The Silverrun river flows north for 312 kilometres and freezes every January."}]
 OTHER = [{"id": "bakery", "text": "The corner bakery on Elm Street sells rye bread only on Tuesdays."},
          {"id": "tower", "text": "The old clock tower in Harbour Square rings thirteen times at noon."}]
