@@ -183,3 +183,29 @@ def test_the_breaker_backs_off_doubling_and_lets_one_probe_through() -> None:
     assert breaker._backoff_s == 0.2  # capped
     breaker.success()
     assert breaker.up and breaker.allow() and breaker._backoff_s == 0.05
+
+
+def test_concurrent_writers_keep_the_shared_budget_and_its_bookkeeping_exact(redis_server, prefix) -> None:
+    """Two replicas writing at once (their writer threads): the scripts keep the byte total, the sizes and the
+    entries in step, and within the budget."""
+    budget = 5 * ENCODED
+    first = replica(redis_server.url, prefix, budget=budget)
+    second = replica(redis_server.url, prefix, budget=budget)
+    client = redis_server.client()
+    try:
+        for n in range(20):
+            first.put(key(n), kv(n), recompute_cost=16)
+            second.put(key(n + 10), kv(n + 10), recompute_cost=16)  # 10 of them the first's too
+        first.shared.flush()
+        second.shared.flush()
+        names = [name.decode() for name in client.zrange(f"{prefix}:lru", 0, -1)]
+        sizes = {name.decode(): int(size) for name, size in client.hgetall(f"{prefix}:sizes").items()}
+        assert len(names) == 5 and set(sizes) == set(names)
+        assert int(client.get(f"{prefix}:bytes")) == sum(sizes.values()) <= budget
+        assert sorted(k.decode() for k in client.keys(f"{prefix}:kv:*")) == sorted(f"{prefix}:kv:{n}" for n in names)
+        writes = first.report()["tiers"][-1]["writes"] + second.report()["tiers"][-1]["writes"]
+        evictions = first.report()["tiers"][-1]["evictions"] + second.report()["tiers"][-1]["evictions"]
+        assert writes - evictions == 5 and writes >= 30  # 30 chunks, each written at least once
+    finally:
+        first.close()
+        second.close()
