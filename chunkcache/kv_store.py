@@ -53,12 +53,19 @@ class ChunkCacheStore:
         self._lock = threading.RLock()
 
     def contains(self, key: ChunkKey) -> bool:
-        """Whether a tier holds the entry (nothing read, no statistics counted); the shared tier is asked
-        (one round trip) when no local tier holds it."""
+        """Whether a tier holds the entry (nothing read, no statistics counted); see `contains_all`."""
+        return self.contains_all([key])[0]
+
+    def contains_all(self, keys: list[ChunkKey]) -> list[bool]:
+        """Whether a tier holds each entry (nothing read, no statistics counted); the shared tier is asked,
+        in one round trip, about those no local tier holds."""
         with self._lock:
-            if any(key in tier.entries for tier in self.tiers):
-                return True
-        return self.shared is not None and self.shared.contains(key)
+            found = [any(key in tier.entries for tier in self.tiers) for key in keys]
+        missing = [key for key, held in zip(keys, found) if not held]
+        if self.shared is None or not missing:
+            return found
+        shared = iter(self.shared.contains(missing))
+        return [held or next(shared) for held in found]
 
     def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
         """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host). With

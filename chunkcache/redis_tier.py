@@ -210,16 +210,19 @@ class RedisTier:
         self._count(errors=1)
         self.breaker.failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
-    def contains(self, key: ChunkKey) -> bool:
-        """Whether Redis holds an entry under `key` (not checked for damage: `read` does that). False when the
-        tier is down."""
-        if not self.breaker.allow():
-            return False
+    def contains(self, keys: list[ChunkKey]) -> list[bool]:
+        """Whether Redis holds an entry under each key (one round trip; not checked for damage: `read` does
+        that). All False when the tier is down."""
+        if not keys or not self.breaker.allow():
+            return [False] * len(keys)
         try:
-            found = bool(self.client.exists(self._entry(key)))
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self._entry(key))
+            found = [bool(count) for count in pipe.execute()]
         except self._errors as exc:
             self._failed(exc)
-            return False
+            return [False] * len(keys)
         self.breaker.success()
         return found
 

@@ -51,7 +51,7 @@ def test_an_entry_put_by_one_replica_is_a_hit_for_another(redis_server, prefix) 
     try:
         first.put(key(0), kv(0), recompute_cost=16)
         first.shared.flush()
-        assert second.contains(key(0))
+        assert second.contains(key(0)) and second.contains_all([key(99), key(0)]) == [False, True]
         found = second.get(key(0), promote=False)
         assert_same(found, kv(0))
         assert key(0) not in second.tiers[0].entries  # waits for its promotion, as a lower tier's hit
