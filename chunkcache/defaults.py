@@ -10,9 +10,9 @@ CHUNK_PREFIX_ENTRIES = 4
 
 # The shared tier in Redis (redis_tier.py; chunk_cache.redis in the gateway's settings, BLENDGATE_SGLANG_REDIS_*
 # in SGLang workers): the byte budget all replicas share, the key prefix they share it under, each call's bound,
-# the circuit breaker's first backoff, and the writes that may wait for the writer thread.
+# the circuit breaker's first backoff, and the KV bytes that may wait for the writer thread.
 REDIS_BUDGET_BYTES = 8 << 30
 REDIS_KEY_PREFIX = "blendgate:chunk-kv"
 REDIS_TIMEOUT_S = 2.0
 REDIS_RETRY_S = 1.0
-REDIS_WRITE_QUEUE = 64
+REDIS_WRITE_QUEUE_BYTES = 1 << 30

@@ -23,8 +23,8 @@ backoff that doubles (`retry_s`, 1 s by default, to 30 s) while the server stays
 Requests never fail because of this tier: they find their chunks in the local tiers or recompute them.
 
 Writes are queued to one background thread (encode, then SET): the engine's worker thread, which prefills,
-never waits for them; a full queue drops the write (counted). Reads are synchronous on the caller's thread,
-which is the engine's worker thread, never the asyncio event loop.
+never waits for them; a write that would take the queued bytes past `write_queue_bytes` is dropped (counted).
+Reads are synchronous on the caller's thread, which is the engine's worker thread, never the asyncio event loop.
 """
 
 from __future__ import annotations
@@ -158,14 +158,15 @@ class RedisTierReport:
 
 class RedisTier:
     """Chunk KV shared through one Redis server (see the module's docstring). `timeout_s` bounds each call
-    (connect, send, receive); `write_queue` is how many writes may wait for the writer thread; `retry_s` is the
-    circuit breaker's first backoff (doubling to 30 s).
+    (connect, send, receive); `write_queue_bytes` bounds the KV bytes waiting for the writer thread (queued
+    entries keep their tensors, on the GPU too, alive); `retry_s` is the circuit breaker's first backoff (doubling
+    to 30 s).
 
     Thread-safe: the engine's worker thread reads, the writer thread writes, the gateway reads `report()`."""
 
     def __init__(self, url: str, budget_bytes: int = defaults.REDIS_BUDGET_BYTES,
                  key_prefix: str = defaults.REDIS_KEY_PREFIX, timeout_s: float = defaults.REDIS_TIMEOUT_S,
-                 codec: Codec | None = None, write_queue: int = defaults.REDIS_WRITE_QUEUE,
+                 codec: Codec | None = None, write_queue_bytes: int = defaults.REDIS_WRITE_QUEUE_BYTES,
                  retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis") -> None:
         import redis
         from redis.backoff import NoBackoff
@@ -188,7 +189,9 @@ class RedisTier:
         self._remove_script = self.client.register_script(_REMOVE)
         self._stats = RedisTierReport(name, budget_bytes)
         self._stats_lock = threading.Lock()
-        self._queue: queue.Queue[tuple[ChunkKey, ChunkKV] | None] = queue.Queue(maxsize=write_queue)
+        self.write_queue_bytes = write_queue_bytes
+        self._queued_bytes = 0  # KV bytes in the queue, under _stats_lock
+        self._queue: queue.Queue[tuple[ChunkKey, ChunkKV] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="chunk-cache redis writer", daemon=True)
         self._writer.start()
 
@@ -263,15 +266,15 @@ class RedisTier:
 
     def write(self, key: ChunkKey, kv: ChunkKV) -> None:
         """Queue the entry for the writer thread (encoded and stored there, once for all replicas: an entry
-        already held is only marked used). Dropped, and counted, when the queue is full or the tier down (reads
-        probe the server meanwhile: `read` and `contains` close the breaker again)."""
-        if not self.breaker.up:
-            self._count(dropped_writes=1)
-            return
-        try:
-            self._queue.put_nowait((key, kv))
-        except queue.Full:
-            self._count(dropped_writes=1)
+        already held is only marked used). Dropped, and counted, when it would take the queued bytes past
+        `write_queue_bytes` or the tier is down (reads probe the server meanwhile: `read` and `contains` close the
+        breaker again)."""
+        with self._stats_lock:
+            if not self.breaker.up or self._queued_bytes + kv.nbytes > self.write_queue_bytes:
+                self._stats.dropped_writes += 1
+                return
+            self._queued_bytes += kv.nbytes
+        self._queue.put((key, kv))
 
     def write_now(self, key: ChunkKey, kv: ChunkKV) -> bool:
         """Encode and store the entry on this thread; whether Redis holds it afterwards."""
@@ -319,6 +322,9 @@ class RedisTier:
                 log.exception("shared chunk-cache tier: write failed")
                 self._count(dropped_writes=1)
             finally:
+                if item is not None:
+                    with self._stats_lock:
+                        self._queued_bytes -= item[1].nbytes
                 self._queue.task_done()
 
     def flush(self) -> None:

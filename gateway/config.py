@@ -141,8 +141,9 @@ class ChunkCacheRedisSettings(_Strict):
     timeout_s: float = Field(chunk_cache_defaults.REDIS_TIMEOUT_S, gt=0)
     # How long a tier whose Redis is down waits before trying it again (doubling to 30 s while it stays down).
     retry_s: float = Field(chunk_cache_defaults.REDIS_RETRY_S, gt=0)
-    # Writes that may wait for the background writer; past it a write is dropped (counted).
-    write_queue: int = Field(chunk_cache_defaults.REDIS_WRITE_QUEUE, ge=1)
+    # Chunk KV bytes that may wait for the background writer (queued entries stay in memory, GPU memory for
+    # models on CUDA); a write past it is dropped (counted).
+    write_queue_bytes: int = Field(chunk_cache_defaults.REDIS_WRITE_QUEUE_BYTES, gt=0)
 
     @field_validator("url")
     @classmethod

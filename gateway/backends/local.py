@@ -96,7 +96,7 @@ class LocalBackend(ChatBackend):
         shared = settings.redis
         # No connection is made here: the first lookup connects (from the engine's thread).
         shared_tier = RedisTier(shared.url, shared.budget_bytes, key_prefix=shared.key_prefix,
-                                timeout_s=shared.timeout_s, write_queue=shared.write_queue,
+                                timeout_s=shared.timeout_s, write_queue_bytes=shared.write_queue_bytes,
                                 retry_s=shared.retry_s) if shared.url else None
         self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier)
         return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,

@@ -209,3 +209,19 @@ def test_concurrent_writers_keep_the_shared_budget_and_its_bookkeeping_exact(red
     finally:
         first.close()
         second.close()
+
+
+def test_writes_past_the_queued_bytes_are_dropped_not_waited_for(fresh_redis, prefix) -> None:
+    store = replica(fresh_redis.url, prefix, write_queue_bytes=2 * kv(0).nbytes)
+    try:
+        store.shared.write_now(key(9), kv(9))  # connected
+        fresh_redis.pause()  # the writer thread now waits on its first write
+        started = time.monotonic()
+        for n in range(3):
+            store.put(key(n), kv(n), recompute_cost=16)
+        assert time.monotonic() - started < 0.2  # put never waits for Redis
+        assert store.report()["tiers"][-1]["dropped_writes"] == 1
+        assert all(store.get(key(n)) is not None for n in range(3))  # local tiers hold them all
+    finally:
+        fresh_redis.resume()
+        store.close()
