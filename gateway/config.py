@@ -146,6 +146,32 @@ class SelectionSettings(_Strict):
         return SelectionRule(**self.model_dump())
 
 
+class ChunkCacheRedisSettings(_Strict):
+    """The shared chunk-cache tier (chunkcache/redis_tier.py): chunk KV encoded and stored once in Redis for
+    every gateway replica and SGLang worker, looked up on a local miss. Off unless `url` is set."""
+
+    # redis://host:port/db (a standalone server: the tier's Lua scripts are not cluster-safe). May be the
+    # semantic cache's server: the tier keeps its own byte budget and never relies on maxmemory.
+    url: str | None = None
+    # Encoded bytes all replicas together may store; past it the least recently used entries go.
+    budget_bytes: int = Field(chunk_cache_defaults.REDIS_BUDGET_BYTES, gt=0)
+    key_prefix: str = Field(chunk_cache_defaults.REDIS_KEY_PREFIX, min_length=1)
+    # Bound on each Redis call (connect, send, receive); past it the tier counts as down (local tiers only).
+    timeout_s: float = Field(chunk_cache_defaults.REDIS_TIMEOUT_S, gt=0)
+    # How long a tier whose Redis is down waits before trying it again (doubling to 30 s while it stays down).
+    retry_s: float = Field(chunk_cache_defaults.REDIS_RETRY_S, gt=0)
+    # Chunk KV bytes that may wait for the background writer (queued entries stay in memory, GPU memory for
+    # models on CUDA); a write past it is dropped (counted).
+    write_queue_bytes: int = Field(chunk_cache_defaults.REDIS_WRITE_QUEUE_BYTES, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
+        return url
+
+
 class ChunkCacheSettings(_Strict):
     """Chunk KV caches and blending for RAG prompts on local Llama-family models."""
 
@@ -178,6 +204,8 @@ class ChunkCacheSettings(_Strict):
     disk_bytes: int = Field(20 << 30, ge=0)
     # Default: <cache_dir>/chunk-kv
     disk_dir: Path | None = None
+    # The shared tier in Redis, beside the local ones (off by default).
+    redis: ChunkCacheRedisSettings = ChunkCacheRedisSettings()
 
 
 class MetricsSettings(_Strict):
