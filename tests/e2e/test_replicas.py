@@ -152,6 +152,7 @@ def test_when_a_worker_leaves_only_its_chunk_sets_move(replicas: list[GatewayPro
     before = [worker_of(routed(replicas[0], f"Which keeper is number {i}?", documents))
               for i, documents in enumerate(DOCUMENT_SETS)]
     leaving, staying = workers[1], workers[0]
+    assert {leaving.url, staying.url} == set(before)  # each was home to some sets
     leaving.stop()
     for replica in replicas:  # every replica's health check notices
         deadline = time.monotonic() + 10
