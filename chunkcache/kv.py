@@ -1,6 +1,6 @@
 """`ChunkKV`: one chunk's KV cache as the chunk-cache store keeps it.
 
-The hand-off between the chunk-cache store (chunkcache/kv_store.py, tiers.py, codec.py), which keeps and moves
+The hand-off between the chunk-cache store (chunkcache/kv_store.py, tiers.py, codec/), which keeps and moves
 these, and blending (chunkcache/blend.py), which computes them (precompute_chunk) and places them in a prompt.
 Tensors only: this module imports no model, so storage and its tests run without one.
 """

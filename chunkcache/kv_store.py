@@ -5,6 +5,11 @@ one tier, the eviction policy (eviction.py: "lru" by default, or "cost_aware") c
 tier drops them. A hit in a lower tier is promoted to the top. Entries record their hits and recompute cost,
 which the cost-aware policy weighs. A damaged disk entry is deleted, counted as corrupt and reported as a miss,
 never used.
+
+Optionally a shared tier (redis_tier.py: RedisTier) sits beside the local ones: looked up on a local miss (its
+hit promoted into the top tier as a lower tier's is) and written through on every `put`, so a chunk computed
+by one replica is a hit for the others. It is called outside the store's lock: a slow Redis holds up only the
+lookup that waits for it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ import math
 import threading
 from dataclasses import dataclass, field
 
+from cachetools import LRUCache
+
 from .eviction import DEFAULT_EVICTION, EntryInfo, EvictionPolicy, eviction_policy
 from .keys import ChunkKey
 from .kv import ChunkKV
+from .redis_tier import RedisTier
 from .tiers import Tier
+
+# Shared-tier hits waiting for `promote` (get with promote=False); bounded, should a caller never promote.
+PENDING_PROMOTIONS = 1024
 
 
 @dataclass
@@ -30,23 +41,37 @@ class CacheStats:
 class ChunkCacheStore:
     """Thread-safe: one lock around every operation (the engine's worker thread and the gateway's reports)."""
 
-    def __init__(self, tiers: list[Tier], eviction: EvictionPolicy | str = DEFAULT_EVICTION) -> None:
+    def __init__(self, tiers: list[Tier], eviction: EvictionPolicy | str = DEFAULT_EVICTION,
+                 shared: RedisTier | None = None) -> None:
         if not tiers:
             raise ValueError("the chunk-cache store needs at least one tier")
         self.tiers = tiers
+        self.shared = shared
         self.eviction = eviction_policy(eviction) if isinstance(eviction, str) else eviction
         self.stats = CacheStats(hits={t.name: 0 for t in tiers}, evictions={t.name: 0 for t in tiers})
+        self._from_shared: LRUCache[ChunkKey, bool] = LRUCache(PENDING_PROMOTIONS)
         self._lock = threading.RLock()
 
     def contains(self, key: ChunkKey) -> bool:
-        """Whether a tier holds the entry (nothing read, no statistics counted)."""
+        """Whether a tier holds the entry (nothing read, no statistics counted); see `contains_all`."""
+        return self.contains_all([key])[0]
+
+    def contains_all(self, keys: list[ChunkKey]) -> list[bool]:
+        """Whether a tier holds each entry (nothing read, no statistics counted); the shared tier is asked,
+        in one round trip, about those no local tier holds."""
         with self._lock:
-            return any(key in tier.entries for tier in self.tiers)
+            found = [any(key in tier.entries for tier in self.tiers) for key in keys]
+        missing = [key for key, held in zip(keys, found) if not held]
+        if self.shared is None or not missing:
+            return found
+        shared = iter(self.shared.contains(missing))
+        return [held or next(shared) for held in found]
 
     def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
-        """The entry from the fastest tier holding it. With promote=False an entry found in a lower tier stays
-        there for now (call `promote` later): blending streams CPU-memory entries up layer by layer, and a
-        promotion copy queued before it would hold the prefill up."""
+        """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host). With
+        promote=False an entry found in a lower tier (or the shared one) stays there for now (call `promote`
+        later): blending streams CPU-memory entries up layer by layer, and a promotion copy queued before it
+        would hold the prefill up."""
         with self._lock:
             for level, tier in enumerate(self.tiers):
                 info = tier.entries.get(key)
@@ -63,13 +88,28 @@ class ChunkCacheStore:
                 if level > 0 and promote:
                     self._insert(0, key, kv, info)
                 return kv
-            self.stats.misses += 1
-            return None
+        kv = self.shared.read(key) if self.shared is not None else None  # outside the lock
+        with self._lock:
+            if kv is None:
+                self.stats.misses += 1
+                return None
+            if promote:  # the hit is counted by the shared tier (its report)
+                self._insert(0, key, kv, self._shared_info(kv))
+            else:
+                self._from_shared[key] = True
+            return kv
+
+    @staticmethod
+    def _shared_info(kv: ChunkKV) -> EntryInfo:
+        """A shared-tier hit's local bookkeeping: its recompute cost as `put` records it (tokens x layers)."""
+        return EntryInfo(nbytes=0, recompute_cost=float(kv.length * kv.keys.shape[0]), hits=1)
 
     def promote(self, key: ChunkKey, kv: ChunkKV) -> None:
         """Move an entry that `get(promote=False)` found in a lower tier (as `kv`, so it is not read twice) to
-        the top tier; nothing happens when it is at the top already or no longer stored."""
+        the top tier (or, from the shared tier, into it); nothing happens when it is at the top already or no
+        longer stored."""
         with self._lock:
+            from_shared = self._from_shared.pop(key, False)
             if key in self.tiers[0].entries:
                 return
             for tier in self.tiers[1:]:
@@ -77,12 +117,17 @@ class ChunkCacheStore:
                 if info is not None:
                     self._insert(0, key, kv, info)
                     return
+            if from_shared:
+                self._insert(0, key, kv, self._shared_info(kv))
 
     def put(self, key: ChunkKey, kv: ChunkKV, recompute_cost: float) -> None:
         """Stores a chunk's KV just computed in the top tier. recompute_cost: what computing it again costs (the
-        chunk's tokens times the model's layers), for the cost-aware eviction policy."""
+        chunk's tokens times the model's layers), for the cost-aware eviction policy. Also queued for the shared
+        tier, when there is one."""
         with self._lock:
             self._insert(0, key, kv, EntryInfo(nbytes=0, recompute_cost=recompute_cost))
+        if self.shared is not None:
+            self.shared.write(key, kv)
 
     SENSITIVITY_WEIGHT = 0.25  # the newest measurement's share in an entry's running sensitivity
 
@@ -120,13 +165,21 @@ class ChunkCacheStore:
                 self._insert(level + 1, victim, victim_kv, victim_info)
 
     def report(self) -> dict:
+        """Per tier: entries, bytes, budget_bytes, hits, evictions; the shared tier last, with `shared: true`
+        and its own fields (RedisTierReport: up, down_reason, corrupt, ...). Makes no Redis call."""
         with self._lock:
-            return {
-                "tiers": [{"name": t.name, "entries": len(t.entries), "bytes": t.used_bytes,
-                           "budget_bytes": t.budget_bytes, "hits": self.stats.hits[t.name],
-                           "evictions": self.stats.evictions[t.name]} for t in self.tiers],
-                "misses": self.stats.misses, "corrupt": self.stats.corrupt,
-            }
+            tiers = [{"name": t.name, "entries": len(t.entries), "bytes": t.used_bytes,
+                      "budget_bytes": t.budget_bytes, "hits": self.stats.hits[t.name],
+                      "evictions": self.stats.evictions[t.name]} for t in self.tiers]
+            report = {"tiers": tiers, "misses": self.stats.misses, "corrupt": self.stats.corrupt}
+        if self.shared is not None:
+            tiers.append({**self.shared.report().as_dict(), "shared": True})
+        return report
+
+    def close(self) -> None:
+        """Let the shared tier's queued writes finish and close its connections (local tiers need nothing)."""
+        if self.shared is not None:
+            self.shared.close()
 
     def entries(self) -> list[dict]:
         """Every entry (chunk token digest, tier, bytes, hits, recompute cost, sensitivity), for operators."""

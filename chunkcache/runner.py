@@ -80,7 +80,7 @@ class ChunkBlender:
         """blend_fallback for this prompt: its chunks, which of them the store holds, and its mode's ratio."""
         chunk_prefix = self.prefix_for(prompt)
         chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
-        hits = [self.store.contains(self.chunk_key(chunk_prefix, ids)) for ids in chunks]
+        hits = self.store.contains_all([self.chunk_key(chunk_prefix, ids) for ids in chunks])
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         return blend_fallback([len(ids) for ids in chunks], hits, ratio, costs)
 

@@ -2,7 +2,7 @@
 
 A tier stores and reads entries and keeps their bookkeeping (bytes used, each entry's EntryInfo in recency
 order); which entry leaves a full tier is the eviction policy's choice (eviction.py), and moving entries
-between tiers is the store's (kv_store.py). Disk entries are encoded by codec.py and checked on every read.
+between tiers is the store's (kv_store.py). Disk entries are encoded by codec/ (`Codec`) and checked on every read.
 """
 
 from __future__ import annotations

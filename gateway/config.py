@@ -12,23 +12,42 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, SecretStr, Tag, ValidationError,
-                      field_validator, model_validator)
-from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
-                               YamlConfigSettingsSource)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
+from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
-from ..chunkcache import defaults as chunk_cache_defaults
-from ..engine.prompt import (DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO, ChunkPrefix,
-                             PrefillMode)
+from ..engine.prompt import (
+    DEFAULT_CHUNK_PREFIX,
+    DEFAULT_CONTEXT_DOCUMENTS,
+    DEFAULT_RECOMPUTE_RATIO,
+    ChunkPrefix,
+    PrefillMode,
+)
 from ..retriever import defaults as retrieval_defaults
-from .backends.routing import DEFAULT_REMEMBERED_CHUNKS
-from .rag_template import CONTEXT_DOCUMENTS
-from .redaction import MASK, redact
 from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
+from .rag_template import CONTEXT_DOCUMENTS
+from .redaction import MASK, redact
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -144,6 +163,32 @@ class ChunkCodecSettings(_Strict):
         return self
 
 
+class ChunkCacheRedisSettings(_Strict):
+    """The shared chunk-cache tier (chunkcache/redis_tier.py): chunk KV encoded and stored once in Redis for
+    every gateway replica and SGLang worker, looked up on a local miss. Off unless `url` is set."""
+
+    # redis://host:port/db (a standalone server: the tier's Lua scripts are not cluster-safe). May be the
+    # semantic cache's server: the tier keeps its own byte budget and never relies on maxmemory.
+    url: str | None = None
+    # Encoded bytes all replicas together may store; past it the least recently used entries go.
+    budget_bytes: int = Field(chunk_cache_defaults.REDIS_BUDGET_BYTES, gt=0)
+    key_prefix: str = Field(chunk_cache_defaults.REDIS_KEY_PREFIX, min_length=1)
+    # Bound on each Redis call (connect, send, receive); past it the tier counts as down (local tiers only).
+    timeout_s: float = Field(chunk_cache_defaults.REDIS_TIMEOUT_S, gt=0)
+    # How long a tier whose Redis is down waits before trying it again (doubling to 30 s while it stays down).
+    retry_s: float = Field(chunk_cache_defaults.REDIS_RETRY_S, gt=0)
+    # Chunk KV bytes that may wait for the background writer (queued entries stay in memory, GPU memory for
+    # models on CUDA); a write past it is dropped (counted).
+    write_queue_bytes: int = Field(chunk_cache_defaults.REDIS_WRITE_QUEUE_BYTES, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
+        return url
+
+
 class ChunkCacheSettings(_Strict):
     """Chunk KV caches and blending for RAG prompts on local Llama-family models."""
 
@@ -178,6 +223,8 @@ class ChunkCacheSettings(_Strict):
     disk_dir: Path | None = None
     # The entries' compression in the disk tier: raw (exact), int8, int4 or cachegen levels 0..3.
     codec: ChunkCodecSettings = ChunkCodecSettings()
+    # The shared tier in Redis, beside the local ones (off by default).
+    redis: ChunkCacheRedisSettings = ChunkCacheRedisSettings()
 
 
 class MetricsSettings(_Strict):
@@ -269,11 +316,10 @@ class SglangModelConfig(_Strict):
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
     # Neutral documents the worker computes each chunk's KV after (sent with the request).
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
-    # Cache-affinity routing sends a request to the worker that served most of its chunks, unless that worker
-    # has this many more requests in flight than the least busy one.
+    # Cache-affinity routing (gateway/backends/routing.py) sends a request to its first chunk's home worker by
+    # rendezvous hashing, alike in every replica, unless that worker has this many more requests in flight than
+    # the least busy one.
     max_imbalance: int = Field(4, ge=0)
-    # Chunk digests the router remembers per worker (least recently sent forgotten past it).
-    remembered_chunks: int = Field(DEFAULT_REMEMBERED_CHUNKS, ge=1)
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     rag: ModelRagConfig | None = None
 
@@ -369,12 +415,23 @@ def _default_models() -> list[Any]:
     return [LocalModelConfig(name=EMBEDDED_MODEL_NAME, sampling_defaults=SamplingDefaults(temperature=0.2, top_p=0.9))]
 
 
+class ShutdownSettings(_Strict):
+    """How the gateway stops on SIGTERM (gateway/lifecycle.py): /healthz answers 503 "draining" at once; requests
+    are still served for `drain_delay_s` (set it to the time your load balancer takes to stop routing to a
+    replica that is not ready, e.g. 5-10 s on Kubernetes); then the listener closes and requests in flight get
+    up to `grace_s` to finish before they are cut."""
+
+    drain_delay_s: float = Field(0.0, ge=0.0, le=300.0)
+    grace_s: float = Field(30.0, ge=0.0, le=3600.0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLENDGATE_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown: ShutdownSettings = ShutdownSettings()
     cache_dir: Path = Field(default_factory=default_cache_dir)
     models: list[ModelConfig] = Field(default_factory=_default_models)
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)

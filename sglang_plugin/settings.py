@@ -7,7 +7,11 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 - BLENDGATE_SGLANG_CHUNK_PREFIX: "system" or "none", as the local engine's chunk_prefix;
 - BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
   the local engine's pass_cost_tokens and placement_cost_tokens;
-- BLENDGATE_SGLANG_EVICTION: "lru" or "cost_aware", as the local engine's eviction.
+- BLENDGATE_SGLANG_EVICTION: "lru" or "cost_aware", as the local engine's eviction;
+- BLENDGATE_SGLANG_REDIS_URL, BLENDGATE_SGLANG_REDIS_BUDGET_GB, BLENDGATE_SGLANG_REDIS_KEY_PREFIX,
+  BLENDGATE_SGLANG_REDIS_TIMEOUT_S: the shared chunk-cache tier (chunkcache/redis_tier.py), as the gateway's
+  chunk_cache.redis (url, budget_bytes, key_prefix, timeout_s); off unless the URL is set. Give the gateway's
+  URL and key prefix, and the workers and gateway replicas share one another's chunks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, ChunkPrefix
@@ -33,6 +38,10 @@ class PluginSettings(BaseSettings):
     pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
     placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
     eviction: EvictionPolicyName = DEFAULT_EVICTION
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
+    redis_budget_gb: float = Field(chunk_cache_defaults.REDIS_BUDGET_BYTES / GIB, gt=0, allow_inf_nan=False)
+    redis_key_prefix: str = Field(chunk_cache_defaults.REDIS_KEY_PREFIX, min_length=1)
+    redis_timeout_s: float = Field(chunk_cache_defaults.REDIS_TIMEOUT_S, gt=0, allow_inf_nan=False)
 
     @classmethod
     def from_env(cls) -> "PluginSettings":
@@ -51,6 +60,10 @@ class PluginSettings(BaseSettings):
     @property
     def cpu_cache_bytes(self) -> int:
         return int(self.cpu_cache_gb * GIB)
+
+    @property
+    def redis_budget_bytes(self) -> int:
+        return int(self.redis_budget_gb * GIB)
 
     @property
     def costs(self) -> PrefillCosts:

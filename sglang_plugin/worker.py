@@ -14,8 +14,9 @@ chunkcache/fallback.py) is prefilled in full and its report says why.
 Blended KV is approximate, so it must never be shared with later requests as an exact prefix: the plugin only
 blends when SGLang runs with --disable-radix-cache (the chunk-cache replaces it for chunks).
 
-The store's sizes, eviction policy, chunk prefix and fallback costs come from BLENDGATE_SGLANG_* environment
-variables (settings.py: PluginSettings).
+The store's sizes, eviction policy, chunk prefix, fallback costs and shared Redis tier (chunkcache/redis_tier.py,
+shared with the gateway's local engines and the other workers) come from BLENDGATE_SGLANG_* environment variables
+(settings.py: PluginSettings).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..chunkcache.kv_store import ChunkCacheStore
+from ..chunkcache.redis_tier import RedisTier
 from ..chunkcache.runner import ChunkBlender
 from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
@@ -107,7 +109,9 @@ class BlendWorker:
                                       dtype=first.dtype)
         tiers = [MemoryTier("gpu", settings.gpu_cache_bytes, first.device),
                  MemoryTier("cpu", settings.cpu_cache_bytes, "cpu")]
-        self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers, eviction=settings.eviction),
+        shared = RedisTier(settings.redis_url, settings.redis_budget_bytes, key_prefix=settings.redis_key_prefix,
+                           timeout_s=settings.redis_timeout_s) if settings.redis_url else None
+        self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared),
                                     settings.chunk_prefix)
         self.costs = settings.costs
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",

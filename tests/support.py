@@ -49,7 +49,10 @@ class GatewayProcess:
     def start(self, timeout_s: float = 240.0, ready_models: list[str] | None = None) -> "GatewayProcess":
         """Start, and wait until /healthz says ready (or, with `ready_models`, until those models are ready:
         a configuration with a model that can never be ready, e.g. a dead worker, is never "ready" overall)."""
-        self.launch()
+        return self.launch().wait_ready(timeout_s, ready_models)
+
+    def wait_ready(self, timeout_s: float = 240.0, ready_models: list[str] | None = None) -> "GatewayProcess":
+        """Wait for a launched process as `start` does (several processes launched first start side by side)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -220,11 +223,17 @@ class SglangStandin:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 240.0) -> "SglangStandin":
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> "SglangStandin":
         script = Path(__file__).with_name("sglang_standin.py")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(script), "--port", str(self.port), "--cache-dir", str(self.cache_dir)],
                 stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 240.0) -> "SglangStandin":
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

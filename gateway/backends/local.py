@@ -14,6 +14,7 @@ from ...chunkcache.codec import Codec
 from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
+from ...chunkcache.redis_tier import RedisTier
 from ...chunkcache.runner import BlendingRunner
 from ...chunkcache.tiers import DiskTier, MemoryTier
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -92,8 +93,14 @@ class LocalBackend(ChatBackend):
             tiers.append(MemoryTier("gpu", settings.gpu_bytes, model.device))
         tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
-        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, Codec(settings.codec.name, settings.codec.level)))
-        self.store = ChunkCacheStore(tiers, eviction=settings.eviction)
+        codec = Codec(settings.codec.name, settings.codec.level)  # the disk and shared tiers' entries
+        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, codec))
+        shared = settings.redis
+        # No connection is made here: the first lookup connects (from the engine's thread).
+        shared_tier = RedisTier(shared.url, shared.budget_bytes, key_prefix=shared.key_prefix,
+                                timeout_s=shared.timeout_s, write_queue_bytes=shared.write_queue_bytes,
+                                retry_s=shared.retry_s, codec=codec) if shared.url else None
+        self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier)
         return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                               chunk_prefix_entries=settings.chunk_prefix_entries,
                               chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(),
@@ -108,6 +115,8 @@ class LocalBackend(ChatBackend):
             self._load_task.cancel()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
+        if self.store is not None:  # the shared tier's queued writes, then its connections
+            await asyncio.to_thread(self.store.close)
 
     def status(self) -> dict[str, Any]:
         if self.engine is not None:

@@ -845,7 +845,8 @@
       const share = isNum(tier.bytes) && isNum(tier.budget_bytes) && tier.budget_bytes > 0
         ? Math.min(1, tier.bytes / tier.budget_bytes) : null;
       return h('tr', { 'data-tier': tier.name },
-        h('td', { class: 'nowrap' }, h('b', { text: tier.name })),
+        h('td', { class: 'nowrap' }, h('b', { text: tier.name }),
+          tier.shared ? h('span', { class: 'muted', text: tier.up === false ? ' shared · down' : ' shared' }) : null),
         h('td', null,
           h('div', { class: `bar${share !== null && share > 0.9 ? ' high' : ''}`, role: 'meter', 'aria-valuemin': 0,
             'aria-valuemax': 100, 'aria-valuenow': share === null ? null : Math.round(share * 100),

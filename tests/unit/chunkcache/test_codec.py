@@ -15,6 +15,7 @@ from blendgate.chunkcache.defaults import CODEC_LEVELS
 from blendgate.chunkcache.keys import ChunkKey
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.redis_tier import RedisTier
 from blendgate.chunkcache.tiers import DiskTier, MemoryTier
 from blendgate.gateway.config import ChunkCacheSettings
 from hypothesis import given, settings
@@ -214,6 +215,28 @@ def test_the_disk_tier_stores_and_reads_each_codec(tmp_path, name: str, level: i
         assert_within_bound(decoded, kv, (tmp_path / f"{key_of(kv).name}.kv").read_bytes())
     other = "int8" if name != "int8" else "raw"
     assert DiskTier("disk", 1 << 24, tmp_path, Codec(other)).read(key_of(entries[0])) is None
+
+
+@pytest.mark.parametrize(("name", "level"), [("int4", 0), ("cachegen", 1)])
+def test_the_shared_tier_stores_compressed_entries_for_every_replica(redis_server, name: str, level: int) -> None:
+    prefix = f"test:codec:{name}{level}"
+    kv = kv_like(9, tokens=30)
+
+    def replica(codec: Codec) -> ChunkCacheStore:
+        shared = RedisTier(redis_server.url, 1 << 24, key_prefix=prefix, timeout_s=0.5, codec=codec)
+        return ChunkCacheStore([MemoryTier("cpu", 1 << 24, "cpu")], shared=shared)
+
+    first, second, other = replica(Codec(name, level)), replica(Codec(name, level)), replica(Codec())
+    try:
+        first.put(key_of(kv), kv, recompute_cost=30)
+        first.shared.flush()
+        found = second.get(key_of(kv))
+        assert found is not None
+        assert_within_bound(found, kv, Codec(name, level).encode(key_of(kv), kv))
+        assert other.get(key_of(kv)) is None  # a replica set to another codec finds a mismatched entry: a miss
+    finally:
+        for store in (first, second, other):
+            store.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding onto a GPU needs one")

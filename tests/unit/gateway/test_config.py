@@ -79,6 +79,8 @@ api_keys:
         ("chunk_cache:\n  selection:\n    score: loudness\n", "chunk_cache.selection.score"),
         ("chunk_cache:\n  context_documents: 9\n", "chunk_cache.context_documents"),
         ("chunk_cache:\n  fidelity_target: 0\n", "chunk_cache.fidelity_target"),
+        ("chunk_cache:\n  redis:\n    url: cache:6379\n", "chunk_cache.redis.url"),
+        ("chunk_cache:\n  redis:\n    budget_bytes: 0\n", "chunk_cache.redis.budget_bytes"),
         ("metrics:\n  tenant_label: plain\n", "metrics.tenant_label"),
         ("port: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "top level must be a mapping"),

@@ -4,8 +4,8 @@ The README gives a setting's default as a figure in parentheses right after its 
 "`gpu_bytes` (4 GiB)", "`probe_layers` (all)", "`chunk_prefix` (`system`, the default, or `none`)",
 "`retrieval.max_file_bytes` (50 MiB)", "`recompute_ratio` (default 0.15)". This test reads every such figure in
 the README's "Documents and RAG" and "Chunk-caches and blending" sections and compares it with the default of
-the setting of that name, so the two cannot drift apart again; deploy/blendgate.example.yaml, which spells out
-those sections with their defaults, is checked too.
+the setting of that name (the shared tier's under `chunk_cache.redis` too), so the two cannot drift apart again;
+deploy/blendgate.example.yaml, which spells out those sections with their defaults, is checked too.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
-from blendgate.gateway.config import (ChunkCacheSettings, ModelRagConfig, RetrievalSettings, SelectionSettings,
-                                      default_data_dir)
+from blendgate.gateway.config import (ChunkCacheRedisSettings, ChunkCacheSettings, ModelRagConfig,
+                                      RetrievalSettings, SelectionSettings, default_data_dir)
 from pydantic import BaseModel
 from support import REPO
 
@@ -23,15 +23,17 @@ README = REPO / "README.md"
 SECTIONS = ("## Documents and RAG", "## Chunk-caches and blending")
 # Settings models by the prefix a README name may carry; a bare name is looked up in this order.
 MODELS: dict[str, type[BaseModel]] = {"retrieval": RetrievalSettings, "chunk_cache": ChunkCacheSettings,
-                                      "selection": SelectionSettings, "rag": ModelRagConfig}
+                                      "selection": SelectionSettings, "rag": ModelRagConfig,
+                                      "redis": ChunkCacheRedisSettings}
 # Every one of these must be quoted with its default (a figure dropped from the README fails too).
 REQUIRED = {"chunk_tokens", "chunk_overlap_tokens", "approximate_index_threshold", "ivf_nprobe", "max_file_bytes",
             "data_dir", "recompute_ratio", "fidelity_target", "chunk_prefix", "context_documents", "gpu_bytes",
             "cpu_bytes", "disk_bytes", "score", "layer", "probe_layers", "sink_tokens", "gradual", "chunk_budget",
-            "drift_shift", "top_k"}
+            "drift_shift", "top_k", "url", "budget_bytes", "key_prefix", "timeout_s", "retry_s",
+            "write_queue_bytes"}
 # `name` (figure ...: the figure is a `word`, a number with thousands commas, or runs to the first comma,
 # semicolon, colon or closing parenthesis.
-FIGURE = re.compile(r"`(?:(retrieval|chunk_cache|selection|rag)\.)?([a-z_]+)`\s\((?:default\s+)?"
+FIGURE = re.compile(r"`(?:(retrieval|chunk_cache|selection|rag|redis)\.)?([a-z_]+)`\s\((?:default\s+)?"
                     r"(`[^`]*`|\d{1,3}(?:,\d{3})+(?:\.\d+)?|[^,;:)]+)")
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 

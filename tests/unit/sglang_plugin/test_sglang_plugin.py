@@ -174,3 +174,15 @@ def test_fallback_costs_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS", "-1")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS"):
         worker.PluginSettings.from_env()
+
+
+def test_the_shared_redis_tier_comes_from_the_environment(monkeypatch) -> None:
+    settings = worker.PluginSettings.from_env()
+    assert settings.redis_url is None and settings.redis_key_prefix == "blendgate:chunk-kv"  # off, the gateway's
+    monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_BUDGET_GB", "0.5")
+    settings = worker.PluginSettings.from_env()
+    assert settings.redis_url == "redis://cache:6379/0" and settings.redis_budget_bytes == 1 << 29
+    monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_URL", "cache:6379")
+    with pytest.raises(ValueError, match="BLENDGATE_SGLANG_REDIS_URL"):
+        worker.PluginSettings.from_env()
