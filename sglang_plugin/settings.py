@@ -11,12 +11,14 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 - BLENDGATE_SGLANG_REDIS_URL, BLENDGATE_SGLANG_REDIS_BUDGET_GB, BLENDGATE_SGLANG_REDIS_KEY_PREFIX,
   BLENDGATE_SGLANG_REDIS_TIMEOUT_S: the shared chunk-cache tier (chunkcache/redis_tier.py), as the gateway's
   chunk_cache.redis (url, budget_bytes, key_prefix, timeout_s); off unless the URL is set. Give the gateway's
-  URL and key prefix, and the workers and gateway replicas share one another's chunks.
+  URL and key prefix, and the workers and gateway replicas share one another's chunks;
+- BLENDGATE_SGLANG_CODEC, BLENDGATE_SGLANG_CODEC_LEVEL: the shared tier's entries' KV codec (chunkcache/codec/),
+  as the gateway's chunk_cache.codec (name, level): set them alike, since an entry of another codec is a miss.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..chunkcache import defaults as chunk_cache_defaults
@@ -42,6 +44,23 @@ class PluginSettings(BaseSettings):
     redis_budget_gb: float = Field(chunk_cache_defaults.REDIS_BUDGET_BYTES / GIB, gt=0, allow_inf_nan=False)
     redis_key_prefix: str = Field(chunk_cache_defaults.REDIS_KEY_PREFIX, min_length=1)
     redis_timeout_s: float = Field(chunk_cache_defaults.REDIS_TIMEOUT_S, gt=0, allow_inf_nan=False)
+    codec: str = chunk_cache_defaults.DEFAULT_CODEC
+    codec_level: int = Field(0, ge=0)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        if name not in chunk_cache_defaults.CODEC_LEVELS:
+            raise ValueError(f"must be one of {', '.join(chunk_cache_defaults.CODEC_LEVELS)}")
+        return name
+
+    @field_validator("codec_level")
+    @classmethod
+    def _known_level(cls, level: int, info: ValidationInfo) -> int:
+        levels = chunk_cache_defaults.CODEC_LEVELS.get(info.data.get("codec"), 1)
+        if level >= levels:
+            raise ValueError(f"codec {info.data.get('codec')!r} has levels 0..{levels - 1}")
+        return level
 
     @classmethod
     def from_env(cls) -> "PluginSettings":

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from ..chunkcache.codec import Codec
 from ..chunkcache.kv_store import ChunkCacheStore
 from ..chunkcache.redis_tier import RedisTier
 from ..chunkcache.runner import ChunkBlender
@@ -110,7 +111,8 @@ class BlendWorker:
         tiers = [MemoryTier("gpu", settings.gpu_cache_bytes, first.device),
                  MemoryTier("cpu", settings.cpu_cache_bytes, "cpu")]
         shared = RedisTier(settings.redis_url, settings.redis_budget_bytes, key_prefix=settings.redis_key_prefix,
-                           timeout_s=settings.redis_timeout_s) if settings.redis_url else None
+                           timeout_s=settings.redis_timeout_s, codec=Codec(settings.codec, settings.codec_level)
+                           ) if settings.redis_url else None
         self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared),
                                     settings.chunk_prefix)
         self.costs = settings.costs

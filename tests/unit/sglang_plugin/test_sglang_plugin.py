@@ -145,6 +145,16 @@ def test_the_init_hook_attaches_spans_to_prefill_batches_only() -> None:
     assert not hasattr(worker.around_init_new(original, object, plain, None), BATCH_PARAMS_ATTRIBUTE)
 
 
+def test_the_shared_tiers_codec_comes_from_the_environment(monkeypatch) -> None:
+    assert (worker.PluginSettings.from_env().codec, worker.PluginSettings.from_env().codec_level) == ("raw", 0)
+    monkeypatch.setenv("BLENDGATE_SGLANG_CODEC", "cachegen")
+    monkeypatch.setenv("BLENDGATE_SGLANG_CODEC_LEVEL", "2")
+    assert worker.PluginSettings.from_env().codec_level == 2
+    monkeypatch.setenv("BLENDGATE_SGLANG_CODEC_LEVEL", "4")
+    with pytest.raises(ValueError, match="cachegen"):
+        worker.PluginSettings.from_env()
+
+
 def test_store_settings_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BLENDGATE_SGLANG_GPU_CACHE_GB", "0.5")
     monkeypatch.setenv("BLENDGATE_SGLANG_CHUNK_PREFIX", "none")
