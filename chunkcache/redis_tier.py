@@ -7,8 +7,9 @@ entries are not in any replica's bookkeeping (`Tier.entries` knows only what thi
 a `Tier`: it answers `contains`, `read` and `write` over the network.
 
 Layout under `key_prefix` (default "blendgate:chunk-kv"):
-- `<prefix>:kv:<ChunkKey.name>`: the entry, encoded by the framing `Codec` (codec/frame.py: checksum, key and token
-  digest inside), so an entry of another model, prefix or chunk, or a damaged one, is refused: a miss, deleted;
+- `<prefix>:kv:<codec><level>.<ChunkKey.name>`: the entry, encoded by the framing `Codec` (codec/frame.py:
+  checksum, key and token digest inside), so an entry of another model, prefix or chunk, or a damaged one, is
+  refused: a miss, deleted. Replicas set to different codecs keep separate entries (one budget for all);
 - `<prefix>:lru`: a sorted set of entry names by last use (seconds since the epoch, the client's clock);
 - `<prefix>:sizes`: a hash of entry name -> encoded bytes; `<prefix>:bytes`: their sum.
 Writes and removals are Lua scripts, so the byte budget is kept by all replicas together, atomically: a write
@@ -196,8 +197,13 @@ class RedisTier:
         self._writer.start()
 
     # -- keys -----------------------------------------------------------------------------------------------
+    def _member(self, key: ChunkKey) -> str:
+        """The entry's name in the bookkeeping: its codec and level, then the chunk key. Replicas set to other
+        codecs keep separate entries (each reads only its own), rather than refusing and deleting each other's."""
+        return f"{self.codec.kv_codec.name}{self.codec.kv_codec.level}.{key.name}"
+
     def _entry(self, key: ChunkKey) -> str:
-        return f"{self.key_prefix}:kv:{key.name}"
+        return f"{self.key_prefix}:kv:{self._member(key)}"
 
     @property
     def _bookkeeping(self) -> list[str]:
@@ -240,7 +246,7 @@ class RedisTier:
             lru, _, used = self._bookkeeping
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self._entry(key))
-            pipe.zadd(lru, {key.name: time.time()}, xx=True)
+            pipe.zadd(lru, {self._member(key): time.time()}, xx=True)
             pipe.get(used)
             pipe.zcard(lru)
             data, _, used_bytes, entries = pipe.execute(raise_on_error=False)
@@ -282,7 +288,7 @@ class RedisTier:
         try:
             written, evicted, used, entries = self._write_script(
                 keys=[self._entry(key), *self._bookkeeping],
-                args=[data, time.time(), self.budget_bytes, key.name, f"{self.key_prefix}:kv:"])
+                args=[data, time.time(), self.budget_bytes, self._member(key), f"{self.key_prefix}:kv:"])
         except self._errors as exc:
             self._failed(exc)
             return False
@@ -302,7 +308,7 @@ class RedisTier:
         if not self.breaker.allow():
             return
         try:
-            self._remove_script(keys=[self._entry(key), *self._bookkeeping], args=[key.name])
+            self._remove_script(keys=[self._entry(key), *self._bookkeeping], args=[self._member(key)])
         except self._errors as exc:
             self._failed(exc)
             return

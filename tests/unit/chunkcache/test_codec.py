@@ -233,7 +233,12 @@ def test_the_shared_tier_stores_compressed_entries_for_every_replica(redis_serve
         found = second.get(key_of(kv))
         assert found is not None
         assert_within_bound(found, kv, Codec(name, level).encode(key_of(kv), kv))
-        assert other.get(key_of(kv)) is None  # a replica set to another codec finds a mismatched entry: a miss
+        assert other.get(key_of(kv)) is None  # a replica set to another codec keeps entries of its own: a miss
+        other.put(key_of(kv), kv, recompute_cost=30)
+        other.shared.flush()
+        first.tiers[0].remove(key_of(kv))  # not in the first's local memory any more: it reads Redis again
+        first.tiers[0].forget(key_of(kv))
+        assert first.get(key_of(kv)) is not None  # its own entry was not deleted by the other's
     finally:
         for store in (first, second, other):
             store.close()

@@ -92,7 +92,7 @@ def test_the_byte_budget_is_shared_and_least_recently_used_entries_go(redis_serv
         report = second.report()["tiers"][-1]
         assert report["evictions"] == 1 and report["entries"] == 3 and report["bytes"] == 3 * ENCODED
         assert int(client.get(f"{prefix}:bytes")) == 3 * ENCODED and client.zcard(f"{prefix}:lru") == 3
-        assert not client.exists(f"{prefix}:kv:{key(1).name}")
+        assert not client.exists(f"{prefix}:kv:raw0.{key(1).name}")
         # An entry larger than the whole budget is not stored (and evicts nothing).
         big = ChunkKV(torch.arange(64), torch.randn(2, 2, 64, 4), torch.randn(2, 2, 64, 4))
         big_key = ChunkKey.of("m", [1, 2], big.token_ids.tolist())
@@ -109,15 +109,15 @@ def test_a_damaged_or_mismatched_entry_is_a_miss_and_is_deleted(redis_server, pr
     try:
         store.shared.write_now(key(0), kv(0))
         store.shared.write_now(key(1), kv(1))
-        entry = f"{prefix}:kv:{key(0).name}"
+        entry = f"{prefix}:kv:raw0.{key(0).name}"
         data = bytearray(client.get(entry))
         data[-5] ^= 0xFF
         client.set(entry, bytes(data))
         # Another chunk's valid entry under key(1)'s name.
-        client.set(f"{prefix}:kv:{key(1).name}", Codec().encode(key(2), kv(2)))
+        client.set(f"{prefix}:kv:raw0.{key(1).name}", Codec().encode(key(2), kv(2)))
         for n in (0, 1):
             assert store.get(key(n)) is None
-            assert not client.exists(f"{prefix}:kv:{key(n).name}")
+            assert not client.exists(f"{prefix}:kv:raw0.{key(n).name}")
         assert client.zcard(f"{prefix}:lru") == 0 and int(client.get(f"{prefix}:bytes")) == 0
         report = store.report()["tiers"][-1]
         assert report["corrupt"] == 2 and report["up"] and store.stats.misses == 2
@@ -149,7 +149,7 @@ def test_redis_killed_means_local_tiers_only_and_it_comes_back(fresh_redis, pref
         assert store.get(key(4)) is None and store.report()["tiers"][-1]["up"]
         store.put(key(3), kv(3), recompute_cost=16)
         store.shared.flush()
-        assert fresh_redis.client().exists(f"{prefix}:kv:{key(3).name}")
+        assert fresh_redis.client().exists(f"{prefix}:kv:raw0.{key(3).name}")
     finally:
         store.close()
 
