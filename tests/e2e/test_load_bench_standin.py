@@ -4,17 +4,12 @@ give the chunk-cache hit rate."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+from bench_modules import bench_module
 from support import SglangStandin
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "load.py"
-_spec = importlib.util.spec_from_file_location("bench_load", BENCH)
-load = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = load  # dataclasses look their module up there
-_spec.loader.exec_module(load)
+load = bench_module("load.py")
 
 
 def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(workdir: Path, model_cache_dir: Path,

@@ -24,13 +24,6 @@ DOCUMENT_SETS = [[{"id": f"d{i}", "text": f"Note {i}: the lighthouse keeper numb
 
 
 @pytest.fixture(scope="module")
-def redis(redis_executable: str) -> Iterator[RedisServer]:
-    server = RedisServer(redis_executable).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin]]:
     # Launched side by side, then waited for: start-up is most of this module's time.
     started = [SglangStandin(f"replicas-worker-{i}", workdir, model_cache_dir).launch() for i in (1, 2)]
@@ -42,14 +35,14 @@ def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin
 
 
 @pytest.fixture(scope="module")
-def replicas(redis: RedisServer, workers: list[SglangStandin], workdir: Path,
+def replicas(redis_server: RedisServer, workers: list[SglangStandin], workdir: Path,
              model_cache_dir: Path) -> Iterator[list[GatewayProcess]]:
     config = {
         "models": [{"name": "sgl", "backend": "sglang", "workers": [w.url for w in workers], "health_interval_s": 0.3,
                     "read_timeout_s": 30, "max_context_tokens": 2048, "sampling_defaults": GREEDY}],
         "admin_key": ADMIN_KEY,
         "retrieval": {"data_dir": str(workdir / "replicas-collections")},
-        "semantic_cache": {"redis_url": redis.url, "key_prefix": f"bgrep:{uuid.uuid4().hex[:8]}",
+        "semantic_cache": {"redis_url": redis_server.url, "key_prefix": f"bgrep:{uuid.uuid4().hex[:8]}",
                            "redis_retry_s": 0.3},
     }
     started = [GatewayProcess(f"replica-{i}", config, workdir, model_cache_dir) for i in range(3)]

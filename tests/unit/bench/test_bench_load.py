@@ -3,18 +3,12 @@ by hand (a run against a worker: tests/e2e/test_load_bench_standin.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from bench_modules import bench_module
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "load.py"
-_spec = importlib.util.spec_from_file_location("bench_load", BENCH)
-load = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = load  # dataclasses look their module up there
-_spec.loader.exec_module(load)
+load = bench_module("load.py")
 
 
 def test_the_workload_is_seeded_and_its_rag_requests_hold_their_chunks_at_their_spans() -> None:

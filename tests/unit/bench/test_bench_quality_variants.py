@@ -3,17 +3,10 @@ only reuse and blend variants take one (no model loaded here)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_modules import bench_module
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "quality.py"
-_spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-quality = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = quality  # dataclasses look their module up there
-_spec.loader.exec_module(quality)
+quality = bench_module("quality.py")
 
 
 def test_a_codec_suffix_leaves_the_variant_as_it_was() -> None:

@@ -5,19 +5,13 @@ bootstrap and the static thresholds are checked against counts worked out by han
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import bench_module
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "semcache_qqp.py"
-_spec = importlib.util.spec_from_file_location("bench_semcache_qqp", BENCH)
-qqp = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = qqp  # dataclasses look their module up there
-_spec.loader.exec_module(qqp)
+qqp = bench_module("semcache_qqp.py")
 
 DIMENSION = 8
 

@@ -7,18 +7,7 @@ from blendgate.chunkcache.keys import ChunkKey, model_fingerprint
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.tiers import DiskTier, MemoryTier
-
-
-def kv(seed: int, tokens: int = 8) -> ChunkKV:
-    generator = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randint(0, 100, (tokens,), generator=generator),
-                   torch.randn(2, 2, tokens, 4, generator=generator), torch.randn(2, 2, tokens, 4, generator=generator))
-
-
-def key(n: int, model: str = "m") -> ChunkKey:
-    """The key of kv(n): its token digest is that of kv(n)'s token ids, as in real use."""
-    return ChunkKey.of(model, [1, 2], kv(n).token_ids.tolist())
-
+from chunk_entries import key, kv
 
 ENTRY = kv(0).nbytes  # bytes of one entry in memory
 

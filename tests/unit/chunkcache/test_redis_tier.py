@@ -14,17 +14,7 @@ from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.redis_tier import CircuitBreaker, RedisTier
 from blendgate.chunkcache.tiers import MemoryTier
-
-
-def kv(seed: int, tokens: int = 8) -> ChunkKV:
-    generator = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randint(0, 100, (tokens,), generator=generator),
-                   torch.randn(2, 2, tokens, 4, generator=generator), torch.randn(2, 2, tokens, 4, generator=generator))
-
-
-def key(n: int, model: str = "m") -> ChunkKey:
-    return ChunkKey.of(model, [1, 2], kv(n).token_ids.tolist())
-
+from chunk_entries import key, kv
 
 ENCODED = len(Codec().encode(key(0), kv(0)))  # bytes of one entry in Redis
 

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from blendgate.chunkcache.selection import (SelectionRule, compute_share, selected_count, sink_count, targeted_count,
-                                            uniform_counts)
+from blendgate.chunkcache.selection import (
+    SelectionRule,
+    compute_share,
+    selected_count,
+    sink_count,
+    targeted_count,
+    uniform_counts,
+)
 
 
 def test_rules_refuse_settings_that_mean_nothing() -> None:
