@@ -196,7 +196,7 @@ class CacheLookup:
                     result.status, result.reason = "bypass", "store_unavailable"
                     return result
                 continue
-            if not self._verified(query.text, entry, similarity, category):
+            if not self._verified(query.text, entry, similarity, category, policy.load_level):
                 continue
             meta.hits += 1
             meta.last_hit_at = now
@@ -205,12 +205,13 @@ class CacheLookup:
             return result
         return result
 
-    def _verified(self, text: str, entry: CacheEntry, similarity: float, category: str) -> bool:
-        """Whether the verifier lets `entry` (a candidate of `category`) answer `text`; the same question
-        (SAME_QUESTION) always passes. A refusal is counted by category and reason."""
+    def _verified(self, text: str, entry: CacheEntry, similarity: float, category: str, load_level: float) -> bool:
+        """Whether the verifier lets `entry` (a candidate of `category`) answer `text` at the model's
+        `load_level`; the same question (SAME_QUESTION) always passes. A refusal is counted by category and
+        reason."""
         if self.verifier is None or similarity >= SAME_QUESTION:
             return True
-        verdict = self.verifier.verify(text, entry.query, similarity, category)
+        verdict = self.verifier.verify(text, entry.query, similarity, category, load_level)
         if not verdict.accepted:
             self.state.metrics.verifier_rejections.labels(category, verdict.reason).inc()
         return verdict.accepted

@@ -147,7 +147,12 @@ class Verifier:
     the one that comes closest applies, and the metrics and admin stats say the bound is not met (refusing
     on VETO_GUARDS alone instead, as before, served 24% of QQP's held-out duplicates with 12% of hits false:
     worse than one cosine threshold). Only a category without calibration pairs at or above its threshold
-    has no probability threshold: its candidates are refused only when one of VETO_GUARDS fires."""
+    has no probability threshold: its candidates are refused only when one of VETO_GUARDS fires.
+
+    Under load the probability a candidate needs falls with the model's load level as the category's cosine
+    threshold does (policy.effective_policy): threshold * (1 - level), so that at full load only the guards
+    refuse what the category's threshold_under_load lets through: a candidate on which one of VETO_GUARDS
+    fires still needs the full threshold."""
 
     def __init__(self, model: VerifierModel, categories: list[CategoryPolicy]) -> None:
         self.model = model
@@ -163,17 +168,18 @@ class Verifier:
         """The verifier with the weights at `path` (None: the default shipped with the package)."""
         return cls(VerifierModel.load(path or DEFAULT_VERIFIER_FILE), categories)
 
-    def verify(self, query: str, cached: str, cosine: float, category: str) -> Verdict:
-        """Whether the answer cached for question `cached` (of `category`) may answer `query`: always when both
-        have the same wording (`same_wording`), else as the class docstring says."""
+    def verify(self, query: str, cached: str, cosine: float, category: str, load_level: float = 0.0) -> Verdict:
+        """Whether the answer cached for question `cached` (of `category`) may answer `query`, the model being at
+        `load_level` (0 to 1, policy.LoadMonitor.level): always when both have the same wording
+        (`same_wording`), else as the class docstring says."""
         features = pair_features(query, cached, cosine, self.model.rarity)
         probability = float(self.model.probabilities(features.values[None, :])[0])
         if same_wording(query, cached):
             return Verdict(True, probability)
         threshold = self.thresholds.get(category, math.inf)
+        fired = features.guards.fired(VETO_GUARDS)
         if threshold is None:
-            fired = features.guards.fired(VETO_GUARDS)
             return Verdict(fired is None, probability, fired)
-        if probability >= threshold:
+        if probability >= (threshold if fired else threshold * (1 - min(max(load_level, 0.0), 1.0))):
             return Verdict(True, probability)
         return Verdict(False, probability, features.guards.fired() or "classifier")

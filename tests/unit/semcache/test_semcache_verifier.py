@@ -189,6 +189,21 @@ def test_default_calibration_holds_each_category_bound_or_the_tightest(default_v
             assert 0 < calibration.hit_rate <= calibration.unverified_hit_rate
 
 
+def test_load_lowers_the_probability_a_candidate_needs_but_not_past_a_guard() -> None:
+    categories = [CategoryPolicy(name="general", rules=["."], verifier_threshold=0.8)]
+    verifier = Verifier.load(None, categories)
+    added, swapped = ("What is the capital city of France?", "What is the capital of France?"), \
+        ("What is the capital of Germany?", "What is the capital of France?")
+    calm = verifier.verify(*added, 0.92, "general")
+    assert not calm.accepted and calm.reason == "classifier" and 0.4 < calm.probability < 0.8
+    # Half load: the bar is 0.8 * 0.5 = 0.4; full load: 0.
+    assert verifier.verify(*added, 0.92, "general", load_level=0.5).accepted
+    assert verifier.verify(*added, 0.92, "general", load_level=1.0).accepted
+    # A candidate a veto guard fires on needs the full threshold at any load.
+    loaded = verifier.verify(*swapped, 0.92, "general", load_level=1.0)
+    assert not loaded.accepted and loaded.reason == "entities"
+
+
 def test_a_fixed_verifier_threshold_overrides_the_calibrated_one() -> None:
     categories = [CategoryPolicy(name="general", rules=["."], verifier_threshold=0.0),
                   CategoryPolicy(name="strict", rules=["."], verifier_threshold=0.99)]
