@@ -31,12 +31,12 @@ FEATURES = ("cosine", "jaccard", "content_jaccard", "length_ratio", "differing_c
             "numbers", "entities", "negation", "comparison", *WORD_FEATURES)
 # The direction each feature may push the probability of "same question": +1 only up, -1 only down, 0 either.
 # Training keeps to these (verifier_training.fit_logistic). The cosine and the guards' flags have a direction;
-# the word features do not: at a given cosine, more differing words mean a paraphrase the embedding still
-# finds close, a single swapped word one it found close in spite of a changed question ("learn Python" /
-# "learn Java"), the opposite of their direction across all pairs. QQP's different-answer pairs were also
-# picked for their shared words, so near-identical wording would come to mean a different question: the
-# rephrasings trained on besides (rephrasings.py) keep "What's the capital of France?" for "What is the
-# capital of France?". Constraining every feature (as before) left the cosine and three guards alone.
+# the overlap, length and word features do not: at a given cosine, more differing words mean a paraphrase the
+# embedding still finds close, a single swapped word one it found close in spite of a changed question
+# ("learn Python" / "learn Java"), the opposite of their direction across all pairs. QQP's different-answer
+# pairs were also picked for their shared words, so near-identical wording would come to mean a different
+# question: the rephrasings trained on besides (rephrasings.py) keep "What's the capital of France?" for "What
+# is the capital of France?". Constraining every feature (as before) left the cosine and three guards alone.
 FEATURE_SIGNS = (1, 0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0)
 # The guards that refuse a candidate on their own where a category has no calibrated probability. On the
 # QQP tuning pairs at cosine >= 0.905, refusing on a mismatched number, name or negation served 34.6% of the

@@ -56,9 +56,9 @@ class EmbeddedPairs:
 def fit_logistic(x: np.ndarray, y: np.ndarray, signs: tuple[int, ...] | None = None, l2: float = L2,
                  steps: int = 25) -> tuple[np.ndarray, float]:
     """Weights and bias of a logistic regression of labels `y` (0/1, shape (n,)) on standardised features
-    `x` (shape (n, d)), by Newton's method with an L2 penalty `l2` (not on the bias). With `signs` (+1 or -1
-    per feature), a feature whose weight comes out of the other sign is left out (weight 0) and the rest
-    refitted, until every weight keeps to its sign."""
+    `x` (shape (n, d)), by Newton's method with an L2 penalty `l2` (not on the bias). With `signs` (+1, -1, or 0
+    for either, per feature), a feature whose weight comes out of the other sign is left out (weight 0) and the
+    rest refitted, until every weight keeps to its sign."""
     active = np.ones(x.shape[1], dtype=bool)
     while True:
         weights = np.zeros(x.shape[1])
