@@ -49,8 +49,8 @@ class Calibration:
     the one that comes closest (the loosest within CLOSEST_SLACK of the lowest 95% upper bound), and
     `estimate`, `upper` and `hit_rate` are its.
     Without any calibration pair at or above the cosine threshold, `probability` is None and the verifier
-    falls back to its guards alone (verifier.Verifier); `estimate`, `upper` and `hit_rate` are then 0, 1
-    and 0."""
+    falls back to its guards alone (verifier.Verifier); `estimate`, `upper` and `hit_rate` are then the
+    guards' (none: 0, 1, 0)."""
 
     category: str
     bound: float
@@ -72,11 +72,12 @@ class Calibration:
                 "unverified_estimate": round(self.unverified_estimate, 4), "pairs": self.pairs, "met": self.met}
 
 
-SHAPE = (COSINE_BINS, PROBABILITY_BINS, 2)
+SHAPE = (COSINE_BINS, PROBABILITY_BINS, 2, 2)
 
 
 class CalibrationTable:
-    """Labelled pairs as counts[cosine bin, probability bin, same answer (0/1)]."""
+    """Labelled pairs as counts[cosine bin, probability bin, a veto guard fired (verifier.VETO_GUARDS; 0/1),
+    same answer (0/1)]."""
 
     def __init__(self, counts: np.ndarray) -> None:
         if counts.shape != SHAPE:
@@ -84,38 +85,40 @@ class CalibrationTable:
         self.counts = counts.astype(np.int64)
 
     @classmethod
-    def from_pairs(cls, cosines: np.ndarray, probabilities: np.ndarray, same: np.ndarray) -> "CalibrationTable":
-        """From each pair's cosine, verifier probability (held out from its training: cross-fitted) and label
-        (all shape (n,)); pairs below COSINE_FLOOR are left out."""
+    def from_pairs(cls, cosines: np.ndarray, probabilities: np.ndarray, guarded: np.ndarray,
+                   same: np.ndarray) -> "CalibrationTable":
+        """From each pair's cosine, verifier probability (held out from its training: cross-fitted), whether a
+        guard fired and its label (all shape (n,)); pairs below COSINE_FLOOR are left out."""
         keep = cosines >= COSINE_FLOOR
         cosine_bin = np.minimum(((cosines[keep] - COSINE_FLOOR) / (1 - COSINE_FLOOR) * COSINE_BINS).astype(int),
                                 COSINE_BINS - 1)
         probability_bin = np.minimum((probabilities[keep] * PROBABILITY_BINS).astype(int), PROBABILITY_BINS - 1)
         counts = np.zeros(SHAPE, dtype=np.int64)
-        np.add.at(counts, (cosine_bin, probability_bin, same[keep].astype(int)), 1)
+        np.add.at(counts, (cosine_bin, probability_bin, guarded[keep].astype(int), same[keep].astype(int)), 1)
         return cls(counts)
 
     def to_json(self) -> list[list[int]]:
-        """Sparse: [cosine bin, probability bin, same, count] per non-empty cell."""
+        """Sparse: [cosine bin, probability bin, guarded, same, count] per non-empty cell."""
         return [[*map(int, cell), int(self.counts[cell])] for cell in zip(*np.nonzero(self.counts))]
 
     @classmethod
     def from_json(cls, cells: list[list[int]]) -> "CalibrationTable":
         counts = np.zeros(SHAPE, dtype=np.int64)
-        for i, j, k, count in cells:
-            counts[i, j, k] = count
+        for i, j, g, k, count in cells:
+            counts[i, j, g, k] = count
         return cls(counts)
 
     def calibrate(self, category: str, cosine_threshold: float, bound: float) -> Calibration:
         """The lowest probability threshold (a multiple of 0.01) at which the 95% upper bound of the false share
         of hits, among the pairs at or above `cosine_threshold` (to the bin below it), is within `bound`; where
         none is, the loosest within CLOSEST_SLACK of the lowest upper bound and `met` False (without pairs there:
-        None; see Calibration). Hit rates are shares of all the table's same-answer pairs (cosine >=
-        COSINE_FLOOR)."""
+        None, with the shares of the guards alone; see Calibration). Hit rates are shares of all the table's
+        same-answer pairs (cosine >= COSINE_FLOOR)."""
         first = max(0, int((cosine_threshold - COSINE_FLOOR) / (1 - COSINE_FLOOR) * COSINE_BINS + 1e-9))
         same_total = int(self.counts[..., 1].sum())
-        both = self.counts[first:].sum(axis=0)  # [probability bin, same]
-        pairs = int(both.sum())
+        above = self.counts[first:].sum(axis=0)  # [probability bin, guarded, same]
+        pairs = int(above.sum())
+        both = above.sum(axis=1)  # [probability bin, same]
         hits_all, false_all = int(both.sum()), int(both[:, 0].sum())
         unverified_false = false_all / hits_all if hits_all else 0.0
         unverified_hit_rate = (hits_all - false_all) / same_total if same_total else 0.0
@@ -123,17 +126,18 @@ class CalibrationTable:
         hits_at = np.cumsum(both[::-1].sum(axis=1))[::-1]
         false_at = np.cumsum(both[::-1, 0])[::-1]
         uppers = np.array([wilson_upper(int(f), int(h)) if h else np.inf for f, h in zip(false_at, hits_at)])
-
-        def at(k: int, met: bool) -> Calibration:
+        for k in range(PROBABILITY_BINS):
+            hits, false = int(hits_at[k]), int(false_at[k])
+            if hits and uppers[k] <= bound:
+                return Calibration(category, bound, cosine_threshold, k / PROBABILITY_BINS, false / hits, float(uppers[k]),
+                                   (hits - false) / same_total, unverified_hit_rate, unverified_false, pairs, True)
+        if np.isfinite(uppers).any():
+            k = int(np.flatnonzero(uppers <= uppers.min() + CLOSEST_SLACK)[0])
             hits, false = int(hits_at[k]), int(false_at[k])
             return Calibration(category, bound, cosine_threshold, k / PROBABILITY_BINS, false / hits, float(uppers[k]),
-                               (hits - false) / same_total, unverified_hit_rate, unverified_false, pairs, met)
-
-        within = np.flatnonzero(uppers <= bound)
-        if len(within):
-            return at(int(within[0]), True)
-        if np.isfinite(uppers).any():
-            return at(int(np.flatnonzero(uppers <= uppers.min() + CLOSEST_SLACK)[0]), False)
-        # No pair at or above the cosine threshold: nothing to calibrate on.
-        return Calibration(category, bound, cosine_threshold, None, 0.0, 1.0, 0.0, unverified_hit_rate,
-                           unverified_false, pairs, False)
+                               (hits - false) / same_total, unverified_hit_rate, unverified_false, pairs, False)
+        unguarded = above[:, 0].sum(axis=0)  # [same]: what the guards let through
+        hits, false = int(unguarded.sum()), int(unguarded[0])
+        return Calibration(category, bound, cosine_threshold, None, false / hits if hits else 0.0,
+                           wilson_upper(false, hits), int(unguarded[1]) / same_total if same_total else 0.0,
+                           unverified_hit_rate, unverified_false, pairs, False)

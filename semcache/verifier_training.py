@@ -21,10 +21,11 @@ from typing import Callable
 import numpy as np
 
 from .bound import COSINE_FLOOR, CalibrationTable
+from .guards import check
 from .pair_words import WordRarity
 from .rephrasings import rephrasings
 from .tuning import LabelledPair
-from .verifier import FEATURE_SIGNS, FEATURES, VerifierModel, pair_features
+from .verifier import FEATURE_SIGNS, FEATURES, VETO_GUARDS, VerifierModel, pair_features
 
 SEED = 19
 FOLDS = 5
@@ -120,7 +121,8 @@ def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str,
                                      FEATURE_SIGNS)
         held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
     weights, bias = fit_logistic(np.vstack([standard, extra]), np.concatenate([y, ones]), FEATURE_SIGNS)
-    table = CalibrationTable.from_pairs(cos, held, y.astype(bool))
+    guarded = np.array([check(p.query, p.cached).fired(VETO_GUARDS) is not None for p in chosen])
+    table = CalibrationTable.from_pairs(cos, held, guarded, y.astype(bool))
     return VerifierModel(weights, bias, mean, scale, table, source, rarity)
 
 

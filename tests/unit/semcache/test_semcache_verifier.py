@@ -44,7 +44,8 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     same = rng.random(20_000) < 0.5
     # Same-answer pairs score high, different ones low: a higher threshold leaves fewer false hits.
     probabilities = np.clip(np.where(same, rng.normal(0.8, 0.15, same.size), rng.normal(0.3, 0.15, same.size)), 0, 0.999)
-    table = CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, same)
+    guarded = rng.random(same.size) < np.where(same, 0.1, 0.5)  # guards fire more often on different pairs
+    table = CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, guarded, same)
     loose, strict = table.calibrate("factual", 0.9, 0.05), table.calibrate("factual", 0.9, 0.01)
     assert loose.probability is not None and strict.probability is not None
     assert loose.probability < strict.probability and strict.upper <= 0.01 and loose.upper <= 0.05
@@ -64,7 +65,7 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     assert table.calibrate("code", 0.96, 0.05).pairs == 0
     assert table.calibrate("code", 0.96, 0.05).probability is None
     restored = CalibrationTable.from_json(table.to_json())
-    assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2)
+    assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2, 2)
 
 
 def _false_and_hits(probabilities: np.ndarray, same: np.ndarray, threshold: float) -> tuple[int, int]:
