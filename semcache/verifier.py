@@ -38,7 +38,7 @@ FEATURES = ("cosine", "jaccard", "content_jaccard", "length_ratio", "differing_c
 # question: the rephrasings trained on besides (rephrasings.py) keep "What's the capital of France?" for "What
 # is the capital of France?". Constraining every feature (as before) left the cosine and three guards alone.
 FEATURE_SIGNS = (1, 0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0)
-# The guards that refuse a candidate on their own where a category has no calibrated probability. On the
+# The guards that refuse a candidate on their own, unless the operator fixed the category's probability. On the
 # QQP tuning pairs at cosine >= 0.905, refusing on a mismatched number, name or negation served 34.6% of the
 # same-answer pairs with 15.3% of hits false (19.4% on the cosine alone); adding the comparison guard served
 # 29.8% at 15.1%, so it stays a feature of the classifier only.
@@ -143,16 +143,18 @@ class Verdict:
 class Verifier:
     """Decides candidate hits with `model`, per category at the probability threshold its policy fixes
     (CategoryPolicy.verifier_threshold) or else the one calibrated for its false_hit_bound at its threshold.
-    Where no probability threshold holds the bound on the calibration pairs (bound.Calibration.met is False),
-    the one that comes closest applies, and the metrics and admin stats say the bound is not met (refusing
-    on VETO_GUARDS alone instead, as before, served 24% of QQP's held-out duplicates with 12% of hits false:
-    worse than one cosine threshold). Only a category without calibration pairs at or above its threshold
-    has no probability threshold: its candidates are refused only when one of VETO_GUARDS fires.
+    With a calibrated threshold, a candidate on which one of VETO_GUARDS fires is refused on its own (the
+    calibration counts only what they let through, bound.CalibrationTable.calibrate); with a fixed one the
+    probability alone decides. Where no probability threshold holds the bound on the calibration pairs
+    (bound.Calibration.met is False), the one that comes closest applies, and the metrics and admin stats say
+    the bound is not met (refusing on VETO_GUARDS alone instead, as before, served 24% of QQP's held-out
+    duplicates with 12% of hits false: worse than one cosine threshold). A category without calibration pairs
+    at or above its threshold has no probability threshold: only VETO_GUARDS refuse there.
 
     Under load the probability a candidate needs falls with the model's load level as the category's cosine
     threshold does (policy.effective_policy): threshold * (1 - level), so that at full load only the guards
-    refuse what the category's threshold_under_load lets through: a candidate on which one of VETO_GUARDS
-    fires still needs the full threshold."""
+    refuse what the category's threshold_under_load lets through (with a fixed threshold, a candidate on
+    which one of VETO_GUARDS fires still needs all of it)."""
 
     def __init__(self, model: VerifierModel, categories: list[CategoryPolicy]) -> None:
         self.model = model
@@ -162,6 +164,8 @@ class Verifier:
         self.thresholds: dict[str, float | None] = {
             c.name: c.verifier_threshold if c.verifier_threshold is not None else self.calibrations[c.name].probability
             for c in categories if c.cached}
+        # The categories whose threshold the operator fixed: there the guards do not refuse on their own.
+        self.fixed = {c.name for c in categories if c.cached and c.verifier_threshold is not None}
 
     @classmethod
     def load(cls, path: Path | None, categories: list[CategoryPolicy]) -> "Verifier":
@@ -178,8 +182,10 @@ class Verifier:
             return Verdict(True, probability)
         threshold = self.thresholds.get(category, math.inf)
         fired = features.guards.fired(VETO_GUARDS)
+        if fired and category not in self.fixed:
+            return Verdict(False, probability, fired)
         if threshold is None:
-            return Verdict(fired is None, probability, fired)
+            return Verdict(True, probability)
         if probability >= (threshold if fired else threshold * (1 - min(max(load_level, 0.0), 1.0))):
             return Verdict(True, probability)
         return Verdict(False, probability, features.guards.fired() or "classifier")

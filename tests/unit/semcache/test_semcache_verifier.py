@@ -57,8 +57,9 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     unreachable = table.calibrate("factual", 0.9, 0.0001)
     assert not unreachable.met and unreachable.probability is not None and unreachable.upper > 0.0001
     assert 0 < unreachable.hit_rate < loose.unverified_hit_rate
-    uppers = {k: wilson_upper(*_false_and_hits(probabilities, same, k / PROBABILITY_BINS))
-              for k in range(PROBABILITY_BINS) if (probabilities >= k / PROBABILITY_BINS).any()}
+    # Counted: the pairs no veto guard refuses (the verifier refuses those on their own).
+    uppers = {k: wilson_upper(*_false_and_hits(probabilities[~guarded], same[~guarded], k / PROBABILITY_BINS))
+              for k in range(PROBABILITY_BINS) if (probabilities[~guarded] >= k / PROBABILITY_BINS).any()}
     closest = min(k for k, upper in uppers.items() if upper <= min(uppers.values()) + CLOSEST_SLACK)
     assert unreachable.probability == closest / PROBABILITY_BINS and unreachable.upper == uppers[closest]
     # Pairs below a category's cosine threshold do not count for it: no threshold, the guards alone decide.
@@ -148,18 +149,24 @@ def test_default_verifier_accepts_trivial_rephrasings_at_their_real_cosine(defau
         assert verdict.accepted, (category, cosine, verdict)
 
 
-@pytest.mark.parametrize("query, cached", [
-    ("How do I learn Java quickly?", "How do I learn Python quickly?"),
-    ("Why can't I sleep at night?", "Why can I sleep at night?"),
-    ("What can I do with 5 years of experience?", "What can I do with 2 years of experience?"),
+@pytest.mark.parametrize("query, cached, reason", [
+    ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
+    ("Why can't I sleep at night?", "Why can I sleep at night?", "negation"),
+    ("Is it safe to eat eggs during pregnancy?", "Is it not safe to eat eggs during pregnancy?", "negation"),
+    ("What can I do with 5 years of experience?", "What can I do with 2 years of experience?", "numbers"),
+    ("How do I install Python 2 on Ubuntu?", "How do I install Python 3 on Ubuntu?", "numbers"),
     ("Which is the best inpatient rehab center in Appling County?",
-     "Which is the best inpatient rehab center in Towns County?"),
+     "Which is the best inpatient rehab center in Towns County?", "entities"),
 ])
 def test_default_verifier_refuses_near_misses_at_their_real_cosine(default_verifier: Verifier, embedder,
-                                                                   query: str, cached: str) -> None:
+                                                                   query: str, cached: str, reason: str) -> None:
+    # The number, name and negation guards refuse on their own in every category, whatever the probability
+    # ("not safe" is at cosine 0.99, where the classifier alone would let it through).
     vectors = embedder.embed([query, cached])
-    verdict = default_verifier.verify(query, cached, float(vectors[0] @ vectors[1]), "factual")
-    assert not verdict.accepted, verdict
+    cosine = float(vectors[0] @ vectors[1])
+    for category in default_verifier.thresholds:
+        verdict = default_verifier.verify(query, cached, cosine, category)
+        assert not verdict.accepted and verdict.reason == reason, (category, cosine, verdict)
 
 
 @pytest.mark.parametrize("query, cached, reason", [
