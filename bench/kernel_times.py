@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 import triton.testing
-from blendgate.kernels import attention, rope, selection, sparse_attention
+from blendgate.kernels import attention, probe_attention, rope, selection, sparse_attention
 
 
 def ms(fn) -> float:
@@ -47,6 +47,22 @@ def main() -> None:
         ends = sparse_attention.block_ends(chosen, config[0])
         add(f"masked attention 710 x 4192: Triton sparse kernel {config}",
             lambda: sparse_attention.sparse_causal_attention(q, keys, values, chosen, ends, config))
+    for config in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)]:
+        add(f"masked attention 710 x 4192: Triton grouped kernel {config}",
+            lambda: probe_attention.grouped_causal_attention(q, keys, values, chosen, None, *config))
+    # The probe: 32 padding/marker rows and a 32-token question at the end, every layer.
+    probe_rows = torch.cat((torch.randperm(slots - 32, device="cuda")[:32].sort().values,
+                            torch.arange(slots - 32, slots, device="cuda")))
+    probe_q = torch.randn(heads, 64, dim, device="cuda", dtype=torch.bfloat16)
+    weights = torch.ones(64, device="cuda")
+    mass = torch.zeros(slots, device="cuda")
+    probe_plan = attention.plan_sparse(probe_rows, slots)
+    bias = selection.causal_bias(probe_rows[32:], slots, heads // kv_heads, torch.bfloat16)
+    add("probe layer, 64 rows x 4192 (32 vote): sparse kernel + attention mass (before)",
+        lambda: (attention.attend(probe_q, keys, values, probe_plan),
+                 selection.attention_mass(probe_q[:, 32:], keys, probe_rows[32:], slots, out=mass, bias=bias)))
+    add("probe layer, 64 rows x 4192 (32 vote): probe_attention (split slots, mass from the softmax statistics)",
+        lambda: probe_attention.probe_attention(probe_q, keys, values, probe_rows, weights, 32, slots, mass))
     full_q = torch.randn(heads, slots, dim, device="cuda", dtype=torch.bfloat16)
     causal = attention.plan_causal(slots)
     add("causal attention 4192 x 4192: SDPA is_causal", lambda: attention.attend(full_q, keys, values, causal))

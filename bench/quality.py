@@ -52,6 +52,8 @@ RULES: dict[str, dict] = {
     "value-gradual": {"score": "value", "gradual": 2.0},
     "value-sinks": {"score": "value", "sink_tokens": 4},
     "default": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5},  # DEFAULT_RULE, since 2026-11-30
+    "default-p8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 8},
+    "default-p16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 16},
     "attention": {"score": "attention"},
     "attention-p8": {"score": "attention", "probe_layers": 8},
     "attention-p4": {"score": "attention", "probe_layers": 4},
@@ -164,6 +166,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[10], help="passages per prompt (nq only)")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the model's precision: bfloat16 runs the GPU's fast paths (probe graphs, Triton "
+                             "attention) as the gateway does on CUDA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted model is kept")
     parser.add_argument("--model", type=Path, default=None, help="GGUF file or model folder [embedded SmolLM2]")
@@ -192,7 +197,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
-    loaded = load_model(args.model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
+    loaded = load_model(args.model, dtype=args.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
                         cache_dir=cache_dir)
     tokenizer = loaded.tokenizer
     store = ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)])
@@ -249,7 +254,7 @@ def main() -> None:
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, device {loaded.device} "
                              f"({torch.cuda.get_device_name() if loaded.device.type == 'cuda' else 'cpu'}), "
                              f"torch {torch.__version__}",
-                  "questions": args.questions, "seed": args.seed, "max_tokens": args.max_tokens,
+                  "questions": args.questions, "seed": args.seed, "dtype": args.dtype, "max_tokens": args.max_tokens,
                   "chunk_prefix": args.chunk_prefix, "records": records}
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(result))
@@ -328,7 +333,8 @@ def write_table(results: list[dict], out: Path) -> None:
     lines = [f"# Chunk-cache quality benchmark ({first.get('set', 'nq')}), {date.today()}", "",
              f"- command: `{first['command']}`" + (f" ({len(results)} shards run at once)" if len(results) > 1 else ""),
              f"- machine: {first['machine']}; took {max(r['seconds'] for r in results) / 60:.1f} min",
-             f"- model: SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to float32); {first['questions']} questions "
+             f"- model: SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to {first.get('dtype', 'float32')}); "
+             f"{first['questions']} questions "
              f"(seed {first['seed']}); greedy, up to {first['max_tokens']} tokens; KL over up to 16 teacher-forced "
              f"gold-answer tokens; chunk KV computed after: {first.get('chunk_prefix', 'system')}; intervals: 95% "
              "bootstrap over questions (gap closed: paired)", "",

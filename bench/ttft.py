@@ -8,8 +8,10 @@ Models: the real architectures' configs with random bf16 weights (as vLLM's and 
 and optionally SmolLM2-135M-Instruct's real weights (--smollm). Every time is TTFT: from the request's token
 ids (chunk-caches already in their tier) to the first token's id on the host, measured with CUDA events,
 median and p90 over --runs runs after warm-up. Speed-ups are over our own full prefill of the same run.
-The ideal speed-up for recompute ratio r is L / (1 + r (L - 1)): one full layer plus r of each other layer,
-from the measured per-layer time of full prefill. transformers' own model (SDPA) runs the same prompts as the
+The ideal speed-up is 1 / the compute share (chunkcache/selection.py: compute_share, the (chunk token, layer)
+pairs computed); the ideal by rows computed is full prefill's rows over the rows a blend computes (recomputed
+chunk tokens and the question: the system prefix is reused exactly), which counts the question as both do.
+"TTFT / ideal" is the blend's TTFT over full prefill's TTFT divided by the ideal speed-up. transformers' own model (SDPA) runs the same prompts as the
 dense baseline our runner must keep up with.
 
     python bench/ttft.py                                   # Llama-3-8B and Qwen2.5-7B shapes, k = 4 8 16
@@ -106,10 +108,10 @@ class Bench:
     def ids(self, k: int) -> list[int]:
         return self.system + [t for chunk in self.chunks[:k] for t in chunk] + self.question
 
-    def row(self, k: int, label: str, fn, ideal: float | None = None) -> dict:
+    def row(self, k: int, label: str, fn, ideal: float | None = None, ideal_rows: float | None = None) -> dict:
         times = timed(fn, self.runs)
         row = {"model": self.name, "k": k, "row": label, "median": statistics.median(times), "p90": p90(times),
-               "ideal": ideal}
+               "ideal": ideal, "ideal_rows": ideal_rows}
         self.rows.append(row)
         print(f"{self.name} k={k} {label}: {row['median']:.2f} ms (p90 {row['p90']:.2f})", flush=True)
         return row
@@ -154,9 +156,12 @@ class Bench:
                     done = blend_prefill(model, segments, ratio, prefix_kv=prefix_kv, rule=rule, probe_graphs=graphs)
                     label = (f"blend {name} r = {ratio}, chunks in {tier} memory ({done.recomputed_chunk_tokens} "
                              f"of {done.chunk_tokens} recomputed)")
+                    # The ideal by rows: full prefill's time for the rows the blend computes (the recomputed
+                    # chunk tokens and the question; the system prefix is reused exactly).
+                    computed = done.recomputed_chunk_tokens + len(self.question)
                     self.row(k, label, lambda r=ratio, rl=rule, g=graphs: int(blend_prefill(
                         model, segments, r, prefix_kv=prefix_kv, rule=rl, probe_graphs=g).logits.argmax()),
-                             ideal=1 / done.compute_share)
+                             ideal=1 / done.compute_share, ideal_rows=len(ids) / computed)
         for row in self.rows:
             if row["model"] == self.name and row["k"] == k:
                 row["speedup"] = full["median"] / row["median"]
@@ -215,12 +220,17 @@ def smollm_model(path: Path):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | k | row | TTFT median ms | TTFT p90 ms | speed-up over full prefill | ideal speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | k | row | TTFT median ms | TTFT p90 ms | speed-up over full prefill | ideal speed-up | "
+             "TTFT / ideal | ideal by rows computed | TTFT / ideal by rows |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ideal = f"{r['ideal']:.2f}x" if r.get("ideal") else "-"
+        by_rows = f"{r['ideal_rows']:.2f}x" if r.get("ideal_rows") else "-"
+        # TTFT over the ideal's TTFT (full prefill's TTFT / ideal speed-up) = ideal speed-up / speed-up.
+        over = f"{r['ideal'] / r['speedup']:.2f}" if r.get("ideal") and r.get("speedup") else "-"
+        over_rows = f"{r['ideal_rows'] / r['speedup']:.2f}" if r.get("ideal_rows") and r.get("speedup") else "-"
         lines.append(f"| {r['model']} | {r['k']} | {r['row']} | {r['median']:.2f} | {r['p90']:.2f} | "
-                     f"{r.get('speedup', 0):.2f}x | {ideal} |")
+                     f"{r.get('speedup', 0):.2f}x | {ideal} | {over} | {by_rows} | {over_rows} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
@@ -29,8 +30,16 @@ from ..kernels.rope import place, rope_store, rotate
 from ..kernels.selection import deviation
 from .kv import ChunkKV
 from .probe import ProbeGraphs, probe_eager
-from .selection import (DEFAULT_RULE, SelectionRule, aligned_count, compute_share, selected_count, sink_count,
-                        targeted_count, uniform_counts)
+from .selection import (
+    DEFAULT_RULE,
+    SelectionRule,
+    aligned_count,
+    compute_share,
+    selected_count,
+    sink_count,
+    targeted_count,
+    uniform_counts,
+)
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
@@ -158,39 +167,62 @@ class ChunkLoader:
 
 @dataclass
 class _Layout:
-    """A prompt's rows as blending sees them, all known on the host. Row indices are local to the computed
-    rows, which start after the exact prefix (`exact` rows reused as they are)."""
+    """A prompt's rows as blending sees them, all known on the host: index tensors (long, CPU) built with
+    numpy from the segments' spans, uploaded to the GPU in one copy (`upload`)."""
 
-    ids: list[int]
-    exact: int
-    chunk_rows: list[int]  # global slots of chunk tokens, in order
-    other_rows: list[int]  # global slots of computed non-chunk tokens (markers, question), in order
-    vote_rows: list[int]  # global slots of the last segment (the question): the rows that score chunks
+    ids: torch.Tensor  # [total] the prompt's token ids
+    exact: int  # leading rows reused exactly (the prefix)
+    chunk_rows: torch.Tensor  # global slots of chunk tokens, in order
+    other_rows: torch.Tensor  # global slots of computed non-chunk tokens (markers, question), in order
+    vote_rows: torch.Tensor  # global slots of the last segment (the question): the rows that score chunks
+    chunk_of: torch.Tensor  # [total] each slot's chunk index (in order), -1 outside chunks
     chunk_lengths: list[int]  # tokens of each chunk, in order
     placements: list[tuple[ChunkKV, int]]
 
+    @property
+    def total(self) -> int:
+        return int(self.ids.shape[0])
+
+    def upload(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token ids, other rows - exact, chunk rows - exact, chunk_of) on `device`: one copy from pinned
+        memory, queued behind the stream's work rather than waiting for it (a copy from pageable memory would
+        hold the host until the GPU is idle)."""
+        parts = (self.ids, self.other_rows - self.exact, self.chunk_rows - self.exact, self.chunk_of)
+        host = torch.cat(parts)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True).split([part.shape[0] for part in parts])
+
 
 def _layout(segments: list, prefix_kv: ChunkKV | None) -> _Layout:
-    if not segments or isinstance(segments[-1], ChunkKV) or not segments[-1]:
+    if not segments or isinstance(segments[-1], ChunkKV) or not len(segments[-1]):
         raise ValueError("blending needs computed tokens (the question) after the last chunk")
     exact = 0  # leading rows whose KV is reused exactly
     if prefix_kv is not None:
         if isinstance(segments[0], ChunkKV) or list(segments[0]) != prefix_kv.token_ids.tolist():
             raise ValueError("prefix_kv must be the KV of the first segment's tokens")
         exact = prefix_kv.length
-    ids, placements, chunk_rows, other_rows, lengths = [], [], [], [], []
+    ids, chunk_spans, other_spans, placements, lengths = [], [], [], [], []
+    total = 0
     for segment in segments:
-        start = len(ids)
+        start = total
         if isinstance(segment, ChunkKV):
-            ids += segment.token_ids.tolist()
+            ids.append(segment.token_ids.numpy().astype(np.int64, copy=False))
+            total += segment.length
             placements.append((segment, start))
-            chunk_rows += range(start, len(ids))
+            chunk_spans.append(np.arange(start, total))
             lengths.append(segment.length)
         else:
-            ids += list(segment)
-            other_rows += range(max(start, exact), len(ids))
-    vote = list(range(len(ids) - len(segments[-1]), len(ids)))
-    return _Layout(ids, exact, chunk_rows, other_rows, vote, lengths, placements)
+            ids.append(np.asarray(segment, dtype=np.int64))
+            total += len(segment)
+            other_spans.append(np.arange(max(start, exact), total))
+    chunk_of = np.full(total, -1, dtype=np.int64)
+    for index, (kv, start) in enumerate(placements):
+        chunk_of[start: start + kv.length] = index
+    joined = lambda spans: torch.from_numpy(np.concatenate(spans) if spans else np.zeros(0, np.int64))  # noqa: E731
+    vote = torch.arange(total - len(segments[-1]), total)
+    return _Layout(joined(ids), exact, joined(chunk_spans), joined(other_spans), vote, torch.from_numpy(chunk_of),
+                   lengths, placements)
 
 
 def _fresh_deviation(model: LlamaFamilyModel, rule: SelectionRule, layer: int, qkv: torch.Tensor, cache: KVCache,
@@ -215,15 +247,12 @@ class _DriftShift:
 
     PRIOR_WEIGHT = 4.0  # recomputed tokens' worth of the all-chunks mean in each chunk's estimate
 
-    def __init__(self, model: LlamaFamilyModel, cache: KVCache, layout: "_Layout", cos: torch.Tensor,
-                 sin: torch.Tensor, strength: float) -> None:
+    def __init__(self, model: LlamaFamilyModel, cache: KVCache, chunks: int, chunk_of: torch.Tensor,
+                 chunk_slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strength: float) -> None:
+        """chunk_of [total] long: each slot's chunk (-1 outside chunks); chunk_slots: the chunk tokens' slots;
+        both on the cache's device."""
         self.model, self.cache, self.cos, self.sin, self.strength = model, cache, cos, sin, strength
-        device = cache.keys.device
-        self.chunks = len(layout.chunk_lengths)
-        self.chunk_of = torch.full((len(layout.ids),), -1, dtype=torch.long, device=device)
-        for index, (kv, start) in enumerate(layout.placements):
-            self.chunk_of[start: start + kv.length] = index
-        self.chunk_slots = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device)
+        self.chunks, self.chunk_of, self.chunk_slots = chunks, chunk_of, chunk_slots
         self.recomputed = self.rows = self.weights = self.stale = self.stale_chunk = None
         self.deltas = self.mean = self.members = None
         self.measure_layer = model.num_layers // 2
@@ -234,7 +263,9 @@ class _DriftShift:
         self.recomputed, self.rows = recomputed, rows
         count = recomputed.shape[0]
         which = self.chunk_of[recomputed]
-        members = torch.nn.functional.one_hot(which, self.chunks).t().float()  # [chunks, recomputed]
+        # [chunks, recomputed] one-hot (F.one_hot checks its input on the host: a wait for the GPU)
+        members = torch.zeros(self.chunks, count, dtype=torch.float32, device=recomputed.device)
+        members.scatter_(0, which[None], 1.0)  # a scalar argument: no host-to-device copy to wait for
         counts = members.sum(dim=1, keepdim=True)
         self.members = members / counts  # each chunk's average over its recomputed tokens (NaN: none)
         # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
@@ -244,9 +275,11 @@ class _DriftShift:
         self.weights = weights.expand(2 * kv_heads, *weights.shape).contiguous()
         self.deltas = torch.empty(2 * kv_heads, count, head_dim, dtype=torch.float32, device=recomputed.device)
         self.mean = torch.empty(2 * kv_heads, self.chunks, head_dim, dtype=torch.float32, device=recomputed.device)
-        fresh = torch.zeros_like(self.chunk_of, dtype=torch.bool)
-        fresh[recomputed] = True
-        self.stale = self.chunk_slots[~fresh[self.chunk_slots]]
+        fresh = torch.zeros_like(self.chunk_of, dtype=torch.int8).index_fill_(0, recomputed, 1)
+        # The chunk slots not recomputed, in order: a stable sort puts them first, and their count is known
+        # (a boolean mask would wait for the GPU to count them).
+        order = torch.sort(fresh[self.chunk_slots], stable=True).indices[: self.chunk_slots.shape[0] - count]
+        self.stale = self.chunk_slots[order]
         self.stale_chunk = self.chunk_of[self.stale]
 
     def store_and_correct(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -332,21 +365,19 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     if target_fidelity is not None and rule.gradual > 1.0:
         raise ValueError("gradual filtering has a fixed budget: it does not take a fidelity target")
     layout = _layout(segments, prefix_kv)
-    exact, ids = layout.exact, layout.ids
+    exact = layout.exact
     device = model.device
     mark("start")
-    total, chunk_tokens = len(ids), len(layout.chunk_rows)
+    total, chunk_tokens = layout.total, len(layout.chunk_rows)
     if row_alignment is None:
         row_alignment = GPU_ROW_ALIGNMENT if device.type == "cuda" else 1
     cap = selected_count(chunk_tokens, recompute_ratio)
     count = aligned_count(cap, len(layout.other_rows), chunk_tokens, row_alignment)
     targeted = target_fidelity is not None and 0 < cap
     everything = count == chunk_tokens and not targeted  # r = 1: full prefill, computed as such
+    token_ids, other, chunk, chunk_of = layout.upload(device)
     positions = torch.arange(total, device=device)
-    cos, sin = model.rope(positions)
-    token_ids = torch.tensor(ids, device=device)
-    other = torch.tensor(layout.other_rows, dtype=torch.long, device=device) - exact
-    chunk = torch.tensor(layout.chunk_rows, dtype=torch.long, device=device) - exact
+    cos, sin = model.rope_table(total)
 
     scoring = count > 0 and not everything
     query_aware = scoring and rule.query_aware
@@ -400,7 +431,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
             count = min(count, cap)
         return chunk[_choose(rule, score, count, layout.chunk_lengths)]
 
-    shift = _DriftShift(model, cache, layout, cos, sin, rule.drift_shift) if rule.drift_shift else None
+    shift = _DriftShift(model, cache, len(layout.chunk_lengths), chunk_of, chunk + exact, cos, sin,
+                        rule.drift_shift) if rule.drift_shift else None
     plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
     hidden = torch.nn.functional.embedding(token_ids[exact:], model.embed_tokens)
     slots, active_cos, active_sin = positions[exact:], cos[exact:], sin[exact:]  # slot j holds position j

@@ -8,7 +8,9 @@ A3 arXiv 2511.17560). The rows' KV written here is overwritten by the blend's ow
 A few dozen rows through every layer leave a GPU idle between the host's launches: about 15 launches a layer
 cost 20.6 ms of host time on the H200 for Llama-3-8B shapes, against 3.5 ms of weight reads
 (bench/results/ttft-2026-11-30.md). `ProbeGraphs` captures each layer of the pass in a CUDA graph, as SGLang
-and vLLM do for decoding, for shapes padded to buckets:
+and vLLM do for decoding, with the rows' attention and the voting rows' attention mass in one pass over the
+slots (kernels/probe_attention.py: split over the slots, the mass from the softmax's statistics; 98 us a layer
+against 210 us for the sparse kernel and attention_mass apart), for shapes padded to buckets:
 
 - rows: padded at the front to a multiple of ROW_BUCKET with rows at position 0 that write their KV to
   scratch slots past the prompt and vote for nothing (weight 0);
@@ -17,7 +19,9 @@ and vLLM do for decoding, for shapes padded to buckets:
   query, so the causal mask hides them (and they hold finite numbers: the arena starts zeroed).
 
 Graphs read and write fixed addresses, so the pass runs on one KV cache per model (the arena), which the blend
-then copies into the request's own cache (a copy of the prompt's KV, ~0.2 ms for 4k tokens of Llama-3-8B).
+then copies into the request's own cache (a copy of the prompt's KV, 0.65 ms for 4k tokens of Llama-3-8B on
+the H200). Launching the attention outside the graphs instead, on the request's own cache, measured slower:
+five Triton launches a layer cost more host time (~35 us each) than the layer's GPU time.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ import torch
 from cachetools import LRUCache
 
 from ..engine.llama import KVCache, LlamaFamilyModel
-from ..kernels import sparse_attention
-from ..kernels.attention import AttentionPlan, plan_sparse
-from ..kernels.settings import kernel_settings
+from ..kernels import probe_attention as fused
+from ..kernels.attention import plan_sparse
+from ..kernels.probe_attention import probe_attention
 from ..kernels.rope import rope_store
 from ..kernels.selection import attention_mass, causal_bias
+from ..kernels.settings import kernel_settings
 
 
 def probe_eager(model: LlamaFamilyModel, ids: torch.Tensor, rows: torch.Tensor, votes: int, total: int,
@@ -80,9 +85,8 @@ class _Inputs:
     positions: torch.Tensor  # [rows] long: each row's position (0 for padding)
     cos: torch.Tensor  # [rows, head_dim]
     sin: torch.Tensor
-    ends: torch.Tensor  # the sparse attention kernel's per-block reach
-    bias: torch.Tensor  # [group * votes, slots]: the voting rows' causal mask
-    weights: torch.Tensor  # [votes] float32: 1 for the question's rows, 0 for padding
+    weights: torch.Tensor  # [rows] float32: 1 for the question's rows, 0 for the other rows and padding
+    attention: torch.Tensor  # [rows, heads * head_dim]: the layer's attention output
     mass: torch.Tensor  # [slots] float32: the result
 
 
@@ -111,7 +115,7 @@ class ProbeGraphs:
     @staticmethod
     def usable(model: LlamaFamilyModel) -> bool:
         return (model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
-                and sparse_attention.triton is not None and sparse_attention_wanted())
+                and fused.triton is not None and sparse_attention_wanted())
 
     @classmethod
     def for_model(cls, model: LlamaFamilyModel) -> "ProbeGraphs":
@@ -167,55 +171,52 @@ class ProbeGraphs:
                                                           model.embed_tokens))
         inputs.cos.copy_(cos[positions])
         inputs.sin.copy_(sin[positions])
-        inputs.ends.copy_(sparse_attention.block_ends(positions))
-        voting = positions[padded_rows - padded_votes:]
-        inputs.bias.copy_(causal_bias(voting, slots, model.heads // model.kv_heads, model.dtype))
-        inputs.weights.zero_()[padded_votes - votes:] = 1.0
+        inputs.weights.zero_()[padded_rows - votes:] = 1.0
         inputs.mass.zero_()
         for layer in range(layers):
             ready(layer)
             graphs[layer].replay()
         return inputs.mass[:total]
 
-    def _layer(self, inputs: _Inputs, layer: int, padded_votes: int) -> None:
-        """One layer of the probe on the fixed inputs (what each graph holds)."""
+    def _layer(self, inputs: _Inputs, layer: int, first_vote: int) -> None:
+        """One layer of the probe on the fixed inputs (what each graph holds): the rows' attention output and
+        the voting rows' attention mass in one pass over the slots (kernels/probe_attention.py)."""
         model, arena = self.model, self.arena
         slots = inputs.mass.shape[0]
         qkv = model.project_qkv(layer, inputs.hidden)
         q = rope_store(qkv, model.heads, inputs.cos, inputs.sin, arena.keys[layer], arena.values[layer],
                        inputs.slots)
-        attention_mass(q[:, q.shape[1] - padded_votes:], arena.keys[layer], None, slots, out=inputs.mass,
-                       bias=inputs.bias, weights=inputs.weights)
+        # Written as [heads, rows, head_dim] into a row-major buffer: the output projection reads it as is.
+        out = inputs.attention.view(q.shape[1], model.heads, model.head_dim).transpose(0, 1)
+        probe_attention(q, arena.keys[layer], arena.values[layer], inputs.positions, inputs.weights, first_vote,
+                        slots, inputs.mass, out=out)
         if layer + 1 < model.num_layers:
-            plan = AttentionPlan("sparse", slots, query_positions=inputs.positions, block_ends=inputs.ends)
-            inputs.hidden.copy_(model.finish_layer(layer, inputs.hidden, model.attend(layer, q, arena, plan)))
+            inputs.hidden.copy_(model.finish_layer(layer, inputs.hidden, inputs.attention))
 
     def _capture(self, key: tuple[int, int, int]) -> tuple[_Inputs, list[torch.cuda.CUDAGraph]]:
         model = self.model
         slots, padded_rows, padded_votes = key
         device, dtype = model.device, model.dtype
-        group = model.heads // model.kv_heads
         positions = torch.zeros(padded_rows, dtype=torch.long, device=device)
         inputs = _Inputs(
             hidden=torch.zeros(padded_rows, model.embed_tokens.shape[1], dtype=dtype, device=device),
             slots=slots + torch.arange(padded_rows, device=device), positions=positions,
             cos=torch.ones(padded_rows, model.head_dim, dtype=dtype, device=device),
             sin=torch.zeros(padded_rows, model.head_dim, dtype=dtype, device=device),
-            ends=sparse_attention.block_ends(positions),
-            bias=torch.zeros(group * padded_votes, slots, dtype=dtype, device=device),
-            weights=torch.zeros(padded_votes, dtype=torch.float32, device=device),
+            weights=torch.zeros(padded_rows, dtype=torch.float32, device=device),
+            attention=torch.zeros(padded_rows, model.heads * model.head_dim, dtype=dtype, device=device),
             mass=torch.zeros(slots, dtype=torch.float32, device=device))
         # Warm up on a side stream (compiles the Triton kernels, sets up cuBLAS), then capture layer by layer.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for layer in range(model.num_layers):
-                self._layer(inputs, layer, padded_votes)
+                self._layer(inputs, layer, padded_rows - padded_votes)
         torch.cuda.current_stream(device).wait_stream(side)
         graphs = []
         for layer in range(model.num_layers):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._layer(inputs, layer, padded_votes)
+                self._layer(inputs, layer, padded_rows - padded_votes)
             graphs.append(graph)
         return inputs, graphs

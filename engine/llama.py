@@ -137,6 +137,7 @@ class LlamaFamilyModel:
         self.layers = [LayerWeights.stacked(weights, f"model.layers.{i}.") for i in range(self.num_layers)]
         # transformers' own rotary module covers every RoPE scaling type a config can name.
         self.rotary = LlamaRotaryEmbedding(config).to(device)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_transformers(cls, model: torch.nn.Module) -> "LlamaFamilyModel":
@@ -191,6 +192,18 @@ class LlamaFamilyModel:
         """cos, sin for these positions: [tokens, head_dim]."""
         cos, sin = self.rotary(self.final_norm, positions[None])
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..length-1 ([length, head_dim] views of a table kept by the model, grown to
+        twice the longest asked for): the same numbers as rope(arange(length)) without recomputing them each
+        request. Rotations that depend on the sequence length (dynamic scaling, LongRoPE) are computed for it."""
+        if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            return self.rope(torch.arange(length, device=self.device))
+        table = self._rope_table
+        if table is None or table[0].shape[0] < length:
+            positions = torch.arange(max(2 * length, 4096), device=self.device)
+            table = self._rope_table = self.rope(positions)
+        return table[0][:length], table[1][:length]
 
     def project_qkv(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Queries, keys (both before the position rotation, so keys can be placed at any position later) and

@@ -12,6 +12,7 @@ from prometheus_client import Counter
 from . import __version__
 from .config import Settings
 from .errors import install_error_handlers
+from .lifecycle import Lifecycle
 from .limits import BodySizeLimit
 from .metrics.middleware import RequestCounter
 from .openapi import install_openapi
@@ -19,15 +20,16 @@ from .routers import admin, chat, collections, health, models, semantic_cache
 from .state import STATE_KEY, build_state
 
 
-def create_app(settings: Settings, on_fatal: Callable[[], None]) -> FastAPI:
+def create_app(settings: Settings, on_fatal: Callable[[], None], lifecycle: Lifecycle | None = None) -> FastAPI:
     """The gateway. `on_fatal` is called when a part it cannot serve without fails to load in the background
-    (the document collections): the caller stops the server and exits non-zero."""
+    (the document collections): the caller stops the server and exits non-zero. `lifecycle`: the process's run
+    state, which the caller's signal handling sets draining (gateway/lifecycle.py)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Nothing here waits for loading, so the port opens at once: models, collections and the semantic
         # cache load in the background, and /healthz answers 503 "loading" until all are ready.
-        state = build_state(settings)
+        state = build_state(settings, lifecycle)
         loading = await state.start(on_fatal)
         yield {STATE_KEY: state}
         await state.close(loading)

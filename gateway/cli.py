@@ -64,6 +64,8 @@ def serve(
     import uvicorn
 
     from .app import create_app
+    from .lifecycle import Lifecycle
+    from .server import DrainingServer
 
     logging.getLogger("blendgate.gateway").info(
         "blendgate %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
@@ -74,9 +76,11 @@ def serve(
         nonlocal failed
         failed = server.should_exit = True
 
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(settings, on_fatal=stop), host=settings.host, port=settings.port, log_level=settings.log_level,
-        log_config=None, timeout_graceful_shutdown=5))
+    lifecycle = Lifecycle()
+    server = DrainingServer(uvicorn.Config(
+        create_app(settings, on_fatal=stop, lifecycle=lifecycle), host=settings.host, port=settings.port,
+        log_level=settings.log_level, log_config=None, timeout_graceful_shutdown=settings.shutdown.grace_s),
+        lifecycle, settings.shutdown.drain_delay_s)
     server.run()
     if failed or not server.started:
         raise typer.Exit(code=1)

@@ -12,23 +12,42 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, SecretStr, Tag, ValidationError,
-                      field_validator, model_validator)
-from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
-                               YamlConfigSettingsSource)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
+from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
-from ..chunkcache import defaults as chunk_cache_defaults
-from ..engine.prompt import (DEFAULT_CHUNK_PREFIX, DEFAULT_CONTEXT_DOCUMENTS, DEFAULT_RECOMPUTE_RATIO, ChunkPrefix,
-                             PrefillMode)
+from ..engine.prompt import (
+    DEFAULT_CHUNK_PREFIX,
+    DEFAULT_CONTEXT_DOCUMENTS,
+    DEFAULT_RECOMPUTE_RATIO,
+    ChunkPrefix,
+    PrefillMode,
+)
 from ..retriever import defaults as retrieval_defaults
-from .backends.routing import DEFAULT_REMEMBERED_CHUNKS
-from .rag_template import CONTEXT_DOCUMENTS
-from .redaction import MASK, redact
 from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
+from .rag_template import CONTEXT_DOCUMENTS
+from .redaction import MASK, redact
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -250,11 +269,10 @@ class SglangModelConfig(_Strict):
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
     # Neutral documents the worker computes each chunk's KV after (sent with the request).
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
-    # Cache-affinity routing sends a request to the worker that served most of its chunks, unless that worker
-    # has this many more requests in flight than the least busy one.
+    # Cache-affinity routing (gateway/backends/routing.py) sends a request to its first chunk's home worker by
+    # rendezvous hashing, alike in every replica, unless that worker has this many more requests in flight than
+    # the least busy one.
     max_imbalance: int = Field(4, ge=0)
-    # Chunk digests the router remembers per worker (least recently sent forgotten past it).
-    remembered_chunks: int = Field(DEFAULT_REMEMBERED_CHUNKS, ge=1)
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     rag: ModelRagConfig | None = None
 
@@ -350,12 +368,23 @@ def _default_models() -> list[Any]:
     return [LocalModelConfig(name=EMBEDDED_MODEL_NAME, sampling_defaults=SamplingDefaults(temperature=0.2, top_p=0.9))]
 
 
+class ShutdownSettings(_Strict):
+    """How the gateway stops on SIGTERM (gateway/lifecycle.py): /healthz answers 503 "draining" at once; requests
+    are still served for `drain_delay_s` (set it to the time your load balancer takes to stop routing to a
+    replica that is not ready, e.g. 5-10 s on Kubernetes); then the listener closes and requests in flight get
+    up to `grace_s` to finish before they are cut."""
+
+    drain_delay_s: float = Field(0.0, ge=0.0, le=300.0)
+    grace_s: float = Field(30.0, ge=0.0, le=3600.0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLENDGATE_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown: ShutdownSettings = ShutdownSettings()
     cache_dir: Path = Field(default_factory=default_cache_dir)
     models: list[ModelConfig] = Field(default_factory=_default_models)
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)

@@ -93,7 +93,7 @@ class ComponentState(_Open):
 class Health(BaseModel):
     """`GET /healthz`: 200 when every model is ready, else 503 with the same body."""
 
-    status: Literal["ready", "loading", "degraded", "failed"]
+    status: Literal["ready", "loading", "degraded", "failed", "draining"]
     models: dict[str, ComponentState]
     retrieval: ComponentState
     semantic_cache: ComponentState

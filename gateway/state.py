@@ -22,6 +22,7 @@ from ..retriever.service import CorruptIndexError, Retriever
 from ..semcache.cache import SemanticCache
 from ..semcache.metrics import SemanticCacheMetrics, TenantLabel
 from ..semcache.policy import LoadMonitor
+from .answer_cache import AnswerCache, build_semantic_cache, model_fingerprints
 from .auth import AdminAuth, ApiKeyAuth
 from .backends.base import ChatBackend
 from .backends.local import LocalBackend
@@ -29,12 +30,12 @@ from .backends.sglang import SglangBackend
 from .backends.upstream import LitellmBackend
 from .chat import ChatService
 from .config import LocalModelConfig, Settings, SglangModelConfig
+from .lifecycle import Lifecycle
 from .loadable import Loadable
 from .metrics.admin_stats import snapshot
 from .metrics.live import LiveStateCollector
 from .metrics.series import GatewayMetrics
 from .rag import RagPlanner, build_retriever
-from .answer_cache import AnswerCache, build_semantic_cache, model_fingerprints
 from .stats_history import StatsHistory
 
 log = logging.getLogger("blendgate.gateway")
@@ -92,6 +93,7 @@ class AppState:
     auth: ApiKeyAuth
     admin: AdminAuth
     history: StatsHistory  # the admin charts' recent past
+    lifecycle: Lifecycle  # draining or not (cli.serve's signals -> /healthz)
 
     async def start(self, on_fatal: Callable[[], None]) -> asyncio.Task:
         """Start the backends and the background loading; returns at once, with the loading task (for
@@ -145,8 +147,9 @@ class AppState:
         await asyncio.gather(*(backend.close() for backend in self.backends.values()), return_exceptions=True)
 
 
-def build_state(settings: Settings) -> AppState:
-    """The whole application state for these settings, nothing started or loaded yet (AppState.start)."""
+def build_state(settings: Settings, lifecycle: Lifecycle | None = None) -> AppState:
+    """The whole application state for these settings, nothing started or loaded yet (AppState.start);
+    `lifecycle`: the process's run state, shared with whoever handles its signals."""
     backends = build_backends(settings)
     registry = CollectorRegistry()
     tenant_label = TenantLabel(settings.metrics.tenant_label)
@@ -164,4 +167,4 @@ def build_state(settings: Settings) -> AppState:
                     backends=backends, load=load, retriever=retriever, semantic_cache=semantic, rag=rag,
                     answer_cache=answer_cache, chat=chat, auth=ApiKeyAuth(settings.tenants_by_key()),
                     admin=AdminAuth(settings.resolved_admin_key()),
-                    history=StatsHistory(lambda: snapshot(metrics)))
+                    history=StatsHistory(lambda: snapshot(metrics)), lifecycle=lifecycle or Lifecycle())

@@ -6,7 +6,8 @@ Four shapes occur, and each goes to the fastest kernel that computes it exactly:
 - "all": one decoded token that sees every slot -> SDPA without a mask;
 - "sparse": queries at any positions over slots that hold positions in order (slot j = position j), each
   seeing the slots up to its own position: blending's selected tokens, a prompt continuing a cached
-  prefix. On CUDA the Triton kernel of sparse_attention.py (flex_attention measured slower there);
+  prefix. On CUDA a Triton kernel (settings.py's sparse_kernel: probe_attention.grouped_causal_attention by
+  default where its blocks fill the GPU, else sparse_attention.py's; flex_attention measured slower there);
 - "masked": the general case, slots in any order: flex_attention with a block mask built from the positions
   on CUDA (blocks wholly in a query block's future skipped, wholly visible ones unmasked), SDPA with a
   boolean mask elsewhere. BLENDGATE_ATTENTION=flex or sdpa (settings.py) sends the sparse shape here too.
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import sparse_attention
+from . import probe_attention, sparse_attention
 from .settings import kernel_settings
 
 BLOCK = 128  # flex_attention's block size (queries and keys)
@@ -145,6 +146,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Atte
     if plan.kind == "sparse" and sparse_attention.supported(q, keys):
         # Written token-major, so the caller's [tokens, heads * head_dim] view of it needs no copy.
         out = torch.empty((q.shape[1], q.shape[0], q.shape[2]), dtype=q.dtype, device=q.device).transpose(0, 1)
+        if kernel_settings().sparse_kernel == "grouped" and probe_attention.grouped_fills_gpu(
+                q.shape[0], keys.shape[0], q.shape[1]):
+            return probe_attention.grouped_causal_attention(q, keys, values, plan.query_positions, out=out)
         return sparse_attention.sparse_causal_attention(q, keys, values, plan.query_positions, plan.block_ends,
                                                         out=out)
     if plan.block_mask is not None:

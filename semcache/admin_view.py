@@ -13,17 +13,20 @@ from typing import Any
 
 from .answer_store import StoreUnavailable
 from .entries import CacheEntry, CorruptEntry
+from .feedback import FeedbackLearner
 from .index import IndexedEntry
 from .state import CacheState
 from .verifier import Verifier
 
 
 class AdminView:
-    """Reads one replica's CacheState (and its verifier, None when off) for operators."""
+    """Reads one replica's CacheState (and its verifier and feedback learner, None when off) for operators."""
 
-    def __init__(self, state: CacheState, verifier: Verifier | None = None) -> None:
+    def __init__(self, state: CacheState, verifier: Verifier | None = None,
+                 feedback: FeedbackLearner | None = None) -> None:
         self.state = state
         self.verifier = verifier
+        self.feedback = feedback
 
     async def browse(self, *, search: str | None = None, category: str | None = None, tenant: str | None = None,
                      offset: int = 0, limit: int = 50) -> dict[str, Any]:
@@ -66,7 +69,9 @@ class AdminView:
     def stats(self) -> dict[str, Any]:
         """The store's kind and state, the index's entries in all and per (tenant, category) partition, and the
         verifier's false-hit bound per category (bound.Calibration.as_dict, with the probability threshold
-        in force, null when guards alone decide) or None when the verifier is off."""
+        in force, null when guards alone decide) or None when the verifier is off, and what false-hit reports
+        taught per category (feedback.CategoryFeedback.as_dict, with each tenant's) or None when learning is
+        off."""
         state = self.state
         verifier = None
         if self.verifier is not None:
@@ -77,5 +82,7 @@ class AdminView:
                 "entries": len(state.index),
                 "partitions": [{"tenant": t, "category": c, "entries": n}
                                for (t, c), n in state.index.counts().items()],
-                "verifier": verifier}
+                "verifier": verifier,
+                "feedback": None if self.feedback is None else
+                {"categories": [c.as_dict() for c in self.feedback.categories()]}}
 

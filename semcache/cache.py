@@ -10,6 +10,8 @@ Search is in memory (HNSW per tenant and category, index.py); answers live in th
   sweeping of expired entries, and recovery after the store fails;
 - verifier.py, `Verifier`: what a candidate hit must pass (guards.py, a classifier) before it is served, at
   the probability threshold calibrated for its category's false-hit bound (bound.py);
+- feedback.py, `FeedbackLearner`: the thresholds learned per tenant and category from clients' false-hit
+  reports (raised past the category's false-hit bound, relaxed within it);
 - admin_view.py, `AdminView`: what operators browse;
 - policy.py, `CachePolicy`: the categories' policies and the load-adaptive values in force, which
   metrics.py's `PolicyCollector` exposes at scrape time.
@@ -24,6 +26,7 @@ import numpy as np
 from .admin_view import AdminView
 from .answer_store import AnswerStore
 from .categories import CategoryClassifier, Classification
+from .feedback import FeedbackLearner, ReportOutcome
 from .index import PartitionedIndex
 from .lookup import CacheLookup, CacheQuery, LookupResult
 from .metrics import SemanticCacheMetrics
@@ -48,13 +51,18 @@ class SemanticCache:
         classifier = CategoryClassifier(settings.categories, embed, settings.default_category,
                                         settings.neighbour_margin)
         self.verifier = Verifier.load(settings.verifier_path, settings.categories) if settings.verifier else None
+        self.feedback = FeedbackLearner(settings.feedback, self.policy,
+                                        self.verifier.thresholds if self.verifier is not None else None) \
+            if settings.feedback.enabled else None
         self.lookups = CacheLookup(self.state, self.policy, classifier, settings.candidates, settings.asker_rules,
-                                   self.verifier)
+                                   self.verifier, self.feedback)
         self.replica = ReplicaSync(self.state, self.policy, settings.redis_retry_s)
-        self.admin = AdminView(self.state, self.verifier)
+        self.admin = AdminView(self.state, self.verifier, self.feedback)
         metrics.watch_policy(self.policy)
         if self.verifier is not None:
             metrics.watch_bound(self.verifier)
+        if self.feedback is not None:
+            metrics.watch_feedback(self.feedback)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -103,6 +111,17 @@ class SemanticCache:
                          category: str | None = None, tenant: str | None = None) -> int:
         return await self.lookups.invalidate(entry_id=entry_id, collection=collection, category=category,
                                              tenant=tenant)
+
+    def learn_false_hit(self, entry_id: str, tenant: str, category: str) -> ReportOutcome | None:
+        """A client of `tenant` reports the hit served from `entry_id` (of `category`, see category_of) as
+        wrong: the learned thresholds and the entry's neighbourhood take it in (feedback.py; call it before
+        invalidating the entry, whose embedding it reads from the index); None when learning is off.
+        Invalidating the entry is `invalidate`'s."""
+        if self.feedback is None:
+            return None
+        meta = self.state.index.get(entry_id)
+        return self.feedback.report(entry_id, tenant, category, meta.owner if meta is not None else None,
+                                    self.state.index.vector(entry_id))
 
     def category_of(self, entry_id: str) -> tuple[str, str] | None:
         """(tenant, category) of an indexed entry, or None."""

@@ -61,6 +61,9 @@ class _Graph:
         self.deleted += 1
         self.live -= 1
 
+    def vector(self, label: int) -> np.ndarray:
+        return np.asarray(self.index.get_items([label]), dtype=np.float32)[0]
+
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.live)
         while k > 0:
@@ -132,6 +135,11 @@ class Partition:
         label = self.labels.get(entry_id)
         return None if label is None else self.entries.get(label)
 
+    def vector(self, entry_id: str) -> np.ndarray | None:
+        """The entry's embedding as indexed (float32, shape (dimension,)), or None when not indexed."""
+        label = self.labels.get(entry_id)
+        return None if label is None else self.graphs[self.entries[label].owner].vector(label)
+
     def search(self, vector: np.ndarray, k: int, owner: str = "") -> list[tuple[IndexedEntry, float]]:
         """Nearest entries of `owner` ("" the tenant's shared entries, else one end user's owner_of hash), most
         similar first, with cosine similarity (vectors are unit length). Only that owner's graph is searched."""
@@ -191,6 +199,11 @@ class PartitionedIndex:
     def get(self, entry_id: str) -> IndexedEntry | None:
         key = self._where.get(entry_id)
         return None if key is None else self.partitions[key].get(entry_id)
+
+    def vector(self, entry_id: str) -> np.ndarray | None:
+        """An indexed entry's embedding (float32, shape (dimension,)), or None."""
+        key = self._where.get(entry_id)
+        return None if key is None else self.partitions[key].vector(entry_id)
 
     def __len__(self) -> int:
         return len(self._where)

@@ -19,6 +19,7 @@ import numpy as np
 from .answer_store import StoreUnavailable
 from .categories import RULE_TEXT_CHARS, CategoryClassifier, Classification
 from .entries import CacheEntry, CorruptEntry, owner_of
+from .feedback import NO_RAISE, FeedbackLearner, LearnedRaise, ServedHit
 from .index import IndexedEntry
 from .policy import CachePolicy, EffectivePolicy
 from .state import CacheState
@@ -93,12 +94,15 @@ class CacheLookup:
 
     `candidates`: how many nearest entries a lookup checks per category; `asker_rules`: regular expressions
     that make a question user-scoped (SemanticCacheSettings); `verifier`: what a candidate must pass before it
-    is served (None: nothing, every candidate at or above the threshold is)."""
+    is served (None: nothing, every candidate at or above the threshold is); `feedback`: the thresholds learned
+    from false-hit reports, added to the configured ones, and told of every hit served (None: none learned)."""
 
     def __init__(self, state: CacheState, policy: CachePolicy, classifier: CategoryClassifier, candidates: int,
-                 asker_rules: list[str], verifier: Verifier | None = None) -> None:
+                 asker_rules: list[str], verifier: Verifier | None = None,
+                 feedback: FeedbackLearner | None = None) -> None:
         self.state = state
         self.verifier = verifier
+        self.feedback = feedback
         self.policy = policy
         self.classifier = classifier
         self.candidates = candidates
@@ -169,17 +173,21 @@ class CacheLookup:
             result.reason = "store_unavailable"
             return result
         result.status = "miss"
-        # A neighbour category's entry must pass the stricter of its own and the query's threshold.
-        thresholds = {classification.category: policy.threshold}
+        # Each category's threshold in force plus what false-hit reports taught (feedback.py); a neighbour
+        # category's entry must pass the stricter of its own and the query's.
+        learned = {classification.category: self._learned(query.tenant, classification.category)}
+        own = policy.threshold + learned[classification.category].cosine
+        thresholds = {classification.category: own}
         for name in classification.neighbours:
             neighbour = self.policy.policy_for(query.model, name)
             if neighbour.cached:
-                thresholds[name] = max(policy.threshold, neighbour.threshold)
+                learned[name] = self._learned(query.tenant, name)
+                thresholds[name] = max(own, neighbour.threshold + learned[name].cosine)
         now = time.time()
         for meta, similarity, category in self.nearest(query.tenant, list(thresholds), vector, owner):
             if result.similarity is None:
                 result.similarity = similarity  # the nearest, reported on misses too
-            if similarity < policy.threshold:
+            if similarity < own:
                 break  # most similar first: nothing further can pass
             if similarity < thresholds[category]:
                 continue
@@ -196,8 +204,16 @@ class CacheLookup:
                     result.status, result.reason = "bypass", "store_unavailable"
                     return result
                 continue
-            if not self._verified(query.text, entry, similarity, category, policy.load_level):
+            if self.feedback is not None and \
+                    self.feedback.refused_nearby(query.tenant, category, owner, entry.embedding, similarity):
+                self.state.metrics.verifier_rejections.labels(category, "feedback").inc()
                 continue
+            served = self._verified(query, entry, similarity, category, thresholds[category], learned[category],
+                                    policy.load_level)
+            if served is None:
+                continue
+            if self.feedback is not None:
+                self.feedback.served(entry.entry_id, served)
             meta.hits += 1
             meta.last_hit_at = now
             self._spawn(self._record_hit(entry.entry_id, now))
@@ -205,16 +221,28 @@ class CacheLookup:
             return result
         return result
 
-    def _verified(self, text: str, entry: CacheEntry, similarity: float, category: str, load_level: float) -> bool:
-        """Whether the verifier lets `entry` (a candidate of `category`) answer `text` at the model's
-        `load_level`; the same question (SAME_QUESTION) always passes. A refusal is counted by category and
-        reason."""
+    def _learned(self, tenant: str, category: str) -> LearnedRaise:
+        return self.feedback.learned(tenant, category) if self.feedback is not None else NO_RAISE
+
+    def _verified(self, query: CacheQuery, entry: CacheEntry, similarity: float, category: str,
+                  cosine_threshold: float, learned: LearnedRaise, load_level: float) -> ServedHit | None:
+        """The hit as served if the verifier lets `entry` (a candidate of `category` at `similarity`, past
+        `cosine_threshold`, the model at `load_level`) answer the query, else None; the same question
+        (SAME_QUESTION) always passes. The verifier's verdict must also reach the probability threshold learned
+        from false-hit reports (FeedbackLearner.probability_threshold). A refusal is counted by category and
+        reason ("feedback" for the learned threshold)."""
         if self.verifier is None or similarity >= SAME_QUESTION:
-            return True
-        verdict = self.verifier.verify(text, entry.query, similarity, category, load_level)
-        if not verdict.accepted:
-            self.state.metrics.verifier_rejections.labels(category, verdict.reason).inc()
-        return verdict.accepted
+            return ServedHit(query.tenant, category, similarity, cosine_threshold, exact=similarity >= SAME_QUESTION)
+        verdict = self.verifier.verify(query.text, entry.query, similarity, category, load_level)
+        needed = self.feedback.probability_threshold(category, learned) if self.feedback is not None else None
+        refused = (verdict.reason or "classifier") if not verdict.accepted else \
+            "feedback" if needed is not None and verdict.probability < needed else None
+        if refused is not None:
+            self.state.metrics.verifier_rejections.labels(category, refused).inc()
+            return None
+        in_force = needed if needed is not None else self.verifier.thresholds.get(category)
+        return ServedHit(query.tenant, category, similarity, cosine_threshold, verdict.probability,
+                         in_force if in_force is not None else 0.0)
 
     def nearest(self, tenant: str, categories: list[str], vector: np.ndarray,
                 owner: str) -> list[tuple[IndexedEntry, float, str]]:

@@ -2,7 +2,8 @@
 
 Counters, the entries and store-up gauges and the lookup histogram are updated as the cache works; the
 load-adaptive policy in force (effective threshold and TTL per model and category, each model's load level)
-is read at scrape time by `PolicyCollector`, so nothing has to refresh it before a scrape.
+is read at scrape time by `PolicyCollector`, the false-hit bound by `BoundCollector` and what false-hit
+reports taught by `FeedbackCollector`, so nothing has to refresh them before a scrape.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .feedback import FeedbackLearner
 from .policy import CachePolicy
 from .verifier import Verifier
 
@@ -115,6 +117,50 @@ class BoundCollector(Collector):
                                   "pairs served without the verifier", labels=["category"]))
 
 
+class FeedbackCollector(Collector):
+    """What false-hit reports taught (feedback.FeedbackLearner), read at scrape time, per category and, unless the
+    operator drops it, tenant: the reported false share of hits served (this replica, since start), its windowed
+    95% upper bound (what the rule compares with the bound) and the thresholds in force at no load with the
+    learned raises (similarity; verifier probability when the verifier is on). With the tenant label dropped,
+    a category's figures are over all its tenants: summed counts, the largest upper bound and thresholds."""
+
+    def __init__(self, feedback: FeedbackLearner, tenant_label: TenantLabel) -> None:
+        self.feedback = feedback
+        self.tenant_label = tenant_label
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        share, upper, cosine, verifier = families = self._families()
+        for category in self.feedback.categories():
+            rows = [(category, [])] if self.tenant_label.mode == "drop" else \
+                [(t, self.tenant_label.values(t.tenant or "")) for t in category.tenants]
+            for figures, tenant in rows:
+                labels = [category.category, *tenant]
+                if figures.share is not None:
+                    share.add_metric(labels, figures.share)
+                if figures.upper is not None:
+                    upper.add_metric(labels, figures.upper)
+                cosine.add_metric(labels, figures.cosine_threshold)
+                if figures.verifier_threshold is not None:
+                    verifier.add_metric(labels, figures.verifier_threshold)
+        return iter(families)
+
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
+        labels = ["category", *self.tenant_label.names]
+        return (GaugeMetricFamily("blendgate_semantic_cache_reported_false_share", "Share of the hits served "
+                                  "(this replica, since start) that clients reported wrong", labels=labels),
+                GaugeMetricFamily("blendgate_semantic_cache_reported_false_upper", "95% upper bound (Wilson) of the "
+                                  "reported false share over the recent hits; past the bound, reports raise "
+                                  "the thresholds", labels=labels),
+                GaugeMetricFamily("blendgate_semantic_cache_learned_threshold", "Similarity threshold in force at "
+                                  "no load, raised by false-hit reports", labels=labels),
+                GaugeMetricFamily("blendgate_semantic_cache_learned_verifier_threshold", "Verifier probability a "
+                                  "candidate needs, raised by false-hit reports (0: guards alone decide)",
+                                  labels=labels))
+
+
 class SemanticCacheMetrics:
     """The semantic cache's series on `registry`; `watch_policy` adds the policy gauges (once per registry)."""
 
@@ -144,7 +190,9 @@ class SemanticCacheMetrics:
                              ["category", *tenant], registry=registry)
         self.verifier_rejections = Counter("blendgate_semantic_cache_verifier_rejections", "Candidate hits the "
                                            "verifier refused, by reason (numbers, entities, negation, comparison: "
-                                           "the guard that fired; classifier)", ["category", "reason"],
+                                           "the guard that fired; classifier; feedback: refused by what false-hit "
+                                           "reports taught, a learned probability threshold or a reported "
+                                           "entry's neighbourhood)", ["category", "reason"],
                                            registry=registry)
         self.lookup_seconds = Histogram(
             "blendgate_semantic_cache_lookup_seconds", "Classification, index search and, on a hit, the entry "
@@ -159,6 +207,10 @@ class SemanticCacheMetrics:
     def watch_bound(self, verifier: Verifier) -> None:
         """Expose the verifier's false-hit bound per category as gauges read at scrape time (BoundCollector)."""
         self.registry.register(BoundCollector(verifier))
+
+    def watch_feedback(self, feedback: FeedbackLearner) -> None:
+        """Expose what false-hit reports taught as gauges read at scrape time (FeedbackCollector)."""
+        self.registry.register(FeedbackCollector(feedback, self.tenant_label))
 
     def lookup(self, category: str, tenant: str, result: str, scope: str) -> None:
         self.lookups.labels(category, *self.tenant_label.values(tenant), result).inc()

@@ -83,6 +83,32 @@ class LoadSettings(_Strict):
     latency_smoothing: float = Field(0.2, gt=0.0, le=1.0)
 
 
+class FeedbackSettings(_Strict):
+    """How clients' false-hit reports move each (tenant, category)'s thresholds online (semcache/feedback.py,
+    whose docstring gives the rule)."""
+
+    enabled: bool = True
+    # Most a report raises the similarity threshold (cosine) and the verifier's probability threshold by.
+    cosine_step: float = Field(0.01, ge=0.0, le=0.1)
+    probability_step: float = Field(0.05, ge=0.0, le=0.5)
+    # Ceilings: the largest cosine raise, and the highest verifier probability threshold a raise reaches.
+    max_cosine_raise: float = Field(0.05, ge=0.0, le=0.2)
+    max_probability: float = Field(0.99, gt=0.0, le=1.0)
+    # Hits the windowed false share weighs (exponentially); it must exceed about 2.7 / false_hit_bound for a
+    # category's raises to relax at all.
+    window_hits: int = Field(2000, ge=10)
+    # Served hits within the bound over which a raise halves.
+    relax_half_life_hits: int = Field(500, ge=1)
+    # Served hits remembered for a report (their similarity and probability), and for how long.
+    recent_hits: int = Field(100_000, ge=1)
+    report_window_s: float = Field(86_400, gt=0)
+    # (tenant, category) records kept, and (tenant, category, owner) lists of reported neighbourhoods (least
+    # recently used dropped first).
+    max_partitions: int = Field(10_000, ge=1)
+    # Reported entries whose neighbourhood stays refused, per tenant, category and owner (newest kept); 0: none.
+    reported_neighbourhoods: int = Field(64, ge=0)
+
+
 class HnswSettings(_Strict):
     m: int = Field(16, ge=4, le=128)
     ef_construction: int = Field(100, ge=8)
@@ -129,6 +155,8 @@ class SemanticCacheSettings(_Strict):
     # Verifier weights trained on your own pairs (`blendgate tune-thresholds --verifier-out FILE`); left out:
     # the default shipped with blendgate (trained on Quora Question Pairs).
     verifier_path: Path | None = None
+    # Learning from false-hit reports (semcache/feedback.py).
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     # The embedder the thresholds were tuned with; another embedder gets a warning at start-up.
     thresholds_tuned_for: str = "all-MiniLM-L6-v2"
 

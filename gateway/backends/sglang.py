@@ -9,11 +9,11 @@ full). Workers with blendgate's plugin blend the chunks' cached KV and report wh
 `meta_info["blendgate"]`, which this backend reads as a PrefillReport (protocol.prefill_report_of) and passes
 on, with the worker and the chunks sent, in the response's `blendgate.chunk_cache`.
 
-Which worker: routing.AffinityRouter (the one that served most of the request's chunks, within a load
-bound). Failures: a worker that refuses the connection is marked down and the request goes to the next one
-(nothing was accepted, so nothing runs twice); a worker silent for `read_timeout_s` gives 504; a worker error
-or a stream cut off mid-answer gives 502. A background task polls every worker's /health, so one that comes
-back gets traffic again.
+Which worker: routing.AffinityRouter (the home of the request's first chunk by rendezvous hashing, alike in
+every gateway replica, within a load bound). Failures: a worker that refuses the connection is marked down
+and the request goes to the next one (nothing was accepted, so nothing runs twice); a worker silent for
+`read_timeout_s` gives 504; a worker error or a stream cut off mid-answer gives 502. A background task polls
+every worker's /health, so one that comes back gets traffic again.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class SglangBackend(ChatBackend):
     def __init__(self, config: SglangModelConfig, *, cache_dir: Path) -> None:
         self.config = config
         self.cache_dir = cache_dir
-        self.router = AffinityRouter(config.workers, config.max_imbalance, config.remembered_chunks)
+        self.router = AffinityRouter(config.workers, config.max_imbalance)
         self.tokenizer: Any = None
         self.client: httpx.AsyncClient | None = None
         self._error: str | None = None
@@ -225,7 +225,7 @@ class SglangBackend(ChatBackend):
         payload = self._payload(request.chat, prompt, ctx)
         digests = [token_digest(s.token_ids) for s in prompt.segments if s.is_chunk]
         worker, response = await self._open(payload, digests)
-        self.router.started(worker, digests)
+        self.router.started(worker)
         self.totals["requests"] += 1
         ctx.backend = self.kind
         ctx.usage = Usage(prompt_tokens=len(prompt))

@@ -22,10 +22,11 @@ async def prometheus_metrics(state: AppState = Depends(app_state)):
 
 
 @router.get("/healthz", response_model=Health,
-            responses={503: {"model": Health, "description": "Not ready: still loading, degraded or failed"}})
+            responses={503: {"model": Health, "description": "Not ready: still loading, degraded, failed or draining"}})
 async def healthz(state: AppState = Depends(app_state)):
     """200 "ready" when every model, the collections and the semantic cache are ready (a cache whose store
-    is down is "degraded" but serves without it); else 503 with "loading", "failed" or "degraded"."""
+    is down is "degraded" but serves without it); else 503 with "loading", "failed", "degraded" or, once the
+    process was told to stop (SIGTERM), "draining" (gateway/lifecycle.py)."""
     models = {name: backend.status() for name, backend in state.backends.items()}
     retrieval = {"state": state.retriever.state}
     if state.retriever.error is not None:
@@ -37,7 +38,7 @@ async def healthz(state: AppState = Depends(app_state)):
          "entries": len(cache.index), **({"error": cache.down_reason} if not cache.available else {})}
     states = {m["state"] for m in models.values()} | {retrieval["state"]} | \
         ({"loading"} if semantic["state"] == "loading" else set())
-    status = "ready" if states == {"ready"} else "failed" if "failed" in states else \
-        "degraded" if "unavailable" in states else "loading"
+    status = "draining" if state.lifecycle.draining else "ready" if states == {"ready"} else \
+        "failed" if "failed" in states else "degraded" if "unavailable" in states else "loading"
     health = Health(status=status, models=models, retrieval=retrieval, semantic_cache=semantic)
     return JSONResponse(health.model_dump(), status_code=200 if status == "ready" else 503)

@@ -34,6 +34,8 @@ VIEWPORT = {"width": 1366, "height": 768}
 SCREENSHOTS = REPO / "docs" / "screenshots"
 MAX_TOKENS = 16
 QUESTION = "What is the capital of France?"
+# A paraphrase pair (both factual): the second is served the first's answer, and reported wrong.
+PARAPHRASED = ("How tall is Mount Everest?", "What is the height of Mount Everest?")
 # Asked twice under different settings: two entries the Entries page must tell apart.
 VARIANT_QUESTION = "Which planet is known as the red planet?"
 DOCUMENTS = ["The Nile is about 6,650 km long and flows north into the Mediterranean Sea.",
@@ -249,6 +251,26 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         expect(page.get_by_test_id(f"category-hits-{hit['category']}")).to_have_text("1")
         expect(page.get_by_test_id("semantic-categories").locator(f"tr[data-category='{hit['category']}']")
                ).to_be_visible()
+        # The false-hit bound per category: the bound, the verifier's estimate, the live hit rate; then a
+        # paraphrase hit reported wrong shows in the reported share and raises the learned thresholds.
+        factual = hit["category"]
+        expect(page.get_by_test_id(f"bound-{factual}")).to_have_text(re.compile(r"^2(\.0)?\s?%$"))
+        expect(page.get_by_test_id(f"bound-estimate-{factual}")).to_have_text(PERCENT)
+        expect(page.get_by_test_id(f"bound-hit-rate-{factual}")).to_have_text(PERCENT)
+        expect(page.get_by_test_id(f"bound-threshold-{factual}")).to_have_text(re.compile(r"^0\.\d{2,3}$"))
+        expect(page.get_by_test_id(f"bound-reported-{factual}")).to_have_text(re.compile(r"^0(\.0)?\s?% \(0 of 1\)$"))
+        ask(admin_gateway, PARAPHRASED[0])
+        stored_entry(admin_gateway, PARAPHRASED[0])
+        paraphrase_hit = cache_report(ask(admin_gateway, PARAPHRASED[1]))
+        assert paraphrase_hit["status"] == "hit" and paraphrase_hit["category"] == factual, paraphrase_hit
+        reported = httpx.post(f"{admin_gateway.url}/v1/semantic-cache/false-hit", timeout=10,
+                              json={"entry_id": paraphrase_hit["entry_id"]})
+        assert reported.json() == {"reported": True, "invalidated": 1}
+        expect(page.get_by_test_id(f"bound-reported-{factual}")).to_have_text(
+            re.compile(r"^50(\.0)?\s?% \(1 of 2\)$"), timeout=20_000)
+        expect(page.get_by_test_id(f"bound-threshold-{factual}")).to_have_text(
+            re.compile(r"^0\.\d{2,3} \(\+0\.0\d{1,2}\)$"))
+        expect(page.get_by_test_id(f"bound-verifier-{factual}")).to_have_text(re.compile(r"\(\+0\.\d{2,3}\)$"))
         page.screenshot(path=str(screenshots / "admin-semantic-cache.png"), full_page=True)
 
         open_view(page, "chunk-cache")

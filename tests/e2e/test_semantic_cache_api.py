@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -432,6 +433,49 @@ def test_admin_api_shows_the_policy_and_invalidates_an_entry(cached_gateway: Gat
         assert ask(client_a, question)[0]["x-blendgate-cache"] == "miss"
         for bad in ({}, {"entry": entry_id}, {"entry_id": ""}, {"tenant": 3}):
             assert_openai_error(admin.post("/semantic-cache/invalidate", json=bad), 400, "invalid_value")
+
+
+def test_a_false_hit_report_raises_its_tenants_thresholds(cached_gateway: GatewayProcess, client_a: openai.OpenAI,
+                                                          entries: Entries) -> None:
+    # Both factual, no neighbour category near: the entry's category is the query's, at its threshold.
+    question, paraphrase = "How tall is Mount Everest?", "What is the height of Mount Everest?"
+    ask_and_store(client_a, entries, question)
+    headers, hit = ask(client_a, paraphrase)
+    report = cache_report(hit)
+    assert report["status"] == "hit" and report["similarity"] < 0.9999, report  # a paraphrase, not a repeat
+    category, similarity, threshold = report["category"], report["similarity"], report["threshold"]
+    url = f"{cached_gateway.url}/v1/semantic-cache/false-hit"
+
+    def send(key: str, entry_id: str = report["entry_id"]) -> httpx.Response:
+        return httpx.post(url, json={"entry_id": entry_id}, headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+    assert_openai_error(send(KEY_B), 404, "entry_not_found")  # another tenant's entry: as if it did not exist
+    assert_openai_error(send(KEY_A, uuid.uuid4().hex), 404, "entry_not_found")
+    # Reports of one hit at once: one is taken (counted, learnt from, the entry invalidated), the others 404.
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: send(KEY_A), range(4)))
+    assert sorted(r.status_code for r in responses) == [200, 404, 404, 404]
+    assert [r.json() for r in responses if r.status_code == 200] == [{"reported": True, "invalidated": 1}]
+
+    stats = httpx.get(f"{cached_gateway.url}/admin/api/semantic-cache", timeout=10,
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    learned = {c["category"]: c for c in stats["feedback"]["categories"]}[category]
+    tenants = {t["tenant"]: t for t in learned["tenants"]}
+    # One report in one hit is past the 2% bound: the similarity threshold rises by its step (0.01) at most,
+    # to just past the reported hit; the verifier's probability threshold rises above its calibrated one.
+    mine = tenants["tenant-a"]
+    assert mine["reports"] == 1 and mine["hits"] >= 1 and mine["upper"] > learned["bound"] == 0.02
+    assert mine["cosine_threshold"] == pytest.approx(threshold + min(0.01, similarity - threshold + 0.001), abs=2e-4)
+    calibrated = {c["category"]: c for c in stats["verifier"]["categories"]}[category]["threshold_in_force"]
+    assert mine["verifier_threshold"] > (calibrated or 0.0)
+    assert "tenant-b" not in tenants or tenants["tenant-b"]["cosine_threshold"] == pytest.approx(threshold)
+    # /metrics says the same (no tenant label by default: the strictest over the category's tenants).
+    families = {f.name: f.samples for f in text_string_to_metric_families(
+        httpx.get(f"{cached_gateway.url}/metrics", timeout=10).text)}
+    gauge = {s.labels["category"]: s.value for s in families["blendgate_semantic_cache_learned_threshold"]}
+    assert gauge[category] == pytest.approx(learned["cosine_threshold"], abs=1e-4)
+    shares = {s.labels["category"]: s.value for s in families["blendgate_semantic_cache_reported_false_share"]}
+    assert shares[category] == pytest.approx(learned["reported_false_share"], abs=1e-4) and shares[category] > 0
 
 
 def test_health_reports_the_cache(cached_gateway: GatewayProcess) -> None:

@@ -10,7 +10,7 @@ import torch
 from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.engine.llama import LlamaFamilyModel
-from blendgate.kernels import activation, attention, norm, rope, selection, sparse_attention
+from blendgate.kernels import activation, attention, norm, probe_attention, rope, selection, sparse_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -82,6 +82,38 @@ def test_attention_mass_matches_the_reference(gen, dtype, heads, kv_heads, queri
     assert abs(float(got.sum()) - heads * queries) < 1e-2 * heads * queries  # each query and head gives 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,rows,votes,slots,head_dim", [
+    (32, 8, 64, 32, 4200, 128),  # Llama-3-8B's probe: markers and padding, then the question
+    (9, 3, 25, 25, 1700, 64),  # every row votes; a group of 3
+    (8, 8, 1, 1, 129, 64),  # one row
+    (28, 4, 70, 0, 8300, 128),  # no voting rows: the output only
+    (32, 8, 33, 17, 20000, 128)])  # long prompt: many splits
+def test_probe_attention_matches_the_reference(gen, dtype, heads, kv_heads, rows, votes, slots, head_dim) -> None:
+    q = torch.randn(heads, rows, head_dim, generator=gen, device="cuda").to(dtype)
+    keys = torch.randn(kv_heads, slots + 64, head_dim, generator=gen, device="cuda").to(dtype)  # spare capacity
+    values = torch.randn(kv_heads, slots + 64, head_dim, generator=gen, device="cuda").to(dtype)
+    # Rows at scattered positions (markers between chunks, the question at the end), three at position 0.
+    positions = torch.sort(torch.randint(0, slots, (rows,), generator=gen, device="cuda")).values
+    positions[: min(3, rows)] = 0
+    positions[rows - votes:] = torch.arange(slots - votes, slots, device="cuda")
+    weights = torch.rand(rows, generator=gen, device="cuda")
+    first_vote = rows - votes
+    before = torch.rand(slots, generator=gen, device="cuda")  # the mass is added into what is there
+    mass = before.clone()
+    # The output as the probe keeps it: rows of [heads * head_dim], read as [heads, rows, head_dim].
+    out = torch.full((rows, heads * head_dim), float("nan"), device="cuda", dtype=dtype)
+    view = out.view(rows, heads, head_dim).transpose(0, 1)
+    got = probe_attention.probe_attention(q, keys, values, positions, weights, first_vote, slots, mass, out=view)
+    expected_out, expected_mass = probe_attention.probe_attention_reference(q, keys, values, positions, weights,
+                                                                            first_vote, slots)
+    assert got.data_ptr() == view.data_ptr() and not out.isnan().any()
+    assert relative_error(view, expected_out) < 1e-2
+    assert relative_error(mass - before, expected_mass) < 1e-2 if votes else torch.equal(mass, before)
+    if votes:  # each voting row and head gives its weight in all
+        assert abs(float((mass - before).sum()) - heads * float(weights[first_vote:].sum())) < 1e-2 * heads * votes
+
+
 @pytest.mark.parametrize("backend", ["flex", "sdpa"])
 @pytest.mark.parametrize("queries,slots,shuffled", [(650, 4200, False), (37, 300, True), (1, 129, False),
                                                     (1000, 1000, False)])
@@ -114,14 +146,17 @@ def test_sparse_attention_matches_the_reference(gen, dtype, queries, slots, head
     plan = attention.plan_sparse(query_positions, slots)
     assert plan.kind == "sparse"
     got = attention.attend(q, keys, values, plan)
-    if dtype != torch.float32:  # the Triton kernel itself, into a poisoned buffer
-        poisoned = torch.full_like(q, float("nan"))
-        sparse_attention.sparse_causal_attention(q, keys, values, query_positions, plan.block_ends, out=poisoned)
-        assert torch.equal(poisoned, got)
     expected = attention.reference_attention(q, keys[:, :slots], values[:, :slots], query_positions,
                                              torch.arange(slots, device="cuda"))
     assert not got.isnan().any()
     assert relative_error(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype != torch.float32:  # both Triton kernels themselves, into poisoned buffers
+        blocked = torch.full_like(q, float("nan"))
+        sparse_attention.sparse_causal_attention(q, keys, values, query_positions, plan.block_ends, out=blocked)
+        grouped = torch.full_like(q, float("nan"))
+        probe_attention.grouped_causal_attention(q, keys[:, :slots], values[:, :slots], query_positions, out=grouped)
+        for out in (blocked, grouped):
+            assert not out.isnan().any() and relative_error(out, expected) < 1e-2
 
 
 @pytest.mark.parametrize("kind", ["causal", "all"])

@@ -1,5 +1,6 @@
 """The probe pass replayed from CUDA graphs (chunkcache/probe.py: ProbeGraphs) against the same pass launched
-op by op: the same scores for prompts of any shape (padded to the graphs' buckets), replays that read the new
+op by op: the same scores for prompts of any shape (padded to the graphs' buckets; the graphs' attention is
+kernels/probe_attention.py, the eager pass's the sparse kernel and attention_mass), replays that read the new
 prompt rather than the one captured, and blends that select the same tokens."""
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def both_probes(model: LlamaFamilyModel, segments: list, layers: int) -> tuple[t
     total = len(layout.ids)
     positions = torch.arange(total, device="cuda")
     cos, sin = model.rope(positions)
-    ids = torch.tensor(layout.ids, device="cuda")
-    rows = torch.tensor(layout.other_rows, device="cuda")
+    ids = layout.ids.to("cuda")
+    rows = layout.other_rows.to("cuda")
     cache = model.new_cache(total)
     cache.positions[:total], cache.length = positions, total
     loader = ChunkLoader(cache, layout.placements, cos, sin, 0)
@@ -52,7 +53,7 @@ def both_probes(model: LlamaFamilyModel, segments: list, layers: int) -> tuple[t
         with graphs.arena_for(total, rows.shape[0]) as arena:
             loader = ChunkLoader(arena, layout.placements, cos, sin, 0)
             graphed = graphs.probe(ids, rows, len(layout.vote_rows), total, cos, sin, loader.ready, layers).clone()
-    chunk = torch.tensor(layout.chunk_rows, device="cuda")
+    chunk = layout.chunk_rows.to("cuda")
     return eager[chunk], graphed[chunk]
 
 
@@ -97,5 +98,5 @@ def test_a_blend_with_graphs_selects_what_the_eager_probe_selects(model, on_cpu)
     full = blend_prefill(model, segments, 1.0, rule=rule, probe_graphs=True)
     with torch.no_grad():
         layout = _layout(segments, None)
-        reference = model.forward(torch.tensor(layout.ids, device="cuda"), None, model.new_cache(len(layout.ids)))[-1]
+        reference = model.forward(layout.ids.to("cuda"), None, model.new_cache(len(layout.ids)))[-1]
     torch.testing.assert_close(full.logits, reference, atol=5e-2, rtol=5e-2)

@@ -743,12 +743,51 @@
           : p.cached === true ? badge(p.scope === 'user' ? 'Per user' : 'Yes', 'ok') : DASH));
     });
     fillBody(tid('semantic-categories'), rows, 'No categories', 9);
+    renderBounds(data, stats);
 
     const sorted = partitions.slice().sort((a, b) =>
       String(a.tenant).localeCompare(String(b.tenant)) || String(a.category).localeCompare(String(b.category)));
     fillBody(tid('semantic-partitions-table'), sorted.map((p) => h('tr', null,
       h('td', { text: p.tenant }), h('td', { text: p.category }),
       h('td', { class: 'num', text: fmt.int(p.entries) }))), 'No entries cached yet', 3);
+  }
+
+  /** Per category: the false-hit bound, the verifier's estimate on its labelled pairs (and the share of
+   *  same-answer pairs it serves), the share of hits clients reported wrong, the thresholds in force with what
+   *  the reports raised them by, and the live hit rate. */
+  function renderBounds(data, stats) {
+    const byName = (list) => Object.fromEntries((Array.isArray(list) ? list : []).map((c) => [c.category, c]));
+    const calibrated = byName(get(data, 'verifier', 'categories'));
+    const learned = byName(get(data, 'feedback', 'categories'));
+    const names = [...new Set([...Object.keys(calibrated), ...Object.keys(learned)])].sort();
+    const raised = (value, raise) => (isNum(raise) && raise > 0
+      ? `${fmt.threshold(value)} (+${fmt.threshold(raise)})` : fmt.threshold(value));
+    const rows = names.map((name) => {
+      const c = calibrated[name] || {};
+      const f = learned[name] || {};
+      const s = stats[name] || {};
+      const rate = isNum(s.lookups) && s.lookups > 0 ? (isNum(s.hit_rate) ? s.hit_rate : (s.hits || 0) / s.lookups) : null;
+      const bound = isNum(c.bound) ? c.bound : f.bound;
+      const reported = isNum(f.hits) && f.hits > 0 ? `${fmt.pct(f.reported_false_share)} (${fmt.int(f.reports)} of ${fmt.int(f.hits)})`
+        : (f.reports ? `${fmt.int(f.reports)} reports` : DASH);
+      return h('tr', { 'data-category': name },
+        h('td', { class: 'nowrap', text: name }),
+        h('td', { class: 'num', 'data-testid': `bound-${name}`, text: fmt.pct(bound) }),
+        h('td', { class: 'num', 'data-testid': `bound-estimate-${name}`, text: fmt.pct(c.estimate),
+          title: isNum(c.upper) ? `95% upper bound ${fmt.pct(c.upper)} on ${fmt.int(c.pairs)} labelled pairs` : null }),
+        h('td', null, c.met === true ? badge('Yes', 'ok') : c.met === false ? badge('No: guards decide', 'warn') : DASH),
+        h('td', { class: 'num', 'data-testid': `bound-served-${name}`, text: fmt.pct(c.hit_rate),
+          title: isNum(c.unverified_hit_rate) ? `${fmt.pct(c.unverified_hit_rate)} on the cosine alone` : null }),
+        h('td', { class: 'num', 'data-testid': `bound-reported-${name}`, text: reported,
+          title: isNum(f.upper) ? `95% upper bound over recent hits ${fmt.pct(f.upper)}` : null }),
+        h('td', { class: 'num', 'data-testid': `bound-threshold-${name}`, text: raised(f.cosine_threshold, f.cosine_raise) }),
+        h('td', { class: 'num', 'data-testid': `bound-verifier-${name}`,
+          text: !isNum(c.threshold_in_force) && !(f.verifier_raise > 0) ? (c.category ? 'guards' : DASH)
+            : isNum(f.verifier_threshold) ? raised(f.verifier_threshold, f.verifier_raise)
+              : fmt.threshold(c.threshold_in_force) }),
+        h('td', { class: 'num', 'data-testid': `bound-hit-rate-${name}`, text: fmt.pct(rate) }));
+    });
+    fillBody(tid('semantic-bounds'), rows, 'The verifier and learning from reports are off', 9);
   }
 
   function fillCategoryFilter() {

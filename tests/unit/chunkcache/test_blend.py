@@ -241,15 +241,15 @@ def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None
 
     cache = placed_cache()
     loader = ChunkLoader(cache, layout.placements, cos, sin, 0)
-    mass = probe_eager(model, torch.tensor(layout.ids), torch.tensor(layout.other_rows), len(layout.vote_rows),
+    mass = probe_eager(model, layout.ids, layout.other_rows, len(layout.vote_rows),
                        total, cache, loader.ready, cos, sin, model.num_layers)
-    scores = mass[torch.tensor(layout.chunk_rows)]
+    scores = mass[layout.chunk_rows]
 
     reference = placed_cache()
     ChunkLoader(reference, layout.placements, cos, sin, 0)
-    rows = torch.tensor(layout.other_rows)
+    rows = layout.other_rows
     vote = torch.tensor([i for i, row in enumerate(layout.other_rows) if row in layout.vote_rows])
-    hidden = F.embedding(torch.tensor(layout.ids)[rows], model.embed_tokens)
+    hidden = F.embedding(layout.ids[rows], model.embed_tokens)
     expected = torch.zeros(total)
     for layer in range(model.num_layers):
         q, k, v = rotated_qkv(model, layer, hidden, cos[rows], sin[rows])
@@ -257,7 +257,7 @@ def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None
         expected += attention_mass_reference(q[:, vote], reference.keys[layer], rows[vote], total)
         out = reference_attention(q, reference.keys[layer], reference.values[layer], rows, positions).float()
         hidden = model.finish_layer(layer, hidden, out.transpose(0, 1).reshape(len(rows), -1))
-    torch.testing.assert_close(scores, expected[torch.tensor(layout.chunk_rows)], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores, expected[layout.chunk_rows], atol=1e-4, rtol=1e-4)
     # Each question row and head gives 1 in all at each layer, part of it to the chunks.
     assert 0 < scores.sum() < model.num_layers * model.heads * len(layout.vote_rows)
 

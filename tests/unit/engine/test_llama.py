@@ -68,3 +68,14 @@ def test_random_weights_follow_the_config_shapes() -> None:
 def test_unsupported_architectures_are_refused() -> None:
     with pytest.raises(ValueError, match="not a Llama-family"):
         LlamaFamilyModel(tiny_config("gpt2", n_layer=1), {}, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama3-rope-scaling"])
+def test_the_rope_table_gives_the_rotation_of_each_position(name: str) -> None:
+    model = LlamaFamilyModel.random(CONFIGS[name], device="cpu", dtype=torch.float32)
+    for length in (5, 300, 9000):  # the last grows the table past its first size
+        cos, sin = model.rope_table(length)
+        expected_cos, expected_sin = model.rope(torch.arange(length))
+        assert cos.shape == (length, model.head_dim)
+        torch.testing.assert_close(cos, expected_cos)
+        torch.testing.assert_close(sin, expected_sin)

@@ -1,0 +1,309 @@
+"""Serving under load (issue 20): open-loop Poisson arrivals against an SGLang server's `/generate`, RAG mixed
+with plain chat, rates swept until saturation.
+
+    python bench/load.py --url http://127.0.0.1:30000 --arm blendgate --rates 1 2 4 8 16 --duration 60
+    python bench/load.py --url http://127.0.0.1:30001 --arm stock ...          # the same requests, no chunks
+    python bench/load.py --help
+
+Workload (`Workload`, seeded): a RAG request is a system prompt, k chunks drawn from a pool of `--chunk-pool`
+chunks with Zipf-skewed popularity (rank r drawn with probability ~ 1 / r^s), and a question, answered with
+`--answer-tokens` tokens; `--chat-share` of the requests are plain chat (a prompt of `--chat-tokens` random
+tokens). Token ids are random over the vocabulary (SGLang's dummy weights give no meaning anyway). With
+`--arm blendgate` a RAG request carries its chunk spans in `sampling_params.custom_params`
+(sglang_plugin/protocol.py), so blendgate's plugin blends them from its chunk-cache; `--arm stock` sends the
+same token ids without them (stock SGLang, its radix cache on, reuses exact prefixes only).
+
+Open loop: request i is sent at the i-th arrival of a Poisson process of the rate, whatever the server's
+state (a closed loop would slow down with the server and hide its queueing). Every request streams (SSE); TTFT
+is the time to the first event carrying output tokens, inter-token latency (ITL) the gaps between later tokens.
+Per rate: requests sent, completed and failed, TTFT p50/p99 (RAG and chat apart), ITL p50/p99, output tokens
+per second, and the chunk-cache hit rate the workers' prefill reports give (`meta_info["blendgate"]`). The
+highest rate whose RAG p99 TTFT stays within `--slo-ms` is the arm's sustained rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """One request of the workload: what bench/load.py sends (the workload -> the client)."""
+
+    kind: str  # "rag" or "chat"
+    input_ids: list[int]
+    chunk_spans: list[int]  # [start, end, ...] token offsets of the chunks (empty for chat)
+    chunk_ids: list[int]  # which pool chunks, in order (empty for chat)
+    max_new_tokens: int
+
+    def body(self, arm: str) -> dict:
+        """SGLang's /generate body; the blendgate arm carries the chunk spans for the plugin."""
+        from blendgate.sglang_plugin.protocol import CHUNK_SPANS, PREFILL_MODE
+
+        sampling: dict = {"max_new_tokens": self.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+        if arm == "blendgate" and self.chunk_spans:
+            sampling["custom_params"] = {CHUNK_SPANS: self.chunk_spans, PREFILL_MODE: "blend"}
+        return {"input_ids": self.input_ids, "sampling_params": sampling, "stream": True}
+
+
+@dataclass
+class Workload:
+    """The seeded request mix. Chunk i of the pool is a fixed run of random token ids; popularity by rank."""
+
+    vocab: int = 128256
+    chunk_pool: int = 2000
+    chunks: int = 8
+    chunk_tokens: int = 512
+    system_tokens: int = 64
+    question_tokens: int = 32
+    answer_tokens: int = 64
+    chat_share: float = 0.3
+    chat_tokens: int = 256
+    zipf: float = 1.1
+    seed: int = 0
+    _rng: np.random.Generator = field(init=False, repr=False)
+    _pool: np.ndarray = field(init=False, repr=False)
+    _system: list[int] = field(init=False, repr=False)
+    _popularity: np.ndarray = field(init=False, repr=False)
+    _low: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.chat_share <= 1.0:
+            raise ValueError("chat_share must be between 0 and 1")
+        if self.chunks > self.chunk_pool:
+            raise ValueError("a request cannot hold more distinct chunks than the pool has")
+        self._rng = np.random.default_rng(self.seed)
+        low = min(1000, self.vocab // 2)  # ordinary tokens: the first ids of a vocabulary hold special ones
+        self._pool = self._rng.integers(low, self.vocab, size=(self.chunk_pool, self.chunk_tokens))
+        self._system = self._rng.integers(low, self.vocab, size=self.system_tokens).tolist()
+        weights = 1.0 / np.arange(1, self.chunk_pool + 1) ** self.zipf
+        self._popularity = weights / weights.sum()
+        self._low = low
+
+    def next(self) -> LoadRequest:
+        rng = self._rng
+        if rng.random() < self.chat_share:
+            ids = rng.integers(self._low, self.vocab, size=self.chat_tokens).tolist()
+            return LoadRequest("chat", ids, [], [], self.answer_tokens)
+        chosen = rng.choice(self.chunk_pool, size=self.chunks, replace=False, p=self._popularity).tolist()
+        ids, spans = list(self._system), []
+        for chunk in chosen:
+            spans += [len(ids), len(ids) + self.chunk_tokens]
+            ids += self._pool[chunk].tolist()
+        ids += rng.integers(self._low, self.vocab, size=self.question_tokens).tolist()
+        return LoadRequest("rag", ids, spans, chosen, self.answer_tokens)
+
+    def arrivals(self, rate: float, duration_s: float) -> list[float]:
+        """Send times (seconds from the start) of a Poisson process of `rate` per second over the duration."""
+        if rate <= 0:
+            raise ValueError("the rate must be positive")
+        times, now = [], 0.0
+        while True:
+            now += self._rng.exponential(1.0 / rate)
+            if now >= duration_s:
+                return times
+            times.append(now)
+
+
+@dataclass
+class Outcome:
+    """One request's measurement (the client -> the summary)."""
+
+    kind: str
+    ok: bool
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    chunk_hits: int = 0
+    chunks: int = 0
+    error: str | None = None
+
+
+async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: str) -> Outcome:
+    """Stream one request; never raises (a failure is an Outcome with ok False and the reason)."""
+    started = time.perf_counter()
+    outcome = Outcome(request.kind, ok=False)
+    last_time, seen = None, 0
+    try:
+        async with client.stream("POST", f"{url}/generate", json=request.body(arm)) as response:
+            if response.status_code != 200:
+                outcome.error = f"HTTP {response.status_code}"
+                return outcome
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                ids = event.get("output_ids") or []
+                # SGLang sends the output ids so far (or, with incremental streaming, the new ones).
+                total = len(ids) if len(ids) >= seen else seen + len(ids)
+                now = time.perf_counter()
+                if total > seen:
+                    if outcome.ttft_s is None:
+                        outcome.ttft_s = now - started
+                    elif last_time is not None:
+                        outcome.itl_s.append((now - last_time) / (total - seen))
+                    last_time, seen = now, total
+                reports = (event.get("meta_info") or {}).get("blendgate")
+                if reports:
+                    report = reports[-1] if isinstance(reports, list) else reports
+                    hits = report.get("hits") or []
+                    outcome.chunk_hits, outcome.chunks = sum(map(bool, hits)), len(hits)
+        outcome.output_tokens = seen
+        outcome.ok = outcome.ttft_s is not None
+        if not outcome.ok:
+            outcome.error = "no output token"
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"[:200]
+    return outcome
+
+
+async def run_rate(url: str, arm: str, workload: Workload, rate: float, duration_s: float,
+                   timeout_s: float) -> tuple[list[Outcome], float]:
+    """Every arrival of one rate, sent open-loop; returns the outcomes and the wall time until the last ended."""
+    schedule = [(at, workload.next()) for at in workload.arrivals(rate, duration_s)]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        started = time.perf_counter()
+
+        async def at(when: float, request: LoadRequest) -> Outcome:
+            await asyncio.sleep(max(0.0, started + when - time.perf_counter()))
+            return await send(client, url, request, arm)
+
+        outcomes = await asyncio.gather(*(at(when, request) for when, request in schedule))
+        return list(outcomes), time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+@dataclass(frozen=True)
+class RateSummary:
+    """One rate's row of the report."""
+
+    rate: float
+    sent: int
+    completed: int
+    failed: int
+    ttft_rag_p50_ms: float | None
+    ttft_rag_p99_ms: float | None
+    ttft_chat_p50_ms: float | None
+    ttft_chat_p99_ms: float | None
+    itl_p50_ms: float | None
+    itl_p99_ms: float | None
+    output_tokens_per_s: float
+    chunk_hit_rate: float | None
+    errors: tuple[str, ...]
+
+
+def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummary:
+    done = [o for o in outcomes if o.ok]
+    ms = lambda values, q: None if not values else 1000 * percentile(values, q)  # noqa: E731
+    rag = [o.ttft_s for o in done if o.kind == "rag"]
+    chat = [o.ttft_s for o in done if o.kind == "chat"]
+    itl = [gap for o in done for gap in o.itl_s]
+    chunks = sum(o.chunks for o in done)
+    errors = sorted({o.error for o in outcomes if o.error})
+    return RateSummary(rate, len(outcomes), len(done), len(outcomes) - len(done), ms(rag, 50), ms(rag, 99),
+                       ms(chat, 50), ms(chat, 99), ms(itl, 50), ms(itl, 99),
+                       sum(o.output_tokens for o in done) / wall_s if wall_s > 0 else 0.0,
+                       sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]))
+
+
+def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
+    """The highest rate with every request completed and RAG p99 TTFT within the SLO (None: none)."""
+    good = [r.rate for r in rows if r.failed == 0 and r.ttft_rag_p99_ms is not None and r.ttft_rag_p99_ms <= slo_ms]
+    return max(good) if good else None
+
+
+def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = [f"# Load benchmark ({args.arm}), {date.today().isoformat()}", "",
+             f"- command: `python bench/load.py {' '.join(sys.argv[1:])}`",
+             f"- machine (client): {platform.machine()}, Python {platform.python_version()}; server: {args.url}",
+             f"- workload: {args.chunks} chunks of {args.chunk_tokens} tokens from a pool of {args.chunk_pool} "
+             f"(Zipf s = {args.zipf}), {args.system_tokens}-token system prompt, {args.question_tokens}-token "
+             f"question, {args.answer_tokens}-token answers; {args.chat_share:.0%} plain chat of "
+             f"{args.chat_tokens} tokens; Poisson arrivals for {args.duration:g} s per rate, seed {args.seed}", "",
+             "| rate (req/s) | sent | completed | failed | RAG TTFT p50 ms | RAG TTFT p99 ms | chat TTFT p50 ms | "
+             "chat TTFT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | chunk hit rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hit = "-" if r.chunk_hit_rate is None else f"{r.chunk_hit_rate:.2f}"
+        lines.append(f"| {r.rate:g} | {r.sent} | {r.completed} | {r.failed} | {fmt(r.ttft_rag_p50_ms)} | "
+                     f"{fmt(r.ttft_rag_p99_ms)} | {fmt(r.ttft_chat_p50_ms)} | {fmt(r.ttft_chat_p99_ms)} | "
+                     f"{fmt(r.itl_p50_ms)} | {fmt(r.itl_p99_ms)} | {r.output_tokens_per_s:.0f} | {hit} |")
+    best = sustained_rate(rows, slo_ms)
+    lines += ["", f"- sustained rate (RAG p99 TTFT <= {slo_ms:g} ms, no failures): "
+                  f"{'none of the rates' if best is None else f'{best:g} req/s'}"]
+    for r in rows:
+        if r.errors:
+            lines.append(f"- errors at {r.rate:g} req/s: {'; '.join(r.errors)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, help="the SGLang server (or tests/sglang_standin.py)")
+    parser.add_argument("--arm", choices=["blendgate", "stock"], default="blendgate",
+                        help="blendgate: RAG requests carry their chunk spans; stock: the same ids without")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8, 16], help="requests per second")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    parser.add_argument("--slo-ms", type=float, default=1000.0, help="the RAG p99 TTFT a sustained rate meets")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
+    parser.add_argument("--stop-after-saturation", action="store_true",
+                        help="skip the higher rates once one misses the SLO")
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--chunk-pool", type=int, default=2000)
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument("--system-tokens", type=int, default=64)
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--chat-share", type=float, default=0.3)
+    parser.add_argument("--chat-tokens", type=int, default=256)
+    parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent s of the chunk pool")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    args = parser.parse_args(argv)
+    try:
+        workload = Workload(vocab=args.vocab, chunk_pool=args.chunk_pool, chunks=args.chunks,
+                            chunk_tokens=args.chunk_tokens, system_tokens=args.system_tokens,
+                            question_tokens=args.question_tokens, answer_tokens=args.answer_tokens,
+                            chat_share=args.chat_share, chat_tokens=args.chat_tokens, zipf=args.zipf,
+                            seed=args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
+    rows = []
+    for rate in sorted(args.rates):
+        outcomes, wall = asyncio.run(run_rate(args.url.rstrip("/"), args.arm, workload, rate, args.duration,
+                                              args.timeout))
+        rows.append(summarise(rate, outcomes, wall))
+        r = rows[-1]
+        print(f"{args.arm} {rate:g} req/s: {r.completed}/{r.sent} done, RAG TTFT p99 "
+              f"{r.ttft_rag_p99_ms if r.ttft_rag_p99_ms is None else round(r.ttft_rag_p99_ms, 1)} ms", flush=True)
+        if args.stop_after_saturation and (r.failed or (r.ttft_rag_p99_ms or 0) > args.slo_ms):
+            break
+    text = report(rows, args, args.slo_ms)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The load benchmark (bench/load.py) in one short open-loop run against the stand-in SGLang worker
+(tests/sglang_standin.py: SGLang's HTTP API backed by the local engine and SmolLM2), whose prefill reports
+give the chunk-cache hit rate."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from support import SglangStandin
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "load.py"
+_spec = importlib.util.spec_from_file_location("bench_load", BENCH)
+load = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = load  # dataclasses look their module up there
+_spec.loader.exec_module(load)
+
+
+def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(workdir: Path, model_cache_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    worker = SglangStandin("load-standin", workdir, model_cache_dir).start()
+    try:
+        out = tmp_path / "load.md"
+        # Two chunks of a pool of three: after the first requests, chunks come from the worker's chunk-cache.
+        code = load.main(["--url", worker.url, "--rates", "2", "--duration", "4", "--vocab", "49152",
+                          "--chunk-pool", "3", "--chunks", "2", "--chunk-tokens", "16", "--system-tokens", "8",
+                          "--question-tokens", "4", "--answer-tokens", "3", "--chat-share", "0.3",
+                          "--chat-tokens", "12", "--slo-ms", "60000", "--seed", "5", "--out", str(out)])
+    finally:
+        worker.stop()
+    assert code == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    sent, completed, failed = int(cells[1]), int(cells[2]), int(cells[3])
+    assert sent > 0 and completed == sent and failed == 0, text
+    assert float(cells[4]) > 0  # RAG TTFT p50, ms
+    assert cells[11] != "-" and float(cells[11]) > 0, text  # chunk hits seen in the prefill reports
+    assert "sustained rate (RAG p99 TTFT <= 60000 ms, no failures): 2 req/s" in text

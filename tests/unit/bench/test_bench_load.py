@@ -1,0 +1,74 @@
+"""The load benchmark (bench/load.py): its seeded workload and Poisson arrivals, the per-rate summary worked out
+by hand (a run against a worker: tests/e2e/test_load_bench_standin.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "load.py"
+_spec = importlib.util.spec_from_file_location("bench_load", BENCH)
+load = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = load  # dataclasses look their module up there
+_spec.loader.exec_module(load)
+
+
+def test_the_workload_is_seeded_and_its_rag_requests_hold_their_chunks_at_their_spans() -> None:
+    first = load.Workload(vocab=5000, chunk_pool=50, chunks=3, chunk_tokens=20, system_tokens=7, question_tokens=5,
+                          chat_share=0.3, chat_tokens=11, seed=3)
+    again = load.Workload(vocab=5000, chunk_pool=50, chunks=3, chunk_tokens=20, system_tokens=7, question_tokens=5,
+                          chat_share=0.3, chat_tokens=11, seed=3)
+    requests = [first.next() for _ in range(400)]
+    assert [r.input_ids for r in requests[:20]] == [again.next().input_ids for _ in range(20)]
+    kinds = Counter(r.kind for r in requests)
+    assert 0.2 < kinds["chat"] / 400 < 0.4  # 30% chat, binomial spread
+    for r in requests:
+        if r.kind == "chat":
+            assert len(r.input_ids) == 11 and r.chunk_spans == [] and r.body("blendgate")["sampling_params"].get(
+                "custom_params") is None
+            continue
+        assert len(r.input_ids) == 7 + 3 * 20 + 5 and len(set(r.chunk_ids)) == 3
+        spans = list(zip(r.chunk_spans[::2], r.chunk_spans[1::2]))
+        assert spans == [(7, 27), (27, 47), (47, 67)]
+        for (start, end), chunk in zip(spans, r.chunk_ids):  # the pool chunk's tokens, at its span
+            assert r.input_ids[start:end] == first._pool[chunk].tolist()
+        assert r.input_ids[:7] == first._system  # one system prompt for every RAG request
+        params = r.body("blendgate")["sampling_params"]["custom_params"]
+        assert params["blendgate_chunk_spans"] == r.chunk_spans
+        assert "custom_params" not in r.body("stock")["sampling_params"]
+
+
+def test_popular_chunks_are_drawn_more_often_and_arrivals_follow_the_rate() -> None:
+    workload = load.Workload(vocab=5000, chunk_pool=200, chunks=2, chunk_tokens=4, chat_share=0.0, zipf=1.1, seed=1)
+    drawn = Counter(c for _ in range(2000) for c in workload.next().chunk_ids)
+    assert drawn[0] > drawn[10] > drawn[150]
+    arrivals = workload.arrivals(rate=50, duration_s=100)
+    assert arrivals == sorted(arrivals) and 0 < arrivals[0] and arrivals[-1] < 100
+    assert abs(len(arrivals) - 5000) < 5 * 5000 ** 0.5  # Poisson: mean 5000, sd ~71
+    with pytest.raises(ValueError):
+        workload.arrivals(rate=0, duration_s=1)
+    with pytest.raises(ValueError):
+        load.Workload(chunk_pool=3, chunks=4)
+
+
+def test_the_summary_counts_percentiles_hits_and_the_sustained_rate() -> None:
+    outcomes = [load.Outcome("rag", True, ttft_s=0.1 * (i + 1), itl_s=[0.01, 0.02], output_tokens=3, chunk_hits=i % 3,
+                             chunks=2) for i in range(10)]
+    outcomes += [load.Outcome("chat", True, ttft_s=0.05, output_tokens=3),
+                 load.Outcome("rag", False, error="HTTP 503")]
+    row = load.summarise(4.0, outcomes, wall_s=2.0)
+    assert (row.sent, row.completed, row.failed) == (12, 11, 1)
+    assert row.ttft_rag_p50_ms == pytest.approx(550.0) and row.ttft_rag_p99_ms == pytest.approx(991.0)
+    assert row.ttft_chat_p50_ms == pytest.approx(50.0)
+    assert row.itl_p50_ms == pytest.approx(15.0)
+    assert row.output_tokens_per_s == pytest.approx(33 / 2.0)
+    assert row.chunk_hit_rate == pytest.approx(sum(i % 3 for i in range(10)) / 20)
+    assert row.errors == ("HTTP 503",)
+    ok = load.RateSummary(2.0, 5, 5, 0, 100.0, 900.0, None, None, None, None, 10.0, None, ())
+    slow = load.RateSummary(8.0, 5, 5, 0, 100.0, 1500.0, None, None, None, None, 10.0, None, ())
+    assert load.sustained_rate([ok, row, slow], slo_ms=1000.0) == 2.0  # row failed one request
+    assert load.sustained_rate([slow], slo_ms=1000.0) is None
