@@ -50,11 +50,31 @@ class VerifierFileError(ValueError):
     """A verifier weights file cannot be read; the message says which and why."""
 
 
+# Contractions spelled out for `same_wording`: the ending after the apostrophe, and what guards.tokens leaves
+# of a negative one ("can't" is "ca" and "n't").
+_CONTRACTED = {"s": "is", "re": "are", "ve": "have", "ll": "will", "d": "would", "m": "am"}
+_NEGATIVE_STEMS = {"ca": "can", "wo": "will", "sha": "shall", "n't": "not"}
+
+
+def _spelled_out(text: str) -> list[str]:
+    words = []
+    for word in tokens(text):
+        head, _, tail = word.lower().partition("'")
+        if head == "n" and tail == "t":
+            words.append("not")
+        elif tail in _CONTRACTED:
+            words += [head, _CONTRACTED[tail]]
+        else:
+            words.append(_NEGATIVE_STEMS.get(head, head) + (f"'{tail}" if tail else ""))
+    return words
+
+
 def same_wording(query: str, cached: str) -> bool:
-    """Whether the two questions have the same words in the same order, whatever their case and punctuation:
-    one question, whatever the cosine says (all-MiniLM-L6-v2 puts "what is the capital of france" at 0.906
-    from "What is the capital of France?", below what the classifier accepts there)."""
-    return [w.lower() for w in tokens(query)] == [w.lower() for w in tokens(cached)]
+    """Whether the two questions have the same words in the same order, whatever their case and punctuation
+    and with contractions spelled out ("What's" is "what is", "can't" is "can not"): one question, whatever
+    the cosine says (all-MiniLM-L6-v2 puts "what is the capital of france" at 0.906 from "What is the capital
+    of France?", below what the classifier accepts there)."""
+    return _spelled_out(query) == _spelled_out(cached)
 
 
 @dataclass(frozen=True)

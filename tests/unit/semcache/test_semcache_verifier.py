@@ -17,7 +17,7 @@ from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings, default_categories
 from blendgate.semcache.tuning import LabelledPair
-from blendgate.semcache.verifier import Verifier, VerifierFileError, VerifierModel
+from blendgate.semcache.verifier import Verifier, VerifierFileError, VerifierModel, same_wording
 from blendgate.semcache.verifier_training import fit_logistic, train_verifier
 from prometheus_client import CollectorRegistry
 
@@ -194,6 +194,21 @@ def test_default_calibration_holds_each_category_bound_or_the_tightest(default_v
             # pay: probability 0).
             assert calibration.estimate <= calibration.unverified_estimate
             assert 0 < calibration.hit_rate <= calibration.unverified_hit_rate
+
+
+@pytest.mark.parametrize("query, cached, same", [
+    ("What's the capital of France?", "What is the capital of France?", True),
+    ("WHY CAN'T I SLEEP", "Why can not I sleep?", True),
+    ("I'm sure they've left, aren't they?", "I am sure they have left, are not they", True),
+    ("Why can't I sleep?", "Why can I sleep?", False),
+    ("What is the capital of France?", "What is the capital city of France?", False),
+])
+def test_the_same_wording_passes_whatever_the_threshold(query: str, cached: str, same: bool) -> None:
+    # Same words in the same order once case, punctuation and contractions are set aside: one question, even
+    # where the probability asked is out of reach.
+    verifier = Verifier.load(None, [CategoryPolicy(name="strict", rules=["."], verifier_threshold=1.0)])
+    assert same_wording(query, cached) is same
+    assert verifier.verify(query, cached, 0.95, "strict").accepted is same
 
 
 def test_load_lowers_the_probability_a_candidate_needs_but_not_past_a_guard() -> None:
