@@ -30,14 +30,16 @@ DEFAULT_VERIFIER_FILE = Path(__file__).with_name("verifier_default.json")
 FEATURES = ("cosine", "jaccard", "content_jaccard", "length_ratio", "differing_content_words",
             "numbers", "entities", "negation", "comparison", *WORD_FEATURES)
 # The direction each feature may push the probability of "same question": +1 only up, -1 only down, 0 either.
-# Training keeps to these (verifier_training.fit_logistic). The cosine and the guards' flags have a direction;
-# the overlap, length and word features do not: at a given cosine, more differing words mean a paraphrase the
-# embedding still finds close, a single swapped word one it found close in spite of a changed question
-# ("learn Python" / "learn Java"), the opposite of their direction across all pairs. QQP's different-answer
-# pairs were also picked for their shared words, so near-identical wording would come to mean a different
-# question: the rephrasings trained on besides (rephrasings.py) keep "What's the capital of France?" for "What
-# is the capital of France?". Constraining every feature (as before) left the cosine and three guards alone.
-FEATURE_SIGNS = (1, 0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0)
+# Training keeps to these (verifier_training.fit_logistic). The cosine, the shared words (jaccard,
+# content_jaccard, rarity_overlap) and the guards' flags have a direction: QQP's different-answer pairs were
+# picked for their shared words, so a free fit learns that sharing words, rare ones most, means another
+# question, and refused "What is the height of Mount Everest?" for "How tall is Mount Everest?" (cosine 0.97).
+# The length and differing-word features do not: at a given cosine, more differing words mean a paraphrase the
+# embedding still finds close, a single swapped word one it found close in spite of a changed question ("learn
+# Python" / "learn Java"), the opposite of their direction across all pairs. The rephrasings trained on besides
+# (rephrasings.py) keep "What's the capital of France?" for "What is the capital of France?". Constraining every
+# feature (as before) left the cosine and three guards alone.
+FEATURE_SIGNS = (1, 1, 1, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, 0, 1)
 # The guards that refuse a candidate on their own, unless the operator fixed the category's probability. On the
 # QQP tuning pairs at cosine >= 0.905, refusing on a mismatched number, name or negation served 34.6% of the
 # same-answer pairs with 15.3% of hits false (19.4% on the cosine alone); adding the comparison guard served
