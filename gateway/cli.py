@@ -195,8 +195,9 @@ def tune_thresholds(
                                   help="Fewest labelled pairs a category needs for a suggestion."),
     verifier_out: Optional[Path] = typer.Option(
         None, "--verifier-out", dir_okay=False,
-        help="Also train the semantic cache's verifier on these pairs and write its weights here "
-             "(then set semantic_cache.verifier_path to it)."),
+        help="Also train the semantic cache's verifier on these pairs (and rephrasings of their cached "
+             "questions, labelled same answer; word rarity from the default verifier's) and write its weights "
+             "here (then set semantic_cache.verifier_path to it)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Suggest each semantic-cache category's threshold from labelled question pairs of your own traffic, and
@@ -242,11 +243,14 @@ def _train_verifier(settings: SemanticCacheSettings, embedder: Embedder, pairs: 
     category at the configured thresholds and false-hit bounds."""
     from rich.table import Column, Table
 
-    from ..semcache.verifier import Verifier
+    from ..semcache.verifier import DEFAULT_VERIFIER_FILE, Verifier, VerifierModel
     from ..semcache.verifier_training import train_from_embeddings
 
+    # A few hundred pairs are too few for document frequencies: the words' rarity stays the default's (QQP's).
+    rarity = VerifierModel.load(DEFAULT_VERIFIER_FILE).rarity
     with _errors_exit(ValueError, OSError, code=2):
-        model = train_from_embeddings(pairs, embedder.embed, f"{pairs_file.name} ({len(pairs)} pairs), {embedder.name}")
+        model = train_from_embeddings(pairs, embedder.embed, f"{pairs_file.name} ({len(pairs)} pairs), {embedder.name}",
+                                      rarity)
         model.save(out)
     verifier = Verifier(model, settings.categories)
     table = Table(Column("category", no_wrap=True), "bound", "probability", "false share", "95% upper", "served",

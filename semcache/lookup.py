@@ -208,7 +208,8 @@ class CacheLookup:
                     self.feedback.refused_nearby(query.tenant, category, owner, entry.embedding, similarity):
                 self.state.metrics.verifier_rejections.labels(category, "feedback").inc()
                 continue
-            served = self._verified(query, entry, similarity, category, thresholds[category], learned[category])
+            served = self._verified(query, entry, similarity, category, thresholds[category], learned[category],
+                                    policy.load_level)
             if served is None:
                 continue
             if self.feedback is not None:
@@ -224,15 +225,15 @@ class CacheLookup:
         return self.feedback.learned(tenant, category) if self.feedback is not None else NO_RAISE
 
     def _verified(self, query: CacheQuery, entry: CacheEntry, similarity: float, category: str,
-                  cosine_threshold: float, learned: LearnedRaise) -> ServedHit | None:
+                  cosine_threshold: float, learned: LearnedRaise, load_level: float) -> ServedHit | None:
         """The hit as served if the verifier lets `entry` (a candidate of `category` at `similarity`, past
-        `cosine_threshold`) answer the query, else None; the same question (SAME_QUESTION) always passes. The
-        verifier's verdict must also reach the probability threshold learned from false-hit reports
-        (FeedbackLearner.probability_threshold). A refusal is counted by category and reason ("feedback" for
-        the learned threshold)."""
+        `cosine_threshold`, the model at `load_level`) answer the query, else None; the same question
+        (SAME_QUESTION) always passes. The verifier's verdict must also reach the probability threshold learned
+        from false-hit reports (FeedbackLearner.probability_threshold). A refusal is counted by category and
+        reason ("feedback" for the learned threshold)."""
         if self.verifier is None or similarity >= SAME_QUESTION:
             return ServedHit(query.tenant, category, similarity, cosine_threshold, exact=similarity >= SAME_QUESTION)
-        verdict = self.verifier.verify(query.text, entry.query, similarity, category)
+        verdict = self.verifier.verify(query.text, entry.query, similarity, category, load_level)
         needed = self.feedback.probability_threshold(category, learned) if self.feedback is not None else None
         refused = (verdict.reason or "classifier") if not verdict.accepted else \
             "feedback" if needed is not None and verdict.probability < needed else None

@@ -106,11 +106,11 @@ class BoundCollector(Collector):
                 GaugeMetricFamily("blendgate_semantic_cache_false_hit_estimate", "False share of hits on the "
                                   "verifier's calibration pairs at the threshold in force", labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_false_hit_bound_met", "1 when the 95% upper bound of "
-                                  "the estimate is within the bound, 0 when no verifier threshold meets it (guards "
-                                  "alone decide)",
+                                  "the estimate is within the bound, 0 when no verifier threshold meets it (the "
+                                  "closest applies)",
                                   labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_verifier_threshold", "Verifier probability a candidate "
-                                  "needs (absent: the bound is not met, guards alone decide)", labels=["category"]),
+                                  "needs (absent: no calibration pairs, guards alone decide)", labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_verified_hit_rate", "Share of same-answer calibration "
                                   "pairs served with the verifier", labels=["category"]),
                 GaugeMetricFamily("blendgate_semantic_cache_unverified_hit_rate", "Share of same-answer calibration "

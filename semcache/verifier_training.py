@@ -1,15 +1,20 @@
 """Training the verifier (verifier.py) from labelled question pairs: the default weights from the QQP tuning
 split (`python -m blendgate.semcache.verifier_training QQP_TSV OUT_JSON`), an operator's from their own pairs
-(`blendgate tune-thresholds --verifier-out FILE`).
+(`blendgate tune-thresholds --verifier-out FILE`). The word rarity the features read (pair_words.WordRarity)
+comes from the training questions for the default; an operator's pairs, too few for document frequencies,
+keep the default's.
 
 Logistic regression fitted by Newton's method with a small L2 penalty (deterministic: the fixed seed only
-orders the cross-fitting folds). The calibration table is built from cross-fitted probabilities (each pair
-scored by a model that did not see it), so the false-hit estimates are not the training fit's.
+orders the cross-fitting folds), on the labelled pairs plus trivial rephrasings of their questions labelled
+"same answer" (rephrasings.py; REPHRASINGS of them). The calibration table is built from the labelled pairs'
+cross-fitted probabilities alone (each pair scored by a model that did not see it), so the false-hit
+estimates are neither the training fit's nor the rephrasings'.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +22,8 @@ import numpy as np
 
 from .bound import COSINE_FLOOR, CalibrationTable
 from .guards import check
+from .pair_words import WordRarity
+from .rephrasings import rephrasings
 from .tuning import LabelledPair
 from .verifier import FEATURE_SIGNS, FEATURES, VETO_GUARDS, VerifierModel, pair_features
 
@@ -26,14 +33,33 @@ L2 = 1e-3
 # Pairs below this cosine train the classifier too: the verifier only sees candidates above a category's
 # threshold, but a looser floor gives it more different-answer pairs to learn from.
 TRAINING_FLOOR = 0.60
+# Rephrasings (rephrasings.py) trained on besides the labelled pairs, at most.
+REPHRASINGS = 1500
+
+
+@dataclass(frozen=True)
+class EmbeddedPairs:
+    """Labelled pairs and the cosine of each pair's two embedded questions (the hand-off from embedding to
+    training): `cosines` has shape (len(pairs),)."""
+
+    pairs: list[LabelledPair]
+    cosines: np.ndarray
+
+    @classmethod
+    def embedded(cls, pairs: list[LabelledPair], embed: Callable[[list[str]], np.ndarray]) -> "EmbeddedPairs":
+        """The pairs with the cosines of `embed`'s unit-length embeddings."""
+        if not pairs:
+            return cls([], np.zeros(0))
+        cached, query = embed([p.cached for p in pairs]), embed([p.query for p in pairs])
+        return cls(pairs, np.einsum("ij,ij->i", cached, query))
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, signs: tuple[int, ...] | None = None, l2: float = L2,
                  steps: int = 25) -> tuple[np.ndarray, float]:
     """Weights and bias of a logistic regression of labels `y` (0/1, shape (n,)) on standardised features
-    `x` (shape (n, d)), by Newton's method with an L2 penalty `l2` (not on the bias). With `signs` (+1 or -1
-    per feature), a feature whose weight comes out of the other sign is left out (weight 0) and the rest
-    refitted, until every weight keeps to its sign."""
+    `x` (shape (n, d)), by Newton's method with an L2 penalty `l2` (not on the bias). With `signs` (+1, -1, or 0
+    for either, per feature), a feature whose weight comes out of the other sign is left out (weight 0) and the
+    rest refitted, until every weight keeps to its sign."""
     active = np.ones(x.shape[1], dtype=bool)
     while True:
         weights = np.zeros(x.shape[1])
@@ -61,40 +87,52 @@ def _newton(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> tuple[np.nda
     return theta[:-1], float(theta[-1])
 
 
-def feature_matrix(pairs: list[LabelledPair], cosines: np.ndarray) -> np.ndarray:
+def feature_matrix(pairs: list[LabelledPair], cosines: np.ndarray, rarity: WordRarity) -> np.ndarray:
     """FEATURES of each pair (the cached question against the query), shape (n, len(FEATURES))."""
     if not pairs:
         return np.zeros((0, len(FEATURES)))
-    return np.stack([pair_features(p.query, p.cached, float(c)).values for p, c in zip(pairs, cosines)])
+    return np.stack([pair_features(p.query, p.cached, float(c), rarity).values for p, c in zip(pairs, cosines)])
 
 
-def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str) -> VerifierModel:
-    """A verifier trained on `pairs` whose embeddings have `cosines` (shape (n,)), calibrated on the same pairs
-    through cross-fitting. Raises ValueError with too few pairs of either label above TRAINING_FLOOR."""
+def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str,
+                   rarity: WordRarity | None = None, rephrased: EmbeddedPairs | None = None) -> VerifierModel:
+    """A verifier trained on `pairs` whose embeddings have `cosines` (shape (n,)) and on `rephrased` (same-answer
+    rewrites: in every fold's training, never in the calibration), calibrated on `pairs` through cross-fitting,
+    its features reading `rarity` (None: the document frequencies of the pairs' own questions). Raises
+    ValueError with too few pairs of either label above TRAINING_FLOOR."""
+    rarity = rarity or WordRarity.from_questions(q for p in pairs for q in (p.cached, p.query))
     keep = cosines >= TRAINING_FLOOR
     chosen = [p for p, k in zip(pairs, keep) if k]
-    x, y, cos = feature_matrix(chosen, cosines[keep]), np.array([p.same_answer for p in chosen], float), cosines[keep]
+    x, y, cos = feature_matrix(chosen, cosines[keep], rarity), np.array([p.same_answer for p in chosen], float), \
+        cosines[keep]
     if y.sum() < 10 or (1 - y).sum() < 10:
         raise ValueError(f"training the verifier needs at least 10 pairs of each label at cosine >= {TRAINING_FLOOR}")
-    mean, scale = x.mean(axis=0), x.std(axis=0)
+    extra = feature_matrix(rephrased.pairs, rephrased.cosines, rarity) if rephrased else np.zeros((0, x.shape[1]))
+    both = np.vstack([x, extra])
+    mean, scale = both.mean(axis=0), both.std(axis=0)
     scale[scale == 0] = 1.0
-    standard = (x - mean) / scale
+    standard, extra = (x - mean) / scale, (extra - mean) / scale
+    ones = np.ones(len(extra))
     folds = np.random.default_rng(SEED).permutation(len(y)) % FOLDS
     held = np.zeros(len(y))
     for fold in range(FOLDS):
-        weights, bias = fit_logistic(standard[folds != fold], y[folds != fold], FEATURE_SIGNS)
+        train = folds != fold
+        weights, bias = fit_logistic(np.vstack([standard[train], extra]), np.concatenate([y[train], ones]),
+                                     FEATURE_SIGNS)
         held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
-    weights, bias = fit_logistic(standard, y, FEATURE_SIGNS)
+    weights, bias = fit_logistic(np.vstack([standard, extra]), np.concatenate([y, ones]), FEATURE_SIGNS)
     guarded = np.array([check(p.query, p.cached).fired(VETO_GUARDS) is not None for p in chosen])
     table = CalibrationTable.from_pairs(cos, held, guarded, y.astype(bool))
-    return VerifierModel(weights, bias, mean, scale, table, source)
+    return VerifierModel(weights, bias, mean, scale, table, source, rarity)
 
 
 def train_from_embeddings(pairs: list[LabelledPair], embed: Callable[[list[str]], np.ndarray],
-                          source: str) -> VerifierModel:
-    """`train_verifier` with the cosines of `embed`'s unit-length embeddings of each pair."""
-    cached, query = embed([p.cached for p in pairs]), embed([p.query for p in pairs])
-    return train_verifier(pairs, np.einsum("ij,ij->i", cached, query), source)
+                          source: str, rarity: WordRarity | None = None) -> VerifierModel:
+    """`train_verifier` with the cosines of `embed`'s unit-length embeddings of each pair, and REPHRASINGS
+    rephrasings of the pairs' cached questions embedded the same way."""
+    labelled = EmbeddedPairs.embedded(pairs, embed)
+    rephrased = EmbeddedPairs.embedded(rephrasings([p.cached for p in pairs], REPHRASINGS), embed)
+    return train_verifier(labelled.pairs, labelled.cosines, source, rarity, rephrased)
 
 
 def main(argv: list[str]) -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from blendgate.semcache.answer_store import MemoryAnswerStore
-from blendgate.semcache.bound import COSINE_BINS, PROBABILITY_BINS, CalibrationTable, wilson_upper
+from blendgate.semcache.bound import CLOSEST_SLACK, COSINE_BINS, PROBABILITY_BINS, CalibrationTable, wilson_upper
 from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings, default_categories
 from blendgate.semcache.tuning import LabelledPair
-from blendgate.semcache.verifier import Verifier, VerifierFileError, VerifierModel
+from blendgate.semcache.verifier import Verifier, VerifierFileError, VerifierModel, same_wording
 from blendgate.semcache.verifier_training import fit_logistic, train_verifier
 from prometheus_client import CollectorRegistry
 
@@ -52,16 +52,27 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     assert strict.estimate <= strict.upper and strict.hit_rate < loose.hit_rate < loose.unverified_hit_rate == 1.0
     assert loose.unverified_estimate == pytest.approx(0.5, abs=0.02)
     assert loose.met and strict.met
-    # Out of reach: no threshold, flagged as not met, with the guards' own shares (the pairs no guard refuses).
+    # Out of reach: flagged as not met, at the loosest threshold whose upper bound comes within CLOSEST_SLACK
+    # of the lowest, with its shares.
     unreachable = table.calibrate("factual", 0.9, 0.0001)
-    assert not unreachable.met and unreachable.probability is None
-    assert unreachable.estimate == pytest.approx(0.5 / (0.5 + 0.9), abs=0.02)
-    assert unreachable.hit_rate == pytest.approx(0.9, abs=0.02)
-    # Pairs below a category's cosine threshold do not count for it.
+    assert not unreachable.met and unreachable.probability is not None and unreachable.upper > 0.0001
+    assert 0 < unreachable.hit_rate < loose.unverified_hit_rate
+    # Counted: the pairs no veto guard refuses (the verifier refuses those on their own).
+    uppers = {k: wilson_upper(*_false_and_hits(probabilities[~guarded], same[~guarded], k / PROBABILITY_BINS))
+              for k in range(PROBABILITY_BINS) if (probabilities[~guarded] >= k / PROBABILITY_BINS).any()}
+    closest = min(k for k, upper in uppers.items() if upper <= min(uppers.values()) + CLOSEST_SLACK)
+    assert unreachable.probability == closest / PROBABILITY_BINS and unreachable.upper == uppers[closest]
+    # Pairs below a category's cosine threshold do not count for it: no threshold, the guards alone decide.
     assert table.calibrate("code", 0.96, 0.05).pairs == 0
     assert table.calibrate("code", 0.96, 0.05).probability is None
     restored = CalibrationTable.from_json(table.to_json())
     assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2, 2)
+
+
+def _false_and_hits(probabilities: np.ndarray, same: np.ndarray, threshold: float) -> tuple[int, int]:
+    """False hits and hits of pairs whose probability bin starts at or above `threshold` (bins of 0.01)."""
+    served = np.floor(probabilities * PROBABILITY_BINS) / PROBABILITY_BINS >= threshold - 1e-9
+    return int((served & ~same).sum()), int(served.sum())
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -114,6 +125,50 @@ def test_default_verifier_accepts_paraphrases(default_verifier: Verifier, query:
     assert verdict.accepted, verdict
 
 
+TRIVIAL_REPHRASINGS = [
+    ("What's the capital of France?", "What is the capital of France?"),
+    ("what is the capital of france", "What is the capital of France?"),
+    ("WHAT IS THE CAPITAL OF FRANCE?", "What is the capital of France?"),
+    ("Why don't cats like water?", "Why do not cats like water?"),
+    ("How do I learn Python quickly!", "How do I learn Python quickly?"),
+    ("What are the health benefits of apples, pears and plums?",
+     "What are the health benefits of plums, pears and apples?"),
+    ("Is it true that I'm too old to learn piano at 40?", "Is it true that I am too old to learn piano at 40?"),
+]
+
+
+@pytest.mark.parametrize("query, cached", TRIVIAL_REPHRASINGS)
+def test_default_verifier_accepts_trivial_rephrasings_at_their_real_cosine(default_verifier: Verifier, embedder,
+                                                                            query: str, cached: str) -> None:
+    # QQP's different-answer pairs share most of their words: the verifier must not learn that near-identical
+    # wording means another question (case, punctuation, contractions, the order of a list).
+    vectors = embedder.embed([query, cached])
+    cosine = float(vectors[0] @ vectors[1])
+    for category in ("factual", "conversational"):
+        verdict = default_verifier.verify(query, cached, cosine, category)
+        assert verdict.accepted, (category, cosine, verdict)
+
+
+@pytest.mark.parametrize("query, cached, reason", [
+    ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
+    ("Why can't I sleep at night?", "Why can I sleep at night?", "negation"),
+    ("Is it safe to eat eggs during pregnancy?", "Is it not safe to eat eggs during pregnancy?", "negation"),
+    ("What can I do with 5 years of experience?", "What can I do with 2 years of experience?", "numbers"),
+    ("How do I install Python 2 on Ubuntu?", "How do I install Python 3 on Ubuntu?", "numbers"),
+    ("Which is the best inpatient rehab center in Appling County?",
+     "Which is the best inpatient rehab center in Towns County?", "entities"),
+])
+def test_default_verifier_refuses_near_misses_at_their_real_cosine(default_verifier: Verifier, embedder,
+                                                                   query: str, cached: str, reason: str) -> None:
+    # The number, name and negation guards refuse on their own in every category, whatever the probability
+    # ("not safe" is at cosine 0.99, where the classifier alone would let it through).
+    vectors = embedder.embed([query, cached])
+    cosine = float(vectors[0] @ vectors[1])
+    for category in default_verifier.thresholds:
+        verdict = default_verifier.verify(query, cached, cosine, category)
+        assert not verdict.accepted and verdict.reason == reason, (category, cosine, verdict)
+
+
 @pytest.mark.parametrize("query, cached, reason", [
     ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
     ("Why can't I sleep at night?", "Why can I sleep at night?", "negation"),
@@ -133,11 +188,42 @@ def test_default_calibration_holds_each_category_bound_or_the_tightest(default_v
         if calibration.met:
             assert calibration.upper <= 0.02 and calibration.estimate < calibration.unverified_estimate
             assert 0 < calibration.hit_rate <= calibration.unverified_hit_rate
-        else:  # QQP's labels put the false share of hits near 9% even at cosine 0.99: guards alone decide
-            assert calibration.probability is None and calibration.estimate > 0.02
-            # ... and they serve fewer false hits than the cosine alone.
-            assert calibration.estimate < calibration.unverified_estimate
-            assert 0 < calibration.hit_rate < calibration.unverified_hit_rate
+        else:  # QQP's labels put the false share of hits near 9% even at cosine 0.99: the closest threshold
+            assert calibration.probability is not None and calibration.estimate > 0.02
+            # ... serves no larger a false share than the cosine alone (the same where the classifier does not
+            # pay: probability 0).
+            assert calibration.estimate <= calibration.unverified_estimate
+            assert 0 < calibration.hit_rate <= calibration.unverified_hit_rate
+
+
+@pytest.mark.parametrize("query, cached, same", [
+    ("What's the capital of France?", "What is the capital of France?", True),
+    ("WHY CAN'T I SLEEP", "Why can not I sleep?", True),
+    ("I'm sure they've left, aren't they?", "I am sure they have left, are not they", True),
+    ("Why can't I sleep?", "Why can I sleep?", False),
+    ("What is the capital of France?", "What is the capital city of France?", False),
+])
+def test_the_same_wording_passes_whatever_the_threshold(query: str, cached: str, same: bool) -> None:
+    # Same words in the same order once case, punctuation and contractions are set aside: one question, even
+    # where the probability asked is out of reach.
+    verifier = Verifier.load(None, [CategoryPolicy(name="strict", rules=["."], verifier_threshold=1.0)])
+    assert same_wording(query, cached) is same
+    assert verifier.verify(query, cached, 0.95, "strict").accepted is same
+
+
+def test_load_lowers_the_probability_a_candidate_needs_but_not_past_a_guard() -> None:
+    categories = [CategoryPolicy(name="general", rules=["."], verifier_threshold=0.8)]
+    verifier = Verifier.load(None, categories)
+    added, swapped = ("What is the capital city of France?", "What is the capital of France?"), \
+        ("What is the capital of Germany?", "What is the capital of France?")
+    calm = verifier.verify(*added, 0.92, "general")
+    assert not calm.accepted and calm.reason == "classifier" and 0.4 < calm.probability < 0.8
+    # Half load: the bar is 0.8 * 0.5 = 0.4; full load: 0.
+    assert verifier.verify(*added, 0.92, "general", load_level=0.5).accepted
+    assert verifier.verify(*added, 0.92, "general", load_level=1.0).accepted
+    # A candidate a veto guard fires on needs the full threshold at any load.
+    loaded = verifier.verify(*swapped, 0.92, "general", load_level=1.0)
+    assert not loaded.accepted and loaded.reason == "entities"
 
 
 def test_a_fixed_verifier_threshold_overrides_the_calibrated_one() -> None:

@@ -104,7 +104,7 @@ COUNTRIES = ["Canada", "France", "Japan", "Brazil", "Kenya", "Norway", "Chile", 
 
 
 def test_command_trains_the_verifier_with_verifier_out(tmp_path: Path) -> None:
-    from blendgate.semcache.verifier import VerifierModel
+    from blendgate.semcache.verifier import DEFAULT_VERIFIER_FILE, VerifierModel
 
     rows = []
     for country in COUNTRIES:
@@ -120,6 +120,8 @@ def test_command_trains_the_verifier_with_verifier_out(tmp_path: Path) -> None:
     assert "verifier written to" in result.stderr and json.loads(result.stdout) is not None
     model = VerifierModel.load(out)
     assert model.source.startswith("pairs.jsonl (24 pairs)") and model.calibration.counts.sum() == 24
+    # 24 pairs are too few for document frequencies: the words' rarity is the default verifier's.
+    assert model.rarity == VerifierModel.load(DEFAULT_VERIFIER_FILE).rarity
 
     few = write(tmp_path / "few.jsonl", rows[:6])
     result = subprocess.run([*command[:4], str(few), "--verifier-out", str(out)], capture_output=True, text=True,
