@@ -27,3 +27,9 @@ for file in "${files[@]}"; do
     echo "staged $name in $parts parts: .carry/part1 .. .carry/part$parts"
 done
 for file in "${extra[@]}"; do cp "$file" .carry/common/; done
+# The project's runtime dependencies the device's Python 3.12 + torch image lacks (it has no network), as wheels
+# for receive.sh to install: keep in step with pyproject.toml's dependencies.
+DEVICE_WHEELS=(gguf pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection
+               annotated-types cachetools "constriction>=0.4")
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_17_x86_64 -d .carry/common/wheels "${DEVICE_WHEELS[@]}"
