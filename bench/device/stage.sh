@@ -29,7 +29,10 @@ done
 for file in "${extra[@]}"; do cp "$file" .carry/common/; done
 # The project's runtime dependencies the device's Python 3.12 + torch image lacks (it has no network), as wheels
 # for receive.sh to install: keep in step with pyproject.toml's dependencies.
-DEVICE_WHEELS=(gguf pydantic pydantic-core pydantic-settings python-dotenv typing-extensions typing-inspection
-               annotated-types cachetools "constriction>=0.4")
+# pydantic and pydantic-core must be a matching pair: this machine's, where it has them.
+pins=$(python3 -c 'import pydantic, pydantic_core; print(f"pydantic=={pydantic.VERSION} pydantic-core=={pydantic_core.__version__}")' \
+       2>/dev/null || echo "pydantic pydantic-core")
+DEVICE_WHEELS=(gguf $pins pydantic-settings python-dotenv typing-extensions typing-inspection annotated-types
+               cachetools "constriction>=0.4")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 -d .carry/common/wheels "${DEVICE_WHEELS[@]}"
