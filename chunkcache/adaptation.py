@@ -98,21 +98,21 @@ class FetchDecision:
 
 @dataclass
 class AdaptationReport:
-    """The policy's figures, between FetchPolicy and the store's report (the admin API's chunk-cache view):
-    the current estimates and how many chunks it sent each way (this process)."""
+    """The policy's estimates, between FetchPolicy and the store's report (the admin API's chunk-cache view):
+    the link's rate in bytes per second and the prefill's in tokens per second, with their observation counts
+    (0: still the prior)."""
 
     link_bytes_per_s: float
     link_samples: int
     prefill_tokens_per_s: float
     prefill_samples: int
-    fetched: int = 0
-    recomputed: int = 0
 
 
 class FetchPolicy:
     """Decides per chunk between fetching it from the shared tier and recomputing it (see the module's
     docstring). `link` and `prefill` are measured by their users; `decode_bytes_per_s` is the codec's decode
-    rate (decode_rate); `costs` gives a forward pass's fixed cost in tokens. Thread-safe."""
+    rate (decode_rate); `costs` gives a forward pass's fixed cost in tokens. Stateless apart from the estimates:
+    the store counts what was done (kv_store.py)."""
 
     def __init__(self, decode_bytes_per_s: float = DECODE_BYTES_PER_S[("raw", 0)],
                  costs: PrefillCosts = PrefillCosts(), link: RateEstimate | None = None,
@@ -121,24 +121,19 @@ class FetchPolicy:
         self.costs = costs
         self.link = link or RateEstimate(DEFAULT_LINK_BYTES_PER_S)
         self.prefill = prefill or RateEstimate(DEFAULT_PREFILL_TOKENS_PER_S)
-        self._counts = {True: 0, False: 0}
-        self._lock = threading.Lock()
 
     def decide(self, encoded_bytes: int, tokens: int) -> FetchDecision:
         """Fetch or recompute one chunk whose entry is `encoded_bytes` long in the shared tier and which has
         `tokens` tokens. Fetches only when the estimated fetch (transfer and decode) is no slower than the
-        estimated recompute."""
+        estimated recompute. The prefill's rate counts a pass's fixed cost as tokens (see the blender's
+        measurement), so recompute = (tokens + costs.pass_tokens) / prefill rate."""
         link = self.link.rate
         fetch_s = encoded_bytes / link + encoded_bytes / self.decode_bytes_per_s
         recompute_s = (tokens + self.costs.pass_tokens) / self.prefill.rate
         fetch = fetch_s <= recompute_s
         reason = (f"link {link / 1e6:.3g} MB/s, fetch {fetch_s * 1e3:.3g} ms "
                   f"{'<=' if fetch else '>'} recompute {recompute_s * 1e3:.3g} ms")
-        with self._lock:
-            self._counts[fetch] += 1
         return FetchDecision(fetch, round(fetch_s * 1e3, 3), round(recompute_s * 1e3, 3), reason)
 
     def report(self) -> AdaptationReport:
-        with self._lock:
-            return AdaptationReport(self.link.rate, self.link.samples, self.prefill.rate, self.prefill.samples,
-                                    fetched=self._counts[True], recomputed=self._counts[False])
+        return AdaptationReport(self.link.rate, self.link.samples, self.prefill.rate, self.prefill.samples)
