@@ -166,14 +166,15 @@ class RedisTier:
     """Chunk KV shared through one Redis server (see the module's docstring). `timeout_s` bounds each call
     (connect, send, receive); `write_queue_bytes` bounds the KV bytes waiting for the writer thread (queued
     entries keep their tensors, on the GPU too, alive); `retry_s` is the circuit breaker's first backoff (doubling
-    to 30 s).
+    to 30 s). `link`: the estimate its reads are measured into (default: a new one, from adaptation.py's prior).
 
     Thread-safe: the engine's worker thread reads, the writer thread writes, the gateway reads `report()`."""
 
     def __init__(self, url: str, budget_bytes: int = defaults.REDIS_BUDGET_BYTES,
                  key_prefix: str = defaults.REDIS_KEY_PREFIX, timeout_s: float = defaults.REDIS_TIMEOUT_S,
                  codec: Codec | None = None, write_queue_bytes: int = defaults.REDIS_WRITE_QUEUE_BYTES,
-                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis") -> None:
+                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis", link: RateEstimate | None = None
+                 ) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -193,7 +194,7 @@ class RedisTier:
             retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)))
         self._write_script = self.client.register_script(_WRITE)
         self._remove_script = self.client.register_script(_REMOVE)
-        self.link = RateEstimate(DEFAULT_LINK_BYTES_PER_S)  # measured by `read`
+        self.link = link or RateEstimate(DEFAULT_LINK_BYTES_PER_S)  # measured by `read`
         self._stats = RedisTierReport(name, budget_bytes)
         self._stats_lock = threading.Lock()
         self.write_queue_bytes = write_queue_bytes
