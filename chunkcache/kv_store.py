@@ -13,8 +13,8 @@ lookup that waits for it.
 
 With a fetch policy (adaptation.py: FetchPolicy, bandwidth adaptation) the caller asks `locate` before it reads:
 per chunk, whether a local tier holds it, else the shared tier's entry size and the policy's choice between
-fetching it and recomputing it; a chunk to recompute is not read (`note_recomputed` counts it, and `put` with
-share=False does not write it to Redis again).
+fetching it and recomputing it; a chunk to recompute is not read from Redis (`get` with shared=False;
+`note_recomputed` counts it, and `put` with share=False does not write it to Redis again).
 """
 
 from __future__ import annotations
@@ -109,16 +109,16 @@ class ChunkCacheStore:
         return sources
 
     def note_recomputed(self) -> None:
-        """Count a chunk the shared tier held but the fetch policy chose to recompute (a miss too)."""
+        """Count a chunk the shared tier held but the fetch policy chose to recompute (its miss is counted by
+        `get(..., shared=False)`)."""
         with self._lock:
-            self.stats.misses += 1
             self.stats.shared_recomputed += 1
 
-    def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
-        """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host). With
-        promote=False an entry found in a lower tier (or the shared one) stays there for now (call `promote`
-        later): blending streams CPU-memory entries up layer by layer, and a promotion copy queued before it
-        would hold the prefill up."""
+    def get(self, key: ChunkKey, promote: bool = True, shared: bool = True) -> ChunkKV | None:
+        """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host; not
+        asked with shared=False: the fetch policy chose to recompute). With promote=False an entry found in a
+        lower tier (or the shared one) stays there for now (call `promote` later): blending streams CPU-memory
+        entries up layer by layer, and a promotion copy queued before it would hold the prefill up."""
         with self._lock:
             for level, tier in enumerate(self.tiers):
                 info = tier.entries.get(key)
@@ -135,7 +135,7 @@ class ChunkCacheStore:
                 if level > 0 and promote:
                     self._insert(0, key, kv, info)
                 return kv
-        kv = self.shared.read(key) if self.shared is not None else None  # outside the lock
+        kv = self.shared.read(key) if self.shared is not None and shared else None  # outside the lock
         with self._lock:
             if kv is None:
                 self.stats.misses += 1

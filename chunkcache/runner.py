@@ -96,12 +96,12 @@ class ChunkBlender:
 
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...],
                  read: bool = True) -> tuple[ChunkKV, bool]:
-        """The chunk's KV and whether it came from the store: read from it (unless `read` is False: the fetch
-        policy chose to recompute a shared entry, which is then not written to the shared tier again), else
-        precomputed and stored."""
+        """The chunk's KV and whether it came from the store: read from it (from its local tiers only when `read`
+        is False: the fetch policy chose to recompute the shared entry, which is then not written to the shared
+        tier again), else precomputed and stored."""
         # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
         # The key holds the digest of the chunk's tokens, and the store refuses entries that are not the key's.
-        cached = self.store.get(key, promote=False) if read else None
+        cached = self.store.get(key, promote=False, shared=read)
         if cached is not None:
             return cached, True
         if not read:
@@ -167,12 +167,12 @@ class ChunkBlender:
 def shared_fetch_words(source: ChunkSource, hit: bool) -> str:
     """The prefill report's `shared_fetch` words for one chunk: "local" (read from a local tier), "fetched" (read
     from the shared tier), "recomputed: <why>" (the fetch policy found fetching slower), "not cached" (no tier
-    held it, or the shared entry was gone or damaged when read)."""
-    if source.local:
-        return "local" if hit else "not cached"
-    if source.decision is not None and not source.decision.fetch:
-        return source.decision.summary
-    return "fetched" if hit else "not cached"
+    held it, or the entry was gone or damaged when read)."""
+    recompute = source.decision is not None and not source.decision.fetch
+    if not hit:
+        return source.decision.summary if recompute else "not cached"
+    # A chunk to recompute that is a hit was computed locally meanwhile (it recurs in the prompt).
+    return "local" if source.local or recompute else "fetched"
 
 
 def per_chunk_counts(result: BlendResult) -> list[int]:

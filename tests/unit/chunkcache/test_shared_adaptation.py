@@ -97,6 +97,7 @@ def test_locate_gives_local_hits_shared_sizes_and_the_policys_choice(redis_serve
         assert fetched.decision.fetch_ms == pytest.approx(ENCODED, rel=1e-3)  # ENCODED bytes at 1 KB/s, in ms
         assert fetched.decision.recompute_ms == pytest.approx(8.0)
         assert shared.entry_sizes([key(0), key(9)]) == [ENCODED, None]
+        assert reader.get(key(0), shared=False) is None  # the policy's choice: Redis not asked, a miss
         reader.note_recomputed()
         report = reader.report()
         assert report["adaptation"]["recomputed"] == 1 and report["misses"] == 1
@@ -134,9 +135,11 @@ def test_a_slow_link_recomputes_and_a_fast_one_fetches(redis_server, prefix, loa
             assert state.report.shared_fetch == ["fetched"] and state.report.hits == [True]
             link = over_slow.store.shared.link
             assert 50e3 < link.rate < 250e3, link.rate
-            _, state = over_slow.prefill(rag_prompt(tokenizer, DOCUMENTS[1:], "blend"))
-            assert state.report.hits == [False, False]
-            for words in state.report.shared_fetch:
+            # The third chunk recurs: computed for its first place, it is a local hit for its second.
+            _, state = over_slow.prefill(rag_prompt(tokenizer, [*DOCUMENTS[1:], DOCUMENTS[1]], "blend"))
+            assert state.report.hits == [False, False, True]
+            assert state.report.shared_fetch[2] == "local"
+            for words in state.report.shared_fetch[:2]:
                 assert words.startswith("recomputed: link 0.") and "> recompute" in words, words
             assert state.report.as_dict()["shared_fetch"] == state.report.shared_fetch  # in the response
             adaptation = over_slow.store.report()["adaptation"]
