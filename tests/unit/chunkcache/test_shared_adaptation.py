@@ -155,3 +155,27 @@ def test_a_slow_link_recomputes_and_a_fast_one_fetches(redis_server, prefix, loa
             runner.store.close()
         slow.close()
         fast.close()
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_the_local_backend_adapts_unless_set_off(redis_server, prefix, loaded_model, tmp_path, adapt) -> None:
+    from blendgate.gateway.backends.local import LocalBackend
+    from blendgate.gateway.config import ChunkCacheSettings, LocalModelConfig
+
+    settings = ChunkCacheSettings.model_validate({
+        "disk_dir": str(tmp_path), "codec": {"name": "int8"},
+        "redis": {"url": redis_server.url, "key_prefix": prefix, "adapt": adapt}})
+    backend = LocalBackend(LocalModelConfig(name="m"), cache_dir=tmp_path, max_running=1, max_waiting=1,
+                           chunk_cache=settings)
+    backend._runner(loaded_model)
+    try:
+        policy = backend.store.adaptation
+        if adapt:
+            assert policy.link is backend.store.shared.link  # measured by the tier's reads
+            assert policy.decode_bytes_per_s == decode_rate("int8", 0)
+            assert policy.costs == PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
+            assert "adaptation" in backend.store.report()
+        else:
+            assert policy is None and "adaptation" not in backend.store.report()
+    finally:
+        backend.store.close()
