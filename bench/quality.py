@@ -178,8 +178,8 @@ def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
     decoded = LRUCache(64)
 
     class RoundTripBlender(ChunkBlender):
-        def chunk_kv(self, key, chunk_ids, prefix_ids):
-            kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids)
+        def chunk_kv(self, key, chunk_ids, prefix_ids, read=True):
+            kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids, read)
             if key not in decoded:
                 decoded[key] = codec.decode(key, codec.encode(key, kv), kv.keys.device)
             return decoded[key], hit

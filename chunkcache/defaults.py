@@ -21,3 +21,5 @@ REDIS_KEY_PREFIX = "blendgate:chunk-kv"
 REDIS_TIMEOUT_S = 2.0
 REDIS_RETRY_S = 1.0
 REDIS_WRITE_QUEUE_BYTES = 1 << 30
+# Bandwidth adaptation (adaptation.py): per chunk, fetch from the shared tier or recompute, whichever is faster.
+REDIS_ADAPT = True

@@ -10,16 +10,22 @@ Optionally a shared tier (redis_tier.py: RedisTier) sits beside the local ones: 
 hit promoted into the top tier as a lower tier's is) and written through on every `put`, so a chunk computed
 by one replica is a hit for the others. It is called outside the store's lock: a slow Redis holds up only the
 lookup that waits for it.
+
+With a fetch policy (adaptation.py: FetchPolicy, bandwidth adaptation) the caller asks `locate` before it reads:
+per chunk, whether a local tier holds it, else the shared tier's entry size and the policy's choice between
+fetching it and recomputing it; a chunk to recompute is not read from Redis (`get` with shared=False;
+`note_recomputed` counts it, and `put` with share=False does not write it to Redis again).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from cachetools import LRUCache
 
+from .adaptation import FetchDecision, FetchPolicy
 from .eviction import DEFAULT_EVICTION, EntryInfo, EvictionPolicy, eviction_policy
 from .keys import ChunkKey
 from .kv import ChunkKV
@@ -36,17 +42,35 @@ class CacheStats:
     misses: int = 0
     evictions: dict[str, int] = field(default_factory=dict)  # entries pushed out of each tier
     corrupt: int = 0
+    shared_recomputed: int = 0  # shared-tier entries recomputed instead, the fetch policy's choice
+
+
+@dataclass(frozen=True)
+class ChunkSource:
+    """Where one chunk's KV would come from, between the store (`locate`) and the blender (runner.py):
+    `local` when a local tier holds it, else `shared_bytes`, its entry's encoded size in the shared tier (None:
+    no tier holds it), and `decision`, the fetch policy's choice for that entry (None without a policy: fetch)."""
+
+    local: bool
+    shared_bytes: int | None = None
+    decision: FetchDecision | None = None
+
+    @property
+    def hit(self) -> bool:
+        """Whether the chunk's KV will be read rather than computed."""
+        return self.local or (self.shared_bytes is not None and (self.decision is None or self.decision.fetch))
 
 
 class ChunkCacheStore:
     """Thread-safe: one lock around every operation (the engine's worker thread and the gateway's reports)."""
 
     def __init__(self, tiers: list[Tier], eviction: EvictionPolicy | str = DEFAULT_EVICTION,
-                 shared: RedisTier | None = None) -> None:
+                 shared: RedisTier | None = None, adaptation: FetchPolicy | None = None) -> None:
         if not tiers:
             raise ValueError("the chunk-cache store needs at least one tier")
         self.tiers = tiers
         self.shared = shared
+        self.adaptation = adaptation if shared is not None else None
         self.eviction = eviction_policy(eviction) if isinstance(eviction, str) else eviction
         self.stats = CacheStats(hits={t.name: 0 for t in tiers}, evictions={t.name: 0 for t in tiers})
         self._from_shared: LRUCache[ChunkKey, bool] = LRUCache(PENDING_PROMOTIONS)
@@ -67,11 +91,34 @@ class ChunkCacheStore:
         shared = iter(self.shared.contains(missing))
         return [held or next(shared) for held in found]
 
-    def get(self, key: ChunkKey, promote: bool = True) -> ChunkKV | None:
-        """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host). With
-        promote=False an entry found in a lower tier (or the shared one) stays there for now (call `promote`
-        later): blending streams CPU-memory entries up layer by layer, and a promotion copy queued before it
-        would hold the prefill up."""
+    def locate(self, keys: list[ChunkKey], tokens: list[int]) -> list[ChunkSource]:
+        """Where each chunk's KV would come from (nothing read, no statistics counted): the local tiers, else the
+        shared tier, asked in one round trip for the sizes of the entries no local tier holds, with the fetch
+        policy's choice for each (`tokens`: each chunk's token count)."""
+        if len(keys) != len(tokens):
+            raise ValueError("one token count per key is needed")
+        with self._lock:
+            local = [any(key in tier.entries for tier in self.tiers) for key in keys]
+        missing = [key for key, held in zip(keys, local) if not held]
+        sizes = iter(self.shared.entry_sizes(missing) if self.shared is not None and missing else [])
+        sources = []
+        for held, count in zip(local, tokens):
+            size = None if held else next(sizes, None)
+            decision = self.adaptation.decide(size, count) if size is not None and self.adaptation else None
+            sources.append(ChunkSource(held, size, decision))
+        return sources
+
+    def note_recomputed(self) -> None:
+        """Count a chunk the shared tier held but the fetch policy chose to recompute (its miss is counted by
+        `get(..., shared=False)`)."""
+        with self._lock:
+            self.stats.shared_recomputed += 1
+
+    def get(self, key: ChunkKey, promote: bool = True, shared: bool = True) -> ChunkKV | None:
+        """The entry from the fastest tier holding it, else from the shared tier (decoded, on the host; not
+        asked with shared=False: the fetch policy chose to recompute). With promote=False an entry found in a
+        lower tier (or the shared one) stays there for now (call `promote` later): blending streams CPU-memory
+        entries up layer by layer, and a promotion copy queued before it would hold the prefill up."""
         with self._lock:
             for level, tier in enumerate(self.tiers):
                 info = tier.entries.get(key)
@@ -88,7 +135,7 @@ class ChunkCacheStore:
                 if level > 0 and promote:
                     self._insert(0, key, kv, info)
                 return kv
-        kv = self.shared.read(key) if self.shared is not None else None  # outside the lock
+        kv = self.shared.read(key) if self.shared is not None and shared else None  # outside the lock
         with self._lock:
             if kv is None:
                 self.stats.misses += 1
@@ -120,13 +167,13 @@ class ChunkCacheStore:
             if from_shared:
                 self._insert(0, key, kv, self._shared_info(kv))
 
-    def put(self, key: ChunkKey, kv: ChunkKV, recompute_cost: float) -> None:
+    def put(self, key: ChunkKey, kv: ChunkKV, recompute_cost: float, share: bool = True) -> None:
         """Stores a chunk's KV just computed in the top tier. recompute_cost: what computing it again costs (the
         chunk's tokens times the model's layers), for the cost-aware eviction policy. Also queued for the shared
-        tier, when there is one."""
+        tier, when there is one and `share` (False: it holds the entry already, see `locate`)."""
         with self._lock:
             self._insert(0, key, kv, EntryInfo(nbytes=0, recompute_cost=recompute_cost))
-        if self.shared is not None:
+        if self.shared is not None and share:
             self.shared.write(key, kv)
 
     SENSITIVITY_WEIGHT = 0.25  # the newest measurement's share in an entry's running sensitivity
@@ -166,14 +213,19 @@ class ChunkCacheStore:
 
     def report(self) -> dict:
         """Per tier: entries, bytes, budget_bytes, hits, evictions; the shared tier last, with `shared: true`
-        and its own fields (RedisTierReport: up, down_reason, corrupt, ...). Makes no Redis call."""
+        and its own fields (RedisTierReport: up, down_reason, corrupt, ...); with a fetch policy, `adaptation`:
+        its estimates (AdaptationReport) and `recomputed`, the shared entries it chose to recompute. Makes no
+        Redis call."""
         with self._lock:
             tiers = [{"name": t.name, "entries": len(t.entries), "bytes": t.used_bytes,
                       "budget_bytes": t.budget_bytes, "hits": self.stats.hits[t.name],
                       "evictions": self.stats.evictions[t.name]} for t in self.tiers]
             report = {"tiers": tiers, "misses": self.stats.misses, "corrupt": self.stats.corrupt}
+            recomputed = self.stats.shared_recomputed
         if self.shared is not None:
             tiers.append({**self.shared.report().as_dict(), "shared": True})
+        if self.adaptation is not None:
+            report["adaptation"] = {**asdict(self.adaptation.report()), "recomputed": recomputed}
         return report
 
     def close(self) -> None:

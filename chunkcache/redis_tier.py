@@ -26,6 +26,10 @@ Requests never fail because of this tier: they find their chunks in the local ti
 Writes are queued to one background thread (encode, then SET): the engine's worker thread, which prefills,
 never waits for them; a write that would take the queued bytes past `write_queue_bytes` is dropped (counted).
 Reads are synchronous on the caller's thread, which is the engine's worker thread, never the asyncio event loop.
+
+Each read that finds an entry is timed (bytes received over the seconds of its round trip, latency included)
+into `link`, the link's rate estimate that bandwidth adaptation (adaptation.py) decides with; `entry_sizes`
+gives the encoded size of the entries it would fetch, in one round trip.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import defaults
+from .adaptation import DEFAULT_LINK_BYTES_PER_S, RateEstimate
 from .codec import Codec
 from .keys import ChunkKey
 from .kv import ChunkKV
@@ -161,14 +166,15 @@ class RedisTier:
     """Chunk KV shared through one Redis server (see the module's docstring). `timeout_s` bounds each call
     (connect, send, receive); `write_queue_bytes` bounds the KV bytes waiting for the writer thread (queued
     entries keep their tensors, on the GPU too, alive); `retry_s` is the circuit breaker's first backoff (doubling
-    to 30 s).
+    to 30 s). `link`: the estimate its reads are measured into (default: a new one, from adaptation.py's prior).
 
     Thread-safe: the engine's worker thread reads, the writer thread writes, the gateway reads `report()`."""
 
     def __init__(self, url: str, budget_bytes: int = defaults.REDIS_BUDGET_BYTES,
                  key_prefix: str = defaults.REDIS_KEY_PREFIX, timeout_s: float = defaults.REDIS_TIMEOUT_S,
                  codec: Codec | None = None, write_queue_bytes: int = defaults.REDIS_WRITE_QUEUE_BYTES,
-                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis") -> None:
+                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis", link: RateEstimate | None = None
+                 ) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -188,6 +194,7 @@ class RedisTier:
             retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)))
         self._write_script = self.client.register_script(_WRITE)
         self._remove_script = self.client.register_script(_REMOVE)
+        self.link = link or RateEstimate(DEFAULT_LINK_BYTES_PER_S)  # measured by `read`
         self._stats = RedisTierReport(name, budget_bytes)
         self._stats_lock = threading.Lock()
         self.write_queue_bytes = write_queue_bytes
@@ -222,18 +229,24 @@ class RedisTier:
     def contains(self, keys: list[ChunkKey]) -> list[bool]:
         """Whether Redis holds an entry under each key (one round trip; not checked for damage: `read` does
         that). All False when the tier is down."""
+        return [size is not None for size in self.entry_sizes(keys)]
+
+    def entry_sizes(self, keys: list[ChunkKey]) -> list[int | None]:
+        """Each key's entry size in encoded bytes (from `<prefix>:sizes`), None where Redis holds no entry; one
+        round trip (the entries' existence and their sizes together). All None when the tier is down."""
         if not keys or not self.breaker.allow():
-            return [False] * len(keys)
+            return [None] * len(keys)
         try:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.exists(self._entry(key))
-            found = [bool(count) for count in pipe.execute()]
+            pipe.hmget(self._bookkeeping[1], [self._member(key) for key in keys])
+            *found, sizes = pipe.execute()
         except self._errors as exc:
             self._failed(exc)
-            return [False] * len(keys)
+            return [None] * len(keys)
         self.breaker.success()
-        return found
+        return [int(size or 0) if held else None for held, size in zip(found, sizes)]
 
     def read(self, key: ChunkKey) -> ChunkKV | None:
         """The entry under `key`, decoded on the CPU (tensors on the host, pinned when there is a GPU), and
@@ -249,12 +262,16 @@ class RedisTier:
             pipe.zadd(lru, {self._member(key): time.time()}, xx=True)
             pipe.get(used)
             pipe.zcard(lru)
+            started = time.perf_counter()
             data, _, used_bytes, entries = pipe.execute(raise_on_error=False)
+            seconds = time.perf_counter() - started
         except self._errors as exc:
             self._failed(exc)
             self._count(misses=1)
             return None
         self.breaker.success()
+        if isinstance(data, bytes):
+            self.link.observe(len(data), seconds)
         self._seen(used_bytes, entries)
         if data is None:
             self._count(misses=1)

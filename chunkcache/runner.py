@@ -13,6 +13,10 @@ alone (chunk_prefix "none"). bench/quality.py measures both.
 A blend is never chosen when it would be slower than a full prefill (fallback.py: blend_fallback): every chunk
 costs a fixed overhead (a forward pass of its own when it is not cached yet, placing it when it is), which
 many small chunks do not earn back; such prompts are prefilled in full and the report says why ("fallback").
+
+With a shared tier, each chunk no local tier holds is fetched from it, or, when the store has a fetch policy
+(adaptation.py) that finds the link too slow for the entry's size, recomputed from its tokens; the report says
+which and why per chunk (`shared_fetch`). Each chunk precomputed is timed into the policy's prefill rate.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .blend import BlendResult, blend_prefill, precompute_chunk
 from .fallback import PrefillCosts, blend_fallback
 from .keys import ChunkKey, model_fingerprint, token_digest
 from .kv import ChunkKV
-from .kv_store import ChunkCacheStore
+from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
 
 
@@ -76,23 +80,41 @@ class ChunkBlender:
     def chunk_key(self, chunk_prefix: tuple[int, ...], chunk_ids: tuple[int, ...]) -> ChunkKey:
         return ChunkKey.of(self.fingerprint, list(chunk_prefix), list(chunk_ids))
 
-    def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
-        """blend_fallback for this prompt: its chunks, which of them the store holds, and its mode's ratio."""
+    def locate(self, prompt: Prompt) -> list[ChunkSource]:
+        """Where each of the prompt's chunks would come from (ChunkCacheStore.locate), in prompt order."""
         chunk_prefix = self.prefix_for(prompt)
         chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
-        hits = self.store.contains_all([self.chunk_key(chunk_prefix, ids) for ids in chunks])
+        return self.store.locate([self.chunk_key(chunk_prefix, ids) for ids in chunks], [len(ids) for ids in chunks])
+
+    def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
+        """blend_fallback for this prompt: its chunks, which of them would be read from the store (chunks the
+        fetch policy would recompute count as not cached), and its mode's ratio."""
+        chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
+        hits = [source.hit for source in self.locate(prompt)]
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         return blend_fallback([len(ids) for ids in chunks], hits, ratio, costs)
 
-    def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...]
-                 ) -> tuple[ChunkKV, bool]:
+    def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...],
+                 read: bool = True) -> tuple[ChunkKV, bool]:
+        """The chunk's KV and whether it came from the store: read from it (from its local tiers only when `read`
+        is False: the fetch policy chose to recompute the shared entry, which is then not written to the shared
+        tier again), else precomputed and stored."""
         # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
         # The key holds the digest of the chunk's tokens, and the store refuses entries that are not the key's.
-        cached = self.store.get(key, promote=False)
+        cached = self.store.get(key, promote=False, shared=read)
         if cached is not None:
             return cached, True
-        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), self._prefix_cache(prefix_ids))
-        self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers))
+        if not read:
+            self.store.note_recomputed()
+        prefix_cache = self._prefix_cache(prefix_ids)
+        started = time.perf_counter()
+        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), prefix_cache)
+        policy = self.store.adaptation
+        if policy is not None:  # the prefill's rate, a pass's fixed cost counted as tokens (as decide counts it)
+            if kv.keys.is_cuda:
+                torch.cuda.synchronize(kv.keys.device)
+            policy.prefill.observe(len(chunk_ids) + policy.costs.pass_tokens, time.perf_counter() - started)
+        self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers), share=read)
         return kv, False
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None
@@ -102,14 +124,18 @@ class ChunkBlender:
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         chunk_prefix = self.prefix_for(prompt)
-        segments, hits, found = [], [], []
+        sources = iter(self.locate(prompt))
+        segments, hits, found, shared_fetch = [], [], [], []
         for segment in prompt.segments:
             if segment.is_chunk:
                 key = self.chunk_key(chunk_prefix, segment.token_ids)
-                kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix)
+                source = next(sources)
+                read = source.decision is None or source.decision.fetch
+                kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix, read=read)
                 segments.append(kv)
                 hits.append(hit)
                 found.append((key, kv))
+                shared_fetch.append(shared_fetch_words(source, hit))
             else:
                 segments.append(list(segment.token_ids))
         # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
@@ -133,8 +159,20 @@ class ChunkBlender:
             recomputed_per_chunk=per_chunk_counts(result), selection=rule.score if ratio else None,
             compute_share=round(result.compute_share, 4),
             prefix_tokens_reused=prefix_kv.length if prefix_kv is not None else 0, fidelity_target=target,
-            fidelity_estimate=None if target is None or result.covered is None else round(result.covered, 4))
+            fidelity_estimate=None if target is None or result.covered is None else round(result.covered, 4),
+            shared_fetch=shared_fetch if self.store.shared is not None else None)
         return result, report
+
+
+def shared_fetch_words(source: ChunkSource, hit: bool) -> str:
+    """The prefill report's `shared_fetch` words for one chunk: "local" (read from a local tier), "fetched" (read
+    from the shared tier), "recomputed: <why>" (the fetch policy found fetching slower), "not cached" (no tier
+    held it, or the entry was gone or damaged when read)."""
+    recompute = source.decision is not None and not source.decision.fetch
+    if not hit:
+        return source.decision.summary if recompute else "not cached"
+    # A chunk to recompute that is a hit was computed locally meanwhile (it recurs in the prompt).
+    return "local" if source.local or recompute else "fetched"
 
 
 def per_chunk_counts(result: BlendResult) -> list[int]:

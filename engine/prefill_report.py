@@ -30,7 +30,9 @@ class PrefillReport:
       `recompute_ratio` (share of chunk tokens recomputed, 0..1), `chunk_tokens`, `recomputed_tokens`,
       `recomputed_per_chunk`, `selection` (the token-selection score, None at ratio 0), `compute_share`
       (attention work done against a full prefill, 0..1), `prefix_tokens_reused` (the system prompt's KV);
-      with `fidelity_target` and `fidelity_estimate` (0..1) in the quality-targeted mode.
+      with `fidelity_target` and `fidelity_estimate` (0..1) in the quality-targeted mode; with a shared
+      chunk-cache tier, `shared_fetch` (per chunk: "local", "fetched", "recomputed: <link, fetch and recompute
+      estimates>" when bandwidth adaptation found fetching slower, or "not cached").
     `prefill_ms`: the prefill's wall time in milliseconds (local engine only).
 
     Added by the gateway's backends: `chunk_ids` (local: each chunk's document-chunk id, so the response
@@ -56,6 +58,7 @@ class PrefillReport:
     worker: str | None = None
     chunks_sent: int | None = None
     cached_tokens: int | None = None
+    shared_fetch: list[str] | None = None
 
     @property
     def hit_count(self) -> int:
@@ -94,6 +97,7 @@ class PrefillReport:
         put("chunk_tokens", self.chunk_tokens)
         put("recomputed_tokens", self.recomputed_tokens)
         put("recomputed_per_chunk", self.recomputed_per_chunk)
+        put("shared_fetch", self.shared_fetch)
         put("selection", self.selection, always=self.hits is not None)
         put("compute_share", self.compute_share)
         put("prefix_tokens_reused", self.prefix_tokens_reused)

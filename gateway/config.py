@@ -180,6 +180,9 @@ class ChunkCacheRedisSettings(_Strict):
     # Chunk KV bytes that may wait for the background writer (queued entries stay in memory, GPU memory for
     # models on CUDA); a write past it is dropped (counted).
     write_queue_bytes: int = Field(chunk_cache_defaults.REDIS_WRITE_QUEUE_BYTES, gt=0)
+    # Bandwidth adaptation (chunkcache/adaptation.py): per chunk, fetch the shared entry or recompute the chunk
+    # from text, whichever the measured link and prefill rates say is faster. False: always fetch.
+    adapt: bool = chunk_cache_defaults.REDIS_ADAPT
 
     @field_validator("url")
     @classmethod

@@ -13,7 +13,10 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
   chunk_cache.redis (url, budget_bytes, key_prefix, timeout_s); off unless the URL is set. Give the gateway's
   URL and key prefix, and the workers and gateway replicas share one another's chunks;
 - BLENDGATE_SGLANG_CODEC, BLENDGATE_SGLANG_CODEC_LEVEL: the shared tier's entries' KV codec (chunkcache/codec/),
-  as the gateway's chunk_cache.codec (name, level): set them alike, since an entry of another codec is a miss.
+  as the gateway's chunk_cache.codec (name, level): set them alike, since an entry of another codec is a miss;
+- BLENDGATE_SGLANG_REDIS_ADAPT: 0 turns bandwidth adaptation off (chunkcache/adaptation.py: per chunk, recompute
+  instead of fetching from the shared tier when fetching would be slower), as the gateway's
+  chunk_cache.redis.adapt (default on).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class PluginSettings(BaseSettings):
     redis_budget_gb: float = Field(chunk_cache_defaults.REDIS_BUDGET_BYTES / GIB, gt=0, allow_inf_nan=False)
     redis_key_prefix: str = Field(chunk_cache_defaults.REDIS_KEY_PREFIX, min_length=1)
     redis_timeout_s: float = Field(chunk_cache_defaults.REDIS_TIMEOUT_S, gt=0, allow_inf_nan=False)
+    redis_adapt: bool = chunk_cache_defaults.REDIS_ADAPT
     codec: str = chunk_cache_defaults.DEFAULT_CODEC
     codec_level: int = Field(0, ge=0)
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from ..chunkcache.adaptation import FetchPolicy, decode_rate
 from ..chunkcache.codec import Codec
 from ..chunkcache.kv_store import ChunkCacheStore
 from ..chunkcache.redis_tier import RedisTier
@@ -113,8 +114,10 @@ class BlendWorker:
         shared = RedisTier(settings.redis_url, settings.redis_budget_bytes, key_prefix=settings.redis_key_prefix,
                            timeout_s=settings.redis_timeout_s, codec=Codec(settings.codec, settings.codec_level)
                            ) if settings.redis_url else None
-        self.blender = ChunkBlender(self.model, ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared),
-                                    settings.chunk_prefix)
+        adaptation = FetchPolicy(decode_rate(settings.codec, settings.codec_level), settings.costs,
+                                 link=shared.link) if shared is not None and settings.redis_adapt else None
+        store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
+        self.blender = ChunkBlender(self.model, store, settings.chunk_prefix)
         self.costs = settings.costs
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,

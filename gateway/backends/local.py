@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 
 from cachetools import LRUCache
 
+from ...chunkcache.adaptation import FetchPolicy, decode_rate
 from ...chunkcache.codec import Codec
 from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.keys import token_digest
@@ -100,11 +101,14 @@ class LocalBackend(ChatBackend):
         shared_tier = RedisTier(shared.url, shared.budget_bytes, key_prefix=shared.key_prefix,
                                 timeout_s=shared.timeout_s, write_queue_bytes=shared.write_queue_bytes,
                                 retry_s=shared.retry_s, codec=codec) if shared.url else None
-        self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier)
+        costs = PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
+        # Bandwidth adaptation: the tier's measured link rate, the codec's decode rate, the prefill's costs.
+        adaptation = FetchPolicy(decode_rate(settings.codec.name, settings.codec.level), costs,
+                                 link=shared_tier.link) if shared_tier is not None and shared.adapt else None
+        self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier, adaptation=adaptation)
         return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                               chunk_prefix_entries=settings.chunk_prefix_entries,
-                              chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(),
-                              costs=PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens))
+                              chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(), costs=costs)
 
     async def wait_ready(self) -> None:
         if self._load_task is not None:

@@ -75,6 +75,11 @@ def chunk_hits(answer) -> list[tuple[str, bool]]:
     return [(c["id"], c["hit"]) for c in answer.model_extra["blendgate"]["chunk_cache"]["chunks"]]
 
 
+def shared_fetch(answer) -> list[str]:
+    """Per chunk, where its KV came from (bandwidth adaptation's words: local, fetched, recomputed, not cached)."""
+    return answer.model_extra["blendgate"]["chunk_cache"]["shared_fetch"]
+
+
 def shared_tier(gateway: GatewayProcess) -> dict:
     """The shared tier's row of the admin API's chunk-cache view."""
     view = httpx.get(f"{gateway.url}/admin/api/chunk-cache", timeout=30,
@@ -93,15 +98,18 @@ def test_a_chunk_blended_by_one_replica_is_a_hit_for_the_other(replicas, redis: 
     first, second = replicas
     answer = ask(first, DOCUMENTS)
     assert chunk_hits(answer) == [("castle", False), ("river", False)]
+    assert shared_fetch(answer) == ["not cached", "not cached"]
     # The system prompt's KV and both chunks, written behind the request.
     with redis.client() as direct:
         wait_for(lambda: direct.zcard(f"{prefix}:lru") >= 3)
     assert shared_tier(first)["writes"] >= 3
     answer = ask(second, DOCUMENTS[::-1], max_tokens=32)
     assert chunk_hits(answer) == [("river", True), ("castle", True)]  # from Redis: nothing recomputed
+    assert shared_fetch(answer) == ["fetched", "fetched"]  # on loopback fetching beats recomputing
     # The KV came through Redis bit for bit: the first replica, blending from its own memory, says the same.
     local = ask(first, DOCUMENTS[::-1], max_tokens=32)
     assert chunk_hits(local) == [("river", True), ("castle", True)]
+    assert shared_fetch(local) == ["local", "local"]
     assert answer.choices[0].message.content == local.choices[0].message.content
     tier = shared_tier(second)
     assert tier["name"] == "redis" and tier["up"] and tier["hits"] >= 3 and tier["writes"] == 0

@@ -81,6 +81,7 @@ api_keys:
         ("chunk_cache:\n  fidelity_target: 0\n", "chunk_cache.fidelity_target"),
         ("chunk_cache:\n  redis:\n    url: cache:6379\n", "chunk_cache.redis.url"),
         ("chunk_cache:\n  redis:\n    budget_bytes: 0\n", "chunk_cache.redis.budget_bytes"),
+        ("chunk_cache:\n  redis:\n    adapt: sometimes\n", "chunk_cache.redis.adapt"),
         ("metrics:\n  tenant_label: plain\n", "metrics.tenant_label"),
         ("port: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "top level must be a mapping"),

@@ -48,6 +48,14 @@ def test_the_wire_form_reads_back_as_the_same_report() -> None:
     assert prefill_report_of({"blendgate": [{"hits": "all"}]}) == PrefillReport()  # wrong shape: ignored
 
 
+def test_the_shared_tier_choice_per_chunk_is_in_the_response_and_the_wire_form() -> None:
+    adapted = dataclasses.replace(BLEND, shared_fetch=["fetched", "recomputed: link 0.2 MB/s, fetch 640 ms > "
+                                                                   "recompute 35 ms"])
+    assert adapted.as_dict()["shared_fetch"] == adapted.shared_fetch
+    assert "shared_fetch" not in BLEND.as_dict()  # no shared tier: not in the response
+    assert prefill_report_of({"blendgate": [adapted.as_dict()]}) == adapted
+
+
 def test_the_collection_is_the_request_s_then_the_model_s_and_none_with_inline_documents() -> None:
     configured = ModelRagConfig(collection="manuals", top_k=3)
 

@@ -30,7 +30,7 @@ REQUIRED = {"chunk_tokens", "chunk_overlap_tokens", "approximate_index_threshold
             "data_dir", "recompute_ratio", "fidelity_target", "chunk_prefix", "context_documents", "gpu_bytes",
             "cpu_bytes", "disk_bytes", "score", "layer", "probe_layers", "sink_tokens", "gradual", "chunk_budget",
             "drift_shift", "top_k", "url", "budget_bytes", "key_prefix", "timeout_s", "retry_s",
-            "write_queue_bytes"}
+            "write_queue_bytes", "adapt"}
 # `name` (figure ...: the figure is a `word`, a number with thousands commas, or runs to the first comma,
 # semicolon, colon or closing parenthesis.
 FIGURE = re.compile(r"`(?:(retrieval|chunk_cache|selection|rag|redis)\.)?([a-z_]+)`\s\((?:default\s+)?"
@@ -56,8 +56,11 @@ def setting(prefix: str | None, name: str) -> tuple[type[BaseModel], str] | None
 
 
 def parse(figure: str) -> object:
-    """A README figure as a value: a number (1, 0.15, 20,000), a size (4 GiB), none/all (None), a `word`."""
+    """A README figure as a value: a number (1, 0.15, 20,000), a size (4 GiB), none/all (None), `true`/`false`,
+    a `word`."""
     figure = " ".join(figure.split())
+    if figure in ("`true`", "`false`"):
+        return figure == "`true`"
     if figure.startswith("`"):
         return figure.strip("`")
     if figure in ("none", "all"):

@@ -193,6 +193,9 @@ def test_the_shared_redis_tier_comes_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_BUDGET_GB", "0.5")
     settings = worker.PluginSettings.from_env()
     assert settings.redis_url == "redis://cache:6379/0" and settings.redis_budget_bytes == 1 << 29
+    assert settings.redis_adapt  # bandwidth adaptation on, as the gateway's chunk_cache.redis.adapt
+    monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_ADAPT", "0")
+    assert not worker.PluginSettings.from_env().redis_adapt
     monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_URL", "cache:6379")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_REDIS_URL"):
         worker.PluginSettings.from_env()

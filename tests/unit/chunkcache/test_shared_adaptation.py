@@ -1,0 +1,181 @@
+"""Bandwidth adaptation wired into the shared tier, on a real Redis: the store's `locate` (entry sizes in one round
+trip, the policy's choice per chunk), and the blending runner on the real SmolLM2 reading the shared tier through
+a throttling TCP proxy on loopback: at 200 KB/s chunks are recomputed and the report says why, unthrottled they
+are fetched."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+from blendgate.chunkcache.adaptation import FetchPolicy, RateEstimate, decode_rate
+from blendgate.chunkcache.codec import Codec
+from blendgate.chunkcache.fallback import PrefillCosts
+from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.redis_tier import RedisTier
+from blendgate.chunkcache.runner import BlendingRunner
+from blendgate.chunkcache.tiers import MemoryTier
+from chunk_entries import key, kv
+from test_chunkcache_runner import BLEND_ALWAYS, DOCUMENTS, rag_prompt
+
+ENCODED = len(Codec().encode(key(0), kv(0)))  # bytes of one test entry in Redis
+
+
+class ThrottlingProxy:
+    """A TCP proxy on loopback forwarding to `port`, each direction of each connection at most `rate` bytes per
+    second (None: as fast as it goes). Threads: one accepting, two per connection."""
+
+    def __init__(self, port: int, rate: float | None) -> None:
+        self.upstream = port
+        self.rate = rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        started, sent = time.monotonic(), 0
+        try:
+            while data := source.recv(4096):
+                if self.rate is not None:  # idle time earns no credit: the clock restarts after a pause
+                    started = max(started, time.monotonic() - sent / self.rate)
+                    sent += len(data)
+                    time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for end in self.sockets:
+            end.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:chunk-kv:{uuid.uuid4().hex[:8]}"
+
+
+def test_locate_gives_local_hits_shared_sizes_and_the_policys_choice(redis_server, prefix) -> None:
+    writer = ChunkCacheStore([MemoryTier("cpu", 1 << 20, "cpu")],
+                             shared=RedisTier(redis_server.url, 1 << 24, key_prefix=prefix, timeout_s=0.5))
+    # A link of 1 KB/s (the prior) and a prefill of 1000 tokens/s: fetching an entry (~ENCODED bytes) takes ~1 s,
+    # recomputing 8 tokens 8 ms.
+    shared = RedisTier(redis_server.url, 1 << 24, key_prefix=prefix, timeout_s=0.5, link=RateEstimate(1e3))
+    policy = FetchPolicy(1e12, PrefillCosts(pass_tokens=0), link=shared.link, prefill=RateEstimate(1e3))
+    reader = ChunkCacheStore([MemoryTier("cpu", 1 << 20, "cpu")], shared=shared, adaptation=policy)
+    try:
+        for n in (0, 1):
+            writer.put(key(n), kv(n), recompute_cost=16)
+        writer.shared.flush()
+        reader.put(key(1), kv(1), recompute_cost=16, share=False)  # held locally as well
+        local, fetched, absent = reader.locate([key(1), key(0), key(9)], [8, 8, 8])
+        assert local.local and local.hit and local.shared_bytes is None and local.decision is None
+        assert not absent.local and not absent.hit and absent.shared_bytes is None
+        assert fetched.shared_bytes == ENCODED and not fetched.decision.fetch and not fetched.hit
+        assert fetched.decision.fetch_ms == pytest.approx(ENCODED, rel=1e-3)  # ENCODED bytes at 1 KB/s, in ms
+        assert fetched.decision.recompute_ms == pytest.approx(8.0)
+        assert shared.entry_sizes([key(0), key(9)]) == [ENCODED, None]
+        assert reader.get(key(0), shared=False) is None  # the policy's choice: Redis not asked, a miss
+        reader.note_recomputed()
+        report = reader.report()
+        assert report["adaptation"]["recomputed"] == 1 and report["misses"] == 1
+        assert report["adaptation"]["link_samples"] == 0  # nothing read yet
+        # A read measures the link: loopback is far faster than the 1 KB/s prior, so the entry is fetched now.
+        assert shared.read(key(0)) is not None and shared.link.samples == 1
+        assert reader.locate([key(0)], [8])[0].decision.fetch
+    finally:
+        writer.close()
+        reader.close()
+
+
+def runner_through(url: str, prefix: str, loaded_model, adapt: bool = True) -> BlendingRunner:
+    """A replica of its own (empty local tiers) whose shared tier is at `url`, storing int4 entries."""
+    codec = Codec("int4", 0)
+    shared = RedisTier(url, 1 << 28, key_prefix=prefix, timeout_s=5.0, codec=codec)
+    policy = FetchPolicy(decode_rate("int4", 0), BLEND_ALWAYS, link=shared.link) if adapt else None
+    store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")], shared=shared, adaptation=policy)
+    return BlendingRunner(loaded_model, store, costs=BLEND_ALWAYS)
+
+
+def test_a_slow_link_recomputes_and_a_fast_one_fetches(redis_server, prefix, loaded_model, tokenizer) -> None:
+    slow = ThrottlingProxy(redis_server.port, rate=200e3)
+    fast = ThrottlingProxy(redis_server.port, rate=None)
+    first = runner_through(redis_server.url, prefix, loaded_model)
+    over_slow = runner_through(f"redis://127.0.0.1:{slow.port}/0", prefix, loaded_model)
+    over_fast = runner_through(f"redis://127.0.0.1:{fast.port}/0", prefix, loaded_model)
+    try:
+        with torch.inference_mode():
+            _, state = first.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend"))  # every chunk into Redis
+            assert state.report.shared_fetch == ["not cached"] * 3 and state.report.hits == [False] * 3
+            first.store.shared.flush()
+            # Before any read the link's prior (1 Gbit/s) says fetch; this read measures 200 KB/s.
+            _, state = over_slow.prefill(rag_prompt(tokenizer, DOCUMENTS[:1], "blend"))
+            assert state.report.shared_fetch == ["fetched"] and state.report.hits == [True]
+            link = over_slow.store.shared.link
+            assert 50e3 < link.rate < 250e3, link.rate
+            # The third chunk recurs: computed for its first place, it is a local hit for its second.
+            _, state = over_slow.prefill(rag_prompt(tokenizer, [*DOCUMENTS[1:], DOCUMENTS[1]], "blend"))
+            assert state.report.hits == [False, False, True]
+            assert state.report.shared_fetch[2] == "local"
+            for words in state.report.shared_fetch[:2]:
+                assert words.startswith("recomputed: link 0.") and "> recompute" in words, words
+            assert state.report.as_dict()["shared_fetch"] == state.report.shared_fetch  # in the response
+            adaptation = over_slow.store.report()["adaptation"]
+            assert adaptation["recomputed"] == 2 and adaptation["link_samples"] >= 1
+            assert adaptation["prefill_samples"] == 2  # the two chunks recomputed were timed
+            assert over_slow.store.shared.report().hits == 2  # the system prompt's and the first chunk's
+            # Unthrottled, every chunk is fetched.
+            _, state = over_fast.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend"))
+            assert state.report.shared_fetch == ["fetched"] * 3 and state.report.hits == [True] * 3
+            assert over_fast.store.report()["adaptation"]["recomputed"] == 0
+    finally:
+        for runner in (first, over_slow, over_fast):
+            runner.store.close()
+        slow.close()
+        fast.close()
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_the_local_backend_adapts_unless_set_off(redis_server, prefix, loaded_model, tmp_path, adapt) -> None:
+    from blendgate.gateway.backends.local import LocalBackend
+    from blendgate.gateway.config import ChunkCacheSettings, LocalModelConfig
+
+    settings = ChunkCacheSettings.model_validate({
+        "disk_dir": str(tmp_path), "codec": {"name": "int8"},
+        "redis": {"url": redis_server.url, "key_prefix": prefix, "adapt": adapt}})
+    backend = LocalBackend(LocalModelConfig(name="m"), cache_dir=tmp_path, max_running=1, max_waiting=1,
+                           chunk_cache=settings)
+    backend._runner(loaded_model)
+    try:
+        policy = backend.store.adaptation
+        if adapt:
+            assert policy.link is backend.store.shared.link  # measured by the tier's reads
+            assert policy.decode_bytes_per_s == decode_rate("int8", 0)
+            assert policy.costs == PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
+            assert "adaptation" in backend.store.report()
+        else:
+            assert policy is None and "adaptation" not in backend.store.report()
+    finally:
+        backend.store.close()
