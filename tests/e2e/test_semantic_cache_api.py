@@ -32,10 +32,9 @@ PARAPHRASE = "What's the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def redis(redis_executable: str) -> Iterator[RedisServer]:
-    server = RedisServer(redis_executable).start()
-    yield server
-    server.cleanup()
+def redis(module_redis: RedisServer) -> RedisServer:
+    """This module's own Redis (its last tests stop it)."""
+    return module_redis
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,9 @@ QUESTION = [{"role": "user", "content": "What is the secret code of the blue cas
 
 
 @pytest.fixture(scope="module")
-def redis(redis_executable: str) -> Iterator[RedisServer]:
-    """This module's own Redis: the last test kills it."""
-    server = RedisServer(redis_executable).start()
-    yield server
-    server.cleanup()
+def redis(module_redis: RedisServer) -> RedisServer:
+    """This module's own Redis (its last tests stop it)."""
+    return module_redis
 
 
 @pytest.fixture(scope="module")
