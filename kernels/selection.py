@@ -67,17 +67,14 @@ def causal_bias(query_positions: torch.Tensor, kv_length: int, group: int, dtype
 
 
 def attention_mass(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int,
-                   out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """q [heads, queries, head_dim] (rotated), keys [kv_heads, slots, head_dim] (rotated; slot j holds
     position j), query_positions [queries] -> [kv_length] float32: for each slot, the softmax attention
     probability the queries give it, causal by position, summed over heads and queries (each query and head
     contributes 1 in all). Grouped-query attention: heads // kv_heads query heads share a KV head.
-    Added into `out` when given; `bias`: causal_bias(...) for these queries, when the caller keeps it;
-    `weights` [queries] float32: each query's share counted (1 each when None; 0 drops padding rows of a
-    fixed-shape CUDA graph). Four launches (scores with the mask in one batched product, softmax in float32,
-    the sums): the probe that calls it runs once per layer on few rows, where launches, not arithmetic, cost
-    the time."""
+    Added into `out` when given; `bias`: causal_bias(...) for these queries, when the caller keeps it. Four
+    launches (scores with the mask in one batched product, softmax in float32, the sums): the eager probe
+    runs it once per layer on few rows (the graphed probe has kernels/probe_attention.py)."""
     heads, queries, head_dim = q.shape
     kv_heads = keys.shape[0]
     group = heads // kv_heads
@@ -86,24 +83,18 @@ def attention_mass(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.T
     grouped = q.reshape(kv_heads, group * queries, head_dim)  # heads h*group .. h*group+group-1 share KV head h
     scores = torch.baddbmm(bias, grouped, keys[:, :kv_length].transpose(1, 2), alpha=head_dim ** -0.5)
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if weights is None:
-        mass = probabilities.sum(dim=(0, 1))
-    else:  # row g * queries + i of a KV head's block is query i of its g-th query head
-        mass = weights.repeat(group) @ probabilities.sum(dim=0)
+    mass = probabilities.sum(dim=(0, 1))
     if out is None:
         return mass
     return out.add_(mass)
 
 
-def attention_mass_reference(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int,
-                             weights: torch.Tensor | None = None) -> torch.Tensor:
+def attention_mass_reference(q: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, kv_length: int
+                             ) -> torch.Tensor:
     """As `attention_mass`, in float64 with the KV heads repeated: what it must equal."""
     group = q.shape[0] // keys.shape[0]
     k = keys[:, :kv_length].double().repeat_interleave(group, dim=0)
     scores = q.double() @ k.transpose(1, 2) / q.shape[-1] ** 0.5
     scores = scores.masked_fill(torch.arange(kv_length, device=q.device)[None, None, :]
                                 > query_positions[None, :, None], float("-inf"))
-    probabilities = torch.softmax(scores, dim=-1)
-    if weights is not None:
-        probabilities = probabilities * weights.double()[None, :, None]
-    return probabilities.sum(dim=(0, 1)).float()
+    return torch.softmax(scores, dim=-1).sum(dim=(0, 1)).float()
