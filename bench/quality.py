@@ -57,6 +57,18 @@ RULES: dict[str, dict] = {
     "default": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5},  # DEFAULT_RULE, since 2026-11-30
     "default-p8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 8},
     "default-p16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 16},
+    # The drift measured without the sinks (xs), per parts of each chunk (bN), at other strengths (sNN).
+    "default-xs": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "drift_sinks": False},
+    "default-xs-b4": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "drift_sinks": False,
+                      "drift_bins": 4},
+    "default-xs-s75": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.75, "drift_sinks": False},
+    "default-xs-b4-s75": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.75, "drift_sinks": False,
+                          "drift_bins": 4},
+    "default-b4": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "drift_bins": 4},
+    "default-xs-b4-p16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "drift_sinks": False,
+                          "drift_bins": 4, "probe_layers": 16},
+    "default-xs-p16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "drift_sinks": False,
+                       "probe_layers": 16},
     "attention": {"score": "attention"},
     "attention-p8": {"score": "attention", "probe_layers": 8},
     "attention-p4": {"score": "attention", "probe_layers": 4},

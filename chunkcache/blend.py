@@ -246,17 +246,31 @@ class _DriftShift:
     (kernels/drift.py): the recomputed tokens' deltas, the per-chunk means as one matrix product, the shift."""
 
     PRIOR_WEIGHT = 4.0  # recomputed tokens' worth of the all-chunks mean in each chunk's estimate
+    BIN_PRIOR_WEIGHT = 4.0  # recomputed tokens' worth of the chunk's mean in each part's estimate (drift_bins)
 
     def __init__(self, model: LlamaFamilyModel, cache: KVCache, chunks: int, chunk_of: torch.Tensor,
-                 chunk_slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strength: float) -> None:
+                 chunk_slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strength: float,
+                 chunk_start: torch.Tensor | None = None, chunk_length: torch.Tensor | None = None,
+                 skip_first: int = 0, bins: int = 1) -> None:
         """chunk_of [total] long: each slot's chunk (-1 outside chunks); chunk_slots: the chunk tokens' slots;
-        both on the cache's device."""
+        chunk_start / chunk_length [chunks] long: each chunk's first slot and length (needed for `skip_first`
+        and `bins`); skip_first: each chunk's first tokens measure no drift (sinks); bins: the drift mean per
+        this many equal parts of each chunk. All on the cache's device."""
         self.model, self.cache, self.cos, self.sin, self.strength = model, cache, cos, sin, strength
         self.chunks, self.chunk_of, self.chunk_slots = chunks, chunk_of, chunk_slots
+        self.chunk_start, self.chunk_length, self.skip_first, self.bins = chunk_start, chunk_length, skip_first, bins
+        if (skip_first or bins > 1) and (chunk_start is None or chunk_length is None):
+            raise ValueError("skip_first and bins need the chunks' starts and lengths")
         self.recomputed = self.rows = self.weights = self.stale = self.stale_chunk = None
         self.deltas = self.mean = self.members = None
         self.measure_layer = model.num_layers // 2
         self.chunk_drift: torch.Tensor | None = None
+
+    def _part(self, slots: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """Each slot's part index (chunk * bins + part of its chunk) for slots of chunks `which`."""
+        offset = slots - self.chunk_start[which]
+        part = torch.clamp(offset * self.bins // self.chunk_length[which].clamp(min=1), max=self.bins - 1)
+        return which * self.bins + part
 
     def select(self, recomputed: torch.Tensor, rows: torch.Tensor) -> None:
         """The recomputed chunk tokens from now on: their slots, and their rows among the computed rows."""
@@ -268,19 +282,35 @@ class _DriftShift:
         members.scatter_(0, which[None], 1.0)  # a scalar argument: no host-to-device copy to wait for
         counts = members.sum(dim=1, keepdim=True)
         self.members = members / counts  # each chunk's average over its recomputed tokens (NaN: none)
+        if self.skip_first:  # the sinks measure no drift: their columns out of the means
+            measured = (recomputed - self.chunk_start[which] >= self.skip_first).to(torch.float32)
+            members = members * measured[None]
+            counts = members.sum(dim=1, keepdim=True)
         # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
-        weights = (members + self.PRIOR_WEIGHT / max(count, 1)) / (counts + self.PRIOR_WEIGHT)
+        overall = members.sum(dim=0, keepdim=True)  # 1 for each measured column
+        overall = overall / overall.sum().clamp(min=1.0)
+        weights = (members + self.PRIOR_WEIGHT * overall) / (counts + self.PRIOR_WEIGHT)
+        if self.bins > 1:  # per part: (sum over the part's tokens + BIN_PRIOR_WEIGHT * chunk mean) / (n + weight)
+            parts = torch.zeros(self.chunks * self.bins, count, dtype=torch.float32, device=recomputed.device)
+            parts.scatter_(0, self._part(recomputed, which)[None], 1.0)
+            parts = parts * (members.sum(dim=0, keepdim=True) > 0)  # measured tokens only (sinks skipped)
+            part_counts = parts.sum(dim=1, keepdim=True)
+            chunk_weights = weights.repeat_interleave(self.bins, dim=0)
+            weights = (parts + self.BIN_PRIOR_WEIGHT * chunk_weights) / (part_counts + self.BIN_PRIOR_WEIGHT)
         # One batched product a layer over the keys' and values' heads, into buffers kept for every layer.
         kv_heads, head_dim = self.cache.keys.shape[1], self.cache.keys.shape[3]
         self.weights = weights.expand(2 * kv_heads, *weights.shape).contiguous()
         self.deltas = torch.empty(2 * kv_heads, count, head_dim, dtype=torch.float32, device=recomputed.device)
-        self.mean = torch.empty(2 * kv_heads, self.chunks, head_dim, dtype=torch.float32, device=recomputed.device)
+        self.mean = torch.empty(2 * kv_heads, weights.shape[0], head_dim, dtype=torch.float32,
+                                device=recomputed.device)
         fresh = torch.zeros_like(self.chunk_of, dtype=torch.int8).index_fill_(0, recomputed, 1)
         # The chunk slots not recomputed, in order: a stable sort puts them first, and their count is known
         # (a boolean mask would wait for the GPU to count them).
         order = torch.sort(fresh[self.chunk_slots], stable=True).indices[: self.chunk_slots.shape[0] - count]
         self.stale = self.chunk_slots[order]
         self.stale_chunk = self.chunk_of[self.stale]
+        if self.bins > 1:
+            self.stale_chunk = self._part(self.stale, self.stale_chunk)
 
     def store_and_correct(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           slots: torch.Tensor) -> torch.Tensor:
@@ -376,6 +406,10 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     targeted = target_fidelity is not None and 0 < cap
     everything = count == chunk_tokens and not targeted  # r = 1: full prefill, computed as such
     token_ids, other, chunk, chunk_of = layout.upload(device)
+    chunk_bounds = (None, None)
+    if rule.drift_shift and (not rule.drift_sinks or rule.drift_bins > 1):  # before the probe: no wait
+        chunk_bounds = tuple(torch.tensor(values, dtype=torch.long).to(device, non_blocking=True) for values in
+                             ([start for _, start in layout.placements], layout.chunk_lengths))
     positions = torch.arange(total, device=device)
     cos, sin = model.rope_table(total)
 
@@ -432,7 +466,9 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
         return chunk[_choose(rule, score, count, layout.chunk_lengths)]
 
     shift = _DriftShift(model, cache, len(layout.chunk_lengths), chunk_of, chunk + exact, cos, sin,
-                        rule.drift_shift) if rule.drift_shift else None
+                        rule.drift_shift, *chunk_bounds,
+                        skip_first=0 if rule.drift_sinks else sink_count(rule, count, len(layout.chunk_lengths)),
+                        bins=rule.drift_bins) if rule.drift_shift else None
     plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
     hidden = torch.nn.functional.embedding(token_ids[exact:], model.embed_tokens)
     slots, active_cos, active_sin = positions[exact:], cos[exact:], sin[exact:]  # slot j holds position j

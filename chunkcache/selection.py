@@ -53,6 +53,10 @@ class SelectionRule:
         tokens show at each layer (0: off; chunkcache/blend.py: _DriftShift).
     neighbours: each token scored at least as high as the best within this many tokens of it in its chunk, so
         that spans around the high-scoring tokens are recomputed together (0: off).
+    drift_sinks: whether the sink tokens' drift counts in their chunk's mean (a chunk's first tokens, attention
+        sinks when it was computed alone, drift unlike the rest of it).
+    drift_bins: the drift mean is taken per this many equal parts of each chunk (shrunk toward the chunk's
+        mean where a part has few recomputed tokens), so a token gets the drift measured near it (1: per chunk).
     """
 
     score: ScoreKind = "attention"
@@ -63,6 +67,8 @@ class SelectionRule:
     chunk_budget: ChunkBudget = "global"
     drift_shift: float = 0.0
     neighbours: int = 0
+    drift_sinks: bool = True
+    drift_bins: int = 1
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:
@@ -79,6 +85,8 @@ class SelectionRule:
             raise ValueError("drift_shift must not be negative")
         if self.neighbours < 0:
             raise ValueError("neighbours must not be negative")
+        if self.drift_bins < 1:
+            raise ValueError("drift_bins must be at least 1")
         if self.chunk_budget not in ("global", "uniform"):
             raise ValueError("chunk_budget must be 'global' or 'uniform'")
 

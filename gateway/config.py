@@ -141,6 +141,8 @@ class SelectionSettings(_Strict):
     chunk_budget: Literal["global", "uniform"] = DEFAULT_RULE.chunk_budget
     drift_shift: float = Field(DEFAULT_RULE.drift_shift, ge=0.0)
     neighbours: int = Field(DEFAULT_RULE.neighbours, ge=0)
+    drift_sinks: bool = DEFAULT_RULE.drift_sinks
+    drift_bins: int = Field(DEFAULT_RULE.drift_bins, ge=1)
 
     def rule(self) -> SelectionRule:
         return SelectionRule(**self.model_dump())

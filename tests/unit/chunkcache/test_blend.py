@@ -328,3 +328,49 @@ def test_the_drift_shift_measures_each_chunks_sensitivity(model) -> None:
     measured = shifted.chunk_drift[~shifted.chunk_drift.isnan()]
     assert measured.numel() >= 1 and (measured > 0).all()
     assert blend_prefill(model, [PREFIX, *chunks, SUFFIX], 0.5, rule=SelectionRule("attention")).chunk_drift is None
+
+
+@pytest.mark.parametrize("options", [{"drift_sinks": False}, {"drift_bins": 4}, {"drift_sinks": False, "drift_bins": 4}])
+def test_the_drift_shift_variants_also_move_the_kv_toward_full_prefill(model, options) -> None:
+    """Sinks left out of the drift means, or a mean per part of each chunk: the same selection, and the stale
+    KV still ends nearer full prefill's than without any shift."""
+    chunks = [precompute_chunk(model, c, PREFIX) for c in CHUNKS]
+    ids = PREFIX + [t for c in CHUNKS for t in c] + SUFFIX
+    _, full_cache = full_prefill(model, ids)
+    segments = [PREFIX, *chunks, SUFFIX]
+    plain = blend_prefill(model, segments, 0.3, rule=SelectionRule("attention", sink_tokens=2))
+    shifted = blend_prefill(model, segments, 0.3,
+                            rule=SelectionRule("attention", sink_tokens=2, drift_shift=1.0, **options))
+    assert plain.selected_rows.tolist() == shifted.selected_rows.tolist()
+    stale = [row for row in range(len(PREFIX), len(PREFIX) + plain.chunk_tokens)
+             if row not in set(plain.selected_rows.tolist())]
+
+    def gap(result) -> float:
+        return float(sum((result.cache.keys[layer][:, stale] - full_cache.keys[layer][:, stale]).norm()
+                         for layer in range(1, model.num_layers)))
+
+    assert gap(shifted) < gap(plain)
+
+
+def test_the_drift_means_leave_the_sinks_out_and_follow_the_parts(model) -> None:
+    """The weights that average the recomputed tokens' deltas: each mean's weights sum to 1; with skip_first the
+    sinks weigh nothing; with bins each stale token reads its own part's mean, which weighs its part's
+    recomputed tokens most."""
+    from blendgate.chunkcache.blend import _DriftShift
+
+    cache = model.new_cache(64)
+    chunk_of = torch.tensor([-1] * 4 + [0] * 20 + [1] * 20 + [-1] * 4)
+    chunk_slots = torch.arange(4, 44)
+    start, length = torch.tensor([4, 24]), torch.tensor([20, 20])
+    cos, sin = model.rope_table(64)
+    shift = _DriftShift(model, cache, 2, chunk_of, chunk_slots, cos, sin, 0.5, start, length, skip_first=2, bins=2)
+    recomputed = torch.tensor([4, 5, 10, 20, 24, 25, 40])  # chunk 0: sinks 4, 5; 10 in part 0, 20 in part 1
+    shift.select(recomputed, torch.arange(7))
+    weights = shift.weights[0]  # [chunks * bins, recomputed]
+    assert weights.shape == (4, 7)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    assert (weights[:, [0, 1, 4, 5]] == 0).all()  # every sink out of every mean
+    assert weights[0, 2] > weights[0, 3] and weights[1, 3] > weights[1, 2]  # each part leans on its own token
+    assert shift.stale_chunk[shift.stale.tolist().index(6)] == 0  # slot 6: chunk 0, part 0
+    assert shift.stale_chunk[shift.stale.tolist().index(30)] == 2  # slot 30: chunk 1, part 0
+    assert shift.stale_chunk[shift.stale.tolist().index(43)] == 3
