@@ -431,7 +431,7 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
         return loader
 
     importance = None
-    probe_layers = min(rule.probe_layers or model.num_layers, model.num_layers)
+    probe_layers = rule.probe_layer_ids(model.num_layers)
     votes = len(layout.vote_rows)
     if query_aware and probe_graphs is not False and ProbeGraphs.usable(model):
         graphs = ProbeGraphs.for_model(model)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,25 +44,36 @@ from ..kernels.selection import attention_mass, causal_bias
 from ..kernels.settings import kernel_settings
 
 
+def probe_layer_list(layers: int | Sequence[int]) -> list[int]:
+    """The layers a probe runs: `layers` as a count (the first n) or as the ascending layers themselves (a
+    strided probe skips layers: the residual stream goes on unchanged past them)."""
+    listed = list(range(layers)) if isinstance(layers, int) else list(layers)
+    if not listed or listed != sorted(set(listed)) or listed[0] < 0:
+        raise ValueError("a probe runs at least one layer, ascending, without repeats")
+    return listed
+
+
 def probe_eager(model: LlamaFamilyModel, ids: torch.Tensor, rows: torch.Tensor, votes: int, total: int,
                 cache: KVCache, ready: Callable[[int], None], cos: torch.Tensor, sin: torch.Tensor,
-                layers: int) -> torch.Tensor:
+                layers: int | Sequence[int]) -> torch.Tensor:
     """Query-aware scores, one launch at a time. ids [total] (the prompt's token ids, on the model's device);
     rows [r] long: the computed non-chunk slots, ascending, the question's `votes` rows last; `ready(layer)`
     is called before a layer reads the cache (chunks streamed from CPU memory). Returns [total] float32: the
-    attention mass each slot got, summed over heads, question rows and the first `layers` layers."""
+    attention mass each slot got, summed over heads, question rows and the probe's layers (`layers`: the first
+    n, or which: probe_layer_list)."""
     first_vote = rows.shape[0] - votes
     bias = causal_bias(rows[first_vote:], total, model.heads // model.kv_heads, model.dtype)
     hidden = torch.nn.functional.embedding(ids[rows], model.embed_tokens)
     plan = plan_sparse(rows, total)
     active_cos, active_sin = cos[rows], sin[rows]
     mass = torch.zeros(total, dtype=torch.float32, device=model.device)
-    for layer in range(layers):
+    listed = probe_layer_list(layers)
+    for layer in listed:
         ready(layer)
         qkv = model.project_qkv(layer, hidden)
         q = rope_store(qkv, model.heads, active_cos, active_sin, cache.keys[layer], cache.values[layer], rows)
         attention_mass(q[:, first_vote:], cache.keys[layer], rows[first_vote:], total, out=mass, bias=bias)
-        if layer + 1 < layers:
+        if layer != listed[-1]:
             hidden = model.finish_layer(layer, hidden, model.attend(layer, q, cache, plan))
     return mass
 
@@ -151,7 +162,7 @@ class ProbeGraphs:
             yield arena
 
     def probe(self, ids: torch.Tensor, rows: torch.Tensor, votes: int, total: int, cos: torch.Tensor,
-              sin: torch.Tensor, ready: Callable[[int], None], layers: int) -> torch.Tensor:
+              sin: torch.Tensor, ready: Callable[[int], None], layers: int | Sequence[int]) -> torch.Tensor:
         """As probe_eager, on the arena (call inside `arena_for`). Returns [total] float32 (a view)."""
         model = self.model
         key = self.shape(total, rows.shape[0], votes)
@@ -173,7 +184,7 @@ class ProbeGraphs:
         inputs.sin.copy_(sin[positions])
         inputs.weights.zero_()[padded_rows - votes:] = 1.0
         inputs.mass.zero_()
-        for layer in range(layers):
+        for layer in probe_layer_list(layers):
             ready(layer)
             graphs[layer].replay()
         return inputs.mass[:total]

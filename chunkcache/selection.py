@@ -43,6 +43,8 @@ class SelectionRule:
     layer: for deviation scores, the layer whose fresh KV is compared with the cache (>= 1: layer 0's KV
         depends on the token and position alone, so it never deviates).
     probe_layers: for attention scores, how many layers of the probe pass vote (None: all).
+    probe_stride: the probe runs every `probe_stride`-th of those layers from layer 0 (the residual stream goes
+        on unchanged past the others): votes from the whole depth at a fraction of the probe's cost (1: all).
     sink_tokens: each chunk's first tokens, always recomputed (counted in the budget, of which they take at most
         half: see sink_count).
     gradual: CacheBlend's gradual filtering: keep `gradual` times the budget at `layer`, narrow to the budget
@@ -62,6 +64,7 @@ class SelectionRule:
     score: ScoreKind = "attention"
     layer: int = 1
     probe_layers: int | None = None
+    probe_stride: int = 1
     sink_tokens: int = 0
     gradual: float = 1.0
     chunk_budget: ChunkBudget = "global"
@@ -77,6 +80,8 @@ class SelectionRule:
             raise ValueError("the selection layer must be 1 or later (layer 0's KV never deviates)")
         if self.probe_layers is not None and self.probe_layers < 1:
             raise ValueError("probe_layers must be at least 1")
+        if self.probe_stride < 1:
+            raise ValueError("probe_stride must be at least 1")
         if self.sink_tokens < 0:
             raise ValueError("sink_tokens must not be negative")
         if self.gradual < 1.0:
@@ -99,6 +104,10 @@ class SelectionRule:
     def uses_deviation(self) -> bool:
         """Whether the rule compares fresh and cached KV (so layers before `layer` run every token)."""
         return self.score != "attention"
+
+    def probe_layer_ids(self, num_layers: int) -> list[int]:
+        """The layers the probe pass runs, for a model of `num_layers` layers."""
+        return list(range(0, min(self.probe_layers or num_layers, num_layers), self.probe_stride))
 
     def first_selective_layer(self) -> int:
         """The first layer at which only selected chunk tokens are computed."""

@@ -136,6 +136,7 @@ class SelectionSettings(_Strict):
     score: Literal["value", "key", "kv", "attention", "attention_value", "attention_key"] = DEFAULT_RULE.score
     layer: int = Field(DEFAULT_RULE.layer, ge=1)
     probe_layers: int | None = Field(DEFAULT_RULE.probe_layers, ge=1)
+    probe_stride: int = Field(DEFAULT_RULE.probe_stride, ge=1)
     sink_tokens: int = Field(DEFAULT_RULE.sink_tokens, ge=0)
     gradual: float = Field(DEFAULT_RULE.gradual, ge=1.0)
     chunk_budget: Literal["global", "uniform"] = DEFAULT_RULE.chunk_budget

@@ -37,7 +37,7 @@ def prompt(model: LlamaFamilyModel, seed: int, chunks: int, length: int, questio
     return segments
 
 
-def both_probes(model: LlamaFamilyModel, segments: list, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def both_probes(model: LlamaFamilyModel, segments: list, layers: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     layout = _layout(segments, None)
     total = len(layout.ids)
     positions = torch.arange(total, device="cuda")
@@ -58,7 +58,7 @@ def both_probes(model: LlamaFamilyModel, segments: list, layers: int) -> tuple[t
 
 
 @pytest.mark.parametrize("chunks,length,question,layers", [(3, 100, 7, 4), (5, 301, 33, 4), (2, 40, 1, 2),
-                                                           (9, 130, 17, 3)])
+                                                           (9, 130, 17, 3), (4, 200, 20, [0, 2])])
 def test_graphs_give_the_scores_of_the_eager_probe(model, chunks, length, question, layers) -> None:
     assert ProbeGraphs.usable(model)
     eager, graphed = both_probes(model, prompt(model, chunks, chunks, length, question), layers)

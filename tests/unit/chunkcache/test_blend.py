@@ -219,9 +219,11 @@ def test_recomputing_a_selected_token_gives_its_kv_as_computed_in_full(model) ->
     assert blended_gap < reused_gap
 
 
-def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None:
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_question_scores_chunks_by_the_attention_it_pays_them(model, stride) -> None:
     """The probe's scores are the question rows' attention to each chunk token, summed over layers, heads and
-    rows, in a full-reuse pass: the reference runs that pass with plain float64 attention."""
+    rows, in a full-reuse pass: the reference runs that pass with plain float64 attention. A strided probe
+    (every second layer) skips the other layers: the residual stream goes on unchanged past them."""
     from blendgate.chunkcache.blend import ChunkLoader, _layout
     from blendgate.chunkcache.probe import probe_eager
     from blendgate.kernels.attention import reference_attention
@@ -241,8 +243,9 @@ def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None
 
     cache = placed_cache()
     loader = ChunkLoader(cache, layout.placements, cos, sin, 0)
+    layers = SelectionRule("attention", probe_stride=stride).probe_layer_ids(model.num_layers)
     mass = probe_eager(model, layout.ids, layout.other_rows, len(layout.vote_rows),
-                       total, cache, loader.ready, cos, sin, model.num_layers)
+                       total, cache, loader.ready, cos, sin, model.num_layers if stride == 1 else layers)
     scores = mass[layout.chunk_rows]
 
     reference = placed_cache()
@@ -251,7 +254,7 @@ def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None
     vote = torch.tensor([i for i, row in enumerate(layout.other_rows) if row in layout.vote_rows])
     hidden = F.embedding(layout.ids[rows], model.embed_tokens)
     expected = torch.zeros(total)
-    for layer in range(model.num_layers):
+    for layer in range(0, model.num_layers, stride):
         q, k, v = rotated_qkv(model, layer, hidden, cos[rows], sin[rows])
         reference.keys[layer][:, rows], reference.values[layer][:, rows] = k, v
         expected += attention_mass_reference(q[:, vote], reference.keys[layer], rows[vote], total)
@@ -259,7 +262,7 @@ def test_the_question_scores_chunks_by_the_attention_it_pays_them(model) -> None
         hidden = model.finish_layer(layer, hidden, out.transpose(0, 1).reshape(len(rows), -1))
     torch.testing.assert_close(scores, expected[layout.chunk_rows], atol=1e-4, rtol=1e-4)
     # Each question row and head gives 1 in all at each layer, part of it to the chunks.
-    assert 0 < scores.sum() < model.num_layers * model.heads * len(layout.vote_rows)
+    assert 0 < scores.sum() < len(layers) * model.heads * len(layout.vote_rows)
 
 
 @pytest.mark.parametrize("rule", [SelectionRule("attention"), SelectionRule("attention_value")],

@@ -76,3 +76,11 @@ def test_sinks_take_at_most_half_the_budget() -> None:
     assert sink_count(rule, 6, 2) == 1  # two short chunks, 6 tokens to spend: 2 sinks, 4 for the question
     assert sink_count(rule, 1, 3) == 0 and sink_count(rule, 50, 0) == 0
     assert sink_count(SelectionRule("attention"), 210, 10) == 0
+
+
+def test_a_strided_probe_runs_every_nth_layer_from_the_first() -> None:
+    assert SelectionRule("attention").probe_layer_ids(6) == [0, 1, 2, 3, 4, 5]
+    assert SelectionRule("attention", probe_stride=2).probe_layer_ids(6) == [0, 2, 4]
+    assert SelectionRule("attention", probe_layers=4, probe_stride=3).probe_layer_ids(30) == [0, 3]
+    with pytest.raises(ValueError, match="probe_stride"):
+        SelectionRule("attention", probe_stride=0)
