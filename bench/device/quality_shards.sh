@@ -5,6 +5,7 @@
 # them here with `python bench/quality.py merge OUT.md SHARD.json...`). QUALITY_SECONDS, when set, stops the
 # shards after that long; the questions they finished are merged (the same questions for every variant).
 #   bash bench/device/quality_shards.sh NAME N [quality.py options...]
+# QUALITY_SCRIPT=bench/quality_oracle.py (with ORACLE=attention|deviation) runs the oracle diagnostic instead.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 name=$1; shards=$2; shift 2
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bg:/tmp/site:${PYTHONPATH:-} BLENDGATE
 OUT=${OUT:-/tmp/out}; work=/tmp/quality/$name; mkdir -p "$work" "$OUT"
 started=$(date +%s)
 for i in $(seq 0 $((shards - 1))); do
-    timeout "${QUALITY_SECONDS:-36000}" python3 bench/quality.py "$@" --shard "$i/$shards" \
+    timeout "${QUALITY_SECONDS:-36000}" python3 "${QUALITY_SCRIPT:-bench/quality.py}" "$@" --shard "$i/$shards" \
         --model /tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf --cache-dir /tmp/cache \
         --out "$work/quality.md" > "$work/shard$i.log" 2>&1 &
 done
