@@ -142,7 +142,7 @@ def test_gateway_config_parses_with_the_gateways_settings(rendered, tmp_path, mo
     assert wanted <= given
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert str(settings.retrieval.data_dir) in mounts
-    assert settings.chunk_cache.disk_dir is not None and settings.chunk_cache.disk_dir.parent.as_posix() in mounts
+    assert settings.chunk_cache.disk_dir is not None and settings.chunk_cache.disk_dir.as_posix() in mounts
     redis = of_kind(docs, "StatefulSet")
     if name in ("no-redis",):
         assert settings.semantic_cache.redis_url is None and settings.chunk_cache.redis.url is None

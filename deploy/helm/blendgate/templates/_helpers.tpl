@@ -84,7 +84,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $config := deepCopy .Values.gateway.config -}}
 {{- $_ := set $config "host" "0.0.0.0" -}}
 {{- $_ = set $config "port" (int .Values.gateway.port) -}}
-{{- $_ = set $config "cache_dir" "/opt/blendgate/cache" -}}
+{{- $_ = set $config "cache_dir" "/var/cache/blendgate" -}}
 {{- $_ = set $config "shutdown" (dict "drain_delay_s" .Values.gateway.shutdown.drainDelaySeconds "grace_s" .Values.gateway.shutdown.graceSeconds) -}}
 {{- $models := deepCopy .Values.gateway.models -}}
 {{- if .Values.sglang.enabled -}}
