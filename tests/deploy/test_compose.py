@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import jsonschema
 import pytest
 import yaml
 from blendgate.gateway.config import SglangModelConfig, load_settings
+from blendgate.sglang_plugin.settings import PluginSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "deploy" / "compose"
@@ -113,6 +115,18 @@ def test_gateway_configurations_parse_and_agree_with_the_services(settings_of):
     assert "COMPOSE_PROFILES=cpu" in (COMPOSE_DIR / ".env").read_text().splitlines()
     devices = services["sglang"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_the_gpu_worker_shares_the_gateways_chunk_cache_tier(settings_of, monkeypatch):
+    """The real worker's plugin settings, read as the plugin reads them (BLENDGATE_SGLANG_*), name the
+    gateways' shared chunk-cache tier: the same Redis (by service name), budget and key prefix."""
+    for variable in [v for v in os.environ if v.startswith("BLENDGATE_SGLANG_")]:
+        monkeypatch.delenv(variable)
+    for name, value in compose()["services"]["sglang"]["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    plugin, tier = PluginSettings.from_env(), settings_of("gateway-gpu.yaml").chunk_cache.redis
+    assert (plugin.redis_url, plugin.redis_key_prefix, plugin.redis_budget_bytes) == \
+        (tier.url, tier.key_prefix, tier.budget_bytes)
 
 
 def test_proxy_routes_to_the_gateway_replicas(settings_of):

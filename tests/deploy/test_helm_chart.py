@@ -10,6 +10,7 @@ runs offline (the chart has no remote dependencies).
 from __future__ import annotations
 
 import http.server
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from blendgate.gateway.config import LocalModelConfig, SglangModelConfig, load_settings
+from blendgate.sglang_plugin.settings import PluginSettings
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "blendgate"
 HELM = shutil.which("helm", path=str(Path(sys.executable).parent)) or shutil.which("helm")
@@ -34,7 +36,9 @@ VALUE_SETS: dict[str, list[str]] = {
     "defaults": [],
     "sglang-workers": ["sglang.enabled=true", "sglang.replicas=3", "sglang.extraArgs={--mem-fraction-static,0.8}",
                        "sglang.volumes[0].name=models", "sglang.volumes[0].persistentVolumeClaim.claimName=models",
-                       "sglang.volumeMounts[0].name=models", "sglang.volumeMounts[0].mountPath=/models"],
+                       "sglang.volumeMounts[0].name=models", "sglang.volumeMounts[0].mountPath=/models",
+                       "gateway.config.chunk_cache.redis.key_prefix=bg:kv",
+                       "gateway.config.chunk_cache.redis.budget_bytes=1610612736"],
     "external-redis": ["redis.enabled=false", "redis.external.url=redis://redis.shared:6379/2"],
     "external-redis-secret": ["redis.enabled=false", "redis.external.existingSecret=redis-auth",
                               "sglang.enabled=true"],
@@ -216,8 +220,16 @@ def test_sglang_workers_are_the_statefulsets_stable_names(tmp_path, monkeypatch)
     container = workers["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--disable-radix-cache" in container["args"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["BLENDGATE_SGLANG_REDIS_URL"] == settings.chunk_cache.redis.url
+    # The workers' plugin settings, read as the plugin reads them, share the gateway's chunk-cache tier.
+    for variable in [v for v in os.environ if v.startswith("BLENDGATE_SGLANG_")]:
+        monkeypatch.delenv(variable)
+    for variable in container["env"]:
+        monkeypatch.setenv(variable["name"], variable["value"])
+    plugin = PluginSettings.from_env()
+    tier = settings.chunk_cache.redis
+    assert (plugin.redis_url, plugin.redis_key_prefix) == (tier.url, tier.key_prefix) == (
+        "redis://rel-blendgate-redis:6379/0", "bg:kv")
+    assert plugin.redis_budget_bytes == tier.budget_bytes
     # One more worker is one more URL, and the gateway's pods roll (the config checksum changes).
     more = render(VALUE_SETS["sglang-workers"][:1] + ["sglang.replicas=4"])
     checksum = lambda d: one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]  # noqa: E731
