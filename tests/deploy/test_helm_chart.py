@@ -46,6 +46,7 @@ VALUE_SETS: dict[str, list[str]] = {
     "persistent-redis": ["redis.persistence.enabled=true", "redis.persistence.storageClass=fast"],
     "fixed-replicas": ["gateway.autoscaling.enabled=false", "gateway.replicaCount=3",
                        "gateway.podDisruptionBudget.enabled=false"],
+    "sglang-only": ["--set-json=gateway.models=[]", "sglang.enabled=true", "sglang.gatewayModel.name=llama3-8b"],
     "keys-and-monitor": ["auth.adminKey=admin-key-0123", "auth.tenants[0].name=acme",
                          "auth.tenants[0].key=sk-acme-0123", "auth.tenants[1].name=beta.team",
                          "auth.tenants[1].key=sk-beta-0123", "metrics.serviceMonitor.enabled=true",
@@ -63,9 +64,13 @@ def helm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=60)
 
 
+def flags(values: list[str]) -> list[str]:
+    """Value settings as helm flags: "key=value" is --set, a flag ("--set-json=...") stays as it is."""
+    return [v if v.startswith("--") else f"--set={v}" for v in values]
+
+
 def render(values: list[str]) -> list[dict]:
-    args = [f"--set={v}" for v in values]
-    result = helm("template", "rel", str(CHART), "--namespace", NAMESPACE, *args)
+    result = helm("template", "rel", str(CHART), "--namespace", NAMESPACE, *flags(values))
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -101,7 +106,7 @@ def gateway_settings(docs: list[dict], tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_chart_lints_with_defaults_and_every_value_set():
     for name, values in VALUE_SETS.items():
-        result = helm("lint", "--strict", str(CHART), *[f"--set={v}" for v in values])
+        result = helm("lint", "--strict", str(CHART), *flags(values))
         assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
 
 
@@ -112,9 +117,11 @@ def test_chart_lints_with_defaults_and_every_value_set():
     (["redis.external.url=http://redis:6379"], "redis.external.url"),
     (["sglang.gatewayModel.workers={http://x:1}"], "sglang.gatewayModel"),
     (["gateway.unknown=1"], "unknown"),
+    (["--set-json=gateway.models=[]"], "no models"),
 ])
-def test_bad_values_fail_at_lint(values, complaint):
-    result = helm("lint", str(CHART), *[f"--set={v}" for v in values])
+def test_bad_values_fail_before_anything_renders(values, complaint):
+    """`helm template` (as `helm install`) refuses them: values.schema.json, or the chart's own checks."""
+    result = helm("template", "rel", str(CHART), *flags(values))
     assert result.returncode != 0
     assert complaint in result.stdout + result.stderr
 
@@ -139,7 +146,9 @@ def test_gateway_config_parses_with_the_gateways_settings(rendered, tmp_path, mo
     settings = gateway_settings(docs, tmp_path, monkeypatch, env)
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert (settings.host, settings.port) == ("0.0.0.0", container["ports"][0]["containerPort"])
-    assert isinstance(settings.models[0], LocalModelConfig)
+    kinds = [type(m) for m in settings.models]
+    assert kinds == ([SglangModelConfig] if name == "sglang-only" else
+                     [LocalModelConfig] + ([SglangModelConfig] if "sglang.enabled=true" in VALUE_SETS[name] else []))
     # The variables the configuration names are exactly those the pod gets from the Secret.
     wanted = {k.key_env for k in settings.api_keys} | ({settings.admin_key_env} - {None})
     given = {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}

@@ -86,12 +86,18 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $_ = set $config "port" (int .Values.gateway.port) -}}
 {{- $_ = set $config "cache_dir" "/var/cache/blendgate" -}}
 {{- $_ = set $config "shutdown" (dict "drain_delay_s" .Values.gateway.shutdown.drainDelaySeconds "grace_s" .Values.gateway.shutdown.graceSeconds) -}}
-{{- $models := deepCopy .Values.gateway.models -}}
+{{- $models := list -}}
+{{- range .Values.gateway.models -}}
+{{- $models = append $models (deepCopy .) -}}
+{{- end -}}
 {{- if .Values.sglang.enabled -}}
 {{- $model := deepCopy .Values.sglang.gatewayModel -}}
 {{- $_ = set $model "backend" "sglang" -}}
 {{- $_ = set $model "workers" (include "blendgate.sglangWorkers" . | fromJsonArray) -}}
 {{- $models = append $models $model -}}
+{{- end -}}
+{{- if not $models -}}
+{{- fail "no models: give gateway.models, or enable sglang (the gateway needs at least one model)" -}}
 {{- end -}}
 {{- $_ = set $config "models" $models -}}
 {{- $retrieval := get $config "retrieval" | default (dict) -}}
