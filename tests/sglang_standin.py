@@ -12,7 +12,7 @@ real plugin is held to on the GPU.
 HTTP status to answer /generate with, "die_after_events": exit the process mid-stream, "unhealthy": bool,
 "event": a JSON value sent as the only event instead of the answer's}.
 
-    python tests/sglang_standin.py --port 30000 [--cache-dir DIR]
+    python tests/sglang_standin.py --port 30000 [--host 0.0.0.0] [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -145,9 +145,10 @@ def create_app(cache_dir: Path) -> FastAPI:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("BLENDGATE_CACHE_DIR", "/tmp/bgcache")))
     args = parser.parse_args()
-    uvicorn.run(create_app(args.cache_dir), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.cache_dir), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
