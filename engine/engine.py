@@ -257,9 +257,9 @@ class LocalEngine:
             finish = "stop"
         elif request.generated >= request.max_new_tokens:
             finish = "length"
-        request._emit(TokenEvent(token, finish, is_text=not is_stop))
-        if finish is not None:
+        if finish is not None:  # its slot and KV blocks are free by the time the consumer sees the last token
             self._finish(request)
+        request._emit(TokenEvent(token, finish, is_text=not is_stop))
 
     def _fail(self, request: GenerationHandle, exc: Exception) -> None:
         log.error("request %d failed", request.request_id, exc_info=exc)

@@ -1,0 +1,100 @@
+"""The batched decode (engine/decode.py over engine/paged_kv.py) against the one-request decode it replaces, on
+SmolLM2's real weights (CPU, float32, greedy): the same tokens for prompts of different lengths decoded
+together, with requests joining and leaving mid-way, directly and through the engine with a pool too small for
+every request at once (requests then wait for blocks)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from blendgate.engine.batch import DecodeBatch
+from blendgate.engine.engine import LocalEngine
+from blendgate.engine.kv_pool import BlockAllocator
+from blendgate.engine.prompt import Prompt
+from blendgate.engine.runner import LlamaRunner
+from blendgate.engine.sampling import SamplingParams
+
+TEXTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived an old",
+         "1, 2, 3, 4,", "Water boils at a temperature of one hundred degrees Celsius at sea level, but on a high "
+         "mountain the air pressure is lower, so"]
+
+
+@pytest.fixture(scope="module")
+def runner(loaded_model) -> LlamaRunner:
+    return LlamaRunner(loaded_model)
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded_model) -> list[list[int]]:
+    return [loaded_model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
+
+
+def one_request(runner: LlamaRunner, ids: list[int], tokens: int) -> list[int]:
+    """Greedy tokens through today's one-request path: the request's own KVCache, one token per forward."""
+    with torch.inference_mode():
+        logits, state = runner.prefill(Prompt.plain(ids))
+        out = [int(logits.argmax())]
+        while len(out) < tokens:
+            out.append(int(runner.decode(out[-1], state).argmax()))
+    return out
+
+
+def test_requests_joining_and_leaving_a_batch_get_their_one_request_tokens(runner, prompts) -> None:
+    wanted = [7, 3, 5, 4]  # tokens per request: each leaves when it has them
+    joins = {0: [0, 1], 2: [2], 3: [3]}  # step -> requests that join before it
+    allocator = BlockAllocator(num_blocks=24, rows=3)
+    decoder = runner.batch_decoder(allocator.num_blocks, allocator.rows, 256)
+    generated: dict[int, list[int]] = {}
+    running: list[int] = []
+    with torch.inference_mode():
+        for step in range(12):
+            for i in joins.get(step, []):
+                allocation = allocator.allocate(i, len(prompts[i]) + wanted[i])
+                logits, state = runner.prefill(Prompt.plain(prompts[i]))
+                decoder.pool.store(allocation, state.cache)
+                generated[i] = [int(logits.argmax())]
+                running.append(i)
+            if not running:
+                break
+            allocations = [allocator.get(i) for i in running]
+            positions = [len(prompts[i]) + len(generated[i]) - 1 for i in running]
+            batch = DecodeBatch(tuple(running), tuple(generated[i][-1] for i in running), tuple(positions),
+                                tuple(a.slot(p) for a, p in zip(allocations, positions)),
+                                tuple(a.row for a in allocations))
+            for i, token in zip(running, decoder.decode(batch).argmax(dim=-1).tolist()):
+                generated[i].append(token)
+            for i in [i for i in running if len(generated[i]) == wanted[i]]:
+                running.remove(i)
+                allocator.free(i)
+    assert not running and allocator.free_blocks == 23
+    for i, ids in enumerate(prompts):
+        assert generated[i] == one_request(runner, ids, wanted[i]), TEXTS[i]
+
+
+def test_the_engine_batches_requests_that_wait_for_kv_blocks(runner, loaded_model, prompts) -> None:
+    # 64 tokens of pool (4 blocks): the first two requests (prompt + 6 new tokens: 1 and 2 blocks) take 3, so the
+    # third waits for blocks while they decode.
+    engine = LocalEngine(runner, max_context_tokens=64, stop_token_ids=frozenset(), max_running=3, max_waiting=8,
+                         kv_pool_tokens=64)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+
+    async def main() -> list[list[int]]:
+        async def one(ids: list[int]) -> list[int]:
+            return [event.token_id async for event in engine.submit(ids, params)]
+        return list(await asyncio.gather(*(one(ids) for ids in prompts[:3])))
+
+    try:
+        results = asyncio.run(main())
+        allocator = engine._scheduler.allocator
+        assert engine.stats() == {"running": 0, "waiting": 0} and allocator.free_blocks == allocator.num_blocks - 1
+    finally:
+        engine.shutdown()
+    for ids, tokens in zip(prompts, results):
+        assert tokens == one_request(runner, ids, 6)
+
+
+def test_an_engine_pool_smaller_than_one_context_is_refused(runner) -> None:
+    with pytest.raises(ValueError, match="cannot hold one request"):
+        LocalEngine(runner, max_context_tokens=64, stop_token_ids=frozenset(), kv_pool_tokens=32)
