@@ -43,12 +43,26 @@ def buckets(max_batch: int) -> list[int]:
 
 @dataclass
 class _StepInputs:
-    """The device tensors one step reads, [bucket] long each: the fixed buffers of a captured graph."""
+    """The device tensors one step reads (a captured graph's fixed buffers): `packed` [4, rows] long holds
+    the token ids, positions, slots and block-table rows, so one host-to-device copy fills them all."""
 
-    token_ids: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    rows: torch.Tensor
+    packed: torch.Tensor
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.packed[0]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.packed[1]
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.packed[2]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.packed[3]
 
 
 class BatchDecoder:
@@ -90,9 +104,7 @@ class BatchDecoder:
         if captured is None:
             captured = self._captured[bucket] = self._capture(bucket)
         static, graph, logits = captured
-        staged = self._host_inputs(batch, bucket).to(self.model.device, non_blocking=True)
-        for buffer, values in zip((static.token_ids, static.positions, static.slots, static.rows), staged):
-            buffer.copy_(values)
+        static.packed.copy_(self._host_inputs(batch, bucket))
         graph.replay()
         return logits[: batch.size]
 
@@ -111,8 +123,7 @@ class BatchDecoder:
                              [*batch.rows, *[self.pool.padding_row] * pad]], dtype=torch.long)
 
     def _inputs(self, batch: DecodeBatch, rows: int) -> _StepInputs:
-        staged = self._host_inputs(batch, rows).to(self.model.device)
-        return _StepInputs(*staged)
+        return _StepInputs(self._host_inputs(batch, rows).to(self.model.device))
 
     def _forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Every layer for one token per row; returns logits [rows, vocab] float32."""
@@ -138,7 +149,7 @@ class BatchDecoder:
     def _capture(self, bucket: int) -> tuple[_StepInputs, torch.cuda.CUDAGraph, torch.Tensor]:
         device = self.model.device
         padding = DecodeBatch((0,), (0,), (0,), (SCRATCH_BLOCK * PAGE_SIZE,), (self.pool.padding_row,))
-        inputs = _StepInputs(*self._host_inputs(padding, bucket).to(device))
+        inputs = self._inputs(padding, bucket)
         # Warm up on a side stream (compiles the Triton kernels, sets up cuBLAS), then capture.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
