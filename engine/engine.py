@@ -50,6 +50,11 @@ class Runner(Protocol):
 class BatchRunner(Runner, Protocol):
     """A runner whose prefills end in a KVCache that a BatchDecoder over a paged pool continues."""
 
+    @property
+    def kv_token_bytes(self) -> int:
+        """Bytes of KV one token takes in the pool (every layer's key and value)."""
+        ...
+
     def batch_decoder(self, num_blocks: int, rows: int, max_context_tokens: int) -> BatchDecoder: ...
 
 
@@ -117,9 +122,15 @@ class GenerationHandle:
             self.cancel()
 
 
+# The batched decode's pool takes at most this share of the GPU memory free at start-up, by default.
+KV_POOL_GPU_SHARE = 0.5
+
+
 class LocalEngine:
-    """`kv_pool_tokens`: tokens of KV the batched decode's pool holds (default: max_running requests of
-    max_context_tokens each, so a slot never waits for blocks); at least max_context_tokens."""
+    """`kv_pool_tokens`: tokens of KV the batched decode's pool holds; at least max_context_tokens. By default
+    max_running requests of max_context_tokens each (a slot never waits for blocks), and on CUDA at most what
+    KV_POOL_GPU_SHARE of the free GPU memory holds (requests then wait for blocks: each reserves its prompt and
+    its most new tokens)."""
 
     def __init__(self, runner: Runner, *, max_context_tokens: int, stop_token_ids: frozenset[int],
                  max_running: int = 4, max_waiting: int = 64, kv_pool_tokens: int | None = None) -> None:
@@ -129,10 +140,11 @@ class LocalEngine:
         self._decoder: BatchDecoder | None = None
         allocator = None
         if isinstance(runner, BatchRunner):
-            pool_tokens = kv_pool_tokens or max_running * max_context_tokens
+            pool_tokens = kv_pool_tokens or self._default_pool_tokens(runner, max_running * max_context_tokens)
             if pool_tokens < max_context_tokens:
                 raise ValueError(f"a KV pool of {pool_tokens} tokens cannot hold one request of the "
-                                 f"{max_context_tokens}-token context")
+                                 f"{max_context_tokens}-token context: give the model a shorter context "
+                                 f"(max_context_tokens) or free GPU memory")
             allocator = BlockAllocator(blocks_for(pool_tokens) + 1, max_running)  # + the scratch block
             self._decoder = runner.batch_decoder(allocator.num_blocks, max_running, max_context_tokens)
         self._scheduler: Scheduler[GenerationHandle] = Scheduler(max_running, max_waiting, allocator)
@@ -141,6 +153,13 @@ class LocalEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="blendgate-engine", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _default_pool_tokens(runner: BatchRunner, wanted: int) -> int:
+        if runner.device.type != "cuda":
+            return wanted
+        free, _ = torch.cuda.mem_get_info(runner.device)
+        return min(wanted, int(free * KV_POOL_GPU_SHARE) // runner.kv_token_bytes)
 
     # -- asyncio side ---------------------------------------------------------------------------
     def submit(self, prompt: Prompt | list[int], params: SamplingParams) -> GenerationHandle:

@@ -36,11 +36,18 @@ class PagedKVPool:
         """Copy a prefilled request's KV (slots 0..length-1 of `cache`, slot j holding position j) into its
         blocks and write its block-table row. KVPoolError when the KV is longer than the reservation."""
         length = cache.length
-        if length > allocation.capacity or len(allocation.blocks) > self.block_tables.shape[1]:
+        if length > allocation.capacity:
             raise KVPoolError(f"{length} tokens of KV do not fit the request's {allocation.capacity} reserved slots")
         slots = torch.tensor(allocation.slots(length), dtype=torch.long, device=self.device)
         self.keys[:, :, slots] = cache.keys[:, :, :length]
         self.values[:, :, slots] = cache.values[:, :, :length]
+        self.write_table(allocation)
+
+    def write_table(self, allocation: BlockAllocation) -> None:
+        """The request's blocks into its block-table row (the rest of the row: the scratch block)."""
+        if len(allocation.blocks) > self.block_tables.shape[1]:
+            raise KVPoolError(f"{len(allocation.blocks)} blocks are more than a block-table row holds "
+                              f"({self.block_tables.shape[1]}: the engine's context)")
         row = self.block_tables[allocation.row]
         row.fill_(SCRATCH_BLOCK)
         row[: len(allocation.blocks)] = torch.tensor(allocation.blocks, dtype=torch.int32, device=self.device)

@@ -71,6 +71,11 @@ class LlamaRunner:
         state.length += 1
         return logits[-1]
 
+    @property
+    def kv_token_bytes(self) -> int:
+        model = self.model
+        return 2 * model.num_layers * model.kv_heads * model.head_dim * model.dtype.itemsize
+
     def batch_decoder(self, num_blocks: int, rows: int, max_context_tokens: int) -> BatchDecoder:
         """A batched decoder over a new paged pool of `num_blocks` blocks for `rows` requests of at most
         `max_context_tokens` tokens each (the engine's max_running and context)."""
