@@ -193,7 +193,11 @@ class LocalEngine:
     def _work(self) -> None:
         with torch.inference_mode():
             if self._decoder is not None:
-                self._decoder.capture_all()
+                try:
+                    self._decoder.capture_all()
+                except Exception:  # serving eagerly beats not serving
+                    log.exception("capturing the decode step's CUDA graphs failed; decoding eagerly")
+                    self._decoder.graphs = False
             while True:
                 with self._cond:
                     while not self._stopping and not self._scheduler.has_work():
