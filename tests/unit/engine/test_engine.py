@@ -104,3 +104,18 @@ def test_top_p_keeps_the_most_likely_token_however_small_it_is(top_p: float) -> 
     sampler = Sampler(SamplingParams(max_new_tokens=1, temperature=1.0, top_p=top_p, seed=7), torch.device("cpu"))
     tokens = {sampler.sample(logits) for _ in range(20)}
     assert tokens == {1} if top_p < 0.5 else tokens <= {0, 1, 2, 3}
+
+
+def test_a_decode_batch_samples_each_row_by_its_own_request_settings() -> None:
+    """sample_batch: the plain greedy rows by one argmax, the others (penalties, temperature) one by one; every
+    row's token counted for its request's penalties."""
+    from blendgate.engine.sampling import Sampler, sample_batch
+
+    cpu = torch.device("cpu")
+    greedy = Sampler(SamplingParams(max_new_tokens=4, temperature=0.0), cpu)
+    penalised = Sampler(SamplingParams(max_new_tokens=4, temperature=0.0, presence_penalty=5.0), cpu)
+    sampled = Sampler(SamplingParams(max_new_tokens=4, temperature=1.0, top_p=1e-9, seed=3), cpu)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 2.0], [4.0, 0.0, 1.0]])
+    assert sample_batch([greedy, penalised, sampled], logits) == [1, 1, 0]
+    assert sample_batch([greedy, penalised, sampled], logits) == [1, 2, 0]  # token 1 penalised now
+    assert greedy.counts == {1: 2} and penalised.counts == {1: 1, 2: 1}
