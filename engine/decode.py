@@ -109,8 +109,9 @@ class BatchDecoder:
         return logits[: batch.size]
 
     def capture_all(self) -> None:
-        """Capture every bucket's graph now (at start-up) rather than on a bucket's first step."""
-        for bucket in buckets(self.max_batch) if self.graphs else []:
+        """Capture every bucket's graph now (at start-up) rather than on a bucket's first step; the largest
+        first, so the smaller ones' buffers come from memory it has already taken in the shared graph pool."""
+        for bucket in reversed(buckets(self.max_batch)) if self.graphs else []:
             if bucket not in self._captured:
                 self._captured[bucket] = self._capture(bucket)
 
