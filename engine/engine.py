@@ -33,7 +33,7 @@ from .prefill_report import PrefillReport
 from .prompt import Prompt
 from .runner import KVState
 from .sampling import Sampler, SamplingParams, sample_batch
-from .scheduler import ScheduledStep, Scheduler
+from .scheduler import Scheduler
 
 log = logging.getLogger("blendgate.engine")
 
@@ -206,17 +206,16 @@ class LocalEngine:
                         for request in [*self._scheduler.running, *self._scheduler.waiting]:
                             request._emit(_SHUTDOWN)
                         return
-                    if self._decoder is None:
-                        step = ScheduledStep(prefill=self._scheduler.next())
-                        allocation = None
+                    if self._decoder is None:  # one request's forward pass, round-robin
+                        one, allocation, decode = self._scheduler.next(), None, []
                     else:
                         step = self._scheduler.schedule()
-                        allocation = None if step.prefill is None else \
-                            self._scheduler.allocator.get(step.prefill.request_id)
-                if step.prefill is not None:
-                    self._step_one(step.prefill, allocation)
+                        one, decode = step.prefill, step.decode
+                        allocation = None if one is None else self._scheduler.allocator.get(one.request_id)
+                if one is not None:
+                    self._step_one(one, allocation)
                 else:
-                    self._decode_batch(step.decode)
+                    self._decode_batch(decode)
 
     def _step_one(self, request: GenerationHandle, allocation: BlockAllocation | None) -> None:
         """A request's prefill (its KV then copied into its blocks, where the scheduler reserved them), or
