@@ -80,6 +80,22 @@ def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) ->
     assert error.status == 503 and error.code == "model_unavailable"
 
 
+def test_a_kv_pool_too_small_for_the_context_fails_the_model_with_its_reason(model_cache_dir) -> None:
+    from blendgate.gateway.backends.local import LocalBackend
+    from blendgate.gateway.config import LocalModelConfig
+
+    config = LocalModelConfig(name="small-pool", max_context_tokens=256, kv_pool_tokens=128)
+    backend = LocalBackend(config, cache_dir=model_cache_dir, max_running=2, max_waiting=2)
+
+    async def scenario() -> None:
+        await backend.start()
+        await backend.wait_ready()
+
+    asyncio.run(scenario())
+    status = backend.status()
+    assert status["state"] == "failed" and "cannot hold one request of the 256-token context" in status["error"]
+
+
 def test_a_backend_part_still_loading_or_failed_is_a_503_saying_which() -> None:
     from blendgate.gateway.backends.base import loaded_or_503
     from blendgate.gateway.errors import GatewayError
