@@ -10,7 +10,10 @@ load format):
 - "one-request": the decode the engine ran before: each request's token by its own forward pass over its own
   KVCache (LlamaFamilyModel.forward), the requests stepped round-robin;
 - "transformers": transformers' model stepping the B requests together, one token per forward over a
-  StaticCache (what generate() runs per step; eager, no torch.compile).
+  StaticCache (what generate() runs per step; eager, no torch.compile);
+- "SGLang" (--sglang, SGLang installed): stock SGLang's offline engine, dummy weights of the same config, its
+  decode rate from the wall time of B requests generating 1 and 1 + steps tokens (bench/sglang_rows.py), run
+  after the rows above have freed the GPU.
 KV is random (decode speed does not depend on its values) and written in place, so no prefill is timed.
 tokens/s = B x steps / wall time of the steps (CUDA synchronised), after warm-up steps (graph capture, Triton
 compilation). The memory-bandwidth bound per step is (weight bytes + B x C x KV bytes per token) / the GPU's
@@ -115,6 +118,13 @@ def transformers_rate(hf, batch: int, context: int, steps: int, warmup: int) -> 
     return batch * steps / synced_seconds(lambda: [step() for _ in range(steps)])
 
 
+def row_line(name: str, batch: int, context: int, row: str, rate: float, baselines: dict,
+             kv_bytes: float | None) -> str:
+    old, theirs, bound = baselines[(name, batch, context)]
+    return (f"| {name} | {batch} | {context} | {row} | {rate:.1f} | {rate / old:.2f}x | {rate / theirs:.2f}x | "
+            f"{bound:.0f} | {'-' if kv_bytes is None else f'{kv_bytes:.0f}'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(ARCHITECTURES))
@@ -124,6 +134,7 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=8,
                         help="timed steps of the one-request and transformers rows (the slow ones)")
     parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="the GPU's memory bandwidth, GB/s")
+    parser.add_argument("--sglang", action="store_true", help="add stock SGLang's decode rows")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -137,6 +148,7 @@ def main() -> None:
               "3 warm-up steps; random bf16 weights and KV; greedy tokens read back every step", "",
               "| model | batch | context | row | tokens/s | x one-request | x transformers | bound tok/s | "
               "GPU KV MiB per request |", "|---|---|---|---|---|---|---|---|---|"]
+    baselines: dict[tuple[str, int, int], tuple[float, float, float]] = {}  # one-request, transformers, bound
     for name in args.models:
         started = time.perf_counter()
         hf = random_model(name)
@@ -157,12 +169,18 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     print(f"{name} B={batch} C={context}: transformers {theirs:.1f} tok/s", flush=True)
                 bound = batch / ((weight_bytes + batch * context * kv_token_bytes) / (args.bandwidth_gbs * 1e9))
+                baselines[(name, batch, context)] = (old, theirs, bound)
                 for row, rate, kv in (("batched", ours, kv_bytes / 2**20), ("one-request", old, None),
                                       ("transformers", theirs, None)):
-                    report.append(f"| {name} | {batch} | {context} | {row} | {rate:.1f} | {rate / old:.2f}x | "
-                                  f"{rate / theirs:.2f}x | {bound:.0f} | {'-' if kv is None else f'{kv:.0f}'} |")
+                    report.append(row_line(name, batch, context, row, rate, baselines, kv))
         del model, hf
         torch.cuda.empty_cache()
+        if args.sglang:
+            from sglang_rows import sglang_decode_rates
+
+            for (batch, context), rate in sglang_decode_rates(ARCHITECTURES[name], args.batch, args.context,
+                                                              args.steps).items():
+                report.append(row_line(name, batch, context, "stock SGLang", rate, baselines, None))
     print("\n".join(report))
     if args.out:
         args.out.write_text("\n".join(report) + "\n")
