@@ -43,14 +43,14 @@ def one_request(runner: LlamaRunner, ids: list[int] | Prompt, tokens: int) -> li
 
 
 def test_requests_joining_and_leaving_a_batch_get_their_one_request_tokens(runner, prompts) -> None:
-    wanted = [7, 3, 5, 4]  # tokens per request: each leaves when it has them
-    joins = {0: [0, 1], 2: [2], 3: [3]}  # step -> requests that join before it
-    allocator = BlockAllocator(num_blocks=24, rows=3)
+    wanted = {0: 6, 1: 3, 3: 4}  # tokens per request (by its prompt): each leaves when it has them
+    joins = {0: [0, 1], 2: [3]}  # step -> requests that join before it (3 after 1 has left, while 0 runs on)
+    allocator = BlockAllocator(num_blocks=24, rows=2)
     decoder = runner.batch_decoder(allocator.num_blocks, allocator.rows, 256)
     generated: dict[int, list[int]] = {}
     running: list[int] = []
     with torch.inference_mode():
-        for step in range(12):
+        for step in range(8):
             for i in joins.get(step, []):
                 allocation = allocator.allocate(i, len(prompts[i]) + wanted[i])
                 logits, state = runner.prefill(Prompt.plain(prompts[i]))
@@ -70,8 +70,8 @@ def test_requests_joining_and_leaving_a_batch_get_their_one_request_tokens(runne
                 running.remove(i)
                 allocator.free(i)
     assert not running and allocator.free_blocks == 23
-    for i, ids in enumerate(prompts):
-        assert generated[i] == one_request(runner, ids, wanted[i]), TEXTS[i]
+    for i, tokens in wanted.items():
+        assert generated[i] == one_request(runner, prompts[i], tokens), TEXTS[i]
 
 
 def test_the_engine_batches_requests_that_wait_for_kv_blocks(runner, loaded_model, prompts) -> None:
