@@ -1,6 +1,6 @@
 """SGLang's rows for bench/ttft.py (issue 7): stock SGLang 0.5.15 as the baseline, and SGLang with blendgate's
 plugin, on the same prompts and architecture as the local engine's rows (random weights: SGLang's dummy load
-format).
+format); and stock SGLang's decode rate for bench/decode.py (`sglang_decode_rates`, issue 23).
 
 Each SGLang row is the wall time of `sglang.Engine.generate` for one request with max_new_tokens = 1 (the
 offline engine: no HTTP, but SGLang's tokenizer-manager/scheduler hand-off and sampling included), median and
@@ -133,3 +133,35 @@ def sglang_rows(name: str, spec: dict, system: list[int], chunks: list[list[int]
         if row["k"] in full:
             row["speedup"] = full[row["k"]]["median"] / row["median"]
     return rows
+
+
+def sglang_decode_rates(spec: dict, batches: list[int], contexts: list[int], steps: int) -> dict[tuple[int, int],
+                                                                                                 float]:
+    """Stock SGLang's decode tokens/s per (batch, context): B requests of C random prompt tokens sent together to
+    the offline engine (radix cache off, greedy, ignore_eos), timed with 1 and with 1 + steps new tokens; the
+    rate is B x steps over the difference, so the prefill (the same in both) drops out. Wall time: SGLang's
+    scheduler, sampling and detokenisation-free output path included, as in its own serving."""
+    import random
+
+    rates = {}
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = _engine(write_model_dir(spec, Path(tmp)), plugin=False, radix=False)
+        try:
+            for context in contexts:
+                for batch in batches:
+                    prompts = [[rng.randrange(10, spec["vocab_size"]) for _ in range(context)] for _ in range(batch)]
+
+                    def run(new_tokens: int) -> float:
+                        params = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+                        started = time.perf_counter()
+                        engine.generate(input_ids=prompts, sampling_params=params)
+                        return time.perf_counter() - started
+
+                    run(2)  # warm-up (this batch's shapes)
+                    rates[(batch, context)] = batch * steps / max(1e-9, run(1 + steps) - run(1))
+                    print(f"SGLang B={batch} C={context}: {rates[(batch, context)]:.1f} tok/s", flush=True)
+        finally:
+            engine.shutdown()
+    return rates
+

@@ -1,8 +1,16 @@
 """The local engine: token ids in, generated tokens out, as they are produced.
 
-One worker thread owns the model and runs one forward pass at a time (a prefill or one decode token) for
-the request the scheduler (scheduler.py: FIFO admission, round-robin steps) picks, so no two forward passes
-touch the model together. The asyncio side only waits on per-request queues, so the event loop never blocks.
+One worker thread owns the model and runs one forward pass at a time, so no two forward passes touch the model
+together; the asyncio side only waits on per-request queues, so the event loop never blocks. What a forward
+pass computes is the scheduler's choice (scheduler.py):
+
+- with a runner that decodes in batches (LlamaRunner and its blending subclass: `BatchRunner`), the running
+  requests' KV lives in one paged pool (kv_pool.py: blocks reserved at admission; paged_kv.py: the tensors),
+  a step is either one admitted request's prefill (whose KV is then copied into its blocks) or one decode
+  token for every running request in one forward pass (decode.py, CUDA graphs on CUDA), and each request's
+  token is sampled from its row of the logits;
+- otherwise (transformers' runner, for other architectures) one request's prefill or decode token at a time,
+  round-robin.
 """
 
 from __future__ import annotations
@@ -13,15 +21,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol, runtime_checkable
 
 import torch
 
+from .batch import DecodeBatch
+from .decode import BatchDecoder
 from .errors import EngineError, PromptTooLongError
+from .kv_pool import BlockAllocation, BlockAllocator, blocks_for
 from .prefill_report import PrefillReport
 from .prompt import Prompt
 from .runner import KVState
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, sample_batch
 from .scheduler import Scheduler
 
 log = logging.getLogger("blendgate.engine")
@@ -33,6 +44,18 @@ class Runner(Protocol):
     def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]: ...
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class BatchRunner(Runner, Protocol):
+    """A runner whose prefills end in a KVCache that a BatchDecoder over a paged pool continues."""
+
+    @property
+    def kv_token_bytes(self) -> int:
+        """Bytes of KV one token takes in the pool (every layer's key and value)."""
+        ...
+
+    def batch_decoder(self, num_blocks: int, rows: int, max_context_tokens: int) -> BatchDecoder: ...
 
 
 @dataclass(frozen=True)
@@ -62,13 +85,18 @@ class GenerationHandle:
     started_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
-    # Worker-thread state.
+    # Worker-thread state. With a batched runner, kv.cache is the request's BlockAllocation once prefilled.
     kv: KVState | None = None
     sampler: Sampler | None = None
     generated: int = 0
     last_token: int = -1
     # What the runner reports of the prefill (chunk-cache hits, recompute ratio), once it has run.
     prefill_report: PrefillReport | None = None
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most tokens of KV the request holds (scheduler.PagedRequest): prompt and new tokens."""
+        return len(self.prompt) + self.max_new_tokens
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -94,18 +122,44 @@ class GenerationHandle:
             self.cancel()
 
 
+# The batched decode's pool takes at most this share of the GPU memory free at start-up, by default.
+KV_POOL_GPU_SHARE = 0.5
+
+
 class LocalEngine:
+    """`kv_pool_tokens`: tokens of KV the batched decode's pool holds; at least max_context_tokens. By default
+    max_running requests of max_context_tokens each (a slot never waits for blocks), and on CUDA at most what
+    KV_POOL_GPU_SHARE of the free GPU memory holds (requests then wait for blocks: each reserves its prompt and
+    its most new tokens)."""
+
     def __init__(self, runner: Runner, *, max_context_tokens: int, stop_token_ids: frozenset[int],
-                 max_running: int = 4, max_waiting: int = 64) -> None:
+                 max_running: int = 4, max_waiting: int = 64, kv_pool_tokens: int | None = None) -> None:
         self.runner = runner
         self.max_context_tokens = max_context_tokens
         self.stop_token_ids = stop_token_ids
-        self._scheduler: Scheduler[GenerationHandle] = Scheduler(max_running, max_waiting)
+        self._decoder: BatchDecoder | None = None
+        allocator = None
+        if isinstance(runner, BatchRunner):
+            pool_tokens = kv_pool_tokens or self._default_pool_tokens(runner, max_running * max_context_tokens)
+            if pool_tokens < max_context_tokens:
+                raise ValueError(f"a KV pool of {pool_tokens} tokens cannot hold one request of the "
+                                 f"{max_context_tokens}-token context: give the model a shorter context "
+                                 f"(max_context_tokens) or free GPU memory")
+            allocator = BlockAllocator(blocks_for(pool_tokens) + 1, max_running)  # + the scratch block
+            self._decoder = runner.batch_decoder(allocator.num_blocks, max_running, max_context_tokens)
+        self._scheduler: Scheduler[GenerationHandle] = Scheduler(max_running, max_waiting, allocator)
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="blendgate-engine", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _default_pool_tokens(runner: BatchRunner, wanted: int) -> int:
+        if runner.device.type != "cuda":
+            return wanted
+        free, _ = torch.cuda.mem_get_info(runner.device)
+        return min(wanted, int(free * KV_POOL_GPU_SHARE) // runner.kv_token_bytes)
 
     # -- asyncio side ---------------------------------------------------------------------------
     def submit(self, prompt: Prompt | list[int], params: SamplingParams) -> GenerationHandle:
@@ -138,6 +192,12 @@ class LocalEngine:
     # -- worker thread --------------------------------------------------------------------------
     def _work(self) -> None:
         with torch.inference_mode():
+            if self._decoder is not None:
+                try:
+                    self._decoder.capture_all()
+                except Exception:  # serving eagerly beats not serving
+                    log.exception("capturing the decode step's CUDA graphs failed; decoding eagerly")
+                    self._decoder.graphs = False
             while True:
                 with self._cond:
                     while not self._stopping and not self._scheduler.has_work():
@@ -146,26 +206,69 @@ class LocalEngine:
                         for request in [*self._scheduler.running, *self._scheduler.waiting]:
                             request._emit(_SHUTDOWN)
                         return
-                    request = self._scheduler.next()
-                if request.cancelled:
-                    self._finish(request)
-                    continue
-                try:
-                    self._step(request)
-                except Exception as exc:  # one request's failure must not stop the engine
-                    log.exception("request %d failed", request.request_id)
-                    request._emit(exc)
-                    self._finish(request)
+                    if self._decoder is None:  # one request's forward pass, round-robin
+                        one, allocation, decode = self._scheduler.next(), None, []
+                    else:
+                        step = self._scheduler.schedule()
+                        one, decode = step.prefill, step.decode
+                        allocation = None if one is None else self._scheduler.allocator.get(one.request_id)
+                if one is not None:
+                    self._step_one(one, allocation)
+                else:
+                    self._decode_batch(decode)
 
-    def _step(self, request: GenerationHandle) -> None:
-        if request.kv is None:
-            request.started_at = time.perf_counter()
-            request.sampler = Sampler(request.params, self.runner.device)
-            logits, request.kv = self.runner.prefill(request.prompt)
-            request.prefill_report = request.kv.report
-        else:
-            logits = self.runner.decode(request.last_token, request.kv)
-        token = request.sampler.sample(logits)
+    def _step_one(self, request: GenerationHandle, allocation: BlockAllocation | None) -> None:
+        """A request's prefill (its KV then copied into its blocks, where the scheduler reserved them), or
+        (without a batched decoder) one decode token of it."""
+        if request.cancelled:
+            self._finish(request)
+            return
+        try:
+            if request.kv is None:
+                request.started_at = time.perf_counter()
+                request.sampler = Sampler(request.params, self.runner.device)
+                logits, request.kv = self.runner.prefill(request.prompt)
+                request.prefill_report = request.kv.report
+                if allocation is not None:  # the prefill's KV into the request's blocks of the pool
+                    self._decoder.pool.store(allocation, request.kv.cache)
+                    request.kv.cache = allocation
+            else:
+                logits = self.runner.decode(request.last_token, request.kv)
+            self._emit_token(request, request.sampler.sample(logits))
+        except Exception as exc:  # one request's failure must not stop the engine
+            self._fail(request, exc)
+
+    def _decode_batch(self, requests: list[GenerationHandle]) -> None:
+        """One token for each running request, in one forward pass."""
+        live = []
+        for request in requests:
+            if request.cancelled:
+                self._finish(request)
+            else:
+                live.append(request)
+        if not live:
+            return
+        try:
+            batch = self._batch(live)
+            tokens = sample_batch([request.sampler for request in live], self._decoder.decode(batch))
+        except Exception as exc:  # the step failed for all of them; the engine goes on
+            for request in live:
+                self._fail(request, exc)
+            return
+        for request, token in zip(live, tokens):
+            request.kv.length += 1
+            self._emit_token(request, token)
+
+    def _batch(self, requests: list[GenerationHandle]) -> DecodeBatch:
+        allocations: list[BlockAllocation] = [request.kv.cache for request in requests]
+        positions = [request.kv.length for request in requests]
+        return DecodeBatch(request_ids=tuple(request.request_id for request in requests),
+                           token_ids=tuple(request.last_token for request in requests),
+                           positions=tuple(positions),
+                           slots=tuple(a.slot(p) for a, p in zip(allocations, positions)),
+                           rows=tuple(a.row for a in allocations))
+
+    def _emit_token(self, request: GenerationHandle, token: int) -> None:
         request.generated += 1
         request.last_token = token
         if request.first_token_at is None:
@@ -176,12 +279,17 @@ class LocalEngine:
             finish = "stop"
         elif request.generated >= request.max_new_tokens:
             finish = "length"
-        request._emit(TokenEvent(token, finish, is_text=not is_stop))
-        if finish is not None:
+        if finish is not None:  # its slot and KV blocks are free by the time the consumer sees the last token
             self._finish(request)
+        request._emit(TokenEvent(token, finish, is_text=not is_stop))
+
+    def _fail(self, request: GenerationHandle, exc: Exception) -> None:
+        log.error("request %d failed", request.request_id, exc_info=exc)
+        request._emit(exc)
+        self._finish(request)
 
     def _finish(self, request: GenerationHandle) -> None:
         request.finished_at = time.perf_counter()
         request.kv = None  # frees the KV cache now, not when the consumer lets go of the handle
         with self._cond:
-            self._scheduler.drop(request)
+            self._scheduler.drop(request)  # and its blocks of the pool

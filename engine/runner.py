@@ -2,7 +2,8 @@
 
 LlamaRunner runs blendgate's own forward pass (engine/llama.py) for Llama-family models, which exposes
 per-layer K/V, explicit positions and masks; HFModelRunner drives transformers' model for any other
-architecture. The engine only relies on prefill() and decode().
+architecture. The engine relies on prefill() and decode(), and on LlamaRunner's batch_decoder() for batched
+decoding (engine/decode.py) over a paged KV pool that its prefills' KV is copied into.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode import BatchDecoder
+from .kv_pool import blocks_for
 from .llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
+from .paged_kv import PagedKVPool
 from .prefill_report import PrefillReport
 from .prompt import Prompt
 from .weights import LoadedModel
@@ -61,10 +65,22 @@ class LlamaRunner:
         return logits[-1], KVState(cache=cache, length=len(prompt))
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor:
+        """One request's next token on its own KVCache (the one-request path: tests, bench/decode.py)."""
         ids = torch.tensor([token_id], device=self.device)
         logits = self.model.forward(ids, None, state.cache)
         state.length += 1
         return logits[-1]
+
+    @property
+    def kv_token_bytes(self) -> int:
+        model = self.model
+        return 2 * model.num_layers * model.kv_heads * model.head_dim * model.dtype.itemsize
+
+    def batch_decoder(self, num_blocks: int, rows: int, max_context_tokens: int) -> BatchDecoder:
+        """A batched decoder over a new paged pool of `num_blocks` blocks for `rows` requests of at most
+        `max_context_tokens` tokens each (the engine's max_running and context)."""
+        pool = PagedKVPool(self.model, num_blocks, rows, blocks_for(max_context_tokens))
+        return BatchDecoder(self.model, pool, rows, max_context_tokens)
 
 
 def make_runner(loaded: LoadedModel) -> LlamaRunner | HFModelRunner:

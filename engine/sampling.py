@@ -44,6 +44,16 @@ class Sampler:
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
         return logits
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the token is the logits' argmax, which sample_batch takes for a batch."""
+        p = self.params
+        return p.temperature < GREEDY_TEMPERATURE and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+
+    def record(self, token: int) -> None:
+        """Count a token chosen for this request (the penalties' counts)."""
+        self.counts[token] += 1
+
     def sample(self, logits: torch.Tensor) -> int:
         """logits: [vocab] for the last position."""
         logits = self._penalise(logits.float())
@@ -55,8 +65,24 @@ class Sampler:
             if p.top_p < 1.0:
                 probs = _top_p_filter(probs, p.top_p)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
-        self.counts[token] += 1
+        self.record(token)
         return token
+
+
+def sample_batch(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
+    """The next token of each request of a decode batch: logits [batch, vocab], row i for samplers[i]. The
+    plain greedy rows take one argmax and one copy to the host together; the others sample one by one."""
+    tokens: list[int | None] = [None] * len(samplers)
+    greedy = [i for i, sampler in enumerate(samplers) if sampler.plain_greedy]
+    if greedy:
+        rows = logits if len(greedy) == len(samplers) else logits[greedy]
+        for i, token in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
+            samplers[i].record(token)
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if tokens[i] is None:
+            tokens[i] = sampler.sample(logits[i])
+    return tokens  # type: ignore[return-value]
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -268,6 +268,9 @@ class LocalModelConfig(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     # Defaults to the model's max_position_embeddings.
     max_context_tokens: int | None = Field(None, gt=0)
+    # Tokens of KV the batched decode's paged pool holds (Llama-family models), at least max_context_tokens;
+    # left out: max_running_requests full contexts, on CUDA at most half the GPU memory free at start-up.
+    kv_pool_tokens: int | None = Field(None, gt=0)
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     rag: ModelRagConfig | None = None
 

@@ -2,6 +2,8 @@
 
 - attention.py: attention of a request's query tokens over its KV cache, causal by position;
 - sparse_attention.py: the Triton kernel behind attention.py's sparse shape;
+- decode_attention.py: flash-decoding attention of one query per request over a paged KV pool (the batched
+  decode, engine/decode.py);
 - rope.py: chunk KV placed into a request's cache with its keys rotated to their new positions, and the
   rotary embedding of a layer's queries and keys with the keys and values stored into the cache;
 - norm.py: RMSNorm;

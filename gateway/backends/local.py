@@ -80,9 +80,15 @@ class LocalBackend(ChatBackend):
             self._error = str(exc)
             log.error("model %s failed to load: %s", self.config.name, exc)
             return
-        self.engine = LocalEngine(
-            self._runner(self.model), max_context_tokens=self.model.max_context_tokens,
-            stop_token_ids=self.model.eos_token_ids, max_running=self.max_running, max_waiting=self.max_waiting)
+        try:  # the batched decode's KV pool is allocated here: too small a pool, or no memory for it, fails
+            self.engine = LocalEngine(
+                self._runner(self.model), max_context_tokens=self.model.max_context_tokens,
+                stop_token_ids=self.model.eos_token_ids, max_running=self.max_running,
+                max_waiting=self.max_waiting, kv_pool_tokens=self.config.kv_pool_tokens)
+        except (ValueError, RuntimeError) as exc:
+            self._error = str(exc)
+            log.error("model %s failed to start: %s", self.config.name, exc)
+            return
         log.info("model %s is ready", self.config.name)
 
     def _runner(self, model: LoadedModel):

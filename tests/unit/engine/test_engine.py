@@ -80,6 +80,22 @@ def test_a_model_that_fails_to_load_reports_it_and_refuses_requests(tmp_path) ->
     assert error.status == 503 and error.code == "model_unavailable"
 
 
+def test_a_kv_pool_too_small_for_the_context_fails_the_model_with_its_reason(model_cache_dir) -> None:
+    from blendgate.gateway.backends.local import LocalBackend
+    from blendgate.gateway.config import LocalModelConfig
+
+    config = LocalModelConfig(name="small-pool", max_context_tokens=256, kv_pool_tokens=128)
+    backend = LocalBackend(config, cache_dir=model_cache_dir, max_running=2, max_waiting=2)
+
+    async def scenario() -> None:
+        await backend.start()
+        await backend.wait_ready()
+
+    asyncio.run(scenario())
+    status = backend.status()
+    assert status["state"] == "failed" and "cannot hold one request of the 256-token context" in status["error"]
+
+
 def test_a_backend_part_still_loading_or_failed_is_a_503_saying_which() -> None:
     from blendgate.gateway.backends.base import loaded_or_503
     from blendgate.gateway.errors import GatewayError
@@ -104,3 +120,18 @@ def test_top_p_keeps_the_most_likely_token_however_small_it_is(top_p: float) -> 
     sampler = Sampler(SamplingParams(max_new_tokens=1, temperature=1.0, top_p=top_p, seed=7), torch.device("cpu"))
     tokens = {sampler.sample(logits) for _ in range(20)}
     assert tokens == {1} if top_p < 0.5 else tokens <= {0, 1, 2, 3}
+
+
+def test_a_decode_batch_samples_each_row_by_its_own_request_settings() -> None:
+    """sample_batch: the plain greedy rows by one argmax, the others (penalties, temperature) one by one; every
+    row's token counted for its request's penalties."""
+    from blendgate.engine.sampling import Sampler, sample_batch
+
+    cpu = torch.device("cpu")
+    greedy = Sampler(SamplingParams(max_new_tokens=4, temperature=0.0), cpu)
+    penalised = Sampler(SamplingParams(max_new_tokens=4, temperature=0.0, presence_penalty=5.0), cpu)
+    sampled = Sampler(SamplingParams(max_new_tokens=4, temperature=1.0, top_p=1e-9, seed=3), cpu)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 2.0], [4.0, 0.0, 1.0]])
+    assert sample_batch([greedy, penalised, sampled], logits) == [1, 1, 0]
+    assert sample_batch([greedy, penalised, sampled], logits) == [1, 2, 0]  # token 1 penalised now
+    assert greedy.counts == {1: 2} and penalised.counts == {1: 1, 2: 1}
