@@ -1,0 +1,74 @@
+"""The cachegen codec's rANS encoder: a layer group's symbols as interleaved rANS streams in the layout that
+kernels/rans.py describes and decodes (lanes of channels, blocks of LANE_BLOCK lanes sharing one word stream).
+
+Host-side numpy, vectorised across lanes: rANS encodes the symbols backwards, so the encoder walks the steps
+(pass, token) from the last, every lane at once, recording per step which lanes flushed a word; the blocks'
+streams are those words in the order the decoders read them (step after step, lanes in order within a step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...kernels.rans import LANE_BLOCK, PROB_BITS, STATE_LOW, SYMBOL_OFFSET, WORD_BITS, blocks_of, lane_shape
+
+
+@dataclass(frozen=True)
+class EncodedStreams:
+    """One layer group's coded symbols: connects the encoder here and the cachegen codec, which stores them as
+    the parts `words`, `offsets` and `states` (kernels/rans.py: GroupStreams, for their meaning)."""
+
+    words: np.ndarray  # uint16 [n]
+    offsets: np.ndarray  # int32 [blocks + 1]
+    states: np.ndarray  # uint32 [lanes]
+
+
+def encode(symbols: np.ndarray, shapes: np.ndarray, frequencies: tuple[np.ndarray, np.ndarray],
+           cumulative: tuple[np.ndarray, np.ndarray], group_tokens: int) -> EncodedStreams:
+    """symbols [channels, tokens] integers in token order, each within its table's alphabet; shapes [2, channels]
+    (each channel's shape for its anchors, every group_tokens-th token, and for its other tokens); frequencies
+    and cumulative: the anchors' and the others' [shapes, 2 * SYMBOL_OFFSET] tables (entropy.py). Lossless:
+    kernels/rans.py's decoders give `symbols` back."""
+    channels, tokens = symbols.shape
+    passes, lanes = lane_shape(channels, tokens)
+    blocks = blocks_of(lanes)
+    padded = blocks * LANE_BLOCK
+    anchor = (np.arange(tokens) % group_tokens == 0)
+    which = np.where(anchor, 0, 1)[None, :]  # [1, tokens]: the table set of each token
+    column = symbols.astype(np.int64) + SYMBOL_OFFSET
+    freq_table, start_table = np.stack(frequencies), np.stack(cumulative)
+    rows = shapes.astype(np.int64)[which, np.arange(channels)[:, None]]  # [channels, tokens]
+    freq = np.zeros((passes * lanes, tokens), dtype=np.int64)  # 0: no symbol (a lane past the last channel)
+    start = np.zeros_like(freq)
+    freq[:channels] = freq_table[which, rows, column]
+    start[:channels] = start_table[which, rows, column]
+    if (freq[:channels] == 0).any():
+        raise ValueError("a symbol outside its table's alphabet")
+
+    def by_step(values: np.ndarray) -> np.ndarray:
+        """[passes * lanes, tokens] by channel -> [passes * tokens, padded] by step and lane."""
+        grid = np.zeros((passes, padded, tokens), dtype=values.dtype)
+        grid[:, :lanes] = values.reshape(passes, lanes, tokens)
+        return grid.transpose(0, 2, 1).reshape(passes * tokens, padded)
+
+    freq, start = by_step(freq), by_step(start)
+    steps = passes * tokens
+    words = np.zeros((steps, padded), dtype=np.uint16)
+    flushed = np.zeros((steps, padded), dtype=bool)
+    state = np.full(padded, STATE_LOW, dtype=np.int64)
+    for step in range(steps - 1, -1, -1):
+        f = freq[step]
+        coded = f > 0
+        # Flush a word where coding the symbol would take the state past 2^32 (its bound: f << (32 - PROB_BITS)).
+        flush = coded & (state >= f << (32 - PROB_BITS))
+        words[step] = state & 0xFFFF
+        flushed[step] = flush
+        state = np.where(flush, state >> WORD_BITS, state)
+        quotient, remainder = np.divmod(state, np.maximum(f, 1))
+        state = np.where(coded, (quotient << PROB_BITS) + remainder + start[step], state)
+    by_block = flushed.reshape(steps, blocks, LANE_BLOCK).transpose(1, 0, 2)
+    stream = words.reshape(steps, blocks, LANE_BLOCK).transpose(1, 0, 2)[by_block]
+    offsets = np.concatenate([[0], np.cumsum(by_block.sum(axis=(1, 2)))]).astype(np.int32)
+    return EncodedStreams(stream, offsets, state[:lanes].astype(np.uint32))
