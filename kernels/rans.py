@@ -49,8 +49,8 @@ SYMBOL_OFFSET = 128  # a table entry's low byte is its symbol + SYMBOL_OFFSET
 
 def lane_shape(channels: int, tokens: int) -> tuple[int, int]:
     """(passes, lanes) of a layer group: channels per lane and lanes, for `channels` channels of `tokens`."""
-    passes = max(1, min(channels, -(-LANE_SYMBOLS // max(tokens, 1))))
-    return passes, -(-channels // passes)
+    lanes = -(-channels // max(1, min(channels, -(-LANE_SYMBOLS // max(tokens, 1)))))
+    return (-(-channels // lanes) if lanes else 1), lanes
 
 
 def blocks_of(lanes: int) -> int:
@@ -116,39 +116,43 @@ def decode_symbols(group: GroupStreams, tokens: int, group_tokens: int) -> np.nd
     unread, or a lane does not end at STATE_LOW) or its parts do not fit each other."""
     channels = group.channels
     passes, lanes = lane_shape(channels, tokens)
-    blocks = blocks_of(lanes)
-    padded = blocks * LANE_BLOCK
     offsets = _checked_offsets(group)
-    shapes = np.zeros((2, passes * padded), dtype=np.int64)
-    shapes[:, :channels] = _checked_shapes(group)
+    shapes = _checked_shapes(group)
     words = group.words.cpu().numpy().view(np.uint16).astype(np.int64)
-    tables = group.tables.cpu().numpy().astype(np.int64) & 0xFFFFFFFF
-    state = np.full(padded, STATE_LOW, dtype=np.int64)
-    state[:lanes] = group.states.cpu().numpy().view(np.uint32)
-    symbols = np.zeros((passes * lanes, tokens), dtype=np.int16)
+    table = group.tables.cpu().numpy().view(np.uint32).astype(np.int64).reshape(-1)
+    shape_count = group.tables.shape[1]
+    state = group.states.cpu().numpy().view(np.uint32).astype(np.int64)
+    columns = np.zeros((passes, tokens, lanes), dtype=np.uint8)  # symbols + SYMBOL_OFFSET, by pass, token, lane
     ptr, end = offsets[:-1].copy(), offsets[1:]
-    lane = np.arange(padded)
     for p in range(passes):
-        channel = p * lanes + lane
-        active = (lane < lanes) & (channel < channels)
-        anchor_rows = shapes[0, np.where(active, channel, 0)]
-        other_rows = shapes[1, np.where(active, channel, 0)]
+        # The lanes coding a channel in this pass: all of them, or (the last pass) the first few.
+        active = min(lanes, channels - p * lanes)
+        channel = slice(p * lanes, p * lanes + active)
+        bases = [(which * shape_count + shapes[which, channel]) * PROB_SCALE for which in (0, 1)]
+        block = np.arange(active) // LANE_BLOCK
+        last = np.minimum(np.arange(0, active, LANE_BLOCK) + LANE_BLOCK, active) - 1  # each block's last lane
+        live = state[:active]
         for t in range(tokens):
-            which, rows = (0, anchor_rows) if t % group_tokens == 0 else (1, other_rows)
-            entry = tables[which, rows, state & (PROB_SCALE - 1)]
-            decoded = np.where(active, entry & 0xFF, SYMBOL_OFFSET) - SYMBOL_OFFSET
-            symbols[p * lanes:(p + 1) * lanes, t] = decoded[:lanes]
-            state = np.where(active, ((entry >> 8) & 0xFFF) * (state >> PROB_BITS) + (entry >> 20), state)
-            need = (active & (state < STATE_LOW)).reshape(blocks, LANE_BLOCK)
-            position = ptr[:, None] + np.cumsum(need, axis=1) - need
-            taken = need.sum(axis=1)
-            if (ptr + taken > end).any():
+            entry = table[bases[0 if t % group_tokens == 0 else 1] + (live & (PROB_SCALE - 1))]
+            columns[p, t, :active] = entry
+            live = ((entry >> 8) & 0xFFF) * (live >> PROB_BITS) + (entry >> 20)
+            need = live < STATE_LOW
+            if not need.any():
+                continue
+            counted = np.cumsum(need)
+            before = np.concatenate([[0], counted[last[:-1]]])  # words the blocks before each have taken
+            taken = counted[last] - before
+            if (ptr[:taken.shape[0]] + taken > end[:taken.shape[0]]).any():
                 raise ValueError("damaged cachegen stream: a block reads past its words")
-            state[need.ravel()] = (state[need.ravel()] << WORD_BITS) | words[position[need]]
-            ptr += taken
-    if (ptr != end).any() or (state[:lanes] != STATE_LOW).any():
+            reading = np.flatnonzero(need)
+            position = ptr[block[reading]] + counted[reading] - 1 - before[block[reading]]
+            live[reading] = (live[reading] << WORD_BITS) | words[position]
+            ptr[:taken.shape[0]] += taken
+        state[:active] = live
+    if (ptr != end).any() or (state != STATE_LOW).any():
         raise ValueError("damaged cachegen stream: the decoders do not end where the encoder began")
-    return symbols[:channels]
+    symbols = columns.transpose(0, 2, 1).reshape(passes * lanes, tokens)[:channels].astype(np.int16)
+    return symbols - SYMBOL_OFFSET
 
 
 def dequantise_reference(symbols: torch.Tensor, group: GroupStreams, group_tokens: int) -> torch.Tensor:
@@ -252,9 +256,10 @@ def decode(groups: list[GroupStreams], heads: int, tokens: int, head_dim: int, g
 
 def decode_triton(groups: list[GroupStreams], heads: int, tokens: int, head_dim: int, group_tokens: int,
                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """As decode_reference, in one Triton launch for all groups (one program a block of lanes); parts on the
-    host are copied up through pinned memory. Checked for damage before returning (one synchronisation).
-    On a CPU device it runs under the Triton interpreter (TRITON_INTERPRET=1) only: the tests' check."""
+    """As decode_reference (the same values: no fused multiply-add), in one Triton launch for all groups (one
+    program a block of lanes); parts on the host are copied up through pinned memory. Checked for damage before
+    returning (one synchronisation). On a CPU device it runs under the Triton interpreter (TRITON_INTERPRET=1)
+    only: the tests' check."""
     layers = sum(group.layers for group in groups)
     out = torch.empty((layers, heads, tokens, head_dim), dtype=dtype, device=device)
     if out.numel() == 0:
@@ -293,7 +298,8 @@ def decode_triton(groups: list[GroupStreams], heads: int, tokens: int, head_dim:
         up["words"], up["offsets"], up["states"], tables, up["anchor_shapes"], up["other_shapes"], up["centre"],
         up["anchor_width"], up["delta_width"], up["delta"], up["meta"], up["block_group"], out, status, tokens,
         head_dim, SHAPES=groups[0].tables.shape[1], GROUP_TOKENS=group_tokens, LANES=LANE_BLOCK,
-        PROB_BITS=PROB_BITS, STATE_LOW=STATE_LOW, num_warps=1)
+        PROB_BITS=PROB_BITS, STATE_LOW=STATE_LOW, num_warps=1,
+        enable_fp_fusion=False)  # the reference's roundings: a product, then a sum
     if bool(status.any()):
         raise ValueError("damaged cachegen stream: the decoders do not end where the encoder began")
     return out

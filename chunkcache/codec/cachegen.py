@@ -86,6 +86,7 @@ class CacheGenCodec(KVCodec):
 
     name = "cachegen"
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
+    decodes_on_device = True
 
     def encode(self, tensor: torch.Tensor) -> Parts:
         layers, heads, tokens, dim = tensor.shape

@@ -37,6 +37,13 @@ class Codec:
     def __init__(self, kv_codec: str = DEFAULT_CODEC, level: int = 0) -> None:
         self.kv_codec: KVCodec = base.kv_codec(kv_codec, level)
 
+    def decode_device(self, device: str | torch.device) -> torch.device:
+        """Where entries read for a blend on `device` are decoded: on that GPU when the KV codec decodes faster on
+        one (KVCodec.decodes_on_device: the bytes go up through pinned memory, a kernel decodes them), else on
+        the host (from where blending streams the KV up behind compute)."""
+        device = torch.device(device)
+        return device if device.type == "cuda" and self.kv_codec.decodes_on_device else torch.device("cpu")
+
     def encode(self, key: ChunkKey, kv: ChunkKV) -> bytes:
         """The entry's bytes; ValueError for keys and values of different layouts or an unsupported dtype."""
         layout = KVLayout.of(kv.keys)

@@ -46,29 +46,28 @@ def encode(symbols: np.ndarray, shapes: np.ndarray, frequencies: tuple[np.ndarra
     start[:channels] = start_table[which, rows, column]
     if (freq[:channels] == 0).any():
         raise ValueError("a symbol outside its table's alphabet")
-
-    def by_step(values: np.ndarray) -> np.ndarray:
-        """[passes * lanes, tokens] by channel -> [passes * tokens, padded] by step and lane."""
-        grid = np.zeros((passes, padded, tokens), dtype=values.dtype)
-        grid[:, :lanes] = values.reshape(passes, lanes, tokens)
-        return grid.transpose(0, 2, 1).reshape(passes * tokens, padded)
-
-    freq, start = by_step(freq), by_step(start)
+    # By pass, token and lane: the order the decoders go in.
+    freq = np.ascontiguousarray(freq.reshape(passes, lanes, tokens).transpose(0, 2, 1))
+    start = np.ascontiguousarray(start.reshape(passes, lanes, tokens).transpose(0, 2, 1))
+    words = np.zeros((passes, tokens, padded), dtype=np.uint16)
+    flushed = np.zeros((passes, tokens, padded), dtype=bool)
+    state = np.full(lanes, STATE_LOW, dtype=np.int64)
+    for p in range(passes - 1, -1, -1):
+        active = min(lanes, channels - p * lanes)  # the lanes coding a channel in this pass: a prefix
+        live = state[:active]
+        for t in range(tokens - 1, -1, -1):
+            f = freq[p, t, :active]
+            # Flush a word where coding the symbol would take the state past 2^32 (f << (32 - PROB_BITS)).
+            flush = live >= f << (32 - PROB_BITS)
+            words[p, t, :active] = live  # the low 16 bits
+            flushed[p, t, :active] = flush
+            live = live >> (flush * WORD_BITS)
+            quotient = live // f
+            live = (quotient << PROB_BITS) + (live - quotient * f) + start[p, t, :active]
+        state[:active] = live
     steps = passes * tokens
-    words = np.zeros((steps, padded), dtype=np.uint16)
-    flushed = np.zeros((steps, padded), dtype=bool)
-    state = np.full(padded, STATE_LOW, dtype=np.int64)
-    for step in range(steps - 1, -1, -1):
-        f = freq[step]
-        coded = f > 0
-        # Flush a word where coding the symbol would take the state past 2^32 (its bound: f << (32 - PROB_BITS)).
-        flush = coded & (state >= f << (32 - PROB_BITS))
-        words[step] = state & 0xFFFF
-        flushed[step] = flush
-        state = np.where(flush, state >> WORD_BITS, state)
-        quotient, remainder = np.divmod(state, np.maximum(f, 1))
-        state = np.where(coded, (quotient << PROB_BITS) + remainder + start[step], state)
+    words, flushed = words.reshape(steps, padded), flushed.reshape(steps, padded)
     by_block = flushed.reshape(steps, blocks, LANE_BLOCK).transpose(1, 0, 2)
     stream = words.reshape(steps, blocks, LANE_BLOCK).transpose(1, 0, 2)[by_block]
     offsets = np.concatenate([[0], np.cumsum(by_block.sum(axis=(1, 2)))]).astype(np.int32)
-    return EncodedStreams(stream, offsets, state[:lanes].astype(np.uint32))
+    return EncodedStreams(stream, offsets, state.astype(np.uint32))
