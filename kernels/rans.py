@@ -94,6 +94,14 @@ class GroupStreams:
                                  f"not {shape}")
         if self.tables.dim() != 3 or self.tables.shape[0] != 2 or self.tables.shape[2] != PROB_SCALE:
             raise ValueError("cachegen slot tables must be [2, shapes, PROB_SCALE]")
+        dtypes = {"words": torch.int16, "offsets": torch.int32, "states": torch.int32, "tables": torch.int32,
+                  "shapes": torch.uint8, "centre": torch.bfloat16, "anchor_width": torch.bfloat16,
+                  "delta_width": torch.bfloat16, "delta": torch.bool}
+        if self.words.dim() != 1:
+            raise ValueError("cachegen stream words must be one-dimensional")
+        for name, dtype in dtypes.items():
+            if getattr(self, name).dtype != dtype:
+                raise ValueError(f"cachegen stream part {name} is {getattr(self, name).dtype}, not {dtype}")
 
 
 def _checked_offsets(group: GroupStreams) -> np.ndarray:
@@ -188,7 +196,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(words, offsets, states, tables, anchor_shapes, other_shapes, centre, anchor_width,
-                       delta_width, delta, meta, block_group, out, status, tokens, head_dim,
+                       delta_width, delta, meta, block_group, out, status, tokens, head_dim, word_count,
                        SHAPES: tl.constexpr, GROUP_TOKENS: tl.constexpr, LANES: tl.constexpr,
                        PROB_BITS: tl.constexpr, STATE_LOW: tl.constexpr):
         block = tl.program_id(0)
@@ -204,11 +212,12 @@ if triton is not None:
         lane = (block - first_block) * LANES + tl.arange(0, LANES)
         lane_ok = lane < lanes
         state = tl.load(states + first_lane + lane, mask=lane_ok, other=STATE_LOW).to(tl.int64) & 0xFFFFFFFF
-        ptr = tl.load(offsets + block).to(tl.int64)
-        end = tl.load(offsets + block + 1).to(tl.int64)
+        ptr = tl.load(offsets + block)
+        end = tl.load(offsets + block + 1)
         anchor_table = tables + (2 * group).to(tl.int64) * SHAPES * (1 << PROB_BITS)
         other_table = anchor_table + SHAPES * (1 << PROB_BITS)
-        damaged = ptr > end
+        damaged = (ptr > end) | (end > word_count)
+        unknown = tl.full([], 0, tl.int32)  # whether a lane met a shape the tables do not have
         for p in range(passes):
             channel = p * lanes + lane
             active = lane_ok & (channel < channels)
@@ -217,10 +226,11 @@ if triton is not None:
             aw = tl.load(anchor_width + at, mask=active, other=0.0).to(tl.float32)
             dw = tl.load(delta_width + at, mask=active, other=0.0).to(tl.float32)
             is_delta = tl.load(delta + at, mask=active, other=0) != 0
-            anchor_rows = anchor_table + tl.load(anchor_shapes + at, mask=active, other=0).to(tl.int64) * (
-                1 << PROB_BITS)
-            other_rows = other_table + tl.load(other_shapes + at, mask=active, other=0).to(tl.int64) * (
-                1 << PROB_BITS)
+            anchor_shape = tl.load(anchor_shapes + at, mask=active, other=0).to(tl.int64)
+            other_shape = tl.load(other_shapes + at, mask=active, other=0).to(tl.int64)
+            unknown |= tl.max(((anchor_shape >= SHAPES) | (other_shape >= SHAPES)).to(tl.int32), 0)
+            anchor_rows = anchor_table + tl.minimum(anchor_shape, SHAPES - 1) * (1 << PROB_BITS)
+            other_rows = other_table + tl.minimum(other_shape, SHAPES - 1) * (1 << PROB_BITS)
             dst = out + out_base + (channel // head_dim) * tokens * head_dim + channel % head_dim
             anchor = c
             for t in range(tokens):
@@ -241,7 +251,7 @@ if triton is not None:
                 value = tl.where(is_anchor, anchor, tl.where(is_delta, anchor, c) + symbol * dw)
                 tl.store(dst + t * head_dim, value.to(out.dtype.element_ty), mask=active)
         ended = (state == STATE_LOW) | ~lane_ok
-        damaged = damaged | (ptr != end) | (tl.min(ended.to(tl.int32), 0) == 0)
+        damaged = damaged | (ptr != end) | (tl.min(ended.to(tl.int32), 0) == 0) | (unknown != 0)
         tl.store(status + block, damaged.to(tl.int32))
 
 
@@ -257,9 +267,10 @@ def decode(groups: list[GroupStreams], heads: int, tokens: int, head_dim: int, g
 def decode_triton(groups: list[GroupStreams], heads: int, tokens: int, head_dim: int, group_tokens: int,
                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """As decode_reference (the same values: no fused multiply-add), in one Triton launch for all groups (one
-    program a block of lanes); parts on the host are copied up through pinned memory. Checked for damage before
-    returning (one synchronisation). On a CPU device it runs under the Triton interpreter (TRITON_INTERPRET=1)
-    only: the tests' check."""
+    program a block of lanes); parts on the host are copied up through pinned memory, parts on the device are
+    used there. The kernel checks the streams itself (reads stay within the words, shapes within the tables), so
+    nothing is read back before the launch; a damaged stream is a ValueError after it (one synchronisation). On
+    a CPU device it runs under the Triton interpreter (TRITON_INTERPRET=1) only: the tests' check."""
     layers = sum(group.layers for group in groups)
     out = torch.empty((layers, heads, tokens, head_dim), dtype=dtype, device=device)
     if out.numel() == 0:
@@ -268,21 +279,19 @@ def decode_triton(groups: list[GroupStreams], heads: int, tokens: int, head_dim:
     channel, word, element = 0, 0, 0
     for index, group in enumerate(groups):
         group.check(tokens, heads, head_dim)
-        _checked_shapes(group)
-        group_offsets = _checked_offsets(group)
         passes, lanes = lane_shape(group.channels, tokens)
         blocks = blocks_of(lanes)
         meta.append((lanes, group.channels, passes, lane, channel, element))
         block_group += [index] * blocks
-        padded_states = torch.full((blocks * LANE_BLOCK,), STATE_LOW, dtype=torch.int32)
-        padded_states[:lanes] = group.states
-        states.append(padded_states)
+        padding = torch.full((blocks * LANE_BLOCK - lanes,), STATE_LOW, dtype=torch.int32, device=group.states.device)
+        states.append(torch.cat([group.states, padding]))
         words.append(group.words)
-        offsets.append(torch.from_numpy(group_offsets[:-1] + word))
+        # A block's words end where the next one's begin: a group's last block ends at the next group's first word.
+        offsets.append(group.offsets[:-1].long() + word)
         lane, channel, word = lane + blocks * LANE_BLOCK, channel + group.channels, word + group.words.shape[0]
         element += group.layers * heads * tokens * head_dim
-    offsets.append(torch.tensor([word]))
-    host = {"words": torch.cat(words), "offsets": torch.cat(offsets).int(), "states": torch.cat(states),
+    offsets.append(torch.tensor([word], device=offsets[-1].device))
+    host = {"words": torch.cat(words), "offsets": torch.cat(offsets), "states": torch.cat(states),
             "meta": torch.tensor(meta, dtype=torch.int64), "block_group": torch.tensor(block_group, dtype=torch.int32)}
     for name in ("centre", "anchor_width", "delta_width", "delta"):
         host[name] = torch.cat([getattr(group, name).reshape(-1) for group in groups])
@@ -297,7 +306,7 @@ def decode_triton(groups: list[GroupStreams], heads: int, tokens: int, head_dim:
     _decode_kernel[(len(block_group),)](
         up["words"], up["offsets"], up["states"], tables, up["anchor_shapes"], up["other_shapes"], up["centre"],
         up["anchor_width"], up["delta_width"], up["delta"], up["meta"], up["block_group"], out, status, tokens,
-        head_dim, SHAPES=groups[0].tables.shape[1], GROUP_TOKENS=group_tokens, LANES=LANE_BLOCK,
+        head_dim, word, SHAPES=groups[0].tables.shape[1], GROUP_TOKENS=group_tokens, LANES=LANE_BLOCK,
         PROB_BITS=PROB_BITS, STATE_LOW=STATE_LOW, num_warps=1,
         enable_fp_fusion=False)  # the reference's roundings: a product, then a sum
     if bool(status.any()):

@@ -66,9 +66,15 @@ def test_damaged_streams_are_refused_on_the_gpu() -> None:
     words[words.shape[0] // 2] ^= 0x0100
     states = groups[0].states.clone()
     states[3] ^= 1 << 20
+    shapes = groups[2].shapes.clone()
+    shapes[1, 7] = 200  # not a shape of the family
+    offsets = groups[0].offsets.clone()
+    offsets[4] = 1 << 30  # past the words
     for damaged in ([groups[0], replace(groups[1], words=words), groups[2]],
                     [groups[0], replace(groups[1], words=groups[1].words[:-2]), groups[2]],
-                    [replace(groups[0], states=states), *groups[1:]]):
+                    [replace(groups[0], states=states), *groups[1:]],
+                    [*groups[:2], replace(groups[2], shapes=shapes)],
+                    [replace(groups[0], offsets=offsets), *groups[1:]]):
         with pytest.raises(ValueError, match="damaged"):
             rans.decode(damaged, shape[1], shape[2], shape[3], GROUP_TOKENS, torch.bfloat16, torch.device("cuda"))
 

@@ -105,8 +105,10 @@ def test_damaged_streams_are_errors() -> None:
     words[words.shape[0] // 2] ^= 0x0100
     offsets[1] += 1
     states[5] ^= 1 << 20
+    shapes = group.shapes.clone()
+    shapes[0, 3] = 255  # not a shape of the family
     for damaged in (replace(group, words=words), replace(group, words=group.words[:-3]),
-                    replace(group, offsets=offsets), replace(group, states=states)):
+                    replace(group, offsets=offsets), replace(group, states=states), replace(group, shapes=shapes)):
         with pytest.raises(ValueError, match="damaged"):
             decoders.decode_symbols(damaged, 40, GROUP_TOKENS)
 
@@ -166,9 +168,13 @@ def test_the_triton_kernel_matches_the_reference_under_the_interpreter(shape, le
             assert torch.equal(got, expected) if dtype == torch.float32 else torch.allclose(
                 got.float(), expected.float(), rtol=2 ** -7, atol=0)
         words = groups[-1].words.clone()
+        shapes, offsets = groups[0].shapes.clone(), groups[0].offsets.clone()
+        shapes[1, -1], offsets[0] = 99, 1 << 20  # not a shape of the family; past the words
+        damaged = [[replace(groups[0], shapes=shapes), *groups[1:]], [replace(groups[0], offsets=offsets),
+                                                                      *groups[1:]]]
         if len(words):
             words[len(words) // 2] ^= 0x0100
-            damaged = [*groups[:-1], replace(groups[-1], words=words)]
+            damaged.append([*groups[:-1], replace(groups[-1], words=words)])
+        for streams in damaged:
             with pytest.raises(ValueError, match="damaged"):
-                decoders.decode_triton(damaged, heads, tokens, dim, GROUP_TOKENS, torch.bfloat16,
-                                       torch.device("cpu"))
+                decoders.decode_triton(streams, heads, tokens, dim, GROUP_TOKENS, torch.bfloat16, torch.device("cpu"))
