@@ -223,6 +223,10 @@ def synthetic(args) -> None:
                         rans.decode_triton(tensor_groups, heads, args.tokens, dim, GROUP_TOKENS, torch.bfloat16,
                                            device)
 
+                on_gpu, on_host = codec.decode(key, data, device), codec.decode(key, data)
+                assert on_gpu is not None and on_host is not None, "an entry that does not decode"
+                for got, expected in ((on_gpu.keys, on_host.keys), (on_gpu.values, on_host.values)):
+                    assert torch.allclose(got.cpu().float(), expected.float(), rtol=2 ** -7, atol=1e-6)
                 row["kernel_gbs"] = bf16_bytes / cuda_seconds(kernel, args.repeats) / 1e9
                 row["entry_gbs"] = bf16_bytes / cuda_seconds(lambda: codec.decode(key, data, device),
                                                              max(3, args.repeats // 4)) / 1e9
