@@ -35,23 +35,23 @@ def encode(symbols: np.ndarray, shapes: np.ndarray, frequencies: tuple[np.ndarra
     passes, lanes = lane_shape(channels, tokens)
     blocks = blocks_of(lanes)
     padded = blocks * LANE_BLOCK
-    anchor = (np.arange(tokens) % group_tokens == 0)
-    which = np.where(anchor, 0, 1)[None, :]  # [1, tokens]: the table set of each token
-    column = symbols.astype(np.int64) + SYMBOL_OFFSET
-    freq_table, start_table = np.stack(frequencies), np.stack(cumulative)
-    rows = shapes.astype(np.int64)[which, np.arange(channels)[:, None]]  # [channels, tokens]
-    freq = np.zeros((passes * lanes, tokens), dtype=np.int64)  # 0: no symbol (a lane past the last channel)
-    start = np.zeros_like(freq)
-    freq[:channels] = freq_table[which, rows, column]
-    start[:channels] = start_table[which, rows, column]
-    if (freq[:channels] == 0).any():
+    # By pass, token and lane (the order the decoders go in): each channel's symbols and table rows.
+    grid = np.zeros((passes * lanes, tokens), dtype=np.int16)
+    grid[:channels] = symbols
+    column = np.ascontiguousarray(grid.reshape(passes, lanes, tokens).transpose(0, 2, 1)).astype(np.int32)
+    column += SYMBOL_OFFSET
+    row_grid = np.zeros((2, passes * lanes), dtype=np.int32)
+    row_grid[:, :channels] = shapes
+    which = (np.arange(tokens) % group_tokens != 0).astype(np.int32)  # 0: an anchor's table set, 1: others'
+    rows = row_grid.reshape(2, passes, lanes)[which].transpose(1, 0, 2)  # [passes, tokens, lanes]
+    shape_count, columns = frequencies[0].shape
+    at = (which[None, :, None] * shape_count + rows) * columns + column  # into the flattened [2, shapes, columns]
+    freq, start = (np.stack(tables).astype(np.uint32).ravel().take(at) for tables in (frequencies, cumulative))
+    if any((freq[p, :, :min(lanes, channels - p * lanes)] == 0).any() for p in range(passes)):
         raise ValueError("a symbol outside its table's alphabet")
-    # By pass, token and lane: the order the decoders go in.
-    freq = np.ascontiguousarray(freq.reshape(passes, lanes, tokens).transpose(0, 2, 1))
-    start = np.ascontiguousarray(start.reshape(passes, lanes, tokens).transpose(0, 2, 1))
     words = np.zeros((passes, tokens, padded), dtype=np.uint16)
     flushed = np.zeros((passes, tokens, padded), dtype=bool)
-    state = np.full(lanes, STATE_LOW, dtype=np.int64)
+    state = np.full(lanes, STATE_LOW, dtype=np.uint32)  # uint32 arithmetic: every state is below 2^32
     for p in range(passes - 1, -1, -1):
         active = min(lanes, channels - p * lanes)  # the lanes coding a channel in this pass: a prefix
         live = state[:active]
@@ -61,7 +61,7 @@ def encode(symbols: np.ndarray, shapes: np.ndarray, frequencies: tuple[np.ndarra
             flush = live >= f << (32 - PROB_BITS)
             words[p, t, :active] = live  # the low 16 bits
             flushed[p, t, :active] = flush
-            live = live >> (flush * WORD_BITS)
+            live = live >> (flush.astype(np.uint32) * WORD_BITS)
             quotient = live // f
             live = (quotient << PROB_BITS) + (live - quotient * f) + start[p, t, :active]
         state[:active] = live
@@ -70,4 +70,4 @@ def encode(symbols: np.ndarray, shapes: np.ndarray, frequencies: tuple[np.ndarra
     by_block = flushed.reshape(steps, blocks, LANE_BLOCK).transpose(1, 0, 2)
     stream = words.reshape(steps, blocks, LANE_BLOCK).transpose(1, 0, 2)[by_block]
     offsets = np.concatenate([[0], np.cumsum(by_block.sum(axis=(1, 2)))]).astype(np.int32)
-    return EncodedStreams(stream, offsets, state.astype(np.uint32))
+    return EncodedStreams(stream, offsets, state)
