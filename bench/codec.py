@@ -16,8 +16,8 @@ With `--synthetic MODEL ...` it measures the cachegen codec on the KV shapes of 
 and log-normal per-channel scales, keys a random walk along the tokens (no model is run: sizes depend on these
 statistics, speeds hardly). Per model and level: bytes per token and ratio against bf16, encode GB/s on the
 host, and decode GB/s of bf16 output on `--device`: on CUDA the Triton decoder alone (its inputs already on
-the GPU; CUDA events, after warm-up) and the whole entry (bytes on the host -> checksum, pinned copy up,
-kernel, damage check), on the CPU the numpy reference. Appends a section to `--out`.
+the GPU, keys and values in one launch; CUDA events, after warm-up) and the whole entry (bytes on the host ->
+checksum, pinned copy up, kernel, damage check), on the CPU the numpy reference. Appends a section to `--out`.
 
     python bench/codec.py --synthetic llama3-8b qwen2.5-7b --device cuda
 """
@@ -214,14 +214,12 @@ def synthetic(args) -> None:
                    "ratio": bf16_bytes / len(data), "encode_gbs": bf16_bytes / encode_s / 1e9}
             if device.type == "cuda":
                 parts = [CacheGenCodec(level).encode(tensor) for tensor in (keys, values)]
-                groups = [[CacheGenCodec._group(p, g, len(r), heads * dim, device) for g, r in
-                           enumerate(layer_groups(layers))] for p in parts]
-                groups = [[group.to(device) for group in tensor_groups] for tensor_groups in groups]
+                # Keys' and values' layer groups, on the GPU: one launch, as the codec decodes an entry.
+                groups = [CacheGenCodec._group(p, g, len(r), heads * dim, device).to(device)
+                          for p in parts for g, r in enumerate(layer_groups(layers))]
 
                 def kernel() -> None:
-                    for tensor_groups in groups:
-                        rans.decode_triton(tensor_groups, heads, args.tokens, dim, GROUP_TOKENS, torch.bfloat16,
-                                           device)
+                    rans.decode_triton(groups, heads, args.tokens, dim, GROUP_TOKENS, torch.bfloat16, device)
 
                 on_gpu, on_host = codec.decode(key, data, device), codec.decode(key, data)
                 assert on_gpu is not None and on_host is not None, "an entry that does not decode"

@@ -85,6 +85,11 @@ class KVCodec(ABC):
         """The tensor `encode` was given (exactly, or within the codec's error bound), of `layout`'s shape and
         dtype, on `device`."""
 
+    def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
+        """`decode` of each tensor's parts (an entry's keys and values), all of `layout`. A codec may decode them
+        together (the cachegen codec: one kernel launch for both)."""
+        return [self.decode(parts, layout, device) for parts in tensors]
+
 
 KV_CODECS: dict[str, type[KVCodec]] = {}
 

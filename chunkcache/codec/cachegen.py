@@ -126,12 +126,20 @@ class CacheGenCodec(KVCodec):
         return parts
 
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
-        if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
-            raise ValueError(f"not a cachegen entry of format {FORMAT}")
+        return self.decode_all([parts], layout, device)[0]
+
+    def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
+        """All tensors' layer groups in one decoder call (on CUDA one launch: the keys' and values' lanes decode
+        side by side), split after."""
         layers, heads, tokens, dim = layout.shape
-        groups = [self._group(parts, group, len(layer_range), heads * dim, device)
-                  for group, layer_range in enumerate(layer_groups(layers))]
-        return decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
+        groups = []
+        for parts in tensors:
+            if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
+                raise ValueError(f"not a cachegen entry of format {FORMAT}")
+            groups += [self._group(parts, group, len(layer_range), heads * dim, device)
+                       for group, layer_range in enumerate(layer_groups(layers))]
+        decoded = decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
+        return list(decoded.split(layers)) if tensors else []
 
     @staticmethod
     def _group(parts: Parts, group: int, layers: int, channels_per_layer: int,

@@ -81,7 +81,8 @@ class Codec:
             layout = _layout(metadata, tensors)
             if layout.tokens != tensors["token_ids"].shape[0]:
                 return None
-            decoded = [self.kv_codec.decode(_parts(tensors, name), layout, torch.device(device)) for name in TENSORS]
+            decoded = self.kv_codec.decode_all([_parts(tensors, name) for name in TENSORS], layout,
+                                               torch.device(device))
         except Exception:  # malformed safetensors, metadata or parts raise several types
             return None
         if any(t.shape != layout.shape or t.dtype != layout.torch_dtype for t in decoded):

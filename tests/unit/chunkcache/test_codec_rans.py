@@ -157,24 +157,23 @@ def test_the_triton_kernel_matches_the_reference_under_the_interpreter(shape, le
     layers, heads, tokens, dim = shape
     kv = kv_like(level, layers, heads, tokens, dim, dtype=torch.bfloat16)
     codec = CacheGenCodec(level)
-    for tensor in (kv.keys, kv.values):
-        parts = codec.encode(tensor)
-        groups = [codec._group(parts, g, len(r), heads * dim, torch.device("cpu"))
-                  for g, r in enumerate(layer_groups(layers))]
-        for dtype in (torch.float32, torch.bfloat16):
-            expected = decoders.decode_reference(groups, heads, tokens, dim, GROUP_TOKENS, dtype, "cpu")
-            got = decoders.decode_triton(groups, heads, tokens, dim, GROUP_TOKENS, dtype, torch.device("cpu"))
-            # float32: the same roundings; bf16: the interpreter's conversion may round another way than torch's.
-            assert torch.equal(got, expected) if dtype == torch.float32 else torch.allclose(
-                got.float(), expected.float(), rtol=2 ** -7, atol=0)
-        words = groups[-1].words.clone()
-        shapes, offsets = groups[0].shapes.clone(), groups[0].offsets.clone()
-        shapes[1, -1], offsets[0] = 99, 1 << 20  # not a shape of the family; past the words
-        damaged = [[replace(groups[0], shapes=shapes), *groups[1:]], [replace(groups[0], offsets=offsets),
-                                                                      *groups[1:]]]
-        if len(words):
-            words[len(words) // 2] ^= 0x0100
-            damaged.append([*groups[:-1], replace(groups[-1], words=words)])
-        for streams in damaged:
-            with pytest.raises(ValueError, match="damaged"):
-                decoders.decode_triton(streams, heads, tokens, dim, GROUP_TOKENS, torch.bfloat16, torch.device("cpu"))
+    # Keys' and values' groups in one launch, as the codec decodes an entry.
+    groups = [codec._group(parts, g, len(r), heads * dim, torch.device("cpu"))
+              for parts in (codec.encode(kv.keys), codec.encode(kv.values)) for g, r in enumerate(layer_groups(layers))]
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = decoders.decode_reference(groups, heads, tokens, dim, GROUP_TOKENS, dtype, "cpu")
+        got = decoders.decode_triton(groups, heads, tokens, dim, GROUP_TOKENS, dtype, torch.device("cpu"))
+        assert got.shape == (2 * layers, heads, tokens, dim)
+        # float32: the same roundings; bf16: the interpreter's conversion may round another way than torch's.
+        assert torch.equal(got, expected) if dtype == torch.float32 else torch.allclose(
+            got.float(), expected.float(), rtol=2 ** -7, atol=0)
+    words = groups[-1].words.clone()
+    shapes, offsets = groups[0].shapes.clone(), groups[0].offsets.clone()
+    shapes[1, -1], offsets[0] = 99, 1 << 20  # not a shape of the family; past the words
+    damaged = [[replace(groups[0], shapes=shapes), *groups[1:]], [replace(groups[0], offsets=offsets), *groups[1:]]]
+    if len(words):
+        words[len(words) // 2] ^= 0x0100
+        damaged.append([*groups[:-1], replace(groups[-1], words=words)])
+    for streams in damaged:
+        with pytest.raises(ValueError, match="damaged"):
+            decoders.decode_triton(streams, heads, tokens, dim, GROUP_TOKENS, torch.bfloat16, torch.device("cpu"))
