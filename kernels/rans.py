@@ -19,10 +19,10 @@ The stream format (what chunkcache/codec/rans.py encodes), per layer group of on
 CacheGen (Liu et al., arXiv 2310.07240, Section 6) decodes on the GPU with one thread per token group of a
 channel; here one thread (lane) decodes whole channels, so the anchor it reconstructs stays in a register.
 
-`decode` runs the Triton kernel on CUDA (one program a block of lanes, one launch for all layer groups of a
-tensor) and `decode_reference` otherwise: numpy rANS decoding vectorised across lanes (`decode_symbols`), then
-dequantisation in torch (`dequantise_reference`) on the device asked for. Both raise ValueError for a damaged
-or mismatched stream.
+`decode` runs the Triton kernel on CUDA (one program a block of lanes, one launch for all the layer groups it
+is given: the codec gives an entry's keys' and values', stacked) and `decode_reference` otherwise: numpy rANS
+decoding vectorised across lanes (`decode_symbols`), then dequantisation in torch (`dequantise_reference`) on
+the device asked for. Both raise ValueError for a damaged or mismatched stream.
 """
 
 from __future__ import annotations
