@@ -208,7 +208,7 @@ if triton is not None:
         first_lane = tl.load(meta + group * 6 + 3)
         first_channel = tl.load(meta + group * 6 + 4)
         out_base = tl.load(meta + group * 6 + 5)
-        first_block = tl.load(meta + group * 6 + 3) // LANES  # groups' lanes start at a block boundary
+        first_block = first_lane // LANES  # each group's lanes start at a block boundary
         lane = (block - first_block) * LANES + tl.arange(0, LANES)
         lane_ok = lane < lanes
         state = tl.load(states + first_lane + lane, mask=lane_ok, other=STATE_LOW).to(tl.int64) & 0xFFFFFFFF
