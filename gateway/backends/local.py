@@ -103,8 +103,9 @@ class LocalBackend(ChatBackend):
                                 retry_s=shared.retry_s, codec=codec, device=model.device) if shared.url else None
         costs = PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
         # Bandwidth adaptation: the tier's measured link rate, the codec's decode rate, the prefill's costs.
-        adaptation = FetchPolicy(decode_rate(settings.codec.name, settings.codec.level), costs,
-                                 link=shared_tier.link) if shared_tier is not None and shared.adapt else None
+        adaptation = FetchPolicy(
+            decode_rate(settings.codec.name, settings.codec.level, on_gpu=shared_tier.decode_device.type == "cuda"),
+            costs, link=shared_tier.link) if shared_tier is not None and shared.adapt else None
         self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier, adaptation=adaptation)
         return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                               chunk_prefix_entries=settings.chunk_prefix_entries,

@@ -12,9 +12,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from blendgate.chunkcache.adaptation import GPU_DECODE_BYTES_PER_S, decode_rate
 from blendgate.chunkcache.codec import entropy, rans
 from blendgate.chunkcache.codec.cachegen import GROUP_TOKENS, CacheGenCodec, layer_groups
 from blendgate.chunkcache.codec.frame import Codec, _safetensors_metadata
+from blendgate.chunkcache.redis_tier import RedisTier
 from blendgate.chunkcache.tiers import DiskTier
 from blendgate.kernels import rans as decoders
 from hypothesis import given, settings
@@ -143,6 +145,18 @@ def test_the_tiers_decode_cachegen_entries_on_the_blends_gpu_and_others_on_the_h
     tier = DiskTier("disk", 1 << 20, tmp_path, Codec("cachegen", 2), device="cpu")
     tier.write(key_of(kv), kv)
     assert tier.read(key_of(kv)).keys.device == cpu
+
+
+def test_the_fetch_policy_counts_gpu_decoding_where_the_tier_decodes_on_the_gpu(redis_server) -> None:
+    assert decode_rate("cachegen", 0, on_gpu=True) == GPU_DECODE_BYTES_PER_S[("cachegen", 0)]
+    assert decode_rate("cachegen", 0, on_gpu=True) > 100 * decode_rate("cachegen", 0)
+    assert decode_rate("int4", 0, on_gpu=True) == decode_rate("int4", 0)  # decoded on the host, streamed up
+    tier = RedisTier(redis_server.url, 1 << 20, key_prefix="test:rans-device", codec=Codec("cachegen", 1),
+                     device="cuda")
+    try:
+        assert tier.decode_device == torch.device("cuda") and not tier._pin
+    finally:
+        tier.close()
 
 
 needs_interpreter = pytest.mark.skipif(
