@@ -10,6 +10,16 @@ level then encodes and decodes each chunk. Per codec and level:
 The blend quality per level is bench/quality.py's (variants `RULE@R+CODEC:LEVEL`).
 
     python bench/codec.py --passages 200
+
+With `--synthetic MODEL ...` it measures the cachegen codec on the KV shapes of larger models instead
+(SYNTHETIC_SHAPES: Llama-3-8B, Qwen2.5-7B; 512-token chunks), with synthetic KV: Gaussian, per-channel offsets
+and log-normal per-channel scales, keys a random walk along the tokens (no model is run: sizes depend on these
+statistics, speeds hardly). Per model and level: bytes per token and ratio against bf16, encode GB/s on the
+host, and decode GB/s of bf16 output on `--device`: on CUDA the Triton decoder alone (its inputs already on
+the GPU, keys and values in one launch; CUDA events, after warm-up) and the whole entry (bytes on the host ->
+checksum, pinned copy up, kernel, damage check), on the CPU the numpy reference. Appends a section to `--out`.
+
+    python bench/codec.py --synthetic llama3-8b qwen2.5-7b --device cuda
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BLENDGATE_QA_DATA", REPO.parent / "shared" / "data" / "qa"))
 SYSTEM_PROMPT = "Answer the question using only the documents given."  # bench/quality.py's
+# (layers, KV heads, head_dim) of the models' KV (their Hugging Face configurations).
+SYNTHETIC_SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 
 
 @dataclass
@@ -61,8 +73,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (on a shared CPU, 1 runs fastest)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted model is kept")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"codec-{date.today()}.md")
+    parser.add_argument("--synthetic", nargs="+", choices=sorted(SYNTHETIC_SHAPES), default=None,
+                        help="measure cachegen on these models' KV shapes with synthetic KV (see above)")
+    parser.add_argument("--tokens", type=int, default=512, help="chunk tokens of --synthetic")
+    parser.add_argument("--device", default="cpu", help="where --synthetic decodes: cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=20, help="timed GPU decodes per entry (after 3 warm-ups)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        synthetic(args)
+        return
 
     from blendgate.chunkcache.codec import Codec
     from blendgate.chunkcache.codec.cachegen import layer_groups
@@ -154,6 +174,107 @@ def write(args, rows: list[dict], chunks: int, tokens: int, layers: int, groups,
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine,
                                                          "chunks": chunks, "tokens": tokens, "rows": rows}))
+    print("\n".join(lines))
+
+
+def synthetic_kv(shape: tuple[int, int, int, int], seed: int):
+    """Keys and values [layers, heads, tokens, head_dim] in bf16 with per-channel offsets and scales."""
+    generator = torch.Generator().manual_seed(seed)
+    layers, heads, _, dim = shape
+    scale = torch.exp(torch.randn(layers, heads, 1, dim, generator=generator) * 0.5)
+    keys = 3 * torch.randn(layers, heads, 1, dim, generator=generator) + scale * 0.3 * torch.randn(
+        shape, generator=generator).cumsum(dim=2)
+    values = scale * torch.randn(shape, generator=generator)
+    return keys.bfloat16(), values.bfloat16()
+
+
+def synthetic(args) -> None:
+    from blendgate.chunkcache.codec import Codec
+    from blendgate.chunkcache.codec.cachegen import GROUP_TOKENS, CacheGenCodec, layer_groups
+    from blendgate.chunkcache.defaults import CODEC_LEVELS
+    from blendgate.chunkcache.keys import ChunkKey
+    from blendgate.chunkcache.kv import ChunkKV
+    from blendgate.kernels import rans
+
+    device = torch.device(args.device)
+    rows = []
+    for model in args.synthetic:
+        layers, heads, dim = SYNTHETIC_SHAPES[model]
+        shape = (layers, heads, args.tokens, dim)
+        keys, values = synthetic_kv(shape, seed=0)
+        kv = ChunkKV(torch.arange(args.tokens), keys, values)
+        key = ChunkKey.of(model, [1], kv.token_ids.tolist())
+        bf16_bytes = keys.nbytes + values.nbytes
+        for level in range(CODEC_LEVELS["cachegen"]):
+            codec = Codec("cachegen", level)
+            begun = time.perf_counter()
+            data = codec.encode(key, kv)
+            encode_s = time.perf_counter() - begun
+            row = {"model": model, "level": level, "bytes_per_token": len(data) / args.tokens,
+                   "ratio": bf16_bytes / len(data), "encode_gbs": bf16_bytes / encode_s / 1e9}
+            if device.type == "cuda":
+                parts = [CacheGenCodec(level).encode(tensor) for tensor in (keys, values)]
+                # Keys' and values' layer groups, on the GPU: one launch, as the codec decodes an entry.
+                groups = [CacheGenCodec._group(p, g, len(r), heads * dim, device).to(device)
+                          for p in parts for g, r in enumerate(layer_groups(layers))]
+
+                def kernel() -> None:
+                    rans.decode_triton(groups, heads, args.tokens, dim, GROUP_TOKENS, torch.bfloat16, device)
+
+                on_gpu, on_host = codec.decode(key, data, device), codec.decode(key, data)
+                assert on_gpu is not None and on_host is not None, "an entry that does not decode"
+                for got, expected in ((on_gpu.keys, on_host.keys), (on_gpu.values, on_host.values)):
+                    assert torch.allclose(got.cpu().float(), expected.float(), rtol=2 ** -7, atol=1e-6)
+                row["kernel_gbs"] = bf16_bytes / cuda_seconds(kernel, args.repeats) / 1e9
+                row["entry_gbs"] = bf16_bytes / cuda_seconds(lambda: codec.decode(key, data, device),
+                                                             max(3, args.repeats // 4)) / 1e9
+            else:
+                begun = time.perf_counter()
+                codec.decode(key, data)
+                row["entry_gbs"] = bf16_bytes / (time.perf_counter() - begun) / 1e9
+            rows.append(row)
+            print(row, flush=True)
+    write_synthetic(args, rows, device)
+
+
+def cuda_seconds(call, repeats: int) -> float:
+    """Mean seconds of `call` on the GPU (CUDA events), after 3 warm-up calls."""
+    for _ in range(3):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def write_synthetic(args, rows: list[dict], device: torch.device) -> None:
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    else:
+        where = (f"{platform.machine()}, {os.cpu_count()} cores ({args.threads} threads used; load average "
+                 f"{os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}")
+    lines = ["", f"## cachegen (rANS, format 2) on synthetic KV of larger models, decoding on {device.type} "
+             f"({date.today()})", "",
+             f"Command: `python bench/codec.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {where}  ",
+             f"Data: synthetic bf16 KV ({args.tokens}-token chunks; Gaussian with per-channel offsets and "
+             "log-normal scales, keys a random walk along the tokens), so sizes are this data's, not a model's.", "",
+             "GB/s: bf16 keys and values per second. encode: on the host. kernel: the Triton decoder alone, "
+             "inputs on the GPU; entry: the whole entry from host bytes (checksum, parse, pinned copy up, kernel, "
+             "damage check) on the GPU, or the numpy reference decoder on the CPU.", "",
+             "| model | level | bytes/token | ratio vs bf16 | encode GB/s | kernel GB/s | entry GB/s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        kernel = f"{row['kernel_gbs']:.1f}" if "kernel_gbs" in row else "-"
+        lines.append(f"| {row['model']} | {row['level']} | {row['bytes_per_token']:.0f} | {row['ratio']:.2f} "
+                     f"| {row['encode_gbs']:.3f} | {kernel} | {row['entry_gbs']:.3f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

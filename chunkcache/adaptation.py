@@ -34,15 +34,29 @@ DECODE_BYTES_PER_S: dict[tuple[str, int], float] = {
     ("raw", 0): 0.967e9 / 1.00,
     ("int8", 0): 0.795e9 / 1.93,
     ("int4", 0): 0.804e9 / 3.74,
-    ("cachegen", 0): 0.023e9 / 4.86,
-    ("cachegen", 1): 0.025e9 / 3.75,
-    ("cachegen", 2): 0.024e9 / 3.04,
-    ("cachegen", 3): 0.030e9 / 2.56,
+    # cachegen: its rANS format's numpy decoder (the section "cachegen format 2 on SmolLM2's KV").
+    ("cachegen", 0): 0.019e9 / 4.79,
+    ("cachegen", 1): 0.018e9 / 3.70,
+    ("cachegen", 2): 0.018e9 / 3.01,
+    ("cachegen", 3): 0.015e9 / 2.53,
+}
+# Decode rates where the reader decodes on its GPU (chunkcache/codec: Codec.decode_device; cachegen entries on
+# a GPU server, kernels/rans.py), in encoded bytes per second: the kernel's bar in issue 21, 20 GB/s of bf16
+# output, over the level's ratio, until bench/results/codec-*.md holds the H200's measurement
+# (`python bench/codec.py --synthetic llama3-8b qwen2.5-7b --device cuda`).
+GPU_DECODE_BYTES_PER_S: dict[tuple[str, int], float] = {
+    ("cachegen", 0): 20e9 / 4.79,
+    ("cachegen", 1): 20e9 / 3.70,
+    ("cachegen", 2): 20e9 / 3.01,
+    ("cachegen", 3): 20e9 / 2.53,
 }
 
 
-def decode_rate(codec: str, level: int) -> float:
-    """The host decode rate of a codec level, in encoded bytes per second (DECODE_BYTES_PER_S)."""
+def decode_rate(codec: str, level: int, on_gpu: bool = False) -> float:
+    """The decode rate of a codec level, in encoded bytes per second: on the host (DECODE_BYTES_PER_S), or with
+    `on_gpu` (the tier decodes on the blend's GPU) GPU_DECODE_BYTES_PER_S where it lists the level."""
+    if on_gpu and (codec, level) in GPU_DECODE_BYTES_PER_S:
+        return GPU_DECODE_BYTES_PER_S[(codec, level)]
     return DECODE_BYTES_PER_S.get((codec, level), DECODE_BYTES_PER_S[("raw", 0)])
 
 

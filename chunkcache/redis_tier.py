@@ -167,14 +167,16 @@ class RedisTier:
     (connect, send, receive); `write_queue_bytes` bounds the KV bytes waiting for the writer thread (queued
     entries keep their tensors, on the GPU too, alive); `retry_s` is the circuit breaker's first backoff (doubling
     to 30 s). `link`: the estimate its reads are measured into (default: a new one, from adaptation.py's prior).
+    `device`: the blend's; entries are decoded where `codec.decode_device(device)` says (kernels/rans.py on
+    that GPU for the cachegen codec, else the host).
 
     Thread-safe: the engine's worker thread reads, the writer thread writes, the gateway reads `report()`."""
 
     def __init__(self, url: str, budget_bytes: int = defaults.REDIS_BUDGET_BYTES,
                  key_prefix: str = defaults.REDIS_KEY_PREFIX, timeout_s: float = defaults.REDIS_TIMEOUT_S,
                  codec: Codec | None = None, write_queue_bytes: int = defaults.REDIS_WRITE_QUEUE_BYTES,
-                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis", link: RateEstimate | None = None
-                 ) -> None:
+                 retry_s: float = defaults.REDIS_RETRY_S, name: str = "redis", link: RateEstimate | None = None,
+                 device: str | torch.device = "cpu") -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -184,7 +186,8 @@ class RedisTier:
         self.budget_bytes = budget_bytes
         self.key_prefix = key_prefix
         self.codec = codec or Codec()
-        self._pin = torch.cuda.is_available()
+        self.decode_device = self.codec.decode_device(device)
+        self._pin = torch.cuda.is_available() and self.decode_device.type == "cpu"
         self.breaker = CircuitBreaker(first_s=retry_s, max_s=max(30.0, retry_s))
         self._errors = (redis.RedisError, OSError)
         # A command meeting a connection the server closed while it sat in the pool is sent once more on a fresh
@@ -249,9 +252,9 @@ class RedisTier:
         return [int(size or 0) if held else None for held, size in zip(found, sizes)]
 
     def read(self, key: ChunkKey) -> ChunkKV | None:
-        """The entry under `key`, decoded on the CPU (tensors on the host, pinned when there is a GPU), and
-        marked used now; None when there is none, the tier is down, or the entry is damaged or another key's
-        (then it is deleted)."""
+        """The entry under `key`, decoded on `decode_device` (the host, tensors pinned when there is a GPU; or
+        the blend's GPU for a codec that decodes faster there: Codec.decode_device), and marked used now; None
+        when there is none, the tier is down, or the entry is damaged or another key's (then it is deleted)."""
         if not self.breaker.allow():
             self._count(misses=1)
             return None
@@ -276,7 +279,8 @@ class RedisTier:
         if data is None:
             self._count(misses=1)
             return None
-        kv = self.codec.decode(key, data) if isinstance(data, bytes) else None  # an error reply: not a string
+        # An error reply is not a string. On a GPU (the cachegen codec's) the bytes go up pinned, a kernel decodes.
+        kv = self.codec.decode(key, data, self.decode_device) if isinstance(data, bytes) else None
         if kv is None:
             log.warning("shared chunk-cache tier: deleting damaged entry %s", key.name)
             self._count(corrupt=1, misses=1)

@@ -2,7 +2,8 @@
 
 A tier stores and reads entries and keeps their bookkeeping (bytes used, each entry's EntryInfo in recency
 order); which entry leaves a full tier is the eviction policy's choice (eviction.py), and moving entries
-between tiers is the store's (kv_store.py). Disk entries are encoded by codec/ (`Codec`) and checked on every read.
+between tiers is the store's (kv_store.py). Disk entries are encoded by codec/ (`Codec`) and checked on every read,
+and decoded on the blend's GPU where the codec decodes faster there (Codec.decode_device).
 """
 
 from __future__ import annotations
@@ -89,12 +90,15 @@ class MemoryTier(Tier):
 
 class DiskTier(Tier):
     """Files in a folder, written to a temporary name and renamed; checked on every read. Entries left by
-    earlier runs are found at start (their recompute cost is not known: 0)."""
+    earlier runs are found at start (their recompute cost is not known: 0). `device`: the blend's; entries are
+    decoded where `codec.decode_device(device)` says (on that GPU for the cachegen codec, else on the host)."""
 
-    def __init__(self, name: str, budget_bytes: int, directory: Path, codec: Codec | None = None) -> None:
+    def __init__(self, name: str, budget_bytes: int, directory: Path, codec: Codec | None = None,
+                 device: str | torch.device = "cpu") -> None:
         super().__init__(name, budget_bytes)
         self.directory = directory
         self.codec = codec or Codec()
+        self.decode_device = self.codec.decode_device(device)
         directory.mkdir(parents=True, exist_ok=True)
         # Entries from earlier runs, oldest first; their keys are recovered from the file names.
         for path in sorted(directory.glob("*.kv"), key=lambda p: p.stat().st_mtime):
@@ -110,7 +114,7 @@ class DiskTier(Tier):
             data = self._path(key).read_bytes()
         except OSError:
             return None
-        kv = self.codec.decode(key, data)
+        kv = self.codec.decode(key, data, self.decode_device)
         if kv is None:
             self.remove(key)
         return kv

@@ -8,7 +8,9 @@
   rotary embedding of a layer's queries and keys with the keys and values stored into the cache;
 - norm.py: RMSNorm;
 - activation.py: SwiGLU's silu(gate) * up;
-- selection.py: the KV-deviation score of each token and the choice of tokens to recompute.
+- selection.py: the KV-deviation score of each token and the choice of tokens to recompute;
+- rans.py: the cachegen codec's entropy decoding (interleaved rANS) fused with its dequantisation, with a
+  numpy reference.
 
 Installed as `blendgate.kernels` (a bare `kernels` would shadow Hugging Face's package of that name).
 """

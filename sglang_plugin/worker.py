@@ -112,10 +112,11 @@ class BlendWorker:
         tiers = [MemoryTier("gpu", settings.gpu_cache_bytes, first.device),
                  MemoryTier("cpu", settings.cpu_cache_bytes, "cpu")]
         shared = RedisTier(settings.redis_url, settings.redis_budget_bytes, key_prefix=settings.redis_key_prefix,
-                           timeout_s=settings.redis_timeout_s, codec=Codec(settings.codec, settings.codec_level)
-                           ) if settings.redis_url else None
-        adaptation = FetchPolicy(decode_rate(settings.codec, settings.codec_level), settings.costs,
-                                 link=shared.link) if shared is not None and settings.redis_adapt else None
+                           timeout_s=settings.redis_timeout_s, codec=Codec(settings.codec, settings.codec_level),
+                           device=first.device) if settings.redis_url else None
+        adaptation = FetchPolicy(
+            decode_rate(settings.codec, settings.codec_level, on_gpu=shared.decode_device.type == "cuda"),
+            settings.costs, link=shared.link) if shared is not None and settings.redis_adapt else None
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix)
         self.costs = settings.costs

@@ -4,8 +4,9 @@ and the registry of codecs by name.
 A KV codec turns one KV tensor (keys or values, [layers, kv_heads, tokens, head_dim]) into named host tensors,
 its "parts", and back. The framing (frame.py: `Codec`) stores the parts of keys and values in the entry's
 safetensors body next to the token ids and records the codec's name and level and the tensors' `KVLayout`.
-Decoding runs on the host up to the integers (entropy decoding, where a codec has it) and dequantises in torch
-on the device asked for, so that step runs on the GPU too.
+Decoding gives the tensor on the device asked for: the quantisers dequantise in torch there; the cachegen codec
+also entropy-decodes there (a Triton kernel on CUDA, numpy on the host otherwise). `decodes_on_device` says
+whether a GPU reader should decode on its GPU (the tiers' choice: Codec.decode_device).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class KVCodec(ABC):
 
     name: ClassVar[str]
     levels: ClassVar[int]
+    # Whether decoding on a GPU beats decoding on the host and copying the KV up: True where decoding is work
+    # (entropy decoding); False where it is a copy, which blending streams up from pinned host memory behind
+    # compute, layer group by layer group.
+    decodes_on_device: ClassVar[bool] = False
 
     def __init__(self, level: int = 0) -> None:
         if not 0 <= level < self.levels:
@@ -79,6 +84,11 @@ class KVCodec(ABC):
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
         """The tensor `encode` was given (exactly, or within the codec's error bound), of `layout`'s shape and
         dtype, on `device`."""
+
+    def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
+        """`decode` of each tensor's parts (an entry's keys and values), all of `layout`. A codec may decode them
+        together (the cachegen codec: one kernel launch for both)."""
+        return [self.decode(parts, layout, device) for parts in tensors]
 
 
 KV_CODECS: dict[str, type[KVCodec]] = {}

@@ -9,24 +9,31 @@
   not alike (values often), coding against the group's anchor would cost more than against the channel's
   centre: each channel takes whichever has the smaller spread.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
-  delta symbols are range-coded with a distribution chosen for that channel (entropy.py).
+  delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
+  (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
 
 Bins are never clipped (a channel's bins widen until its largest deviation fits in HALF of them), so every
 value's error is at most half its channel's bin width. Per channel and layer group the entry stores 9 bytes
-(CacheGenCodec); each layer group's symbols are one range-coder stream, so a reader could take the entry
-layer group by layer group. Entropy coding runs on the host (numpy, constriction); dequantisation in torch on
-the device decoding asks for. GPU entropy decoding is not here.
+(CacheGenCodec); each layer group's symbols are streams of their own, so a reader could take the entry layer
+group by layer group. Encoding runs on the host (torch, numpy). Decoding runs on the device asked for: on CUDA
+one Triton kernel decodes the rANS streams and dequantises straight into the KV tensor, elsewhere numpy decodes
+the streams and torch dequantises (kernels/rans.py).
+
+Entries record their format (the `format` part, FORMAT): entries of format 1, range-coded with constriction on
+the host before the rANS coder existed, are refused (a miss: recomputed), as is any other format.
 """
 
 from __future__ import annotations
 
-import constriction
+from functools import lru_cache
+
 import numpy as np
 import torch
 
+from ...kernels import rans as decoders
 from ..defaults import CODEC_LEVELS
+from . import entropy, rans
 from .base import KVCodec, KVLayout, Parts, register
-from .entropy import decode_channels, encode_channels
 from .quantize import SMALLEST_WIDTH, bf16_toward
 
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
@@ -34,6 +41,7 @@ ANCHOR_BINS_FACTOR = 2
 # Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
 # layers, by level: a bin is the channel's RMS delta / bins wide.
 LEVEL_BINS = ((2.0, 1.4, 1.0), (4.0, 2.8, 2.0), (8.0, 5.6, 4.0), (16.0, 11.2, 8.0))
+FORMAT = 2  # the entries' format: 2, interleaved rANS (1, constriction's range coder, is no longer read)
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
 
 
@@ -68,20 +76,23 @@ def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 class CacheGenCodec(KVCodec):
     """Level 0: the smallest; level 3: the most exact (bench/results/codec-*.md: sizes and errors by level).
 
-    Per layer group the parts are: `centre` (each channel's mean anchor), `anchor_width`, `delta_width` (bf16,
-    [channels]), `delta` (bool [channels]: its other tokens are coded against their anchor, else against the
-    centre, whichever has the smaller spread), `shapes` (uint8 [2 * channels]: the anchors' and the others'
-    distribution choices), `halves` (int32 [2]: the anchors' and the others' largest symbol) and `stream` (the
-    range coder's words). Channels are (layer, KV head, head_dim index) in that order."""
+    Parts: `format` (int32 [1]: FORMAT) and per layer group `centre` (each channel's mean anchor),
+    `anchor_width`, `delta_width` (bf16, [channels]), `delta` (bool [channels]: its other tokens are coded
+    against their anchor, else against the centre, whichever has the smaller spread), `shapes` (uint8
+    [2 * channels]: the anchors' and the others' distribution choices), `halves` (int32 [2]: the anchors' and
+    the others' largest symbol) and the rANS streams `words` (int16 bits of uint16 words), `offsets` (int32) and
+    `states` (int32 bits of uint32) (kernels/rans.py: GroupStreams). Channels are (layer, KV head, head_dim
+    index) in that order."""
 
     name = "cachegen"
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
+    decodes_on_device = True
 
     def encode(self, tensor: torch.Tensor) -> Parts:
         layers, heads, tokens, dim = tensor.shape
         values = tensor.detach().float().cpu()
         anchors, others = _positions(tokens)
-        parts: Parts = {}
+        parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
         for group, (layer_range, bins) in enumerate(zip(layer_groups(layers), LEVEL_BINS[self.level])):
             channels = values[layer_range.start:layer_range.stop].permute(0, 1, 3, 2).reshape(-1, tokens)
             anchor = channels[:, anchors]
@@ -93,53 +104,61 @@ class CacheGenCodec(KVCodec):
             delta = ((rest - reference).square().sum(dim=1, keepdim=True)
                      <= (rest - centre.float()).square().sum(dim=1, keepdim=True))
             delta_symbols, delta_width = _quantise(rest - torch.where(delta, reference, centre.float()), bins)
-            # The alphabets only as wide as the symbols used: smaller tables decode faster.
+            # The alphabets only as wide as the symbols used: the quantised tables spend less on unused symbols.
             halves = [max(1, int(symbols.abs().max())) if symbols.numel() else 1
                       for symbols in (anchor_symbols, delta_symbols)]
-            encoder = constriction.stream.queue.RangeEncoder()
-            anchor_shapes = encode_channels(encoder, anchor_symbols.numpy().astype(np.int32), halves[0])
-            delta_shapes = encode_channels(encoder, delta_symbols.numpy().astype(np.int32), halves[1])
+            symbols = np.empty((channels.shape[0], tokens), dtype=np.int64)
+            symbols[:, anchors.numpy()] = anchor_symbols.numpy()
+            symbols[:, others.numpy()] = delta_symbols.numpy()
+            shapes = np.stack([entropy.choose_shapes(anchor_symbols.numpy().astype(np.int64), halves[0]),
+                               entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
+            streams = rans.encode(symbols, shapes, tuple(entropy.frequencies(half) for half in halves),
+                                  tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
             parts.update({f"{group}.centre": centre[:, 0].contiguous(),
                           f"{group}.anchor_width": anchor_width[:, 0].contiguous(),
                           f"{group}.delta_width": delta_width[:, 0].contiguous(),
                           f"{group}.delta": delta[:, 0].contiguous(),
                           f"{group}.halves": torch.tensor(halves, dtype=torch.int32),
-                          f"{group}.shapes": torch.from_numpy(np.concatenate([anchor_shapes, delta_shapes])),
-                          f"{group}.stream": torch.from_numpy(encoder.get_compressed().view(np.int32).copy())})
+                          f"{group}.shapes": torch.from_numpy(shapes.reshape(-1)),
+                          f"{group}.words": torch.from_numpy(streams.words.view(np.int16).copy()),
+                          f"{group}.offsets": torch.from_numpy(streams.offsets),
+                          f"{group}.states": torch.from_numpy(streams.states.view(np.int32).copy())})
         return parts
 
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
+        return self.decode_all([parts], layout, device)[0]
+
+    def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
+        """All tensors' layer groups in one decoder call (on CUDA one launch: the keys' and values' lanes decode
+        side by side), split after."""
         layers, heads, tokens, dim = layout.shape
-        anchors, others = _positions(tokens)
-        slabs = []
-        for group, layer_range in enumerate(layer_groups(layers)):
-            count = len(layer_range) * heads * dim
-            shapes = parts[f"{group}.shapes"].numpy()
-            halves = parts[f"{group}.halves"].tolist()
-            if shapes.shape != (2 * count,) or len(halves) != 2 or not all(1 <= half <= HALF for half in halves):
-                raise ValueError("distribution choices do not fit the layout")
-            decoder = constriction.stream.queue.RangeDecoder(parts[f"{group}.stream"].numpy().view(np.uint32))
-            anchor_symbols = decode_channels(decoder, shapes[:count], len(anchors), halves[0])
-            delta_symbols = decode_channels(decoder, shapes[count:], tokens - len(anchors), halves[1])
-            channel_parts = [parts[f"{group}.{name}"].to(device).reshape(count, 1)
-                             for name in ("centre", "anchor_width", "delta_width", "delta")]
-            slabs.append(dequantise(torch.from_numpy(anchor_symbols).to(device),
-                                    torch.from_numpy(delta_symbols).to(device), *channel_parts, others.to(device))
-                         .reshape(len(layer_range), heads, dim, tokens))
-        return torch.cat(slabs).permute(0, 1, 3, 2).to(layout.torch_dtype).contiguous()
+        groups = []
+        for parts in tensors:
+            if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
+                raise ValueError(f"not a cachegen entry of format {FORMAT}")
+            groups += [self._group(parts, group, len(layer_range), heads * dim, device)
+                       for group, layer_range in enumerate(layer_groups(layers))]
+        decoded = decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
+        return list(decoded.split(layers)) if tensors else []
+
+    @staticmethod
+    def _group(parts: Parts, group: int, layers: int, channels_per_layer: int,
+               device: torch.device) -> decoders.GroupStreams:
+        """A layer group's parts as the decoders take them (which check that they fit each other); ValueError
+        for alphabets out of range or distribution choices of another layout."""
+        halves, shapes = parts[f"{group}.halves"].tolist(), parts[f"{group}.shapes"]
+        if len(halves) != 2 or not all(1 <= half <= HALF for half in halves):
+            raise ValueError("alphabet sizes out of range")
+        if shapes.numel() != 2 * layers * channels_per_layer:
+            raise ValueError("distribution choices do not fit the layout")
+        return decoders.GroupStreams(
+            layers, parts[f"{group}.words"], parts[f"{group}.offsets"], parts[f"{group}.states"],
+            _slot_tables(halves[0], halves[1], torch.device(device)), shapes.reshape(2, -1),
+            *(parts[f"{group}.{name}"] for name in ("centre", "anchor_width", "delta_width", "delta")))
 
 
-def dequantise(anchor_symbols: torch.Tensor, delta_symbols: torch.Tensor, centre: torch.Tensor,
-               anchor_width: torch.Tensor, delta_width: torch.Tensor, delta: torch.Tensor,
-               others: torch.Tensor) -> torch.Tensor:
-    """Channels' values from their symbols, on the symbols' device: [channels, tokens] float32.
-
-    anchor_symbols [channels, anchors], delta_symbols [channels, tokens - anchors] (integers); centre and the
-    widths [channels, 1] (bf16); delta [channels, 1] bool (others against their anchor, else the centre);
-    others [tokens] bool, False at anchor positions."""
-    centre = centre.float()
-    anchor = centre + anchor_symbols.float() * anchor_width.float()
-    values = anchor.repeat_interleave(GROUP_TOKENS, dim=1)[:, :others.shape[0]].clone()
-    reference = torch.where(delta, values[:, others], centre)
-    values[:, others] = reference + delta_symbols.float() * delta_width.float()
-    return values
+@lru_cache(maxsize=64)
+def _slot_tables(anchor_half: int, other_half: int, device: torch.device) -> torch.Tensor:
+    """The decoders' slot tables for a group's two alphabets, [2, SHAPES, PROB_SCALE] int32 on `device` (kept:
+    1 MiB a table, built once per alphabet pair and device)."""
+    return torch.from_numpy(np.stack([entropy.slot_table(anchor_half), entropy.slot_table(other_half)])).to(device)

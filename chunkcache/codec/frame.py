@@ -37,6 +37,13 @@ class Codec:
     def __init__(self, kv_codec: str = DEFAULT_CODEC, level: int = 0) -> None:
         self.kv_codec: KVCodec = base.kv_codec(kv_codec, level)
 
+    def decode_device(self, device: str | torch.device) -> torch.device:
+        """Where entries read for a blend on `device` are decoded: on that GPU when the KV codec decodes faster on
+        one (KVCodec.decodes_on_device: the bytes go up through pinned memory, a kernel decodes them), else on
+        the host (from where blending streams the KV up behind compute)."""
+        device = torch.device(device)
+        return device if device.type == "cuda" and self.kv_codec.decodes_on_device else torch.device("cpu")
+
     def encode(self, key: ChunkKey, kv: ChunkKV) -> bytes:
         """The entry's bytes; ValueError for keys and values of different layouts or an unsupported dtype."""
         layout = KVLayout.of(kv.keys)
@@ -74,7 +81,8 @@ class Codec:
             layout = _layout(metadata, tensors)
             if layout.tokens != tensors["token_ids"].shape[0]:
                 return None
-            decoded = [self.kv_codec.decode(_parts(tensors, name), layout, torch.device(device)) for name in TENSORS]
+            decoded = self.kv_codec.decode_all([_parts(tensors, name) for name in TENSORS], layout,
+                                               torch.device(device))
         except Exception:  # malformed safetensors, metadata or parts raise several types
             return None
         if any(t.shape != layout.shape or t.dtype != layout.torch_dtype for t in decoded):

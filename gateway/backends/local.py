@@ -101,16 +101,17 @@ class LocalBackend(ChatBackend):
         tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         codec = Codec(settings.codec.name, settings.codec.level)  # the disk and shared tiers' entries
-        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, codec))
+        tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, codec, device=model.device))
         shared = settings.redis
         # No connection is made here: the first lookup connects (from the engine's thread).
         shared_tier = RedisTier(shared.url, shared.budget_bytes, key_prefix=shared.key_prefix,
                                 timeout_s=shared.timeout_s, write_queue_bytes=shared.write_queue_bytes,
-                                retry_s=shared.retry_s, codec=codec) if shared.url else None
+                                retry_s=shared.retry_s, codec=codec, device=model.device) if shared.url else None
         costs = PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
         # Bandwidth adaptation: the tier's measured link rate, the codec's decode rate, the prefill's costs.
-        adaptation = FetchPolicy(decode_rate(settings.codec.name, settings.codec.level), costs,
-                                 link=shared_tier.link) if shared_tier is not None and shared.adapt else None
+        adaptation = FetchPolicy(
+            decode_rate(settings.codec.name, settings.codec.level, on_gpu=shared_tier.decode_device.type == "cuda"),
+            costs, link=shared_tier.link) if shared_tier is not None and shared.adapt else None
         self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier, adaptation=adaptation)
         return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                               chunk_prefix_entries=settings.chunk_prefix_entries,
