@@ -33,6 +33,6 @@ for file in "${extra[@]}"; do cp "$file" .carry/common/; done
 pins=$(python3 -c 'import pydantic, pydantic_core; print(f"pydantic=={pydantic.VERSION} pydantic-core=={pydantic_core.__version__}")' \
        2>/dev/null || echo "pydantic pydantic-core")
 DEVICE_WHEELS=(gguf $pins pydantic-settings python-dotenv typing-extensions typing-inspection annotated-types
-               cachetools)
+               cachetools xxhash)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 -d .carry/common/wheels "${DEVICE_WHEELS[@]}"

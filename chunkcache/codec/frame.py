@@ -1,13 +1,16 @@
 """The chunk-cache entry's framing (the disk tier's and the shared tier's serde): a ChunkKV as bytes, compressed
 by a KV codec, with a checksum and its key in front.
 
-Bytes: MAGIC, the SHA-256 of the body (32 bytes), then the body, a safetensors buffer holding the token ids and
+Bytes: MAGIC, the XXH3-128 checksum of the body (16 bytes; entries written before 2026-11-30's evening, magic
+BGKV1, carry its SHA-256, 32 bytes, and still read), then the body, a safetensors buffer holding the token ids and
 the KV codec's parts of keys ("keys.*") and values ("values.*"); its metadata records the key, the codec's name
 and level and the KV layout. Entries written before codecs existed (no codec in the metadata) are `raw` level 0,
 whose parts are the "keys" and "values" tensors themselves: they read unchanged. An entry that fails its
 checksum, holds another key's entry, holds token ids that do not digest to its key, was written by another
 codec or level than this `Codec`'s, or whose parts do not decode to the recorded layout is refused (decode
-returns None): never used.
+returns None): never used. The checksum detects damage, not tampering (whoever can write the tier can write a
+valid entry); XXH3 (the `xxhash` library) runs at tens of GB/s where SHA-256 ran at about 2, which bounded a
+fetched entry's decode on the GPU (bench/results/codec-2026-11-30.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import struct
 
 import torch
+import xxhash
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -32,7 +36,8 @@ TENSORS = ("keys", "values")
 class Codec:
     """ChunkKV <-> bytes through the KV codec `kv_codec` at `level` (base.py: KV_CODECS; default `raw`, exact)."""
 
-    MAGIC = b"BGKV1"
+    MAGIC = b"BGKV2"  # XXH3-128 checksum
+    MAGIC_SHA256 = b"BGKV1"  # the first format's: SHA-256 checksum, still read
 
     def __init__(self, kv_codec: str = DEFAULT_CODEC, level: int = 0) -> None:
         self.kv_codec: KVCodec = base.kv_codec(kv_codec, level)
@@ -56,7 +61,7 @@ class Codec:
         metadata = {"key": key.name, "codec": self.kv_codec.name, "level": str(self.kv_codec.level),
                     "shape": ",".join(map(str, layout.shape)), "dtype": layout.dtype}
         body = save_tensors(tensors, metadata=metadata)
-        return self.MAGIC + hashlib.sha256(body).digest() + body
+        return self.MAGIC + xxhash.xxh3_128_digest(body) + body
 
     def decode(self, key: ChunkKey, data: bytes, device: str | torch.device = "cpu") -> ChunkKV | None:
         """The entry `data` holds for `key`, keys and values on `device` (token ids on the host), or None when the
@@ -64,11 +69,8 @@ class Codec:
         its token ids must digest to `key.tokens` (a whole valid entry of another chunk or model copied over this
         one is refused too), its codec and level must be this Codec's, and its parts must decode to the recorded
         shape and dtype."""
-        header = len(self.MAGIC) + 32
-        if len(data) < header or not data.startswith(self.MAGIC):
-            return None
-        body = data[header:]
-        if hashlib.sha256(body).digest() != data[len(self.MAGIC):header]:
+        body = entry_body(data)
+        if body is None:
             return None
         try:
             tensors = load_tensors(body)
@@ -88,6 +90,24 @@ class Codec:
         if any(t.shape != layout.shape or t.dtype != layout.torch_dtype for t in decoded):
             return None
         return ChunkKV(tensors["token_ids"], decoded[0], decoded[1])
+
+
+def entry_body(data: bytes) -> bytes | None:
+    """The body (safetensors bytes) of an entry whose checksum matches (XXH3-128 after Codec.MAGIC, SHA-256
+    after Codec.MAGIC_SHA256), checked without a copy; None for anything else."""
+    magic, magic_sha256 = Codec.MAGIC, Codec.MAGIC_SHA256
+    if data.startswith(magic):
+        checksum, digest = 16, xxhash.xxh3_128_digest
+    elif data.startswith(magic_sha256):
+        checksum, digest = 32, lambda body: hashlib.sha256(body).digest()
+    else:
+        return None
+    header = len(magic) + checksum
+    if len(data) < header:
+        return None
+    view = memoryview(data)
+    body = view[header:]
+    return bytes(body) if digest(body) == bytes(view[len(magic):header]) else None  # safetensors reads bytes
 
 
 def _stored_name(tensor_name: str, part: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from blendgate.chunkcache.codec import KV_CODECS, Codec, KVLayout, kv_codec
 from blendgate.chunkcache.codec.cachegen import layer_groups
-from blendgate.chunkcache.codec.frame import _safetensors_metadata
+from blendgate.chunkcache.codec.frame import _safetensors_metadata, entry_body
 from blendgate.chunkcache.defaults import CODEC_LEVELS
 from blendgate.chunkcache.keys import ChunkKey
 from blendgate.chunkcache.kv import ChunkKV
@@ -44,8 +44,8 @@ def key_of(kv: ChunkKV, model: str = "m") -> ChunkKey:
 def stored_bound(data: bytes, tensor_name: str, layout: KVLayout) -> torch.Tensor:
     """The most each channel's values may be off after a round trip, [layers, heads, 1, dim]: half the widest
     bin the entry records for the channel (0 for raw)."""
-    tensors = load_tensors(data[37:])
-    metadata = _safetensors_metadata(data[37:])
+    tensors = load_tensors(entry_body(data))
+    metadata = _safetensors_metadata(entry_body(data))
     layers, heads, _, dim = layout.shape
     if metadata["codec"] == "raw":
         return torch.zeros(layers, heads, 1, dim)
@@ -138,7 +138,7 @@ def test_entries_written_before_codecs_read_as_raw() -> None:
 
 def reframed(data: bytes, tensors: dict[str, torch.Tensor] | None = None, **metadata: str) -> bytes:
     """The entry with its tensors or metadata changed and a valid checksum (damage the checksum cannot see)."""
-    body = data[37:]
+    body = entry_body(data)
     stored = load_tensors(body)
     stored.update(tensors or {})
     body = save_tensors(stored, metadata={**_safetensors_metadata(body), **metadata})
@@ -170,7 +170,7 @@ def test_damaged_or_mismatched_entries_are_refused(name: str, level: int) -> Non
         assert codec.decode(key_of(kv), reframed(data, dtype="float16")) is None
     assert codec.decode(key_of(kv), reframed(data, dtype="int8")) is None
     assert codec.decode(key_of(kv), reframed(data, shape="x")) is None
-    parts = {tensor: value for tensor, value in load_tensors(data[37:]).items() if tensor.startswith("values")}
+    parts = {tensor: value for tensor, value in load_tensors(entry_body(data)).items() if tensor.startswith("values")}
     truncated = {tensor: value.flatten()[:-1].clone() for tensor, value in parts.items()}
     assert codec.decode(key_of(kv), reframed(data, truncated)) is None
 
@@ -263,3 +263,24 @@ def test_the_codec_setting_names_a_known_codec_and_level() -> None:
                 {"name": "raw", "level": -1}):
         with pytest.raises(ValidationError):
             ChunkCacheSettings(codec=bad)
+
+
+def test_entries_carry_an_xxh3_checksum_and_the_sha256_ones_still_read() -> None:
+    """New entries: magic BGKV2 and the body's XXH3-128; entries of the first format (BGKV1, SHA-256) read the
+    same; a checksum of either kind that does not match the body makes the entry a miss."""
+    import xxhash
+
+    kv = kv_like(9, dtype=torch.bfloat16)
+    codec = Codec("int8")
+    data = codec.encode(key_of(kv), kv)
+    body = entry_body(data)
+    assert data[:5] == b"BGKV2" and data[5:21] == xxhash.xxh3_128_digest(body)
+    first = b"BGKV1" + hashlib.sha256(body).digest() + body
+    for entry in (data, first):
+        decoded = codec.decode(key_of(kv), entry)
+        assert decoded is not None and torch.equal(decoded.keys, codec.decode(key_of(kv), data).keys)
+    for entry in (data, first):
+        damaged = bytearray(entry)
+        damaged[-3] ^= 0x10
+        assert entry_body(bytes(damaged)) is None and codec.decode(key_of(kv), bytes(damaged)) is None
+    assert entry_body(b"BGKV2" + b"\0" * 10) is None and entry_body(b"other" + data[5:]) is None

@@ -15,7 +15,7 @@ import torch
 from blendgate.chunkcache.adaptation import GPU_DECODE_BYTES_PER_S, decode_rate
 from blendgate.chunkcache.codec import entropy, rans
 from blendgate.chunkcache.codec.cachegen import GROUP_TOKENS, CacheGenCodec, layer_groups
-from blendgate.chunkcache.codec.frame import Codec, _safetensors_metadata
+from blendgate.chunkcache.codec.frame import Codec, _safetensors_metadata, entry_body
 from blendgate.chunkcache.redis_tier import RedisTier
 from blendgate.chunkcache.tiers import DiskTier
 from blendgate.kernels import rans as decoders
@@ -120,11 +120,11 @@ def test_entries_of_the_old_format_or_with_damaged_streams_are_misses() -> None:
     codec = Codec("cachegen", 1)
     data = codec.encode(key_of(kv), kv)
     assert codec.decode(key_of(kv), data) is not None
-    stored = load_tensors(data[37:])
+    stored = load_tensors(entry_body(data))
     assert codec.decode(key_of(kv), reframed(data, {"keys.format": torch.tensor([1], dtype=torch.int32)})) is None
     # An entry of format 1 (the range coder's) has no format part.
     body = save_tensors({name: value for name, value in stored.items() if not name.endswith("format")},
-                        metadata=_safetensors_metadata(data[37:]))
+                        metadata=_safetensors_metadata(entry_body(data)))
     assert codec.decode(key_of(kv), b"BGKV1" + hashlib.sha256(body).digest() + body) is None
     words = stored["values.1.words"].clone()
     words[len(words) // 3] ^= 0x0040
@@ -191,3 +191,14 @@ def test_the_triton_kernel_matches_the_reference_under_the_interpreter(shape, le
     for streams in damaged:
         with pytest.raises(ValueError, match="damaged"):
             decoders.decode_triton(streams, heads, tokens, dim, GROUP_TOKENS, torch.bfloat16, torch.device("cpu"))
+
+
+def test_host_parts_join_as_torch_cat_joins_them() -> None:
+    from blendgate.kernels.rans import _concatenated
+
+    kv = kv_like(12, tokens=45)
+    stored = load_tensors(entry_body(Codec("cachegen", 0).encode(key_of(kv), kv)))
+    words = [value for name, value in stored.items() if name.endswith("words")]
+    assert torch.equal(_concatenated(words), torch.cat(words))
+    halves = [torch.randn(5).bfloat16(), torch.randn(3).bfloat16()]
+    assert torch.equal(_concatenated(halves), torch.cat(halves))
