@@ -78,8 +78,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="chunk tokens of --synthetic")
     parser.add_argument("--device", default="cpu", help="where --synthetic decodes: cpu or cuda")
     parser.add_argument("--repeats", type=int, default=20, help="timed GPU decodes per entry (after 3 warm-ups)")
+    parser.add_argument("--host-share", action="store_true",
+                        help="with --synthetic: time only the host's part of decoding an entry on a GPU (checksum, "
+                             "parsing, joining the word streams), at every level")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.synthetic and args.host_share:
+        host_share(args)
+        return
     if args.synthetic:
         synthetic(args)
         return
@@ -235,6 +241,43 @@ def synthetic(args) -> None:
             rows.append(row)
             print(row, flush=True)
     write_synthetic(args, rows, device)
+
+
+def host_share(args) -> None:
+    """The host's part of a fetched cachegen entry's decode on a GPU, before any copy to the device: the
+    checksum and body (frame.entry_body), safetensors parsing, and joining each tensor's word streams as
+    kernels/rans.py's decode_triton does. Printed as a markdown table (GB/s of entry bytes and of bf16)."""
+    from blendgate.chunkcache.codec import Codec
+    from blendgate.chunkcache.codec.frame import entry_body
+    from blendgate.chunkcache.defaults import CODEC_LEVELS
+    from blendgate.chunkcache.keys import ChunkKey
+    from blendgate.chunkcache.kv import ChunkKV
+    from blendgate.kernels.rans import _concatenated
+    from safetensors.torch import load as load_tensors
+
+    print("| model | level | entry MB | host ms | GB/s of entry bytes | GB/s of bf16 |")
+    print("|---|---|---|---|---|---|")
+    for model in args.synthetic:
+        layers, heads, dim = SYNTHETIC_SHAPES[model]
+        keys, values = synthetic_kv((layers, heads, args.tokens, dim), seed=0)
+        ids = torch.arange(args.tokens)
+        key = ChunkKey.of(model, [], ids.tolist())
+        for level in range(CODEC_LEVELS["cachegen"]):
+            data = Codec("cachegen", level).encode(key, ChunkKV(ids, keys, values))
+
+            def host() -> None:
+                tensors = load_tensors(entry_body(data))
+                for name in ("keys", "values"):
+                    _concatenated([value for part, value in tensors.items()
+                                   if part.startswith(name) and part.endswith("words")])
+
+            host()
+            started = time.perf_counter()
+            for _ in range(args.repeats):
+                host()
+            seconds = (time.perf_counter() - started) / args.repeats
+            print(f"| {model} | {level} | {len(data) / 1e6:.1f} | {seconds * 1e3:.2f} | {len(data) / seconds / 1e9:.2f} "
+                  f"| {2 * keys.numel() * 2 / seconds / 1e9:.1f} |", flush=True)
 
 
 def cuda_seconds(call, repeats: int) -> float:
