@@ -276,8 +276,8 @@ def host_share(args) -> None:
             for _ in range(args.repeats):
                 host()
             seconds = (time.perf_counter() - started) / args.repeats
-            print(f"| {model} | {level} | {len(data) / 1e6:.1f} | {seconds * 1e3:.2f} | {len(data) / seconds / 1e9:.2f} "
-                  f"| {2 * keys.numel() * 2 / seconds / 1e9:.1f} |", flush=True)
+            print(f"| {model} | {level} | {len(data) / 1e6:.1f} | {seconds * 1e3:.2f} | "
+                  f"{len(data) / seconds / 1e9:.2f} | {2 * keys.numel() * 2 / seconds / 1e9:.1f} |", flush=True)
 
 
 def cuda_seconds(call, repeats: int) -> float:
