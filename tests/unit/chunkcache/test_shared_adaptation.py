@@ -5,13 +5,11 @@ are fetched."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 import uuid
 
 import pytest
 import torch
+from bench_modules import bench_module
 from blendgate.chunkcache.adaptation import FetchPolicy, RateEstimate, decode_rate
 from blendgate.chunkcache.codec import Codec
 from blendgate.chunkcache.fallback import PrefillCosts
@@ -23,53 +21,7 @@ from chunk_entries import key, kv
 from test_chunkcache_runner import BLEND_ALWAYS, DOCUMENTS, rag_prompt
 
 ENCODED = len(Codec().encode(key(0), kv(0)))  # bytes of one test entry in Redis
-
-
-class ThrottlingProxy:
-    """A TCP proxy on loopback forwarding to `port`, each direction of each connection at most `rate` bytes per
-    second (None: as fast as it goes). Threads: one accepting, two per connection."""
-
-    def __init__(self, port: int, rate: float | None) -> None:
-        self.upstream = port
-        self.rate = rate
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            self.sockets += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        started, sent = time.monotonic(), 0
-        try:
-            while data := source.recv(4096):
-                if self.rate is not None:  # idle time earns no credit: the clock restarts after a pause
-                    started = max(started, time.monotonic() - sent / self.rate)
-                    sent += len(data)
-                    time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for end in self.sockets:
-            end.close()
+ThrottlingProxy = bench_module("throttle.py").ThrottlingProxy
 
 
 @pytest.fixture
