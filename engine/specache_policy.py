@@ -31,7 +31,8 @@ class SpeCacheSettings(BaseModel):
     gpu_budget_tokens: int | None = Field(None, ge=1)  # full-precision KV pairs a request reads per step
     gpu_budget_fraction: float = Field(0.1, gt=0, le=1)  # of the context, when gpu_budget_tokens is not set
     sink_tokens: int = Field(4, ge=0)
-    recent_tokens: int = Field(64, ge=QUANTISATION_GROUP)
+    # the unquantised tail (under a group) and the next step's candidates stay within the window
+    recent_tokens: int = Field(64, ge=2 * QUANTISATION_GROUP)
     bits: int = Field(2, ge=1, le=2)
 
     @model_validator(mode="after")

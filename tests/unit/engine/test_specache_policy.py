@@ -27,7 +27,7 @@ def test_budgets_come_from_tokens_or_a_fraction_and_hold_the_fixed_part() -> Non
     with pytest.raises(ValidationError, match="larger than"):
         SpeCacheSettings(gpu_budget_tokens=60)
     with pytest.raises(ValidationError):
-        SpeCacheSettings(recent_tokens=QUANTISATION_GROUP - 1)
+        SpeCacheSettings(recent_tokens=2 * QUANTISATION_GROUP - 1)
 
 
 @pytest.mark.parametrize("length", [1, 3, 4, 50, 68, 100, 164, 165, 1000])
