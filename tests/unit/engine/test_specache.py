@@ -122,3 +122,34 @@ def test_an_allocation_smaller_than_the_budget_is_refused(runner, loaded_model) 
     _, state = runner.prefill(Prompt.plain(ids(loaded_model, TEXT)))
     with pytest.raises(KVPoolError, match="does not fit"):
         decoder.admit(0, allocator.allocate(0, 16), state.cache, 4)
+
+
+def test_the_engine_decodes_long_prompts_with_specache_beside_short_ones(runner, loaded_model) -> None:
+    """A prompt over min_context_tokens reserves its budget (not its context) and decodes in SpeCache's step,
+    while a short one decodes in the batched step; with a budget of the whole context both get full KV's
+    tokens."""
+    import asyncio
+
+    from blendgate.engine.engine import LocalEngine
+    from blendgate.engine.sampling import SamplingParams
+
+    long, short = ids(loaded_model, TEXT * 2 + QUESTION), ids(loaded_model, QUESTION)
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=len(short) + 1, gpu_budget_tokens=200)
+    engine = LocalEngine(runner, max_context_tokens=256, stop_token_ids=frozenset(), max_running=2,
+                         specache=settings)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+
+    async def main() -> list[list[int]]:
+        handles = [engine.submit(prompt, params) for prompt in (long, short)]
+        assert [h.kv_tokens for h in handles] == [200, len(short) + 4]
+        tokens = []
+        for handle in handles:  # both run together; the second's tokens wait in its queue
+            tokens.append([event.token_id async for event in handle])
+        return tokens
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert got == [full_kv(runner, Prompt.plain(long), 4), full_kv(runner, Prompt.plain(short), 4)]
+    assert not engine._specache.requests  # released when they finished
