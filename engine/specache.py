@@ -82,6 +82,8 @@ class SpeCacheDecoder:
         self.requests: dict[int, OffloadedRequest] = {}
         on_cuda = model.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(model.device) if on_cuda else None
+        # Per layer, the end of the last step's prefetch for it (CUDA): that layer's next step waits for it.
+        self._prefetched: dict[int, torch.cuda.Event] = {}
 
     # -- requests ---------------------------------------------------------------------------------
     def admit(self, request_id: int, allocation: BlockAllocation, cache: KVCache,
@@ -141,8 +143,8 @@ class SpeCacheDecoder:
         for layer in range(model.num_layers):
             qkv = model.project_qkv(layer, hidden)
             q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], slots)
-            if self._copy_stream is not None:  # this layer's prefetch of the previous step
-                torch.cuda.current_stream(device).wait_stream(self._copy_stream)
+            if layer in self._prefetched:  # this layer's prefetch of the previous step
+                torch.cuda.current_stream(device).wait_event(self._prefetched.pop(layer))
             predictions = []
             for i, (request, selection) in enumerate(zip(requests, selections)):
                 request.host.write(layer, batch.positions[i], pool.keys[layer][:, batch.slots[i]],
@@ -155,6 +157,8 @@ class SpeCacheDecoder:
                     if predicted is not None:
                         _, copied = self._make_resident(request, layer, predicted)
                         request.stats.record(0, 0, copied)
+                if self._copy_stream is not None:
+                    self._prefetched[layer] = self._copy_stream.record_event()
             hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
         for request in requests:
             request.host.length += 1
