@@ -15,7 +15,8 @@ NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passage
 (question number mod k) / k among the others (a needle in a haystack of NQ passages: `--k 40`; NQ-open at
 `--k 20`), greedy answers of `--new-tokens` tokens with full KV, SpeCache at each budget, and plain eviction
 at the same budget (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
-window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval.
+window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, and
+the share of answers token for token equal to full KV's (a closer measure where the small model rarely knows).
 
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
     python bench/specache.py --quality --smollm SmolLM2-135M-Instruct.Q4_1.gguf --k 20 --questions 200 \\
@@ -203,7 +204,8 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
         variants[f"SpeCache 1/{n}"] = lambda length, n=n: SpeCacheSettings(
             enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / n, bits=args.bits)
         variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(max(70, -(-length // n)))
-    correct: dict[str, list[list]] = {name: [] for name in variants}  # [question number, 1.0 when right]
+    # [question number, 1.0 when right, 1.0 when the answer is full KV's]
+    correct: dict[str, list[list]] = {name: [] for name in variants}
     lengths = []
     for number, (question, answers, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
         documents = "\n\n".join(passages)
@@ -214,17 +216,20 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
         lengths.append(len(ids))
         with torch.inference_mode():
             logits, state = runner.prefill(Prompt.plain(ids))  # one prefill; full KV (which grows it) goes last
-        for name, settings in reversed(variants.items()):
-            tokens = greedy(runner, int(logits.argmax()), state, args.new_tokens, settings(len(ids)))
-            correct[name].append([number, float(contains(tokenizer.decode(tokens), answers))])
+        answered = {name: greedy(runner, int(logits.argmax()), state, args.new_tokens, settings(len(ids)))
+                    for name, settings in reversed(variants.items())}
+        for name, tokens in answered.items():
+            correct[name].append([number, float(contains(tokenizer.decode(tokens), answers)),
+                                  float(tokens == answered["full KV"])])
         print(f"{len(lengths)}: " + ", ".join(f"{n} {sum(r[1] for r in rows):.0f}" for n, rows in correct.items()),
               flush=True)
     report += [f"- {len(lengths)} questions, k = {args.k}, prompt tokens {min(lengths)}-{max(lengths)} "
                f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy", "",
-               "| variant | accuracy | 95% interval |", "|---|---|---|"]
+               "| variant | accuracy | 95% interval | answers equal to full KV's |", "|---|---|---|---|"]
     for name, rows in correct.items():
         low, high = bootstrap({name: rows}, lambda v, name=name: sum(r[1] for r in v[name]) / len(v[name]))
-        report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} |")
+        same = sum(r[2] for r in rows) / len(rows)
+        report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} |")
 
 
 def evicting(tokens: int) -> SpeCacheSettings:
