@@ -24,7 +24,7 @@ while [ ${#steps[@]} -gt 0 ]; do
         sglang-check) python3 -c "import sglang, sgl_kernel, flashinfer.sampling, sglang.srt.entrypoints.engine; print('sglang', sglang.__version__, 'imports')" 2>&1 | tail -5 || status=1 ;;
         tests) python3 -m pytest -q tests/gpu --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 || status=1 ;;
         decode-tests) python3 -m pytest -q tests/gpu/test_decode.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/decode-tests.log" | tail -25 || status=1 ;;
-        specache-tests) python3 -m pytest -q tests/gpu/test_specache.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/specache-tests.log" | tail -25 || status=1 ;;
+        specache-tests) python3 -m pytest -q tests/gpu/test_specache_cuda.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/specache-tests.log" | tail -25 || status=1 ;;
         specache) python3 bench/specache.py "${steps[@]}" --out "$OUT/specache.md" 2>&1 | tee "$OUT/specache.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
         decode) python3 bench/decode.py "${steps[@]}" --out "$OUT/decode.md" 2>&1 | tee "$OUT/decode.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
         kernels) python3 bench/kernel_times.py 2>&1 | tee "$OUT/kernels.md" | grep -v Warning || status=1 ;;
