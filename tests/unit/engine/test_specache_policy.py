@@ -51,3 +51,15 @@ def test_the_prefetch_hit_rate_counts_hits_of_the_wanted_pairs() -> None:
     assert stats.hit_rate == 0.8 and stats.copied == 40
     with pytest.raises(ValueError):
         stats.record(wanted=10, hits=11, copied=0)
+
+
+def test_a_local_models_config_takes_specache_settings() -> None:
+    from blendgate.gateway.config import LocalModelConfig
+
+    assert not LocalModelConfig(name="m").specache.enabled
+    config = LocalModelConfig(name="m", specache={"enabled": True, "gpu_budget_tokens": 2048, "bits": 1})
+    assert config.specache.applies(4096) and config.specache.budget(32768).tokens == 2048
+    with pytest.raises(ValidationError, match="gpu_budget_tokens"):
+        LocalModelConfig(name="m", specache={"enabled": True, "gpu_budget_tokens": 10})
+    with pytest.raises(ValidationError):
+        LocalModelConfig(name="m", specache={"enabled": True, "budget": 10})  # unknown keys are refused
