@@ -34,6 +34,8 @@ from .prompt import Prompt
 from .runner import KVState
 from .sampling import Sampler, SamplingParams, sample_batch
 from .scheduler import Scheduler
+from .specache import SpeCacheDecoder
+from .specache_policy import SpeCacheSettings
 
 log = logging.getLogger("blendgate.engine")
 
@@ -92,11 +94,14 @@ class GenerationHandle:
     last_token: int = -1
     # What the runner reports of the prefill (chunk-cache hits, recompute ratio), once it has run.
     prefill_report: PrefillReport | None = None
+    # A SpeCache request's GPU budget (KV pairs it reserves in the pool), set at submit; None: full KV.
+    specache_budget: int | None = None
 
     @property
     def kv_tokens(self) -> int:
-        """The most tokens of KV the request holds (scheduler.PagedRequest): prompt and new tokens."""
-        return len(self.prompt) + self.max_new_tokens
+        """The most tokens of KV the request holds in the pool (scheduler.PagedRequest): prompt and new tokens,
+        or its SpeCache budget (its full KV then lives in host memory)."""
+        return self.specache_budget or len(self.prompt) + self.max_new_tokens
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -130,10 +135,15 @@ class LocalEngine:
     """`kv_pool_tokens`: tokens of KV the batched decode's pool holds; at least max_context_tokens. By default
     max_running requests of max_context_tokens each (a slot never waits for blocks), and on CUDA at most what
     KV_POOL_GPU_SHARE of the free GPU memory holds (requests then wait for blocks: each reserves its prompt and
-    its most new tokens)."""
+    its most new tokens).
+
+    `specache`: SpeCache (engine/specache.py) for the prompts it applies to (batched runners only): their full
+    KV in host memory, a GPU budget of it in the pool; they decode in their own (eager) step beside the
+    others'."""
 
     def __init__(self, runner: Runner, *, max_context_tokens: int, stop_token_ids: frozenset[int],
-                 max_running: int = 4, max_waiting: int = 64, kv_pool_tokens: int | None = None) -> None:
+                 max_running: int = 4, max_waiting: int = 64, kv_pool_tokens: int | None = None,
+                 specache: SpeCacheSettings | None = None) -> None:
         self.runner = runner
         self.max_context_tokens = max_context_tokens
         self.stop_token_ids = stop_token_ids
@@ -147,6 +157,9 @@ class LocalEngine:
                                  f"(max_context_tokens) or free GPU memory")
             allocator = BlockAllocator(blocks_for(pool_tokens) + 1, max_running)  # + the scratch block
             self._decoder = runner.batch_decoder(allocator.num_blocks, max_running, max_context_tokens)
+        self._specache = None
+        if self._decoder is not None and specache is not None and specache.enabled:
+            self._specache = SpeCacheDecoder(self._decoder.model, self._decoder.pool, specache)
         self._scheduler: Scheduler[GenerationHandle] = Scheduler(max_running, max_waiting, allocator)
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -172,6 +185,8 @@ class LocalEngine:
             # Generation also ends where the context does; that finish counts as "length".
             max_new_tokens=min(params.max_new_tokens, self.max_context_tokens - len(prompt)),
             _loop=asyncio.get_running_loop())
+        if self._specache is not None and self._specache.settings.applies(len(prompt)):
+            handle.specache_budget = self._specache.settings.budget(len(prompt)).tokens
         with self._cond:
             if self._stopping:
                 raise EngineError("the engine is shutting down")
@@ -229,7 +244,10 @@ class LocalEngine:
                 request.sampler = Sampler(request.params, self.runner.device)
                 logits, request.kv = self.runner.prefill(request.prompt)
                 request.prefill_report = request.kv.report
-                if allocation is not None:  # the prefill's KV into the request's blocks of the pool
+                if allocation is not None and request.specache_budget:  # to host memory, a budget on the GPU
+                    self._specache.admit(request.request_id, allocation, request.kv.cache, request.max_new_tokens)
+                    request.kv.cache = allocation
+                elif allocation is not None:  # the prefill's KV into the request's blocks of the pool
                     self._decoder.pool.store(allocation, request.kv.cache)
                     request.kv.cache = allocation
             else:
@@ -239,13 +257,17 @@ class LocalEngine:
             self._fail(request, exc)
 
     def _decode_batch(self, requests: list[GenerationHandle]) -> None:
-        """One token for each running request, in one forward pass."""
+        """One token for each running request: one forward pass, and one more for SpeCache's requests."""
         live = []
         for request in requests:
             if request.cancelled:
                 self._finish(request)
             else:
                 live.append(request)
+        offloaded = [request for request in live if request.specache_budget]
+        if offloaded:
+            live = [request for request in live if not request.specache_budget]
+            self._decode_offloaded(offloaded)
         if not live:
             return
         try:
@@ -256,6 +278,18 @@ class LocalEngine:
                 self._fail(request, exc)
             return
         for request, token in zip(live, tokens):
+            request.kv.length += 1
+            self._emit_token(request, token)
+
+    def _decode_offloaded(self, requests: list[GenerationHandle]) -> None:
+        try:
+            batch = self._specache.batch([r.request_id for r in requests], [r.last_token for r in requests])
+            tokens = sample_batch([request.sampler for request in requests], self._specache.decode(batch))
+        except Exception as exc:
+            for request in requests:
+                self._fail(request, exc)
+            return
+        for request, token in zip(requests, tokens):
             request.kv.length += 1
             self._emit_token(request, token)
 
@@ -291,5 +325,7 @@ class LocalEngine:
     def _finish(self, request: GenerationHandle) -> None:
         request.finished_at = time.perf_counter()
         request.kv = None  # frees the KV cache now, not when the consumer lets go of the handle
+        if self._specache is not None:
+            self._specache.release(request.request_id)
         with self._cond:
             self._scheduler.drop(request)  # and its blocks of the pool

@@ -43,6 +43,7 @@ from ..engine.prompt import (
     ChunkPrefix,
     PrefillMode,
 )
+from ..engine.specache_policy import SpeCacheSettings
 from ..retriever import defaults as retrieval_defaults
 from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
@@ -271,6 +272,8 @@ class LocalModelConfig(_Strict):
     # Tokens of KV the batched decode's paged pool holds (Llama-family models), at least max_context_tokens;
     # left out: max_running_requests full contexts, on CUDA at most half the GPU memory free at start-up.
     kv_pool_tokens: int | None = Field(None, gt=0)
+    # SpeCache (engine/specache.py): long prompts' full KV in host memory, a GPU budget of it; off by default.
+    specache: SpeCacheSettings = SpeCacheSettings()
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     rag: ModelRagConfig | None = None
 

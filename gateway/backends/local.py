@@ -84,7 +84,8 @@ class LocalBackend(ChatBackend):
             self.engine = LocalEngine(
                 self._runner(self.model), max_context_tokens=self.model.max_context_tokens,
                 stop_token_ids=self.model.eos_token_ids, max_running=self.max_running,
-                max_waiting=self.max_waiting, kv_pool_tokens=self.config.kv_pool_tokens)
+                max_waiting=self.max_waiting, kv_pool_tokens=self.config.kv_pool_tokens,
+                specache=self.config.specache)
         except (ValueError, RuntimeError) as exc:
             self._error = str(exc)
             log.error("model %s failed to start: %s", self.config.name, exc)

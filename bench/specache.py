@@ -1,0 +1,295 @@
+"""SpeCache (engine/specache.py) against full KV: decode speed and GPU KV memory per request, and quality.
+
+Speed (the default mode; for the H200): random bf16 weights of a real architecture's config (Llama-3-8B by
+default), one request per context length C, its KV random (decode speed does not depend on its values):
+- "full KV": engine/decode.py's BatchDecoder at batch 1, every pair on the GPU, graph-captured;
+- "SpeCache 1/N": engine/specache.py's eager step with a GPU budget of C/N pairs (sinks 4, recent window 64,
+  the rest top-k by 2-bit keys), the full KV in pinned host memory.
+Rows give tokens/s (steps / synchronised wall time after warm-up), GPU KV bytes per request (full: C pairs;
+SpeCache: its budget, low-bit keys and residency table), the prefetch hit rate, and the most concurrent
+requests of `--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache,
+the host memory for their full KV), from those per-request bytes.
+
+Quality (`--quality`, SmolLM2-135M-Instruct's real weights from a GGUF, `--device cpu` for a smoke run):
+NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passages, the gold one at depth
+(question number mod k) / k among the others (a needle in a haystack of NQ passages: `--k 40`; NQ-open at
+`--k 20`), greedy answers of `--new-tokens` tokens with full KV, SpeCache at each budget, and plain eviction
+at the same budget (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
+window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, and
+the share of answers token for token equal to full KV's (a closer measure where the small model rarely knows).
+
+    python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
+    python bench/specache.py --quality --smollm SmolLM2-135M-Instruct.Q4_1.gguf --k 20 --questions 200 \\
+        --out bench/results/specache-quality-DATE.md
+    python bench/specache.py --smoke   # CPU: a small random model, short contexts (checks that it runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import random
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from blendgate.engine.batch import DecodeBatch
+from blendgate.engine.decode import BatchDecoder
+from blendgate.engine.kv_pool import BlockAllocator, blocks_for
+from blendgate.engine.llama import LlamaFamilyModel
+from blendgate.engine.paged_kv import PagedKVPool
+from blendgate.engine.specache import SpeCacheDecoder
+from blendgate.engine.specache_policy import SpeCacheSettings
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qa"
+SMOKE_CONFIG = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def synced(device: torch.device, fn) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def kv_pair_bytes(model: LlamaFamilyModel) -> int:
+    """Bytes of one position's keys and values, all layers."""
+    return 2 * model.num_layers * model.kv_heads * model.head_dim * model.dtype.itemsize
+
+
+def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int) -> float:
+    total = context + warmup + steps + 1
+    allocator = BlockAllocator(blocks_for(total) + 1, 1)
+    pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(total))
+    pool.keys.normal_()
+    pool.values.normal_()
+    decoder = BatchDecoder(model, pool, 1, total)
+    allocation = allocator.allocate(0, total)
+    pool.write_table(allocation)
+    state = {"position": context, "token": 0}
+
+    def step() -> None:
+        p = state["position"]
+        logits = decoder.decode(DecodeBatch((0,), (state["token"],), (p,), (allocation.slot(p),),
+                                            (allocation.row,)))
+        state["token"], state["position"] = int(logits.argmax(dim=-1)[0]), p + 1
+
+    for _ in range(warmup):
+        step()
+    return steps / synced(model.device, lambda: [step() for _ in range(steps)])
+
+
+def specache_rate(model: LlamaFamilyModel, context: int, fraction: float, bits: int, steps: int,
+                  warmup: int) -> tuple[float, int, float, int]:
+    """tokens/s, GPU bytes per request, prefetch hit rate, host bytes per request."""
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=fraction, bits=bits)
+    budget = settings.budget(context)
+    allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
+    pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
+    decoder = SpeCacheDecoder(model, pool, settings)
+    cache = model.new_cache(context)
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.length = context
+    request = decoder.admit(0, allocator.allocate(0, budget.tokens), cache, warmup + steps + 1)
+    del cache
+    state = {"token": 0}
+
+    def step() -> None:
+        logits = decoder.decode(decoder.batch([0], [state["token"]]))
+        state["token"] = int(logits.argmax(dim=-1)[0])
+
+    for _ in range(warmup):
+        step()
+    rate = steps / synced(model.device, lambda: [step() for _ in range(steps)])
+    return rate, request.gpu_bytes(kv_pair_bytes(model)), request.stats.hit_rate, request.host.bytes
+
+
+def speed(args: argparse.Namespace, report: list[str]) -> None:
+    if args.smoke:
+        from transformers import AutoConfig
+
+        spec = dict(SMOKE_CONFIG)
+        model = LlamaFamilyModel.random(AutoConfig.for_model(spec.pop("model_type"), **spec), device="cpu",
+                                        dtype=torch.float32)
+        weight_bytes = 0
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("the speed mode needs a CUDA GPU (or --smoke on CPU)")
+        from ttft import random_model  # bench/ is on sys.path when this runs as a script
+
+        hf = random_model(args.model)
+        model = LlamaFamilyModel.from_transformers(hf)
+        weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    gpu_free = torch.cuda.mem_get_info()[0] if model.device.type == "cuda" else 0
+    host_total = _host_memory()
+    report += ["| context | row | tokens/s | x full KV | GPU KV MiB per request | x smaller | prefetch hit rate | "
+               f"most {args.concurrent_context}-token requests that fit |", "|---|---|---|---|---|---|---|---|"]
+    pair = kv_pair_bytes(model)
+    for context in args.contexts:
+        with torch.inference_mode():
+            full = full_kv_rate(model, context, args.steps, 3)
+            torch.cuda.empty_cache() if model.device.type == "cuda" else None
+            full_bytes = context * pair
+            fit = gpu_free // (args.concurrent_context * pair) if gpu_free else "-"
+            report.append(f"| {context} | full KV | {full:.1f} | 1.00 | {full_bytes / 2**20:.0f} | 1.0 | - | {fit} |")
+            print(report[-1], flush=True)
+            for n in args.fractions:
+                rate, gpu_bytes, hit_rate, host_bytes = specache_rate(model, context, 1 / n, args.bits, args.steps, 3)
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
+                fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (host_bytes * scale)))}" \
+                    if gpu_free else "-"
+                report.append(f"| {context} | SpeCache 1/{n}, {args.bits}-bit keys | {rate:.1f} | {rate / full:.2f} | "
+                              f"{gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | {hit_rate:.3f} | {fit} |")
+                print(report[-1], flush=True)
+    report.append("")
+    report.append(f"- weights {weight_bytes / 2**30:.1f} GiB; GPU memory free after them {gpu_free / 2**30:.1f} GiB; "
+                  f"host memory {host_total / 2**30:.0f} GiB")
+
+
+def _host_memory() -> int:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+# -- quality ---------------------------------------------------------------------------------------------
+def contains(prediction: str, answers: list[str]) -> bool:
+    from quality import normalise  # bench/quality.py's SQuAD normalisation
+
+    said = normalise(prediction)
+    return any(normalise(a) and normalise(a) in said for a in answers)
+
+
+def items(path: Path, count: int, k: int, seed: int) -> list[tuple[str, list[str], list[str]]]:
+    """(question, answers, passages): the gold passage at depth (number mod k) / k among k - 1 others."""
+    with gzip.open(path, "rt") as lines:
+        rows = [json.loads(line) for line in lines]
+    passages = [f"{r['ctxs'][0]['title']}. {r['ctxs'][0]['text']}" for r in rows]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for number, i in enumerate(order[:count]):
+        others = [passages[j] for j in order[count:] if passages[j] != passages[i]]
+        haystack = random.Random(seed + number).sample(others, k - 1)
+        haystack.insert(number % k, passages[i])
+        out.append((rows[i]["question"], rows[i]["answers"], haystack))
+    return out
+
+
+def quality(args: argparse.Namespace, report: list[str]) -> None:
+    from blendgate.engine.prompt import Prompt
+    from blendgate.engine.runner import LlamaRunner
+    from blendgate.engine.weights import load_model
+    from quality import bootstrap
+
+    loaded = load_model(args.smollm, dtype="float32" if args.device == "cpu" else "bfloat16", device=args.device,
+                        cache_dir=Path("/tmp/blendgate-specache"))
+    runner, tokenizer = LlamaRunner(loaded), loaded.tokenizer
+    variants: dict[str, object] = {"full KV": lambda length: None}
+    for n in args.fractions:
+        variants[f"SpeCache 1/{n}"] = lambda length, n=n: SpeCacheSettings(
+            enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / n, bits=args.bits)
+        variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(max(70, -(-length // n)))
+    # [question number, 1.0 when right, 1.0 when the answer is full KV's]
+    correct: dict[str, list[list]] = {name: [] for name in variants}
+    lengths = []
+    for number, (question, answers, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
+        documents = "\n\n".join(passages)
+        messages = [{"role": "system", "content": "Answer the question using only the documents given."},
+                    {"role": "user", "content": f"Documents:\n\n{documents}\n\nQuestion: {question}\nAnswer briefly."}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        lengths.append(len(ids))
+        with torch.inference_mode():
+            logits, state = runner.prefill(Prompt.plain(ids))  # one prefill; full KV (which grows it) goes last
+        answered = {name: greedy(runner, int(logits.argmax()), state, args.new_tokens, settings(len(ids)))
+                    for name, settings in reversed(variants.items())}
+        for name, tokens in answered.items():
+            correct[name].append([number, float(contains(tokenizer.decode(tokens), answers)),
+                                  float(tokens == answered["full KV"])])
+        print(f"{len(lengths)}: " + ", ".join(f"{n} {sum(r[1] for r in rows):.0f}" for n, rows in correct.items()),
+              flush=True)
+    report += [f"- {len(lengths)} questions, k = {args.k}, prompt tokens {min(lengths)}-{max(lengths)} "
+               f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy", "",
+               "| variant | accuracy | 95% interval | answers equal to full KV's |", "|---|---|---|---|"]
+    for name, rows in correct.items():
+        low, high = bootstrap({name: rows}, lambda v, name=name: sum(r[1] for r in v[name]) / len(v[name]))
+        same = sum(r[2] for r in rows) / len(rows)
+        report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} |")
+
+
+def evicting(tokens: int) -> SpeCacheSettings:
+    """Plain eviction of a budget of `tokens` pairs (StreamingLLM): the sinks and a recent window of all but
+    one pair, which the policy's top-k keeps (a budget always has one)."""
+    return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=tokens, recent_tokens=tokens - 5)
+
+
+def greedy(runner, first: int, state, new_tokens: int, settings: SpeCacheSettings | None) -> list[int]:
+    """Greedy tokens after a prefill (its first token and KVState): full KV (settings None) decodes on the
+    prefill's own cache, SpeCache admits a copy of it."""
+    out = [first]
+    with torch.inference_mode():
+        if settings is None:
+            while len(out) < new_tokens:
+                out.append(int(runner.decode(out[-1], state).argmax()))
+            return out
+        budget = settings.budget(state.length)
+        allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
+        pool = PagedKVPool(runner.model, allocator.num_blocks, 1, blocks_for(budget.tokens))
+        decoder = SpeCacheDecoder(runner.model, pool, settings)
+        decoder.admit(0, allocator.allocate(0, budget.tokens), state.cache, new_tokens)
+        while len(out) < new_tokens:
+            out.append(int(decoder.decode(decoder.batch([0], [out[-1]])).argmax(dim=-1)[0]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3-8b", help="bench/ttft.py's architecture name (speed mode)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536])
+    parser.add_argument("--fractions", type=int, nargs="+", default=[8, 10], help="budgets of 1/N of the context")
+    parser.add_argument("--bits", type=int, default=2, choices=[1, 2], help="low-bit keys' bits")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--concurrent-context", type=int, default=32768)
+    parser.add_argument("--smoke", action="store_true", help="speed mode on CPU with a small random model")
+    parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--smollm", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF (quality mode)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--data", type=Path, default=DATA / "nq-open-oracle.dev.jsonl.gz")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--questions", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.node()}"
+    report = [f"# SpeCache benchmark ({'quality' if args.quality else 'speed and memory'}), "
+              f"{date.today().isoformat()}", "", f"- command: `python bench/specache.py {' '.join(sys.argv[1:])}`",
+              f"- device: {device}", ""]
+    if args.quality:
+        quality(args, report)
+    else:
+        speed(args, report)
+    print("\n".join(report))
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""SpeCache's two tiers of a request's KV: full precision in (pinned) host memory, low-bit keys on the device.
+
+A request that SpeCache serves (engine/specache.py) copies its finished prefill's KV here: `HostKV` holds every
+position's rotated keys and values, [layers, kv_heads, capacity, head_dim] in the model's dtype, in page-locked
+memory when the model runs on CUDA (so host-to-device copies run asynchronously, on a side stream); decode
+steps append their new token's pair and gather the pairs a step selects. `LowBitKeys` holds the 1- or 2-bit
+copy of the keys on the model's device (kernels/lowbit_keys.py: whole groups of GROUP tokens), which decode
+steps score their query against. Plain containers: the decoder decides what moves when.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.lowbit_keys import GROUP, QuantizedKeys, quantize
+from .llama import KVCache
+
+
+class HostKV:
+    """One request's full-precision KV in host memory, positions 0..length-1 valid."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 pin: bool) -> None:
+        shape = (layers, kv_heads, capacity, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        self.values = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        self.length = 0
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, capacity: int) -> "HostKV":
+        """A prefill's KV (slots 0..length-1, slot j holding position j) copied out, room for `capacity`."""
+        layers, kv_heads, _, head_dim = cache.keys.shape
+        host = cls(layers, kv_heads, head_dim, max(capacity, cache.length), cache.keys.dtype,
+                   pin=cache.keys.is_cuda)
+        host.keys[:, :, : cache.length].copy_(cache.keys[:, :, : cache.length])
+        host.values[:, :, : cache.length].copy_(cache.values[:, :, : cache.length])
+        host.length = cache.length
+        return host
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def write(self, layer: int, position: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """A decode step's new pair, key and value [kv_heads, head_dim] (on any device), at `position`."""
+        if position >= self.keys.shape[2]:
+            raise ValueError(f"position {position} is past the host KV's {self.keys.shape[2]} positions")
+        self.keys[layer, :, position].copy_(key)
+        self.values[layer, :, position].copy_(value)
+
+    def gather(self, layer: int, heads: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs (heads[i], positions[i]) of one layer, both [n] long on the host: keys and values [n,
+        head_dim] on the host (pinned when the tier is)."""
+        keys, values = self.keys[layer][heads, positions], self.values[layer][heads, positions]
+        if self.keys.is_pinned():
+            keys, values = keys.pin_memory(), values.pin_memory()
+        return keys, values
+
+
+class LowBitKeys:
+    """One request's low-bit keys on the device, all layers: the first `length` positions (whole groups)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, bits: int,
+                 device: torch.device) -> None:
+        groups = -(-capacity // GROUP)
+        self.codes = torch.zeros((layers, kv_heads, groups * GROUP, head_dim * bits // 8), dtype=torch.uint8,
+                                 device=device)
+        self.zeros = torch.zeros((layers, kv_heads, groups, head_dim), dtype=torch.float16, device=device)
+        self.steps = torch.zeros_like(self.zeros)
+        self.bits = bits
+        self.length = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.zeros, self.steps))
+
+    def layer(self, layer: int) -> QuantizedKeys:
+        return QuantizedKeys(self.codes[layer], self.zeros[layer], self.steps[layer], self.bits)
+
+    def extend(self, host: HostKV) -> None:
+        """Quantise the host's whole groups past `length`, every layer (after a prefill, and after a decode
+        step that completes a group)."""
+        end = host.length // GROUP * GROUP
+        if end <= self.length:
+            return
+        start = self.length
+        device = self.codes.device
+        for layer in range(self.codes.shape[0]):
+            keys = host.keys[layer, :, start:end].to(device, non_blocking=True)
+            quantized = quantize(keys, self.bits)
+            self.codes[layer, :, start:end] = quantized.codes
+            self.zeros[layer, :, start // GROUP: end // GROUP] = quantized.zeros
+            self.steps[layer, :, start // GROUP: end // GROUP] = quantized.steps
+        self.length = end

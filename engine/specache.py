@@ -1,0 +1,219 @@
+"""SpeCache's decode step (arXiv 2503.16163): long requests decode over a small GPU budget of their KV, the full
+KV in host memory, the pairs each step reads chosen by low-bit keys and prefetched a step ahead.
+
+A request is admitted with its finished prefill's KVCache (plain, prefix-cached or blended alike): its KV is
+copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on the device
+(kv_offload.LowBitKeys), and its pool allocation (the budget's slots, not its context) laid out as
+[sinks | recent window (a ring) | top-k], per layer and KV head. A decode step, per layer:
+
+1. the batch's QKV projection; each new key and value goes to its request's ring slot (rope_store), and to the
+   host copy;
+2. the policy (specache_policy.RequestBudget.select) says what the step reads: the sinks, the recent window,
+   and the candidates between them: all of them while they fit the top-k slots, else the top-k per KV head
+   by the query's scores against the low-bit keys (kernels/lowbit_keys.score: the largest over the KV head's
+   query heads, so one choice serves the whole GQA group);
+3. the wanted pairs that are not resident (not prefetched) are copied from the host into top-k slots that hold
+   pairs no longer wanted;
+4. decode attention over the budget's first `pairs` slots (kernels/decode_attention.py over the request's
+   block-table row: attention does not depend on the order of the pairs, the keys are rotated already);
+5. the next step's top-k is predicted from this step's query (its scores over the next step's candidates)
+   and made resident now (SpeCache's speculative prefetch), on a side stream on CUDA so the copies overlap
+   the rest of the step; the next step counts how many of its wanted pairs were there (PrefetchStats).
+
+With a budget that holds the whole context every step reads every pair, which is full-KV decoding. This is
+the eager step (no CUDA graphs): the host-side gather and the selection's bookkeeping sync with the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.decode_attention import decode_attention
+from ..kernels.lowbit_keys import score
+from ..kernels.rope import rope_store
+from .batch import DecodeBatch
+from .kv_offload import HostKV, LowBitKeys
+from .kv_pool import PAGE_SIZE, BlockAllocation, KVPoolError
+from .llama import KVCache, LlamaFamilyModel
+from .paged_kv import PagedKVPool
+from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, StepSelection
+
+
+@dataclass
+class OffloadedRequest:
+    """A request SpeCache serves, from `SpeCacheDecoder.admit` to its decode steps: its pool `allocation`
+    (`budget.tokens` slots: sinks, ring, top-k), the host and low-bit tiers of its KV, and `resident`
+    [layers, kv_heads, top_k] long on the device: the position each top-k slot holds (-1: none)."""
+
+    allocation: BlockAllocation
+    budget: RequestBudget
+    host: HostKV
+    lowbit: LowBitKeys
+    resident: torch.Tensor
+    slots: torch.Tensor  # [budget.tokens] long on the device: the pool slot of each budget slot
+    stats: PrefetchStats = field(default_factory=PrefetchStats)
+
+    @property
+    def length(self) -> int:
+        return self.host.length
+
+    def budget_slot(self, position: int) -> int:
+        """Where the pair of a sink or recent-window position lives among the budget's slots."""
+        sinks, recent = self.budget.sink_tokens, self.budget.recent_tokens
+        return position if position < sinks else sinks + (position - sinks) % recent
+
+    def gpu_bytes(self, kv_pair_bytes: int) -> int:
+        """Device memory the request holds: its budget's full-precision pairs (`kv_pair_bytes` a position, all
+        layers), its low-bit keys and its residency table."""
+        resident = self.resident.numel() * self.resident.element_size()
+        return self.budget.tokens * kv_pair_bytes + self.lowbit.bytes + resident
+
+
+class SpeCacheDecoder:
+    """Decodes batches of OffloadedRequests over a PagedKVPool with a LlamaFamilyModel (eager, any device)."""
+
+    def __init__(self, model: LlamaFamilyModel, pool: PagedKVPool, settings: SpeCacheSettings) -> None:
+        self.model = model
+        self.pool = pool
+        self.settings = settings
+        self.requests: dict[int, OffloadedRequest] = {}
+        on_cuda = model.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(model.device) if on_cuda else None
+        # Per layer, the end of the last step's prefetch for it (CUDA): that layer's next step waits for it.
+        self._prefetched: dict[int, torch.cuda.Event] = {}
+
+    # -- requests ---------------------------------------------------------------------------------
+    def admit(self, request_id: int, allocation: BlockAllocation, cache: KVCache,
+              max_new_tokens: int) -> OffloadedRequest:
+        """Offload a finished prefill's KV (instead of PagedKVPool.store): host copy, low-bit keys, the sinks
+        and recent window into the budget's slots. KVPoolError when the allocation is smaller than the budget
+        (the allocator reserves `settings.budget(prompt).tokens` for a SpeCache request)."""
+        model, length = self.model, cache.length
+        budget = self.settings.budget(length)
+        if allocation.capacity < budget.tokens:
+            raise KVPoolError(f"a SpeCache budget of {budget.tokens} pairs does not fit the request's "
+                              f"{allocation.capacity} reserved slots")
+        host = HostKV.from_cache(cache, length + max_new_tokens)
+        lowbit = LowBitKeys(model.num_layers, model.kv_heads, model.head_dim, host.keys.shape[2],
+                            self.settings.bits, model.device)
+        lowbit.extend(host)
+        resident = torch.full((model.num_layers, model.kv_heads, budget.top_k), -1, dtype=torch.long,
+                              device=model.device)
+        slots = torch.tensor(allocation.slots(budget.tokens), dtype=torch.long, device=model.device)
+        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots)
+        fixed = budget.select(length).fixed_positions()
+        targets = slots[[request.budget_slot(p) for p in fixed]]
+        self.pool.keys[:, :, targets] = cache.keys[:, :, fixed]
+        self.pool.values[:, :, targets] = cache.values[:, :, fixed]
+        self.pool.write_table(allocation)
+        self.requests[request_id] = request
+        return request
+
+    def release(self, request_id: int) -> None:
+        """Forget a finished request (its pool blocks go back through the allocator, as any request's)."""
+        self.requests.pop(request_id, None)
+
+    def batch(self, request_ids: list[int], token_ids: list[int]) -> DecodeBatch:
+        """The next step of these requests, each feeding its last generated token."""
+        requests = [self.requests[i] for i in request_ids]
+        positions = [r.length for r in requests]
+        for r, p in zip(requests, positions):
+            if p >= r.host.keys.shape[2]:
+                raise KVPoolError(f"position {p} is past the request's {r.host.keys.shape[2]} positions")
+        return DecodeBatch(tuple(request_ids), tuple(token_ids), tuple(positions),
+                           tuple(r.allocation.slot(r.budget_slot(p)) for r, p in zip(requests, positions)),
+                           tuple(r.allocation.row for r in requests))
+
+    # -- one step ---------------------------------------------------------------------------------
+    def decode(self, batch: DecodeBatch) -> torch.Tensor:
+        """One token per request (a `batch(...)`); returns logits [batch.size, vocab] float32."""
+        model, pool, device = self.model, self.pool, self.model.device
+        requests = [self.requests[i] for i in batch.request_ids]
+        selections = [r.budget.select(p + 1) for r, p in zip(requests, batch.positions)]
+        upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=device)
+        slots = torch.tensor(batch.slots, dtype=torch.long, device=device)
+        tables = pool.block_tables.index_select(0, torch.tensor(batch.rows, dtype=torch.long, device=device))
+        lengths = torch.tensor([s.pairs for s in selections], dtype=torch.int32, device=device)
+        cos, sin = model.rope(positions)
+        hidden = torch.nn.functional.embedding(torch.tensor(batch.token_ids, device=device), model.embed_tokens)
+        for layer in range(model.num_layers):
+            qkv = model.project_qkv(layer, hidden)
+            q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], slots)
+            if layer in self._prefetched:  # this layer's prefetch of the previous step
+                torch.cuda.current_stream(device).wait_event(self._prefetched.pop(layer))
+            predictions = []
+            for i, (request, selection) in enumerate(zip(requests, selections)):
+                request.host.write(layer, batch.positions[i], pool.keys[layer][:, batch.slots[i]],
+                                   pool.values[layer][:, batch.slots[i]])
+                predictions.append(self._select(request, layer, q[:, i], selection, upcoming[i]))
+            attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
+                                         PAGE_SIZE)
+            with self._side_stream():
+                for request, predicted in zip(requests, predictions):
+                    if predicted is not None:
+                        _, copied = self._make_resident(request, layer, predicted)
+                        request.stats.record(0, 0, copied)
+                if self._copy_stream is not None:
+                    self._prefetched[layer] = self._copy_stream.record_event()
+            hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
+        for request in requests:
+            request.host.length += 1
+            request.lowbit.extend(request.host)
+        return model.logits(hidden)
+
+    def _side_stream(self) -> contextlib.AbstractContextManager:
+        if self._copy_stream is None:
+            return contextlib.nullcontext()
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        return torch.cuda.stream(self._copy_stream)
+
+    def _select(self, request: OffloadedRequest, layer: int, q: torch.Tensor, selection: StepSelection,
+                upcoming: StepSelection) -> torch.Tensor | None:
+        """Make this step's top-k pairs resident (counting prefetch hits); return the next step's predicted
+        top-k [kv_heads, k] positions (None when it reads no candidates)."""
+        scores = None
+        if selection.scored or upcoming.scored:
+            tokens = min(upcoming.recent_start, request.lowbit.length)
+            scores = score(q, request.lowbit.layer(layer), tokens)
+            scores[:, : selection.sinks] = float("-inf")
+        if selection.top_k:
+            wanted = self._wanted(request, selection, scores)
+            hits, copied = self._make_resident(request, layer, wanted)
+            request.stats.record(wanted.numel(), hits, copied)
+        return self._wanted(request, upcoming, scores) if upcoming.top_k else None
+
+    def _wanted(self, request: OffloadedRequest, selection: StepSelection,
+                scores: torch.Tensor | None) -> torch.Tensor:
+        """[kv_heads, top_k] positions: every candidate, or the best-scored ones."""
+        kv_heads, device = self.model.kv_heads, self.model.device
+        if not selection.scored:
+            return torch.arange(selection.sinks, selection.recent_start, device=device).repeat(kv_heads, 1)
+        return scores[:, : selection.recent_start].topk(selection.top_k, dim=1).indices
+
+    def _make_resident(self, request: OffloadedRequest, layer: int, wanted: torch.Tensor) -> tuple[int, int]:
+        """Copy the `wanted` [kv_heads, m] positions that are not resident into top-k slots whose pairs are not
+        wanted (the lowest such slots first, so a growing set stays a prefix). Returns (hits, pairs copied)."""
+        resident = request.resident[layer]
+        top_k, m = resident.shape[1], wanted.shape[1]
+        held = resident.sort(dim=1).values
+        hit = held.gather(1, torch.searchsorted(held, wanted).clamp(max=top_k - 1)) == wanted
+        wanted_sorted = wanted.sort(dim=1).values
+        kept = wanted_sorted.gather(1, torch.searchsorted(wanted_sorted, resident).clamp(max=m - 1)) == resident
+        misses = (~hit).sum(dim=1, keepdim=True)
+        missed = wanted.gather(1, torch.argsort(hit.to(torch.int8), dim=1, stable=True))
+        free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :m]
+        heads, ranks = (torch.arange(m, device=wanted.device)[None] < misses).nonzero(as_tuple=True)
+        hits = int(hit.sum())
+        if heads.numel() == 0:
+            return hits, 0
+        positions, top_slots = missed[heads, ranks], free[heads, ranks]
+        keys, values = request.host.gather(layer, heads.cpu(), positions.cpu())
+        targets = request.slots[request.budget.sink_tokens + request.budget.recent_tokens + top_slots]
+        self.pool.keys[layer][heads, targets] = keys.to(self.model.device, non_blocking=True)
+        self.pool.values[layer][heads, targets] = values.to(self.model.device, non_blocking=True)
+        resident[heads, top_slots] = positions
+        return hits, int(positions.numel())

@@ -1,0 +1,101 @@
+"""SpeCache on CUDA: the low-bit key kernels (kernels/lowbit_keys.py) against their PyTorch references, and the
+eager SpeCache step (engine/specache.py) with a budget of the whole context against the full-KV batched decode
+(logits within bf16 tolerance, fed the same tokens), and with a small budget (runs,
+the resident top-k slots hold the host's pairs, the prefetch copies are counted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from blendgate.engine.batch import DecodeBatch
+from blendgate.engine.decode import BatchDecoder
+from blendgate.engine.kv_pool import BlockAllocator, blocks_for
+from blendgate.engine.llama import LlamaFamilyModel
+from blendgate.engine.paged_kv import PagedKVPool
+from blendgate.engine.specache import SpeCacheDecoder
+from blendgate.engine.specache_policy import SpeCacheSettings
+from blendgate.kernels.lowbit_keys import GROUP, quantize, quantize_reference, score, score_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_lowbit_kernels_match_their_references(bits, heads, kv_heads, head_dim, dtype) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(bits + heads)
+    keys = torch.randn(kv_heads, 64 * GROUP, head_dim, device="cuda", generator=generator).to(dtype)
+    reference, got = quantize_reference(keys, bits), quantize(keys, bits)
+    assert float((reference.codes == got.codes).float().mean()) > 0.999
+    torch.testing.assert_close(got.zeros, reference.zeros)
+    torch.testing.assert_close(got.steps, reference.steps)
+    q = torch.randn(heads, head_dim, device="cuda", generator=generator).to(dtype)
+    tokens = 64 * GROUP - 7
+    torch.testing.assert_close(score(q, reference, tokens), score_reference(q, reference)[:, :tokens],
+                               atol=2e-3, rtol=2e-3)
+
+
+def config():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaFamilyModel:
+    return LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=5)
+
+
+def prefill(model: LlamaFamilyModel, length: int, extra: int):
+    ids = torch.randint(0, 512, (length,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    cache = model.new_cache(length + extra)
+    return int(model.forward(ids, None, cache)[-1].argmax()), cache
+
+
+def test_a_whole_context_budget_decodes_as_full_kv(model) -> None:
+    length, steps = 700, 6
+    with torch.inference_mode():
+        first, cache = prefill(model, length, steps + 1)
+        allocator = BlockAllocator(blocks_for(length + steps + 1) + 1, 1)
+        pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(length + steps + 1))
+        full = BatchDecoder(model, pool, 1, length + steps + 1, graphs=True)
+        allocation = allocator.allocate(0, length + steps + 1)
+        pool.store(allocation, cache)
+        tokens, full_logits = [first], []
+        for p in range(length, length + steps):
+            logits = full.decode(DecodeBatch((0,), (tokens[-1],), (p,), (allocation.slot(p),), (allocation.row,)))
+            full_logits.append(logits[0].clone())
+            tokens.append(int(logits[0].argmax()))
+        settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=1024)
+        spool = PagedKVPool(model, blocks_for(1024) + 1, 1, blocks_for(1024))
+        decoder = SpeCacheDecoder(model, spool, settings)
+        decoder.admit(0, BlockAllocator(blocks_for(1024) + 1, 1).allocate(0, 1024), cache, steps + 1)
+        for step in range(steps):  # fed full KV's tokens: near-tied random logits may pick others
+            logits = decoder.decode(decoder.batch([0], [tokens[step]]))
+            torch.testing.assert_close(logits[0], full_logits[step], atol=5e-2, rtol=5e-2)
+
+
+def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model) -> None:
+    length, steps = 4000, 40  # 40 steps: a group of low-bit keys is completed mid-way
+    with torch.inference_mode():
+        first, cache = prefill(model, length, steps + 1)
+        settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=0.1, bits=1)
+        budget = settings.budget(length)
+        pool = PagedKVPool(model, blocks_for(budget.tokens) + 1, 1, blocks_for(budget.tokens))
+        decoder = SpeCacheDecoder(model, pool, settings)
+        request = decoder.admit(0, BlockAllocator(blocks_for(budget.tokens) + 1, 1).allocate(0, budget.tokens),
+                                cache, steps + 1)
+        token = first
+        for _ in range(steps):
+            token = int(decoder.decode(decoder.batch([0], [token])).argmax(dim=-1)[0])
+        torch.cuda.synchronize()
+    base = budget.sink_tokens + budget.recent_tokens
+    for layer in range(model.num_layers):
+        resident = request.resident[layer]
+        heads = torch.arange(resident.shape[0], device="cuda")[:, None].expand_as(resident)
+        slots = request.slots[base + torch.arange(resident.shape[1], device="cuda")].expand_as(resident)
+        host = request.host.keys[layer].cuda()
+        assert torch.equal(pool.keys[layer][heads, slots], host[heads, resident])
+    assert request.stats.copied > 0 and 0 <= request.stats.hit_rate <= 1
+    assert request.lowbit.length == (length + steps) // GROUP * GROUP

@@ -1,0 +1,155 @@
+"""SpeCache's decode step (engine/specache.py over engine/kv_offload.py) on SmolLM2's real weights (CPU,
+float32, greedy): with a budget that holds the whole context it gives the full-KV decode's tokens, directly and
+after a blended prefill; with a small budget it still gives full KV's first tokens on an easy prompt, the
+budget's top-k slots hold exactly the host's pairs of the positions the residency table names, and the
+prefetch hit rate is counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from blendgate.engine.kv_pool import BlockAllocator, KVPoolError
+from blendgate.engine.prompt import Prompt, PromptSegment
+from blendgate.engine.runner import LlamaRunner
+from blendgate.engine.specache import SpeCacheDecoder
+from blendgate.engine.specache_policy import SpeCacheSettings
+
+TEXT = ("The history of the city begins with a small fishing village on the river. Over the centuries merchants "
+        "arrived, built warehouses and a stone bridge, and the village grew into a market town. ")
+QUESTION = "In short, the village grew into a"
+
+
+@pytest.fixture(scope="module")
+def runner(loaded_model) -> LlamaRunner:
+    return LlamaRunner(loaded_model)
+
+
+def ids(loaded_model, text: str) -> list[int]:
+    return loaded_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def full_kv(runner, prompt: Prompt, tokens: int) -> list[int]:
+    with torch.inference_mode():
+        logits, state = runner.prefill(prompt)
+        out = [int(logits.argmax())]
+        while len(out) < tokens:
+            out.append(int(runner.decode(out[-1], state).argmax()))
+    return out
+
+
+def specache(runner, prompts: list[Prompt], tokens: int, settings: SpeCacheSettings,
+             check=None) -> tuple[list[list[int]], SpeCacheDecoder]:
+    """Greedy tokens of the prompts decoded together as one SpeCache batch."""
+    allocator = BlockAllocator(num_blocks=64, rows=len(prompts))
+    pool = runner.batch_decoder(allocator.num_blocks, allocator.rows, 1024).pool
+    decoder = SpeCacheDecoder(runner.model, pool, settings)
+    out = []
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            logits, state = runner.prefill(prompt)
+            allocation = allocator.allocate(i, settings.budget(len(prompt)).tokens)
+            decoder.admit(i, allocation, state.cache, tokens)
+            out.append([int(logits.argmax())])
+        for _ in range(tokens - 1):
+            batch = decoder.batch(list(range(len(prompts))), [o[-1] for o in out])
+            for o, token in zip(out, decoder.decode(batch).argmax(dim=-1).tolist()):
+                o.append(token)
+            if check is not None:
+                check(decoder)
+    return out, decoder
+
+
+def test_a_budget_of_the_whole_context_gives_full_kv_tokens(runner, loaded_model) -> None:
+    prompts = [Prompt.plain(ids(loaded_model, TEXT * 2 + QUESTION)), Prompt.plain(ids(loaded_model, QUESTION))]
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=256)
+    assert len(prompts[0]) > 4 + 64  # the top-k slots are used: candidates between the sinks and the window
+    got, decoder = specache(runner, prompts, 5, settings)
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == full_kv(runner, prompt, 5)
+    # Every step but the first found its candidates (all of them: the budget holds the context) prefetched.
+    stats, model = decoder.requests[0].stats, runner.model
+    assert stats.wanted - stats.hits == model.num_layers * model.kv_heads * (len(prompts[0]) + 1 - 64 - 4)
+
+
+def test_a_blended_prefill_hands_its_kv_to_specache(loaded_model) -> None:
+    from blendgate.chunkcache.fallback import PrefillCosts
+    from blendgate.chunkcache.kv_store import ChunkCacheStore
+    from blendgate.chunkcache.runner import BlendingRunner
+    from blendgate.chunkcache.tiers import MemoryTier
+
+    blending = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]),
+                              costs=PrefillCosts(pass_tokens=0, placement_tokens=0))
+    segments = [PromptSegment(tuple(ids(loaded_model, "<|im_start|>system\nAnswer from the documents.<|im_end|>\n"
+                                                      "<|im_start|>user\nDocuments:\n\n")))]
+    for document in [TEXT, "The blue castle's secret code is 4711."]:
+        segments.append(PromptSegment(tuple(ids(loaded_model, document + "\n\n")), is_chunk=True))
+    segments.append(PromptSegment(tuple(ids(loaded_model, "Question: What is the code?<|im_end|>\n"
+                                                          "<|im_start|>assistant\n"))))
+    prompt = Prompt(segments, mode="blend", recompute_ratio=0.3)
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=512)
+    assert len(prompt) > 4 + 64
+    got, _ = specache(blending, [prompt], 4, settings)
+    assert got[0] == full_kv(blending, prompt, 4)
+
+
+def test_a_small_budget_decodes_from_the_best_pairs(runner, loaded_model) -> None:
+    prompt = Prompt.plain(ids(loaded_model, TEXT * 4 + QUESTION))
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=100, bits=2)
+    assert settings.budget(len(prompt)).select(len(prompt) + 1).scored  # the top-k is chosen from the start
+
+    def resident_pairs_are_the_hosts(decoder: SpeCacheDecoder) -> None:
+        request = decoder.requests[0]
+        base = request.budget.sink_tokens + request.budget.recent_tokens
+        for layer in (0, runner.model.num_layers - 1):
+            resident = request.resident[layer]
+            assert bool((resident >= 0).all())  # the top-k slots are all in use
+            heads = torch.arange(resident.shape[0])[:, None].expand_as(resident)
+            slots = request.slots[base + torch.arange(resident.shape[1])].expand_as(resident)
+            assert torch.equal(decoder.pool.keys[layer][heads, slots], request.host.keys[layer][heads, resident])
+            assert torch.equal(decoder.pool.values[layer][heads, slots], request.host.values[layer][heads, resident])
+
+    got, decoder = specache(runner, [prompt], 4, settings, check=resident_pairs_are_the_hosts)
+    assert got[0][:2] == full_kv(runner, prompt, 2)
+    request = decoder.requests[0]
+    assert 0 < request.stats.hit_rate <= 1 and request.stats.copied > 0
+    assert request.gpu_bytes(runner.kv_token_bytes) < len(prompt) * runner.kv_token_bytes
+
+
+def test_an_allocation_smaller_than_the_budget_is_refused(runner, loaded_model) -> None:
+    allocator = BlockAllocator(num_blocks=8, rows=1)
+    pool = runner.batch_decoder(allocator.num_blocks, allocator.rows, 128).pool
+    decoder = SpeCacheDecoder(runner.model, pool, SpeCacheSettings(enabled=True, gpu_budget_tokens=100))
+    _, state = runner.prefill(Prompt.plain(ids(loaded_model, TEXT)))
+    with pytest.raises(KVPoolError, match="does not fit"):
+        decoder.admit(0, allocator.allocate(0, 16), state.cache, 4)
+
+
+def test_the_engine_decodes_long_prompts_with_specache_beside_short_ones(runner, loaded_model) -> None:
+    """A prompt over min_context_tokens reserves its budget (not its context) and decodes in SpeCache's step,
+    while a short one decodes in the batched step; with a budget of the whole context both get full KV's
+    tokens."""
+    import asyncio
+
+    from blendgate.engine.engine import LocalEngine
+    from blendgate.engine.sampling import SamplingParams
+
+    long, short = ids(loaded_model, TEXT * 2 + QUESTION), ids(loaded_model, QUESTION)
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=len(short) + 1, gpu_budget_tokens=200)
+    engine = LocalEngine(runner, max_context_tokens=256, stop_token_ids=frozenset(), max_running=2,
+                         specache=settings)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+
+    async def main() -> list[list[int]]:
+        handles = [engine.submit(prompt, params) for prompt in (long, short)]
+        assert [h.kv_tokens for h in handles] == [200, len(short) + 4]
+        tokens = []
+        for handle in handles:  # both run together; the second's tokens wait in its queue
+            tokens.append([event.token_id async for event in handle])
+        return tokens
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert got == [full_kv(runner, Prompt.plain(long), 4), full_kv(runner, Prompt.plain(short), 4)]
+    assert not engine._specache.requests  # released when they finished
