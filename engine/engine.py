@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol, runtime_checkable
+from typing import AsyncIterator, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -265,26 +265,18 @@ class LocalEngine:
             else:
                 live.append(request)
         offloaded = [request for request in live if request.specache_budget]
+        live = [request for request in live if not request.specache_budget]
         if offloaded:
-            live = [request for request in live if not request.specache_budget]
-            self._decode_offloaded(offloaded)
-        if not live:
-            return
-        try:
-            batch = self._batch(live)
-            tokens = sample_batch([request.sampler for request in live], self._decoder.decode(batch))
-        except Exception as exc:  # the step failed for all of them; the engine goes on
-            for request in live:
-                self._fail(request, exc)
-            return
-        for request, token in zip(live, tokens):
-            request.kv.length += 1
-            self._emit_token(request, token)
+            self._decode_with(offloaded, lambda: self._specache.decode(self._specache.batch(
+                [request.request_id for request in offloaded], [request.last_token for request in offloaded])))
+        if live:
+            self._decode_with(live, lambda: self._decoder.decode(self._batch(live)))
 
-    def _decode_offloaded(self, requests: list[GenerationHandle]) -> None:
+    def _decode_with(self, requests: list[GenerationHandle], logits: Callable[[], torch.Tensor]) -> None:
+        """One token for each of `requests` from one decode step (`logits`: [len(requests), vocab]); a failed
+        step fails them all, and the engine goes on."""
         try:
-            batch = self._specache.batch([r.request_id for r in requests], [r.last_token for r in requests])
-            tokens = sample_batch([request.sampler for request in requests], self._specache.decode(batch))
+            tokens = sample_batch([request.sampler for request in requests], logits())
         except Exception as exc:
             for request in requests:
                 self._fail(request, exc)
