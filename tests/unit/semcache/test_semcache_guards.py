@@ -2,7 +2,6 @@
 fire it, paraphrases do not."""
 
 import pytest
-
 from blendgate.semcache.guards import check, names, numbers, tokens
 
 
@@ -77,6 +76,31 @@ def test_comparison_guard_fires_on_opposed_words(query: str, cached: str) -> Non
 ])
 def test_comparison_guard_keeps_the_same_comparison(query: str, cached: str) -> None:
     assert not check(query, cached).comparison
+
+
+@pytest.mark.parametrize("query, cached", [
+    # Held-out QQP false hits of the default cache before this guard (MiniLM cosine 0.98 and 0.96).
+    ("What are the negative effects, if any, of long-term caffeine consumption?",
+     "What are the positive effects, if any, of long-term caffeine consumption?"),
+    ("What were the negative effects of imperialism in Africa?",
+     "What were some of the positive effects that imperialism had in Africa?"),
+    ("What are the disadvantages of being an only child?", "What are the advantages to being an only child?"),
+    ("Does drinking alcohol decrease depression?", "Does alcohol increase my depression?"),
+    ("How do I make my hair look less greasy?", "How can I make my hair more greasy?"),
+])
+def test_opposites_guard_fires_on_a_word_against_its_opposite(query: str, cached: str) -> None:
+    flags = check(query, cached)
+    assert flags.opposites and flags.comparison
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What is the best way to find a pen pal?", "Where would I find a pen pal?"),  # comparison fires, not this
+    ("What are the pros and cons of marriage?", "What are the pros of marriage?"),  # both words on one side
+    ("What are the pros and cons of marriage?", "What are the cons and pros of getting married?"),
+    ("Which is faster, a cheetah or a horse?", "Which is faster: a horse or a cheetah?"),
+])
+def test_opposites_guard_keeps_pairs_without_an_opposed_word(query: str, cached: str) -> None:
+    assert not check(query, cached).opposites
 
 
 def test_first_guard_names_the_reason() -> None:
