@@ -103,6 +103,27 @@ def test_opposites_guard_keeps_pairs_without_an_opposed_word(query: str, cached:
     assert not check(query, cached).opposites
 
 
+@pytest.mark.parametrize("query, cached", [
+    ("What do Iranians think about Pakistanis?", "What do Pakistanis think about Iranians?"),  # held-out QQP
+    ("Do Indian men find American women attractive?", "Do Indian women find American men attractive?"),
+    ("How do you convert toluene into benzene?", "How do you convert benzene into toluene?"),
+    ("What if Samsung buys Apple?", "What if Apple buys Samsung?"),
+])
+def test_exchanged_guard_fires_when_two_words_change_places(query: str, cached: str) -> None:
+    assert check(query, cached).exchanged
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What is the difference between Chinese and English?", "What is the difference between English and Chinese?"),
+    ("Which is faster, a cheetah or a horse?", "Which is faster, a horse or a cheetah?"),
+    ("What time is it in Paris?", "What time it is in Paris?"),  # next to each other
+    ("Why did Burma change its name to Myanmar?", "Why did Myanmar change its name from Burma?"),  # more changed
+    ("How do I learn Python?", "How do I learn Python?"),
+])
+def test_exchanged_guard_keeps_lists_neighbours_and_rewordings(query: str, cached: str) -> None:
+    assert not check(query, cached).exchanged
+
+
 def test_first_guard_names_the_reason() -> None:
     assert check("What is the best phone?", "What is the worst phone?").fired() == "comparison"
     assert check("How do I cook rice?", "How should I cook rice?").fired() is None
