@@ -19,8 +19,10 @@ from dataclasses import dataclass
 _TOKEN = re.compile(r"n't|[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
 _SPLIT_NEGATION = re.compile(r"(\w)n't\b", re.IGNORECASE)
 
+# "one" is not among them: in questions it is mostly the pronoun ("How does one...", "any one", "which one");
+# counted as 1 it refused 63 duplicates among 73 QQP tuning pairs at cosine >= 0.89 (86%, against 79% of all).
 NUMBER_WORDS = {
-    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
     "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "thirteen": "13",
     "fourteen": "14", "fifteen": "15", "sixteen": "16", "seventeen": "17", "eighteen": "18", "nineteen": "19",
     "twenty": "20", "thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
@@ -59,12 +61,14 @@ def tokens(text: str) -> list[str]:
 
 
 def numbers(words: list[str]) -> set[str]:
-    """The numbers a question names, digits or words ("two" and "2" are both "2"; "1,000" is "1000")."""
+    """The numbers a question names, digits or words ("two" and "2" are both "2"; "1,000" is "1000"; "1.50" is
+    "1.5"; the word "one" is not a number here, see NUMBER_WORDS)."""
     found = set()
     for word in words:
         lower = word.lower()
         if lower[0].isdigit():
-            found.add(lower.replace(",", ""))
+            digits = lower.replace(",", "")
+            found.add(digits.rstrip("0").rstrip(".") if "." in digits else digits)
         elif lower in NUMBER_WORDS:
             found.add(NUMBER_WORDS[lower])
     return found
