@@ -28,9 +28,10 @@ CLOSEST_SLACK = 0.02
 # A probability threshold is only chosen where at least this many calibration hits (pairs it serves) stand
 # behind it: the fewest at which none of them false bounds the false share within the default 2% (Wilson, 95%:
 # 1.8% at 150). Without it the lowest upper bound of a small category could sit on a few dozen lucky pairs
-# (time_sensitive on the QQP tuning pairs, earlier weights: 2 false of 68 hits at probability 0.94, upper 8.5%, 1.6% of
-# its same-answer pairs where 523 hits at 0.0 have an upper bound of 10.0% and serve 11%). Where even the
-# loosest threshold serves fewer, it alone is eligible: nothing narrower than all the pairs is trusted.
+# (time_sensitive on the QQP tuning pairs, earlier weights: 2 false of 68 hits at probability 0.94, upper
+# 8.5%, serving 1.6% of its same-answer pairs, where 523 hits at 0.0 had an upper bound of 10.0% and served
+# 11%). Where even the loosest threshold serves fewer, it alone is eligible: nothing narrower than all the
+# pairs is trusted.
 MIN_CALIBRATION_HITS = 150
 
 
