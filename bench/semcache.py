@@ -12,7 +12,7 @@ unlabelled, and left out of the false-hit share.
     python bench/semcache.py quality              # dev + test, category-aware vs uniform (runs workload too)
     python bench/semcache.py workload             # categories configured for STS-B's genres vs uniform
     python bench/semcache.py latency --sizes 10000 100000 1000000 [--probe-rounds N] [--redis-url redis://...]
-    python bench/semcache.py qqp [--per-class N] [--set KEY=VALUE] [--category-set KEY=VALUE]  # Quora pairs
+    python bench/semcache.py qqp [--per-class N] [--set KEY=VALUE] [--category-set KEY=VALUE] [--false-hits F.tsv]
     python bench/semcache.py all --sizes 10000 100000 1000000 --out bench/results/semcache-DATE.md
 
 Latency entries are synthesised from the real embeddings of the STS-B sentences in cached categories
@@ -52,8 +52,18 @@ from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
 from blendgate.semcache.settings import CategoryPolicy, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
-from semcache_qqp import (REDISVL_DEFAULT, QqpPair, balanced, cache_outcomes, default_cache, load_qqp, pair_cosines,
-                          settings_with, split_held_out)
+from semcache_qqp import (
+    REDISVL_DEFAULT,
+    QqpPair,
+    balanced,
+    cache_outcomes,
+    default_cache,
+    load_qqp,
+    pair_cosines,
+    settings_with,
+    split_held_out,
+    write_false_hits,
+)
 from semcache_qqp import report as qqp_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -660,8 +670,9 @@ def qqp_sets(embeddings: Embeddings, per_class: int | None = None) -> tuple[list
 
 
 async def qqp(embedder: Embedder, embeddings: Embeddings, redis_url: str | None, per_class: int | None,
-              settings: SemanticCacheSettings) -> str:
-    """The cache with `settings` and static thresholds on held-out Quora question pairs (bench/semcache_qqp.py)."""
+              settings: SemanticCacheSettings, false_hits: Path | None = None) -> str:
+    """The cache with `settings` and static thresholds on held-out Quora question pairs (bench/semcache_qqp.py);
+    the cache's false hits written to `false_hits` (TSV) when given."""
     held, tune = qqp_sets(embeddings, per_class)
     store = RedisAnswerStore(redis_url, f"blendgate-bench-{os.getpid()}", "bench", settings.redis_timeout_ms / 1000) \
         if redis_url else None
@@ -672,7 +683,10 @@ async def qqp(embedder: Embedder, embeddings: Embeddings, redis_url: str | None,
     protocol = QQP_PROTOCOL.format(duplicates=sum(p.duplicate for p in held), tune=len(tune),
                                    store=f"Redis ({redis_url})" if redis_url else "the embedded store")
     tuning = (pair_cosines(tune, embeddings), np.array([p.duplicate for p in tune]))
-    return protocol + "\n\n" + qqp_report(outcomes, pair_cosines(held, embeddings), tuning)
+    held_cosines = pair_cosines(held, embeddings)
+    if false_hits is not None:
+        print(f"wrote {write_false_hits(outcomes, held_cosines, false_hits)} false hits to {false_hits}")
+    return protocol + "\n\n" + qqp_report(outcomes, held_cosines, tuning)
 
 
 def machine() -> str:
@@ -694,6 +708,8 @@ def main() -> None:
                         help="qqp: a semantic_cache setting for the cache (value as YAML), e.g. verifier=false")
     parser.add_argument("--category-set", action="append", default=[], metavar="KEY=VALUE",
                         help="qqp: a setting of every category, e.g. false_hit_bound=0.01")
+    parser.add_argument("--false-hits", type=Path, default=None, metavar="PATH",
+                        help="qqp: write the cache's false hits (held-out non-duplicates served) here as TSV")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -706,7 +722,8 @@ def main() -> None:
               f"- embedder: all-MiniLM-L6-v2 (cosine similarity); data: {data}", ""]
     if args.command == "qqp":
         settings = settings_with(args.set, args.category_set)
-        section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class, settings))
+        section = asyncio.run(qqp(embedder, embeddings, args.redis_url, args.per_class, settings,
+                                       args.false_hits))
         report += ["## Hit rate and false hits on Quora question pairs (held out)", "", section]
     if args.command == "tune":
         for key, value in asyncio.run(tune(embedder, embeddings)).items():

@@ -239,6 +239,19 @@ def same_rate_threshold(cosines: np.ndarray, duplicate: np.ndarray, duplicate_hi
     return float(duplicates[min(needed, len(duplicates)) - 1])
 
 
+def write_false_hits(outcomes: list[PairOutcome], cosines: np.ndarray, path: Path) -> int:
+    """Write the non-duplicate pairs the cache served (its false hits) to `path` as tab-separated rows (pair id,
+    the second question's category, the pair's MiniLM cosine, first question, second question; a header), for
+    auditing by hand. `cosines`: one per outcome, in order. Returns the number written."""
+    rows = [(o.pair.pair_id, o.category or "", f"{cosine:.4f}", o.pair.first, o.pair.second)
+            for o, cosine in zip(outcomes, cosines) if o.served and not o.pair.duplicate]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(("id", "category", "cosine", "first", "second"))
+        writer.writerows(rows)
+    return len(rows)
+
+
 # -- the report -------------------------------------------------------------------------------------------------
 def table_row(label: str, threshold: str, r: Rates) -> str:
     return (f"| {label} | {threshold} | {r.true_hits}/{r.duplicates} | {r.duplicate_hit_rate:.3f} "

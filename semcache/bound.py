@@ -25,6 +25,14 @@ PROBABILITY_BINS = 100  # of 0.01
 # nothing (on the QQP tuning pairs at cosine >= 0.905: 0 false of 28 hits, upper bound 8.8%, against 61 of
 # 747 at 10.0% and 73 of 845 at 10.4%, which serve 27 times as many same-answer pairs).
 CLOSEST_SLACK = 0.02
+# A probability threshold is only chosen where at least this many calibration hits (pairs it serves) stand
+# behind it: the fewest at which none of them false bounds the false share within the default 2% (Wilson, 95%:
+# 1.8% at 150). Without it the lowest upper bound of a small category could sit on a few dozen lucky pairs
+# (time_sensitive on the QQP tuning pairs, earlier weights: 2 false of 68 hits at probability 0.94, upper
+# 8.5%, serving 1.6% of its same-answer pairs, where 523 hits at 0.0 had an upper bound of 10.0% and served
+# 11%). Where even the loosest threshold serves fewer, it alone is eligible: nothing narrower than all the
+# pairs is trusted.
+MIN_CALIBRATION_HITS = 150
 
 
 def wilson_upper(false_hits: int, hits: int, z: float = Z_95) -> float:
@@ -47,7 +55,8 @@ class Calibration:
     alone (what the verifier costs is the difference), `unverified_estimate` the false share on the cosine
     alone. Served means: no veto guard fired (verifier.VETO_GUARDS) and the probability reached `probability`.
     `met` is False when no probability threshold meets the bound on these pairs: `probability` is then the
-    one that comes closest (the loosest within CLOSEST_SLACK of the lowest 95% upper bound), and `estimate`,
+    one that comes closest (the loosest within CLOSEST_SLACK of the lowest 95% upper bound, among those with at
+    least MIN_CALIBRATION_HITS hits behind them), and `estimate`,
     `upper` and `hit_rate` are its. Without any calibration pair at or above the cosine threshold that the
     guards let through, `probability` is None (the guards alone decide, verifier.Verifier) and `estimate`,
     `upper` and `hit_rate` are 0, 1 and 0."""
@@ -112,8 +121,10 @@ class CalibrationTable:
         """The lowest probability threshold (a multiple of 0.01) at which the 95% upper bound of the false share
         of hits, among the pairs at or above `cosine_threshold` (to the bin below it) that no veto guard
         refuses (the verifier refuses those on their own), is within `bound`; where none is, the loosest within
-        CLOSEST_SLACK of the lowest upper bound and `met` False (without such pairs: None, with the shares of
-        the guards alone; see Calibration). Hit rates are shares of all the table's same-answer pairs (cosine
+        CLOSEST_SLACK of the lowest upper bound and `met` False; either way only among the thresholds that serve
+        at least MIN_CALIBRATION_HITS of these pairs (where fewer pairs are let through at all, the loosest
+        threshold alone). Without such pairs: None, with the shares of the guards alone (see Calibration). Hit
+        rates are shares of all the table's same-answer pairs (cosine
         >= COSINE_FLOOR)."""
         first = max(0, int((cosine_threshold - COSINE_FLOOR) / (1 - COSINE_FLOOR) * COSINE_BINS + 1e-9))
         same_total = int(self.counts[..., 1].sum())
@@ -135,6 +146,8 @@ class CalibrationTable:
             return Calibration(category, bound, cosine_threshold, k / PROBABILITY_BINS, false / hits, float(uppers[k]),
                                (hits - false) / same_total, unverified_hit_rate, unverified_false, pairs, met)
 
+        # Thresholds with too few hits behind them are not eligible (MIN_CALIBRATION_HITS).
+        uppers[hits_at < min(MIN_CALIBRATION_HITS, int(hits_at[0]))] = np.inf
         within = np.flatnonzero(uppers <= bound)
         if len(within):
             return at(int(within[0]), True)

@@ -189,10 +189,10 @@ class SemanticCacheMetrics:
         self.entries = Gauge("blendgate_semantic_cache_entries", "Entries in the in-memory index",
                              ["category", *tenant], registry=registry)
         self.verifier_rejections = Counter("blendgate_semantic_cache_verifier_rejections", "Candidate hits the "
-                                           "verifier refused, by reason (numbers, entities, negation, comparison: "
-                                           "the guard that fired; classifier; feedback: refused by what false-hit "
-                                           "reports taught, a learned probability threshold or a reported "
-                                           "entry's neighbourhood)", ["category", "reason"],
+                                           "verifier refused, by reason (numbers, entities, negation, comparison, "
+                                           "opposites, exchanged: the guard that fired; classifier; feedback: "
+                                           "refused by what false-hit reports taught, a learned probability "
+                                           "threshold or a reported entry's neighbourhood)", ["category", "reason"],
                                            registry=registry)
         self.lookup_seconds = Histogram(
             "blendgate_semantic_cache_lookup_seconds", "Classification, index search and, on a hit, the entry "

@@ -46,6 +46,16 @@ def vectors() -> dict[str, np.ndarray]:
     return table
 
 
+def test_false_hits_are_written_for_auditing(tmp_path) -> None:
+    outcomes = [qqp.PairOutcome(pair, status, "factual", 0.9, True, 0.1)
+                for (pair, _), status in zip(PAIRS, ["hit", "hit", "miss", "miss", "hit"])]
+    path = tmp_path / "false-hits.tsv"
+    assert qqp.write_false_hits(outcomes, np.array([0.95, 0.95, 0.3, 0.5, 1.0]), path) == 1  # pair 2 only
+    header, row = [line.split("\t") for line in path.read_text().splitlines()]
+    assert header == ["id", "category", "cosine", "first", "second"]
+    assert row == ["2", "factual", "0.9500", "How do you learn Python?", "How do you learn Java?"]
+
+
 def test_counting_through_the_real_cache() -> None:
     table = vectors()
     policy = CategoryPolicy(name="all", threshold=0.9, examples=["any question"])

@@ -2,7 +2,6 @@
 fire it, paraphrases do not."""
 
 import pytest
-
 from blendgate.semcache.guards import check, names, numbers, tokens
 
 
@@ -11,6 +10,9 @@ from blendgate.semcache.guards import check, names, numbers, tokens
     ("Is 1,000 dollars enough for a week in Paris?", "Is 100 dollars enough for a week in Paris?"),
     ("What are three ways to save money?", "What are ten ways to save money?"),
     ("How old is the universe?", "How old is the universe in 2020?"),
+    ("Which is the best reference book for ICSE class 8 science?",
+     "Which is the best reference book for ICSE class 7 science?"),
+    ("Is one year enough to learn French?", "Are two years enough to learn French?"),
 ])
 def test_numbers_guard_fires_on_different_numbers(query: str, cached: str) -> None:
     assert check(query, cached).numbers
@@ -20,6 +22,11 @@ def test_numbers_guard_fires_on_different_numbers(query: str, cached: str) -> No
     ("What are 2 ways to save money?", "What are two ways to save money?"),
     ("Is 1,000 dollars enough?", "Is 1000 dollars enough?"),
     ("How do I cook rice?", "What is the way to cook rice?"),
+    ("Is 1.50 dollars a fair price?", "Is 1.5 dollars a fair price?"),
+    # "one" as a pronoun (QQP tuning pairs the guard refused before).
+    ("How do I become a fashion photographer?", "How does one become a fashion photographer?"),
+    ("Has any one regretted going to college?", "Does anyone regret going to college?"),
+    ("What are the best romantic movies?", "Which one is the best romantic movie?"),
 ])
 def test_numbers_guard_keeps_same_numbers(query: str, cached: str) -> None:
     assert not check(query, cached).numbers
@@ -79,6 +86,52 @@ def test_comparison_guard_keeps_the_same_comparison(query: str, cached: str) -> 
     assert not check(query, cached).comparison
 
 
+@pytest.mark.parametrize("query, cached", [
+    # Held-out QQP false hits of the default cache before this guard (MiniLM cosine 0.98 and 0.96).
+    ("What are the negative effects, if any, of long-term caffeine consumption?",
+     "What are the positive effects, if any, of long-term caffeine consumption?"),
+    ("What were the negative effects of imperialism in Africa?",
+     "What were some of the positive effects that imperialism had in Africa?"),
+    ("What are the disadvantages of being an only child?", "What are the advantages to being an only child?"),
+    ("Does drinking alcohol decrease depression?", "Does alcohol increase my depression?"),
+    ("How do I make my hair look less greasy?", "How can I make my hair more greasy?"),
+])
+def test_opposites_guard_fires_on_a_word_against_its_opposite(query: str, cached: str) -> None:
+    flags = check(query, cached)
+    assert flags.opposites and flags.comparison
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What is the best way to find a pen pal?", "Where would I find a pen pal?"),  # comparison fires, not this
+    ("What are the pros and cons of marriage?", "What are the pros of marriage?"),  # both words on one side
+    ("What are the pros and cons of marriage?", "What are the cons and pros of getting married?"),
+    ("Which is faster, a cheetah or a horse?", "Which is faster: a horse or a cheetah?"),
+])
+def test_opposites_guard_keeps_pairs_without_an_opposed_word(query: str, cached: str) -> None:
+    assert not check(query, cached).opposites
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What do Iranians think about Pakistanis?", "What do Pakistanis think about Iranians?"),  # held-out QQP
+    ("Do Indian men find American women attractive?", "Do Indian women find American men attractive?"),
+    ("How do you convert toluene into benzene?", "How do you convert benzene into toluene?"),
+    ("What if Samsung buys Apple?", "What if Apple buys Samsung?"),
+])
+def test_exchanged_guard_fires_when_two_words_change_places(query: str, cached: str) -> None:
+    assert check(query, cached).exchanged
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("What is the difference between Chinese and English?", "What is the difference between English and Chinese?"),
+    ("Which is faster, a cheetah or a horse?", "Which is faster, a horse or a cheetah?"),
+    ("What time is it in Paris?", "What time it is in Paris?"),  # next to each other
+    ("Why did Burma change its name to Myanmar?", "Why did Myanmar change its name from Burma?"),  # more changed
+    ("How do I learn Python?", "How do I learn Python?"),
+])
+def test_exchanged_guard_keeps_lists_neighbours_and_rewordings(query: str, cached: str) -> None:
+    assert not check(query, cached).exchanged
+
+
 def test_first_guard_names_the_reason() -> None:
     assert check("What is the best phone?", "What is the worst phone?").fired() == "comparison"
     assert check("How do I cook rice?", "How should I cook rice?").fired() is None
@@ -86,5 +139,6 @@ def test_first_guard_names_the_reason() -> None:
 
 def test_tokens_split_negations_and_keep_numbers() -> None:
     assert tokens("Don't sell 1,500 shares") == ["Do", "n't", "sell", "1,500", "shares"]
-    assert numbers(tokens("two or 2 or 3.5")) == {"2", "3.5"}
+    assert numbers(tokens("two or 2 or 3.5 or 3.50 or 1,000.0")) == {"2", "3.5", "1000"}
+    assert numbers(tokens("one of them")) == set()
     assert names(tokens("What Is the capital of France")) == {"france"}

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from blendgate.semcache.answer_store import MemoryAnswerStore
-from blendgate.semcache.bound import CLOSEST_SLACK, COSINE_BINS, PROBABILITY_BINS, CalibrationTable, wilson_upper
+from blendgate.semcache.bound import (
+    CLOSEST_SLACK,
+    COSINE_BINS,
+    MIN_CALIBRATION_HITS,
+    PROBABILITY_BINS,
+    CalibrationTable,
+    wilson_upper,
+)
 from blendgate.semcache.cache import SemanticCache
 from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics
@@ -43,7 +50,8 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     rng = np.random.default_rng(0)
     same = rng.random(20_000) < 0.5
     # Same-answer pairs score high, different ones low: a higher threshold leaves fewer false hits.
-    probabilities = np.clip(np.where(same, rng.normal(0.8, 0.15, same.size), rng.normal(0.3, 0.15, same.size)), 0, 0.999)
+    probabilities = np.clip(np.where(same, rng.normal(0.8, 0.15, same.size), rng.normal(0.3, 0.15, same.size)),
+                            0, 0.999)
     guarded = rng.random(same.size) < np.where(same, 0.1, 0.5)  # guards fire more often on different pairs
     table = CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, guarded, same)
     loose, strict = table.calibrate("factual", 0.9, 0.05), table.calibrate("factual", 0.9, 0.01)
@@ -67,6 +75,30 @@ def test_calibration_picks_the_lowest_probability_within_the_bound() -> None:
     assert table.calibrate("code", 0.96, 0.05).probability is None
     restored = CalibrationTable.from_json(table.to_json())
     assert (restored.counts == table.counts).all() and restored.counts.shape == (COSINE_BINS, PROBABILITY_BINS, 2, 2)
+
+
+def _table(*groups: tuple[float, int, int]) -> CalibrationTable:
+    """Pairs at cosine 0.95, no guard fired: (probability, same-answer pairs, different-answer pairs) per group."""
+    probabilities = np.concatenate([np.full(same + other, p) for p, same, other in groups])
+    same = np.concatenate([np.r_[np.ones(s, bool), np.zeros(o, bool)] for _, s, o in groups])
+    return CalibrationTable.from_pairs(np.full(same.size, 0.95), probabilities, np.zeros(same.size, bool), same)
+
+
+def test_calibration_needs_enough_hits_behind_a_threshold() -> None:
+    # 40 pairs at probability 0.955, all right (upper 6.3%), above 400 at 0.5 with 40 wrong (upper 11.5%): the
+    # lowest upper bound sits on the 40, too few to trust; the threshold falls to the loosest with enough hits.
+    lucky = _table((0.955, 40, 0), (0.5, 400, 40))
+    closest = lucky.calibrate("factual", 0.9, 0.02)
+    assert wilson_upper(0, 40) < wilson_upper(40, 480) - CLOSEST_SLACK and 40 < MIN_CALIBRATION_HITS
+    assert not closest.met and closest.probability == 0.0 and closest.hit_rate == 1.0
+    assert closest.upper == pytest.approx(wilson_upper(40, 480))
+    # Enough right pairs at the top (upper 1.3% on 200): chosen, and the bound met.
+    enough = _table((0.955, 200, 0), (0.5, 400, 40)).calibrate("factual", 0.9, 0.02)
+    assert enough.met and enough.probability == 0.51 and enough.hit_rate == pytest.approx(200 / 600)  # lowest: 0.51
+    # Fewer pairs in all than the floor: the loosest threshold alone is eligible, met if all of them hold it.
+    few = _table((0.955, 20, 0), (0.5, 30, 0))
+    assert few.calibrate("factual", 0.9, 0.1).probability == 0.0 and few.calibrate("factual", 0.9, 0.1).met
+    assert few.calibrate("factual", 0.9, 0.02).probability == 0.0 and not few.calibrate("factual", 0.9, 0.02).met
 
 
 def _false_and_hits(probabilities: np.ndarray, same: np.ndarray, threshold: float) -> tuple[int, int]:
