@@ -12,16 +12,10 @@ from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.selection import SelectionRule
 from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.llama import LlamaFamilyModel
+from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-def config(model_type: str = "llama"):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(model_type, vocab_size=512, hidden_size=256, intermediate_size=512,
-                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                max_position_embeddings=4096)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
@@ -30,7 +24,7 @@ def test_logits_match_transformers_on_cuda(model_type, dtype) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(config(model_type), dtype=dtype).to("cuda").eval()
+    reference = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype).to("cuda").eval()
     ours = LlamaFamilyModel.from_transformers(reference)
     ids = torch.randint(0, 512, (300,), device="cuda")
     with torch.inference_mode():
@@ -49,7 +43,7 @@ RULES = [SelectionRule("value"), SelectionRule("kv"), SelectionRule("value", gra
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.score}-p{r.probe_layers}-s{r.sink_tokens}-g{r.gradual}"
                          f"-{r.chunk_budget}")
 def test_blend_limits_on_cuda(rule) -> None:
-    model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.float32, seed=3)
+    model = LlamaFamilyModel.random(tiny_config(), device="cuda", dtype=torch.float32, seed=3)
     generator = torch.Generator().manual_seed(1)
     prefix, suffix = torch.randint(0, 512, (8,), generator=generator).tolist(), [5, 6, 7, 8]
     chunks = [torch.randint(0, 512, (64,), generator=generator).tolist() for _ in range(4)]
@@ -81,7 +75,7 @@ def test_gpu_tier_keeps_kv_on_the_gpu_and_demotes_to_cpu() -> None:
 
 
 def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> None:
-    model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=4)
+    model = LlamaFamilyModel.random(tiny_config(), device="cuda", dtype=torch.bfloat16, seed=4)
     generator = torch.Generator().manual_seed(2)
     prefix, suffix = torch.randint(0, 512, (8,), generator=generator).tolist(), [5, 6, 7, 8]
     chunk = torch.randint(0, 512, (64,), generator=generator).tolist()
@@ -101,7 +95,7 @@ def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> N
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 1.0])
 def test_an_exact_prefix_kv_changes_nothing_but_the_work_on_cuda(ratio) -> None:
-    model = LlamaFamilyModel.random(config(), device="cuda", dtype=torch.float32, seed=6)
+    model = LlamaFamilyModel.random(tiny_config(), device="cuda", dtype=torch.float32, seed=6)
     generator = torch.Generator().manual_seed(3)
     prefix, suffix = torch.randint(0, 512, (24,), generator=generator).tolist(), [5, 6, 7, 8]
     chunks = [precompute_chunk(model, torch.randint(0, 512, (100,), generator=generator).tolist(), prefix)

@@ -12,6 +12,7 @@ from blendgate.engine.kv_pool import PAGE_SIZE, BlockAllocator, blocks_for
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.engine.paged_kv import PagedKVPool
 from blendgate.kernels.decode_attention import decode_attention, decode_attention_reference
+from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -39,16 +40,10 @@ def test_the_decode_kernel_matches_its_reference(dtype, heads, kv_heads, head_di
     torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
 
 
-def config():
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-
 
 @pytest.fixture(scope="module")
 def model() -> LlamaFamilyModel:
-    return LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=3)
+    return LlamaFamilyModel.random(tiny_config(max_positions=4096), device="cuda", dtype=torch.bfloat16, seed=3)
 
 
 def test_graph_replays_give_the_eager_steps_logits_and_the_one_request_decode(model) -> None:

@@ -11,6 +11,7 @@ from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels import activation, attention, norm, probe_attention, rope, selection, sparse_attention
+from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -174,17 +175,10 @@ def test_dense_attention_matches_the_reference(gen, kind) -> None:
     assert relative_error(attention.attend(q, keys, values, plan), expected) < 1e-2
 
 
-def small_config():
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                max_position_embeddings=4096)
-
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 1.0])
 def test_chunks_streamed_from_cpu_memory_blend_like_chunks_on_the_gpu(gen, ratio) -> None:
-    model = LlamaFamilyModel.random(small_config(), device="cuda", dtype=torch.bfloat16, seed=5)
+    model = LlamaFamilyModel.random(tiny_config(max_positions=4096), device="cuda", dtype=torch.bfloat16, seed=5)
     ids = torch.randint(0, 512, (4 * 128 + 40,), generator=gen, device="cuda").tolist()
     prefix, chunks, question = ids[:24], [ids[24 + 128 * i: 24 + 128 * (i + 1)] for i in range(4)], ids[-16:]
     on_gpu = [precompute_chunk(model, c, prefix) for c in chunks]

@@ -11,20 +11,15 @@ from blendgate.chunkcache.blend import ChunkKV, ChunkLoader, _layout, blend_pref
 from blendgate.chunkcache.probe import ProbeGraphs, probe_eager
 from blendgate.chunkcache.selection import SelectionRule
 from blendgate.engine.llama import LlamaFamilyModel
+from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def config():
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
-
 
 @pytest.fixture(scope="module")
 def model() -> LlamaFamilyModel:
-    return LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=5)
+    return LlamaFamilyModel.random(tiny_config(max_positions=8192), device="cuda", dtype=torch.bfloat16, seed=5)
 
 
 def prompt(model: LlamaFamilyModel, seed: int, chunks: int, length: int, question: int) -> list:

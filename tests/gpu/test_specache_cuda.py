@@ -15,6 +15,7 @@ from blendgate.engine.paged_kv import PagedKVPool
 from blendgate.engine.specache import SpeCacheDecoder
 from blendgate.engine.specache_policy import SpeCacheSettings
 from blendgate.kernels.lowbit_keys import GROUP, quantize, quantize_reference, score, score_reference
+from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,16 +36,10 @@ def test_the_lowbit_kernels_match_their_references(bits, heads, kv_heads, head_d
                                atol=2e-3, rtol=2e-3)
 
 
-def config():
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
-
 
 @pytest.fixture(scope="module")
 def model() -> LlamaFamilyModel:
-    return LlamaFamilyModel.random(config(), device="cuda", dtype=torch.bfloat16, seed=5)
+    return LlamaFamilyModel.random(tiny_config(max_positions=8192), device="cuda", dtype=torch.bfloat16, seed=5)
 
 
 def prefill(model: LlamaFamilyModel, length: int, extra: int):
