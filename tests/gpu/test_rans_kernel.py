@@ -6,7 +6,9 @@ the GPU as the tiers do."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,21 +19,16 @@ from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.tiers import DiskTier
 from blendgate.kernels import rans
 
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests/: bench_modules (this folder runs alone)
+from bench_modules import bench_module  # noqa: E402
+
+synthetic_kv = bench_module("codec.py").synthetic_kv  # the benchmark's synthetic KV, the same values
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (layers, KV heads, tokens, head_dim)
 LLAMA3_8B = (32, 8, 512, 128)
 SMOLLM2_135M = (30, 3, 121, 64)
-
-
-def synthetic_kv(shape: tuple[int, int, int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    layers, heads, tokens, dim = shape
-    scale = torch.exp(torch.randn(layers, heads, 1, dim, generator=generator) * 0.5)
-    keys = 3 * torch.randn(layers, heads, 1, dim, generator=generator) + scale * 0.3 * torch.randn(
-        shape, generator=generator).cumsum(dim=2)
-    values = scale * torch.randn(shape, generator=generator)
-    return keys.bfloat16(), values.bfloat16()
 
 
 def groups_of(parts, shape, device) -> list[rans.GroupStreams]:
