@@ -287,13 +287,13 @@ class _DriftShift:
             members = members * measured[None]
             counts = members.sum(dim=1, keepdim=True)
         # mean_c = (sum over c's tokens + PRIOR_WEIGHT * mean over all) / (tokens of c + PRIOR_WEIGHT)
-        overall = members.sum(dim=0, keepdim=True)  # 1 for each measured column
-        overall = overall / overall.sum().clamp(min=1.0)
+        measured_columns = members.sum(dim=0, keepdim=True)  # 1 for each recomputed token that measures drift
+        overall = measured_columns / measured_columns.sum().clamp(min=1.0)
         weights = (members + self.PRIOR_WEIGHT * overall) / (counts + self.PRIOR_WEIGHT)
         if self.bins > 1:  # per part: (sum over the part's tokens + BIN_PRIOR_WEIGHT * chunk mean) / (n + weight)
             parts = torch.zeros(self.chunks * self.bins, count, dtype=torch.float32, device=recomputed.device)
             parts.scatter_(0, self._part(recomputed, which)[None], 1.0)
-            parts = parts * (members.sum(dim=0, keepdim=True) > 0)  # measured tokens only (sinks skipped)
+            parts = parts * measured_columns  # measured tokens only (sinks skipped)
             part_counts = parts.sum(dim=1, keepdim=True)
             chunk_weights = weights.repeat_interleave(self.bins, dim=0)
             weights = (parts + self.BIN_PRIOR_WEIGHT * chunk_weights) / (part_counts + self.BIN_PRIOR_WEIGHT)
