@@ -95,11 +95,10 @@ class Codec:
 def entry_body(data: bytes) -> bytes | None:
     """The body (safetensors bytes) of an entry whose checksum matches (XXH3-128 after Codec.MAGIC, SHA-256
     after Codec.MAGIC_SHA256), checked without a copy; None for anything else."""
-    magic, magic_sha256 = Codec.MAGIC, Codec.MAGIC_SHA256
-    if data.startswith(magic):
-        checksum, digest = 16, xxhash.xxh3_128_digest
-    elif data.startswith(magic_sha256):
-        checksum, digest = 32, lambda body: hashlib.sha256(body).digest()
+    if data.startswith(Codec.MAGIC):
+        magic, checksum, digest = Codec.MAGIC, 16, xxhash.xxh3_128_digest
+    elif data.startswith(Codec.MAGIC_SHA256):
+        magic, checksum, digest = Codec.MAGIC_SHA256, 32, lambda body: hashlib.sha256(body).digest()
     else:
         return None
     header = len(magic) + checksum
