@@ -186,6 +186,25 @@ async def run_rate(url: str, arm: str, workload: Workload, rate: float, duration
         return list(outcomes), time.perf_counter() - started
 
 
+async def warm_up(url: str, arm: str, workload: Workload, requests: int, concurrency: int,
+                  timeout_s: float) -> int:
+    """`requests` requests of the workload, `concurrency` at a time, not measured: the chunk-cache (blendgate)
+    and the radix cache (stock) start the sweep holding what a server in service would. Returns how many
+    completed."""
+    queue = [workload.next() for _ in range(requests)]
+    done = 0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal done
+            while queue:
+                outcome = await send(client, url, queue.pop(), arm)
+                done += outcome.ok
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return done
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -231,13 +250,14 @@ def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
 
 def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    lines = [f"# Load benchmark ({args.arm}), {date.today().isoformat()}", "",
+    lines = [f"# Load benchmark ({args.label or args.arm}), {date.today().isoformat()}", "",
              f"- command: `python bench/load.py {' '.join(sys.argv[1:])}`",
              f"- machine (client): {platform.machine()}, Python {platform.python_version()}; server: {args.url}",
              f"- workload: {args.chunks} chunks of {args.chunk_tokens} tokens from a pool of {args.chunk_pool} "
              f"(Zipf s = {args.zipf}), {args.system_tokens}-token system prompt, {args.question_tokens}-token "
              f"question, {args.answer_tokens}-token answers; {args.chat_share:.0%} plain chat of "
-             f"{args.chat_tokens} tokens; Poisson arrivals for {args.duration:g} s per rate, seed {args.seed}", "",
+             f"{args.chat_tokens} tokens; Poisson arrivals for {args.duration:g} s per rate, seed {args.seed}; "
+             f"{args.warmup} warm-up requests before the sweep", "",
              "| rate (req/s) | sent | completed | failed | RAG TTFT p50 ms | RAG TTFT p99 ms | chat TTFT p50 ms | "
              "chat TTFT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | chunk hit rate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -264,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
     parser.add_argument("--slo-ms", type=float, default=1000.0, help="the RAG p99 TTFT a sustained rate meets")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="requests sent before the sweep, --warmup-concurrency at a time, not measured")
+    parser.add_argument("--warmup-concurrency", type=int, default=8)
+    parser.add_argument("--label", default=None, help="the arm's name in the report [--arm]")
     parser.add_argument("--stop-after-saturation", action="store_true",
                         help="skip the higher rates once one misses the SLO")
     parser.add_argument("--vocab", type=int, default=128256)
@@ -287,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.warmup:
+        warmed = asyncio.run(warm_up(args.url.rstrip("/"), args.arm, workload, args.warmup,
+                                     args.warmup_concurrency, args.timeout))
+        print(f"warm-up: {warmed}/{args.warmup} requests completed", flush=True)
     rows = []
     for rate in sorted(args.rates):
         outcomes, wall = asyncio.run(run_rate(args.url.rstrip("/"), args.arm, workload, rate, args.duration,

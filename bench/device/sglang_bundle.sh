@@ -3,9 +3,10 @@
 # 64 MiB a call. Downloads SGLang and the packages its server imports that the machine lacks (for CPython
 # 3.12, --no-deps: the machine already has torch 2.11, triton, numpy, ...), keeps sglang-kernel's 1.7 GB
 # FlashAttention-3 library apart, compressed with zstd (615 MB as a wheel, 284 MB this way), and cuts the
-# lot into parts under 60 MiB in .carry/sglang/ (git-ignored). Then carry one part per device call, back to
+# lot into parts of 50 MiB in .carry/sglang/ (git-ignored). Then carry one part per device call, back to
 # back, each call running bench/device/sglang_receive.sh, which installs into /tmp/site once all are in:
-#   bash bench/device/sglang_bundle.sh            # ~2 min, plus ~12 min the first time (zstd -19 on 2 cores)
+#   bash bench/device/sglang_bundle.sh            # a few minutes (zstd level BLENDGATE_SGLANG_ZSTD, default 6;
+#                                                 # -19 packs ~10% tighter but takes ~12 min on 2 cores)
 #   for each part N: run(command="bash bench/device/sglang_receive.sh", carry=[".carry/sglang/part.N"])
 # Add "/.carry/" to .git/info/exclude once.
 set -euo pipefail
@@ -32,12 +33,12 @@ download "$work" sglang-kernel==0.4.4
 kernel=$(ls "$work"/sglang_kernel-0.4.4-*.whl)
 if [ ! -f "$work/flash_ops.abi3.so.zst" ]; then
     unzip -q -o "$kernel" sgl_kernel/flash_ops.abi3.so -d "$work/fa3"
-    zstd -T0 -19 --long=30 -q -f "$work/fa3/sgl_kernel/flash_ops.abi3.so" -o "$work/flash_ops.abi3.so.zst"
+    zstd -T0 -"${BLENDGATE_SGLANG_ZSTD:-6}" --long=30 -q -f "$work/fa3/sgl_kernel/flash_ops.abi3.so" -o "$work/flash_ops.abi3.so.zst"
     rm -r "$work/fa3"
 fi
 cp "$kernel" "$work/wheels/" && zip -q -d "$work/wheels/$(basename "$kernel")" sgl_kernel/flash_ops.abi3.so
 tar -C "$work" -cf "$work/bundle.tar" wheels flash_ops.abi3.so.zst
 rm -f .carry/sglang/part.*
-split -b 56M -d "$work/bundle.tar" .carry/sglang/part.
+split -b 50M -d "$work/bundle.tar" .carry/sglang/part.
 echo "$(sha256sum "$work/bundle.tar" | cut -d' ' -f1) $(ls .carry/sglang/part.* | wc -l)" > .carry/sglang/manifest
 echo "bundle: $(du -h "$work/bundle.tar" | cut -f1) in $(ls .carry/sglang/part.* | wc -l) parts:"; ls .carry/sglang

@@ -21,7 +21,8 @@ def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(
         code = load.main(["--url", worker.url, "--rates", "2", "--duration", "4", "--vocab", "49152",
                           "--chunk-pool", "3", "--chunks", "2", "--chunk-tokens", "16", "--system-tokens", "8",
                           "--question-tokens", "4", "--answer-tokens", "3", "--chat-share", "0.3",
-                          "--chat-tokens", "12", "--slo-ms", "60000", "--seed", "5", "--out", str(out)])
+                          "--chat-tokens", "12", "--slo-ms", "60000", "--seed", "5", "--warmup", "3",
+                          "--warmup-concurrency", "2", "--out", str(out)])
     finally:
         worker.stop()
     assert code == 0
@@ -32,4 +33,5 @@ def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(
     assert sent > 0 and completed == sent and failed == 0, text
     assert float(cells[4]) > 0  # RAG TTFT p50, ms
     assert cells[11] != "-" and float(cells[11]) > 0, text  # chunk hits seen in the prefill reports
+    assert "3 warm-up requests before the sweep" in text
     assert "sustained rate (RAG p99 TTFT <= 60000 ms, no failures): 2 req/s" in text
