@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import torch
 
@@ -44,15 +44,15 @@ from ..chunkcache.kv_store import ChunkCacheStore
 from ..chunkcache.redis_tier import RedisTier
 from ..chunkcache.runner import ChunkBlender
 from ..chunkcache.tiers import MemoryTier
-from ..engine.llama import SUPPORTED_MODEL_TYPES, KVCache, LlamaFamilyModel
-from ..engine.prompt import Prompt
+from ..engine.llama import LlamaFamilyModel
 from . import internals
-from .protocol import PREFILL_MODE, REPORT_KEY, fallback_report, prompt_of, wants_chunk_cache
+from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
+from .prefill import prefill_request
+from .protocol import REPORT_KEY, fallback_report, wants_chunk_cache
 from .settings import PluginSettings
 
 log = logging.getLogger("blendgate.sglang_plugin")
 
-BLEND_MODES = ("blend", "reuse")
 _WORKER_ATTRIBUTE = "blendgate_worker"
 
 
@@ -64,101 +64,6 @@ class BatchRequests:
 
     params: list[tuple[dict | None, list[int]]]
     reqs: list
-
-
-@dataclass(frozen=True)
-class RequestPlan:
-    """How the plugin prefills one request of an extend batch (plan_batch to BlendWorker.prefill). Lengths in
-    tokens: `prefix_len` already in SGLang's pool, `extend_len` computed in this pass."""
-
-    prefix_len: int
-    extend_len: int
-    prompt: Prompt | None = None  # blended; None: computed exactly after the cached prefix
-    report: dict | None = None  # for a request computed exactly: its fallback report, or None: it asked no blend
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """plan_batch's answer to the forward hook: the plugin prefills the batch (`requests`, one per request), or
-    SGLang does (`requests` None; `reports`: per request, why one that asked to blend did not, else None)."""
-
-    requests: list[RequestPlan] | None
-    reports: list[dict | None]
-
-    @classmethod
-    def sglangs(cls, plans: list[RequestPlan]) -> "BatchPlan":
-        """SGLang's forward for a batch in which no request blends, each one's report kept."""
-        return cls(None, [plan.report for plan in plans])
-
-
-def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[int], prefix_lens: list[int],
-               logprob_starts: list[int] | None, *, plain_extend: bool, single_device: bool,
-               shares_blended_kv: bool, pool_readable: bool, model_type: str) -> BatchPlan:
-    """Whether the plugin prefills this extend batch (some request blends) or SGLang does, and how each request
-    is prefilled. `requests`: (custom_params, prompt token ids) each; per request, `extend_lens` tokens computed
-    in this pass after `prefix_lens` already in the pool, and where input logprobs start (None: none asked).
-    `shares_blended_kv`: the radix cache is on and this SGLang cannot keep a request out of it;
-    `pool_readable`: the KV pool holds the model's dtype (a cached prefix can be read from it)."""
-    wanted = [wants_chunk_cache(custom) and custom.get(PREFILL_MODE) in BLEND_MODES for custom, _ in requests]
-    if not any(wanted):
-        return BatchPlan(None, [None] * len(requests))
-    reason = None
-    if not plain_extend:
-        reason = "not a plain prefill pass (mixed with decoding, or speculative)"
-    elif not single_device:
-        reason = "tensor or pipeline parallelism (the plugin blends on one GPU)"
-    elif shares_blended_kv:
-        reason = "the radix cache is on and this SGLang cannot keep blended KV out of it: start SGLang with " \
-                 "--disable-radix-cache to blend"
-    elif model_type not in SUPPORTED_MODEL_TYPES:
-        reason = f"model type {model_type!r} is not one blendgate blends"
-    elif logprob_starts is not None and any(start < extend - 1 for start, extend in zip(logprob_starts, extend_lens)):
-        reason = "input logprobs were asked for"
-    elif not pool_readable and any(prefix_lens):
-        reason = "the KV pool's dtype is not the model's (fp8 KV cache): a cached prefix cannot be read from it"
-    if reason:
-        return BatchPlan(None, [fallback_report(custom.get(PREFILL_MODE), reason) if want else None
-                                for want, (custom, _) in zip(wanted, requests)])
-    plans = [_request_plan(custom, ids, extend, prefix) if want else RequestPlan(prefix, extend)
-             for want, (custom, ids), extend, prefix in zip(wanted, requests, extend_lens, prefix_lens)]
-    return BatchPlan(plans, []) if any(plan.prompt is not None for plan in plans) else BatchPlan.sglangs(plans)
-
-
-def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int) -> RequestPlan:
-    """A blending request's plan: its blend, or an exact prefill with the reason it cannot blend."""
-    mode = custom.get(PREFILL_MODE)
-
-    def exact(reason: str) -> RequestPlan:
-        return RequestPlan(prefix, extend, report=fallback_report(mode, reason))
-
-    try:
-        prompt = prompt_of(ids, custom)
-    except ValueError as exc:
-        return exact(f"bad chunk spans: {exc}")
-    if prompt.segments[-1].is_chunk:
-        return exact("the prompt ends inside a chunk (blending needs computed tokens after the last chunk)")
-    if prefix + extend != len(ids):
-        return exact("the prompt was split by chunked prefill (the blend needs the whole prompt in one pass): "
-                     "computed in full")
-    first = prompt.segments[0]
-    exact_head = len(first.token_ids) if not first.is_chunk and len(prompt.segments) > 1 else 0
-    if prefix > exact_head:
-        return exact(f"the prompt's first {prefix} tokens were in SGLang's KV pool already (a radix-cache match, "
-                     "or the earlier pieces of a prompt split by chunked prefill), past its first segment: the "
-                     "rest computed exactly after them")
-    return RequestPlan(prefix, extend, prompt)
-
-
-def slower_than_full(plan: BatchPlan, fallback: Callable[[Prompt], str | None]) -> BatchPlan:
-    """The plan with each request whose blend would be slower than a full prefill (`fallback`:
-    ChunkBlender.fallback with the worker's costs) computed exactly instead, with the reason in its report; the
-    others still blend. SGLang's forward when none blends any more."""
-    plans = []
-    for request in plan.requests:
-        reason = fallback(request.prompt) if request.prompt is not None else None
-        plans.append(RequestPlan(request.prefix_len, request.extend_len,
-                                 report=fallback_report(request.prompt.mode, reason)) if reason else request)
-    return BatchPlan(plans, []) if any(p.prompt is not None for p in plans) else BatchPlan.sglangs(plans)
 
 
 class BlendWorker:
@@ -186,49 +91,27 @@ class BlendWorker:
 
     @torch.no_grad()
     def prefill(self, model_runner, forward_batch, requests: list[RequestPlan]):
-        """Every request of the extend batch prefilled as planned, in one pass: its new KV written into SGLang's
-        pool at its `out_cache_loc` slots, its last hidden state through SGLang's logits processor. Returns
-        SGLang's LogitsProcessorOutput, with each request's report (None for those that asked no blend)."""
+        """Every request of the extend batch prefilled as planned (prefill.py: prefill_request), in one pass:
+        its new KV written into SGLang's pool at its `out_cache_loc` slots, its last hidden state through
+        SGLang's logits processor, in batch order. Returns SGLang's LogitsProcessorOutput, with each request's
+        report (None for those that asked no blend)."""
         loc, tokens = forward_batch.out_cache_loc, forward_batch.input_ids
-        hidden, reports, offset = [], [], 0
+        done, offset = [], 0
         for index, request in enumerate(requests):
             end = offset + request.extend_len
-            if request.prompt is not None:
-                result, report = self.blender.blend(request.prompt, logits=False)
-                cache, last = result.cache, result.hidden
-                reports.append(report.as_dict())  # the wire form (protocol.py)
-            else:
-                cache = self._cached_prefix(model_runner, forward_batch, index, request)
-                last = self.model.forward(tokens[offset:end].long(), None, cache, logits=False)[0]
-                reports.append(request.report)
-            self._write_kv(model_runner, cache, request.prefix_len, loc[offset:end])
-            hidden.append(last)
-            offset = end
-        logits_output = internals.logits_from_hidden(model_runner, forward_batch, torch.stack(hidden))
-        internals.set_report(logits_output, REPORT_KEY, reports)
-        return logits_output
-
-    def _cached_prefix(self, model_runner, forward_batch, index: int, request: RequestPlan) -> KVCache:
-        """A private cache for the request, holding the KV of its cached prefix read from SGLang's pool."""
-        cache = self.model.new_cache(request.prefix_len + request.extend_len)
-        if request.prefix_len:
-            slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
+            read_prefix = None
+            if request.prompt is None and request.prefix_len:
+                slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
+                read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
+            prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix)
             for layer in range(self.model.num_layers):
-                keys, values = internals.read_layer_kv(model_runner, layer, slots)
-                cache.keys[layer, :, :request.prefix_len] = keys.transpose(0, 1)
-                cache.values[layer, :, :request.prefix_len] = values.transpose(0, 1)
-            cache.positions[:request.prefix_len] = torch.arange(request.prefix_len, device=cache.positions.device)
-            cache.length = request.prefix_len
-        return cache
-
-    def _write_kv(self, model_runner, cache: KVCache, start: int, slots) -> None:
-        """The cache's KV from position `start` on (one per slot) into SGLang's pool at `slots`."""
-        end = start + slots.shape[0]
-        for layer in range(self.model.num_layers):
-            # Ours are [kv_heads, slots, head_dim]; SGLang's pool takes [tokens, kv_heads, head_dim].
-            internals.write_layer_kv(model_runner, layer, slots,
-                                     cache.keys[layer, :, start:end].transpose(0, 1).contiguous(),
-                                     cache.values[layer, :, start:end].transpose(0, 1).contiguous())
+                internals.write_layer_kv(model_runner, layer, loc[offset:end], *prefilled.new_kv(layer))
+            done.append(prefilled)
+            offset = end
+        logits_output = internals.logits_from_hidden(model_runner, forward_batch,
+                                                     torch.stack([p.last_hidden for p in done]))
+        internals.set_report(logits_output, REPORT_KEY, [p.report for p in done])
+        return logits_output
 
 
 def _worker(model_runner) -> BlendWorker | None:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from blendgate.chunkcache.fallback import PrefillCosts
 from blendgate.engine.prompt import Prompt, PromptSegment
+from blendgate.sglang_plugin import plan as plans
 from blendgate.sglang_plugin import worker
 from blendgate.sglang_plugin.internals import BATCH_PARAMS_ATTRIBUTE
 from blendgate.sglang_plugin.protocol import (
@@ -68,7 +69,7 @@ def plan(requests, **overrides):
     options = dict(extend_lens=lens, prefix_lens=[0] * len(requests), logprob_starts=None, plain_extend=True,
                    single_device=True, shares_blended_kv=False, pool_readable=True, model_type="llama")
     options.update(overrides)
-    return worker.plan_batch(requests, options.pop("extend_lens"), options.pop("prefix_lens"),
+    return plans.plan_batch(requests, options.pop("extend_lens"), options.pop("prefix_lens"),
                              options.pop("logprob_starts"), **options)
 
 
@@ -110,7 +111,7 @@ def test_a_blend_that_cannot_happen_is_a_full_prefill_that_says_why(overrides, r
 
 def test_a_mixed_batch_is_the_plugins_the_plain_request_computed_exactly_and_without_a_report() -> None:
     result = plan([PLAIN, BLEND])
-    assert result.requests[0] == worker.RequestPlan(0, 3)  # no prompt: computed exactly; no report: none asked
+    assert result.requests[0] == plans.RequestPlan(0, 3)  # no prompt: computed exactly; no report: none asked
     assert result.requests[1].prompt.segments == PROMPT.segments and result.requests[1].report is None
 
 
@@ -118,7 +119,7 @@ def test_a_cached_prefix_within_the_first_segment_blends_and_past_it_is_computed
     # PROMPT's first segment (the system prompt, computed exactly by the blend) is its first 3 tokens.
     within = plan([BLEND, PLAIN], prefix_lens=[3, 2], extend_lens=[len(PROMPT) - 3, 1])
     assert within.requests[0].prompt is not None and within.requests[0].prefix_len == 3
-    assert within.requests[1] == worker.RequestPlan(2, 1)
+    assert within.requests[1] == plans.RequestPlan(2, 1)
     past = plan([BLEND, BLEND], prefix_lens=[5, 0], extend_lens=[len(PROMPT) - 5, len(PROMPT)])
     assert past.requests[0].prompt is None and past.requests[0].prefix_len == 5
     assert "past its first segment" in past.requests[0].report["fallback"]
@@ -194,16 +195,16 @@ def test_a_request_whose_blend_would_be_slower_is_computed_exactly_and_says_why(
     reasons = {id(PROMPT): None}
     slow = Prompt(PROMPT.segments, mode="reuse")
     reasons[id(slow)] = "blending 2 chunks (2 not cached) would cost about 48 tokens ..."
-    plans = [worker.RequestPlan(0, len(PROMPT), PROMPT), worker.RequestPlan(0, 3),
-             worker.RequestPlan(0, len(PROMPT), slow)]
-    same = worker.BatchPlan(plans, [])
-    assert worker.slower_than_full(same, lambda p: None) == same
-    result = worker.slower_than_full(same, lambda p: reasons[id(p)])
-    assert result.requests[:2] == plans[:2]  # the others still blend, or are still computed as asked
-    assert result.requests[2] == worker.RequestPlan(0, len(PROMPT), report={
+    requests = [plans.RequestPlan(0, len(PROMPT), PROMPT), plans.RequestPlan(0, 3),
+                plans.RequestPlan(0, len(PROMPT), slow)]
+    same = plans.BatchPlan(requests, [])
+    assert plans.slower_than_full(same, lambda p: None) == same
+    result = plans.slower_than_full(same, lambda p: reasons[id(p)])
+    assert result.requests[:2] == requests[:2]  # the others still blend, or are still computed as asked
+    assert result.requests[2] == plans.RequestPlan(0, len(PROMPT), report={
         "mode": "full_prefill", "requested_mode": "reuse", "fallback": reasons[id(slow)]})
     # When no request blends any more, SGLang prefills the batch and the slow one says why.
-    alone = worker.slower_than_full(worker.BatchPlan(plans[1:], []), lambda p: reasons[id(p)])
+    alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []), lambda p: reasons[id(p)])
     assert alone.requests is None and alone.reports == [None, result.requests[2].report]
 
 
