@@ -25,6 +25,9 @@ the plugin blended is kept out of SGLang's radix tree (internals.keep_out_of_rad
 (computed exactly) enter it as usual, so the radix cache stays on for everything else. Only an SGLang that
 offers no way to keep a request out of the tree needs --disable-radix-cache for the plugin to blend.
 
+plan.py makes these decisions (plain Python), prefill.py computes each request on blendgate's model, and this
+module reads and writes SGLang (through internals.py) and holds the hooks.
+
 The store's sizes, eviction policy, chunk prefix, fallback costs and shared Redis tier (chunkcache/redis_tier.py,
 shared with the gateway's local engines and the other workers) come from BLENDGATE_SGLANG_* environment variables
 (settings.py: PluginSettings).
