@@ -104,12 +104,14 @@ def outputs(model_dir, prompt, stock, plain_prompts):
 
 @pytest.fixture(scope="module")
 def radix(model_dir, prompt, plain_prompts):
-    """A plugin worker with its radix cache on: a plain request, the RAG request twice, the RAG prompt without
-    chunks, then the RAG request batched with a plain one sharing the system prompt."""
+    """A plugin worker with its radix cache on: a plain request, the RAG request twice, the RAG request batched
+    with a plain one sharing the system prompt, the RAG prompt without chunks (which enters the radix tree), then
+    the RAG request once more (now found there whole)."""
     ids, spans = prompt
     return generate(model_dir, True, [request(plain_prompts["p1"]), request(ids, spans, 0.15),
-                                      request(ids, spans, 0.15), request(ids),
-                                      batch(request(ids, spans, 0.15), request(plain_prompts["p2"]))],
+                                      request(ids, spans, 0.15),
+                                      batch(request(ids, spans, 0.15), request(plain_prompts["p2"])),
+                                      request(ids), request(ids, spans, 0.15)],
                     disable_radix_cache=False)
 
 
@@ -180,7 +182,7 @@ def test_a_mixed_batch_blends_the_blending_request_and_gives_the_others_stock_sg
 
 
 def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests_keep_theirs(radix, stock) -> None:
-    first_plain, first, second, unchunked, (third, batched_plain) = radix
+    first_plain, first, second, (third, batched_plain), unchunked, exact = radix
     for output in (first, second, third):
         report = output["meta_info"]["blendgate"][0]
         assert report["mode"] == "blend" and report["recompute_ratio"] < 1.0, report
@@ -190,9 +192,6 @@ def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests
     # The same request blended twice (chunk KV computed, then read from the store) gives the same answer.
     assert_close(top_logprobs(second), top_logprobs(first), atol=BF16_LOGITS)
     assert second["output_ids"][:2] == first["output_ids"][:2]
-    # The RAG prompt's tokens without chunks: only the system prompt is found, the rest is computed exactly.
-    assert unchunked["meta_info"]["cached_tokens"] <= SYSTEM
-    assert_close(top_logprobs(unchunked), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
     # Plain requests sharing the system prompt get it from the radix cache, also when the plugin prefills them
     # beside a blending request (their cached prefix read from SGLang's pool), with stock SGLang's answer.
     assert batched_plain["meta_info"]["cached_tokens"] >= SYSTEM, batched_plain["meta_info"]
@@ -200,3 +199,12 @@ def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests
     for name, output in (("p1", first_plain), ("p2", batched_plain)):
         assert_close(top_logprobs(output), top_logprobs(stock[name]), atol=BF16_LOGITS)
         assert output["output_ids"][:2] == stock[name]["output_ids"][:2]
+    # The RAG prompt's tokens without chunks after three blends of it: only the system prompt is found.
+    assert unchunked["meta_info"]["cached_tokens"] <= SYSTEM, unchunked["meta_info"]
+    assert_close(top_logprobs(unchunked), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
+    # Its exact KV is in the tree now: the RAG request found there past its system prompt is not blended (the
+    # exact KV is better), says why, and answers as stock SGLang.
+    report = report_of(exact["meta_info"])
+    assert report["mode"] == "full_prefill" and "past its first segment" in report["fallback"], report
+    assert exact["meta_info"]["cached_tokens"] > SYSTEM
+    assert_close(top_logprobs(exact), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
