@@ -123,7 +123,7 @@ def assert_close(ours: dict[int, float], theirs: dict[int, float], atol: float) 
 
 
 def test_plugin_at_ratio_one_matches_stock_sglang_and_decodes_over_its_pool(outputs) -> None:
-    stock, (full, _, _) = outputs
+    stock, (full, *_) = outputs
     report = full["meta_info"]["blendgate"][0]
     assert report["mode"] == "blend" and report["recompute_ratio"] == 1.0, report
     assert_close(top_logprobs(full), top_logprobs(stock), atol=BF16_LOGITS)
@@ -145,7 +145,7 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    _, (_, blended, _) = outputs
+    _, (_, blended, *_) = outputs
     ids, spans = prompt
     config = AutoConfig.from_pretrained(model_dir)
     weights = {name: t.cuda() for name, t in load_file(str(model_dir / "model.safetensors")).items()}
@@ -163,7 +163,7 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
 
 
 def test_requests_without_chunks_are_stock_sglang(outputs) -> None:
-    _, (_, _, plain) = outputs
+    _, (_, _, plain, _) = outputs
     assert "blendgate" not in plain["meta_info"]
     assert len(plain["output_ids"]) == 6
 
