@@ -163,21 +163,21 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
         log.exception("blendgate plugin could not read this batch; SGLang prefills it")
         return original(model_runner, forward_batch, *args, **kwargs)
     worker = _worker(model_runner) if plan.requests is not None else None
-    if worker is not None:
-        plan = slower_than_full(plan, lambda prompt: worker.blender.fallback(prompt, worker.costs))
-    if worker is not None and plan.requests is not None:
+    if plan.requests is not None and worker is None:
+        plan = _failed(plan, "the plugin could not start (see the log)")
+    elif worker is not None:
         try:
-            logits_output = worker.prefill(model_runner, forward_batch, plan.requests)
+            plan = slower_than_full(plan, lambda prompt: worker.blender.fallback(prompt, worker.costs))
+            if plan.requests is not None:
+                logits_output = worker.prefill(model_runner, forward_batch, plan.requests)
+                for req, request in zip(batch.reqs, plan.requests):
+                    if request.prompt is not None:  # approximate KV: never an exact prefix for later requests
+                        internals.keep_out_of_radix_cache(req)
+                return internals.runner_output(logits_output)
         except Exception as exc:  # e.g. out of memory: SGLang's own prefill overwrites whatever was written
             log.exception("blendgate plugin failed to blend; prefilling in full")
-            plan = _failed(plan, f"blending failed: {exc}")
-        else:
-            for req, request in zip(batch.reqs, plan.requests):
-                if request.prompt is not None:  # approximate KV: never an exact prefix for later requests
-                    internals.keep_out_of_radix_cache(req)
-            return internals.runner_output(logits_output)
-    elif plan.requests is not None:
-        plan = _failed(plan, "the plugin could not start (see the log)")
+            if plan.requests is not None:
+                plan = _failed(plan, f"blending failed: {exc}")
     output = original(model_runner, forward_batch, *args, **kwargs)
     if any(report is not None for report in plan.reports):
         internals.set_report(output.logits_output, REPORT_KEY, plan.reports)

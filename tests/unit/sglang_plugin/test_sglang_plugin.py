@@ -1,6 +1,8 @@
 """The SGLang plugin's decisions, on the CPU (SGLang itself runs only on the GPU: tests/gpu/test_sglang_worker.py,
 tests/gpu/test_sglang_http.py): the wire format the gateway and the plugin share, which extend batches the plugin
-takes over, and the hook that attaches the requests' chunk spans to a forward batch."""
+takes over and how each request of them is prefilled, the hook that attaches the requests' chunk spans to a
+forward batch, and the forward hook's bookkeeping (SGLang's side replaced by stand-ins: which requests are kept
+out of the radix cache, and SGLang's forward whenever the plugin cannot prefill)."""
 
 from __future__ import annotations
 
@@ -230,3 +232,80 @@ def test_the_shared_redis_tier_comes_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_URL", "cache:6379")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_REDIS_URL"):
         worker.PluginSettings.from_env()
+
+
+class _Runner:
+    """What the forward hook needs of SGLang's model runner on the CPU: the plugin's worker already attached,
+    and SGLang's own forward (`original`), which records that it ran."""
+
+    def __init__(self, worker_state) -> None:
+        self.blendgate_worker = worker_state
+        self.sglang_ran = False
+
+    def original(self, model_runner, forward_batch):
+        self.sglang_ran = True
+        return SimpleNamespace(logits_output=SimpleNamespace(customized_info=None))
+
+
+class _Worker:
+    """The plugin's worker as the hook sees it: a blend-or-full decision, and a prefill that succeeds or fails."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None)
+        self.costs = None
+        self.fails = fails
+        self.prefilled = None
+
+    def prefill(self, model_runner, forward_batch, requests):
+        if self.fails:
+            raise RuntimeError("out of memory")
+        self.prefilled = requests
+        return SimpleNamespace(customized_info=None)
+
+
+def _forward(monkeypatch, runner: _Runner, reqs, params, *, unknown_sglang: bool = False):
+    from blendgate.sglang_plugin import internals
+
+    def layout(forward_batch):
+        if unknown_sglang:
+            raise AttributeError("extend_seq_lens_cpu")
+        return [len(ids) for _, ids in params], [0] * len(params), None
+
+    monkeypatch.setattr(internals, "is_plain_extend", lambda forward_batch: True)
+    monkeypatch.setattr(internals, "extend_layout", layout)
+    monkeypatch.setattr(internals, "radix_cache_enabled", lambda model_runner: True)
+    monkeypatch.setattr(internals, "single_device", lambda model_runner: True)
+    monkeypatch.setattr(internals, "hf_config", lambda model_runner: SimpleNamespace(model_type="llama"))
+    monkeypatch.setattr(internals, "runner_output", lambda logits_output: ("plugin", logits_output))
+    forward_batch = SimpleNamespace(**{BATCH_PARAMS_ATTRIBUTE: worker.BatchRequests(params, reqs)})
+    return worker.around_forward_raw(runner.original, runner, forward_batch)
+
+
+def test_only_the_requests_the_plugin_blended_are_kept_out_of_the_radix_cache(monkeypatch) -> None:
+    reqs = [SimpleNamespace(skip_radix_cache_insert=False) for _ in range(2)]
+    state = _Worker()
+    output = _forward(monkeypatch, runner := _Runner(state), reqs, [BLEND, PLAIN])
+    assert output[0] == "plugin" and not runner.sglang_ran
+    assert [r.prompt is not None for r in state.prefilled] == [True, False]
+    assert [r.skip_radix_cache_insert for r in reqs] == [True, False]
+
+
+def test_an_sglang_without_the_radix_opt_out_leaves_the_batch_to_sglang(monkeypatch) -> None:
+    reqs = [SimpleNamespace(), SimpleNamespace()]  # no skip_radix_cache_insert: blended KV would enter the tree
+    runner = _Runner(_Worker())
+    output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN])
+    assert runner.sglang_ran and not hasattr(reqs[0], "skip_radix_cache_insert")
+    reports = output.logits_output.customized_info["blendgate"]
+    assert "--disable-radix-cache" in reports[0]["fallback"] and reports[1] is None
+
+
+def test_a_failed_prefill_or_an_unknown_sglang_is_served_by_sglang(monkeypatch) -> None:
+    reqs = [SimpleNamespace(skip_radix_cache_insert=False) for _ in range(2)]
+    runner = _Runner(_Worker(fails=True))
+    output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN])
+    assert runner.sglang_ran and not reqs[0].skip_radix_cache_insert
+    reports = output.logits_output.customized_info["blendgate"]
+    assert reports[0]["fallback"] == "blending failed: out of memory" and reports[1] is None
+    runner = _Runner(_Worker())
+    output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN], unknown_sglang=True)
+    assert runner.sglang_ran and output.logits_output.customized_info is None
