@@ -4,10 +4,12 @@ SGLang (0.5.15 and later) calls `register` in each of its processes through the 
 "sglang.srt.plugins" (pyproject.toml), so installing blendgate next to SGLang is all it takes:
 
     pip install blendgate sglang==0.5.15
-    python -m sglang.launch_server --model-path MODEL --disable-radix-cache
+    python -m sglang.launch_server --model-path MODEL
 
-BLENDGATE_SGLANG_PLUGIN=0 turns it off (settings.py lists every setting). worker.py says what it does,
-internals.py names every SGLang internal it relies on, protocol.py is what the gateway sends it.
+(the radix cache may stay on: requests the plugin blended are kept out of it). BLENDGATE_SGLANG_PLUGIN=0 turns
+it off (settings.py lists every setting). worker.py says what it does, plan.py decides which batches and how,
+prefill.py computes each request, internals.py names every SGLang internal it relies on, protocol.py is what
+the gateway sends it.
 """
 
 from __future__ import annotations

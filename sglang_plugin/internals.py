@@ -7,11 +7,18 @@ so that a version bump touches this module only. Nothing here is SGLang's public
   `origin_input_ids`) are in reach. The plugin hooks it to attach each request's chunk spans to the batch.
 - ModelRunner._forward_raw(forward_batch, pp_proxy_tensors, ...): runs one forward pass and returns a
   ModelRunnerOutput(logits_output, can_run_graph). The plugin hooks it to prefill an eligible extend batch.
-- ForwardBatch fields read: forward_mode, input_ids, out_cache_loc, extend_seq_lens_cpu,
-  extend_prefix_lens_cpu, extend_logprob_start_lens_cpu, return_logprob, spec_info.
+- ForwardBatch fields read: forward_mode, input_ids, out_cache_loc, req_pool_indices, extend_seq_lens_cpu,
+  extend_prefix_lens_cpu, extend_logprob_start_lens_cpu, return_logprob, spec_info. In an extend batch the
+  requests' new tokens lie back to back in input_ids and out_cache_loc (extend_seq_lens_cpu each); a request's
+  first extend_prefix_lens_cpu tokens (a radix-cache match, or the earlier pieces of a prompt split by chunked
+  prefill) are already in the pool, at req_to_token_pool.req_to_token[req_pool_indices[i], :prefix_len].
 - ModelRunner fields read: model, token_to_kv_pool (MHATokenToKVPool.set_kv_buffer(layer, loc, k, v) with
-  k, v [tokens, kv_heads, head_dim]), model_config.hf_config, server_args.disable_radix_cache, tp_size,
+  k, v [tokens, kv_heads, head_dim]; get_key_buffer / get_value_buffer(layer_id) [slots, kv_heads, head_dim];
+  dtype), req_to_token_pool.req_to_token, model_config.hf_config, server_args.disable_radix_cache, tp_size,
   pp_size.
+- Req.skip_radix_cache_insert (managers/schedule_batch.py; honoured by mem_cache/common.py's
+  maybe_cache_unfinished_req and release_kv_cache): a request so marked never enters the radix tree; its KV
+  slots are freed when it finishes (what SGLang does for disaggregation's warm-up requests).
 - The model (LlamaForCausalLM, Qwen2ForCausalLM): parameters named model.embed_tokens.weight,
   model.layers.N.self_attn.qkv_proj.{weight,bias}, ...o_proj.weight, ...mlp.gate_up_proj.weight,
   ...mlp.down_proj.weight, ...input_layernorm.weight, ...post_attention_layernorm.weight, model.norm.weight,
@@ -48,6 +55,11 @@ def sglang_version() -> str:
 # -- the scheduler's batch ------------------------------------------------------------------------------
 def is_extend_batch(schedule_batch) -> bool:
     return schedule_batch.forward_mode is not None and schedule_batch.forward_mode.is_extend()
+
+
+def reqs_of(schedule_batch) -> list:
+    """The batch's Req objects, in batch order (the forward batch's order too)."""
+    return list(schedule_batch.reqs)
 
 
 def requests_of(schedule_batch) -> list[tuple[dict | None, list[int]]]:
@@ -95,6 +107,30 @@ def radix_cache_enabled(model_runner) -> bool:
     return not model_runner.server_args.disable_radix_cache
 
 
+def can_keep_out_of_radix_cache(req) -> bool:
+    """Whether this SGLang lets a request stay out of the radix tree (Req.skip_radix_cache_insert, SGLang 0.5.15)."""
+    return hasattr(req, "skip_radix_cache_insert")
+
+
+def keep_out_of_radix_cache(req) -> None:
+    """Never insert this request's tokens into the radix tree (SGLang 0.5.15, mem_cache/common.py:
+    maybe_cache_unfinished_req returns early and release_kv_cache calls RadixCache.cache_finished_req with
+    is_insert=False, which frees its slots past the prefix it matched). The prefix it matched stays in the tree."""
+    req.skip_radix_cache_insert = True
+
+
+def pool_holds_model_dtype(model_runner) -> bool:
+    """Whether the KV pool stores the model's dtype (not an fp8 KV cache), so its KV can be read back as is."""
+    return model_runner.token_to_kv_pool.dtype == next(model_runner.model.parameters()).dtype
+
+
+def prefix_slots(model_runner, forward_batch, index: int, length: int):
+    """The pool slots of request `index`'s first `length` tokens (its cached prefix), [length] (SGLang 0.5.15
+    mem_cache/memory_pool.py: ReqToTokenPool.req_to_token [requests, max_context])."""
+    row = forward_batch.req_pool_indices[index]
+    return model_runner.req_to_token_pool.req_to_token[row, :length].long()
+
+
 def hf_config(model_runner):
     return model_runner.model_config.hf_config
 
@@ -108,6 +144,14 @@ def write_layer_kv(model_runner, layer: int, loc, keys, values) -> None:
     """One layer's KV ([tokens, kv_heads, head_dim], keys rotated) into the KV pool at slots `loc`."""
     attention = model_runner.model.model.layers[layer].self_attn.attn
     model_runner.token_to_kv_pool.set_kv_buffer(attention, loc, keys, values)
+
+
+def read_layer_kv(model_runner, layer: int, loc):
+    """One layer's KV at pool slots `loc`: keys (rotated) and values, [tokens, kv_heads, head_dim] each
+    (SGLang 0.5.15 MHATokenToKVPool.get_key_buffer / get_value_buffer, by the attention layer's layer_id)."""
+    layer_id = model_runner.model.model.layers[layer].self_attn.attn.layer_id
+    pool = model_runner.token_to_kv_pool
+    return pool.get_key_buffer(layer_id)[loc], pool.get_value_buffer(layer_id)[loc]
 
 
 def logits_from_hidden(model_runner, forward_batch, last_hidden):

@@ -1,18 +1,32 @@
 """Blending inside an SGLang worker: which forward passes the plugin takes over, and how.
 
-An extend batch whose requests all ask for "blend" or "reuse" (chunk spans in custom_params, see protocol.py)
-is prefilled by blendgate's own code on SGLang's weights (shared, not copied): each chunk's KV from the
-chunk-cache store under the same keys as the local engine, CacheBlend with blendgate's kernels in a private
-cache, then every layer's KV written into SGLang's pool at the request's slots (`out_cache_loc`), and each
-request's last hidden state handed to SGLang's logits processor. Decoding is SGLang's own, over that pool.
+An extend batch in which at least one request asks for "blend" or "reuse" (chunk spans in custom_params, see
+protocol.py) is prefilled by blendgate's own code on SGLang's weights (shared, not copied), every request of it
+in one pass of the plugin's:
+- a request that blends: each chunk's KV from the chunk-cache store under the same keys as the local engine,
+  CacheBlend with blendgate's kernels in a private cache;
+- any other request (it asked for no blend, or its blend falls back: see below): computed exactly
+  (LlamaFamilyModel.forward), after the KV of its cached prefix gathered from SGLang's pool;
+then each request's new KV is written into SGLang's pool at its slots (`out_cache_loc`) and each request's last
+hidden state handed to SGLang's logits processor, in batch order. Decoding is SGLang's own, over that pool.
 
-Anything else runs SGLang's forward unchanged. A request that asked to blend but could not (batched with
-requests that do not blend, a prompt split by chunked prefill or found in the radix cache, input logprobs
-asked, tensor parallelism, or a batch where blending a request would be slower than a full prefill:
-chunkcache/fallback.py) is prefilled in full and its report says why.
+A request's first tokens may already be in SGLang's pool (`extend_prefix_lens`: a radix-cache match, or the
+earlier pieces of a prompt split by chunked prefill). A blending request whose cached prefix lies within its
+first segment (the system prompt, which the blend computes exactly) blends, and only its tokens past the prefix
+are written. Blending falls back to exact computation, per request, with the reason in its report, when the
+prompt is a piece of a split prompt (the blend needs the whole prompt in one pass), when the radix cache holds
+tokens past its first segment (exact KV of its chunks: better than a blend), on bad chunk spans, or when the
+blend would be slower than a full prefill (chunkcache/fallback.py). A batch the plugin cannot take at all
+(mixed with decoding or speculative, input logprobs asked, tensor parallelism, an unknown model type, an fp8 KV
+pool with a cached prefix to read) runs SGLang's forward unchanged, and its blending requests say why.
 
-Blended KV is approximate, so it must never be shared with later requests as an exact prefix: the plugin only
-blends when SGLang runs with --disable-radix-cache (the chunk-cache replaces it for chunks).
+Blended KV is approximate, so it must never be shared with later requests as an exact prefix: every request
+the plugin blended is kept out of SGLang's radix tree (internals.keep_out_of_radix_cache), while the others
+(computed exactly) enter it as usual, so the radix cache stays on for everything else. Only an SGLang that
+offers no way to keep a request out of the tree needs --disable-radix-cache for the plugin to blend.
+
+plan.py makes these decisions (plain Python), prefill.py computes each request on blendgate's model, and this
+module reads and writes SGLang (through internals.py) and holds the hooks.
 
 The store's sizes, eviction policy, chunk prefix, fallback costs and shared Redis tier (chunkcache/redis_tier.py,
 shared with the gateway's local engines and the other workers) come from BLENDGATE_SGLANG_* environment variables
@@ -23,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import torch
 
@@ -33,72 +47,26 @@ from ..chunkcache.kv_store import ChunkCacheStore
 from ..chunkcache.redis_tier import RedisTier
 from ..chunkcache.runner import ChunkBlender
 from ..chunkcache.tiers import MemoryTier
-from ..engine.llama import SUPPORTED_MODEL_TYPES, LlamaFamilyModel
-from ..engine.prompt import Prompt
+from ..engine.llama import LlamaFamilyModel
 from . import internals
-from .protocol import PREFILL_MODE, REPORT_KEY, fallback_report, prompt_of, wants_chunk_cache
+from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
+from .prefill import prefill_request
+from .protocol import REPORT_KEY, fallback_report, wants_chunk_cache
 from .settings import PluginSettings
 
 log = logging.getLogger("blendgate.sglang_plugin")
 
-BLEND_MODES = ("blend", "reuse")
 _WORKER_ATTRIBUTE = "blendgate_worker"
 
 
-@dataclass
-class BatchPlan:
-    prompts: list[Prompt] | None  # the plugin prefills these (one per request), or None: SGLang's forward
-    # Per request, for a batch left to SGLang: why a request did not blend (PrefillReport's wire form).
-    reports: list[dict | None]
+@dataclass(frozen=True)
+class BatchRequests:
+    """What the init_new hook attaches to a forward batch for the forward hook, in batch order: each request's
+    custom_params and prompt token ids (plan_batch's input), and SGLang's Req objects (to keep the requests the
+    plugin blended out of the radix cache)."""
 
-
-def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[int], prefix_lens: list[int],
-               logprob_starts: list[int] | None, *, plain_extend: bool, single_device: bool,
-               radix_cache: bool, model_type: str) -> BatchPlan:
-    """Whether the plugin prefills this extend batch (every request blends) or SGLang does (any other)."""
-    wanted = [wants_chunk_cache(custom) and custom.get(PREFILL_MODE) in BLEND_MODES for custom, _ in requests]
-    if not any(wanted):
-        return BatchPlan(None, [None] * len(requests))
-    reason, prompts = None, []
-    if not plain_extend:
-        reason = "not a plain prefill pass (mixed with decoding, or speculative)"
-    elif not single_device:
-        reason = "tensor or pipeline parallelism (the plugin blends on one GPU)"
-    elif radix_cache:
-        reason = "the radix cache is on: start SGLang with --disable-radix-cache to blend"
-    elif model_type not in SUPPORTED_MODEL_TYPES:
-        reason = f"model type {model_type!r} is not one blendgate blends"
-    elif not all(wanted):
-        reason = "batched with requests that do not blend"
-    elif any(prefix for prefix in prefix_lens) or \
-            any(extend != len(ids) for extend, (_, ids) in zip(extend_lens, requests)):
-        reason = "the prompt was split (chunked prefill) or partly found in the radix cache"
-    elif logprob_starts is not None and any(start < extend - 1 for start, extend in zip(logprob_starts, extend_lens)):
-        reason = "input logprobs were asked for"
-    else:
-        try:
-            prompts = [prompt_of(ids, custom) for custom, ids in requests]
-        except ValueError as exc:
-            reason = f"bad chunk spans: {exc}"
-        if not reason and any(p.segments[-1].is_chunk for p in prompts):
-            reason = "the prompt ends inside a chunk (blending needs computed tokens after the last chunk)"
-    if reason:
-        reports = [fallback_report(custom.get(PREFILL_MODE), reason) if want else None
-                   for want, (custom, _) in zip(wanted, requests)]
-        return BatchPlan(None, reports)
-    return BatchPlan(prompts, [])
-
-
-def slower_than_full(prompts: list[Prompt], fallback: Callable[[Prompt], str | None]) -> BatchPlan | None:
-    """A full-prefill plan when blending any request of the batch would be slower than a full prefill
-    (`fallback`: ChunkBlender.fallback with the worker's costs), else None. The batch is prefilled as one, so
-    either every request blends or none does."""
-    reasons = [fallback(prompt) for prompt in prompts]
-    if not any(reasons):
-        return None
-    return BatchPlan(None, [fallback_report(prompt.mode, reason or "batched with a request that blending would "
-                                                                   "slow down")
-                            for prompt, reason in zip(prompts, reasons)])
+    params: list[tuple[dict | None, list[int]]]
+    reqs: list
 
 
 class BlendWorker:
@@ -125,24 +93,27 @@ class BlendWorker:
                  settings.cpu_cache_bytes / 2**30)
 
     @torch.no_grad()
-    def prefill(self, model_runner, forward_batch, prompts: list[Prompt]):
-        loc = forward_batch.out_cache_loc
-        hidden, reports, offset = [], [], 0
-        for prompt in prompts:
-            result, report = self.blender.blend(prompt, logits=False)
-            count = len(prompt)
-            slots = loc[offset:offset + count]
-            cache = result.cache
+    def prefill(self, model_runner, forward_batch, requests: list[RequestPlan]):
+        """Every request of the extend batch prefilled as planned (prefill.py: prefill_request), in one pass:
+        its new KV written into SGLang's pool at its `out_cache_loc` slots, its last hidden state through
+        SGLang's logits processor, in batch order. Returns SGLang's LogitsProcessorOutput, with each request's
+        report (None for those that asked no blend)."""
+        loc, tokens = forward_batch.out_cache_loc, forward_batch.input_ids
+        done, offset = [], 0
+        for index, request in enumerate(requests):
+            end = offset + request.extend_len
+            read_prefix = None
+            if request.prompt is None and request.prefix_len:
+                slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
+                read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
+            prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix)
             for layer in range(self.model.num_layers):
-                # Ours are [kv_heads, slots, head_dim]; SGLang's pool takes [tokens, kv_heads, head_dim].
-                internals.write_layer_kv(model_runner, layer, slots,
-                                         cache.keys[layer, :, :count].transpose(0, 1).contiguous(),
-                                         cache.values[layer, :, :count].transpose(0, 1).contiguous())
-            hidden.append(result.hidden)
-            reports.append(report.as_dict())  # the wire form (protocol.py)
-            offset += count
-        logits_output = internals.logits_from_hidden(model_runner, forward_batch, torch.stack(hidden))
-        internals.set_report(logits_output, REPORT_KEY, reports)
+                internals.write_layer_kv(model_runner, layer, loc[offset:end], *prefilled.new_kv(layer))
+            done.append(prefilled)
+            offset = end
+        logits_output = internals.logits_from_hidden(model_runner, forward_batch,
+                                                     torch.stack([p.last_hidden for p in done]))
+        internals.set_report(logits_output, REPORT_KEY, [p.report for p in done])
         return logits_output
 
 
@@ -166,43 +137,55 @@ def around_init_new(original, *args, **kwargs):
     if schedule_batch is not None and internals.is_extend_batch(schedule_batch):
         requests = internals.requests_of(schedule_batch)
         if any(wants_chunk_cache(custom) for custom, _ in requests):
-            setattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE, requests)
+            setattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE,
+                    BatchRequests(requests, internals.reqs_of(schedule_batch)))
     return forward_batch
 
 
 def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
-    """ModelRunner._forward_raw: the plugin's prefill for a batch that blends, SGLang's for any other."""
-    requests = getattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE, None)
-    if requests is None:
+    """ModelRunner._forward_raw: the plugin's prefill for a batch in which some request blends, SGLang's for
+    any other."""
+    batch = getattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE, None)
+    if batch is None:
         return original(model_runner, forward_batch, *args, **kwargs)
     try:
         plain_extend = internals.is_plain_extend(forward_batch)
         # Speculative and split passes are extends too, but may lack the per-request extend lengths.
         extend_lens, prefix_lens, logprob_starts = internals.extend_layout(forward_batch) if plain_extend else \
             ([], [], None)
-        plan = plan_batch(requests, extend_lens, prefix_lens, logprob_starts, plain_extend=plain_extend,
-                          single_device=internals.single_device(model_runner),
-                          radix_cache=internals.radix_cache_enabled(model_runner),
+        shares = internals.radix_cache_enabled(model_runner) and \
+            not all(internals.can_keep_out_of_radix_cache(req) for req in batch.reqs)
+        plan = plan_batch(batch.params, extend_lens, prefix_lens, logprob_starts, plain_extend=plain_extend,
+                          single_device=internals.single_device(model_runner), shares_blended_kv=shares,
+                          pool_readable=not any(prefix_lens) or internals.pool_holds_model_dtype(model_runner),
                           model_type=internals.hf_config(model_runner).model_type)
     except Exception:  # an SGLang we do not know: serve the batch as SGLang would, never fail it
         log.exception("blendgate plugin could not read this batch; SGLang prefills it")
         return original(model_runner, forward_batch, *args, **kwargs)
-    worker = _worker(model_runner) if plan.prompts is not None else None
-    if worker is not None:
-        slower = slower_than_full(plan.prompts, lambda prompt: worker.blender.fallback(prompt, worker.costs))
-        if slower is not None:
-            plan = slower
-        else:
-            try:
-                return internals.runner_output(worker.prefill(model_runner, forward_batch, plan.prompts))
-            except Exception as exc:  # e.g. out of memory: SGLang's own prefill overwrites whatever was written
-                log.exception("blendgate plugin failed to blend; prefilling in full")
-                plan = BatchPlan(None, [{"mode": "full_prefill", "fallback": f"blending failed: {exc}"}
-                                        for _ in requests])
-    elif plan.prompts is not None:
-        plan = BatchPlan(None, [{"mode": "full_prefill", "fallback": "the plugin could not start (see the log)"}
-                                for _ in requests])
+    worker = _worker(model_runner) if plan.requests is not None else None
+    if plan.requests is not None and worker is None:
+        plan = _failed(plan, "the plugin could not start (see the log)")
+    elif worker is not None:
+        try:
+            plan = slower_than_full(plan, lambda prompt: worker.blender.fallback(prompt, worker.costs))
+            if plan.requests is not None:
+                logits_output = worker.prefill(model_runner, forward_batch, plan.requests)
+                for req, request in zip(batch.reqs, plan.requests):
+                    if request.prompt is not None:  # approximate KV: never an exact prefix for later requests
+                        internals.keep_out_of_radix_cache(req)
+                return internals.runner_output(logits_output)
+        except Exception as exc:  # e.g. out of memory: SGLang's own prefill overwrites whatever was written
+            log.exception("blendgate plugin failed to blend; prefilling in full")
+            if plan.requests is not None:
+                plan = _failed(plan, f"blending failed: {exc}")
     output = original(model_runner, forward_batch, *args, **kwargs)
     if any(report is not None for report in plan.reports):
         internals.set_report(output.logits_output, REPORT_KEY, plan.reports)
     return output
+
+
+def _failed(plan: BatchPlan, reason: str) -> BatchPlan:
+    """SGLang's forward for a batch the plugin meant to prefill but could not: every request that asked to blend
+    says why."""
+    return BatchPlan(None, [fallback_report(request.prompt.mode, reason) if request.prompt is not None
+                            else request.report for request in plan.requests])

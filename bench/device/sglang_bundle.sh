@@ -29,6 +29,9 @@ download "$work/wheels" sglang==0.5.15 flashinfer_python==0.6.12 apache-tvm-ffi=
     loguru==0.7.3 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
     rpds-py==2026.9.1 ipython==9.18.1 traitlets==5.16.1 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 \
     torch_memory_saver==0.0.10 zstandard==0.25.0 gguf==0.19.0 tabulate
+# What blendgate's plugin imports that the machine lacks (without them SGLang logs "Failed to load plugin
+# blendgate" and serves without it; seen on the H200, 2026-11-30): its settings, the chunk-KV store, chunk keys.
+download "$work/wheels" pydantic-settings==2.16.3 python-dotenv==1.2.4 cachetools==8.0.2 xxhash==4.1.0
 download "$work" sglang-kernel==0.4.4
 kernel=$(ls "$work"/sglang_kernel-0.4.4-*.whl)
 if [ ! -f "$work/flash_ops.abi3.so.zst" ]; then

@@ -36,7 +36,7 @@ def server(model_dir):
     port = free_port()
     env = {**os.environ, "BLENDGATE_SGLANG_PLUGIN": "1"}
     process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
-                                "--skip-tokenizer-init", "--disable-radix-cache", "--disable-cuda-graph",
+                                "--skip-tokenizer-init", "--disable-cuda-graph",  # the radix cache on, as deployed
                                 "--mem-fraction-static", "0.3", "--port", str(port), "--log-level", "warning"],
                                env=env)
     url = f"http://127.0.0.1:{port}"

@@ -1,9 +1,15 @@
-"""Issue 7's acceptance on the GPU: SGLang 0.5.15 with blendgate's plugin against stock SGLang and against the
-local engine's blend, on a tiny random-weight Llama (the same safetensors file loaded by all three).
+"""Issues 7 and 20 on the GPU: SGLang 0.5.15 with blendgate's plugin against stock SGLang and against the
+local engine's blend, on a tiny random-weight Llama (the same safetensors file loaded by all of them).
 
 - recompute ratio 1.0: the plugin's prefill (blendgate's kernels, KV written into SGLang's pool) gives stock
   SGLang's next-token log-probabilities, and decoding over that pool continues as stock SGLang does;
-- ratio 0.15: the plugin gives the local engine's blend (ChunkBlender on the same weights), and reports it.
+- ratio 0.15: the plugin gives the local engine's blend (ChunkBlender on the same weights), and reports it;
+- a mixed extend batch (a blending request, a plain one, and the first piece of a plain prompt split by
+  chunked prefill) is one pass of the plugin's: the blending request blends, the plain ones get stock SGLang's
+  log-probabilities;
+- the radix cache on: the same RAG request twice blends twice alike, no blended token is ever matched as a
+  prefix (cached_tokens), and plain requests sharing the system prompt get it from the radix cache, also when
+  batched with a blending request (the plugin reads their cached prefix from SGLang's pool).
 
 Needs CUDA and SGLang (bench/device/sglang_bundle.sh brings it to the GPU machine); skipped otherwise.
 """
@@ -15,6 +21,7 @@ import os
 
 import pytest
 import torch
+from blendgate.sglang_plugin.protocol import report_of
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs SGLang")]
@@ -25,13 +32,19 @@ TOP = 20
 BF16_LOGITS = 0.125
 
 
-def generate(model_dir, plugin: bool, requests: list[dict]) -> list[dict]:
+SYSTEM = 32  # the fixture prompt's first segment (system prompt), before its first chunk
+CHUNKED_PREFILL = 512  # room for the RAG prompt (304 tokens), a short one (44) and a piece of a longer one
+
+
+def generate(model_dir, plugin: bool, requests: list[dict], **server_args) -> list:
+    """Each request in turn (one generate call each: a request, or a batch of them as lists, which SGLang's
+    scheduler receives at once and prefills as one extend batch)."""
     import sglang
 
     os.environ["BLENDGATE_SGLANG_PLUGIN"] = "1" if plugin else "0"  # read by SGLang's scheduler process
-    engine = sglang.Engine(model_path=str(model_dir), skip_tokenizer_init=True, disable_radix_cache=True,
-                           mem_fraction_static=0.3, dtype="bfloat16", random_seed=0, log_level="error",
-                           disable_cuda_graph=True)
+    engine = sglang.Engine(**{**dict(model_path=str(model_dir), skip_tokenizer_init=True, disable_radix_cache=True,
+                                     mem_fraction_static=0.3, dtype="bfloat16", random_seed=0, log_level="error",
+                                     disable_cuda_graph=True), **server_args})
     try:
         return [engine.generate(**request) for request in requests]
     finally:
@@ -46,16 +59,60 @@ def request(ids, spans=None, ratio=None, tokens=6) -> dict:
     return {"input_ids": ids, "sampling_params": sampling, "return_logprob": True, "top_logprobs_num": TOP}
 
 
+def batch(*requests: dict) -> dict:
+    """One generate call for several requests (each made by `request`)."""
+    return {"input_ids": [r["input_ids"] for r in requests],
+            "sampling_params": [r["sampling_params"] for r in requests],
+            "return_logprob": True, "top_logprobs_num": TOP}
+
+
 def top_logprobs(output, step: int = 0) -> dict[int, float]:
     return {token: logprob for logprob, token, _ in output["meta_info"]["output_top_logprobs"][step]}
 
 
 @pytest.fixture(scope="module")
-def outputs(model_dir, prompt):
+def plain_prompts(prompt) -> dict[str, list[int]]:
+    """Prompts without chunks: three sharing the RAG prompt's system prompt (their first question tokens 5, 6, 7
+    lie outside the fixture's draw, so no prompt shares more than the system prompt with another), and a long one
+    that chunked prefill splits."""
+    ids, _ = prompt
+    generator = torch.Generator().manual_seed(2)
+    draw = lambda n: torch.randint(10, 1024, (n,), generator=generator).tolist()  # noqa: E731
+    system = ids[:SYSTEM]
+    return {"short": system + [5] + draw(11), "p1": system + [6] + draw(15), "p2": system + [7] + draw(15),
+            "long": draw(CHUNKED_PREFILL + 104)}
+
+
+@pytest.fixture(scope="module")
+def stock(model_dir, prompt, plain_prompts) -> dict[str, dict]:
+    """Stock SGLang's answers (a stock worker ignores the spans): the RAG prompt, and each plain prompt."""
     ids, spans = prompt
-    stock = generate(model_dir, False, [request(ids, spans, 1.0)])[0]  # a stock worker ignores the spans
-    plugin = generate(model_dir, True, [request(ids, spans, 1.0), request(ids, spans, 0.15), request(ids)])
-    return stock, plugin
+    names = ["rag", *plain_prompts]
+    found = generate(model_dir, False, [request(ids, spans, 1.0)] + [request(plain_prompts[n]) for n in names[1:]])
+    return dict(zip(names, found))
+
+
+@pytest.fixture(scope="module")
+def outputs(model_dir, prompt, stock, plain_prompts):
+    ids, spans = prompt
+    plugin = generate(model_dir, True, [request(ids, spans, 1.0), request(ids, spans, 0.15), request(ids),
+                                        batch(request(ids, spans, 0.15), request(plain_prompts["short"]),
+                                              request(plain_prompts["long"]))],
+                      chunked_prefill_size=CHUNKED_PREFILL)
+    return stock["rag"], plugin
+
+
+@pytest.fixture(scope="module")
+def radix(model_dir, prompt, plain_prompts):
+    """A plugin worker with its radix cache on: a plain request, the RAG request twice, the RAG request batched
+    with a plain one sharing the system prompt, the RAG prompt without chunks (which enters the radix tree), then
+    the RAG request once more (now found there whole)."""
+    ids, spans = prompt
+    return generate(model_dir, True, [request(plain_prompts["p1"]), request(ids, spans, 0.15),
+                                      request(ids, spans, 0.15),
+                                      batch(request(ids, spans, 0.15), request(plain_prompts["p2"])),
+                                      request(ids), request(ids, spans, 0.15)],
+                    disable_radix_cache=False)
 
 
 def assert_close(ours: dict[int, float], theirs: dict[int, float], atol: float) -> None:
@@ -66,7 +123,7 @@ def assert_close(ours: dict[int, float], theirs: dict[int, float], atol: float) 
 
 
 def test_plugin_at_ratio_one_matches_stock_sglang_and_decodes_over_its_pool(outputs) -> None:
-    stock, (full, _, _) = outputs
+    stock, (full, *_) = outputs
     report = full["meta_info"]["blendgate"][0]
     assert report["mode"] == "blend" and report["recompute_ratio"] == 1.0, report
     assert_close(top_logprobs(full), top_logprobs(stock), atol=BF16_LOGITS)
@@ -88,7 +145,7 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    _, (_, blended, _) = outputs
+    _, (_, blended, *_) = outputs
     ids, spans = prompt
     config = AutoConfig.from_pretrained(model_dir)
     weights = {name: t.cuda() for name, t in load_file(str(model_dir / "model.safetensors")).items()}
@@ -106,6 +163,48 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
 
 
 def test_requests_without_chunks_are_stock_sglang(outputs) -> None:
-    _, (_, _, plain) = outputs
+    _, (_, _, plain, _) = outputs
     assert "blendgate" not in plain["meta_info"]
     assert len(plain["output_ids"]) == 6
+
+
+def test_a_mixed_batch_blends_the_blending_request_and_gives_the_others_stock_sglangs_logits(outputs, stock) -> None:
+    _, (_, _, _, mixed) = outputs
+    blended, short, long = mixed
+    report = blended["meta_info"]["blendgate"][0]
+    assert report["mode"] == "blend" and report["recompute_ratio"] < 1.0 and report["hit_count"] == 4, report
+    # The short plain request: computed by the plugin in the same pass; the long one: its first piece by the
+    # plugin (chunked prefill), the rest by SGLang over the KV the plugin wrote. Neither asked for a report.
+    for name, output in (("short", short), ("long", long)):
+        assert report_of(output["meta_info"]) == {}, output["meta_info"]
+        assert_close(top_logprobs(output), top_logprobs(stock[name]), atol=BF16_LOGITS)
+        assert output["output_ids"][:2] == stock[name]["output_ids"][:2]
+
+
+def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests_keep_theirs(radix, stock) -> None:
+    first_plain, first, second, (third, batched_plain), unchunked, exact = radix
+    for output in (first, second, third):
+        report = output["meta_info"]["blendgate"][0]
+        assert report["mode"] == "blend" and report["recompute_ratio"] < 1.0, report
+        # At most the system prompt (from the first plain request) comes from the radix cache: no blended token.
+        assert output["meta_info"]["cached_tokens"] <= SYSTEM, output["meta_info"]
+    assert second["meta_info"]["blendgate"][0]["hit_count"] == 4
+    # The same request blended twice (chunk KV computed, then read from the store) gives the same answer.
+    assert_close(top_logprobs(second), top_logprobs(first), atol=BF16_LOGITS)
+    assert second["output_ids"][:2] == first["output_ids"][:2]
+    # Plain requests sharing the system prompt get it from the radix cache, also when the plugin prefills them
+    # beside a blending request (their cached prefix read from SGLang's pool), with stock SGLang's answer.
+    assert batched_plain["meta_info"]["cached_tokens"] >= SYSTEM, batched_plain["meta_info"]
+    assert report_of(batched_plain["meta_info"]) == {}
+    for name, output in (("p1", first_plain), ("p2", batched_plain)):
+        assert_close(top_logprobs(output), top_logprobs(stock[name]), atol=BF16_LOGITS)
+        assert output["output_ids"][:2] == stock[name]["output_ids"][:2]
+    # The RAG prompt's tokens without chunks after three blends of it: only the system prompt is found.
+    assert unchunked["meta_info"]["cached_tokens"] <= SYSTEM, unchunked["meta_info"]
+    assert_close(top_logprobs(unchunked), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
+    # Its exact KV is in the tree now: the RAG request found there past its system prompt is not blended (the
+    # exact KV is better), says why, and answers as stock SGLang.
+    report = report_of(exact["meta_info"])
+    assert report["mode"] == "full_prefill" and "past its first segment" in report["fallback"], report
+    assert exact["meta_info"]["cached_tokens"] > SYSTEM
+    assert_close(top_logprobs(exact), top_logprobs(stock["rag"]), atol=BF16_LOGITS)

@@ -1,6 +1,8 @@
 """The SGLang plugin's decisions, on the CPU (SGLang itself runs only on the GPU: tests/gpu/test_sglang_worker.py,
 tests/gpu/test_sglang_http.py): the wire format the gateway and the plugin share, which extend batches the plugin
-takes over, and the hook that attaches the requests' chunk spans to a forward batch."""
+takes over and how each request of them is prefilled, the hook that attaches the requests' chunk spans to a
+forward batch, and the forward hook's bookkeeping (SGLang's side replaced by stand-ins: which requests are kept
+out of the radix cache, and SGLang's forward whenever the plugin cannot prefill)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from blendgate.chunkcache.fallback import PrefillCosts
 from blendgate.engine.prompt import Prompt, PromptSegment
+from blendgate.sglang_plugin import plan as plans
 from blendgate.sglang_plugin import worker
 from blendgate.sglang_plugin.internals import BATCH_PARAMS_ATTRIBUTE
 from blendgate.sglang_plugin.protocol import (
@@ -66,9 +69,9 @@ def test_the_report_is_read_as_sglang_and_the_stand_in_give_it() -> None:
 def plan(requests, **overrides):
     lens = [len(ids) for _, ids in requests]
     options = dict(extend_lens=lens, prefix_lens=[0] * len(requests), logprob_starts=None, plain_extend=True,
-                   single_device=True, radix_cache=False, model_type="llama")
+                   single_device=True, shares_blended_kv=False, pool_readable=True, model_type="llama")
     options.update(overrides)
-    return worker.plan_batch(requests, options.pop("extend_lens"), options.pop("prefix_lens"),
+    return plans.plan_batch(requests, options.pop("extend_lens"), options.pop("prefix_lens"),
                              options.pop("logprob_starts"), **options)
 
 
@@ -78,38 +81,62 @@ PLAIN = (None, [1, 2, 3])
 
 def test_a_batch_of_blending_requests_is_the_plugins() -> None:
     result = plan([BLEND, BLEND])
-    assert [p.segments for p in result.prompts] == [PROMPT.segments] * 2
+    assert [r.prompt.segments for r in result.requests] == [PROMPT.segments] * 2
+    assert all(r.report is None and (r.prefix_len, r.extend_len) == (0, len(PROMPT)) for r in result.requests)
     # Logprobs of the last prompt token only (what SGLang asks for by default) need only the last row.
-    assert plan([BLEND], logprob_starts=[len(PROMPT) - 1]).prompts is not None
+    assert plan([BLEND], logprob_starts=[len(PROMPT) - 1]).requests is not None
 
 
 def test_batches_without_chunks_are_sglangs_and_say_nothing() -> None:
     result = plan([PLAIN, PLAIN])
-    assert result.prompts is None and result.reports == [None, None]
+    assert result.requests is None and result.reports == [None, None]
     full = ({**custom_params(PROMPT), PREFILL_MODE: "full_prefill"}, PROMPT.token_ids)
-    assert plan([full]).prompts is None and plan([full]).reports == [None]
+    assert plan([full]).requests is None and plan([full]).reports == [None]
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    (dict(radix_cache=True), "--disable-radix-cache"),
+    (dict(shares_blended_kv=True), "--disable-radix-cache"),
     (dict(plain_extend=False), "not a plain prefill"),
     (dict(single_device=False), "parallelism"),
     (dict(model_type="gemma"), "gemma"),
-    (dict(prefix_lens=[4]), "chunked prefill"),
+    (dict(prefix_lens=[4], extend_lens=[7]), "past its first segment"),
+    (dict(prefix_lens=[4], extend_lens=[7], pool_readable=False), "fp8"),
     (dict(extend_lens=[5]), "chunked prefill"),
     (dict(logprob_starts=[0]), "input logprobs"),
 ])
 def test_a_blend_that_cannot_happen_is_a_full_prefill_that_says_why(overrides, reason) -> None:
     result = plan([BLEND], **overrides)
-    assert result.prompts is None
+    assert result.requests is None
     assert result.reports[0]["mode"] == "full_prefill" and result.reports[0]["requested_mode"] == "blend"
     assert reason in result.reports[0]["fallback"]
 
 
-def test_a_mixed_batch_is_prefilled_in_full_and_only_the_blending_request_hears_why() -> None:
-    result = plan([BLEND, PLAIN])
-    assert result.prompts is None and result.reports[1] is None
-    assert "do not blend" in result.reports[0]["fallback"]
+def test_a_mixed_batch_is_the_plugins_the_plain_request_computed_exactly_and_without_a_report() -> None:
+    result = plan([PLAIN, BLEND])
+    assert result.requests[0] == plans.RequestPlan(0, 3)  # no prompt: computed exactly; no report: none asked
+    assert result.requests[1].prompt.segments == PROMPT.segments and result.requests[1].report is None
+
+
+def test_a_cached_prefix_within_the_first_segment_blends_and_past_it_is_computed_after_it() -> None:
+    # PROMPT's first segment (the system prompt, computed exactly by the blend) is its first 3 tokens.
+    within = plan([BLEND, PLAIN], prefix_lens=[3, 2], extend_lens=[len(PROMPT) - 3, 1])
+    assert within.requests[0].prompt is not None and within.requests[0].prefix_len == 3
+    assert within.requests[1] == plans.RequestPlan(2, 1)
+    past = plan([BLEND, BLEND], prefix_lens=[5, 0], extend_lens=[len(PROMPT) - 5, len(PROMPT)])
+    assert past.requests[0].prompt is None and past.requests[0].prefix_len == 5
+    assert "past its first segment" in past.requests[0].report["fallback"]
+    assert past.requests[1].prompt is not None
+    # An fp8 pool cannot be read back: a batch with a cached prefix is SGLang's.
+    assert plan([BLEND, PLAIN], prefix_lens=[0, 2], extend_lens=[len(PROMPT), 1], pool_readable=False).requests is None
+
+
+def test_the_pieces_of_a_split_prompt_are_computed_exactly_beside_the_blends() -> None:
+    first = plan([BLEND, BLEND], extend_lens=[6, len(PROMPT)])
+    assert first.requests[0].prompt is None and "chunked prefill" in first.requests[0].report["fallback"]
+    assert (first.requests[0].prefix_len, first.requests[0].extend_len) == (0, 6)
+    assert first.requests[1].prompt is not None
+    last = plan([BLEND, BLEND], prefix_lens=[6, 0], extend_lens=[len(PROMPT) - 6, len(PROMPT)])
+    assert last.requests[0].prompt is None and last.requests[0].report["requested_mode"] == "blend"
 
 
 def test_bad_spans_or_a_prompt_ending_in_a_chunk_fall_back() -> None:
@@ -138,7 +165,8 @@ def test_the_init_hook_attaches_spans_to_prefill_batches_only() -> None:
     prefill = SimpleNamespace(forward_mode=_Mode(True), reqs=[request({**spans, "__req__": object()}),
                                                                request(None)])
     forward_batch = worker.around_init_new(original, object, prefill, None)
-    assert getattr(forward_batch, BATCH_PARAMS_ATTRIBUTE) == [(spans, [1, 2, 3]), (None, [1, 2, 3])]
+    attached = getattr(forward_batch, BATCH_PARAMS_ATTRIBUTE)
+    assert attached.params == [(spans, [1, 2, 3]), (None, [1, 2, 3])] and attached.reqs == prefill.reqs
     decode = SimpleNamespace(forward_mode=_Mode(False), reqs=prefill.reqs)
     assert not hasattr(worker.around_init_new(original, object, decode, None), BATCH_PARAMS_ATTRIBUTE)
     plain = SimpleNamespace(forward_mode=_Mode(True), reqs=[request(None)])
@@ -165,16 +193,21 @@ def test_store_settings_come_from_the_environment(monkeypatch) -> None:
         worker.PluginSettings.from_env()
 
 
-def test_a_batch_where_blending_would_be_slower_is_prefilled_in_full_and_says_why() -> None:
+def test_a_request_whose_blend_would_be_slower_is_computed_exactly_and_says_why() -> None:
     reasons = {id(PROMPT): None}
     slow = Prompt(PROMPT.segments, mode="reuse")
     reasons[id(slow)] = "blending 2 chunks (2 not cached) would cost about 48 tokens ..."
-    assert worker.slower_than_full([PROMPT, PROMPT], lambda p: reasons[id(p)]) is None
-    result = worker.slower_than_full([PROMPT, slow], lambda p: reasons[id(p)])
-    assert result.prompts is None
-    assert result.reports[0] == {"mode": "full_prefill", "requested_mode": "blend",
-                                 "fallback": "batched with a request that blending would slow down"}
-    assert result.reports[1] == {"mode": "full_prefill", "requested_mode": "reuse", "fallback": reasons[id(slow)]}
+    requests = [plans.RequestPlan(0, len(PROMPT), PROMPT), plans.RequestPlan(0, 3),
+                plans.RequestPlan(0, len(PROMPT), slow)]
+    same = plans.BatchPlan(requests, [])
+    assert plans.slower_than_full(same, lambda p: None) == same
+    result = plans.slower_than_full(same, lambda p: reasons[id(p)])
+    assert result.requests[:2] == requests[:2]  # the others still blend, or are still computed as asked
+    assert result.requests[2] == plans.RequestPlan(0, len(PROMPT), report={
+        "mode": "full_prefill", "requested_mode": "reuse", "fallback": reasons[id(slow)]})
+    # When no request blends any more, SGLang prefills the batch and the slow one says why.
+    alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []), lambda p: reasons[id(p)])
+    assert alone.requests is None and alone.reports == [None, result.requests[2].report]
 
 
 def test_fallback_costs_come_from_the_environment(monkeypatch) -> None:
@@ -199,3 +232,80 @@ def test_the_shared_redis_tier_comes_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BLENDGATE_SGLANG_REDIS_URL", "cache:6379")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_REDIS_URL"):
         worker.PluginSettings.from_env()
+
+
+class _Runner:
+    """What the forward hook needs of SGLang's model runner on the CPU: the plugin's worker already attached,
+    and SGLang's own forward (`original`), which records that it ran."""
+
+    def __init__(self, worker_state) -> None:
+        self.blendgate_worker = worker_state
+        self.sglang_ran = False
+
+    def original(self, model_runner, forward_batch):
+        self.sglang_ran = True
+        return SimpleNamespace(logits_output=SimpleNamespace(customized_info=None))
+
+
+class _Worker:
+    """The plugin's worker as the hook sees it: a blend-or-full decision, and a prefill that succeeds or fails."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None)
+        self.costs = None
+        self.fails = fails
+        self.prefilled = None
+
+    def prefill(self, model_runner, forward_batch, requests):
+        if self.fails:
+            raise RuntimeError("out of memory")
+        self.prefilled = requests
+        return SimpleNamespace(customized_info=None)
+
+
+def _forward(monkeypatch, runner: _Runner, reqs, params, *, unknown_sglang: bool = False):
+    from blendgate.sglang_plugin import internals
+
+    def layout(forward_batch):
+        if unknown_sglang:
+            raise AttributeError("extend_seq_lens_cpu")
+        return [len(ids) for _, ids in params], [0] * len(params), None
+
+    monkeypatch.setattr(internals, "is_plain_extend", lambda forward_batch: True)
+    monkeypatch.setattr(internals, "extend_layout", layout)
+    monkeypatch.setattr(internals, "radix_cache_enabled", lambda model_runner: True)
+    monkeypatch.setattr(internals, "single_device", lambda model_runner: True)
+    monkeypatch.setattr(internals, "hf_config", lambda model_runner: SimpleNamespace(model_type="llama"))
+    monkeypatch.setattr(internals, "runner_output", lambda logits_output: ("plugin", logits_output))
+    forward_batch = SimpleNamespace(**{BATCH_PARAMS_ATTRIBUTE: worker.BatchRequests(params, reqs)})
+    return worker.around_forward_raw(runner.original, runner, forward_batch)
+
+
+def test_only_the_requests_the_plugin_blended_are_kept_out_of_the_radix_cache(monkeypatch) -> None:
+    reqs = [SimpleNamespace(skip_radix_cache_insert=False) for _ in range(2)]
+    state = _Worker()
+    output = _forward(monkeypatch, runner := _Runner(state), reqs, [BLEND, PLAIN])
+    assert output[0] == "plugin" and not runner.sglang_ran
+    assert [r.prompt is not None for r in state.prefilled] == [True, False]
+    assert [r.skip_radix_cache_insert for r in reqs] == [True, False]
+
+
+def test_an_sglang_without_the_radix_opt_out_leaves_the_batch_to_sglang(monkeypatch) -> None:
+    reqs = [SimpleNamespace(), SimpleNamespace()]  # no skip_radix_cache_insert: blended KV would enter the tree
+    runner = _Runner(_Worker())
+    output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN])
+    assert runner.sglang_ran and not hasattr(reqs[0], "skip_radix_cache_insert")
+    reports = output.logits_output.customized_info["blendgate"]
+    assert "--disable-radix-cache" in reports[0]["fallback"] and reports[1] is None
+
+
+def test_a_failed_prefill_or_an_unknown_sglang_is_served_by_sglang(monkeypatch) -> None:
+    reqs = [SimpleNamespace(skip_radix_cache_insert=False) for _ in range(2)]
+    runner = _Runner(_Worker(fails=True))
+    output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN])
+    assert runner.sglang_ran and not reqs[0].skip_radix_cache_insert
+    reports = output.logits_output.customized_info["blendgate"]
+    assert reports[0]["fallback"] == "blending failed: out of memory" and reports[1] is None
+    runner = _Runner(_Worker())
+    output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN], unknown_sglang=True)
+    assert runner.sglang_ran and output.logits_output.customized_info is None

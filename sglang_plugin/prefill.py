@@ -1,0 +1,65 @@
+"""One request of an extend batch prefilled by blendgate's plugin, on blendgate's model (torch; nothing from
+SGLang: worker.py reads SGLang's pool and writes the result into it).
+
+A request the plan blends (plan.py: RequestPlan.prompt) is blended whole by ChunkBlender (chunk KV from the
+chunk-cache store, CacheBlend); its first `prefix_len` tokens, already in SGLang's pool, lie within its first
+segment, which the blend computes exactly, so only the KV past them is new. Any other request is computed
+exactly (LlamaFamilyModel.forward) after its cached prefix, read from SGLang's pool: the same numbers as a
+full prefill of the whole prompt, as SGLang's own extend computes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..chunkcache.runner import ChunkBlender
+from ..engine.llama import KVCache
+from .plan import RequestPlan
+
+# Layer index -> that layer's keys (rotated) and values of the request's cached prefix, [prefix, kv_heads, head_dim]
+PrefixReader = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PrefilledRequest:
+    """One request prefilled by the plugin (prefill_request to BlendWorker.prefill, which writes it into SGLang's
+    pool and hands its last hidden state to SGLang's logits processor)."""
+
+    cache: KVCache  # the request's KV, slot = position, [0, start + new tokens) valid
+    start: int  # the first position not yet in SGLang's pool (the request's prefix_len)
+    last_hidden: torch.Tensor  # [hidden], the last prompt token's, before the final norm
+    report: dict | None  # the prefill report's wire form (protocol.py); None: the request asked no blend
+
+    def new_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys (rotated) and values of the tokens computed in this pass, as SGLang's pool takes
+        them: [tokens, kv_heads, head_dim] each (ours are [kv_heads, slots, head_dim])."""
+        end = self.cache.length
+        return (self.cache.keys[layer, :, self.start:end].transpose(0, 1).contiguous(),
+                self.cache.values[layer, :, self.start:end].transpose(0, 1).contiguous())
+
+
+@torch.no_grad()
+def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torch.Tensor,
+                    read_prefix: PrefixReader | None) -> PrefilledRequest:
+    """The request prefilled as planned. `token_ids` [extend_len]: its tokens computed in this pass (SGLang's
+    input_ids for it); `read_prefix`: its cached prefix's KV, needed when it is computed exactly after a prefix
+    (None otherwise). Raises ValueError when a prefix is to be read and no reader is given."""
+    if request.prompt is not None:
+        result, report = blender.blend(request.prompt, logits=False)
+        return PrefilledRequest(result.cache, request.prefix_len, result.hidden, report.as_dict())
+    model = blender.model
+    cache = model.new_cache(request.prefix_len + request.extend_len)
+    if request.prefix_len:
+        if read_prefix is None:
+            raise ValueError("a request computed after a cached prefix needs its prefix's KV")
+        for layer in range(model.num_layers):
+            keys, values = read_prefix(layer)
+            cache.keys[layer, :, :request.prefix_len] = keys.transpose(0, 1)
+            cache.values[layer, :, :request.prefix_len] = values.transpose(0, 1)
+        cache.positions[:request.prefix_len] = torch.arange(request.prefix_len, device=cache.positions.device)
+        cache.length = request.prefix_len
+    hidden = model.forward(token_ids.long(), None, cache, logits=False)
+    return PrefilledRequest(cache, request.prefix_len, hidden[0], request.report)

@@ -1,0 +1,75 @@
+"""The plugin's per-request prefill on the CPU (sglang_plugin/prefill.py, tiny random-weight model): a request
+computed after a cached prefix read back in SGLang's pool layout gives a full prefill's numbers, and a blending
+request whose cached prefix lies in its system prompt gives the blend's, only its new tokens' KV to write.
+SGLang's side (reading its pool, writing into it, its logits) runs on the GPU: tests/gpu/test_sglang_worker.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from blendgate.chunkcache.kv_store import ChunkCacheStore
+from blendgate.chunkcache.runner import ChunkBlender
+from blendgate.chunkcache.tiers import MemoryTier
+from blendgate.engine.llama import LlamaFamilyModel
+from blendgate.engine.prompt import Prompt, PromptSegment
+from blendgate.sglang_plugin.plan import RequestPlan
+from blendgate.sglang_plugin.prefill import prefill_request
+from blendgate.sglang_plugin.protocol import fallback_report
+
+
+@pytest.fixture(scope="module")
+def blender() -> ChunkBlender:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=200, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512)
+    model = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=5)
+    return ChunkBlender(model, ChunkCacheStore([MemoryTier("cpu", 1 << 26, "cpu")]))
+
+
+def ids(count: int, seed: int) -> list[int]:
+    return torch.randint(0, 200, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def pool_reader(cache, length: int):
+    """The prefix's KV as SGLang's pool gives it: [tokens, kv_heads, head_dim] per layer."""
+    return lambda layer: (cache.keys[layer, :, :length].transpose(0, 1),
+                          cache.values[layer, :, :length].transpose(0, 1))
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 9])
+def test_a_request_computed_after_its_cached_prefix_is_a_full_prefill(blender, prefix) -> None:
+    model, tokens = blender.model, torch.tensor(ids(20, 1))
+    full = model.new_cache(20)
+    expected = model.forward(tokens, None, full, logits=False)[0]
+    report = fallback_report("blend", "the prompt was split by chunked prefill")
+    done = prefill_request(blender, RequestPlan(prefix, 20 - prefix, report=report), tokens[prefix:],
+                           pool_reader(full, prefix))
+    assert done.report == report and done.start == prefix
+    torch.testing.assert_close(done.last_hidden, expected, atol=1e-4, rtol=1e-4)
+    for layer in range(model.num_layers):
+        keys, values = done.new_kv(layer)
+        assert keys.shape == (20 - prefix, model.kv_heads, model.head_dim)
+        torch.testing.assert_close(keys, full.keys[layer, :, prefix:20].transpose(0, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, full.values[layer, :, prefix:20].transpose(0, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_a_blending_request_with_a_cached_system_prompt_writes_only_its_new_tokens(blender) -> None:
+    system = ids(6, 2)
+    prompt = Prompt([PromptSegment(tuple(system)), PromptSegment(tuple(ids(10, 3)), True),
+                     PromptSegment(tuple(ids(8, 4)), True), PromptSegment(tuple(ids(5, 5)))],
+                    mode="blend", recompute_ratio=0.3)
+    reference, _ = blender.blend(prompt, logits=False)  # the chunks computed and stored: the plugin's are hits
+    done = prefill_request(blender, RequestPlan(len(system), len(prompt) - len(system), prompt),
+                           torch.tensor(prompt.token_ids[len(system):]), None)
+    assert done.report["mode"] == "blend" and done.report["hit_count"] == 2
+    torch.testing.assert_close(done.last_hidden, reference.hidden)
+    keys, values = done.new_kv(0)
+    assert keys.shape[0] == len(prompt) - len(system)
+    torch.testing.assert_close(keys, reference.cache.keys[0, :, len(system):len(prompt)].transpose(0, 1))
+
+
+def test_a_prefix_without_a_reader_is_refused(blender) -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        prefill_request(blender, RequestPlan(3, 2), torch.tensor([1, 2]), None)
