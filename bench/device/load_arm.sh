@@ -6,7 +6,8 @@
 # Arms:
 #   stock          SGLang as shipped: radix cache on, its default chunked prefill; requests without chunk spans
 #   blendgate      SGLang + blendgate's plugin at the default ratio, chunk-caches in GPU memory (40 GB tier,
-#                  48 GB CPU tier behind it); --disable-radix-cache and no chunked prefill while the plugin needs them
+#                  48 GB CPU tier behind it), radix cache on; chunked prefill off (the plugin prefills a split
+#                  RAG prompt in full rather than blend it: docs/sglang-plugin.md)
 #   blendgate-cpu  the same with the chunk-caches in CPU memory only (0 GB GPU tier, 64 GB CPU tier)
 # Both give SGLang the same static memory fraction (0.55 of the GPU: weights and its KV pool), so the plugin's
 # GPU tier fits beside it.
@@ -25,9 +26,9 @@ flags=(--model-path "$model" --load-format dummy --skip-tokenizer-init --dtype b
 case $arm in
     stock) export BLENDGATE_SGLANG_PLUGIN=0; client=stock ;;
     blendgate) export BLENDGATE_SGLANG_PLUGIN=1 BLENDGATE_SGLANG_GPU_CACHE_GB=40 BLENDGATE_SGLANG_CPU_CACHE_GB=48
-               flags+=(--disable-radix-cache --chunked-prefill-size -1); client=blendgate ;;
+               flags+=(--chunked-prefill-size -1); client=blendgate ;;
     blendgate-cpu) export BLENDGATE_SGLANG_PLUGIN=1 BLENDGATE_SGLANG_GPU_CACHE_GB=0 BLENDGATE_SGLANG_CPU_CACHE_GB=64
-                   flags+=(--disable-radix-cache --chunked-prefill-size -1); client=blendgate ;;
+                   flags+=(--chunked-prefill-size -1); client=blendgate ;;
     *) echo "unknown arm $arm (stock, blendgate, blendgate-cpu)"; exit 2 ;;
 esac
 python3 -m sglang.launch_server "${flags[@]}" > "$OUT/server-$arm.log" 2>&1 &
