@@ -159,7 +159,8 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                 reports = (event.get("meta_info") or {}).get("blendgate")
                 if reports:
                     report = reports[-1] if isinstance(reports, list) else reports
-                    hits = report.get("hits") or []
+                    # None: a request that asked no blend (a plain request batched with blending ones)
+                    hits = (report.get("hits") or []) if isinstance(report, dict) else []
                     outcome.chunk_hits, outcome.chunks = sum(map(bool, hits)), len(hits)
         outcome.output_tokens = seen
         outcome.ok = outcome.ttft_s is not None
