@@ -42,6 +42,9 @@ def generate(model_dir, plugin: bool, requests: list[dict], **server_args) -> li
     import sglang
 
     os.environ["BLENDGATE_SGLANG_PLUGIN"] = "1" if plugin else "0"  # read by SGLang's scheduler process
+    # No per-chunk cost: the ratio-1 request blends (its chunk passes and placements would otherwise make it
+    # "slower than a full prefill", chunkcache/fallback.py, and the plugin would compute it exactly instead).
+    os.environ["BLENDGATE_SGLANG_PASS_COST_TOKENS"] = os.environ["BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS"] = "0"
     engine = sglang.Engine(**{**dict(model_path=str(model_dir), skip_tokenizer_init=True, disable_radix_cache=True,
                                      mem_fraction_static=0.3, dtype="bfloat16", random_seed=0, log_level="error",
                                      disable_cuda_graph=True), **server_args})
