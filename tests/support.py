@@ -210,30 +210,32 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
     return error
 
 
-class SglangStandin:
-    """tests/sglang_standin.py (a worker speaking SGLang's HTTP API, backed by the local engine) in a
-    subprocess on a free port."""
+class _WorkerProcess:
+    """An SGLang-API worker in a subprocess on a free loopback port, ready once its /health answers 200; its
+    output kept in a log for failure messages. Subclasses say how it is launched (`_command`, `_env`)."""
 
-    def __init__(self, name: str, workdir: Path, cache_dir: Path) -> None:
+    def __init__(self, name: str, workdir: Path) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
-        self.cache_dir = cache_dir
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 240.0) -> "SglangStandin":
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str] | None:
+        return None  # the test process's own
+
+    def start(self, timeout_s: float = 240.0):
         return self.launch().wait_ready(timeout_s)
 
-    def launch(self) -> "SglangStandin":
-        script = Path(__file__).with_name("sglang_standin.py")
+    def launch(self):
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(script), "--port", str(self.port), "--cache-dir", str(self.cache_dir)],
-                stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=self._env())
         return self
 
-    def wait_ready(self, timeout_s: float = 240.0) -> "SglangStandin":
+    def wait_ready(self, timeout_s: float = 240.0):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -247,9 +249,6 @@ class SglangStandin:
         self.stop()
         raise RuntimeError(f"{self.name} was not ready after {timeout_s} s:\n{self.log()}")
 
-    def fault(self, **faults) -> None:
-        httpx.post(f"{self.url}/standin/fault", json=faults, timeout=5).raise_for_status()
-
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -261,3 +260,51 @@ class SglangStandin:
         if self.running:
             self.process.kill()
             self.process.wait(timeout=15)
+
+
+class SglangStandin(_WorkerProcess):
+    """tests/sglang_standin.py (a worker speaking SGLang's HTTP API, backed by the local engine) in a
+    subprocess on a free port."""
+
+    def __init__(self, name: str, workdir: Path, cache_dir: Path) -> None:
+        super().__init__(name, workdir)
+        self.cache_dir = cache_dir
+
+    def _command(self) -> list[str]:
+        script = Path(__file__).with_name("sglang_standin.py")
+        return [sys.executable, str(script), "--port", str(self.port), "--cache-dir", str(self.cache_dir)]
+
+    def fault(self, **faults) -> None:
+        httpx.post(f"{self.url}/standin/fault", json=faults, timeout=5).raise_for_status()
+
+
+class SglangServer(_WorkerProcess):
+    """A real SGLang HTTP server (`python -m sglang.launch_server`, bf16, the radix cache and CUDA graphs on, as
+    deployed) with blendgate's plugin, serving `model_dir` with its tokenizer (events carry text). GPU machine
+    only (tests/gpu/; bench/device/sglang_bundle.sh brings SGLang there). `plugin_env`: BLENDGATE_SGLANG_*
+    settings (sglang_plugin/settings.py) on top of the test process's environment."""
+
+    def __init__(self, name: str, workdir: Path, model_dir: Path, plugin_env: dict[str, str] | None = None,
+                 mem_fraction_static: float = 0.3) -> None:
+        super().__init__(name, workdir)
+        self.model_dir = model_dir
+        self.plugin_env = {"BLENDGATE_SGLANG_PLUGIN": "1", **(plugin_env or {})}
+        self.mem_fraction_static = mem_fraction_static
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(self.model_dir),
+                "--dtype", "bfloat16", "--random-seed", "0", "--mem-fraction-static", str(self.mem_fraction_static),
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.plugin_env}
+
+    def stop(self) -> None:
+        """SIGTERM first: SGLang's launcher then stops its scheduler and detokenizer processes with it."""
+        if self.running:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
