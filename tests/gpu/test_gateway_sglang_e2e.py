@@ -54,9 +54,10 @@ PLUGIN_ENV = {"BLENDGATE_SGLANG_PASS_COST_TOKENS": "0", "BLENDGATE_SGLANG_PLACEM
 
 @pytest.fixture(scope="module", params=["standin", "sglang"])
 def worker(request: pytest.FixtureRequest, workdir: Path, model_cache_dir: Path) -> Iterator[SglangStandin]:
-    """The SGLang worker the gateway fronts: the CPU stand-in, or a real SGLang server on the GPU machine."""
+    """The SGLang worker the gateway fronts: the CPU stand-in, or a real SGLang server on the GPU machine;
+    launched, not yet ready (`deployed` waits for it while the gateway starts)."""
     if request.param == "standin":
-        process = SglangStandin("e2e-standin", workdir, model_cache_dir).start()
+        process = SglangStandin("e2e-standin", workdir, model_cache_dir).launch()
     else:
         if not torch.cuda.is_available():
             pytest.skip("a real SGLang worker needs a CUDA device")
@@ -66,7 +67,7 @@ def worker(request: pytest.FixtureRequest, workdir: Path, model_cache_dir: Path)
 
         # The embedded model's real weights, as the safetensors folder the gateway converts its GGUF to.
         model_dir = resolve_model_folder(None, model_cache_dir)
-        process = SglangServer("e2e-sglang", workdir, model_dir, PLUGIN_ENV).start(timeout_s=600)
+        process = SglangServer("e2e-sglang", workdir, model_dir, PLUGIN_ENV).launch()
     yield process
     process.stop()
 
@@ -82,7 +83,9 @@ def deployed(worker: SglangStandin, workdir: Path, model_cache_dir: Path) -> Ite
         "retrieval": {"data_dir": str(workdir / f"{worker.name}-collections")},
         "semantic_cache": {"enabled": False},
     }
-    process = GatewayProcess(f"{worker.name}-gateway", config, workdir, model_cache_dir).start()
+    process = GatewayProcess(f"{worker.name}-gateway", config, workdir, model_cache_dir).launch()
+    worker.wait_ready(timeout_s=600)  # SGLang: loading, then capturing CUDA graphs
+    process.wait_ready()
     ingested = httpx.post(f"{process.url}/v1/collections/{COLLECTION}/documents", json={"documents": FACTS},
                           timeout=120)
     assert ingested.status_code == 200 and ingested.json()["chunks"] == len(FACTS), ingested.text
