@@ -63,15 +63,21 @@ def _conversion_dir(gguf: Path, cache_dir: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # transformers with GgufConfig (5.17 has it) is told to de-quantise: it can keep GGUF blocks instead
+        from transformers import GgufConfig
+
+        dequantized = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older ones (5.12.1, SGLang 0.5.15's pin, on the GPU machines) always de-quantise
+        dequantized = {}
     log.info("converting %s to safetensors (one time, about 30 s on 2 cores); later starts reuse %s", gguf, target)
     started = time.perf_counter()
     log.info("reading the tokenizer from the GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     log.info("de-quantising the GGUF weights")
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **dequantized)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary folder and rename it into place, so a crash never leaves a half-written cache
     # and two processes converting at once both end up with a complete one.

@@ -94,13 +94,13 @@ def deployed(worker: SglangStandin, workdir: Path, model_cache_dir: Path) -> Ite
 
 
 @pytest.fixture(scope="module")
-def client(deployed: GatewayProcess) -> openai.OpenAI:
+def rag_client(deployed: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{deployed.url}/v1", api_key="not-needed", max_retries=0, timeout=300)
 
 
-def test_a_rag_answer_streams_and_carries_the_workers_blend_report(client: openai.OpenAI,
+def test_a_rag_answer_streams_and_carries_the_workers_blend_report(rag_client: openai.OpenAI,
                                                                    worker: SglangStandin) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+    stream = rag_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
                                             max_tokens=24, stream=True)
     pieces = list(stream)
     answer = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
@@ -119,9 +119,9 @@ def test_a_rag_answer_streams_and_carries_the_workers_blend_report(client: opena
         assert "4471" in answer, answer
 
 
-def test_a_second_question_over_the_same_chunks_hits_the_workers_chunk_cache(client: openai.OpenAI,
+def test_a_second_question_over_the_same_chunks_hits_the_workers_chunk_cache(rag_client: openai.OpenAI,
                                                                              worker: SglangStandin) -> None:
-    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SECOND_QUESTION}],
+    answer = rag_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SECOND_QUESTION}],
                                             max_tokens=24)
     assert answer.choices[0].message.content.strip() and answer.choices[0].finish_reason in ("stop", "length")
     report = answer.model_extra["blendgate"]["chunk_cache"]
