@@ -84,13 +84,15 @@ def deployed(worker: SglangStandin, workdir: Path, model_cache_dir: Path) -> Ite
         "semantic_cache": {"enabled": False},
     }
     process = GatewayProcess(f"{worker.name}-gateway", config, workdir, model_cache_dir).launch()
-    worker.wait_ready(timeout_s=600)  # SGLang: loading, then capturing CUDA graphs
-    process.wait_ready()
-    ingested = httpx.post(f"{process.url}/v1/collections/{COLLECTION}/documents", json={"documents": FACTS},
-                          timeout=120)
-    assert ingested.status_code == 200 and ingested.json()["chunks"] == len(FACTS), ingested.text
-    yield process
-    process.stop()
+    try:
+        worker.wait_ready(timeout_s=600)  # SGLang: loading, then capturing CUDA graphs
+        process.wait_ready()
+        ingested = httpx.post(f"{process.url}/v1/collections/{COLLECTION}/documents", json={"documents": FACTS},
+                              timeout=120)
+        assert ingested.status_code == 200 and ingested.json()["chunks"] == len(FACTS), ingested.text
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")
