@@ -103,10 +103,15 @@ def names(words: list[str]) -> set[str]:
     return {w.lower() for w in words[1:] if w[0].isupper() and w.lower() not in _NOT_NAMES}
 
 
-def question_names(text: str) -> set[str]:
-    """`names` of each sentence of `text`: the word opening a later sentence is no name either ("... for
-    life. Find the cost?", "I told him. He didn't respond.")."""
-    return {name for sentence in _SENTENCE_BREAK.split(text) for name in names(tokens(sentence))}
+def sentence_tokens(text: str) -> list[list[str]]:
+    """`tokens` of each sentence of `text`, in order (their concatenation is `tokens(text)`)."""
+    return [tokens(sentence) for sentence in _SENTENCE_BREAK.split(text)]
+
+
+def question_names(sentences: list[list[str]]) -> set[str]:
+    """`names` of each sentence (`sentence_tokens`): the word opening a later sentence is no name either
+    ("... for life. Find the cost?", "I told him. He didn't respond.")."""
+    return {name for words in sentences for name in names(words)}
 
 
 def exchanged(first: list[str], second: list[str]) -> bool:
@@ -194,11 +199,12 @@ def check(query: str, cached: str) -> GuardFlags:
       pairs it fires on 5, 1 of them labelled a duplicate, all at cosine >= 0.97), or words on opposite sides of
       the same direction word however the rest is reworded (see `swapped_roles`: "convert MP4 to AVI" / "convert
       AVI to MP4"). Figures: bench/results/semcache-qqp-2026-11-30.md."""
-    first, second = tokens(query), tokens(cached)
+    sentences_first, sentences_second = sentence_tokens(query), sentence_tokens(cached)
+    first, second = [w for s in sentences_first for w in s], [w for s in sentences_second for w in s]
     lower_first, lower_second = {w.lower() for w in first}, {w.lower() for w in second}
     return GuardFlags(
         numbers=numbers(first) != numbers(second),
-        entities=bool(question_names(query) - lower_second or question_names(cached) - lower_first),
+        entities=bool(question_names(sentences_first) - lower_second or question_names(sentences_second) - lower_first),
         negation=bool(lower_first & NEGATIONS) != bool(lower_second & NEGATIONS),
         comparison=(lower_first & COMPARISON_WORDS) != (lower_second & COMPARISON_WORDS),
         opposites=any(OPPOSITES[word] & (lower_second - lower_first)

@@ -2,7 +2,16 @@
 fire it, paraphrases do not."""
 
 import pytest
-from blendgate.semcache.guards import check, direction_sides, names, numbers, question_names, swapped_roles, tokens
+from blendgate.semcache.guards import (
+    check,
+    direction_sides,
+    names,
+    numbers,
+    question_names,
+    sentence_tokens,
+    swapped_roles,
+    tokens,
+)
 
 
 @pytest.mark.parametrize("query, cached", [
@@ -147,9 +156,12 @@ def test_entity_guard_keeps_sentence_starts_and_pronouns(query: str, cached: str
 
 
 def test_question_names_read_each_sentence() -> None:
-    assert question_names("I told him. He didn't respond. Does Anna love me?") == {"anna"}
-    assert question_names("Why did the U.S. Army leave Iraq?") == {"u", "s", "army", "iraq"}  # no break after "S."
-    assert question_names("Is 1.5 litres enough? Find out") == set()
+    assert question_names(sentence_tokens("I told him. He didn't respond. Does Anna love me?")) == {"anna"}
+    # No break after a capital ("S.") nor inside a number.
+    assert question_names(sentence_tokens("Why did the U.S. Army leave Iraq?")) == {"u", "s", "army", "iraq"}
+    assert question_names(sentence_tokens("Is 1.5 litres enough? Find out")) == set()
+    text = "Why? Is 1.5 enough. He said no!Really"
+    assert sum(sentence_tokens(text), []) == tokens(text) and len(sentence_tokens(text)) == 4
 
 
 @pytest.mark.parametrize("query, cached", [
