@@ -25,15 +25,14 @@ from blendgate.semcache.guards import GUARDS, check, exchanged, swapped_roles, t
 from blendgate.semcache.pair_words import WordRarity
 from blendgate.semcache.pairs import qqp_split
 from blendgate.semcache.rephrasings import rephrasings
+from blendgate.semcache.tuning import LabelledPair
 from blendgate.semcache.verifier import VETO_GUARDS
 from blendgate.semcache.verifier_training import REPHRASINGS, EmbeddedPairs, cross_fitted, training_matrix
-
-from semcache import Embeddings
 
 SHARES = (0.15, 0.20, 0.25)
 
 
-def guard_table(pairs: list, cosines: np.ndarray, floor: float) -> list[str]:
+def guard_table(pairs: list[LabelledPair], cosines: np.ndarray, floor: float) -> list[str]:
     """Per guard: candidates (cosine >= floor) it fires on, labelled duplicates among them."""
     candidates = [p for p, c in zip(pairs, cosines) if c >= floor]
     base = sum(p.same_answer for p in candidates) / len(candidates)
@@ -59,16 +58,17 @@ def guard_table(pairs: list, cosines: np.ndarray, floor: float) -> list[str]:
 
 
 def false_hits_at(scores: np.ndarray, duplicate: np.ndarray, needed: int) -> int:
-    """False hits of the highest threshold on `scores` (-inf: never served) serving `needed` duplicates."""
+    """False hits of the highest threshold on `scores` (one per pair; -inf: never served) that serves at least
+    `needed` of the pairs marked `duplicate` (all of them when fewer can be served)."""
     order = np.argsort(-scores, kind="stable")
     true = np.cumsum(duplicate[order])
     k = int(np.searchsorted(true, needed))  # first position where `needed` duplicates are served
     cut = scores[order][min(k, len(order) - 1)]
-    served = scores >= cut
+    served = (scores >= cut) & np.isfinite(scores)
     return int((served & ~duplicate).sum())
 
 
-def crossfit_table(pairs: list, cosines: np.ndarray, floor: float, embed) -> list[str]:
+def crossfit_table(pairs: list[LabelledPair], cosines: np.ndarray, floor: float, embed) -> list[str]:
     """The cross-fitted verifier against the single cosine threshold, at SHARES of the tuning duplicates."""
     rarity = WordRarity.from_questions(q for p in pairs for q in (p.cached, p.query))
     rephrased = EmbeddedPairs.embedded(rephrasings([p.cached for p in pairs], REPHRASINGS), embed)
@@ -97,6 +97,10 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.89, help="the lowest cosine of a candidate pair")
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
+    # bench/semcache.py, found first on sys.path when this file runs as a script (imported here, not at the top,
+    # so that the tests can load this module without it).
+    from semcache import Embeddings
+
     tune, _ = qqp_split(args.qqp)
     embeddings = Embeddings(Embedder(device="cpu", batch_size=64), args.cache_dir)
     rephrased = rephrasings([p.cached for p in tune], REPHRASINGS)
