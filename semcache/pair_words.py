@@ -19,13 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
 
-from .guards import tokens
+from .guards import STOPWORDS, tokens
 
-STOPWORDS = frozenset(
-    "a an the is are was were be been being do does did i you he she it we they me my your of to in on at for "
-    "with by from and or as that this these those what which who whom how why when where can could should "
-    "would will shall may might must has have had am any some there their its if so than then into about "
-    "get".split())
 _SUFFIXES = ("ing", "ed", "es", "s")
 # The word-difference features, in the order `word_differences` gives them (verifier.FEATURES names them).
 WORD_FEATURES = ("substituted_words", "added_words", "differing_rarity", "rarest_differing",

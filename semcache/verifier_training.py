@@ -94,6 +94,54 @@ def feature_matrix(pairs: list[LabelledPair], cosines: np.ndarray, rarity: WordR
     return np.stack([pair_features(p.query, p.cached, float(c), rarity).values for p, c in zip(pairs, cosines)])
 
 
+def cross_fitted(standard: np.ndarray, y: np.ndarray, extra: np.ndarray,
+                 signs: tuple[int, ...] | None = FEATURE_SIGNS) -> np.ndarray:
+    """Each labelled pair's probability of "same answer" from a model that did not see it: FOLDS folds drawn
+    with SEED, each scored by `fit_logistic` on the other folds plus every row of `extra` (rephrasings, labelled
+    same answer). `standard`: standardised features, shape (n, d); `y`: labels 0/1, shape (n,); `extra`: shape
+    (m, d). Returns shape (n,)."""
+    ones = np.ones(len(extra))
+    folds = np.random.default_rng(SEED).permutation(len(y)) % FOLDS
+    held = np.zeros(len(y))
+    for fold in range(FOLDS):
+        train = folds != fold
+        weights, bias = fit_logistic(np.vstack([standard[train], extra]), np.concatenate([y[train], ones]), signs)
+        held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
+    return held
+
+
+@dataclass(frozen=True)
+class TrainingMatrix:
+    """Labelled pairs as the classifier is fitted on them (the hand-off from feature extraction to fitting,
+    cross-fitting and calibration): the pairs at cosine >= TRAINING_FLOOR, their `cosines` and labels `y`
+    (0/1), shape (n,); `standard`, their FEATURES standardised with `mean` and `scale` (shape (n, d)); `extra`,
+    the rephrasings' standardised features (shape (m, d)), all labelled same answer."""
+
+    pairs: list[LabelledPair]
+    cosines: np.ndarray
+    y: np.ndarray
+    standard: np.ndarray
+    extra: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+
+def training_matrix(pairs: list[LabelledPair], cosines: np.ndarray, rarity: WordRarity,
+                    rephrased: EmbeddedPairs | None = None) -> TrainingMatrix:
+    """The `TrainingMatrix` of `pairs` whose embeddings have `cosines` (shape (n,)) and of `rephrased`. Raises
+    ValueError with too few pairs of either label above TRAINING_FLOOR."""
+    keep = cosines >= TRAINING_FLOOR
+    chosen = [p for p, k in zip(pairs, keep) if k]
+    x, y = feature_matrix(chosen, cosines[keep], rarity), np.array([p.same_answer for p in chosen], float)
+    if y.sum() < 10 or (1 - y).sum() < 10:
+        raise ValueError(f"training the verifier needs at least 10 pairs of each label at cosine >= {TRAINING_FLOOR}")
+    extra = feature_matrix(rephrased.pairs, rephrased.cosines, rarity) if rephrased else np.zeros((0, x.shape[1]))
+    both = np.vstack([x, extra])
+    mean, scale = both.mean(axis=0), both.std(axis=0)
+    scale[scale == 0] = 1.0
+    return TrainingMatrix(chosen, cosines[keep], y, (x - mean) / scale, (extra - mean) / scale, mean, scale)
+
+
 def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str,
                    rarity: WordRarity | None = None, rephrased: EmbeddedPairs | None = None) -> VerifierModel:
     """A verifier trained on `pairs` whose embeddings have `cosines` (shape (n,)) and on `rephrased` (same-answer
@@ -101,29 +149,13 @@ def train_verifier(pairs: list[LabelledPair], cosines: np.ndarray, source: str,
     its features reading `rarity` (None: the document frequencies of the pairs' own questions). Raises
     ValueError with too few pairs of either label above TRAINING_FLOOR."""
     rarity = rarity or WordRarity.from_questions(q for p in pairs for q in (p.cached, p.query))
-    keep = cosines >= TRAINING_FLOOR
-    chosen = [p for p, k in zip(pairs, keep) if k]
-    x, y, cos = feature_matrix(chosen, cosines[keep], rarity), np.array([p.same_answer for p in chosen], float), \
-        cosines[keep]
-    if y.sum() < 10 or (1 - y).sum() < 10:
-        raise ValueError(f"training the verifier needs at least 10 pairs of each label at cosine >= {TRAINING_FLOOR}")
-    extra = feature_matrix(rephrased.pairs, rephrased.cosines, rarity) if rephrased else np.zeros((0, x.shape[1]))
-    both = np.vstack([x, extra])
-    mean, scale = both.mean(axis=0), both.std(axis=0)
-    scale[scale == 0] = 1.0
-    standard, extra = (x - mean) / scale, (extra - mean) / scale
-    ones = np.ones(len(extra))
-    folds = np.random.default_rng(SEED).permutation(len(y)) % FOLDS
-    held = np.zeros(len(y))
-    for fold in range(FOLDS):
-        train = folds != fold
-        weights, bias = fit_logistic(np.vstack([standard[train], extra]), np.concatenate([y[train], ones]),
-                                     FEATURE_SIGNS)
-        held[folds == fold] = 1.0 / (1.0 + np.exp(-(standard[folds == fold] @ weights + bias)))
-    weights, bias = fit_logistic(np.vstack([standard, extra]), np.concatenate([y, ones]), FEATURE_SIGNS)
-    guarded = np.array([check(p.query, p.cached).fired(VETO_GUARDS) is not None for p in chosen])
-    table = CalibrationTable.from_pairs(cos, held, guarded, y.astype(bool))
-    return VerifierModel(weights, bias, mean, scale, table, source, rarity)
+    m = training_matrix(pairs, cosines, rarity, rephrased)
+    held = cross_fitted(m.standard, m.y, m.extra)
+    weights, bias = fit_logistic(np.vstack([m.standard, m.extra]), np.concatenate([m.y, np.ones(len(m.extra))]),
+                                 FEATURE_SIGNS)
+    guarded = np.array([check(p.query, p.cached).fired(VETO_GUARDS) is not None for p in m.pairs])
+    table = CalibrationTable.from_pairs(m.cosines, held, guarded, m.y.astype(bool))
+    return VerifierModel(weights, bias, m.mean, m.scale, table, source, rarity)
 
 
 def train_from_embeddings(pairs: list[LabelledPair], embed: Callable[[list[str]], np.ndarray],

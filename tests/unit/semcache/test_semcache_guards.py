@@ -2,7 +2,16 @@
 fire it, paraphrases do not."""
 
 import pytest
-from blendgate.semcache.guards import check, names, numbers, tokens
+from blendgate.semcache.guards import (
+    check,
+    direction_sides,
+    names,
+    numbers,
+    question_names,
+    sentence_tokens,
+    swapped_roles,
+    tokens,
+)
 
 
 @pytest.mark.parametrize("query, cached", [
@@ -130,6 +139,62 @@ def test_exchanged_guard_fires_when_two_words_change_places(query: str, cached: 
 ])
 def test_exchanged_guard_keeps_lists_neighbours_and_rewordings(query: str, cached: str) -> None:
     assert not check(query, cached).exchanged
+
+
+@pytest.mark.parametrize("query, cached", [
+    # A word opening a later sentence, or a pronoun, is no name (QQP tuning duplicates the guard refused).
+    ("A seller gave 15% discount on a bat. He gave a ball for free. Find the cost of the bat?",
+     "A seller gave a 15% discount on a bat and a ball for free. What is the cost of the bat?"),
+    ("My friend lost his job. His wife left him. What should he do?",
+     "My friend lost his job and his wife left him. What should he do?"),
+    ("What does it mean when a guy stares at you? Should I talk to him?",
+     "What does it mean when a guy stares at you? Is it a sign?"),
+    ("I can't get over my ex.I see him daily. What should I do?", "How do I get over my ex whom I see daily?"),
+])
+def test_entity_guard_keeps_sentence_starts_and_pronouns(query: str, cached: str) -> None:
+    assert not check(query, cached).entities
+
+
+def test_question_names_read_each_sentence() -> None:
+    assert question_names(sentence_tokens("I told him. He didn't respond. Does Anna love me?")) == {"anna"}
+    # No break after a capital ("S.") nor inside a number.
+    assert question_names(sentence_tokens("Why did the U.S. Army leave Iraq?")) == {"u", "s", "army", "iraq"}
+    assert question_names(sentence_tokens("Is 1.5 litres enough? Find out")) == set()
+    text = "Why? Is 1.5 enough. He said no!Really"
+    assert sum(sentence_tokens(text), []) == tokens(text) and len(sentence_tokens(text)) == 4
+
+
+@pytest.mark.parametrize("query, cached", [
+    # Tuning-split QQP non-duplicates at MiniLM cosine >= 0.95 (the audit) and reworded ones of the same kinds.
+    ("How do I convert MP4 to AVI?", "How can I convert AVI to MP4?"),
+    ("How do I convert Celsius into Fahrenheit?", "How can you convert Fahrenheit to Celsius?"),
+    ("What are some of the things that you can do in the US but not in India?",
+     "What are some things that you can do in India but not in the US?"),
+    ("What benefits do iPhone users have over Android users?",
+     "What are the benefits that Android users have over iPhone users?"),
+    ("Why do people prefer tea over coffee?", "Why do so many prefer coffee over tea?"),
+])
+def test_exchanged_guard_fires_on_roles_swapped_around_a_direction_word(query: str, cached: str) -> None:
+    flags = check(query, cached)
+    assert flags.exchanged and swapped_roles(tokens(query), tokens(cached))
+
+
+@pytest.mark.parametrize("query, cached", [
+    ("How do I go from Mumbai to Delhi?", "How do I go to Delhi from Mumbai?"),  # the same trip
+    ("What is the best way to learn guitar?", "How to learn the guitar in the best way?"),  # an infinitive
+    ("How to convert MP4 to AVI?", "Which tool converts MP4 files to AVI?"),  # the same direction
+    ("Why did Burma change its name to Myanmar?", "Why did Myanmar change its name from Burma?"),  # other words
+    ("Which is better, Java or Python?", "Which is better, Python or Java?"),  # a list has no direction
+])
+def test_exchanged_guard_keeps_the_same_direction_and_lists(query: str, cached: str) -> None:
+    assert not check(query, cached).exchanged
+
+
+def test_direction_sides_skip_infinitives_and_repeated_words() -> None:
+    assert direction_sides(tokens("How to convert Celsius to Kelvin?")) == {"to": ({"convert", "celsius"}, {"kelvin"})}
+    assert direction_sides(tokens("What to give to a friend moving to Paris?")) == {}  # "to" twice
+    assert direction_sides(tokens("Fun but not in a romantic way")) == {"but not": ({"fun", "but"},
+                                                                                 {"romantic", "way"})}
 
 
 def test_first_guard_names_the_reason() -> None:
