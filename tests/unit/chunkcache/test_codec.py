@@ -9,7 +9,7 @@ import hashlib
 import pytest
 import torch
 from blendgate.chunkcache.codec import KV_CODECS, Codec, KVLayout, kv_codec
-from blendgate.chunkcache.codec.cachegen import layer_groups
+from blendgate.chunkcache.codec.cachegen import CacheGenCodec, layer_groups
 from blendgate.chunkcache.codec.frame import _safetensors_metadata, entry_body
 from blendgate.chunkcache.defaults import CODEC_LEVELS
 from blendgate.chunkcache.keys import ChunkKey
@@ -53,8 +53,9 @@ def stored_bound(data: bytes, tensor_name: str, layout: KVLayout) -> torch.Tenso
         return tensors[f"{tensor_name}.width"].float() / 2
     bound = torch.empty(layers, heads, 1, dim)
     for group, layer_range in enumerate(layer_groups(layers)):
-        widths = torch.maximum(tensors[f"{tensor_name}.{group}.anchor_width"].float(),
-                               tensors[f"{tensor_name}.{group}.delta_width"].float())
+        parts = {name.split(".", 1)[1]: value for name, value in tensors.items() if name.startswith(tensor_name)}
+        streams = CacheGenCodec._group(parts, group, len(layer_range), heads * dim, torch.device("cpu"))
+        widths = torch.maximum(streams.anchor_width.float(), streams.delta_width.float())
         bound[layer_range.start:layer_range.stop] = widths.reshape(len(layer_range), heads, dim)[:, :, None] / 2
     return bound
 

@@ -126,6 +126,17 @@ def test_entries_of_the_old_format_or_with_damaged_streams_are_misses() -> None:
     body = save_tensors({name: value for name, value in stored.items() if not name.endswith("format")},
                         metadata=_safetensors_metadata(entry_body(data)))
     assert codec.decode(key_of(kv), b"BGKV1" + hashlib.sha256(body).digest() + body) is None
+    # Format 2 (a byte per channel for the anchor choice, both bin widths for every channel) is a miss too, as
+    # is format 3 with its channel parameters damaged.
+    channels = stored["keys.0.width"].shape[0]
+    format_2 = {"keys.format": torch.tensor([2], dtype=torch.int32), "keys.0.delta_width": stored["keys.0.width"],
+                "keys.0.delta": torch.zeros(channels, dtype=torch.bool)}
+    assert codec.decode(key_of(kv), reframed(data, format_2)) is None
+    for damaged in ({"keys.0.delta": stored["keys.0.delta"][:-1].clone()},
+                    {"keys.0.delta": torch.full_like(stored["keys.0.delta"], 255)},  # more anchor widths than stored
+                    {"keys.0.anchor_width": torch.zeros(3, dtype=torch.float32)},
+                    {"values.2.width": stored["values.2.width"][1:].clone()}):
+        assert codec.decode(key_of(kv), reframed(data, damaged)) is None
     words = stored["values.1.words"].clone()
     words[len(words) // 3] ^= 0x0040
     assert codec.decode(key_of(kv), reframed(data, {"values.1.words": words})) is None
