@@ -4,13 +4,19 @@
   anchor, quantised against the channel's mean anchor, and every other token is coded as its delta from the
   group's reconstructed anchor (so errors never add up along the tokens).
 - Layer-wise sensitivity: the layers fall into three groups (first, middle, last third); a level gives each
-  group its quantisation bins per standard deviation, more for early layers, whose errors the later layers
-  carry on. Anchors get ANCHOR_BINS_FACTOR times the bins of their layer group. Where a channel's tokens are
-  not alike (values often), coding against the group's anchor would cost more than against the channel's
-  centre: each channel takes whichever has the smaller spread.
+  group its quantisation bins per standard deviation (LEVEL_BINS: on blended SmolLM2, more for later layers).
+  Anchors of channels coded against them get ANCHOR_BINS_FACTOR times the bins of their layer group. Where a
+  channel's tokens are not alike (values often), coding against the group's anchor would cost more than against
+  the channel's centre: each channel takes whichever has the smaller spread.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
+
+The first token of every entry is stored as it was (in the KV's dtype): the entry that begins a prompt (the
+system prompt's) holds the attention sink, which nearly every query attends to, so an error there moves the
+output far more than anywhere else (KVQuant, arXiv 2401.18079, keeps the first token in fp16 likewise). On
+SmolLM2, blending from values quantised at 1 bin per standard deviation in the later two thirds gave 16 times the
+KL against full prefill that the same values with the first token kept gave (bench/results/codec-2026-11-30.md).
 
 Bins are never clipped (a channel's bins widen until its largest deviation fits in HALF of them), so every
 value's error is at most half its channel's bin width. Per channel the entry stores about 6.2 bytes
@@ -52,8 +58,11 @@ class LevelBins:
     values: tuple[float, float, float]
 
 
-LEVEL_BINS = (LevelBins((2.0, 1.4, 1.0), (2.0, 1.4, 1.0)), LevelBins((4.0, 2.8, 2.0), (4.0, 2.8, 2.0)),
-              LevelBins((8.0, 5.6, 4.0), (8.0, 5.6, 4.0)), LevelBins((16.0, 11.2, 8.0), (16.0, 11.2, 8.0)))
+# Later layers get more bins: blending SmolLM2 from KV with the last third's keys (or the middle and last thirds'
+# values) coarse moved the output far more than with the first third's (bench/results/codec-2026-11-30.md,
+# "format 3"): the reverse of the paper's profile, whose errors were measured without blending's recompute.
+LEVEL_BINS = tuple(LevelBins(bins, bins) for bins in ((0.6, 0.9, 1.3), (1.4, 2.0, 2.8), (2.8, 4.0, 5.6),
+                                                      (8.0, 11.2, 16.0)))
 FORMAT = 3  # the entries' format: 3, interleaved rANS, compact channel parameters (1 and 2 are no longer read)
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
 
@@ -89,7 +98,8 @@ def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 class CacheGenCodec(KVCodec):
     """Level 0: the smallest; level 3: the most exact (bench/results/codec-*.md: sizes and errors by level).
 
-    Parts: `format` (int32 [1]: FORMAT) and per layer group `delta` (uint8 [ceil(channels / 8)], a bit per
+    Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels] of the KV's dtype: the first token
+    as it was, empty for an empty chunk), `delta` (uint8 [ceil(channels / 8)], a bit per
     channel, numpy's little bit order: its other tokens are coded against their anchor, else all its tokens
     against the centre, whichever has the smaller spread), `centre` (bf16 [channels]: the mean anchor where
     `delta`, else the mean token), `width` (bf16 [channels]: the other tokens' bin width, and the anchors' where
@@ -139,7 +149,9 @@ class CacheGenCodec(KVCodec):
                                entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
             streams = rans.encode(symbols, shapes, tuple(entropy.frequencies(half) for half in halves),
                                   tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
-            parts.update({f"{group}.centre": centre[:, 0].contiguous(),
+            first = tensor.detach()[layer_range.start:layer_range.stop, :, :1].permute(0, 1, 3, 2).reshape(-1)
+            parts.update({f"{group}.first": first.cpu().contiguous(),
+                          f"{group}.centre": centre[:, 0].contiguous(),
                           f"{group}.width": delta_width[:, 0].contiguous(),
                           f"{group}.anchor_width": anchor_width[delta].contiguous(),
                           f"{group}.delta": torch.from_numpy(np.packbits(delta[:, 0].numpy(), bitorder="little")),
@@ -157,13 +169,20 @@ class CacheGenCodec(KVCodec):
         """All tensors' layer groups in one decoder call (on CUDA one launch: the keys' and values' lanes decode
         side by side), split after."""
         layers, heads, tokens, dim = layout.shape
-        groups = []
+        groups, firsts = [], []
         for parts in tensors:
             if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
                 raise ValueError(f"not a cachegen entry of format {FORMAT}")
-            groups += [self._group(parts, group, len(layer_range), heads * dim, device)
-                       for group, layer_range in enumerate(layer_groups(layers))]
+            for group, layer_range in enumerate(layer_groups(layers)):
+                groups.append(self._group(parts, group, len(layer_range), heads * dim, device))
+                first = parts[f"{group}.first"]
+                expected = len(layer_range) * heads * dim * min(tokens, 1)
+                if first.dtype != layout.torch_dtype or first.numel() != expected:
+                    raise ValueError("the first token's values do not fit the layout")
+                firsts.append(first.reshape(len(layer_range), heads, -1))
         decoded = decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
+        if tokens:  # the first token as it was
+            decoded[:, :, 0] = torch.cat(firsts).to(device)
         return list(decoded.split(layers)) if tensors else []
 
     @staticmethod

@@ -119,9 +119,9 @@ def test_levels_trade_size_for_error_and_cachegen_beats_int4_on_alike_tokens() -
     assert [errors[c] for c in cachegen] == sorted((errors[c] for c in cachegen), reverse=True)
     assert sizes["raw", 0] > sizes["int8", 0] > sizes["int4", 0]
     assert errors["raw", 0] == 0 < errors["int8", 0] < errors["int4", 0]
-    # Deltas against anchors pay here: at about int4's size, cachegen is far more exact; its smallest level is
-    # over 4.5x smaller than bf16, its most exact within 1% (relative Frobenius error).
-    assert sizes["cachegen", 1] < 1.05 * sizes["int4", 0] and errors["cachegen", 1] < 0.75 * errors["int4", 0]
+    # Deltas against anchors pay here: cachegen's level 1 is both smaller and more exact than int4; its smallest
+    # level is over 4.5x smaller than bf16, its most exact within 1% (relative Frobenius error).
+    assert sizes["cachegen", 1] < sizes["int4", 0] and errors["cachegen", 1] < 0.9 * errors["int4", 0]
     assert sizes["raw", 0] / sizes["cachegen", 0] > 4.5
     assert errors["cachegen", 3] < 0.01
 
