@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 # Named host tensors: a KV codec's encoding of one tensor, stored under "keys." / "values." in the entry.
 Parts = dict[str, torch.Tensor]
-# Which of a chunk's two KV tensors a codec encodes: a codec may spend its bits differently on them (blending's
-# output is far more sensitive to keys' errors than to values', bench/results/codec-2026-11-30.md).
-Role = Literal["keys", "values"]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -80,9 +77,8 @@ class KVCodec(ABC):
         self.level = level
 
     @abstractmethod
-    def encode(self, tensor: torch.Tensor, role: Role = "keys") -> Parts:
-        """One KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype of DTYPES), the chunk's keys or
-        values (`role`), as host parts. Decoding does not need the role: the parts say all it needs."""
+    def encode(self, tensor: torch.Tensor) -> Parts:
+        """One KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype of DTYPES) as host parts."""
 
     @abstractmethod
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:

@@ -33,7 +33,6 @@ anchor choice, for every channel) are refused (a miss: recomputed), as is any ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -42,27 +41,19 @@ import torch
 from ...kernels import rans as decoders
 from ..defaults import CODEC_LEVELS
 from . import entropy, rans
-from .base import KVCodec, KVLayout, Parts, Role, register
+from .base import KVCodec, KVLayout, Parts, register
 from .quantize import SMALLEST_WIDTH, bf16_toward
 
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
 ANCHOR_BINS_FACTOR = 2
 
 
-@dataclass(frozen=True)
-class LevelBins:
-    """One level's quantisation bins per standard deviation of a channel's deltas (a bin is the channel's RMS
-    delta / bins wide), for the (first, middle, last) third of the layers, of keys and of values."""
-
-    keys: tuple[float, float, float]
-    values: tuple[float, float, float]
-
-
-# Later layers get more bins: blending SmolLM2 from KV with the last third's keys (or the middle and last thirds'
-# values) coarse moved the output far more than with the first third's (bench/results/codec-2026-11-30.md,
-# "format 3"): the reverse of the paper's profile, whose errors were measured without blending's recompute.
-LEVEL_BINS = tuple(LevelBins(bins, bins) for bins in ((0.6, 0.9, 1.3), (1.4, 2.0, 2.8), (2.8, 4.0, 5.6),
-                                                      (8.0, 11.2, 16.0)))
+# Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
+# layers, by level: a bin is the channel's RMS delta / bins wide. Later layers get more bins, the reverse of the
+# paper's profile (CacheGen, Section 5): blending SmolLM2 from KV with the last third's keys (or the middle and
+# last thirds' values) coarse moved the output far more than with the first third's
+# (bench/results/codec-2026-11-30.md, "format 3").
+LEVEL_BINS = ((0.6, 0.9, 1.3), (1.4, 2.0, 2.8), (2.8, 4.0, 5.6), (8.0, 11.2, 16.0))
 FORMAT = 3  # the entries' format: 3, interleaved rANS, compact channel parameters (1 and 2 are no longer read)
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
 
@@ -113,13 +104,12 @@ class CacheGenCodec(KVCodec):
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
     decodes_on_device = True
 
-    def encode(self, tensor: torch.Tensor, role: Role = "keys") -> Parts:
+    def encode(self, tensor: torch.Tensor) -> Parts:
         layers, heads, tokens, dim = tensor.shape
         values = tensor.detach().float().cpu()
         anchors, others = _positions(tokens)
         parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
-        level_bins = getattr(LEVEL_BINS[self.level], role)
-        for group, (layer_range, bins) in enumerate(zip(layer_groups(layers), level_bins)):
+        for group, (layer_range, bins) in enumerate(zip(layer_groups(layers), LEVEL_BINS[self.level])):
             channels = values[layer_range.start:layer_range.stop].permute(0, 1, 3, 2).reshape(-1, tokens)
             anchor = channels[:, anchors]
             centre = anchor.mean(dim=1, keepdim=True).bfloat16()

@@ -184,8 +184,7 @@ def test_the_triton_kernel_matches_the_reference_under_the_interpreter(shape, le
     codec = CacheGenCodec(level)
     # Keys' and values' groups in one launch, as the codec decodes an entry.
     groups = [codec._group(parts, g, len(r), heads * dim, torch.device("cpu"))
-              for parts in (codec.encode(kv.keys), codec.encode(kv.values, "values"))
-              for g, r in enumerate(layer_groups(layers))]
+              for parts in (codec.encode(kv.keys), codec.encode(kv.values)) for g, r in enumerate(layer_groups(layers))]
     for dtype in (torch.float32, torch.bfloat16):
         expected = decoders.decode_reference(groups, heads, tokens, dim, GROUP_TOKENS, dtype, "cpu")
         got = decoders.decode_triton(groups, heads, tokens, dim, GROUP_TOKENS, dtype, torch.device("cpu"))
