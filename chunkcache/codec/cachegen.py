@@ -46,8 +46,6 @@ from .quantize import SMALLEST_WIDTH, bf16_toward
 
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
 ANCHOR_BINS_FACTOR = 2
-
-
 # Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
 # layers, by level: a bin is the channel's RMS delta / bins wide. Later layers get more bins, the reverse of the
 # paper's profile (CacheGen, Section 5): blending SmolLM2 from KV with the last third's keys (or the middle and
@@ -90,9 +88,9 @@ class CacheGenCodec(KVCodec):
     """Level 0: the smallest; level 3: the most exact (bench/results/codec-*.md: sizes and errors by level).
 
     Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels] of the KV's dtype: the first token
-    as it was, empty for an empty chunk), `delta` (uint8 [ceil(channels / 8)], a bit per
-    channel, numpy's little bit order: its other tokens are coded against their anchor, else all its tokens
-    against the centre, whichever has the smaller spread), `centre` (bf16 [channels]: the mean anchor where
+    as it was, empty for an empty chunk), `delta` (uint8 [ceil(channels / 8)], a bit per channel, numpy's little
+    bit order: its other tokens are coded against their anchor, else all its tokens against the centre,
+    whichever has the smaller spread), `centre` (bf16 [channels]: the mean anchor where
     `delta`, else the mean token), `width` (bf16 [channels]: the other tokens' bin width, and the anchors' where
     not `delta`), `anchor_width` (bf16, one per `delta` channel in channel order: the anchors' bin width),
     `shapes` (uint8 [2 * channels]: the anchors' and the others' distribution choices), `halves` (int32 [2]: the
