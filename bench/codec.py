@@ -295,12 +295,14 @@ def cuda_seconds(call, repeats: int) -> float:
 
 
 def write_synthetic(args, rows: list[dict], device: torch.device) -> None:
+    from blendgate.chunkcache.codec.cachegen import FORMAT
+
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     else:
         where = (f"{platform.machine()}, {os.cpu_count()} cores ({args.threads} threads used; load average "
                  f"{os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}")
-    lines = ["", f"## cachegen (rANS, format 2) on synthetic KV of larger models, decoding on {device.type} "
+    lines = ["", f"## cachegen (rANS, format {FORMAT}) on synthetic KV of larger models, decoding on {device.type} "
              f"({date.today()})", "",
              f"Command: `python bench/codec.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {where}  ",

@@ -4,23 +4,31 @@
   anchor, quantised against the channel's mean anchor, and every other token is coded as its delta from the
   group's reconstructed anchor (so errors never add up along the tokens).
 - Layer-wise sensitivity: the layers fall into three groups (first, middle, last third); a level gives each
-  group its quantisation bins per standard deviation, more for early layers, whose errors the later layers
-  carry on. Anchors get ANCHOR_BINS_FACTOR times the bins of their layer group. Where a channel's tokens are
-  not alike (values often), coding against the group's anchor would cost more than against the channel's
-  centre: each channel takes whichever has the smaller spread.
+  group its quantisation bins per standard deviation (LEVEL_BINS: on blended SmolLM2, more for later layers).
+  Anchors of channels coded against them get ANCHOR_BINS_FACTOR times the bins of their layer group. Where a
+  channel's tokens are not alike (values often), coding against the group's anchor would cost more than against
+  the channel's centre: each channel takes whichever has the smaller spread.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
 
-Bins are never clipped (a channel's bins widen until its largest deviation fits in HALF of them), so every
-value's error is at most half its channel's bin width. Per channel and layer group the entry stores 9 bytes
-(CacheGenCodec); each layer group's symbols are streams of their own, so a reader could take the entry layer
-group by layer group. Encoding runs on the host (torch, numpy). Decoding runs on the device asked for: on CUDA
-one Triton kernel decodes the rANS streams and dequantises straight into the KV tensor, elsewhere numpy decodes
-the streams and torch dequantises (kernels/rans.py).
+The first token of every entry is stored as it was (in the KV's dtype): the entry that begins a prompt (the
+system prompt's) holds the attention sink, which nearly every query attends to, so an error there moves the
+output far more than anywhere else (KVQuant, arXiv 2401.18079, keeps the first token in fp16 likewise). On
+SmolLM2, blending from values quantised at 1 bin per standard deviation in the later two thirds gave 16 times the
+KL against full prefill that the same values with the first token kept gave (bench/results/codec-2026-11-30.md).
 
-Entries record their format (the `format` part, FORMAT): entries of format 1, range-coded with constriction on
-the host before the rANS coder existed, are refused (a miss: recomputed), as is any other format.
+Bins are never clipped (a channel's bins widen until its largest deviation fits in HALF of them), so every
+value's error is at most half its channel's bin width. Per channel the entry stores about 6.2 bytes
+(CacheGenCodec: a centre, a bin width, two distribution choices, a bit for the anchor choice, and an anchors' bin
+width only where the channel is coded against its anchors); each layer group's symbols are streams of their own,
+so a reader could take the entry layer group by layer group. Encoding runs on the host (torch, numpy). Decoding
+runs on the device asked for: on CUDA one Triton kernel decodes the rANS streams and dequantises straight into
+the KV tensor, elsewhere numpy decodes the streams and torch dequantises (kernels/rans.py).
+
+Entries record their format (the `format` part, FORMAT): entries of format 1 (range-coded with constriction on
+the host before the rANS coder existed) and of format 2 (9 bytes per channel: both bin widths and a byte for the
+anchor choice, for every channel) are refused (a miss: recomputed), as is any other format.
 """
 
 from __future__ import annotations
@@ -39,9 +47,12 @@ from .quantize import SMALLEST_WIDTH, bf16_toward
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
 ANCHOR_BINS_FACTOR = 2
 # Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
-# layers, by level: a bin is the channel's RMS delta / bins wide.
-LEVEL_BINS = ((2.0, 1.4, 1.0), (4.0, 2.8, 2.0), (8.0, 5.6, 4.0), (16.0, 11.2, 8.0))
-FORMAT = 2  # the entries' format: 2, interleaved rANS (1, constriction's range coder, is no longer read)
+# layers, by level: a bin is the channel's RMS delta / bins wide. Later layers get more bins, the reverse of the
+# paper's profile (CacheGen, Section 5): blending SmolLM2 from KV with the last third's keys (or the middle and
+# last thirds' values) coarse moved the output far more than with the first third's
+# (bench/results/codec-2026-11-30.md, "format 3").
+LEVEL_BINS = ((0.6, 0.9, 1.3), (1.4, 2.0, 2.8), (2.8, 4.0, 5.6), (8.0, 11.2, 16.0))
+FORMAT = 3  # the entries' format: 3, interleaved rANS, compact channel parameters (1 and 2 are no longer read)
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
 
 
@@ -76,13 +87,16 @@ def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 class CacheGenCodec(KVCodec):
     """Level 0: the smallest; level 3: the most exact (bench/results/codec-*.md: sizes and errors by level).
 
-    Parts: `format` (int32 [1]: FORMAT) and per layer group `centre` (each channel's mean anchor),
-    `anchor_width`, `delta_width` (bf16, [channels]), `delta` (bool [channels]: its other tokens are coded
-    against their anchor, else against the centre, whichever has the smaller spread), `shapes` (uint8
-    [2 * channels]: the anchors' and the others' distribution choices), `halves` (int32 [2]: the anchors' and
-    the others' largest symbol) and the rANS streams `words` (int16 bits of uint16 words), `offsets` (int32) and
-    `states` (int32 bits of uint32) (kernels/rans.py: GroupStreams). Channels are (layer, KV head, head_dim
-    index) in that order."""
+    Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels] of the KV's dtype: the first token
+    as it was, empty for an empty chunk), `delta` (uint8 [ceil(channels / 8)], a bit per channel, numpy's little
+    bit order: its other tokens are coded against their anchor, else all its tokens against the centre,
+    whichever has the smaller spread), `centre` (bf16 [channels]: the mean anchor where
+    `delta`, else the mean token), `width` (bf16 [channels]: the other tokens' bin width, and the anchors' where
+    not `delta`), `anchor_width` (bf16, one per `delta` channel in channel order: the anchors' bin width),
+    `shapes` (uint8 [2 * channels]: the anchors' and the others' distribution choices), `halves` (int32 [2]: the
+    anchors' and the others' largest symbol) and the rANS streams `words` (int16 bits of uint16 words), `offsets`
+    (int32) and `states` (int32 bits of uint32) (kernels/rans.py: GroupStreams). Channels are (layer, KV head,
+    head_dim index) in that order."""
 
     name = "cachegen"
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
@@ -103,7 +117,16 @@ class CacheGenCodec(KVCodec):
             rest = channels[:, others]
             delta = ((rest - reference).square().sum(dim=1, keepdim=True)
                      <= (rest - centre.float()).square().sum(dim=1, keepdim=True))
-            delta_symbols, delta_width = _quantise(rest - torch.where(delta, reference, centre.float()), bins)
+            delta_symbols, delta_width = _quantise(rest - reference, bins)
+            # A channel not coded against its anchors codes all its tokens alike, against the mean of all of them:
+            # its anchors then need no finer bins than its other tokens (which would cost a bit more each).
+            plain_centre = channels.mean(dim=1, keepdim=True).bfloat16()
+            plain_symbols, plain_width = _quantise(channels - plain_centre.float(), bins)
+            centre = torch.where(delta, centre, plain_centre)
+            anchor_symbols = torch.where(delta, anchor_symbols, plain_symbols[:, anchors])
+            anchor_width = torch.where(delta, anchor_width, plain_width)
+            delta_symbols = torch.where(delta, delta_symbols, plain_symbols[:, others])
+            delta_width = torch.where(delta, delta_width, plain_width)
             # The alphabets only as wide as the symbols used: the quantised tables spend less on unused symbols.
             halves = [max(1, int(symbols.abs().max())) if symbols.numel() else 1
                       for symbols in (anchor_symbols, delta_symbols)]
@@ -114,10 +137,12 @@ class CacheGenCodec(KVCodec):
                                entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
             streams = rans.encode(symbols, shapes, tuple(entropy.frequencies(half) for half in halves),
                                   tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
-            parts.update({f"{group}.centre": centre[:, 0].contiguous(),
-                          f"{group}.anchor_width": anchor_width[:, 0].contiguous(),
-                          f"{group}.delta_width": delta_width[:, 0].contiguous(),
-                          f"{group}.delta": delta[:, 0].contiguous(),
+            first = tensor.detach()[layer_range.start:layer_range.stop, :, :1].permute(0, 1, 3, 2).reshape(-1)
+            parts.update({f"{group}.first": first.cpu().contiguous(),
+                          f"{group}.centre": centre[:, 0].contiguous(),
+                          f"{group}.width": delta_width[:, 0].contiguous(),
+                          f"{group}.anchor_width": anchor_width[delta].contiguous(),
+                          f"{group}.delta": torch.from_numpy(np.packbits(delta[:, 0].numpy(), bitorder="little")),
                           f"{group}.halves": torch.tensor(halves, dtype=torch.int32),
                           f"{group}.shapes": torch.from_numpy(shapes.reshape(-1)),
                           f"{group}.words": torch.from_numpy(streams.words.view(np.int16).copy()),
@@ -132,13 +157,20 @@ class CacheGenCodec(KVCodec):
         """All tensors' layer groups in one decoder call (on CUDA one launch: the keys' and values' lanes decode
         side by side), split after."""
         layers, heads, tokens, dim = layout.shape
-        groups = []
+        groups, firsts = [], []
         for parts in tensors:
             if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
                 raise ValueError(f"not a cachegen entry of format {FORMAT}")
-            groups += [self._group(parts, group, len(layer_range), heads * dim, device)
-                       for group, layer_range in enumerate(layer_groups(layers))]
+            for group, layer_range in enumerate(layer_groups(layers)):
+                groups.append(self._group(parts, group, len(layer_range), heads * dim, device))
+                first = parts[f"{group}.first"]
+                expected = len(layer_range) * heads * dim * min(tokens, 1)
+                if first.dtype != layout.torch_dtype or first.numel() != expected:
+                    raise ValueError("the first token's values do not fit the layout")
+                firsts.append(first.reshape(len(layer_range), heads, -1))
         decoded = decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
+        if tokens:  # the first token as it was
+            decoded[:, :, 0] = torch.cat(firsts).to(device)
         return list(decoded.split(layers)) if tensors else []
 
     @staticmethod
@@ -149,12 +181,21 @@ class CacheGenCodec(KVCodec):
         halves, shapes = parts[f"{group}.halves"].tolist(), parts[f"{group}.shapes"]
         if len(halves) != 2 or not all(1 <= half <= HALF for half in halves):
             raise ValueError("alphabet sizes out of range")
-        if shapes.numel() != 2 * layers * channels_per_layer:
+        channels = layers * channels_per_layer
+        if shapes.numel() != 2 * channels:
             raise ValueError("distribution choices do not fit the layout")
+        packed, width, sparse = (parts[f"{group}.{name}"] for name in ("delta", "width", "anchor_width"))
+        if packed.dtype != torch.uint8 or packed.numel() != -(-channels // 8) or width.shape != (channels,):
+            raise ValueError("channel parameters do not fit the layout")
+        delta = torch.from_numpy(np.unpackbits(packed.numpy(), count=channels, bitorder="little").astype(bool))
+        if sparse.dtype != width.dtype or sparse.shape != (int(delta.sum()),):
+            raise ValueError("anchors' bin widths do not fit the channels coded against anchors")
+        anchor_width = width.clone()
+        anchor_width[delta] = sparse
         return decoders.GroupStreams(
             layers, parts[f"{group}.words"], parts[f"{group}.offsets"], parts[f"{group}.states"],
             _slot_tables(halves[0], halves[1], torch.device(device)), shapes.reshape(2, -1),
-            *(parts[f"{group}.{name}"] for name in ("centre", "anchor_width", "delta_width", "delta")))
+            parts[f"{group}.centre"], anchor_width, width, delta)
 
 
 @lru_cache(maxsize=64)

@@ -9,7 +9,7 @@ import hashlib
 import pytest
 import torch
 from blendgate.chunkcache.codec import KV_CODECS, Codec, KVLayout, kv_codec
-from blendgate.chunkcache.codec.cachegen import layer_groups
+from blendgate.chunkcache.codec.cachegen import CacheGenCodec, layer_groups
 from blendgate.chunkcache.codec.frame import _safetensors_metadata, entry_body
 from blendgate.chunkcache.defaults import CODEC_LEVELS
 from blendgate.chunkcache.keys import ChunkKey
@@ -53,8 +53,9 @@ def stored_bound(data: bytes, tensor_name: str, layout: KVLayout) -> torch.Tenso
         return tensors[f"{tensor_name}.width"].float() / 2
     bound = torch.empty(layers, heads, 1, dim)
     for group, layer_range in enumerate(layer_groups(layers)):
-        widths = torch.maximum(tensors[f"{tensor_name}.{group}.anchor_width"].float(),
-                               tensors[f"{tensor_name}.{group}.delta_width"].float())
+        parts = {name.split(".", 1)[1]: value for name, value in tensors.items() if name.startswith(tensor_name)}
+        streams = CacheGenCodec._group(parts, group, len(layer_range), heads * dim, torch.device("cpu"))
+        widths = torch.maximum(streams.anchor_width.float(), streams.delta_width.float())
         bound[layer_range.start:layer_range.stop] = widths.reshape(len(layer_range), heads, dim)[:, :, None] / 2
     return bound
 
@@ -118,9 +119,9 @@ def test_levels_trade_size_for_error_and_cachegen_beats_int4_on_alike_tokens() -
     assert [errors[c] for c in cachegen] == sorted((errors[c] for c in cachegen), reverse=True)
     assert sizes["raw", 0] > sizes["int8", 0] > sizes["int4", 0]
     assert errors["raw", 0] == 0 < errors["int8", 0] < errors["int4", 0]
-    # Deltas against anchors pay here: at about int4's size, cachegen is far more exact; its smallest level is
-    # over 4.5x smaller than bf16, its most exact within 1% (relative Frobenius error).
-    assert sizes["cachegen", 1] < 1.05 * sizes["int4", 0] and errors["cachegen", 1] < 0.75 * errors["int4", 0]
+    # Deltas against anchors pay here: cachegen's level 1 is both smaller and more exact than int4; its smallest
+    # level is over 4.5x smaller than bf16, its most exact within 1% (relative Frobenius error).
+    assert sizes["cachegen", 1] < sizes["int4", 0] and errors["cachegen", 1] < 0.9 * errors["int4", 0]
     assert sizes["raw", 0] / sizes["cachegen", 0] > 4.5
     assert errors["cachegen", 3] < 0.01
 

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from test_codec import key_of, kv_like, reframed
+from test_codec import key_of, kv_like, reframed, relative_error
 
 
 def streams_of(symbols: np.ndarray, halves: tuple[int, int], shapes: np.ndarray,
@@ -126,6 +126,17 @@ def test_entries_of_the_old_format_or_with_damaged_streams_are_misses() -> None:
     body = save_tensors({name: value for name, value in stored.items() if not name.endswith("format")},
                         metadata=_safetensors_metadata(entry_body(data)))
     assert codec.decode(key_of(kv), b"BGKV1" + hashlib.sha256(body).digest() + body) is None
+    # Format 2 (a byte per channel for the anchor choice, both bin widths for every channel) is a miss too, as
+    # is format 3 with its channel parameters damaged.
+    channels = stored["keys.0.width"].shape[0]
+    format_2 = {"keys.format": torch.tensor([2], dtype=torch.int32), "keys.0.delta_width": stored["keys.0.width"],
+                "keys.0.delta": torch.zeros(channels, dtype=torch.bool)}
+    assert codec.decode(key_of(kv), reframed(data, format_2)) is None
+    for damaged in ({"keys.0.delta": stored["keys.0.delta"][:-1].clone()},
+                    {"keys.0.delta": torch.full_like(stored["keys.0.delta"], 255)},  # more anchor widths than stored
+                    {"keys.0.anchor_width": torch.zeros(3, dtype=torch.float32)},
+                    {"values.2.width": stored["values.2.width"][1:].clone()}):
+        assert codec.decode(key_of(kv), reframed(data, damaged)) is None
     words = stored["values.1.words"].clone()
     words[len(words) // 3] ^= 0x0040
     assert codec.decode(key_of(kv), reframed(data, {"values.1.words": words})) is None
@@ -202,3 +213,18 @@ def test_host_parts_join_as_torch_cat_joins_them() -> None:
     assert torch.equal(_concatenated(words), torch.cat(words))
     halves = [torch.randn(5).bfloat16(), torch.randn(3).bfloat16()]
     assert torch.equal(_concatenated(halves), torch.cat(halves))
+
+
+def test_every_level_keeps_the_first_token_and_errs_within_its_stated_bound() -> None:
+    """The first token (an attention sink where the entry begins the prompt) comes back exactly; the relative
+    (Frobenius) error on this fixed seed stays under each level's bound: keys offset and alike along the tokens,
+    values Gaussian (no structure to exploit: the harder case)."""
+    kv = kv_like(13, tokens=60)
+    bounds = {0: (0.06, 0.4), 1: (0.03, 0.18), 2: (0.015, 0.09), 3: (0.005, 0.035)}
+    for level, (keys_bound, values_bound) in bounds.items():
+        codec = Codec("cachegen", level)
+        decoded = codec.decode(key_of(kv), codec.encode(key_of(kv), kv))
+        assert torch.equal(decoded.keys[:, :, 0], kv.keys[:, :, 0])
+        assert torch.equal(decoded.values[:, :, 0], kv.values[:, :, 0])
+        assert relative_error(decoded.keys, kv.keys) < keys_bound
+        assert relative_error(decoded.values, kv.values) < values_bound
