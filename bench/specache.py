@@ -1,12 +1,20 @@
 """SpeCache (engine/specache.py) against full KV: decode speed and GPU KV memory per request, and quality.
 
+The low-bit keys default to the eightfold settings (specache_policy.SpeCacheSettings.eightfold: 1-bit keys in
+groups of 64 tokens, a recent window of 128) at budgets of 1/16 and 1/20 of the context; `--bits 2 --group 32`
+and `--fractions 10` give the engine's defaults.
+
+Bytes (`--bytes`, any machine, instant): the GPU KV bytes per request as the issue's bar counts them
+(specache_policy.gpu_kv_bytes: the budget's full-precision pairs, the low-bit keys' codes and scales, the
+residency table) against bf16 full KV, for Llama-3-8B's shapes at each context and each bits/group/budget.
+
 Speed (the default mode; for the H200): random bf16 weights of a real architecture's config (Llama-3-8B by
 default), one request per context length C, its KV random (decode speed does not depend on its values):
 - "full KV": engine/decode.py's BatchDecoder at batch 1, every pair on the GPU, graph-captured;
-- "SpeCache 1/N": engine/specache.py's eager step with a GPU budget of C/N pairs (sinks 4, recent window 64,
-  the rest top-k by 2-bit keys), the full KV in pinned host memory.
+- "SpeCache 1/N": engine/specache.py's eager step with a GPU budget of C/N pairs (sinks 4, recent window of
+  two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory.
 Rows give tokens/s (steps / synchronised wall time after warm-up), GPU KV bytes per request (full: C pairs;
-SpeCache: its budget, low-bit keys and residency table), the prefetch hit rate, and the most concurrent
+SpeCache: gpu_kv_bytes), the prefetch hit rate, and the most concurrent
 requests of `--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache,
 the host memory for their full KV), from those per-request bytes.
 
@@ -14,13 +22,14 @@ Quality (`--quality`, SmolLM2-135M-Instruct's real weights from a GGUF, `--devic
 NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passages, the gold one at depth
 (question number mod k) / k among the others (a needle in a haystack of NQ passages: `--k 40`; NQ-open at
 `--k 20`), greedy answers of `--new-tokens` tokens with full KV, SpeCache at each budget, and plain eviction
-at the same budget (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
+of the same number of pairs (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
 window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, and
 the share of answers token for token equal to full KV's (a closer measure where the small model rarely knows).
 
+    python bench/specache.py --bytes --out bench/results/specache-bytes-DATE.md
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
-    python bench/specache.py --quality --smollm SmolLM2-135M-Instruct.Q4_1.gguf --k 20 --questions 200 \\
-        --out bench/results/specache-quality-DATE.md
+    python bench/specache.py --quality --k 20 --questions 200 --out bench/results/specache-quality-DATE.md
+    python bench/specache.py --quality --k 40 --questions 200 --out bench/results/specache-needle-DATE.md
     python bench/specache.py --smoke   # CPU: a small random model, short contexts (checks that it runs)
 """
 
@@ -43,7 +52,7 @@ from blendgate.engine.kv_pool import BlockAllocator, blocks_for
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.engine.paged_kv import PagedKVPool
 from blendgate.engine.specache import SpeCacheDecoder
-from blendgate.engine.specache_policy import SpeCacheSettings
+from blendgate.engine.specache_policy import KVShape, SpeCacheSettings, gpu_kv_bytes
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qa"
 SMOKE_CONFIG = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -60,9 +69,18 @@ def synced(device: torch.device, fn) -> float:
     return time.perf_counter() - started
 
 
-def kv_pair_bytes(model: LlamaFamilyModel) -> int:
-    """Bytes of one position's keys and values, all layers."""
-    return 2 * model.num_layers * model.kv_heads * model.head_dim * model.dtype.itemsize
+def kv_shape(model: LlamaFamilyModel) -> KVShape:
+    return KVShape(model.num_layers, model.kv_heads, model.head_dim, model.dtype.itemsize)
+
+
+def settings_for(args: argparse.Namespace, fraction: float) -> SpeCacheSettings:
+    """SpeCache at a budget of `fraction` of the context with `--bits` and `--group` (a window of two groups)."""
+    return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=fraction, bits=args.bits,
+                            group=args.group, recent_tokens=max(64, 2 * args.group))
+
+
+def variant(args: argparse.Namespace, n: int) -> str:
+    return f"SpeCache 1/{n}, {args.bits}-bit keys, group {args.group}"
 
 
 def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int) -> float:
@@ -87,10 +105,9 @@ def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int)
     return steps / synced(model.device, lambda: [step() for _ in range(steps)])
 
 
-def specache_rate(model: LlamaFamilyModel, context: int, fraction: float, bits: int, steps: int,
-                  warmup: int) -> tuple[float, int, float, int]:
-    """tokens/s, GPU bytes per request, prefetch hit rate, host bytes per request."""
-    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=fraction, bits=bits)
+def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSettings, steps: int,
+                  warmup: int) -> tuple[float, float, int]:
+    """tokens/s, prefetch hit rate, host bytes per request."""
     budget = settings.budget(context)
     allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
     pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
@@ -110,7 +127,7 @@ def specache_rate(model: LlamaFamilyModel, context: int, fraction: float, bits: 
     for _ in range(warmup):
         step()
     rate = steps / synced(model.device, lambda: [step() for _ in range(steps)])
-    return rate, request.gpu_bytes(kv_pair_bytes(model)), request.stats.hit_rate, request.host.bytes
+    return rate, request.stats.hit_rate, request.host.bytes
 
 
 def speed(args: argparse.Namespace, report: list[str]) -> None:
@@ -133,7 +150,7 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
     host_total = _host_memory()
     report += ["| context | row | tokens/s | x full KV | GPU KV MiB per request | x smaller | prefetch hit rate | "
                f"most {args.concurrent_context}-token requests that fit |", "|---|---|---|---|---|---|---|---|"]
-    pair = kv_pair_bytes(model)
+    pair = kv_shape(model).pair_bytes
     for context in args.contexts:
         with torch.inference_mode():
             full = full_kv_rate(model, context, args.steps, 3)
@@ -143,18 +160,44 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
             report.append(f"| {context} | full KV | {full:.1f} | 1.00 | {full_bytes / 2**20:.0f} | 1.0 | - | {fit} |")
             print(report[-1], flush=True)
             for n in args.fractions:
-                rate, gpu_bytes, hit_rate, host_bytes = specache_rate(model, context, 1 / n, args.bits, args.steps, 3)
+                settings = settings_for(args, 1 / n)
+                gpu_bytes = gpu_kv_bytes(settings, context, kv_shape(model)).total
+                rate, hit_rate, host_bytes = specache_rate(model, context, settings, args.steps, 3)
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()
                 scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
                 fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (host_bytes * scale)))}" \
                     if gpu_free else "-"
-                report.append(f"| {context} | SpeCache 1/{n}, {args.bits}-bit keys | {rate:.1f} | {rate / full:.2f} | "
+                report.append(f"| {context} | {variant(args, n)} | {rate:.1f} | {rate / full:.2f} | "
                               f"{gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | {hit_rate:.3f} | {fit} |")
                 print(report[-1], flush=True)
     report.append("")
     report.append(f"- weights {weight_bytes / 2**30:.1f} GiB; GPU memory free after them {gpu_free / 2**30:.1f} GiB; "
                   f"host memory {host_total / 2**30:.0f} GiB")
+
+
+def bytes_table(args: argparse.Namespace, report: list[str]) -> None:
+    """The bar's count (gpu_kv_bytes) for `--model`'s shapes at each context, for 1- and 2-bit keys in groups
+    of 32 and 64 at each `--fractions` budget."""
+    from ttft import ARCHITECTURES
+
+    spec = ARCHITECTURES[args.model]
+    heads = spec["num_attention_heads"]
+    shape = KVShape(spec["num_hidden_layers"], spec.get("num_key_value_heads", heads),
+                    spec.get("head_dim", spec["hidden_size"] // heads))
+    report += [f"- {args.model}: {shape.layers} layers, {shape.kv_heads} KV heads, head_dim {shape.head_dim}, "
+               "bf16; a request's GPU KV bytes (engine/specache_policy.gpu_kv_bytes) against its full KV", "",
+               "| context | bits | group | budget | budget MiB | low-bit codes MiB | scales MiB | residency MiB | "
+               "total MiB | full KV MiB | x smaller |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for context in args.contexts:
+        for bits in (1, 2):
+            for group in (32, 64):
+                for n in args.fractions:
+                    settings = SpeCacheSettings(gpu_budget_fraction=1 / n, bits=bits, group=group,
+                                                recent_tokens=max(64, 2 * group))
+                    b = gpu_kv_bytes(settings, context, shape)
+                    mib = [f"{x / 2**20:.1f}" for x in (b.budget, b.codes, b.scales, b.residency, b.total, b.full)]
+                    report.append(f"| {context} | {bits} | {group} | 1/{n} | {' | '.join(mib)} | {b.smaller:.2f} |")
 
 
 def _host_memory() -> int:
@@ -201,9 +244,8 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
     runner, tokenizer = LlamaRunner(loaded), loaded.tokenizer
     variants: dict[str, object] = {"full KV": lambda length: None}
     for n in args.fractions:
-        variants[f"SpeCache 1/{n}"] = lambda length, n=n: SpeCacheSettings(
-            enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / n, bits=args.bits)
-        variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(max(70, -(-length // n)))
+        variants[variant(args, n)] = lambda length, n=n: settings_for(args, 1 / n)
+        variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(settings_for(args, 1 / n).budget(length).tokens)
     # [question number, 1.0 when right, 1.0 when the answer is full KV's]
     correct: dict[str, list[list]] = {name: [] for name in variants}
     lengths = []
@@ -261,8 +303,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b", help="bench/ttft.py's architecture name (speed mode)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536])
-    parser.add_argument("--fractions", type=int, nargs="+", default=[8, 10], help="budgets of 1/N of the context")
-    parser.add_argument("--bits", type=int, default=2, choices=[1, 2], help="low-bit keys' bits")
+    parser.add_argument("--fractions", type=int, nargs="+", default=[16, 20], help="budgets of 1/N of the context")
+    parser.add_argument("--bits", type=int, default=1, choices=[1, 2], help="low-bit keys' bits")
+    parser.add_argument("--group", type=int, default=64, choices=[32, 64], help="low-bit keys' group (tokens)")
+    parser.add_argument("--bytes", action="store_true", help="only the GPU KV bytes per request (no model)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--concurrent-context", type=int, default=32768)
     parser.add_argument("--smoke", action="store_true", help="speed mode on CPU with a small random model")
@@ -278,11 +322,14 @@ def main() -> None:
     args = parser.parse_args()
     device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.node()}"
-    report = [f"# SpeCache benchmark ({'quality' if args.quality else 'speed and memory'}), "
+    mode = "quality" if args.quality else "GPU KV bytes" if args.bytes else "speed and memory"
+    report = [f"# SpeCache benchmark ({mode}), "
               f"{date.today().isoformat()}", "", f"- command: `python bench/specache.py {' '.join(sys.argv[1:])}`",
               f"- device: {device}", ""]
     if args.quality:
         quality(args, report)
+    elif args.bytes:
+        bytes_table(args, report)
     else:
         speed(args, report)
     print("\n".join(report))

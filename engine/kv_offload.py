@@ -4,7 +4,7 @@ A request that SpeCache serves (engine/specache.py) copies its finished prefill'
 position's rotated keys and values, [layers, kv_heads, capacity, head_dim] in the model's dtype, in page-locked
 memory when the model runs on CUDA (so host-to-device copies run asynchronously, on a side stream); decode
 steps append their new token's pair and gather the pairs a step selects. `LowBitKeys` holds the 1- or 2-bit
-copy of the keys on the model's device (kernels/lowbit_keys.py: whole groups of GROUP tokens), which decode
+copy of the keys on the model's device (kernels/lowbit_keys.py: whole groups of 32 or 64 tokens), which decode
 steps score their query against. Plain containers: the decoder decides what moves when.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.lowbit_keys import GROUP, QuantizedKeys, quantize
+from ..kernels.lowbit_keys import QuantizedKeys, quantize
 from .llama import KVCache
 
 
@@ -60,14 +60,15 @@ class HostKV:
 class LowBitKeys:
     """One request's low-bit keys on the device, all layers: the first `length` positions (whole groups)."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, bits: int,
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, bits: int, group: int,
                  device: torch.device) -> None:
-        groups = -(-capacity // GROUP)
-        self.codes = torch.zeros((layers, kv_heads, groups * GROUP, head_dim * bits // 8), dtype=torch.uint8,
+        groups = -(-capacity // group)
+        self.codes = torch.zeros((layers, kv_heads, groups * group, head_dim * bits // 8), dtype=torch.uint8,
                                  device=device)
         self.zeros = torch.zeros((layers, kv_heads, groups, head_dim), dtype=torch.float16, device=device)
         self.steps = torch.zeros_like(self.zeros)
         self.bits = bits
+        self.group = group
         self.length = 0
 
     @property
@@ -75,20 +76,21 @@ class LowBitKeys:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.zeros, self.steps))
 
     def layer(self, layer: int) -> QuantizedKeys:
-        return QuantizedKeys(self.codes[layer], self.zeros[layer], self.steps[layer], self.bits)
+        return QuantizedKeys(self.codes[layer], self.zeros[layer], self.steps[layer], self.bits, self.group)
 
-    def extend(self, host: HostKV) -> None:
-        """Quantise the host's whole groups past `length`, every layer (after a prefill, and after a decode
-        step that completes a group)."""
-        end = host.length // GROUP * GROUP
-        if end <= self.length:
+    def append(self, keys: torch.Tensor) -> None:
+        """Quantise the keys of the next whole groups, positions length..length+n-1: `keys` [layers, kv_heads,
+        n, head_dim] on the device, n a multiple of the group (after a prefill: its cache's keys; after a
+        decode step that completes a group: the group's keys from the pool's recent window). One launch for
+        all layers; ValueError for a partial group."""
+        layers, kv_heads, n, head_dim = keys.shape
+        if n % self.group:
+            raise ValueError(f"low-bit keys are appended a whole group of {self.group} tokens at a time, not {n}")
+        if n == 0:
             return
-        start = self.length
-        device = self.codes.device
-        for layer in range(self.codes.shape[0]):
-            keys = host.keys[layer, :, start:end].to(device, non_blocking=True)
-            quantized = quantize(keys, self.bits)
-            self.codes[layer, :, start:end] = quantized.codes
-            self.zeros[layer, :, start // GROUP: end // GROUP] = quantized.zeros
-            self.steps[layer, :, start // GROUP: end // GROUP] = quantized.steps
+        start, end = self.length, self.length + n
+        quantized = quantize(keys.reshape(layers * kv_heads, n, head_dim), self.bits, self.group)
+        self.codes[:, :, start:end] = quantized.codes.view(layers, kv_heads, n, -1)
+        self.zeros[:, :, start // self.group: end // self.group] = quantized.zeros.view(layers, kv_heads, -1, head_dim)
+        self.steps[:, :, start // self.group: end // self.group] = quantized.steps.view(layers, kv_heads, -1, head_dim)
         self.length = end

@@ -98,8 +98,8 @@ class SpeCacheDecoder:
                               f"{allocation.capacity} reserved slots")
         host = HostKV.from_cache(cache, length + max_new_tokens)
         lowbit = LowBitKeys(model.num_layers, model.kv_heads, model.head_dim, host.keys.shape[2],
-                            self.settings.bits, model.device)
-        lowbit.extend(host)
+                            self.settings.bits, self.settings.group, model.device)
+        lowbit.append(cache.keys[:, :, : length // lowbit.group * lowbit.group])
         resident = torch.full((model.num_layers, model.kv_heads, budget.top_k), -1, dtype=torch.long,
                               device=model.device)
         slots = torch.tensor(allocation.slots(budget.tokens), dtype=torch.long, device=model.device)
@@ -162,8 +162,17 @@ class SpeCacheDecoder:
             hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
         for request in requests:
             request.host.length += 1
-            request.lowbit.extend(request.host)
+            self._quantise_completed_group(request)
         return model.logits(hidden)
+
+    def _quantise_completed_group(self, request: OffloadedRequest) -> None:
+        """After a step that completes a group of positions, its keys (all in the recent window, which holds
+        two groups) become low-bit keys, read from the pool on the device."""
+        group, end = request.lowbit.group, request.length
+        if end % group or end - group < request.lowbit.length:
+            return
+        slots = request.slots[[request.budget_slot(p) for p in range(end - group, end)]]
+        request.lowbit.append(self.pool.keys[:, :, slots])
 
     def _side_stream(self) -> contextlib.AbstractContextManager:
         if self._copy_stream is None:
