@@ -263,8 +263,9 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
         for name, tokens in answered.items():
             correct[name].append([number, float(contains(tokenizer.decode(tokens), answers)),
                                   float(tokens == answered["full KV"])])
-        print(f"{len(lengths)}: " + ", ".join(f"{n} {sum(r[1] for r in rows):.0f}" for n, rows in correct.items()),
-              flush=True)
+        print(f"{len(lengths)} ({len(ids)} tokens): " + ", ".join(
+            f"{n} right {sum(r[1] for r in rows):.0f} as full KV {sum(r[2] for r in rows):.0f}"
+            for n, rows in correct.items()), flush=True)
     report += [f"- {len(lengths)} questions, k = {args.k}, prompt tokens {min(lengths)}-{max(lengths)} "
                f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy", "",
                "| variant | accuracy | 95% interval | answers equal to full KV's |", "|---|---|---|---|"]
