@@ -75,7 +75,10 @@ class OffloadedRequest:
 
     @property
     def stats(self) -> PrefetchStats:
-        """The prefetch hit rate's counts (reads the device's counters: a sync on CUDA)."""
+        """The prefetch hit rate's counts (reads the device's counters: waits for the device on CUDA, the side
+        stream's prefetches included)."""
+        if self.counts.is_cuda:
+            torch.cuda.synchronize(self.counts.device)
         hits, copied = self.counts.tolist()
         stats = PrefetchStats()
         stats.record(self.wanted, hits, copied + int(self.prefetched))
