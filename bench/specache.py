@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import random
 import sys
@@ -54,7 +55,9 @@ from blendgate.engine.paged_kv import PagedKVPool
 from blendgate.engine.specache import SpeCacheDecoder
 from blendgate.engine.specache_policy import KVShape, SpeCacheSettings, gpu_kv_bytes
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qa"
+# The question sets' folder: ../shared/data/qa beside the checkout, or BLENDGATE_QA_DATA (the GPU machine).
+DATA = Path(os.environ.get("BLENDGATE_QA_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+                           / "qa"))
 SMOKE_CONFIG = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
 
