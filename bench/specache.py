@@ -23,8 +23,9 @@ NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passage
 (question number mod k) / k among the others (a needle in a haystack of NQ passages: `--k 40`; NQ-open at
 `--k 20`), greedy answers of `--new-tokens` tokens with full KV, SpeCache at each budget, and plain eviction
 of the same number of pairs (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
-window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, and
-the share of answers token for token equal to full KV's (a closer measure where the small model rarely knows).
+window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, the
+share of answers token for token equal to full KV's, and the mean share of full KV's tokens an answer begins
+with (closer measures where the small model rarely knows).
 
     python bench/specache.py --bytes --out bench/results/specache-bytes-DATE.md
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
@@ -249,7 +250,7 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
     for n in args.fractions:
         variants[variant(args, n)] = lambda length, n=n: settings_for(args, 1 / n)
         variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(settings_for(args, 1 / n).budget(length).tokens)
-    # [question number, 1.0 when right, 1.0 when the answer is full KV's]
+    # [question number, 1.0 when right, 1.0 when the answer is full KV's, share of full KV's tokens it begins with]
     correct: dict[str, list[list]] = {name: [] for name in variants}
     lengths = []
     for number, (question, answers, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
@@ -264,18 +265,22 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
         answered = {name: greedy(runner, int(logits.argmax()), state, args.new_tokens, settings(len(ids)))
                     for name, settings in reversed(variants.items())}
         for name, tokens in answered.items():
+            full = answered["full KV"]
+            agreed = next((i for i, (a, b) in enumerate(zip(tokens, full)) if a != b), len(full))
             correct[name].append([number, float(contains(tokenizer.decode(tokens), answers)),
-                                  float(tokens == answered["full KV"])])
+                                  float(tokens == full), agreed / len(full)])
         print(f"{len(lengths)} ({len(ids)} tokens): " + ", ".join(
-            f"{n} right {sum(r[1] for r in rows):.0f} as full KV {sum(r[2] for r in rows):.0f}"
-            for n, rows in correct.items()), flush=True)
+            f"{n} right {sum(r[1] for r in rows):.0f} as full KV {sum(r[2] for r in rows):.0f} "
+            f"prefix {sum(r[3] for r in rows) / len(rows):.2f}" for n, rows in correct.items()), flush=True)
     report += [f"- {len(lengths)} questions, k = {args.k}, prompt tokens {min(lengths)}-{max(lengths)} "
                f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy", "",
-               "| variant | accuracy | 95% interval | answers equal to full KV's |", "|---|---|---|---|"]
+               "| variant | accuracy | 95% interval | answers equal to full KV's | full KV's tokens kept before the "
+               "first difference |", "|---|---|---|---|---|"]
     for name, rows in correct.items():
         low, high = bootstrap({name: rows}, lambda v, name=name: sum(r[1] for r in v[name]) / len(v[name]))
-        same = sum(r[2] for r in rows) / len(rows)
-        report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} |")
+        same, prefix = (sum(r[i] for r in rows) / len(rows) for i in (2, 3))
+        report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} | "
+                      f"{prefix:.3f} |")
 
 
 def evicting(tokens: int) -> SpeCacheSettings:
