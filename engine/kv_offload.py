@@ -82,16 +82,15 @@ class LowBitKeys:
     def append(self, keys: torch.Tensor) -> None:
         """Quantise the keys of the next whole groups, positions length..length+n-1: `keys` [layers, kv_heads,
         n, head_dim] on the device, n a multiple of the group (after a prefill: its cache's keys; after a
-        decode step that completes a group: the group's keys from the pool's recent window). One launch for
-        all layers; ValueError for a partial group."""
-        layers, kv_heads, n, head_dim = keys.shape
+        decode step that completes a group: the group's keys from the pool's recent window). A launch a layer
+        (a prefill's keys are a strided slice of its cache: no copy of them); ValueError for a partial group."""
+        n = keys.shape[2]
         if n % self.group:
             raise ValueError(f"low-bit keys are appended a whole group of {self.group} tokens at a time, not {n}")
-        if n == 0:
-            return
         start, end = self.length, self.length + n
-        quantized = quantize(keys.reshape(layers * kv_heads, n, head_dim), self.bits, self.group)
-        self.codes[:, :, start:end] = quantized.codes.view(layers, kv_heads, n, -1)
-        self.zeros[:, :, start // self.group: end // self.group] = quantized.zeros.view(layers, kv_heads, -1, head_dim)
-        self.steps[:, :, start // self.group: end // self.group] = quantized.steps.view(layers, kv_heads, -1, head_dim)
+        for layer in range(keys.shape[0]):
+            quantized = quantize(keys[layer], self.bits, self.group)
+            self.codes[layer, :, start:end] = quantized.codes
+            self.zeros[layer, :, start // self.group: end // self.group] = quantized.zeros
+            self.steps[layer, :, start // self.group: end // self.group] = quantized.steps
         self.length = end
