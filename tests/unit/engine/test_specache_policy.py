@@ -110,3 +110,7 @@ def test_a_local_models_config_takes_specache_settings() -> None:
         LocalModelConfig(name="m", specache={"enabled": True, "gpu_budget_tokens": 10})
     with pytest.raises(ValidationError):
         LocalModelConfig(name="m", specache={"enabled": True, "budget": 10})  # unknown keys are refused
+    eightfold = {"enabled": True, "bits": 1, "group": 64, "recent_tokens": 128, "gpu_budget_fraction": 0.0625}
+    assert LocalModelConfig(name="m", specache=eightfold).specache == SpeCacheSettings.eightfold(enabled=True)
+    with pytest.raises(ValidationError, match="two groups"):
+        LocalModelConfig(name="m", specache={"enabled": True, "group": 64})
