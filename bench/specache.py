@@ -13,7 +13,9 @@ default), one request per context length C, its KV random (decode speed does not
 - "full KV": engine/decode.py's BatchDecoder at batch 1, every pair on the GPU, graph-captured;
 - "SpeCache 1/N": engine/specache.py's eager step with a GPU budget of C/N pairs (sinks 4, recent window of
   two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory.
-Rows give tokens/s (steps / synchronised wall time after warm-up), GPU KV bytes per request (full: C pairs;
+Rows give tokens/s (steps / synchronised wall time after warm-up), SpeCache's host milliseconds a step (the
+time to queue its kernels: near 1000 / tokens/s, the eager step is launch-bound), GPU KV bytes per request
+(full: C pairs;
 SpeCache: gpu_kv_bytes), the prefetch hit rate, and the most concurrent
 requests of `--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache,
 the host memory for their full KV), from those per-request bytes.
@@ -110,8 +112,10 @@ def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int)
 
 
 def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSettings, steps: int,
-                  warmup: int) -> tuple[float, float, int]:
-    """tokens/s, prefetch hit rate, host bytes per request."""
+                  warmup: int) -> tuple[float, float, float, int]:
+    """tokens/s, host milliseconds a step (the decode call's own time: the step never waits for the device, so
+    this is the time to queue its kernels; near the step's whole time, the step is bound by the host's
+    launches), prefetch hit rate, host bytes per request."""
     budget = settings.budget(context)
     allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
     pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
@@ -122,16 +126,20 @@ def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSetti
     cache.length = context
     request = decoder.admit(0, allocator.allocate(0, budget.tokens), cache, warmup + steps + 1)
     del cache
-    state = {"token": 0}
+    state = {"token": 0, "host": 0.0}
 
     def step() -> None:
-        logits = decoder.decode(decoder.batch([0], [state["token"]]))
+        batch = decoder.batch([0], [state["token"]])
+        started = time.perf_counter()
+        logits = decoder.decode(batch)
+        state["host"] += time.perf_counter() - started
         state["token"] = int(logits.argmax(dim=-1)[0])
 
     for _ in range(warmup):
         step()
+    state["host"] = 0.0
     rate = steps / synced(model.device, lambda: [step() for _ in range(steps)])
-    return rate, request.stats.hit_rate, request.host.bytes
+    return rate, 1000 * state["host"] / steps, request.stats.hit_rate, request.host.bytes
 
 
 def speed(args: argparse.Namespace, report: list[str]) -> None:
@@ -152,8 +160,9 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     gpu_free = torch.cuda.mem_get_info()[0] if model.device.type == "cuda" else 0
     host_total = _host_memory()
-    report += ["| context | row | tokens/s | x full KV | GPU KV MiB per request | x smaller | prefetch hit rate | "
-               f"most {args.concurrent_context}-token requests that fit |", "|---|---|---|---|---|---|---|---|"]
+    report += ["| context | row | tokens/s | x full KV | host ms a step | GPU KV MiB per request | x smaller | "
+               f"prefetch hit rate | most {args.concurrent_context}-token requests that fit |",
+               "|---|---|---|---|---|---|---|---|---|"]
     pair = kv_shape(model).pair_bytes
     for context in args.contexts:
         with torch.inference_mode():
@@ -161,18 +170,19 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
             torch.cuda.empty_cache() if model.device.type == "cuda" else None
             full_bytes = context * pair
             fit = gpu_free // (args.concurrent_context * pair) if gpu_free else "-"
-            report.append(f"| {context} | full KV | {full:.1f} | 1.00 | {full_bytes / 2**20:.0f} | 1.0 | - | {fit} |")
+            report.append(f"| {context} | full KV | {full:.1f} | 1.00 | - | {full_bytes / 2**20:.0f} | 1.0 | - | "
+                          f"{fit} |")
             print(report[-1], flush=True)
             for n in args.fractions:
                 settings = settings_for(args, 1 / n)
                 gpu_bytes = gpu_kv_bytes(settings, context, kv_shape(model)).total
-                rate, hit_rate, host_bytes = specache_rate(model, context, settings, args.steps, 3)
+                rate, host_ms, hit_rate, host_bytes = specache_rate(model, context, settings, args.steps, 3)
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()
                 scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
                 fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (host_bytes * scale)))}" \
                     if gpu_free else "-"
-                report.append(f"| {context} | {variant(args, n)} | {rate:.1f} | {rate / full:.2f} | "
+                report.append(f"| {context} | {variant(args, n)} | {rate:.1f} | {rate / full:.2f} | {host_ms:.2f} | "
                               f"{gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | {hit_rate:.3f} | {fit} |")
                 print(report[-1], flush=True)
     report.append("")
