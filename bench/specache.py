@@ -15,10 +15,9 @@ default), one request per context length C, its KV random (decode speed does not
   two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory.
 Rows give tokens/s (steps / synchronised wall time after warm-up), SpeCache's host milliseconds a step (the
 time to queue its kernels: near 1000 / tokens/s, the eager step is launch-bound), GPU KV bytes per request
-(full: C pairs;
-SpeCache: gpu_kv_bytes), the prefetch hit rate, and the most concurrent
-requests of `--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache,
-the host memory for their full KV), from those per-request bytes.
+(full: C pairs; SpeCache: gpu_kv_bytes), the prefetch hit rate, and the most concurrent requests of
+`--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache, the host
+memory for their full KV), from those per-request bytes.
 
 Quality (`--quality`, SmolLM2-135M-Instruct's real weights from a GGUF, `--device cpu` for a smoke run):
 NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passages, the gold one at depth
