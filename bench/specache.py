@@ -25,8 +25,9 @@ NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passage
 `--k 20`), greedy answers of `--new-tokens` tokens with full KV, SpeCache at each budget, and plain eviction
 of the same number of pairs (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
 window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, the
-share of answers token for token equal to full KV's, and the mean share of full KV's tokens an answer begins
-with (closer measures where the small model rarely knows).
+share of answers token for token equal to full KV's, the mean share of full KV's tokens an answer begins
+with, and the KL divergence of the first decode step's next-token distribution from full KV's (the same input
+for every variant; with a bootstrap 95% interval): closer measures where the small model rarely knows.
 
     python bench/specache.py --bytes --out bench/results/specache-bytes-DATE.md
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
@@ -259,7 +260,8 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
     for n in args.fractions:
         variants[variant(args, n)] = lambda length, n=n: settings_for(args, 1 / n)
         variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(settings_for(args, 1 / n).budget(length).tokens)
-    # [question number, 1.0 when right, 1.0 when the answer is full KV's, share of full KV's tokens it begins with]
+    # [question number, 1.0 when right, 1.0 when the answer is full KV's, share of full KV's tokens it begins with,
+    #  KL(full KV || variant) of the first decode step's next-token distribution]
     correct: dict[str, list[list]] = {name: [] for name in variants}
     lengths = []
     for number, (question, answers, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
@@ -273,23 +275,27 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
             logits, state = runner.prefill(Prompt.plain(ids))  # one prefill; full KV (which grows it) goes last
         answered = {name: greedy(runner, int(logits.argmax()), state, args.new_tokens, settings(len(ids)))
                     for name, settings in reversed(variants.items())}
-        for name, tokens in answered.items():
-            full = answered["full KV"]
+        full, full_log_p = answered["full KV"]
+        for name, (tokens, log_p) in answered.items():
+            kl = float((full_log_p.exp() * (full_log_p - log_p)).sum())
             agreed = next((i for i, (a, b) in enumerate(zip(tokens, full)) if a != b), len(full))
             correct[name].append([number, float(contains(tokenizer.decode(tokens), answers)),
-                                  float(tokens == full), agreed / len(full)])
+                                  float(tokens == full), agreed / len(full), kl])
         print(f"{len(lengths)} ({len(ids)} tokens): " + ", ".join(
             f"{n} right {sum(r[1] for r in rows):.0f} as full KV {sum(r[2] for r in rows):.0f} "
-            f"prefix {sum(r[3] for r in rows) / len(rows):.2f}" for n, rows in correct.items()), flush=True)
+            f"prefix {sum(r[3] for r in rows) / len(rows):.2f} KL {sum(r[4] for r in rows) / len(rows):.3f}"
+            for n, rows in correct.items()), flush=True)
     report += [f"- {len(lengths)} questions, k = {args.k}, prompt tokens {min(lengths)}-{max(lengths)} "
                f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy", "",
                "| variant | accuracy | 95% interval | answers equal to full KV's | full KV's tokens kept before the "
-               "first difference |", "|---|---|---|---|---|"]
+               "first difference | KL from full KV, first decode step | 95% interval |",
+               "|---|---|---|---|---|---|---|"]
     for name, rows in correct.items():
         low, high = bootstrap({name: rows}, lambda v, name=name: sum(r[1] for r in v[name]) / len(v[name]))
-        same, prefix = (sum(r[i] for r in rows) / len(rows) for i in (2, 3))
+        same, prefix, kl = (sum(r[i] for r in rows) / len(rows) for i in (2, 3, 4))
+        kl_low, kl_high = bootstrap({name: rows}, lambda v, name=name: sum(r[4] for r in v[name]) / len(v[name]))
         report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} | "
-                      f"{prefix:.3f} |")
+                      f"{prefix:.3f} | {kl:.4f} | {kl_low:.4f}-{kl_high:.4f} |")
 
 
 def evicting(tokens: int) -> SpeCacheSettings:
@@ -298,23 +304,31 @@ def evicting(tokens: int) -> SpeCacheSettings:
     return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=tokens, recent_tokens=tokens - 5)
 
 
-def greedy(runner, first: int, state, new_tokens: int, settings: SpeCacheSettings | None) -> list[int]:
-    """Greedy tokens after a prefill (its first token and KVState): full KV (settings None) decodes on the
-    prefill's own cache, SpeCache admits a copy of it."""
-    out = [first]
+def greedy(runner, first: int, state, new_tokens: int,
+           settings: SpeCacheSettings | None) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens after a prefill (its first token and KVState), and the log-probabilities [vocab] of the
+    first decode step (the first step that reads the budget; the same input for every variant): full KV
+    (settings None) decodes on the prefill's own cache, SpeCache admits a copy of it."""
+    out, first_step = [first], None
     with torch.inference_mode():
         if settings is None:
-            while len(out) < new_tokens:
-                out.append(int(runner.decode(out[-1], state).argmax()))
-            return out
-        budget = settings.budget(state.length)
-        allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
-        pool = PagedKVPool(runner.model, allocator.num_blocks, 1, blocks_for(budget.tokens))
-        decoder = SpeCacheDecoder(runner.model, pool, settings)
-        decoder.admit(0, allocator.allocate(0, budget.tokens), state.cache, new_tokens)
+            def step(token: int) -> torch.Tensor:
+                return runner.decode(token, state).reshape(-1)
+        else:
+            budget = settings.budget(state.length)
+            allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
+            pool = PagedKVPool(runner.model, allocator.num_blocks, 1, blocks_for(budget.tokens))
+            decoder = SpeCacheDecoder(runner.model, pool, settings)
+            decoder.admit(0, allocator.allocate(0, budget.tokens), state.cache, new_tokens)
+
+            def step(token: int) -> torch.Tensor:
+                return decoder.decode(decoder.batch([0], [token]))[0]
         while len(out) < new_tokens:
-            out.append(int(decoder.decode(decoder.batch([0], [out[-1]])).argmax(dim=-1)[0]))
-    return out
+            logits = step(out[-1])
+            if first_step is None:
+                first_step = logits.float().log_softmax(-1)
+            out.append(int(logits.argmax()))
+    return out, first_step
 
 
 def main() -> None:
@@ -334,7 +348,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA / "nq-open-oracle.dev.jsonl.gz")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--questions", type=int, default=100)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=16, help="at least 2 (quality mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
