@@ -2,17 +2,18 @@
 
 A request that SpeCache serves (engine/specache.py) copies its finished prefill's KV here: `HostKV` holds every
 position's rotated keys and values, [layers, kv_heads, capacity, head_dim] in the model's dtype, in page-locked
-memory when the model runs on CUDA (so host-to-device copies run asynchronously, on a side stream); decode
-steps append their new token's pair and gather the pairs a step selects. `LowBitKeys` holds the 1- or 2-bit
-copy of the keys on the model's device (kernels/lowbit_keys.py: whole groups of GROUP tokens), which decode
-steps score their query against. Plain containers: the decoder decides what moves when.
+memory when the model runs on CUDA (so kernels on the device read and write it by index: kernels/pair_copy.py);
+decode steps append their new token's pair, and copy the pairs a step selects to the GPU. `LowBitKeys` holds
+the 1- or 2-bit copy of the keys on the model's device (kernels/lowbit_keys.py: whole groups of 32 or 64
+tokens), which decode steps score their query against. Plain containers: the decoder decides what moves when.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..kernels.lowbit_keys import GROUP, QuantizedKeys, quantize
+from ..kernels.lowbit_keys import QuantizedKeys, quantize
+from ..kernels.pair_copy import copy_pairs
 from .llama import KVCache
 
 
@@ -41,33 +42,34 @@ class HostKV:
     def bytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
 
-    def write(self, layer: int, position: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """A decode step's new pair, key and value [kv_heads, head_dim] (on any device), at `position`."""
-        if position >= self.keys.shape[2]:
-            raise ValueError(f"position {position} is past the host KV's {self.keys.shape[2]} positions")
-        self.keys[layer, :, position].copy_(key)
-        self.values[layer, :, position].copy_(value)
-
-    def gather(self, layer: int, heads: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs (heads[i], positions[i]) of one layer, both [n] long on the host: keys and values [n,
-        head_dim] on the host (pinned when the tier is)."""
-        keys, values = self.keys[layer][heads, positions], self.values[layer][heads, positions]
-        if self.keys.is_pinned():
-            keys, values = keys.pin_memory(), values.pin_memory()
-        return keys, values
+    def append(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor) -> None:
+        """A decode step's new pair, every layer, at position `length` (which grows by one): `keys` and `values`
+        the pool's [layers, kv_heads, slots, head_dim] on the device, `slot` [1] long there, the pair's pool
+        slot. On CUDA a kernel writes the pinned memory (kernels/pair_copy.py), on the current stream: nothing
+        waits for it, and what reads these pairs later (the step's gathers) runs after it on the device.
+        ValueError past the capacity."""
+        if self.length >= self.keys.shape[2]:
+            raise ValueError(f"position {self.length} is past the host KV's {self.keys.shape[2]} positions")
+        rows = self.keys.shape[0] * self.keys.shape[1]
+        source = slot.view(1, 1).expand(rows, 1)
+        target = torch.full((1, 1), self.length, dtype=torch.long, device=slot.device).expand(rows, 1)
+        copy_pairs(keys.flatten(0, 1), source, self.keys.flatten(0, 1), target)
+        copy_pairs(values.flatten(0, 1), source, self.values.flatten(0, 1), target)
+        self.length += 1
 
 
 class LowBitKeys:
     """One request's low-bit keys on the device, all layers: the first `length` positions (whole groups)."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, bits: int,
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, bits: int, group: int,
                  device: torch.device) -> None:
-        groups = -(-capacity // GROUP)
-        self.codes = torch.zeros((layers, kv_heads, groups * GROUP, head_dim * bits // 8), dtype=torch.uint8,
+        groups = -(-capacity // group)
+        self.codes = torch.zeros((layers, kv_heads, groups * group, head_dim * bits // 8), dtype=torch.uint8,
                                  device=device)
         self.zeros = torch.zeros((layers, kv_heads, groups, head_dim), dtype=torch.float16, device=device)
         self.steps = torch.zeros_like(self.zeros)
         self.bits = bits
+        self.group = group
         self.length = 0
 
     @property
@@ -75,20 +77,20 @@ class LowBitKeys:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.zeros, self.steps))
 
     def layer(self, layer: int) -> QuantizedKeys:
-        return QuantizedKeys(self.codes[layer], self.zeros[layer], self.steps[layer], self.bits)
+        return QuantizedKeys(self.codes[layer], self.zeros[layer], self.steps[layer], self.bits, self.group)
 
-    def extend(self, host: HostKV) -> None:
-        """Quantise the host's whole groups past `length`, every layer (after a prefill, and after a decode
-        step that completes a group)."""
-        end = host.length // GROUP * GROUP
-        if end <= self.length:
-            return
-        start = self.length
-        device = self.codes.device
-        for layer in range(self.codes.shape[0]):
-            keys = host.keys[layer, :, start:end].to(device, non_blocking=True)
-            quantized = quantize(keys, self.bits)
+    def append(self, keys: torch.Tensor) -> None:
+        """Quantise the keys of the next whole groups, positions length..length+n-1: `keys` [layers, kv_heads,
+        n, head_dim] on the device, n a multiple of the group (after a prefill: its cache's keys; after a
+        decode step that completes a group: the group's keys from the pool's recent window). A launch a layer
+        (a prefill's keys are a strided slice of its cache: no copy of them); ValueError for a partial group."""
+        n = keys.shape[2]
+        if n % self.group:
+            raise ValueError(f"low-bit keys are appended a whole group of {self.group} tokens at a time, not {n}")
+        start, end = self.length, self.length + n
+        for layer in range(keys.shape[0]):
+            quantized = quantize(keys[layer], self.bits, self.group)
             self.codes[layer, :, start:end] = quantized.codes
-            self.zeros[layer, :, start // GROUP: end // GROUP] = quantized.zeros
-            self.steps[layer, :, start // GROUP: end // GROUP] = quantized.steps
+            self.zeros[layer, :, start // self.group: end // self.group] = quantized.zeros
+            self.steps[layer, :, start // self.group: end // self.group] = quantized.steps
         self.length = end

@@ -6,33 +6,42 @@ copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on 
 (kv_offload.LowBitKeys), and its pool allocation (the budget's slots, not its context) laid out as
 [sinks | recent window (a ring) | top-k], per layer and KV head. A decode step, per layer:
 
-1. the batch's QKV projection; each new key and value goes to its request's ring slot (rope_store), and to the
-   host copy;
+1. the batch's QKV projection; each new key and value goes to its request's ring slot (rope_store);
 2. the policy (specache_policy.RequestBudget.select) says what the step reads: the sinks, the recent window,
    and the candidates between them: all of them while they fit the top-k slots, else the top-k per KV head
    by the query's scores against the low-bit keys (kernels/lowbit_keys.score: the largest over the KV head's
    query heads, so one choice serves the whole GQA group);
 3. the wanted pairs that are not resident (not prefetched) are copied from the host into top-k slots that hold
-   pairs no longer wanted;
+   pairs no longer wanted (kernels/pair_copy.py: a kernel reading the pinned host memory by index, over a
+   fixed-size list with a mask of the misses);
 4. decode attention over the budget's first `pairs` slots (kernels/decode_attention.py over the request's
    block-table row: attention does not depend on the order of the pairs, the keys are rotated already);
 5. the next step's top-k is predicted from this step's query (its scores over the next step's candidates)
-   and made resident now (SpeCache's speculative prefetch), on a side stream on CUDA so the copies overlap
-   the rest of the step; the next step counts how many of its wanted pairs were there (PrefetchStats).
+   and made resident (SpeCache's speculative prefetch) on a side stream on CUDA, once this layer's attention
+   has read the slots it replaces: the copies overlap the rest of the step; the next step counts how many
+   of its wanted pairs were there (PrefetchStats).
 
-With a budget that holds the whole context every step reads every pair, which is full-KV decoding. This is
-the eager step (no CUDA graphs): the host-side gather and the selection's bookkeeping sync with the device.
+After the layers, each request's new pair goes to the host tier (all layers in one copy), and a completed
+group of positions becomes low-bit keys (from the recent window, on the device). With a budget that holds the
+whole context every step reads every pair, which is full-KV decoding.
+
+The step is eager (no CUDA graphs: the policy's selection is plain Python per step), but on CUDA it never
+waits for the device: its inputs go up in one asynchronous copy, the top-k, the misses, the residency table
+and the prefetch counts stay on the device (read back only when `OffloadedRequest.stats` is asked for), and
+the pairs move in kernels, so the host queues the next layers while the device works. The caller's read of
+the logits is the step's one wait.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.lowbit_keys import score
+from ..kernels.pair_copy import copy_pairs
 from ..kernels.rope import rope_store
 from .batch import DecodeBatch
 from .kv_offload import HostKV, LowBitKeys
@@ -54,11 +63,26 @@ class OffloadedRequest:
     lowbit: LowBitKeys
     resident: torch.Tensor
     slots: torch.Tensor  # [budget.tokens] long on the device: the pool slot of each budget slot
-    stats: PrefetchStats = field(default_factory=PrefetchStats)
+    # [hits, copied] long on the device (the step's stream): of the wanted top-k pairs, those already
+    # resident, and the pairs copied to the GPU on a miss
+    counts: torch.Tensor
+    prefetched: torch.Tensor  # [] long on the device (the side stream): pairs copied ahead by the prefetch
+    wanted: int = 0  # top-k pairs the steps wanted (kv heads x top-k a layer and step)
 
     @property
     def length(self) -> int:
         return self.host.length
+
+    @property
+    def stats(self) -> PrefetchStats:
+        """The prefetch hit rate's counts (reads the device's counters: waits for the device on CUDA, the side
+        stream's prefetches included)."""
+        if self.counts.is_cuda:
+            torch.cuda.synchronize(self.counts.device)
+        hits, copied = self.counts.tolist()
+        stats = PrefetchStats()
+        stats.record(self.wanted, hits, copied + int(self.prefetched))
+        return stats
 
     def budget_slot(self, position: int) -> int:
         """Where the pair of a sink or recent-window position lives among the budget's slots."""
@@ -98,12 +122,13 @@ class SpeCacheDecoder:
                               f"{allocation.capacity} reserved slots")
         host = HostKV.from_cache(cache, length + max_new_tokens)
         lowbit = LowBitKeys(model.num_layers, model.kv_heads, model.head_dim, host.keys.shape[2],
-                            self.settings.bits, model.device)
-        lowbit.extend(host)
+                            self.settings.bits, self.settings.group, model.device)
+        lowbit.append(cache.keys[:, :, : length // lowbit.group * lowbit.group])
         resident = torch.full((model.num_layers, model.kv_heads, budget.top_k), -1, dtype=torch.long,
                               device=model.device)
         slots = torch.tensor(allocation.slots(budget.tokens), dtype=torch.long, device=model.device)
-        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots)
+        counts = torch.zeros(3, dtype=torch.long, device=model.device)
+        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots, counts[:2], counts[2])
         fixed = budget.select(length).fixed_positions()
         targets = slots[[request.budget_slot(p) for p in fixed]]
         self.pool.keys[:, :, targets] = cache.keys[:, :, fixed]
@@ -129,41 +154,56 @@ class SpeCacheDecoder:
 
     # -- one step ---------------------------------------------------------------------------------
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
-        """One token per request (a `batch(...)`); returns logits [batch.size, vocab] float32."""
+        """One token per request (a `batch(...)`); returns logits [batch.size, vocab] float32. On CUDA the step
+        never waits for the device: its inputs go up in one asynchronous copy from pinned memory, the top-k and
+        the misses stay on the device, and the pairs move by index in kernels (kernels/pair_copy.py)."""
         model, pool, device = self.model, self.pool, self.model.device
         requests = [self.requests[i] for i in batch.request_ids]
         selections = [r.budget.select(p + 1) for r, p in zip(requests, batch.positions)]
         upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
-        positions = torch.tensor(batch.positions, dtype=torch.long, device=device)
-        slots = torch.tensor(batch.slots, dtype=torch.long, device=device)
-        tables = pool.block_tables.index_select(0, torch.tensor(batch.rows, dtype=torch.long, device=device))
-        lengths = torch.tensor([s.pairs for s in selections], dtype=torch.int32, device=device)
+        inputs = torch.tensor([batch.token_ids, batch.positions, batch.slots, batch.rows,
+                               [s.pairs for s in selections]], dtype=torch.long, pin_memory=device.type == "cuda")
+        token_ids, positions, slots, rows, lengths = inputs.to(device, non_blocking=True)
+        tables = pool.block_tables.index_select(0, rows)
+        lengths = lengths.to(torch.int32)
         cos, sin = model.rope(positions)
-        hidden = torch.nn.functional.embedding(torch.tensor(batch.token_ids, device=device), model.embed_tokens)
+        hidden = torch.nn.functional.embedding(token_ids, model.embed_tokens)
         for layer in range(model.num_layers):
             qkv = model.project_qkv(layer, hidden)
             q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], slots)
             if layer in self._prefetched:  # this layer's prefetch of the previous step
                 torch.cuda.current_stream(device).wait_event(self._prefetched.pop(layer))
-            predictions = []
-            for i, (request, selection) in enumerate(zip(requests, selections)):
-                request.host.write(layer, batch.positions[i], pool.keys[layer][:, batch.slots[i]],
-                                   pool.values[layer][:, batch.slots[i]])
-                predictions.append(self._select(request, layer, q[:, i], selection, upcoming[i]))
+            predictions = [self._select(request, layer, q[:, i], selection, upcoming[i])
+                           for i, (request, selection) in enumerate(zip(requests, selections))]
             attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
                                          PAGE_SIZE)
+            # The prefetch replaces top-k pairs that this step's attention reads: it starts after it, on the
+            # side stream, and overlaps the rest of the step (the output projection, the MLP, later layers).
             with self._side_stream():
                 for request, predicted in zip(requests, predictions):
                     if predicted is not None:
-                        _, copied = self._make_resident(request, layer, predicted)
-                        request.stats.record(0, 0, copied)
+                        if self._copy_stream is not None:  # made on the step's stream, read on this one
+                            predicted.record_stream(self._copy_stream)
+                        request.prefetched += self._make_resident(request, layer, predicted)[1]
                 if self._copy_stream is not None:
                     self._prefetched[layer] = self._copy_stream.record_event()
             hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
-        for request in requests:
-            request.host.length += 1
-            request.lowbit.extend(request.host)
+        for i, request in enumerate(requests):  # the step's pairs, all layers, to the host tier
+            request.host.append(pool.keys, pool.values, slots[i: i + 1])
+            self._quantise_completed_group(request)
         return model.logits(hidden)
+
+    def _quantise_completed_group(self, request: OffloadedRequest) -> None:
+        """After a step that completes a group of positions, its keys (all in the recent window, which holds
+        two groups) become low-bit keys, read from the pool on the device."""
+        group, end = request.lowbit.group, request.length
+        if end % group or end - group < request.lowbit.length:
+            return
+        budget, device = request.budget, self.model.device
+        positions = torch.arange(end - group, end, device=device)
+        in_ring = budget.sink_tokens + (positions - budget.sink_tokens) % budget.recent_tokens
+        slots = request.slots[torch.where(positions < budget.sink_tokens, positions, in_ring)]
+        request.lowbit.append(self.pool.keys[:, :, slots])
 
     def _side_stream(self) -> contextlib.AbstractContextManager:
         if self._copy_stream is None:
@@ -182,8 +222,8 @@ class SpeCacheDecoder:
             scores[:, : selection.sinks] = float("-inf")
         if selection.top_k:
             wanted = self._wanted(request, selection, scores)
-            hits, copied = self._make_resident(request, layer, wanted)
-            request.stats.record(wanted.numel(), hits, copied)
+            request.wanted += wanted.numel()
+            request.counts += torch.stack(self._make_resident(request, layer, wanted))
         return self._wanted(request, upcoming, scores) if upcoming.top_k else None
 
     def _wanted(self, request: OffloadedRequest, selection: StepSelection,
@@ -194,9 +234,12 @@ class SpeCacheDecoder:
             return torch.arange(selection.sinks, selection.recent_start, device=device).repeat(kv_heads, 1)
         return scores[:, : selection.recent_start].topk(selection.top_k, dim=1).indices
 
-    def _make_resident(self, request: OffloadedRequest, layer: int, wanted: torch.Tensor) -> tuple[int, int]:
+    def _make_resident(self, request: OffloadedRequest, layer: int,
+                       wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy the `wanted` [kv_heads, m] positions that are not resident into top-k slots whose pairs are not
-        wanted (the lowest such slots first, so a growing set stays a prefix). Returns (hits, pairs copied)."""
+        wanted (the lowest such slots first, so a growing set stays a prefix). Returns the counts of hits and
+        of pairs copied, as device scalars: nothing here reads the device back (fixed-size lists, a mask of
+        the misses, one copy kernel over them)."""
         resident = request.resident[layer]
         top_k, m = resident.shape[1], wanted.shape[1]
         held = resident.sort(dim=1).values
@@ -204,16 +247,11 @@ class SpeCacheDecoder:
         wanted_sorted = wanted.sort(dim=1).values
         kept = wanted_sorted.gather(1, torch.searchsorted(wanted_sorted, resident).clamp(max=m - 1)) == resident
         misses = (~hit).sum(dim=1, keepdim=True)
-        missed = wanted.gather(1, torch.argsort(hit.to(torch.int8), dim=1, stable=True))
-        free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :m]
-        heads, ranks = (torch.arange(m, device=wanted.device)[None] < misses).nonzero(as_tuple=True)
-        hits = int(hit.sum())
-        if heads.numel() == 0:
-            return hits, 0
-        positions, top_slots = missed[heads, ranks], free[heads, ranks]
-        keys, values = request.host.gather(layer, heads.cpu(), positions.cpu())
-        targets = request.slots[request.budget.sink_tokens + request.budget.recent_tokens + top_slots]
-        self.pool.keys[layer][heads, targets] = keys.to(self.model.device, non_blocking=True)
-        self.pool.values[layer][heads, targets] = values.to(self.model.device, non_blocking=True)
-        resident[heads, top_slots] = positions
-        return hits, int(positions.numel())
+        missed = wanted.gather(1, torch.argsort(hit.to(torch.int8), dim=1, stable=True))  # misses first
+        free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :m]  # slots not wanted first
+        take = torch.arange(m, device=wanted.device)[None] < misses
+        targets = request.slots[request.budget.sink_tokens + request.budget.recent_tokens + free]
+        copy_pairs(request.host.keys[layer], missed, self.pool.keys[layer], targets, take)
+        copy_pairs(request.host.values[layer], missed, self.pool.values[layer], targets, take)
+        resident.scatter_(1, free, torch.where(take, missed, resident.gather(1, free)))
+        return hit.sum(), take.sum()

@@ -4,21 +4,31 @@ KV pairs a decode step reads. Plain Python (no torch), tested on its own.
 SpeCache (arXiv 2503.16163) keeps a long request's full-precision KV in CPU memory and, per decode step, reads
 only a budget of KV pairs on the GPU: the first `sink_tokens` positions (attention sinks, Xiao et al.
 arXiv 2309.17453), the last `recent_tokens` positions (the recent window, which also holds the tokens whose keys
-are not yet quantised: the low-bit keys are made a group of 32 tokens at a time, kernels/lowbit_keys.py), and
-the top-k other positions by their scores against the low-bit keys. A request whose context fits its budget
+are not yet quantised: the low-bit keys are made a group of 32 or 64 tokens at a time, kernels/lowbit_keys.py),
+and the top-k other positions by their scores against the low-bit keys. A request whose context fits its budget
 reads everything (the same attention as full KV). The pairs for step t+1 are predicted from step t's query
 and prefetched; `PrefetchStats` counts how many of the pairs a step wanted were prefetched (SpeCache's
-prefetch hit rate).
+prefetch hit rate). `gpu_kv_bytes` counts a request's GPU bytes (budget, low-bit keys and their scales,
+residency table) against its bf16 full KV: the memory the issue's bar (8x smaller, goal 10x) is about.
+
+Settings for >= 8x at 32k tokens (`SpeCacheSettings.eightfold()`): 1-bit keys in groups of 64 tokens (3/64
+of a bf16 pair: 1/8 of a key's bytes of codes, 1/16 of float16 zero points and steps), a recent window of 128
+(two groups) and a budget of 1/16 of the context: 9.1x at 32k tokens for Llama-3-8B's shapes; a budget of
+1/20 gives 10.2x. The defaults (2-bit keys in groups of 32, 1/10 of the context) give about 5x.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-QUANTISATION_GROUP = 32  # tokens per group of low-bit keys (kernels/lowbit_keys.GROUP)
+QUANTISATION_GROUPS = (32, 64)  # tokens per group of low-bit keys (kernels/lowbit_keys.GROUPS)
+QUANTISATION_GROUP = QUANTISATION_GROUPS[0]  # the default (kernels/lowbit_keys.GROUP)
+RESIDENCY_BYTES = 8  # per top-k slot, layer and KV head: the position it holds (int64, engine/specache.py)
+SCALE_BYTES = 4  # per group and channel: a float16 zero point and a float16 step
 
 
 class SpeCacheSettings(BaseModel):
@@ -31,16 +41,28 @@ class SpeCacheSettings(BaseModel):
     gpu_budget_tokens: int | None = Field(None, ge=1)  # full-precision KV pairs a request reads per step
     gpu_budget_fraction: float = Field(0.1, gt=0, le=1)  # of the context, when gpu_budget_tokens is not set
     sink_tokens: int = Field(4, ge=0)
-    # the unquantised tail (under a group) and the next step's candidates stay within the window
+    # the unquantised tail (under a group) and the next step's candidates stay within the window: at least
+    # two groups
     recent_tokens: int = Field(64, ge=2 * QUANTISATION_GROUP)
     bits: int = Field(2, ge=1, le=2)
+    group: Literal[32, 64] = QUANTISATION_GROUP  # tokens sharing a low-bit key's zero point and step
 
     @model_validator(mode="after")
     def _budget_holds_the_fixed_part(self) -> "SpeCacheSettings":
+        if self.recent_tokens < 2 * self.group:
+            raise ValueError(f"specache.recent_tokens ({self.recent_tokens}) must hold two groups of low-bit keys "
+                             f"({2 * self.group} tokens at group {self.group})")
         if self.gpu_budget_tokens is not None and self.gpu_budget_tokens <= self.sink_tokens + self.recent_tokens:
             raise ValueError(f"specache.gpu_budget_tokens ({self.gpu_budget_tokens}) must be larger than "
                              f"sink_tokens + recent_tokens ({self.sink_tokens + self.recent_tokens})")
         return self
+
+    @classmethod
+    def eightfold(cls, **overrides) -> "SpeCacheSettings":
+        """The settings that take a 32k-token request's GPU KV below 1/8 of its bf16 full KV (9.1x for
+        Llama-3-8B's shapes, `gpu_kv_bytes`): 1-bit keys in groups of 64, a recent window of two groups, a
+        budget of 1/16 of the context; `overrides` (e.g. enabled=True) as the constructor's keywords."""
+        return cls(**{"bits": 1, "group": 64, "recent_tokens": 128, "gpu_budget_fraction": 1 / 16, **overrides})
 
     def applies(self, context_tokens: int) -> bool:
         """Whether a request of this many prompt tokens offloads its KV."""
@@ -122,3 +144,60 @@ class PrefetchStats:
     def hit_rate(self) -> float:
         """Prefetched share of the wanted top-k pairs (1.0 before any)."""
         return self.hits / self.wanted if self.wanted else 1.0
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """A model's KV geometry, from the model (engine/llama.LlamaFamilyModel) to the policy's byte counts:
+    per position, `layers` x `kv_heads` keys and values of `head_dim` elements of `dtype_bytes` bytes."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2  # bf16
+
+    @property
+    def pair_bytes(self) -> int:
+        """Bytes of one position's keys and values, all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class GpuKVBytes:
+    """One SpeCache request's device memory, from `gpu_kv_bytes` to the benchmark's table and the engine's
+    accounting, in bytes: `budget` (the full-precision pairs of its sinks, recent window and top-k slots),
+    `codes` and `scales` (its low-bit keys and their float16 zero points and steps), `residency` (the table
+    of the positions its top-k slots hold); `full` is its full KV on the GPU, the bar's reference."""
+
+    full: int
+    budget: int
+    codes: int
+    scales: int
+    residency: int
+
+    @property
+    def total(self) -> int:
+        return self.budget + self.codes + self.scales + self.residency
+
+    @property
+    def smaller(self) -> float:
+        """How many times smaller than full KV (the issue's bar: >= 8, goal 10)."""
+        return self.full / self.total
+
+
+def gpu_kv_bytes(settings: SpeCacheSettings, context_tokens: int, shape: KVShape,
+                 new_tokens: int = 0) -> GpuKVBytes:
+    """The GPU bytes of a request of `context_tokens` prompt tokens that may decode `new_tokens` more, with
+    these settings (budget from the prompt, low-bit keys for every position it may reach, in whole groups),
+    against its full KV at `shape.dtype_bytes` (bf16 by default). The pool allocation rounds the budget up to
+    whole pages (under a page more). ValueError for a context under one token."""
+    if context_tokens < 1 or new_tokens < 0:
+        raise ValueError(f"a request has at least one prompt token, not {context_tokens} (+{new_tokens} new)")
+    budget = settings.budget(context_tokens)
+    heads = shape.layers * shape.kv_heads
+    positions = context_tokens + new_tokens
+    groups = -(-positions // settings.group)
+    return GpuKVBytes(full=positions * shape.pair_bytes, budget=budget.tokens * shape.pair_bytes,
+                      codes=heads * groups * settings.group * shape.head_dim * settings.bits // 8,
+                      scales=heads * groups * shape.head_dim * SCALE_BYTES,
+                      residency=heads * budget.top_k * RESIDENCY_BYTES)

@@ -10,7 +10,10 @@
 - activation.py: SwiGLU's silu(gate) * up;
 - selection.py: the KV-deviation score of each token and the choice of tokens to recompute;
 - rans.py: the cachegen codec's entropy decoding (interleaved rANS) fused with its dequantisation, with a
-  numpy reference.
+  numpy reference;
+- lowbit_keys.py: SpeCache's 1- or 2-bit keys (groups of 32 or 64 tokens) and a decode query's scores
+  against them;
+- pair_copy.py: SpeCache's copies of KV pairs by index between pinned host memory and the pool.
 
 Installed as `blendgate.kernels` (a bare `kernels` would shadow Hugging Face's package of that name).
 """

@@ -3,12 +3,15 @@
 SpeCache (Jie et al., "SpeCache: Speculative Key-Value Caching for Efficient Generation of LLMs", arXiv
 2503.16163) keeps a request's full-precision KV in CPU memory and a 1- or 2-bit copy of its keys on the GPU:
 each decode step scores the query against the low-bit keys and fetches only the top-scored KV pairs. Keys have
-outlier channels, so they are quantised per channel (as KIVI, arXiv 2402.02750, does): a group of `GROUP`
-consecutive tokens shares one zero point and one step per channel, min-max asymmetric, codes 0..2^bits-1.
+outlier channels, so they are quantised per channel (as KIVI, arXiv 2402.02750, does): a group of `group`
+consecutive tokens (32 or 64, `GROUPS`) shares one zero point and one step per channel, min-max asymmetric,
+codes 0..2^bits-1. Per key of head_dim channels that is head_dim * bits / 8 bytes of codes plus
+4 * head_dim / group bytes of float16 zero points and steps: 1-bit keys in groups of 64 take 3/64 of a bf16
+key and value pair, 2-bit keys in groups of 32 take 6/64.
 
 Layout, for one layer: keys [kv_heads, tokens, head_dim] (rotated, the pool's layout); codes
 [kv_heads, tokens, head_dim * bits // 8] uint8, 8 // bits channels a byte (channel c in byte c // per at bit
-(c % per) * bits); zeros and steps [kv_heads, tokens // GROUP, head_dim] float16 (codes are computed from
+(c % per) * bits); zeros and steps [kv_heads, tokens // group, head_dim] float16 (codes are computed from
 the float16-rounded ones, so the round trip is within half a step). Only whole groups are
 quantised: a request's last, partial group is in its recent window, which SpeCache keeps at full precision.
 
@@ -32,38 +35,43 @@ try:  # Triton ships with CUDA builds of torch; CPU builds run the references.
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-GROUP = 32  # tokens sharing a zero point and a step per channel (KIVI's group size)
+GROUPS = (32, 64)  # tokens sharing a zero point and a step per channel (KIVI's group sizes)
+GROUP = GROUPS[0]  # the default group
 BITS = (1, 2)
 
 
 @dataclass
 class QuantizedKeys:
     """One layer's low-bit keys, from the quantiser to the scorer: `codes` [kv_heads, tokens, head_dim * bits
-    // 8] uint8, `zeros` and `steps` [kv_heads, tokens // GROUP, head_dim] float16."""
+    // 8] uint8, `zeros` and `steps` [kv_heads, tokens // group, head_dim] float16."""
 
     codes: torch.Tensor
     zeros: torch.Tensor
     steps: torch.Tensor
     bits: int
+    group: int
 
     @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.zeros, self.steps))
 
 
-def _check(keys: torch.Tensor, bits: int) -> None:
+def _check(keys: torch.Tensor, bits: int, group: int) -> None:
     if bits not in BITS:
         raise ValueError(f"low-bit keys take 1 or 2 bits, not {bits}")
-    if keys.dim() != 3 or keys.shape[1] % GROUP or (keys.shape[2] * bits) % 8:
-        raise ValueError(f"keys must be [kv_heads, tokens, head_dim] with tokens a multiple of {GROUP} and "
+    if group not in GROUPS:
+        raise ValueError(f"low-bit keys are grouped by {' or '.join(map(str, GROUPS))} tokens, not {group}")
+    if keys.dim() != 3 or keys.shape[1] % group or (keys.shape[2] * bits) % 8:
+        raise ValueError(f"keys must be [kv_heads, tokens, head_dim] with tokens a multiple of {group} and "
                          f"head_dim * bits a multiple of 8, got {tuple(keys.shape)} at {bits} bits")
 
 
-def quantize_reference(keys: torch.Tensor, bits: int) -> QuantizedKeys:
-    """Per-channel min-max quantisation of `keys` [kv_heads, tokens, head_dim] (tokens a multiple of GROUP)."""
-    _check(keys, bits)
+def quantize_reference(keys: torch.Tensor, bits: int, group: int = GROUP) -> QuantizedKeys:
+    """Per-channel min-max quantisation of `keys` [kv_heads, tokens, head_dim] (tokens a multiple of `group`);
+    ValueError for other bits, groups or shapes."""
+    _check(keys, bits, group)
     kv_heads, tokens, head_dim = keys.shape
-    grouped = keys.float().view(kv_heads, tokens // GROUP, GROUP, head_dim)
+    grouped = keys.float().view(kv_heads, tokens // group, group, head_dim)
     low = grouped.amin(dim=2).half().float()
     steps = ((grouped.amax(dim=2) - low) / (2**bits - 1)).half().float()
     safe = torch.where(steps > 0, steps, torch.ones_like(steps))
@@ -72,7 +80,7 @@ def quantize_reference(keys: torch.Tensor, bits: int) -> QuantizedKeys:
     codes = codes.view(kv_heads, tokens, head_dim // per, per)
     shifts = torch.arange(per, device=keys.device, dtype=torch.uint8) * bits
     packed = (codes << shifts).sum(dim=-1, dtype=torch.uint8)
-    return QuantizedKeys(packed, low.half(), steps.half(), bits)
+    return QuantizedKeys(packed, low.half(), steps.half(), bits, group)
 
 
 def dequantize_reference(quantized: QuantizedKeys) -> torch.Tensor:
@@ -82,7 +90,7 @@ def dequantize_reference(quantized: QuantizedKeys) -> torch.Tensor:
     shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
     unpacked = ((codes[..., None] >> shifts) & (2**bits - 1)).flatten(-2).float()
     kv_heads, tokens, head_dim = unpacked.shape
-    grouped = unpacked.view(kv_heads, tokens // GROUP, GROUP, head_dim)
+    grouped = unpacked.view(kv_heads, tokens // quantized.group, quantized.group, head_dim)
     keys = quantized.zeros.float()[:, :, None] + grouped * quantized.steps.float()[:, :, None]
     return keys.view(kv_heads, tokens, head_dim)
 
@@ -152,36 +160,35 @@ def _triton_ok(*tensors: torch.Tensor) -> bool:
     return triton is not None and on_device
 
 
-def quantize(keys: torch.Tensor, bits: int) -> QuantizedKeys:
+def quantize(keys: torch.Tensor, bits: int, group: int = GROUP) -> QuantizedKeys:
     """As `quantize_reference`, one Triton launch (a program per KV head and group) on CUDA. Rounding may differ
     from the reference by one code where a value sits on a half step (float32 division order)."""
-    _check(keys, bits)
+    _check(keys, bits, group)
     if not _triton_ok(keys) or keys.stride(-1) != 1 or keys.shape[2] & (keys.shape[2] - 1):
-        return quantize_reference(keys, bits)
+        return quantize_reference(keys, bits, group)
     kv_heads, tokens, head_dim = keys.shape
     per = 8 // bits
     codes = torch.empty((kv_heads, tokens, head_dim // per), dtype=torch.uint8, device=keys.device)
-    zeros = torch.empty((kv_heads, tokens // GROUP, head_dim), dtype=torch.float16, device=keys.device)
+    zeros = torch.empty((kv_heads, tokens // group, head_dim), dtype=torch.float16, device=keys.device)
     steps = torch.empty_like(zeros)
     if tokens:
-        _quantize_kernel[(kv_heads, tokens // GROUP)](
+        _quantize_kernel[(kv_heads, tokens // group)](
             keys, codes, zeros, steps, keys.stride(0), keys.stride(1), codes.stride(0), zeros.stride(0),
-            LEVELS=2**bits - 1, BITS=bits, PER=per, BYTES=head_dim // per, GROUP=GROUP)
-    return QuantizedKeys(codes, zeros, steps, bits)
+            LEVELS=2**bits - 1, BITS=bits, PER=per, BYTES=head_dim // per, GROUP=group)
+    return QuantizedKeys(codes, zeros, steps, bits, group)
 
 
 def score(q: torch.Tensor, quantized: QuantizedKeys, tokens: int | None = None) -> torch.Tensor:
-    """As `score_reference` over the first `tokens` positions (all by default; a multiple of GROUP is not
+    """As `score_reference` over the first `tokens` positions (all by default; a multiple of the group is not
     needed): [kv_heads, tokens] float32, one Triton launch on CUDA."""
     codes = quantized.codes
     kv_heads, capacity, width = codes.shape
     tokens = capacity if tokens is None else tokens
-    head_dim = width * 8 // quantized.bits
+    head_dim, group = width * 8 // quantized.bits, quantized.group
     if not _triton_ok(q, codes) or head_dim & (head_dim - 1):
-        return score_reference(q, QuantizedKeys(codes[:, : -(-tokens // GROUP) * GROUP],
-                                                quantized.zeros[:, : -(-tokens // GROUP)],
-                                                quantized.steps[:, : -(-tokens // GROUP)],
-                                                quantized.bits))[:, :tokens]
+        groups = -(-tokens // group)
+        return score_reference(q, QuantizedKeys(codes[:, : groups * group], quantized.zeros[:, :groups],
+                                                quantized.steps[:, :groups], quantized.bits, group))[:, :tokens]
     q = q.contiguous()
     out = torch.empty((kv_heads, tokens), dtype=torch.float32, device=q.device)
     block = 64
@@ -189,6 +196,6 @@ def score(q: torch.Tensor, quantized: QuantizedKeys, tokens: int | None = None) 
         _score_kernel[(kv_heads, triton.cdiv(tokens, block))](
             q, codes, quantized.zeros, quantized.steps, out, tokens, q.stride(0), codes.stride(0),
             quantized.zeros.stride(0), out.stride(0), 1 / math.sqrt(head_dim), GQA=q.shape[0] // kv_heads,
-            LEVELS=2**quantized.bits - 1, BITS=quantized.bits, PER=8 // quantized.bits, BYTES=width, GROUP=GROUP,
+            LEVELS=2**quantized.bits - 1, BITS=quantized.bits, PER=8 // quantized.bits, BYTES=width, GROUP=group,
             BLOCK_N=block)
     return out

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device machine, one call: link the packages, run the GPU tests, time the kernels, run bench/ttft.
 #   bash bench/device/gpu_check.sh [tests] [decode-tests] [specache-tests] [gateway-e2e] [kernels]
-#                                  [ttft ARGS... | profile ARGS... | decode ARGS... | specache ARGS...]
+#                                  [ttft ARGS... | profile ARGS... | decode ARGS... | specache ARGS...
+#                                   | specache-quality ARGS...]
 #   (default: tests kernels ttft)
 # With SGLang installed in /tmp/site (sglang_bundle.sh / sglang_receive.sh), tests/gpu/test_sglang_worker.py and
 # test_sglang_http.py run too, and `ttft ... --sglang` adds SGLang's rows.
@@ -13,7 +14,10 @@
 #   gateway parts 00..02: run("bash bench/device/gateway_receive.sh", carry=[".carry/gateway/manifest", ".carry/gateway/part.N"])
 #   the last one:         run("bash bench/device/gateway_receive.sh && bash bench/device/gpu_check.sh gateway-e2e",
 #                             carry=[".carry/gateway/manifest", ".carry/gateway/part.03"])
-# Output worth keeping goes to $OUT (gpu-tests.log, gateway-e2e.log, kernels.md, ttft.md, decode.md, specache.md).
+# specache-quality needs SmolLM2's GGUF in /tmp/stage/files and nq-open-oracle.dev.jsonl.gz in .carry/common
+# (stage.sh / receive.sh, as quality_shards.sh).
+# Output worth keeping goes to $OUT (gpu-tests.log, gateway-e2e.log, kernels.md, ttft.md, decode.md, specache.md,
+# specache-quality.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bg:/tmp/site:${PYTHONPATH:-}
@@ -45,6 +49,9 @@ while [ ${#steps[@]} -gt 0 ]; do
         decode-tests) python3 -m pytest -q tests/gpu/test_decode.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/decode-tests.log" | tail -25 || status=1 ;;
         specache-tests) python3 -m pytest -q tests/gpu/test_specache_cuda.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/specache-tests.log" | tail -25 || status=1 ;;
         specache) python3 bench/specache.py "${steps[@]}" --out "$OUT/specache.md" 2>&1 | tee "$OUT/specache.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
+        specache-quality) BLENDGATE_QA_DATA=.carry/common python3 bench/specache.py --quality --device cuda \
+            --smollm /tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf "${steps[@]}" --out "$OUT/specache-quality.md" \
+            2>&1 | tee "$OUT/specache-quality.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
         decode) python3 bench/decode.py "${steps[@]}" --out "$OUT/decode.md" 2>&1 | tee "$OUT/decode.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
         kernels) python3 bench/kernel_times.py 2>&1 | tee "$OUT/kernels.md" | grep -v Warning || status=1 ;;
         profile) python3 bench/profile_blend.py "${steps[@]}" 2>&1 | tee "$OUT/profile.log" | grep -v "Warning\|warn" || status=1; steps=() ;;

@@ -1,7 +1,10 @@
-"""SpeCache on CUDA: the low-bit key kernels (kernels/lowbit_keys.py) against their PyTorch references, and the
-eager SpeCache step (engine/specache.py) with a budget of the whole context against the full-KV batched decode
-(logits within bf16 tolerance, fed the same tokens), and with a small budget (runs,
-the resident top-k slots hold the host's pairs, the prefetch copies are counted)."""
+"""SpeCache on CUDA: the low-bit key kernels (kernels/lowbit_keys.py, 1 and 2 bits, groups of 32 and 64) and
+the pair copies from and to pinned host memory (kernels/pair_copy.py) against their PyTorch references, and
+the eager SpeCache step (engine/specache.py) with a budget of the whole context against the full-KV batched
+decode (logits within bf16 tolerance, fed the same tokens), and with a small budget at 2-bit keys in groups of
+32 and the eightfold settings' 1-bit keys in groups of 64 (runs, the resident top-k slots hold the host's
+pairs, the prefetch copies are counted, completed groups are quantised, and a step never synchronises with
+the device: torch's sync debug mode set to error around it)."""
 
 from __future__ import annotations
 
@@ -14,26 +17,48 @@ from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.engine.paged_kv import PagedKVPool
 from blendgate.engine.specache import SpeCacheDecoder
 from blendgate.engine.specache_policy import SpeCacheSettings
-from blendgate.kernels.lowbit_keys import GROUP, quantize, quantize_reference, score, score_reference
+from blendgate.kernels.lowbit_keys import quantize, quantize_reference, score, score_reference
+from blendgate.kernels.pair_copy import copy_pairs, copy_pairs_reference
 from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_lowbit_kernels_match_their_references(bits, heads, kv_heads, head_dim, dtype) -> None:
+def test_the_lowbit_kernels_match_their_references(bits, group, heads, kv_heads, head_dim, dtype) -> None:
     generator = torch.Generator(device="cuda").manual_seed(bits + heads)
-    keys = torch.randn(kv_heads, 64 * GROUP, head_dim, device="cuda", generator=generator).to(dtype)
-    reference, got = quantize_reference(keys, bits), quantize(keys, bits)
+    keys = torch.randn(kv_heads, 64 * group, head_dim, device="cuda", generator=generator).to(dtype)
+    reference, got = quantize_reference(keys, bits, group), quantize(keys, bits, group)
     assert float((reference.codes == got.codes).float().mean()) > 0.999
     torch.testing.assert_close(got.zeros, reference.zeros)
     torch.testing.assert_close(got.steps, reference.steps)
     q = torch.randn(heads, head_dim, device="cuda", generator=generator).to(dtype)
-    tokens = 64 * GROUP - 7
+    tokens = 64 * group - 7
     torch.testing.assert_close(score(q, reference, tokens), score_reference(q, reference)[:, :tokens],
                                atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pair_copies_read_and_write_pinned_host_memory(head_dim) -> None:
+    generator = torch.Generator().manual_seed(head_dim)
+    host = torch.randn(8, 4096, head_dim, generator=generator).to(torch.bfloat16).pin_memory()
+    pool = torch.randn(8, 512, head_dim, generator=generator).to(torch.bfloat16)
+    src_index = torch.randint(0, 4096, (8, 300), generator=generator)
+    dst_index = torch.stack([torch.randperm(512, generator=generator)[:300] for _ in range(8)])
+    take = torch.rand(8, 300, generator=generator) < 0.3
+    expected = pool.clone()
+    copy_pairs_reference(host, src_index, expected, dst_index, take)
+    device_pool = pool.cuda()
+    copy_pairs(host, src_index.cuda(), device_pool, dst_index.cuda(), take.cuda())  # host -> GPU by index
+    torch.cuda.synchronize()
+    assert torch.equal(device_pool.cpu(), expected)
+    slot, position = torch.tensor([17], device="cuda"), torch.tensor([[4000]], device="cuda")
+    copy_pairs(device_pool, slot.view(1, 1).expand(8, 1), host, position.expand(8, 1))  # GPU -> host
+    torch.cuda.synchronize()
+    assert torch.equal(host[:, 4000], expected[:, 17])
 
 
 
@@ -71,19 +96,29 @@ def test_a_whole_context_budget_decodes_as_full_kv(model) -> None:
             torch.testing.assert_close(logits[0], full_logits[step], atol=5e-2, rtol=5e-2)
 
 
-def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model) -> None:
-    length, steps = 4000, 40  # 40 steps: a group of low-bit keys is completed mid-way
+@pytest.mark.parametrize("settings", [
+    SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=0.1, bits=2),
+    SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1),
+], ids=["2-bit-group-32", "eightfold-1-bit-group-64"])
+def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, settings) -> None:
+    length, steps = 4000, 72  # a group of low-bit keys (32 or 64 tokens) is completed mid-way
     with torch.inference_mode():
         first, cache = prefill(model, length, steps + 1)
-        settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=0.1, bits=1)
         budget = settings.budget(length)
         pool = PagedKVPool(model, blocks_for(budget.tokens) + 1, 1, blocks_for(budget.tokens))
         decoder = SpeCacheDecoder(model, pool, settings)
         request = decoder.admit(0, BlockAllocator(blocks_for(budget.tokens) + 1, 1).allocate(0, budget.tokens),
                                 cache, steps + 1)
         token = first
-        for _ in range(steps):
-            token = int(decoder.decode(decoder.batch([0], [token])).argmax(dim=-1)[0])
+        for step in range(steps):
+            batch = decoder.batch([0], [token])
+            if step:  # the first step warms up (Triton compiles, pinned buffers are made)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                logits = decoder.decode(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            token = int(logits.argmax(dim=-1)[0])
         torch.cuda.synchronize()
     base = budget.sink_tokens + budget.recent_tokens
     for layer in range(model.num_layers):
@@ -93,4 +128,7 @@ def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model) -> No
         host = request.host.keys[layer].cuda()
         assert torch.equal(pool.keys[layer][heads, slots], host[heads, resident])
     assert request.stats.copied > 0 and 0 <= request.stats.hit_rate <= 1
-    assert request.lowbit.length == (length + steps) // GROUP * GROUP
+    assert request.lowbit.length == (length + steps) // settings.group * settings.group
+    # positions 3968-4031: quantised in decode at groups of 64, partly so at groups of 32
+    expected = quantize_reference(request.host.keys[0, :, 3968:4032].cuda(), settings.bits, settings.group)
+    assert bool((request.lowbit.codes[0, :, 3968:4032] == expected.codes).float().mean() > 0.999)

@@ -2,7 +2,9 @@
 float32, greedy): with a budget that holds the whole context it gives the full-KV decode's tokens, directly and
 after a blended prefill; with a small budget it still gives full KV's first tokens on an easy prompt, the
 budget's top-k slots hold exactly the host's pairs of the positions the residency table names, and the
-prefetch hit rate is counted."""
+prefetch hit rate is counted; with the eightfold settings (1-bit keys in groups of 64), a group completed in
+decode is quantised from the recent window as the host's keys would be, and the request's GPU bytes are what
+the policy counts."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from blendgate.engine.kv_pool import BlockAllocator, KVPoolError
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.engine.runner import LlamaRunner
 from blendgate.engine.specache import SpeCacheDecoder
-from blendgate.engine.specache_policy import SpeCacheSettings
+from blendgate.engine.specache_policy import KVShape, SpeCacheSettings, gpu_kv_bytes
+from blendgate.kernels.lowbit_keys import quantize_reference
 
 TEXT = ("The history of the city begins with a small fishing village on the river. Over the centuries merchants "
         "arrived, built warehouses and a stone bridge, and the village grew into a market town. ")
@@ -113,6 +116,25 @@ def test_a_small_budget_decodes_from_the_best_pairs(runner, loaded_model) -> Non
     request = decoder.requests[0]
     assert 0 < request.stats.hit_rate <= 1 and request.stats.copied > 0
     assert request.gpu_bytes(runner.kv_token_bytes) < len(prompt) * runner.kv_token_bytes
+
+
+def test_eightfold_settings_quantise_decoded_groups_from_the_window(runner, loaded_model) -> None:
+    settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200)
+    prompt = Prompt.plain(ids(loaded_model, TEXT * 9)[: 5 * 64 - 2])  # the second step completes a group
+    assert len(prompt) == 5 * 64 - 2
+    assert settings.budget(len(prompt)).select(len(prompt) + 1).scored
+    got, decoder = specache(runner, [prompt], 4, settings)
+    assert got[0][:2] == full_kv(runner, prompt, 2)
+    request, model = decoder.requests[0], runner.model
+    assert request.lowbit.length == 5 * 64
+    for layer in (0, model.num_layers - 1):
+        expected = quantize_reference(request.host.keys[layer, :, 4 * 64: 5 * 64], bits=1, group=64)
+        assert torch.equal(request.lowbit.codes[layer, :, 4 * 64: 5 * 64], expected.codes)
+        assert torch.equal(request.lowbit.zeros[layer, :, 4], expected.zeros[:, 0])
+    shape = KVShape(model.num_layers, model.kv_heads, model.head_dim, model.dtype.itemsize)
+    counted = gpu_kv_bytes(settings, len(prompt), shape, new_tokens=4)
+    assert request.gpu_bytes(shape.pair_bytes) == counted.total
+    assert counted.total < counted.full
 
 
 def test_an_allocation_smaller_than_the_budget_is_refused(runner, loaded_model) -> None:
