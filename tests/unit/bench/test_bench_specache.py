@@ -20,11 +20,14 @@ def test_the_specache_row_runs_with_fewer_gpu_bytes_than_full_kv() -> None:
     spec = dict(specache.SMOKE_CONFIG)
     model = LlamaFamilyModel.random(AutoConfig.for_model(spec.pop("model_type"), **spec), device="cpu",
                                     dtype=torch.float32)
+    settings = specache.SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / 4, bits=2,
+                                         group=32, recent_tokens=64)
     with torch.inference_mode():
-        rate, gpu_bytes, hit_rate, host_bytes = specache.specache_rate(model, 512, 1 / 4, 2, steps=2, warmup=1)
+        rate, host_ms, hit_rate, host_bytes = specache.specache_rate(model, 512, settings, steps=2, warmup=1)
         assert specache.full_kv_rate(model, 512, steps=2, warmup=1) > 0
-    assert rate > 0 and 0 <= hit_rate <= 1
-    assert gpu_bytes < 512 * specache.kv_pair_bytes(model) <= host_bytes
+    assert rate > 0 and host_ms > 0 and 0 <= hit_rate <= 1
+    gpu = specache.gpu_kv_bytes(settings, 512, specache.kv_shape(model))
+    assert gpu.total < gpu.full == 512 * specache.kv_shape(model).pair_bytes <= host_bytes
 
 
 def test_eviction_keeps_the_sinks_and_a_window_of_the_budget() -> None:
