@@ -29,7 +29,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-tokens", type=int, default=256)
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent s of the chunk pool")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the markdown report here (and its rows as JSON beside it, same name .json)")
     args = parser.parse_args(argv)
     try:
         workload = Workload(vocab=args.vocab, chunk_pool=args.chunk_pool, chunks=args.chunks,
@@ -331,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        # The rows beside the report, for bench/load_compare.py (arms run against different servers).
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"arm": args.label or args.arm, "command": f"python bench/load.py {' '.join(sys.argv[1:])}",
+             "slo_ms": args.slo_ms, "date": date.today().isoformat(), "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
 
 

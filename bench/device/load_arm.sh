@@ -9,6 +9,8 @@
 #                  48 GB CPU tier behind it), radix cache on; chunked prefill off (the plugin prefills a split
 #                  RAG prompt in full rather than blend it: docs/sglang-plugin.md)
 #   blendgate-cpu  the same with the chunk-caches in CPU memory only (0 GB GPU tier, 64 GB CPU tier)
+# Compare arms here afterwards: python bench/load_compare.py load-stock.json load-blendgate.json (bench/load.py
+# writes each report's rows as JSON beside it).
 # Both give SGLang the same static memory fraction (0.55 of the GPU: weights and its KV pool), so the plugin's
 # GPU tier fits beside it.
 set -euo pipefail

@@ -4,6 +4,7 @@ give the chunk-cache hit rate."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench_modules import bench_module
@@ -34,4 +35,6 @@ def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(
     assert float(cells[4]) > 0  # RAG TTFT p50, ms
     assert cells[11] != "-" and float(cells[11]) > 0, text  # chunk hits seen in the prefill reports
     assert "3 warm-up requests before the sweep" in text
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]  # for bench/load_compare.py
+    assert [r["rate"] for r in rows] == [2] and rows[0]["completed"] == completed
     assert "sustained rate (RAG p99 TTFT <= 60000 ms, no failures): 2 req/s" in text
