@@ -6,8 +6,8 @@ Reads the JSON that `bench/load.py --out X.md` writes beside its report (X.json)
     python bench/load_compare.py out/load-stock.json out/load-blendgate.json [out/load-blendgate-cpu.json] \\
         --out bench/results/load-compare.md
 
-A sustained rate is the highest rate run with every request completed and RAG p99 TTFT within the arm's SLO
-(bench/load.py: sustained_rate). When an arm met the SLO at the highest rate it ran, its true sustained rate is
+A sustained rate is bench/load.py's: the highest rate run with every request completed and RAG p99 TTFT within
+the arm's SLO. When an arm met the SLO at the highest rate it ran, its true sustained rate is
 at least that: the table says "at least", and a ratio over such a baseline is an upper bound.
 """
 
@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from load import RateSummary, sustained_rate  # bench/load.py, beside this script
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -26,25 +28,24 @@ class Arm:
 
     name: str
     slo_ms: float
-    rows: list[dict]  # bench/load.py RateSummary fields, one per rate
+    rows: list[RateSummary]  # one per rate
 
     @classmethod
     def read(cls, path: Path) -> "Arm":
         try:
             data = json.loads(path.read_text())
-            return cls(data["arm"], float(data["slo_ms"]), list(data["rows"]))
+            rows = [RateSummary(**{**row, "errors": tuple(row["errors"])}) for row in data["rows"]]
+            return cls(data["arm"], float(data["slo_ms"]), rows)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a bench/load.py result ({exc})") from None
 
     def sustained(self) -> tuple[float | None, bool]:
-        """(the highest rate meeting the SLO with no failure, whether a higher rate was run and missed it)."""
-        good = [r["rate"] for r in self.rows if r["failed"] == 0 and r["ttft_rag_p99_ms"] is not None
-                and r["ttft_rag_p99_ms"] <= self.slo_ms]
-        best = max(good) if good else None
-        return best, any(r["rate"] > (best or 0) for r in self.rows)
+        """(bench/load.py's sustained rate, whether a higher rate was run and missed the SLO)."""
+        best = sustained_rate(self.rows, self.slo_ms)
+        return best, any(r.rate > (best or 0) for r in self.rows)
 
-    def at(self, rate: float) -> dict | None:
-        return next((r for r in self.rows if r["rate"] == rate), None)
+    def at(self, rate: float) -> RateSummary | None:
+        return next((r for r in self.rows if r.rate == rate), None)
 
 
 def sustained_text(arm: Arm) -> str:
@@ -72,12 +73,12 @@ def compare(arms: list[Arm]) -> str:
               "| arm | rate (req/s) | RAG p50 | RAG p99 | chat p50 | chat p99 |", "|---|---|---|---|---|---|"]
     for arm in arms[1:]:
         for row in arm.rows:
-            theirs = base.at(row["rate"])
+            theirs = base.at(row.rate)
             if theirs is None:
                 continue
-            cells = [ratio(row[key], theirs[key]) for key in
+            cells = [ratio(getattr(row, key), getattr(theirs, key)) for key in
                      ("ttft_rag_p50_ms", "ttft_rag_p99_ms", "ttft_chat_p50_ms", "ttft_chat_p99_ms")]
-            lines.append(f"| {arm.name} | {row['rate']:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arm.name} | {row.rate:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,10 +40,12 @@ def test_the_first_h200_runs_compare_as_their_report_says(tmp_path: Path) -> Non
 
 
 def test_a_failure_or_a_missed_slo_ends_the_sustained_rate(tmp_path: Path) -> None:
-    arm = compare.Arm("a", 1000.0, [row(2, 50, 200, 10, 20), row(4, 60, 300, 10, 20, failed=1),
-                                    row(8, 70, 2000, 10, 20)])
-    assert arm.sustained() == (2, True)
-    assert compare.Arm("b", 1000.0, [row(2, 50, 1500, 10, 20)]).sustained() == (None, True)
+    def arm(*rows: dict):
+        return compare.Arm("a", 1000.0, [compare.RateSummary(**{**r, "errors": ()}) for r in rows])
+
+    assert arm(row(2, 50, 200, 10, 20), row(4, 60, 300, 10, 20, failed=1),
+               row(8, 70, 2000, 10, 20)).sustained() == (2, True)
+    assert arm(row(2, 50, 1500, 10, 20)).sustained() == (None, True)
 
 
 def test_bad_input_is_a_usage_error(tmp_path: Path) -> None:
