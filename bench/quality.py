@@ -155,6 +155,17 @@ def xquad_items(path: Path, count: int, seed: int) -> list[Item]:
     return items[:count]
 
 
+def gateway_prompt(tokenizer, item: Item, mode: str, ratio: float, target: float | None, context: int):
+    """The prompt (engine.prompt.Prompt) the gateway would build for this question and these passages: its RAG
+    template and segmentation, chunk KV computed after `context` neutral documents."""
+    from blendgate.gateway.rag_template import RagPrompt, encode_prompt, rag_messages
+
+    rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(item.passages)],
+                    item.question)
+    return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
+                         fidelity_target=target, context_documents=context)
+
+
 def parse_variant(spec: str):
     """(mode, ratio, rule or None, fidelity target or None) of a variant name."""
     from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
@@ -236,7 +247,7 @@ def main() -> None:
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model
     from blendgate.engine.prompt import DEFAULT_CONTEXT_DOCUMENTS
-    from blendgate.gateway.rag_template import RagPrompt, context_documents_for, encode_prompt, rag_messages
+    from blendgate.gateway.rag_template import context_documents_for
 
     torch.manual_seed(0)
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
@@ -258,13 +269,6 @@ def main() -> None:
     else:
         items = xquad_items(args.data or DATA / "xquad.en.json", args.questions, args.seed)
         sets = {len(items[0].passages): items}
-
-    def build(item: Item, mode: str, ratio: float, target: float | None, context: int) -> Prompt:
-        """The prompt the gateway would build for this question and these passages."""
-        rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(item.passages)],
-                        item.question)
-        return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
-                             fidelity_target=target, context_documents=context)
 
     def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str, codec: str
             ) -> tuple[list[int], list[torch.Tensor], PrefillReport]:
@@ -320,7 +324,8 @@ def main() -> None:
                     documents = int(prefix[len("context"):] or 1) if prefix.startswith("context") else 0
                     if prefix == "auto":  # as the gateway does: context_documents_for(k, 5)
                         documents = context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS)
-                    output_ids, forced, report = run(build(item, mode, ratio, target, documents), rule, answer_ids,
+                    prompt = gateway_prompt(tokenizer, item, mode, ratio, target, documents)
+                    output_ids, forced, report = run(prompt, rule, answer_ids,
                                                      "none" if prefix == "none" else "system", codec)
                     if mode == "full_prefill":
                         reference_ids, reference_forced = output_ids, forced

@@ -38,12 +38,10 @@ def prompt_kv(model, tokenizer, item, quality):
     """(fresh, cached, chunk_of): per layer (keys, values) [kv_heads, tokens, head_dim] float32, unrotated; and
     each slot's chunk index (-1 outside chunks)."""
     from blendgate.engine.prompt import DEFAULT_CONTEXT_DOCUMENTS
-    from blendgate.gateway.rag_template import RagPrompt, context_documents_for, encode_prompt, rag_messages
+    from blendgate.gateway.rag_template import context_documents_for
 
-    rag = RagPrompt(quality.DEFAULT_SYSTEM_PROMPT,
-                    [quality.Passage(str(i), text) for i, text in enumerate(item.passages)], item.question)
-    prompt = encode_prompt(tokenizer, rag_messages([], rag), rag, mode="blend", recompute_ratio=0.15,
-                           context_documents=context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS))
+    prompt = quality.gateway_prompt(tokenizer, item, "blend", 0.15, None,
+                                    context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS))
     ids = torch.tensor(prompt.token_ids)
     raw: list = []
     model.forward(ids, None, model.new_cache(len(ids) + 8), raw_kv=raw)
