@@ -27,11 +27,13 @@ import importlib.util
 from pathlib import Path
 from typing import Iterator
 
-import httpx
-import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
+
+# The gateway's own packages: in the gateway bundle (gateway_receive.sh), not on a bare GPU machine.
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
 
 # The gateway fixtures (workdir, model_cache_dir) and helpers come from tests/conftest.py and tests/support.py,
 # which `--confcutdir tests/gpu` (how the other GPU tests run) leaves out: the module then skips itself.
