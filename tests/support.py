@@ -7,6 +7,7 @@ error check.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,10 +28,21 @@ EMBEDDED = "smollm2-135m-instruct"
 BLEND_ALWAYS = {"pass_cost_tokens": 0, "placement_cost_tokens": 0}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(highest: int | None = None) -> int:
+    """A loopback port free now: any the OS picks, or one at most `highest` (tried at random from 20000 up)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 0 if highest is None else random.randint(20000, highest)))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError(f"no free loopback port at most {highest}")
+
+
+# SGLang opens more ports above its HTTP port (its gRPC port is the HTTP port + 10000), so an SGLang server's
+# port must leave room for them: an ephemeral port (up to 60999) failed its start with "SGLANG_GRPC_PORT (69721)".
+SGLANG_HIGHEST_PORT = 55000
 
 
 class GatewayProcess:
@@ -216,7 +228,7 @@ class _WorkerProcess:
 
     def __init__(self, name: str, workdir: Path) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = free_port(SGLANG_HIGHEST_PORT)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen | None = None

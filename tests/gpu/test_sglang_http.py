@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -24,9 +25,16 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
               pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs SGLang")]
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port at most 55000: SGLang opens more above its own (gRPC at + 10000), which an
+    ephemeral port (up to 60999) pushes past 65535 (tests/support.py: free_port says the same)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.randint(20000, 55000)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free loopback port at most 55000")
 
 
 @pytest.fixture(scope="module")
