@@ -264,7 +264,11 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
     #  KL(full KV || variant) of the first decode step's next-token distribution]
     correct: dict[str, list[list]] = {name: [] for name in variants}
     lengths = []
+    started = time.perf_counter()
     for number, (question, answers, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
+        if lengths and args.seconds is not None and time.perf_counter() - started > args.seconds:
+            print(f"stopped after {args.seconds:.0f} s: {number} of {args.questions} questions", flush=True)
+            break
         documents = "\n\n".join(passages)
         messages = [{"role": "system", "content": "Answer the question using only the documents given."},
                     {"role": "user", "content": f"Documents:\n\n{documents}\n\nQuestion: {question}\nAnswer briefly."}]
@@ -350,6 +354,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=16, help="at least 2 (quality mode)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="quality mode: start no question after this long (at least one runs); the report covers those done")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
