@@ -12,8 +12,8 @@ copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on 
    by the query's scores against the low-bit keys (kernels/lowbit_keys.score: the largest over the KV head's
    query heads, so one choice serves the whole GQA group);
 3. the wanted pairs that are not resident (not prefetched) are copied from the host into top-k slots that hold
-   pairs no longer wanted (kernels/pair_copy.py: a kernel reading the pinned host memory by index, over a
-   fixed-size list with a mask of the misses);
+   pairs no longer wanted (kernels/residency.py: one launch a layer marks the hits, picks the free slots,
+   copies the misses' pairs from the pinned host memory by index and updates the residency table and counts);
 4. decode attention over the budget's first `pairs` slots (kernels/decode_attention.py over the request's
    block-table row: attention does not depend on the order of the pairs, the keys are rotated already);
 5. the next step's top-k is predicted from this step's query (its scores over the next step's candidates)
@@ -41,7 +41,7 @@ import torch
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.lowbit_keys import score
-from ..kernels.pair_copy import copy_pairs
+from ..kernels.residency import ResidencyScratch, make_resident
 from ..kernels.rope import rope_store
 from .batch import DecodeBatch
 from .kv_offload import HostKV, LowBitKeys
@@ -66,7 +66,8 @@ class OffloadedRequest:
     # [hits, copied] long on the device (the step's stream): of the wanted top-k pairs, those already
     # resident, and the pairs copied to the GPU on a miss
     counts: torch.Tensor
-    prefetched: torch.Tensor  # [] long on the device (the side stream): pairs copied ahead by the prefetch
+    # [hits, copied] long on the device (the side stream) of the prefetch: its copies are the pairs copied ahead
+    prefetch_counts: torch.Tensor
     wanted: int = 0  # top-k pairs the steps wanted (kv heads x top-k a layer and step)
 
     @property
@@ -81,7 +82,7 @@ class OffloadedRequest:
             torch.cuda.synchronize(self.counts.device)
         hits, copied = self.counts.tolist()
         stats = PrefetchStats()
-        stats.record(self.wanted, hits, copied + int(self.prefetched))
+        stats.record(self.wanted, hits, copied + int(self.prefetch_counts[1]))
         return stats
 
     def budget_slot(self, position: int) -> int:
@@ -91,7 +92,8 @@ class OffloadedRequest:
 
     def gpu_bytes(self, kv_pair_bytes: int) -> int:
         """Device memory the request holds: its budget's full-precision pairs (`kv_pair_bytes` a position, all
-        layers), its low-bit keys and its residency table."""
+        layers), its low-bit keys and its residency table (the decoder's residency scratch, shared by its
+        requests, is not theirs)."""
         resident = self.resident.numel() * self.resident.element_size()
         return self.budget.tokens * kv_pair_bytes + self.lowbit.bytes + resident
 
@@ -108,6 +110,9 @@ class SpeCacheDecoder:
         self._copy_stream = torch.cuda.Stream(model.device) if on_cuda else None
         # Per layer, the end of the last step's prefetch for it (CUDA): that layer's next step waits for it.
         self._prefetched: dict[int, torch.cuda.Event] = {}
+        # The residency kernel's scratch for the steps (this stream) and for the prefetches (the side stream),
+        # shared by the requests (one at a time on each stream), as large as the largest admitted.
+        self._step_scratch = self._prefetch_scratch = ResidencyScratch.empty(model.kv_heads, 0, 0, model.device)
 
     # -- requests ---------------------------------------------------------------------------------
     def admit(self, request_id: int, allocation: BlockAllocation, cache: KVCache,
@@ -127,8 +132,9 @@ class SpeCacheDecoder:
         resident = torch.full((model.num_layers, model.kv_heads, budget.top_k), -1, dtype=torch.long,
                               device=model.device)
         slots = torch.tensor(allocation.slots(budget.tokens), dtype=torch.long, device=model.device)
-        counts = torch.zeros(3, dtype=torch.long, device=model.device)
-        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots, counts[:2], counts[2])
+        counts = torch.zeros(4, dtype=torch.long, device=model.device)
+        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots, counts[:2], counts[2:])
+        self._grow_scratch(host.keys.shape[2], budget.top_k)
         fixed = budget.select(length).fixed_positions()
         targets = slots[[request.budget_slot(p) for p in fixed]]
         self.pool.keys[:, :, targets] = cache.keys[:, :, fixed]
@@ -136,6 +142,16 @@ class SpeCacheDecoder:
         self.pool.write_table(allocation)
         self.requests[request_id] = request
         return request
+
+    def _grow_scratch(self, capacity: int, top_k: int) -> None:
+        marks, free = self._step_scratch.marks, self._step_scratch.free
+        capacity, top_k = max(capacity, marks.shape[1]), max(top_k, free.shape[1])
+        if (capacity, top_k) != (marks.shape[1], free.shape[1]):
+            if self._copy_stream is not None:  # the side stream's last prefetches may still read the old one
+                torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
+            heads, device = self.model.kv_heads, self.model.device
+            self._step_scratch, self._prefetch_scratch = (ResidencyScratch.empty(heads, capacity, top_k, device)
+                                                          for _ in range(2))
 
     def release(self, request_id: int) -> None:
         """Forget a finished request (its pool blocks go back through the allocator, as any request's)."""
@@ -184,7 +200,8 @@ class SpeCacheDecoder:
                     if predicted is not None:
                         if self._copy_stream is not None:  # made on the step's stream, read on this one
                             predicted.record_stream(self._copy_stream)
-                        request.prefetched += self._make_resident(request, layer, predicted)[1]
+                        self._make_resident(request, layer, predicted, request.prefetch_counts,
+                                            self._prefetch_scratch)
                 if self._copy_stream is not None:
                     self._prefetched[layer] = self._copy_stream.record_event()
             hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
@@ -223,7 +240,7 @@ class SpeCacheDecoder:
         if selection.top_k:
             wanted = self._wanted(request, selection, scores)
             request.wanted += wanted.numel()
-            request.counts += torch.stack(self._make_resident(request, layer, wanted))
+            self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
         return self._wanted(request, upcoming, scores) if upcoming.top_k else None
 
     def _wanted(self, request: OffloadedRequest, selection: StepSelection,
@@ -234,24 +251,11 @@ class SpeCacheDecoder:
             return torch.arange(selection.sinks, selection.recent_start, device=device).repeat(kv_heads, 1)
         return scores[:, : selection.recent_start].topk(selection.top_k, dim=1).indices
 
-    def _make_resident(self, request: OffloadedRequest, layer: int,
-                       wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_resident(self, request: OffloadedRequest, layer: int, wanted: torch.Tensor, counts: torch.Tensor,
+                       scratch: ResidencyScratch) -> None:
         """Copy the `wanted` [kv_heads, m] positions that are not resident into top-k slots whose pairs are not
-        wanted (the lowest such slots first, so a growing set stays a prefix). Returns the counts of hits and
-        of pairs copied, as device scalars: nothing here reads the device back (fixed-size lists, a mask of
-        the misses, one copy kernel over them)."""
-        resident = request.resident[layer]
-        top_k, m = resident.shape[1], wanted.shape[1]
-        held = resident.sort(dim=1).values
-        hit = held.gather(1, torch.searchsorted(held, wanted).clamp(max=top_k - 1)) == wanted
-        wanted_sorted = wanted.sort(dim=1).values
-        kept = wanted_sorted.gather(1, torch.searchsorted(wanted_sorted, resident).clamp(max=m - 1)) == resident
-        misses = (~hit).sum(dim=1, keepdim=True)
-        missed = wanted.gather(1, torch.argsort(hit.to(torch.int8), dim=1, stable=True))  # misses first
-        free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :m]  # slots not wanted first
-        take = torch.arange(m, device=wanted.device)[None] < misses
-        targets = request.slots[request.budget.sink_tokens + request.budget.recent_tokens + free]
-        copy_pairs(request.host.keys[layer], missed, self.pool.keys[layer], targets, take)
-        copy_pairs(request.host.values[layer], missed, self.pool.values[layer], targets, take)
-        resident.scatter_(1, free, torch.where(take, missed, resident.gather(1, free)))
-        return hit.sum(), take.sum()
+        wanted (the lowest such slots first, so a growing set stays a prefix), adding (hits, pairs copied) to
+        `counts` [2] on the device: one launch (kernels/residency.py), nothing read back."""
+        top_k_slots = request.slots[request.budget.sink_tokens + request.budget.recent_tokens:]
+        make_resident(wanted, request.resident[layer], top_k_slots, request.host.keys[layer],
+                      request.host.values[layer], self.pool.keys[layer], self.pool.values[layer], counts, scratch)

@@ -1,5 +1,6 @@
 """SpeCache on CUDA: the low-bit key kernels (kernels/lowbit_keys.py, 1 and 2 bits, groups of 32 and 64) and
-the pair copies from and to pinned host memory (kernels/pair_copy.py) against their PyTorch references, and
+the pair copies from and to pinned host memory (kernels/pair_copy.py) and the residency update from pinned host
+memory (kernels/residency.py: the same table, pool rows and counts) against their PyTorch references, and
 the eager SpeCache step (engine/specache.py) with a budget of the whole context against the full-KV batched
 decode (logits within bf16 tolerance, fed the same tokens), and with a small budget at 2-bit keys in groups of
 32 and the eightfold settings' 1-bit keys in groups of 64 (runs, the resident top-k slots hold the host's
@@ -19,6 +20,7 @@ from blendgate.engine.specache import SpeCacheDecoder
 from blendgate.engine.specache_policy import SpeCacheSettings
 from blendgate.kernels.lowbit_keys import quantize, quantize_reference, score, score_reference
 from blendgate.kernels.pair_copy import copy_pairs, copy_pairs_reference
+from blendgate.kernels.residency import ResidencyScratch, make_resident, make_resident_reference
 from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,6 +62,33 @@ def test_pair_copies_read_and_write_pinned_host_memory(head_dim) -> None:
     torch.cuda.synchronize()
     assert torch.equal(host[:, 4000], expected[:, 17])
 
+
+@pytest.mark.parametrize("kv_heads, top_k, m, hit_share", [(8, 1916, 1916, 0.05), (8, 1916, 1916, 0.6),
+                                                            (8, 1916, 1000, 0.0), (4, 300, 300, 1.0)])
+def test_the_residency_kernel_matches_its_reference_from_pinned_memory(kv_heads, top_k, m, hit_share) -> None:
+    generator = torch.Generator().manual_seed(top_k + m)
+    capacity, slots, head_dim = 32768, top_k + 200, 128
+    host_keys = torch.randn(kv_heads, capacity, head_dim, generator=generator).to(torch.bfloat16).pin_memory()
+    host_values = torch.randn(kv_heads, capacity, head_dim, generator=generator).to(torch.bfloat16).pin_memory()
+    pool = [torch.randn(kv_heads, slots, head_dim, generator=generator).to(torch.bfloat16) for _ in range(2)]
+    resident = torch.stack([torch.randperm(capacity, generator=generator)[:top_k] for _ in range(kv_heads)])
+    targets = torch.randperm(slots, generator=generator)[:top_k]
+    hits = int(hit_share * m)
+    wanted = torch.stack([torch.cat([row[torch.randperm(top_k, generator=generator)[:hits]],
+                                     torch.tensor(sorted(set(range(capacity)) - set(row.tolist())))[
+                                         torch.randperm(capacity - top_k, generator=generator)[: m - hits]]])
+                          for row in resident])
+    wanted = wanted[:, torch.randperm(m, generator=generator)]
+    expected = [resident.clone(), pool[0].clone(), pool[1].clone(), torch.zeros(2, dtype=torch.long)]
+    make_resident_reference(wanted, expected[0], targets, host_keys, host_values, expected[1], expected[2],
+                            expected[3])
+    got = [resident.cuda(), pool[0].cuda(), pool[1].cuda(), torch.zeros(2, dtype=torch.long, device="cuda")]
+    scratch = ResidencyScratch.empty(kv_heads, capacity, top_k, torch.device("cuda"))
+    make_resident(wanted.cuda(), got[0], targets.cuda(), host_keys, host_values, got[1], got[2], got[3], scratch)
+    torch.cuda.synchronize()
+    for g, e in zip(got, expected):
+        assert torch.equal(g.cpu(), e)
+    assert not bool(scratch.marks.any())
 
 
 @pytest.fixture(scope="module")
