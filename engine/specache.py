@@ -25,8 +25,13 @@ After the layers, each request's new pair goes to the host tier (all layers in o
 group of positions becomes low-bit keys (from the recent window, on the device). With a budget that holds the
 whole context every step reads every pair, which is full-KV decoding.
 
-The step is eager (no CUDA graphs: the policy's selection is plain Python per step), but on CUDA it never
-waits for the device: its inputs go up in one asynchronous copy, the top-k, the misses, the residency table
+In the steady state (every request of the batch scores its candidates: its context is larger than its
+budget) the step runs from a CUDA graph on CUDA with half-precision weights (engine/specache_graph.py): the
+same work with fixed shapes, the scores over each request's low-bit key capacity masked on the device by the
+step's positions instead of sliced by the policy's Python numbers, the prefetch forked to the side stream and
+joined at the end of the step. Other steps (a context still inside its budget, CPU) run eagerly; the eager
+step is the reference the graph is tested against (tests/gpu/test_specache_cuda.py). On CUDA neither waits
+for the device: its inputs go up in one asynchronous copy, the top-k, the misses, the residency table
 and the prefetch counts stay on the device (read back only when `OffloadedRequest.stats` is asked for), and
 the pairs move in kernels, so the host queues the next layers while the device works. The caller's read of
 the logits is the step's one wait.
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.decode_attention import decode_attention
+from ..kernels.decode_attention import triton as _triton
 from ..kernels.lowbit_keys import score
 from ..kernels.residency import ResidencyScratch, make_resident
 from ..kernels.rope import rope_store
@@ -48,7 +54,11 @@ from .kv_offload import HostKV, LowBitKeys
 from .kv_pool import PAGE_SIZE, BlockAllocation, KVPoolError
 from .llama import KVCache, LlamaFamilyModel
 from .paged_kv import PagedKVPool
+from .specache_graph import SteadyStepGraphs, StepInputs
 from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, StepSelection
+
+# Rotations that depend on the sequence's length read it on the host: no graphs then (as engine/decode.py).
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 @dataclass
@@ -99,13 +109,24 @@ class OffloadedRequest:
 
 
 class SpeCacheDecoder:
-    """Decodes batches of OffloadedRequests over a PagedKVPool with a LlamaFamilyModel (eager, any device)."""
+    """Decodes batches of OffloadedRequests over a PagedKVPool with a LlamaFamilyModel (any device).
 
-    def __init__(self, model: LlamaFamilyModel, pool: PagedKVPool, settings: SpeCacheSettings) -> None:
+    `graphs`: None captures the steady-state step in CUDA graphs where they apply (`graphable`); False keeps
+    every step eager; True insists (ValueError where they do not apply). The `graphs` attribute is then the
+    decoder's SteadyStepGraphs, or None."""
+
+    def __init__(self, model: LlamaFamilyModel, pool: PagedKVPool, settings: SpeCacheSettings,
+                 graphs: bool | None = None) -> None:
         self.model = model
         self.pool = pool
         self.settings = settings
         self.requests: dict[int, OffloadedRequest] = {}
+        if graphs and not self.graphable():
+            raise ValueError("CUDA graphs of the SpeCache step need CUDA, half-precision weights, Triton and a "
+                             "rotary embedding that does not depend on the sequence length")
+        use_graphs = self.graphable() if graphs is None else graphs
+        self.graphs = SteadyStepGraphs(model.device) if use_graphs else None
+        self._positions: dict[int, torch.Tensor] = {}  # arange(capacity) on the device, by capacity
         on_cuda = model.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(model.device) if on_cuda else None
         # Per layer, the end of the last step's prefetch for it (CUDA): that layer's next step waits for it.
@@ -153,9 +174,18 @@ class SpeCacheDecoder:
             self._step_scratch, self._prefetch_scratch = (ResidencyScratch.empty(heads, capacity, top_k, device)
                                                           for _ in range(2))
 
+    def graphable(self) -> bool:
+        model = self.model
+        return (model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
+                and _triton is not None
+                and getattr(model.rotary, "rope_type", "default") not in _LENGTH_DEPENDENT_ROPE)
+
     def release(self, request_id: int) -> None:
-        """Forget a finished request (its pool blocks go back through the allocator, as any request's)."""
+        """Forget a finished request (its pool blocks go back through the allocator, as any request's) and
+        the step graphs of batches that held it."""
         self.requests.pop(request_id, None)
+        if self.graphs is not None:
+            self.graphs.drop(request_id)
 
     def batch(self, request_ids: list[int], token_ids: list[int]) -> DecodeBatch:
         """The next step of these requests, each feeding its last generated token."""
@@ -179,6 +209,8 @@ class SpeCacheDecoder:
         upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
         inputs = torch.tensor([batch.token_ids, batch.positions, batch.slots, batch.rows,
                                [s.pairs for s in selections]], dtype=torch.long, pin_memory=device.type == "cuda")
+        if self.graphs is not None and all(s.scored for s in selections):
+            return self._decode_steady(batch.request_ids, requests, inputs)
         token_ids, positions, slots, rows, lengths = inputs.to(device, non_blocking=True)
         tables = pool.block_tables.index_select(0, rows)
         lengths = lengths.to(torch.int32)
@@ -209,6 +241,67 @@ class SpeCacheDecoder:
             request.host.append(pool.keys, pool.values, slots[i: i + 1])
             self._quantise_completed_group(request)
         return model.logits(hidden)
+
+    def _decode_steady(self, request_ids: tuple[int, ...], requests: list[OffloadedRequest],
+                       inputs: torch.Tensor) -> torch.Tensor:
+        """A steady step from the batch's graph (captured after its first steady step, which runs eagerly), and
+        the host's bookkeeping the graph leaves out. Returns the graph's logits buffer [batch, vocab]."""
+        if self._prefetched:  # an eager step's prefetches still pending on the side stream
+            torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
+            self._prefetched.clear()
+        logits = self.graphs.run(request_ids, inputs, lambda step: self._steady_forward(step, requests))
+        model = self.model
+        for request in requests:
+            request.wanted += model.num_layers * model.kv_heads * request.budget.top_k
+            request.host.advance()
+            self._quantise_completed_group(request)
+        return logits
+
+    def _steady_forward(self, inputs: StepInputs, requests: list[OffloadedRequest]) -> torch.Tensor:
+        """The steady step's device work (no host-side effects, so a graph can replay it): as `decode`, with the
+        candidates masked on the device and the prefetch joined back at the end. Returns logits [batch, vocab]."""
+        model, pool, device = self.model, self.pool, self.model.device
+        tables = pool.block_tables.index_select(0, inputs.rows)
+        lengths = inputs.lengths.to(torch.int32)
+        cos, sin = model.rope(inputs.positions)
+        hidden = torch.nn.functional.embedding(inputs.token_ids, model.embed_tokens)
+        predictions = []  # held until the side stream is joined: it reads them
+        for layer in range(model.num_layers):
+            qkv = model.project_qkv(layer, hidden)
+            q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], inputs.slots)
+            predicted = [self._steady_select(request, layer, q[:, i], inputs.positions[i])
+                         for i, request in enumerate(requests)]
+            attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
+                                         PAGE_SIZE)
+            with self._side_stream():
+                for request, upcoming in zip(requests, predicted):
+                    self._make_resident(request, layer, upcoming, request.prefetch_counts, self._prefetch_scratch)
+            predictions += predicted
+            hidden = model.finish_layer(layer, hidden, attention.reshape(len(requests), -1))
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(device).wait_stream(self._copy_stream)
+        for i, request in enumerate(requests):  # the step's pairs, all layers, to the host tier
+            request.host.write(pool.keys, pool.values, inputs.slots[i: i + 1], inputs.positions[i: i + 1])
+        return model.logits(hidden)
+
+    def _steady_select(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
+                       position: torch.Tensor) -> torch.Tensor:
+        """`_select` of a steady step at `position` ([] long on the device): the scores over the low-bit keys'
+        whole capacity, the candidates [sinks, recent_start) masked on the device (no position past them is
+        quantised yet: the recent window holds two groups). Returns the next step's top-k [kv_heads, top_k]."""
+        budget, lowbit = request.budget, request.lowbit.layer(layer)
+        scores = score(q, lowbit)
+        capacity = scores.shape[1]
+        if capacity not in self._positions:
+            self._positions[capacity] = torch.arange(capacity, device=self.model.device)
+        positions = self._positions[capacity]
+        recent_start = position + 1 - budget.recent_tokens  # of this step's selection; the next one's is +1
+        candidate = positions >= budget.sink_tokens
+        wanted = scores.masked_fill(~(candidate & (positions < recent_start)), float("-inf"))
+        self._make_resident(request, layer, wanted.topk(budget.top_k, dim=1).indices, request.counts,
+                            self._step_scratch)
+        upcoming = scores.masked_fill(~(candidate & (positions <= recent_start)), float("-inf"))
+        return upcoming.topk(budget.top_k, dim=1).indices
 
     def _quantise_completed_group(self, request: OffloadedRequest) -> None:
         """After a step that completes a group of positions, its keys (all in the recent window, which holds
