@@ -412,16 +412,16 @@ def locality(args: argparse.Namespace, report: list[str]) -> None:
                                   after.copied - before.copied))
                 first, later = steps[0], [sum(c) for c in zip(*steps[1:])]
                 name = variant(args, n)
-                total = totals.setdefault(name, [0, 0, 0, 0])
+                total = totals.setdefault(name, [0, 0, 0, 0])  # wanted, hits, copied, top-k pairs of the steps
                 total[0], total[1] = total[0] + later[0], total[1] + later[1]
-                total[2], total[3] = total[2] + later[2], total[3] + len(steps) - 1
+                total[2], total[3] = total[2] + later[2], total[3] + (len(steps) - 1) * budget.top_k
                 report.append(f"| {name} | {number} | {len(ids)} | {budget.top_k} | {first[1] / first[0]:.3f} | "
                               f"{later[1] / later[0]:.3f} | {later[2] / (len(steps) - 1) / heads:.1f} |")
                 print(report[-1], flush=True)
-    report += ["", "| variant | later steps: hit rate, all questions | pairs copied a step per layer and KV head |",
-               "|---|---|---|"]
-    for name, (wanted, hits, copied, steps) in totals.items():
-        report.append(f"| {name} | {hits / wanted:.3f} | {copied / steps / heads:.1f} |")
+    report += ["", "| variant | later steps: hit rate, all questions | pairs copied a step per layer and KV head, "
+               "as a share of the top-k (--locality-measured's second number) |", "|---|---|---|"]
+    for name, (wanted, hits, copied, top_k) in totals.items():
+        report.append(f"| {name} | {hits / wanted:.3f} | {copied / top_k / heads:.3f} |")
 
 
 def evicting(tokens: int) -> SpeCacheSettings:
