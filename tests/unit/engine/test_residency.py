@@ -14,7 +14,7 @@ import torch
 from blendgate.kernels import residency
 from blendgate.kernels.residency import ResidencyScratch, make_resident, make_resident_reference
 
-KV_HEADS, CAPACITY, SLOTS = 3, 700, 600
+KV_HEADS, CAPACITY, SLOTS = 3, 5000, 2200
 
 
 def state(seed: int, top_k: int, head_dim: int = 64, dtype: torch.dtype = torch.float32, filled: bool = True):
@@ -95,7 +95,8 @@ def test_bad_shapes_are_refused() -> None:
 @pytest.mark.skipif(residency.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton kernel on CPU tensors needs triton and TRITON_INTERPRET=1")
 @pytest.mark.parametrize("top_k, m, hits, filled", [
-    (300, 300, 90, True),    # m = top_k, over several blocks
+    (2100, 1500, 400, True),  # over several index blocks (1,024) and copy blocks (64)
+    (300, 300, 90, True),    # m = top_k
     (300, 170, 60, True),    # m < top_k
     (200, 200, 200, True),   # all hits
     (200, 150, 0, True),     # all misses
