@@ -170,6 +170,8 @@ class SpeCacheDecoder:
         if (capacity, top_k) != (marks.shape[1], free.shape[1]):
             if self._copy_stream is not None:  # the side stream's last prefetches may still read the old one
                 torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
+            if self.graphs is not None:  # they read the old scratch
+                self.graphs.clear()
             heads, device = self.model.kv_heads, self.model.device
             self._step_scratch, self._prefetch_scratch = (ResidencyScratch.empty(heads, capacity, top_k, device)
                                                           for _ in range(2))

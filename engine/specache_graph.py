@@ -12,7 +12,8 @@ A graph reads fixed addresses: its inputs are copied into `StepInputs` buffers b
 in the pointers of its requests' tiers (host KV, low-bit keys, residency tables, counters). It is therefore
 captured per batch of requests (their ids, in order), on the batch's second steady step (the first runs the
 same function eagerly: it compiles the kernels and is that step's real work), and dropped when one of its
-requests is released. What the policy decides on the host between steps (the counts of wanted pairs, the host
+requests is released (or all, when the decoder's residency scratch grows for a larger request: the graphs read
+it). What the policy decides on the host between steps (the counts of wanted pairs, the host
 tier's length, a completed group's low-bit keys) stays outside the graph, in the decoder.
 """
 
@@ -93,7 +94,16 @@ class SteadyStepGraphs:
 
     def drop(self, request_id: int) -> None:
         """Forget the graphs of batches that hold this request (it finished: its tiers are freed)."""
-        for key in [k for k in self._captured if request_id in k]:
+        self._forget([key for key in self._captured if request_id in key])
+
+    def clear(self) -> None:
+        """Forget every graph (the decoder replaced a buffer they read: its residency scratch grew)."""
+        self._forget(list(self._captured))
+
+    def _forget(self, keys: list[tuple[int, ...]]) -> None:
+        if keys:  # a replay may still run on the device and read what its graph's memory pool holds
+            torch.cuda.current_stream(self.device).synchronize()
+        for key in keys:
             del self._captured[key]
 
     def _capture(self, inputs: StepInputs, forward: Callable[[StepInputs], torch.Tensor]) -> _Captured:
