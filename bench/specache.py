@@ -11,13 +11,22 @@ residency table) against bf16 full KV, for Llama-3-8B's shapes at each context a
 Speed (the default mode; for the H200): random bf16 weights of a real architecture's config (Llama-3-8B by
 default), one request per context length C, its KV random (decode speed does not depend on its values):
 - "full KV": engine/decode.py's BatchDecoder at batch 1, every pair on the GPU, graph-captured;
-- "SpeCache 1/N": engine/specache.py's eager step with a GPU budget of C/N pairs (sinks 4, recent window of
-  two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory.
+- "SpeCache 1/N": engine/specache.py's step with a GPU budget of C/N pairs (sinks 4, recent window of
+  two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory; steady from the first
+  step (C > the budget), so it replays a CUDA graph (engine/specache_graph.py) after the first.
 Rows give tokens/s (steps / synchronised wall time after warm-up), SpeCache's host milliseconds a step (the
-time to queue its kernels: near 1000 / tokens/s, the eager step is launch-bound), GPU KV bytes per request
+decode call's own time: a graph replay and the host's bookkeeping), GPU KV bytes per request
 (full: C pairs; SpeCache: gpu_kv_bytes), the prefetch hit rate, and the most concurrent requests of
 `--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache, the host
 memory for their full KV), from those per-request bytes.
+
+With `--locality-measured HIT_RATE COPIED_SHARE` (what `--locality` measured), a second table gives the pairs
+copied from the host a step and their bytes, measured with random weights (whose top-k changes every step),
+and estimated at that locality (the step time less the residency update's time difference, timed alone).
+
+Locality (`--locality`, SmolLM2-135M-Instruct's real weights, `--device cpu` works): NQ-open prompts of `--k`
+passages decoded `--new-tokens` greedy tokens with SpeCache at each budget; per step, the prefetch hit rate and
+the pairs copied per layer and KV head.
 
 Quality (`--quality`, SmolLM2-135M-Instruct's real weights from a GGUF, `--device cpu` for a smoke run):
 NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passages, the gold one at depth
@@ -33,6 +42,8 @@ for every variant; with a bootstrap 95% interval): closer measures where the sma
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
     python bench/specache.py --quality --k 20 --questions 200 --out bench/results/specache-quality-DATE.md
     python bench/specache.py --quality --k 40 --questions 200 --out bench/results/specache-needle-DATE.md
+    python bench/specache.py --locality --device cpu --k 50 --questions 3 --new-tokens 24
+    python bench/specache.py --contexts 16384 32768 65536 --locality-measured 0.549 0.452
     python bench/specache.py --smoke   # CPU: a small random model, short contexts (checks that it runs)
 """
 
