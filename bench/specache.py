@@ -11,13 +11,22 @@ residency table) against bf16 full KV, for Llama-3-8B's shapes at each context a
 Speed (the default mode; for the H200): random bf16 weights of a real architecture's config (Llama-3-8B by
 default), one request per context length C, its KV random (decode speed does not depend on its values):
 - "full KV": engine/decode.py's BatchDecoder at batch 1, every pair on the GPU, graph-captured;
-- "SpeCache 1/N": engine/specache.py's eager step with a GPU budget of C/N pairs (sinks 4, recent window of
-  two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory.
+- "SpeCache 1/N": engine/specache.py's step with a GPU budget of C/N pairs (sinks 4, recent window of
+  two groups, the rest top-k by the low-bit keys), the full KV in pinned host memory; steady from the first
+  step (C > the budget), so it replays a CUDA graph (engine/specache_graph.py) after the first.
 Rows give tokens/s (steps / synchronised wall time after warm-up), SpeCache's host milliseconds a step (the
-time to queue its kernels: near 1000 / tokens/s, the eager step is launch-bound), GPU KV bytes per request
+decode call's own time: a graph replay and the host's bookkeeping), GPU KV bytes per request
 (full: C pairs; SpeCache: gpu_kv_bytes), the prefetch hit rate, and the most concurrent requests of
 `--concurrent-context` tokens that fit the GPU memory left after the weights (and, for SpeCache, the host
 memory for their full KV), from those per-request bytes.
+
+With `--locality-measured HIT_RATE COPIED_SHARE` (what `--locality` measured), a second table gives the pairs
+copied from the host a step and their bytes, measured with random weights (whose top-k changes every step),
+and estimated at that locality (the step time less the residency update's time difference, timed alone).
+
+Locality (`--locality`, SmolLM2-135M-Instruct's real weights, `--device cpu` works): NQ-open prompts of `--k`
+passages decoded `--new-tokens` greedy tokens with SpeCache at each budget; per step, the prefetch hit rate and
+the pairs copied per layer and KV head.
 
 Quality (`--quality`, SmolLM2-135M-Instruct's real weights from a GGUF, `--device cpu` for a smoke run):
 NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passages, the gold one at depth
@@ -33,6 +42,8 @@ for every variant; with a bootstrap 95% interval): closer measures where the sma
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
     python bench/specache.py --quality --k 20 --questions 200 --out bench/results/specache-quality-DATE.md
     python bench/specache.py --quality --k 40 --questions 200 --out bench/results/specache-needle-DATE.md
+    python bench/specache.py --locality --device cpu --k 50 --questions 3 --new-tokens 24
+    python bench/specache.py --contexts 16384 32768 65536 --locality-measured 0.549 0.452
     python bench/specache.py --smoke   # CPU: a small random model, short contexts (checks that it runs)
 """
 
@@ -46,6 +57,7 @@ import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -111,11 +123,21 @@ def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int)
     return steps / synced(model.device, lambda: [step() for _ in range(steps)])
 
 
+@dataclass
+class SpeCacheRun:
+    """One SpeCache row's measurements, from `specache_rate` to the speed table."""
+
+    rate: float  # tokens/s
+    host_ms: float  # the decode call's own time a step (the time to queue its work, or to replay its graph)
+    hit_rate: float  # prefetch hit rate
+    copied_share: float  # pairs copied from the host a step, per layer and KV head, as a share of the top-k
+    host_bytes: int  # the request's host tier
+
+
 def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSettings, steps: int,
-                  warmup: int) -> tuple[float, float, float, int]:
-    """tokens/s, host milliseconds a step (the decode call's own time: the step never waits for the device, so
-    this is the time to queue its kernels; near the step's whole time, the step is bound by the host's
-    launches), prefetch hit rate, host bytes per request."""
+                  warmup: int) -> SpeCacheRun:
+    """A request of `context` random pairs decoded `warmup` + `steps` steps (steady: from CUDA graphs on
+    CUDA, engine/specache_graph.py); the rate and host time over the last `steps`, the copies over all."""
     budget = settings.budget(context)
     allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
     pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
@@ -139,7 +161,35 @@ def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSetti
         step()
     state["host"] = 0.0
     rate = steps / synced(model.device, lambda: [step() for _ in range(steps)])
-    return rate, 1000 * state["host"] / steps, request.stats.hit_rate, request.host.bytes
+    stats = request.stats
+    copied = stats.copied / (warmup + steps) / (model.num_layers * model.kv_heads) / budget.top_k
+    return SpeCacheRun(rate, 1000 * state["host"] / steps, stats.hit_rate, copied, request.host.bytes)
+
+
+def residency_ms(model: LlamaFamilyModel, context: int, top_k: int, copies: int, repeats: int = 20) -> float:
+    """Milliseconds of one residency update (kernels/residency.py: one layer's, all KV heads) that finds
+    top_k - `copies` of its wanted pairs resident and copies `copies` a KV head from pinned host memory,
+    timed alone with CUDA events (a fresh residency table each call, its copy included)."""
+    from blendgate.kernels.residency import ResidencyScratch, make_resident
+
+    heads, dim, device = model.kv_heads, model.head_dim, model.device
+    host_keys, host_values = (torch.randn(heads, context, dim, dtype=model.dtype).pin_memory() for _ in range(2))
+    pool_keys, pool_values = (torch.zeros(heads, top_k, dim, dtype=model.dtype, device=device) for _ in range(2))
+    order = torch.stack([torch.randperm(context, device=device) for _ in range(heads)])
+    resident = order[:, :top_k].contiguous()
+    wanted = torch.cat([order[:, copies:top_k], order[:, top_k: top_k + copies]], dim=1).contiguous()
+    table, targets = resident.clone(), torch.arange(top_k, device=device)
+    counts = torch.zeros(2, dtype=torch.long, device=device)
+    scratch = ResidencyScratch.empty(heads, context, top_k, device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(2):  # the first round compiles, the second is timed
+        start.record()
+        for _ in range(repeats):
+            table.copy_(resident)
+            make_resident(wanted, table, targets, host_keys, host_values, pool_keys, pool_values, counts, scratch)
+        end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def speed(args: argparse.Namespace, report: list[str]) -> None:
@@ -164,6 +214,7 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
                f"prefetch hit rate | most {args.concurrent_context}-token requests that fit |",
                "|---|---|---|---|---|---|---|---|---|"]
     pair = kv_shape(model).pair_bytes
+    copies: list[str] = []  # the copy-volume table's rows
     for context in args.contexts:
         with torch.inference_mode():
             full = full_kv_rate(model, context, args.steps, 3)
@@ -176,18 +227,51 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
             for n in args.fractions:
                 settings = settings_for(args, 1 / n)
                 gpu_bytes = gpu_kv_bytes(settings, context, kv_shape(model)).total
-                rate, host_ms, hit_rate, host_bytes = specache_rate(model, context, settings, args.steps, 3)
+                run = specache_rate(model, context, settings, args.steps, 3)
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()
                 scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
-                fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (host_bytes * scale)))}" \
+                fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (run.host_bytes * scale)))}" \
                     if gpu_free else "-"
-                report.append(f"| {context} | {variant(args, n)} | {rate:.1f} | {rate / full:.2f} | {host_ms:.2f} | "
-                              f"{gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | {hit_rate:.3f} | {fit} |")
+                report.append(f"| {context} | {variant(args, n)} | {run.rate:.1f} | {run.rate / full:.2f} | "
+                              f"{run.host_ms:.2f} | {gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | "
+                              f"{run.hit_rate:.3f} | {fit} |")
                 print(report[-1], flush=True)
+                if args.locality_measured and model.device.type == "cuda":
+                    copies += copy_rows(args, model, context, n, settings.budget(context).top_k, run, full)
     report.append("")
     report.append(f"- weights {weight_bytes / 2**30:.1f} GiB; GPU memory free after them {gpu_free / 2**30:.1f} GiB; "
                   f"host memory {host_total / 2**30:.0f} GiB")
+    if copies:
+        hit_rate, share = args.locality_measured
+        report += ["", "Copy volume. Random weights give a top-k that changes every step (the prefetch hit rate "
+                   "above); real attention has temporal locality. The rows 'at SmolLM2's locality' take the hit rate "
+                   f"{hit_rate:.3f} and the pairs copied a step ({share:.3f} of the top-k per layer and KV head) "
+                   f"MEASURED on SmolLM2-135M's real weights ({args.locality_source}), and ESTIMATE the step: the "
+                   "random-weight step's measured time minus, per layer, the difference of the residency update's "
+                   "time (kernels/residency.py, timed alone on this GPU) between the two copy volumes. Estimates, "
+                   "not measurements of decoding at that locality.", "",
+                   "| context | row | pairs copied a step per layer and KV head | copy MiB a step | residency update "
+                   "ms a layer | step ms | tokens/s | x full KV |", "|---|---|---|---|---|---|---|---|", *copies]
+
+
+def copy_rows(args: argparse.Namespace, model: LlamaFamilyModel, context: int, n: int, top_k: int,
+              run: SpeCacheRun, full: float) -> list[str]:
+    """The copy-volume table's two rows of a SpeCache variant: measured with random weights, and estimated at
+    the locality measured on SmolLM2 (`--locality-measured`)."""
+    _, share = args.locality_measured
+    heads, pair_head = model.num_layers * model.kv_heads, 2 * model.head_dim * model.dtype.itemsize
+    random_copies, real_copies = run.copied_share * top_k, share * top_k
+    random_ms = residency_ms(model, context, top_k, min(top_k, round(random_copies)))
+    real_ms = residency_ms(model, context, top_k, min(top_k, round(real_copies)))
+    step_ms = 1000 / run.rate
+    estimate = step_ms - model.num_layers * (random_ms - real_ms)
+    return [f"| {context} | {variant(args, n)}, random weights (measured) | {random_copies:.0f} | "
+            f"{random_copies * heads * pair_head / 2**20:.0f} | {random_ms:.3f} | {step_ms:.2f} | {run.rate:.1f} | "
+            f"{run.rate / full:.2f} |",
+            f"| {context} | {variant(args, n)}, at SmolLM2's locality (ESTIMATED step) | {real_copies:.0f} | "
+            f"{real_copies * heads * pair_head / 2**20:.0f} | {real_ms:.3f} | {estimate:.2f} | {1000 / estimate:.1f} | "
+            f"{1000 / estimate / full:.2f} |"]
 
 
 def bytes_table(args: argparse.Namespace, report: list[str]) -> None:
@@ -302,6 +386,59 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
                       f"{prefix:.3f} | {kl:.4f} | {kl_low:.4f}-{kl_high:.4f} |")
 
 
+def locality(args: argparse.Namespace, report: list[str]) -> None:
+    """The prefetch hit rate real attention gives: SmolLM2's real weights over NQ-open prompts of `--k`
+    passages, SpeCache at each budget decoding `--new-tokens` greedy tokens; per step, the share of the top-k
+    pairs it wanted that the previous step's prediction had made resident (the first step after admission has
+    nothing prefetched: reported apart), and the pairs copied from the host per layer and KV head."""
+    from blendgate.engine.prompt import Prompt
+    from blendgate.engine.runner import LlamaRunner
+    from blendgate.engine.weights import load_model
+
+    loaded = load_model(args.smollm, dtype="float32" if args.device == "cpu" else "bfloat16", device=args.device,
+                        cache_dir=Path("/tmp/blendgate-specache"))
+    runner, tokenizer = LlamaRunner(loaded), loaded.tokenizer
+    model = runner.model
+    heads = model.num_layers * model.kv_heads
+    report += ["| variant | question | prompt tokens | top-k | first step: hit rate | later steps: hit rate | "
+               "later steps: pairs copied a step per layer and KV head |", "|---|---|---|---|---|---|---|"]
+    totals: dict[str, list[int]] = {}
+    for number, (question, _, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
+        messages = [{"role": "system", "content": "Answer the question using only the documents given."},
+                    {"role": "user", "content": f"Documents:\n\n{chr(10).join(passages)}\n\nQuestion: {question}\n"
+                                                "Answer briefly."}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits, state = runner.prefill(Prompt.plain(ids))
+            for n in args.fractions:
+                settings = settings_for(args, 1 / n)
+                budget = settings.budget(len(ids))
+                allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
+                pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
+                decoder = SpeCacheDecoder(model, pool, settings)
+                request = decoder.admit(0, allocator.allocate(0, budget.tokens), state.cache, args.new_tokens)
+                token, steps = int(logits.argmax()), []
+                for _ in range(args.new_tokens):
+                    before = request.stats
+                    token = int(decoder.decode(decoder.batch([0], [token]))[0].argmax())
+                    after = request.stats
+                    steps.append((after.wanted - before.wanted, after.hits - before.hits,
+                                  after.copied - before.copied))
+                first, later = steps[0], [sum(c) for c in zip(*steps[1:])]
+                name = variant(args, n)
+                total = totals.setdefault(name, [0, 0, 0, 0])  # wanted, hits, copied, top-k pairs of the steps
+                total[0], total[1] = total[0] + later[0], total[1] + later[1]
+                total[2], total[3] = total[2] + later[2], total[3] + (len(steps) - 1) * budget.top_k
+                report.append(f"| {name} | {number} | {len(ids)} | {budget.top_k} | {first[1] / first[0]:.3f} | "
+                              f"{later[1] / later[0]:.3f} | {later[2] / (len(steps) - 1) / heads:.1f} |")
+                print(report[-1], flush=True)
+    report += ["", "| variant | later steps: hit rate, all questions | pairs copied a step per layer and KV head, "
+               "as a share of the top-k (--locality-measured's second number) |", "|---|---|---|"]
+    for name, (wanted, hits, copied, top_k) in totals.items():
+        report.append(f"| {name} | {hits / wanted:.3f} | {copied / top_k / heads:.3f} |")
+
+
 def evicting(tokens: int) -> SpeCacheSettings:
     """Plain eviction of a budget of `tokens` pairs (StreamingLLM): the sinks and a recent window of all but
     one pair, which the policy's top-k keeps (a budget always has one)."""
@@ -347,6 +484,13 @@ def main() -> None:
     parser.add_argument("--concurrent-context", type=int, default=32768)
     parser.add_argument("--smoke", action="store_true", help="speed mode on CPU with a small random model")
     parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--locality-measured", type=float, nargs=2, metavar=("HIT_RATE", "COPIED_SHARE"),
+                        help="speed mode: a prefetch hit rate and pairs copied a step (a share of the top-k) that "
+                             "--locality measured, for the copy-volume table")
+    parser.add_argument("--locality-source", default="bench/results/specache-2026-11-30.md, --locality",
+                        help="where --locality-measured comes from (named in the report)")
+    parser.add_argument("--locality", action="store_true",
+                        help="the prefetch hit rate on SmolLM2's real weights (NQ-open prompts of --k passages)")
     parser.add_argument("--smollm", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF (quality mode)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data", type=Path, default=DATA / "nq-open-oracle.dev.jsonl.gz")
@@ -360,12 +504,15 @@ def main() -> None:
     args = parser.parse_args()
     device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.node()}"
-    mode = "quality" if args.quality else "GPU KV bytes" if args.bytes else "speed and memory"
+    mode = "quality" if args.quality else "prefetch locality" if args.locality else \
+        "GPU KV bytes" if args.bytes else "speed and memory"
     report = [f"# SpeCache benchmark ({mode}), "
               f"{date.today().isoformat()}", "", f"- command: `python bench/specache.py {' '.join(sys.argv[1:])}`",
               f"- device: {device}", ""]
     if args.quality:
         quality(args, report)
+    elif args.locality:
+        locality(args, report)
     elif args.bytes:
         bytes_table(args, report)
     else:

@@ -48,14 +48,27 @@ class HostKV:
         slot. On CUDA a kernel writes the pinned memory (kernels/pair_copy.py), on the current stream: nothing
         waits for it, and what reads these pairs later (the step's gathers) runs after it on the device.
         ValueError past the capacity."""
-        if self.length >= self.keys.shape[2]:
-            raise ValueError(f"position {self.length} is past the host KV's {self.keys.shape[2]} positions")
+        self._check_room()
+        position = torch.full((1,), self.length, dtype=torch.long, device=slot.device)
+        self.write(keys, values, slot, position)
+        self.length += 1
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, position: torch.Tensor) -> None:
+        """As `append` at a `position` [1] long on the device, without touching `length` (a captured step's
+        device work, engine/specache_graph.py: the decoder calls `advance` after each replay)."""
         rows = self.keys.shape[0] * self.keys.shape[1]
-        source = slot.view(1, 1).expand(rows, 1)
-        target = torch.full((1, 1), self.length, dtype=torch.long, device=slot.device).expand(rows, 1)
+        source, target = slot.view(1, 1).expand(rows, 1), position.view(1, 1).expand(rows, 1)
         copy_pairs(keys.flatten(0, 1), source, self.keys.flatten(0, 1), target)
         copy_pairs(values.flatten(0, 1), source, self.values.flatten(0, 1), target)
+
+    def advance(self) -> None:
+        """Count the pair a step wrote at position `length` (`write`); ValueError past the capacity."""
+        self._check_room()
         self.length += 1
+
+    def _check_room(self) -> None:
+        if self.length >= self.keys.shape[2]:
+            raise ValueError(f"position {self.length} is past the host KV's {self.keys.shape[2]} positions")
 
 
 class LowBitKeys:

@@ -12,8 +12,8 @@ copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on 
    by the query's scores against the low-bit keys (kernels/lowbit_keys.score: the largest over the KV head's
    query heads, so one choice serves the whole GQA group);
 3. the wanted pairs that are not resident (not prefetched) are copied from the host into top-k slots that hold
-   pairs no longer wanted (kernels/pair_copy.py: a kernel reading the pinned host memory by index, over a
-   fixed-size list with a mask of the misses);
+   pairs no longer wanted (kernels/residency.py: one launch a layer marks the hits, picks the free slots,
+   copies the misses' pairs from the pinned host memory by index and updates the residency table and counts);
 4. decode attention over the budget's first `pairs` slots (kernels/decode_attention.py over the request's
    block-table row: attention does not depend on the order of the pairs, the keys are rotated already);
 5. the next step's top-k is predicted from this step's query (its scores over the next step's candidates)
@@ -25,8 +25,13 @@ After the layers, each request's new pair goes to the host tier (all layers in o
 group of positions becomes low-bit keys (from the recent window, on the device). With a budget that holds the
 whole context every step reads every pair, which is full-KV decoding.
 
-The step is eager (no CUDA graphs: the policy's selection is plain Python per step), but on CUDA it never
-waits for the device: its inputs go up in one asynchronous copy, the top-k, the misses, the residency table
+In the steady state (every request of the batch scores its candidates: its context is larger than its
+budget) the step runs from a CUDA graph on CUDA with half-precision weights (engine/specache_graph.py): the
+same work with fixed shapes, the scores over each request's low-bit key capacity masked on the device by the
+step's positions instead of sliced by the policy's Python numbers, the prefetch forked to the side stream and
+joined at the end of the step. Other steps (a context still inside its budget, CPU) run eagerly; the eager
+step is the reference the graph is tested against (tests/gpu/test_specache_cuda.py). On CUDA neither waits
+for the device: its inputs go up in one asynchronous copy, the top-k, the misses, the residency table
 and the prefetch counts stay on the device (read back only when `OffloadedRequest.stats` is asked for), and
 the pairs move in kernels, so the host queues the next layers while the device works. The caller's read of
 the logits is the step's one wait.
@@ -40,15 +45,20 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.decode_attention import decode_attention
+from ..kernels.decode_attention import triton as _triton
 from ..kernels.lowbit_keys import score
-from ..kernels.pair_copy import copy_pairs
+from ..kernels.residency import ResidencyScratch, make_resident
 from ..kernels.rope import rope_store
 from .batch import DecodeBatch
 from .kv_offload import HostKV, LowBitKeys
 from .kv_pool import PAGE_SIZE, BlockAllocation, KVPoolError
 from .llama import KVCache, LlamaFamilyModel
 from .paged_kv import PagedKVPool
+from .specache_graph import SteadyStepGraphs, StepInputs
 from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, StepSelection
+
+# Rotations that depend on the sequence's length read it on the host: no graphs then (as engine/decode.py).
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 @dataclass
@@ -66,7 +76,8 @@ class OffloadedRequest:
     # [hits, copied] long on the device (the step's stream): of the wanted top-k pairs, those already
     # resident, and the pairs copied to the GPU on a miss
     counts: torch.Tensor
-    prefetched: torch.Tensor  # [] long on the device (the side stream): pairs copied ahead by the prefetch
+    # [hits, copied] long on the device (the side stream) of the prefetch: its copies are the pairs copied ahead
+    prefetch_counts: torch.Tensor
     wanted: int = 0  # top-k pairs the steps wanted (kv heads x top-k a layer and step)
 
     @property
@@ -81,7 +92,7 @@ class OffloadedRequest:
             torch.cuda.synchronize(self.counts.device)
         hits, copied = self.counts.tolist()
         stats = PrefetchStats()
-        stats.record(self.wanted, hits, copied + int(self.prefetched))
+        stats.record(self.wanted, hits, copied + int(self.prefetch_counts[1]))
         return stats
 
     def budget_slot(self, position: int) -> int:
@@ -91,23 +102,38 @@ class OffloadedRequest:
 
     def gpu_bytes(self, kv_pair_bytes: int) -> int:
         """Device memory the request holds: its budget's full-precision pairs (`kv_pair_bytes` a position, all
-        layers), its low-bit keys and its residency table."""
+        layers), its low-bit keys and its residency table (the decoder's residency scratch, shared by its
+        requests, is not theirs)."""
         resident = self.resident.numel() * self.resident.element_size()
         return self.budget.tokens * kv_pair_bytes + self.lowbit.bytes + resident
 
 
 class SpeCacheDecoder:
-    """Decodes batches of OffloadedRequests over a PagedKVPool with a LlamaFamilyModel (eager, any device)."""
+    """Decodes batches of OffloadedRequests over a PagedKVPool with a LlamaFamilyModel (any device).
 
-    def __init__(self, model: LlamaFamilyModel, pool: PagedKVPool, settings: SpeCacheSettings) -> None:
+    `graphs`: None captures the steady-state step in CUDA graphs where they apply (`graphable`); False keeps
+    every step eager; True insists (ValueError where they do not apply). The `graphs` attribute is then the
+    decoder's SteadyStepGraphs, or None."""
+
+    def __init__(self, model: LlamaFamilyModel, pool: PagedKVPool, settings: SpeCacheSettings,
+                 graphs: bool | None = None) -> None:
         self.model = model
         self.pool = pool
         self.settings = settings
         self.requests: dict[int, OffloadedRequest] = {}
+        if graphs and not self.graphable():
+            raise ValueError("CUDA graphs of the SpeCache step need CUDA, half-precision weights, Triton and a "
+                             "rotary embedding that does not depend on the sequence length")
+        use_graphs = self.graphable() if graphs is None else graphs
+        self.graphs = SteadyStepGraphs(model.device) if use_graphs else None
+        self._positions: dict[int, torch.Tensor] = {}  # arange(capacity) on the device, by capacity
         on_cuda = model.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(model.device) if on_cuda else None
         # Per layer, the end of the last step's prefetch for it (CUDA): that layer's next step waits for it.
         self._prefetched: dict[int, torch.cuda.Event] = {}
+        # The residency kernel's scratch for the steps (this stream) and for the prefetches (the side stream),
+        # shared by the requests (one at a time on each stream), as large as the largest admitted.
+        self._step_scratch = self._prefetch_scratch = ResidencyScratch.empty(model.kv_heads, 0, 0, model.device)
 
     # -- requests ---------------------------------------------------------------------------------
     def admit(self, request_id: int, allocation: BlockAllocation, cache: KVCache,
@@ -127,8 +153,9 @@ class SpeCacheDecoder:
         resident = torch.full((model.num_layers, model.kv_heads, budget.top_k), -1, dtype=torch.long,
                               device=model.device)
         slots = torch.tensor(allocation.slots(budget.tokens), dtype=torch.long, device=model.device)
-        counts = torch.zeros(3, dtype=torch.long, device=model.device)
-        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots, counts[:2], counts[2])
+        counts = torch.zeros(4, dtype=torch.long, device=model.device)
+        request = OffloadedRequest(allocation, budget, host, lowbit, resident, slots, counts[:2], counts[2:])
+        self._grow_scratch(host.keys.shape[2], budget.top_k)
         fixed = budget.select(length).fixed_positions()
         targets = slots[[request.budget_slot(p) for p in fixed]]
         self.pool.keys[:, :, targets] = cache.keys[:, :, fixed]
@@ -137,9 +164,30 @@ class SpeCacheDecoder:
         self.requests[request_id] = request
         return request
 
+    def _grow_scratch(self, capacity: int, top_k: int) -> None:
+        marks, free = self._step_scratch.marks, self._step_scratch.free
+        capacity, top_k = max(capacity, marks.shape[1]), max(top_k, free.shape[1])
+        if (capacity, top_k) != (marks.shape[1], free.shape[1]):
+            if self._copy_stream is not None:  # the side stream's last prefetches may still read the old one
+                torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
+            if self.graphs is not None:  # they read the old scratch
+                self.graphs.clear()
+            heads, device = self.model.kv_heads, self.model.device
+            self._step_scratch, self._prefetch_scratch = (ResidencyScratch.empty(heads, capacity, top_k, device)
+                                                          for _ in range(2))
+
+    def graphable(self) -> bool:
+        model = self.model
+        return (model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
+                and _triton is not None
+                and getattr(model.rotary, "rope_type", "default") not in _LENGTH_DEPENDENT_ROPE)
+
     def release(self, request_id: int) -> None:
-        """Forget a finished request (its pool blocks go back through the allocator, as any request's)."""
+        """Forget a finished request (its pool blocks go back through the allocator, as any request's) and
+        the step graphs of batches that held it."""
         self.requests.pop(request_id, None)
+        if self.graphs is not None:
+            self.graphs.drop(request_id)
 
     def batch(self, request_ids: list[int], token_ids: list[int]) -> DecodeBatch:
         """The next step of these requests, each feeding its last generated token."""
@@ -163,6 +211,8 @@ class SpeCacheDecoder:
         upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
         inputs = torch.tensor([batch.token_ids, batch.positions, batch.slots, batch.rows,
                                [s.pairs for s in selections]], dtype=torch.long, pin_memory=device.type == "cuda")
+        if self.graphs is not None and all(s.scored for s in selections):
+            return self._decode_steady(batch.request_ids, requests, inputs)
         token_ids, positions, slots, rows, lengths = inputs.to(device, non_blocking=True)
         tables = pool.block_tables.index_select(0, rows)
         lengths = lengths.to(torch.int32)
@@ -184,7 +234,8 @@ class SpeCacheDecoder:
                     if predicted is not None:
                         if self._copy_stream is not None:  # made on the step's stream, read on this one
                             predicted.record_stream(self._copy_stream)
-                        request.prefetched += self._make_resident(request, layer, predicted)[1]
+                        self._make_resident(request, layer, predicted, request.prefetch_counts,
+                                            self._prefetch_scratch)
                 if self._copy_stream is not None:
                     self._prefetched[layer] = self._copy_stream.record_event()
             hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
@@ -192,6 +243,67 @@ class SpeCacheDecoder:
             request.host.append(pool.keys, pool.values, slots[i: i + 1])
             self._quantise_completed_group(request)
         return model.logits(hidden)
+
+    def _decode_steady(self, request_ids: tuple[int, ...], requests: list[OffloadedRequest],
+                       inputs: torch.Tensor) -> torch.Tensor:
+        """A steady step from the batch's graph (captured after its first steady step, which runs eagerly), and
+        the host's bookkeeping the graph leaves out. Returns the graph's logits buffer [batch, vocab]."""
+        if self._prefetched:  # an eager step's prefetches still pending on the side stream
+            torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
+            self._prefetched.clear()
+        logits = self.graphs.run(request_ids, inputs, lambda step: self._steady_forward(step, requests))
+        model = self.model
+        for request in requests:
+            request.wanted += model.num_layers * model.kv_heads * request.budget.top_k
+            request.host.advance()
+            self._quantise_completed_group(request)
+        return logits
+
+    def _steady_forward(self, inputs: StepInputs, requests: list[OffloadedRequest]) -> torch.Tensor:
+        """The steady step's device work (no host-side effects, so a graph can replay it): as `decode`, with the
+        candidates masked on the device and the prefetch joined back at the end. Returns logits [batch, vocab]."""
+        model, pool, device = self.model, self.pool, self.model.device
+        tables = pool.block_tables.index_select(0, inputs.rows)
+        lengths = inputs.lengths.to(torch.int32)
+        cos, sin = model.rope(inputs.positions)
+        hidden = torch.nn.functional.embedding(inputs.token_ids, model.embed_tokens)
+        predictions = []  # held until the side stream is joined: it reads them
+        for layer in range(model.num_layers):
+            qkv = model.project_qkv(layer, hidden)
+            q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], inputs.slots)
+            predicted = [self._steady_select(request, layer, q[:, i], inputs.positions[i])
+                         for i, request in enumerate(requests)]
+            attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
+                                         PAGE_SIZE)
+            with self._side_stream():
+                for request, upcoming in zip(requests, predicted):
+                    self._make_resident(request, layer, upcoming, request.prefetch_counts, self._prefetch_scratch)
+            predictions += predicted
+            hidden = model.finish_layer(layer, hidden, attention.reshape(len(requests), -1))
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(device).wait_stream(self._copy_stream)
+        for i, request in enumerate(requests):  # the step's pairs, all layers, to the host tier
+            request.host.write(pool.keys, pool.values, inputs.slots[i: i + 1], inputs.positions[i: i + 1])
+        return model.logits(hidden)
+
+    def _steady_select(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
+                       position: torch.Tensor) -> torch.Tensor:
+        """`_select` of a steady step at `position` ([] long on the device): the scores over the low-bit keys'
+        whole capacity, the candidates [sinks, recent_start) masked on the device (no position past them is
+        quantised yet: the recent window holds two groups). Returns the next step's top-k [kv_heads, top_k]."""
+        budget, lowbit = request.budget, request.lowbit.layer(layer)
+        scores = score(q, lowbit)
+        capacity = scores.shape[1]
+        if capacity not in self._positions:
+            self._positions[capacity] = torch.arange(capacity, device=self.model.device)
+        positions = self._positions[capacity]
+        recent_start = position + 1 - budget.recent_tokens  # of this step's selection; the next one's is +1
+        candidate = positions >= budget.sink_tokens
+        wanted = scores.masked_fill(~(candidate & (positions < recent_start)), float("-inf"))
+        self._make_resident(request, layer, wanted.topk(budget.top_k, dim=1).indices, request.counts,
+                            self._step_scratch)
+        upcoming = scores.masked_fill(~(candidate & (positions <= recent_start)), float("-inf"))
+        return upcoming.topk(budget.top_k, dim=1).indices
 
     def _quantise_completed_group(self, request: OffloadedRequest) -> None:
         """After a step that completes a group of positions, its keys (all in the recent window, which holds
@@ -223,7 +335,7 @@ class SpeCacheDecoder:
         if selection.top_k:
             wanted = self._wanted(request, selection, scores)
             request.wanted += wanted.numel()
-            request.counts += torch.stack(self._make_resident(request, layer, wanted))
+            self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
         return self._wanted(request, upcoming, scores) if upcoming.top_k else None
 
     def _wanted(self, request: OffloadedRequest, selection: StepSelection,
@@ -234,24 +346,11 @@ class SpeCacheDecoder:
             return torch.arange(selection.sinks, selection.recent_start, device=device).repeat(kv_heads, 1)
         return scores[:, : selection.recent_start].topk(selection.top_k, dim=1).indices
 
-    def _make_resident(self, request: OffloadedRequest, layer: int,
-                       wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_resident(self, request: OffloadedRequest, layer: int, wanted: torch.Tensor, counts: torch.Tensor,
+                       scratch: ResidencyScratch) -> None:
         """Copy the `wanted` [kv_heads, m] positions that are not resident into top-k slots whose pairs are not
-        wanted (the lowest such slots first, so a growing set stays a prefix). Returns the counts of hits and
-        of pairs copied, as device scalars: nothing here reads the device back (fixed-size lists, a mask of
-        the misses, one copy kernel over them)."""
-        resident = request.resident[layer]
-        top_k, m = resident.shape[1], wanted.shape[1]
-        held = resident.sort(dim=1).values
-        hit = held.gather(1, torch.searchsorted(held, wanted).clamp(max=top_k - 1)) == wanted
-        wanted_sorted = wanted.sort(dim=1).values
-        kept = wanted_sorted.gather(1, torch.searchsorted(wanted_sorted, resident).clamp(max=m - 1)) == resident
-        misses = (~hit).sum(dim=1, keepdim=True)
-        missed = wanted.gather(1, torch.argsort(hit.to(torch.int8), dim=1, stable=True))  # misses first
-        free = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, :m]  # slots not wanted first
-        take = torch.arange(m, device=wanted.device)[None] < misses
-        targets = request.slots[request.budget.sink_tokens + request.budget.recent_tokens + free]
-        copy_pairs(request.host.keys[layer], missed, self.pool.keys[layer], targets, take)
-        copy_pairs(request.host.values[layer], missed, self.pool.values[layer], targets, take)
-        resident.scatter_(1, free, torch.where(take, missed, resident.gather(1, free)))
-        return hit.sum(), take.sum()
+        wanted (the lowest such slots first, so a growing set stays a prefix), adding (hits, pairs copied) to
+        `counts` [2] on the device: one launch (kernels/residency.py), nothing read back."""
+        top_k_slots = request.slots[request.budget.sink_tokens + request.budget.recent_tokens:]
+        make_resident(wanted, request.resident[layer], top_k_slots, request.host.keys[layer],
+                      request.host.values[layer], self.pool.keys[layer], self.pool.values[layer], counts, scratch)

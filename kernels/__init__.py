@@ -13,7 +13,9 @@
   numpy reference;
 - lowbit_keys.py: SpeCache's 1- or 2-bit keys (groups of 32 or 64 tokens) and a decode query's scores
   against them;
-- pair_copy.py: SpeCache's copies of KV pairs by index between pinned host memory and the pool.
+- pair_copy.py: SpeCache's copies of KV pairs by index between pinned host memory and the pool;
+- residency.py: SpeCache's residency update of a layer (hits, free slots, the misses' pairs from pinned host
+  memory, the table and the counts) in one launch.
 
 Installed as `blendgate.kernels` (a bare `kernels` would shadow Hugging Face's package of that name).
 """

@@ -1,10 +1,13 @@
 """SpeCache on CUDA: the low-bit key kernels (kernels/lowbit_keys.py, 1 and 2 bits, groups of 32 and 64) and
-the pair copies from and to pinned host memory (kernels/pair_copy.py) against their PyTorch references, and
+the pair copies from and to pinned host memory (kernels/pair_copy.py) and the residency update from pinned host
+memory (kernels/residency.py: the same table, pool rows and counts) against their PyTorch references, and
 the eager SpeCache step (engine/specache.py) with a budget of the whole context against the full-KV batched
 decode (logits within bf16 tolerance, fed the same tokens), and with a small budget at 2-bit keys in groups of
 32 and the eightfold settings' 1-bit keys in groups of 64 (runs, the resident top-k slots hold the host's
 pairs, the prefetch copies are counted, completed groups are quantised, and a step never synchronises with
-the device: torch's sync debug mode set to error around it)."""
+the device: torch's sync debug mode set to error around it); and the CUDA graph of the steady step
+(engine/specache_graph.py) against the eager step over 130 steps (the same logits, residency tables, pool
+slots, counts, host tier and low-bit keys)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from blendgate.engine.specache import SpeCacheDecoder
 from blendgate.engine.specache_policy import SpeCacheSettings
 from blendgate.kernels.lowbit_keys import quantize, quantize_reference, score, score_reference
 from blendgate.kernels.pair_copy import copy_pairs, copy_pairs_reference
+from blendgate.kernels.residency import ResidencyScratch, make_resident, make_resident_reference
 from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,6 +64,33 @@ def test_pair_copies_read_and_write_pinned_host_memory(head_dim) -> None:
     torch.cuda.synchronize()
     assert torch.equal(host[:, 4000], expected[:, 17])
 
+
+@pytest.mark.parametrize("kv_heads, top_k, m, hit_share", [(8, 1916, 1916, 0.05), (8, 1916, 1916, 0.6),
+                                                            (8, 1916, 1000, 0.0), (4, 300, 300, 1.0)])
+def test_the_residency_kernel_matches_its_reference_from_pinned_memory(kv_heads, top_k, m, hit_share) -> None:
+    generator = torch.Generator().manual_seed(top_k + m)
+    capacity, slots, head_dim = 32768, top_k + 200, 128
+    host_keys = torch.randn(kv_heads, capacity, head_dim, generator=generator).to(torch.bfloat16).pin_memory()
+    host_values = torch.randn(kv_heads, capacity, head_dim, generator=generator).to(torch.bfloat16).pin_memory()
+    pool = [torch.randn(kv_heads, slots, head_dim, generator=generator).to(torch.bfloat16) for _ in range(2)]
+    resident = torch.stack([torch.randperm(capacity, generator=generator)[:top_k] for _ in range(kv_heads)])
+    targets = torch.randperm(slots, generator=generator)[:top_k]
+    hits = int(hit_share * m)
+    wanted = torch.stack([torch.cat([row[torch.randperm(top_k, generator=generator)[:hits]],
+                                     torch.tensor(sorted(set(range(capacity)) - set(row.tolist())))[
+                                         torch.randperm(capacity - top_k, generator=generator)[: m - hits]]])
+                          for row in resident])
+    wanted = wanted[:, torch.randperm(m, generator=generator)]
+    expected = [resident.clone(), pool[0].clone(), pool[1].clone(), torch.zeros(2, dtype=torch.long)]
+    make_resident_reference(wanted, expected[0], targets, host_keys, host_values, expected[1], expected[2],
+                            expected[3])
+    got = [resident.cuda(), pool[0].cuda(), pool[1].cuda(), torch.zeros(2, dtype=torch.long, device="cuda")]
+    scratch = ResidencyScratch.empty(kv_heads, capacity, top_k, torch.device("cuda"))
+    make_resident(wanted.cuda(), got[0], targets.cuda(), host_keys, host_values, got[1], got[2], got[3], scratch)
+    torch.cuda.synchronize()
+    for g, e in zip(got, expected):
+        assert torch.equal(g.cpu(), e)
+    assert not bool(scratch.marks.any())
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +163,38 @@ def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, setti
     # positions 3968-4031: quantised in decode at groups of 64, partly so at groups of 32
     expected = quantize_reference(request.host.keys[0, :, 3968:4032].cuda(), settings.bits, settings.group)
     assert bool((request.lowbit.codes[0, :, 3968:4032] == expected.codes).float().mean() > 0.999)
+
+
+@pytest.mark.parametrize("settings", [
+    SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=0.1, bits=2),
+    SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1),
+], ids=["2-bit-group-32", "eightfold-1-bit-group-64"])
+def test_the_captured_steady_step_equals_the_eager_step(model, settings) -> None:
+    length, steps = 3000, 130  # groups of low-bit keys are completed on the way (at 3008, 3040, 3072, ...)
+    with torch.inference_mode():
+        first, cache = prefill(model, length, steps + 1)
+        budget = settings.budget(length)
+        decoders, pools = [], []
+        for graphs in (False, True):
+            allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
+            pools.append(PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens)))
+            decoders.append(SpeCacheDecoder(model, pools[-1], settings, graphs=graphs))
+            decoders[-1].admit(0, allocator.allocate(0, budget.tokens), cache, steps + 1)
+        token = first
+        for step in range(steps):
+            eager, graphed = [d.decode(d.batch([0], [token]))[0].clone() for d in decoders]
+            torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=1e-3, msg=f"step {step}")
+            token = int(eager.argmax())
+        torch.cuda.synchronize()
+    assert decoders[0].graphs is None and len(decoders[1].graphs) == 1  # captured on the first step, replayed
+    eager, graphed = (d.requests[0] for d in decoders)
+    assert torch.equal(graphed.resident, eager.resident)
+    base = budget.sink_tokens + budget.recent_tokens
+    for layer in range(model.num_layers):  # the pool slots the tables name hold the same pairs
+        slots = eager.slots[base:]
+        assert torch.equal(pools[1].keys[layer][:, graphed.slots[base:]], pools[0].keys[layer][:, slots])
+        assert torch.equal(pools[1].values[layer][:, graphed.slots[base:]], pools[0].values[layer][:, slots])
+    assert graphed.stats == eager.stats and graphed.length == eager.length == length + steps
+    assert torch.equal(graphed.host.keys[:, :, : length + steps], eager.host.keys[:, :, : length + steps])
+    assert graphed.lowbit.length == eager.lowbit.length
+    assert torch.equal(graphed.lowbit.codes, eager.lowbit.codes)

@@ -23,9 +23,11 @@ def test_the_specache_row_runs_with_fewer_gpu_bytes_than_full_kv() -> None:
     settings = specache.SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / 4, bits=2,
                                          group=32, recent_tokens=64)
     with torch.inference_mode():
-        rate, host_ms, hit_rate, host_bytes = specache.specache_rate(model, 512, settings, steps=2, warmup=1)
+        run = specache.specache_rate(model, 512, settings, steps=2, warmup=1)
+        rate, host_ms, hit_rate, host_bytes = run.rate, run.host_ms, run.hit_rate, run.host_bytes
         assert specache.full_kv_rate(model, 512, steps=2, warmup=1) > 0
     assert rate > 0 and host_ms > 0 and 0 <= hit_rate <= 1
+    assert 0 < run.copied_share <= 2  # the step's misses and the prefetch: each at most the top-k
     gpu = specache.gpu_kv_bytes(settings, 512, specache.kv_shape(model))
     assert gpu.total < gpu.full == 512 * specache.kv_shape(model).pair_bytes <= host_bytes
 

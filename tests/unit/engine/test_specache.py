@@ -4,7 +4,8 @@ after a blended prefill; with a small budget it still gives full KV's first toke
 budget's top-k slots hold exactly the host's pairs of the positions the residency table names, and the
 prefetch hit rate is counted; with the eightfold settings (1-bit keys in groups of 64), a group completed in
 decode is quantised from the recent window as the host's keys would be, and the request's GPU bytes are what
-the policy counts."""
+the policy counts; the steady step's device work (what a CUDA graph captures, engine/specache_graph.py, run
+eagerly here) gives the eager step's logits, residency, counts, host tier and low-bit keys."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from blendgate.engine.kv_pool import BlockAllocator, KVPoolError
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.engine.runner import LlamaRunner
 from blendgate.engine.specache import SpeCacheDecoder
+from blendgate.engine.specache_graph import SteadyStepGraphs
 from blendgate.engine.specache_policy import KVShape, SpeCacheSettings, gpu_kv_bytes
 from blendgate.kernels.lowbit_keys import quantize_reference
 
@@ -135,6 +137,32 @@ def test_eightfold_settings_quantise_decoded_groups_from_the_window(runner, load
     counted = gpu_kv_bytes(settings, len(prompt), shape, new_tokens=4)
     assert request.gpu_bytes(shape.pair_bytes) == counted.total
     assert counted.total < counted.full
+
+
+def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model) -> None:
+    settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200)
+    prompt = Prompt.plain(ids(loaded_model, TEXT * 9)[: 5 * 64 - 2])  # the second step completes a group
+    decoders = []
+    with torch.inference_mode():
+        logits, state = runner.prefill(prompt)
+        for steady in (False, True):
+            allocator = BlockAllocator(num_blocks=64, rows=1)
+            pool = runner.batch_decoder(allocator.num_blocks, allocator.rows, 1024).pool
+            decoder = SpeCacheDecoder(runner.model, pool, settings, graphs=False)
+            if steady:  # on the CPU, the steady step's work without capturing it
+                decoder.graphs = SteadyStepGraphs(runner.model.device)
+            decoder.admit(0, allocator.allocate(0, 200), state.cache, 8)
+            decoders.append(decoder)
+        token = int(logits.argmax())
+        for _ in range(6):
+            eager, steady = [d.decode(d.batch([0], [token])) for d in decoders]
+            torch.testing.assert_close(steady, eager, atol=1e-5, rtol=1e-5)
+            token = int(eager.argmax())
+    eager, steady = (d.requests[0] for d in decoders)
+    assert torch.equal(steady.resident, eager.resident) and steady.stats == eager.stats
+    assert steady.length == eager.length == len(prompt) + 6 and steady.lowbit.length == eager.lowbit.length
+    assert torch.equal(steady.host.keys[:, :, : steady.length], eager.host.keys[:, :, : eager.length])
+    assert torch.equal(steady.lowbit.codes, eager.lowbit.codes)
 
 
 def test_an_allocation_smaller_than_the_budget_is_refused(runner, loaded_model) -> None:
