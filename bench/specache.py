@@ -499,7 +499,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="at least 2 (quality mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=None,
-                        help="quality mode: start no question after this long (at least one runs); the report covers those done")
+                        help="quality mode: start no question after this long (at least one runs); the report "
+                             "covers those done")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
