@@ -3,20 +3,23 @@
 - Token-wise locality: the chunk's tokens are cut into groups of GROUP_TOKENS; each group's first token is its
   anchor, quantised against the channel's mean anchor, and every other token is coded as its delta from the
   group's reconstructed anchor (so errors never add up along the tokens).
-- Layer-wise sensitivity: the layers fall into three groups (first, middle, last third); a level gives each
-  group its quantisation bins per standard deviation (LEVEL_BINS: on blended SmolLM2, more for later layers).
-  Anchors of channels coded against them get ANCHOR_BINS_FACTOR times the bins of their layer group. Where a
+- Layer-wise sensitivity: a level gives keys and values each a ladder of quantisation bins per standard deviation
+  over consecutive slices of the layers (LEVEL_BINS: LevelBins; on blended SmolLM2 keys want more bins in later
+  layers and values in earlier ones). Anchors of channels coded against them get ANCHOR_BINS_FACTOR times the
+  bins of their layer. The streams fall into three layer groups (first, middle, last third). Where a
   channel's tokens are not alike (values often), coding against the group's anchor would cost more than against
   the channel's centre: each channel takes whichever has the smaller spread.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
 
-The first token of every entry is stored as it was (in the KV's dtype): the entry that begins a prompt (the
-system prompt's) holds the attention sink, which nearly every query attends to, so an error there moves the
-output far more than anywhere else (KVQuant, arXiv 2401.18079, keeps the first token in fp16 likewise). On
-SmolLM2, blending from values quantised at 1 bin per standard deviation in the later two thirds gave 16 times the
-KL against full prefill that the same values with the first token kept gave (bench/results/codec-2026-11-30.md).
+The first token of every entry (the level's `sink_tokens` leading tokens) is stored as it was (in the KV's
+dtype), and the streams code a copy of the next token in its place, so that its outlying values widen no
+channel's bins: the entry that begins a prompt (the system prompt's) holds the attention sink, which nearly every
+query attends to, so an error there moves the output far more than anywhere else (KVQuant, arXiv 2401.18079,
+keeps the first token in fp16 likewise). On SmolLM2, blending from values quantised at 1 bin per standard
+deviation in the later two thirds gave 16 times the KL against full prefill that the same values with the first
+token kept gave (bench/results/codec-2026-11-30.md).
 
 Bins are never clipped (a channel's bins widen until its largest deviation fits in HALF of them), so every
 value's error is at most half its channel's bin width. Per channel the entry stores about 6.2 bytes
@@ -33,6 +36,7 @@ anchor choice, for every channel) are refused (a miss: recomputed), as is any ot
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -41,19 +45,41 @@ import torch
 from ...kernels import rans as decoders
 from ..defaults import CODEC_LEVELS
 from . import entropy, rans
-from .base import KVCodec, KVLayout, Parts, register
+from .base import KVCodec, KVKind, KVLayout, Parts, register
 from .quantize import SMALLEST_WIDTH, bf16_toward
 
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
 ANCHOR_BINS_FACTOR = 2
-# Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
-# layers, by level: a bin is the channel's RMS delta / bins wide. Later layers get more bins, the reverse of the
-# paper's profile (CacheGen, Section 5): blending SmolLM2 from KV with the last third's keys (or the middle and
-# last thirds' values) coarse moved the output far more than with the first third's
-# (bench/results/codec-2026-11-30.md, "format 3").
-LEVEL_BINS = ((0.6, 0.9, 1.3), (1.4, 2.0, 2.8), (2.8, 4.0, 5.6), (8.0, 11.2, 16.0))
+
+
+@dataclass(frozen=True)
+class LevelBins:
+    """One level's quantisation, from the level table (LEVEL_BINS) to the encoder: bins per standard deviation of
+    a channel's deltas for keys and for values, each a ladder over consecutive equal slices of the layers (three
+    entries: a third each; a layer takes its slice's bins, so a bin is the channel's RMS delta / bins wide), and
+    the leading tokens stored as they were (`sink_tokens`, at least 1: the attention sink)."""
+
+    keys: tuple[float, ...]
+    values: tuple[float, ...]
+    sink_tokens: int = 1
+
+    def ladder(self, kind: KVKind) -> tuple[float, ...]:
+        return self.keys if kind == "keys" else self.values
+
+
+# By level. Keys and values take opposite ladders (bench/results/codec-2026-11-30.md, "format 3" and "per-kind
+# ladders"): blending SmolLM2 from KV moved the output far more with the last third's keys coarse than with the
+# first third's, while values were cheap to coarsen in the later layers once the first token was exact.
+LEVEL_BINS = (LevelBins((0.6, 0.9, 1.3), (0.6, 0.9, 1.3)), LevelBins((1.4, 2.0, 2.8), (1.4, 2.0, 2.8)),
+              LevelBins((2.8, 4.0, 5.6), (2.8, 4.0, 5.6)), LevelBins((8.0, 11.2, 16.0), (8.0, 11.2, 16.0)))
 FORMAT = 3  # the entries' format: 3, interleaved rANS, compact channel parameters (1 and 2 are no longer read)
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
+
+
+def layer_bins(ladder: tuple[float, ...], layers: int) -> torch.Tensor:
+    """Bins per standard deviation of each layer, float32 [layers]: layer i takes the ladder's entry
+    floor(i * len(ladder) / layers)."""
+    return torch.tensor([ladder[i * len(ladder) // layers] for i in range(layers)], dtype=torch.float32)
 
 
 def layer_groups(layers: int) -> list[range]:
@@ -62,8 +88,9 @@ def layer_groups(layers: int) -> list[range]:
     return [range(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
-def _quantise(deviation: torch.Tensor, bins: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symbols and bin widths of deviations [channels, n] (float32): per channel a width of RMS / bins (at
+def _quantise(deviation: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols and bin widths of deviations [channels, n] (float32) with `bins` [channels, 1] per standard
+    deviation: per channel a width of RMS / bins (at
     least the largest deviation / HALF, so nothing is clipped), rounded up to bf16; symbols round to the nearest
     bin, so each value is off by half a width at most."""
     if deviation.shape[1] == 0:
@@ -87,8 +114,9 @@ def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 class CacheGenCodec(KVCodec):
     """Level 0: the smallest; level 3: the most exact (bench/results/codec-*.md: sizes and errors by level).
 
-    Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels] of the KV's dtype: the first token
-    as it was, empty for an empty chunk), `delta` (uint8 [ceil(channels / 8)], a bit per channel, numpy's little
+    Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels * sinks] of the KV's dtype,
+    channel-major: the leading tokens as they were, sinks = min(tokens, the level's sink_tokens); the reader
+    takes the count from the size), `delta` (uint8 [ceil(channels / 8)], a bit per channel, numpy's little
     bit order: its other tokens are coded against their anchor, else all its tokens against the centre,
     whichever has the smaller spread), `centre` (bf16 [channels]: the mean anchor where
     `delta`, else the mean token), `width` (bf16 [channels]: the other tokens' bin width, and the anchors' where
@@ -102,13 +130,19 @@ class CacheGenCodec(KVCodec):
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
     decodes_on_device = True
 
-    def encode(self, tensor: torch.Tensor) -> Parts:
+    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
         layers, heads, tokens, dim = tensor.shape
-        values = tensor.detach().float().cpu()
+        level = LEVEL_BINS[self.level]
+        sinks = min(tokens, level.sink_tokens)
+        values = tensor.detach().float().cpu().clone()  # a float32 host tensor would be the caller's own
+        if sinks < tokens:  # the sinks' own values are stored apart: the streams code the next token in their place
+            values[:, :, :sinks] = values[:, :, sinks:sinks + 1]
+        per_channel = layer_bins(level.ladder(kind), layers).repeat_interleave(heads * dim)[:, None]
         anchors, others = _positions(tokens)
         parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
-        for group, (layer_range, bins) in enumerate(zip(layer_groups(layers), LEVEL_BINS[self.level])):
+        for group, layer_range in enumerate(layer_groups(layers)):
             channels = values[layer_range.start:layer_range.stop].permute(0, 1, 3, 2).reshape(-1, tokens)
+            bins = per_channel[layer_range.start * heads * dim:layer_range.stop * heads * dim]
             anchor = channels[:, anchors]
             centre = anchor.mean(dim=1, keepdim=True).bfloat16()
             anchor_symbols, anchor_width = _quantise(anchor - centre.float(), bins * ANCHOR_BINS_FACTOR)
@@ -137,7 +171,7 @@ class CacheGenCodec(KVCodec):
                                entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
             streams = rans.encode(symbols, shapes, tuple(entropy.frequencies(half) for half in halves),
                                   tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
-            first = tensor.detach()[layer_range.start:layer_range.stop, :, :1].permute(0, 1, 3, 2).reshape(-1)
+            first = tensor.detach()[layer_range.start:layer_range.stop, :, :sinks].permute(0, 1, 3, 2).reshape(-1)
             parts.update({f"{group}.first": first.cpu().contiguous(),
                           f"{group}.centre": centre[:, 0].contiguous(),
                           f"{group}.width": delta_width[:, 0].contiguous(),
@@ -161,17 +195,23 @@ class CacheGenCodec(KVCodec):
         for parts in tensors:
             if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
                 raise ValueError(f"not a cachegen entry of format {FORMAT}")
+            sinks = parts["0.first"].numel() // max(1, len(layer_groups(layers)[0]) * heads * dim) if layers else 0
+            if not (min(tokens, 1) <= sinks <= tokens):
+                raise ValueError("the leading tokens kept do not fit the layout")
+            kept = []
             for group, layer_range in enumerate(layer_groups(layers)):
                 groups.append(self._group(parts, group, len(layer_range), heads * dim, device))
                 first = parts[f"{group}.first"]
-                expected = len(layer_range) * heads * dim * min(tokens, 1)
-                if first.dtype != layout.torch_dtype or first.numel() != expected:
-                    raise ValueError("the first token's values do not fit the layout")
-                firsts.append(first.reshape(len(layer_range), heads, -1))
+                if first.dtype != layout.torch_dtype or first.numel() != len(layer_range) * heads * dim * sinks:
+                    raise ValueError("the leading tokens' values do not fit the layout")
+                kept.append(first.reshape(len(layer_range), heads, dim, sinks))
+            firsts.append(torch.cat(kept).permute(0, 1, 3, 2) if layers else None)
         decoded = decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
-        if tokens:  # the first token as it was
-            decoded[:, :, 0] = torch.cat(firsts).to(device)
-        return list(decoded.split(layers)) if tensors else []
+        outputs = list(decoded.split(layers)) if tensors else []
+        for output, first in zip(outputs, firsts):  # the leading tokens as they were
+            if first is not None and first.shape[2]:
+                output[:, :, :first.shape[2]] = first.to(device)
+        return outputs
 
     @staticmethod
     def _group(parts: Parts, group: int, layers: int, channels_per_layer: int,

@@ -184,7 +184,8 @@ def test_the_triton_kernel_matches_the_reference_under_the_interpreter(shape, le
     codec = CacheGenCodec(level)
     # Keys' and values' groups in one launch, as the codec decodes an entry.
     groups = [codec._group(parts, g, len(r), heads * dim, torch.device("cpu"))
-              for parts in (codec.encode(kv.keys), codec.encode(kv.values)) for g, r in enumerate(layer_groups(layers))]
+              for parts in (codec.encode(kv.keys, "keys"), codec.encode(kv.values, "values"))
+              for g, r in enumerate(layer_groups(layers))]
     for dtype in (torch.float32, torch.bfloat16):
         expected = decoders.decode_reference(groups, heads, tokens, dim, GROUP_TOKENS, dtype, "cpu")
         got = decoders.decode_triton(groups, heads, tokens, dim, GROUP_TOKENS, dtype, torch.device("cpu"))
@@ -228,3 +229,45 @@ def test_every_level_keeps_the_first_token_and_errs_within_its_stated_bound() ->
         assert torch.equal(decoded.values[:, :, 0], kv.values[:, :, 0])
         assert relative_error(decoded.keys, kv.keys) < keys_bound
         assert relative_error(decoded.values, kv.values) < values_bound
+
+
+def test_encoding_leaves_its_input_as_it_was() -> None:
+    """The sinks' values are replaced in the encoder's own copy, never in the caller's tensor (a float32 host
+    tensor, the store's own, would otherwise come back changed)."""
+    kv = kv_like(14, tokens=30)
+    keys = kv.keys.clone()
+    CacheGenCodec(0).encode(kv.keys, "keys")
+    assert torch.equal(kv.keys, keys)
+
+
+def test_keys_and_values_take_their_own_ladders_and_the_leading_tokens_kept(monkeypatch) -> None:
+    """A level's keys and values ladders set each layer slice's bin widths (a wider bin where fewer bins), its
+    `sink_tokens` come back exactly, and an entry keeping another number of leading tokens (format 3's one)
+    decodes by its own count."""
+    from blendgate.chunkcache.codec import cachegen
+
+    kv = kv_like(15, layers=6, tokens=50)
+    levels = (cachegen.LevelBins((1.0, 1.0, 4.0), (4.0, 1.0, 1.0), sink_tokens=1),
+              cachegen.LevelBins((1.0, 1.0, 4.0), (4.0, 1.0, 1.0), sink_tokens=3))
+    monkeypatch.setattr(cachegen, "LEVEL_BINS", levels)
+    monkeypatch.setattr(CacheGenCodec, "levels", len(levels))
+    for level, sinks in ((0, 1), (1, 3)):
+        codec = CacheGenCodec(level)
+        same = kv.keys.clone()
+        as_keys, as_values = codec.encode(same, "keys"), codec.encode(same, "values")
+        # The same tensor, coded as keys (fine in the last third) and as values (fine in the first).
+        assert (as_keys["2.width"].float() < as_values["2.width"].float()).float().mean() > 0.9
+        assert (as_keys["0.width"].float() > as_values["0.width"].float()).float().mean() > 0.9
+        assert torch.equal(as_keys["1.width"], as_values["1.width"])
+        data = Codec("cachegen", level).encode(key_of(kv), kv)
+        decoded = Codec("cachegen", level).decode(key_of(kv), data)
+        assert torch.equal(decoded.keys[:, :, :sinks], kv.keys[:, :, :sinks])
+        assert torch.equal(decoded.values[:, :, :sinks], kv.values[:, :, :sinks])
+        assert not torch.equal(decoded.values[:, :, sinks], kv.values[:, :, sinks])
+        # Read by the other level's codec (same format, another count of leading tokens): as it was written.
+        other = Codec("cachegen", 1 - level)
+        reread = other.decode(key_of(kv), reframed(data, level=str(1 - level)))
+        assert reread is not None and torch.equal(reread.keys, decoded.keys)
+        stored = load_tensors(entry_body(data))
+        wrong = {"values.0.first": stored["values.0.first"][:-1].clone()}
+        assert Codec("cachegen", level).decode(key_of(kv), reframed(data, wrong)) is None
