@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from test_codec import key_of, kv_like, reframed, relative_error
+from test_codec import assert_within_bound, key_of, kv_like, reframed, relative_error
 
 
 def streams_of(symbols: np.ndarray, halves: tuple[int, int], shapes: np.ndarray,
@@ -127,15 +127,22 @@ def test_entries_of_the_old_format_or_with_damaged_streams_are_misses() -> None:
                         metadata=_safetensors_metadata(entry_body(data)))
     assert codec.decode(key_of(kv), b"BGKV1" + hashlib.sha256(body).digest() + body) is None
     # Format 2 (a byte per channel for the anchor choice, both bin widths for every channel) is a miss too, as
-    # is format 3 with its channel parameters damaged.
+    # is format 4 with its channel parameters damaged.
     channels = stored["keys.0.width"].shape[0]
     format_2 = {"keys.format": torch.tensor([2], dtype=torch.int32), "keys.0.delta_width": stored["keys.0.width"],
                 "keys.0.delta": torch.zeros(channels, dtype=torch.bool)}
     assert codec.decode(key_of(kv), reframed(data, format_2)) is None
+    # Format 3 (bin widths in bf16, no codes' base) is a miss, whichever format number it carries.
+    format_3 = {"keys.0.width": stored["keys.0.width"].bfloat16(), "keys.0.anchor_width":
+                stored["keys.0.anchor_width"].bfloat16()}
+    for number in (3, 4):
+        format_3["keys.format"] = torch.tensor([number], dtype=torch.int32)
+        assert codec.decode(key_of(kv), reframed(data, format_3)) is None
     for damaged in ({"keys.0.delta": stored["keys.0.delta"][:-1].clone()},
                     {"keys.0.delta": torch.full_like(stored["keys.0.delta"], 255)},  # more anchor widths than stored
                     {"keys.0.anchor_width": torch.zeros(3, dtype=torch.float32)},
-                    {"values.2.width": stored["values.2.width"][1:].clone()}):
+                    {"values.2.width": stored["values.2.width"][1:].clone()},
+                    {"values.1.base": torch.tensor([0, 1], dtype=torch.int32)}):
         assert codec.decode(key_of(kv), reframed(data, damaged)) is None
     words = stored["values.1.words"].clone()
     words[len(words) // 3] ^= 0x0040
@@ -238,6 +245,20 @@ def test_encoding_leaves_its_input_as_it_was() -> None:
     keys = kv.keys.clone()
     CacheGenCodec(0).encode(kv.keys, "keys")
     assert torch.equal(kv.keys, keys)
+
+
+def test_width_codes_keep_every_value_within_half_its_bin_on_a_log_scale() -> None:
+    """Bin widths travel as 8-bit codes, WIDTH_STEPS a doubling: each code's width is 2^(1 / WIDTH_STEPS) times
+    the one below it; the codes' base puts a group's widest possible width at the top code."""
+    from blendgate.chunkcache.codec.cachegen import WIDTH_STEPS, widths_of
+
+    widths = widths_of(torch.arange(256, dtype=torch.uint8), -100).float()
+    steps = widths[1:] / widths[:-1]
+    assert torch.allclose(steps, torch.full_like(steps, 2 ** (1 / WIDTH_STEPS)), rtol=2 ** -7)
+    kv = kv_like(16, tokens=70)
+    kv = type(kv)(kv.token_ids, kv.keys * 1e-3, kv.values * 300.0)  # scales far from 1 code alike
+    data = Codec("cachegen", 0).encode(key_of(kv), kv)
+    assert_within_bound(Codec("cachegen", 0).decode(key_of(kv), data), kv, data)
 
 
 def test_keys_and_values_take_their_own_ladders_and_the_leading_tokens_kept(monkeypatch) -> None:
