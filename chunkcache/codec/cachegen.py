@@ -69,10 +69,12 @@ class LevelBins:
         return self.keys if kind == "keys" else self.values
 
 
-# By level. Keys and values take opposite ladders (bench/results/codec-2026-11-30.md, "format 3" and "per-kind
-# ladders"): blending SmolLM2 from KV moved the output far more with the last third's keys coarse than with the
-# first third's, while values were cheap to coarsen in the later layers once the first token was exact.
-LEVEL_BINS = (LevelBins((0.6, 0.9, 1.3), (0.6, 0.9, 1.3)), LevelBins((1.4, 2.0, 2.8), (1.4, 2.0, 2.8)),
+# By level. Level 0's keys and values take opposite ladders (bench/results/codec-2026-11-30.md, "format 4"):
+# blending SmolLM2 from KV moved the output far more with the last third's keys coarse than with the first
+# third's, and values were cheaper to coarsen in the later layers; at 6.5x it blended with half the KL of format
+# 3's level 0 (the same ladder for both, 0.6/0.9/1.3) at 3% fewer bytes. Keys' first third below 0.7 bins blew
+# some questions up (KL > 2). Levels 1-3 keep format 3's ladders, one for keys and values alike.
+LEVEL_BINS = (LevelBins((0.7, 1.0, 1.4), (1.0, 0.7, 0.5)), LevelBins((1.4, 2.0, 2.8), (1.4, 2.0, 2.8)),
               LevelBins((2.8, 4.0, 5.6), (2.8, 4.0, 5.6)), LevelBins((8.0, 11.2, 16.0), (8.0, 11.2, 16.0)))
 FORMAT = 4  # the entries' format: 4, bin widths as 8-bit codes (1, 2 and 3 are no longer read)
 WIDTH_STEPS = 8  # width codes per octave: a width is 2^((code + base) / WIDTH_STEPS), within 4.5% of the one wanted

@@ -228,7 +228,9 @@ def test_every_level_keeps_the_first_token_and_errs_within_its_stated_bound() ->
     (Frobenius) error on this fixed seed stays under each level's bound: keys offset and alike along the tokens,
     values Gaussian (no structure to exploit: the harder case)."""
     kv = kv_like(13, tokens=60)
-    bounds = {0: (0.06, 0.4), 1: (0.03, 0.18), 2: (0.015, 0.09), 3: (0.005, 0.035)}
+    # Level 0's values: 1 / 0.7 / 0.5 bins per standard deviation by third, a bin's uniform error sqrt(1/12) of
+    # its width: about 0.44 of the values' spread on Gaussian values.
+    bounds = {0: (0.06, 0.5), 1: (0.03, 0.18), 2: (0.015, 0.09), 3: (0.005, 0.035)}
     for level, (keys_bound, values_bound) in bounds.items():
         codec = Codec("cachegen", level)
         decoded = codec.decode(key_of(kv), codec.encode(key_of(kv), kv))
