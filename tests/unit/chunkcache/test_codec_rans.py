@@ -265,7 +265,7 @@ def test_width_codes_keep_every_value_within_half_its_bin_on_a_log_scale() -> No
 
 def test_keys_and_values_take_their_own_ladders_and_the_leading_tokens_kept(monkeypatch) -> None:
     """A level's keys and values ladders set each layer slice's bin widths (a wider bin where fewer bins), its
-    `sink_tokens` come back exactly, and an entry keeping another number of leading tokens (format 3's one)
+    `sink_tokens` come back exactly, and an entry keeping another number of leading tokens than the level's
     decodes by its own count."""
     from blendgate.chunkcache.codec import cachegen
 
