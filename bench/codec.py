@@ -219,7 +219,8 @@ def synthetic(args) -> None:
             row = {"model": model, "level": level, "bytes_per_token": len(data) / args.tokens,
                    "ratio": bf16_bytes / len(data), "encode_gbs": bf16_bytes / encode_s / 1e9}
             if device.type == "cuda":
-                parts = [CacheGenCodec(level).encode(tensor) for tensor in (keys, values)]
+                parts = [CacheGenCodec(level).encode(tensor, kind)
+                         for tensor, kind in ((keys, "keys"), (values, "values"))]
                 # Keys' and values' layer groups, on the GPU: one launch, as the codec decodes an entry.
                 groups = [CacheGenCodec._group(p, g, len(r), heads * dim, device).to(device)
                           for p in parts for g, r in enumerate(layer_groups(layers))]

@@ -35,19 +35,19 @@ DECODE_BYTES_PER_S: dict[tuple[str, int], float] = {
     ("int8", 0): 0.795e9 / 1.93,
     ("int4", 0): 0.804e9 / 3.74,
     # cachegen: its rANS format's numpy decoder, format 2's rate (the section "cachegen format 2 on SmolLM2's KV":
-    # format 3 decodes the same streams the same way; its own run, on a busier CPU, measured 0.009) over format
-    # 3's ratios (the section "cachegen format 3").
-    ("cachegen", 0): 0.019e9 / 6.23,
-    ("cachegen", 1): 0.018e9 / 4.37,
-    ("cachegen", 2): 0.018e9 / 3.44,
-    ("cachegen", 3): 0.015e9 / 2.60,
+    # formats 3 and 4 decode the same streams the same way; their own runs, on busier CPUs, measured 0.006-0.017)
+    # over format 4's ratios (the section "cachegen format 4").
+    ("cachegen", 0): 0.019e9 / 6.59,
+    ("cachegen", 1): 0.018e9 / 4.44,
+    ("cachegen", 2): 0.018e9 / 3.48,
+    ("cachegen", 3): 0.015e9 / 2.62,
 }
 # Decode rates where the reader decodes on its GPU (chunkcache/codec: Codec.decode_device; cachegen entries on
 # a GPU server, kernels/rans.py), in encoded bytes per second: a whole entry from host bytes on the H200
 # (bench/results/codec-2026-11-30.md, `python bench/codec.py --synthetic llama3-8b qwen2.5-7b --device cuda`,
 # Llama-3-8B's shape: bf16 GB/s over the level's ratio). The host's share of the path bounds it (the kernel
 # alone decodes 67-69 GB/s of bf16), at 0.75-0.80 GB/s of entry bytes whatever the level: measured on format
-# 2's levels, kept for format 3's until its GPU run.
+# 2's levels, kept for formats 3 and 4 until their GPU run.
 GPU_DECODE_BYTES_PER_S: dict[tuple[str, int], float] = {
     ("cachegen", 0): 4.205e9 / 5.57,
     ("cachegen", 1): 3.247e9 / 4.16,

@@ -3,7 +3,7 @@ with, by name: `raw` (exact, the default), `int8` and `int4` (per-channel quanti
 `cachegen` (CacheGen's delta, layer-group and entropy coding, cachegen.py)."""
 
 from . import cachegen, quantize, raw  # noqa: F401  (each registers its codecs)
-from .base import KV_CODECS, KVCodec, KVLayout, Parts, kv_codec, register
+from .base import KV_CODECS, KVCodec, KVKind, KVLayout, Parts, kv_codec, register
 from .frame import Codec
 
-__all__ = ["Codec", "KVCodec", "KVLayout", "KV_CODECS", "Parts", "kv_codec", "register"]
+__all__ = ["Codec", "KVCodec", "KVKind", "KVLayout", "KV_CODECS", "Parts", "kv_codec", "register"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 # Named host tensors: a KV codec's encoding of one tensor, stored under "keys." / "values." in the entry.
 Parts = dict[str, torch.Tensor]
+# Which of a chunk's two KV tensors a codec is given: a codec may quantise keys and values differently.
+KVKind = Literal["keys", "values"]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -77,8 +79,9 @@ class KVCodec(ABC):
         self.level = level
 
     @abstractmethod
-    def encode(self, tensor: torch.Tensor) -> Parts:
-        """One KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype of DTYPES) as host parts."""
+    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
+        """One KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype of DTYPES), the chunk's keys or
+        its values (`kind`), as host parts."""
 
     @abstractmethod
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:

@@ -3,36 +3,42 @@
 - Token-wise locality: the chunk's tokens are cut into groups of GROUP_TOKENS; each group's first token is its
   anchor, quantised against the channel's mean anchor, and every other token is coded as its delta from the
   group's reconstructed anchor (so errors never add up along the tokens).
-- Layer-wise sensitivity: the layers fall into three groups (first, middle, last third); a level gives each
-  group its quantisation bins per standard deviation (LEVEL_BINS: on blended SmolLM2, more for later layers).
-  Anchors of channels coded against them get ANCHOR_BINS_FACTOR times the bins of their layer group. Where a
+- Layer-wise sensitivity: a level gives keys and values each a ladder of quantisation bins per standard deviation
+  over consecutive slices of the layers (LEVEL_BINS: LevelBins; on blended SmolLM2 keys want more bins in later
+  layers and values in earlier ones). Anchors of channels coded against them get ANCHOR_BINS_FACTOR times the
+  bins of their layer. The streams fall into three layer groups (first, middle, last third). Where a
   channel's tokens are not alike (values often), coding against the group's anchor would cost more than against
   the channel's centre: each channel takes whichever has the smaller spread.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
 
-The first token of every entry is stored as it was (in the KV's dtype): the entry that begins a prompt (the
-system prompt's) holds the attention sink, which nearly every query attends to, so an error there moves the
-output far more than anywhere else (KVQuant, arXiv 2401.18079, keeps the first token in fp16 likewise). On
-SmolLM2, blending from values quantised at 1 bin per standard deviation in the later two thirds gave 16 times the
-KL against full prefill that the same values with the first token kept gave (bench/results/codec-2026-11-30.md).
+The first token of every entry (the level's `sink_tokens` leading tokens) is stored as it was (in the KV's
+dtype), and the streams code a copy of the next token in its place, so that its outlying values widen no
+channel's bins: the entry that begins a prompt (the system prompt's) holds the attention sink, which nearly every
+query attends to, so an error there moves the output far more than anywhere else (KVQuant, arXiv 2401.18079,
+keeps the first token in fp16 likewise). On SmolLM2, blending from values quantised at 1 bin per standard
+deviation in the later two thirds gave 16 times the KL against full prefill that the same values with the first
+token kept gave (bench/results/codec-2026-11-30.md).
 
 Bins are never clipped (a channel's bins widen until its largest deviation fits in HALF of them), so every
-value's error is at most half its channel's bin width. Per channel the entry stores about 6.2 bytes
-(CacheGenCodec: a centre, a bin width, two distribution choices, a bit for the anchor choice, and an anchors' bin
-width only where the channel is coded against its anchors); each layer group's symbols are streams of their own,
-so a reader could take the entry layer group by layer group. Encoding runs on the host (torch, numpy). Decoding
-runs on the device asked for: on CUDA one Triton kernel decodes the rANS streams and dequantises straight into
+value's error is at most half its channel's bin width. Per channel the entry stores about 5.1 bytes
+(CacheGenCodec: a centre, a bin width as an 8-bit code on a log scale of WIDTH_STEPS per octave, two
+distribution choices, a bit for the anchor choice, and an anchors' width code only where the channel is coded
+against its anchors); each layer group's symbols are streams of their own, so a reader could take the entry
+layer group by layer group. Encoding runs on the host (torch, numpy). Decoding runs on the device asked for:
+on CUDA one Triton kernel decodes the rANS streams and dequantises straight into
 the KV tensor, elsewhere numpy decodes the streams and torch dequantises (kernels/rans.py).
 
 Entries record their format (the `format` part, FORMAT): entries of format 1 (range-coded with constriction on
-the host before the rANS coder existed) and of format 2 (9 bytes per channel: both bin widths and a byte for the
-anchor choice, for every channel) are refused (a miss: recomputed), as is any other format.
+the host before the rANS coder existed), of format 2 (9 bytes per channel: both bin widths and a byte for the
+anchor choice, for every channel) and of format 3 (bin widths in bf16) are refused (a miss: recomputed), as is any
+other format.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -41,19 +47,44 @@ import torch
 from ...kernels import rans as decoders
 from ..defaults import CODEC_LEVELS
 from . import entropy, rans
-from .base import KVCodec, KVLayout, Parts, register
-from .quantize import SMALLEST_WIDTH, bf16_toward
+from .base import KVCodec, KVKind, KVLayout, Parts, register
+from .quantize import SMALLEST_WIDTH
 
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
 ANCHOR_BINS_FACTOR = 2
-# Quantisation bins per standard deviation of a channel's deltas, for the (first, middle, last) third of the
-# layers, by level: a bin is the channel's RMS delta / bins wide. Later layers get more bins, the reverse of the
-# paper's profile (CacheGen, Section 5): blending SmolLM2 from KV with the last third's keys (or the middle and
-# last thirds' values) coarse moved the output far more than with the first third's
-# (bench/results/codec-2026-11-30.md, "format 3").
-LEVEL_BINS = ((0.6, 0.9, 1.3), (1.4, 2.0, 2.8), (2.8, 4.0, 5.6), (8.0, 11.2, 16.0))
-FORMAT = 3  # the entries' format: 3, interleaved rANS, compact channel parameters (1 and 2 are no longer read)
+
+
+@dataclass(frozen=True)
+class LevelBins:
+    """One level's quantisation, from the level table (LEVEL_BINS) to the encoder: bins per standard deviation of
+    a channel's deltas for keys and for values, each a ladder over consecutive equal slices of the layers (three
+    entries: a third each; a layer takes its slice's bins, so a bin is the channel's RMS delta / bins wide), and
+    the leading tokens stored as they were (`sink_tokens`, at least 1: the attention sink)."""
+
+    keys: tuple[float, ...]
+    values: tuple[float, ...]
+    sink_tokens: int = 1
+
+    def ladder(self, kind: KVKind) -> tuple[float, ...]:
+        return self.keys if kind == "keys" else self.values
+
+
+# By level. Level 0's keys and values take opposite ladders (bench/results/codec-2026-11-30.md, "format 4"):
+# blending SmolLM2 from KV moved the output far more with the last third's keys coarse than with the first
+# third's, and values were cheaper to coarsen in the later layers; at 6.5x it blended with half the KL of format
+# 3's level 0 (the same ladder for both, 0.6/0.9/1.3) at 3% fewer bytes. Keys' first third below 0.7 bins blew
+# some questions up (KL > 2). Levels 1-3 keep format 3's ladders, one for keys and values alike.
+LEVEL_BINS = (LevelBins((0.7, 1.0, 1.4), (1.0, 0.7, 0.5)), LevelBins((1.4, 2.0, 2.8), (1.4, 2.0, 2.8)),
+              LevelBins((2.8, 4.0, 5.6), (2.8, 4.0, 5.6)), LevelBins((8.0, 11.2, 16.0), (8.0, 11.2, 16.0)))
+FORMAT = 4  # the entries' format: 4, bin widths as 8-bit codes (1, 2 and 3 are no longer read)
+WIDTH_STEPS = 8  # width codes per octave: a width is 2^((code + base) / WIDTH_STEPS), within 4.5% of the one wanted
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
+
+
+def layer_bins(ladder: tuple[float, ...], layers: int) -> torch.Tensor:
+    """Bins per standard deviation of each layer, float32 [layers]: layer i takes the ladder's entry
+    floor(i * len(ladder) / layers)."""
+    return torch.tensor([ladder[i * len(ladder) // layers] for i in range(layers)], dtype=torch.float32)
 
 
 def layer_groups(layers: int) -> list[range]:
@@ -62,17 +93,41 @@ def layer_groups(layers: int) -> list[range]:
     return [range(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
-def _quantise(deviation: torch.Tensor, bins: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symbols and bin widths of deviations [channels, n] (float32): per channel a width of RMS / bins (at
-    least the largest deviation / HALF, so nothing is clipped), rounded up to bf16; symbols round to the nearest
-    bin, so each value is off by half a width at most."""
+def _width(deviation: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """The bin width a channel wants, float32 [channels, 1], for deviations [channels, n] (float32) at `bins`
+    [channels, 1] per standard deviation: its RMS / bins, at least the largest deviation / HALF (so nothing is
+    clipped); 1 for channels without tokens."""
     if deviation.shape[1] == 0:
-        width = deviation.new_ones(deviation.shape[0], 1)
-    else:
-        width = torch.maximum(deviation.square().mean(dim=1, keepdim=True).sqrt() / bins,
-                              deviation.abs().amax(dim=1, keepdim=True) / HALF)
-    width = bf16_toward(width.clamp_min(SMALLEST_WIDTH), 1.0)
-    return (deviation / width.float()).round_().clamp_(-HALF, HALF), width
+        return deviation.new_ones(deviation.shape[0], 1)
+    return torch.maximum(deviation.square().mean(dim=1, keepdim=True).sqrt() / bins,
+                         deviation.abs().amax(dim=1, keepdim=True) / HALF).clamp_min(SMALLEST_WIDTH)
+
+
+def width_base(channels: torch.Tensor, bins: torch.Tensor) -> int:
+    """A layer group's width code base (WidthCodes): the codes' top, 255, reaches twice the widest range of its
+    channels [channels, tokens] per the fewest bins (a bound on every width the group wants)."""
+    spread = (channels.amax(dim=1) - channels.amin(dim=1)).max() if channels.numel() else channels.new_zeros(())
+    top = max(2 * float(spread) / min(1.0, float(bins.min())), SMALLEST_WIDTH)
+    return int(np.ceil(np.log2(top) * WIDTH_STEPS)) - 255
+
+
+def widths_of(codes: torch.Tensor, base: int) -> torch.Tensor:
+    """Bin widths, bf16, of 8-bit width codes (uint8, any shape) above `base`: 2^((code + base) / WIDTH_STEPS).
+    The encoder takes its widths from here too, so both sides agree to the bit."""
+    return torch.exp2((codes.to(torch.float64) + base) / WIDTH_STEPS).float().bfloat16()
+
+
+def _quantise(deviation: torch.Tensor, bins: torch.Tensor, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols and width codes (uint8 [channels, 1]) of deviations [channels, n] (float32) at `bins` [channels, 1]
+    per standard deviation: the code nearest the width wanted (_width), raised until nothing is clipped; symbols
+    round to the nearest bin, so each value is off by half its width (widths_of) at most."""
+    wanted = _width(deviation, bins)
+    codes = ((wanted.log2() * WIDTH_STEPS).round() - base).clamp(0, 255)
+    largest = deviation.abs().amax(dim=1, keepdim=True) if deviation.shape[1] else torch.zeros_like(wanted)
+    for _ in range(2):  # a code's rounding down, then bf16's, may leave the largest deviation past HALF bins
+        codes = torch.where(widths_of(codes, base).float() * HALF < largest, (codes + 1).clamp(max=255), codes)
+    codes = codes.to(torch.uint8)
+    return (deviation / widths_of(codes, base).float()).round_().clamp_(-HALF, HALF), codes
 
 
 def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +142,16 @@ def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 class CacheGenCodec(KVCodec):
     """Level 0: the smallest; level 3: the most exact (bench/results/codec-*.md: sizes and errors by level).
 
-    Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels] of the KV's dtype: the first token
-    as it was, empty for an empty chunk), `delta` (uint8 [ceil(channels / 8)], a bit per channel, numpy's little
+    Parts: `format` (int32 [1]: FORMAT) and per layer group `first` ([channels * sinks] of the KV's dtype,
+    channel-major: the leading tokens as they were, sinks = min(tokens, the level's sink_tokens); the reader
+    takes the count from the size), `delta` (uint8 [ceil(channels / 8)], a bit per channel, numpy's little
     bit order: its other tokens are coded against their anchor, else all its tokens against the centre,
     whichever has the smaller spread), `centre` (bf16 [channels]: the mean anchor where
-    `delta`, else the mean token), `width` (bf16 [channels]: the other tokens' bin width, and the anchors' where
-    not `delta`), `anchor_width` (bf16, one per `delta` channel in channel order: the anchors' bin width),
-    `shapes` (uint8 [2 * channels]: the anchors' and the others' distribution choices), `halves` (int32 [2]: the
-    anchors' and the others' largest symbol) and the rANS streams `words` (int16 bits of uint16 words), `offsets`
+    `delta`, else the mean token), `width` (uint8 [channels]: the code of the other tokens' bin width, and the
+    anchors' where not `delta`: widths_of), `anchor_width` (uint8, one per `delta` channel in channel order: the
+    anchors' width code), `base` (int32 [1]: the width codes' base), `shapes` (uint8 [2 * channels]: the
+    anchors' and the others' distribution choices), `halves` (int32 [2]: the anchors' and the others' largest
+    symbol) and the rANS streams `words` (int16 bits of uint16 words), `offsets`
     (int32) and `states` (int32 bits of uint32) (kernels/rans.py: GroupStreams). Channels are (layer, KV head,
     head_dim index) in that order."""
 
@@ -102,26 +159,33 @@ class CacheGenCodec(KVCodec):
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
     decodes_on_device = True
 
-    def encode(self, tensor: torch.Tensor) -> Parts:
+    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
         layers, heads, tokens, dim = tensor.shape
-        values = tensor.detach().float().cpu()
+        level = LEVEL_BINS[self.level]
+        sinks = min(tokens, level.sink_tokens)
+        values = tensor.detach().float().cpu().clone()  # a float32 host tensor would be the caller's own
+        if sinks < tokens:  # the sinks' own values are stored apart: the streams code the next token in their place
+            values[:, :, :sinks] = values[:, :, sinks:sinks + 1]
+        per_channel = layer_bins(level.ladder(kind), layers).repeat_interleave(heads * dim)[:, None]
         anchors, others = _positions(tokens)
         parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
-        for group, (layer_range, bins) in enumerate(zip(layer_groups(layers), LEVEL_BINS[self.level])):
+        for group, layer_range in enumerate(layer_groups(layers)):
             channels = values[layer_range.start:layer_range.stop].permute(0, 1, 3, 2).reshape(-1, tokens)
+            bins = per_channel[layer_range.start * heads * dim:layer_range.stop * heads * dim]
+            base = width_base(channels, bins)
             anchor = channels[:, anchors]
             centre = anchor.mean(dim=1, keepdim=True).bfloat16()
-            anchor_symbols, anchor_width = _quantise(anchor - centre.float(), bins * ANCHOR_BINS_FACTOR)
-            reference = (centre.float() + anchor_symbols * anchor_width.float()).repeat_interleave(
+            anchor_symbols, anchor_width = _quantise(anchor - centre.float(), bins * ANCHOR_BINS_FACTOR, base)
+            reference = (centre.float() + anchor_symbols * widths_of(anchor_width, base).float()).repeat_interleave(
                 GROUP_TOKENS, dim=1)[:, :tokens][:, others]
             rest = channels[:, others]
             delta = ((rest - reference).square().sum(dim=1, keepdim=True)
                      <= (rest - centre.float()).square().sum(dim=1, keepdim=True))
-            delta_symbols, delta_width = _quantise(rest - reference, bins)
+            delta_symbols, delta_width = _quantise(rest - reference, bins, base)
             # A channel not coded against its anchors codes all its tokens alike, against the mean of all of them:
             # its anchors then need no finer bins than its other tokens (which would cost a bit more each).
             plain_centre = channels.mean(dim=1, keepdim=True).bfloat16()
-            plain_symbols, plain_width = _quantise(channels - plain_centre.float(), bins)
+            plain_symbols, plain_width = _quantise(channels - plain_centre.float(), bins, base)
             centre = torch.where(delta, centre, plain_centre)
             anchor_symbols = torch.where(delta, anchor_symbols, plain_symbols[:, anchors])
             anchor_width = torch.where(delta, anchor_width, plain_width)
@@ -137,13 +201,14 @@ class CacheGenCodec(KVCodec):
                                entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
             streams = rans.encode(symbols, shapes, tuple(entropy.frequencies(half) for half in halves),
                                   tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
-            first = tensor.detach()[layer_range.start:layer_range.stop, :, :1].permute(0, 1, 3, 2).reshape(-1)
+            first = tensor.detach()[layer_range.start:layer_range.stop, :, :sinks].permute(0, 1, 3, 2).reshape(-1)
             parts.update({f"{group}.first": first.cpu().contiguous(),
                           f"{group}.centre": centre[:, 0].contiguous(),
                           f"{group}.width": delta_width[:, 0].contiguous(),
                           f"{group}.anchor_width": anchor_width[delta].contiguous(),
                           f"{group}.delta": torch.from_numpy(np.packbits(delta[:, 0].numpy(), bitorder="little")),
                           f"{group}.halves": torch.tensor(halves, dtype=torch.int32),
+                          f"{group}.base": torch.tensor([base], dtype=torch.int32),
                           f"{group}.shapes": torch.from_numpy(shapes.reshape(-1)),
                           f"{group}.words": torch.from_numpy(streams.words.view(np.int16).copy()),
                           f"{group}.offsets": torch.from_numpy(streams.offsets),
@@ -161,17 +226,23 @@ class CacheGenCodec(KVCodec):
         for parts in tensors:
             if parts.get("format") is None or parts["format"].tolist() != [FORMAT]:
                 raise ValueError(f"not a cachegen entry of format {FORMAT}")
+            sinks = parts["0.first"].numel() // max(1, len(layer_groups(layers)[0]) * heads * dim) if layers else 0
+            if not (min(tokens, 1) <= sinks <= tokens):
+                raise ValueError("the leading tokens kept do not fit the layout")
+            kept = []
             for group, layer_range in enumerate(layer_groups(layers)):
                 groups.append(self._group(parts, group, len(layer_range), heads * dim, device))
                 first = parts[f"{group}.first"]
-                expected = len(layer_range) * heads * dim * min(tokens, 1)
-                if first.dtype != layout.torch_dtype or first.numel() != expected:
-                    raise ValueError("the first token's values do not fit the layout")
-                firsts.append(first.reshape(len(layer_range), heads, -1))
+                if first.dtype != layout.torch_dtype or first.numel() != len(layer_range) * heads * dim * sinks:
+                    raise ValueError("the leading tokens' values do not fit the layout")
+                kept.append(first.reshape(len(layer_range), heads, dim, sinks))
+            firsts.append(torch.cat(kept).permute(0, 1, 3, 2) if layers else None)
         decoded = decoders.decode(groups, heads, tokens, dim, GROUP_TOKENS, layout.torch_dtype, device)
-        if tokens:  # the first token as it was
-            decoded[:, :, 0] = torch.cat(firsts).to(device)
-        return list(decoded.split(layers)) if tensors else []
+        outputs = list(decoded.split(layers)) if tensors else []
+        for output, first in zip(outputs, firsts):  # the leading tokens as they were
+            if first is not None and first.shape[2]:
+                output[:, :, :first.shape[2]] = first.to(device)
+        return outputs
 
     @staticmethod
     def _group(parts: Parts, group: int, layers: int, channels_per_layer: int,
@@ -184,14 +255,16 @@ class CacheGenCodec(KVCodec):
         channels = layers * channels_per_layer
         if shapes.numel() != 2 * channels:
             raise ValueError("distribution choices do not fit the layout")
-        packed, width, sparse = (parts[f"{group}.{name}"] for name in ("delta", "width", "anchor_width"))
-        if packed.dtype != torch.uint8 or packed.numel() != -(-channels // 8) or width.shape != (channels,):
+        packed, codes, sparse, base = (parts[f"{group}.{name}"] for name in ("delta", "width", "anchor_width", "base"))
+        if (packed.dtype != torch.uint8 or packed.numel() != -(-channels // 8) or codes.shape != (channels,)
+                or codes.dtype != torch.uint8 or base.dtype != torch.int32 or base.shape != (1,)):
             raise ValueError("channel parameters do not fit the layout")
         delta = torch.from_numpy(np.unpackbits(packed.numpy(), count=channels, bitorder="little").astype(bool))
-        if sparse.dtype != width.dtype or sparse.shape != (int(delta.sum()),):
+        if sparse.dtype != torch.uint8 or sparse.shape != (int(delta.sum()),):
             raise ValueError("anchors' bin widths do not fit the channels coded against anchors")
-        anchor_width = width.clone()
-        anchor_width[delta] = sparse
+        anchor_codes = codes.clone()
+        anchor_codes[delta] = sparse
+        width, anchor_width = widths_of(codes, int(base)), widths_of(anchor_codes, int(base))
         return decoders.GroupStreams(
             layers, parts[f"{group}.words"], parts[f"{group}.offsets"], parts[f"{group}.states"],
             _slot_tables(halves[0], halves[1], torch.device(device)), shapes.reshape(2, -1),

@@ -28,9 +28,9 @@ from ..defaults import DEFAULT_CODEC
 from ..keys import ChunkKey, token_digest
 from ..kv import ChunkKV
 from . import base
-from .base import KVCodec, KVLayout, Parts
+from .base import KVCodec, KVKind, KVLayout, Parts
 
-TENSORS = ("keys", "values")
+TENSORS: tuple[KVKind, KVKind] = ("keys", "values")
 
 
 class Codec:
@@ -56,7 +56,7 @@ class Codec:
             raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
         tensors = {"token_ids": kv.token_ids.cpu().contiguous()}
         for tensor_name, tensor in zip(TENSORS, (kv.keys, kv.values)):
-            for part, value in self.kv_codec.encode(tensor).items():
+            for part, value in self.kv_codec.encode(tensor, tensor_name).items():
                 tensors[_stored_name(tensor_name, part)] = value.contiguous()
         metadata = {"key": key.name, "codec": self.kv_codec.name, "level": str(self.kv_codec.level),
                     "shape": ",".join(map(str, layout.shape)), "dtype": layout.dtype}

@@ -43,8 +43,8 @@ def test_the_kernel_matches_the_reference(shape, level) -> None:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed {seed}")
     layers, heads, tokens, dim = shape
-    for tensor in synthetic_kv(shape, seed):
-        parts = CacheGenCodec(level).encode(tensor)
+    for tensor, kind in zip(synthetic_kv(shape, seed), ("keys", "values")):
+        parts = CacheGenCodec(level).encode(tensor, kind)
         expected = rans.decode_reference(groups_of(parts, shape, "cpu"), heads, tokens, dim, GROUP_TOKENS,
                                          torch.bfloat16, torch.device("cpu"))
         got = rans.decode(groups_of(parts, shape, "cuda"), heads, tokens, dim, GROUP_TOKENS, torch.bfloat16,
@@ -57,7 +57,7 @@ def test_the_kernel_matches_the_reference(shape, level) -> None:
 def test_damaged_streams_are_refused_on_the_gpu() -> None:
     shape = SMOLLM2_135M
     keys, _ = synthetic_kv(shape, 1)
-    parts = CacheGenCodec(1).encode(keys)
+    parts = CacheGenCodec(1).encode(keys, "keys")
     groups = groups_of(parts, shape, "cuda")
     words = groups[1].words.clone()
     words[words.shape[0] // 2] ^= 0x0100

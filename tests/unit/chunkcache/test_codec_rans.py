@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from test_codec import key_of, kv_like, reframed, relative_error
+from test_codec import assert_within_bound, key_of, kv_like, reframed, relative_error
 
 
 def streams_of(symbols: np.ndarray, halves: tuple[int, int], shapes: np.ndarray,
@@ -127,15 +127,22 @@ def test_entries_of_the_old_format_or_with_damaged_streams_are_misses() -> None:
                         metadata=_safetensors_metadata(entry_body(data)))
     assert codec.decode(key_of(kv), b"BGKV1" + hashlib.sha256(body).digest() + body) is None
     # Format 2 (a byte per channel for the anchor choice, both bin widths for every channel) is a miss too, as
-    # is format 3 with its channel parameters damaged.
+    # is format 4 with its channel parameters damaged.
     channels = stored["keys.0.width"].shape[0]
     format_2 = {"keys.format": torch.tensor([2], dtype=torch.int32), "keys.0.delta_width": stored["keys.0.width"],
                 "keys.0.delta": torch.zeros(channels, dtype=torch.bool)}
     assert codec.decode(key_of(kv), reframed(data, format_2)) is None
+    # Format 3 (bin widths in bf16, no codes' base) is a miss, whichever format number it carries.
+    format_3 = {"keys.0.width": stored["keys.0.width"].bfloat16(), "keys.0.anchor_width":
+                stored["keys.0.anchor_width"].bfloat16()}
+    for number in (3, 4):
+        format_3["keys.format"] = torch.tensor([number], dtype=torch.int32)
+        assert codec.decode(key_of(kv), reframed(data, format_3)) is None
     for damaged in ({"keys.0.delta": stored["keys.0.delta"][:-1].clone()},
                     {"keys.0.delta": torch.full_like(stored["keys.0.delta"], 255)},  # more anchor widths than stored
                     {"keys.0.anchor_width": torch.zeros(3, dtype=torch.float32)},
-                    {"values.2.width": stored["values.2.width"][1:].clone()}):
+                    {"values.2.width": stored["values.2.width"][1:].clone()},
+                    {"values.1.base": torch.tensor([0, 1], dtype=torch.int32)}):
         assert codec.decode(key_of(kv), reframed(data, damaged)) is None
     words = stored["values.1.words"].clone()
     words[len(words) // 3] ^= 0x0040
@@ -184,7 +191,8 @@ def test_the_triton_kernel_matches_the_reference_under_the_interpreter(shape, le
     codec = CacheGenCodec(level)
     # Keys' and values' groups in one launch, as the codec decodes an entry.
     groups = [codec._group(parts, g, len(r), heads * dim, torch.device("cpu"))
-              for parts in (codec.encode(kv.keys), codec.encode(kv.values)) for g, r in enumerate(layer_groups(layers))]
+              for parts in (codec.encode(kv.keys, "keys"), codec.encode(kv.values, "values"))
+              for g, r in enumerate(layer_groups(layers))]
     for dtype in (torch.float32, torch.bfloat16):
         expected = decoders.decode_reference(groups, heads, tokens, dim, GROUP_TOKENS, dtype, "cpu")
         got = decoders.decode_triton(groups, heads, tokens, dim, GROUP_TOKENS, dtype, torch.device("cpu"))
@@ -220,7 +228,9 @@ def test_every_level_keeps_the_first_token_and_errs_within_its_stated_bound() ->
     (Frobenius) error on this fixed seed stays under each level's bound: keys offset and alike along the tokens,
     values Gaussian (no structure to exploit: the harder case)."""
     kv = kv_like(13, tokens=60)
-    bounds = {0: (0.06, 0.4), 1: (0.03, 0.18), 2: (0.015, 0.09), 3: (0.005, 0.035)}
+    # Level 0's values: 1 / 0.7 / 0.5 bins per standard deviation by third, a bin's uniform error sqrt(1/12) of
+    # its width: about 0.44 of the values' spread on Gaussian values.
+    bounds = {0: (0.06, 0.5), 1: (0.03, 0.18), 2: (0.015, 0.09), 3: (0.005, 0.035)}
     for level, (keys_bound, values_bound) in bounds.items():
         codec = Codec("cachegen", level)
         decoded = codec.decode(key_of(kv), codec.encode(key_of(kv), kv))
@@ -228,3 +238,59 @@ def test_every_level_keeps_the_first_token_and_errs_within_its_stated_bound() ->
         assert torch.equal(decoded.values[:, :, 0], kv.values[:, :, 0])
         assert relative_error(decoded.keys, kv.keys) < keys_bound
         assert relative_error(decoded.values, kv.values) < values_bound
+
+
+def test_encoding_leaves_its_input_as_it_was() -> None:
+    """The sinks' values are replaced in the encoder's own copy, never in the caller's tensor (a float32 host
+    tensor, the store's own, would otherwise come back changed)."""
+    kv = kv_like(14, tokens=30)
+    keys = kv.keys.clone()
+    CacheGenCodec(0).encode(kv.keys, "keys")
+    assert torch.equal(kv.keys, keys)
+
+
+def test_width_codes_keep_every_value_within_half_its_bin_on_a_log_scale() -> None:
+    """Bin widths travel as 8-bit codes, WIDTH_STEPS a doubling: each code's width is 2^(1 / WIDTH_STEPS) times
+    the one below it; the codes' base puts a group's widest possible width at the top code."""
+    from blendgate.chunkcache.codec.cachegen import WIDTH_STEPS, widths_of
+
+    widths = widths_of(torch.arange(256, dtype=torch.uint8), -100).float()
+    steps = widths[1:] / widths[:-1]
+    assert torch.allclose(steps, torch.full_like(steps, 2 ** (1 / WIDTH_STEPS)), rtol=2 ** -7)
+    kv = kv_like(16, tokens=70)
+    kv = type(kv)(kv.token_ids, kv.keys * 1e-3, kv.values * 300.0)  # scales far from 1 code alike
+    data = Codec("cachegen", 0).encode(key_of(kv), kv)
+    assert_within_bound(Codec("cachegen", 0).decode(key_of(kv), data), kv, data)
+
+
+def test_keys_and_values_take_their_own_ladders_and_the_leading_tokens_kept(monkeypatch) -> None:
+    """A level's keys and values ladders set each layer slice's bin widths (a wider bin where fewer bins), its
+    `sink_tokens` come back exactly, and an entry keeping another number of leading tokens than the level's
+    decodes by its own count."""
+    from blendgate.chunkcache.codec import cachegen
+
+    kv = kv_like(15, layers=6, tokens=50)
+    levels = (cachegen.LevelBins((1.0, 1.0, 4.0), (4.0, 1.0, 1.0), sink_tokens=1),
+              cachegen.LevelBins((1.0, 1.0, 4.0), (4.0, 1.0, 1.0), sink_tokens=3))
+    monkeypatch.setattr(cachegen, "LEVEL_BINS", levels)
+    monkeypatch.setattr(CacheGenCodec, "levels", len(levels))
+    for level, sinks in ((0, 1), (1, 3)):
+        codec = CacheGenCodec(level)
+        same = kv.keys.clone()
+        as_keys, as_values = codec.encode(same, "keys"), codec.encode(same, "values")
+        # The same tensor, coded as keys (fine in the last third) and as values (fine in the first).
+        assert (as_keys["2.width"].float() < as_values["2.width"].float()).float().mean() > 0.9
+        assert (as_keys["0.width"].float() > as_values["0.width"].float()).float().mean() > 0.9
+        assert torch.equal(as_keys["1.width"], as_values["1.width"])
+        data = Codec("cachegen", level).encode(key_of(kv), kv)
+        decoded = Codec("cachegen", level).decode(key_of(kv), data)
+        assert torch.equal(decoded.keys[:, :, :sinks], kv.keys[:, :, :sinks])
+        assert torch.equal(decoded.values[:, :, :sinks], kv.values[:, :, :sinks])
+        assert not torch.equal(decoded.values[:, :, sinks], kv.values[:, :, sinks])
+        # Read by the other level's codec (same format, another count of leading tokens): as it was written.
+        other = Codec("cachegen", 1 - level)
+        reread = other.decode(key_of(kv), reframed(data, level=str(1 - level)))
+        assert reread is not None and torch.equal(reread.keys, decoded.keys)
+        stored = load_tensors(entry_body(data))
+        wrong = {"values.0.first": stored["values.0.first"][:-1].clone()}
+        assert Codec("cachegen", level).decode(key_of(kv), reframed(data, wrong)) is None
