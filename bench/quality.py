@@ -20,7 +20,9 @@ Each prompt is built by the gateway's own RAG template and segmentation. For eac
 Variants (`--variants`): `full_prefill`, `prefix`, `reuse`, and `RULE@R` (blend with selection rule RULE at
 recompute ratio R; see RULES), or `target=F@R` (the quality-targeted mode: fidelity F, at most R), each with
 `/PREFIX` for what chunk KV is computed after (see --chunk-prefix; `doc`: each paragraph after the previous
-paragraph of its own article, PromptSegment.context; on nq, whose passages have no neighbours, `doc` is `auto`).
+paragraph of its own article, PromptSegment.context; on nq, whose passages have no neighbours, `doc` is `auto`;
+`doc-other`, the control: after the paragraph at that place in the next article instead, real text on another
+subject).
 A `reuse` or
 blend variant ending in `+CODEC:LEVEL` (e.g. `default@0.15/auto+cachegen:1`) blends from chunk KV sent through
 that chunk-cache codec (chunkcache/codec/: encoded, then decoded), as a tier storing it would give it back.
@@ -133,6 +135,8 @@ class Item:
     answers: list[str]
     passages: list[str]
     previous: list[str] = field(default_factory=list)
+    # The control's stand-in for `previous`: the paragraph at the same place in another document ("" likewise).
+    elsewhere: list[str] = field(default_factory=list)
 
 
 def nq_items(path: Path, count: int, seed: int, k: int) -> list[Item]:
@@ -155,12 +159,14 @@ def xquad_items(path: Path, count: int, seed: int) -> list[Item]:
     where the article has it and the distractors are on the same subject)."""
     articles = json.loads(path.read_text())["data"]
     items = []
-    for article in articles:
+    for number, article in enumerate(articles):
         contexts = [p["context"] for p in article["paragraphs"]]
         previous = ["", *contexts[:-1]]
+        following = [p["context"] for p in articles[(number + 1) % len(articles)]["paragraphs"]]
+        elsewhere = ["" if not before else following[(i - 1) % len(following)] for i, before in enumerate(previous)]
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                items.append(Item(qa["question"], [a["text"] for a in qa["answers"]], contexts, previous))
+                items.append(Item(qa["question"], [a["text"] for a in qa["answers"]], contexts, previous, elsewhere))
     random.Random(seed).shuffle(items)
     return items[:count]
 
@@ -173,21 +179,21 @@ def shuffled_items(items: list[Item], seed: int) -> list[Item]:
         order = list(range(len(item.passages)))
         rng.shuffle(order)
         shuffled.append(Item(item.question, item.answers, [item.passages[i] for i in order],
-                             [item.previous[i] for i in order]))
+                             [item.previous[i] for i in order], [item.elsewhere[i] for i in order]))
     return shuffled
 
 
 def gateway_prompt(tokenizer, item: Item, mode: str, ratio: float, target: float | None, context: int,
-                   document_contexts: bool = False):
+                   previous: list[str] | None = None):
     """The prompt (engine.prompt.Prompt) the gateway would build for this question and these passages: its RAG
-    template and segmentation, chunk KV computed after `context` neutral documents, or with `document_contexts`
-    each passage that has a predecessor in its document after that (rag_template.document_context_ids)."""
+    template and segmentation, chunk KV computed after `context` neutral documents, or with `previous` (per
+    passage: the text before it, "" for none) each passage after its text (rag_template.document_context_ids)."""
     from blendgate.gateway.rag_template import RagPrompt, document_context_ids, encode_prompt, rag_messages
 
     rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(item.passages)],
                     item.question)
-    contexts = [document_context_ids(tokenizer, before) if before else () for before in item.previous] \
-        if document_contexts and item.previous else None
+    contexts = [document_context_ids(tokenizer, before) if before else () for before in previous] \
+        if previous else None
     return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
                          fidelity_target=target, context_documents=context, chunk_contexts=contexts)
 
@@ -350,9 +356,10 @@ def main() -> None:
                     base, _, codec = spec.partition("+")
                     prefix = base.split("/")[1] if "/" in base else args.chunk_prefix
                     documents = int(prefix[len("context"):] or 1) if prefix.startswith("context") else 0
-                    if prefix in ("auto", "doc"):  # as the gateway does: context_documents_for(k, 5)
+                    if prefix in ("auto", "doc", "doc-other"):  # as the gateway does: context_documents_for(k, 5)
                         documents = context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS)
-                    prompt = gateway_prompt(tokenizer, item, mode, ratio, target, documents, prefix == "doc")
+                    previous = {"doc": item.previous, "doc-other": item.elsewhere}.get(prefix)
+                    prompt = gateway_prompt(tokenizer, item, mode, ratio, target, documents, previous)
                     output_ids, forced, report = run(prompt, rule, answer_ids,
                                                      "none" if prefix == "none" else "system", codec)
                     if mode == "full_prefill":

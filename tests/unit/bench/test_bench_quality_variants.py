@@ -33,6 +33,9 @@ def test_the_shuffled_set_has_the_same_questions_and_each_paragraph_keeps_its_pr
     for plain, mixed in zip(items, shuffled):
         # In the article's order each paragraph's predecessor is the one before it; the first has none.
         assert plain.previous == ["", *plain.passages[:-1]]
+        # The control's texts: as many, none of them from the question's own article.
+        assert [bool(x) for x in plain.elsewhere] == [bool(x) for x in plain.previous]
+        assert not set(plain.elsewhere) & set(plain.passages)
         assert sorted(zip(mixed.passages, mixed.previous)) == sorted(zip(plain.passages, plain.previous))
         moved += mixed.passages != plain.passages
     assert moved > 30  # seeded, and mostly another order than the article's
