@@ -4,7 +4,10 @@ Question sets (`--set`):
 - nq: NQ-open questions, each with its gold passage at a varying position among k-1 distractor passages of
   other questions (every passage one chunk);
 - xquad: XQuAD questions with their gold paragraph among the other paragraphs of the same article (topically
-  close distractors; k = the article's paragraphs, 5).
+  close distractors; k = the article's paragraphs, 5), in the article's order;
+- xquad-shuffled: the same questions and paragraphs, each prompt's paragraphs in a seeded random order (so a
+  paragraph's predecessor in the prompt is mostly not its predecessor in the article: the check that the
+  `doc` chunk prefix gains from the document, not from the benchmark's article order).
 Each prompt is built by the gateway's own RAG template and segmentation. For each variant:
 - accuracy: a gold answer appears in the normalised greedy output, with a 95% bootstrap interval;
 - token F1 against the best gold answer;
@@ -15,13 +18,19 @@ Each prompt is built by the gateway's own RAG template and segmentation. For eac
   computed (chunkcache/selection.py: compute_share), which counts the layers a deviation rule runs in full.
 
 Variants (`--variants`): `full_prefill`, `prefix`, `reuse`, and `RULE@R` (blend with selection rule RULE at
-recompute ratio R; see RULES), or `target=F@R` (the quality-targeted mode: fidelity F, at most R). A `reuse` or
+recompute ratio R; see RULES), or `target=F@R` (the quality-targeted mode: fidelity F, at most R), each with
+`/PREFIX` for what chunk KV is computed after (see --chunk-prefix; `doc`: each paragraph after the previous
+paragraph of its own article, PromptSegment.context; on nq, whose passages have no neighbours, `doc` is `auto`;
+`doc-other`, the control: after the paragraph at that place in the next article instead, real text on another
+subject).
+A `reuse` or
 blend variant ending in `+CODEC:LEVEL` (e.g. `default@0.15/auto+cachegen:1`) blends from chunk KV sent through
 that chunk-cache codec (chunkcache/codec/: encoded, then decoded), as a tier storing it would give it back.
 
     python bench/quality.py --set nq --k 10 20 --questions 300
     python bench/quality.py --set xquad --questions 300
     python bench/quality.py --k 5 10 --variants full_prefill default@0.15/auto default@0.15/auto+cachegen:1
+    python bench/quality.py --set xquad-shuffled --variants full_prefill reuse default@0.15/auto default@0.15/doc
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -119,11 +128,15 @@ class Passage:
 
 @dataclass
 class Item:
-    """One question and its passages: the gold one at `slot` among the others."""
+    """One question and its passages (the gold one among the others), with each passage's predecessor in its
+    own document ("" when it is the document's first or the set knows none)."""
 
     question: str
     answers: list[str]
     passages: list[str]
+    previous: list[str] = field(default_factory=list)
+    # The control's stand-in for `previous`: the paragraph at the same place in another document ("" likewise).
+    elsewhere: list[str] = field(default_factory=list)
 
 
 def nq_items(path: Path, count: int, seed: int, k: int) -> list[Item]:
@@ -146,24 +159,43 @@ def xquad_items(path: Path, count: int, seed: int) -> list[Item]:
     where the article has it and the distractors are on the same subject)."""
     articles = json.loads(path.read_text())["data"]
     items = []
-    for article in articles:
+    for number, article in enumerate(articles):
         contexts = [p["context"] for p in article["paragraphs"]]
+        previous = ["", *contexts[:-1]]
+        following = [p["context"] for p in articles[(number + 1) % len(articles)]["paragraphs"]]
+        elsewhere = ["" if not before else following[(i - 1) % len(following)] for i, before in enumerate(previous)]
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                items.append(Item(qa["question"], [a["text"] for a in qa["answers"]], contexts))
+                items.append(Item(qa["question"], [a["text"] for a in qa["answers"]], contexts, previous, elsewhere))
     random.Random(seed).shuffle(items)
     return items[:count]
 
 
-def gateway_prompt(tokenizer, item: Item, mode: str, ratio: float, target: float | None, context: int):
+def shuffled_items(items: list[Item], seed: int) -> list[Item]:
+    """The same questions, each prompt's passages (with their predecessors) in a seeded random order."""
+    rng = random.Random(f"shuffled-{seed}")
+    shuffled = []
+    for item in items:
+        order = list(range(len(item.passages)))
+        rng.shuffle(order)
+        shuffled.append(Item(item.question, item.answers, [item.passages[i] for i in order],
+                             [item.previous[i] for i in order], [item.elsewhere[i] for i in order]))
+    return shuffled
+
+
+def gateway_prompt(tokenizer, item: Item, mode: str, ratio: float, target: float | None, context: int,
+                   previous: list[str] | None = None):
     """The prompt (engine.prompt.Prompt) the gateway would build for this question and these passages: its RAG
-    template and segmentation, chunk KV computed after `context` neutral documents."""
-    from blendgate.gateway.rag_template import RagPrompt, encode_prompt, rag_messages
+    template and segmentation, chunk KV computed after `context` neutral documents, or with `previous` (per
+    passage: the text before it, "" for none) each passage after its text (rag_template.document_context_ids)."""
+    from blendgate.gateway.rag_template import RagPrompt, document_context_ids, encode_prompt, rag_messages
 
     rag = RagPrompt(DEFAULT_SYSTEM_PROMPT, [Passage(str(i), text) for i, text in enumerate(item.passages)],
                     item.question)
+    contexts = [document_context_ids(tokenizer, before) if before else () for before in previous] \
+        if previous else None
     return encode_prompt(tokenizer, rag_messages([], rag), rag, mode=mode, recompute_ratio=ratio,
-                         fidelity_target=target, context_documents=context)
+                         fidelity_target=target, context_documents=context, chunk_contexts=contexts)
 
 
 def parse_variant(spec: str):
@@ -204,8 +236,8 @@ def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
     decoded = LRUCache(64)
 
     class RoundTripBlender(ChunkBlender):
-        def chunk_kv(self, key, chunk_ids, prefix_ids, read=True):
-            kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids, read)
+        def chunk_kv(self, key, chunk_ids, prefix_ids, read=True, shared=None):
+            kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids, read, shared)
             if key not in decoded:
                 decoded[key] = codec.decode(key, codec.encode(key, kv), kv.keys.device)
             return decoded[key], hit
@@ -215,7 +247,7 @@ def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=["nq", "xquad"], default="nq", dest="question_set")
+    parser.add_argument("--set", choices=["nq", "xquad", "xquad-shuffled"], default="nq", dest="question_set")
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--k", type=int, nargs="+", default=[10], help="passages per prompt (nq only)")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
@@ -230,8 +262,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="the set's file [../shared/data/qa/...]")
     parser.add_argument("--chunk-prefix", default="system",
                         help="what chunk KV is computed after: system, none, contextN (the system prompt and N "
-                             "neutral documents, gateway/rag_template.py) or auto (as many as the gateway picks "
-                             "for the prompt's k); a variant RULE@R/PREFIX overrides it")
+                             "neutral documents, gateway/rag_template.py), auto (as many as the gateway picks "
+                             "for the prompt's k) or doc (each passage after its predecessor in its own document, "
+                             "a document's first as auto); a variant RULE@R/PREFIX overrides it")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"quality-{date.today()}.md")
     args = parser.parse_args()
     variants = [(spec, *parse_variant(spec)) for spec in args.variants]
@@ -239,14 +272,13 @@ def main() -> None:
         raise SystemExit("the first variant must be full_prefill (the reference)")
 
     # Only modules without web or retrieval dependencies, so that this runs as it is on a bare GPU machine.
-    from blendgate.chunkcache.runner import BlendingRunner
     from blendgate.chunkcache.kv_store import ChunkCacheStore
+    from blendgate.chunkcache.runner import BlendingRunner
     from blendgate.chunkcache.tiers import MemoryTier
     from blendgate.engine.prefill_report import PrefillReport
-    from blendgate.engine.prompt import Prompt
+    from blendgate.engine.prompt import DEFAULT_CONTEXT_DOCUMENTS, Prompt
     from blendgate.engine.runner import KVState
     from blendgate.engine.weights import load_model
-    from blendgate.engine.prompt import DEFAULT_CONTEXT_DOCUMENTS
     from blendgate.gateway.rag_template import context_documents_for
 
     torch.manual_seed(0)
@@ -268,6 +300,8 @@ def main() -> None:
         sets = {k: nq_items(path, args.questions, args.seed, k) for k in args.k}
     else:
         items = xquad_items(args.data or DATA / "xquad.en.json", args.questions, args.seed)
+        if args.question_set == "xquad-shuffled":
+            items = shuffled_items(items, args.seed)
         sets = {len(items[0].passages): items}
 
     def run(prompt: Prompt, rule, answer_ids: list[int], prefix: str, codec: str
@@ -322,9 +356,10 @@ def main() -> None:
                     base, _, codec = spec.partition("+")
                     prefix = base.split("/")[1] if "/" in base else args.chunk_prefix
                     documents = int(prefix[len("context"):] or 1) if prefix.startswith("context") else 0
-                    if prefix == "auto":  # as the gateway does: context_documents_for(k, 5)
+                    if prefix in ("auto", "doc", "doc-other"):  # as the gateway does: context_documents_for(k, 5)
                         documents = context_documents_for(len(item.passages), DEFAULT_CONTEXT_DOCUMENTS)
-                    prompt = gateway_prompt(tokenizer, item, mode, ratio, target, documents)
+                    previous = {"doc": item.previous, "doc-other": item.elsewhere}.get(prefix)
+                    prompt = gateway_prompt(tokenizer, item, mode, ratio, target, documents, previous)
                     output_ids, forced, report = run(prompt, rule, answer_ids,
                                                      "none" if prefix == "none" else "system", codec)
                     if mode == "full_prefill":

@@ -7,8 +7,13 @@
 - blend: cached chunk KV with the most deviating tokens recomputed (CacheBlend).
 
 Chunk KV is computed on first use and kept in the chunk-cache store under the model's fingerprint: after
-the prompt's first segment (chunk_prefix "system": system prompt and "Documents:" header, the default) or
-alone (chunk_prefix "none"). bench/quality.py measures both.
+the prompt's first segment (chunk_prefix "system": system prompt and "Documents:" header, the default) and the
+prompt's chunk_context, or alone (chunk_prefix "none"). bench/quality.py measures both. A chunk segment with a
+context of its own (PromptSegment.context: e.g. the text before it in its source document) is computed after
+the first segment and that context instead, and kept under that prefix (ChunkKey holds the prefix's digest, so
+KV computed in different contexts never mixes): chunk KV computed in a context like the one it is reused in, as
+Cache-Craft (arXiv 2502.15734) reuses KV from earlier contexts and Anthropic's "contextual retrieval" prepends
+a chunk's document context to it.
 
 A blend is never chosen when it would be slower than a full prefill (fallback.py: blend_fallback): every chunk
 costs a fixed overhead (a forward pass of its own when it is not cached yet, placing it when it is), which
@@ -30,7 +35,7 @@ from cachetools import LRUCache
 
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..engine.prefill_report import PrefillReport
-from ..engine.prompt import CHUNK_PREFIXES, Prompt
+from ..engine.prompt import CHUNK_PREFIXES, Prompt, PromptSegment
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
 from . import defaults
@@ -59,32 +64,47 @@ class ChunkBlender:
         self.rule = rule
         self.fingerprint = model_fingerprint(model)
 
-    def prefix_for(self, prompt: Prompt) -> tuple[int, ...]:
-        """What every chunk of this prompt is computed after (see CHUNK_PREFIXES)."""
+    def prefix_for(self, prompt: Prompt, segment: PromptSegment | None = None) -> tuple[int, ...]:
+        """What a chunk `segment` of this prompt is computed after (see CHUNK_PREFIXES): the first segment and
+        the segment's own context, or the prompt's chunk_context when it has none (or no segment is given:
+        what the prompt's chunks without a context of their own share). Empty with chunk_prefix "none"."""
         first = prompt.segments[0]
         if self.chunk_prefix == "none" or first.is_chunk:
             return ()
-        return first.token_ids + tuple(prompt.chunk_context)
+        context = segment.context if segment is not None and segment.context else prompt.chunk_context
+        return first.token_ids + tuple(context)
 
-    def _prefix_cache(self, prefix_ids: tuple[int, ...]) -> KVCache | None:
-        """The KV of a chunk prefix, computed on first use and kept (a few, least recently used dropped)."""
+    def chunk_prefixes(self, prompt: Prompt) -> list[tuple[int, ...]]:
+        """prefix_for each of the prompt's chunks, in prompt order."""
+        return [self.prefix_for(prompt, segment) for segment in prompt.segments if segment.is_chunk]
+
+    def _prefix_cache(self, prefix_ids: tuple[int, ...], shared: int | None = None) -> KVCache | None:
+        """The KV of a chunk prefix. Its first `shared` tokens (all when None: what many chunks are computed
+        after, the system prompt and context documents) are computed on first use and kept (a few, least
+        recently used dropped); the rest (a chunk's own context) is computed on a copy, continued from them."""
         if not prefix_ids:
             return None
-        found = self._prefix_caches.get(prefix_ids)
-        if found is None:
-            found = self.model.new_cache(len(prefix_ids))
-            self.model.forward(torch.tensor(list(prefix_ids), device=self.model.device), None, found)
-            self._prefix_caches[prefix_ids] = found
-        return found
+        kept_ids = prefix_ids if shared is None else prefix_ids[:shared]
+        found = self._prefix_caches.get(kept_ids) if kept_ids else None
+        if found is None and kept_ids:
+            found = self.model.new_cache(len(kept_ids))
+            self.model.forward(torch.tensor(list(kept_ids), device=self.model.device), None, found)
+            self._prefix_caches[kept_ids] = found
+        own = prefix_ids[len(kept_ids):]
+        if not own:
+            return found
+        cache = found.clone(len(prefix_ids)) if found is not None else self.model.new_cache(len(prefix_ids))
+        self.model.forward(torch.tensor(list(own), device=self.model.device), None, cache)
+        return cache
 
     def chunk_key(self, chunk_prefix: tuple[int, ...], chunk_ids: tuple[int, ...]) -> ChunkKey:
         return ChunkKey.of(self.fingerprint, list(chunk_prefix), list(chunk_ids))
 
     def locate(self, prompt: Prompt) -> list[ChunkSource]:
         """Where each of the prompt's chunks would come from (ChunkCacheStore.locate), in prompt order."""
-        chunk_prefix = self.prefix_for(prompt)
         chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
-        return self.store.locate([self.chunk_key(chunk_prefix, ids) for ids in chunks], [len(ids) for ids in chunks])
+        keys = [self.chunk_key(prefix, ids) for prefix, ids in zip(self.chunk_prefixes(prompt), chunks)]
+        return self.store.locate(keys, [len(ids) for ids in chunks])
 
     def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
         """blend_fallback for this prompt: its chunks, which of them would be read from the store (chunks the
@@ -95,10 +115,11 @@ class ChunkBlender:
         return blend_fallback([len(ids) for ids in chunks], hits, ratio, costs)
 
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...],
-                 read: bool = True) -> tuple[ChunkKV, bool]:
+                 read: bool = True, shared: int | None = None) -> tuple[ChunkKV, bool]:
         """The chunk's KV and whether it came from the store: read from it (from its local tiers only when `read`
         is False: the fetch policy chose to recompute the shared entry, which is then not written to the shared
-        tier again), else precomputed and stored."""
+        tier again), else precomputed after `prefix_ids` and stored. `shared`: how many of the prefix's first
+        tokens other chunks are computed after too (their KV is kept for them, _prefix_cache); None: all."""
         # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
         # The key holds the digest of the chunk's tokens, and the store refuses entries that are not the key's.
         cached = self.store.get(key, promote=False, shared=read)
@@ -106,7 +127,7 @@ class ChunkBlender:
             return cached, True
         if not read:
             self.store.note_recomputed()
-        prefix_cache = self._prefix_cache(prefix_ids)
+        prefix_cache = self._prefix_cache(prefix_ids, shared)
         started = time.perf_counter()
         kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), prefix_cache)
         policy = self.store.adaptation
@@ -123,15 +144,18 @@ class ChunkBlender:
         report of what was reused and recomputed."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
-        chunk_prefix = self.prefix_for(prompt)
+        shared = 0 if self.chunk_prefix == "none" or first.is_chunk else len(first.token_ids)
         sources = iter(self.locate(prompt))
         segments, hits, found, shared_fetch = [], [], [], []
         for segment in prompt.segments:
             if segment.is_chunk:
+                chunk_prefix = self.prefix_for(prompt, segment)
                 key = self.chunk_key(chunk_prefix, segment.token_ids)
                 source = next(sources)
                 read = source.decision is None or source.decision.fetch
-                kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix, read=read)
+                # A chunk of its own context continues the first segment's KV; the others share their prefix.
+                kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix, read=read,
+                                        shared=shared if segment.context else None)
                 segments.append(kv)
                 hits.append(hit)
                 found.append((key, kv))

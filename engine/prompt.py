@@ -24,6 +24,10 @@ DEFAULT_CONTEXT_DOCUMENTS = 5
 class PromptSegment:
     token_ids: tuple[int, ...]
     is_chunk: bool = False  # a retrieved or given document chunk, whose KV may come from the chunk-cache
+    # A chunk's own context: token ids its KV is computed after, following the prompt's first segment, in place
+    # of the prompt's chunk_context (e.g. the text before it in its source document, with the template's
+    # marker: gateway/rag_template.py: document_context_ids). Empty: the prompt's chunk_context.
+    context: tuple[int, ...] = ()
 
 
 @dataclass
@@ -36,7 +40,8 @@ class Prompt:
     # Quality-targeted blending: the fidelity wanted (0..1], recompute_ratio then being the most spent.
     fidelity_target: float | None = None
     # Token ids every chunk's KV is computed after, following the first segment: a neutral context (documents
-    # with their markers) so that each chunk is computed as a document among others, as it will stand.
+    # with their markers) so that each chunk is computed as a document among others, as it will stand. A chunk
+    # segment with a context of its own is computed after that instead.
     chunk_context: tuple[int, ...] = ()
     token_ids: list[int] = field(init=False)
 

@@ -11,7 +11,7 @@ Plain Python on purpose (no web framework, no retriever): benchmarks use it on G
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from ..engine.prompt import DEFAULT_RECOMPUTE_RATIO, Prompt, PromptSegment
 
@@ -79,6 +79,19 @@ def rag_context_ids(tokenizer, documents: int) -> tuple[int, ...]:
     return tuple(t for part in parts for t in tokenizer(part, add_special_tokens=False)["input_ids"])
 
 
+def document_context_ids(tokenizer, previous: str) -> tuple[int, ...]:
+    """Token ids of the text before a chunk in its own source document (e.g. the document's previous chunk) as
+    the template would place it, "[1]" and that text, then the next marker "[2]", each piece tokenised as the
+    template's segments are: what that chunk's KV is computed after (PromptSegment.context), in place of the
+    neutral documents. Known at ingest, whatever the query; a chunk among related passages then drifts less
+    (Cache-Craft arXiv 2502.15734 reuses KV computed in earlier contexts; Anthropic's "contextual retrieval"
+    prepends document context to chunks). Raises ValueError on empty text (use the neutral context then)."""
+    if not previous:
+        raise ValueError("a document context needs the text before the chunk")
+    parts = [CHUNK_MARKER.format(index=1), f" {previous}", CHUNK_MARKER.format(index=2)]
+    return tuple(t for part in parts for t in tokenizer(part, add_special_tokens=False)["input_ids"])
+
+
 def context_documents_for(chunks: int, limit: int) -> int:
     """How many neutral documents a prompt's chunks are computed after: half of the other chunks a chunk
     stands among in this prompt, (chunks - 1) // 2 (its average place), at most `limit`. Measured: five
@@ -115,10 +128,13 @@ def _around_last_message(tokenizer, messages: list[dict]) -> tuple[str, str]:
 
 def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mode: str = "full_prefill",
                   recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO, fidelity_target: float | None = None,
-                  context_documents: int = 0) -> Prompt:
+                  context_documents: int = 0, chunk_contexts: Sequence[tuple[int, ...]] | None = None) -> Prompt:
     """Token ids of chat `messages` through the tokenizer's chat template; with `rag` (whose text is the last
     message), in segments so that each chunk's tokens are the same wherever the chunk is placed, and with
-    `context_documents` neutral documents as what the chunks' KV is computed after (chunk_context)."""
+    `context_documents` neutral documents as what the chunks' KV is computed after (chunk_context).
+    `chunk_contexts`: per chunk of `rag`, in order, the token ids its KV is computed after instead
+    (PromptSegment.context, e.g. document_context_ids; empty: the neutral documents). Raises ValueError when
+    their count is not the chunks'."""
 
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -130,6 +146,10 @@ def encode_prompt(tokenizer, messages: list[dict], rag: RagPrompt | None, *, mod
     # The chat template's text around the user message joins the first and last segments.
     parts[0] = (before + parts[0][0], False)
     parts[-1] = (parts[-1][0] + after, False)
-    return Prompt([PromptSegment(encode(part), is_chunk) for part, is_chunk in parts], mode=mode,
+    contexts = iter(chunk_contexts if chunk_contexts is not None else [() for _ in rag.chunks])
+    if chunk_contexts is not None and len(chunk_contexts) != len(rag.chunks):
+        raise ValueError(f"{len(chunk_contexts)} chunk contexts for {len(rag.chunks)} chunks")
+    return Prompt([PromptSegment(encode(part), is_chunk, tuple(next(contexts)) if is_chunk else ())
+                   for part, is_chunk in parts], mode=mode,
                   recompute_ratio=recompute_ratio, fidelity_target=fidelity_target,
                   chunk_context=rag_context_ids(tokenizer, context_documents))

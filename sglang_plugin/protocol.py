@@ -19,8 +19,8 @@ from ..engine.prompt import DEFAULT_RECOMPUTE_RATIO, PREFILL_MODES, Prompt, Prom
 CHUNK_SPANS = "blendgate_chunk_spans"  # [start0, end0, start1, end1, ...] token offsets in input_ids
 PREFILL_MODE = "blendgate_prefill_mode"
 RECOMPUTE_RATIO = "blendgate_recompute_ratio"
-FIDELITY_TARGET = "blendgate_fidelity_target"
-CHUNK_CONTEXT = "blendgate_chunk_context"  # token ids each chunk's KV is computed after (Prompt.chunk_context)  # the quality-targeted mode's target (recompute ratio: the cap)
+FIDELITY_TARGET = "blendgate_fidelity_target"  # the quality-targeted mode's target (recompute ratio: the cap)
+CHUNK_CONTEXT = "blendgate_chunk_context"  # token ids each chunk's KV is computed after (Prompt.chunk_context)
 REPORT_KEY = "blendgate"  # meta_info key of the worker's prefill report
 
 
@@ -35,10 +35,14 @@ def chunk_spans(prompt: Prompt) -> list[int]:
 
 
 def custom_params(prompt: Prompt) -> dict[str, Any] | None:
-    """The custom_params entries for a prompt; None when it has no chunks (nothing for a worker to blend)."""
+    """The custom_params entries for a prompt; None when it has no chunks (nothing for a worker to blend).
+    Raises ValueError for chunks with a context of their own (PromptSegment.context), which this protocol does
+    not carry yet: a worker would compute their KV after another prefix than the local engine does."""
     spans = chunk_spans(prompt)
     if not spans:
         return None
+    if any(segment.context for segment in prompt.segments):
+        raise ValueError("per-chunk contexts (PromptSegment.context) are not carried to SGLang workers yet")
     params = {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode, RECOMPUTE_RATIO: prompt.recompute_ratio}
     if prompt.fidelity_target is not None:
         params[FIDELITY_TARGET] = prompt.fidelity_target

@@ -20,3 +20,23 @@ def test_full_prefill_and_prefix_take_no_codec() -> None:
     for spec in ("full_prefill+int8", "prefix+cachegen:0"):
         with pytest.raises(SystemExit, match="a codec applies to chunk KV"):
             quality.parse_variant(spec)
+
+
+def test_the_shuffled_set_has_the_same_questions_and_each_paragraph_keeps_its_predecessor() -> None:
+    path = quality.DATA / "xquad.en.json"
+    if not path.exists():
+        pytest.skip("the XQuAD file (../shared/data/qa) is not here")
+    items = quality.xquad_items(path, 40, seed=0)
+    shuffled = quality.shuffled_items(items, seed=0)
+    assert [i.question for i in shuffled] == [i.question for i in items]
+    moved = 0
+    for plain, mixed in zip(items, shuffled):
+        # In the article's order each paragraph's predecessor is the one before it; the first has none.
+        assert plain.previous == ["", *plain.passages[:-1]]
+        # The control's texts: as many, none of them from the question's own article.
+        assert [bool(x) for x in plain.elsewhere] == [bool(x) for x in plain.previous]
+        assert not set(plain.elsewhere) & set(plain.passages)
+        assert sorted(zip(mixed.passages, mixed.previous)) == sorted(zip(plain.passages, plain.previous))
+        moved += mixed.passages != plain.passages
+    assert moved > 30  # seeded, and mostly another order than the article's
+    assert [i.passages for i in quality.shuffled_items(items, seed=0)] == [i.passages for i in shuffled]

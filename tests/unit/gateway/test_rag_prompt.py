@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-
-import pytest
 from pathlib import Path
 
+import pytest
 from blendgate.gateway.backends.local import LocalBackend
 from blendgate.gateway.backends.request import BackendRequest
 from blendgate.gateway.config import LocalModelConfig
@@ -64,6 +63,24 @@ def test_the_chunk_context_is_neutral_documents_tokenised_as_the_template_places
     assert encode_prompt(tokenizer, rag_messages([], rag), rag).chunk_context == ()
     with pytest.raises(ValueError, match="context documents"):
         rag_context_ids(tokenizer, len(CONTEXT_DOCUMENTS) + 1)
+
+
+def test_a_chunks_document_context_is_its_predecessor_tokenised_as_the_template_places_it(tokenizer) -> None:
+    from blendgate.gateway.rag_template import document_context_ids, encode_prompt, rag_messages
+
+    before = "The castle was built in 1420."
+    context = document_context_ids(tokenizer, before)
+    # The tokens a prompt with the predecessor as its first chunk has between its first segment and second chunk.
+    rag = RagPrompt("S", [RetrievedChunk("a", before, "s", 0, 1.0, 0), RetrievedChunk("b", "Next.", "s", 0, 1.0, 0)],
+                    "Q?")
+    prompt = encode_prompt(tokenizer, rag_messages([], rag), rag, chunk_contexts=[(), context])
+    assert list(context) == [t for segment in prompt.segments[1:4] for t in segment.token_ids]
+    assert [s.context for s in prompt.segments if s.is_chunk] == [(), context]
+    assert all(not s.context for s in prompt.segments if not s.is_chunk)
+    with pytest.raises(ValueError, match="chunk contexts"):
+        encode_prompt(tokenizer, rag_messages([], rag), rag, chunk_contexts=[context])
+    with pytest.raises(ValueError, match="text before"):
+        document_context_ids(tokenizer, "")
 
 
 def test_chunks_are_computed_after_about_as_many_documents_as_stand_before_them_on_average() -> None:

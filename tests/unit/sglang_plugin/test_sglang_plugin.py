@@ -44,6 +44,10 @@ def test_the_prompt_survives_the_trip_to_a_worker() -> None:
     assert params[FIDELITY_TARGET] == 0.85 and params[CHUNK_CONTEXT] == [21, 22, 23]
     again = prompt_of(targeted.token_ids, params)
     assert again.fidelity_target == 0.85 and again.chunk_context == (21, 22, 23) and again.recompute_ratio == 0.4
+    # A chunk's own context is not carried yet: refused rather than lost.
+    own = Prompt([PROMPT.segments[0], PromptSegment((4, 5), True, context=(30, 31)), *PROMPT.segments[2:]])
+    with pytest.raises(ValueError, match="per-chunk contexts"):
+        custom_params(own)
 
 
 @pytest.mark.parametrize("bad", [{CHUNK_SPANS: [3]}, {CHUNK_SPANS: [5, 3]}, {CHUNK_SPANS: [3, 99]},
