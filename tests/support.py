@@ -306,7 +306,10 @@ class SglangServer(_WorkerProcess):
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(self.model_dir),
                 "--dtype", "bfloat16", "--random-seed", "0", "--mem-fraction-static", str(self.mem_fraction_static),
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                # No structured outputs here; without the flag SGLang's scheduler imports xgrammar at start, which
+                # the device bundle does not carry (the H200 run failed on it).
+                "--grammar-backend", "none"]
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self.plugin_env}
