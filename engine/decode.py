@@ -42,9 +42,10 @@ def buckets(max_batch: int) -> list[int]:
 
 
 @dataclass
-class _StepInputs:
-    """The device tensors one step reads (a captured graph's fixed buffers): `packed` [4, rows] long holds
-    the token ids, positions, slots and block-table rows, so one host-to-device copy fills them all."""
+class StepInputs:
+    """The device tensors one decode step reads (a captured graph's fixed buffers): `packed` [4, rows] long
+    holds the token ids, positions, slots and block-table rows, so one host-to-device copy fills them all; a
+    SpeCache step (specache_graph.py) adds a fifth row, the pairs each request reads (`lengths`)."""
 
     packed: torch.Tensor
 
@@ -63,6 +64,10 @@ class _StepInputs:
     @property
     def rows(self) -> torch.Tensor:
         return self.packed[3]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.packed[4]
 
 
 class BatchDecoder:
@@ -84,7 +89,7 @@ class BatchDecoder:
         if self.graphs and not self.graphable():
             raise ValueError("CUDA graphs of the decode step need CUDA, half-precision weights, Triton and a "
                              "rotary embedding that does not depend on the sequence length")
-        self._captured: dict[int, tuple[_StepInputs, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._captured: dict[int, tuple[StepInputs, torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def graphable(self) -> bool:
@@ -123,10 +128,10 @@ class BatchDecoder:
                              [*batch.slots, *[SCRATCH_BLOCK * PAGE_SIZE] * pad],
                              [*batch.rows, *[self.pool.padding_row] * pad]], dtype=torch.long)
 
-    def _inputs(self, batch: DecodeBatch, rows: int) -> _StepInputs:
-        return _StepInputs(self._host_inputs(batch, rows).to(self.model.device))
+    def _inputs(self, batch: DecodeBatch, rows: int) -> StepInputs:
+        return StepInputs(self._host_inputs(batch, rows).to(self.model.device))
 
-    def _forward(self, inputs: _StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Every layer for one token per row; returns logits [rows, vocab] float32."""
         model, pool = self.model, self.pool
         rows = inputs.token_ids.shape[0]
@@ -147,7 +152,7 @@ class BatchDecoder:
             hidden = model.finish_layer(layer, hidden, attention.view(rows, -1))
         return model.logits(hidden)
 
-    def _capture(self, bucket: int) -> tuple[_StepInputs, torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int) -> tuple[StepInputs, torch.cuda.CUDAGraph, torch.Tensor]:
         device = self.model.device
         padding = DecodeBatch((0,), (0,), (0,), (SCRATCH_BLOCK * PAGE_SIZE,), (self.pool.padding_row,))
         inputs = self._inputs(padding, bucket)

@@ -50,11 +50,12 @@ from ..kernels.lowbit_keys import score
 from ..kernels.residency import ResidencyScratch, make_resident
 from ..kernels.rope import rope_store
 from .batch import DecodeBatch
+from .decode import StepInputs
 from .kv_offload import HostKV, LowBitKeys
 from .kv_pool import PAGE_SIZE, BlockAllocation, KVPoolError
 from .llama import KVCache, LlamaFamilyModel
 from .paged_kv import PagedKVPool
-from .specache_graph import SteadyStepGraphs, StepInputs
+from .specache_graph import SteadyStepGraphs
 from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, StepSelection
 
 # Rotations that depend on the sequence's length read it on the host: no graphs then (as engine/decode.py).

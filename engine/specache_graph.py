@@ -24,34 +24,7 @@ from typing import Callable
 
 import torch
 
-
-@dataclass
-class StepInputs:
-    """The device tensors a steady SpeCache step reads, from the decoder's batch to the captured graph:
-    `packed` [5, batch] long holds the token ids, positions, pool slots of the new pairs, block-table rows and
-    the pairs each request reads, so one host-to-device copy fills them all."""
-
-    packed: torch.Tensor
-
-    @property
-    def token_ids(self) -> torch.Tensor:
-        return self.packed[0]
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.packed[1]
-
-    @property
-    def slots(self) -> torch.Tensor:
-        return self.packed[2]
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self.packed[3]
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.packed[4]
+from .decode import StepInputs
 
 
 @dataclass
