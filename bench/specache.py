@@ -67,7 +67,7 @@ from blendgate.engine.decode import BatchDecoder
 from blendgate.engine.kv_pool import BlockAllocator, blocks_for
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.engine.paged_kv import PagedKVPool
-from blendgate.engine.specache import SpeCacheDecoder
+from blendgate.engine.specache import OffloadedRequest, SpeCacheDecoder
 from blendgate.engine.specache_policy import KVShape, SpeCacheSettings, gpu_kv_bytes
 
 # The question sets' folder: ../shared/data/qa beside the checkout, or BLENDGATE_QA_DATA (the GPU machine).
@@ -134,10 +134,10 @@ class SpeCacheRun:
     host_bytes: int  # the request's host tier
 
 
-def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSettings, steps: int,
-                  warmup: int) -> SpeCacheRun:
-    """A request of `context` random pairs decoded `warmup` + `steps` steps (steady: from CUDA graphs on
-    CUDA, engine/specache_graph.py); the rate and host time over the last `steps`, the copies over all."""
+def random_request(model: LlamaFamilyModel, settings: SpeCacheSettings, context: int,
+                   new_tokens: int) -> tuple[SpeCacheDecoder, OffloadedRequest]:
+    """A SpeCacheDecoder over a pool sized for one request (id 0) of `context` random pairs, admitted with room
+    for `new_tokens` more (decode speed does not depend on the KV's values)."""
     budget = settings.budget(context)
     allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
     pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
@@ -146,8 +146,15 @@ def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSetti
     cache.keys.normal_()
     cache.values.normal_()
     cache.length = context
-    request = decoder.admit(0, allocator.allocate(0, budget.tokens), cache, warmup + steps + 1)
-    del cache
+    return decoder, decoder.admit(0, allocator.allocate(0, budget.tokens), cache, new_tokens)
+
+
+def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSettings, steps: int,
+                  warmup: int) -> SpeCacheRun:
+    """A request of `context` random pairs decoded `warmup` + `steps` steps (steady: from CUDA graphs on
+    CUDA, engine/specache_graph.py); the rate and host time over the last `steps`, the copies over all."""
+    budget = settings.budget(context)
+    decoder, request = random_request(model, settings, context, warmup + steps + 1)
     state = {"token": 0, "host": 0.0}
 
     def step() -> None:

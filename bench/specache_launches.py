@@ -21,12 +21,10 @@ from datetime import date
 
 import torch
 from blendgate.engine import specache
-from blendgate.engine.kv_pool import BlockAllocator, blocks_for
 from blendgate.engine.llama import LlamaFamilyModel
-from blendgate.engine.paged_kv import PagedKVPool
-from blendgate.engine.specache import SpeCacheDecoder
 from blendgate.engine.specache_policy import SpeCacheSettings
 from blendgate.kernels import residency
+from specache import random_request  # bench/specache.py (this script's folder is on the path)
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 
@@ -67,15 +65,7 @@ def step_launches(layers: int, context: int, kernel: bool, steps: int = 3) -> fl
                                   max_position_embeddings=2 * context)
     model = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32)
     settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1)
-    budget = settings.budget(context)
-    allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
-    pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
-    decoder = SpeCacheDecoder(model, pool, settings)
-    cache = model.new_cache(context)
-    cache.keys.normal_()
-    cache.values.normal_()
-    cache.length = context
-    decoder.admit(0, allocator.allocate(0, budget.tokens), cache, steps + 1)
+    decoder, _ = random_request(model, settings, context, steps + 1)
     launches = Launches()
     run = interpreter.InterpretedFunction.run
     original = specache.make_resident
