@@ -50,6 +50,7 @@ class Passage:
 
     id: str
     text: str
+    previous: str | None = None  # the text before it in its document (not used here)
 
 
 def passages(path: Path, count: int) -> list[str]:

@@ -49,6 +49,7 @@ class Passage:
 
     id: str
     text: str
+    previous: str | None = None  # the text before it in its document (not used here)
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:

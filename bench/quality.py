@@ -124,6 +124,7 @@ DEFAULT_SYSTEM_PROMPT = "Answer the question using only the documents given."
 class Passage:
     id: str
     text: str
+    previous: str | None = None  # the text before it in its document (not used here)
 
 
 @dataclass

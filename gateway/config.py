@@ -47,7 +47,7 @@ from ..engine.specache_policy import SpeCacheSettings
 from ..retriever import defaults as retrieval_defaults
 from ..semcache.metrics import TenantLabelMode
 from ..semcache.settings import SemanticCacheSettings
-from .rag_template import CONTEXT_DOCUMENTS
+from .rag_template import CONTEXT_DOCUMENTS, DEFAULT_CHUNK_CONTEXT, ChunkContext
 from .redaction import MASK, redact
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -212,6 +212,10 @@ class ChunkCacheSettings(_Strict):
     # alone). Measured in bench/results/quality-*.md.
     chunk_prefix: ChunkPrefix = DEFAULT_CHUNK_PREFIX
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
+    # A retrieved chunk's own context (gateway/rag_template.py: ChunkContext): "document", its KV computed after
+    # the chunk before it in its document (the collection's stored chunk), in place of the neutral documents; a
+    # document's first chunk and inline documents keep the neutral ones. "neutral": always the neutral ones.
+    chunk_context: ChunkContext = DEFAULT_CHUNK_CONTEXT
     # The blend-or-full-prefill rule's costs, in tokens computed (chunkcache/fallback.py): a
     # forward pass of its own for a chunk not cached yet, and placing a cached one. A prompt whose chunks cost
     # more than blending saves is prefilled in full. The defaults are SmolLM2-135M's on CPU.
@@ -328,6 +332,8 @@ class SglangModelConfig(_Strict):
     fidelity_target: float | None = Field(None, gt=0.0, le=1.0)
     # Neutral documents the worker computes each chunk's KV after (sent with the request).
     context_documents: int = Field(DEFAULT_CONTEXT_DOCUMENTS, ge=0, le=len(CONTEXT_DOCUMENTS))
+    # A retrieved chunk's own context, as chunk_cache.chunk_context (sent with the request).
+    chunk_context: ChunkContext = DEFAULT_CHUNK_CONTEXT
     # Cache-affinity routing (gateway/backends/routing.py) sends a request to its first chunk's home worker by
     # rendezvous hashing, alike in every replica, unless that worker has this many more requests in flight than
     # the least busy one.

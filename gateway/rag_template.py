@@ -11,7 +11,7 @@ Plain Python on purpose (no web framework, no retriever): benchmarks use it on G
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 from ..engine.prompt import DEFAULT_RECOMPUTE_RATIO, Prompt, PromptSegment
 
@@ -38,9 +38,18 @@ CONTEXT_DOCUMENTS = (
 _STAND_INS = ("a", "b")
 
 
+# What a retrieved chunk's KV is computed after: "document", the chunk before it in its own document where
+# there is one (RetrievedChunk.previous, document_context_ids), else the neutral documents; "neutral", always the
+# neutral documents. "document" closed 91% of the KL gap against 79% for "neutral" on XQuAD same-article
+# distractors at r = 0.15 (bench/results/quality-2026-11-30.md, 2026-12-01).
+ChunkContext = Literal["document", "neutral"]
+DEFAULT_CHUNK_CONTEXT: ChunkContext = "document"
+
+
 class ChunkLike(Protocol):
     id: str
     text: str
+    previous: str | None  # the text before the chunk in its document (its previous chunk); None: none known
 
 
 @dataclass
@@ -90,6 +99,17 @@ def document_context_ids(tokenizer, previous: str) -> tuple[int, ...]:
         raise ValueError("a document context needs the text before the chunk")
     parts = [CHUNK_MARKER.format(index=1), f" {previous}", CHUNK_MARKER.format(index=2)]
     return tuple(t for part in parts for t in tokenizer(part, add_special_tokens=False)["input_ids"])
+
+
+def chunk_contexts_for(tokenizer, chunks: Sequence[ChunkLike], chunk_context: ChunkContext
+                       ) -> list[tuple[int, ...]] | None:
+    """encode_prompt's `chunk_contexts` for a prompt's chunks under the `chunk_context` setting: with
+    "document", per chunk its document context (document_context_ids of its `previous`), or () (the neutral
+    documents) for a chunk without one (a document's first chunk, an inline document); with "neutral", or
+    when no chunk has a predecessor, None (every chunk after the neutral documents, as before)."""
+    if chunk_context == "neutral" or not any(chunk.previous for chunk in chunks):
+        return None
+    return [document_context_ids(tokenizer, chunk.previous) if chunk.previous else () for chunk in chunks]
 
 
 def context_documents_for(chunks: int, limit: int) -> int:

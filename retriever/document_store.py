@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     embedding BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_by_file ON chunks (collection, file);
+CREATE INDEX IF NOT EXISTS chunks_by_place ON chunks (collection, file, source, position);
 """
 
 
@@ -184,6 +185,20 @@ class DocumentStore:
             records = self._db.execute(f"SELECT row, chunk_id, source, position, text, token_count FROM chunks "
                                        f"WHERE row IN ({marks})", rows).fetchall()
         return {r[0]: StoredChunk(*r) for r in records}
+
+    def previous_texts(self, rows: list[int]) -> dict[int, str]:
+        """For each chunk row, the text of the chunk before it in its document (same collection, file and
+        source, position - 1): one indexed query, no embedding search. Rows of a document's first chunk (or
+        unknown rows) are absent from the answer."""
+        if not rows:
+            return {}
+        marks = ",".join("?" * len(rows))
+        with self._lock:
+            records = self._db.execute(
+                f"SELECT c.row, p.text FROM chunks c JOIN chunks p ON p.collection = c.collection "
+                f"AND p.file = c.file AND p.source = c.source AND p.position = c.position - 1 "
+                f"WHERE c.row IN ({marks})", rows).fetchall()
+        return dict(records)
 
     def replace_files(self, record: CollectionRecord, files: dict[str, str], chunks: list[NewChunk]
                       ) -> tuple[CollectionVersion, list[int], list[int]]:

@@ -53,12 +53,19 @@ class CorruptIndexError(RetrievalError):
 
 @dataclass(frozen=True)
 class RetrievedChunk:
+    """A chunk a query found (Retriever.search to the gateway's RAG prompt), or an inline document as one.
+    `position`: its place in its source document (0 first); `score`: the index's similarity; `token_count` in
+    the collection's tokenizer; `previous`: the text of the chunk before it in its document (position - 1, from
+    the stored chunks), None for a document's first chunk and for inline documents. The gateway computes the
+    chunk's KV after it (gateway/backends/chat_prompt.py)."""
+
     id: str
     text: str
     source: str
     position: int
     score: float
     token_count: int
+    previous: str | None = None
 
     def citation(self) -> dict:
         return {"id": self.id, "source": self.source, "position": self.position, "score": round(self.score, 4)}
@@ -317,6 +324,7 @@ class Retriever:
         with self._lock:
             hits = loaded.index.search(vector, top_k * 2)
         rows = self.documents.chunks_by_row([row for row, _ in hits])
+        previous = self.documents.previous_texts([row for row, _ in hits])
         results, seen = [], set()
         for row, score in hits:
             chunk = rows.get(row)
@@ -324,7 +332,7 @@ class Retriever:
                 continue
             seen.add(chunk.chunk_id)
             results.append(RetrievedChunk(chunk.chunk_id, chunk.text, chunk.source, chunk.position, score,
-                                          chunk.token_count))
+                                          chunk.token_count, previous.get(row)))
             if len(results) == top_k:
                 break
         return results

@@ -87,7 +87,7 @@ def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int) -> Req
     try:
         prompt = prompt_of(ids, custom)
     except ValueError as exc:
-        return exact(f"bad chunk spans: {exc}")
+        return exact(f"bad chunk spans or contexts: {exc}")
     if prompt.segments[-1].is_chunk:
         return exact("the prompt ends inside a chunk (blending needs computed tokens after the last chunk)")
     if prefix + extend != len(ids):

@@ -21,6 +21,10 @@ PREFILL_MODE = "blendgate_prefill_mode"
 RECOMPUTE_RATIO = "blendgate_recompute_ratio"
 FIDELITY_TARGET = "blendgate_fidelity_target"  # the quality-targeted mode's target (recompute ratio: the cap)
 CHUNK_CONTEXT = "blendgate_chunk_context"  # token ids each chunk's KV is computed after (Prompt.chunk_context)
+# Per-chunk contexts (PromptSegment.context), flat: one length per chunk (0: the prompt's chunk_context), and
+# the contexts' token ids one after another.
+CHUNK_CONTEXT_LENGTHS = "blendgate_chunk_context_lengths"
+CHUNK_CONTEXT_IDS = "blendgate_chunk_context_ids"
 REPORT_KEY = "blendgate"  # meta_info key of the worker's prefill report
 
 
@@ -36,18 +40,20 @@ def chunk_spans(prompt: Prompt) -> list[int]:
 
 def custom_params(prompt: Prompt) -> dict[str, Any] | None:
     """The custom_params entries for a prompt; None when it has no chunks (nothing for a worker to blend).
-    Raises ValueError for chunks with a context of their own (PromptSegment.context), which this protocol does
-    not carry yet: a worker would compute their KV after another prefix than the local engine does."""
+    Chunks with a context of their own (PromptSegment.context) add CHUNK_CONTEXT_LENGTHS (one per chunk, in
+    order) and CHUNK_CONTEXT_IDS (those contexts concatenated)."""
     spans = chunk_spans(prompt)
     if not spans:
         return None
-    if any(segment.context for segment in prompt.segments):
-        raise ValueError("per-chunk contexts (PromptSegment.context) are not carried to SGLang workers yet")
     params = {CHUNK_SPANS: spans, PREFILL_MODE: prompt.mode, RECOMPUTE_RATIO: prompt.recompute_ratio}
     if prompt.fidelity_target is not None:
         params[FIDELITY_TARGET] = prompt.fidelity_target
     if prompt.chunk_context:
         params[CHUNK_CONTEXT] = list(prompt.chunk_context)
+    contexts = [segment.context for segment in prompt.segments if segment.is_chunk]
+    if any(contexts):
+        params[CHUNK_CONTEXT_LENGTHS] = [len(context) for context in contexts]
+        params[CHUNK_CONTEXT_IDS] = [t for context in contexts for t in context]
     return params
 
 
@@ -69,8 +75,10 @@ def wants_chunk_cache(custom: dict | None) -> bool:
 
 
 def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
-    """The prompt as a worker sees it: chunk spans from custom_params, the rest computed. Raises ValueError
-    on spans that are not ordered [start, end, ...] offsets within the prompt, or on an unknown mode."""
+    """The prompt as a worker sees it: chunk spans from custom_params, the rest computed, each chunk with its
+    own context when CHUNK_CONTEXT_LENGTHS is sent. Raises ValueError on spans that are not ordered
+    [start, end, ...] offsets within the prompt, on an unknown mode, or on per-chunk contexts that do not fit
+    the chunks (a length per chunk, token ids as many as the lengths add up to)."""
     custom = custom or {}
     spans = custom.get(CHUNK_SPANS) or []
     if len(spans) % 2 or any(not isinstance(x, int) or isinstance(x, bool) for x in spans) or \
@@ -87,19 +95,45 @@ def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
                                or not 0.0 < target <= 1.0):
         raise ValueError(f"{FIDELITY_TARGET} must be a number in (0, 1], got {target!r}")
     context = custom.get(CHUNK_CONTEXT) or []
-    if not isinstance(context, list) or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in context):
+    if not _token_ids(context):
         raise ValueError(f"{CHUNK_CONTEXT} must be a list of token ids")
+    own = iter(_chunk_contexts(custom, len(spans) // 2))
     segments, offset = [], 0
     for start, end in zip(spans[::2], spans[1::2]):
         if start > offset:
             segments.append(PromptSegment(tuple(input_ids[offset:start])))
+        chunk_context = next(own)
         if end > start:
-            segments.append(PromptSegment(tuple(input_ids[start:end]), is_chunk=True))
+            segments.append(PromptSegment(tuple(input_ids[start:end]), is_chunk=True, context=chunk_context))
         offset = end
     if offset < len(input_ids):
         segments.append(PromptSegment(tuple(input_ids[offset:])))
     return Prompt(segments, mode=mode, recompute_ratio=ratio,
                   fidelity_target=None if target is None else float(target), chunk_context=tuple(context))
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+
+
+def _chunk_contexts(custom: dict, chunks: int) -> list[tuple[int, ...]]:
+    """Per chunk span, its own context from CHUNK_CONTEXT_LENGTHS and CHUNK_CONTEXT_IDS (all empty when neither
+    is sent). Raises ValueError when they do not fit: lengths not one non-negative int per chunk, ids not ints,
+    or not as many ids as the lengths add up to."""
+    lengths, ids = custom.get(CHUNK_CONTEXT_LENGTHS), custom.get(CHUNK_CONTEXT_IDS)
+    if lengths is None and ids is None:
+        return [()] * chunks
+    if not _token_ids(lengths) or len(lengths) != chunks:
+        raise ValueError(f"{CHUNK_CONTEXT_LENGTHS} must be one length per chunk ({chunks}), got {lengths!r}")
+    if not _token_ids(ids):
+        raise ValueError(f"{CHUNK_CONTEXT_IDS} must be a list of token ids")
+    if len(ids) != sum(lengths):
+        raise ValueError(f"{CHUNK_CONTEXT_IDS} has {len(ids)} token ids, the lengths add up to {sum(lengths)}")
+    contexts, offset = [], 0
+    for length in lengths:
+        contexts.append(tuple(ids[offset:offset + length]))
+        offset += length
+    return contexts
 
 
 def report_of(meta_info: dict) -> dict:

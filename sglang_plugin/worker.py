@@ -15,7 +15,7 @@ earlier pieces of a prompt split by chunked prefill). A blending request whose c
 first segment (the system prompt, which the blend computes exactly) blends, and only its tokens past the prefix
 are written. Blending falls back to exact computation, per request, with the reason in its report, when the
 prompt is a piece of a split prompt (the blend needs the whole prompt in one pass), when the radix cache holds
-tokens past its first segment (exact KV of its chunks: better than a blend), on bad chunk spans, or when the
+tokens past its first segment (exact KV of its chunks: better than a blend), on bad chunk spans or contexts, or when the
 blend would be slower than a full prefill (chunkcache/fallback.py). A batch the plugin cannot take at all
 (mixed with decoding or speculative, input logprobs asked, tensor parallelism, an unknown model type, an fp8 KV
 pool with a cached prefix to read) runs SGLang's forward unchanged, and its blending requests say why.

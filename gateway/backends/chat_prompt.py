@@ -8,7 +8,7 @@ from ...engine.prompt import Prompt
 from ...engine.sampling import SamplingParams
 from ..config import SamplingDefaults
 from ..errors import GatewayError
-from ..rag_template import context_documents_for, encode_prompt
+from ..rag_template import DEFAULT_CHUNK_CONTEXT, ChunkContext, chunk_contexts_for, context_documents_for, encode_prompt
 from ..schemas import ChatCompletionRequest
 from .request import BackendRequest
 
@@ -41,11 +41,13 @@ def check_text_chat(request: ChatCompletionRequest, served_by: str) -> None:
 
 
 def chat_prompt(tokenizer, request: BackendRequest, *, mode: str, recompute_ratio: float,
-                fidelity_target: float | None = None, context_documents: int = 0) -> Prompt:
+                fidelity_target: float | None = None, context_documents: int = 0,
+                chunk_context: ChunkContext = DEFAULT_CHUNK_CONTEXT) -> Prompt:
     """The prompt's tokens; for RAG (request.rag_prompt), in segments whose chunk KV can be reused, with the
     request's prefill mode, ratio and fidelity target when it names them (its `blend` object), else the given
     ones, and chunk KV computed after up to `context_documents` neutral documents
-    (rag_template.context_documents_for)."""
+    (rag_template.context_documents_for), or with `chunk_context` "document" each retrieved chunk that has a
+    predecessor in its document after that (rag_template.chunk_contexts_for)."""
     messages = [{"role": ROLE_MAP[m.role], "content": m.text()} for m in request.chat.messages]
     blend = request.chat.blend
     mode = (blend.mode if blend and blend.mode else None) or mode
@@ -53,8 +55,9 @@ def chat_prompt(tokenizer, request: BackendRequest, *, mode: str, recompute_rati
     target = blend.fidelity_target if blend and blend.fidelity_target is not None else fidelity_target
     rag = request.rag_prompt
     documents = context_documents_for(len(rag.chunks), context_documents) if rag is not None else 0
+    contexts = chunk_contexts_for(tokenizer, rag.chunks, chunk_context) if rag is not None else None
     return encode_prompt(tokenizer, messages, rag, mode=mode, recompute_ratio=ratio, fidelity_target=target,
-                         context_documents=documents)
+                         context_documents=documents, chunk_contexts=contexts)
 
 
 def sampling_params(request: ChatCompletionRequest, defaults: SamplingDefaults, max_new_tokens: int) -> SamplingParams:

@@ -145,7 +145,8 @@ class LocalBackend(ChatBackend):
         return chat_prompt(self.model.tokenizer, request, mode=self.chunk_cache.mode,  # type: ignore[union-attr]
                            recompute_ratio=self.chunk_cache.recompute_ratio,
                            fidelity_target=self.chunk_cache.fidelity_target,
-                           context_documents=self.chunk_cache.context_documents)
+                           context_documents=self.chunk_cache.context_documents,
+                           chunk_context=self.chunk_cache.chunk_context)
 
     def _remember_origins(self, request: BackendRequest, prompt: Prompt) -> None:
         if self.store is None or request.rag_prompt is None:

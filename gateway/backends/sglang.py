@@ -221,7 +221,8 @@ class SglangBackend(ChatBackend):
         # Template rendering and tokenising take seconds for a body of megabytes: off the event loop.
         prompt = await asyncio.to_thread(
             chat_prompt, tokenizer, request, mode=self.config.prefill_mode, recompute_ratio=self.config.recompute_ratio,
-            fidelity_target=self.config.fidelity_target, context_documents=self.config.context_documents)
+            fidelity_target=self.config.fidelity_target, context_documents=self.config.context_documents,
+            chunk_context=self.config.chunk_context)
         payload = self._payload(request.chat, prompt, ctx)
         digests = [token_digest(s.token_ids) for s in prompt.segments if s.is_chunk]
         worker, response = await self._open(payload, digests)

@@ -225,3 +225,24 @@ def test_rag_chat_blends_cached_chunks_and_reports_them(client: openai.OpenAI, f
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=EMBEDDED, messages=ask, extra_body={
                 "documents": documents, "blend": {"fidelity_target": bad}})
+
+
+def test_a_rag_chat_over_a_multi_chunk_document_blends_each_chunk_after_its_predecessor(
+        http: httpx.Client, client: openai.OpenAI) -> None:
+    # One document of about 600 tokens: three chunks of at most 256 (retrieval.chunk_tokens), each but the first
+    # computed after the one before it (chunk_cache.chunk_context "document", the default).
+    archive = " ".join(f"Room {i} of the harbour archive holds the ledgers of the year {1800 + i}, bound in "
+                       f"{'red' if i % 2 else 'green'} leather." for i in range(30))
+    response = http.post("/v1/collections/archive/documents", json={"documents": [{"source": "archive",
+                                                                                    "text": archive}]})
+    assert response.status_code == 200 and response.json()["chunks"] >= 3, response.text
+    ask = [{"role": "user", "content": "Which room holds the ledgers of the year 1815?"}]
+    for attempt in ("computed", "cached"):
+        answer = client.chat.completions.create(model=EMBEDDED, messages=ask, max_tokens=4, temperature=0,
+                                                extra_body={"rag": {"collection": "archive", "top_k": 3}})
+        rag = answer.model_extra["blendgate"]["rag"]
+        report = answer.model_extra["blendgate"]["chunk_cache"]
+        assert report["mode"] == "blend" and len(report["chunks"]) == len(rag["chunks"]) == 3
+        assert sorted(c["position"] for c in rag["chunks"]) == [0, 1, 2]
+        # The second time, each chunk's KV (kept under its own document context) is reused.
+        assert all(c["hit"] for c in report["chunks"]) == (attempt == "cached")

@@ -195,3 +195,28 @@ def test_a_worker_url_password_is_shown_nowhere(workdir: Path, model_cache_dir: 
     finally:
         process.stop()
     assert "S3CRET" not in process.log()
+
+
+def test_retrieved_chunks_reach_the_worker_with_their_document_contexts(sgl_gateway: GatewayProcess,
+                                                                        sgl_client: openai.OpenAI) -> None:
+    # A document of three chunks (retrieval.chunk_tokens 256): the second and third travel with their
+    # predecessors as contexts (blendgate_chunk_context_lengths/_ids), which the worker blends after.
+    archive = " ".join(f"Room {i} of the harbour archive holds the ledgers of the year {1800 + i}, bound in "
+                       f"{'red' if i % 2 else 'green'} leather." for i in range(30))
+    with httpx.Client(base_url=sgl_gateway.url, timeout=120) as http:
+        deadline = time.monotonic() + 120  # this gateway waits for its models only; the retriever loads after
+        while http.get("/healthz").json()["retrieval"]["state"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ingested = http.post("/v1/collections/archive/documents",
+                             json={"documents": [{"source": "archive", "text": archive}]})
+    assert ingested.status_code == 200 and ingested.json()["chunks"] >= 3, ingested.text
+    rag = {"rag": {"collection": "archive", "top_k": 3}}
+    question = "Which room holds the ledgers of the year 1815?"
+    remote = ask(sgl_client, "sgl", question, max_tokens=8, temperature=0, extra_body=rag)
+    report = remote.model_extra["blendgate"]["chunk_cache"]
+    assert report["mode"] == "blend" and report["chunks_sent"] == 3 and "fallback" not in report
+    # The same prompt, contexts included, as the local engine blends it: the same answer.
+    local = ask(sgl_client, EMBEDDED, question, max_tokens=8, temperature=0, extra_body=rag)
+    assert remote.choices[0].message.content == local.choices[0].message.content
+    again = ask(sgl_client, "sgl", question, max_tokens=8, temperature=0, extra_body=rag)
+    assert again.model_extra["blendgate"]["chunk_cache"]["hits"] == [True, True, True]

@@ -88,3 +88,34 @@ def test_chunks_are_computed_after_about_as_many_documents_as_stand_before_them_
 
     assert [context_documents_for(k, 5) for k in (1, 2, 3, 4, 5, 10, 11, 20)] == [0, 0, 1, 1, 2, 4, 5, 5]
     assert context_documents_for(20, 0) == 0 and context_documents_for(0, 5) == 0
+
+
+def test_the_gateway_computes_a_retrieved_chunk_after_its_documents_previous_chunk(loaded_model, tokenizer) -> None:
+    from blendgate.gateway.config import ChunkCacheSettings
+    from blendgate.gateway.rag_template import chunk_contexts_for, document_context_ids, rag_context_ids
+
+    first = "The castle was built in 1420 by the duke."
+    chunks = [RetrievedChunk("a", first, "castle.txt", 0, 0.9, 0),
+              RetrievedChunk("b", "It has nine towers.", "castle.txt", 1, 0.8, 0, previous=first),
+              RetrievedChunk("c", "Bread is baked on Tuesdays.", "request#0", 0, 1.0, 0)]
+    rag = RagPrompt("S", chunks, "How many towers?")
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "How many towers?"}])
+    request = BackendRequest(request.model_copy(update={"messages": rewrite_messages(request, rag)}), "t", rag)
+
+    def prompt_with(chunk_context: str | None):
+        settings = ChunkCacheSettings() if chunk_context is None else ChunkCacheSettings(chunk_context=chunk_context)
+        backend = LocalBackend(LocalModelConfig(name="m"), cache_dir=Path("."), max_running=1, max_waiting=1,
+                               chunk_cache=settings)
+        backend.model = loaded_model
+        return backend._prompt(request)
+
+    default, neutral = prompt_with(None), prompt_with("neutral")
+    # The default: the second chunk after the first (its predecessor), the others after the neutral documents.
+    assert [s.context for s in default.segments if s.is_chunk] == [(), document_context_ids(tokenizer, first), ()]
+    # "neutral": every chunk after the neutral documents, as before the setting.
+    assert all(not s.context for s in neutral.segments)
+    assert default.token_ids == neutral.token_ids and default.chunk_context == neutral.chunk_context \
+        == rag_context_ids(tokenizer, 1)
+    # Inline documents and first chunks (no predecessor): no context of their own under either setting.
+    assert chunk_contexts_for(tokenizer, [chunks[0], chunks[2]], "document") is None
+    assert chunk_contexts_for(tokenizer, chunks, "neutral") is None

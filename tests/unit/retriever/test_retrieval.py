@@ -300,3 +300,25 @@ def test_bad_collection_names_are_refused(tmp_path, embedder, tokenizer, corpus)
         with pytest.raises(RetrievalError) as raised:
             retriever.ingest_paths([corpus], name)
         assert raised.value.status == 400
+
+
+def test_a_retrieved_chunk_carries_its_documents_previous_chunk(tmp_path, embedder, tokenizer) -> None:
+    retriever = make_retriever(tmp_path / "data", embedder, tokenizer, chunk_tokens=24, overlap_tokens=0)
+    sentences = ["The lighthouse keeper rows to the island every Monday.",
+                 "The island's well gives fresh water all year round.",
+                 "The lighthouse lamp burns whale oil from the mainland.",
+                 "The keeper's dog is called Biscuit and fears the fog horn."]
+    retriever.ingest_documents("coast", [SourceDocument("log", " ".join(sentences)),
+                                         SourceDocument("other", "Biscuits are baked in the harbour inn.")])
+    stored = sorted(retriever.documents.chunks_by_row(list(retriever.documents.sources("coast"))).values(),
+                    key=lambda c: (c.source, c.position))
+    log_chunks = [c for c in stored if c.source == "log"]
+    assert len(log_chunks) >= 3, "the document must span several chunks for this test"
+    hits = retriever.search("coast", "What is the keeper's dog called?", 6)
+    by_place = {(h.source, h.position): h for h in hits}
+    for hit in hits:
+        if hit.position == 0:
+            assert hit.previous is None
+        else:
+            assert hit.previous == log_chunks[hit.position - 1].text
+    assert any(h.previous is not None for h in hits) and by_place[("other", 0)].previous is None

@@ -16,6 +16,8 @@ from blendgate.sglang_plugin import worker
 from blendgate.sglang_plugin.internals import BATCH_PARAMS_ATTRIBUTE
 from blendgate.sglang_plugin.protocol import (
     CHUNK_CONTEXT,
+    CHUNK_CONTEXT_IDS,
+    CHUNK_CONTEXT_LENGTHS,
     CHUNK_SPANS,
     FIDELITY_TARGET,
     PREFILL_MODE,
@@ -44,10 +46,23 @@ def test_the_prompt_survives_the_trip_to_a_worker() -> None:
     assert params[FIDELITY_TARGET] == 0.85 and params[CHUNK_CONTEXT] == [21, 22, 23]
     again = prompt_of(targeted.token_ids, params)
     assert again.fidelity_target == 0.85 and again.chunk_context == (21, 22, 23) and again.recompute_ratio == 0.4
-    # A chunk's own context is not carried yet: refused rather than lost.
-    own = Prompt([PROMPT.segments[0], PromptSegment((4, 5), True, context=(30, 31)), *PROMPT.segments[2:]])
-    with pytest.raises(ValueError, match="per-chunk contexts"):
-        custom_params(own)
+    assert CHUNK_CONTEXT_LENGTHS not in params and CHUNK_CONTEXT_IDS not in params
+
+
+def test_each_chunks_own_context_survives_the_trip_to_a_worker() -> None:
+    own = Prompt([PROMPT.segments[0], PromptSegment((4, 5), True, context=(30, 31)), *PROMPT.segments[2:3],
+                  PromptSegment((7, 8, 9), True, context=(40, 41, 42)), PROMPT.segments[4]],
+                 mode="blend", recompute_ratio=0.3, chunk_context=(21, 22))
+    params = custom_params(own)
+    assert params[CHUNK_CONTEXT_LENGTHS] == [2, 3] and params[CHUNK_CONTEXT_IDS] == [30, 31, 40, 41, 42]
+    assert all(not isinstance(v, list) or all(isinstance(x, int) for x in v) for v in params.values())
+    again = prompt_of(own.token_ids, params)
+    assert again.segments == own.segments and again.chunk_context == (21, 22)
+    # A chunk without one (length 0) keeps the prompt's chunk_context.
+    one = Prompt([*PROMPT.segments[:3], PromptSegment((7, 8, 9), True, context=(40,)), PROMPT.segments[4]],
+                 mode="blend")
+    assert custom_params(one)[CHUNK_CONTEXT_LENGTHS] == [0, 1]
+    assert prompt_of(one.token_ids, custom_params(one)).segments == one.segments
 
 
 @pytest.mark.parametrize("bad", [{CHUNK_SPANS: [3]}, {CHUNK_SPANS: [5, 3]}, {CHUNK_SPANS: [3, 99]},
@@ -57,7 +72,13 @@ def test_the_prompt_survives_the_trip_to_a_worker() -> None:
                                  {CHUNK_SPANS: [1, 2], FIDELITY_TARGET: 0}, {CHUNK_SPANS: [1, 2], FIDELITY_TARGET: 1.5},
                                  {CHUNK_SPANS: [1, 2], FIDELITY_TARGET: "high"},
                                  {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT: [1, -2]},
-                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT: "1 2"}])
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT: "1 2"},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT_LENGTHS: [1, 1], CHUNK_CONTEXT_IDS: [5, 6]},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT_LENGTHS: [2], CHUNK_CONTEXT_IDS: [5]},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT_LENGTHS: [1], CHUNK_CONTEXT_IDS: ["5"]},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT_LENGTHS: [1.0], CHUNK_CONTEXT_IDS: [5]},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT_IDS: [5]},
+                                 {CHUNK_SPANS: [1, 2], CHUNK_CONTEXT_LENGTHS: [1]}])
 def test_malformed_chunk_parameters_are_refused_with_the_reason(bad) -> None:
     with pytest.raises(ValueError, match="blendgate_"):
         prompt_of(list(range(11)), bad)
@@ -146,6 +167,11 @@ def test_the_pieces_of_a_split_prompt_are_computed_exactly_beside_the_blends() -
 def test_bad_spans_or_a_prompt_ending_in_a_chunk_fall_back() -> None:
     bad = ({**custom_params(PROMPT), CHUNK_SPANS: [5, 3]}, PROMPT.token_ids)
     assert "bad chunk spans" in plan([bad]).reports[0]["fallback"]
+    for contexts in ({CHUNK_CONTEXT_LENGTHS: [1, 5], CHUNK_CONTEXT_IDS: [1, 2]}, {CHUNK_CONTEXT_LENGTHS: [1]},
+                     {CHUNK_CONTEXT_LENGTHS: [1, 1], CHUNK_CONTEXT_IDS: [1, None]}):
+        malformed = plan([({**custom_params(PROMPT), **contexts}, PROMPT.token_ids)])
+        assert malformed.requests is None and "blendgate_chunk_context" in malformed.reports[0]["fallback"]
+        assert malformed.reports[0]["mode"] == "full_prefill"
     ends = ({CHUNK_SPANS: [9, 11], PREFILL_MODE: "blend"}, PROMPT.token_ids)
     assert "ends inside a chunk" in plan([ends]).reports[0]["fallback"]
 
