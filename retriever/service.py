@@ -51,12 +51,25 @@ class CorruptIndexError(RetrievalError):
         super().__init__(503, message, "index_corrupt")
 
 
+def preceding_text(previous: str, text: str) -> str | None:
+    """The part of a document's previous chunk that comes before `text`: `previous` without its longest end that
+    `text` begins with (chunking.Chunker carries a chunk's last sentences into the next one as overlap), so that
+    the chunk's KV is computed after the document as it precedes the chunk, not after a copy of the chunk's own
+    start. None when nothing is left."""
+    for size in range(min(len(previous), len(text)), 0, -1):  # the repeat starts where a word does
+        if previous.endswith(text[:size]) and (size == len(previous) or previous[-size - 1].isspace()):
+            previous = previous[:-size]
+            break
+    return previous.rstrip() or None
+
+
 @dataclass(frozen=True)
 class RetrievedChunk:
     """A chunk a query found (Retriever.search to the gateway's RAG prompt), or an inline document as one.
     `position`: its place in its source document (0 first); `score`: the index's similarity; `token_count` in
     the collection's tokenizer; `previous`: the text of the chunk before it in its document (position - 1, from
-    the stored chunks), None for a document's first chunk and for inline documents. The gateway computes the
+    the stored chunks) without the sentences this chunk repeats from it (the chunker's overlap:
+    `preceding_text`), None for a document's first chunk and for inline documents. The gateway computes the
     chunk's KV after it (gateway/backends/chat_prompt.py)."""
 
     id: str
@@ -331,8 +344,10 @@ class Retriever:
             if chunk is None or chunk.chunk_id in seen:
                 continue
             seen.add(chunk.chunk_id)
+            before = previous.get(row)
+            before = None if before is None else preceding_text(before, chunk.text)
             results.append(RetrievedChunk(chunk.chunk_id, chunk.text, chunk.source, chunk.position, score,
-                                          chunk.token_count, previous.get(row)))
+                                          chunk.token_count, before))
             if len(results) == top_k:
                 break
         return results

@@ -11,7 +11,7 @@ import pytest
 from blendgate.retriever.chunking import Chunker
 from blendgate.retriever.document_store import DocumentStore
 from blendgate.retriever.loaders import LoadedFile, SkippedFile, SourceDocument, load_file
-from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever
+from blendgate.retriever.service import CorruptIndexError, RetrievalError, Retriever, preceding_text
 
 FACTS = {
     "castle.txt": "The blue castle stands on a granite hill. Its secret code is 4711.\n\nThe castle has nine towers.",
@@ -322,3 +322,27 @@ def test_a_retrieved_chunk_carries_its_documents_previous_chunk(tmp_path, embedd
         else:
             assert hit.previous == log_chunks[hit.position - 1].text
     assert any(h.previous is not None for h in hits) and by_place[("other", 0)].previous is None
+
+
+def test_preceding_text_drops_the_sentences_a_chunk_repeats() -> None:
+    assert preceding_text("A b. C d. E f.", "E f. G h.") == "A b. C d."
+    assert preceding_text("A b. C d.", "G h.") == "A b. C d."  # no overlap
+    assert preceding_text("A xE f.", "E f. G h.") == "A xE f."  # a match inside a word is no repeat
+    assert preceding_text("E f.", "E f. G h.") is None  # all of it repeated
+
+
+def test_with_overlapping_chunks_a_chunks_previous_text_is_what_precedes_it_in_its_document(
+        tmp_path, embedder, tokenizer) -> None:
+    retriever = make_retriever(tmp_path / "data", embedder, tokenizer, chunk_tokens=24, overlap_tokens=14)
+    sentences = ["The lighthouse keeper rows to the island every Monday.",
+                 "The island's well gives fresh water all year round.",
+                 "The lighthouse lamp burns whale oil from the mainland.",
+                 "The keeper's dog is called Biscuit and fears the fog horn."]
+    document = " ".join(sentences)
+    retriever.ingest_documents("coast", [SourceDocument("log", document)])
+    hits = [h for h in retriever.search("coast", "What is the keeper's dog called?", 6) if h.position > 0]
+    assert hits, "the document must span several chunks for this test"
+    for hit in hits:
+        before = document[:document.index(hit.text)].rstrip()
+        assert hit.previous is not None and before.endswith(hit.previous) and not hit.previous.endswith(
+            hit.text.split(". ")[0] + ".")
