@@ -11,8 +11,8 @@ median and p90 over --runs runs after warm-up. Speed-ups are over our own full p
 The ideal speed-up is 1 / the compute share (chunkcache/selection.py: compute_share, the (chunk token, layer)
 pairs computed); the ideal by rows computed is full prefill's rows over the rows a blend computes (recomputed
 chunk tokens and the question: the system prefix is reused exactly), which counts the question as both do.
-"TTFT / ideal" is the blend's TTFT over full prefill's TTFT divided by the ideal speed-up. transformers' own model (SDPA) runs the same prompts as the
-dense baseline our runner must keep up with.
+"TTFT / ideal" is the blend's TTFT over full prefill's TTFT divided by the ideal speed-up. transformers' own
+model (SDPA) runs the same prompts as the dense baseline our runner must keep up with.
 
     python bench/ttft.py                                   # Llama-3-8B and Qwen2.5-7B shapes, k = 4 8 16
     python bench/ttft.py --models llama3-8b --chunks 8 --runs 20 --out bench/results/ttft-DATE.md
@@ -118,7 +118,7 @@ class Bench:
 
     @torch.inference_mode()
     def run(self, k: int, with_transformers: bool = True) -> None:
-        model, layers = self.model, self.model.num_layers
+        model = self.model
         ids = self.ids(k)
         ids_gpu = torch.tensor(ids, device="cuda")
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from blendgate.semcache.pairs import qqp_split
 from blendgate.semcache.settings import default_categories
 from blendgate.semcache.verifier import Verifier

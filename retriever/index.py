@@ -19,7 +19,6 @@ import numpy as np
 from . import defaults
 
 
-
 class IndexFileError(Exception):
     """An index file that cannot be used: unreadable, not a collection index, or not the bytes written."""
 

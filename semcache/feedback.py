@@ -176,7 +176,8 @@ class CategoryFeedback:
         shown: dict[str, Any] = {
             "category": self.category, "bound": self.bound, "hits": self.hits, "reports": self.reports,
             "reported_false_share": None if self.share is None else round(self.share, 4),
-            "upper": None if self.upper is None else round(self.upper, 4), "cosine_threshold": round(self.cosine_threshold, 4),
+            "upper": None if self.upper is None else round(self.upper, 4),
+            "cosine_threshold": round(self.cosine_threshold, 4),
             "verifier_threshold": None if self.verifier_threshold is None else round(self.verifier_threshold, 4),
             "cosine_raise": round(self.cosine_raise, 4), "verifier_raise": round(self.verifier_raise, 4)}
         if self.tenant is not None:

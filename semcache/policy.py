@@ -22,7 +22,8 @@ class EffectivePolicy:
     scope: str = "tenant"  # the category's sharing scope (CategoryPolicy.scope)
 
     def as_dict(self) -> dict:
-        return {"category": self.category, "cached": self.cached, "scope": self.scope, "threshold": round(self.threshold, 4),
+        return {"category": self.category, "cached": self.cached, "scope": self.scope,
+                "threshold": round(self.threshold, 4),
                 "ttl_s": round(self.ttl_s, 1), "load_level": round(self.load_level, 3)}
 
 

@@ -9,7 +9,8 @@ from ..disconnect import ClientDisconnected, unless_disconnected
 from ..openapi import CLIENT_AUTH, JSON_BODY, errors
 from ..schemas import ChatCompletionRequest
 from ..state import AppState
-from .deps import app_state, tenant as caller
+from .deps import app_state
+from .deps import tenant as caller
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before the answer
 

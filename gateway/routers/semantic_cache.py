@@ -9,7 +9,8 @@ from ..openapi import CLIENT_AUTH, JSON_BODY, errors
 from ..responses import FalseHitResult
 from ..schemas import FalseHitReport
 from ..state import AppState
-from .deps import app_state, tenant as caller
+from .deps import app_state
+from .deps import tenant as caller
 
 router = APIRouter()
 

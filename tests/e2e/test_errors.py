@@ -154,7 +154,8 @@ def test_inline_documents_are_bounded_in_count_and_tokens(http: httpx.Client) ->
     assert many["param"] == "documents"
     assert "101 inline documents" in many["message"] and "100" in many["message"]
     assert "retrieval.max_inline_documents" in many["message"]
-    long = assert_openai_error(http.post("/v1/chat/completions", json={**body, "documents": [" ".join(["word"] * 20_000)] * 2}),
+    long_documents = [" ".join(["word"] * 20_000)] * 2
+    long = assert_openai_error(http.post("/v1/chat/completions", json={**body, "documents": long_documents}),
                                413, "documents_too_long")
     assert "40000 tokens" in long["message"] and "32768" in long["message"]
     assert long["param"] == "documents"

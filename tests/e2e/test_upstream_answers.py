@@ -14,10 +14,9 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+from blendgate.gateway.schemas import OPENAI_CHAT_PARAMS
 from openai_standin import OpenAIStandin, chunk, completion, stream_of
 from support import GatewayProcess, assert_openai_error
-
-from blendgate.gateway.schemas import OPENAI_CHAT_PARAMS
 
 MODEL = "standin"
 QUESTION = "What is the capital of France?"

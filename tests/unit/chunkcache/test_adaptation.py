@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from blendgate.chunkcache.adaptation import (DEFAULT_LINK_BYTES_PER_S, FetchPolicy, RateEstimate,
-                                              decode_rate)
+from blendgate.chunkcache.adaptation import DEFAULT_LINK_BYTES_PER_S, FetchPolicy, RateEstimate, decode_rate
 from blendgate.chunkcache.fallback import PrefillCosts
 
 COSTS = PrefillCosts(pass_tokens=20.0)

@@ -14,8 +14,14 @@ import re
 from pathlib import Path
 
 import pytest
-from blendgate.gateway.config import (ChunkCacheRedisSettings, ChunkCacheSettings, ModelRagConfig,
-                                      RetrievalSettings, SelectionSettings, default_data_dir)
+from blendgate.gateway.config import (
+    ChunkCacheRedisSettings,
+    ChunkCacheSettings,
+    ModelRagConfig,
+    RetrievalSettings,
+    SelectionSettings,
+    default_data_dir,
+)
 from pydantic import BaseModel
 from support import REPO
 

@@ -17,7 +17,7 @@ from blendgate.semcache.feedback import MARGIN, NO_RAISE, FeedbackLearner, Serve
 from blendgate.semcache.lookup import CacheQuery
 from blendgate.semcache.metrics import SemanticCacheMetrics, TenantLabel
 from blendgate.semcache.policy import CachePolicy, LoadMonitor
-from blendgate.semcache.settings import (CategoryPolicy, FeedbackSettings, LoadSettings, SemanticCacheSettings)
+from blendgate.semcache.settings import CategoryPolicy, FeedbackSettings, LoadSettings, SemanticCacheSettings
 from prometheus_client import CollectorRegistry
 
 ANSWER = {"content": "Paris.", "finish_reason": "stop",
@@ -32,7 +32,8 @@ def policy(bound: float = 0.02, threshold: float = 0.9) -> CachePolicy:
     return CachePolicy(categories, LoadMonitor(LoadSettings()))
 
 
-def learner(bound: float = 0.02, verifier: dict[str, float | None] | None = None, **settings: object) -> FeedbackLearner:
+def learner(bound: float = 0.02, verifier: dict[str, float | None] | None = None,
+            **settings: object) -> FeedbackLearner:
     return FeedbackLearner(FeedbackSettings(**settings), policy(bound), verifier)
 
 
@@ -62,7 +63,8 @@ def test_a_report_past_the_bound_raises_each_threshold_by_its_step_at_most() -> 
     assert narrow.probability == pytest.approx(0.05 + 0.01 + MARGIN)
     # Raises stop at their ceilings: 0.05 of cosine, a probability threshold of 0.99.
     for i in range(20):
-        learned.served(f"x{i}", hit(similarity=0.99, probability=0.999, cosine_threshold=0.9, probability_threshold=0.6))
+        learned.served(f"x{i}", hit(similarity=0.99, probability=0.999, cosine_threshold=0.9,
+                                    probability_threshold=0.6))
         learned.report(f"x{i}", "acme", "factual")
     capped = learned.learned("acme", "factual")
     assert capped.cosine == pytest.approx(0.05) and 0.6 + capped.probability == pytest.approx(0.99)
@@ -273,7 +275,8 @@ def test_concurrent_hits_and_reports_keep_exact_counts(embedder) -> None:
         try:
             ids = [await cache.put(_query(q), v, "general", ANSWER) for q, v in zip(questions, vectors)]
             # Every question asked three times at once, and every entry reported as soon as it is served.
-            results = await asyncio.gather(*(cache.lookup(_query(q), v) for q, v in zip(questions * 3, list(vectors) * 3)))
+            results = await asyncio.gather(*(cache.lookup(_query(q), v)
+                                             for q, v in zip(questions * 3, list(vectors) * 3)))
 
             async def report(entry_id: str):
                 await asyncio.sleep(0)

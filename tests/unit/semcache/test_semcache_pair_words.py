@@ -4,7 +4,6 @@ Quora's pairs (semcache/rephrasings.py), with pairs of their own."""
 import math
 
 import pytest
-
 from blendgate.semcache.pair_words import WORD_FEATURES, WordRarity, content_words, stem, word_differences
 from blendgate.semcache.rephrasings import rephrasings, rewrites
 

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from blendgate.semcache.pairs import is_held_out, qqp_split
 from blendgate.semcache.tuning import PairsFileError
 
