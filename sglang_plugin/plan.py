@@ -46,7 +46,8 @@ class BatchPlan:
 
 def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[int], prefix_lens: list[int],
                logprob_starts: list[int] | None, *, plain_extend: bool, single_device: bool,
-               shares_blended_kv: bool, pool_readable: bool, model_type: str) -> BatchPlan:
+               shares_blended_kv: bool, pool_readable: bool, model_type: str,
+               vocab_size: int | None = None) -> BatchPlan:
     """Whether the plugin prefills this extend batch (some request blends) or SGLang does, and how each request
     is prefilled. `requests`: (custom_params, prompt token ids) each; per request, `extend_lens` tokens computed
     in this pass after `prefix_lens` already in the pool, and where input logprobs start (None: none asked).
@@ -72,12 +73,12 @@ def plan_batch(requests: list[tuple[dict | None, list[int]]], extend_lens: list[
     if reason:
         return BatchPlan(None, [fallback_report(custom.get(PREFILL_MODE), reason) if want else None
                                 for want, (custom, _) in zip(wanted, requests)])
-    plans = [_request_plan(custom, ids, extend, prefix) if want else RequestPlan(prefix, extend)
+    plans = [_request_plan(custom, ids, extend, prefix, vocab_size) if want else RequestPlan(prefix, extend)
              for want, (custom, ids), extend, prefix in zip(wanted, requests, extend_lens, prefix_lens)]
     return BatchPlan(plans, []) if any(plan.prompt is not None for plan in plans) else BatchPlan.sglangs(plans)
 
 
-def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int) -> RequestPlan:
+def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int, vocab_size: int | None) -> RequestPlan:
     """A blending request's plan: its blend, or an exact prefill with the reason it cannot blend."""
     mode = custom.get(PREFILL_MODE)
 
@@ -85,7 +86,7 @@ def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int) -> Req
         return RequestPlan(prefix, extend, report=fallback_report(mode, reason))
 
     try:
-        prompt = prompt_of(ids, custom)
+        prompt = prompt_of(ids, custom, vocab_size)
     except ValueError as exc:
         return exact(f"bad chunk spans or contexts: {exc}")
     if prompt.segments[-1].is_chunk:

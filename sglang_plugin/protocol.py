@@ -74,11 +74,13 @@ def wants_chunk_cache(custom: dict | None) -> bool:
     return bool(custom) and bool(custom.get(CHUNK_SPANS))
 
 
-def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
+def prompt_of(input_ids: list[int], custom: dict | None, vocab_size: int | None = None) -> Prompt:
     """The prompt as a worker sees it: chunk spans from custom_params, the rest computed, each chunk with its
     own context when CHUNK_CONTEXT_LENGTHS is sent. Raises ValueError on spans that are not ordered
-    [start, end, ...] offsets within the prompt, on an unknown mode, or on per-chunk contexts that do not fit
-    the chunks (a length per chunk, token ids as many as the lengths add up to)."""
+    [start, end, ...] offsets within the prompt, on an unknown mode, on per-chunk contexts that do not fit
+    the chunks (a length per chunk, token ids as many as the lengths add up to), or on context token ids at or
+    past `vocab_size` when it is given (SGLang checks the prompt's own ids, not these: an id past the
+    embedding table would fail the worker's forward pass)."""
     custom = custom or {}
     spans = custom.get(CHUNK_SPANS) or []
     if len(spans) % 2 or any(not isinstance(x, int) or isinstance(x, bool) for x in spans) or \
@@ -97,7 +99,11 @@ def prompt_of(input_ids: list[int], custom: dict | None) -> Prompt:
     context = custom.get(CHUNK_CONTEXT) or []
     if not _token_ids(context):
         raise ValueError(f"{CHUNK_CONTEXT} must be a list of token ids")
-    own = iter(_chunk_contexts(custom, len(spans) // 2))
+    contexts = _chunk_contexts(custom, len(spans) // 2)
+    if vocab_size is not None and any(t >= vocab_size for ids in (context, *contexts) for t in ids):
+        raise ValueError(f"{CHUNK_CONTEXT} and {CHUNK_CONTEXT_IDS} take token ids below the model's vocabulary "
+                         f"size, {vocab_size}")
+    own = iter(contexts)
     segments, offset = [], 0
     for start, end in zip(spans[::2], spans[1::2]):
         if start > offset:

@@ -155,10 +155,11 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
             ([], [], None)
         shares = internals.radix_cache_enabled(model_runner) and \
             not all(internals.can_keep_out_of_radix_cache(req) for req in batch.reqs)
+        config = internals.hf_config(model_runner)
         plan = plan_batch(batch.params, extend_lens, prefix_lens, logprob_starts, plain_extend=plain_extend,
                           single_device=internals.single_device(model_runner), shares_blended_kv=shares,
                           pool_readable=not any(prefix_lens) or internals.pool_holds_model_dtype(model_runner),
-                          model_type=internals.hf_config(model_runner).model_type)
+                          model_type=config.model_type, vocab_size=config.vocab_size)
     except Exception:  # an SGLang we do not know: serve the batch as SGLang would, never fail it
         log.exception("blendgate plugin could not read this batch; SGLang prefills it")
         return original(model_runner, forward_batch, *args, **kwargs)

@@ -174,6 +174,11 @@ def test_bad_spans_or_a_prompt_ending_in_a_chunk_fall_back() -> None:
         assert malformed.reports[0]["mode"] == "full_prefill"
     ends = ({CHUNK_SPANS: [9, 11], PREFILL_MODE: "blend"}, PROMPT.token_ids)
     assert "ends inside a chunk" in plan([ends]).reports[0]["fallback"]
+    # Context ids past the model's vocabulary (SGLang checks the prompt's own ids, not these).
+    beyond = ({**custom_params(PROMPT), CHUNK_CONTEXT_LENGTHS: [1, 1], CHUNK_CONTEXT_IDS: [3, 50]}, PROMPT.token_ids)
+    assert plan([beyond], vocab_size=100).requests is not None
+    refused = plan([beyond], vocab_size=50)
+    assert refused.requests is None and "vocabulary size, 50" in refused.reports[0]["fallback"]
 
 
 class _Mode:
@@ -305,7 +310,7 @@ def _forward(monkeypatch, runner: _Runner, reqs, params, *, unknown_sglang: bool
     monkeypatch.setattr(internals, "extend_layout", layout)
     monkeypatch.setattr(internals, "radix_cache_enabled", lambda model_runner: True)
     monkeypatch.setattr(internals, "single_device", lambda model_runner: True)
-    monkeypatch.setattr(internals, "hf_config", lambda model_runner: SimpleNamespace(model_type="llama"))
+    monkeypatch.setattr(internals, "hf_config", lambda model_runner: SimpleNamespace(model_type="llama", vocab_size=100))
     monkeypatch.setattr(internals, "runner_output", lambda logits_output: ("plugin", logits_output))
     forward_batch = SimpleNamespace(**{BATCH_PARAMS_ATTRIBUTE: worker.BatchRequests(params, reqs)})
     return worker.around_forward_raw(runner.original, runner, forward_batch)
