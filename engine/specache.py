@@ -205,7 +205,8 @@ class SpeCacheDecoder:
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One token per request (a `batch(...)`); returns logits [batch.size, vocab] float32. On CUDA the step
         never waits for the device: its inputs go up in one asynchronous copy from pinned memory, the top-k and
-        the misses stay on the device, and the pairs move by index in kernels (kernels/pair_copy.py)."""
+        the misses stay on the device, and the pairs move by index in kernels (kernels/residency.py); in the
+        steady state the step is one graph replay (engine/specache_graph.py)."""
         model, pool, device = self.model, self.pool, self.model.device
         requests = [self.requests[i] for i in batch.request_ids]
         selections = [r.budget.select(p + 1) for r, p in zip(requests, batch.positions)]
