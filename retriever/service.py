@@ -337,19 +337,22 @@ class Retriever:
         with self._lock:
             hits = loaded.index.search(vector, top_k * 2)
         rows = self.documents.chunks_by_row([row for row, _ in hits])
-        previous = self.documents.previous_texts([row for row, _ in hits])
-        results, seen = [], set()
+        kept, seen = [], set()
         for row, score in hits:
             chunk = rows.get(row)
             if chunk is None or chunk.chunk_id in seen:
                 continue
             seen.add(chunk.chunk_id)
+            kept.append((row, chunk, score))
+            if len(kept) == top_k:
+                break
+        previous = self.documents.previous_texts([row for row, _, _ in kept])  # of the chunks returned only
+        results = []
+        for row, chunk, score in kept:
             before = previous.get(row)
             before = None if before is None else preceding_text(before, chunk.text)
             results.append(RetrievedChunk(chunk.chunk_id, chunk.text, chunk.source, chunk.position, score,
                                           chunk.token_count, before))
-            if len(results) == top_k:
-                break
         return results
 
     def collections(self) -> list[dict]:
