@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels.activation import silu_and_mul
 from ..kernels.attention import AttentionPlan, attend, plan_all, plan_causal, plan_masked, plan_sparse
+from ..kernels.kv_copy import copy_slots
 from ..kernels.norm import rms_norm
 from ..kernels.rope import rope_store
 
@@ -90,8 +91,8 @@ class KVCache:
         layers, kv_heads, _, head_dim = self.keys.shape
         copy = KVCache(layers, kv_heads, head_dim, max(capacity or self.length, self.length), self.keys.dtype,
                        self.keys.device)
-        copy.keys[:, :, : self.length] = self.keys[:, :, : self.length]
-        copy.values[:, :, : self.length] = self.values[:, :, : self.length]
+        copy_slots(self.keys, copy.keys, self.length)
+        copy_slots(self.values, copy.values, self.length)
         copy.positions[: self.length] = self.positions[: self.length]
         copy.length = self.length
         return copy
@@ -104,7 +105,7 @@ class KVCache:
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = torch.empty((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype, device=old.device)
-            new[:, :, : self.length] = old[:, :, : self.length]
+            copy_slots(old, new, self.length)
             setattr(self, name, new)
         positions = torch.empty(capacity, dtype=torch.long, device=self.positions.device)
         positions[: self.length] = self.positions[: self.length]

@@ -10,7 +10,7 @@ import torch
 from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.engine.llama import LlamaFamilyModel
-from blendgate.kernels import activation, attention, norm, probe_attention, rope, selection, sparse_attention
+from blendgate.kernels import activation, attention, kv_copy, norm, probe_attention, rope, selection, sparse_attention
 from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,6 +25,18 @@ def gen() -> torch.Generator:
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.double() - expected.double()).norm() / expected.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,capacities,length", [((32, 8, 128), (5184, 4256), 4192), ((2, 3, 64), (10, 7000), 1),
+                                                     ((1, 1, 16), (300, 300), 300), ((4, 2, 128), (64, 64), 0)])
+def test_copy_slots_copies_exactly_the_first_slots(gen, dtype, shape, capacities, length) -> None:
+    layers, heads, head_dim = shape
+    src = torch.randn(layers, heads, capacities[0], head_dim, generator=gen, device="cuda").to(dtype)
+    dst = torch.full((layers, heads, capacities[1], head_dim), float("nan"), dtype=dtype, device="cuda")
+    kv_copy.copy_slots(src, dst, length)
+    assert torch.equal(dst[:, :, :length], src[:, :, :length])
+    assert dst[:, :, length:].isnan().all()  # nothing past the length written
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
