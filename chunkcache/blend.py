@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from ..engine.llama import KVCache, LlamaFamilyModel
+from ..engine.staging import upload
 from ..kernels.attention import plan_causal, plan_sparse
 from ..kernels.drift import drift_apply, drift_deltas
-from ..kernels.rope import place, rope_store, rotate
+from ..kernels.rope import place, place_many, rope_store, rotate
 from ..kernels.selection import deviation
 from .kv import ChunkKV
 from .probe import ProbeGraphs, probe_eager
@@ -107,7 +108,7 @@ def place_chunk(cache: KVCache, kv: ChunkKV, start: int, cos: torch.Tensor, sin:
 class ChunkLoader:
     """Puts each chunk's cached KV into the request's cache at its slots, keys rotated to its positions.
 
-    Chunks already on the GPU are placed for every needed layer at once (one fused launch per chunk).
+    Chunks already on the GPU are placed for every needed layer at once (one fused launch for all of them).
     Chunks in (pinned) CPU memory are copied up on a side stream in groups of `group` layers, one group
     ahead of the compute, which waits only for the group it is about to use: the copy hides behind earlier
     layers. Groups rather than single layers because each copy and launch costs host time (about 20 us a
@@ -121,8 +122,9 @@ class ChunkLoader:
         device = cache.keys.device
         resident = [(kv, start) for kv, start in placements if kv.keys.device == device]
         self.streamed = [(kv, start) for kv, start in placements if kv.keys.device != device]
-        for kv, start in resident:
-            place_chunk(cache, kv, start, cos, sin, slice(first_layer, self.layers))
+        layers = slice(first_layer, self.layers)
+        place_many([(kv.keys[layers], kv.values[layers], start) for kv, start in resident], cache.keys[layers],
+                   cache.values[layers], cos, sin)
         self.stream = None
         self.events: dict[int, torch.cuda.Event] = {}
         self.waited: torch.cuda.Event | None = None
@@ -184,14 +186,10 @@ class _Layout:
         return int(self.ids.shape[0])
 
     def upload(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(token ids, other rows - exact, chunk rows - exact, chunk_of) on `device`: one copy from pinned
-        memory, queued behind the stream's work rather than waiting for it (a copy from pageable memory would
-        hold the host until the GPU is idle)."""
+        """(token ids, other rows - exact, chunk rows - exact, chunk_of) on `device`: one copy through a reused
+        pinned buffer (engine/staging.py), queued behind the stream's work rather than waiting for it."""
         parts = (self.ids, self.other_rows - self.exact, self.chunk_rows - self.exact, self.chunk_of)
-        host = torch.cat(parts)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(device, non_blocking=True).split([part.shape[0] for part in parts])
+        return upload(torch.cat(parts), device).split([part.shape[0] for part in parts])
 
 
 def _layout(segments: list, prefix_kv: ChunkKV | None) -> _Layout:
@@ -408,8 +406,8 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     token_ids, other, chunk, chunk_of = layout.upload(device)
     chunk_bounds = (None, None)
     if rule.drift_shift and (not rule.drift_sinks or rule.drift_bins > 1):  # before the probe: no wait
-        chunk_bounds = tuple(torch.tensor(values, dtype=torch.long).to(device, non_blocking=True) for values in
-                             ([start for _, start in layout.placements], layout.chunk_lengths))
+        chunk_bounds = tuple(upload(torch.tensor([[start for _, start in layout.placements], layout.chunk_lengths],
+                                                 dtype=torch.long), device))
     positions = torch.arange(total, device=device)
     cos, sin = model.rope_table(total)
 

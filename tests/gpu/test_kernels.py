@@ -40,6 +40,42 @@ def test_copy_slots_copies_exactly_the_first_slots(gen, dtype, shape, capacities
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first_layer", [0, 2])
+def test_place_many_places_every_chunk_as_place_does(gen, dtype, first_layer) -> None:
+    layers, heads, head_dim = 4, 8, 128
+    lengths, starts, start = [512, 77, 1, 300], [], 64
+    for length in lengths:
+        starts.append(start)
+        start += length + 3
+    total = start + 10
+    angles = torch.rand(total, head_dim // 2, generator=gen, device="cuda") * 100
+    cos = torch.cat([angles.cos()] * 2, -1).to(dtype).contiguous()
+    sin = torch.cat([angles.sin()] * 2, -1).to(dtype).contiguous()
+    chunks = [(torch.randn(layers, heads, n, head_dim, generator=gen, device="cuda").to(dtype),
+               torch.randn(layers, heads, n, head_dim, generator=gen, device="cuda").to(dtype), s)
+              for n, s in zip(lengths, starts)]
+    got = [torch.full((layers, heads, total, head_dim), float("nan"), dtype=dtype, device="cuda") for _ in range(2)]
+    want = [tensor.clone() for tensor in got]
+    cut = slice(first_layer, layers)
+    rope.place_many([(k[cut], v[cut], s) for k, v, s in chunks], got[0][cut], got[1][cut], cos, sin)
+    for k, v, s in chunks:
+        span = slice(s, s + k.shape[2])
+        rope.place(k[cut], v[cut], want[0][cut], want[1][cut], s, cos[span], sin[span])
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())  # the same slots written, and only those
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_uploads_through_the_pinned_ring_arrive_whole(gen) -> None:
+    from blendgate.engine.staging import RING, upload
+
+    sent = [torch.randint(0, 1 << 40, (n,), dtype=torch.int64) for n in (5, 70_000, 3, *range(1, RING + 3))]
+    arrived = [upload(host, torch.device("cuda")) for host in sent]  # more uploads than buffers: reuse waits
+    for host, device_copy in zip(sent, arrived):
+        assert torch.equal(device_copy.cpu(), host)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8, 512, 128), (4, 2, 77, 64), (32, 8, 33, 128)])
 def test_place_rotates_and_writes_exactly_the_chunk_slots(gen, dtype, shape) -> None:
     layers, heads, tokens, head_dim = shape
