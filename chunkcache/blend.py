@@ -295,11 +295,12 @@ class _DriftShift:
             part_counts = parts.sum(dim=1, keepdim=True)
             chunk_weights = weights.repeat_interleave(self.bins, dim=0)
             weights = (parts + self.BIN_PRIOR_WEIGHT * chunk_weights) / (part_counts + self.BIN_PRIOR_WEIGHT)
-        # One batched product a layer over the keys' and values' heads, into buffers kept for every layer.
+        # One product a layer for every key and value head (the deltas token-major), into buffers kept for
+        # every layer.
         kv_heads, head_dim = self.cache.keys.shape[1], self.cache.keys.shape[3]
-        self.weights = weights.expand(2 * kv_heads, *weights.shape).contiguous()
-        self.deltas = torch.empty(2 * kv_heads, count, head_dim, dtype=torch.float32, device=recomputed.device)
-        self.mean = torch.empty(2 * kv_heads, weights.shape[0], head_dim, dtype=torch.float32,
+        self.weights = weights.contiguous()
+        self.deltas = torch.empty(count, 2 * kv_heads, head_dim, dtype=torch.float32, device=recomputed.device)
+        self.mean = torch.empty(weights.shape[0], 2 * kv_heads, head_dim, dtype=torch.float32,
                                 device=recomputed.device)
         fresh = torch.zeros_like(self.chunk_of, dtype=torch.int8).index_fill_(0, recomputed, 1)
         # The chunk slots not recomputed, in order: a stable sort puts them first, and their count is known
@@ -319,9 +320,10 @@ class _DriftShift:
             return rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
         deltas = drift_deltas(qkv, self.rows, self.model.heads, keys, values, self.recomputed, self.cos, self.sin,
                               out=self.deltas)
-        mean = torch.bmm(self.weights, deltas, out=self.mean)  # [2 kv_heads, chunks, head_dim]
+        torch.mm(self.weights, deltas.view(deltas.shape[0], -1), out=self.mean.view(self.mean.shape[0], -1))
+        mean = self.mean  # [chunks, 2 kv_heads, head_dim]
         if layer == self.measure_layer:
-            self.chunk_drift = self.members @ deltas.square().mean(dim=(0, 2))
+            self.chunk_drift = self.members @ deltas.square().mean(dim=(1, 2))
         q = rope_store(qkv, self.model.heads, cos, sin, keys, values, slots)
         drift_apply(mean, self.stale_chunk, self.stale, self.strength, keys, values, self.cos, self.sin)
         return q

@@ -296,10 +296,10 @@ def test_drift_kernels_match_their_references(gen, dtype, heads, kv_heads, head_
     got = drift.drift_deltas(qkv, rows, heads, keys, values, slots, cos, sin)
     expected = drift.drift_deltas_reference(qkv.double(), rows, heads, keys.double(), values.double(), slots,
                                             cos.double(), sin.double())
-    assert got.shape == (2 * kv_heads, recomputed, head_dim) and not got.isnan().any()
+    assert got.shape == (recomputed, 2 * kv_heads, head_dim) and not got.isnan().any()
     assert relative_error(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
-    mean = torch.randn(2 * kv_heads, chunks, head_dim, generator=gen, device="cuda")
+    mean = torch.randn(chunks, 2 * kv_heads, head_dim, generator=gen, device="cuda")
     chunk_of = torch.randint(0, chunks, (stale,), generator=gen, device="cuda")
     shifted_keys, shifted_values = keys.clone(), values.clone()
     drift.drift_apply(mean, chunk_of, stale_slots, 0.5, shifted_keys, shifted_values, cos, sin)

@@ -352,7 +352,7 @@ def test_the_drift_means_leave_the_sinks_out_and_follow_the_parts(model) -> None
     shift = _DriftShift(model, cache, 2, chunk_of, chunk_slots, cos, sin, 0.5, start, length, skip_first=2, bins=2)
     recomputed = torch.tensor([4, 5, 10, 20, 24, 25, 40])  # chunk 0: sinks 4, 5; 10 in part 0, 20 in part 1
     shift.select(recomputed, torch.arange(7))
-    weights = shift.weights[0]  # [chunks * bins, recomputed]
+    weights = shift.weights  # [chunks * bins, recomputed]
     assert weights.shape == (4, 7)
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
     assert (weights[:, [0, 1, 4, 5]] == 0).all()  # every sink out of every mean
