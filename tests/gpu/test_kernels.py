@@ -202,9 +202,12 @@ def test_sparse_attention_matches_the_reference(gen, dtype, queries, slots, head
     if dtype != torch.float32:  # both Triton kernels themselves, into poisoned buffers
         blocked = torch.full_like(q, float("nan"))
         sparse_attention.sparse_causal_attention(q, keys, values, query_positions, plan.block_ends, out=blocked)
-        grouped = torch.full_like(q, float("nan"))
-        probe_attention.grouped_causal_attention(q, keys[:, :slots], values[:, :slots], query_positions, out=grouped)
-        for out in (blocked, grouped):
+        outs = [blocked]
+        for splits in (None, 1, 3):  # the spans grouped_splits picks, one span, three combined
+            outs.append(torch.full_like(q, float("nan")))
+            probe_attention.grouped_causal_attention(q, keys[:, :slots], values[:, :slots], query_positions,
+                                                     out=outs[-1], splits=splits)
+        for out in outs:
             assert not out.isnan().any() and relative_error(out, expected) < 1e-2
 
 
