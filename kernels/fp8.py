@@ -87,8 +87,8 @@ if triton is not None:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `quantize_rows_reference`, one launch on CUDA (out [M, K] contiguous)."""
-    if triton is None or not x.is_cuda or x.dim() != 2 or x.stride(-1) != 1:
+    """As `quantize_rows_reference`, one launch on CUDA GPUs with e4m3 (hardware_fp8; out [M, K] contiguous)."""
+    if triton is None or x.dim() != 2 or x.stride(-1) != 1 or not hardware_fp8(x.device, torch.bfloat16):
         return quantize_rows_reference(x)
     rows, width = x.shape
     out = torch.empty((rows, width), dtype=FP8, device=x.device)
