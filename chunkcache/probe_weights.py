@@ -18,9 +18,15 @@ from typing import Protocol
 import torch
 
 from ..engine.llama import LlamaFamilyModel
-from ..kernels.activation import silu_and_mul
-from ..kernels.fp8 import Fp8Weight, fp8_linear, hardware_fp8, quantize_weight
-from ..kernels.norm import rms_norm
+from ..kernels.fp8 import (
+    Fp8Weight,
+    fp8_linear,
+    fp8_product,
+    hardware_fp8,
+    quantize_weight,
+    rms_norm_quantize,
+    silu_and_mul_quantize,
+)
 
 
 class Projections(Protocol):
@@ -72,13 +78,18 @@ class Fp8Projections:
     def project_qkv(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """As LlamaFamilyModel.project_qkv, the product in FP8 (the norm and the qkv bias as the model's)."""
         weights = self.layers[layer]
-        return fp8_linear(rms_norm(hidden, weights.input_norm, self.eps), self.qkv[layer], bias=weights.qkv_bias)
+        x_fp8, x_scale = rms_norm_quantize(hidden, weights.input_norm, self.eps)
+        return fp8_product(x_fp8, x_scale, self.qkv[layer], hidden.dtype, bias=weights.qkv_bias)
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """As LlamaFamilyModel.finish_layer, the three products in FP8 (residuals added after each)."""
+        """As LlamaFamilyModel.finish_layer, the three products in FP8 (residuals added after each; the norm and
+        the activation fused with the quantisation of their output)."""
+        dtype = hidden.dtype
         hidden = fp8_linear(attention, self.o[layer], residual=hidden)
-        x = rms_norm(hidden, self.layers[layer].post_norm, self.eps)
-        return fp8_linear(silu_and_mul(fp8_linear(x, self.gate_up[layer])), self.down[layer], residual=hidden)
+        x_fp8, x_scale = rms_norm_quantize(hidden, self.layers[layer].post_norm, self.eps)
+        gate_up = fp8_product(x_fp8, x_scale, self.gate_up[layer], dtype)
+        x_fp8, x_scale = silu_and_mul_quantize(gate_up)
+        return fp8_product(x_fp8, x_scale, self.down[layer], dtype, residual=hidden)
 
 
 def probe_projections(model: LlamaFamilyModel, probe_weights: str) -> Projections:
