@@ -20,6 +20,7 @@ import torch
 from ..engine.llama import LlamaFamilyModel
 from ..kernels.fp8 import (
     Fp8Weight,
+    add_rms_norm_quantize,
     fp8_linear,
     fp8_product,
     hardware_fp8,
@@ -82,11 +83,12 @@ class Fp8Projections:
         return fp8_product(x_fp8, x_scale, self.qkv[layer], hidden.dtype, bias=weights.qkv_bias)
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """As LlamaFamilyModel.finish_layer, the three products in FP8 (residuals added after each; the norm and
-        the activation fused with the quantisation of their output)."""
+        """As LlamaFamilyModel.finish_layer, the three products in FP8 (residuals added after each; the first
+        residual add with the norm after it, the norm and the activation fused with the quantisation of their
+        output)."""
         dtype = hidden.dtype
-        hidden = fp8_linear(attention, self.o[layer], residual=hidden)
-        x_fp8, x_scale = rms_norm_quantize(hidden, self.layers[layer].post_norm, self.eps)
+        attended = fp8_linear(attention, self.o[layer])
+        hidden, x_fp8, x_scale = add_rms_norm_quantize(attended, hidden, self.layers[layer].post_norm, self.eps)
         gate_up = fp8_product(x_fp8, x_scale, self.gate_up[layer], dtype)
         x_fp8, x_scale = silu_and_mul_quantize(gate_up)
         return fp8_product(x_fp8, x_scale, self.down[layer], dtype, residual=hidden)

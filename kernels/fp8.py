@@ -9,9 +9,9 @@ largest finite value), and one per row of the activations, computed on the fly.
 - `quantize_weight(w [N, K]) -> Fp8Weight`: once per weight.
 - `quantize_rows(x [M, K]) -> (x_fp8 [M, K], scale [M, 1] float32)`: per-row dynamic quantisation, one Triton
   launch on GPUs with e4m3 (`quantize_rows_reference` is the same rounding in PyTorch, and serves elsewhere);
-  `rms_norm_quantize` and `silu_and_mul_quantize` fuse it with the op that makes a Llama layer's product inputs
-  (RMSNorm before qkv and gate_up, SwiGLU before down): one launch instead of two, the same numbers as the
-  two references one after the other.
+  `rms_norm_quantize`, `add_rms_norm_quantize` and `silu_and_mul_quantize` fuse it with the ops that make a
+  Llama layer's product inputs (RMSNorm before qkv; the attention's residual add and RMSNorm before gate_up;
+  SwiGLU before down): one launch instead of two or three, the same numbers as the references in turn.
 - `fp8_product(x_fp8, x_scale, weight, dtype, bias, residual)`: the product of quantised rows. On CUDA at compute
   capability 8.9 or later (`hardware_fp8`), `torch._scaled_mm` with row-wise scales; elsewhere an emulation
   with the same rounding (x and w dequantised, the product in `dtype`), so a float32 model on the CPU shows
@@ -102,6 +102,21 @@ if triton is not None:
         _store_quantized(normed, out, scales, row, cols, inside, hidden, floor)
 
     @triton.jit
+    def _add_rms_norm_quantize_kernel(delta, residual, weight, total, out, scales, hidden, eps, floor,
+                                      BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < hidden
+        w = tl.load(weight + cols, mask=inside, other=0.0)
+        summed = (tl.load(delta + row * hidden + cols, mask=inside, other=0.0).to(tl.float32)
+                  + tl.load(residual + row * hidden + cols, mask=inside, other=0.0).to(tl.float32)).to(w.dtype)
+        tl.store(total + row * hidden + cols, summed, mask=inside)
+        values = summed.to(tl.float32)
+        inverse = tl.rsqrt(tl.sum(values * values, axis=0) / hidden + eps)
+        normed = (w * (values * inverse).to(w.dtype)).to(w.dtype).to(tl.float32)
+        _store_quantized(normed, out, scales, row, cols, inside, hidden, floor)
+
+    @triton.jit
     def _silu_and_mul_quantize_kernel(gate_up, out, scales, inter, row_stride, floor, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -164,6 +179,33 @@ def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
 def rms_norm_quantize_reference(x: torch.Tensor, weight: torch.Tensor, eps: float
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_reference(rms_norm_reference(x, weight, eps))
+
+
+def add_rms_norm_quantize(delta: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual stream after a sublayer and the next norm's quantised output: hidden = delta + residual
+    ([M, hidden], the model's dtype), then rms_norm_quantize(hidden). Returns (hidden, e4m3 [M, hidden],
+    scale [M, 1] float32); one launch on GPUs with e4m3 (contiguous inputs), the references elsewhere."""
+    fused = (_fused(delta) and delta.is_contiguous() and residual.is_contiguous() and
+             delta.dtype == residual.dtype == weight.dtype and delta.shape == residual.shape)
+    if not fused:
+        hidden = delta + residual
+        return (hidden, *rms_norm_quantize(hidden, weight, eps))
+    rows, width = delta.shape
+    hidden = torch.empty_like(delta)
+    out = torch.empty((rows, width), dtype=FP8, device=delta.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=delta.device)
+    if rows:
+        block, warps = _launch_shape(width)
+        _add_rms_norm_quantize_kernel[(rows,)](delta, residual, weight, hidden, out, scales, width, eps,
+                                               SCALE_FLOOR, BLOCK=block, num_warps=warps)
+    return hidden, out, scales
+
+
+def add_rms_norm_quantize_reference(delta: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = delta + residual
+    return (hidden, *rms_norm_quantize_reference(hidden, weight, eps))
 
 
 def silu_and_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

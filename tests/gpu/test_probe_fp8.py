@@ -1,8 +1,8 @@
 """The probe pass's FP8 weights on the GPU (kernels/fp8.py, chunkcache/probe_weights.py): the per-row
-quantisation kernels (alone, after RMSNorm, after SwiGLU) against their references, torch._scaled_mm's product
-against the emulation that CPU tests and float32 models run, the capability check, and the probe replayed from
-CUDA graphs on the FP8 copy against the same pass launched op by op (graphs kept apart from the model-weight
-ones)."""
+quantisation kernels (alone, after RMSNorm, after a residual add and RMSNorm, after SwiGLU) against their
+references, torch._scaled_mm's product against the emulation that CPU tests and float32 models run, the
+capability check, and the probe replayed from CUDA graphs on the FP8 copy against the same pass launched op by
+op (graphs kept apart from the model-weight ones)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from blendgate.chunkcache.selection import SelectionRule
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels.fp8 import (
     Fp8Weight,
+    add_rms_norm_quantize,
+    add_rms_norm_quantize_reference,
     fp8_linear,
     hardware_fp8,
     quantize_rows,
@@ -68,11 +70,16 @@ def same_quantisation(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[to
 @needs_fp8
 @pytest.mark.parametrize("rows,hidden,inter", [(1, 576, 1536), (64, 4096, 14336), (37, 256, 512), (0, 256, 512)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_fused_norm_and_activation_quantisers_equal_their_references(rows, hidden, inter, dtype) -> None:
+def test_the_fused_add_norm_and_activation_quantisers_equal_their_references(rows, hidden, inter, dtype) -> None:
     generator = torch.Generator(device="cuda").manual_seed(hidden)
     x = (torch.randn(rows, hidden, device="cuda", generator=generator) * 3).to(dtype)
     weight = (torch.rand(hidden, device="cuda", generator=generator) + 0.5).to(dtype)
     same_quantisation(rms_norm_quantize(x, weight, 1e-5), rms_norm_quantize_reference(x, weight, 1e-5))
+    residual = (torch.randn(rows, hidden, device="cuda", generator=generator) * 5).to(dtype)
+    total, *quantised = add_rms_norm_quantize(x, residual, weight, 1e-5)
+    expected_total, *expected = add_rms_norm_quantize_reference(x, residual, weight, 1e-5)
+    assert torch.equal(total, expected_total)
+    same_quantisation(tuple(quantised), tuple(expected))
     gate_up = (torch.randn(rows, 2 * inter, device="cuda", generator=generator) * 2).to(dtype)
     # SwiGLU's sigmoid differs from PyTorch's by an ulp at times, before the rounding to the model's dtype.
     same_quantisation(silu_and_mul_quantize(gate_up), silu_and_mul_quantize_reference(gate_up), share=1e-3)
