@@ -45,17 +45,13 @@ _ALIGNMENT = 16
 @dataclass(frozen=True)
 class Fp8Weight:
     """A linear layer's weight in e4m3 with one float32 scale per output channel: w ~= values * scale[:, None].
-    Connects `quantize_weight` (once per model) and `fp8_linear` (each product).
+    Connects `quantize_weight` (once per model) and `fp8_product` / `fp8_linear` (each product).
 
     values: [N, K] float8_e4m3fn, row-major (so values.t() is the column-major second operand _scaled_mm wants).
     scale: [1, N] float32 (the row-wise scale_b of torch._scaled_mm)."""
 
     values: torch.Tensor
     scale: torch.Tensor
-
-    @property
-    def out_features(self) -> int:
-        return self.values.shape[0]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] in `dtype`: the weight as the FP8 product sees it."""
@@ -178,6 +174,7 @@ def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
 
 def rms_norm_quantize_reference(x: torch.Tensor, weight: torch.Tensor, eps: float
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_reference, then quantize_rows_reference."""
     return quantize_rows_reference(rms_norm_reference(x, weight, eps))
 
 
@@ -204,6 +201,7 @@ def add_rms_norm_quantize(delta: torch.Tensor, residual: torch.Tensor, weight: t
 
 def add_rms_norm_quantize_reference(delta: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The add in the model's dtype, then rms_norm_quantize_reference."""
     hidden = delta + residual
     return (hidden, *rms_norm_quantize_reference(hidden, weight, eps))
 
@@ -225,6 +223,7 @@ def silu_and_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def silu_and_mul_quantize_reference(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_and_mul_reference, then quantize_rows_reference."""
     return quantize_rows_reference(silu_and_mul_reference(gate_up))
 
 
