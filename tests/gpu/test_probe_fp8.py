@@ -92,7 +92,8 @@ def emulated(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
 
 
 @needs_fp8
-@pytest.mark.parametrize("rows,k,n", [(64, 4096, 6144), (64, 14336, 4096), (32, 256, 384), (5, 576, 960)])
+@pytest.mark.parametrize("rows,k,n", [(64, 4096, 6144), (64, 14336, 4096), (32, 256, 384), (5, 576, 960),
+                                      (1, 576, 960)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_hardware_product_equals_the_emulation(rows, k, n, dtype) -> None:
     generator = torch.Generator(device="cuda").manual_seed(rows + k)
