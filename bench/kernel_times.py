@@ -4,6 +4,8 @@
 
 Shapes: k = 8 chunks of 512 tokens after a 64-token prefix and before a 32-token question (4192 slots);
 32 query heads, 8 KV heads, head_dim 128, bf16; r = 0.15 (710 computed rows after selection).
+The probe's weight-bound products at 64 rows, with the model's bf16 weights and with their FP8 copy
+(kernels/fp8.py; on GPUs with e4m3), and one probe layer's projections both ways (chunkcache/probe_weights.py).
 Also counts torch.compile recompilations of flex_attention over varied prompt lengths (should be ~1).
 """
 
@@ -12,11 +14,46 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 import triton.testing
-from blendgate.kernels import attention, probe_attention, rope, selection, sparse_attention
+from blendgate.kernels import attention, fp8, probe_attention, rope, selection, sparse_attention
 
 
 def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def fp8_rows(add) -> None:
+    """The probe's four products of a Llama-3-8B layer at 64 rows: bf16 weights against their FP8 copy (the
+    product alone, and with the rows' quantisation), the quantisers, and one layer's projections both ways."""
+    from blendgate.chunkcache.probe_weights import Fp8Projections
+    from blendgate.engine.llama import LlamaFamilyModel
+    from transformers import AutoConfig
+
+    hidden, inter, qkv = 4096, 14336, 6144
+    x = torch.randn(64, inter, device="cuda", dtype=torch.bfloat16)
+    for name, n, k in (("qkv", qkv, hidden), ("o", hidden, hidden), ("gate_up", 2 * inter, hidden),
+                       ("down", hidden, inter)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        weight = fp8.quantize_weight(w)
+        rows, scales = fp8.quantize_rows(x[:, :k])
+        add(f"probe product {name} 64 x {k} -> {n}: bf16 weights (F.linear)",
+            lambda x=x[:, :k].contiguous(), w=w: torch.nn.functional.linear(x, w))
+        add(f"probe product {name}: FP8 weights (torch._scaled_mm, rows quantised already)",
+            lambda r=rows, s=scales, wt=weight: fp8.fp8_product(r, s, wt, torch.bfloat16))
+        add(f"probe product {name}: FP8 weights with the rows' quantisation (fp8_linear)",
+            lambda x=x[:, :k].contiguous(), wt=weight: fp8.fp8_linear(x, wt))
+    norm_weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    add("RMSNorm + row quantisation 64 x 4096 (fused)",
+        lambda: fp8.rms_norm_quantize(x[:, :hidden].contiguous(), norm_weight, 1e-5))
+    gate_up = torch.randn(64, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    add("SwiGLU + row quantisation 64 x 28672 (fused)", lambda: fp8.silu_and_mul_quantize(gate_up))
+    config = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=hidden, intermediate_size=inter,
+                                  num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8)
+    model = LlamaFamilyModel.random(config, device="cuda", dtype=torch.bfloat16)
+    projections = Fp8Projections.for_model(model)
+    states = torch.randn(64, hidden, device="cuda", dtype=torch.bfloat16)
+    for label, pieces in (("bf16 weights", model), ("FP8 copy", projections)):
+        add(f"probe layer's projections 64 rows (qkv, o, gate_up, down, norms, SwiGLU): {label}",
+            lambda p=pieces: (p.project_qkv(0, states), p.finish_layer(0, states, states)))
 
 
 def main() -> None:
@@ -114,6 +151,9 @@ def main() -> None:
         lambda: selection.attention_mass(question, fresh, query_positions, slots))
     add("attention mass, float64 reference",
         lambda: selection.attention_mass_reference(question, fresh, query_positions, slots))
+
+    if fp8.hardware_fp8(torch.device("cuda"), torch.bfloat16):
+        fp8_rows(add)
 
     # Recompilations of flex_attention across prompt lengths.
     torch._dynamo.utils.counters.clear()

@@ -64,6 +64,10 @@ RULES: dict[str, dict] = {
     "value-gradual": {"score": "value", "gradual": 2.0},
     "value-sinks": {"score": "value", "sink_tokens": 4},
     "default": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5},  # DEFAULT_RULE, since 2026-11-30
+    # The default's probe on the FP8 copy of the weights (emulated on a float32 model: the rounding of the GPU's
+    # FP8 products; "auto" picks it on FP8 GPUs for half-precision models) and on the model's own weights.
+    "default-fp8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "fp8"},
+    "default-bf16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "model"},
     "default-p8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 8},
     "default-p16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 16},
     # The drift measured without the sinks (xs), per parts of each chunk (bN), at other strengths (sNN).

@@ -31,14 +31,15 @@ from blendgate.chunkcache.probe import probe_eager  # noqa: E402
 MODE = os.environ.get("ORACLE", "attention")
 
 
-def oracle_scores(model, ids, rows, votes, total, cache, ready, cos, sin, layers) -> torch.Tensor:
-    """probe_eager's signature and result ([total] float32 scores), from a full prefill of the prompt."""
+def oracle_scores(model, ids, rows, votes, total, cache, ready, cos, sin, layers, projections=None) -> torch.Tensor:
+    """probe_eager's signature and result ([total] float32 scores), from a full prefill of the prompt (the
+    attention oracle's probe on the rule's projections, as the blend's own)."""
     for layer in range(model.num_layers):
         ready(layer)  # every chunk's cached KV in place (the deviation compares with it)
     full = model.new_cache(total + 8)
     model.forward(ids[:total], None, full)
     if MODE == "attention":
-        return probe_eager(model, ids, rows, votes, total, full, lambda layer: None, cos, sin, layers)
+        return probe_eager(model, ids, rows, votes, total, full, lambda layer: None, cos, sin, layers, projections)
     if MODE != "deviation":
         raise SystemExit("ORACLE must be 'attention' or 'deviation'")
     score = torch.zeros(total, device=ids.device)

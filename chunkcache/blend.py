@@ -31,6 +31,7 @@ from ..kernels.rope import place, place_many, rope_store, rotate
 from ..kernels.selection import deviation
 from .kv import ChunkKV
 from .probe import ProbeGraphs, probe_eager
+from .probe_weights import probe_projections
 from .selection import (
     DEFAULT_RULE,
     SelectionRule,
@@ -433,11 +434,13 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     importance = None
     probe_layers = rule.probe_layer_ids(model.num_layers)
     votes = len(layout.vote_rows)
+    projections = probe_projections(model, rule.probe_weights) if query_aware else model
     if query_aware and probe_graphs is not False and ProbeGraphs.usable(model):
         graphs = ProbeGraphs.for_model(model)
         with graphs.arena_for(total, len(layout.other_rows)) as arena:
             loader = placed(arena)
-            mass = graphs.probe(token_ids, other + exact, votes, total, cos, sin, loader.ready, probe_layers)
+            mass = graphs.probe(token_ids, other + exact, votes, total, cos, sin, loader.ready, probe_layers,
+                                projections)
             importance = mass[chunk + exact]
             loader.ready_all()
             cache = arena.clone(total + 64)  # the request's own cache; the arena serves the next probe
@@ -449,7 +452,7 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
         loader = placed(cache)
         if query_aware:
             mass = probe_eager(model, token_ids, other + exact, votes, total, cache, loader.ready, cos, sin,
-                               probe_layers)
+                               probe_layers, projections)
             importance = mass[chunk + exact]
             mark("probe")
     covered = None

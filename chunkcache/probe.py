@@ -22,6 +22,9 @@ Graphs read and write fixed addresses, so the pass runs on one KV cache per mode
 then copies into the request's own cache (a copy of the prompt's KV, 0.65 ms for 4k tokens of Llama-3-8B on
 the H200). Launching the attention outside the graphs instead, on the request's own cache, measured slower:
 five Triton launches a layer cost more host time (~35 us each) than the layer's GPU time.
+
+Both passes take the projections they run a layer's matrix products with (chunkcache/probe_weights.py: the
+model's own weights, or their FP8 copy that halves the weight reads); graphs are captured per projections.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ..kernels.probe_attention import probe_attention
 from ..kernels.rope import rope_store
 from ..kernels.selection import attention_mass, causal_bias
 from ..kernels.settings import kernel_settings
+from .probe_weights import Projections
 
 
 def probe_layer_list(layers: int | Sequence[int]) -> list[int]:
@@ -55,12 +59,14 @@ def probe_layer_list(layers: int | Sequence[int]) -> list[int]:
 
 def probe_eager(model: LlamaFamilyModel, ids: torch.Tensor, rows: torch.Tensor, votes: int, total: int,
                 cache: KVCache, ready: Callable[[int], None], cos: torch.Tensor, sin: torch.Tensor,
-                layers: int | Sequence[int]) -> torch.Tensor:
+                layers: int | Sequence[int], projections: Projections | None = None) -> torch.Tensor:
     """Query-aware scores, one launch at a time. ids [total] (the prompt's token ids, on the model's device);
     rows [r] long: the computed non-chunk slots, ascending, the question's `votes` rows last; `ready(layer)`
     is called before a layer reads the cache (chunks streamed from CPU memory). Returns [total] float32: the
     attention mass each slot got, summed over heads, question rows and the probe's layers (`layers`: the first
-    n, or which: probe_layer_list)."""
+    n, or which: probe_layer_list). `projections`: the layers' matrix products (probe_weights.probe_projections;
+    None: the model's own)."""
+    projections = model if projections is None else projections
     first_vote = rows.shape[0] - votes
     bias = causal_bias(rows[first_vote:], total, model.heads // model.kv_heads, model.dtype)
     hidden = torch.nn.functional.embedding(ids[rows], model.embed_tokens)
@@ -70,11 +76,11 @@ def probe_eager(model: LlamaFamilyModel, ids: torch.Tensor, rows: torch.Tensor, 
     listed = probe_layer_list(layers)
     for layer in listed:
         ready(layer)
-        qkv = model.project_qkv(layer, hidden)
+        qkv = projections.project_qkv(layer, hidden)
         q = rope_store(qkv, model.heads, active_cos, active_sin, cache.keys[layer], cache.values[layer], rows)
         attention_mass(q[:, first_vote:], cache.keys[layer], rows[first_vote:], total, out=mass, bias=bias)
         if layer != listed[-1]:
-            hidden = model.finish_layer(layer, hidden, model.attend(layer, q, cache, plan))
+            hidden = projections.finish_layer(layer, hidden, model.attend(layer, q, cache, plan))
     return mass
 
 
@@ -104,7 +110,8 @@ class _Inputs:
 class ProbeGraphs:
     """The probe pass captured in CUDA graphs, one per layer and padded shape, for one model (see the module
     docstring). `for_model(model)` gives the model's instance; `usable(model)` says whether it applies (CUDA,
-    half-precision weights, the Triton attention kernel). Thread-safe: one probe runs at a time per model."""
+    half-precision weights, the Triton attention kernel). Thread-safe: one probe runs at a time per model.
+    Graphs are captured per padded shape and projections (the model's weights or their FP8 copy), on one arena."""
 
     SLOT_BUCKET = 1024
     ROW_BUCKET = 32
@@ -117,9 +124,10 @@ class ProbeGraphs:
     def __init__(self, model: LlamaFamilyModel) -> None:
         self.model = model
         self.arena: KVCache | None = None
-        # (slots, rows, votes) -> the fixed inputs and one graph per layer; the least recently used shapes dropped.
-        self.captured: LRUCache[tuple[int, int, int], tuple[_Inputs, list[torch.cuda.CUDAGraph]]] = LRUCache(
-            self.SHAPES_KEPT)
+        # (slots, rows, votes, projections) -> the fixed inputs and one graph per layer; the least recently used
+        # dropped.
+        self.captured: LRUCache[tuple[int, int, int, Projections], tuple[_Inputs, list[torch.cuda.CUDAGraph]]] = \
+            LRUCache(self.SHAPES_KEPT)
         self.pool = torch.cuda.graph_pool_handle()
         self.lock = threading.Lock()
 
@@ -162,11 +170,12 @@ class ProbeGraphs:
             yield arena
 
     def probe(self, ids: torch.Tensor, rows: torch.Tensor, votes: int, total: int, cos: torch.Tensor,
-              sin: torch.Tensor, ready: Callable[[int], None], layers: int | Sequence[int]) -> torch.Tensor:
+              sin: torch.Tensor, ready: Callable[[int], None], layers: int | Sequence[int],
+              projections: Projections | None = None) -> torch.Tensor:
         """As probe_eager, on the arena (call inside `arena_for`). Returns [total] float32 (a view)."""
         model = self.model
-        key = self.shape(total, rows.shape[0], votes)
-        slots, padded_rows, padded_votes = key
+        key = (*self.shape(total, rows.shape[0], votes), model if projections is None else projections)
+        slots, padded_rows, padded_votes, _ = key
         entry = self.captured.get(key)  # a lookup counts as use
         if entry is None:
             entry = self.captured[key] = self._capture(key)
@@ -189,12 +198,12 @@ class ProbeGraphs:
             graphs[layer].replay()
         return inputs.mass[:total]
 
-    def _layer(self, inputs: _Inputs, layer: int, first_vote: int) -> None:
+    def _layer(self, inputs: _Inputs, layer: int, first_vote: int, projections: Projections) -> None:
         """One layer of the probe on the fixed inputs (what each graph holds): the rows' attention output and
         the voting rows' attention mass in one pass over the slots (kernels/probe_attention.py)."""
         model, arena = self.model, self.arena
         slots = inputs.mass.shape[0]
-        qkv = model.project_qkv(layer, inputs.hidden)
+        qkv = projections.project_qkv(layer, inputs.hidden)
         q = rope_store(qkv, model.heads, inputs.cos, inputs.sin, arena.keys[layer], arena.values[layer],
                        inputs.slots)
         # Written as [heads, rows, head_dim] into a row-major buffer: the output projection reads it as is.
@@ -202,11 +211,11 @@ class ProbeGraphs:
         probe_attention(q, arena.keys[layer], arena.values[layer], inputs.positions, inputs.weights, first_vote,
                         slots, inputs.mass, out=out)
         if layer + 1 < model.num_layers:
-            inputs.hidden.copy_(model.finish_layer(layer, inputs.hidden, inputs.attention))
+            inputs.hidden.copy_(projections.finish_layer(layer, inputs.hidden, inputs.attention))
 
-    def _capture(self, key: tuple[int, int, int]) -> tuple[_Inputs, list[torch.cuda.CUDAGraph]]:
+    def _capture(self, key: tuple[int, int, int, Projections]) -> tuple[_Inputs, list[torch.cuda.CUDAGraph]]:
         model = self.model
-        slots, padded_rows, padded_votes = key
+        slots, padded_rows, padded_votes, projections = key
         device, dtype = model.device, model.dtype
         positions = torch.zeros(padded_rows, dtype=torch.long, device=device)
         inputs = _Inputs(
@@ -222,12 +231,12 @@ class ProbeGraphs:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for layer in range(model.num_layers):
-                self._layer(inputs, layer, padded_rows - padded_votes)
+                self._layer(inputs, layer, padded_rows - padded_votes, projections)
         torch.cuda.current_stream(device).wait_stream(side)
         graphs = []
         for layer in range(model.num_layers):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._layer(inputs, layer, padded_rows - padded_votes)
+                self._layer(inputs, layer, padded_rows - padded_votes, projections)
             graphs.append(graph)
         return inputs, graphs

@@ -29,6 +29,8 @@ from typing import Literal, Sequence
 ScoreKind = Literal["value", "key", "kv", "attention", "attention_value", "attention_key"]
 SCORE_KINDS: tuple[str, ...] = ("value", "key", "kv", "attention", "attention_value", "attention_key")
 ChunkBudget = Literal["global", "uniform"]
+ProbeWeights = Literal["auto", "model", "fp8"]
+PROBE_WEIGHTS: tuple[str, ...] = ("auto", "model", "fp8")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,15 @@ class SelectionRule:
         sinks when it was computed alone, drift unlike the rest of it).
     drift_bins: the drift mean is taken per this many equal parts of each chunk (shrunk toward the chunk's
         mean where a part has few recomputed tokens), so a token gets the drift measured near it (1: per chunk).
+    probe_weights: which weights the probe pass's matrix products read (chunkcache/probe_weights.py). The pass
+        only ranks chunk tokens, and a few dozen rows through a layer are bound by reading its weights, so an
+        FP8 copy of them (e4m3, a scale per output channel: kernels/fp8.py) halves the probe's weight reads.
+        "auto" (the default): the FP8 copy where the hardware runs FP8 products (CUDA at compute capability
+        8.9 or later, a float16 or bfloat16 model), the model's own weights elsewhere (CPU and float32 models:
+        unchanged, no emulation cost); "fp8": the FP8 copy always, emulated with the same rounding where the
+        hardware has no FP8 products (what the quality benchmark measures on a float32 model); "model": the
+        model's own weights always. The FP8 copy is made once per model and kept beside it: about half the
+        bytes of the model's decoder layers in device memory (Llama-3-8B: ~7 GB); "model" avoids it.
     """
 
     score: ScoreKind = "attention"
@@ -72,6 +83,7 @@ class SelectionRule:
     neighbours: int = 0
     drift_sinks: bool = True
     drift_bins: int = 1
+    probe_weights: ProbeWeights = "auto"
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:
@@ -94,6 +106,8 @@ class SelectionRule:
             raise ValueError("drift_bins must be at least 1")
         if self.chunk_budget not in ("global", "uniform"):
             raise ValueError("chunk_budget must be 'global' or 'uniform'")
+        if self.probe_weights not in PROBE_WEIGHTS:
+            raise ValueError(f"probe_weights must be one of {', '.join(PROBE_WEIGHTS)}")
 
     @property
     def query_aware(self) -> bool:

@@ -8,6 +8,9 @@
   rotary embedding of a layer's queries and keys with the keys and values stored into the cache;
 - norm.py: RMSNorm;
 - activation.py: SwiGLU's silu(gate) * up;
+- fp8.py: FP8 (e4m3) products of weight-bound passes (the probe pass's): weights quantised per output channel,
+  rows per row (alone, or fused with RMSNorm, a residual add and RMSNorm, or SwiGLU), torch._scaled_mm on GPUs
+  with e4m3, an emulation with the same rounding elsewhere;
 - selection.py: the KV-deviation score of each token and the choice of tokens to recompute;
 - rans.py: the cachegen codec's entropy decoding (interleaved rANS) fused with its dequantisation, with a
   numpy reference;

@@ -8,6 +8,10 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 - BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
   the local engine's pass_cost_tokens and placement_cost_tokens;
 - BLENDGATE_SGLANG_EVICTION: "lru" or "cost_aware", as the local engine's eviction;
+- BLENDGATE_SGLANG_PROBE_WEIGHTS: "auto", "model" or "fp8", as the local engine's selection.probe_weights (auto: the
+  probe pass reads an FP8 copy of the layer weights on GPUs with FP8 products, about half the decoder layers'
+  bytes in GPU memory beside SGLang's, made at the first blend: leave room for it in --mem-fraction-static, or
+  set "model");
 - BLENDGATE_SGLANG_REDIS_URL, BLENDGATE_SGLANG_REDIS_BUDGET_GB, BLENDGATE_SGLANG_REDIS_KEY_PREFIX,
   BLENDGATE_SGLANG_REDIS_TIMEOUT_S: the shared chunk-cache tier (chunkcache/redis_tier.py), as the gateway's
   chunk_cache.redis (url, budget_bytes, key_prefix, timeout_s); off unless the URL is set. Give the gateway's
@@ -27,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
+from ..chunkcache.selection import DEFAULT_RULE, ProbeWeights
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, ChunkPrefix
 
 PREFIX = "BLENDGATE_SGLANG_"
@@ -43,6 +48,7 @@ class PluginSettings(BaseSettings):
     pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
     placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
     eviction: EvictionPolicyName = DEFAULT_EVICTION
+    probe_weights: ProbeWeights = DEFAULT_RULE.probe_weights
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
     redis_budget_gb: float = Field(chunk_cache_defaults.REDIS_BUDGET_BYTES / GIB, gt=0, allow_inf_nan=False)
     redis_key_prefix: str = Field(chunk_cache_defaults.REDIS_KEY_PREFIX, min_length=1)

@@ -36,7 +36,7 @@ shared with the gateway's local engines and the other workers) come from BLENDGA
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -46,6 +46,7 @@ from ..chunkcache.codec import Codec
 from ..chunkcache.kv_store import ChunkCacheStore
 from ..chunkcache.redis_tier import RedisTier
 from ..chunkcache.runner import ChunkBlender
+from ..chunkcache.selection import DEFAULT_RULE
 from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import LlamaFamilyModel
 from . import internals
@@ -86,7 +87,8 @@ class BlendWorker:
             decode_rate(settings.codec, settings.codec_level, on_gpu=shared.decode_device.type == "cuda"),
             settings.costs, link=shared.link) if shared is not None and settings.redis_adapt else None
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
-        self.blender = ChunkBlender(self.model, store, settings.chunk_prefix)
+        self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
+                                    replace(DEFAULT_RULE, probe_weights=settings.probe_weights))
         self.costs = settings.costs
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,

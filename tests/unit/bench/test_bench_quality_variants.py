@@ -3,8 +3,11 @@ only reuse and blend variants take one (no model loaded here)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from bench_modules import bench_module
+from blendgate.chunkcache.selection import DEFAULT_RULE
 
 quality = bench_module("quality.py")
 
@@ -40,3 +43,14 @@ def test_the_shuffled_set_has_the_same_questions_and_each_paragraph_keeps_its_pr
         moved += mixed.passages != plain.passages
     assert moved > 30  # seeded, and mostly another order than the article's
     assert [i.passages for i in quality.shuffled_items(items, seed=0)] == [i.passages for i in shuffled]
+
+
+def test_every_named_rule_is_a_valid_selection_rule_and_the_probe_weights_rows_differ_only_there() -> None:
+    """The rules the lead compares on the same questions: the default's probe on FP8 and on the model's weights."""
+    for name in quality.RULES:
+        quality.parse_variant(f"{name}@0.15")
+    _, _, fp8, _ = quality.parse_variant("default-fp8@0.15")
+    _, _, bf16, _ = quality.parse_variant("default-bf16@0.15")
+    _, _, default, _ = quality.parse_variant("default@0.15")
+    assert (fp8.probe_weights, bf16.probe_weights, default.probe_weights) == ("fp8", "model", "auto")
+    assert replace(fp8, probe_weights="auto") == replace(bf16, probe_weights="auto") == default == DEFAULT_RULE

@@ -170,11 +170,13 @@ RULES = [SelectionRule("value"), SelectionRule("key"), SelectionRule("kv"), Sele
          SelectionRule("attention", probe_layers=2), SelectionRule("attention", sink_tokens=2),
          SelectionRule("attention_value"), SelectionRule("attention", chunk_budget="uniform"),
          SelectionRule("attention", drift_shift=1.0), SelectionRule("attention", probe_layers=2, drift_shift=0.5),
-         SelectionRule("attention_key"), SelectionRule("attention", neighbours=2)]
+         SelectionRule("attention_key"), SelectionRule("attention", neighbours=2),
+         # The probe with FP8 weights (emulated on the CPU: kernels/fp8.py), as the default rule otherwise.
+         SelectionRule("attention", sink_tokens=2, drift_shift=0.5, probe_weights="fp8")]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.score}-l{r.layer}-p{r.probe_layers}-s{r.sink_tokens}"
-                         f"-g{r.gradual}-{r.chunk_budget}")
+                         f"-g{r.gradual}-{r.chunk_budget}-{r.probe_weights}")
 def test_every_rule_keeps_the_limits_and_follows_the_budget(model, rule: SelectionRule) -> None:
     """r = 1 is full prefill, r = 0 full reuse, and in between the rule recomputes the budgeted count."""
     chunks = [precompute_chunk(model, c) for c in CHUNKS]

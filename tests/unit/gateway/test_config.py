@@ -77,6 +77,7 @@ api_keys:
         ("models:\n  - name: m\n    backend: sglang\n    workers: [http://a:1]\n    recompute_ratio: 2\n",
          "models.0.sglang.recompute_ratio"),
         ("chunk_cache:\n  selection:\n    score: loudness\n", "chunk_cache.selection.score"),
+        ("chunk_cache:\n  selection:\n    probe_weights: int4\n", "chunk_cache.selection.probe_weights"),
         ("chunk_cache:\n  context_documents: 9\n", "chunk_cache.context_documents"),
         ("chunk_cache:\n  fidelity_target: 0\n", "chunk_cache.fidelity_target"),
         ("chunk_cache:\n  redis:\n    url: cache:6379\n", "chunk_cache.redis.url"),
@@ -199,3 +200,11 @@ def test_every_selection_rule_field_is_a_setting(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("chunk_cache:\n  selection:\n    drift_shift: 0.5\n")
     assert load_settings(config).chunk_cache.selection.rule().drift_shift == 0.5
+
+
+def test_operators_can_keep_the_probe_on_the_models_own_weights(tmp_path: Path) -> None:
+    """`probe_weights: model` turns the probe's FP8 copy of the weights (and its GPU memory) off."""
+    config = tmp_path / "c.yaml"
+    config.write_text("chunk_cache:\n  selection:\n    probe_weights: model\n")
+    assert load_settings(config).chunk_cache.selection.rule().probe_weights == "model"
+    assert load_settings(write(tmp_path, "port: 8080\n")).chunk_cache.selection.rule().probe_weights == "auto"
