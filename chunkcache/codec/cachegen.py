@@ -105,8 +105,13 @@ def _width(deviation: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 def width_base(channels: torch.Tensor, bins: torch.Tensor) -> int:
     """A layer group's width code base (WidthCodes): the codes' top, 255, reaches twice the widest range of its
-    channels [channels, tokens] per the fewest bins (a bound on every width the group wants)."""
-    spread = (channels.amax(dim=1) - channels.amin(dim=1)).max() if channels.numel() else channels.new_zeros(())
+    channels [channels, tokens] per the fewest bins (a bound on every width the group wants). The range counts
+    the centres' rounding to bf16 (2^-9 of a value at most): a channel whose tokens are all alike still
+    deviates from its bf16 centre by that much, and its bins must reach it."""
+    if not channels.numel():
+        spread = channels.new_zeros(())
+    else:
+        spread = (channels.amax(dim=1) - channels.amin(dim=1)).max() + channels.abs().max() * 2.0 ** -8
     top = max(2 * float(spread) / min(1.0, float(bins.min())), SMALLEST_WIDTH)
     return int(np.ceil(np.log2(top) * WIDTH_STEPS)) - 255
 

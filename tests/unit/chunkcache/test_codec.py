@@ -201,6 +201,20 @@ def test_random_shapes_and_dtypes_round_trip(codec, layers, heads, tokens, dim, 
     assert_within_bound(decoded, kv, data)
 
 
+@pytest.mark.parametrize("level", range(CODEC_LEVELS["cachegen"]))
+def test_a_channel_whose_coded_tokens_are_alike_keeps_its_bound(level: int) -> None:
+    """Two tokens: the first stored apart, the second coded in its place too, so every coded token of the
+    channel is -325.25 and its spread is 0; its bf16 centre (-326) is 0.75 off, which the bins must still reach
+    (found by the round-trip property below: the widths stopped at the code range and the token came back
+    0.75 off against a bound of 3e-8)."""
+    keys = torch.tensor([1239.0, 1240.0], dtype=torch.float16).reshape(1, 1, 2, 1)
+    values = torch.tensor([170.5, -325.25], dtype=torch.float16).reshape(1, 1, 2, 1)
+    kv = ChunkKV(torch.tensor([5, 6]), keys, values)
+    decoded, data = round_trip("cachegen", level, kv)
+    assert_within_bound(decoded, kv, data)
+    assert (decoded.values.float() - values.float()).abs().max() <= 0.75 / 2
+
+
 @pytest.mark.parametrize(("name", "level"), ALL)
 def test_the_disk_tier_stores_and_reads_each_codec(tmp_path, name: str, level: int) -> None:
     entries = [kv_like(seed, tokens=20) for seed in range(3)]
