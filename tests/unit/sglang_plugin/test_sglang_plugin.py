@@ -313,7 +313,8 @@ def _forward(monkeypatch, runner: _Runner, reqs, params, *, unknown_sglang: bool
     monkeypatch.setattr(internals, "extend_layout", layout)
     monkeypatch.setattr(internals, "radix_cache_enabled", lambda model_runner: True)
     monkeypatch.setattr(internals, "single_device", lambda model_runner: True)
-    monkeypatch.setattr(internals, "hf_config", lambda model_runner: SimpleNamespace(model_type="llama", vocab_size=100))
+    monkeypatch.setattr(internals, "hf_config",
+                        lambda model_runner: SimpleNamespace(model_type="llama", vocab_size=100))
     monkeypatch.setattr(internals, "runner_output", lambda logits_output: ("plugin", logits_output))
     forward_batch = SimpleNamespace(**{BATCH_PARAMS_ATTRIBUTE: worker.BatchRequests(params, reqs)})
     return worker.around_forward_raw(runner.original, runner, forward_batch)
