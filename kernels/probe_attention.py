@@ -35,7 +35,6 @@ BLOCK_M = 64  # (query head, row) pairs per program of the partial pass
 BLOCK_N = 64  # slots per step
 MASS_BLOCK_N = 64  # slots per program of the mass pass
 TARGET_PROGRAMS = 264  # partial-pass programs aimed at (two per SM of an H100/H200)
-SPLIT_TARGET = 2.5 * TARGET_PROGRAMS  # grouped_causal_attention's programs aimed at, splits included
 
 if triton is not None:
 
@@ -238,35 +237,24 @@ def grouped_fills_gpu(heads: int, kv_heads: int, rows: int) -> bool:
     return kv_heads * -(-heads // kv_heads * rows // BLOCK_M) >= TARGET_PROGRAMS
 
 
-def grouped_splits(kv_heads: int, blocks: int, kv_length: int) -> int:
-    """How many spans grouped_causal_attention cuts the slots into: 1 when its blocks give the GPU a few waves
-    of work; 2 to 4 when they fill it only once or twice. Rows sorted by position make blocks of very
-    different lengths (a row sees the slots up to its own position), and the longest block's walk over the
-    slots is then the kernel's critical path: with 320 blocks (710 rows of Llama-3-8B) about twice the
-    average work of a program slot on an H200. Split, the longest walks halve and the short blocks skip the
-    spans past their rows."""
-    programs = kv_heads * blocks
-    wanted = round(SPLIT_TARGET / max(1, programs))
-    return max(1, min(4, wanted, -(-kv_length // BLOCK_N)))
-
-
 def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                              out: torch.Tensor | None = None, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                             warps: int = 4, stages: int = 3, splits: int | None = None) -> torch.Tensor:
+                             warps: int = 4, stages: int = 3, splits: int = 1) -> torch.Tensor:
     """Attention of rows at `positions` (ascending for speed; any order is correct) over slots 0..max(position)
     (slot j holds position j), each row seeing the slots up to its own position: q [heads, rows, head_dim]
     (rotated), keys/values [kv_heads, slots, head_dim] -> [heads, rows, head_dim] (in `out` when given). The
     partial pass of probe_attention, normalising in place with one span of slots, or over `splits` spans
-    combined after (None: grouped_splits' choice): a block holds block_m // group rows with all the query
-    heads of one KV head, so each key and value loaded serves the whole group (the blocked kernel of
-    sparse_attention.py loads them once per query head). `grouped_fills_gpu` says whether the rows are
-    enough to give every SM work this way."""
+    combined after, as flash-decoding splits: a block holds block_m // group rows with all the query heads of
+    one KV head, so each key and value loaded serves the whole group (the blocked kernel of sparse_attention.py
+    loads them once per query head). `grouped_fills_gpu` says whether the rows are enough to give every SM work
+    this way. One span is the default: for the blend's 710 rows of Llama-3-8B over 4192 slots on the H200, 2,
+    3 and 4 spans took 0.138, 0.133 and 0.132 ms against 0.102 (bench/results/ttft-2026-12-01.md)."""
     heads, rows, head_dim = q.shape
     kv_heads, kv_length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q) if out is None else out
     blocks = -(-group * rows // block_m)
-    splits = grouped_splits(kv_heads, blocks, kv_length) if splits is None else max(1, splits)
+    splits = max(1, splits)
     scale_log2 = head_dim ** -0.5 * 1.4426950408889634
     strides = (q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
                out.stride(0), out.stride(1))

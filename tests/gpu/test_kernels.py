@@ -203,7 +203,7 @@ def test_sparse_attention_matches_the_reference(gen, dtype, queries, slots, head
         blocked = torch.full_like(q, float("nan"))
         sparse_attention.sparse_causal_attention(q, keys, values, query_positions, plan.block_ends, out=blocked)
         outs = [blocked]
-        for splits in (None, 1, 3):  # the spans grouped_splits picks, one span, three combined
+        for splits in (1, 2, 3):  # one span of slots (the default), two or three combined
             outs.append(torch.full_like(q, float("nan")))
             probe_attention.grouped_causal_attention(q, keys[:, :slots], values[:, :slots], query_positions,
                                                      out=outs[-1], splits=splits)
