@@ -64,12 +64,15 @@ class SelectionRule:
     probe_weights: which weights the probe pass's matrix products read (chunkcache/probe_weights.py). The pass
         only ranks chunk tokens, and a few dozen rows through a layer are bound by reading its weights, so an
         FP8 copy of them (e4m3, a scale per output channel: kernels/fp8.py) halves the probe's weight reads.
-        "auto" (the default): the FP8 copy where the hardware runs FP8 products (CUDA at compute capability
+        "model" (the default): the model's own weights always: on the H200 (Llama-3-8B shapes, k = 8) the FP8
+        copy saved 0.1 ms of a 25.9 ms blend (bench/results/ttft-2026-12-01.md: torch._scaled_mm at 64 rows
+        reads far below the bandwidth its bf16 products reach, and the rows' quantisation costs launches), not
+        worth ~7 GB of GPU memory. "auto": the FP8 copy where the hardware runs FP8 products (CUDA at compute capability
         8.9 or later, a float16 or bfloat16 model), the model's own weights elsewhere (CPU and float32 models:
         unchanged, no emulation cost); "fp8": the FP8 copy always, emulated with the same rounding where the
-        hardware has no FP8 products (what the quality benchmark measures on a float32 model); "model": the
-        model's own weights always. The FP8 copy is made once per model and kept beside it: about half the
-        bytes of the model's decoder layers in device memory (Llama-3-8B: ~7 GB); "model" avoids it.
+        hardware has no FP8 products (what the quality benchmark measures on a float32 model). The FP8 copy is
+        made once per model and kept beside it: about half the bytes of the model's decoder layers in device
+        memory (Llama-3-8B: ~7 GB).
     """
 
     score: ScoreKind = "attention"
@@ -83,7 +86,7 @@ class SelectionRule:
     neighbours: int = 0
     drift_sinks: bool = True
     drift_bins: int = 1
-    probe_weights: ProbeWeights = "auto"
+    probe_weights: ProbeWeights = "model"
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:

@@ -145,8 +145,8 @@ class SelectionSettings(_Strict):
     neighbours: int = Field(DEFAULT_RULE.neighbours, ge=0)
     drift_sinks: bool = DEFAULT_RULE.drift_sinks
     drift_bins: int = Field(DEFAULT_RULE.drift_bins, ge=1)
-    # auto: the probe reads an FP8 copy of the layer weights where the GPU has FP8 products (about half the
-    # decoder layers' bytes more in GPU memory); model: never (no copy); fp8: always (emulated elsewhere).
+    # model (the default): the probe reads the model's weights; auto: an FP8 copy of the layer weights where the
+    # GPU has FP8 products (about half the decoder layers' bytes more in GPU memory); fp8: always (emulated).
     probe_weights: Literal["auto", "model", "fp8"] = DEFAULT_RULE.probe_weights
 
     def rule(self) -> SelectionRule:

@@ -8,10 +8,10 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 - BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
   the local engine's pass_cost_tokens and placement_cost_tokens;
 - BLENDGATE_SGLANG_EVICTION: "lru" or "cost_aware", as the local engine's eviction;
-- BLENDGATE_SGLANG_PROBE_WEIGHTS: "auto", "model" or "fp8", as the local engine's selection.probe_weights (auto: the
-  probe pass reads an FP8 copy of the layer weights on GPUs with FP8 products, about half the decoder layers'
-  bytes in GPU memory beside SGLang's, made at the first blend: leave room for it in --mem-fraction-static, or
-  set "model");
+- BLENDGATE_SGLANG_PROBE_WEIGHTS: "model" (the default), "auto" or "fp8", as the local engine's
+  selection.probe_weights (auto: the probe pass reads an FP8 copy of the layer weights on GPUs with FP8
+  products, about half the decoder layers' bytes in GPU memory beside SGLang's, made at the first blend: leave
+  room for it in --mem-fraction-static);
 - BLENDGATE_SGLANG_REDIS_URL, BLENDGATE_SGLANG_REDIS_BUDGET_GB, BLENDGATE_SGLANG_REDIS_KEY_PREFIX,
   BLENDGATE_SGLANG_REDIS_TIMEOUT_S: the shared chunk-cache tier (chunkcache/redis_tier.py), as the gateway's
   chunk_cache.redis (url, budget_bytes, key_prefix, timeout_s); off unless the URL is set. Give the gateway's

@@ -202,9 +202,10 @@ def test_every_selection_rule_field_is_a_setting(tmp_path: Path) -> None:
     assert load_settings(config).chunk_cache.selection.rule().drift_shift == 0.5
 
 
-def test_operators_can_keep_the_probe_on_the_models_own_weights(tmp_path: Path) -> None:
-    """`probe_weights: model` turns the probe's FP8 copy of the weights (and its GPU memory) off."""
+def test_operators_can_turn_the_probes_fp8_copy_on(tmp_path: Path) -> None:
+    """The probe reads the model's own weights by default; `probe_weights: auto` gives it an FP8 copy of them
+    where the GPU has FP8 products (and costs that copy's GPU memory)."""
     config = tmp_path / "c.yaml"
-    config.write_text("chunk_cache:\n  selection:\n    probe_weights: model\n")
-    assert load_settings(config).chunk_cache.selection.rule().probe_weights == "model"
-    assert load_settings(write(tmp_path, "port: 8080\n")).chunk_cache.selection.rule().probe_weights == "auto"
+    config.write_text("chunk_cache:\n  selection:\n    probe_weights: auto\n")
+    assert load_settings(config).chunk_cache.selection.rule().probe_weights == "auto"
+    assert load_settings(write(tmp_path, "port: 8080\n")).chunk_cache.selection.rule().probe_weights == "model"

@@ -221,11 +221,11 @@ def test_the_shared_tiers_codec_comes_from_the_environment(monkeypatch) -> None:
 def test_store_settings_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("BLENDGATE_SGLANG_GPU_CACHE_GB", "0.5")
     monkeypatch.setenv("BLENDGATE_SGLANG_CHUNK_PREFIX", "none")
-    assert worker.PluginSettings.from_env().probe_weights == "auto"
-    monkeypatch.setenv("BLENDGATE_SGLANG_PROBE_WEIGHTS", "model")
+    assert worker.PluginSettings.from_env().probe_weights == "model"
+    monkeypatch.setenv("BLENDGATE_SGLANG_PROBE_WEIGHTS", "auto")
     settings = worker.PluginSettings.from_env()
     assert settings.gpu_cache_bytes == 1 << 29 and settings.chunk_prefix == "none"
-    assert settings.probe_weights == "model"
+    assert settings.probe_weights == "auto"
     monkeypatch.setenv("BLENDGATE_SGLANG_CPU_CACHE_GB", "lots")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_CPU_CACHE_GB"):
         worker.PluginSettings.from_env()
