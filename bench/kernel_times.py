@@ -1,6 +1,6 @@
 """Times of blendgate.kernels against their PyTorch references at Llama-3-8B blending shapes, on CUDA.
 
-    python bench/kernel_times.py
+    python bench/kernel_times.py [--match TEXT]
 
 Shapes: k = 8 chunks of 512 tokens after a 64-token prefix and before a 32-token question (4192 slots);
 32 query heads, 8 KV heads, head_dim 128, bf16; r = 0.15 (710 computed rows after selection).
@@ -10,6 +10,8 @@ Also counts torch.compile recompilations of flex_attention over varied prompt le
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch._dynamo
@@ -57,6 +59,9 @@ def fp8_rows(add) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--match", default="", help="time only the rows whose name contains this text")
+    args = parser.parse_args()
     torch.manual_seed(0)
     slots, heads, kv_heads, dim, layers = 4192, 32, 8, 128, 32
     rows = []
@@ -64,6 +69,8 @@ def main() -> None:
     print("| kernel | median ms |\n|---|---|", flush=True)
 
     def add(name: str, fn) -> None:
+        if args.match not in name:
+            return
         try:
             rows.append((name, ms(fn)))
             print(f"| {name} | {rows[-1][1]:.4f} |", flush=True)
@@ -136,6 +143,15 @@ def main() -> None:
     moved = 8 * 4 * chunk_keys.numel() * 2  # read K and V, write K and V, bf16
     add(f"place 8 chunks x 32 layers ({moved / 2**30:.2f} GiB moved): Triton fused", place(rope.place))
     add("place 8 chunks x 32 layers: PyTorch reference", place(rope.place_reference))
+    table_angles = torch.rand(slots + 64, dim // 2, device="cuda")
+    table_cos = torch.cat([table_angles.cos()] * 2, -1).to(torch.bfloat16)
+    table_sin = torch.cat([table_angles.sin()] * 2, -1).to(torch.bfloat16)
+    separate = [(torch.randn_like(chunk_keys), torch.randn_like(chunk_values), 64 + 512 * i) for i in range(8)]
+    add("place 8 chunks x 32 layers, one chunk a launch (8 separate chunk-caches)",
+        lambda: [rope.place(k, v, cache_keys, cache_values, s, table_cos[s:s + 512], table_sin[s:s + 512])
+                 for k, v, s in separate])
+    add("place 8 chunks x 32 layers, one launch for all (place_many)",
+        lambda: rope.place_many(separate, cache_keys, cache_values, table_cos, table_sin))
     copy = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     add("device-to-device copy of the same bytes (the floor)", lambda: copy.clone())
 

@@ -73,24 +73,26 @@ if triton is not None:
         tl.store(cache_values + dst + HALF, v2.to(out_type), mask=rows)
 
     @triton.jit
-    def _place_many_kernel(table, like, cache_keys, cache_values, cos, sin, dst_layer, dst_head, dst_token,
-                           KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+    def _place_many_kernel(table, base, cache_keys, cache_values, cos, sin, dst_layer, dst_head, dst_token,
+                           KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+                           ALIGN: tl.constexpr):
         # Program (layer and KV head, chunk, block of tokens). A table row per chunk: its keys' and values'
-        # addresses, first slot, tokens, and strides (layer, head, token); `like` gives the element type.
+        # offsets from `base` (in elements), first slot, tokens, and strides (layer, head, token), each a
+        # multiple of ALIGN elements (checked by the host), so the loads stay vectorised as `place`'s are.
         layer_head = tl.program_id(0)
         row = table + tl.program_id(1) * 7
         tokens = tl.load(row + 3)
         t = tl.program_id(2) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
         if tl.program_id(2) * BLOCK_TOKENS < tokens:
-            element = tl.pointer_type(like.dtype.element_ty)
-            keys = tl.load(row).to(element, bitcast=True)
-            values = tl.load(row + 1).to(element, bitcast=True)
+            keys = base + tl.multiple_of(tl.load(row), ALIGN)
+            values = base + tl.multiple_of(tl.load(row + 1), ALIGN)
             start = tl.load(row + 2)
             layer, head = layer_head // KV_HEADS, layer_head % KV_HEADS
             d = tl.arange(0, HALF)
             rows = t[:, None] < tokens
-            src = (layer.to(tl.int64) * tl.load(row + 4) + head * tl.load(row + 5)
-                   + t[:, None].to(tl.int64) * tl.load(row + 6) + d[None, :])
+            src = (layer.to(tl.int64) * tl.multiple_of(tl.load(row + 4), ALIGN)
+                   + head * tl.multiple_of(tl.load(row + 5), ALIGN)
+                   + t[:, None].to(tl.int64) * tl.multiple_of(tl.load(row + 6), ALIGN) + d[None, :])
             dst = (layer.to(tl.int64) * dst_layer + head * dst_head + (start + t[:, None]).to(tl.int64) * dst_token
                    + d[None, :])
             angle = (start + t[:, None]) * (2 * HALF) + d[None, :]
@@ -159,10 +161,11 @@ def place_many(chunks: list[tuple[torch.Tensor, torch.Tensor, int]], cache_keys:
     kv_heads, tokens_i, head_dim] (keys unrotated) going to slots [start, start + tokens_i) of cache_keys /
     cache_values [layers, kv_heads, capacity, head_dim]; cos/sin [slots, head_dim]: the angles of slot
     positions 0.. (a rope table; not sliced per chunk). On CUDA one launch for all of them (a table of the
-    chunks' addresses, uploaded through engine/staging.py: no host wait); the host's cost per chunk was a
-    launch and a dozen tensor views, about 60 us each on the H200 machine, more than the chunk's copy on
-    the GPU (34 us for 512 tokens of Llama-3-8B). Elsewhere, or for chunks the kernel does not take (mixed
-    dtypes or devices, keys and values of different strides), `place` per chunk."""
+    chunks' offsets from the first one's address, uploaded through engine/staging.py: no host wait; offsets
+    and strides in multiples of 16 bytes, as chunk-caches' tensors are, keep the loads vectorised); the host's
+    cost per chunk was a launch and a dozen tensor views, about 60 us each on the H200 machine, more than the
+    chunk's copy on the GPU (34 us for 512 tokens of Llama-3-8B). Elsewhere, or for chunks the kernel does not
+    take (mixed dtypes or devices, keys and values of different strides, unaligned), `place` per chunk."""
     from ..engine.staging import upload
 
     def one_by_one() -> None:
@@ -179,15 +182,23 @@ def place_many(chunks: list[tuple[torch.Tensor, torch.Tensor, int]], cache_keys:
             or cache_keys.stride() != cache_values.stride() or not sin.is_contiguous():
         one_by_one()
         return
-    table = torch.tensor([[keys.data_ptr(), values.data_ptr(), start, keys.shape[2], *keys.stride()[:3]]
-                          for keys, values, start in chunks], dtype=torch.int64)
+    base = first
+    size = first.element_size()
+    align = 16 // size  # elements in 16 bytes: what keeps a load vectorised
+    gaps = [(keys.data_ptr() - base.data_ptr(), values.data_ptr() - base.data_ptr()) for keys, values, _ in chunks]
+    if any(gap % (align * size) for pair in gaps for gap in pair) \
+            or any(stride % align for keys, _, _ in chunks for stride in keys.stride()[:3]):
+        one_by_one()
+        return
+    table = torch.tensor([[key_gap // size, value_gap // size, start, keys.shape[2], *keys.stride()[:3]]
+                          for (keys, _, start), (key_gap, value_gap) in zip(chunks, gaps)], dtype=torch.int64)
     layers, kv_heads, _, head_dim = cache_keys.shape
     block = 32
     longest = max(keys.shape[2] for keys, _, _ in chunks)
     grid = (layers * kv_heads, len(chunks), triton.cdiv(longest, block))
-    _place_many_kernel[grid](upload(table, cache_keys.device), first, cache_keys, cache_values, cos, sin,
+    _place_many_kernel[grid](upload(table, cache_keys.device), base, cache_keys, cache_values, cos, sin,
                              cache_keys.stride(0), cache_keys.stride(1), cache_keys.stride(2), KV_HEADS=kv_heads,
-                             HALF=head_dim // 2, BLOCK_TOKENS=block)
+                             HALF=head_dim // 2, BLOCK_TOKENS=block, ALIGN=align)
 
 
 def rope_store_reference(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
