@@ -20,8 +20,9 @@ against 210 us for the sparse kernel and attention_mass apart), for shapes padde
 
 Graphs read and write fixed addresses, so the pass runs on one KV cache per model (the arena), which the blend
 then copies into the request's own cache (a copy of the prompt's KV in one launch, kernels/kv_copy.py: 0.65 ms
-for 4k tokens of Llama-3-8B on the H200 as PyTorch's strided copy, about half that as contiguous runs). Launching the attention outside the graphs instead, on the request's own cache, measured slower:
-five Triton launches a layer cost more host time (~35 us each) than the layer's GPU time.
+for 4k tokens of Llama-3-8B on the H200 as PyTorch's strided copy, about half that as contiguous runs).
+Launching the attention outside the graphs instead, on the request's own cache, measured slower: five Triton
+launches a layer cost more host time (~35 us each) than the layer's GPU time.
 
 Both passes take the projections they run a layer's matrix products with (chunkcache/probe_weights.py: the
 model's own weights, or their FP8 copy that halves the weight reads); graphs are captured per projections.
@@ -30,7 +31,6 @@ model's own weights, or their FP8 copy that halves the weight reads); graphs are
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from cachetools import LRUCache
 
+from ..engine.instances import InstancePerKey
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels import probe_attention as fused
 from ..kernels.attention import plan_sparse
@@ -118,9 +119,6 @@ class ProbeGraphs:
     VOTE_BUCKET = 16
     SHAPES_KEPT = 16  # captured shapes kept, least recently used dropped
 
-    _instances: "weakref.WeakKeyDictionary[LlamaFamilyModel, ProbeGraphs]" = weakref.WeakKeyDictionary()
-    _instances_lock = threading.Lock()
-
     def __init__(self, model: LlamaFamilyModel) -> None:
         self.model = model
         self.arena: KVCache | None = None
@@ -138,11 +136,7 @@ class ProbeGraphs:
 
     @classmethod
     def for_model(cls, model: LlamaFamilyModel) -> "ProbeGraphs":
-        with cls._instances_lock:
-            found = cls._instances.get(model)
-            if found is None:
-                found = cls._instances[model] = cls(model)
-            return found
+        return _PER_MODEL.get(model)
 
     def shape(self, total: int, rows: int, votes: int) -> tuple[int, int, int]:
         """(slots, rows, votes) padded to their buckets."""
@@ -240,3 +234,6 @@ class ProbeGraphs:
                 self._layer(inputs, layer, padded_rows - padded_votes, projections)
             graphs.append(graph)
         return inputs, graphs
+
+
+_PER_MODEL: InstancePerKey[LlamaFamilyModel, ProbeGraphs] = InstancePerKey(ProbeGraphs)

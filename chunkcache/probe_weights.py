@@ -11,12 +11,11 @@ chunkcache/selection.py) to the object the probe calls.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Protocol
 
 import torch
 
+from ..engine.instances import InstancePerKey
 from ..engine.llama import LlamaFamilyModel
 from ..kernels.fp8 import (
     Fp8Weight,
@@ -50,9 +49,6 @@ class Fp8Projections:
     Capturable in CUDA graphs (no host synchronisation). Holds the model's norms and biases, not the model
     (so the per-model cache lets a dropped model go)."""
 
-    _instances: "weakref.WeakKeyDictionary[LlamaFamilyModel, Fp8Projections]" = weakref.WeakKeyDictionary()
-    _instances_lock = threading.Lock()
-
     def __init__(self, model: LlamaFamilyModel) -> None:
         self.eps = model.eps
         self.layers = list(model.layers)  # the model's LayerWeights: norms and the qkv bias, shared
@@ -70,11 +66,7 @@ class Fp8Projections:
     @classmethod
     def for_model(cls, model: LlamaFamilyModel) -> "Fp8Projections":
         """The model's FP8 copy, made on first use."""
-        with cls._instances_lock:
-            found = cls._instances.get(model)
-            if found is None:
-                found = cls._instances[model] = cls(model)
-            return found
+        return _PER_MODEL.get(model)
 
     def project_qkv(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """As LlamaFamilyModel.project_qkv, the product in FP8 (the norm and the qkv bias as the model's)."""
@@ -92,6 +84,9 @@ class Fp8Projections:
         gate_up = fp8_product(x_fp8, x_scale, self.gate_up[layer], dtype)
         x_fp8, x_scale = silu_and_mul_quantize(gate_up)
         return fp8_product(x_fp8, x_scale, self.down[layer], dtype, residual=hidden)
+
+
+_PER_MODEL: InstancePerKey[LlamaFamilyModel, Fp8Projections] = InstancePerKey(Fp8Projections)
 
 
 def probe_projections(model: LlamaFamilyModel, probe_weights: str) -> Projections:

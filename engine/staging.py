@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .instances import InstancePerKey
+
 RING = 8  # buffers per device
 MIN_BYTES = 64 << 10  # a buffer's first size; grown to twice what an upload needs
 
@@ -28,9 +30,6 @@ class _Slot:
 class PinnedUploads:
     """One device's ring of pinned buffers (`for_device`). Thread-safe."""
 
-    _instances: dict[torch.device, "PinnedUploads"] = {}
-    _instances_lock = threading.Lock()
-
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.slots = [_Slot() for _ in range(RING)]
@@ -39,11 +38,7 @@ class PinnedUploads:
 
     @classmethod
     def for_device(cls, device: torch.device) -> "PinnedUploads":
-        with cls._instances_lock:
-            found = cls._instances.get(device)
-            if found is None:
-                found = cls._instances[device] = cls(device)
-            return found
+        return _PER_DEVICE.get(device)
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         """A copy of the CPU tensor `host` on the device, queued on the current stream (the host does not wait
@@ -63,6 +58,9 @@ class PinnedUploads:
             slot.done = torch.cuda.Event()
             slot.done.record(torch.cuda.current_stream(self.device))
         return out.view(host.shape)
+
+
+_PER_DEVICE: InstancePerKey[torch.device, PinnedUploads] = InstancePerKey(PinnedUploads, weak=False)
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
