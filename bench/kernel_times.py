@@ -93,10 +93,7 @@ def main() -> None:
             lambda: sparse_attention.sparse_causal_attention(q, keys, values, chosen, ends, config))
     for config in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)]:
         add(f"masked attention 710 x 4192: Triton grouped kernel {config}",
-            lambda: probe_attention.grouped_causal_attention(q, keys, values, chosen, None, *config, splits=1))
-    for splits in (2, 3, 4):
-        add(f"masked attention 710 x 4192: Triton grouped kernel (64, 64, 4, 3), slots in {splits} spans",
-            lambda: probe_attention.grouped_causal_attention(q, keys, values, chosen, None, 64, 64, 4, 3, splits))
+            lambda: probe_attention.grouped_causal_attention(q, keys, values, chosen, None, *config))
     # The probe: 32 padding/marker rows and a 32-token question at the end, every layer.
     probe_rows = torch.cat((torch.randperm(slots - 32, device="cuda")[:32].sort().values,
                             torch.arange(slots - 32, slots, device="cuda")))

@@ -239,48 +239,27 @@ def grouped_fills_gpu(heads: int, kv_heads: int, rows: int) -> bool:
 
 def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                              out: torch.Tensor | None = None, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                             warps: int = 4, stages: int = 3, splits: int = 1) -> torch.Tensor:
+                             warps: int = 4, stages: int = 3) -> torch.Tensor:
     """Attention of rows at `positions` (ascending for speed; any order is correct) over slots 0..max(position)
     (slot j holds position j), each row seeing the slots up to its own position: q [heads, rows, head_dim]
     (rotated), keys/values [kv_heads, slots, head_dim] -> [heads, rows, head_dim] (in `out` when given). The
-    partial pass of probe_attention, normalising in place with one span of slots, or over `splits` spans
-    combined after, as flash-decoding splits: a block holds block_m // group rows with all the query heads of
-    one KV head, so each key and value loaded serves the whole group (the blocked kernel of sparse_attention.py
-    loads them once per query head). `grouped_fills_gpu` says whether the rows are enough to give every SM work
-    this way. One span is the default: for the blend's 710 rows of Llama-3-8B over 4192 slots on the H200, 2,
-    3 and 4 spans took 0.138, 0.133 and 0.132 ms against 0.102 (bench/results/ttft-2026-12-01.md)."""
+    partial pass of probe_attention with one split, normalising in place: a block holds block_m // group rows
+    with all the query heads of one KV head, so each key and value loaded serves the whole group (the
+    blocked kernel of sparse_attention.py loads them once per query head). `grouped_fills_gpu` says whether
+    the rows are enough to give every SM work this way. (Splitting the slots as probe_attention does, in 2-4
+    spans combined after, measured slower for the blend's 710 rows of Llama-3-8B on the H200: 0.132-0.138 ms
+    against 0.102; bench/results/ttft-2026-12-01.md.)"""
     heads, rows, head_dim = q.shape
     kv_heads, kv_length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q) if out is None else out
     blocks = -(-group * rows // block_m)
-    splits = max(1, splits)
-    scale_log2 = head_dim ** -0.5 * 1.4426950408889634
-    strides = (q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-               out.stride(0), out.stride(1))
-    if splits == 1:
-        empty = q.new_empty(0, dtype=torch.float32)
-        _partial_kernel[(kv_heads * blocks, 1)](
-            q, keys, values, positions, empty, empty, empty, out, scale_log2, rows, kv_length, kv_length, 1,
-            *strides, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            DIRECT=True, num_warps=warps, num_stages=stages)
-        return out
-    span = -(-kv_length // (splits * block_n)) * block_n
-    splits = -(-kv_length // span)
-    part_max = torch.empty(heads * rows * splits, dtype=torch.float32, device=q.device)
-    part_sum = torch.empty_like(part_max)
-    part_out = torch.empty(heads * rows * splits * head_dim, dtype=torch.float32, device=q.device)
-    _partial_kernel[(kv_heads * blocks, splits)](
-        q, keys, values, positions, part_max, part_sum, part_out, out, scale_log2, rows, kv_length, span, splits,
-        *strides, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        DIRECT=False, num_warps=warps, num_stages=stages)
-    row_max = torch.empty(heads * rows, dtype=torch.float32, device=q.device)
-    row_sum = torch.empty_like(row_max)
-    block_r = 16
-    _combine_kernel[(triton.cdiv(heads * rows, block_r),)](
-        part_max, part_sum, part_out, out, row_max, row_sum, heads * rows, rows, splits, out.stride(0),
-        out.stride(1), HEAD_DIM=head_dim, SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_R=block_r,
-        num_warps=4)
+    empty = q.new_empty(0, dtype=torch.float32)
+    _partial_kernel[(kv_heads * blocks, 1)](
+        q, keys, values, positions, empty, empty, empty, out, head_dim ** -0.5 * 1.4426950408889634, rows,
+        kv_length, kv_length, 1, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0),
+        values.stride(1), out.stride(0), out.stride(1), KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, DIRECT=True, num_warps=warps, num_stages=stages)
     return out
 
 
