@@ -88,6 +88,12 @@ class KVCodec(ABC):
         """The tensor `encode` was given (exactly, or within the codec's error bound), of `layout`'s shape and
         dtype, on `device`."""
 
+    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device) -> torch.Tensor:
+        """What decode(encode(tensor, kind), KVLayout.of(tensor), device) gives, bit for bit: the tensor a tier
+        storing this codec would give back (bench/quality.py blends from it). A codec whose encoding is costly
+        past its quantisation (the cachegen codec's entropy coding) gives it without building the entry."""
+        return self.decode(self.encode(tensor, kind), KVLayout.of(tensor), device)
+
     def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
         """`decode` of each tensor's parts (an entry's keys and values), all of `layout`. A codec may decode them
         together (the cachegen codec: one kernel launch for both)."""
