@@ -6,7 +6,8 @@ its "parts", and back. The framing (frame.py: `Codec`) stores the parts of keys 
 safetensors body next to the token ids and records the codec's name and level and the tensors' `KVLayout`.
 Decoding gives the tensor on the device asked for: the quantisers dequantise in torch there; the cachegen codec
 also entropy-decodes there (a Triton kernel on CUDA, numpy on the host otherwise). `decodes_on_device` says
-whether a GPU reader should decode on its GPU (the tiers' choice: Codec.decode_device).
+whether a GPU reader should decode on its GPU (the tiers' choice: Codec.decode_device). `round_trip` gives what
+decoding an entry would give without building it (the quality benchmark's codec rows).
 """
 
 from __future__ import annotations

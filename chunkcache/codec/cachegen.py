@@ -28,7 +28,10 @@ distribution choices, a bit for the anchor choice, and an anchors' width code on
 against its anchors); each layer group's symbols are streams of their own, so a reader could take the entry
 layer group by layer group. Encoding runs on the host (torch, numpy). Decoding runs on the device asked for:
 on CUDA one Triton kernel decodes the rANS streams and dequantises straight into
-the KV tensor, elsewhere numpy decodes the streams and torch dequantises (kernels/rans.py).
+the KV tensor, elsewhere numpy decodes the streams and torch dequantises (kernels/rans.py). The encoder's
+quantisation is one step (`quantise`: a QuantisedGroup per layer group) whose symbols go either to the entropy
+coder (`encode`) or, for `round_trip` (what a stored entry decodes to, bit for bit: the blend quality benchmark's),
+straight to the decoders' dequantisation, skipping the entropy coding, which is lossless.
 
 Entries record their format (the `format` part, FORMAT): entries of format 1 (range-coded with constriction on
 the host before the rANS coder existed), of format 2 (9 bytes per channel: both bin widths and a byte for the
