@@ -92,7 +92,9 @@ class QuantisedGroup:
     in that order; all tensors on the host."""
 
     layers: int  # consecutive layers, after the previous groups'
-    symbols: torch.Tensor  # int16 [channels, tokens] in -HALF..HALF: anchors against the centre, others (delta)
+    # int16 [channels, tokens] in -HALF..HALF: anchors against the centre, the others against their anchor's
+    # reconstruction where `delta`, else against the centre
+    symbols: torch.Tensor
     centre: torch.Tensor  # bf16 [channels]: the mean anchor where `delta`, else the mean token
     anchor_width: torch.Tensor  # uint8 [channels]: the anchors' width code (widths_of)
     width: torch.Tensor  # uint8 [channels]: the other tokens' width code (the anchors' too where not `delta`)
