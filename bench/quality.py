@@ -25,7 +25,10 @@ paragraph of its own article, PromptSegment.context; on nq, whose passages have 
 subject).
 A `reuse` or
 blend variant ending in `+CODEC:LEVEL` (e.g. `default@0.15/auto+cachegen:1`) blends from chunk KV sent through
-that chunk-cache codec (chunkcache/codec/: encoded, then decoded), as a tier storing it would give it back.
+that chunk-cache codec (chunkcache/codec/: encoded, then decoded), as a tier storing it would give it back: by
+`Codec.round_trip`, which gives the decoded values bit for bit without building the entry (the cachegen codec
+quantises and dequantises, skipping its entropy coding, which is lossless and was most of a codec row's time:
+tests/unit/chunkcache/test_codec.py proves the values identical to decode(encode(...)) for every level).
 
     python bench/quality.py --set nq --k 10 20 --questions 300
     python bench/quality.py --set xquad --questions 300
@@ -229,8 +232,9 @@ def parse_variant(spec: str):
 
 
 def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
-    """A ChunkBlender whose chunk KV (and chunk prefix KV) goes through the chunk-cache codec `NAME:LEVEL`,
-    encoded then decoded, before blending: what a tier storing that codec gives back. Decoded entries are kept
+    """A ChunkBlender whose chunk KV (and chunk prefix KV) goes through the chunk-cache codec `NAME:LEVEL`
+    (Codec.round_trip: the values encoding then decoding gives) before blending: what a tier storing that codec
+    gives back. Decoded entries are kept
     (the same passages recur across questions, far apart in a shard's order: with 64 kept, the H200 run of
     2026-12-01 re-encoded nearly every passage of every question on the host and finished 23 questions in
     400 s; 1024 hold every passage of a 300-question NQ set, about 6 GB of SmolLM2 KV in float32)."""
@@ -246,7 +250,7 @@ def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
         def chunk_kv(self, key, chunk_ids, prefix_ids, read=True, shared=None):
             kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids, read, shared)
             if key not in decoded:
-                decoded[key] = codec.decode(key, codec.encode(key, kv), kv.keys.device)
+                decoded[key] = codec.round_trip(kv, kv.keys.device)
             return decoded[key], hit
 
     return RoundTripBlender(model, store, chunk_prefix)

@@ -6,7 +6,8 @@ its "parts", and back. The framing (frame.py: `Codec`) stores the parts of keys 
 safetensors body next to the token ids and records the codec's name and level and the tensors' `KVLayout`.
 Decoding gives the tensor on the device asked for: the quantisers dequantise in torch there; the cachegen codec
 also entropy-decodes there (a Triton kernel on CUDA, numpy on the host otherwise). `decodes_on_device` says
-whether a GPU reader should decode on its GPU (the tiers' choice: Codec.decode_device).
+whether a GPU reader should decode on its GPU (the tiers' choice: Codec.decode_device). `round_trip` gives what
+decoding an entry would give without building it (the quality benchmark's codec rows).
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class KVCodec(ABC):
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
         """The tensor `encode` was given (exactly, or within the codec's error bound), of `layout`'s shape and
         dtype, on `device`."""
+
+    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device) -> torch.Tensor:
+        """What decode(encode(tensor, kind), KVLayout.of(tensor), device) gives, bit for bit: the tensor a tier
+        storing this codec would give back (bench/quality.py blends from it). A codec whose encoding is costly
+        past its quantisation (the cachegen codec's entropy coding) gives it without building the entry."""
+        return self.decode(self.encode(tensor, kind), KVLayout.of(tensor), device)
 
     def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
         """`decode` of each tensor's parts (an entry's keys and values), all of `layout`. A codec may decode them

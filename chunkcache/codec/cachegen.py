@@ -28,7 +28,10 @@ distribution choices, a bit for the anchor choice, and an anchors' width code on
 against its anchors); each layer group's symbols are streams of their own, so a reader could take the entry
 layer group by layer group. Encoding runs on the host (torch, numpy). Decoding runs on the device asked for:
 on CUDA one Triton kernel decodes the rANS streams and dequantises straight into
-the KV tensor, elsewhere numpy decodes the streams and torch dequantises (kernels/rans.py).
+the KV tensor, elsewhere numpy decodes the streams and torch dequantises (kernels/rans.py). The encoder's
+quantisation is one step (`quantise`: a QuantisedGroup per layer group) whose symbols go either to the entropy
+coder (`encode`) or, for `round_trip` (what a stored entry decodes to, bit for bit: the blend quality benchmark's),
+straight to the decoders' dequantisation, skipping the entropy coding, which is lossless.
 
 Entries record their format (the `format` part, FORMAT): entries of format 1 (range-coded with constriction on
 the host before the rANS coder existed), of format 2 (9 bytes per channel: both bin widths and a byte for the
@@ -79,6 +82,25 @@ LEVEL_BINS = (LevelBins((0.7, 1.0, 1.4), (1.0, 0.7, 0.5)), LevelBins((1.4, 2.0, 
 FORMAT = 4  # the entries' format: 4, bin widths as 8-bit codes (1, 2 and 3 are no longer read)
 WIDTH_STEPS = 8  # width codes per octave: a width is 2^((code + base) / WIDTH_STEPS), within 4.5% of the one wanted
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
+
+
+@dataclass(frozen=True)
+class QuantisedGroup:
+    """One layer group of one KV tensor, quantised: connects the encoder's quantisation (CacheGenCodec.quantise)
+    and its two consumers, the entropy coder (`encode`: the entry's parts) and the fast round trip (`round_trip`:
+    dequantised at once). `channels` = layers * kv_heads * head_dim of the group, (layer, KV head, head_dim index)
+    in that order; all tensors on the host."""
+
+    layers: int  # consecutive layers, after the previous groups'
+    # int16 [channels, tokens] in -HALF..HALF: anchors against the centre, the others against their anchor's
+    # reconstruction where `delta`, else against the centre
+    symbols: torch.Tensor
+    centre: torch.Tensor  # bf16 [channels]: the mean anchor where `delta`, else the mean token
+    anchor_width: torch.Tensor  # uint8 [channels]: the anchors' width code (widths_of)
+    width: torch.Tensor  # uint8 [channels]: the other tokens' width code (the anchors' too where not `delta`)
+    delta: torch.Tensor  # bool [channels]: the other tokens are coded against their anchor, else the centre
+    base: int  # the width codes' base (width_base)
+    first: torch.Tensor  # [channels * sinks] of the KV's dtype, channel-major: the leading tokens as they were
 
 
 def layer_bins(ladder: tuple[float, ...], layers: int) -> torch.Tensor:
@@ -165,6 +187,36 @@ class CacheGenCodec(KVCodec):
     decodes_on_device = True
 
     def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
+        parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
+        for group, quantised in enumerate(self.quantise(tensor, kind)):
+            anchors, others = _positions(quantised.symbols.shape[1])
+            anchor_symbols, delta_symbols = quantised.symbols[:, anchors], quantised.symbols[:, others]
+            # The alphabets only as wide as the symbols used: the quantised tables spend less on unused symbols.
+            halves = [max(1, int(symbols.abs().max())) if symbols.numel() else 1
+                      for symbols in (anchor_symbols, delta_symbols)]
+            shapes = np.stack([entropy.choose_shapes(anchor_symbols.numpy().astype(np.int64), halves[0]),
+                               entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
+            streams = rans.encode(quantised.symbols.numpy().astype(np.int64), shapes,
+                                  tuple(entropy.frequencies(half) for half in halves),
+                                  tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
+            delta = quantised.delta
+            parts.update({f"{group}.first": quantised.first,
+                          f"{group}.centre": quantised.centre,
+                          f"{group}.width": quantised.width,
+                          f"{group}.anchor_width": quantised.anchor_width[delta].contiguous(),
+                          f"{group}.delta": torch.from_numpy(np.packbits(delta.numpy(), bitorder="little")),
+                          f"{group}.halves": torch.tensor(halves, dtype=torch.int32),
+                          f"{group}.base": torch.tensor([quantised.base], dtype=torch.int32),
+                          f"{group}.shapes": torch.from_numpy(shapes.reshape(-1)),
+                          f"{group}.words": torch.from_numpy(streams.words.view(np.int16).copy()),
+                          f"{group}.offsets": torch.from_numpy(streams.offsets),
+                          f"{group}.states": torch.from_numpy(streams.states.view(np.int32).copy())})
+        return parts
+
+    def quantise(self, tensor: torch.Tensor, kind: KVKind) -> list[QuantisedGroup]:
+        """The encoder's quantisation of one KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype
+        of DTYPES), keys or values (`kind`), layer group by layer group (layer_groups): what `encode` entropy-codes
+        and `round_trip` dequantises."""
         layers, heads, tokens, dim = tensor.shape
         level = LEVEL_BINS[self.level]
         sinks = min(tokens, level.sink_tokens)
@@ -173,8 +225,8 @@ class CacheGenCodec(KVCodec):
             values[:, :, :sinks] = values[:, :, sinks:sinks + 1]
         per_channel = layer_bins(level.ladder(kind), layers).repeat_interleave(heads * dim)[:, None]
         anchors, others = _positions(tokens)
-        parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
-        for group, layer_range in enumerate(layer_groups(layers)):
+        groups = []
+        for layer_range in layer_groups(layers):
             channels = values[layer_range.start:layer_range.stop].permute(0, 1, 3, 2).reshape(-1, tokens)
             bins = per_channel[layer_range.start * heads * dim:layer_range.stop * heads * dim]
             base = width_base(channels, bins)
@@ -191,34 +243,39 @@ class CacheGenCodec(KVCodec):
             # its anchors then need no finer bins than its other tokens (which would cost a bit more each).
             plain_centre = channels.mean(dim=1, keepdim=True).bfloat16()
             plain_symbols, plain_width = _quantise(channels - plain_centre.float(), bins, base)
-            centre = torch.where(delta, centre, plain_centre)
-            anchor_symbols = torch.where(delta, anchor_symbols, plain_symbols[:, anchors])
-            anchor_width = torch.where(delta, anchor_width, plain_width)
-            delta_symbols = torch.where(delta, delta_symbols, plain_symbols[:, others])
-            delta_width = torch.where(delta, delta_width, plain_width)
-            # The alphabets only as wide as the symbols used: the quantised tables spend less on unused symbols.
-            halves = [max(1, int(symbols.abs().max())) if symbols.numel() else 1
-                      for symbols in (anchor_symbols, delta_symbols)]
-            symbols = np.empty((channels.shape[0], tokens), dtype=np.int64)
-            symbols[:, anchors.numpy()] = anchor_symbols.numpy()
-            symbols[:, others.numpy()] = delta_symbols.numpy()
-            shapes = np.stack([entropy.choose_shapes(anchor_symbols.numpy().astype(np.int64), halves[0]),
-                               entropy.choose_shapes(delta_symbols.numpy().astype(np.int64), halves[1])])
-            streams = rans.encode(symbols, shapes, tuple(entropy.frequencies(half) for half in halves),
-                                  tuple(entropy.cumulative(half) for half in halves), GROUP_TOKENS)
+            symbols = torch.empty(channels.shape, dtype=torch.int16)
+            symbols[:, anchors] = torch.where(delta, anchor_symbols, plain_symbols[:, anchors]).to(torch.int16)
+            symbols[:, others] = torch.where(delta, delta_symbols, plain_symbols[:, others]).to(torch.int16)
             first = tensor.detach()[layer_range.start:layer_range.stop, :, :sinks].permute(0, 1, 3, 2).reshape(-1)
-            parts.update({f"{group}.first": first.cpu().contiguous(),
-                          f"{group}.centre": centre[:, 0].contiguous(),
-                          f"{group}.width": delta_width[:, 0].contiguous(),
-                          f"{group}.anchor_width": anchor_width[delta].contiguous(),
-                          f"{group}.delta": torch.from_numpy(np.packbits(delta[:, 0].numpy(), bitorder="little")),
-                          f"{group}.halves": torch.tensor(halves, dtype=torch.int32),
-                          f"{group}.base": torch.tensor([base], dtype=torch.int32),
-                          f"{group}.shapes": torch.from_numpy(shapes.reshape(-1)),
-                          f"{group}.words": torch.from_numpy(streams.words.view(np.int16).copy()),
-                          f"{group}.offsets": torch.from_numpy(streams.offsets),
-                          f"{group}.states": torch.from_numpy(streams.states.view(np.int32).copy())})
-        return parts
+            groups.append(QuantisedGroup(
+                len(layer_range), symbols, torch.where(delta, centre, plain_centre)[:, 0].contiguous(),
+                torch.where(delta, anchor_width, plain_width)[:, 0].contiguous(),
+                torch.where(delta, delta_width, plain_width)[:, 0].contiguous(), delta[:, 0].contiguous(), base,
+                first.cpu().contiguous()))
+        return groups
+
+    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device) -> torch.Tensor:
+        """What decode(encode(tensor, kind), layout, device) gives, bit for bit, without the entropy coding (which
+        is lossless): the encoder's symbols dequantised by the decoders' own arithmetic
+        (kernels/rans.py: dequantise_reference, on the host), the leading tokens as they were."""
+        _, heads, tokens, dim = tensor.shape
+        sinks = min(tokens, LEVEL_BINS[self.level].sink_tokens)
+        slabs, firsts = [], []
+        for quantised in self.quantise(tensor, kind):
+            channels = quantised.symbols.shape[0]
+            parameters = decoders.GroupStreams(  # the dequantisation's parameters; no streams to decode
+                quantised.layers, torch.empty(0, dtype=torch.int16), torch.zeros(1, dtype=torch.int32),
+                torch.empty(0, dtype=torch.int32), torch.empty(2, 0, decoders.PROB_SCALE, dtype=torch.int32),
+                torch.zeros(2, channels, dtype=torch.uint8), quantised.centre,
+                widths_of(quantised.anchor_width, quantised.base), widths_of(quantised.width, quantised.base),
+                quantised.delta)
+            values = decoders.dequantise_reference(quantised.symbols, parameters, GROUP_TOKENS)
+            slabs.append(values.reshape(quantised.layers, heads, dim, tokens).permute(0, 1, 3, 2).to(tensor.dtype))
+            firsts.append(quantised.first.reshape(quantised.layers, heads, dim, sinks).permute(0, 1, 3, 2))
+        output = torch.cat(slabs).contiguous()
+        if sinks:  # the leading tokens as they were
+            output[:, :, :sinks] = torch.cat(firsts)
+        return output.to(device)
 
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
         return self.decode_all([parts], layout, device)[0]

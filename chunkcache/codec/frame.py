@@ -63,6 +63,17 @@ class Codec:
         body = save_tensors(tensors, metadata=metadata)
         return self.MAGIC + xxhash.xxh3_128_digest(body) + body
 
+    def round_trip(self, kv: ChunkKV, device: str | torch.device = "cpu") -> ChunkKV:
+        """The ChunkKV that decode(key, encode(key, kv), device) gives for a valid entry (keys and values bit for
+        bit, by KVCodec.round_trip: the cachegen codec skips its lossless entropy coding), without the entry's
+        bytes; ValueError as `encode`."""
+        layout = KVLayout.of(kv.keys)
+        if KVLayout.of(kv.values) != layout or layout.tokens != kv.length:
+            raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
+        keys, values = (self.kv_codec.round_trip(tensor, name, torch.device(device))
+                        for name, tensor in zip(TENSORS, (kv.keys, kv.values)))
+        return ChunkKV(kv.token_ids.cpu(), keys, values)
+
     def decode(self, key: ChunkKey, data: bytes, device: str | torch.device = "cpu") -> ChunkKV | None:
         """The entry `data` holds for `key`, keys and values on `device` (token ids on the host), or None when the
         bytes are damaged or mismatched: the checksum must match, the key written into the entry must be `key`,

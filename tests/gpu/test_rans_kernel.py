@@ -101,3 +101,18 @@ def test_the_disk_tier_decodes_cachegen_entries_on_the_gpu(tmp_path) -> None:
     on_host = DiskTier("disk", 1 << 30, tmp_path, Codec("cachegen", 1)).read(key)
     assert on_gpu.keys.is_cuda and not on_host.keys.is_cuda
     assert torch.allclose(on_gpu.values.cpu().float(), on_host.values.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", range(4))
+def test_the_round_trip_without_the_entry_is_the_gpu_decoders(level) -> None:
+    """bench/quality.py's codec rows on CUDA blend from Codec.round_trip onto the GPU (dequantised on the host,
+    as the reference does): the same bits as the Triton decoder gives for the entry, if the kernel keeps the
+    reference's roundings (enable_fp_fusion=False: a product, then a sum)."""
+    keys, values = synthetic_kv(SMOLLM2_135M, 10 + level)
+    kv = ChunkKV(torch.arange(SMOLLM2_135M[2]), keys, values)
+    key = ChunkKey.of("m", [1], kv.token_ids.tolist())
+    codec = Codec("cachegen", level)
+    decoded, fast = codec.decode(key, codec.encode(key, kv), device="cuda"), codec.round_trip(kv, "cuda")
+    for got, expected in ((fast.keys, decoded.keys), (fast.values, decoded.values)):
+        assert got.is_cuda and got.dtype == expected.dtype
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

@@ -299,3 +299,58 @@ def test_entries_carry_an_xxh3_checksum_and_the_sha256_ones_still_read() -> None
         damaged[-3] ^= 0x10
         assert entry_body(bytes(damaged)) is None and codec.decode(key_of(kv), bytes(damaged)) is None
     assert entry_body(b"BGKV2" + b"\0" * 10) is None and entry_body(b"other" + data[5:]) is None
+
+
+def with_outliers(tensor: torch.Tensor, seed: int, count: int, size: float) -> torch.Tensor:
+    """The tensor with `count` values (at seeded places) `size` times the tensor's largest magnitude (within half
+    the dtype's range: finite), of either sign: the outlying channels real keys have."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = tensor.float().flatten().clone()
+    places = torch.randint(0, flat.numel(), (count,), generator=generator)
+    signs = torch.randint(0, 2, (count,), generator=generator).float() * 2 - 1
+    flat[places] = signs * min(size * (float(flat.abs().max()) + 1e-3), torch.finfo(tensor.dtype).max / 2)
+    return flat.reshape(tensor.shape).to(tensor.dtype)
+
+
+def assert_round_trip_is_decode_of_encode(name: str, level: int, kv: ChunkKV) -> None:
+    """Codec.round_trip gives what decoding the entry gives, bit for bit (values, dtype, shape, device)."""
+    codec = Codec(name, level)
+    decoded = codec.decode(key_of(kv), codec.encode(key_of(kv), kv))
+    fast = codec.round_trip(kv)
+    assert decoded is not None
+    assert torch.equal(fast.token_ids, decoded.token_ids)
+    for got, want in ((fast.keys, decoded.keys), (fast.values, decoded.values)):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.device == want.device
+        integers = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[want.dtype]
+        assert torch.equal(got.view(integers), want.view(integers))  # the bits: -0.0 and 0.0 apart too
+
+
+@settings(max_examples=60, deadline=None)
+@given(codec=st.sampled_from(ALL), layers=st.integers(1, 5), heads=st.integers(1, 3), tokens=st.integers(1, 25),
+       dim=st.integers(1, 9), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 1.0, 300.0]), outliers=st.integers(0, 3),
+       outlier_size=st.sampled_from([4.0, 50.0]))
+def test_the_round_trip_without_the_entry_is_decode_of_encode(codec, layers, heads, tokens, dim, dtype, seed,
+                                                               scale, outliers, outlier_size) -> None:
+    """bench/quality.py's codec rows blend from Codec.round_trip: the cachegen codec's skips the entropy coding,
+    so its values must be exactly the decoded entry's (1-2 tokens, single channels, every dtype, outliers)."""
+    name, level = codec
+    base = kv_like(seed, layers, heads, tokens, dim)
+    keys = with_outliers((base.keys * scale).to(dtype), seed, outliers, outlier_size)
+    values = with_outliers((base.values * scale).to(dtype), seed + 1, outliers, outlier_size)
+    assert_round_trip_is_decode_of_encode(name, level, ChunkKV(base.token_ids, keys, values))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("level", range(CODEC_LEVELS["cachegen"]))
+def test_the_cachegen_round_trip_is_decode_of_encode_on_smollm2s_shape(level: int, dtype: torch.dtype) -> None:
+    """SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) over 121 tokens: several anchor groups, all
+    three layer groups, lanes of one channel each."""
+    kv = kv_like(level, layers=30, heads=3, tokens=121, dim=64, dtype=dtype)
+    assert_round_trip_is_decode_of_encode("cachegen", level, kv)
+
+
+def test_the_round_trip_refuses_what_encode_refuses() -> None:
+    kv = kv_like(7)
+    with pytest.raises(ValueError):
+        Codec("cachegen", 0).round_trip(ChunkKV(kv.token_ids, kv.keys, kv.values[:, :, :-1]))
