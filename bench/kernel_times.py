@@ -43,6 +43,19 @@ def fp8_rows(add) -> None:
             lambda r=rows, s=scales, wt=weight: fp8.fp8_product(r, s, wt, torch.bfloat16))
         add(f"probe product {name}: FP8 weights with the rows' quantisation (fp8_linear)",
             lambda x=x[:, :k].contiguous(), wt=weight: fp8.fp8_linear(x, wt))
+        # Candidates for the small-M product (64 rows read far below bandwidth on the H200, 2026-12-01):
+        # fast accumulation, and the operands swapped (W x^T: the weight as the tall operand, as vLLM's
+        # small-batch FP8 kernels do), with and without the transpose back to [rows, N].
+        add(f"probe product {name}: FP8, use_fast_accum",
+            lambda r=rows, s=scales, wt=weight: torch._scaled_mm(r, wt.values.t(), scale_a=s, scale_b=wt.scale,
+                                                                 out_dtype=torch.bfloat16, use_fast_accum=True))
+        weight_scale, row_scale = weight.scale.t().contiguous(), scales.t().contiguous()
+        add(f"probe product {name}: FP8, operands swapped (W x^T, [N, rows] out)",
+            lambda r=rows, ws=weight_scale, rs=row_scale, wt=weight: torch._scaled_mm(
+                wt.values, r.t(), scale_a=ws, scale_b=rs, out_dtype=torch.bfloat16))
+        add(f"probe product {name}: FP8, operands swapped, transposed back to [rows, N]",
+            lambda r=rows, ws=weight_scale, rs=row_scale, wt=weight: torch._scaled_mm(
+                wt.values, r.t(), scale_a=ws, scale_b=rs, out_dtype=torch.bfloat16).t().contiguous())
     norm_weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
     add("RMSNorm + row quantisation 64 x 4096 (fused)",
         lambda: fp8.rms_norm_quantize(x[:, :hidden].contiguous(), norm_weight, 1e-5))
