@@ -86,16 +86,21 @@ if triton is not None:
         tl.store(scales + row, scale)
 
     @triton.jit
+    def _store_rms_normed_quantized(values, w, out, scales, row, cols, inside, hidden, eps, floor):
+        """One row's float32 values RMS-normalised as rms_norm does (in float32, rounded to the model's dtype,
+        scaled by the weight `w` in that dtype), then quantised (_store_quantized)."""
+        inverse = tl.rsqrt(tl.sum(values * values, axis=0) / hidden + eps)
+        normed = (w * (values * inverse).to(w.dtype)).to(w.dtype).to(tl.float32)
+        _store_quantized(normed, out, scales, row, cols, inside, hidden, floor)
+
+    @triton.jit
     def _rms_norm_quantize_kernel(x, weight, out, scales, hidden, row_stride, eps, floor, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < hidden
         values = tl.load(x + row * row_stride + cols, mask=inside, other=0.0).to(tl.float32)
-        inverse = tl.rsqrt(tl.sum(values * values, axis=0) / hidden + eps)
         w = tl.load(weight + cols, mask=inside, other=0.0)
-        # As rms_norm: normalised in float32, rounded to the model's dtype, scaled by the weight in that dtype.
-        normed = (w * (values * inverse).to(w.dtype)).to(w.dtype).to(tl.float32)
-        _store_quantized(normed, out, scales, row, cols, inside, hidden, floor)
+        _store_rms_normed_quantized(values, w, out, scales, row, cols, inside, hidden, eps, floor)
 
     @triton.jit
     def _add_rms_norm_quantize_kernel(delta, residual, weight, total, out, scales, hidden, eps, floor,
@@ -107,10 +112,7 @@ if triton is not None:
         summed = (tl.load(delta + row * hidden + cols, mask=inside, other=0.0).to(tl.float32)
                   + tl.load(residual + row * hidden + cols, mask=inside, other=0.0).to(tl.float32)).to(w.dtype)
         tl.store(total + row * hidden + cols, summed, mask=inside)
-        values = summed.to(tl.float32)
-        inverse = tl.rsqrt(tl.sum(values * values, axis=0) / hidden + eps)
-        normed = (w * (values * inverse).to(w.dtype)).to(w.dtype).to(tl.float32)
-        _store_quantized(normed, out, scales, row, cols, inside, hidden, floor)
+        _store_rms_normed_quantized(summed.to(tl.float32), w, out, scales, row, cols, inside, hidden, eps, floor)
 
     @triton.jit
     def _silu_and_mul_quantize_kernel(gate_up, out, scales, inter, row_stride, floor, BLOCK: tl.constexpr):
