@@ -76,24 +76,17 @@ def weight_only_rows(add, name: str, x: torch.Tensor, w: torch.Tensor) -> None:
     """One probe product with weight-only int8/int4 weights (kernels/weight_only.py, a few launch configs),
     and PyTorch's own weight-only products (tinygemm's int4, the int8 one) where this build has them on CUDA."""
     n, k = w.shape
-    configs = {8: [weight_only.LaunchConfig(), weight_only.LaunchConfig(block_k=256),
-                   weight_only.LaunchConfig(block_n=128, warps=8), weight_only.LaunchConfig(block_n=128, block_k=256,
-                                                                                             warps=8),
-                   weight_only.LaunchConfig(block_n=32), weight_only.LaunchConfig(stages=3),
-                   weight_only.LaunchConfig(split_k=1)],
-               4: [weight_only.LaunchConfig(), weight_only.LaunchConfig(block_n=128, warps=8),
-                   weight_only.LaunchConfig(block_n=32), weight_only.LaunchConfig(stages=3),
-                   weight_only.LaunchConfig(warps=8), weight_only.LaunchConfig(split_k=1)]}
     for bits, weight in ((8, weight_only.quantize_int8(w)), (4, weight_only.quantize_int4(w))):
-        for config in configs[bits]:
+        for config in (weight_only.LaunchConfig(), weight_only.LaunchConfig(block_n=32),
+                       weight_only.LaunchConfig(block_n=128, warps=8), weight_only.LaunchConfig(stages=3),
+                       weight_only.LaunchConfig(split_k=1)):
             add(f"probe product {name}: int{bits} weight-only, Triton {config}",
                 lambda wt=weight, c=config: weight_only.weight_only_linear(x, wt, config=c))
     for group in (64, 128):
         q = weight_only.quantize_int4(w, group)  # the same values, repacked as tinygemm wants them
         nibbles = torch.cat((q.values & 15, q.values >> 4), dim=1)  # any order: this row times, not checks
         packed = ((nibbles[:, ::2] << 4) | nibbles[:, 1::2]).to(torch.uint8)
-        scale = q.scale.t().to(torch.bfloat16)  # tinygemm's [K / group, N, 2]: scales and zeros
-        scales_zeros = torch.stack((scale, torch.zeros_like(scale)), -1)
+        scales_zeros = torch.stack((q.scale.to(torch.bfloat16), torch.zeros_like(q.scale, dtype=torch.bfloat16)), -1)
         try:
             tiles = torch._convert_weight_to_int4pack(packed.contiguous(), 8)
         except Exception as exc:  # noqa: BLE001 - the row says why

@@ -11,10 +11,9 @@ runs on the tensor cores in the rows' dtype with float32 accumulation.
 - `quantize_int8(w [N, K]) -> QuantisedWeight`: one int8 per value, symmetric, one float32 scale per output
   channel (amax / 127).
 - `quantize_int4(w [N, K], group=64) -> QuantisedWeight`: 4 bits per value, symmetric in [-7, 7], one float16
-  scale per output channel and group of `group` consecutive input channels (amax / 7). Packed two to a byte
-  per block of up to 256 input channels (the kernel's step along K): byte i of a block holds value i in its
-  low nibble and value i + block / 2 in its high one, each stored + 8 (so a block's two halves unpack into two
-  contiguous tiles, no interleaving in the kernel).
+  scale per output channel and group of `group` consecutive input channels (amax / 7). Packed two to a byte:
+  byte i of a group holds value i in its low nibble and value i + group / 2 in its high one, each stored + 8
+  (so a group's two halves unpack into two contiguous tiles, no interleaving in the kernel).
 - `weight_only_linear(x [M, K], weight, bias, residual, config) -> [M, N]` in x's dtype: one Triton launch on
   CUDA (split over K for narrow outputs, the partial sums added after), the reference elsewhere
   (`weight_only_linear_reference`: the weight dequantised, the product in x's dtype).
@@ -35,8 +34,8 @@ try:  # Triton ships with CUDA builds of torch; CPU builds run the reference.
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
+INT8_BLOCK_K = 64  # input channels an iteration of the int8 product reads (K must be a multiple)
 INT4_GROUP = 64  # input channels sharing a scale: divides every Llama-family width in use (SmolLM2's 576 too)
-_INT4_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2)  # packing blocks along K, the largest that fits first
 _SCALE_FLOOR = 1e-6  # an all-zero channel or group quantises to zeros instead of dividing by zero
 _TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200 (132 SMs)
 
@@ -46,16 +45,16 @@ class QuantisedWeight:
     """A linear layer's weight [N, K] with 8 or 4 bits per value. Connects `quantize_int8`/`quantize_int4`
     (once per model) and `weight_only_linear` (each product).
 
-    bits 8: values int8 [N, K], scale float32 [1, N]; w ~= values * scale.t() (`group` K, `block` 0).
-    bits 4: values uint8 [N, K // 2] packed per `block` input channels (the module docstring), scale float16
-    [N, K // group]; w[n, k] ~= (nibble - 8) * scale[n, k // group]."""
+    bits 8: values int8 [N, K], scale float32 [1, N]; w ~= values * scale.t(); `group` is the kernel's step
+    along K (INT8_BLOCK_K).
+    bits 4: values uint8 [N, K // 2] (packing in the module docstring), scale float16 [K // group, N];
+    w[n, g * group + i] ~= (nibble - 8) * scale[g, n]."""
 
     values: torch.Tensor
     scale: torch.Tensor
     bits: int
     in_features: int
     group: int
-    block: int
 
     @property
     def out_features(self) -> int:
@@ -70,12 +69,12 @@ class QuantisedWeight:
         """[N, K] in `dtype`: the weight as the product sees it."""
         if self.bits == 8:
             return (self.values.float() * self.scale.t()).to(dtype)
-        n, k = self.out_features, self.in_features
-        packed = self.values.view(n, k // self.block, self.block // 2)
+        n, k, g = self.out_features, self.in_features, self.group
+        packed = self.values.view(n, k // g, g // 2)
         low = (packed & 15).to(torch.int16) - 8
         high = (packed >> 4).to(torch.int16) - 8
-        q = torch.cat((low, high), dim=2).reshape(n, k).float()
-        return (q * self.scale.float().repeat_interleave(self.group, dim=1)).to(dtype)
+        q = torch.cat((low, high), dim=2).float()  # [N, groups, g]
+        return (q * self.scale.float().t().unsqueeze(2)).reshape(n, k).to(dtype)
 
 
 def quantize_int8(w: torch.Tensor) -> QuantisedWeight:
@@ -85,14 +84,13 @@ def quantize_int8(w: torch.Tensor) -> QuantisedWeight:
     w32 = w.detach().float()
     scale = (w32.abs().amax(dim=1) / 127.0).clamp(min=_SCALE_FLOOR)
     values = torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    return QuantisedWeight(values, scale[None, :].contiguous(), 8, w.shape[1], w.shape[1], 0)
+    return QuantisedWeight(values, scale[None, :].contiguous(), 8, w.shape[1], INT8_BLOCK_K)
 
 
 def quantize_int4(w: torch.Tensor, group: int | None = None) -> QuantisedWeight:
     """w [N, K] (any float dtype) -> 4-bit values, one float16 scale per output channel and group of `group`
     input channels (amax / 7, values in [-7, 7]; None: INT4_GROUP, or the largest power of two below it that
-    divides K), packed per block of the largest of 256, 128, ... input channels that divides K and holds whole
-    groups (the kernel takes blocks of 32 or more, smaller ones run the reference). Raises ValueError unless
+    divides K; the kernel takes groups of 32 or more, smaller ones run the reference). Raises ValueError unless
     group is even and divides K."""
     if group is None and w.dim() == 2:
         group = next((g for g in (INT4_GROUP, 32, 16, 8, 4, 2) if w.shape[1] % g == 0), 0)
@@ -100,12 +98,11 @@ def quantize_int4(w: torch.Tensor, group: int | None = None) -> QuantisedWeight:
         raise ValueError(f"quantize_int4 takes a weight [N, K] with K a multiple of an even group, got shape "
                          f"{tuple(w.shape)} and group {group}")
     n, k = w.shape
-    block = next(b for b in _INT4_BLOCKS + (group,) if k % b == 0 and b % group == 0)
     groups = w.detach().float().view(n, k // group, group)
     scale = (groups.abs().amax(dim=2) / 7.0).clamp(min=_SCALE_FLOOR).half()  # [N, groups]
-    q = (torch.round(groups / scale.float()[:, :, None]).clamp(-7, 7).to(torch.int16) + 8).view(n, k // block, block)
-    packed = (q[:, :, : block // 2] | (q[:, :, block // 2:] << 4)).to(torch.uint8).reshape(n, k // 2)
-    return QuantisedWeight(packed.contiguous(), scale.contiguous(), 4, k, group, block)
+    q = torch.round(groups / scale.float()[:, :, None]).clamp(-7, 7).to(torch.int16) + 8  # 1..15
+    packed = (q[:, :, : group // 2] | (q[:, :, group // 2:] << 4)).to(torch.uint8).reshape(n, k // 2)
+    return QuantisedWeight(packed.contiguous(), scale.t().contiguous(), 4, k, group)
 
 
 def _check(x: torch.Tensor, weight: QuantisedWeight) -> None:
@@ -129,13 +126,11 @@ if triton is not None:
 
     @triton.jit
     def _weight_only_kernel(x, w, s, out, rows, n_out, k_in, k_per_split, x_row_stride, w_row_stride,
-                            s_row_stride, out_split_stride, out_row_stride,
+                            s_group_stride, out_split_stride, out_row_stride,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr):
         # Program (n, split, m): outputs [m * BLOCK_M, +BLOCK_M) x [n * BLOCK_N, +BLOCK_N) over input channels
-        # [split * k_per_split, +k_per_split), BLOCK_K an iteration. The weight tile is the product's first
-        # operand ([BLOCK_N, BLOCK_K], each output channel's BLOCK_K values contiguous), the rows' tile the
-        # second ([BLOCK_K, BLOCK_M]), so the accumulator is the output's transpose.
+        # [split * k_per_split, +k_per_split), one group of GROUP channels an iteration.
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -143,45 +138,40 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < rows
         n_ok = rn < n_out
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_start = pid_s * k_per_split
         k_end = tl.minimum(k_start + k_per_split, k_in)
-        x_cols = x + rm[None, :].to(tl.int64) * x_row_stride
-        w_rows = w + rn[:, None].to(tl.int64) * w_row_stride
+        x_rows = x + rm[:, None].to(tl.int64) * x_row_stride
+        w_rows = w + rn[None, :].to(tl.int64) * w_row_stride
         if BITS == 8:
-            for k0 in range(k_start, k_end, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < k_end
-                wv = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-                xt = tl.load(x_cols + rk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-                acc += tl.dot(wv.to(xt.dtype), xt)
-            acc = acc * tl.load(s + rn, mask=n_ok, other=0.0)[:, None]
+            for k0 in range(k_start, k_end, GROUP):
+                rk = k0 + tl.arange(0, GROUP)
+                xv = tl.load(x_rows + rk[None, :], mask=m_ok[:, None], other=0.0)
+                wv = tl.load(w_rows + rk[:, None], mask=n_ok[None, :], other=0)
+                acc += tl.dot(xv, wv.to(xv.dtype))
+            acc = acc * tl.load(s + rn, mask=n_ok, other=0.0)[None, :]
         else:
-            HALF: tl.constexpr = BLOCK_K // 2
-            s_rows = s + rn[:, None].to(tl.int64) * s_row_stride
-            for k0 in range(k_start, k_end, BLOCK_K):
+            HALF: tl.constexpr = GROUP // 2
+            for k0 in range(k_start, k_end, GROUP):
                 rk = k0 + tl.arange(0, HALF)
-                packed = tl.load(w_rows + (k0 // 2 + tl.arange(0, HALF))[None, :], mask=n_ok[:, None], other=0)
-                scale_low = tl.load(s_rows + (rk // GROUP)[None, :], mask=n_ok[:, None], other=0.0)
-                scale_high = tl.load(s_rows + ((rk + HALF) // GROUP)[None, :], mask=n_ok[:, None], other=0.0)
-                x_low = tl.load(x_cols + rk[:, None], mask=m_ok[None, :], other=0.0)
-                x_high = tl.load(x_cols + (rk + HALF)[:, None], mask=m_ok[None, :], other=0.0)
-                low = (((packed & 15).to(tl.float32) - 8.0) * scale_low.to(tl.float32)).to(x_low.dtype)
-                high = (((packed >> 4).to(tl.float32) - 8.0) * scale_high.to(tl.float32)).to(x_low.dtype)
-                acc += tl.dot(low, x_low)
-                acc += tl.dot(high, x_high)
-        target = out + pid_s * out_split_stride + rm[None, :].to(tl.int64) * out_row_stride + rn[:, None]
-        tl.store(target, acc.to(out.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+                x_low = tl.load(x_rows + rk[None, :], mask=m_ok[:, None], other=0.0)
+                x_high = tl.load(x_rows + (rk + HALF)[None, :], mask=m_ok[:, None], other=0.0)
+                packed = tl.load(w_rows + (k0 // 2 + tl.arange(0, HALF))[:, None], mask=n_ok[None, :], other=0)
+                low = ((packed & 15).to(tl.int16) - 8).to(x_low.dtype)
+                high = ((packed >> 4).to(tl.int16) - 8).to(x_low.dtype)
+                part = tl.dot(x_low, low) + tl.dot(x_high, high)
+                scale = tl.load(s + (k0 // GROUP) * s_group_stride + rn, mask=n_ok, other=0.0).to(tl.float32)
+                acc += part * scale[None, :]
+        target = out + pid_s * out_split_stride + rm[:, None].to(tl.int64) * out_row_stride + rn[None, :]
+        tl.store(target, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How `weight_only_linear` splits a product: BLOCK_N output channels a program, `block_k` input channels
-    an iteration (int8; int4 takes its packing block), `split_k` programs along the input channels (0: chosen
-    from the shape), warps and pipeline stages of each."""
+    """How `weight_only_linear` splits a product: BLOCK_N output channels a program, `split_k` programs along
+    the input channels (0: chosen from the shape), warps and pipeline stages of each."""
 
     block_n: int = 64
-    block_k: int = 128
     split_k: int = 0
     warps: int = 4
     stages: int = 4
@@ -190,7 +180,14 @@ class LaunchConfig:
 def _kernel_takes(x: torch.Tensor, weight: QuantisedWeight) -> bool:
     on_gpu = (x.is_cuda and weight.values.device == x.device) or os.environ.get("TRITON_INTERPRET") == "1"
     return (triton is not None and on_gpu and x.stride(1) == 1 and weight.values.stride(1) == 1
-            and (weight.bits == 8 or weight.block >= 32))
+            and weight.in_features % weight.group == 0 and weight.group % 32 == 0)
+
+
+def _split_k(config: LaunchConfig, n_out: int, groups: int) -> int:
+    if config.split_k:
+        return max(1, min(config.split_k, groups))
+    tiles = triton.cdiv(n_out, config.block_n)
+    return max(1, min(groups, _TARGET_PROGRAMS // tiles))
 
 
 def weight_only_linear(x: torch.Tensor, weight: QuantisedWeight, bias: torch.Tensor | None = None,
@@ -204,11 +201,9 @@ def weight_only_linear(x: torch.Tensor, weight: QuantisedWeight, bias: torch.Ten
         return weight_only_linear_reference(x, weight, bias, residual)
     config = config or LaunchConfig()
     rows, n_out, k_in = x.shape[0], weight.out_features, weight.in_features
-    block_k = config.block_k if weight.bits == 8 else weight.block
-    steps = triton.cdiv(k_in, block_k)
-    split = config.split_k or _TARGET_PROGRAMS // triton.cdiv(n_out, config.block_n)
-    split = max(1, min(split, steps))
-    k_per_split = triton.cdiv(steps, split) * block_k
+    groups = k_in // weight.group
+    split = _split_k(config, n_out, groups)
+    k_per_split = triton.cdiv(groups, split) * weight.group
     split = triton.cdiv(k_in, k_per_split)
     out = torch.empty((split, rows, n_out), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
     if rows:
@@ -217,7 +212,7 @@ def weight_only_linear(x: torch.Tensor, weight: QuantisedWeight, bias: torch.Ten
         _weight_only_kernel[grid](
             x, weight.values, weight.scale, out, rows, n_out, k_in, k_per_split, x.stride(0),
             weight.values.stride(0), weight.scale.stride(0), out.stride(0), out.stride(1),
-            BITS=weight.bits, GROUP=weight.group, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
+            BITS=weight.bits, GROUP=weight.group, BLOCK_M=block_m, BLOCK_N=config.block_n,
             num_warps=config.warps, num_stages=config.stages)
     result = out[0] if split == 1 else out.sum(dim=0).to(x.dtype)
     if bias is not None:
