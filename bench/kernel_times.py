@@ -16,7 +16,7 @@ import argparse
 import torch
 import torch._dynamo
 import triton.testing
-from blendgate.kernels import attention, fp8, probe_attention, rope, selection, sparse_attention, weight_only
+from blendgate.kernels import attention, fp8, probe_attention, rope, selection, sparse_attention
 
 
 def ms(fn) -> float:
@@ -56,7 +56,6 @@ def fp8_rows(add) -> None:
         add(f"probe product {name}: FP8, operands swapped, transposed back to [rows, N]",
             lambda r=rows, ws=weight_scale, rs=row_scale, wt=weight: torch._scaled_mm(
                 wt.values, r.t(), scale_a=ws, scale_b=rs, out_dtype=torch.bfloat16).t().contiguous())
-        weight_only_rows(add, name, x[:, :k].contiguous(), w)
     norm_weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
     add("RMSNorm + row quantisation 64 x 4096 (fused)",
         lambda: fp8.rms_norm_quantize(x[:, :hidden].contiguous(), norm_weight, 1e-5))
@@ -70,33 +69,6 @@ def fp8_rows(add) -> None:
     for label, pieces in (("bf16 weights", model), ("FP8 copy", projections)):
         add(f"probe layer's projections 64 rows (qkv, o, gate_up, down, norms, SwiGLU): {label}",
             lambda p=pieces: (p.project_qkv(0, states), p.finish_layer(0, states, states)))
-
-
-def weight_only_rows(add, name: str, x: torch.Tensor, w: torch.Tensor) -> None:
-    """One probe product with weight-only int8/int4 weights (kernels/weight_only.py, a few launch configs),
-    and PyTorch's own weight-only products (tinygemm's int4, the int8 one) where this build has them on CUDA."""
-    n, k = w.shape
-    for bits, weight in ((8, weight_only.quantize_int8(w)), (4, weight_only.quantize_int4(w))):
-        for config in (weight_only.LaunchConfig(), weight_only.LaunchConfig(block_n=32),
-                       weight_only.LaunchConfig(block_n=128, warps=8), weight_only.LaunchConfig(stages=3),
-                       weight_only.LaunchConfig(split_k=1)):
-            add(f"probe product {name}: int{bits} weight-only, Triton {config}",
-                lambda wt=weight, c=config: weight_only.weight_only_linear(x, wt, config=c))
-    for group in (64, 128):
-        q = weight_only.quantize_int4(w, group)  # the same values, repacked as tinygemm wants them
-        nibbles = torch.cat((q.values & 15, q.values >> 4), dim=1)  # any order: this row times, not checks
-        packed = ((nibbles[:, ::2] << 4) | nibbles[:, 1::2]).to(torch.uint8)
-        scales_zeros = torch.stack((q.scale.to(torch.bfloat16), torch.zeros_like(q.scale, dtype=torch.bfloat16)), -1)
-        try:
-            tiles = torch._convert_weight_to_int4pack(packed.contiguous(), 8)
-        except Exception as exc:  # noqa: BLE001 - the row says why
-            print(f"| probe product {name}: int4 torch._weight_int4pack_mm group {group} | failed: {exc!s:.120} |")
-            continue
-        add(f"probe product {name}: int4 torch._weight_int4pack_mm (tinygemm) group {group}",
-            lambda t=tiles, g=group, sz=scales_zeros.contiguous(): torch._weight_int4pack_mm(x, t, g, sz))
-    q8 = weight_only.quantize_int8(w)
-    add(f"probe product {name}: int8 torch._weight_int8pack_mm",
-        lambda: torch._weight_int8pack_mm(x, q8.values, q8.scale[0].to(torch.bfloat16)))
 
 
 def main() -> None:

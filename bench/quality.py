@@ -71,9 +71,6 @@ RULES: dict[str, dict] = {
     # FP8 products; "auto" picks it on FP8 GPUs for half-precision models) and on the model's own weights.
     "default-fp8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "fp8"},
     "default-bf16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "model"},
-    # The probe on weight-only int8 / int4 copies (kernels/weight_only.py; the reference product on the CPU).
-    "default-int8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "int8"},
-    "default-int4": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "int4"},
     "default-p8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 8},
     "default-p16": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_layers": 16},
     # The drift measured without the sinks (xs), per parts of each chunk (bN), at other strengths (sNN).

@@ -17,7 +17,6 @@ import torch
 
 from ..engine.instances import InstancePerKey
 from ..engine.llama import LlamaFamilyModel
-from ..kernels.activation import silu_and_mul
 from ..kernels.fp8 import (
     Fp8Weight,
     add_rms_norm_quantize,
@@ -28,8 +27,6 @@ from ..kernels.fp8 import (
     rms_norm_quantize,
     silu_and_mul_quantize,
 )
-from ..kernels.norm import rms_norm
-from ..kernels.weight_only import QuantisedWeight, quantize_int4, quantize_int8, weight_only_linear
 
 
 class Projections(Protocol):
@@ -89,70 +86,16 @@ class Fp8Projections:
         return fp8_product(x_fp8, x_scale, self.down[layer], dtype, residual=hidden)
 
 
-class WeightOnlyProjections:
-    """The model's decoder-layer matrices with `bits` (8 or 4) a value, for the probe pass; the rows stay in
-    the model's dtype (kernels/weight_only.py: int8 with a scale per output channel, or int4 with one per
-    output channel and 64 input channels).
-
-    Made once per model and bit width (`for_model`, thread-safe): Llama-3-8B's decoder layers take ~7 GB in
-    int8 and ~3.7 GB in int4 beside the model's. On CUDA one Triton launch a product (the weights dequantised
-    in registers), the reference elsewhere; capturable in CUDA graphs. Holds the model's norms and biases,
-    not the model."""
-
-    def __init__(self, model: LlamaFamilyModel, bits: int) -> None:
-        if bits not in (8, 4):
-            raise ValueError(f"WeightOnlyProjections takes 8 or 4 bits, got {bits}")
-        quantize = quantize_int8 if bits == 8 else quantize_int4
-        self.bits = bits
-        self.eps = model.eps
-        self.layers = list(model.layers)
-        self.qkv: list[QuantisedWeight] = []
-        self.o: list[QuantisedWeight] = []
-        self.gate_up: list[QuantisedWeight] = []
-        self.down: list[QuantisedWeight] = []
-        with torch.no_grad():
-            for layer in model.layers:
-                self.qkv.append(quantize(layer.qkv))
-                self.o.append(quantize(layer.o))
-                self.gate_up.append(quantize(layer.gate_up))
-                self.down.append(quantize(layer.down))
-
-    @classmethod
-    def for_model(cls, model: LlamaFamilyModel, bits: int) -> "WeightOnlyProjections":
-        """The model's copy with `bits` a value, made on first use."""
-        return (_PER_MODEL_INT8 if bits == 8 else _PER_MODEL_INT4).get(model)
-
-    def project_qkv(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """As LlamaFamilyModel.project_qkv, the product on the quantised weights."""
-        weights = self.layers[layer]
-        return weight_only_linear(rms_norm(hidden, weights.input_norm, self.eps), self.qkv[layer],
-                                  bias=weights.qkv_bias)
-
-    def finish_layer(self, layer: int, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """As LlamaFamilyModel.finish_layer, the three products on the quantised weights (each residual added
-        after its product)."""
-        hidden = weight_only_linear(attention, self.o[layer], residual=hidden)
-        x = rms_norm(hidden, self.layers[layer].post_norm, self.eps)
-        return weight_only_linear(silu_and_mul(weight_only_linear(x, self.gate_up[layer])), self.down[layer],
-                                  residual=hidden)
-
-
 _PER_MODEL: InstancePerKey[LlamaFamilyModel, Fp8Projections] = InstancePerKey(Fp8Projections)
-_PER_MODEL_INT8: InstancePerKey[LlamaFamilyModel, WeightOnlyProjections] = InstancePerKey(
-    lambda model: WeightOnlyProjections(model, 8))
-_PER_MODEL_INT4: InstancePerKey[LlamaFamilyModel, WeightOnlyProjections] = InstancePerKey(
-    lambda model: WeightOnlyProjections(model, 4))
 
 
 def probe_projections(model: LlamaFamilyModel, probe_weights: str) -> Projections:
-    """The projections a probe with `probe_weights` ("auto", "model", "fp8", "int8", "int4";
-    SelectionRule.probe_weights) runs on this model. Raises ValueError for another value."""
+    """The projections a probe with `probe_weights` ("auto", "model", "fp8"; SelectionRule.probe_weights)
+    runs on this model. Raises ValueError for another value."""
     if probe_weights == "model":
         return model
-    if probe_weights in ("int8", "int4"):
-        return WeightOnlyProjections.for_model(model, int(probe_weights[3:]))
     if probe_weights == "fp8" or (probe_weights == "auto" and hardware_fp8(model.device, model.dtype)):
         return Fp8Projections.for_model(model)
     if probe_weights == "auto":
         return model
-    raise ValueError(f"probe_weights must be 'auto', 'model', 'fp8', 'int8' or 'int4', got {probe_weights!r}")
+    raise ValueError(f"probe_weights must be 'auto', 'model' or 'fp8', got {probe_weights!r}")

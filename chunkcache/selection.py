@@ -29,8 +29,8 @@ from typing import Literal, Sequence
 ScoreKind = Literal["value", "key", "kv", "attention", "attention_value", "attention_key"]
 SCORE_KINDS: tuple[str, ...] = ("value", "key", "kv", "attention", "attention_value", "attention_key")
 ChunkBudget = Literal["global", "uniform"]
-ProbeWeights = Literal["auto", "model", "fp8", "int8", "int4"]
-PROBE_WEIGHTS: tuple[str, ...] = ("auto", "model", "fp8", "int8", "int4")
+ProbeWeights = Literal["auto", "model", "fp8"]
+PROBE_WEIGHTS: tuple[str, ...] = ("auto", "model", "fp8")
 
 
 @dataclass(frozen=True)

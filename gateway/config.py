@@ -147,7 +147,7 @@ class SelectionSettings(_Strict):
     drift_bins: int = Field(DEFAULT_RULE.drift_bins, ge=1)
     # model (the default): the probe reads the model's weights; auto: an FP8 copy of the layer weights where the
     # GPU has FP8 products (about half the decoder layers' bytes more in GPU memory); fp8: always (emulated).
-    probe_weights: Literal["auto", "model", "fp8", "int8", "int4"] = DEFAULT_RULE.probe_weights
+    probe_weights: Literal["auto", "model", "fp8"] = DEFAULT_RULE.probe_weights
 
     def rule(self) -> SelectionRule:
         return SelectionRule(**self.model_dump())
