@@ -153,6 +153,9 @@ class ProbeGraphs:
             if self.arena is None or self.arena.capacity < needed:
                 self.captured.clear()  # the graphs point at the old arena
                 self.arena = None
+                # A private pool lives only while a graph holds it: with every graph dropped, capturing into
+                # the old handle fails inside PyTorch's allocator (an internal assert), so take a new one.
+                self.pool = torch.cuda.graph_pool_handle()
                 torch.cuda.empty_cache()
                 arena = self.model.new_cache(max(needed, 2 * self.SLOT_BUCKET))
                 arena.keys.zero_()
