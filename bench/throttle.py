@@ -41,7 +41,7 @@ class ThrottlingProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         started, sent = time.monotonic(), 0
         try:
-            while data := source.recv(4096):
+            while data := source.recv(1 << 20):
                 if self.rate is not None:  # idle time earns no credit: the clock restarts after a pause
                     started = max(started, time.monotonic() - sent / self.rate)
                     sent += len(data)

@@ -7,7 +7,9 @@ option that meets the delay; recompute from text when fetching would be slower).
   (encoded bytes per second of shared-tier reads, redis_tier.py feeds it) and the prefill's (chunk tokens
   precomputed per second, runner.py feeds it).
 - `FetchPolicy.decide`: for one chunk the shared tier holds (its encoded size from `<prefix>:sizes`), the time
-  to fetch and decode it against the time to recompute its tokens, as a `FetchDecision`.
+  to fetch and decode it against the time to recompute its tokens, as a `FetchDecision`. Until the prefill's
+  rate is measured on this device, the first chunk (`measure_first`) is recomputed to measure it: the prior
+  is a CPU's, and a replica that only fetches would never replace it.
 
 Times are estimates: fetch = size / link rate + size / the codec's decode rate; recompute = (the chunk's
 tokens + a forward pass's fixed cost, fallback.PrefillCosts.pass_tokens) / the prefill's token rate.
@@ -134,20 +136,33 @@ class FetchPolicy:
 
     def __init__(self, decode_bytes_per_s: float = DECODE_BYTES_PER_S[("raw", 0)],
                  costs: PrefillCosts = PrefillCosts(), link: RateEstimate | None = None,
-                 prefill: RateEstimate | None = None) -> None:
+                 prefill: RateEstimate | None = None, measure_first: int = 1) -> None:
+        """measure_first: chunks sent to recompute, while the prefill's rate has no measurement, so that it gets
+        one on this device (its prior is SmolLM2's on 2 CPU cores: on a GPU it undervalues recomputing ~50x, and
+        a replica that only fetches never measures it); 0 trusts the prior."""
         self.decode_bytes_per_s = decode_bytes_per_s
         self.costs = costs
         self.link = link or RateEstimate(DEFAULT_LINK_BYTES_PER_S)
         self.prefill = prefill or RateEstimate(DEFAULT_PREFILL_TOKENS_PER_S)
+        self.measure_first = measure_first
+        self._measuring = 0  # chunks sent to recompute to measure the prefill's rate
+        self._lock = threading.Lock()
 
     def decide(self, encoded_bytes: int, tokens: int) -> FetchDecision:
         """Fetch or recompute one chunk whose entry is `encoded_bytes` long in the shared tier and which has
         `tokens` tokens. Fetches only when the estimated fetch (transfer and decode) is no slower than the
-        estimated recompute. The prefill's rate counts a pass's fixed cost as tokens (see the blender's
-        measurement), so recompute = (tokens + costs.pass_tokens) / prefill rate."""
+        estimated recompute, except that the first `measure_first` chunks decided before the prefill's rate is
+        measured are recomputed (to measure it). The prefill's rate counts a pass's fixed cost as tokens (see
+        the blender's measurement), so recompute = (tokens + costs.pass_tokens) / prefill rate."""
         link = self.link.rate
         fetch_s = encoded_bytes / link + encoded_bytes / self.decode_bytes_per_s
         recompute_s = (tokens + self.costs.pass_tokens) / self.prefill.rate
+        with self._lock:
+            measure = self.prefill.samples == 0 and self._measuring < self.measure_first
+            self._measuring += measure
+        if measure:
+            reason = f"measuring this device's prefill rate (none yet), fetch estimated {fetch_s * 1e3:.3g} ms"
+            return FetchDecision(False, round(fetch_s * 1e3, 3), round(recompute_s * 1e3, 3), reason)
         fetch = fetch_s <= recompute_s
         reason = (f"link {link / 1e6:.3g} MB/s, fetch {fetch_s * 1e3:.3g} ms "
                   f"{'<=' if fetch else '>'} recompute {recompute_s * 1e3:.3g} ms")
