@@ -155,6 +155,9 @@ def main() -> None:
                 if number == 0:
                     continue
                 seconds.append(time.perf_counter() - started)
+                if number == 1 and runner.store.adaptation is not None:  # what the policy knew and chose
+                    print(f"  policy: {runner.store.adaptation.report()}; first timed prompt: "
+                          f"{sorted(set(state.report.shared_fetch or []))}", flush=True)
                 fetched += sum(word == "fetched" for word in state.report.shared_fetch or [])
                 recomputed += sum(not hit for hit in state.report.hits or [])  # computed from their text
                 modes.add(state.report.mode)
