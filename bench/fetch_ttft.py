@@ -141,7 +141,9 @@ def main() -> None:
             policy = FetchPolicy(decode_rate(shared.codec.kv_codec.name, shared.codec.kv_codec.level,
                                              on_gpu=shared.decode_device.type == "cuda"), link=shared.link)
         store = ChunkCacheStore([MemoryTier("memory", 8 << 30, device)], shared=shared, adaptation=policy)
-        return BlendingRunner(loaded, store)
+        runner = BlendingRunner(loaded, store)
+        runner.blender.measure_prefill_rate()  # as the gateway does at start-up
+        return runner
 
     def timed(runner: BlendingRunner, these: list | None = None) -> dict:
         """Prefill the warm-up prompt, then time the others (`these`, default the blend prompts); the row."""

@@ -7,9 +7,7 @@ option that meets the delay; recompute from text when fetching would be slower).
   (encoded bytes per second of shared-tier reads, redis_tier.py feeds it) and the prefill's (chunk tokens
   precomputed per second, runner.py feeds it).
 - `FetchPolicy.decide`: for one chunk the shared tier holds (its encoded size from `<prefix>:sizes`), the time
-  to fetch and decode it against the time to recompute its tokens, as a `FetchDecision`; `decide_prompt` for
-  a prompt's chunks: until the prefill's rate is measured on this device, the first is recomputed to measure
-  it (`measure_first`): the prior is a CPU's, and a replica that only fetches would never replace it.
+  to fetch and decode it against the time to recompute its tokens, as a `FetchDecision`.
 
 Times are estimates: fetch = size / link rate + size / the codec's decode rate; recompute = (the chunk's
 tokens + a forward pass's fixed cost, fallback.PrefillCosts.pass_tokens) / the prefill's token rate.
@@ -18,7 +16,6 @@ tokens + a forward pass's fixed cost, fallback.PrefillCosts.pass_tokens) / the p
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .fallback import PrefillCosts
@@ -137,16 +134,11 @@ class FetchPolicy:
 
     def __init__(self, decode_bytes_per_s: float = DECODE_BYTES_PER_S[("raw", 0)],
                  costs: PrefillCosts = PrefillCosts(), link: RateEstimate | None = None,
-                 prefill: RateEstimate | None = None, measure_first: bool = True) -> None:
-        """measure_first: while the prefill's rate has no measurement, `decide_prompt` sends a prompt's first
-        chunk to recompute, so that it gets one on this device (its prior is SmolLM2's on 2 CPU cores: on a GPU
-        it undervalues recomputing ~50x, and a replica that only fetches never measures it); False trusts the
-        prior."""
+                 prefill: RateEstimate | None = None) -> None:
         self.decode_bytes_per_s = decode_bytes_per_s
         self.costs = costs
         self.link = link or RateEstimate(DEFAULT_LINK_BYTES_PER_S)
         self.prefill = prefill or RateEstimate(DEFAULT_PREFILL_TOKENS_PER_S)
-        self.measure_first = measure_first
 
     def decide(self, encoded_bytes: int, tokens: int) -> FetchDecision:
         """Fetch or recompute one chunk whose entry is `encoded_bytes` long in the shared tier and which has
@@ -160,19 +152,6 @@ class FetchPolicy:
         reason = (f"link {link / 1e6:.3g} MB/s, fetch {fetch_s * 1e3:.3g} ms "
                   f"{'<=' if fetch else '>'} recompute {recompute_s * 1e3:.3g} ms")
         return FetchDecision(fetch, round(fetch_s * 1e3, 3), round(recompute_s * 1e3, 3), reason)
-
-    def decide_prompt(self, chunks: Sequence[tuple[int, int]]) -> list[FetchDecision]:
-        """`decide` for each chunk of one prompt that the shared tier holds, (encoded_bytes, tokens) each in
-        prompt order; while the prefill's rate has no measurement (and measure_first), the first one is
-        recomputed to measure it. The same chunks get the same decisions until a measurement arrives (a prompt
-        is located more than once: for the fallback check, then to blend)."""
-        decisions = [self.decide(size, tokens) for size, tokens in chunks]
-        if decisions and self.measure_first and self.prefill.samples == 0:
-            first = decisions[0]
-            decisions[0] = FetchDecision(False, first.fetch_ms, first.recompute_ms,
-                                         "measuring this device's prefill rate (none yet), fetch estimated "
-                                         f"{first.fetch_ms:.3g} ms")
-        return decisions
 
     def report(self) -> AdaptationReport:
         return AdaptationReport(self.link.rate, self.link.samples, self.prefill.rate, self.prefill.samples)

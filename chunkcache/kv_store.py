@@ -101,11 +101,12 @@ class ChunkCacheStore:
             local = [any(key in tier.entries for tier in self.tiers) for key in keys]
         missing = [key for key, held in zip(keys, local) if not held]
         sizes = iter(self.shared.entry_sizes(missing) if self.shared is not None and missing else [])
-        found = [None if held else next(sizes, None) for held in local]
-        shared = [(size, count) for size, count in zip(found, tokens) if size is not None]
-        decisions = iter(self.adaptation.decide_prompt(shared) if self.adaptation and shared else [])
-        return [ChunkSource(held, size, None if size is None else next(decisions, None))
-                for held, size in zip(local, found)]
+        sources = []
+        for held, count in zip(local, tokens):
+            size = None if held else next(sizes, None)
+            decision = self.adaptation.decide(size, count) if size is not None and self.adaptation else None
+            sources.append(ChunkSource(held, size, decision))
+        return sources
 
     def note_recomputed(self) -> None:
         """Count a chunk the shared tier held but the fetch policy chose to recompute (its miss is counted by

@@ -46,6 +46,9 @@ from .kv import ChunkKV
 from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
 
+# Tokens of the placeholder chunk timed at start-up to measure the prefill's rate (a typical chunk's length).
+CALIBRATION_TOKENS = 256
+
 
 class ChunkBlender:
     """Blends a prompt's chunks on a LlamaFamilyModel: each chunk's KV from the store (computed and stored on
@@ -130,13 +133,34 @@ class ChunkBlender:
         prefix_cache = self._prefix_cache(prefix_ids, shared)
         started = time.perf_counter()
         kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), prefix_cache)
-        policy = self.store.adaptation
-        if policy is not None:  # the prefill's rate, a pass's fixed cost counted as tokens (as decide counts it)
-            if kv.keys.is_cuda:
-                torch.cuda.synchronize(kv.keys.device)
-            policy.prefill.observe(len(chunk_ids) + policy.costs.pass_tokens, time.perf_counter() - started)
+        self._observe_prefill(kv, started)
         self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers), share=read)
         return kv, False
+
+    def _observe_prefill(self, kv: ChunkKV, started: float) -> None:
+        """The fetch policy's prefill rate, from a chunk precomputed since `started` (time.perf_counter), a
+        pass's fixed cost counted as tokens (as FetchPolicy.decide counts it); nothing without a policy."""
+        policy = self.store.adaptation
+        if policy is None:
+            return
+        if kv.keys.is_cuda:
+            torch.cuda.synchronize(kv.keys.device)
+        policy.prefill.observe(kv.length + policy.costs.pass_tokens, time.perf_counter() - started)
+
+    def measure_prefill_rate(self, tokens: int = CALIBRATION_TOKENS) -> None:
+        """Measure the fetch policy's prefill rate on this device before any request (chunkcache/adaptation.py):
+        a chunk of `tokens` placeholder tokens precomputed twice, the first pass warming the kernels up, the
+        second timed. The rate's prior is SmolLM2's on 2 CPU cores, which on a GPU undervalues recomputing
+        ~50x, and a replica whose chunks all come from the shared tier would never replace it (it fetched every
+        chunk on the H200 where recomputing was 3x faster: bench/results/fetch-ttft-2026-12-01.md). Nothing
+        without a fetch policy; nothing is stored."""
+        if self.store.adaptation is None:
+            return
+        ids = [1 + i % (self.model.embed_tokens.shape[0] - 1) for i in range(tokens)]
+        with torch.inference_mode():
+            precompute_chunk(self.model, ids)
+            started = time.perf_counter()
+            self._observe_prefill(precompute_chunk(self.model, ids), started)
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None
               ) -> tuple[BlendResult, PrefillReport]:

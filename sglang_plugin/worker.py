@@ -89,6 +89,7 @@ class BlendWorker:
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
                                     replace(DEFAULT_RULE, probe_weights=settings.probe_weights))
+        self.blender.measure_prefill_rate()  # the fetch policy's recompute estimate, on this GPU
         self.costs = settings.costs
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,

@@ -114,9 +114,11 @@ class LocalBackend(ChatBackend):
             decode_rate(settings.codec.name, settings.codec.level, on_gpu=shared_tier.decode_device.type == "cuda"),
             costs, link=shared_tier.link) if shared_tier is not None and shared.adapt else None
         self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier, adaptation=adaptation)
-        return BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
-                              chunk_prefix_entries=settings.chunk_prefix_entries,
-                              chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(), costs=costs)
+        runner = BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
+                                chunk_prefix_entries=settings.chunk_prefix_entries,
+                                chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(), costs=costs)
+        runner.blender.measure_prefill_rate()  # the fetch policy's recompute estimate, on this device
+        return runner
 
     async def wait_ready(self) -> None:
         if self._load_task is not None:

@@ -12,7 +12,7 @@ COSTS = PrefillCosts(pass_tokens=20.0)
 
 def policy(link: float, tokens_per_s: float = 1000.0, decode: float = 1e12) -> FetchPolicy:
     """A policy whose estimates are `link` bytes/s and `tokens_per_s` (priors), decoding at `decode` bytes/s."""
-    return FetchPolicy(decode, COSTS, RateEstimate(link), RateEstimate(tokens_per_s), measure_first=False)
+    return FetchPolicy(decode, COSTS, RateEstimate(link), RateEstimate(tokens_per_s))
 
 
 def test_the_prior_holds_until_the_first_measurement_then_the_estimate_moves() -> None:
@@ -69,19 +69,3 @@ def test_measurements_turn_the_choice() -> None:
 def test_never_a_fetch_slower_than_recompute(size: int, link: float, tokens: int) -> None:
     decision = policy(link, decode=1e8).decide(size, tokens)
     assert decision.fetch == (decision.fetch_ms <= decision.recompute_ms)
-
-
-def test_an_unmeasured_prefill_rate_is_measured_first_then_the_estimates_decide() -> None:
-    # The prior (a CPU's 333 tokens/s) says recomputing 100 tokens takes ~370 ms: on a GPU it takes a few ms.
-    chosen = FetchPolicy(1e12, COSTS, RateEstimate(1e9))
-    prompt = [(100_000, 100), (200_000, 100), (100_000, 50)]
-    first = chosen.decide_prompt(prompt)
-    assert [decision.fetch for decision in first] == [False, True, True]  # one measures, the estimates decide
-    assert first[0].summary.startswith("recomputed: measuring this device's prefill rate")
-    assert chosen.decide_prompt(prompt) == first  # located again before the measurement: the same choice
-    chosen.prefill.observe(120, 0.002)  # measured: 60,000 tokens/s (2 ms for the chunk and a pass's cost)
-    decisions = chosen.decide_prompt([(1_000_000, 100), (4_000_000, 100)])  # 1 and 4 ms to fetch at 1 GB/s
-    assert [decision.fetch for decision in decisions] == [True, False]
-    assert decisions[0].recompute_ms == pytest.approx(2.0)
-    assert chosen.decide_prompt([]) == []
-    assert FetchPolicy(1e12, COSTS, RateEstimate(1e9), measure_first=False).decide_prompt(prompt)[0].fetch

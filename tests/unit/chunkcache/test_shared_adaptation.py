@@ -35,8 +35,7 @@ def test_locate_gives_local_hits_shared_sizes_and_the_policys_choice(redis_serve
     # A link of 1 KB/s (the prior) and a prefill of 1000 tokens/s: fetching an entry (~ENCODED bytes) takes ~1 s,
     # recomputing 8 tokens 8 ms.
     shared = RedisTier(redis_server.url, 1 << 24, key_prefix=prefix, timeout_s=0.5, link=RateEstimate(1e3))
-    policy = FetchPolicy(1e12, PrefillCosts(pass_tokens=0), link=shared.link, prefill=RateEstimate(1e3),
-                         measure_first=False)
+    policy = FetchPolicy(1e12, PrefillCosts(pass_tokens=0), link=shared.link, prefill=RateEstimate(1e3))
     reader = ChunkCacheStore([MemoryTier("cpu", 1 << 20, "cpu")], shared=shared, adaptation=policy)
     try:
         for n in (0, 1):
@@ -83,28 +82,26 @@ def test_a_slow_link_recomputes_and_a_fast_one_fetches(redis_server, prefix, loa
             _, state = first.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend"))  # every chunk into Redis
             assert state.report.shared_fetch == ["not cached"] * 3 and state.report.hits == [False] * 3
             first.store.shared.flush()
-            # Nothing measured yet: the first chunk is recomputed to measure the prefill's rate, the second is
-            # fetched by the link's prior (1 Gbit/s), and that read measures 200 KB/s.
-            _, state = over_slow.prefill(rag_prompt(tokenizer, DOCUMENTS[:2], "blend"))
-            assert state.report.shared_fetch[0].startswith("recomputed: measuring this device's prefill rate")
-            assert state.report.shared_fetch[1] == "fetched" and state.report.hits == [False, True]
+            # Before any read the link's prior (1 Gbit/s) says fetch; this read measures 200 KB/s.
+            _, state = over_slow.prefill(rag_prompt(tokenizer, DOCUMENTS[:1], "blend"))
+            assert state.report.shared_fetch == ["fetched"] and state.report.hits == [True]
             link = over_slow.store.shared.link
             assert 50e3 < link.rate < 250e3, link.rate
-            # The chunk recurs: computed for its first place, it is a local hit for its second.
-            _, state = over_slow.prefill(rag_prompt(tokenizer, [DOCUMENTS[2], DOCUMENTS[2]], "blend"))
-            assert state.report.hits == [False, True]
-            assert state.report.shared_fetch[1] == "local"
-            words = state.report.shared_fetch[0]
-            assert words.startswith("recomputed: link 0.") and "> recompute" in words, words
+            # The third chunk recurs: computed for its first place, it is a local hit for its second.
+            _, state = over_slow.prefill(rag_prompt(tokenizer, [*DOCUMENTS[1:], DOCUMENTS[1]], "blend"))
+            assert state.report.hits == [False, False, True]
+            assert state.report.shared_fetch[2] == "local"
+            for words in state.report.shared_fetch[:2]:
+                assert words.startswith("recomputed: link 0.") and "> recompute" in words, words
             assert state.report.as_dict()["shared_fetch"] == state.report.shared_fetch  # in the response
             adaptation = over_slow.store.report()["adaptation"]
             assert adaptation["recomputed"] == 2 and adaptation["link_samples"] >= 1
             assert adaptation["prefill_samples"] == 2  # the two chunks recomputed were timed
-            assert over_slow.store.shared.report().hits == 2  # the system prompt's and the second chunk's
-            # Unthrottled, every chunk is fetched but the one that measures this replica's prefill rate.
+            assert over_slow.store.shared.report().hits == 2  # the system prompt's and the first chunk's
+            # Unthrottled, every chunk is fetched.
             _, state = over_fast.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend"))
-            assert state.report.shared_fetch[1:] == ["fetched"] * 2 and state.report.hits == [False, True, True]
-            assert over_fast.store.report()["adaptation"]["recomputed"] == 1
+            assert state.report.shared_fetch == ["fetched"] * 3 and state.report.hits == [True] * 3
+            assert over_fast.store.report()["adaptation"]["recomputed"] == 0
     finally:
         for runner in (first, over_slow, over_fast):
             runner.store.close()
@@ -134,3 +131,20 @@ def test_the_local_backend_adapts_unless_set_off(redis_server, prefix, loaded_mo
             assert policy is None and "adaptation" not in backend.store.report()
     finally:
         backend.store.close()
+
+
+def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis_server, prefix, loaded_model) -> None:
+    runner = runner_through(redis_server.url, prefix, loaded_model)
+    try:
+        policy = runner.store.adaptation
+        assert policy.prefill.samples == 0  # the prior: SmolLM2 on 2 CPU cores
+        runner.blender.measure_prefill_rate(tokens=32)
+        assert policy.prefill.samples == 1 and policy.prefill.rate != policy.prefill.prior
+        report = runner.store.report()
+        assert all(tier["entries"] == 0 for tier in report["tiers"] if not tier.get("shared"))
+        assert runner.store.shared.report().writes == 0
+        plain = runner_through(redis_server.url, prefix, loaded_model, adapt=False)
+        plain.blender.measure_prefill_rate(tokens=32)  # no fetch policy: nothing to measure for
+        plain.store.close()
+    finally:
+        runner.store.close()
