@@ -80,7 +80,7 @@ class MemoryTier(Tier):
 
     def write(self, key: ChunkKey, kv: ChunkKV) -> int:
         # Token ids stay on the host: blending reads them there, and a GPU copy would make it wait.
-        stored = ChunkKV(kv.token_ids.cpu(), self._place(kv.keys), self._place(kv.values))
+        stored = ChunkKV(kv.token_ids.cpu(), self._place(kv.keys), self._place(kv.values), kv.weights)
         self._data[key] = stored
         return stored.nbytes
 
