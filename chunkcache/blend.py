@@ -29,6 +29,7 @@ from ..kernels.attention import plan_causal, plan_sparse
 from ..kernels.drift import drift_apply, drift_deltas
 from ..kernels.rope import place, place_many, rope_store, rotate
 from ..kernels.selection import deviation
+from .channel_weights import key_weights
 from .kv import ChunkKV
 from .probe import ProbeGraphs, probe_eager
 from .probe_weights import probe_projections
@@ -42,14 +43,13 @@ from .selection import (
     targeted_count,
     uniform_counts,
 )
-from .sensitivity import key_weights
 
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: list[int] = (),
                      prefix_cache: KVCache | None = None) -> ChunkKV:
     """The chunk's KV as computed after `prefix_ids` (e.g. the system prompt), keys kept unrotated, with its
-    keys' channel weights measured on the chunk's own queries (sensitivity.py: what the cachegen encoder spends
+    keys' channel weights measured on the chunk's own queries (channel_weights.py: what the cachegen encoder spends
     its bins by). `prefix_cache`: the prefix's KV already computed (model.forward over `prefix_ids` alone), which
     is then continued instead of computed again (the same numbers: a prefix's KV does not depend on what
     follows)."""

@@ -16,8 +16,8 @@ import torch
 class ChannelWeights:
     """How much a quantisation error in each channel of a chunk's keys moves the model's output (relative: only
     ratios within a layer count), from blending, which measures them when it computes the chunk's KV
-    (chunkcache/sensitivity.py), to the KV codecs' encoders (codec/cachegen.py spends its bins by them).
-    Values have none (sensitivity.py says why)."""
+    (chunkcache/channel_weights.py), to the KV codecs' encoders (codec/cachegen.py spends its bins by them).
+    Values have none (channel_weights.py says why)."""
 
     keys: torch.Tensor  # float32 [layers, kv_heads, head_dim], >= 0, on the KV's device
 

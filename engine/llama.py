@@ -251,7 +251,7 @@ class LlamaFamilyModel:
         a prompt after a cached prefix); this picks the fused causal kernels. With `raw_kv` (a list), each
         layer's unrotated keys and values of these tokens are appended to it (chunk-cache entries); with
         `raw_queries`, each layer's unrotated queries, [heads, tokens, head_dim] (the chunk's channel weights,
-        chunkcache/sensitivity.py).
+        chunkcache/channel_weights.py).
         `logits` False: their hidden states before the final norm instead, [tokens or 1, hidden] (an engine with
         its own logits processor, such as SGLang, finishes them)."""
         start, count = cache.length, token_ids.shape[0]

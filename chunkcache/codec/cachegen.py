@@ -9,6 +9,12 @@
   bins of their layer. The streams fall into three layer groups (first, middle, last third). Where a
   channel's tokens are not alike (values often), coding against the group's anchor would cost more than against
   the channel's centre: each channel takes whichever has the smaller spread.
+- Channel-wise sensitivity (keys; issue 21): given the chunk's ChannelWeights (ChunkKV.weights, the RoPE pair's
+  query energy measured on the chunk's own queries: chunkcache/channel_weights.py), a key channel's bins are its
+  layer's times sqrt(weight / the layer's geometric mean weight), within MAX_BIN_SCALE either way (bin_scales):
+  heavy channels, where an error moves the attention logits most, get narrower bins, the others wider, at about
+  the same bytes. The widths travel in the entry as before, so the decoder needs nothing new. Without weights
+  (an entry re-encoded from bytes) every channel of a layer slice takes the ladder's bins.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).

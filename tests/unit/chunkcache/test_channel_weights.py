@@ -1,5 +1,5 @@
 """Sensitivity-weighted bins (issue 21): the keys' channel weights measured from a chunk's queries
-(chunkcache/sensitivity.py, precompute_chunk), carried by ChunkKV through the memory tier to the cachegen
+(chunkcache/channel_weights.py, precompute_chunk), carried by ChunkKV through the memory tier to the cachegen
 encoder, which narrows the bins of heavy channels and widens the others' at about equal bytes; entries keep their
 format (the decoder reads them as before), damaged ones are refused as before."""
 
@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 from blendgate.chunkcache.blend import precompute_chunk
+from blendgate.chunkcache.channel_weights import key_weights
 from blendgate.chunkcache.codec import Codec, KVLayout, kv_codec
 from blendgate.chunkcache.codec.cachegen import MAX_BIN_SCALE, bin_scales
 from blendgate.chunkcache.kv import ChannelWeights, ChunkKV
-from blendgate.chunkcache.sensitivity import key_weights
 from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.llama import LlamaFamilyModel
 from hypothesis import given, settings
