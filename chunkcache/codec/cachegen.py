@@ -173,8 +173,10 @@ def bin_scales(weights: torch.Tensor) -> torch.Tensor:
     (ChannelWeights.keys, any device): sqrt(weight / the layer's geometric mean weight), clamped to
     MAX_BIN_SCALE either way. A channel's squared error is its bin width squared / 12 times its weight; at equal
     total rate (the sum over channels of log(spread / width)) the weighted error is least when weight * width^2
-    is the same for every channel (reverse water-filling's rule at high rate), so the widths go as
-    1 / sqrt(weight) around the level's ladder, whose mean log width per layer they keep (up to the clamp)."""
+    is the same for every channel (reverse water-filling's rule at high rate). The factor divides the width the
+    ladder gives (the channel's spread / its layer's bins) by sqrt(weight), keeping the layer's mean log width
+    (up to the clamp), hence about its bytes; widths by 1 / sqrt(weight) alone, whatever the spread, blended
+    SmolLM2 no better (bench/results/codec-2026-11-30.md, "Sensitivity-weighted key bins")."""
     layers = weights.shape[0]
     flat = weights.detach().float().cpu().reshape(layers, -1)
     floor = (flat.amax(dim=1, keepdim=True) * 1e-12).clamp_min(torch.finfo(torch.float32).tiny)  # zero weights
