@@ -1,8 +1,9 @@
 """The chunk-cache codecs (chunkcache/codec/) on real KV: size, reconstruction error and speed, CPU.
 
 SmolLM2-135M-Instruct (the embedded model, on the CPU) computes each NQ-open passage's chunk KV as the gateway
-does (after the system prompt, chunkcache/runner.py: ChunkBlender), stored in bf16 as on a GPU. Every codec and
-level then encodes and decodes each chunk. Per codec and level:
+does (after the system prompt, chunkcache/runner.py: ChunkBlender), stored in bf16 as on a GPU, with the keys'
+channel weights measured there (ChunkKV.weights: the cachegen encoder's bins follow them). Every codec and level
+then encodes and decodes each chunk. Per codec and level:
 - bytes per token of the whole entry (framing, token ids, the codec's parameters) and the ratio bf16 / entry;
 - relative MSE (sum of squared errors / sum of squares) of keys and of values, per third of the layers (the
   layer groups of the cachegen codec);
@@ -120,7 +121,7 @@ def main() -> None:
             ids = next(segment.token_ids for segment in prompt.segments if segment.is_chunk)
             kv, _ = blender.chunk_kv(blender.chunk_key(prefix, ids), ids, prefix)
             chunks.append((blender.chunk_key(prefix, ids),
-                           ChunkKV(kv.token_ids, kv.keys.bfloat16(), kv.values.bfloat16())))
+                           ChunkKV(kv.token_ids, kv.keys.bfloat16(), kv.values.bfloat16(), kv.weights)))
     print(f"{len(chunks)} chunks' KV in {time.perf_counter() - started:.0f} s", flush=True)
 
     layers = chunks[0][1].keys.shape[0]

@@ -26,7 +26,8 @@ subject).
 A `reuse` or
 blend variant ending in `+CODEC:LEVEL` (e.g. `default@0.15/auto+cachegen:1`) blends from chunk KV sent through
 that chunk-cache codec (chunkcache/codec/: encoded, then decoded), as a tier storing it would give it back: by
-`Codec.round_trip`, which gives the decoded values bit for bit without building the entry (the cachegen codec
+`Codec.round_trip`, which gives the decoded values bit for bit without building the entry (with the chunk's
+channel weights, ChunkKV.weights, as a tier encoding a freshly computed chunk has them; the cachegen codec
 quantises and dequantises, skipping its entropy coding, which is lossless and was most of a codec row's time:
 tests/unit/chunkcache/test_codec.py proves the values identical to decode(encode(...)) for every level).
 

@@ -12,6 +12,16 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class ChannelWeights:
+    """How much a quantisation error in each channel of a chunk's keys moves the model's output (relative: only
+    ratios within a layer count), from blending, which measures them when it computes the chunk's KV
+    (chunkcache/channel_weights.py), to the KV codecs' encoders (codec/cachegen.py spends its bins by them).
+    Values have none (channel_weights.py says why)."""
+
+    keys: torch.Tensor  # float32 [layers, kv_heads, head_dim], >= 0, on the KV's device
+
+
 @dataclass
 class ChunkKV:
     """One chunk's KV, computed with the chunk alone after `prefix_ids`; keys are not rotated."""
@@ -19,6 +29,9 @@ class ChunkKV:
     token_ids: torch.Tensor  # [tokens], on the host
     keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], before RoPE
     values: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+    # The encoders' channel weights, measured when the KV was computed; None where not measured (an entry read
+    # back from bytes: its bins are chosen already).
+    weights: ChannelWeights | None = None
 
     @property
     def length(self) -> int:
@@ -26,4 +39,5 @@ class ChunkKV:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes
+        weights = self.weights.keys.nbytes if self.weights is not None else 0
+        return self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes + weights

@@ -18,7 +18,7 @@ import torch
 from .codec import Codec
 from .eviction import EntryInfo
 from .keys import ChunkKey
-from .kv import ChunkKV
+from .kv import ChannelWeights, ChunkKV
 
 
 class Tier(ABC):
@@ -80,7 +80,9 @@ class MemoryTier(Tier):
 
     def write(self, key: ChunkKey, kv: ChunkKV) -> int:
         # Token ids stay on the host: blending reads them there, and a GPU copy would make it wait.
-        stored = ChunkKV(kv.token_ids.cpu(), self._place(kv.keys), self._place(kv.values))
+        # The channel weights (small) go where the KV goes, so a GPU tier's demoted entries hold no GPU memory.
+        weights = None if kv.weights is None else ChannelWeights(self._place(kv.weights.keys))
+        stored = ChunkKV(kv.token_ids.cpu(), self._place(kv.keys), self._place(kv.values), weights)
         self._data[key] = stored
         return stored.nbytes
 

@@ -243,12 +243,15 @@ class LlamaFamilyModel:
 
     # -- whole passes ---------------------------------------------------------------------------------
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache,
-                last_only: bool = True, raw_kv: list | None = None, logits: bool = True) -> torch.Tensor:
+                last_only: bool = True, raw_kv: list | None = None, logits: bool = True,
+                raw_queries: list | None = None) -> torch.Tensor:
         """Append these tokens to the cache (in new slots) and return their logits (or the last one's).
 
         positions None: the tokens continue the cache, at positions equal to their slots (prefill, decode,
         a prompt after a cached prefix); this picks the fused causal kernels. With `raw_kv` (a list), each
-        layer's unrotated keys and values of these tokens are appended to it (chunk-cache entries).
+        layer's unrotated keys and values of these tokens are appended to it (chunk-cache entries); with
+        `raw_queries`, each layer's unrotated queries, [heads, tokens, head_dim] (the chunk's channel weights,
+        chunkcache/channel_weights.py).
         `logits` False: their hidden states before the final norm instead, [tokens or 1, hidden] (an engine with
         its own logits processor, such as SGLang, finishes them)."""
         start, count = cache.length, token_ids.shape[0]
@@ -273,6 +276,8 @@ class LlamaFamilyModel:
             qkv = self.project_qkv(layer, hidden)
             if raw_kv is not None:
                 raw_kv.append(self.split_qkv(qkv)[1:])
+            if raw_queries is not None:
+                raw_queries.append(self.split_qkv(qkv)[0])
             attention = self.attend_storing_kv(layer, qkv, cos, sin, cache, slots, plan)
             hidden = self.finish_layer(layer, hidden, attention)
         hidden = hidden[-1:] if last_only else hidden

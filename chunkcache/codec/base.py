@@ -18,6 +18,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..kv import ChannelWeights
+
 # Named host tensors: a KV codec's encoding of one tensor, stored under "keys." / "values." in the entry.
 Parts = dict[str, torch.Tensor]
 # Which of a chunk's two KV tensors a codec is given: a codec may quantise keys and values differently.
@@ -80,20 +82,22 @@ class KVCodec(ABC):
         self.level = level
 
     @abstractmethod
-    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
+    def encode(self, tensor: torch.Tensor, kind: KVKind, weights: ChannelWeights | None = None) -> Parts:
         """One KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype of DTYPES), the chunk's keys or
-        its values (`kind`), as host parts."""
+        its values (`kind`), as host parts. `weights`: the chunk's channel weights (ChunkKV.weights; None where
+        not measured), which a codec may spend its error by (the cachegen codec's bins); the others ignore them."""
 
     @abstractmethod
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
         """The tensor `encode` was given (exactly, or within the codec's error bound), of `layout`'s shape and
         dtype, on `device`."""
 
-    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device) -> torch.Tensor:
-        """What decode(encode(tensor, kind), KVLayout.of(tensor), device) gives, bit for bit: the tensor a tier
-        storing this codec would give back (bench/quality.py blends from it). A codec whose encoding is costly
-        past its quantisation (the cachegen codec's entropy coding) gives it without building the entry."""
-        return self.decode(self.encode(tensor, kind), KVLayout.of(tensor), device)
+    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device,
+                   weights: ChannelWeights | None = None) -> torch.Tensor:
+        """What decode(encode(tensor, kind, weights), KVLayout.of(tensor), device) gives, bit for bit: the tensor a
+        tier storing this codec would give back (bench/quality.py blends from it). A codec whose encoding is
+        costly past its quantisation (the cachegen codec's entropy coding) gives it without building the entry."""
+        return self.decode(self.encode(tensor, kind, weights), KVLayout.of(tensor), device)
 
     def decode_all(self, tensors: list[Parts], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
         """`decode` of each tensor's parts (an entry's keys and values), all of `layout`. A codec may decode them

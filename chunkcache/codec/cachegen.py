@@ -9,6 +9,12 @@
   bins of their layer. The streams fall into three layer groups (first, middle, last third). Where a
   channel's tokens are not alike (values often), coding against the group's anchor would cost more than against
   the channel's centre: each channel takes whichever has the smaller spread.
+- Channel-wise sensitivity (keys; issue 21): given the chunk's ChannelWeights (ChunkKV.weights, the RoPE pair's
+  query energy measured on the chunk's own queries: chunkcache/channel_weights.py), a key channel's bins are its
+  layer's times sqrt(weight / the layer's geometric mean weight), within MAX_BIN_SCALE either way (bin_scales):
+  heavy channels, where an error moves the attention logits most, get narrower bins, the others wider, at about
+  the same bytes. The widths travel in the entry as before, so the decoder needs nothing new. Without weights
+  (an entry re-encoded from bytes) every channel of a layer slice takes the ladder's bins.
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
@@ -50,7 +56,7 @@ import torch
 from ...kernels import rans as decoders
 from ..defaults import CODEC_LEVELS
 from . import entropy, rans
-from .base import KVCodec, KVKind, KVLayout, Parts, register
+from .base import ChannelWeights, KVCodec, KVKind, KVLayout, Parts, register
 from .quantize import SMALLEST_WIDTH
 
 GROUP_TOKENS = 10  # tokens per anchor group (the paper's choice)
@@ -82,6 +88,10 @@ LEVEL_BINS = (LevelBins((0.7, 1.0, 1.4), (1.0, 0.7, 0.5)), LevelBins((1.4, 2.0, 
 FORMAT = 4  # the entries' format: 4, bin widths as 8-bit codes (1, 2 and 3 are no longer read)
 WIDTH_STEPS = 8  # width codes per octave: a width is 2^((code + base) / WIDTH_STEPS), within 4.5% of the one wanted
 HALF = 127  # symbols are -HALF..HALF: a channel's bins widen so that its largest deviation fits
+# Key channels' bins follow their weights (bin_scales) within this factor of their layer's either way: at 4 the
+# clamp held many channels and blended SmolLM2 worse; at 8 and 16 the same (bench/results/codec-2026-11-30.md).
+MAX_BIN_SCALE = 8.0
+CENTRING_STEPS = 8  # bin_scales' re-centring after the clamp (a layer's mean log factor then within 3% of 0)
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,27 @@ def _quantise(deviation: torch.Tensor, bins: torch.Tensor, base: int) -> tuple[t
     return (deviation / widths_of(codes, base).float()).round_().clamp_(-HALF, HALF), codes
 
 
+def bin_scales(weights: torch.Tensor) -> torch.Tensor:
+    """Each key channel's factor on its layer's bins per standard deviation, float32 [layers * kv_heads *
+    head_dim] on the host in channel order, from the channels' weights [layers, kv_heads, head_dim]
+    (ChannelWeights.keys, any device): sqrt(weight / the layer's geometric mean weight), clamped to
+    MAX_BIN_SCALE either way. A channel's squared error is its bin width squared / 12 times its weight; at equal
+    total rate (the sum over channels of log(spread / width)) the weighted error is least when weight * width^2
+    is the same for every channel (reverse water-filling's rule at high rate). The factor divides the width the
+    ladder gives (the channel's spread / its layer's bins) by sqrt(weight), keeping the layer's mean log width
+    (up to the clamp), hence about its bytes; widths by 1 / sqrt(weight) alone, whatever the spread, blended
+    SmolLM2 no better (bench/results/codec-2026-11-30.md, "Sensitivity-weighted key bins")."""
+    layers = weights.shape[0]
+    flat = weights.detach().float().cpu().reshape(layers, -1)
+    floor = (flat.amax(dim=1, keepdim=True) * 1e-12).clamp_min(torch.finfo(torch.float32).tiny)  # zero weights
+    log = 0.5 * flat.clamp_min(floor).log()
+    bound = float(np.log(MAX_BIN_SCALE))
+    shift = log.mean(dim=1, keepdim=True)
+    for _ in range(CENTRING_STEPS):  # the clamp moves the mean: shift until the clamped logs' mean is 0 again
+        shift = shift + (log - shift).clamp(-bound, bound).mean(dim=1, keepdim=True)
+    return (log - shift).clamp(-bound, bound).exp().reshape(-1)
+
+
 def _positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor positions and the others' mask: [anchors] indices, [tokens] bool (False at anchors)."""
     anchors = torch.arange(0, tokens, GROUP_TOKENS)
@@ -186,9 +217,9 @@ class CacheGenCodec(KVCodec):
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
     decodes_on_device = True
 
-    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
+    def encode(self, tensor: torch.Tensor, kind: KVKind, weights: ChannelWeights | None = None) -> Parts:
         parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}
-        for group, quantised in enumerate(self.quantise(tensor, kind)):
+        for group, quantised in enumerate(self.quantise(tensor, kind, weights)):
             anchors, others = _positions(quantised.symbols.shape[1])
             anchor_symbols, delta_symbols = quantised.symbols[:, anchors], quantised.symbols[:, others]
             # The alphabets only as wide as the symbols used: the quantised tables spend less on unused symbols.
@@ -213,7 +244,8 @@ class CacheGenCodec(KVCodec):
                           f"{group}.states": torch.from_numpy(streams.states.view(np.int32).copy())})
         return parts
 
-    def quantise(self, tensor: torch.Tensor, kind: KVKind) -> list[QuantisedGroup]:
+    def quantise(self, tensor: torch.Tensor, kind: KVKind, weights: ChannelWeights | None = None
+                 ) -> list[QuantisedGroup]:
         """The encoder's quantisation of one KV tensor [layers, kv_heads, tokens, head_dim] (any device, a dtype
         of DTYPES), keys or values (`kind`), layer group by layer group (layer_groups): what `encode` entropy-codes
         and `round_trip` dequantises."""
@@ -224,6 +256,11 @@ class CacheGenCodec(KVCodec):
         if sinks < tokens:  # the sinks' own values are stored apart: the streams code the next token in their place
             values[:, :, :sinks] = values[:, :, sinks:sinks + 1]
         per_channel = layer_bins(level.ladder(kind), layers).repeat_interleave(heads * dim)[:, None]
+        if weights is not None and kind == "keys":
+            if weights.keys.shape != (layers, heads, dim):
+                raise ValueError(f"key channel weights of shape {tuple(weights.keys.shape)} do not fit keys of "
+                                 f"shape {tuple(tensor.shape)}")
+            per_channel = per_channel * bin_scales(weights.keys)[:, None]
         anchors, others = _positions(tokens)
         groups = []
         for layer_range in layer_groups(layers):
@@ -254,14 +291,15 @@ class CacheGenCodec(KVCodec):
                 first.cpu().contiguous()))
         return groups
 
-    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device) -> torch.Tensor:
+    def round_trip(self, tensor: torch.Tensor, kind: KVKind, device: torch.device,
+                   weights: ChannelWeights | None = None) -> torch.Tensor:
         """What decode(encode(tensor, kind), layout, device) gives, bit for bit, without the entropy coding (which
         is lossless): the encoder's symbols dequantised by the decoders' own arithmetic
         (kernels/rans.py: dequantise_reference, on the host), the leading tokens as they were."""
         _, heads, tokens, dim = tensor.shape
         sinks = min(tokens, LEVEL_BINS[self.level].sink_tokens)
         slabs, firsts = [], []
-        for quantised in self.quantise(tensor, kind):
+        for quantised in self.quantise(tensor, kind, weights):
             channels = quantised.symbols.shape[0]
             parameters = decoders.GroupStreams(  # the dequantisation's parameters; no streams to decode
                 quantised.layers, torch.empty(0, dtype=torch.int16), torch.zeros(1, dtype=torch.int32),

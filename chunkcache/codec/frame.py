@@ -50,13 +50,15 @@ class Codec:
         return device if device.type == "cuda" and self.kv_codec.decodes_on_device else torch.device("cpu")
 
     def encode(self, key: ChunkKey, kv: ChunkKV) -> bytes:
-        """The entry's bytes; ValueError for keys and values of different layouts or an unsupported dtype."""
+        """The entry's bytes, the KV codec spending its error by the chunk's channel weights where it has them
+        (ChunkKV.weights); ValueError for keys and values of different layouts or an unsupported dtype, or
+        weights of another shape (the cachegen codec)."""
         layout = KVLayout.of(kv.keys)
         if KVLayout.of(kv.values) != layout or layout.tokens != kv.length:
             raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
         tensors = {"token_ids": kv.token_ids.cpu().contiguous()}
         for tensor_name, tensor in zip(TENSORS, (kv.keys, kv.values)):
-            for part, value in self.kv_codec.encode(tensor, tensor_name).items():
+            for part, value in self.kv_codec.encode(tensor, tensor_name, kv.weights).items():
                 tensors[_stored_name(tensor_name, part)] = value.contiguous()
         metadata = {"key": key.name, "codec": self.kv_codec.name, "level": str(self.kv_codec.level),
                     "shape": ",".join(map(str, layout.shape)), "dtype": layout.dtype}
@@ -70,7 +72,7 @@ class Codec:
         layout = KVLayout.of(kv.keys)
         if KVLayout.of(kv.values) != layout or layout.tokens != kv.length:
             raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
-        keys, values = (self.kv_codec.round_trip(tensor, name, torch.device(device))
+        keys, values = (self.kv_codec.round_trip(tensor, name, torch.device(device), kv.weights)
                         for name, tensor in zip(TENSORS, (kv.keys, kv.values)))
         return ChunkKV(kv.token_ids.cpu(), keys, values)
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..defaults import CODEC_LEVELS
-from .base import KVCodec, KVKind, KVLayout, Parts, register
+from .base import ChannelWeights, KVCodec, KVKind, KVLayout, Parts, register
 
 SMALLEST_WIDTH = 2.0 ** -24  # a constant channel still gets a positive bin width
 
@@ -36,7 +36,7 @@ class ChannelQuantizer(KVCodec):
     """Asymmetric per-channel quantisation to `bits` bits."""
 
     bits: ClassVar[int]
-    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
+    def encode(self, tensor: torch.Tensor, kind: KVKind, weights: ChannelWeights | None = None) -> Parts:
         low, high = channel_range(tensor)
         top = (1 << self.bits) - 1
         low = bf16_toward(low, -1.0)

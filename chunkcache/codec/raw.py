@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..defaults import CODEC_LEVELS
-from .base import KVCodec, KVKind, KVLayout, Parts, register
+from .base import ChannelWeights, KVCodec, KVKind, KVLayout, Parts, register
 
 
 @register
@@ -16,7 +16,7 @@ class RawCodec(KVCodec):
     name = "raw"
     levels = CODEC_LEVELS["raw"]
 
-    def encode(self, tensor: torch.Tensor, kind: KVKind) -> Parts:
+    def encode(self, tensor: torch.Tensor, kind: KVKind, weights: ChannelWeights | None = None) -> Parts:
         return {"": tensor.cpu().contiguous()}
 
     def decode(self, parts: Parts, layout: KVLayout, device: torch.device) -> torch.Tensor:
