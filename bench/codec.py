@@ -109,7 +109,7 @@ def main() -> None:
 
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
     loaded = load_model(None, dtype="float32", device="cpu", cache_dir=cache_dir)
-    blender = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("memory", 1, "cpu")])).blender
+    blender = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("memory", 1, "cpu")]), channel_weights=True).blender
     texts = passages(args.data or DATA / "nq-open-oracle.dev.jsonl.gz", args.passages)
     chunks = []
     started = time.perf_counter()

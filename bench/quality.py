@@ -254,7 +254,7 @@ def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
                 decoded[key] = codec.round_trip(kv, kv.keys.device)
             return decoded[key], hit
 
-    return RoundTripBlender(model, store, chunk_prefix)
+    return RoundTripBlender(model, store, chunk_prefix, channel_weights=True)
 
 
 def main() -> None:
@@ -300,7 +300,9 @@ def main() -> None:
     tokenizer = loaded.tokenizer
     store = ChunkCacheStore([MemoryTier("memory", 8 << 30, loaded.device)])
 
-    runners = {prefix: BlendingRunner(loaded, store, chunk_prefix=prefix) for prefix in ("system", "none")}
+    # Chunks computed by any runner carry their channel weights: the codec rows' blenders read them from the store.
+    runners = {prefix: BlendingRunner(loaded, store, chunk_prefix=prefix, channel_weights=True)
+               for prefix in ("system", "none")}
     # Blenders of `+CODEC:LEVEL` variants, by (chunk prefix, codec), over the same store.
     blenders = {(prefix, spec.partition("+")[2]): round_trip_blender(runners[prefix].model, store, prefix,
                                                                      spec.partition("+")[2])

@@ -47,14 +47,14 @@ from .selection import (
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: list[int] = (),
-                     prefix_cache: KVCache | None = None) -> ChunkKV:
-    """The chunk's KV as computed after `prefix_ids` (e.g. the system prompt), keys kept unrotated, with its
-    keys' channel weights measured on the chunk's own queries (channel_weights.py: what the cachegen encoder spends
-    its bins by). `prefix_cache`: the prefix's KV already computed (model.forward over `prefix_ids` alone), which
-    is then continued instead of computed again (the same numbers: a prefix's KV does not depend on what
-    follows)."""
+                     prefix_cache: KVCache | None = None, channel_weights: bool = False) -> ChunkKV:
+    """The chunk's KV as computed after `prefix_ids` (e.g. the system prompt), keys kept unrotated; with
+    `channel_weights`, its keys' channel weights measured on the chunk's own queries (channel_weights.py: what the
+    cachegen encoder spends its bins by; a few reductions a layer, so only where a tier encodes with them).
+    `prefix_cache`: the prefix's KV already computed (model.forward over `prefix_ids` alone), which is then
+    continued instead of computed again (the same numbers: a prefix's KV does not depend on what follows)."""
     raw: list[tuple[torch.Tensor, torch.Tensor]] = []
-    queries: list[torch.Tensor] = []
+    queries: list[torch.Tensor] | None = [] if channel_weights else None
     if prefix_cache is not None and prefix_cache.length == len(prefix_ids) and len(prefix_ids):
         cache = prefix_cache.clone(len(prefix_ids) + len(chunk_ids))
         model.forward(torch.tensor(list(chunk_ids), device=model.device), None, cache, raw_kv=raw,
@@ -66,7 +66,7 @@ def precompute_chunk(model: LlamaFamilyModel, chunk_ids: list[int], prefix_ids: 
         model.forward(ids, None, model.new_cache(ids.shape[0]), raw_kv=raw, raw_queries=queries)
     keys = torch.stack([k[:, start:] for k, _ in raw])
     values = torch.stack([v[:, start:] for _, v in raw])
-    weights = key_weights([q[:, start:] for q in queries], model.kv_heads) if len(chunk_ids) else None
+    weights = key_weights([q[:, start:] for q in queries], model.kv_heads) if queries and len(chunk_ids) else None
     return ChunkKV(token_ids=torch.tensor(list(chunk_ids)), keys=keys, values=values, weights=weights)
 
 

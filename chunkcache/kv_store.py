@@ -30,7 +30,7 @@ from .eviction import DEFAULT_EVICTION, EntryInfo, EvictionPolicy, eviction_poli
 from .keys import ChunkKey
 from .kv import ChunkKV
 from .redis_tier import RedisTier
-from .tiers import Tier
+from .tiers import DiskTier, Tier
 
 # Shared-tier hits waiting for `promote` (get with promote=False); bounded, should a caller never promote.
 PENDING_PROMOTIONS = 1024
@@ -75,6 +75,14 @@ class ChunkCacheStore:
         self.stats = CacheStats(hits={t.name: 0 for t in tiers}, evictions={t.name: 0 for t in tiers})
         self._from_shared: LRUCache[ChunkKey, bool] = LRUCache(PENDING_PROMOTIONS)
         self._lock = threading.RLock()
+
+    @property
+    def encodes_with_channel_weights(self) -> bool:
+        """Whether a tier encodes entries with a codec that spends its bits by the chunk's ChannelWeights (the
+        disk tier's or the shared tier's: codec.KVCodec.uses_channel_weights)."""
+        codecs = [tier.codec for tier in self.tiers if isinstance(tier, DiskTier)]
+        codecs += [self.shared.codec] if self.shared is not None else []
+        return any(codec.kv_codec.uses_channel_weights for codec in codecs)
 
     def contains(self, key: ChunkKey) -> bool:
         """Whether a tier holds the entry (nothing read, no statistics counted); see `contains_all`."""

@@ -56,7 +56,10 @@ class ChunkBlender:
     under the same keys."""
 
     def __init__(self, model: LlamaFamilyModel, store: ChunkCacheStore, chunk_prefix: str = "system",
-                 rule: SelectionRule = DEFAULT_RULE, prefix_caches: int = defaults.CHUNK_PREFIX_ENTRIES) -> None:
+                 rule: SelectionRule = DEFAULT_RULE, prefix_caches: int = defaults.CHUNK_PREFIX_ENTRIES,
+                 channel_weights: bool | None = None) -> None:
+        """channel_weights: measure each computed chunk's ChannelWeights (precompute_chunk); None: where the
+        store encodes entries with a codec that uses them (ChunkCacheStore.encodes_with_channel_weights)."""
         if chunk_prefix not in CHUNK_PREFIXES:
             raise ValueError(f"chunk_prefix must be one of {', '.join(CHUNK_PREFIXES)}")
         # The KV of the few chunk prefixes in use (system prompt, context), continued for each new chunk.
@@ -66,6 +69,7 @@ class ChunkBlender:
         self.chunk_prefix = chunk_prefix
         self.rule = rule
         self.fingerprint = model_fingerprint(model)
+        self.channel_weights = store.encodes_with_channel_weights if channel_weights is None else channel_weights
 
     def prefix_for(self, prompt: Prompt, segment: PromptSegment | None = None) -> tuple[int, ...]:
         """What a chunk `segment` of this prompt is computed after (see CHUNK_PREFIXES): the first segment and
@@ -132,7 +136,7 @@ class ChunkBlender:
             self.store.note_recomputed()
         prefix_cache = self._prefix_cache(prefix_ids, shared)
         started = time.perf_counter()
-        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), prefix_cache)
+        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), prefix_cache, self.channel_weights)
         self._observe_prefill(kv, started)
         self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers), share=read)
         return kv, False
@@ -237,9 +241,10 @@ class BlendingRunner(LlamaRunner):
     def __init__(self, loaded: LoadedModel, store: ChunkCacheStore, prefix_entries: int = defaults.PREFIX_ENTRIES,
                  chunk_prefix: str = "system", rule: SelectionRule = DEFAULT_RULE,
                  costs: PrefillCosts = PrefillCosts(),
-                 chunk_prefix_entries: int = defaults.CHUNK_PREFIX_ENTRIES) -> None:
+                 chunk_prefix_entries: int = defaults.CHUNK_PREFIX_ENTRIES,
+                 channel_weights: bool | None = None) -> None:
         super().__init__(loaded)
-        self.blender = ChunkBlender(self.model, store, chunk_prefix, rule, chunk_prefix_entries)
+        self.blender = ChunkBlender(self.model, store, chunk_prefix, rule, chunk_prefix_entries, channel_weights)
         self.store = store
         self.costs = costs
         self._prefixes: LRUCache[str, KVCache] = LRUCache(prefix_entries)  # exact prefixes, by token digest

@@ -75,6 +75,9 @@ class KVCodec(ABC):
     # (entropy decoding); False where it is a copy, which blending streams up from pinned host memory behind
     # compute, layer group by layer group.
     decodes_on_device: ClassVar[bool] = False
+    # Whether `encode` spends its bits by the chunk's ChannelWeights (so that blending measures them, which costs
+    # a few reductions a layer when it computes a chunk).
+    uses_channel_weights: ClassVar[bool] = False
 
     def __init__(self, level: int = 0) -> None:
         if not 0 <= level < self.levels:

@@ -216,6 +216,7 @@ class CacheGenCodec(KVCodec):
     name = "cachegen"
     levels = CODEC_LEVELS["cachegen"]  # one per LEVEL_BINS row
     decodes_on_device = True
+    uses_channel_weights = True
 
     def encode(self, tensor: torch.Tensor, kind: KVKind, weights: ChannelWeights | None = None) -> Parts:
         parts: Parts = {"format": torch.tensor([FORMAT], dtype=torch.int32)}

@@ -23,7 +23,7 @@ def test_a_gpu_chunks_weighted_entry_decodes_on_the_gpu_as_on_the_host(level: in
                                   num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
                                   max_position_embeddings=1024)
     model = LlamaFamilyModel.random(config, device="cuda", dtype=torch.bfloat16, seed=7)
-    chunk = precompute_chunk(model, list(range(10, 90)), list(range(3, 9)))
+    chunk = precompute_chunk(model, list(range(10, 90)), list(range(3, 9)), channel_weights=True)
     assert chunk.weights is not None and chunk.weights.keys.is_cuda
     key = ChunkKey.of("m", list(range(3, 9)), chunk.token_ids.tolist())
     codec = Codec("cachegen", level)

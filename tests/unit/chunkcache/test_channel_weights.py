@@ -148,7 +148,8 @@ def model() -> LlamaFamilyModel:
 
 def test_precompute_chunk_measures_the_chunks_own_queries_and_the_memory_tier_keeps_them(model) -> None:
     prefix, chunk = list(range(3, 10)), list(range(40, 52))
-    kv = precompute_chunk(model, chunk, prefix)
+    assert precompute_chunk(model, chunk, prefix).weights is None  # only where a tier's codec uses them
+    kv = precompute_chunk(model, chunk, prefix, channel_weights=True)
     assert kv.weights is not None and kv.weights.keys.shape == (3, 2, model.head_dim)
     # Layer 0's queries depend on the token only: the chunk's own, the prefix's left out.
     hidden = torch.nn.functional.embedding(torch.tensor(chunk), model.embed_tokens)
@@ -156,9 +157,29 @@ def test_precompute_chunk_measures_the_chunks_own_queries_and_the_memory_tier_ke
     torch.testing.assert_close(kv.weights.keys[0], key_weights([queries], 2).keys[0])
     cache = model.new_cache(len(prefix))
     model.forward(torch.tensor(prefix), None, cache)
-    continued = precompute_chunk(model, chunk, prefix, cache)  # after a prefix computed already: the same
+    continued = precompute_chunk(model, chunk, prefix, cache, channel_weights=True)  # prefix computed already
     torch.testing.assert_close(continued.weights.keys, kv.weights.keys, rtol=1e-4, atol=1e-6)
     tier = MemoryTier("memory", 1 << 30, "cpu")
     tier.write(key_of(kv), kv)
     assert torch.equal(tier.read(key_of(kv)).weights.keys, kv.weights.keys)
     assert math.isclose(kv.nbytes - ChunkKV(kv.token_ids, kv.keys, kv.values).nbytes, kv.weights.keys.nbytes)
+
+
+def test_a_blender_measures_the_weights_where_a_tier_encodes_with_them(model, tmp_path) -> None:
+    from blendgate.chunkcache.codec import Codec
+    from blendgate.chunkcache.kv_store import ChunkCacheStore
+    from blendgate.chunkcache.runner import ChunkBlender
+    from blendgate.chunkcache.tiers import DiskTier
+
+    def blender(codec: str, **options) -> ChunkBlender:
+        tiers = [MemoryTier("memory", 1 << 30, "cpu"), DiskTier("disk", 1 << 30, tmp_path / codec, Codec(codec, 0))]
+        return ChunkBlender(model, ChunkCacheStore(tiers), **options)
+
+    chunk = list(range(40, 52))
+    measured, plain = blender("cachegen"), blender("raw")
+    assert measured.channel_weights and not plain.channel_weights
+    kv, _ = measured.chunk_kv(measured.chunk_key((), tuple(chunk)), tuple(chunk), ())
+    assert kv.weights is not None
+    kv, _ = plain.chunk_kv(plain.chunk_key((), tuple(chunk)), tuple(chunk), ())
+    assert kv.weights is None
+    assert blender("raw", channel_weights=True).channel_weights  # asked for (the benchmarks' codec rows)
