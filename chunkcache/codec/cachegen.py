@@ -14,7 +14,10 @@
   layer's times sqrt(weight / the layer's geometric mean weight), within MAX_BIN_SCALE either way (bin_scales):
   heavy channels, where an error moves the attention logits most, get narrower bins, the others wider, at about
   the same bytes. The widths travel in the entry as before, so the decoder needs nothing new. Without weights
-  (an entry re-encoded from bytes) every channel of a layer slice takes the ladder's bins.
+  (an entry re-encoded from bytes) every channel of a layer slice takes the ladder's bins. Values are quantised
+  per channel only: dividing each value row by a per-token scale first (KIVI, arXiv 2402.02750, quantises values
+  per token), by its RMS or by the attention the chunk's own queries pay to the token, blended SmolLM2 no better
+  at equal bytes (bench/results/codec-2026-11-30.md, "Per-token value scales").
 - Arithmetic coding with per-channel statistics: each (layer, KV head, head_dim index) channel's anchor and
   delta symbols are entropy-coded with a distribution chosen for that channel (entropy.py), by interleaved rANS
   (rans.py) in many independent lanes, so a GPU decodes them in parallel (kernels/rans.py).
