@@ -323,3 +323,17 @@ class SglangServer(_WorkerProcess):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=15)
+
+
+def tiny_llama(layers: int = 3, heads: int = 8, kv_heads: int = 2, seed: int = 5, max_positions: int = 1024):
+    """A random-weight Llama on the CPU in float32 (vocabulary 200, hidden 64, MLP 128) for the blending and codec
+    unit tests: LlamaFamilyModel.random's weights, larger than an initialiser's, make attention sharp enough that
+    context visibly changes the KV."""
+    import torch
+    from blendgate.engine.llama import LlamaFamilyModel
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=200, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  max_position_embeddings=max_positions)
+    return LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=seed)

@@ -9,17 +9,12 @@ from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
 from blendgate.chunkcache.selection import SelectionRule, selected_count, sink_count
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels.rope import rotate
+from support import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaFamilyModel:
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("llama", vocab_size=200, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                  max_position_embeddings=1024)
-    # Larger weights than an initialiser's make attention sharp, so context visibly changes the KV.
-    return LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=3)
+    return tiny_llama(layers=4, seed=3)
 
 
 def random_ids(count: int, seed: int) -> list[int]:

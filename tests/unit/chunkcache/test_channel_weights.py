@@ -18,6 +18,7 @@ from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.llama import LlamaFamilyModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import tiny_llama
 from test_codec import (
     assert_round_trip_is_decode_of_encode,
     key_of,
@@ -138,12 +139,7 @@ def test_key_weights_are_the_rope_pairs_query_energy_averaged_over_each_kv_heads
 
 @pytest.fixture(scope="module")
 def model() -> LlamaFamilyModel:
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("llama", vocab_size=200, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
-                                  max_position_embeddings=1024)
-    return LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=5)
+    return tiny_llama(layers=3, seed=5)
 
 
 def test_precompute_chunk_measures_the_chunks_own_queries_and_the_memory_tier_keeps_them(model) -> None:

@@ -10,21 +10,16 @@ import torch
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.runner import ChunkBlender
 from blendgate.chunkcache.tiers import MemoryTier
-from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.sglang_plugin.plan import RequestPlan
 from blendgate.sglang_plugin.prefill import prefill_request
 from blendgate.sglang_plugin.protocol import fallback_report
+from support import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def blender() -> ChunkBlender:
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("llama", vocab_size=200, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=512)
-    model = LlamaFamilyModel.random(config, device="cpu", dtype=torch.float32, seed=5)
+    model = tiny_llama(layers=3, heads=4, seed=5, max_positions=512)
     return ChunkBlender(model, ChunkCacheStore([MemoryTier("cpu", 1 << 26, "cpu")]))
 
 
