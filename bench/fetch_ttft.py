@@ -12,6 +12,7 @@ the first token's logits): medians and p90 over the timed prompts, each prompt's
 
     python bench/fetch_ttft.py --rates 1 10 --codecs raw:0 int8:0 cachegen:0 cachegen:2 --prompts 6
     python bench/fetch_ttft.py --redis-url redis://127.0.0.1:6379/0 ...   # an existing server (else one is started)
+    python bench/fetch_ttft.py --architecture llama3-8b ...   # Llama-3-8B's shapes, random weights (CUDA)
 
 Passages: NQ-open dev's gold passages (../shared/data/qa/nq-open-oracle.dev.jsonl.gz), k per prompt.
 """
@@ -19,6 +20,7 @@ Passages: NQ-open dev's gold passages (../shared/data/qa/nq-open-oracle.dev.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 from throttle import ThrottlingProxy
+from ttft import ARCHITECTURES, random_model
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BLENDGATE_QA_DATA", REPO.parent / "shared" / "data" / "qa"))
@@ -99,6 +102,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5, help="chunks (passages) per prompt")
     parser.add_argument("--prompts", type=int, default=6, help="timed prompts per row (after one warm-up)")
     parser.add_argument("--model", type=Path, default=None, help="GGUF file or model folder [embedded SmolLM2]")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default=None,
+                        help="time a model of this architecture's real configuration with random weights (CUDA; the "
+                             "tokenizer stays --model's): chunk-caches of its size, e.g. Llama-3-8B's 64 MiB a "
+                             "512-token chunk in bf16 [the model's own]")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted model is kept")
     parser.add_argument("--redis-url", default=None, help="an existing Redis [a redis-server is started]")
     parser.add_argument("--data", type=Path, default=None, help="NQ-open file [../shared/data/qa/...]")
@@ -118,6 +125,11 @@ def main() -> None:
     cache_dir = args.cache_dir or Path(os.environ.get("BLENDGATE_CACHE_DIR", Path.home() / ".cache" / "blendgate"))
     loaded = load_model(args.model, dtype="bfloat16" if device == "cuda" else "float32", device=device,
                         cache_dir=cache_dir)
+    if args.architecture:  # the tokenizer's ids are all below the architecture's vocabulary
+        if device != "cuda":
+            raise SystemExit("--architecture needs a CUDA device (random weights of a 7-8B model)")
+        loaded = dataclasses.replace(loaded, model=random_model(args.architecture),
+                                     folder=Path(f"{args.architecture} (random weights)"))
     texts = nq_prompts(args.data or DATA / "nq-open-oracle.dev.jsonl.gz", args.prompts + 1, args.k)
 
     def encoded(mode: str) -> list:
