@@ -33,6 +33,14 @@ from .base import KVCodec, KVKind, KVLayout, Parts
 TENSORS: tuple[KVKind, KVKind] = ("keys", "values")
 
 
+def _layout_of(kv: ChunkKV) -> KVLayout:
+    """The layout of the chunk's keys, which its values and token ids must agree with (ValueError otherwise)."""
+    layout = KVLayout.of(kv.keys)
+    if KVLayout.of(kv.values) != layout or layout.tokens != kv.length:
+        raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
+    return layout
+
+
 class Codec:
     """ChunkKV <-> bytes through the KV codec `kv_codec` at `level` (base.py: KV_CODECS; default `raw`, exact)."""
 
@@ -53,9 +61,7 @@ class Codec:
         """The entry's bytes, the KV codec spending its error by the chunk's channel weights where it has them
         (ChunkKV.weights); ValueError for keys and values of different layouts or an unsupported dtype, or
         weights of another shape (the cachegen codec)."""
-        layout = KVLayout.of(kv.keys)
-        if KVLayout.of(kv.values) != layout or layout.tokens != kv.length:
-            raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
+        layout = _layout_of(kv)
         tensors = {"token_ids": kv.token_ids.cpu().contiguous()}
         for tensor_name, tensor in zip(TENSORS, (kv.keys, kv.values)):
             for part, value in self.kv_codec.encode(tensor, tensor_name, kv.weights).items():
@@ -69,9 +75,7 @@ class Codec:
         """The ChunkKV that decode(key, encode(key, kv), device) gives for a valid entry (keys and values bit for
         bit, by KVCodec.round_trip: the cachegen codec skips its lossless entropy coding), without the entry's
         bytes; ValueError as `encode`."""
-        layout = KVLayout.of(kv.keys)
-        if KVLayout.of(kv.values) != layout or layout.tokens != kv.length:
-            raise ValueError("keys, values and token ids of a chunk must agree in shape and dtype")
+        _layout_of(kv)
         keys, values = (self.kv_codec.round_trip(tensor, name, torch.device(device), kv.weights)
                         for name, tensor in zip(TENSORS, (kv.keys, kv.values)))
         return ChunkKV(kv.token_ids.cpu(), keys, values)
