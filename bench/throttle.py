@@ -56,21 +56,24 @@ class ThrottlingProxy:
         self.process.wait()
 
 
-def _step(rate: float | None) -> int:
-    """Bytes moved at a time: a millisecond's worth at `rate`, between 4 KiB and SPLICE_BYTES."""
-    return SPLICE_BYTES if rate is None else int(min(SPLICE_BYTES, max(4096, rate / 1000)))
+class _Pacer:
+    """One direction's pace: `step` bytes moved at a time (a millisecond's worth at `rate`, between 4 KiB and
+    SPLICE_BYTES), and `wait(moved)` before sending them."""
 
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.step = SPLICE_BYTES if rate is None else int(min(SPLICE_BYTES, max(4096, rate / 1000)))
+        self.started = time.monotonic()
+        self.sent = 0.0
 
-def _pace(state: list[float], moved: int, rate: float | None) -> None:
-    """Before sending `moved` more bytes: sleep until the bytes sent since `state` = [started, sent], these
-    included, keep to `rate` (idle time earns no credit beyond CREDIT_S)."""
-    if rate is None:
-        return
-    started, sent = state
-    started = max(started, time.monotonic() - sent / rate - CREDIT_S)
-    sent += moved
-    state[0], state[1] = started, sent
-    time.sleep(max(0.0, started + sent / rate - time.monotonic()))
+    def wait(self, moved: int) -> None:
+        """Sleep until the bytes sent since `started`, these `moved` included, keep to `rate` (idle time earns no
+        credit beyond CREDIT_S)."""
+        if self.rate is None:
+            return
+        self.started = max(self.started, time.monotonic() - self.sent / self.rate - CREDIT_S)
+        self.sent += moved
+        time.sleep(max(0.0, self.started + self.sent / self.rate - time.monotonic()))
 
 
 def _pump_splice(source: socket.socket, sink: socket.socket, rate: float | None) -> None:
@@ -81,10 +84,10 @@ def _pump_splice(source: socket.socket, sink: socket.socket, rate: float | None)
         fcntl.fcntl(write_end, _F_SETPIPE_SZ, SPLICE_BYTES)
     except OSError:  # the kernel's limit on pipe sizes: the default size works too, in smaller steps
         pass
-    state, step = [time.monotonic(), 0.0], _step(rate)
+    pacer = _Pacer(rate)
     try:
-        while moved := os.splice(source.fileno(), write_end, step):
-            _pace(state, moved, rate)
+        while moved := os.splice(source.fileno(), write_end, pacer.step):
+            pacer.wait(moved)
             left = moved
             while left:
                 left -= os.splice(read_end, sink.fileno(), left)
@@ -94,9 +97,9 @@ def _pump_splice(source: socket.socket, sink: socket.socket, rate: float | None)
 
 
 def _pump_copy(source: socket.socket, sink: socket.socket, rate: float | None) -> None:
-    state, step = [time.monotonic(), 0.0], _step(rate)
-    while data := source.recv(step):
-        _pace(state, len(data), rate)
+    pacer = _Pacer(rate)
+    while data := source.recv(pacer.step):
+        pacer.wait(len(data))
         sink.sendall(data)
 
 
