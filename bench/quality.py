@@ -67,7 +67,9 @@ RULES: dict[str, dict] = {
     "value-l2": {"score": "value", "layer": 2},
     "value-gradual": {"score": "value", "gradual": 2.0},
     "value-sinks": {"score": "value", "sink_tokens": 4},
-    "default": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5},  # DEFAULT_RULE, since 2026-11-30
+    # DEFAULT_RULE: since 2026-11-30; its probe every 4th layer since 2026-12-01 (default-s1: every layer).
+    "default": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_stride": 4},
+    "default-s1": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5},
     # The default's probe on the FP8 copy of the weights (emulated on a float32 model: the rounding of the GPU's
     # FP8 products; "auto" picks it on FP8 GPUs for half-precision models) and on the model's own weights.
     "default-fp8": {"score": "attention", "sink_tokens": 4, "drift_shift": 0.5, "probe_weights": "fp8"},

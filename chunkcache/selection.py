@@ -46,7 +46,8 @@ class SelectionRule:
         depends on the token and position alone, so it never deviates).
     probe_layers: for attention scores, how many layers of the probe pass vote (None: all).
     probe_stride: the probe runs every `probe_stride`-th of those layers from layer 0 (the residual stream goes
-        on unchanged past the others): votes from the whole depth at a fraction of the probe's cost (1: all).
+        on unchanged past the others): votes from the whole depth at a fraction of the probe's cost (1: all;
+        DEFAULT_RULE: 4, a quarter of the probe's weight reads for 0-3 points of the KL gap closed).
     sink_tokens: each chunk's first tokens, always recomputed (counted in the budget, of which they take at most
         half: see sink_count).
     gradual: CacheBlend's gradual filtering: keep `gradual` times the budget at `layer`, narrow to the budget
@@ -131,11 +132,14 @@ class SelectionRule:
         return self.layer if self.uses_deviation else 0
 
 
-# The rule blending uses unless told otherwise: the question's attention picks the tokens, each chunk's first
-# four are recomputed too, and the rest get half their chunk's measured drift. On NQ-open (k = 10, 20) and
-# XQuAD it closed 87%, 92% and 82% of the KL gap between full reuse and full prefill at r = 0.15, against
-# 78%, 91% and 66% for the attention score alone (bench/results/quality-2026-11-30.md says how).
-DEFAULT_RULE = SelectionRule(score="attention", sink_tokens=4, drift_shift=0.5)
+# The rule blending uses unless told otherwise: the question's attention, read in a probe over every fourth
+# layer, picks the tokens, each chunk's first four are recomputed too, and the rest get half their chunk's
+# measured drift. With the document context (chunk_context: document), at r = 0.15 on SmolLM2 (H200,
+# bench/results/quality-2026-12-01.md runs 16-17) it closes 85%, 92% and 89% of the KL gap between full reuse
+# and full prefill on NQ-open (k = 10, 20) and XQuAD's same-article paragraphs, at 96%, 104% and 97% of full
+# prefill's accuracy; the probe over every layer closed 87%, 92% and 92%, but took 24.9 ms of TTFT against
+# 21.5 (Llama-3-8B shapes, k = 8: 1.49x and 1.29x the ideal for the recompute, ttft-2026-12-01.md run F).
+DEFAULT_RULE = SelectionRule(score="attention", sink_tokens=4, drift_shift=0.5, probe_stride=4)
 
 
 def selected_count(chunk_tokens: int, ratio: float) -> int:

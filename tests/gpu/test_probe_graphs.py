@@ -9,7 +9,7 @@ import pytest
 import torch
 from blendgate.chunkcache.blend import ChunkKV, ChunkLoader, _layout, blend_prefill, precompute_chunk
 from blendgate.chunkcache.probe import ProbeGraphs, probe_eager
-from blendgate.chunkcache.selection import SelectionRule
+from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule
 from blendgate.engine.llama import LlamaFamilyModel
 from tiny_models import tiny_config
 
@@ -76,13 +76,14 @@ def test_a_replay_reads_the_new_prompt_not_the_captured_one(model) -> None:
     assert float((graphed - eager).norm() / eager.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("on_cpu", [False, True])
-def test_a_blend_with_graphs_selects_what_the_eager_probe_selects(model, on_cpu) -> None:
+@pytest.mark.parametrize("on_cpu,rule", [(False, SelectionRule("attention")), (True, SelectionRule("attention")),
+                                         (False, DEFAULT_RULE)], ids=["gpu", "cpu", "default-rule"])
+def test_a_blend_with_graphs_selects_what_the_eager_probe_selects(model, on_cpu, rule) -> None:
+    """The default rule's probe runs every probe_stride-th layer (the residual stream going on past the others)."""
     segments = prompt(model, 21, 6, 250, 20)
     if on_cpu:  # chunks streamed from pinned CPU memory during the probe
         segments = [ChunkKV(s.token_ids, s.keys.cpu().pin_memory(), s.values.cpu().pin_memory())
                     if isinstance(s, ChunkKV) else s for s in segments]
-    rule = SelectionRule("attention")
     graphed = blend_prefill(model, segments, 0.15, rule=rule, probe_graphs=True)
     eager = blend_prefill(model, segments, 0.15, rule=rule, probe_graphs=False)
     assert graphed.recomputed_chunk_tokens == eager.recomputed_chunk_tokens

@@ -52,5 +52,9 @@ def test_every_named_rule_is_a_valid_selection_rule_and_the_probe_weights_rows_d
     _, _, fp8, _ = quality.parse_variant("default-fp8@0.15")
     _, _, bf16, _ = quality.parse_variant("default-bf16@0.15")
     _, _, default, _ = quality.parse_variant("default@0.15")
+    _, _, every_layer, _ = quality.parse_variant("default-s1@0.15")
     assert (fp8.probe_weights, bf16.probe_weights, default.probe_weights) == ("fp8", "model", "model")
-    assert replace(fp8, probe_weights="model") == bf16 == default == DEFAULT_RULE
+    # default-fp8 and default-bf16 were measured with the probe over every layer (default-s1), before the
+    # default's probe stride became 4.
+    assert replace(fp8, probe_weights="model") == bf16 == every_layer == replace(DEFAULT_RULE, probe_stride=1)
+    assert default == DEFAULT_RULE

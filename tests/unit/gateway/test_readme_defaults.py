@@ -34,9 +34,9 @@ MODELS: dict[str, type[BaseModel]] = {"retrieval": RetrievalSettings, "chunk_cac
 # Every one of these must be quoted with its default (a figure dropped from the README fails too).
 REQUIRED = {"chunk_tokens", "chunk_overlap_tokens", "approximate_index_threshold", "ivf_nprobe", "max_file_bytes",
             "data_dir", "recompute_ratio", "fidelity_target", "chunk_prefix", "context_documents", "chunk_context",
-            "gpu_bytes", "cpu_bytes", "disk_bytes", "score", "layer", "probe_layers", "probe_weights", "sink_tokens",
-            "gradual", "chunk_budget", "drift_shift", "top_k", "url", "budget_bytes", "key_prefix", "timeout_s",
-            "retry_s", "write_queue_bytes", "adapt"}
+            "gpu_bytes", "cpu_bytes", "disk_bytes", "score", "layer", "probe_layers", "probe_stride", "probe_weights",
+            "sink_tokens", "gradual", "chunk_budget", "drift_shift", "top_k", "url", "budget_bytes", "key_prefix",
+            "timeout_s", "retry_s", "write_queue_bytes", "adapt"}
 # `name` (figure ...: the figure is a `word`, a number with thousands commas, or runs to the first comma,
 # semicolon, colon or closing parenthesis.
 FIGURE = re.compile(r"`(?:(retrieval|chunk_cache|selection|rag|redis)\.)?([a-z_]+)`\s\((?:default\s+)?"
