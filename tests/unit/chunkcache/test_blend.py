@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
-from blendgate.chunkcache.selection import SelectionRule, selected_count, sink_count
+from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule, selected_count, sink_count
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels.rope import rotate
 from support import tiny_llama
@@ -167,11 +167,13 @@ RULES = [SelectionRule("value"), SelectionRule("key"), SelectionRule("kv"), Sele
          SelectionRule("attention", drift_shift=1.0), SelectionRule("attention", probe_layers=2, drift_shift=0.5),
          SelectionRule("attention_key"), SelectionRule("attention", neighbours=2),
          # The probe with FP8 weights (emulated on the CPU: kernels/fp8.py), as the default rule otherwise.
-         SelectionRule("attention", sink_tokens=2, drift_shift=0.5, probe_weights="fp8")]
+         SelectionRule("attention", sink_tokens=2, drift_shift=0.5, probe_weights="fp8"),
+         # The default (the probe over every 4th layer) and a stride that leaves layers on both sides.
+         DEFAULT_RULE, SelectionRule("attention", probe_stride=3, sink_tokens=2, drift_shift=0.5)]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.score}-l{r.layer}-p{r.probe_layers}-s{r.sink_tokens}"
-                         f"-g{r.gradual}-{r.chunk_budget}-{r.probe_weights}")
+                         f"-g{r.gradual}-{r.chunk_budget}-{r.probe_weights}-st{r.probe_stride}")
 def test_every_rule_keeps_the_limits_and_follows_the_budget(model, rule: SelectionRule) -> None:
     """r = 1 is full prefill, r = 0 full reuse, and in between the rule recomputes the budgeted count."""
     chunks = [precompute_chunk(model, c) for c in CHUNKS]
