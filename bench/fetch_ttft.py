@@ -114,6 +114,7 @@ def main() -> None:
 
     from blendgate.chunkcache.adaptation import FetchPolicy, decode_rate
     from blendgate.chunkcache.codec import Codec
+    from blendgate.chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
     from blendgate.chunkcache.kv_store import ChunkCacheStore
     from blendgate.chunkcache.redis_tier import RedisTier
     from blendgate.chunkcache.runner import BlendingRunner
@@ -146,15 +147,19 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
     codecs = [(spec.partition(":")[0], int(spec.partition(":")[2] or 0)) for spec in args.codecs]
 
-    def replica(shared: RedisTier | None, adapt: bool) -> BlendingRunner:
-        """A replica of its own: empty local tiers, the shared tier if any, the fetch policy if `adapt`."""
+    def replica(shared: RedisTier | None, adapt: bool, blend_always: bool = False) -> BlendingRunner:
+        """A replica of its own: empty local tiers, the shared tier if any, the fetch policy if `adapt`; its
+        costs measured as the gateway's start-up measures them, or, `blend_always`, none (it blends every
+        prompt, never prefilling in full: the replica filling Redis, the row computing chunks from text)."""
         policy = None
         if adapt and shared is not None:
             policy = FetchPolicy(decode_rate(shared.codec.kv_codec.name, shared.codec.kv_codec.level,
                                              on_gpu=shared.decode_device.type == "cuda"), link=shared.link)
         store = ChunkCacheStore([MemoryTier("memory", 8 << 30, device)], shared=shared, adaptation=policy)
         runner = BlendingRunner(loaded, store)
-        runner.blender.measure_prefill_rate()  # as the gateway does at start-up
+        runner.costs = runner.blender.calibrate(None, DEFAULT_PLACEMENT_COST_TOKENS)  # as the gateway's start-up
+        if blend_always:
+            runner.costs = PrefillCosts(0.0, 0.0)
         return runner
 
     def timed(runner: BlendingRunner, these: list | None = None) -> dict:
@@ -185,14 +190,15 @@ def main() -> None:
     try:
         for name, level in codecs:  # the first replica fills Redis with every prompt's chunks at this level
             writer = replica(RedisTier(url, 8 << 30, key_prefix=f"bench:{run}:{name}{level}",
-                                       codec=Codec(name, level), device=device), adapt=False)
+                                       codec=Codec(name, level), device=device), adapt=False, blend_always=True)
             with torch.inference_mode():
                 for prompt in prompts:
                     writer.prefill(prompt)
             writer.store.shared.flush()
             writer.store.close()
             print(f"{name}:{level}: Redis filled", flush=True)
-        rows.append(("-", "-", "no shared tier: chunks computed from text, then blended", timed(replica(None, False))))
+        rows.append(("-", "-", "no shared tier: chunks computed from text, then blended",
+                     timed(replica(None, False, blend_always=True))))
         print(rows[-1], flush=True)
         rows.append(("-", "-", "full prefill", timed(replica(None, False), encoded("full_prefill"))))
         print(rows[-1], flush=True)

@@ -13,6 +13,52 @@ DEFAULT_PASS_COST_TOKENS = 24.0
 DEFAULT_PLACEMENT_COST_TOKENS = 1.0
 
 
+# The most a measured pass cost may be taken for, in tokens: a first pass still compiling or a stalled host can
+# time one size far above the other, and the fit would then refuse every blend.
+MAX_MEASURED_PASS_TOKENS = 4096.0
+
+
+@dataclass(frozen=True)
+class PrefillTiming:
+    """One chunk size's prefill on this device: `tokens` precomputed in `seconds` (the fastest of a few passes,
+    after a warm-up)."""
+
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PrefillCalibration:
+    """A device's prefill cost, measured at two chunk sizes and fitted as seconds = (tokens + pass_tokens) /
+    tokens_per_s: a forward pass's fixed cost (its launches, its per-layer host work) counted as tokens, as
+    PrefillCosts and the fetch policy (adaptation.py) count it. On a GPU that fixed cost is most of a small
+    chunk's pass: SmolLM2-135M on an H200 computed a prompt of 20 chunks in 22 ms whole against 104 ms chunk by
+    chunk (bench/results/fetch-ttft-2026-12-01.md, run 3), where the CPU default (24 tokens) said blending paid."""
+
+    small: PrefillTiming
+    large: PrefillTiming
+
+    def __post_init__(self) -> None:
+        if not 0 < self.small.tokens < self.large.tokens or self.small.seconds <= 0 or self.large.seconds <= 0:
+            raise ValueError("a calibration needs two chunk sizes, the first smaller, with positive times")
+
+    @property
+    def seconds_per_token(self) -> float:
+        """The slope of the fit (the large size's mean cost a token where noise makes the slope not positive)."""
+        slope = (self.large.seconds - self.small.seconds) / (self.large.tokens - self.small.tokens)
+        return slope if slope > 0 else self.large.seconds / self.large.tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+    @property
+    def pass_tokens(self) -> float:
+        """A pass's fixed cost in tokens: the fit's intercept over its slope, within [0, MAX_MEASURED_PASS_TOKENS]."""
+        intercept = self.small.seconds - self.seconds_per_token * self.small.tokens
+        return min(MAX_MEASURED_PASS_TOKENS, max(0.0, intercept / self.seconds_per_token))
+
+
 @dataclass(frozen=True)
 class PrefillCosts:
     """The cost model blend_fallback decides with, in tokens computed: `pass_tokens` for each forward pass of

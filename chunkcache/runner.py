@@ -40,14 +40,23 @@ from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
 from . import defaults
 from .blend import BlendResult, blend_prefill, precompute_chunk
-from .fallback import PrefillCosts, blend_fallback
+from .fallback import (
+    DEFAULT_PASS_COST_TOKENS,
+    PrefillCalibration,
+    PrefillCosts,
+    PrefillTiming,
+    blend_fallback,
+)
 from .keys import ChunkKey, model_fingerprint, token_digest
 from .kv import ChunkKV
 from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
 
 # Tokens of the placeholder chunk timed at start-up to measure the prefill's rate (a typical chunk's length).
+# The chunk sizes the prefill's costs are measured at (ChunkBlender.measure_prefill), and the timed passes each.
 CALIBRATION_TOKENS = 256
+CALIBRATION_SMALL_TOKENS = 16
+CALIBRATION_REPEATS = 3
 
 
 class ChunkBlender:
@@ -151,20 +160,45 @@ class ChunkBlender:
             torch.cuda.synchronize(kv.keys.device)
         policy.prefill.observe(kv.length + policy.costs.pass_tokens, time.perf_counter() - started)
 
-    def measure_prefill_rate(self, tokens: int = CALIBRATION_TOKENS) -> None:
-        """Measure the fetch policy's prefill rate on this device before any request (chunkcache/adaptation.py):
-        a chunk of `tokens` placeholder tokens precomputed twice, the first pass warming the kernels up, the
-        second timed. The rate's prior is SmolLM2's on 2 CPU cores, which on a GPU undervalues recomputing
-        ~50x, and a replica whose chunks all come from the shared tier would never replace it (it fetched every
-        chunk on the H200 where recomputing was 3x faster: bench/results/fetch-ttft-2026-12-01.md). Nothing
-        without a fetch policy; nothing is stored."""
-        if self.store.adaptation is None:
-            return
+    def measure_prefill(self, tokens: int = CALIBRATION_TOKENS, small: int = CALIBRATION_SMALL_TOKENS,
+                        repeats: int = CALIBRATION_REPEATS) -> PrefillCalibration:
+        """Time precompute_chunk over `small` and `tokens` placeholder tokens on this device (each size warmed up
+        once, then the fastest of `repeats` passes): the prefill's cost per token and per pass
+        (fallback.PrefillCalibration). Nothing is stored."""
         ids = [1 + i % (self.model.embed_tokens.shape[0] - 1) for i in range(tokens)]
+        timings = []
         with torch.inference_mode():
-            precompute_chunk(self.model, ids)
-            started = time.perf_counter()
-            self._observe_prefill(precompute_chunk(self.model, ids), started)
+            for size in (small, tokens):
+                precompute_chunk(self.model, ids[:size])
+                fastest = float("inf")
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    kv = precompute_chunk(self.model, ids[:size])
+                    if kv.keys.is_cuda:
+                        torch.cuda.synchronize(kv.keys.device)
+                    fastest = min(fastest, time.perf_counter() - started)
+                timings.append(PrefillTiming(size, fastest))
+        return PrefillCalibration(*timings)
+
+    def calibrate(self, pass_tokens: float | None, placement_tokens: float) -> PrefillCosts:
+        """The prefill cost model to decide with (blend or full prefill: `fallback`; fetch or recompute: the
+        store's fetch policy), measured on this device before any request where it is needed. `pass_tokens`: a
+        forward pass's fixed cost in tokens, or None ("auto"): measured on a GPU (measure_prefill), where a
+        pass's launches make a chunk computed alone cost far more than its tokens, and
+        fallback.DEFAULT_PASS_COST_TOKENS on the CPU (SmolLM2-135M's there, measured once: a start-up
+        measurement on a busy CPU is too noisy to decide by). With a fetch policy, its costs become these and
+        its prefill rate starts from the measurement (its prior is SmolLM2's on 2 CPU cores, which on a GPU
+        undervalues recomputing ~50x: bench/results/fetch-ttft-2026-12-01.md)."""
+        policy = self.store.adaptation
+        on_gpu = self.model.embed_tokens.is_cuda
+        measured = self.measure_prefill() if policy is not None or (pass_tokens is None and on_gpu) else None
+        if pass_tokens is None:
+            pass_tokens = measured.pass_tokens if on_gpu and measured is not None else DEFAULT_PASS_COST_TOKENS
+        costs = PrefillCosts(pass_tokens, placement_tokens)
+        if policy is not None and measured is not None:
+            policy.costs = costs
+            policy.prefill.observe(measured.large.tokens + costs.pass_tokens, measured.large.seconds)
+        return costs
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None
               ) -> tuple[BlendResult, PrefillReport]:

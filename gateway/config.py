@@ -34,7 +34,7 @@ from pydantic_settings import (
 
 from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
-from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS
+from ..chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, SelectionRule
 from ..engine.prompt import (
     DEFAULT_CHUNK_PREFIX,
@@ -221,8 +221,9 @@ class ChunkCacheSettings(_Strict):
     chunk_context: ChunkContext = DEFAULT_CHUNK_CONTEXT
     # The blend-or-full-prefill rule's costs, in tokens computed (chunkcache/fallback.py): a
     # forward pass of its own for a chunk not cached yet, and placing a cached one. A prompt whose chunks cost
-    # more than blending saves is prefilled in full. The defaults are SmolLM2-135M's on CPU.
-    pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
+    # more than blending saves is prefilled in full. "auto": a pass's cost measured at start-up on a GPU
+    # (ChunkBlender.calibrate), SmolLM2-135M's on the CPU (24 tokens); placing, SmolLM2-135M's on the CPU.
+    pass_cost_tokens: Annotated[float, Field(ge=0, allow_inf_nan=False)] | Literal["auto"] = "auto"
     placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
     # Which entry a full tier moves down (chunkcache/eviction.py): "lru", or "cost_aware" (the least recorded
     # recompute cost times hits per byte).
@@ -239,6 +240,11 @@ class ChunkCacheSettings(_Strict):
     codec: ChunkCodecSettings = ChunkCodecSettings()
     # The shared tier in Redis, beside the local ones (off by default).
     redis: ChunkCacheRedisSettings = ChunkCacheRedisSettings()
+
+    @property
+    def fixed_pass_cost(self) -> float | None:
+        """The configured pass cost in tokens, or None for "auto" (measured: ChunkBlender.calibrate)."""
+        return None if self.pass_cost_tokens == "auto" else float(self.pass_cost_tokens)
 
 
 class MetricsSettings(_Strict):

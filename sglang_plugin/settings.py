@@ -6,7 +6,8 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 - BLENDGATE_SGLANG_GPU_CACHE_GB, BLENDGATE_SGLANG_CPU_CACHE_GB: the chunk-KV store's tiers (defaults 4 and 16);
 - BLENDGATE_SGLANG_CHUNK_PREFIX: "system" or "none", as the local engine's chunk_prefix;
 - BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
-  the local engine's pass_cost_tokens and placement_cost_tokens;
+  the local engine's pass_cost_tokens ("auto", the default: measured at start-up on the worker's GPU) and
+  placement_cost_tokens;
 - BLENDGATE_SGLANG_EVICTION: "lru" or "cost_aware", as the local engine's eviction;
 - BLENDGATE_SGLANG_PROBE_WEIGHTS: "model" (the default), "auto" or "fp8", as the local engine's
   selection.probe_weights (auto: the probe pass reads an FP8 copy of the layer weights on GPUs with FP8
@@ -25,12 +26,14 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
-from ..chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
+from ..chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, ProbeWeights
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, ChunkPrefix
 
@@ -45,7 +48,9 @@ class PluginSettings(BaseSettings):
     gpu_cache_gb: float = Field(4.0, ge=0, allow_inf_nan=False)
     cpu_cache_gb: float = Field(16.0, ge=0, allow_inf_nan=False)
     chunk_prefix: ChunkPrefix = DEFAULT_CHUNK_PREFIX
-    pass_cost_tokens: float = Field(DEFAULT_PASS_COST_TOKENS, ge=0, allow_inf_nan=False)
+    # A chunk's own forward pass, in tokens computed; "auto": measured at start-up on the worker's GPU
+    # (chunkcache/runner.py: ChunkBlender.calibrate).
+    pass_cost_tokens: Annotated[float, Field(ge=0, allow_inf_nan=False)] | Literal["auto"] = "auto"
     placement_cost_tokens: float = Field(DEFAULT_PLACEMENT_COST_TOKENS, ge=0, allow_inf_nan=False)
     eviction: EvictionPolicyName = DEFAULT_EVICTION
     probe_weights: ProbeWeights = DEFAULT_RULE.probe_weights
@@ -95,5 +100,6 @@ class PluginSettings(BaseSettings):
         return int(self.redis_budget_gb * GIB)
 
     @property
-    def costs(self) -> PrefillCosts:
-        return PrefillCosts(self.pass_cost_tokens, self.placement_cost_tokens)
+    def fixed_pass_cost(self) -> float | None:
+        """The configured pass cost in tokens, or None for "auto" (measured: ChunkBlender.calibrate)."""
+        return None if self.pass_cost_tokens == "auto" else float(self.pass_cost_tokens)

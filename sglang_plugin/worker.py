@@ -85,12 +85,12 @@ class BlendWorker:
                            device=first.device) if settings.redis_url else None
         adaptation = FetchPolicy(
             decode_rate(settings.codec, settings.codec_level, on_gpu=shared.decode_device.type == "cuda"),
-            settings.costs, link=shared.link) if shared is not None and settings.redis_adapt else None
+            link=shared.link) if shared is not None and settings.redis_adapt else None
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
                                     replace(DEFAULT_RULE, probe_weights=settings.probe_weights))
-        self.blender.measure_prefill_rate()  # the fetch policy's recompute estimate, on this GPU
-        self.costs = settings.costs
+        # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this GPU where needed.
+        self.costs = self.blender.calibrate(settings.fixed_pass_cost, settings.placement_cost_tokens)
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,
                  settings.cpu_cache_bytes / 2**30)

@@ -12,7 +12,6 @@ from cachetools import LRUCache
 
 from ...chunkcache.adaptation import FetchPolicy, decode_rate
 from ...chunkcache.codec import Codec
-from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
 from ...chunkcache.redis_tier import RedisTier
@@ -108,16 +107,17 @@ class LocalBackend(ChatBackend):
         shared_tier = RedisTier(shared.url, shared.budget_bytes, key_prefix=shared.key_prefix,
                                 timeout_s=shared.timeout_s, write_queue_bytes=shared.write_queue_bytes,
                                 retry_s=shared.retry_s, codec=codec, device=model.device) if shared.url else None
-        costs = PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
-        # Bandwidth adaptation: the tier's measured link rate, the codec's decode rate, the prefill's costs.
+        # Bandwidth adaptation: the tier's measured link rate, the codec's decode rate, the prefill's costs (set by
+        # the calibration below).
         adaptation = FetchPolicy(
             decode_rate(settings.codec.name, settings.codec.level, on_gpu=shared_tier.decode_device.type == "cuda"),
-            costs, link=shared_tier.link) if shared_tier is not None and shared.adapt else None
+            link=shared_tier.link) if shared_tier is not None and shared.adapt else None
         self.store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared_tier, adaptation=adaptation)
         runner = BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                                 chunk_prefix_entries=settings.chunk_prefix_entries,
-                                chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule(), costs=costs)
-        runner.blender.measure_prefill_rate()  # the fetch policy's recompute estimate, on this device
+                                chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule())
+        # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this device where needed.
+        runner.costs = runner.blender.calibrate(settings.fixed_pass_cost, settings.placement_cost_tokens)
         return runner
 
     async def wait_ready(self) -> None:

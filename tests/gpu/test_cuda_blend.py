@@ -103,3 +103,18 @@ def test_an_exact_prefix_kv_changes_nothing_but_the_work_on_cuda(ratio) -> None:
     computed = blend_prefill(model, [prefix, *chunks, suffix], ratio)
     reused = blend_prefill(model, [prefix, *chunks, suffix], ratio, prefix_kv=precompute_chunk(model, prefix))
     torch.testing.assert_close(reused.logits, computed.logits, atol=1e-3, rtol=1e-3)
+
+
+def test_auto_pass_cost_is_measured_on_the_gpu() -> None:
+    """ChunkBlender.calibrate with "auto" on a GPU: a pass's fixed cost measured (launch-bound passes), the
+    blend-or-full-prefill rule deciding with it."""
+    from blendgate.chunkcache.fallback import PrefillCosts
+    from blendgate.chunkcache.runner import ChunkBlender
+
+    model = LlamaFamilyModel.random(tiny_config(), device="cuda", dtype=torch.bfloat16, seed=3)
+    blender = ChunkBlender(model, ChunkCacheStore([MemoryTier("gpu", 1 << 30, "cuda")]))
+    measured = blender.measure_prefill(tokens=128, small=8, repeats=3)
+    assert measured.tokens_per_s > 0 and measured.pass_tokens > 0  # a tiny model's pass is all launches
+    costs = blender.calibrate(None, 1.0)
+    assert costs.placement_tokens == 1.0 and costs.pass_tokens > 0
+    assert blender.calibrate(5.0, 1.0) == PrefillCosts(5.0, 1.0)

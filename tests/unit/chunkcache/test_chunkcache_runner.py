@@ -6,7 +6,13 @@ import time
 
 import pytest
 import torch
-from blendgate.chunkcache.fallback import PrefillCosts, blend_fallback
+from blendgate.chunkcache.fallback import (
+    MAX_MEASURED_PASS_TOKENS,
+    PrefillCalibration,
+    PrefillCosts,
+    PrefillTiming,
+    blend_fallback,
+)
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.tiers import MemoryTier
@@ -115,6 +121,36 @@ def test_the_rule_weighs_per_chunk_work_against_the_tokens_blending_saves() -> N
     assert blend_fallback([], [], 0.15, costs) is None
     with pytest.raises(ValueError):
         blend_fallback([5, 5], [True], 0.15, costs)
+
+
+def test_a_calibration_fits_a_pass_cost_and_a_rate_from_two_sizes() -> None:
+    # 16 tokens in 10.5 ms, 256 in 22.5 ms: 50 us a token (20,000 tokens/s) and 9.7 ms a pass (194 tokens).
+    fit = PrefillCalibration(PrefillTiming(16, 0.0105), PrefillTiming(256, 0.0225))
+    assert fit.tokens_per_s == pytest.approx(20_000) and fit.pass_tokens == pytest.approx(194)
+    # Decided with it, a GPU's launch-bound passes make five uncached 150-token chunks dearer than a full
+    # prefill (5 x 194 > 0.85 x 750), where the CPU's default pass cost (24) blended them.
+    assert blend_fallback([150] * 5, [False] * 5, 0.15, PrefillCosts(fit.pass_tokens, 1)) is not None
+    assert blend_fallback([150] * 5, [False] * 5, 0.15, PrefillCosts()) is None
+    assert blend_fallback([150] * 5, [True] * 5, 0.15, PrefillCosts(fit.pass_tokens, 1)) is None  # cached: blend
+    # Noise: the larger size timed faster. The slope falls back to its mean cost a token; the pass cost stays
+    # within [0, MAX_MEASURED_PASS_TOKENS].
+    noisy = PrefillCalibration(PrefillTiming(16, 0.5), PrefillTiming(256, 0.01))
+    assert noisy.tokens_per_s == pytest.approx(25_600) and noisy.pass_tokens == MAX_MEASURED_PASS_TOKENS
+    assert PrefillCalibration(PrefillTiming(16, 0.001), PrefillTiming(256, 0.1)).pass_tokens == 0.0
+    for small, large in (((256, 0.01), (16, 0.02)), ((16, 0.0), (256, 0.01)), ((0, 0.01), (256, 0.02))):
+        with pytest.raises(ValueError, match="two chunk sizes"):
+            PrefillCalibration(PrefillTiming(*small), PrefillTiming(*large))
+
+
+def test_the_runner_measures_its_prefill_at_two_sizes(loaded_model) -> None:
+    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("memory", 1 << 30, "cpu")]))
+    measured = runner.blender.measure_prefill(tokens=24, small=4, repeats=1)
+    assert (measured.small.tokens, measured.large.tokens) == (4, 24)
+    assert measured.large.seconds > 0 and measured.small.seconds > 0 and measured.tokens_per_s > 0
+    assert not runner.store.tiers[0].entries  # nothing stored
+    # "auto" on the CPU is the CPU's default; a configured cost is kept as configured.
+    assert runner.blender.calibrate(None, 1.0) == PrefillCosts()
+    assert runner.blender.calibrate(7.0, 0.5) == PrefillCosts(7.0, 0.5)
 
 
 def test_many_tiny_chunks_are_prefilled_in_full_and_faster_than_blending_them(loaded_model, tokenizer) -> None:

@@ -12,7 +12,7 @@ import torch
 from bench_modules import bench_module
 from blendgate.chunkcache.adaptation import FetchPolicy, RateEstimate, decode_rate
 from blendgate.chunkcache.codec import Codec
-from blendgate.chunkcache.fallback import PrefillCosts
+from blendgate.chunkcache.fallback import DEFAULT_PASS_COST_TOKENS, PrefillCosts
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.redis_tier import RedisTier
 from blendgate.chunkcache.runner import BlendingRunner
@@ -119,13 +119,16 @@ def test_the_local_backend_adapts_unless_set_off(redis_server, prefix, loaded_mo
         "redis": {"url": redis_server.url, "key_prefix": prefix, "adapt": adapt}})
     backend = LocalBackend(LocalModelConfig(name="m"), cache_dir=tmp_path, max_running=1, max_waiting=1,
                            chunk_cache=settings)
-    backend._runner(loaded_model)
+    runner = backend._runner(loaded_model)
     try:
         policy = backend.store.adaptation
         if adapt:
             assert policy.link is backend.store.shared.link  # measured by the tier's reads
             assert policy.decode_bytes_per_s == decode_rate("int8", 0)
-            assert policy.costs == PrefillCosts(settings.pass_cost_tokens, settings.placement_cost_tokens)
+            # "auto" on the CPU: the CPU's default pass cost (measured on a GPU only), the policy's rate measured.
+            assert policy.costs == PrefillCosts(DEFAULT_PASS_COST_TOKENS, settings.placement_cost_tokens)
+            assert runner.costs == policy.costs
+            assert policy.prefill.samples == 1
             assert "adaptation" in backend.store.report()
         else:
             assert policy is None and "adaptation" not in backend.store.report()
@@ -133,18 +136,27 @@ def test_the_local_backend_adapts_unless_set_off(redis_server, prefix, loaded_mo
         backend.store.close()
 
 
-def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis_server, prefix, loaded_model) -> None:
+def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis_server, prefix, loaded_model,
+                                                                          monkeypatch) -> None:
     runner = runner_through(redis_server.url, prefix, loaded_model)
+    measured = []
+    real = runner.blender.measure_prefill
+    monkeypatch.setattr(runner.blender, "measure_prefill", lambda: measured.append(real(tokens=32)) or measured[-1])
     try:
         policy = runner.store.adaptation
         assert policy.prefill.samples == 0  # the prior: SmolLM2 on 2 CPU cores
-        runner.blender.measure_prefill_rate(tokens=32)
-        assert policy.prefill.samples == 1 and policy.prefill.rate != policy.prefill.prior
+        costs = runner.blender.calibrate(30.0, 2.0)  # a configured pass cost: the policy decides with it
+        assert costs == policy.costs == PrefillCosts(30.0, 2.0) and len(measured) == 1
+        assert policy.prefill.samples == 1 and policy.prefill.rate == pytest.approx(
+            (measured[0].large.tokens + 30.0) / measured[0].large.seconds)
         report = runner.store.report()
         assert all(tier["entries"] == 0 for tier in report["tiers"] if not tier.get("shared"))
         assert runner.store.shared.report().writes == 0
         plain = runner_through(redis_server.url, prefix, loaded_model, adapt=False)
-        plain.blender.measure_prefill_rate(tokens=32)  # no fetch policy: nothing to measure for
+        monkeypatch.setattr(plain.blender, "measure_prefill", lambda: measured.append(None))
+        # No fetch policy and the CPU: nothing to measure for ("auto" is the CPU's default there).
+        assert plain.blender.calibrate(None, 1.0) == PrefillCosts(DEFAULT_PASS_COST_TOKENS, 1.0)
+        assert len(measured) == 1
         plain.store.close()
     finally:
         runner.store.close()
