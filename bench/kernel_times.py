@@ -16,6 +16,7 @@ import argparse
 import torch
 import torch._dynamo
 import triton.testing
+from blendgate.engine.specache import top_k_with_one_more
 from blendgate.kernels import attention, fp8, probe_attention, rope, selection, sparse_attention
 
 
@@ -171,6 +172,16 @@ def main() -> None:
     add("deviation score: PyTorch reference", lambda: selection.deviation_reference(fresh, cached))
     score = torch.rand(4096, device="cuda")
     add("top 614 of 4096 scores (top-k + sort)", lambda: torch.topk(score, 614, sorted=False).indices.sort())
+    # SpeCache's steady step, per layer and request at 32k tokens (1/16 budget, Llama-3-8B's 8 KV heads): this
+    # step's top-k and the next step's prediction, as two top-ks and as one grown by the new position.
+    lowbit_scores = torch.randn(kv_heads, 32768, device="cuda")
+    add("specache top-k 1916 of 8 x 32768, twice (this step's and the next's)",
+        lambda: (lowbit_scores[:, :30000].topk(1916, dim=1), lowbit_scores[:, :30001].topk(1916, dim=1)))
+
+    def top_k_once() -> None:
+        top = lowbit_scores[:, :30000].topk(1916, dim=1)
+        top_k_with_one_more(top.values, top.indices, lowbit_scores, 30000)
+    add("specache top-k 1916 of 8 x 32768, once and grown by one position (engine/specache.py)", top_k_once)
     question = torch.randn(heads, 32, dim, device="cuda", dtype=torch.bfloat16)
     query_positions = torch.arange(slots - 32, slots, device="cuda")
     add("attention mass of a 32-token question over 4192 slots (one layer): bmm + softmax",

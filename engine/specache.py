@@ -62,6 +62,23 @@ from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, Ste
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+def top_k_with_one_more(top_values: torch.Tensor, top_indices: torch.Tensor, scores: torch.Tensor,
+                        position: torch.Tensor | int) -> torch.Tensor:
+    """The top-k positions [kv_heads, k] of a candidate set grown by one position, from the top-k of the set
+    before it (`top_values`, `top_indices` [kv_heads, k]: a top-k over `scores` [kv_heads, positions] masked to
+    the old candidates) and the new position's score: the new position takes the place of the lowest of the
+    old top-k where it scores strictly higher. The same set as a second top-k over the grown set, ties apart,
+    without reading the row again: a step's prefetch wants the next step's top-k, whose candidates are this
+    step's and the one position leaving the recent window (SpeCache, arXiv 2503.16163, Section 4.3).
+    `position`: an int or a [] long tensor on the device (a CUDA graph's step keeps it there)."""
+    heads = scores.shape[0]
+    where = torch.as_tensor(position, device=scores.device).reshape(1, 1).expand(heads, 1)
+    lowest, slot = top_values.min(dim=1, keepdim=True)
+    kept = top_indices.gather(1, slot)
+    grown = torch.where(scores.gather(1, where) > lowest, where.to(top_indices.dtype), kept)
+    return top_indices.scatter(1, slot, grown)
+
+
 @dataclass
 class OffloadedRequest:
     """A request SpeCache serves, from `SpeCacheDecoder.admit` to its decode steps: its pool `allocation`
@@ -302,10 +319,9 @@ class SpeCacheDecoder:
         recent_start = position + 1 - budget.recent_tokens  # of this step's selection; the next one's is +1
         candidate = positions >= budget.sink_tokens
         wanted = scores.masked_fill(~(candidate & (positions < recent_start)), float("-inf"))
-        self._make_resident(request, layer, wanted.topk(budget.top_k, dim=1).indices, request.counts,
-                            self._step_scratch)
-        upcoming = scores.masked_fill(~(candidate & (positions <= recent_start)), float("-inf"))
-        return upcoming.topk(budget.top_k, dim=1).indices
+        top = wanted.topk(budget.top_k, dim=1)
+        self._make_resident(request, layer, top.indices, request.counts, self._step_scratch)
+        return top_k_with_one_more(top.values, top.indices, scores, recent_start)  # the next step's
 
     def _quantise_completed_group(self, request: OffloadedRequest) -> None:
         """After a step that completes a group of positions, its keys (all in the recent window, which holds
@@ -334,11 +350,22 @@ class SpeCacheDecoder:
             tokens = min(upcoming.recent_start, request.lowbit.length)
             scores = score(q, request.lowbit.layer(layer), tokens)
             scores[:, : selection.sinks] = float("-inf")
+        top = None
         if selection.top_k:
-            wanted = self._wanted(request, selection, scores)
+            if selection.scored:
+                top = scores[:, : selection.recent_start].topk(selection.top_k, dim=1)
+                wanted = top.indices
+            else:
+                wanted = self._wanted(request, selection, scores)
             request.wanted += wanted.numel()
             self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
-        return self._wanted(request, upcoming, scores) if upcoming.top_k else None
+        if not upcoming.top_k:
+            return None
+        if top is not None and upcoming.scored and upcoming.top_k == selection.top_k \
+                and upcoming.recent_start == selection.recent_start + 1 and selection.recent_start < scores.shape[1]:
+            # The next step's candidates are this step's and one more (as the captured step's always are).
+            return top_k_with_one_more(top.values, top.indices, scores, selection.recent_start)
+        return self._wanted(request, upcoming, scores)
 
     def _wanted(self, request: OffloadedRequest, selection: StepSelection,
                 scores: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from blendgate.engine.kv_pool import BlockAllocator, KVPoolError
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.engine.runner import LlamaRunner
-from blendgate.engine.specache import SpeCacheDecoder
+from blendgate.engine.specache import SpeCacheDecoder, top_k_with_one_more
 from blendgate.engine.specache_graph import SteadyStepGraphs
 from blendgate.engine.specache_policy import KVShape, SpeCacheSettings, gpu_kv_bytes
 from blendgate.kernels.lowbit_keys import quantize_reference
@@ -163,6 +163,28 @@ def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model
     assert steady.length == eager.length == len(prompt) + 6 and steady.lowbit.length == eager.lowbit.length
     assert torch.equal(steady.host.keys[:, :, : steady.length], eager.host.keys[:, :, : eager.length])
     assert torch.equal(steady.lowbit.codes, eager.lowbit.codes)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_the_next_steps_top_k_is_this_steps_grown_by_one_position(as_tensor) -> None:
+    """One top-k a layer instead of two: the prefetch's prediction (candidates up to and including `position`)
+    from this step's top-k (candidates before it) and the one new score, the same set as a second top-k."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        scores = torch.randn(4, 300, generator=generator)  # distinct scores: no ties
+        position, k = 100 + trial, 16 + trial % 7
+        scores[:, 5 * (trial % 3)] = float("-inf")  # a sink, masked as the decoder masks them
+        top = scores[:, :position].topk(k, dim=1)
+        grown = top_k_with_one_more(top.values, top.indices, scores,
+                                    torch.tensor(position) if as_tensor else position)
+        expected = scores[:, : position + 1].topk(k, dim=1).indices
+        assert grown.shape == (4, k)
+        for head in range(4):
+            assert set(grown[head].tolist()) == set(expected[head].tolist())
+    # A new position scoring below every kept one changes nothing; above, it replaces the lowest.
+    scores = torch.tensor([[5.0, 4.0, 3.0, 1.0], [5.0, 4.0, 3.0, 9.0]])
+    top = scores[:, :3].topk(2, dim=1)
+    assert top_k_with_one_more(top.values, top.indices, scores, 3).tolist() == [[0, 1], [0, 3]]
 
 
 def test_an_allocation_smaller_than_the_budget_is_refused(runner, loaded_model) -> None:
