@@ -52,7 +52,6 @@ from .kv import ChunkKV
 from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
 
-# Tokens of the placeholder chunk timed at start-up to measure the prefill's rate (a typical chunk's length).
 # The chunk sizes the prefill's costs are measured at (ChunkBlender.measure_prefill), and the timed passes each.
 CALIBRATION_TOKENS = 256
 CALIBRATION_SMALL_TOKENS = 16
@@ -191,7 +190,11 @@ class ChunkBlender:
         undervalues recomputing ~50x: bench/results/fetch-ttft-2026-12-01.md)."""
         policy = self.store.adaptation
         on_gpu = self.model.embed_tokens.is_cuda
-        measured = self.measure_prefill() if policy is not None or (pass_tokens is None and on_gpu) else None
+        measured = None
+        if on_gpu and (policy is not None or pass_tokens is None):
+            measured = self.measure_prefill()
+        elif policy is not None:  # the CPU: the fetch policy's rate only, from one timed pass a size
+            measured = self.measure_prefill(repeats=1)
         if pass_tokens is None:
             pass_tokens = measured.pass_tokens if on_gpu and measured is not None else DEFAULT_PASS_COST_TOKENS
         costs = PrefillCosts(pass_tokens, placement_tokens)

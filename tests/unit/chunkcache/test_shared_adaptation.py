@@ -141,7 +141,8 @@ def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis
     runner = runner_through(redis_server.url, prefix, loaded_model)
     measured = []
     real = runner.blender.measure_prefill
-    monkeypatch.setattr(runner.blender, "measure_prefill", lambda: measured.append(real(tokens=32)) or measured[-1])
+    monkeypatch.setattr(runner.blender, "measure_prefill",
+                        lambda **options: measured.append(real(tokens=32, **options)) or measured[-1])
     try:
         policy = runner.store.adaptation
         assert policy.prefill.samples == 0  # the prior: SmolLM2 on 2 CPU cores
@@ -153,7 +154,7 @@ def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis
         assert all(tier["entries"] == 0 for tier in report["tiers"] if not tier.get("shared"))
         assert runner.store.shared.report().writes == 0
         plain = runner_through(redis_server.url, prefix, loaded_model, adapt=False)
-        monkeypatch.setattr(plain.blender, "measure_prefill", lambda: measured.append(None))
+        monkeypatch.setattr(plain.blender, "measure_prefill", lambda **options: measured.append(None))
         # No fetch policy and the CPU: nothing to measure for ("auto" is the CPU's default there).
         assert plain.blender.calibrate(None, 1.0) == PrefillCosts(DEFAULT_PASS_COST_TOKENS, 1.0)
         assert len(measured) == 1
