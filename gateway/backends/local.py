@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -12,6 +12,7 @@ from cachetools import LRUCache
 
 from ...chunkcache.adaptation import FetchPolicy, decode_rate
 from ...chunkcache.codec import Codec
+from ...chunkcache.fallback import PrefillCosts
 from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
 from ...chunkcache.redis_tier import RedisTier
@@ -57,6 +58,7 @@ class LocalBackend(ChatBackend):
         self.cache_dir = cache_dir
         self.chunk_cache = chunk_cache or ChunkCacheSettings()
         self.store: ChunkCacheStore | None = None
+        self.prefill_costs: PrefillCosts | None = None  # the blend-or-full-prefill rule's, once the model is up
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.model: LoadedModel | None = None
@@ -118,6 +120,7 @@ class LocalBackend(ChatBackend):
                                 chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule())
         # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this device where needed.
         runner.costs = runner.blender.calibrate(settings.fixed_pass_cost, settings.placement_cost_tokens)
+        self.prefill_costs = runner.costs
         return runner
 
     async def wait_ready(self) -> None:
@@ -136,11 +139,20 @@ class LocalBackend(ChatBackend):
         if self.engine is not None:
             status = {"state": "ready", **self.engine.stats()}
             if self.store is not None:
-                status["chunk_cache"] = self.store.report()
+                status["chunk_cache"] = {**self.store.report(), "prefill_costs": self.prefill_costs_view()}
             return status
         if self._error is not None:
             return {"state": "failed", "error": self._error}
         return {"state": "loading"}
+
+    def prefill_costs_view(self) -> dict[str, Any] | None:
+        """The blend-or-full-prefill rule's costs in tokens (pass_tokens, placement_tokens) and whether the pass
+        cost was configured or "auto" (measured at start-up on a GPU, the CPU default otherwise); None before
+        the model is up."""
+        if self.prefill_costs is None:
+            return None
+        return {**asdict(self.prefill_costs),
+                "pass_cost": "configured" if self.chunk_cache.fixed_pass_cost is not None else "auto"}
 
     # -- request path ---------------------------------------------------------------------------
     def _prompt(self, request: BackendRequest) -> Prompt:

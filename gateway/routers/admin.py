@@ -70,6 +70,7 @@ async def chunk_cache(state: AppState = Depends(app_state)):
     lookups = document_chunk_lookups(state.metrics)
     backends = state.backends
     return {"models": {name: {**report, **_contents(backends[name]),
+                              "prefill_costs": backends[name].prefill_costs_view(),
                               "document_chunks": lookups.get(name, {"lookups": 0, "hits": 0, "hit_rate": None})}
                        for name, report in chunk_stores(backends).items()}}
 

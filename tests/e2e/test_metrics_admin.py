@@ -161,6 +161,8 @@ def test_admin_api_needs_its_key_and_hides_secrets(observed: GatewayProcess) -> 
                                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     chunk = admin(observed, "GET", "/chunk-cache").json()["models"][EMBEDDED]
     assert {t["name"] for t in chunk["tiers"]} >= {"cpu", "disk"}
+    # The blend-or-full-prefill costs it decides with: configured here (support.BLEND_ALWAYS).
+    assert chunk["prefill_costs"] == {"pass_tokens": 0, "placement_tokens": 0, "pass_cost": "configured"}
     # The Nile document of the first test was sent inline: its chunk is held, and named.
     assert chunk["collections"]["(inline)"]["chunks"] >= 1
     assert any(c["source"] == "request#0" and c["tier"] in ("cpu", "disk") for c in chunk["top_chunks"])

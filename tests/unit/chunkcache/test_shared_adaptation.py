@@ -128,6 +128,9 @@ def test_the_local_backend_adapts_unless_set_off(redis_server, prefix, loaded_mo
             # "auto" on the CPU: the CPU's default pass cost (measured on a GPU only), the policy's rate measured.
             assert policy.costs == PrefillCosts(DEFAULT_PASS_COST_TOKENS, settings.placement_cost_tokens)
             assert runner.costs == policy.costs
+            assert backend.prefill_costs_view() == {"pass_tokens": DEFAULT_PASS_COST_TOKENS,
+                                                    "placement_tokens": settings.placement_cost_tokens,
+                                                    "pass_cost": "auto"}
             assert policy.prefill.samples == 1
             assert "adaptation" in backend.store.report()
         else:
