@@ -285,6 +285,8 @@ def test_pages_follow_the_gateway_and_invalidate_entries(admin_gateway: GatewayP
         expect(page.get_by_test_id(f"chunk-model-lookups-{EMBEDDED}")
                ).to_have_text(f"({chunk_hits} of {chunk_lookups})")
         expect(model).to_contain_text("Store hits")
+        expect(page.get_by_test_id(f"chunk-costs-{EMBEDDED}")).to_have_text(
+            "Pass cost 0 tokens (configured) · placement 0")
         expect(page.get_by_test_id(f"chunk-collections-{EMBEDDED}")).to_contain_text("(inline)")
         top_tier = page.get_by_test_id(f"chunk-top-{EMBEDDED}").locator("tbody tr").first.locator("td").last
         expect(top_tier).to_have_text(re.compile(r"^(cpu|disk)$"))
