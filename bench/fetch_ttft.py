@@ -114,7 +114,7 @@ def main() -> None:
 
     from blendgate.chunkcache.adaptation import FetchPolicy, decode_rate
     from blendgate.chunkcache.codec import Codec
-    from blendgate.chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS, PrefillCosts
+    from blendgate.chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS
     from blendgate.chunkcache.kv_store import ChunkCacheStore
     from blendgate.chunkcache.redis_tier import RedisTier
     from blendgate.chunkcache.runner import BlendingRunner
@@ -157,9 +157,9 @@ def main() -> None:
                                              on_gpu=shared.decode_device.type == "cuda"), link=shared.link)
         store = ChunkCacheStore([MemoryTier("memory", 8 << 30, device)], shared=shared, adaptation=policy)
         runner = BlendingRunner(loaded, store)
-        runner.costs = runner.blender.calibrate(None, DEFAULT_PLACEMENT_COST_TOKENS)  # as the gateway's start-up
-        if blend_always:
-            runner.costs = PrefillCosts(0.0, 0.0)
+        # As the gateway's start-up; no per-chunk cost at all where the replica must blend every prompt.
+        runner.costs = runner.blender.calibrate(0.0, 0.0) if blend_always else \
+            runner.blender.calibrate("auto", DEFAULT_PLACEMENT_COST_TOKENS)
         return runner
 
     def timed(runner: BlendingRunner, these: list | None = None) -> dict:

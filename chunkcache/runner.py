@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
+from typing import Literal
 
 import torch
 from cachetools import LRUCache
@@ -179,10 +180,10 @@ class ChunkBlender:
                 timings.append(PrefillTiming(size, fastest))
         return PrefillCalibration(*timings)
 
-    def calibrate(self, pass_tokens: float | None, placement_tokens: float) -> PrefillCosts:
+    def calibrate(self, pass_tokens: float | Literal["auto"], placement_tokens: float) -> PrefillCosts:
         """The prefill cost model to decide with (blend or full prefill: `fallback`; fetch or recompute: the
         store's fetch policy), measured on this device before any request where it is needed. `pass_tokens`: a
-        forward pass's fixed cost in tokens, or None ("auto"): measured on a GPU (measure_prefill), where a
+        forward pass's fixed cost in tokens, or "auto": measured on a GPU (measure_prefill), where a
         pass's launches make a chunk computed alone cost far more than its tokens, and
         fallback.DEFAULT_PASS_COST_TOKENS on the CPU (SmolLM2-135M's there, measured once: a start-up
         measurement on a busy CPU is too noisy to decide by). With a fetch policy, its costs become these and
@@ -191,11 +192,11 @@ class ChunkBlender:
         policy = self.store.adaptation
         on_gpu = self.model.embed_tokens.is_cuda
         measured = None
-        if on_gpu and (policy is not None or pass_tokens is None):
+        if on_gpu and (policy is not None or pass_tokens == "auto"):
             measured = self.measure_prefill()
         elif policy is not None:  # the CPU: the fetch policy's rate only, from one timed pass a size
             measured = self.measure_prefill(repeats=1)
-        if pass_tokens is None:
+        if pass_tokens == "auto":
             pass_tokens = measured.pass_tokens if on_gpu and measured is not None else DEFAULT_PASS_COST_TOKENS
         costs = PrefillCosts(pass_tokens, placement_tokens)
         if policy is not None and measured is not None:

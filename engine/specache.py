@@ -69,7 +69,7 @@ def top_k_with_one_more(top_values: torch.Tensor, top_indices: torch.Tensor, sco
     the old candidates) and the new position's score: the new position takes the place of the lowest of the
     old top-k where it scores strictly higher. The same set as a second top-k over the grown set, ties apart,
     without reading the row again: a step's prefetch wants the next step's top-k, whose candidates are this
-    step's and the one position leaving the recent window (SpeCache, arXiv 2503.16163, Section 4.3).
+    step's and the one position leaving the recent window (SpeCache, arXiv 2503.16163).
     `position`: an int or a [] long tensor on the device (a CUDA graph's step keeps it there)."""
     heads = scores.shape[0]
     where = torch.as_tensor(position, device=scores.device).reshape(1, 1).expand(heads, 1)
@@ -350,30 +350,27 @@ class SpeCacheDecoder:
             tokens = min(upcoming.recent_start, request.lowbit.length)
             scores = score(q, request.lowbit.layer(layer), tokens)
             scores[:, : selection.sinks] = float("-inf")
-        top = None
+        wanted = top_scores = None
         if selection.top_k:
-            if selection.scored:
-                top = scores[:, : selection.recent_start].topk(selection.top_k, dim=1)
-                wanted = top.indices
-            else:
-                wanted = self._wanted(request, selection, scores)
+            wanted, top_scores = self._wanted(selection, scores)
             request.wanted += wanted.numel()
             self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
         if not upcoming.top_k:
             return None
-        if top is not None and upcoming.scored and upcoming.top_k == selection.top_k \
+        if top_scores is not None and upcoming.scored and upcoming.top_k == selection.top_k \
                 and upcoming.recent_start == selection.recent_start + 1 and selection.recent_start < scores.shape[1]:
             # The next step's candidates are this step's and one more (as the captured step's always are).
-            return top_k_with_one_more(top.values, top.indices, scores, selection.recent_start)
-        return self._wanted(request, upcoming, scores)
+            return top_k_with_one_more(top_scores, wanted, scores, selection.recent_start)
+        return self._wanted(upcoming, scores)[0]
 
-    def _wanted(self, request: OffloadedRequest, selection: StepSelection,
-                scores: torch.Tensor | None) -> torch.Tensor:
-        """[kv_heads, top_k] positions: every candidate, or the best-scored ones."""
-        kv_heads, device = self.model.kv_heads, self.model.device
+    def _wanted(self, selection: StepSelection,
+                scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[kv_heads, top_k] positions and their scores: every candidate (no scores), or the best-scored ones."""
         if not selection.scored:
-            return torch.arange(selection.sinks, selection.recent_start, device=device).repeat(kv_heads, 1)
-        return scores[:, : selection.recent_start].topk(selection.top_k, dim=1).indices
+            positions = torch.arange(selection.sinks, selection.recent_start, device=self.model.device)
+            return positions.repeat(self.model.kv_heads, 1), None
+        top = scores[:, : selection.recent_start].topk(selection.top_k, dim=1)
+        return top.indices, top.values
 
     def _make_resident(self, request: OffloadedRequest, layer: int, wanted: torch.Tensor, counts: torch.Tensor,
                        scratch: ResidencyScratch) -> None:

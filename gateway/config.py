@@ -241,11 +241,6 @@ class ChunkCacheSettings(_Strict):
     # The shared tier in Redis, beside the local ones (off by default).
     redis: ChunkCacheRedisSettings = ChunkCacheRedisSettings()
 
-    @property
-    def fixed_pass_cost(self) -> float | None:
-        """The configured pass cost in tokens, or None for "auto" (measured: ChunkBlender.calibrate)."""
-        return None if self.pass_cost_tokens == "auto" else float(self.pass_cost_tokens)
-
 
 class MetricsSettings(_Strict):
     """What the open /metrics endpoint shows."""

@@ -99,7 +99,3 @@ class PluginSettings(BaseSettings):
     def redis_budget_bytes(self) -> int:
         return int(self.redis_budget_gb * GIB)
 
-    @property
-    def fixed_pass_cost(self) -> float | None:
-        """The configured pass cost in tokens, or None for "auto" (measured: ChunkBlender.calibrate)."""
-        return None if self.pass_cost_tokens == "auto" else float(self.pass_cost_tokens)

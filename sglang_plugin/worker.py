@@ -90,7 +90,7 @@ class BlendWorker:
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
                                     replace(DEFAULT_RULE, probe_weights=settings.probe_weights))
         # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this GPU where needed.
-        self.costs = self.blender.calibrate(settings.fixed_pass_cost, settings.placement_cost_tokens)
+        self.costs = self.blender.calibrate(settings.pass_cost_tokens, settings.placement_cost_tokens)
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,
                  settings.cpu_cache_bytes / 2**30)

@@ -119,7 +119,7 @@ class LocalBackend(ChatBackend):
                                 chunk_prefix_entries=settings.chunk_prefix_entries,
                                 chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule())
         # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this device where needed.
-        runner.costs = runner.blender.calibrate(settings.fixed_pass_cost, settings.placement_cost_tokens)
+        runner.costs = runner.blender.calibrate(settings.pass_cost_tokens, settings.placement_cost_tokens)
         self.prefill_costs = runner.costs
         return runner
 
@@ -152,7 +152,7 @@ class LocalBackend(ChatBackend):
         if self.prefill_costs is None:
             return None
         return {**asdict(self.prefill_costs),
-                "pass_cost": "configured" if self.chunk_cache.fixed_pass_cost is not None else "auto"}
+                "pass_cost": "auto" if self.chunk_cache.pass_cost_tokens == "auto" else "configured"}
 
     # -- request path ---------------------------------------------------------------------------
     def _prompt(self, request: BackendRequest) -> Prompt:

@@ -115,6 +115,6 @@ def test_auto_pass_cost_is_measured_on_the_gpu() -> None:
     blender = ChunkBlender(model, ChunkCacheStore([MemoryTier("gpu", 1 << 30, "cuda")]))
     measured = blender.measure_prefill(tokens=128, small=8, repeats=3)
     assert measured.tokens_per_s > 0 and measured.pass_tokens > 0  # a tiny model's pass is all launches
-    costs = blender.calibrate(None, 1.0)
+    costs = blender.calibrate("auto", 1.0)
     assert costs.placement_tokens == 1.0 and costs.pass_tokens > 0
     assert blender.calibrate(5.0, 1.0) == PrefillCosts(5.0, 1.0)

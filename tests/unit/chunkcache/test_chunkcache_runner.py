@@ -149,7 +149,7 @@ def test_the_runner_measures_its_prefill_at_two_sizes(loaded_model) -> None:
     assert measured.large.seconds > 0 and measured.small.seconds > 0 and measured.tokens_per_s > 0
     assert not runner.store.tiers[0].entries  # nothing stored
     # "auto" on the CPU is the CPU's default; a configured cost is kept as configured.
-    assert runner.blender.calibrate(None, 1.0) == PrefillCosts()
+    assert runner.blender.calibrate("auto", 1.0) == PrefillCosts()
     assert runner.blender.calibrate(7.0, 0.5) == PrefillCosts(7.0, 0.5)
 
 

@@ -159,7 +159,7 @@ def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis
         plain = runner_through(redis_server.url, prefix, loaded_model, adapt=False)
         monkeypatch.setattr(plain.blender, "measure_prefill", lambda **options: measured.append(None))
         # No fetch policy and the CPU: nothing to measure for ("auto" is the CPU's default there).
-        assert plain.blender.calibrate(None, 1.0) == PrefillCosts(DEFAULT_PASS_COST_TOKENS, 1.0)
+        assert plain.blender.calibrate("auto", 1.0) == PrefillCosts(DEFAULT_PASS_COST_TOKENS, 1.0)
         assert len(measured) == 1
         plain.store.close()
     finally:

@@ -250,10 +250,10 @@ def test_a_request_whose_blend_would_be_slower_is_computed_exactly_and_says_why(
 
 def test_fallback_costs_come_from_the_environment(monkeypatch) -> None:
     settings = worker.PluginSettings.from_env()
-    assert settings.fixed_pass_cost is None and settings.pass_cost_tokens == "auto"  # measured on the GPU
+    assert settings.pass_cost_tokens == "auto"  # measured on the GPU
     assert settings.placement_cost_tokens == PrefillCosts().placement_tokens
     monkeypatch.setenv("BLENDGATE_SGLANG_PASS_COST_TOKENS", "500")
-    assert worker.PluginSettings.from_env().fixed_pass_cost == 500.0
+    assert worker.PluginSettings.from_env().pass_cost_tokens == 500.0
     for bad in ("-1", "nan", "fast"):
         monkeypatch.setenv("BLENDGATE_SGLANG_PASS_COST_TOKENS", bad)
         with pytest.raises(ValueError, match="BLENDGATE_SGLANG_PASS_COST_TOKENS"):
