@@ -32,8 +32,9 @@ class PrefillCalibration:
     """A device's prefill cost, measured at two chunk sizes and fitted as seconds = (tokens + pass_tokens) /
     tokens_per_s: a forward pass's fixed cost (its launches, its per-layer host work) counted as tokens, as
     PrefillCosts and the fetch policy (adaptation.py) count it. On a GPU that fixed cost is most of a small
-    chunk's pass: SmolLM2-135M on an H200 computed a prompt of 20 chunks in 22 ms whole against 104 ms chunk by
-    chunk (bench/results/fetch-ttft-2026-12-01.md, run 3), where the CPU default (24 tokens) said blending paid."""
+    chunk's pass: SmolLM2-135M on an H200 computed a prompt of 5 NQ passages in 22 ms whole against 104 ms
+    chunk by chunk (medians of 4 prompts: bench/results/fetch-ttft-2026-12-01.md, run 3), where the CPU default
+    (24 tokens) said blending paid."""
 
     small: PrefillTiming
     large: PrefillTiming
