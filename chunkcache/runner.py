@@ -54,7 +54,12 @@ from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
 
 # The chunk sizes the prefill's costs are measured at (ChunkBlender.measure_prefill), and the timed passes each.
+# On a GPU the larger size is 1,024 tokens: an 8B model's passes over 16 and 256 tokens both take about the time
+# its weights take to read, so the fit's slope was noise (six replicas of one H200 run measured 24k to 357k
+# tokens/s for Llama-3-8B's shapes, bench/results/fetch-ttft-2026-12-01.md run 4); on the CPU 256 (SmolLM2-135M:
+# ~0.8 s there).
 CALIBRATION_TOKENS = 256
+CALIBRATION_GPU_TOKENS = 1024
 CALIBRATION_SMALL_TOKENS = 16
 CALIBRATION_REPEATS = 3
 
@@ -193,7 +198,7 @@ class ChunkBlender:
         on_gpu = self.model.embed_tokens.is_cuda
         measured = None
         if on_gpu and (policy is not None or pass_tokens == "auto"):
-            measured = self.measure_prefill()
+            measured = self.measure_prefill(CALIBRATION_GPU_TOKENS)
         elif policy is not None:  # the CPU: the fetch policy's rate only, from one timed pass a size
             measured = self.measure_prefill(repeats=1)
         if pass_tokens == "auto":
