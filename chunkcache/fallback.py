@@ -70,21 +70,28 @@ class PrefillCosts:
 
 
 def blend_fallback(chunk_lengths: Sequence[int], hits: Sequence[bool], recompute_ratio: float,
-                   costs: PrefillCosts = PrefillCosts()) -> str | None:
+                   costs: PrefillCosts = PrefillCosts(), fetch_tokens: Sequence[float] | None = None) -> str | None:
     """Why blending these chunks would be slower than prefilling the prompt in full, or None when it is not.
 
     chunk_lengths: each chunk's tokens; hits: whether each is cached; recompute_ratio: the share of chunk
-    tokens the blend recomputes (the most it may, for a fidelity target). Both prefills compute the prompt's
+    tokens the blend recomputes (the most it may, for a fidelity target); fetch_tokens: per chunk, the time
+    reading it from the shared tier would take (adaptation.FetchDecision.fetch_ms), in tokens of prefill at the
+    measured rate; 0 for a chunk in a local tier or not read (None: all 0). Both prefills compute the prompt's
     other tokens; blending saves computing (1 - recompute_ratio) of the chunk tokens, and pays per chunk: a
     forward pass of its own for each chunk not cached (its tokens are computed there once, for the cache, as
-    a full prefill computes them) and a placement for each cached one. Blending is slower when it pays more
-    than it saves."""
-    if len(chunk_lengths) != len(hits):
-        raise ValueError("one hit flag per chunk is needed")
+    a full prefill computes them), a placement for each cached one, and the fetch of each one read from the
+    shared tier. Blending is slower when it pays more than it saves: a prompt whose chunks are each cheaper to
+    fetch than to compute alone may still be cheaper to prefill whole (SmolLM2-135M on an H200 at 1 Gbit/s:
+    five passages fetched and blended in 73 ms, prefilled whole in 18, bench/results/fetch-ttft-2026-12-01.md
+    run 4)."""
+    if len(chunk_lengths) != len(hits) or (fetch_tokens is not None and len(fetch_tokens) != len(hits)):
+        raise ValueError("one hit flag (and fetch cost) per chunk is needed")
     misses = sum(not hit for hit in hits)
-    overhead = misses * costs.pass_tokens + (len(hits) - misses) * costs.placement_tokens
+    fetching = sum(fetch_tokens) if fetch_tokens is not None else 0.0
+    overhead = misses * costs.pass_tokens + (len(hits) - misses) * costs.placement_tokens + fetching
     saved = sum(chunk_lengths) * (1.0 - recompute_ratio)
     if overhead <= saved:
         return None
+    fetched = f", {fetching:.0f} of them fetching from the shared tier," if fetching else ""
     return (f"blending {len(hits)} chunks ({misses} not cached) would cost about {overhead:.0f} tokens of "
-            f"per-chunk work to save {saved:.0f}: slower than a full prefill")
+            f"per-chunk work{fetched} to save {saved:.0f}: slower than a full prefill")

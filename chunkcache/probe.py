@@ -42,6 +42,7 @@ from ..engine.instances import InstancePerKey
 from ..engine.llama import KVCache, LlamaFamilyModel
 from ..kernels import probe_attention as fused
 from ..kernels.attention import plan_sparse
+from ..kernels.graph_capture import capture
 from ..kernels.probe_attention import probe_attention
 from ..kernels.rope import rope_store
 from ..kernels.selection import attention_mass, causal_bias
@@ -233,7 +234,7 @@ class ProbeGraphs:
         graphs = []
         for layer in range(model.num_layers):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capture(graph, self.pool):
                 self._layer(inputs, layer, padded_rows - padded_votes, projections)
             graphs.append(graph)
         return inputs, graphs

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..kernels.graph_capture import gpu_work
 from . import defaults
 from .adaptation import DEFAULT_LINK_BYTES_PER_S, RateEstimate
 from .codec import Codec
@@ -304,8 +305,13 @@ class RedisTier:
         self._queue.put((key, kv))
 
     def write_now(self, key: ChunkKey, kv: ChunkKV) -> bool:
-        """Encode and store the entry on this thread; whether Redis holds it afterwards."""
-        data = self.codec.encode(key, kv)
+        """Encode and store the entry on this thread; whether Redis holds it afterwards. An entry on a GPU is
+        encoded there, never during a CUDA graph capture (kernels/graph_capture.py)."""
+        if kv.keys.is_cuda:
+            with gpu_work():
+                data = self.codec.encode(key, kv)
+        else:
+            data = self.codec.encode(key, kv)
         try:
             written, evicted, used, entries = self._write_script(
                 keys=[self._entry(key), *self._bookkeeping],

@@ -129,11 +129,20 @@ class ChunkBlender:
 
     def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
         """blend_fallback for this prompt: its chunks, which of them would be read from the store (chunks the
-        fetch policy would recompute count as not cached), and its mode's ratio."""
+        fetch policy would recompute count as not cached), what fetching those from the shared tier would cost
+        (the policy's estimates, in tokens at its prefill rate), and its mode's ratio."""
         chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
-        hits = [source.hit for source in self.locate(prompt)]
+        sources = self.locate(prompt)
+        policy = self.store.adaptation
+        fetch_tokens = None
+        if policy is not None:
+            rate = policy.prefill.rate
+            fetch_tokens = [source.decision.fetch_ms / 1e3 * rate
+                            if not source.local and source.hit and source.decision is not None else 0.0
+                            for source in sources]
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
-        return blend_fallback([len(ids) for ids in chunks], hits, ratio, costs)
+        return blend_fallback([len(ids) for ids in chunks], [source.hit for source in sources], ratio, costs,
+                              fetch_tokens)
 
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...],
                  read: bool = True, shared: int | None = None) -> tuple[ChunkKV, bool]:

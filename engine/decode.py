@@ -22,6 +22,7 @@ import torch
 
 from ..kernels.decode_attention import decode_attention, num_splits
 from ..kernels.decode_attention import triton as _triton
+from ..kernels.graph_capture import capture
 from ..kernels.rope import rope_store
 from .batch import DecodeBatch
 from .kv_pool import PAGE_SIZE, SCRATCH_BLOCK
@@ -163,6 +164,6 @@ class BatchDecoder:
             self._forward(inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with capture(graph, self._graph_pool):
             logits = self._forward(inputs)
         return inputs, graph, logits

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels.graph_capture import capture
 from .decode import StepInputs
 
 
@@ -83,6 +84,6 @@ class SteadyStepGraphs:
         # The eager run before this one compiled the kernels; capture records the step without running it.
         static = StepInputs(inputs.packed.clone())
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with capture(graph, self._pool):
             logits = forward(static)
         return _Captured(static, graph, logits)

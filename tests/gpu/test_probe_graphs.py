@@ -96,3 +96,40 @@ def test_a_blend_with_graphs_selects_what_the_eager_probe_selects(model, on_cpu,
         layout = _layout(segments, None)
         reference = model.forward(layout.ids.to("cuda"), None, model.new_cache(len(layout.ids)))[-1]
     torch.testing.assert_close(full.logits, reference, atol=5e-2, rtol=5e-2)
+
+
+def test_graphs_are_captured_while_another_thread_works_on_the_gpu() -> None:
+    """A gateway captures the probe's graphs on its engine thread while other threads use the same GPU (the
+    shared tier's writer encoding an entry and waiting for it). Captured in global mode, such a wait invalidated
+    the capture and aborted the process (bench/fetch_ttft.py on SmolLM2, H200, 2026-12-01); a device-wide wait
+    is refused during any capture. The other thread's work goes under kernels.graph_capture.gpu_work, as the
+    writer's does."""
+    import threading
+
+    from blendgate.kernels.graph_capture import gpu_work
+
+    fresh = LlamaFamilyModel.random(tiny_config(max_positions=8192), device="cuda", dtype=torch.bfloat16, seed=6)
+    stop, errors = threading.Event(), []
+
+    def busy() -> None:
+        x = torch.randn(512, 512, device="cuda")
+        try:
+            while not stop.is_set():
+                with gpu_work():
+                    (x @ x).sum().item()
+                    torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        for seed in range(3):  # new shapes: each blend captures graphs of its own
+            segments = prompt(fresh, 40 + seed, 3 + seed, 150 + 60 * seed, 10 + seed)
+            result = blend_prefill(fresh, segments, 0.15, rule=DEFAULT_RULE, probe_graphs=True)
+            assert not result.logits.isnan().any()
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+    assert ProbeGraphs.for_model(fresh).captured

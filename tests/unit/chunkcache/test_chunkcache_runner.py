@@ -123,6 +123,21 @@ def test_the_rule_weighs_per_chunk_work_against_the_tokens_blending_saves() -> N
         blend_fallback([5, 5], [True], 0.15, costs)
 
 
+def test_fetching_from_the_shared_tier_counts_against_blending() -> None:
+    costs = PrefillCosts(pass_tokens=4096, placement_tokens=1)
+    # Five 150-token passages read from Redis: each fetch is cheaper than a pass of its own (4,096 tokens), but
+    # 5 x 640 tokens of fetching outweigh the 638 a blend saves over a full prefill of the prompt.
+    reason = blend_fallback([150] * 5, [True] * 5, 0.15, costs, fetch_tokens=[640.0] * 5)
+    assert reason == ("blending 5 chunks (0 not cached) would cost about 3205 tokens of per-chunk work, 3200 of "
+                      "them fetching from the shared tier, to save 638: slower than a full prefill")
+    # In a local tier they cost a placement each, and blending pays.
+    assert blend_fallback([150] * 5, [True] * 5, 0.15, costs, fetch_tokens=[0.0] * 5) is None
+    # A long prompt's chunks are worth fetching: 8 x 512 tokens save 3,481 against 8 x 200 of fetching.
+    assert blend_fallback([512] * 8, [True] * 8, 0.15, costs, fetch_tokens=[200.0] * 8) is None
+    with pytest.raises(ValueError):
+        blend_fallback([150] * 2, [True] * 2, 0.15, costs, fetch_tokens=[1.0])
+
+
 def test_a_calibration_fits_a_pass_cost_and_a_rate_from_two_sizes() -> None:
     # 16 tokens in 10.5 ms, 256 in 22.5 ms: 50 us a token (20,000 tokens/s) and 9.7 ms a pass (194 tokens).
     fit = PrefillCalibration(PrefillTiming(16, 0.0105), PrefillTiming(256, 0.0225))
