@@ -83,7 +83,7 @@ def blend_fallback(chunk_lengths: Sequence[int], hits: Sequence[bool], recompute
     shared tier. Blending is slower when it pays more than it saves: a prompt whose chunks are each cheaper to
     fetch than to compute alone may still be cheaper to prefill whole (SmolLM2-135M on an H200 at 1 Gbit/s:
     five passages fetched and blended in 73 ms, prefilled whole in 18, bench/results/fetch-ttft-2026-12-01.md
-    run 4)."""
+    run 6)."""
     if len(chunk_lengths) != len(hits) or (fetch_tokens is not None and len(fetch_tokens) != len(hits)):
         raise ValueError("one hit flag (and fetch cost) per chunk is needed")
     misses = sum(not hit for hit in hits)
