@@ -91,14 +91,21 @@ def kv_shape(model: LlamaFamilyModel) -> KVShape:
     return KVShape(model.num_layers, model.kv_heads, model.head_dim, model.dtype.itemsize)
 
 
-def settings_for(args: argparse.Namespace, fraction: float) -> SpeCacheSettings:
-    """SpeCache at a budget of `fraction` of the context with `--bits` and `--group` (a window of two groups)."""
+def settings_for(args: argparse.Namespace, fraction: float, share: float = 1.0) -> SpeCacheSettings:
+    """SpeCache at a budget of `fraction` of the context with `--bits` and `--group` (a window of two groups), a
+    step selecting `share` of its top-k slots (SpeCacheSettings.selected_share)."""
     return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=fraction, bits=args.bits,
-                            group=args.group, recent_tokens=max(64, 2 * args.group))
+                            group=args.group, recent_tokens=max(64, 2 * args.group), selected_share=share)
 
 
-def variant(args: argparse.Namespace, n: int) -> str:
-    return f"SpeCache 1/{n}, {args.bits}-bit keys, group {args.group}"
+def variant(args: argparse.Namespace, n: int, share: float = 1.0) -> str:
+    selecting = "" if share == 1 else f", selecting {share:g} of the top-k"
+    return f"SpeCache 1/{n}, {args.bits}-bit keys, group {args.group}{selecting}"
+
+
+def budgets(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """The SpeCache rows: (N of a 1/N budget, selected share), every --fractions with every --selected-shares."""
+    return [(n, share) for n in args.fractions for share in args.selected_shares]
 
 
 def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int) -> float:
@@ -231,8 +238,8 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
             report.append(f"| {context} | full KV | {full:.1f} | 1.00 | - | {full_bytes / 2**20:.0f} | 1.0 | - | "
                           f"{fit} |")
             print(report[-1], flush=True)
-            for n in args.fractions:
-                settings = settings_for(args, 1 / n)
+            for n, share in budgets(args):
+                settings = settings_for(args, 1 / n, share)
                 gpu_bytes = gpu_kv_bytes(settings, context, kv_shape(model)).total
                 run = specache_rate(model, context, settings, args.steps, 3)
                 if model.device.type == "cuda":
@@ -240,11 +247,11 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
                 scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
                 fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (run.host_bytes * scale)))}" \
                     if gpu_free else "-"
-                report.append(f"| {context} | {variant(args, n)} | {run.rate:.1f} | {run.rate / full:.2f} | "
+                report.append(f"| {context} | {variant(args, n, share)} | {run.rate:.1f} | {run.rate / full:.2f} | "
                               f"{run.host_ms:.2f} | {gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | "
                               f"{run.hit_rate:.3f} | {fit} |")
                 print(report[-1], flush=True)
-                if args.locality_measured and model.device.type == "cuda":
+                if args.locality_measured and model.device.type == "cuda" and share == 1:  # measured at share 1
                     copies += copy_rows(args, model, context, n, settings.budget(context).top_k, run, full)
     report.append("")
     report.append(f"- weights {weight_bytes / 2**30:.1f} GiB; GPU memory free after them {gpu_free / 2**30:.1f} GiB; "
@@ -348,8 +355,9 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
                         cache_dir=Path("/tmp/blendgate-specache"))
     runner, tokenizer = LlamaRunner(loaded), loaded.tokenizer
     variants: dict[str, object] = {"full KV": lambda length: None}
+    for n, share in budgets(args):
+        variants[variant(args, n, share)] = lambda length, n=n, share=share: settings_for(args, 1 / n, share)
     for n in args.fractions:
-        variants[variant(args, n)] = lambda length, n=n: settings_for(args, 1 / n)
         variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(settings_for(args, 1 / n).budget(length).tokens)
     # [question number, 1.0 when right, 1.0 when the answer is full KV's, share of full KV's tokens it begins with,
     #  KL(full KV || variant) of the first decode step's next-token distribution]
@@ -418,8 +426,8 @@ def locality(args: argparse.Namespace, report: list[str]) -> None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             logits, state = runner.prefill(Prompt.plain(ids))
-            for n in args.fractions:
-                settings = settings_for(args, 1 / n)
+            for n, share in budgets(args):
+                settings = settings_for(args, 1 / n, share)
                 budget = settings.budget(len(ids))
                 allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
                 pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
@@ -433,7 +441,7 @@ def locality(args: argparse.Namespace, report: list[str]) -> None:
                     steps.append((after.wanted - before.wanted, after.hits - before.hits,
                                   after.copied - before.copied))
                 first, later = steps[0], [sum(c) for c in zip(*steps[1:])]
-                name = variant(args, n)
+                name = variant(args, n, share)
                 total = totals.setdefault(name, [0, 0, 0, 0])  # wanted, hits, copied, top-k pairs of the steps
                 total[0], total[1] = total[0] + later[0], total[1] + later[1]
                 total[2], total[3] = total[2] + later[2], total[3] + (len(steps) - 1) * budget.top_k
@@ -484,6 +492,8 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-8b", help="bench/ttft.py's architecture name (speed mode)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536])
     parser.add_argument("--fractions", type=int, nargs="+", default=[16, 20], help="budgets of 1/N of the context")
+    parser.add_argument("--selected-shares", type=float, nargs="+", default=[1.0],
+                        help="shares of the top-k slots a step selects (SpeCacheSettings.selected_share)")
     parser.add_argument("--bits", type=int, default=1, choices=[1, 2], help="low-bit keys' bits")
     parser.add_argument("--group", type=int, default=64, choices=[32, 64], help="low-bit keys' group (tokens)")
     parser.add_argument("--bytes", action="store_true", help="only the GPU KV bytes per request (no model)")
@@ -510,6 +520,8 @@ def main() -> None:
                              "covers those done")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if any(not 0 < share <= 1 for share in args.selected_shares):
+        parser.error("--selected-shares are shares of the top-k slots, in (0, 1]")
     device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.node()}"
     mode = "quality" if args.quality else "prefetch locality" if args.locality else \

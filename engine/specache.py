@@ -8,18 +8,23 @@ copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on 
 
 1. the batch's QKV projection; each new key and value goes to its request's ring slot (rope_store);
 2. the policy (specache_policy.RequestBudget.select) says what the step reads: the sinks, the recent window,
-   and the candidates between them: all of them while they fit the top-k slots, else the top-k per KV head
-   by the query's scores against the low-bit keys (kernels/lowbit_keys.score: the largest over the KV head's
-   query heads, so one choice serves the whole GQA group);
+   and the candidates between them: all of them while they fit the top-k slots, else the top-k slots, of which
+   the step selects its `selected` best per KV head by the query's scores against the low-bit keys
+   (kernels/lowbit_keys.score: the largest over the KV head's query heads, so one choice serves the whole GQA
+   group; `selected` is all the slots unless SpeCacheSettings.selected_share is below 1, when the others keep
+   pairs earlier steps selected);
 3. the wanted pairs that are not resident (not prefetched) are copied from the host into top-k slots that hold
    pairs no longer wanted (kernels/residency.py: one launch a layer marks the hits, picks the free slots,
    copies the misses' pairs from the pinned host memory by index and updates the residency table and counts);
 4. decode attention over the budget's first `pairs` slots (kernels/decode_attention.py over the request's
    block-table row: attention does not depend on the order of the pairs, the keys are rotated already);
-5. the next step's top-k is predicted from this step's query (its scores over the next step's candidates)
+5. the next step's selection is predicted from this step's query (its scores over the next step's candidates)
    and made resident (SpeCache's speculative prefetch) on a side stream on CUDA, once this layer's attention
    has read the slots it replaces: the copies overlap the rest of the step; the next step counts how many
    of its wanted pairs were there (PrefetchStats).
+
+A request whose first step already selects (its context is larger than its budget) is admitted with its top-k
+slots filled, with the candidates just before the recent window: every slot a step reads holds a pair.
 
 After the layers, each request's new pair goes to the host tier (all layers in one copy), and a completed
 group of positions becomes low-bit keys (from the recent window, on the device). With a budget that holds the
@@ -178,6 +183,13 @@ class SpeCacheDecoder:
         targets = slots[[request.budget_slot(p) for p in fixed]]
         self.pool.keys[:, :, targets] = cache.keys[:, :, fixed]
         self.pool.values[:, :, targets] = cache.values[:, :, fixed]
+        first = budget.select(length + 1)
+        if first.scored:  # every top-k slot holds a pair before the first step reads them all
+            filled = torch.arange(first.recent_start - budget.top_k, first.recent_start, device=model.device)
+            top_k_slots = slots[budget.sink_tokens + budget.recent_tokens:]
+            self.pool.keys[:, :, top_k_slots] = cache.keys[:, :, filled]
+            self.pool.values[:, :, top_k_slots] = cache.values[:, :, filled]
+            resident.copy_(filled.expand_as(resident))
         self.pool.write_table(allocation)
         self.requests[request_id] = request
         return request
@@ -273,7 +285,7 @@ class SpeCacheDecoder:
         logits = self.graphs.run(request_ids, inputs, lambda step: self._steady_forward(step, requests))
         model = self.model
         for request in requests:
-            request.wanted += model.num_layers * model.kv_heads * request.budget.top_k
+            request.wanted += model.num_layers * model.kv_heads * request.budget.selected
             request.host.advance()
             self._quantise_completed_group(request)
         return logits
@@ -309,7 +321,8 @@ class SpeCacheDecoder:
                        position: torch.Tensor) -> torch.Tensor:
         """`_select` of a steady step at `position` ([] long on the device): the scores over the low-bit keys'
         whole capacity, the candidates [sinks, recent_start) masked on the device (no position past them is
-        quantised yet: the recent window holds two groups). Returns the next step's top-k [kv_heads, top_k]."""
+        quantised yet: the recent window holds two groups). Returns the next step's selection [kv_heads,
+        selected]."""
         budget, lowbit = request.budget, request.lowbit.layer(layer)
         scores = score(q, lowbit)
         capacity = scores.shape[1]
@@ -319,7 +332,7 @@ class SpeCacheDecoder:
         recent_start = position + 1 - budget.recent_tokens  # of this step's selection; the next one's is +1
         candidate = positions >= budget.sink_tokens
         wanted = scores.masked_fill(~(candidate & (positions < recent_start)), float("-inf"))
-        top = wanted.topk(budget.top_k, dim=1)
+        top = wanted.topk(budget.selected, dim=1)
         self._make_resident(request, layer, top.indices, request.counts, self._step_scratch)
         return top_k_with_one_more(top.values, top.indices, scores, recent_start)  # the next step's
 
@@ -343,8 +356,8 @@ class SpeCacheDecoder:
 
     def _select(self, request: OffloadedRequest, layer: int, q: torch.Tensor, selection: StepSelection,
                 upcoming: StepSelection) -> torch.Tensor | None:
-        """Make this step's top-k pairs resident (counting prefetch hits); return the next step's predicted
-        top-k [kv_heads, k] positions (None when it reads no candidates)."""
+        """Make this step's selected pairs resident (counting prefetch hits); return the next step's predicted
+        selection [kv_heads, k] positions (None when it reads no candidates)."""
         scores = None
         if selection.scored or upcoming.scored:
             tokens = min(upcoming.recent_start, request.lowbit.length)
@@ -357,7 +370,7 @@ class SpeCacheDecoder:
             self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
         if not upcoming.top_k:
             return None
-        if top_scores is not None and upcoming.scored and upcoming.top_k == selection.top_k \
+        if top_scores is not None and upcoming.scored and upcoming.selected == selection.selected \
                 and upcoming.recent_start == selection.recent_start + 1 and selection.recent_start < scores.shape[1]:
             # The next step's candidates are this step's and one more (as the captured step's always are).
             return top_k_with_one_more(top_scores, wanted, scores, selection.recent_start)
@@ -365,11 +378,12 @@ class SpeCacheDecoder:
 
     def _wanted(self, selection: StepSelection,
                 scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[kv_heads, top_k] positions and their scores: every candidate (no scores), or the best-scored ones."""
+        """[kv_heads, k] positions and their scores: every candidate (no scores), or the `selected`
+        best-scored ones."""
         if not selection.scored:
             positions = torch.arange(selection.sinks, selection.recent_start, device=self.model.device)
             return positions.repeat(self.model.kv_heads, 1), None
-        top = scores[:, : selection.recent_start].topk(selection.top_k, dim=1)
+        top = scores[:, : selection.recent_start].topk(selection.selected, dim=1)
         return top.indices, top.values
 
     def _make_resident(self, request: OffloadedRequest, layer: int, wanted: torch.Tensor, counts: torch.Tensor,

@@ -5,11 +5,15 @@ SpeCache (arXiv 2503.16163) keeps a long request's full-precision KV in CPU memo
 only a budget of KV pairs on the GPU: the first `sink_tokens` positions (attention sinks, Xiao et al.
 arXiv 2309.17453), the last `recent_tokens` positions (the recent window, which also holds the tokens whose keys
 are not yet quantised: the low-bit keys are made a group of 32 or 64 tokens at a time, kernels/lowbit_keys.py),
-and the top-k other positions by their scores against the low-bit keys. A request whose context fits its budget
-reads everything (the same attention as full KV). The pairs for step t+1 are predicted from step t's query
-and prefetched; `PrefetchStats` counts how many of the pairs a step wanted were prefetched (SpeCache's
-prefetch hit rate). `gpu_kv_bytes` counts a request's GPU bytes (budget, low-bit keys and their scales,
-residency table) against its bf16 full KV: the memory the issue's bar (8x smaller, goal 10x) is about.
+and the top-k slots: each step selects the `selected_share` of them its query's scores against the low-bit keys
+rank best (they are made resident), and reads every top-k slot, so the slots it did not select still hold pairs
+earlier steps selected (a cache of selected pairs: a step copies at most what it selects, the rest of its reads
+are exact pairs that cost no copy). With the share at 1 (the default) every slot holds this step's top-k, as
+SpeCache reads. A request whose context fits its budget reads everything (the same attention as full KV).
+The pairs for step t+1 are predicted from step t's query and prefetched; `PrefetchStats` counts how many of
+the pairs a step wanted were prefetched (SpeCache's prefetch hit rate). `gpu_kv_bytes` counts a request's GPU
+bytes (budget, low-bit keys and their scales, residency table) against its bf16 full KV: the memory the issue's
+bar (8x smaller, goal 10x) is about.
 
 Settings for >= 8x at 32k tokens (`SpeCacheSettings.eightfold()`): 1-bit keys in groups of 64 tokens (3/64
 of a bf16 pair: 1/8 of a key's bytes of codes, 1/16 of float16 zero points and steps), a recent window of 128
@@ -44,6 +48,8 @@ class SpeCacheSettings(BaseModel):
     # the unquantised tail (under a group) and the next step's candidates stay within the window: at least
     # two groups
     recent_tokens: int = Field(64, ge=2 * QUANTISATION_GROUP)
+    # the share of the top-k slots a step selects by its scores; the others keep earlier steps' pairs (read too)
+    selected_share: float = Field(1.0, gt=0, le=1)
     bits: int = Field(2, ge=1, le=2)
     group: Literal[32, 64] = QUANTISATION_GROUP  # tokens sharing a low-bit key's zero point and step
 
@@ -73,7 +79,9 @@ class SpeCacheSettings(BaseModel):
         its sinks and recent window plus one top-k pair."""
         fixed = self.sink_tokens + self.recent_tokens
         tokens = self.gpu_budget_tokens or math.ceil(self.gpu_budget_fraction * context_tokens)
-        return RequestBudget(self.sink_tokens, self.recent_tokens, max(tokens, fixed + 1) - fixed)
+        top_k = max(tokens, fixed + 1) - fixed
+        selected = max(1, math.ceil(self.selected_share * top_k))
+        return RequestBudget(self.sink_tokens, self.recent_tokens, top_k, selected)
 
 
 @dataclass(frozen=True)
@@ -81,12 +89,15 @@ class StepSelection:
     """What one decode step reads of a request of `length` positions, from the policy to the SpeCache decoder:
     positions [0, sinks) and [recent_start, length) always, and `top_k` of the candidates [sinks, recent_start)
     per KV head: all of them when they are no more than the budget's top-k (`scored` False: the step reads the
-    whole context, as full KV does), else the best-scored ones."""
+    whole context, as full KV does), else the budget's top-k slots, of which the step selects the `selected`
+    best-scored candidates (made resident: those its slots do not hold yet are copied) and reads what the
+    others hold (pairs earlier steps selected)."""
 
     length: int
     sinks: int
     recent_start: int
     top_k: int
+    selected: int
 
     @property
     def candidates(self) -> int:
@@ -107,11 +118,19 @@ class StepSelection:
 
 @dataclass(frozen=True)
 class RequestBudget:
-    """One request's GPU budget in KV pairs per KV head and layer: sinks + recent window + top_k."""
+    """One request's GPU budget in KV pairs per KV head and layer: sinks + recent window + top_k slots, of which a
+    step selects `selected` by its scores (None: all top_k)."""
 
     sink_tokens: int
     recent_tokens: int
     top_k: int
+    selected: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.selected is None:
+            object.__setattr__(self, "selected", self.top_k)
+        if not 1 <= self.selected <= max(self.top_k, 1):
+            raise ValueError(f"a step selects 1 to {self.top_k} of the top-k slots, not {self.selected}")
 
     @property
     def tokens(self) -> int:
@@ -121,7 +140,9 @@ class RequestBudget:
         """The step's selection for a request whose KV holds `length` positions (the new token's included)."""
         sinks = min(self.sink_tokens, length)
         recent_start = max(sinks, length - self.recent_tokens)
-        return StepSelection(length, sinks, recent_start, min(self.top_k, recent_start - sinks))
+        candidates = recent_start - sinks
+        top_k = min(self.top_k, candidates)
+        return StepSelection(length, sinks, recent_start, top_k, self.selected if candidates > self.top_k else top_k)
 
 
 @dataclass

@@ -153,7 +153,8 @@ def test_a_whole_context_budget_decodes_as_full_kv(model) -> None:
 @pytest.mark.parametrize("settings", [
     SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=0.1, bits=2),
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1),
-], ids=["2-bit-group-32", "eightfold-1-bit-group-64"])
+    SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, selected_share=0.25),
+], ids=["2-bit-group-32", "eightfold-1-bit-group-64", "eightfold-selecting-a-quarter"])
 def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, settings) -> None:
     length, steps = 4000, 72  # a group of low-bit keys (32 or 64 tokens) is completed mid-way
     with torch.inference_mode():
@@ -192,7 +193,8 @@ def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, setti
 @pytest.mark.parametrize("settings", [
     SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=0.1, bits=2),
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1),
-], ids=["2-bit-group-32", "eightfold-1-bit-group-64"])
+    SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, selected_share=0.25),
+], ids=["2-bit-group-32", "eightfold-1-bit-group-64", "eightfold-selecting-a-quarter"])
 def test_the_captured_steady_step_equals_the_eager_step(model, settings) -> None:
     length, steps = 3000, 130  # groups of low-bit keys are completed on the way (at 3008, 3040, 3072, ...)
     with torch.inference_mode():

@@ -97,9 +97,13 @@ def test_a_blended_prefill_hands_its_kv_to_specache(loaded_model) -> None:
     assert got[0] == full_kv(blending, prompt, 4)
 
 
-def test_a_small_budget_decodes_from_the_best_pairs(runner, loaded_model) -> None:
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_a_small_budget_decodes_from_the_best_pairs(runner, loaded_model, share) -> None:
+    """With a share under 1 a step selects a quarter of the top-k slots and reads all of them: the slots it
+    did not select still hold exact pairs (those admitted, or selected by earlier steps)."""
     prompt = Prompt.plain(ids(loaded_model, TEXT * 4 + QUESTION))
-    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=100, bits=2)
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=100, bits=2,
+                                selected_share=share)
     assert settings.budget(len(prompt)).select(len(prompt) + 1).scored  # the top-k is chosen from the start
 
     def resident_pairs_are_the_hosts(decoder: SpeCacheDecoder) -> None:
@@ -115,8 +119,13 @@ def test_a_small_budget_decodes_from_the_best_pairs(runner, loaded_model) -> Non
 
     got, decoder = specache(runner, [prompt], 4, settings, check=resident_pairs_are_the_hosts)
     assert got[0][:2] == full_kv(runner, prompt, 2)
-    request = decoder.requests[0]
+    request, model = decoder.requests[0], runner.model
     assert 0 < request.stats.hit_rate <= 1 and request.stats.copied > 0
+    steps = 3 * model.num_layers * model.kv_heads
+    assert request.stats.wanted == steps * request.budget.selected
+    assert request.budget.selected == (request.budget.top_k if share == 1 else -(-request.budget.top_k // 4))
+    # A step copies at most what it selects; its prefetch at most as much again.
+    assert request.stats.copied <= 2 * steps * request.budget.selected
     assert request.gpu_bytes(runner.kv_token_bytes) < len(prompt) * runner.kv_token_bytes
 
 
@@ -139,8 +148,10 @@ def test_eightfold_settings_quantise_decoded_groups_from_the_window(runner, load
     assert counted.total < counted.full
 
 
-def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model) -> None:
-    settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200)
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model, share) -> None:
+    settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200,
+                                          selected_share=share)
     prompt = Prompt.plain(ids(loaded_model, TEXT * 9)[: 5 * 64 - 2])  # the second step completes a group
     decoders = []
     with torch.inference_mode():

@@ -90,6 +90,21 @@ def test_a_selection_covers_a_fitting_context_and_stays_within_the_budget(length
         assert selection.top_k == selection.candidates
 
 
+def test_a_step_selects_its_share_of_the_top_k_slots_and_reads_them_all() -> None:
+    budget = SpeCacheSettings(gpu_budget_tokens=164, selected_share=0.25).budget(32768)
+    assert budget == RequestBudget(4, 64, 96, 24)
+    scored = budget.select(1000)
+    assert scored.scored and scored.top_k == 96 and scored.selected == 24 and scored.pairs == budget.tokens
+    fitting = budget.select(100)  # 32 candidates fit the slots: all of them read, no scores
+    assert not fitting.scored and fitting.top_k == fitting.selected == 32
+    assert SpeCacheSettings(gpu_budget_tokens=164).budget(32768).selected == 96  # the default: every slot
+    assert SpeCacheSettings(gpu_budget_tokens=69, selected_share=0.01).budget(100).selected == 1  # at least one
+    with pytest.raises(ValidationError):
+        SpeCacheSettings(selected_share=0)
+    with pytest.raises(ValueError):
+        RequestBudget(4, 64, 96, 97)
+
+
 def test_the_prefetch_hit_rate_counts_hits_of_the_wanted_pairs() -> None:
     stats = PrefetchStats()
     assert stats.hit_rate == 1.0
