@@ -23,6 +23,10 @@ copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on 
    has read the slots it replaces: the copies overlap the rest of the step; the next step counts how many
    of its wanted pairs were there (PrefetchStats).
 
+With SpeCacheSettings.select_every above 1, steps 2 to 5 run only every that many steps (`specache_policy.selects`,
+one decision for the whole batch); the steps between read the budget's slots as they are: the model's kernels
+and attention alone, which is cheaper than a full-KV step (attention over the budget, not the context).
+
 A request whose first step already selects (its context is larger than its budget) is admitted with its top-k
 slots filled, with the candidates just before the recent window: every slot a step reads holds a pair.
 
@@ -60,8 +64,8 @@ from .kv_offload import HostKV, LowBitKeys
 from .kv_pool import PAGE_SIZE, BlockAllocation, KVPoolError
 from .llama import KVCache, LlamaFamilyModel
 from .paged_kv import PagedKVPool
-from .specache_graph import SteadyStepGraphs
-from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, StepSelection
+from .specache_graph import GraphKey, SteadyStepGraphs
+from .specache_policy import PrefetchStats, RequestBudget, SpeCacheSettings, StepSelection, selects
 
 # Rotations that depend on the sequence's length read it on the host: no graphs then (as engine/decode.py).
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -102,6 +106,8 @@ class OffloadedRequest:
     # [hits, copied] long on the device (the side stream) of the prefetch: its copies are the pairs copied ahead
     prefetch_counts: torch.Tensor
     wanted: int = 0  # top-k pairs the steps wanted (kv heads x top-k a layer and step)
+    # steps since its last selecting step (SpeCacheSettings.select_every); None before its first scored step
+    since_selecting: int | None = None
 
     @property
     def length(self) -> int:
@@ -242,8 +248,13 @@ class SpeCacheDecoder:
         upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
         inputs = torch.tensor([batch.token_ids, batch.positions, batch.slots, batch.rows,
                                [s.pairs for s in selections]], dtype=torch.long, pin_memory=device.type == "cuda")
+        select = selects([r.since_selecting for r, s in zip(requests, selections) if s.scored],
+                         self.settings.select_every)
+        for request, selection in zip(requests, selections):
+            request.since_selecting = None if not selection.scored else \
+                0 if select else request.since_selecting + 1
         if self.graphs is not None and all(s.scored for s in selections):
-            return self._decode_steady(batch.request_ids, requests, inputs)
+            return self._decode_steady(batch.request_ids, requests, inputs, select)
         token_ids, positions, slots, rows, lengths = inputs.to(device, non_blocking=True)
         tables = pool.block_tables.index_select(0, rows)
         lengths = lengths.to(torch.int32)
@@ -254,7 +265,9 @@ class SpeCacheDecoder:
             q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], slots)
             if layer in self._prefetched:  # this layer's prefetch of the previous step
                 torch.cuda.current_stream(device).wait_event(self._prefetched.pop(layer))
+            # A request whose context fits its budget reads every candidate: it makes them resident each step.
             predictions = [self._select(request, layer, q[:, i], selection, upcoming[i])
+                           if select or not selection.scored else None
                            for i, (request, selection) in enumerate(zip(requests, selections))]
             attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
                                          PAGE_SIZE)
@@ -276,23 +289,26 @@ class SpeCacheDecoder:
         return model.logits(hidden)
 
     def _decode_steady(self, request_ids: tuple[int, ...], requests: list[OffloadedRequest],
-                       inputs: torch.Tensor) -> torch.Tensor:
-        """A steady step from the batch's graph (captured after its first steady step, which runs eagerly), and
-        the host's bookkeeping the graph leaves out. Returns the graph's logits buffer [batch, vocab]."""
+                       inputs: torch.Tensor, select: bool) -> torch.Tensor:
+        """A steady step from the batch's graph (captured after its first steady step, which runs eagerly; a
+        selecting step and a reading one are two graphs), and the host's bookkeeping the graph leaves out.
+        Returns the graph's logits buffer [batch, vocab]."""
         if self._prefetched:  # an eager step's prefetches still pending on the side stream
             torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
             self._prefetched.clear()
-        logits = self.graphs.run(request_ids, inputs, lambda step: self._steady_forward(step, requests))
+        logits = self.graphs.run(GraphKey(request_ids, select), inputs,
+                                 lambda step: self._steady_forward(step, requests, select))
         model = self.model
         for request in requests:
-            request.wanted += model.num_layers * model.kv_heads * request.budget.selected
+            request.wanted += model.num_layers * model.kv_heads * request.budget.selected if select else 0
             request.host.advance()
             self._quantise_completed_group(request)
         return logits
 
-    def _steady_forward(self, inputs: StepInputs, requests: list[OffloadedRequest]) -> torch.Tensor:
+    def _steady_forward(self, inputs: StepInputs, requests: list[OffloadedRequest], select: bool) -> torch.Tensor:
         """The steady step's device work (no host-side effects, so a graph can replay it): as `decode`, with the
-        candidates masked on the device and the prefetch joined back at the end. Returns logits [batch, vocab]."""
+        candidates masked on the device and the prefetch joined back at the end; without `select`, attention
+        over the slots as they are. Returns logits [batch, vocab]."""
         model, pool, device = self.model, self.pool, self.model.device
         tables = pool.block_tables.index_select(0, inputs.rows)
         lengths = inputs.lengths.to(torch.int32)
@@ -303,15 +319,17 @@ class SpeCacheDecoder:
             qkv = model.project_qkv(layer, hidden)
             q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], inputs.slots)
             predicted = [self._steady_select(request, layer, q[:, i], inputs.positions[i])
-                         for i, request in enumerate(requests)]
+                         for i, request in enumerate(requests)] if select else []
             attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
                                          PAGE_SIZE)
-            with self._side_stream():
-                for request, upcoming in zip(requests, predicted):
-                    self._make_resident(request, layer, upcoming, request.prefetch_counts, self._prefetch_scratch)
+            if predicted:
+                with self._side_stream():
+                    for request, upcoming in zip(requests, predicted):
+                        self._make_resident(request, layer, upcoming, request.prefetch_counts,
+                                            self._prefetch_scratch)
             predictions += predicted
             hidden = model.finish_layer(layer, hidden, attention.reshape(len(requests), -1))
-        if self._copy_stream is not None:
+        if self._copy_stream is not None and select:
             torch.cuda.current_stream(device).wait_stream(self._copy_stream)
         for i, request in enumerate(requests):  # the step's pairs, all layers, to the host tier
             request.host.write(pool.keys, pool.values, inputs.slots[i: i + 1], inputs.positions[i: i + 1])

@@ -20,12 +20,20 @@ tier's length, a completed group's low-bit keys) stays outside the graph, in the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..kernels.graph_capture import capture
 from .decode import StepInputs
+
+
+class GraphKey(NamedTuple):
+    """What a captured step is for: the batch's requests (their ids, in order) and whether the step selects
+    (scores, top-k, copies and prefetch: SpeCacheSettings.select_every) or reads the slots as they are."""
+
+    request_ids: tuple[int, ...]
+    select: bool = True
 
 
 @dataclass
@@ -36,7 +44,7 @@ class _Captured:
 
 
 class SteadyStepGraphs:
-    """The captured steady steps of one SpeCache decoder, by batch (a tuple of request ids).
+    """The captured steady steps of one SpeCache decoder, by GraphKey (a batch's request ids, selecting or not).
 
     `run(key, host_inputs, forward)` runs `forward(StepInputs)` (the step's device work, no host-side effects:
     it returns the logits [batch, vocab]) for `host_inputs` [5, batch] long (pinned): eagerly on a batch's
@@ -46,10 +54,10 @@ class SteadyStepGraphs:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._captured: dict[tuple[int, ...], _Captured] = {}
+        self._captured: dict[GraphKey, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def run(self, key: tuple[int, ...], host_inputs: torch.Tensor,
+    def run(self, key: GraphKey, host_inputs: torch.Tensor,
             forward: Callable[[StepInputs], torch.Tensor]) -> torch.Tensor:
         captured = self._captured.get(key)
         if captured is None:
@@ -68,13 +76,13 @@ class SteadyStepGraphs:
 
     def drop(self, request_id: int) -> None:
         """Forget the graphs of batches that hold this request (it finished: its tiers are freed)."""
-        self._forget([key for key in self._captured if request_id in key])
+        self._forget([key for key in self._captured if request_id in key.request_ids])
 
     def clear(self) -> None:
         """Forget every graph (the decoder replaced a buffer they read: its residency scratch grew)."""
         self._forget(list(self._captured))
 
-    def _forget(self, keys: list[tuple[int, ...]]) -> None:
+    def _forget(self, keys: list[GraphKey]) -> None:
         if keys:  # a replay may still run on the device and read what its graph's memory pool holds
             torch.cuda.current_stream(self.device).synchronize()
         for key in keys:

@@ -10,6 +10,10 @@ rank best (they are made resident), and reads every top-k slot, so the slots it 
 earlier steps selected (a cache of selected pairs: a step copies at most what it selects, the rest of its reads
 are exact pairs that cost no copy). With the share at 1 (the default) every slot holds this step's top-k, as
 SpeCache reads. A request whose context fits its budget reads everything (the same attention as full KV).
+With `select_every` above 1 (default 1: every step) a request's step selects only every that many steps; the
+steps between read the top-k slots as the last selecting step and its prefetch left them, with no scores, no
+top-k and no copies (attention's temporal locality, which the prefetch relies on too; a position leaving the
+recent window in between waits for the next selecting step). `selects` decides it for a batch.
 The pairs for step t+1 are predicted from step t's query and prefetched; `PrefetchStats` counts how many of
 the pairs a step wanted were prefetched (SpeCache's prefetch hit rate). `gpu_kv_bytes` counts a request's GPU
 bytes (budget, low-bit keys and their scales, residency table) against its bf16 full KV: the memory the issue's
@@ -50,6 +54,8 @@ class SpeCacheSettings(BaseModel):
     recent_tokens: int = Field(64, ge=2 * QUANTISATION_GROUP)
     # the share of the top-k slots a step selects by its scores; the others keep earlier steps' pairs (read too)
     selected_share: float = Field(1.0, gt=0, le=1)
+    # a request's steps select (score, top-k, copy, prefetch) every this many steps; the others read the slots
+    select_every: int = Field(1, ge=1, le=64)
     bits: int = Field(2, ge=1, le=2)
     group: Literal[32, 64] = QUANTISATION_GROUP  # tokens sharing a low-bit key's zero point and step
 
@@ -82,6 +88,17 @@ class SpeCacheSettings(BaseModel):
         top_k = max(tokens, fixed + 1) - fixed
         selected = max(1, math.ceil(self.selected_share * top_k))
         return RequestBudget(self.sink_tokens, self.recent_tokens, top_k, selected)
+
+
+def selects(steps_since_selecting: list[int | None], every: int) -> bool:
+    """Whether a batch's step selects (SpeCacheSettings.select_every): each request's steps since its last
+    selecting step (None: it has not selected yet: admitted, or its context only now outgrows its budget).
+    The batch selects when one of its requests must: one step in `every` of the longest-waiting request, and a
+    request's first scored step always (its first token's selection matters most). Every request of the batch
+    then selects (one step shape for the batch: one captured graph each way)."""
+    if every < 1:
+        raise ValueError(f"a step selects every 1 or more steps, not {every}")
+    return any(since is None or since + 1 >= every for since in steps_since_selecting)
 
 
 @dataclass(frozen=True)

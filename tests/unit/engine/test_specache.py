@@ -148,10 +148,10 @@ def test_eightfold_settings_quantise_decoded_groups_from_the_window(runner, load
     assert counted.total < counted.full
 
 
-@pytest.mark.parametrize("share", [1.0, 0.25])
-def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model, share) -> None:
+@pytest.mark.parametrize("share, every", [(1.0, 1), (0.25, 1), (1.0, 3)])
+def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model, share, every) -> None:
     settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200,
-                                          selected_share=share)
+                                          selected_share=share, select_every=every)
     prompt = Prompt.plain(ids(loaded_model, TEXT * 9)[: 5 * 64 - 2])  # the second step completes a group
     decoders = []
     with torch.inference_mode():
@@ -174,6 +174,40 @@ def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model
     assert steady.length == eager.length == len(prompt) + 6 and steady.lowbit.length == eager.lowbit.length
     assert torch.equal(steady.host.keys[:, :, : steady.length], eager.host.keys[:, :, : eager.length])
     assert torch.equal(steady.lowbit.codes, eager.lowbit.codes)
+
+
+def test_steps_between_selections_read_the_slots_as_they_are(runner, loaded_model) -> None:
+    """select_every 3: the first step and every third after it select (score, copy, prefetch); the steps between
+    neither want nor copy pairs, and leave the residency table and the slots as they were."""
+    prompt = Prompt.plain(ids(loaded_model, TEXT * 4 + QUESTION))
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=100, bits=2, select_every=3)
+    seen = []
+
+    def record(decoder: SpeCacheDecoder) -> None:
+        request = decoder.requests[0]
+        seen.append((request.since_selecting, request.stats, request.resident.clone(),
+                     decoder.pool.keys[:, :, request.slots].clone()))
+
+    got, decoder = specache(runner, [prompt], 8, settings, check=record)
+    assert got[0][:2] == full_kv(runner, prompt, 2)  # the first step selects
+    assert [since for since, *_ in seen] == [0, 1, 2, 0, 1, 2, 0]
+    model, budget = runner.model, decoder.requests[0].budget
+    per_step = model.num_layers * model.kv_heads * budget.selected
+    assert [s.wanted for _, s, *_ in seen] == [per_step, per_step, per_step, 2 * per_step, 2 * per_step,
+                                               2 * per_step, 3 * per_step]
+    for (since, before, resident, _), (_, after, resident_after, _) in zip(seen, seen[1:]):
+        if since == 0:  # the next step reads: nothing copied, nothing moved
+            assert after.copied == before.copied and torch.equal(resident_after, resident)
+
+
+def test_a_batch_selects_when_one_of_its_requests_must() -> None:
+    from blendgate.engine.specache_policy import selects
+
+    assert selects([None], 4) and selects([0, None], 4)  # a request's first scored step
+    assert not selects([0, 1, 2], 4) and selects([0, 3], 4)
+    assert selects([5], 1) and selects([], 1) is False
+    with pytest.raises(ValueError):
+        selects([0], 0)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
