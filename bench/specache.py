@@ -35,8 +35,13 @@ NQ-open questions (../shared/data/qa/nq-open-oracle.dev.jsonl.gz) with k passage
 of the same number of pairs (the sinks and a recent window of the budget, one top-k pair left: StreamingLLM's
 window); accuracy = an answer's normalised text contains a gold answer's, with a bootstrap 95% interval, the
 share of answers token for token equal to full KV's, the mean share of full KV's tokens an answer begins
-with, and the KL divergence of the first decode step's next-token distribution from full KV's (the same input
-for every variant; with a bootstrap 95% interval): closer measures where the small model rarely knows.
+with, the KL divergence of the first decode step's next-token distribution from full KV's (the same input
+for every variant), and its mean over the answer's steps with each variant fed full KV's greedy tokens
+(teacher-forced, so every step compares the same input; this is what `--select-every` changes: its first step
+always selects), each with a bootstrap 95% interval: closer measures where the small model rarely knows.
+
+Where the time goes (`--profile`, speed mode on CUDA): torch.profiler's kernel table a step, full KV and each
+SpeCache row at the first context.
 
     python bench/specache.py --bytes --out bench/results/specache-bytes-DATE.md
     python bench/specache.py --contexts 16384 32768 65536 --out bench/results/specache-DATE.md
@@ -60,6 +65,7 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from blendgate.engine.batch import DecodeBatch
@@ -91,25 +97,38 @@ def kv_shape(model: LlamaFamilyModel) -> KVShape:
     return KVShape(model.num_layers, model.kv_heads, model.head_dim, model.dtype.itemsize)
 
 
-def settings_for(args: argparse.Namespace, fraction: float, share: float = 1.0) -> SpeCacheSettings:
-    """SpeCache at a budget of `fraction` of the context with `--bits` and `--group` (a window of two groups), a
-    step selecting `share` of its top-k slots (SpeCacheSettings.selected_share)."""
-    return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=fraction, bits=args.bits,
-                            group=args.group, recent_tokens=max(64, 2 * args.group), selected_share=share)
+class Budget(NamedTuple):
+    """One SpeCache row: a budget of 1/n of the context, a step selecting `share` of its top-k slots
+    (SpeCacheSettings.selected_share), the steps selecting every `every` steps (SpeCacheSettings.select_every)."""
+
+    n: int
+    share: float = 1.0
+    every: int = 1
 
 
-def variant(args: argparse.Namespace, n: int, share: float = 1.0) -> str:
-    selecting = "" if share == 1 else f", selecting {share:g} of the top-k"
-    return f"SpeCache 1/{n}, {args.bits}-bit keys, group {args.group}{selecting}"
+def settings_for(args: argparse.Namespace, row: Budget) -> SpeCacheSettings:
+    """SpeCache at `row`'s budget with `--bits` and `--group` (a window of two groups)."""
+    return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / row.n, bits=args.bits,
+                            group=args.group, recent_tokens=max(64, 2 * args.group), selected_share=row.share,
+                            select_every=row.every)
 
 
-def budgets(args: argparse.Namespace) -> list[tuple[int, float]]:
-    """The SpeCache rows: (N of a 1/N budget, selected share), every --fractions with every --selected-shares."""
-    return [(n, share) for n in args.fractions for share in args.selected_shares]
+def variant(args: argparse.Namespace, row: Budget) -> str:
+    selecting = "" if row.share == 1 else f", selecting {row.share:g} of the top-k"
+    every = "" if row.every == 1 else f", every {row.every} steps"
+    return f"SpeCache 1/{row.n}, {args.bits}-bit keys, group {args.group}{selecting}{every}"
 
 
-def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int) -> float:
-    total = context + warmup + steps + 1
+def budgets(args: argparse.Namespace) -> list[Budget]:
+    """The SpeCache rows: every --fractions with every --selected-shares and every --select-every."""
+    return [Budget(n, share, every) for n in args.fractions for share in args.selected_shares
+            for every in args.select_every]
+
+
+def full_kv_stepper(model: LlamaFamilyModel, context: int, steps: int):
+    """One request of `context` random pairs on engine/decode.py's BatchDecoder at batch 1 (graph-captured
+    where it can be), with room for `steps` more: returns its one-step callable."""
+    total = context + steps + 1
     allocator = BlockAllocator(blocks_for(total) + 1, 1)
     pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(total))
     pool.keys.normal_()
@@ -125,6 +144,11 @@ def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int)
                                             (allocation.row,)))
         state["token"], state["position"] = int(logits.argmax(dim=-1)[0]), p + 1
 
+    return step
+
+
+def full_kv_rate(model: LlamaFamilyModel, context: int, steps: int, warmup: int) -> float:
+    step = full_kv_stepper(model, context, warmup + steps)
     for _ in range(warmup):
         step()
     return steps / synced(model.device, lambda: [step() for _ in range(steps)])
@@ -238,8 +262,8 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
             report.append(f"| {context} | full KV | {full:.1f} | 1.00 | - | {full_bytes / 2**20:.0f} | 1.0 | - | "
                           f"{fit} |")
             print(report[-1], flush=True)
-            for n, share in budgets(args):
-                settings = settings_for(args, 1 / n, share)
+            for row in budgets(args):
+                settings = settings_for(args, row)
                 gpu_bytes = gpu_kv_bytes(settings, context, kv_shape(model)).total
                 run = specache_rate(model, context, settings, args.steps, 3)
                 if model.device.type == "cuda":
@@ -247,12 +271,17 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
                 scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
                 fit = f"{int(min(gpu_free // (gpu_bytes * scale), host_total // (run.host_bytes * scale)))}" \
                     if gpu_free else "-"
-                report.append(f"| {context} | {variant(args, n, share)} | {run.rate:.1f} | {run.rate / full:.2f} | "
+                report.append(f"| {context} | {variant(args, row)} | {run.rate:.1f} | {run.rate / full:.2f} | "
                               f"{run.host_ms:.2f} | {gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | "
                               f"{run.hit_rate:.3f} | {fit} |")
                 print(report[-1], flush=True)
-                if args.locality_measured and model.device.type == "cuda" and share == 1:  # measured at share 1
-                    copies += copy_rows(args, model, context, n, settings.budget(context).top_k, run, full)
+                if args.locality_measured and model.device.type == "cuda" and row == Budget(row.n):  # measured so
+                    copies += copy_rows(args, model, context, row.n, settings.budget(context).top_k, run, full)
+            if args.profile and model.device.type == "cuda" and context == args.contexts[0]:
+                for row in budgets(args):
+                    profile_table(args, model, context, row, full_kv_stepper(model, context, 2 * args.steps + 8),
+                                  report)
+                    torch.cuda.empty_cache()
     report.append("")
     report.append(f"- weights {weight_bytes / 2**30:.1f} GiB; GPU memory free after them {gpu_free / 2**30:.1f} GiB; "
                   f"host memory {host_total / 2**30:.0f} GiB")
@@ -269,6 +298,41 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
                    "ms a layer | step ms | tokens/s | x full KV |", "|---|---|---|---|---|---|---|---|", *copies]
 
 
+def profile_table(args: argparse.Namespace, model: LlamaFamilyModel, context: int, row: Budget,
+                  full_step, report: list[str]) -> None:
+    """Where a step's device time goes (`--profile`): torch.profiler over `args.steps` steps of full KV and of
+    SpeCache at `row` (graph replays included: CUPTI reports the kernels inside a graph), the kernels
+    grouped by name, the largest first, in microseconds a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    settings = settings_for(args, row)
+    decoder, request = random_request(model, settings, context, 3 + args.steps + 1)
+    token = [0]
+
+    def specache_step() -> None:
+        token[0] = int(decoder.decode(decoder.batch([0], [token[0]])).argmax(dim=-1)[0])
+
+    for label, step in (("full KV", full_step), (variant(args, row), specache_step)):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+        rows.sort(key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in rows) / args.steps
+        report += ["", f"Device time a step at {context} tokens, {label}: {total:.0f} us of kernels and copies "
+                   "(torch.profiler, CUDA activity; the largest 15 by name)", "",
+                   "| kernel or copy | calls a step | us a step | share |", "|---|---|---|---|"]
+        for e in rows[:15]:
+            us = e.self_device_time_total / args.steps
+            report.append(f"| {e.key[:90].replace('|', '/')} | {e.count / args.steps:.1f} | {us:.0f} | "
+                          f"{us / total:.2f} |")
+        print("\n".join(report[-18:]), flush=True)
+
+
 def copy_rows(args: argparse.Namespace, model: LlamaFamilyModel, context: int, n: int, top_k: int,
               run: SpeCacheRun, full: float) -> list[str]:
     """The copy-volume table's two rows of a SpeCache variant: measured with random weights, and estimated at
@@ -280,10 +344,10 @@ def copy_rows(args: argparse.Namespace, model: LlamaFamilyModel, context: int, n
     real_ms = residency_ms(model, context, top_k, min(top_k, round(real_copies)))
     step_ms = 1000 / run.rate
     estimate = step_ms - model.num_layers * (random_ms - real_ms)
-    return [f"| {context} | {variant(args, n)}, random weights (measured) | {random_copies:.0f} | "
+    return [f"| {context} | {variant(args, Budget(n))}, random weights (measured) | {random_copies:.0f} | "
             f"{random_copies * heads * pair_head / 2**20:.0f} | {random_ms:.3f} | {step_ms:.2f} | {run.rate:.1f} | "
             f"{run.rate / full:.2f} |",
-            f"| {context} | {variant(args, n)}, at SmolLM2's locality (ESTIMATED step) | {real_copies:.0f} | "
+            f"| {context} | {variant(args, Budget(n))}, at SmolLM2's locality (ESTIMATED step) | {real_copies:.0f} | "
             f"{real_copies * heads * pair_head / 2**20:.0f} | {real_ms:.3f} | {estimate:.2f} | {1000 / estimate:.1f} | "
             f"{1000 / estimate / full:.2f} |"]
 
@@ -347,7 +411,7 @@ def items(path: Path, count: int, k: int, seed: int) -> list[tuple[str, list[str
 
 def quality(args: argparse.Namespace, report: list[str]) -> None:
     from blendgate.engine.prompt import Prompt
-    from blendgate.engine.runner import LlamaRunner
+    from blendgate.engine.runner import KVState, LlamaRunner
     from blendgate.engine.weights import load_model
     from quality import bootstrap
 
@@ -355,12 +419,13 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
                         cache_dir=Path("/tmp/blendgate-specache"))
     runner, tokenizer = LlamaRunner(loaded), loaded.tokenizer
     variants: dict[str, object] = {"full KV": lambda length: None}
-    for n, share in budgets(args):
-        variants[variant(args, n, share)] = lambda length, n=n, share=share: settings_for(args, 1 / n, share)
+    for row in budgets(args):
+        variants[variant(args, row)] = lambda length, row=row: settings_for(args, row)
     for n in args.fractions:
-        variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(settings_for(args, 1 / n).budget(length).tokens)
+        variants[f"eviction 1/{n}"] = lambda length, n=n: evicting(settings_for(args, Budget(n)).budget(length).tokens)
     # [question number, 1.0 when right, 1.0 when the answer is full KV's, share of full KV's tokens it begins with,
-    #  KL(full KV || variant) of the first decode step's next-token distribution]
+    #  KL(full KV || variant) of the first decode step's next-token distribution, and its mean over the steps
+    #  fed full KV's tokens]
     correct: dict[str, list[list]] = {name: [] for name in variants}
     lengths = []
     started = time.perf_counter()
@@ -375,30 +440,42 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         lengths.append(len(ids))
         with torch.inference_mode():
-            logits, state = runner.prefill(Prompt.plain(ids))  # one prefill; full KV (which grows it) goes last
-        answered = {name: greedy(runner, int(logits.argmax()), state, args.new_tokens, settings(len(ids)))
-                    for name, settings in reversed(variants.items())}
-        full, full_log_p = answered["full KV"]
-        for name, (tokens, log_p) in answered.items():
-            kl = float((full_log_p.exp() * (full_log_p - log_p)).sum())
+            logits, state = runner.prefill(Prompt.plain(ids))
+            full_state = KVState(state.cache.clone(), state.length)  # full KV grows its cache: a copy
+        first = int(logits.argmax())
+        full, full_log_p = greedy(runner, first, full_state, args.new_tokens, None)
+        for name, settings in variants.items():
+            if name == "full KV":
+                tokens, log_p = full, full_log_p
+            else:  # free-running for the answer; fed full KV's tokens for the KL of every step
+                tokens, _ = greedy(runner, first, state, args.new_tokens, settings(len(ids)))
+                _, log_p = greedy(runner, first, state, args.new_tokens, settings(len(ids)), forced=full)
+            kls = [float((f.exp() * (f - v)).sum()) for f, v in zip(full_log_p, log_p)]
             agreed = next((i for i, (a, b) in enumerate(zip(tokens, full)) if a != b), len(full))
             correct[name].append([number, float(contains(tokenizer.decode(tokens), answers)),
-                                  float(tokens == full), agreed / len(full), kl])
+                                  float(tokens == full), agreed / len(full), kls[0], sum(kls) / len(kls)])
         print(f"{len(lengths)} ({len(ids)} tokens): " + ", ".join(
             f"{n} right {sum(r[1] for r in rows):.0f} as full KV {sum(r[2] for r in rows):.0f} "
-            f"prefix {sum(r[3] for r in rows) / len(rows):.2f} KL {sum(r[4] for r in rows) / len(rows):.3f}"
+            f"prefix {sum(r[3] for r in rows) / len(rows):.2f} KL {sum(r[4] for r in rows) / len(rows):.3f} "
+            f"steps' KL {sum(r[5] for r in rows) / len(rows):.3f}"
             for n, rows in correct.items()), flush=True)
     report += [f"- {len(lengths)} questions, k = {args.k}, prompt tokens {min(lengths)}-{max(lengths)} "
-               f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy", "",
+               f"(mean {sum(lengths) / len(lengths):.0f}); {args.new_tokens} new tokens, greedy; the steps' KL: each "
+               "variant fed full KV's greedy tokens, KL(full KV || variant) of each decode step's next-token "
+               "distribution, the mean over the steps", "",
                "| variant | accuracy | 95% interval | answers equal to full KV's | full KV's tokens kept before the "
-               "first difference | KL from full KV, first decode step | 95% interval |",
-               "|---|---|---|---|---|---|---|"]
+               "first difference | KL from full KV, first decode step | 95% interval | KL, mean over the steps | "
+               "95% interval |",
+               "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in correct.items():
         low, high = bootstrap({name: rows}, lambda v, name=name: sum(r[1] for r in v[name]) / len(v[name]))
-        same, prefix, kl = (sum(r[i] for r in rows) / len(rows) for i in (2, 3, 4))
+        same, prefix, kl, steps_kl = (sum(r[i] for r in rows) / len(rows) for i in (2, 3, 4, 5))
         kl_low, kl_high = bootstrap({name: rows}, lambda v, name=name: sum(r[4] for r in v[name]) / len(v[name]))
+        steps_low, steps_high = bootstrap({name: rows},
+                                          lambda v, name=name: sum(r[5] for r in v[name]) / len(v[name]))
         report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} | "
-                      f"{prefix:.3f} | {kl:.4f} | {kl_low:.4f}-{kl_high:.4f} |")
+                      f"{prefix:.3f} | {kl:.4f} | {kl_low:.4f}-{kl_high:.4f} | {steps_kl:.4f} | "
+                      f"{steps_low:.4f}-{steps_high:.4f} |")
 
 
 def locality(args: argparse.Namespace, report: list[str]) -> None:
@@ -426,8 +503,8 @@ def locality(args: argparse.Namespace, report: list[str]) -> None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             logits, state = runner.prefill(Prompt.plain(ids))
-            for n, share in budgets(args):
-                settings = settings_for(args, 1 / n, share)
+            for row in budgets(args):
+                settings = settings_for(args, row)
                 budget = settings.budget(len(ids))
                 allocator = BlockAllocator(blocks_for(budget.tokens) + 1, 1)
                 pool = PagedKVPool(model, allocator.num_blocks, 1, blocks_for(budget.tokens))
@@ -441,7 +518,7 @@ def locality(args: argparse.Namespace, report: list[str]) -> None:
                     steps.append((after.wanted - before.wanted, after.hits - before.hits,
                                   after.copied - before.copied))
                 first, later = steps[0], [sum(c) for c in zip(*steps[1:])]
-                name = variant(args, n, share)
+                name = variant(args, row)
                 total = totals.setdefault(name, [0, 0, 0, 0])  # wanted, hits, copied, top-k pairs of the steps
                 total[0], total[1] = total[0] + later[0], total[1] + later[1]
                 total[2], total[3] = total[2] + later[2], total[3] + (len(steps) - 1) * budget.top_k
@@ -460,12 +537,12 @@ def evicting(tokens: int) -> SpeCacheSettings:
     return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=tokens, recent_tokens=tokens - 5)
 
 
-def greedy(runner, first: int, state, new_tokens: int,
-           settings: SpeCacheSettings | None) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens after a prefill (its first token and KVState), and the log-probabilities [vocab] of the
-    first decode step (the first step that reads the budget; the same input for every variant): full KV
-    (settings None) decodes on the prefill's own cache, SpeCache admits a copy of it."""
-    out, first_step = [first], None
+def greedy(runner, first: int, state, new_tokens: int, settings: SpeCacheSettings | None,
+           forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens after a prefill (its first token and KVState), and each decode step's log-probabilities
+    [vocab]; with `forced` (another run's tokens) each step is fed those instead of its own. Full KV (settings
+    None) decodes on the prefill's own cache (it grows it), SpeCache admits a copy of it."""
+    out, log_ps = [first], []
     with torch.inference_mode():
         if settings is None:
             def step(token: int) -> torch.Tensor:
@@ -481,10 +558,9 @@ def greedy(runner, first: int, state, new_tokens: int,
                 return decoder.decode(decoder.batch([0], [token]))[0]
         while len(out) < new_tokens:
             logits = step(out[-1])
-            if first_step is None:
-                first_step = logits.float().log_softmax(-1)
-            out.append(int(logits.argmax()))
-    return out, first_step
+            log_ps.append(logits.float().log_softmax(-1))
+            out.append(forced[len(out)] if forced is not None else int(logits.argmax()))
+    return out, log_ps
 
 
 def main() -> None:
@@ -494,6 +570,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=int, nargs="+", default=[16, 20], help="budgets of 1/N of the context")
     parser.add_argument("--selected-shares", type=float, nargs="+", default=[1.0],
                         help="shares of the top-k slots a step selects (SpeCacheSettings.selected_share)")
+    parser.add_argument("--select-every", type=int, nargs="+", default=[1],
+                        help="steps between selecting steps (SpeCacheSettings.select_every)")
     parser.add_argument("--bits", type=int, default=1, choices=[1, 2], help="low-bit keys' bits")
     parser.add_argument("--group", type=int, default=64, choices=[32, 64], help="low-bit keys' group (tokens)")
     parser.add_argument("--bytes", action="store_true", help="only the GPU KV bytes per request (no model)")
@@ -518,10 +596,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None,
                         help="quality mode: start no question after this long (at least one runs); the report "
                              "covers those done")
+    parser.add_argument("--profile", action="store_true",
+                        help="speed mode: also the device time a step by kernel (torch.profiler) at the first context, "
+                             "full KV and each SpeCache row")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if any(not 0 < share <= 1 for share in args.selected_shares):
         parser.error("--selected-shares are shares of the top-k slots, in (0, 1]")
+    if any(every < 1 for every in args.select_every):
+        parser.error("--select-every counts steps: 1 or more")
     device = (f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "CPU, ") + \
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.node()}"
     mode = "quality" if args.quality else "prefetch locality" if args.locality else \
