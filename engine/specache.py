@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -88,6 +89,41 @@ def top_k_with_one_more(top_values: torch.Tensor, top_indices: torch.Tensor, sco
     return top_indices.scatter(1, slot, grown)
 
 
+class _Guess(NamedTuple):
+    """A speculative row of a step: for the batch's row `of`, fed `token` at the next position; `confirms`:
+    the request's token this step is the one the last step's guess was fed, so its prefetch holds its pairs."""
+
+    of: int
+    token: int
+    confirms: bool
+
+
+class _PendingGuesses:
+    """A step's guesses (its speculative rows' greedy tokens [rows] long, on the device) on their way to the
+    host for the next step, with the requests they guess for: copied into pinned memory behind the step, so the
+    next step reads them without waiting where the caller's read of the logits already did."""
+
+    def __init__(self, tokens: torch.Tensor, request_ids: tuple[int, ...]) -> None:
+        self.request_ids = request_ids
+        self._done = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = tokens
+
+    def read(self) -> dict[int, int]:
+        """{request id: its guess}; waits for the copy only if the caller has not waited for the step."""
+        if self._done is not None and not self._done.query():
+            self._done.synchronize()
+        return dict(zip(self.request_ids, self._host.tolist()))
+
+    def peek(self, request_id: int) -> int | None:
+        return self.read().get(request_id)
+
+
 @dataclass
 class OffloadedRequest:
     """A request SpeCache serves, from `SpeCacheDecoder.admit` to its decode steps: its pool `allocation`
@@ -108,6 +144,11 @@ class OffloadedRequest:
     wanted: int = 0  # top-k pairs the steps wanted (kv heads x top-k a layer and step)
     # steps since its last selecting step (SpeCacheSettings.select_every); None before its first scored step
     since_selecting: int | None = None
+    # SpeCacheSettings.speculate: the token the last step's speculative row was fed (its guess of this step's
+    # token; None: it had none), and how many steps had a guess and how many guesses were this step's token
+    speculated: int | None = None
+    guessed: int = 0
+    confirmed: int = 0
 
     @property
     def length(self) -> int:
@@ -163,6 +204,9 @@ class SpeCacheDecoder:
         # The residency kernel's scratch for the steps (this stream) and for the prefetches (the side stream),
         # shared by the requests (one at a time on each stream), as large as the largest admitted.
         self._step_scratch = self._prefetch_scratch = ResidencyScratch.empty(model.kv_heads, 0, 0, model.device)
+        # SpeCacheSettings.speculate: the last step's speculative rows' greedy tokens [rows] on the device, and
+        # the requests they guess for (read at the next step, after the caller's read of the logits waited)
+        self._guesses: _PendingGuesses | None = None
 
     # -- requests ---------------------------------------------------------------------------------
     def admit(self, request_id: int, allocation: BlockAllocation, cache: KVCache,
@@ -192,7 +236,7 @@ class SpeCacheDecoder:
         first = budget.select(length + 1)
         if first.scored:  # every top-k slot holds a pair before the first step reads them all
             filled = torch.arange(first.recent_start - budget.top_k, first.recent_start, device=model.device)
-            top_k_slots = slots[budget.sink_tokens + budget.recent_tokens:]
+            top_k_slots = slots[budget.top_k_slots]
             self.pool.keys[:, :, top_k_slots] = cache.keys[:, :, filled]
             self.pool.values[:, :, top_k_slots] = cache.values[:, :, filled]
             resident.copy_(filled.expand_as(resident))
@@ -236,121 +280,264 @@ class SpeCacheDecoder:
                            tuple(r.allocation.slot(r.budget_slot(p)) for r, p in zip(requests, positions)),
                            tuple(r.allocation.row for r in requests))
 
+    def guess(self, request_id: int) -> int | None:
+        """The last step's guess of the token after this request's next one (SpeCacheSettings.speculate; None:
+        none). Its next step confirms the prefetch if fed the token that step's guess was fed."""
+        return self._guesses.peek(request_id) if self._guesses is not None else None
+
+    def speculated(self, request_id: int) -> int | None:
+        """The token the last step's guess was fed: the next step's token for which its prefetch holds."""
+        return self.requests[request_id].speculated
+
     # -- one step ---------------------------------------------------------------------------------
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One token per request (a `batch(...)`); returns logits [batch.size, vocab] float32. On CUDA the step
         never waits for the device: its inputs go up in one asynchronous copy from pinned memory, the top-k and
         the misses stay on the device, and the pairs move by index in kernels (kernels/residency.py); in the
-        steady state the step is one graph replay (engine/specache_graph.py)."""
-        model, pool, device = self.model, self.pool, self.model.device
+        steady state the step is one graph replay (engine/specache_graph.py). With SpeCacheSettings.speculate
+        (eager), a request's first selecting step waits for its token to feed the first guess (`_kick_off`)."""
+        device = self.model.device
         requests = [self.requests[i] for i in batch.request_ids]
         selections = [r.budget.select(p + 1) for r, p in zip(requests, batch.positions)]
         upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
-        inputs = torch.tensor([batch.token_ids, batch.positions, batch.slots, batch.rows,
-                               [s.pairs for s in selections]], dtype=torch.long, pin_memory=device.type == "cuda")
+        columns = [list(batch.token_ids), list(batch.positions), list(batch.slots), list(batch.rows),
+                   [s.pairs for s in selections]]
+        speculative, starting = self._speculative_rows(batch, requests, selections)
+        for row in speculative:  # after the batch's rows: its guess, at the next position, in the scratch slot
+            self._guess_columns(columns, requests[row.of], selections[row.of], batch.rows[row.of],
+                                batch.positions[row.of], row.token)
+        inputs = torch.tensor(columns, dtype=torch.long, pin_memory=device.type == "cuda")
         select = selects([r.since_selecting for r, s in zip(requests, selections) if s.scored],
                          self.settings.select_every)
         for request, selection in zip(requests, selections):
             request.since_selecting = None if not selection.scored else \
                 0 if select else request.since_selecting + 1
-        if self.graphs is not None and all(s.scored for s in selections):
-            return self._decode_steady(batch.request_ids, requests, inputs, select)
+        if self.graphs is not None and all(s.scored for s in selections) and not starting:
+            if speculative:  # the step's own rows select when a guess failed (one step shape for the batch)
+                select = not all(row.confirms for row in speculative)
+            return self._decode_steady(batch.request_ids, requests, inputs, select, bool(speculative))
+        logits = self._eager_forward(inputs, requests, selections, upcoming, batch.size, select, speculative,
+                                     set(starting))
+        guesses = [(logits[batch.size:].argmax(dim=-1), tuple(batch.request_ids[row.of] for row in speculative))]
+        if starting:
+            guesses.append(self._kick_off(batch, requests, selections, upcoming, starting, logits))
+        if speculative or starting:  # the next step's guesses
+            self._guesses = _PendingGuesses(torch.cat([g[0] for g in guesses]),
+                                            tuple(i for g in guesses for i in g[1]))
+        return logits[: batch.size]
+
+    def _eager_forward(self, inputs: torch.Tensor, requests: list[OffloadedRequest],
+                       selections: list[StepSelection], upcoming: list[StepSelection], real: int, select: bool,
+                       speculative: list[_Guess], own_only: set[int]) -> torch.Tensor:
+        """The eager step over `inputs` [5, rows] (token, position, slot, table row, pairs read): its first
+        `real` rows are the requests' tokens (0: a pass of guesses alone), then the `speculative` rows, one per
+        guessing request. A request in `own_only` selects on its own and predicts nothing. Returns logits
+        [rows, vocab]; the real rows' pairs go to the host tier."""
+        model, pool, device = self.model, self.pool, self.model.device
         token_ids, positions, slots, rows, lengths = inputs.to(device, non_blocking=True)
         tables = pool.block_tables.index_select(0, rows)
         lengths = lengths.to(torch.int32)
         cos, sin = model.rope(positions)
         hidden = torch.nn.functional.embedding(token_ids, model.embed_tokens)
+        guessing = {row.of: real + j for j, row in enumerate(speculative)}  # a request -> its guess's row
+        confirmed = {row.of for row in speculative if row.confirms}
         for layer in range(model.num_layers):
             qkv = model.project_qkv(layer, hidden)
             q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], slots)
             if layer in self._prefetched:  # this layer's prefetch of the previous step
                 torch.cuda.current_stream(device).wait_event(self._prefetched.pop(layer))
             # A request whose context fits its budget reads every candidate: it makes them resident each step.
-            predictions = [self._select(request, layer, q[:, i], selection, upcoming[i])
-                           if select or not selection.scored else None
-                           for i, (request, selection) in enumerate(zip(requests, selections))]
+            # A speculating request whose token is the last step's guess reads what that guess's queries chose.
+            predictions = []
+            for i, (request, selection) in enumerate(zip(requests, selections)):
+                if i >= real or i in guessing or i in own_only:
+                    if i < real and i not in confirmed:
+                        self._select_own(request, layer, q[:, i], selection)
+                    predictions.append(None)
+                else:
+                    predictions.append(self._select(request, layer, q[:, i], selection, upcoming[i])
+                                       if select or not selection.scored else None)
             attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
                                          PAGE_SIZE)
             # The prefetch replaces top-k pairs that this step's attention reads: it starts after it, on the
             # side stream, and overlaps the rest of the step (the output projection, the MLP, later layers).
             with self._side_stream():
-                for request, predicted in zip(requests, predictions):
+                if guessing and self._copy_stream is not None:  # made on the step's stream, read on this one
+                    q.record_stream(self._copy_stream)
+                for i, (request, predicted) in enumerate(zip(requests, predictions)):
+                    if i in guessing:  # the next step's pairs, chosen by the guess's queries
+                        predicted = self._predict(request, layer, q[:, guessing[i]], upcoming[i])
                     if predicted is not None:
-                        if self._copy_stream is not None:  # made on the step's stream, read on this one
+                        if self._copy_stream is not None:
                             predicted.record_stream(self._copy_stream)
                         self._make_resident(request, layer, predicted, request.prefetch_counts,
                                             self._prefetch_scratch)
                 if self._copy_stream is not None:
                     self._prefetched[layer] = self._copy_stream.record_event()
-            hidden = model.finish_layer(layer, hidden, attention.reshape(batch.size, -1))
-        for i, request in enumerate(requests):  # the step's pairs, all layers, to the host tier
+            hidden = model.finish_layer(layer, hidden, attention.reshape(inputs.shape[1], -1))
+        for i, request in enumerate(requests[:real]):  # the step's pairs, all layers, to the host tier
             request.host.append(pool.keys, pool.values, slots[i: i + 1])
             self._quantise_completed_group(request)
         return model.logits(hidden)
 
+    def _guess_columns(self, columns: list[list[int]], request: OffloadedRequest, selection: StepSelection,
+                       row: int, position: int, token: int) -> None:
+        """A speculative row's inputs: `token` at `position` + 1, its pair in the budget's scratch slot (after
+        the top-k slots), reading the slots the request's own row reads and that one."""
+        for column, value in zip(columns, (token, position + 1, request.allocation.slot(request.budget.tokens - 1),
+                                           row, selection.pairs + 1)):
+            column.append(value)
+
+    def _kick_off(self, batch: DecodeBatch, requests: list[OffloadedRequest], selections: list[StepSelection],
+                  upcoming: list[StepSelection], starting: list[int],
+                  logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The first guesses of requests that start speculating this step: a pass of guesses alone, each fed
+        its request's greedy token of this step (read from `logits`: a wait) at the next position, whose queries
+        choose the next step's pairs. Returns their greedy tokens [len(starting)] and request ids."""
+        tokens = logits[starting].argmax(dim=-1).tolist()
+        columns: list[list[int]] = [[] for _ in range(5)]
+        for i, token in zip(starting, tokens):
+            self._guess_columns(columns, requests[i], selections[i], batch.rows[i], batch.positions[i], token)
+            requests[i].speculated = token
+        inputs = torch.tensor(columns, dtype=torch.long, pin_memory=self.model.device.type == "cuda")
+        picked = [requests[i] for i in starting]
+        guesses = self._eager_forward(inputs, picked, [selections[i] for i in starting],
+                                      [upcoming[i] for i in starting], 0, True,
+                                      [_Guess(j, t, False) for j, t in enumerate(tokens)], set())
+        return guesses.argmax(dim=-1), tuple(batch.request_ids[i] for i in starting)
+
+    def _speculative_rows(self, batch: DecodeBatch, requests: list[OffloadedRequest],
+                          selections: list[StepSelection]) -> tuple[list[_Guess], list[int]]:
+        """The step's speculative rows (SpeCacheSettings.speculate), one per selecting request that has a guess:
+        fed the last step's guess of the token after this step's (its speculative row's greedy token),
+        confirming the prefetch when this step's token is the one the last step's guess was fed; and the
+        selecting requests without one (their first selecting step: `_kick_off`). Counts the guesses
+        (OffloadedRequest.guessed, .confirmed)."""
+        guesses: dict[int, int] = {}
+        if self._guesses is not None:
+            guesses = self._guesses.read()
+            self._guesses = None
+        rows, starting = [], []
+        for i, (request_id, request, selection) in enumerate(zip(batch.request_ids, requests, selections)):
+            if not (self.settings.speculate and selection.scored):
+                request.speculated = None
+                continue
+            if request_id not in guesses:
+                request.speculated = None
+                starting.append(i)
+                continue
+            token = batch.token_ids[i]
+            confirms = request.speculated == token
+            request.guessed += 1
+            request.confirmed += confirms
+            request.speculated = guesses[request_id]
+            rows.append(_Guess(i, guesses[request_id], confirms))
+        return rows, starting
+
+    def _select_own(self, request: OffloadedRequest, layer: int, q: torch.Tensor, selection: StepSelection) -> None:
+        """Make this step's own selection resident (a speculating request whose token was not the guess)."""
+        scores = score(q, request.lowbit.layer(layer), min(selection.recent_start, request.lowbit.length))
+        scores[:, : selection.sinks] = float("-inf")
+        wanted, _ = self._wanted(selection, scores)
+        request.wanted += wanted.numel()
+        self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
+
+    def _predict(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
+                 upcoming: StepSelection) -> torch.Tensor:
+        """The next step's selection [kv_heads, selected] positions from a guess's query `q` [heads, head_dim]."""
+        scores = score(q, request.lowbit.layer(layer), min(upcoming.recent_start, request.lowbit.length))
+        scores[:, : upcoming.sinks] = float("-inf")
+        return self._wanted(upcoming, scores)[0]
+
     def _decode_steady(self, request_ids: tuple[int, ...], requests: list[OffloadedRequest],
-                       inputs: torch.Tensor, select: bool) -> torch.Tensor:
-        """A steady step from the batch's graph (captured after its first steady step, which runs eagerly; a
-        selecting step and a reading one are two graphs), and the host's bookkeeping the graph leaves out.
-        Returns the graph's logits buffer [batch, vocab]."""
+                       inputs: torch.Tensor, select: bool, guessing: bool) -> torch.Tensor:
+        """A steady step from the batch's graph (captured after its first steady step, which runs eagerly; each
+        GraphKey is a graph of its own), and the host's bookkeeping the graph leaves out. Returns the graph's
+        logits buffer [batch, vocab] (the requests' rows)."""
         if self._prefetched:  # an eager step's prefetches still pending on the side stream
             torch.cuda.current_stream(self.model.device).wait_stream(self._copy_stream)
             self._prefetched.clear()
-        logits = self.graphs.run(GraphKey(request_ids, select), inputs,
-                                 lambda step: self._steady_forward(step, requests, select))
-        model = self.model
+        logits = self.graphs.run(GraphKey(request_ids, select, guessing), inputs,
+                                 lambda step: self._steady_forward(step, requests, select, guessing))
+        model, n = self.model, len(requests)
         for request in requests:
             request.wanted += model.num_layers * model.kv_heads * request.budget.selected if select else 0
             request.host.advance()
             self._quantise_completed_group(request)
-        return logits
+        if guessing:  # the next step's guesses
+            self._guesses = _PendingGuesses(logits[n:].argmax(dim=-1), request_ids)
+        return logits[:n]
 
-    def _steady_forward(self, inputs: StepInputs, requests: list[OffloadedRequest], select: bool) -> torch.Tensor:
+    def _steady_forward(self, inputs: StepInputs, requests: list[OffloadedRequest], select: bool,
+                        guessing: bool = False) -> torch.Tensor:
         """The steady step's device work (no host-side effects, so a graph can replay it): as `decode`, with the
         candidates masked on the device and the prefetch joined back at the end; without `select`, attention
-        over the slots as they are. Returns logits [batch, vocab]."""
+        over the slots as they are. `guessing`: `inputs` holds a speculative row per request after the
+        requests' rows (SpeCacheSettings.speculate), whose queries choose the prefetch, scored on the side
+        stream; `select` then makes the requests' own selections resident first. Returns logits [rows, vocab]."""
         model, pool, device = self.model, self.pool, self.model.device
+        n = len(requests)
         tables = pool.block_tables.index_select(0, inputs.rows)
         lengths = inputs.lengths.to(torch.int32)
         cos, sin = model.rope(inputs.positions)
         hidden = torch.nn.functional.embedding(inputs.token_ids, model.embed_tokens)
-        predictions = []  # held until the side stream is joined: it reads them
+        held = []  # what the side stream reads, held until it is joined
         for layer in range(model.num_layers):
             qkv = model.project_qkv(layer, hidden)
             q = rope_store(qkv, model.heads, cos, sin, pool.keys[layer], pool.values[layer], inputs.slots)
-            predicted = [self._steady_select(request, layer, q[:, i], inputs.positions[i])
-                         for i, request in enumerate(requests)] if select else []
+            predicted = []
+            if select and guessing:
+                for i, request in enumerate(requests):
+                    top = self._steady_top_k(request, layer, q[:, i], inputs.positions[i])[0]
+                    self._make_resident(request, layer, top.indices, request.counts, self._step_scratch)
+            elif select:
+                predicted = [self._steady_select(request, layer, q[:, i], inputs.positions[i])
+                             for i, request in enumerate(requests)]
             attention = decode_attention(q.transpose(0, 1), pool.keys[layer], pool.values[layer], tables, lengths,
                                          PAGE_SIZE)
-            if predicted:
+            if guessing:
+                with self._side_stream():
+                    for i, request in enumerate(requests):
+                        top = self._steady_top_k(request, layer, q[:, n + i], inputs.positions[n + i])[0]
+                        self._make_resident(request, layer, top.indices, request.prefetch_counts,
+                                            self._prefetch_scratch)
+                held.append(q)
+            elif predicted:
                 with self._side_stream():
                     for request, upcoming in zip(requests, predicted):
                         self._make_resident(request, layer, upcoming, request.prefetch_counts,
                                             self._prefetch_scratch)
-            predictions += predicted
-            hidden = model.finish_layer(layer, hidden, attention.reshape(len(requests), -1))
-        if self._copy_stream is not None and select:
+            held += predicted
+            hidden = model.finish_layer(layer, hidden, attention.reshape(inputs.token_ids.shape[0], -1))
+        if self._copy_stream is not None and (select or guessing):
             torch.cuda.current_stream(device).wait_stream(self._copy_stream)
         for i, request in enumerate(requests):  # the step's pairs, all layers, to the host tier
             request.host.write(pool.keys, pool.values, inputs.slots[i: i + 1], inputs.positions[i: i + 1])
         return model.logits(hidden)
 
-    def _steady_select(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
-                       position: torch.Tensor) -> torch.Tensor:
-        """`_select` of a steady step at `position` ([] long on the device): the scores over the low-bit keys'
-        whole capacity, the candidates [sinks, recent_start) masked on the device (no position past them is
-        quantised yet: the recent window holds two groups). Returns the next step's selection [kv_heads,
-        selected]."""
+    def _steady_top_k(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
+                      position: torch.Tensor) -> tuple[torch.return_types.topk, torch.Tensor, torch.Tensor]:
+        """The top-k (values, indices [kv_heads, selected]) of a query at `position` ([] long on the device) over
+        its candidates [sinks, recent_start = position + 1 - recent_tokens), scored over the low-bit keys' whole
+        capacity and masked on the device (no position past them is quantised yet: the recent window holds two
+        groups); with the scores [kv_heads, capacity] and recent_start."""
         budget, lowbit = request.budget, request.lowbit.layer(layer)
         scores = score(q, lowbit)
         capacity = scores.shape[1]
         if capacity not in self._positions:
             self._positions[capacity] = torch.arange(capacity, device=self.model.device)
         positions = self._positions[capacity]
-        recent_start = position + 1 - budget.recent_tokens  # of this step's selection; the next one's is +1
+        recent_start = position + 1 - budget.recent_tokens
         candidate = positions >= budget.sink_tokens
         wanted = scores.masked_fill(~(candidate & (positions < recent_start)), float("-inf"))
-        top = wanted.topk(budget.selected, dim=1)
+        return wanted.topk(budget.selected, dim=1), scores, recent_start
+
+    def _steady_select(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
+                       position: torch.Tensor) -> torch.Tensor:
+        """`_select` of a steady step at `position` ([] long on the device): this step's top-k made resident.
+        Returns the next step's selection [kv_heads, selected] (this one's grown by the position leaving the
+        recent window)."""
+        top, scores, recent_start = self._steady_top_k(request, layer, q, position)
         self._make_resident(request, layer, top.indices, request.counts, self._step_scratch)
         return top_k_with_one_more(top.values, top.indices, scores, recent_start)  # the next step's
 
@@ -409,6 +596,6 @@ class SpeCacheDecoder:
         """Copy the `wanted` [kv_heads, m] positions that are not resident into top-k slots whose pairs are not
         wanted (the lowest such slots first, so a growing set stays a prefix), adding (hits, pairs copied) to
         `counts` [2] on the device: one launch (kernels/residency.py), nothing read back."""
-        top_k_slots = request.slots[request.budget.sink_tokens + request.budget.recent_tokens:]
+        top_k_slots = request.slots[request.budget.top_k_slots]
         make_resident(wanted, request.resident[layer], top_k_slots, request.host.keys[layer],
                       request.host.values[layer], self.pool.keys[layer], self.pool.values[layer], counts, scratch)

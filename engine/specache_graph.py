@@ -29,11 +29,14 @@ from .decode import StepInputs
 
 
 class GraphKey(NamedTuple):
-    """What a captured step is for: the batch's requests (their ids, in order) and whether the step selects
-    (scores, top-k, copies and prefetch: SpeCacheSettings.select_every) or reads the slots as they are."""
+    """What a captured step is for: the batch's requests (their ids, in order), whether the step selects
+    (scores, top-k, copies and prefetch: SpeCacheSettings.select_every) or reads the slots as they are, and
+    whether it carries a speculative row per request (SpeCacheSettings.speculate: the guesses choose the
+    prefetch; `select` then says whether the requests' own rows select too, after a failed guess)."""
 
     request_ids: tuple[int, ...]
     select: bool = True
+    guessing: bool = False
 
 
 @dataclass

@@ -56,6 +56,10 @@ class SpeCacheSettings(BaseModel):
     selected_share: float = Field(1.0, gt=0, le=1)
     # a request's steps select (score, top-k, copy, prefetch) every this many steps; the others read the slots
     select_every: int = Field(1, ge=1, le=64)
+    # SpeCache's speculative token: each step also decodes a guess of the next token (a second row, its KV in
+    # one scratch slot of the budget), whose queries choose the pairs prefetched for the next step; a step whose
+    # token is the last step's guess reads them without selecting on its own
+    speculate: bool = False
     bits: int = Field(2, ge=1, le=2)
     group: Literal[32, 64] = QUANTISATION_GROUP  # tokens sharing a low-bit key's zero point and step
 
@@ -64,6 +68,8 @@ class SpeCacheSettings(BaseModel):
         if self.recent_tokens < 2 * self.group:
             raise ValueError(f"specache.recent_tokens ({self.recent_tokens}) must hold two groups of low-bit keys "
                              f"({2 * self.group} tokens at group {self.group})")
+        if self.speculate and self.select_every > 1:
+            raise ValueError("specache.speculate chooses every step's pairs: it does not go with select_every above 1")
         if self.gpu_budget_tokens is not None and self.gpu_budget_tokens <= self.sink_tokens + self.recent_tokens:
             raise ValueError(f"specache.gpu_budget_tokens ({self.gpu_budget_tokens}) must be larger than "
                              f"sink_tokens + recent_tokens ({self.sink_tokens + self.recent_tokens})")
@@ -87,7 +93,7 @@ class SpeCacheSettings(BaseModel):
         tokens = self.gpu_budget_tokens or math.ceil(self.gpu_budget_fraction * context_tokens)
         top_k = max(tokens, fixed + 1) - fixed
         selected = max(1, math.ceil(self.selected_share * top_k))
-        return RequestBudget(self.sink_tokens, self.recent_tokens, top_k, selected)
+        return RequestBudget(self.sink_tokens, self.recent_tokens, top_k, selected, int(self.speculate))
 
 
 def selects(steps_since_selecting: list[int | None], every: int) -> bool:
@@ -136,12 +142,14 @@ class StepSelection:
 @dataclass(frozen=True)
 class RequestBudget:
     """One request's GPU budget in KV pairs per KV head and layer: sinks + recent window + top_k slots, of which a
-    step selects `selected` by its scores (None: all top_k)."""
+    step selects `selected` by its scores (None: all top_k), + `scratch` slots (1 with SpeCacheSettings.speculate:
+    the speculative token's pair, after the top-k slots)."""
 
     sink_tokens: int
     recent_tokens: int
     top_k: int
     selected: int | None = None
+    scratch: int = 0
 
     def __post_init__(self) -> None:
         if self.selected is None:
@@ -151,7 +159,13 @@ class RequestBudget:
 
     @property
     def tokens(self) -> int:
-        return self.sink_tokens + self.recent_tokens + self.top_k
+        return self.sink_tokens + self.recent_tokens + self.top_k + self.scratch
+
+    @property
+    def top_k_slots(self) -> slice:
+        """Where the top-k slots lie among the budget's slots."""
+        start = self.sink_tokens + self.recent_tokens
+        return slice(start, start + self.top_k)
 
     def select(self, length: int) -> StepSelection:
         """The step's selection for a request whose KV holds `length` positions (the new token's included)."""

@@ -155,7 +155,9 @@ def test_a_whole_context_budget_decodes_as_full_kv(model) -> None:
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1),
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, selected_share=0.25),
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, select_every=4),
-], ids=["2-bit-group-32", "eightfold-1-bit-group-64", "eightfold-selecting-a-quarter", "eightfold-selecting-every-4"])
+    SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, speculate=True),
+], ids=["2-bit-group-32", "eightfold-1-bit-group-64", "eightfold-selecting-a-quarter", "eightfold-selecting-every-4",
+        "eightfold-speculating"])
 def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, settings) -> None:
     length, steps = 4000, 72  # a group of low-bit keys (32 or 64 tokens) is completed mid-way
     with torch.inference_mode():
@@ -177,6 +179,7 @@ def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, setti
             token = int(logits.argmax(dim=-1)[0])
         torch.cuda.synchronize()
     base = budget.sink_tokens + budget.recent_tokens
+    assert request.guessed == (steps - 1 if settings.speculate else 0)
     for layer in range(model.num_layers):
         resident = request.resident[layer]
         heads = torch.arange(resident.shape[0], device="cuda")[:, None].expand_as(resident)
@@ -196,7 +199,9 @@ def test_a_small_budget_runs_with_resident_pairs_equal_to_the_hosts(model, setti
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1),
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, selected_share=0.25),
     SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, select_every=4),
-], ids=["2-bit-group-32", "eightfold-1-bit-group-64", "eightfold-selecting-a-quarter", "eightfold-selecting-every-4"])
+    SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, speculate=True),
+], ids=["2-bit-group-32", "eightfold-1-bit-group-64", "eightfold-selecting-a-quarter", "eightfold-selecting-every-4",
+        "eightfold-speculating"])
 def test_the_captured_steady_step_equals_the_eager_step(model, settings) -> None:
     length, steps = 3000, 130  # groups of low-bit keys are completed on the way (at 3008, 3040, 3072, ...)
     with torch.inference_mode():
@@ -214,16 +219,20 @@ def test_the_captured_steady_step_equals_the_eager_step(model, settings) -> None
             torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=1e-3, msg=f"step {step}")
             token = int(eager.argmax())
         torch.cuda.synchronize()
-    # captured on the first step (and, selecting every 4, on the first reading one), replayed
-    assert decoders[0].graphs is None and len(decoders[1].graphs) == (1 if settings.select_every == 1 else 2)
+    # captured on the first step (and, selecting every 4, on the first reading one; speculating, on the first
+    # step with a failed guess and on the first with a confirmed one, after the first step kicked off eagerly)
+    graphs = len(decoders[1].graphs)
+    assert decoders[0].graphs is None and (graphs in (1, 2) if settings.speculate else
+                                           graphs == (1 if settings.select_every == 1 else 2))
     eager, graphed = (d.requests[0] for d in decoders)
     assert torch.equal(graphed.resident, eager.resident)
-    base = budget.sink_tokens + budget.recent_tokens
+    top_k = budget.top_k_slots
     for layer in range(model.num_layers):  # the pool slots the tables name hold the same pairs
-        slots = eager.slots[base:]
-        assert torch.equal(pools[1].keys[layer][:, graphed.slots[base:]], pools[0].keys[layer][:, slots])
-        assert torch.equal(pools[1].values[layer][:, graphed.slots[base:]], pools[0].values[layer][:, slots])
+        slots = eager.slots[top_k]
+        assert torch.equal(pools[1].keys[layer][:, graphed.slots[top_k]], pools[0].keys[layer][:, slots])
+        assert torch.equal(pools[1].values[layer][:, graphed.slots[top_k]], pools[0].values[layer][:, slots])
     assert graphed.stats == eager.stats and graphed.length == eager.length == length + steps
+    assert (graphed.guessed, graphed.confirmed) == (eager.guessed, eager.confirmed)
     assert torch.equal(graphed.host.keys[:, :, : length + steps], eager.host.keys[:, :, : length + steps])
     assert graphed.lowbit.length == eager.lowbit.length
     assert torch.equal(graphed.lowbit.codes, eager.lowbit.codes)

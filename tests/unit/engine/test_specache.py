@@ -129,6 +129,47 @@ def test_a_small_budget_decodes_from_the_best_pairs(runner, loaded_model, share)
     assert request.gpu_bytes(runner.kv_token_bytes) < len(prompt) * runner.kv_token_bytes
 
 
+def test_a_speculating_step_reads_what_the_last_steps_guess_chose(runner, loaded_model) -> None:
+    """SpeCacheSettings.speculate: each step also decodes a guess of the next token, whose queries choose the
+    next step's pairs (prefetched); a step whose token is the last step's guess does not select on its own
+    (its top-k slots hold the guess's choice, exact host pairs), any other step selects as without speculation.
+    The guess's pair lives in the budget's scratch slot, never in the slots the real rows read."""
+    prompt = Prompt.plain(ids(loaded_model, TEXT * 4 + QUESTION))
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=100, bits=2, speculate=True)
+    budget = settings.budget(len(prompt))
+    assert budget.scratch == 1 and budget.tokens == 101 and budget.top_k == 100 - 4 - 64
+    seen = []
+
+    def resident_pairs_are_the_hosts(decoder: SpeCacheDecoder) -> None:
+        request = decoder.requests[0]
+        seen.append((request.guessed, request.confirmed, request.stats.wanted))
+        assert decoder.guess(0) is not None and decoder.speculated(0) == request.speculated is not None
+        for layer in (0, runner.model.num_layers - 1):
+            resident = request.resident[layer]
+            heads = torch.arange(resident.shape[0])[:, None].expand_as(resident)
+            slots = request.slots[budget.top_k_slots][None].expand_as(resident)
+            assert torch.equal(decoder.pool.keys[layer][heads, slots], request.host.keys[layer][heads, resident])
+
+    got, decoder = specache(runner, [prompt], 12, settings, check=resident_pairs_are_the_hosts)
+    assert got[0][:2] == full_kv(runner, prompt, 2)  # the first step has no guess: it selects on its own
+    model = runner.model
+    per_step = model.num_layers * model.kv_heads * budget.selected
+    guessed, confirmed, wanted = seen[-1]
+    assert guessed == 10 and 0 < confirmed <= guessed  # every step but the first had the last one's guess
+    assert wanted == (1 + guessed - confirmed) * per_step  # only steps whose guess failed selected on their own
+    for (_, c0, w0), (_, c1, w1) in zip(seen, seen[1:]):
+        assert (w1 - w0) == (0 if c1 > c0 else per_step)
+
+
+def test_speculation_needs_no_guess_while_the_context_fits_the_budget(runner, loaded_model) -> None:
+    prompt = Prompt.plain(ids(loaded_model, TEXT * 2 + QUESTION))
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_tokens=256, speculate=True)
+    got, decoder = specache(runner, [prompt], 5, settings)
+    assert got[0] == full_kv(runner, prompt, 5) and decoder.requests[0].guessed == 0
+    with pytest.raises(ValueError, match="select_every"):
+        SpeCacheSettings(speculate=True, select_every=2)
+
+
 def test_eightfold_settings_quantise_decoded_groups_from_the_window(runner, loaded_model) -> None:
     settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200)
     prompt = Prompt.plain(ids(loaded_model, TEXT * 9)[: 5 * 64 - 2])  # the second step completes a group
@@ -148,10 +189,12 @@ def test_eightfold_settings_quantise_decoded_groups_from_the_window(runner, load
     assert counted.total < counted.full
 
 
-@pytest.mark.parametrize("share, every", [(1.0, 1), (0.25, 1), (1.0, 3)])
-def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model, share, every) -> None:
+@pytest.mark.parametrize("share, every, speculate", [(1.0, 1, False), (0.25, 1, False), (1.0, 3, False),
+                                                     (1.0, 1, True)])
+def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model, share, every,
+                                                            speculate) -> None:
     settings = SpeCacheSettings.eightfold(enabled=True, min_context_tokens=1, gpu_budget_tokens=200,
-                                          selected_share=share, select_every=every)
+                                          selected_share=share, select_every=every, speculate=speculate)
     prompt = Prompt.plain(ids(loaded_model, TEXT * 9)[: 5 * 64 - 2])  # the second step completes a group
     decoders = []
     with torch.inference_mode():
@@ -162,7 +205,7 @@ def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model
             decoder = SpeCacheDecoder(runner.model, pool, settings, graphs=False)
             if steady:  # on the CPU, the steady step's work without capturing it
                 decoder.graphs = SteadyStepGraphs(runner.model.device)
-            decoder.admit(0, allocator.allocate(0, 200), state.cache, 8)
+            decoder.admit(0, allocator.allocate(0, settings.budget(len(prompt)).tokens), state.cache, 8)
             decoders.append(decoder)
         token = int(logits.argmax())
         for _ in range(6):
@@ -171,6 +214,8 @@ def test_the_steady_steps_device_work_equals_the_eager_step(runner, loaded_model
             token = int(eager.argmax())
     eager, steady = (d.requests[0] for d in decoders)
     assert torch.equal(steady.resident, eager.resident) and steady.stats == eager.stats
+    assert (steady.guessed, steady.confirmed) == (eager.guessed, eager.confirmed)
+    assert steady.guessed == (5 if speculate else 0)  # the first step kicks the guesses off (eagerly)
     assert steady.length == eager.length == len(prompt) + 6 and steady.lowbit.length == eager.lowbit.length
     assert torch.equal(steady.host.keys[:, :, : steady.length], eager.host.keys[:, :, : eager.length])
     assert torch.equal(steady.lowbit.codes, eager.lowbit.codes)
