@@ -104,25 +104,33 @@ class Budget(NamedTuple):
     n: int
     share: float = 1.0
     every: int = 1
+    speculate: bool = False  # SpeCacheSettings.speculate
+    holds: bool = False  # speed mode, speculating: every guess confirmed (specache_rate's `holds`)
 
 
 def settings_for(args: argparse.Namespace, row: Budget) -> SpeCacheSettings:
     """SpeCache at `row`'s budget with `--bits` and `--group` (a window of two groups)."""
     return SpeCacheSettings(enabled=True, min_context_tokens=1, gpu_budget_fraction=1 / row.n, bits=args.bits,
                             group=args.group, recent_tokens=max(64, 2 * args.group), selected_share=row.share,
-                            select_every=row.every)
+                            select_every=row.every, speculate=row.speculate)
 
 
 def variant(args: argparse.Namespace, row: Budget) -> str:
     selecting = "" if row.share == 1 else f", selecting {row.share:g} of the top-k"
     every = "" if row.every == 1 else f", every {row.every} steps"
-    return f"SpeCache 1/{row.n}, {args.bits}-bit keys, group {args.group}{selecting}{every}"
+    speculating = ", speculative token" if row.speculate else ""
+    speculating += ", every guess holding" if row.holds else ""
+    return f"SpeCache 1/{row.n}, {args.bits}-bit keys, group {args.group}{selecting}{every}{speculating}"
 
 
 def budgets(args: argparse.Namespace) -> list[Budget]:
-    """The SpeCache rows: every --fractions with every --selected-shares and every --select-every."""
-    return [Budget(n, share, every) for n in args.fractions for share in args.selected_shares
+    """The SpeCache rows: every --fractions with every --selected-shares and every --select-every, and with
+    --speculate each --fractions and --selected-shares speculating (and, --speculation-holds, with every guess
+    confirmed)."""
+    rows = [Budget(n, share, every) for n in args.fractions for share in args.selected_shares
             for every in args.select_every]
+    return rows + [Budget(n, share, 1, True, holds) for n in args.fractions for share in args.selected_shares
+                   for holds in (False, True) if args.speculate and (args.speculation_holds or not holds)]
 
 
 def full_kv_stepper(model: LlamaFamilyModel, context: int, steps: int):
@@ -163,6 +171,7 @@ class SpeCacheRun:
     hit_rate: float  # prefetch hit rate
     copied_share: float  # pairs copied from the host a step, per layer and KV head, as a share of the top-k
     host_bytes: int  # the request's host tier
+    confirmed: str = "-"  # SpeCacheSettings.speculate: the share of guesses that were the next token
 
 
 def random_request(model: LlamaFamilyModel, settings: SpeCacheSettings, context: int,
@@ -181,9 +190,12 @@ def random_request(model: LlamaFamilyModel, settings: SpeCacheSettings, context:
 
 
 def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSettings, steps: int,
-                  warmup: int) -> SpeCacheRun:
+                  warmup: int, holds: bool = False) -> SpeCacheRun:
     """A request of `context` random pairs decoded `warmup` + `steps` steps (steady: from CUDA graphs on
-    CUDA, engine/specache_graph.py); the rate and host time over the last `steps`, the copies over all."""
+    CUDA, engine/specache_graph.py); the rate and host time over the last `steps`, the copies over all.
+    `holds` (speculating): each step is fed the token the last step's guess was fed, not its own greedy token,
+    so every guess is confirmed (random weights almost never guess right; decode time does not depend on the
+    tokens): the time of a step whose speculation holds."""
     budget = settings.budget(context)
     decoder, request = random_request(model, settings, context, warmup + steps + 1)
     state = {"token": 0, "host": 0.0}
@@ -194,6 +206,8 @@ def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSetti
         logits = decoder.decode(batch)
         state["host"] += time.perf_counter() - started
         state["token"] = int(logits.argmax(dim=-1)[0])
+        if holds and decoder.speculated(0) is not None:  # fed what the guess was fed: every guess confirmed
+            state["token"] = decoder.speculated(0)
 
     for _ in range(warmup):
         step()
@@ -201,7 +215,8 @@ def specache_rate(model: LlamaFamilyModel, context: int, settings: SpeCacheSetti
     rate = steps / synced(model.device, lambda: [step() for _ in range(steps)])
     stats = request.stats
     copied = stats.copied / (warmup + steps) / (model.num_layers * model.kv_heads) / budget.top_k
-    return SpeCacheRun(rate, 1000 * state["host"] / steps, stats.hit_rate, copied, request.host.bytes)
+    confirmed = f"{request.confirmed / request.guessed:.3f}" if request.guessed else "-"
+    return SpeCacheRun(rate, 1000 * state["host"] / steps, stats.hit_rate, copied, request.host.bytes, confirmed)
 
 
 def residency_ms(model: LlamaFamilyModel, context: int, top_k: int, copies: int, repeats: int = 20) -> float:
@@ -249,8 +264,8 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
     gpu_free = torch.cuda.mem_get_info()[0] if model.device.type == "cuda" else 0
     host_total = _host_memory()
     report += ["| context | row | tokens/s | x full KV | host ms a step | GPU KV MiB per request | x smaller | "
-               f"prefetch hit rate | most {args.concurrent_context}-token requests that fit |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               f"prefetch hit rate | guesses confirmed | most {args.concurrent_context}-token requests that fit |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
     pair = kv_shape(model).pair_bytes
     copies: list[str] = []  # the copy-volume table's rows
     for context in args.contexts:
@@ -259,13 +274,13 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
             torch.cuda.empty_cache() if model.device.type == "cuda" else None
             full_bytes = context * pair
             fit = gpu_free // (args.concurrent_context * pair) if gpu_free else "-"
-            report.append(f"| {context} | full KV | {full:.1f} | 1.00 | - | {full_bytes / 2**20:.0f} | 1.0 | - | "
+            report.append(f"| {context} | full KV | {full:.1f} | 1.00 | - | {full_bytes / 2**20:.0f} | 1.0 | - | - | "
                           f"{fit} |")
             print(report[-1], flush=True)
             for row in budgets(args):
                 settings = settings_for(args, row)
                 gpu_bytes = gpu_kv_bytes(settings, context, kv_shape(model)).total
-                run = specache_rate(model, context, settings, args.steps, 3)
+                run = specache_rate(model, context, settings, args.steps, 3, row.holds)
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()
                 scale = args.concurrent_context / context  # the bytes of one concurrent request, GPU and host
@@ -273,7 +288,7 @@ def speed(args: argparse.Namespace, report: list[str]) -> None:
                     if gpu_free else "-"
                 report.append(f"| {context} | {variant(args, row)} | {run.rate:.1f} | {run.rate / full:.2f} | "
                               f"{run.host_ms:.2f} | {gpu_bytes / 2**20:.0f} | {full_bytes / gpu_bytes:.1f} | "
-                              f"{run.hit_rate:.3f} | {fit} |")
+                              f"{run.hit_rate:.3f} | {run.confirmed} | {fit} |")
                 print(report[-1], flush=True)
                 if args.locality_measured and model.device.type == "cuda" and row == Budget(row.n):  # measured so
                     copies += copy_rows(args, model, context, row.n, settings.budget(context).top_k, run, full)
@@ -427,6 +442,7 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
     #  KL(full KV || variant) of the first decode step's next-token distribution, and its mean over the steps
     #  fed full KV's tokens]
     correct: dict[str, list[list]] = {name: [] for name in variants}
+    guessed: dict[str, list[int]] = {}  # a variant's guesses and those confirmed (free-running)
     lengths = []
     started = time.perf_counter()
     for number, (question, answers, passages) in enumerate(items(args.data, args.questions, args.k, args.seed)):
@@ -448,7 +464,8 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
             if name == "full KV":
                 tokens, log_p = full, full_log_p
             else:  # free-running for the answer; fed full KV's tokens for the KL of every step
-                tokens, _ = greedy(runner, first, state, args.new_tokens, settings(len(ids)))
+                tokens, _ = greedy(runner, first, state, args.new_tokens, settings(len(ids)),
+                                   guesses=guessed.setdefault(name, [0, 0]))
                 _, log_p = greedy(runner, first, state, args.new_tokens, settings(len(ids)), forced=full)
             kls = [float((f.exp() * (f - v)).sum()) for f, v in zip(full_log_p, log_p)]
             agreed = next((i for i, (a, b) in enumerate(zip(tokens, full)) if a != b), len(full))
@@ -476,6 +493,11 @@ def quality(args: argparse.Namespace, report: list[str]) -> None:
         report.append(f"| {name} | {sum(r[1] for r in rows) / len(rows):.3f} | {low:.3f}-{high:.3f} | {same:.3f} | "
                       f"{prefix:.3f} | {kl:.4f} | {kl_low:.4f}-{kl_high:.4f} | {steps_kl:.4f} | "
                       f"{steps_low:.4f}-{steps_high:.4f} |")
+    report.append("")
+    for name, (guesses, confirmed) in guessed.items():
+        if guesses:
+            report.append(f"- {name}: {confirmed} of {guesses} guesses were the next token "
+                          f"({confirmed / guesses:.3f}; free-running answers)")
 
 
 def locality(args: argparse.Namespace, report: list[str]) -> None:
@@ -538,10 +560,11 @@ def evicting(tokens: int) -> SpeCacheSettings:
 
 
 def greedy(runner, first: int, state, new_tokens: int, settings: SpeCacheSettings | None,
-           forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+           forced: list[int] | None = None, guesses: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens after a prefill (its first token and KVState), and each decode step's log-probabilities
     [vocab]; with `forced` (another run's tokens) each step is fed those instead of its own. Full KV (settings
-    None) decodes on the prefill's own cache (it grows it), SpeCache admits a copy of it."""
+    None) decodes on the prefill's own cache (it grows it), SpeCache admits a copy of it. `guesses` [2], when
+    given, grows by the SpeCache request's guesses and those confirmed (SpeCacheSettings.speculate)."""
     out, log_ps = [first], []
     with torch.inference_mode():
         if settings is None:
@@ -560,6 +583,9 @@ def greedy(runner, first: int, state, new_tokens: int, settings: SpeCacheSetting
             logits = step(out[-1])
             log_ps.append(logits.float().log_softmax(-1))
             out.append(forced[len(out)] if forced is not None else int(logits.argmax()))
+    if guesses is not None and settings is not None:
+        guesses[0] += decoder.requests[0].guessed
+        guesses[1] += decoder.requests[0].confirmed
     return out, log_ps
 
 
@@ -572,6 +598,12 @@ def main() -> None:
                         help="shares of the top-k slots a step selects (SpeCacheSettings.selected_share)")
     parser.add_argument("--select-every", type=int, nargs="+", default=[1],
                         help="steps between selecting steps (SpeCacheSettings.select_every)")
+    parser.add_argument("--speculate", action="store_true",
+                        help="also rows with SpeCache's speculative token (SpeCacheSettings.speculate) at each "
+                             "--fractions and --selected-shares")
+    parser.add_argument("--speculation-holds", action="store_true",
+                        help="speed mode, with --speculate: also rows fed the guesses' tokens, every guess confirmed "
+                             "(the step whose speculation holds; random weights almost never guess right)")
     parser.add_argument("--bits", type=int, default=1, choices=[1, 2], help="low-bit keys' bits")
     parser.add_argument("--group", type=int, default=64, choices=[32, 64], help="low-bit keys' group (tokens)")
     parser.add_argument("--bytes", action="store_true", help="only the GPU KV bytes per request (no model)")
