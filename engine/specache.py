@@ -23,6 +23,11 @@ copied to host memory (kv_offload.HostKV), its keys quantised to 1 or 2 bits on 
    has read the slots it replaces: the copies overlap the rest of the step; the next step counts how many
    of its wanted pairs were there (PrefetchStats).
 
+With SpeCacheSettings.speculate, each request's step also carries a guess of the token after its own (a second
+row at the next position, its pair in the budget's scratch slot), whose queries do step 5 instead (scored on
+the side stream); a step whose token is the last step's guess skips steps 2 and 3 (its slots hold the guess's
+choice), any other runs them as without speculation (SpeCache's speculative token, arXiv 2503.16163).
+
 With SpeCacheSettings.select_every above 1, steps 2 to 5 run only every that many steps (`specache_policy.selects`,
 one decision for the whole batch); the steps between read the budget's slots as they are: the model's kernels
 and attention alone, which is cheaper than a full-KV step (attention over the budget, not the context).

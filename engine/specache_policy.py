@@ -14,6 +14,8 @@ With `select_every` above 1 (default 1: every step) a request's step selects onl
 steps between read the top-k slots as the last selecting step and its prefetch left them, with no scores, no
 top-k and no copies (attention's temporal locality, which the prefetch relies on too; a position leaving the
 recent window in between waits for the next selecting step). `selects` decides it for a batch.
+With `speculate` (SpeCache's speculative token) a budget has one more slot, `RequestBudget.scratch`, for the
+pair of a guess of the next token, whose queries choose the next step's pairs (engine/specache.py).
 The pairs for step t+1 are predicted from step t's query and prefetched; `PrefetchStats` counts how many of
 the pairs a step wanted were prefetched (SpeCache's prefetch hit rate). `gpu_kv_bytes` counts a request's GPU
 bytes (budget, low-bit keys and their scales, residency table) against its bf16 full KV: the memory the issue's
