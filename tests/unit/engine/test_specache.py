@@ -315,3 +315,30 @@ def test_the_engine_decodes_long_prompts_with_specache_beside_short_ones(runner,
         engine.shutdown()
     assert got == [full_kv(runner, Prompt.plain(long), 4), full_kv(runner, Prompt.plain(short), 4)]
     assert not engine._specache.requests  # released when they finished
+
+
+def test_the_engine_serves_a_speculating_request(runner, loaded_model) -> None:
+    """With `speculate` a request reserves its budget and the guess's scratch slot, decodes through the
+    engine's loop with its guesses, and is released when it finishes."""
+    import asyncio
+
+    from blendgate.engine.engine import LocalEngine
+    from blendgate.engine.sampling import SamplingParams
+
+    long = ids(loaded_model, TEXT * 4 + QUESTION)
+    settings = SpeCacheSettings(enabled=True, min_context_tokens=64, gpu_budget_tokens=100, bits=2, speculate=True)
+    assert settings.budget(len(long)).select(len(long) + 1).scored
+    engine = LocalEngine(runner, max_context_tokens=256, stop_token_ids=frozenset(), max_running=2,
+                         specache=settings)
+
+    async def main() -> list[int]:
+        handle = engine.submit(long, SamplingParams(max_new_tokens=6, temperature=0.0))
+        assert handle.kv_tokens == 101  # 100 pairs and the guess's slot
+        return [event.token_id async for event in handle]
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(got) == 6 and got[:2] == full_kv(runner, Prompt.plain(long), 2)
+    assert not engine._specache.requests
