@@ -301,7 +301,6 @@ class SpeCacheDecoder:
         the misses stay on the device, and the pairs move by index in kernels (kernels/residency.py); in the
         steady state the step is one graph replay (engine/specache_graph.py). With SpeCacheSettings.speculate
         (eager), a request's first selecting step waits for its token to feed the first guess (`_kick_off`)."""
-        device = self.model.device
         requests = [self.requests[i] for i in batch.request_ids]
         selections = [r.budget.select(p + 1) for r, p in zip(requests, batch.positions)]
         upcoming = [r.budget.select(p + 2) for r, p in zip(requests, batch.positions)]
@@ -311,7 +310,7 @@ class SpeCacheDecoder:
         for row in speculative:  # after the batch's rows: its guess, at the next position, in the scratch slot
             self._guess_columns(columns, requests[row.of], selections[row.of], batch.rows[row.of],
                                 batch.positions[row.of], row.token)
-        inputs = torch.tensor(columns, dtype=torch.long, pin_memory=device.type == "cuda")
+        inputs = self._step_inputs(columns)
         select = selects([r.since_selecting for r, s in zip(requests, selections) if s.scored],
                          self.settings.select_every)
         for request, selection in zip(requests, selections):
@@ -323,10 +322,10 @@ class SpeCacheDecoder:
             return self._decode_steady(batch.request_ids, requests, inputs, select, bool(speculative))
         logits = self._eager_forward(inputs, requests, selections, upcoming, batch.size, select, speculative,
                                      set(starting))
-        guesses = [(logits[batch.size:].argmax(dim=-1), tuple(batch.request_ids[row.of] for row in speculative))]
-        if starting:
-            guesses.append(self._kick_off(batch, requests, selections, upcoming, starting, logits))
         if speculative or starting:  # the next step's guesses
+            guesses = [(logits[batch.size:].argmax(dim=-1), tuple(batch.request_ids[row.of] for row in speculative))]
+            if starting:
+                guesses.append(self._kick_off(batch, requests, selections, upcoming, starting, logits))
             self._guesses = _PendingGuesses(torch.cat([g[0] for g in guesses]),
                                             tuple(i for g in guesses for i in g[1]))
         return logits[: batch.size]
@@ -385,6 +384,10 @@ class SpeCacheDecoder:
             self._quantise_completed_group(request)
         return model.logits(hidden)
 
+    def _step_inputs(self, columns: list[list[int]]) -> torch.Tensor:
+        """A step's inputs [5, rows] long (pinned on CUDA: one asynchronous copy up)."""
+        return torch.tensor(columns, dtype=torch.long, pin_memory=self.model.device.type == "cuda")
+
     def _guess_columns(self, columns: list[list[int]], request: OffloadedRequest, selection: StepSelection,
                        row: int, position: int, token: int) -> None:
         """A speculative row's inputs: `token` at `position` + 1, its pair in the budget's scratch slot (after
@@ -404,7 +407,7 @@ class SpeCacheDecoder:
         for i, token in zip(starting, tokens):
             self._guess_columns(columns, requests[i], selections[i], batch.rows[i], batch.positions[i], token)
             requests[i].speculated = token
-        inputs = torch.tensor(columns, dtype=torch.long, pin_memory=self.model.device.type == "cuda")
+        inputs = self._step_inputs(columns)
         picked = [requests[i] for i in starting]
         guesses = self._eager_forward(inputs, picked, [selections[i] for i in starting],
                                       [upcoming[i] for i in starting], 0, True,
@@ -441,18 +444,17 @@ class SpeCacheDecoder:
 
     def _select_own(self, request: OffloadedRequest, layer: int, q: torch.Tensor, selection: StepSelection) -> None:
         """Make this step's own selection resident (a speculating request whose token was not the guess)."""
-        scores = score(q, request.lowbit.layer(layer), min(selection.recent_start, request.lowbit.length))
-        scores[:, : selection.sinks] = float("-inf")
-        wanted, _ = self._wanted(selection, scores)
+        wanted = self._predict(request, layer, q, selection)
         request.wanted += wanted.numel()
         self._make_resident(request, layer, wanted, request.counts, self._step_scratch)
 
     def _predict(self, request: OffloadedRequest, layer: int, q: torch.Tensor,
-                 upcoming: StepSelection) -> torch.Tensor:
-        """The next step's selection [kv_heads, selected] positions from a guess's query `q` [heads, head_dim]."""
-        scores = score(q, request.lowbit.layer(layer), min(upcoming.recent_start, request.lowbit.length))
-        scores[:, : upcoming.sinks] = float("-inf")
-        return self._wanted(upcoming, scores)[0]
+                 selection: StepSelection) -> torch.Tensor:
+        """`selection`'s top-k [kv_heads, selected] positions by a query `q` [heads, head_dim]'s scores over
+        its candidates (a guess's query: the next step's selection)."""
+        scores = score(q, request.lowbit.layer(layer), min(selection.recent_start, request.lowbit.length))
+        scores[:, : selection.sinks] = float("-inf")
+        return self._wanted(selection, scores)[0]
 
     def _decode_steady(self, request_ids: tuple[int, ...], requests: list[OffloadedRequest],
                        inputs: torch.Tensor, select: bool, guessing: bool) -> torch.Tensor:
