@@ -125,12 +125,13 @@ def variant(args: argparse.Namespace, row: Budget) -> str:
 
 def budgets(args: argparse.Namespace) -> list[Budget]:
     """The SpeCache rows: every --fractions with every --selected-shares and every --select-every, and with
-    --speculate each --fractions and --selected-shares speculating (and, --speculation-holds, with every guess
-    confirmed)."""
+    --speculate each --fractions and --selected-shares speculating (and, --speculation-holds in speed mode, with
+    every guess confirmed)."""
     rows = [Budget(n, share, every) for n in args.fractions for share in args.selected_shares
             for every in args.select_every]
     return rows + [Budget(n, share, 1, True, holds) for n in args.fractions for share in args.selected_shares
-                   for holds in (False, True) if args.speculate and (args.speculation_holds or not holds)]
+                   for holds in (False, True) if args.speculate and (not holds or args.speculation_holds
+                                                                      and not (args.quality or args.locality))]
 
 
 def full_kv_stepper(model: LlamaFamilyModel, context: int, steps: int):
