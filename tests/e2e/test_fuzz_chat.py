@@ -6,12 +6,15 @@ Hypothesis draws text from every Unicode category (lone surrogates included, sen
 every field mostly a value of its type, sometimes any JSON: integers at and past the 64-bit edges, floats from
 NaN and infinities to subnormals, nested lists and objects.
 Each body asks for at most 2 generated tokens (`max_completion_tokens`, which wins over `max_tokens`), or is
-refused for that field, so the run stays short.
+refused for that field, so the run stays short: a whole number written as a float counts as that integer, so
+none above 2 is drawn (a stream asking for 1e308 tokens decodes to the end of the context window, minutes on CI's
+CPU, and never trips the client's read timeout).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterator
 
 import httpx
@@ -49,8 +52,15 @@ def rarely(values: st.SearchStrategy) -> st.SearchStrategy:
     return weighted(st.none(), values, 8)
 
 
-# Refused as max_completion_tokens (null is not: it would leave max_tokens to decide).
-NOT_A_TOKEN_COUNT = st.one_of(st.integers(-(2 ** 64), 0), st.booleans(), FLOATS, TEXT, st.lists(SCALARS, max_size=2))
+def _not_a_large_count(value: float) -> bool:
+    """False for a whole number above 2 written as a float (3.0, 1e308): the gateway takes it as the integer it
+    is (JSON Schema's rule), so it would ask for up to the whole context window, minutes of decoding."""
+    return not (math.isfinite(value) and value > 2 and value == int(value))
+
+
+# Refused as max_completion_tokens, or (1.0, 2.0) within the cap (null is not: it would leave max_tokens to decide).
+NOT_A_TOKEN_COUNT = st.one_of(st.integers(-(2 ** 64), 0), st.booleans(), FLOATS.filter(_not_a_large_count), TEXT,
+                              st.lists(SCALARS, max_size=2))
 PART = st.fixed_dictionaries({"type": either(st.sampled_from(["text", "text", "image_url", "input_audio"])),
                               "text": either(TEXT)}, optional={"image_url": JSON})
 MESSAGE = st.fixed_dictionaries(
