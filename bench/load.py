@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from blendgate.sglang_plugin.profile import PROFILE_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,6 +130,7 @@ class Outcome:
     output_tokens: int = 0
     chunk_hits: int = 0
     chunks: int = 0
+    plugin_gpu_ms: float | None = None  # its share of the plugin pass that prefilled it (profiled workers only)
     error: str | None = None
 
 
@@ -162,6 +164,9 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                     # None: a request that asked no blend (a plain request batched with blending ones)
                     hits = (report.get("hits") or []) if isinstance(report, dict) else []
                     outcome.chunk_hits, outcome.chunks = sum(map(bool, hits)), len(hits)
+                    timings = report.get(PROFILE_KEY) if isinstance(report, dict) else None
+                    if isinstance(timings, dict) and timings.get("requests"):
+                        outcome.plugin_gpu_ms = timings["gpu"] / timings["requests"]
         outcome.output_tokens = seen
         outcome.ok = outcome.ttft_s is not None
         if not outcome.ok:
@@ -227,6 +232,10 @@ class RateSummary:
     output_tokens_per_s: float
     chunk_hit_rate: float | None
     errors: tuple[str, ...]
+    # With a profiled worker (BLENDGATE_SGLANG_PROFILE=1): the plugin's GPU time per RAG request (median) and
+    # the share of the run's wall time the GPU spent in the plugin's passes.
+    plugin_ms_p50: float | None = None
+    plugin_busy: float | None = None
 
 
 def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummary:
@@ -237,10 +246,13 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
     itl = [gap for o in done for gap in o.itl_s]
     chunks = sum(o.chunks for o in done)
     errors = sorted({o.error for o in outcomes if o.error})
+    plugin = [o.plugin_gpu_ms for o in done if o.plugin_gpu_ms is not None]
     return RateSummary(rate, len(outcomes), len(done), len(outcomes) - len(done), ms(rag, 50), ms(rag, 99),
                        ms(chat, 50), ms(chat, 99), ms(itl, 50), ms(itl, 99),
                        sum(o.output_tokens for o in done) / wall_s if wall_s > 0 else 0.0,
-                       sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]))
+                       sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]),
+                       percentile(plugin, 50) if plugin else None,
+                       sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None)
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -270,6 +282,12 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
     best = sustained_rate(rows, slo_ms)
     lines += ["", f"- sustained rate (RAG p99 TTFT <= {slo_ms:g} ms, no failures): "
                   f"{'none of the rates' if best is None else f'{best:g} req/s'}"]
+    if any(r.plugin_ms_p50 is not None for r in rows):
+        lines += ["", "Profiled worker (BLENDGATE_SGLANG_PROFILE=1): the plugin's GPU time a RAG request (its share "
+                      "of the pass that prefilled it) and the share of each rate's wall time spent in those passes:",
+                  "", "| rate (req/s) | plugin GPU ms a RAG request, p50 | plugin GPU busy |", "|---|---|---|"]
+        lines += [f"| {r.rate:g} | {fmt(r.plugin_ms_p50)} | "
+                  f"{'-' if r.plugin_busy is None else f'{r.plugin_busy:.2f}'} |" for r in rows]
     for r in rows:
         if r.errors:
             lines.append(f"- errors at {r.rate:g} req/s: {'; '.join(r.errors)}")

@@ -14,6 +14,11 @@ stock SGLang's own full prefill of the same run.
 - SGLang + blendgate, blend r: a second engine with the plugin and --disable-radix-cache; one warm-up request
   puts the chunks' KV in the plugin's GPU tier, the timed ones find it there. r = 1.0 is blendgate's own
   full prefill inside SGLang (its kernels, SGLang's scheduling).
+
+`plugin_profile` (issue 20: where a blend's time inside SGLang goes) starts a third engine whose plugin times
+its passes (BLENDGATE_SGLANG_PROFILE=1: sglang_plugin/profile.py) and sets each request's wall time beside the
+plugin's stages; the rest is SGLang's own per-request path. Its engine is apart from the timed rows' because the
+profile waits for each pass's end.
 """
 
 from __future__ import annotations
@@ -165,3 +170,44 @@ def sglang_decode_rates(spec: dict, batches: list[int], contexts: list[int], ste
             engine.shutdown()
     return rates
 
+
+
+def plugin_profile(name: str, spec: dict, system: list[int], chunks: list[list[int]], question: list[int], k: int,
+                   runs: int, ratio: float = 0.15) -> list[str]:
+    """Median milliseconds per stage of the plugin's pass for one blend (k chunks, `ratio`), beside the
+    request's wall time through sglang.Engine.generate, as report lines."""
+    from blendgate.sglang_plugin.profile import PROFILE_KEY
+
+    segments = [PromptSegment(tuple(system)), *(PromptSegment(tuple(c), True) for c in chunks[:k]),
+                PromptSegment(tuple(question))]
+    prompt = Prompt(segments, mode="blend", recompute_ratio=ratio)
+    params = {"max_new_tokens": 1, "temperature": 0.0, "custom_params": custom_params(prompt)}
+    walls, stages = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["BLENDGATE_SGLANG_PROFILE"] = "1"
+        try:
+            engine = _engine(write_model_dir(spec, Path(tmp)), plugin=True, radix=False)
+        finally:
+            os.environ.pop("BLENDGATE_SGLANG_PROFILE")
+        try:
+            for run in range(runs + RUNS_WARMUP):
+                started = time.perf_counter()
+                result = engine.generate(input_ids=prompt.token_ids, sampling_params=params)
+                wall = (time.perf_counter() - started) * 1000
+                report = (result["meta_info"].get("blendgate") or [None])[0] or {}
+                if report.get("mode") != "blend" or PROFILE_KEY not in report:
+                    raise RuntimeError(f"the plugin did not blend or time its pass: {report}")
+                if run >= RUNS_WARMUP:
+                    walls.append(wall)
+                    stages.append(report[PROFILE_KEY])
+        finally:
+            engine.shutdown()
+    median = {stage: statistics.median(s[stage] for s in stages) for stage in stages[0]}
+    wall = statistics.median(walls)
+    line = (f"- {name}, k = {k}, blend r = {ratio} inside SGLang with the plugin's profile "
+            f"(BLENDGATE_SGLANG_PROFILE=1, {runs} runs), median ms: request wall {wall:.2f}; the plugin's forward "
+            f"hook {median['hook_wall']:.2f} (host planning {median['plan']:.2f}, GPU {median['gpu']:.2f}: prefill "
+            f"{median['prefill']:.2f}, KV written into SGLang's pool {median['kv_write']:.2f}, SGLang's logits "
+            f"{median['logits']:.2f}); SGLang's own path around it {wall - median['hook_wall']:.2f}")
+    print(line, flush=True)
+    return [line]

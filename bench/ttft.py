@@ -18,6 +18,10 @@ model (SDPA) runs the same prompts as the dense baseline our runner must keep up
     python bench/ttft.py --models llama3-8b --chunks 8 --runs 20 --out bench/results/ttft-DATE.md
     python bench/ttft.py --smollm SmolLM2-135M-Instruct.Q4_1.gguf --models   # real-weight rows only
     python bench/ttft.py --models llama3-8b --chunks 8 --sglang   # with SGLang's rows (bench/sglang_rows.py)
+    python bench/ttft.py --models llama3-8b --chunks 8 --engine-rows --sglang  # + the local engine's requests
+
+Local rows time the prefill call (CUDA events); --engine-rows times a request to the local engine end to end, and
+SGLang's rows a request to SGLang end to end (wall time): compare those two for what a client sees.
 """
 
 from __future__ import annotations
@@ -166,6 +170,62 @@ class Bench:
             if row["model"] == self.name and row["k"] == k:
                 row["speedup"] = full["median"] / row["median"]
 
+    def engine_rows(self, ks: list[int], ratio: float = 0.15) -> None:
+        """The default blend as a request to the local engine, the way SGLang's rows time SGLang: wall time from
+        LocalEngine.submit (the prompt's token ids, its chunk-caches in the GPU tier after warm-up) to its first
+        token on the host, the engine's own per-request path included (its thread's hand-off, the prefill's KV
+        stored into the decode pool, sampling, the event back on the asyncio loop). Raises RuntimeError when the
+        engine did not blend."""
+        import asyncio
+
+        from blendgate.chunkcache.kv_store import ChunkCacheStore
+        from blendgate.chunkcache.runner import BlendingRunner
+        from blendgate.chunkcache.tiers import MemoryTier
+        from blendgate.engine.engine import LocalEngine
+        from blendgate.engine.prompt import Prompt, PromptSegment
+        from blendgate.engine.sampling import SamplingParams
+        from blendgate.engine.weights import LoadedModel
+
+        device = next(self.hf.parameters()).device
+        context = self.hf.config.max_position_embeddings
+        loaded = LoadedModel(model=self.hf, tokenizer=None, folder=Path("."), device=device,
+                             max_context_tokens=context, eos_token_ids=frozenset())
+        runner = BlendingRunner(loaded, ChunkCacheStore([MemoryTier("gpu", 8 << 30, device)]))
+        engine = LocalEngine(runner, max_context_tokens=context, stop_token_ids=frozenset(), max_running=1)
+        loop = asyncio.new_event_loop()
+        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+
+        async def first_token(prompt: Prompt) -> tuple[float, object]:
+            started = time.perf_counter()
+            handle = engine.submit(prompt, params)
+            elapsed = None
+            async for _ in handle:
+                elapsed = elapsed or (time.perf_counter() - started) * 1000
+            return elapsed, handle.prefill_report
+
+        try:
+            for k in ks:
+                segments = [PromptSegment(tuple(self.system)),
+                            *(PromptSegment(tuple(chunk), True) for chunk in self.chunks[:k]),
+                            PromptSegment(tuple(self.question))]
+                prompt = Prompt(segments, mode="blend", recompute_ratio=ratio)
+                times = []
+                for run in range(self.runs + 3):  # the first run computes and stores the chunks
+                    elapsed, report = loop.run_until_complete(first_token(prompt))
+                    if run >= 3:
+                        times.append(elapsed)
+                if report is None or report.mode != "blend" or report.miss_count:
+                    raise RuntimeError(f"the local engine did not blend from its GPU tier: {report}")
+                row = {"model": self.name, "k": k, "ideal": None, "median": statistics.median(times),
+                       "p90": p90(times),
+                       "row": f"local engine request (submit to first token), blend r = {ratio}, chunks in GPU "
+                              f"memory ({report.recomputed_tokens} of {report.chunk_tokens} recomputed)"}
+                self.rows.append(row)
+                print(f"{self.name} k={k} {row['row']}: {row['median']:.2f} ms (p90 {row['p90']:.2f})", flush=True)
+        finally:
+            engine.shutdown()
+            loop.close()
+
     @torch.inference_mode()
     def breakdown(self, k: int, ratio: float, chunks: list[ChunkKV], prefix_kv: ChunkKV | None
                   ) -> dict[str, float]:
@@ -245,6 +305,9 @@ def main() -> None:
     parser.add_argument("--sglang", action="store_true",
                         help="add SGLang 0.5.15's rows (stock, prefix caching, with blendgate's plugin): "
                              "bench/sglang_rows.py")
+    parser.add_argument("--engine-rows", action="store_true",
+                        help="also time the default blend as a request to the local engine (LocalEngine.submit to "
+                             "the first token, wall time): the like-for-like row for SGLang's")
     parser.add_argument("--rules", nargs="+", default=["default"],
                         help="selection rules to time: 'default' and names of bench/quality.py's RULES; a name "
                              "ending in ':eager' runs the probe pass op by op instead of from CUDA graphs")
@@ -281,6 +344,12 @@ def main() -> None:
         print(f"{name}: ready in {time.perf_counter() - started:.0f} s", flush=True)
         for k in args.chunks:
             bench.run(k)
+        if args.engine_rows:
+            bench.engine_rows(args.chunks)
+        for row in bench.rows:  # the engine's rows too: over the same run's full prefill
+            full = next((r for r in bench.rows if r["k"] == row["k"] and r["row"] == "full prefill"), None)
+            if full is not None:
+                row["speedup"] = full["median"] / row["median"]
         k = 8 if 8 in args.chunks else args.chunks[0]
         for tier, chunks, prefix_kv in (("GPU", bench.on_gpu, bench.prefix_gpu), ("CPU", bench.in_cpu,
                                                                                      bench.prefix_cpu)):
@@ -298,6 +367,10 @@ def main() -> None:
             from sglang_rows import sglang_rows
 
             rows += sglang_rows(name, ARCHITECTURES[name], *prompts, args.chunks, args.runs)
+            from sglang_rows import plugin_profile
+
+            extra += plugin_profile(name, ARCHITECTURES[name], *prompts, 8 if 8 in args.chunks else args.chunks[0],
+                                    args.runs)
     if args.smollm:
         bench = Bench("SmolLM2-135M (real weights)", smollm_model(args.smollm), args.runs, max(args.chunks),
                       reuse_system_prefix=args.reuse_system_prefix, rules=rules, ratios=tuple(args.ratios))

@@ -33,6 +33,14 @@ class PrefilledRequest:
     last_hidden: torch.Tensor  # [hidden], the last prompt token's, before the final norm
     report: dict | None  # the prefill report's wire form (protocol.py); None: the request asked no blend
 
+    def new_kv_layers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys (rotated) and values of the tokens computed in this pass, as SGLang's pool takes
+        them: [layers, tokens, kv_heads, head_dim] each, contiguous (one copy for all layers where per-layer
+        copies took two launches a layer)."""
+        end = self.cache.length
+        return (self.cache.keys[:, :, self.start:end].transpose(1, 2).contiguous(),
+                self.cache.values[:, :, self.start:end].transpose(1, 2).contiguous())
+
     def new_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys (rotated) and values of the tokens computed in this pass, as SGLang's pool takes
         them: [tokens, kv_heads, head_dim] each (ours are [kv_heads, slots, head_dim])."""

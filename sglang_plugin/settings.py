@@ -21,7 +21,10 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
   as the gateway's chunk_cache.codec (name, level): set them alike, since an entry of another codec is a miss;
 - BLENDGATE_SGLANG_REDIS_ADAPT: 0 turns bandwidth adaptation off (chunkcache/adaptation.py: per chunk, recompute
   instead of fetching from the shared tier when fetching would be slower), as the gateway's
-  chunk_cache.redis.adapt (default on).
+  chunk_cache.redis.adapt (default on);
+- BLENDGATE_SGLANG_PROFILE: 1 times each pass the plugin takes by stage (sglang_plugin/profile.py: CUDA events,
+  one host synchronisation at the pass's end) and adds the times to each blended request's report under
+  "plugin_pass_ms" (default off: for benchmarks, bench/sglang_rows.py).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class PluginSettings(BaseSettings):
     redis_adapt: bool = chunk_cache_defaults.REDIS_ADAPT
     codec: str = chunk_cache_defaults.DEFAULT_CODEC
     codec_level: int = Field(0, ge=0)
+    profile: bool = False
 
     @field_validator("codec")
     @classmethod

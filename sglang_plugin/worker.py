@@ -36,6 +36,7 @@ shared with the gateway's local engines and the other workers) come from BLENDGA
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -52,6 +53,7 @@ from ..engine.llama import LlamaFamilyModel
 from . import internals
 from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
 from .prefill import prefill_request
+from .profile import PROFILE_KEY, PassProfile
 from .protocol import REPORT_KEY, fallback_report, wants_chunk_cache
 from .settings import PluginSettings
 
@@ -91,16 +93,20 @@ class BlendWorker:
                                     replace(DEFAULT_RULE, probe_weights=settings.probe_weights))
         # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this GPU where needed.
         self.costs = self.blender.calibrate(settings.pass_cost_tokens, settings.placement_cost_tokens)
+        self.profile = settings.profile and first.device.type == "cuda"
         log.info("blendgate plugin ready on %s (SGLang %s; chunk-cache: %.1f GB GPU, %.1f GB CPU)",
                  first.device, internals.sglang_version(), settings.gpu_cache_bytes / 2**30,
                  settings.cpu_cache_bytes / 2**30)
 
     @torch.no_grad()
-    def prefill(self, model_runner, forward_batch, requests: list[RequestPlan]):
+    def prefill(self, model_runner, forward_batch, requests: list[RequestPlan], entered: float | None = None):
         """Every request of the extend batch prefilled as planned (prefill.py: prefill_request), in one pass:
         its new KV written into SGLang's pool at its `out_cache_loc` slots, its last hidden state through
         SGLang's logits processor, in batch order. Returns SGLang's LogitsProcessorOutput, with each request's
-        report (None for those that asked no blend)."""
+        report (None for those that asked no blend). With profiling on (settings.profile), each report also
+        carries the pass's PassTimings (profile.py) under PROFILE_KEY; `entered`: perf_counter() at the forward
+        hook's entry (default: now)."""
+        profile = PassProfile(entered if entered is not None else time.perf_counter()) if self.profile else None
         loc, tokens = forward_batch.out_cache_loc, forward_batch.input_ids
         done, offset = [], 0
         for index, request in enumerate(requests):
@@ -110,13 +116,24 @@ class BlendWorker:
                 slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
                 read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
             prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix)
+            if profile is not None:
+                profile.mark("prefill")
+            keys, values = prefilled.new_kv_layers()
             for layer in range(self.model.num_layers):
-                internals.write_layer_kv(model_runner, layer, loc[offset:end], *prefilled.new_kv(layer))
+                internals.write_layer_kv(model_runner, layer, loc[offset:end], keys[layer], values[layer])
+            del keys, values
+            if profile is not None:
+                profile.mark("kv_write")
             done.append(prefilled)
             offset = end
         logits_output = internals.logits_from_hidden(model_runner, forward_batch,
                                                      torch.stack([p.last_hidden for p in done]))
-        internals.set_report(logits_output, REPORT_KEY, [p.report for p in done])
+        reports = [p.report for p in done]
+        if profile is not None:
+            profile.mark("logits")
+            timings = profile.finish(len(done)).as_dict()
+            reports = [None if report is None else {**report, PROFILE_KEY: timings} for report in reports]
+        internals.set_report(logits_output, REPORT_KEY, reports)
         return logits_output
 
 
@@ -148,6 +165,7 @@ def around_init_new(original, *args, **kwargs):
 def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
     """ModelRunner._forward_raw: the plugin's prefill for a batch in which some request blends, SGLang's for
     any other."""
+    entered = time.perf_counter()
     batch = getattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE, None)
     if batch is None:
         return original(model_runner, forward_batch, *args, **kwargs)
@@ -173,7 +191,7 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
         try:
             plan = slower_than_full(plan, lambda prompt: worker.blender.fallback(prompt, worker.costs))
             if plan.requests is not None:
-                logits_output = worker.prefill(model_runner, forward_batch, plan.requests)
+                logits_output = worker.prefill(model_runner, forward_batch, plan.requests, entered)
                 for req, request in zip(batch.reqs, plan.requests):
                     if request.prompt is not None:  # approximate KV: never an exact prefix for later requests
                         internals.keep_out_of_radix_cache(req)

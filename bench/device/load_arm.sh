@@ -11,6 +11,8 @@
 #   blendgate-cpu  the same with the chunk-caches in CPU memory only (0 GB GPU tier, 64 GB CPU tier)
 # Compare arms here afterwards: python bench/load_compare.py load-stock.json load-blendgate.json (bench/load.py
 # writes each report's rows as JSON beside it).
+# With BLENDGATE_SGLANG_PROFILE=1 in the environment the plugin times its passes (sglang_plugin/profile.py) and
+# the report adds the plugin's GPU time a RAG request and its share of the run (the profile waits for each pass).
 # Both give SGLang the same static memory fraction (0.55 of the GPU: weights and its KV pool), so the plugin's
 # GPU tier fits beside it.
 set -euo pipefail

@@ -36,12 +36,13 @@ SYSTEM = 32  # the fixture prompt's first segment (system prompt), before its fi
 CHUNKED_PREFILL = 512  # room for the RAG prompt (304 tokens), a short one (44) and a piece of a longer one
 
 
-def generate(model_dir, plugin: bool, requests: list[dict], **server_args) -> list:
+def generate(model_dir, plugin: bool, requests: list[dict], profile: bool = False, **server_args) -> list:
     """Each request in turn (one generate call each: a request, or a batch of them as lists, which SGLang's
-    scheduler receives at once and prefills as one extend batch)."""
+    scheduler receives at once and prefills as one extend batch). `profile`: the plugin times its passes."""
     import sglang
 
     os.environ["BLENDGATE_SGLANG_PLUGIN"] = "1" if plugin else "0"  # read by SGLang's scheduler process
+    os.environ["BLENDGATE_SGLANG_PROFILE"] = "1" if profile else "0"
     # No per-chunk cost: the ratio-1 request blends (its chunk passes and placements would otherwise make it
     # "slower than a full prefill", chunkcache/fallback.py, and the plugin would compute it exactly instead).
     os.environ["BLENDGATE_SGLANG_PASS_COST_TOKENS"] = os.environ["BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS"] = "0"
@@ -109,13 +110,13 @@ def outputs(model_dir, prompt, stock, plain_prompts):
 def radix(model_dir, prompt, plain_prompts):
     """A plugin worker with its radix cache on: a plain request, the RAG request twice, the RAG request batched
     with a plain one sharing the system prompt, the RAG prompt without chunks (which enters the radix tree), then
-    the RAG request once more (now found there whole)."""
+    the RAG request once more (now found there whole). The plugin times its passes (BLENDGATE_SGLANG_PROFILE)."""
     ids, spans = prompt
     return generate(model_dir, True, [request(plain_prompts["p1"]), request(ids, spans, 0.15),
                                       request(ids, spans, 0.15),
                                       batch(request(ids, spans, 0.15), request(plain_prompts["p2"])),
                                       request(ids), request(ids, spans, 0.15)],
-                    disable_radix_cache=False)
+                    profile=True, disable_radix_cache=False)
 
 
 def assert_close(ours: dict[int, float], theirs: dict[int, float], atol: float) -> None:
@@ -211,3 +212,19 @@ def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests
     assert report["mode"] == "full_prefill" and "past its first segment" in report["fallback"], report
     assert exact["meta_info"]["cached_tokens"] > SYSTEM
     assert_close(top_logprobs(exact), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
+
+
+def test_a_profiled_pass_reports_its_stages(radix, outputs) -> None:
+    from blendgate.sglang_plugin.profile import PROFILE_KEY
+
+    _, first, _, (third, batched_plain), _, _ = radix
+    for output in (first, third):  # alone, and in a pass with a plain request
+        timings = output["meta_info"]["blendgate"][0][PROFILE_KEY]
+        assert set(timings) == {"requests", "plan", "prefill", "kv_write", "logits", "gpu", "hook_wall"}, timings
+        assert all(value > 0 for value in timings.values()), timings
+        assert timings["requests"] == (1 if output is first else 2)
+        assert timings["prefill"] + timings["kv_write"] + timings["logits"] <= timings["gpu"] * 1.01 + 0.05
+        assert timings["hook_wall"] >= timings["plan"]
+    assert report_of(batched_plain["meta_info"]) == {}  # a request that asked no blend gets no report
+    _, (_, blended, *_) = outputs  # a worker without profiling reports no timings
+    assert PROFILE_KEY not in blended["meta_info"]["blendgate"][0]

@@ -4,6 +4,7 @@ by hand (a run against a worker: tests/e2e/test_load_bench_standin.py)."""
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from bench_modules import bench_module
@@ -66,3 +67,20 @@ def test_the_summary_counts_percentiles_hits_and_the_sustained_rate() -> None:
     slow = load.RateSummary(8.0, 5, 5, 0, 100.0, 1500.0, None, None, None, None, 10.0, None, ())
     assert load.sustained_rate([ok, row, slow], slo_ms=1000.0) == 2.0  # row failed one request
     assert load.sustained_rate([slow], slo_ms=1000.0) is None
+    assert row.plugin_ms_p50 is None and row.plugin_busy is None  # no profiled worker: nothing to report
+    assert "Profiled worker" not in load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
+
+
+REPORT_ARGS = dict(label="t", arm="blendgate", url="u", chunks=8, chunk_tokens=512, chunk_pool=10, zipf=1.1,
+                   system_tokens=64, question_tokens=32, answer_tokens=64, chat_share=0.3, chat_tokens=256,
+                   duration=1.0, seed=0, warmup=0)
+
+
+def test_a_profiled_workers_pass_times_give_the_plugins_share_of_the_run() -> None:
+    # Each RAG request's share of its pass: 20 ms a request; 10 of them over 2 s of wall time: 10% busy.
+    outcomes = [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, plugin_gpu_ms=20.0) for _ in range(10)]
+    outcomes.append(load.Outcome("chat", True, ttft_s=0.05, output_tokens=1))
+    row = load.summarise(4.0, outcomes, wall_s=2.0)
+    assert row.plugin_ms_p50 == pytest.approx(20.0) and row.plugin_busy == pytest.approx(0.1)
+    text = load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
+    assert "| 4 | 20.0 | 0.10 |" in text

@@ -68,3 +68,15 @@ def test_a_blending_request_with_a_cached_system_prompt_writes_only_its_new_toke
 def test_a_prefix_without_a_reader_is_refused(blender) -> None:
     with pytest.raises(ValueError, match="prefix"):
         prefill_request(blender, RequestPlan(3, 2), torch.tensor([1, 2]), None)
+
+
+def test_every_layers_new_kv_at_once_is_each_layers(blender) -> None:
+    model, tokens = blender.model, torch.tensor(ids(20, 7))
+    full = model.new_cache(20)
+    model.forward(tokens, None, full, logits=False)
+    done = prefill_request(blender, RequestPlan(6, 14), tokens[6:], pool_reader(full, 6))
+    keys, values = done.new_kv_layers()
+    assert keys.shape == values.shape == (model.num_layers, 14, model.kv_heads, model.head_dim)
+    assert keys.is_contiguous() and values.is_contiguous()
+    for layer in range(model.num_layers):
+        assert torch.equal(keys[layer], done.new_kv(layer)[0]) and torch.equal(values[layer], done.new_kv(layer)[1])

@@ -301,7 +301,7 @@ class _Worker:
         self.fails = fails
         self.prefilled = None
 
-    def prefill(self, model_runner, forward_batch, requests):
+    def prefill(self, model_runner, forward_batch, requests, entered=None):
         if self.fails:
             raise RuntimeError("out of memory")
         self.prefilled = requests
