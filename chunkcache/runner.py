@@ -29,6 +29,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -64,6 +66,20 @@ CALIBRATION_SMALL_TOKENS = 16
 CALIBRATION_REPEATS = 3
 
 
+# Chunks at most queued for ChunkBlender.warm (the oldest dropped past it): a few dozen prompts' worth.
+WARM_QUEUE_CHUNKS = 256
+
+
+@dataclass(frozen=True)
+class _WarmChunk:
+    """A chunk queued for ChunkBlender.warm: its tokens, what it is computed after, and how many of those
+    tokens other chunks share (ChunkBlender.chunk_kv's `shared`)."""
+
+    token_ids: tuple[int, ...]
+    prefix_ids: tuple[int, ...]
+    shared: int | None
+
+
 class ChunkBlender:
     """Blends a prompt's chunks on a LlamaFamilyModel: each chunk's KV from the store (computed and stored on
     a miss), then CacheBlend. Shared by the local engine's runner and the SGLang plugin, so both find chunk KV
@@ -84,6 +100,8 @@ class ChunkBlender:
         self.rule = rule
         self.fingerprint = model_fingerprint(model)
         self.channel_weights = store.encodes_with_channel_weights if channel_weights is None else channel_weights
+        # Chunks a prompt prefilled in full left uncached (fallback), to compute off its critical path (warm).
+        self._to_warm: OrderedDict[ChunkKey, _WarmChunk] = OrderedDict()
 
     def prefix_for(self, prompt: Prompt, segment: PromptSegment | None = None) -> tuple[int, ...]:
         """What a chunk `segment` of this prompt is computed after (see CHUNK_PREFIXES): the first segment and
@@ -141,8 +159,44 @@ class ChunkBlender:
                             if not source.local and source.hit and source.decision is not None else 0.0
                             for source in sources]
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
-        return blend_fallback([len(ids) for ids in chunks], [source.hit for source in sources], ratio, costs,
-                              fetch_tokens)
+        reason = blend_fallback([len(ids) for ids in chunks], [source.hit for source in sources], ratio, costs,
+                                fetch_tokens)
+        if reason is not None:
+            self._queue_misses(prompt, sources)
+        return reason
+
+    def _queue_misses(self, prompt: Prompt, sources: list[ChunkSource]) -> None:
+        """The prompt's chunks not cached, queued for warm(): a prompt prefilled in full because its chunks were
+        not cached would otherwise leave them uncached, and the same prompt would be prefilled in full forever
+        (the slower-than-full rule weighs this request only). The oldest beyond WARM_QUEUE_CHUNKS are dropped."""
+        first = prompt.segments[0]
+        shared = 0 if self.chunk_prefix == "none" or first.is_chunk else len(first.token_ids)
+        chunk_segments = [segment for segment in prompt.segments if segment.is_chunk]
+        for segment, source in zip(chunk_segments, sources):
+            if source.hit:
+                continue
+            prefix = self.prefix_for(prompt, segment)
+            key = self.chunk_key(prefix, segment.token_ids)
+            self._to_warm[key] = _WarmChunk(segment.token_ids, prefix, shared if segment.context else None)
+            self._to_warm.move_to_end(key)
+        while len(self._to_warm) > WARM_QUEUE_CHUNKS:
+            self._to_warm.popitem(last=False)
+
+    @property
+    def pending_warm(self) -> int:
+        """Chunks queued for warm()."""
+        return len(self._to_warm)
+
+    def warm(self, limit: int = 1) -> int:
+        """Computes and stores up to `limit` of the queued chunks (oldest first; one already cached meanwhile is
+        skipped), as a blend would on a miss. Returns how many were computed. Callers run it off requests'
+        critical paths: the local engine between its steps, the SGLang plugin after a pass."""
+        computed = 0
+        while self._to_warm and computed < limit:
+            key, chunk = self._to_warm.popitem(last=False)
+            _, hit = self.chunk_kv(key, chunk.token_ids, chunk.prefix_ids, shared=chunk.shared)
+            computed += not hit
+        return computed
 
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...],
                  read: bool = True, shared: int | None = None) -> tuple[ChunkKV, bool]:
@@ -318,6 +372,11 @@ class BlendingRunner(LlamaRunner):
         if prompt.has_chunks:
             state.report = dataclasses.replace(report, prefill_ms=round((time.perf_counter() - started) * 1000, 2))
         return logits, state
+
+    def warm_step(self) -> bool:
+        """One chunk a full-prefill fallback left uncached, computed and stored (ChunkBlender.warm); False when
+        none is queued. The engine calls it between its steps."""
+        return self.blender.warm(1) > 0
 
     # -- prefix caching -----------------------------------------------------------------------------
     def _prefix_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, int]:

@@ -47,6 +47,11 @@ class Runner(Protocol):
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor: ...
 
+    def warm_step(self) -> bool:
+        """One piece of background work (chunk-caches a full-prefill fallback left uncached), run between the
+        engine's steps and while it is idle; False when there is none."""
+        ...
+
 
 @runtime_checkable
 class BatchRunner(Runner, Protocol):
@@ -213,24 +218,40 @@ class LocalEngine:
                 except Exception:  # serving eagerly beats not serving
                     log.exception("capturing the decode step's CUDA graphs failed; decoding eagerly")
                     self._decoder.graphs = False
+            warming = True  # whether the runner may have background work left
             while True:
                 with self._cond:
-                    while not self._stopping and not self._scheduler.has_work():
+                    while not self._stopping and not self._scheduler.has_work() and not warming:
                         self._cond.wait()
+                    idle = not self._scheduler.has_work()
                     if self._stopping:
                         for request in [*self._scheduler.running, *self._scheduler.waiting]:
                             request._emit(_SHUTDOWN)
                         return
-                    if self._decoder is None:  # one request's forward pass, round-robin
+                    if idle:  # only the runner's background work
+                        one, allocation, decode = None, None, []
+                    elif self._decoder is None:  # one request's forward pass, round-robin
                         one, allocation, decode = self._scheduler.next(), None, []
                     else:
                         step = self._scheduler.schedule()
                         one, decode = step.prefill, step.decode
                         allocation = None if one is None else self._scheduler.allocator.get(one.request_id)
-                if one is not None:
-                    self._step_one(one, allocation)
-                else:
-                    self._decode_batch(decode)
+                if not idle:
+                    if one is not None:
+                        self._step_one(one, allocation)
+                    else:
+                        self._decode_batch(decode)
+                # Between steps (or idle): one chunk a fallback left uncached (a pass of its own, off requests'
+                # first tokens).
+                warming = self._warm_step()
+
+    def _warm_step(self) -> bool:
+        """The runner's background work, one piece; a failure is logged, never a request's."""
+        try:
+            return bool(self.runner.warm_step())
+        except Exception:
+            log.exception("background chunk-cache warming failed")
+            return False
 
     def _step_one(self, request: GenerationHandle, allocation: BlockAllocation | None) -> None:
         """A request's prefill (its KV then copied into its blocks, where the scheduler reserved them), or

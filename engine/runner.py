@@ -53,6 +53,10 @@ class HFModelRunner:
         return out.logits[0, -1]
 
 
+
+    def warm_step(self) -> bool:
+        """Background work between the engine's steps: none here."""
+        return False
 class LlamaRunner:
     def __init__(self, loaded: LoadedModel) -> None:
         self.model = LlamaFamilyModel.from_transformers(loaded.model)
@@ -71,6 +75,10 @@ class LlamaRunner:
         state.length += 1
         return logits[-1]
 
+
+    def warm_step(self) -> bool:
+        """Background work between the engine's steps: none here."""
+        return False
     @property
     def kv_token_bytes(self) -> int:
         model = self.model

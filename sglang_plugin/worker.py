@@ -9,6 +9,9 @@ in one pass of the plugin's:
   (LlamaFamilyModel.forward), after the KV of its cached prefix gathered from SGLang's pool;
 then each request's new KV is written into SGLang's pool at its slots (`out_cache_loc`) and each request's last
 hidden state handed to SGLang's logits processor, in batch order. Decoding is SGLang's own, over that pool.
+A blending request prefilled in full because its chunks were not cached (slower than a full prefill) leaves
+them queued: after each later pass the plugin computes one of them into the store (ChunkBlender.warm), so the
+next such prompt blends.
 
 A request's first tokens may already be in SGLang's pool (`extend_prefix_lens`: a radix-cache match, or the
 earlier pieces of a prompt split by chunked prefill). A blending request whose cached prefix lies within its
@@ -168,7 +171,9 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
     entered = time.perf_counter()
     batch = getattr(forward_batch, internals.BATCH_PARAMS_ATTRIBUTE, None)
     if batch is None:
-        return original(model_runner, forward_batch, *args, **kwargs)
+        output = original(model_runner, forward_batch, *args, **kwargs)
+        _warm_after(model_runner)
+        return output
     try:
         plain_extend = internals.is_plain_extend(forward_batch)
         # Speculative and split passes are extends too, but may lack the per-request extend lengths.
@@ -203,7 +208,22 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
     output = original(model_runner, forward_batch, *args, **kwargs)
     if any(report is not None for report in plan.reports):
         internals.set_report(output.logits_output, REPORT_KEY, plan.reports)
+    _warm_after(model_runner)
     return output
+
+
+@torch.no_grad()
+def _warm_after(model_runner) -> None:
+    """After a pass SGLang ran (a decode step, or a prefill in full): one chunk a full-prefill fallback left
+    uncached, computed into the store (ChunkBlender.warm), so that the prompts that fell back blend next time.
+    One chunk a pass bounds what it adds to that pass (a 512-token chunk's own forward); a failure is logged."""
+    worker = getattr(model_runner, _WORKER_ATTRIBUTE, None)
+    if not worker or not worker.blender.pending_warm:
+        return
+    try:
+        worker.blender.warm(1)
+    except Exception:
+        log.exception("blendgate plugin could not compute a chunk's KV for its store")
 
 
 def _failed(plan: BatchPlan, reason: str) -> BatchPlan:

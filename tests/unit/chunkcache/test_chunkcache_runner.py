@@ -189,3 +189,49 @@ def test_many_tiny_chunks_are_prefilled_in_full_and_faster_than_blending_them(lo
     torch.testing.assert_close(fallen_back, full, atol=1e-3, rtol=1e-4)
     assert forced.report.mode == "blend" and forced.report.miss_count == 8
     assert fallback_s < forced_s, (fallback_s, forced_s)
+
+
+def test_chunks_a_fallback_left_uncached_are_warmed_so_the_prompt_blends_next_time(loaded_model, tokenizer) -> None:
+    # Without warming, a prompt prefilled in full because its chunks were not cached would leave them uncached
+    # and be prefilled in full every time (seen on the H200: SGLang's plugin never blended a cold prompt).
+    documents = [f"Fact {i} is {i * 7}.\n\n" for i in range(8)]
+    store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
+    deciding = BlendingRunner(loaded_model, store)
+    forced = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]), costs=BLEND_ALWAYS)
+    prompt = rag_prompt(tokenizer, documents, "blend")
+    with torch.inference_mode():
+        _, state = deciding.prefill(prompt)
+        assert state.report.mode == "full_prefill" and deciding.blender.pending_warm == 8
+        assert sum(deciding.warm_step() for _ in range(10)) == 8  # one chunk a call, then nothing left
+        assert store.report()["tiers"][0]["entries"] == 8 and deciding.blender.pending_warm == 0
+        logits, state = deciding.prefill(prompt)
+        expected, _ = forced.prefill(prompt)
+    assert state.report.mode == "blend" and state.report.hit_count == 8
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)  # the KV a blend computes on a miss
+
+
+def test_the_engine_warms_between_requests(loaded_model, tokenizer) -> None:
+    import asyncio
+
+    from blendgate.engine.engine import LocalEngine
+    from blendgate.engine.sampling import SamplingParams
+
+    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]))
+    engine = LocalEngine(runner, max_context_tokens=512, stop_token_ids=frozenset(), max_running=2)
+    prompt = rag_prompt(tokenizer, [f"Fact {i} is {i * 7}.\n\n" for i in range(8)], "blend")
+
+    async def ask() -> str | None:
+        handle = engine.submit(prompt, SamplingParams(max_new_tokens=2, temperature=0.0))
+        [_ async for _ in handle]
+        return handle.prefill_report
+
+    try:
+        first = asyncio.run(ask())
+        deadline = time.monotonic() + 60
+        while runner.blender.pending_warm and time.monotonic() < deadline:  # the idle engine warms on its own
+            time.sleep(0.05)
+        second = asyncio.run(ask())
+    finally:
+        engine.shutdown()
+    assert first.mode == "full_prefill" and first.fallback
+    assert second.mode == "blend" and second.hit_count == 8, second

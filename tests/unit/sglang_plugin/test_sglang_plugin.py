@@ -296,7 +296,8 @@ class _Worker:
     """The plugin's worker as the hook sees it: a blend-or-full decision, and a prefill that succeeds or fails."""
 
     def __init__(self, fails: bool = False) -> None:
-        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None)
+        self.warmed: list[int] = []
+        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None, pending_warm=0, warm=self.warmed.append)
         self.costs = None
         self.fails = fails
         self.prefilled = None
@@ -355,3 +356,16 @@ def test_a_failed_prefill_or_an_unknown_sglang_is_served_by_sglang(monkeypatch) 
     runner = _Runner(_Worker())
     output = _forward(monkeypatch, runner, reqs, [BLEND, PLAIN], unknown_sglang=True)
     assert runner.sglang_ran and output.logits_output.customized_info is None
+
+
+def test_after_a_pass_sglang_ran_the_plugin_computes_one_queued_chunk() -> None:
+    state = _Worker()
+    runner = _Runner(state)
+    decode_step = SimpleNamespace()  # no blendgate requests attached: SGLang's own pass
+    worker.around_forward_raw(runner.original, runner, decode_step)
+    assert runner.sglang_ran and state.warmed == []  # nothing queued
+    state.blender.pending_warm = 3
+    worker.around_forward_raw(runner.original, runner, decode_step)
+    assert state.warmed == [1]  # one chunk a pass
+    for state in (None, False):  # the plugin failed to start, or has not started: nothing to warm
+        worker.around_forward_raw(_Runner(state).original, _Runner(state), decode_step)
