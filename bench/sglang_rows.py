@@ -13,8 +13,8 @@ stock SGLang's own full prefill of the same run.
   and first chunk (then diverging) is served, so the timed one finds exactly those in the radix cache;
 - SGLang + blendgate, blend r: a second engine with the plugin and --disable-radix-cache; warm-up requests
   (until one blends: warm_until_blending) put the chunks' KV in the plugin's GPU tier, the timed ones find it
-  there. r = 1.0 is blendgate's own
-  full prefill inside SGLang (its kernels, SGLang's scheduling).
+  there. Only r < 1 by default: at r = 1.0 (blendgate's own full prefill inside SGLang) blending saves nothing,
+  so the slower-than-full rule (chunkcache/fallback.py) hands the request to SGLang's prefill.
 
 `plugin_profile` (issue 20: where a blend's time inside SGLang goes) starts a third engine whose plugin times
 its passes (BLENDGATE_SGLANG_PROFILE=1: sglang_plugin/profile.py) and sets each request's wall time beside the
@@ -79,7 +79,7 @@ def _p90(times: list[float]) -> float:
 
 
 def sglang_rows(name: str, spec: dict, system: list[int], chunks: list[list[int]], question: list[int],
-                ks: list[int], runs: int, ratios=(0.15, 1.0)) -> list[dict]:
+                ks: list[int], runs: int, ratios=(0.15,)) -> list[dict]:
     rows: list[dict] = []
     one_token = {"max_new_tokens": 1, "temperature": 0.0}
 
