@@ -54,6 +54,7 @@ from .keys import ChunkKey, model_fingerprint, token_digest
 from .kv import ChunkKV
 from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
+from .warming import DEFAULT_WARM_SHARE, WarmPacer
 
 # The chunk sizes the prefill's costs are measured at (ChunkBlender.measure_prefill), and the timed passes each.
 # On a GPU the larger size is 1,024 tokens: an 8B model's passes over 16 and 256 tokens both take about the time
@@ -87,9 +88,11 @@ class ChunkBlender:
 
     def __init__(self, model: LlamaFamilyModel, store: ChunkCacheStore, chunk_prefix: str = "system",
                  rule: SelectionRule = DEFAULT_RULE, prefix_caches: int = defaults.CHUNK_PREFIX_ENTRIES,
-                 channel_weights: bool | None = None) -> None:
+                 channel_weights: bool | None = None, warm_share: float = DEFAULT_WARM_SHARE) -> None:
         """channel_weights: measure each computed chunk's ChannelWeights (precompute_chunk); None: where the
-        store encodes entries with a codec that uses them (ChunkCacheStore.encodes_with_channel_weights)."""
+        store encodes entries with a codec that uses them (ChunkCacheStore.encodes_with_channel_weights).
+        warm_share: the most of the serving time computing chunks a fallback left uncached may take under load
+        (warming.py: WarmPacer)."""
         if chunk_prefix not in CHUNK_PREFIXES:
             raise ValueError(f"chunk_prefix must be one of {', '.join(CHUNK_PREFIXES)}")
         # The KV of the few chunk prefixes in use (system prompt, context), continued for each new chunk.
@@ -100,8 +103,10 @@ class ChunkBlender:
         self.rule = rule
         self.fingerprint = model_fingerprint(model)
         self.channel_weights = store.encodes_with_channel_weights if channel_weights is None else channel_weights
-        # Chunks a prompt prefilled in full left uncached (fallback), to compute off its critical path (warm).
+        # Chunks a prompt prefilled in full left uncached (fallback), to compute off its critical path (warm),
+        # paced while requests are served (warming.py).
         self._to_warm: OrderedDict[ChunkKey, _WarmChunk] = OrderedDict()
+        self.warm_pacer = WarmPacer(warm_share)
 
     def prefix_for(self, prompt: Prompt, segment: PromptSegment | None = None) -> tuple[int, ...]:
         """What a chunk `segment` of this prompt is computed after (see CHUNK_PREFIXES): the first segment and
@@ -197,6 +202,16 @@ class ChunkBlender:
             _, hit = self.chunk_kv(key, chunk.token_ids, chunk.prefix_ids, shared=chunk.shared)
             computed += not hit
         return computed
+
+    def warm_paced(self, busy: bool) -> bool:
+        """One queued chunk computed (warm) if any is queued and, when `busy` (requests are being served), the
+        pacer says one is due; returns whether chunks are still queued afterwards."""
+        if self._to_warm and (not busy or self.warm_pacer.due()):
+            started = time.perf_counter()
+            self.warm(1)
+            if busy:
+                self.warm_pacer.spent(time.perf_counter() - started)
+        return bool(self._to_warm)
 
     def chunk_kv(self, key: ChunkKey, chunk_ids: tuple[int, ...], prefix_ids: tuple[int, ...],
                  read: bool = True, shared: int | None = None) -> tuple[ChunkKV, bool]:
@@ -373,10 +388,10 @@ class BlendingRunner(LlamaRunner):
             state.report = dataclasses.replace(report, prefill_ms=round((time.perf_counter() - started) * 1000, 2))
         return logits, state
 
-    def warm_step(self) -> bool:
-        """One chunk a full-prefill fallback left uncached, computed and stored (ChunkBlender.warm); False when
-        none is queued. The engine calls it between its steps."""
-        return self.blender.warm(1) > 0
+    def warm_step(self, busy: bool) -> bool:
+        """One chunk a full-prefill fallback left uncached, computed and stored, paced while `busy`
+        (ChunkBlender.warm_paced); whether chunks are still queued. The engine calls it between its steps."""
+        return self.blender.warm_paced(busy)
 
     # -- prefix caching -----------------------------------------------------------------------------
     def _prefix_prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState, int]:

@@ -47,9 +47,10 @@ class Runner(Protocol):
 
     def decode(self, token_id: int, state: KVState) -> torch.Tensor: ...
 
-    def warm_step(self) -> bool:
+    def warm_step(self, busy: bool) -> bool:
         """One piece of background work (chunk-caches a full-prefill fallback left uncached), run between the
-        engine's steps and while it is idle; False when there is none."""
+        engine's steps (`busy`: requests are being served, so it may be paced) and while it is idle; whether
+        more is left."""
         ...
 
 
@@ -241,14 +242,15 @@ class LocalEngine:
                         self._step_one(one, allocation)
                     else:
                         self._decode_batch(decode)
-                # Between steps (or idle): one chunk a fallback left uncached (a pass of its own, off requests'
-                # first tokens).
-                warming = self._warm_step()
+                # Between steps (paced) or idle: one chunk a fallback left uncached (a pass of its own, off
+                # requests' first tokens).
+                warming = self._warm_step(busy=not idle)
 
-    def _warm_step(self) -> bool:
-        """The runner's background work, one piece; a failure is logged, never a request's."""
+    def _warm_step(self, busy: bool) -> bool:
+        """The runner's background work, one piece; whether more is left. A failure is logged (and ends this
+        round of it), never a request's."""
         try:
-            return bool(self.runner.warm_step())
+            return bool(self.runner.warm_step(busy))
         except Exception:
             log.exception("background chunk-cache warming failed")
             return False

@@ -54,7 +54,7 @@ class HFModelRunner:
 
 
 
-    def warm_step(self) -> bool:
+    def warm_step(self, busy: bool) -> bool:
         """Background work between the engine's steps: none here."""
         return False
 class LlamaRunner:
@@ -76,7 +76,7 @@ class LlamaRunner:
         return logits[-1]
 
 
-    def warm_step(self) -> bool:
+    def warm_step(self, busy: bool) -> bool:
         """Background work between the engine's steps: none here."""
         return False
     @property

@@ -24,7 +24,9 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
   chunk_cache.redis.adapt (default on);
 - BLENDGATE_SGLANG_PROFILE: 1 times each pass the plugin takes by stage (sglang_plugin/profile.py: CUDA events,
   one host synchronisation at the pass's end) and adds the times to each blended request's report under
-  "plugin_pass_ms" (default off: for benchmarks, bench/sglang_rows.py).
+  "plugin_pass_ms" (default off: for benchmarks, bench/sglang_rows.py);
+- BLENDGATE_SGLANG_WARM_SHARE: the most of the time (0-1, default 0.1) computing the chunks a full-prefill
+  fallback left uncached may take (chunkcache/warming.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..chunkcache import defaults as chunk_cache_defaults
 from ..chunkcache.eviction import DEFAULT_EVICTION, EvictionPolicyName
 from ..chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, ProbeWeights
+from ..chunkcache.warming import DEFAULT_WARM_SHARE
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, ChunkPrefix
 
 PREFIX = "BLENDGATE_SGLANG_"
@@ -65,6 +68,7 @@ class PluginSettings(BaseSettings):
     codec: str = chunk_cache_defaults.DEFAULT_CODEC
     codec_level: int = Field(0, ge=0)
     profile: bool = False
+    warm_share: float = Field(DEFAULT_WARM_SHARE, gt=0, le=1, allow_inf_nan=False)
 
     @field_validator("codec")
     @classmethod

@@ -10,8 +10,8 @@ in one pass of the plugin's:
 then each request's new KV is written into SGLang's pool at its slots (`out_cache_loc`) and each request's last
 hidden state handed to SGLang's logits processor, in batch order. Decoding is SGLang's own, over that pool.
 A blending request prefilled in full because its chunks were not cached (slower than a full prefill) leaves
-them queued: after each later pass the plugin computes one of them into the store (ChunkBlender.warm), so the
-next such prompt blends.
+them queued: after later passes the plugin computes them into the store, paced to a share of the time
+(ChunkBlender.warm_paced, BLENDGATE_SGLANG_WARM_SHARE), so the next such prompt blends.
 
 A request's first tokens may already be in SGLang's pool (`extend_prefix_lens`: a radix-cache match, or the
 earlier pieces of a prompt split by chunked prefill). A blending request whose cached prefix lies within its
@@ -93,7 +93,8 @@ class BlendWorker:
             link=shared.link) if shared is not None and settings.redis_adapt else None
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
-                                    replace(DEFAULT_RULE, probe_weights=settings.probe_weights))
+                                    replace(DEFAULT_RULE, probe_weights=settings.probe_weights),
+                                    warm_share=settings.warm_share)
         # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this GPU where needed.
         self.costs = self.blender.calibrate(settings.pass_cost_tokens, settings.placement_cost_tokens)
         self.profile = settings.profile and first.device.type == "cuda"
@@ -215,13 +216,14 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
 @torch.no_grad()
 def _warm_after(model_runner) -> None:
     """After a pass SGLang ran (a decode step, or a prefill in full): one chunk a full-prefill fallback left
-    uncached, computed into the store (ChunkBlender.warm), so that the prompts that fell back blend next time.
-    One chunk a pass bounds what it adds to that pass (a 512-token chunk's own forward); a failure is logged."""
+    uncached, computed into the store when the pacer says one is due (ChunkBlender.warm_paced: at most
+    BLENDGATE_SGLANG_WARM_SHARE of the time), so that the prompts that fell back blend next time. A pass here
+    always has requests behind it, so warming is always paced; a failure is logged."""
     worker = getattr(model_runner, _WORKER_ATTRIBUTE, None)
     if not worker or not worker.blender.pending_warm:
         return
     try:
-        worker.blender.warm(1)
+        worker.blender.warm_paced(busy=True)
     except Exception:
         log.exception("blendgate plugin could not compute a chunk's KV for its store")
 

@@ -16,6 +16,7 @@ from blendgate.chunkcache.fallback import (
 from blendgate.chunkcache.kv_store import ChunkCacheStore
 from blendgate.chunkcache.runner import BlendingRunner
 from blendgate.chunkcache.tiers import MemoryTier
+from blendgate.chunkcache.warming import WarmPacer
 from blendgate.engine.prompt import Prompt, PromptSegment
 
 DOCUMENTS = ["The blue castle stands on a granite hill. Its secret code is 4711.\n\n",
@@ -202,7 +203,8 @@ def test_chunks_a_fallback_left_uncached_are_warmed_so_the_prompt_blends_next_ti
     with torch.inference_mode():
         _, state = deciding.prefill(prompt)
         assert state.report.mode == "full_prefill" and deciding.blender.pending_warm == 8
-        assert sum(deciding.warm_step() for _ in range(10)) == 8  # one chunk a call, then nothing left
+        left = [deciding.warm_step(busy=False) for _ in range(8)]  # idle: one chunk a call, unpaced
+        assert left == [True] * 7 + [False]
         assert store.report()["tiers"][0]["entries"] == 8 and deciding.blender.pending_warm == 0
         logits, state = deciding.prefill(prompt)
         expected, _ = forced.prefill(prompt)
@@ -235,3 +237,32 @@ def test_the_engine_warms_between_requests(loaded_model, tokenizer) -> None:
         engine.shutdown()
     assert first.mode == "full_prefill" and first.fallback
     assert second.mode == "blend" and second.hit_count == 8, second
+
+
+def test_under_load_warming_is_paced_to_its_share_of_the_time(loaded_model, tokenizer) -> None:
+    now = [100.0]
+    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]))
+    runner.blender.warm_pacer = WarmPacer(0.25, clock=lambda: now[0])
+    with torch.inference_mode():
+        runner.prefill(rag_prompt(tokenizer, [f"Fact {i} is {i * 7}.\n\n" for i in range(8)], "blend"))
+        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 7  # the first is due at once
+        next_at = runner.blender.warm_pacer._next_at
+        assert next_at > now[0]  # 3x the warm's time later (share 0.25)
+        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 7  # not due yet: nothing done
+        now[0] = next_at
+        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 6
+
+
+def test_the_pacer_spaces_warms_by_their_share() -> None:
+    now = [0.0]
+    pacer = WarmPacer(0.1, clock=lambda: now[0])
+    assert pacer.due()
+    pacer.spent(0.05)  # a 50 ms warm: the next 0.45 s later
+    now[0] = 0.44
+    assert not pacer.due()
+    now[0] = 0.45
+    assert pacer.due()
+    assert WarmPacer(1.0).due()
+    for share in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            WarmPacer(share)

@@ -226,6 +226,14 @@ def test_store_settings_come_from_the_environment(monkeypatch) -> None:
     settings = worker.PluginSettings.from_env()
     assert settings.gpu_cache_bytes == 1 << 29 and settings.chunk_prefix == "none"
     assert settings.probe_weights == "auto"
+    assert settings.warm_share == 0.1 and not settings.profile
+    monkeypatch.setenv("BLENDGATE_SGLANG_WARM_SHARE", "0.25")
+    monkeypatch.setenv("BLENDGATE_SGLANG_PROFILE", "1")
+    assert worker.PluginSettings.from_env().warm_share == 0.25 and worker.PluginSettings.from_env().profile
+    monkeypatch.setenv("BLENDGATE_SGLANG_WARM_SHARE", "0")
+    with pytest.raises(ValueError, match="BLENDGATE_SGLANG_WARM_SHARE"):
+        worker.PluginSettings.from_env()
+    monkeypatch.setenv("BLENDGATE_SGLANG_WARM_SHARE", "0.1")
     monkeypatch.setenv("BLENDGATE_SGLANG_CPU_CACHE_GB", "lots")
     with pytest.raises(ValueError, match="BLENDGATE_SGLANG_CPU_CACHE_GB"):
         worker.PluginSettings.from_env()
@@ -297,7 +305,8 @@ class _Worker:
 
     def __init__(self, fails: bool = False) -> None:
         self.warmed: list[int] = []
-        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None, pending_warm=0, warm=self.warmed.append)
+        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None, pending_warm=0,
+                                       warm_paced=lambda busy: self.warmed.append(busy))
         self.costs = None
         self.fails = fails
         self.prefilled = None
@@ -358,7 +367,7 @@ def test_a_failed_prefill_or_an_unknown_sglang_is_served_by_sglang(monkeypatch) 
     assert runner.sglang_ran and output.logits_output.customized_info is None
 
 
-def test_after_a_pass_sglang_ran_the_plugin_computes_one_queued_chunk() -> None:
+def test_after_a_pass_sglang_ran_the_plugin_may_compute_a_queued_chunk() -> None:
     state = _Worker()
     runner = _Runner(state)
     decode_step = SimpleNamespace()  # no blendgate requests attached: SGLang's own pass
@@ -366,6 +375,6 @@ def test_after_a_pass_sglang_ran_the_plugin_computes_one_queued_chunk() -> None:
     assert runner.sglang_ran and state.warmed == []  # nothing queued
     state.blender.pending_warm = 3
     worker.around_forward_raw(runner.original, runner, decode_step)
-    assert state.warmed == [1]  # one chunk a pass
+    assert state.warmed == [True]  # one paced chance a pass: requests are behind every pass
     for state in (None, False):  # the plugin failed to start, or has not started: nothing to warm
         worker.around_forward_raw(_Runner(state).original, _Runner(state), decode_step)
