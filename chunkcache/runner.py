@@ -150,6 +150,10 @@ class ChunkBlender:
         keys = [self.chunk_key(prefix, ids) for prefix, ids in zip(self.chunk_prefixes(prompt), chunks)]
         return self.store.locate(keys, [len(ids) for ids in chunks])
 
+    def cached(self, prompt: Prompt) -> list[bool]:
+        """Per chunk of the prompt, in order, whether the store holds its KV (locate's hits)."""
+        return [source.hit for source in self.locate(prompt)]
+
     def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
         """blend_fallback for this prompt: its chunks, which of them would be read from the store (chunks the
         fetch policy would recompute count as not cached), what fetching those from the shared tier would cost
@@ -376,8 +380,10 @@ class BlendingRunner(LlamaRunner):
             if prompt.has_chunks and prompt.mode in ("reuse", "blend") else None
         if not prompt.has_chunks or prompt.mode == "full_prefill" or fallback is not None:
             logits, state = super().prefill(prompt)
+            # A fallback's report says which chunks were cached, so hit rates count it too.
             report = PrefillReport(mode="full_prefill", recompute_ratio=1.0,
-                                   requested_mode=prompt.mode if fallback is not None else None, fallback=fallback)
+                                   requested_mode=prompt.mode if fallback is not None else None, fallback=fallback,
+                                   hits=self.blender.cached(prompt) if fallback is not None else None)
         elif prompt.mode == "prefix":
             logits, state, reused = self._prefix_prefill(prompt)
             report = PrefillReport(mode="prefix", prefix_tokens_reused=reused)

@@ -151,9 +151,11 @@ def report_of(meta_info: dict) -> dict:
     return dict(found) if isinstance(found, dict) else {}
 
 
-def fallback_report(requested_mode: str | None, reason: str) -> dict:
-    """The wire form of a worker's report for a request it prefilled in full although a blend was asked for."""
-    return PrefillReport(mode="full_prefill", requested_mode=requested_mode, fallback=reason).as_dict()
+def fallback_report(requested_mode: str | None, reason: str, hits: list[bool] | None = None) -> dict:
+    """The wire form of a worker's report for a request it prefilled in full although a blend was asked for;
+    `hits`: per chunk, whether the store held it (known when the blend was weighed against a full prefill), so
+    that chunk-cache hit rates count the requests prefilled in full too."""
+    return PrefillReport(mode="full_prefill", requested_mode=requested_mode, fallback=reason, hits=hits).as_dict()
 
 
 def prefill_report_of(meta_info: dict) -> PrefillReport:

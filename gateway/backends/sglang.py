@@ -209,7 +209,7 @@ class SglangBackend(ChatBackend):
         ctx.chunk_cache = report
         self.totals["chunks_sent"] += chunks
         self.totals["cached_tokens"] += meta.cached_tokens or 0
-        self.totals["chunks_reused"] += report.hit_count
+        self.totals["chunks_reused"] += report.hit_count if report.blended else 0  # a fallback reused none
         if report.chunk_tokens is not None and report.recomputed_tokens is not None:
             self.totals["chunk_tokens_not_recomputed"] += report.chunk_tokens - report.recomputed_tokens
 

@@ -203,6 +203,7 @@ def test_chunks_a_fallback_left_uncached_are_warmed_so_the_prompt_blends_next_ti
     with torch.inference_mode():
         _, state = deciding.prefill(prompt)
         assert state.report.mode == "full_prefill" and deciding.blender.pending_warm == 8
+        assert state.report.hits == [False] * 8  # counted as misses by the chunk-cache series
         left = [deciding.warm_step(busy=False) for _ in range(8)]  # idle: one chunk a call, unpaced
         assert left == [True] * 7 + [False]
         assert store.report()["tiers"][0]["entries"] == 8 and deciding.blender.pending_warm == 0

@@ -254,6 +254,10 @@ def test_a_request_whose_blend_would_be_slower_is_computed_exactly_and_says_why(
     # When no request blends any more, SGLang prefills the batch and the slow one says why.
     alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []), lambda p: reasons[id(p)])
     assert alone.requests is None and alone.reports == [None, result.requests[2].report]
+    # With the store's view, the report says which chunks were cached: hit rates count the slow one too.
+    counted = plans.slower_than_full(same, lambda p: reasons[id(p)], cached=lambda p: [False, True])
+    assert counted.requests[2].report == {**result.requests[2].report, "hits": [False, True], "hit_count": 1,
+                                          "miss_count": 1, "selection": None}
 
 
 def test_fallback_costs_come_from_the_environment(monkeypatch) -> None:
@@ -305,7 +309,7 @@ class _Worker:
 
     def __init__(self, fails: bool = False) -> None:
         self.warmed: list[int] = []
-        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None, pending_warm=0,
+        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None, cached=lambda prompt: [], pending_warm=0,
                                        warm_paced=lambda busy: self.warmed.append(busy))
         self.costs = None
         self.fails = fails
