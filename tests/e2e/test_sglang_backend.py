@@ -30,13 +30,15 @@ def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin
 @pytest.fixture(scope="module")
 def sgl_gateway(workers: list[SglangStandin], workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
     greedy = {"temperature": 0.0, "top_p": 1.0}
-    sglang = {"backend": "sglang", "health_interval_s": 0.5, "read_timeout_s": 5, "max_context_tokens": 2048,
+    # A generous read timeout where the stand-in computes chunks and their contexts on the CPU before its first
+    # event (several seconds on a loaded 2-core machine); a short one where a test waits for the 504.
+    sglang = {"backend": "sglang", "health_interval_s": 0.5, "read_timeout_s": 60, "max_context_tokens": 2048,
               "sampling_defaults": greedy}
     config = {
         "models": [
             {"name": EMBEDDED, "backend": "local", "sampling_defaults": greedy},
             {"name": "sgl", "workers": [w.url for w in workers], **sglang},
-            {"name": "sgl-second", "workers": [workers[1].url], **sglang},
+            {"name": "sgl-second", "workers": [workers[1].url], **sglang, "read_timeout_s": 5},
             {"name": "sgl-nowhere", "workers": [f"http://127.0.0.1:{free_port()}"], **sglang},
         ],
         "retrieval": {"data_dir": str(workdir / "sglang-collections")},
