@@ -119,10 +119,8 @@ def sglang_rows(name: str, spec: dict, system: list[int], chunks: list[list[int]
         engine = _engine(model_dir, plugin=True, radix=False)
         try:
             for k in ks:
-                segments = [PromptSegment(tuple(system)), *(PromptSegment(tuple(c), True) for c in chunks[:k]),
-                            PromptSegment(tuple(question))]
                 for ratio in ratios:
-                    prompt = Prompt(segments, mode="blend", recompute_ratio=ratio)
+                    prompt = blend_prompt(system, chunks[:k], question, ratio)
                     ids = prompt.token_ids
                     params = {**one_token, "custom_params": custom_params(prompt)}  # as the gateway sends them
                     report = warm_until_blending(engine, ids, params)
@@ -172,6 +170,13 @@ def sglang_decode_rates(spec: dict, batches: list[int], contexts: list[int], ste
 
 
 
+def blend_prompt(system: list[int], chunks: list[list[int]], question: list[int], ratio: float) -> Prompt:
+    """The benchmark's RAG prompt (system prompt, chunks, question) in "blend" mode at recompute ratio `ratio`."""
+    segments = [PromptSegment(tuple(system)), *(PromptSegment(tuple(c), True) for c in chunks),
+                PromptSegment(tuple(question))]
+    return Prompt(segments, mode="blend", recompute_ratio=ratio)
+
+
 def warm_until_blending(engine, ids: list[int], params: dict, most: int = 24) -> dict | None:
     """Sends the request until the plugin blends it (at most `most` times) and returns its last report. A cold
     prompt is prefilled in full while blending its uncached chunks would be slower; the plugin then computes
@@ -191,9 +196,7 @@ def plugin_profile(name: str, spec: dict, system: list[int], chunks: list[list[i
     request's wall time through sglang.Engine.generate, as report lines."""
     from blendgate.sglang_plugin.profile import PROFILE_KEY
 
-    segments = [PromptSegment(tuple(system)), *(PromptSegment(tuple(c), True) for c in chunks[:k]),
-                PromptSegment(tuple(question))]
-    prompt = Prompt(segments, mode="blend", recompute_ratio=ratio)
+    prompt = blend_prompt(system, chunks[:k], question, ratio)
     params = {"max_new_tokens": 1, "temperature": 0.0, "custom_params": custom_params(prompt)}
     walls, stages = [], []
     with tempfile.TemporaryDirectory() as tmp:

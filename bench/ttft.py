@@ -182,9 +182,10 @@ class Bench:
         from blendgate.chunkcache.runner import BlendingRunner
         from blendgate.chunkcache.tiers import MemoryTier
         from blendgate.engine.engine import LocalEngine
-        from blendgate.engine.prompt import Prompt, PromptSegment
+        from blendgate.engine.prompt import Prompt
         from blendgate.engine.sampling import SamplingParams
         from blendgate.engine.weights import LoadedModel
+        from sglang_rows import blend_prompt  # beside this script; imports SGLang only when its rows run
 
         device = next(self.hf.parameters()).device
         context = self.hf.config.max_position_embeddings
@@ -205,10 +206,7 @@ class Bench:
 
         try:
             for k in ks:
-                segments = [PromptSegment(tuple(self.system)),
-                            *(PromptSegment(tuple(chunk), True) for chunk in self.chunks[:k]),
-                            PromptSegment(tuple(self.question))]
-                prompt = Prompt(segments, mode="blend", recompute_ratio=ratio)
+                prompt = blend_prompt(self.system, self.chunks[:k], self.question, ratio)
                 times = []
                 for run in range(self.runs + 3):  # the first run computes and stores the chunks
                     elapsed, report = loop.run_until_complete(first_token(prompt))
@@ -220,6 +218,9 @@ class Bench:
                        "p90": p90(times),
                        "row": f"local engine request (submit to first token), blend r = {ratio}, chunks in GPU "
                               f"memory ({report.recomputed_tokens} of {report.chunk_tokens} recomputed)"}
+                full = next((r for r in self.rows if r["k"] == k and r["row"] == "full prefill"), None)
+                if full is not None:  # over the same run's full prefill, as run() gives the other rows
+                    row["speedup"] = full["median"] / row["median"]
                 self.rows.append(row)
                 print(f"{self.name} k={k} {row['row']}: {row['median']:.2f} ms (p90 {row['p90']:.2f})", flush=True)
         finally:
@@ -346,10 +347,6 @@ def main() -> None:
             bench.run(k)
         if args.engine_rows:
             bench.engine_rows(args.chunks)
-        for row in bench.rows:  # the engine's rows too: over the same run's full prefill
-            full = next((r for r in bench.rows if r["k"] == row["k"] and r["row"] == "full prefill"), None)
-            if full is not None:
-                row["speedup"] = full["median"] / row["median"]
         k = 8 if 8 in args.chunks else args.chunks[0]
         for tier, chunks, prefix_kv in (("GPU", bench.on_gpu, bench.prefix_gpu), ("CPU", bench.in_cpu,
                                                                                      bench.prefix_cpu)):

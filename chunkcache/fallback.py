@@ -69,6 +69,15 @@ class PrefillCosts:
     placement_tokens: float = DEFAULT_PLACEMENT_COST_TOKENS
 
 
+@dataclass(frozen=True)
+class FallbackDecision:
+    """ChunkBlender.weigh's answer for one prompt: `reason` why it is prefilled in full (None: it blends), and
+    `hits`, per chunk in prompt order, whether its KV would be read from the store (for the report)."""
+
+    reason: str | None
+    hits: list[bool]
+
+
 def blend_fallback(chunk_lengths: Sequence[int], hits: Sequence[bool], recompute_ratio: float,
                    costs: PrefillCosts = PrefillCosts(), fetch_tokens: Sequence[float] | None = None) -> str | None:
     """Why blending these chunks would be slower than prefilling the prompt in full, or None when it is not.

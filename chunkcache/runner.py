@@ -45,6 +45,7 @@ from . import defaults
 from .blend import BlendResult, blend_prefill, precompute_chunk
 from .fallback import (
     DEFAULT_PASS_COST_TOKENS,
+    FallbackDecision,
     PrefillCalibration,
     PrefillCosts,
     PrefillTiming,
@@ -144,22 +145,41 @@ class ChunkBlender:
     def chunk_key(self, chunk_prefix: tuple[int, ...], chunk_ids: tuple[int, ...]) -> ChunkKey:
         return ChunkKey.of(self.fingerprint, list(chunk_prefix), list(chunk_ids))
 
+    def _chunk_keys(self, prompt: Prompt) -> list[tuple[PromptSegment, tuple[int, ...], ChunkKey]]:
+        """Each chunk segment of the prompt, in order, with what it is computed after and its store key."""
+        found = []
+        for segment in prompt.segments:
+            if segment.is_chunk:
+                prefix = self.prefix_for(prompt, segment)
+                found.append((segment, prefix, self.chunk_key(prefix, segment.token_ids)))
+        return found
+
     def locate(self, prompt: Prompt) -> list[ChunkSource]:
         """Where each of the prompt's chunks would come from (ChunkCacheStore.locate), in prompt order."""
-        chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
-        keys = [self.chunk_key(prefix, ids) for prefix, ids in zip(self.chunk_prefixes(prompt), chunks)]
-        return self.store.locate(keys, [len(ids) for ids in chunks])
+        return self._locate(self._chunk_keys(prompt))
 
-    def cached(self, prompt: Prompt) -> list[bool]:
-        """Per chunk of the prompt, in order, whether the store holds its KV (locate's hits)."""
-        return [source.hit for source in self.locate(prompt)]
+    def _locate(self, chunk_keys: list[tuple[PromptSegment, tuple[int, ...], ChunkKey]]) -> list[ChunkSource]:
+        return self.store.locate([key for _, _, key in chunk_keys],
+                                 [len(segment.token_ids) for segment, _, _ in chunk_keys])
+
+    def _shared_prefix_tokens(self, prompt: Prompt) -> int:
+        """How many of a chunk prefix's first tokens (the first segment's) every chunk of the prompt is computed
+        after (chunk_kv's `shared` for chunks with a context of their own)."""
+        first = prompt.segments[0]
+        return 0 if self.chunk_prefix == "none" or first.is_chunk else len(first.token_ids)
 
     def fallback(self, prompt: Prompt, costs: PrefillCosts) -> str | None:
+        """weigh's reason: why the prompt is prefilled in full, or None when it blends."""
+        return self.weigh(prompt, costs).reason
+
+    def weigh(self, prompt: Prompt, costs: PrefillCosts) -> FallbackDecision:
         """blend_fallback for this prompt: its chunks, which of them would be read from the store (chunks the
         fetch policy would recompute count as not cached), what fetching those from the shared tier would cost
-        (the policy's estimates, in tokens at its prefill rate), and its mode's ratio."""
-        chunks = [segment.token_ids for segment in prompt.segments if segment.is_chunk]
-        sources = self.locate(prompt)
+        (the policy's estimates, in tokens at its prefill rate), and its mode's ratio; with the hits. A prompt
+        prefilled in full queues its uncached chunks for warm()."""
+        chunk_keys = self._chunk_keys(prompt)
+        chunks = [segment.token_ids for segment, _, _ in chunk_keys]
+        sources = self._locate(chunk_keys)
         policy = self.store.adaptation
         fetch_tokens = None
         if policy is not None:
@@ -168,24 +188,21 @@ class ChunkBlender:
                             if not source.local and source.hit and source.decision is not None else 0.0
                             for source in sources]
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
-        reason = blend_fallback([len(ids) for ids in chunks], [source.hit for source in sources], ratio, costs,
-                                fetch_tokens)
+        hits = [source.hit for source in sources]
+        reason = blend_fallback([len(ids) for ids in chunks], hits, ratio, costs, fetch_tokens)
         if reason is not None:
-            self._queue_misses(prompt, sources)
-        return reason
+            self._queue_misses(prompt, chunk_keys, hits)
+        return FallbackDecision(reason, hits)
 
-    def _queue_misses(self, prompt: Prompt, sources: list[ChunkSource]) -> None:
+    def _queue_misses(self, prompt: Prompt, chunk_keys: list[tuple[PromptSegment, tuple[int, ...], ChunkKey]],
+                      hits: list[bool]) -> None:
         """The prompt's chunks not cached, queued for warm(): a prompt prefilled in full because its chunks were
         not cached would otherwise leave them uncached, and the same prompt would be prefilled in full forever
         (the slower-than-full rule weighs this request only). The oldest beyond WARM_QUEUE_CHUNKS are dropped."""
-        first = prompt.segments[0]
-        shared = 0 if self.chunk_prefix == "none" or first.is_chunk else len(first.token_ids)
-        chunk_segments = [segment for segment in prompt.segments if segment.is_chunk]
-        for segment, source in zip(chunk_segments, sources):
-            if source.hit:
+        shared = self._shared_prefix_tokens(prompt)
+        for (segment, prefix, key), hit in zip(chunk_keys, hits):
+            if hit:
                 continue
-            prefix = self.prefix_for(prompt, segment)
-            key = self.chunk_key(prefix, segment.token_ids)
             self._to_warm[key] = _WarmChunk(segment.token_ids, prefix, shared if segment.context else None)
             self._to_warm.move_to_end(key)
         while len(self._to_warm) > WARM_QUEUE_CHUNKS:
@@ -297,7 +314,7 @@ class ChunkBlender:
         report of what was reused and recomputed."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
-        shared = 0 if self.chunk_prefix == "none" or first.is_chunk else len(first.token_ids)
+        shared = self._shared_prefix_tokens(prompt)
         sources = iter(self.locate(prompt))
         segments, hits, found, shared_fetch = [], [], [], []
         for segment in prompt.segments:
@@ -376,14 +393,15 @@ class BlendingRunner(LlamaRunner):
 
     def prefill(self, prompt: Prompt) -> tuple[torch.Tensor, KVState]:
         started = time.perf_counter()
-        fallback = self.blender.fallback(prompt, self.costs) \
+        decision = self.blender.weigh(prompt, self.costs) \
             if prompt.has_chunks and prompt.mode in ("reuse", "blend") else None
+        fallback = decision.reason if decision is not None else None
         if not prompt.has_chunks or prompt.mode == "full_prefill" or fallback is not None:
             logits, state = super().prefill(prompt)
             # A fallback's report says which chunks were cached, so hit rates count it too.
             report = PrefillReport(mode="full_prefill", recompute_ratio=1.0,
                                    requested_mode=prompt.mode if fallback is not None else None, fallback=fallback,
-                                   hits=self.blender.cached(prompt) if fallback is not None else None)
+                                   hits=decision.hits if fallback is not None else None)
         elif prompt.mode == "prefix":
             logits, state, reused = self._prefix_prefill(prompt)
             report = PrefillReport(mode="prefix", prefix_tokens_reused=reused)

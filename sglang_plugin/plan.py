@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..chunkcache.fallback import FallbackDecision
 from ..engine.llama import SUPPORTED_MODEL_TYPES
 from ..engine.prompt import Prompt
 from .protocol import PREFILL_MODE, fallback_report, prompt_of, wants_chunk_cache
@@ -103,16 +104,14 @@ def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int, vocab_
     return RequestPlan(prefix, extend, prompt)
 
 
-def slower_than_full(plan: BatchPlan, fallback: Callable[[Prompt], str | None],
-                     cached: Callable[[Prompt], list[bool]] | None = None) -> BatchPlan:
-    """The plan with each request whose blend would be slower than a full prefill (`fallback`:
-    ChunkBlender.fallback with the worker's costs) computed exactly instead, with the reason in its report and,
-    given `cached` (ChunkBlender.cached), which of its chunks the store held; the others still blend. SGLang's
-    forward when none blends any more."""
+def slower_than_full(plan: BatchPlan, weigh: Callable[[Prompt], FallbackDecision]) -> BatchPlan:
+    """The plan with each request whose blend would be slower than a full prefill (`weigh`:
+    ChunkBlender.weigh with the worker's costs) computed exactly instead, with the reason and which of its
+    chunks the store held in its report; the others still blend. SGLang's forward when none blends any more."""
     plans = []
     for request in plan.requests:
-        reason = fallback(request.prompt) if request.prompt is not None else None
-        hits = cached(request.prompt) if reason and cached is not None else None
+        decision = weigh(request.prompt) if request.prompt is not None else None
         plans.append(RequestPlan(request.prefix_len, request.extend_len,
-                                 report=fallback_report(request.prompt.mode, reason, hits)) if reason else request)
+                                 report=fallback_report(request.prompt.mode, decision.reason, decision.hits))
+                     if decision is not None and decision.reason else request)
     return BatchPlan(plans, []) if any(p.prompt is not None for p in plans) else BatchPlan.sglangs(plans)

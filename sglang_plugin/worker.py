@@ -195,8 +195,7 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
         plan = _failed(plan, "the plugin could not start (see the log)")
     elif worker is not None:
         try:
-            plan = slower_than_full(plan, lambda prompt: worker.blender.fallback(prompt, worker.costs),
-                                    worker.blender.cached)
+            plan = slower_than_full(plan, lambda prompt: worker.blender.weigh(prompt, worker.costs))
             if plan.requests is not None:
                 logits_output = worker.prefill(model_runner, forward_batch, plan.requests, entered)
                 for req, request in zip(batch.reqs, plan.requests):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from blendgate.chunkcache.fallback import PrefillCosts
+from blendgate.chunkcache.fallback import FallbackDecision, PrefillCosts
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.sglang_plugin import plan as plans
 from blendgate.sglang_plugin import worker
@@ -246,16 +246,16 @@ def test_a_request_whose_blend_would_be_slower_is_computed_exactly_and_says_why(
     requests = [plans.RequestPlan(0, len(PROMPT), PROMPT), plans.RequestPlan(0, 3),
                 plans.RequestPlan(0, len(PROMPT), slow)]
     same = plans.BatchPlan(requests, [])
-    assert plans.slower_than_full(same, lambda p: None) == same
-    result = plans.slower_than_full(same, lambda p: reasons[id(p)])
+    assert plans.slower_than_full(same, lambda p: FallbackDecision(None, [True, True])) == same
+    result = plans.slower_than_full(same, lambda p: FallbackDecision(reasons[id(p)], None))
     assert result.requests[:2] == requests[:2]  # the others still blend, or are still computed as asked
     assert result.requests[2] == plans.RequestPlan(0, len(PROMPT), report={
         "mode": "full_prefill", "requested_mode": "reuse", "fallback": reasons[id(slow)]})
     # When no request blends any more, SGLang prefills the batch and the slow one says why.
-    alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []), lambda p: reasons[id(p)])
+    alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []), lambda p: FallbackDecision(reasons[id(p)], None))
     assert alone.requests is None and alone.reports == [None, result.requests[2].report]
     # With the store's view, the report says which chunks were cached: hit rates count the slow one too.
-    counted = plans.slower_than_full(same, lambda p: reasons[id(p)], cached=lambda p: [False, True])
+    counted = plans.slower_than_full(same, lambda p: FallbackDecision(reasons[id(p)], [False, True]))
     assert counted.requests[2].report == {**result.requests[2].report, "hits": [False, True], "hit_count": 1,
                                           "miss_count": 1, "selection": None}
 
@@ -309,7 +309,7 @@ class _Worker:
 
     def __init__(self, fails: bool = False) -> None:
         self.warmed: list[int] = []
-        self.blender = SimpleNamespace(fallback=lambda prompt, costs: None, cached=lambda prompt: [], pending_warm=0,
+        self.blender = SimpleNamespace(weigh=lambda prompt, costs: FallbackDecision(None, []), pending_warm=0,
                                        warm_paced=lambda busy: self.warmed.append(busy))
         self.costs = None
         self.fails = fails
