@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +54,7 @@ from .keys import ChunkKey, model_fingerprint, token_digest
 from .kv import ChunkKV
 from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
-from .warming import DEFAULT_WARM_SHARE, WarmPacer
+from .warming import DEFAULT_WARM_SHARE, WarmPacer, WarmQueue
 
 # The chunk sizes the prefill's costs are measured at (ChunkBlender.measure_prefill), and the timed passes each.
 # On a GPU the larger size is 1,024 tokens: an 8B model's passes over 16 and 256 tokens both take about the time
@@ -68,7 +67,7 @@ CALIBRATION_SMALL_TOKENS = 16
 CALIBRATION_REPEATS = 3
 
 
-# Chunks at most queued for ChunkBlender.warm (the oldest dropped past it): a few dozen prompts' worth.
+# Chunks at most queued for ChunkBlender.warm (the least missed dropped past it): a few dozen prompts' worth.
 WARM_QUEUE_CHUNKS = 256
 
 
@@ -105,8 +104,8 @@ class ChunkBlender:
         self.fingerprint = model_fingerprint(model)
         self.channel_weights = store.encodes_with_channel_weights if channel_weights is None else channel_weights
         # Chunks a prompt prefilled in full left uncached (fallback), to compute off its critical path (warm),
-        # paced while requests are served (warming.py).
-        self._to_warm: OrderedDict[ChunkKey, _WarmChunk] = OrderedDict()
+        # paced while requests are served, the most missed first (warming.py).
+        self._to_warm: WarmQueue[ChunkKey, _WarmChunk] = WarmQueue(WARM_QUEUE_CHUNKS)
         self.warm_pacer = WarmPacer(warm_share)
 
     def prefix_for(self, prompt: Prompt, segment: PromptSegment | None = None) -> tuple[int, ...]:
@@ -198,15 +197,13 @@ class ChunkBlender:
                       hits: list[bool]) -> None:
         """The prompt's chunks not cached, queued for warm(): a prompt prefilled in full because its chunks were
         not cached would otherwise leave them uncached, and the same prompt would be prefilled in full forever
-        (the slower-than-full rule weighs this request only). The oldest beyond WARM_QUEUE_CHUNKS are dropped."""
+        (the slower-than-full rule weighs this request only). Past WARM_QUEUE_CHUNKS the least missed are
+        dropped (warming.WarmQueue)."""
         shared = self._shared_prefix_tokens(prompt)
         for (segment, prefix, key), hit in zip(chunk_keys, hits):
             if hit:
                 continue
-            self._to_warm[key] = _WarmChunk(segment.token_ids, prefix, shared if segment.context else None)
-            self._to_warm.move_to_end(key)
-        while len(self._to_warm) > WARM_QUEUE_CHUNKS:
-            self._to_warm.popitem(last=False)
+            self._to_warm.missed(key, _WarmChunk(segment.token_ids, prefix, shared if segment.context else None))
 
     @property
     def pending_warm(self) -> int:
@@ -214,12 +211,12 @@ class ChunkBlender:
         return len(self._to_warm)
 
     def warm(self, limit: int = 1) -> int:
-        """Computes and stores up to `limit` of the queued chunks (oldest first; one already cached meanwhile is
-        skipped), as a blend would on a miss. Returns how many were computed. Callers run it off requests'
+        """Computes and stores up to `limit` of the queued chunks (the most missed first, warming.WarmQueue; one
+        already cached meanwhile is skipped), as a blend would on a miss. Returns how many were computed. Callers run it off requests'
         critical paths: the local engine between its steps, the SGLang plugin after a pass."""
         computed = 0
         while self._to_warm and computed < limit:
-            key, chunk = self._to_warm.popitem(last=False)
+            key, chunk = self._to_warm.pop()
             _, hit = self.chunk_kv(key, chunk.token_ids, chunk.prefix_ids, shared=chunk.shared)
             computed += not hit
         return computed
