@@ -42,7 +42,11 @@ def server(model_dir):
     import httpx
 
     port = free_port()
-    env = {**os.environ, "BLENDGATE_SGLANG_PLUGIN": "1"}
+    # No per-chunk cost in the blend-or-full-prefill rule (as test_sglang_worker.py and the e2e test): the tiny
+    # model's calibrated pass cost makes a prompt of 4 uncached 64-token chunks "slower than a full prefill", and
+    # this test is about the stream's first event carrying the blend report (the H200, 2026-12-02).
+    env = {**os.environ, "BLENDGATE_SGLANG_PLUGIN": "1", "BLENDGATE_SGLANG_PASS_COST_TOKENS": "0",
+           "BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS": "0"}
     process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
                                 "--skip-tokenizer-init", "--disable-cuda-graph",  # the radix cache on, as deployed
                                 "--mem-fraction-static", "0.3", "--port", str(port), "--log-level", "warning"],
