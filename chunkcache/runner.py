@@ -212,8 +212,9 @@ class ChunkBlender:
 
     def warm(self, limit: int = 1) -> int:
         """Computes and stores up to `limit` of the queued chunks (the most missed first, warming.WarmQueue; one
-        already cached meanwhile is skipped), as a blend would on a miss. Returns how many were computed. Callers run it off requests'
-        critical paths: the local engine between its steps, the SGLang plugin after a pass."""
+        already cached meanwhile is skipped), as a blend would on a miss. Returns how many were computed.
+        Callers run it off requests' critical paths: the local engine between its steps, the SGLang plugin after
+        a pass."""
         computed = 0
         while self._to_warm and computed < limit:
             key, chunk = self._to_warm.pop()
