@@ -8,6 +8,8 @@
 #   bash bench/device/sglang_bundle.sh            # a few minutes (zstd level BLENDGATE_SGLANG_ZSTD, default 6;
 #                                                 # -19 packs ~10% tighter but takes ~12 min on 2 cores)
 #   for each part N: run(command="bash bench/device/sglang_receive.sh", carry=[".carry/sglang/part.N"])
+# Issue part 00's call alone and the rest only once it has started a machine: while none can be started, every
+# call is refused and still charged 15 s of the session's device time (2026-12-02: 16 refused calls, 4 minutes).
 # Add "/.carry/" to .git/info/exclude once.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
