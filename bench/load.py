@@ -17,8 +17,8 @@ Open loop: request i is sent at the i-th arrival of a Poisson process of the rat
 state (a closed loop would slow down with the server and hide its queueing). Every request streams (SSE); TTFT
 is the time to the first event carrying output tokens, inter-token latency (ITL) the gaps between later tokens.
 Per rate: requests sent, completed and failed, TTFT p50/p99 (RAG and chat apart), ITL p50/p99, output tokens
-per second, and the chunk-cache hit rate the workers' prefill reports give (`meta_info["blendgate"]`). The
-highest rate whose RAG p99 TTFT stays within `--slo-ms` is the arm's sustained rate.
+per second, and from the workers' prefill reports (`meta_info["blendgate"]`) the chunk-cache hit rate and the
+share of RAG requests blended (the rest fell back to a full prefill). The highest rate whose RAG p99 TTFT stays within `--slo-ms` is the arm's sustained rate.
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ class Outcome:
     chunk_hits: int = 0
     chunks: int = 0
     plugin_gpu_ms: float | None = None  # its share of the plugin pass that prefilled it (profiled workers only)
+    blended: bool | None = None  # whether its report says it was blended (None: no report, e.g. the stock arm)
     error: str | None = None
 
 
@@ -164,6 +165,8 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                     # None: a request that asked no blend (a plain request batched with blending ones)
                     hits = (report.get("hits") or []) if isinstance(report, dict) else []
                     outcome.chunk_hits, outcome.chunks = sum(map(bool, hits)), len(hits)
+                    if isinstance(report, dict):
+                        outcome.blended = report.get("mode") == "blend"
                     timings = report.get(PROFILE_KEY) if isinstance(report, dict) else None
                     if isinstance(timings, dict) and timings.get("requests"):
                         outcome.plugin_gpu_ms = timings["gpu"] / timings["requests"]
@@ -236,6 +239,9 @@ class RateSummary:
     # the share of the run's wall time the GPU spent in the plugin's passes.
     plugin_ms_p50: float | None = None
     plugin_busy: float | None = None
+    # The share of completed RAG requests whose report says they were blended (the rest were prefilled in full:
+    # a fallback); None without reports (the stock arm). The chunk hit rate alone hid a run that never blended.
+    rag_blended: float | None = None
 
 
 def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummary:
@@ -247,12 +253,14 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
     chunks = sum(o.chunks for o in done)
     errors = sorted({o.error for o in outcomes if o.error})
     plugin = [o.plugin_gpu_ms for o in done if o.plugin_gpu_ms is not None]
+    reported = [o.blended for o in done if o.kind == "rag" and o.blended is not None]
     return RateSummary(rate, len(outcomes), len(done), len(outcomes) - len(done), ms(rag, 50), ms(rag, 99),
                        ms(chat, 50), ms(chat, 99), ms(itl, 50), ms(itl, 99),
                        sum(o.output_tokens for o in done) / wall_s if wall_s > 0 else 0.0,
                        sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]),
                        percentile(plugin, 50) if plugin else None,
-                       sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None)
+                       sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None,
+                       sum(reported) / len(reported) if reported else None)
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -272,13 +280,14 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
              f"{args.chat_tokens} tokens; Poisson arrivals for {args.duration:g} s per rate, seed {args.seed}; "
              f"{args.warmup} warm-up requests before the sweep", "",
              "| rate (req/s) | sent | completed | failed | RAG TTFT p50 ms | RAG TTFT p99 ms | chat TTFT p50 ms | "
-             "chat TTFT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | chunk hit rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "chat TTFT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | chunk hit rate | RAG blended |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hit = "-" if r.chunk_hit_rate is None else f"{r.chunk_hit_rate:.2f}"
+        blended = "-" if r.rag_blended is None else f"{r.rag_blended:.2f}"
         lines.append(f"| {r.rate:g} | {r.sent} | {r.completed} | {r.failed} | {fmt(r.ttft_rag_p50_ms)} | "
                      f"{fmt(r.ttft_rag_p99_ms)} | {fmt(r.ttft_chat_p50_ms)} | {fmt(r.ttft_chat_p99_ms)} | "
-                     f"{fmt(r.itl_p50_ms)} | {fmt(r.itl_p99_ms)} | {r.output_tokens_per_s:.0f} | {hit} |")
+                     f"{fmt(r.itl_p50_ms)} | {fmt(r.itl_p99_ms)} | {r.output_tokens_per_s:.0f} | {hit} | {blended} |")
     best = sustained_rate(rows, slo_ms)
     lines += ["", f"- sustained rate (RAG p99 TTFT <= {slo_ms:g} ms, no failures): "
                   f"{'none of the rates' if best is None else f'{best:g} req/s'}"]

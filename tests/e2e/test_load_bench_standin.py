@@ -34,7 +34,9 @@ def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(
     assert sent > 0 and completed == sent and failed == 0, text
     assert float(cells[4]) > 0  # RAG TTFT p50, ms
     assert cells[11] != "-" and float(cells[11]) > 0, text  # chunk hits seen in the prefill reports
+    assert cells[12] != "-" and 0 <= float(cells[12]) <= 1, text  # the share of RAG requests blended
     assert "3 warm-up requests before the sweep" in text
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]  # for bench/load_compare.py
     assert [r["rate"] for r in rows] == [2] and rows[0]["completed"] == completed
+    assert f"{rows[0]['rag_blended']:.2f}" == cells[12]
     assert "sustained rate (RAG p99 TTFT <= 60000 ms, no failures): 2 req/s" in text

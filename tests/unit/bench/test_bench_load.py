@@ -84,3 +84,16 @@ def test_a_profiled_workers_pass_times_give_the_plugins_share_of_the_run() -> No
     assert row.plugin_ms_p50 == pytest.approx(20.0) and row.plugin_busy == pytest.approx(0.1)
     text = load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
     assert "| 4 | 20.0 | 0.10 |" in text
+
+
+def test_the_share_of_rag_requests_blended_comes_from_their_reports() -> None:
+    # 3 of 4 reported RAG requests blended; a RAG request without a report (and chat) does not count.
+    outcomes = [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, blended=b) for b in (True, True, True, False)]
+    outcomes += [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1),
+                 load.Outcome("chat", True, ttft_s=0.05, output_tokens=1, blended=False)]
+    row = load.summarise(4.0, outcomes, wall_s=2.0)
+    assert row.rag_blended == pytest.approx(0.75)
+    assert "| 0.75 |" in load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
+    stock = load.summarise(4.0, [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1)], wall_s=1.0)
+    assert stock.rag_blended is None and load.report([stock], SimpleNamespace(**REPORT_ARGS), 1000.0).rstrip(
+        ).splitlines()[8].endswith("| - | - |")
