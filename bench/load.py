@@ -18,7 +18,8 @@ state (a closed loop would slow down with the server and hide its queueing). Eve
 is the time to the first event carrying output tokens, inter-token latency (ITL) the gaps between later tokens.
 Per rate: requests sent, completed and failed, TTFT p50/p99 (RAG and chat apart), ITL p50/p99, output tokens
 per second, and from the workers' prefill reports (`meta_info["blendgate"]`) the chunk-cache hit rate and the
-share of RAG requests blended (the rest fell back to a full prefill). The highest rate whose RAG p99 TTFT stays within `--slo-ms` is the arm's sustained rate.
+share of RAG requests blended (the rest fell back to a full prefill). The highest rate whose RAG p99 TTFT stays
+within `--slo-ms` is the arm's sustained rate.
 """
 
 from __future__ import annotations
