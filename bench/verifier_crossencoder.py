@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from blendgate.retriever.embedder import Embedder, default_embedder_path
+from blendgate.retriever.embedder import default_embedder_path
 from blendgate.semcache.guards import check
 from blendgate.semcache.pair_words import WordRarity
-from blendgate.semcache.pairs import qqp_split
 from blendgate.semcache.rephrasings import rephrasings
 from blendgate.semcache.verifier import VETO_GUARDS
 from blendgate.semcache.verifier_training import REPHRASINGS, SEED, EmbeddedPairs, cross_fitted, training_matrix
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
-from verifier_crossfit import SHARES, false_hits_at
+from verifier_crossfit import SHARES, embedded_tuning_split, false_hits_at
 
 MAX_TOKENS = 64
 
@@ -108,20 +107,11 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--scores", type=Path, help="keep (or reuse) the cross-fitted scores here")
     args = parser.parse_args()
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    from semcache import Embeddings
-
-    tune, _ = qqp_split(args.qqp)
-    embeddings = Embeddings(Embedder(device="cpu", batch_size=64), args.cache_dir)
-    rephrased = rephrasings([p.cached for p in tune], REPHRASINGS)
-    embeddings.load([q for p in (*tune, *rephrased) for q in (p.cached, p.query)])
-
-    def embed(texts):
-        return np.stack([embeddings(t) for t in texts])
-
-    cosines = np.array([float(embeddings(p.cached) @ embeddings(p.query)) for p in tune])
+    tuning = embedded_tuning_split(args.qqp, args.cache_dir)
+    tune = tuning.pairs
     rarity = WordRarity.from_questions(q for p in tune for q in (p.cached, p.query))
-    matrix = training_matrix(tune, cosines, rarity, EmbeddedPairs.embedded(rephrased, embed))
+    rephrased = EmbeddedPairs.embedded(rephrasings([p.cached for p in tune], REPHRASINGS), tuning.embed)
+    matrix = training_matrix(tune, tuning.cosines, rarity, rephrased)
     texts = [(p.query, p.cached) for p in matrix.pairs]
     duplicate = matrix.y.astype(bool)
     if args.scores and args.scores.exists():

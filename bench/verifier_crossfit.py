@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from blendgate.retriever.embedder import Embedder
@@ -89,20 +91,27 @@ def crossfit_table(pairs: list[LabelledPair], cosines: np.ndarray, floor: float,
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("qqp", type=Path)
-    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "blendgate-bench",
-                        help="where sentence embeddings are kept between runs")
-    parser.add_argument("--floor", type=float, default=0.89, help="the lowest cosine of a candidate pair")
-    args = parser.parse_args()
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class TuningSplit:
+    """QQP's tuning pairs embedded with all-MiniLM-L6-v2: `cosines` shape (len(pairs),); `embed` returns the
+    unit-length embeddings of texts among the pairs' questions and their rephrasings (rephrasings.py), shape
+    (n, 384)."""
+
+    pairs: list[LabelledPair]
+    cosines: np.ndarray
+    embed: Callable[[list[str]], np.ndarray]
+
+
+def embedded_tuning_split(qqp: Path, cache_dir: Path) -> TuningSplit:
+    """The tuning split of the QQP file `qqp` (held-out pairs left out), its questions and REPHRASINGS rephrasings
+    embedded once and kept in `cache_dir` between runs."""
     # bench/semcache.py, found first on sys.path when this file runs as a script (imported here, not at the top,
     # so that the tests can load this module without it).
     from semcache import Embeddings
 
-    tune, _ = qqp_split(args.qqp)
-    embeddings = Embeddings(Embedder(device="cpu", batch_size=64), args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tune, _ = qqp_split(qqp)
+    embeddings = Embeddings(Embedder(device="cpu", batch_size=64), cache_dir)
     rephrased = rephrasings([p.cached for p in tune], REPHRASINGS)
     embeddings.load([q for p in (*tune, *rephrased) for q in (p.cached, p.query)])
 
@@ -110,8 +119,19 @@ def main() -> None:
         return np.stack([embeddings(t) for t in texts])
 
     cosines = np.array([float(embeddings(p.cached) @ embeddings(p.query)) for p in tune])
-    print("\n".join(guard_table(tune, cosines, args.floor)), "", sep="\n")
-    print("\n".join(crossfit_table(tune, cosines, args.floor, embed)))
+    return TuningSplit(tune, cosines, embed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("qqp", type=Path)
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "blendgate-bench",
+                        help="where sentence embeddings are kept between runs")
+    parser.add_argument("--floor", type=float, default=0.89, help="the lowest cosine of a candidate pair")
+    args = parser.parse_args()
+    tuning = embedded_tuning_split(args.qqp, args.cache_dir)
+    print("\n".join(guard_table(tuning.pairs, tuning.cosines, args.floor)), "", sep="\n")
+    print("\n".join(crossfit_table(tuning.pairs, tuning.cosines, args.floor, tuning.embed)))
 
 
 if __name__ == "__main__":
