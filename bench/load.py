@@ -28,8 +28,10 @@ import argparse
 import asyncio
 import json
 import platform
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -133,6 +135,7 @@ class Outcome:
     chunks: int = 0
     plugin_gpu_ms: float | None = None  # its share of the plugin pass that prefilled it (profiled workers only)
     blended: bool | None = None  # whether its report says it was blended (None: no report, e.g. the stock arm)
+    fallback: str | None = None  # why its report says it was prefilled in full instead (a blend asked for)
     error: str | None = None
 
 
@@ -168,6 +171,7 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                     outcome.chunk_hits, outcome.chunks = sum(map(bool, hits)), len(hits)
                     if isinstance(report, dict):
                         outcome.blended = report.get("mode") == "blend"
+                        outcome.fallback = report.get("fallback")
                     timings = report.get(PROFILE_KEY) if isinstance(report, dict) else None
                     if isinstance(timings, dict) and timings.get("requests"):
                         outcome.plugin_gpu_ms = timings["gpu"] / timings["requests"]
@@ -243,6 +247,21 @@ class RateSummary:
     # The share of completed RAG requests whose report says they were blended (the rest were prefilled in full:
     # a fallback); None without reports (the stock arm). The chunk hit rate alone hid a run that never blended.
     rag_blended: float | None = None
+    # Why the RAG requests that were not blended fell back, most frequent first: (reason with its numbers
+    # replaced by N, count), at most FALLBACK_REASONS of them.
+    fallbacks: tuple[tuple[str, int], ...] = ()
+
+
+# The fallback reasons a row keeps, and how much of each (the reports' reasons open with what decided them).
+FALLBACK_REASONS, FALLBACK_WORDS = 4, 110
+
+
+def fallback_reasons(outcomes: list[Outcome]) -> tuple[tuple[str, int], ...]:
+    """The RAG outcomes' fallback reasons, their numbers replaced by N (so "2 not cached" and "3 not cached"
+    count together), most frequent first."""
+    counts = Counter(re.sub(r"\d+(\.\d+)?", "N", o.fallback)[:FALLBACK_WORDS]
+                     for o in outcomes if o.kind == "rag" and o.fallback)
+    return tuple(counts.most_common(FALLBACK_REASONS))
 
 
 def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummary:
@@ -261,7 +280,7 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
                        sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]),
                        percentile(plugin, 50) if plugin else None,
                        sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None,
-                       sum(reported) / len(reported) if reported else None)
+                       sum(reported) / len(reported) if reported else None, fallback_reasons(done))
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -298,6 +317,10 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
                   "", "| rate (req/s) | plugin GPU ms a RAG request, p50 | plugin GPU busy |", "|---|---|---|"]
         lines += [f"| {r.rate:g} | {fmt(r.plugin_ms_p50)} | "
                   f"{'-' if r.plugin_busy is None else f'{r.plugin_busy:.2f}'} |" for r in rows]
+    if any(r.fallbacks for r in rows):
+        lines += ["", "Why the RAG requests not blended were prefilled in full (their reports' `fallback`, numbers "
+                      "as N; the most frequent first):", "", "| rate (req/s) | requests | reason |", "|---|---|---|"]
+        lines += [f"| {r.rate:g} | {count} | {reason} |" for r in rows for reason, count in r.fallbacks]
     for r in rows:
         if r.errors:
             lines.append(f"- errors at {r.rate:g} req/s: {'; '.join(r.errors)}")

@@ -34,7 +34,9 @@ class Arm:
     def read(cls, path: Path) -> "Arm":
         try:
             data = json.loads(path.read_text())
-            rows = [RateSummary(**{**row, "errors": tuple(row["errors"])}) for row in data["rows"]]
+            rows = [RateSummary(**{**row, "errors": tuple(row["errors"]),
+                                   "fallbacks": tuple(map(tuple, row.get("fallbacks", ())))})
+                    for row in data["rows"]]
             return cls(data["arm"], float(data["slo_ms"]), rows)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a bench/load.py result ({exc})") from None

@@ -30,7 +30,7 @@ from ..kernels.drift import drift_apply, drift_deltas
 from ..kernels.rope import place, place_many, rope_store, rotate
 from ..kernels.selection import deviation
 from .channel_weights import key_weights
-from .kv import ChunkKV
+from .kv import ChunkKV, ExactHead
 from .probe import ProbeGraphs, probe_eager
 from .probe_weights import probe_projections
 from .selection import (
@@ -199,7 +199,7 @@ class _Layout:
         return upload(torch.cat(parts), device).split([part.shape[0] for part in parts])
 
 
-def _layout(segments: list, prefix_kv: ChunkKV | None) -> _Layout:
+def _layout(segments: list, prefix_kv: ChunkKV | ExactHead | None) -> _Layout:
     if not segments or isinstance(segments[-1], ChunkKV) or not len(segments[-1]):
         raise ValueError("blending needs computed tokens (the question) after the last chunk")
     exact = 0  # leading rows whose KV is reused exactly
@@ -369,7 +369,7 @@ def _choose(rule: SelectionRule, score: torch.Tensor, count: int, lengths: list[
 
 @torch.no_grad()  # not inference_mode: callers may keep using the cache outside it
 def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: float,
-                  marks: list | None = None, prefix_kv: ChunkKV | None = None,
+                  marks: list | None = None, prefix_kv: ChunkKV | ExactHead | None = None,
                   row_alignment: int | None = None, logits: bool = True, rule: SelectionRule = DEFAULT_RULE,
                   target_fidelity: float | None = None, probe_graphs: bool | None = None) -> BlendResult:
     """Prefill a prompt given as segments in order: token id lists (computed) and ChunkKVs (cached chunks).
@@ -381,7 +381,9 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     quality-targeted mode recomputes the fewest tokens whose scores cover that share of the total score
     (the result's `covered` says what it reached). Raises ValueError for a ratio or target out of range.
     `prefix_kv`: the KV of the first segment's tokens computed alone from position 0 (the system prompt every
-    request shares), which is exactly what computing them here gives: reused as is, never recomputed.
+    request shares), which is exactly what computing them here gives: reused as is, never recomputed; or an
+    ExactHead, such KV with its keys rotated already (an engine's pool: SGLang's radix-cache match, which may
+    reach past the system prompt into chunks: the first segment is then those tokens), copied as it is.
     `row_alignment`: the recomputed count is nudged (by at most 5%) so the computed rows fill whole GEMM
     tiles; default GPU_ROW_ALIGNMENT on CUDA, none elsewhere. The result reports the count used.
     `marks` (CUDA only), when given, receives (stage, event) pairs for a per-stage time breakdown.
@@ -430,8 +432,11 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
 
     def placed(cache: KVCache) -> ChunkLoader:
         """The exact prefix and the chunks' KV put into `cache` (chunks streamed from CPU memory: queued)."""
-        if exact:
-            place_chunk(cache, prefix_kv, 0, cos, sin)  # every layer: the prefix rows are never computed
+        if isinstance(prefix_kv, ExactHead):  # every layer: the prefix rows are never computed
+            cache.keys[:, :, :exact] = prefix_kv.keys.to(cache.keys.device, non_blocking=True)
+            cache.values[:, :, :exact] = prefix_kv.values.to(cache.values.device, non_blocking=True)
+        elif exact:
+            place_chunk(cache, prefix_kv, 0, cos, sin)
         loader = ChunkLoader(cache, [] if everything else layout.placements, cos, sin,
                              0 if query_aware else first_cached)
         mark("chunks placed")

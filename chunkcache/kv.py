@@ -13,6 +13,27 @@ import torch
 
 
 @dataclass(frozen=True)
+class ExactHead:
+    """The KV of a prompt's first tokens computed exactly, with keys already rotated to their positions 0..n-1,
+    as an engine's KV pool holds them (SGLang's radix-cache match: sglang_plugin/prefill.py). A blend reuses it
+    as is (chunkcache/blend.py: blend_prefill's `prefix_kv`), where a ChunkKV's keys are rotated on placing."""
+
+    token_ids: torch.Tensor  # [tokens], on the host
+    keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], rotated to positions 0..tokens-1
+    values: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+
+    def __post_init__(self) -> None:
+        if self.keys.shape != self.values.shape or self.keys.ndim != 4 or \
+                self.keys.shape[2] != self.token_ids.shape[0]:
+            raise ValueError("an exact head needs keys and values [layers, kv_heads, tokens, head_dim] for its "
+                             "token ids")
+
+    @property
+    def length(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass(frozen=True)
 class ChannelWeights:
     """How much a quantisation error in each channel of a chunk's keys moves the model's output (relative: only
     ratios within a layer count), from blending, which measures them when it computes the chunk's KV

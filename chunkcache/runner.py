@@ -51,7 +51,7 @@ from .fallback import (
     blend_fallback,
 )
 from .keys import ChunkKey, model_fingerprint, token_digest
-from .kv import ChunkKV
+from .kv import ChunkKV, ExactHead
 from .kv_store import ChunkCacheStore, ChunkSource
 from .selection import DEFAULT_RULE, SelectionRule
 from .warming import DEFAULT_WARM_SHARE, WarmPacer, WarmQueue
@@ -144,11 +144,13 @@ class ChunkBlender:
     def chunk_key(self, chunk_prefix: tuple[int, ...], chunk_ids: tuple[int, ...]) -> ChunkKey:
         return ChunkKey.of(self.fingerprint, list(chunk_prefix), list(chunk_ids))
 
-    def _chunk_keys(self, prompt: Prompt) -> list[tuple[PromptSegment, tuple[int, ...], ChunkKey]]:
-        """Each chunk segment of the prompt, in order, with what it is computed after and its store key."""
-        found = []
+    def _chunk_keys(self, prompt: Prompt, after: int = 0) -> list[tuple[PromptSegment, tuple[int, ...], ChunkKey]]:
+        """Each chunk segment of the prompt starting at or after token `after` (those in an exact head before it
+        are not blended: blend's `head`), in order, with what it is computed after and its store key."""
+        found, start = [], 0
         for segment in prompt.segments:
-            if segment.is_chunk:
+            start, begins = start + len(segment.token_ids), start
+            if segment.is_chunk and begins >= after:
                 prefix = self.prefix_for(prompt, segment)
                 found.append((segment, prefix, self.chunk_key(prefix, segment.token_ids)))
         return found
@@ -171,12 +173,13 @@ class ChunkBlender:
         """weigh's reason: why the prompt is prefilled in full, or None when it blends."""
         return self.weigh(prompt, costs).reason
 
-    def weigh(self, prompt: Prompt, costs: PrefillCosts) -> FallbackDecision:
+    def weigh(self, prompt: Prompt, costs: PrefillCosts, head: int = 0) -> FallbackDecision:
         """blend_fallback for this prompt: its chunks, which of them would be read from the store (chunks the
         fetch policy would recompute count as not cached), what fetching those from the shared tier would cost
         (the policy's estimates, in tokens at its prefill rate), and its mode's ratio; with the hits. A prompt
-        prefilled in full queues its uncached chunks for warm()."""
-        chunk_keys = self._chunk_keys(prompt)
+        prefilled in full queues its uncached chunks for warm(). `head`: the tokens of an exact head the blend
+        would reuse (blend's `head`): only the chunks after it count."""
+        chunk_keys = self._chunk_keys(prompt, head)
         chunks = [segment.token_ids for segment, _, _ in chunk_keys]
         sources = self._locate(chunk_keys)
         policy = self.store.adaptation
@@ -306,17 +309,34 @@ class ChunkBlender:
             policy.prefill.observe(measured.large.tokens + costs.pass_tokens, measured.large.seconds)
         return costs
 
-    def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None
-              ) -> tuple[BlendResult, PrefillReport]:
+    def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None,
+              head: ExactHead | None = None) -> tuple[BlendResult, PrefillReport]:
         """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
-        report of what was reused and recomputed."""
+        report of what was reused and recomputed. `head`: the exact KV of the prompt's first head.length tokens
+        (at least its first segment), e.g. SGLang's radix-cache match: reused as is; only the chunks starting
+        after it are blended (and reported), a chunk it ends inside is computed exactly from there. Raises
+        ValueError when the head is not the prompt's first tokens or shorter than its first segment."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         shared = self._shared_prefix_tokens(prompt)
-        sources = iter(self.locate(prompt))
-        segments, hits, found, shared_fetch = [], [], [], []
+        skip = head.length if head is not None else 0
+        if head is not None and (skip < len(first.token_ids) or
+                                 head.token_ids.tolist() != prompt.token_ids[:skip]):
+            raise ValueError("an exact head must be the prompt's first tokens, its first segment at least")
+        chunk_keys = self._chunk_keys(prompt, skip)
+        if head is not None and not chunk_keys:
+            raise ValueError("no chunk of the prompt starts after its exact head: nothing to blend")
+        sources = iter(self._locate(chunk_keys))
+        segments = [head.token_ids.tolist()] if head is not None else []
+        hits, found, shared_fetch = [], [], []
+        start = 0
         for segment in prompt.segments:
-            if segment.is_chunk:
+            start, begins = start + len(segment.token_ids), start
+            if start <= skip:  # within the exact head
+                continue
+            if begins < skip:  # the head ends inside it: the rest computed
+                segments.append(list(segment.token_ids[skip - begins:]))
+            elif segment.is_chunk:
                 chunk_prefix = self.prefix_for(prompt, segment)
                 key = self.chunk_key(chunk_prefix, segment.token_ids)
                 source = next(sources)
@@ -331,8 +351,8 @@ class ChunkBlender:
             else:
                 segments.append(list(segment.token_ids))
         # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
-        prefix_kv = None
-        if not first.is_chunk and len(prompt.segments) > 1:
+        prefix_kv = head
+        if head is None and not first.is_chunk and len(prompt.segments) > 1:
             key = ChunkKey.of(self.fingerprint, [], list(first.token_ids))
             prefix_kv, _ = self.chunk_kv(key, first.token_ids, ())
             found.append((key, prefix_kv))

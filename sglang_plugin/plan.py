@@ -10,6 +10,7 @@ be slower than a full prefill into exact prefills. worker.py's module docstring 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 from ..chunkcache.fallback import FallbackDecision
@@ -29,6 +30,10 @@ class RequestPlan:
     extend_len: int
     prompt: Prompt | None = None  # blended; None: computed exactly after the cached prefix
     report: dict | None = None  # for a request computed exactly: its fallback report, or None: it asked no blend
+    # A blended request whose cached prefix reaches past its first segment (a radix-cache match over its system
+    # prompt and first chunks): the blend reuses that prefix's KV from SGLang's pool as its exact head
+    # (prefill.py). False: the blend computes its first segment itself (a prefix within it, or none).
+    exact_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,24 +98,30 @@ def _request_plan(custom: dict, ids: list[int], extend: int, prefix: int, vocab_
     if prompt.segments[-1].is_chunk:
         return exact("the prompt ends inside a chunk (blending needs computed tokens after the last chunk)")
     if prefix + extend != len(ids):
-        return exact("the prompt was split by chunked prefill (the blend needs the whole prompt in one pass): "
-                     "computed in full")
+        return exact("a piece of a prompt split by chunked prefill, before its last (the pieces before the last "
+                     "are computed exactly; the last blends the chunks after them)")
     first = prompt.segments[0]
-    exact_head = len(first.token_ids) if not first.is_chunk and len(prompt.segments) > 1 else 0
-    if prefix > exact_head:
-        return exact(f"the prompt's first {prefix} tokens were in SGLang's KV pool already (a radix-cache match, "
-                     "or the earlier pieces of a prompt split by chunked prefill), past its first segment: the "
-                     "rest computed exactly after them")
-    return RequestPlan(prefix, extend, prompt)
+    first_segment = len(first.token_ids) if not first.is_chunk and len(prompt.segments) > 1 else 0
+    if prefix <= first_segment:
+        return RequestPlan(prefix, extend, prompt)
+    # The pool holds its system prompt and more (SGLang's radix cache matched chunks another request had in the
+    # same order): that KV is exact, so the blend starts from it and blends the chunks after it.
+    ends = accumulate(len(segment.token_ids) for segment in prompt.segments)
+    if not any(segment.is_chunk and end - len(segment.token_ids) >= prefix
+               for segment, end in zip(prompt.segments, ends)):
+        return exact(f"the prompt's first {prefix} tokens, all its chunks among them, were in SGLang's KV pool "
+                     "already (a radix-cache match): the rest computed exactly after them")
+    return RequestPlan(prefix, extend, prompt, exact_head=True)
 
 
-def slower_than_full(plan: BatchPlan, weigh: Callable[[Prompt], FallbackDecision]) -> BatchPlan:
-    """The plan with each request whose blend would be slower than a full prefill (`weigh`:
-    ChunkBlender.weigh with the worker's costs) computed exactly instead, with the reason and which of its
+def slower_than_full(plan: BatchPlan, weigh: Callable[[Prompt, int], FallbackDecision]) -> BatchPlan:
+    """The plan with each request whose blend would be slower than a full prefill (`weigh`(prompt, exact head's
+    tokens): ChunkBlender.weigh with the worker's costs) computed exactly instead, with the reason and which of its
     chunks the store held in its report; the others still blend. SGLang's forward when none blends any more."""
     plans = []
     for request in plan.requests:
-        decision = weigh(request.prompt) if request.prompt is not None else None
+        head = request.prefix_len if request.exact_head else 0
+        decision = weigh(request.prompt, head) if request.prompt is not None else None
         plans.append(RequestPlan(request.prefix_len, request.extend_len,
                                  report=fallback_report(request.prompt.mode, decision.reason, decision.hits))
                      if decision is not None and decision.reason else request)

@@ -1,9 +1,11 @@
 """One request of an extend batch prefilled by blendgate's plugin, on blendgate's model (torch; nothing from
 SGLang: worker.py reads SGLang's pool and writes the result into it).
 
-A request the plan blends (plan.py: RequestPlan.prompt) is blended whole by ChunkBlender (chunk KV from the
-chunk-cache store, CacheBlend); its first `prefix_len` tokens, already in SGLang's pool, lie within its first
-segment, which the blend computes exactly, so only the KV past them is new. Any other request is computed
+A request the plan blends (plan.py: RequestPlan.prompt) is blended by ChunkBlender (chunk KV from the
+chunk-cache store, CacheBlend). Its first `prefix_len` tokens are in SGLang's pool already: within its first
+segment, which the blend computes exactly, or past it (RequestPlan.exact_head: a radix-cache match over its
+system prompt and first chunks), when the blend reuses their KV, read from the pool, as its exact head and blends
+the chunks after them. Either way only the KV past them is new. Any other request is computed
 exactly (LlamaFamilyModel.forward) after its cached prefix, read from SGLang's pool: the same numbers as a
 full prefill of the whole prompt, as SGLang's own extend computes them.
 """
@@ -15,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..chunkcache.kv import ExactHead
 from ..chunkcache.runner import ChunkBlender
 from ..engine.llama import KVCache
 from .plan import RequestPlan
@@ -54,11 +57,17 @@ def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torc
                     read_prefix: PrefixReader | None) -> PrefilledRequest:
     """The request prefilled as planned. `token_ids` [extend_len]: its tokens computed in this pass (SGLang's
     input_ids for it); `read_prefix`: its cached prefix's KV, needed when it is computed exactly after a prefix
-    (None otherwise). Raises ValueError when a prefix is to be read and no reader is given."""
-    if request.prompt is not None:
-        result, report = blender.blend(request.prompt, logits=False)
-        return PrefilledRequest(result.cache, request.prefix_len, result.hidden, report.as_dict())
+    or blended after one (RequestPlan.exact_head; None otherwise). Raises ValueError when a prefix is to be
+    read and no reader is given."""
     model = blender.model
+    if request.prompt is not None:
+        head = None
+        if request.exact_head:
+            if read_prefix is None:
+                raise ValueError("a blend after a cached prefix needs its prefix's KV")
+            head = _exact_head(model.num_layers, request.prompt.token_ids[:request.prefix_len], read_prefix)
+        result, report = blender.blend(request.prompt, logits=False, head=head)
+        return PrefilledRequest(result.cache, request.prefix_len, result.hidden, report.as_dict())
     cache = model.new_cache(request.prefix_len + request.extend_len)
     if request.prefix_len:
         if read_prefix is None:
@@ -71,3 +80,9 @@ def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torc
         cache.length = request.prefix_len
     hidden = model.forward(token_ids.long(), None, cache, logits=False)
     return PrefilledRequest(cache, request.prefix_len, hidden[0], request.report)
+
+
+def _exact_head(layers: int, token_ids: list[int], read_prefix: PrefixReader) -> ExactHead:
+    """The cached prefix read from SGLang's pool as an exact head: [layers, kv_heads, tokens, head_dim] each."""
+    keys, values = zip(*(read_prefix(layer) for layer in range(layers)))
+    return ExactHead(torch.tensor(token_ids), torch.stack(keys).transpose(1, 2), torch.stack(values).transpose(1, 2))

@@ -15,11 +15,13 @@ them queued: after later passes the plugin computes them into the store, paced t
 
 A request's first tokens may already be in SGLang's pool (`extend_prefix_lens`: a radix-cache match, or the
 earlier pieces of a prompt split by chunked prefill). A blending request whose cached prefix lies within its
-first segment (the system prompt, which the blend computes exactly) blends, and only its tokens past the prefix
-are written. Blending falls back to exact computation, per request, with the reason in its report, when the
-prompt is a piece of a split prompt (the blend needs the whole prompt in one pass), when the radix cache holds
-tokens past its first segment (exact KV of its chunks: better than a blend), on bad chunk spans or contexts, or when the
-blend would be slower than a full prefill (chunkcache/fallback.py). A batch the plugin cannot take at all
+first segment (the system prompt, which the blend computes exactly) blends; one whose prefix reaches past it
+(the radix cache matched chunks another request had in the same order, or the earlier pieces of a split
+prompt, computed exactly) blends the chunks after the prefix, its KV read from SGLang's pool as the blend's
+exact head. Either way only its tokens past the prefix are written. Blending falls back to exact computation,
+per request, with the reason in its report, for a piece of a split prompt before its last, when the prefix
+holds all its chunks (nothing left to blend), on bad chunk spans or contexts, or when the blend would be slower
+than a full prefill (chunkcache/fallback.py). A batch the plugin cannot take at all
 (mixed with decoding or speculative, input logprobs asked, tensor parallelism, an unknown model type, an fp8 KV
 pool with a cached prefix to read) runs SGLang's forward unchanged, and its blending requests say why.
 
@@ -116,7 +118,7 @@ class BlendWorker:
         for index, request in enumerate(requests):
             end = offset + request.extend_len
             read_prefix = None
-            if request.prompt is None and request.prefix_len:
+            if request.prefix_len and (request.prompt is None or request.exact_head):
                 slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
                 read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
             prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix)
@@ -195,7 +197,7 @@ def around_forward_raw(original, model_runner, forward_batch, *args, **kwargs):
         plan = _failed(plan, "the plugin could not start (see the log)")
     elif worker is not None:
         try:
-            plan = slower_than_full(plan, lambda prompt: worker.blender.weigh(prompt, worker.costs))
+            plan = slower_than_full(plan, lambda prompt, head: worker.blender.weigh(prompt, worker.costs, head))
             if plan.requests is not None:
                 logits_output = worker.prefill(model_runner, forward_batch, plan.requests, entered)
                 for req, request in zip(batch.reqs, plan.requests):

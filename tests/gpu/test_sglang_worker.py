@@ -9,7 +9,8 @@ local engine's blend, on a tiny random-weight Llama (the same safetensors file l
   log-probabilities;
 - the radix cache on: the same RAG request twice blends twice alike, no blended token is ever matched as a
   prefix (cached_tokens), and plain requests sharing the system prompt get it from the radix cache, also when
-  batched with a blending request (the plugin reads their cached prefix from SGLang's pool).
+  batched with a blending request (the plugin reads their cached prefix from SGLang's pool); a RAG request
+  found in the tree past its first chunk blends the chunks after that exact prefix (at ratio 1: stock's).
 
 Needs CUDA and SGLang (bench/device/sglang_bundle.sh brings it to the GPU machine); skipped otherwise.
 """
@@ -109,12 +110,15 @@ def outputs(model_dir, prompt, stock, plain_prompts):
 @pytest.fixture(scope="module")
 def radix(model_dir, prompt, plain_prompts):
     """A plugin worker with its radix cache on: a plain request, the RAG request twice, the RAG request batched
-    with a plain one sharing the system prompt, the RAG prompt without chunks (which enters the radix tree), then
-    the RAG request once more (now found there whole). The plugin times its passes (BLENDGATE_SGLANG_PROFILE)."""
+    with a plain one sharing the system prompt, a plain prompt holding the RAG prompt's system prompt and first
+    chunk (which enter the radix tree), the RAG request at ratio 1 (found there past its first chunk), the RAG
+    prompt without chunks (which enters the radix tree), then the RAG request once more (now found there whole).
+    The plugin times its passes (BLENDGATE_SGLANG_PROFILE)."""
     ids, spans = prompt
     return generate(model_dir, True, [request(plain_prompts["p1"]), request(ids, spans, 0.15),
                                       request(ids, spans, 0.15),
                                       batch(request(ids, spans, 0.15), request(plain_prompts["p2"])),
+                                      request(ids[:spans[1]] + [5, 6, 7]), request(ids, spans, 1.0),
                                       request(ids), request(ids, spans, 0.15)],
                     profile=True, disable_radix_cache=False)
 
@@ -185,8 +189,10 @@ def test_a_mixed_batch_blends_the_blending_request_and_gives_the_others_stock_sg
         assert output["output_ids"][:2] == stock[name]["output_ids"][:2]
 
 
-def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests_keep_theirs(radix, stock) -> None:
-    first_plain, first, second, (third, batched_plain), unchunked, exact = radix
+def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests_keep_theirs(radix, stock,
+                                                                                         prompt) -> None:
+    head = prompt[1][1]  # the end of the RAG prompt's first chunk
+    first_plain, first, second, (third, batched_plain), _, after_head, unchunked, exact = radix
     for output in (first, second, third):
         report = output["meta_info"]["blendgate"][0]
         assert report["mode"] == "blend" and report["recompute_ratio"] < 1.0, report
@@ -203,13 +209,20 @@ def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests
     for name, output in (("p1", first_plain), ("p2", batched_plain)):
         assert_close(top_logprobs(output), top_logprobs(stock[name]), atol=BF16_LOGITS)
         assert output["output_ids"][:2] == stock[name]["output_ids"][:2]
-    # The RAG prompt's tokens without chunks after three blends of it: only the system prompt is found.
-    assert unchunked["meta_info"]["cached_tokens"] <= SYSTEM, unchunked["meta_info"]
+    # Found in the tree past its first chunk (a plain prompt held the system prompt and that chunk): the blend
+    # starts from that exact KV, read from SGLang's pool, and blends the chunks after it; at ratio 1, stock's.
+    report = report_of(after_head["meta_info"])
+    assert report["mode"] == "blend" and report["prefix_tokens_reused"] == head, report
+    assert report["recompute_ratio"] == 1.0 and len(report["hits"]) == 3, report
+    assert after_head["meta_info"]["cached_tokens"] == head, after_head["meta_info"]
+    assert_close(top_logprobs(after_head), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
+    # The RAG prompt's tokens without chunks after four blends of it: what the plain prompts put in the tree.
+    assert unchunked["meta_info"]["cached_tokens"] <= head, unchunked["meta_info"]
     assert_close(top_logprobs(unchunked), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
-    # Its exact KV is in the tree now: the RAG request found there past its system prompt is not blended (the
-    # exact KV is better), says why, and answers as stock SGLang.
+    # Its exact KV is in the tree now: the RAG request found there with all its chunks is computed exactly
+    # after them (nothing left to blend), says why, and answers as stock SGLang.
     report = report_of(exact["meta_info"])
-    assert report["mode"] == "full_prefill" and "past its first segment" in report["fallback"], report
+    assert report["mode"] == "full_prefill" and "all its chunks" in report["fallback"], report
     assert exact["meta_info"]["cached_tokens"] > SYSTEM
     assert_close(top_logprobs(exact), top_logprobs(stock["rag"]), atol=BF16_LOGITS)
 
@@ -217,7 +230,7 @@ def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests
 def test_a_profiled_pass_reports_its_stages(radix, outputs) -> None:
     from blendgate.sglang_plugin.profile import PROFILE_KEY
 
-    _, first, _, (third, batched_plain), _, _ = radix
+    _, first, _, (third, batched_plain), *_ = radix
     for output in (first, third):  # alone, and in a pass with a plain request
         timings = output["meta_info"]["blendgate"][0][PROFILE_KEY]
         assert set(timings) == {"requests", "plan", "prefill", "kv_write", "logits", "gpu", "hook_wall"}, timings

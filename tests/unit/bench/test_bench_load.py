@@ -98,3 +98,17 @@ def test_the_share_of_rag_requests_blended_comes_from_their_reports() -> None:
     stock_row = next(line for line in load.report([stock], SimpleNamespace(**REPORT_ARGS), 1000.0).splitlines()
                      if line.startswith("| 4 |"))
     assert stock.rag_blended is None and stock_row.endswith("| - | - |")
+
+
+def test_the_fallback_reasons_are_counted_with_their_numbers_as_n() -> None:
+    slow = "blending 8 chunks ({} not cached) would cost about {} tokens of per-chunk work to save 3481"
+    outcomes = [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, blended=False, fallback=slow.format(m, c))
+                for m, c in ((2, 4300), (3, 6450), (2, 4301))]
+    outcomes += [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, blended=False,
+                              fallback="a piece of a prompt split by chunked prefill, before its last"),
+                 load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, blended=True),
+                 load.Outcome("chat", True, ttft_s=0.05, output_tokens=1)]
+    row = load.summarise(4.0, outcomes, wall_s=1.0)
+    assert row.fallbacks == (("blending N chunks (N not cached) would cost about N tokens of per-chunk work to save N",
+                              3), ("a piece of a prompt split by chunked prefill, before its last", 1))
+    assert "| 4 | 3 | blending N chunks" in load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)

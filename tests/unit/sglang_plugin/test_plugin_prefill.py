@@ -1,6 +1,8 @@
 """The plugin's per-request prefill on the CPU (sglang_plugin/prefill.py, tiny random-weight model): a request
 computed after a cached prefix read back in SGLang's pool layout gives a full prefill's numbers, and a blending
-request whose cached prefix lies in its system prompt gives the blend's, only its new tokens' KV to write.
+request whose cached prefix lies in its system prompt gives the blend's, only its new tokens' KV to write; one
+whose prefix reaches into its chunks reuses that prefix's KV exactly and blends the chunks after it (at ratio 1:
+a full prefill's numbers).
 SGLang's side (reading its pool, writing into it, its logits) runs on the GPU: tests/gpu/test_sglang_worker.py."""
 
 from __future__ import annotations
@@ -80,3 +82,41 @@ def test_every_layers_new_kv_at_once_is_each_layers(blender) -> None:
     assert keys.is_contiguous() and values.is_contiguous()
     for layer in range(model.num_layers):
         assert torch.equal(keys[layer], done.new_kv(layer)[0]) and torch.equal(values[layer], done.new_kv(layer)[1])
+
+
+def rag_prompt(ratio: float) -> Prompt:
+    return Prompt([PromptSegment(tuple(ids(6, 11))), PromptSegment(tuple(ids(10, 12)), True),
+                   PromptSegment(tuple(ids(8, 13)), True), PromptSegment(tuple(ids(5, 14)))],
+                  mode="blend", recompute_ratio=ratio)
+
+
+@pytest.mark.parametrize("prefix", [16, 12])  # the first chunk's end (a radix-cache match), and inside it
+def test_a_blend_after_a_cached_prefix_past_the_system_prompt_reuses_it_exactly(blender, prefix) -> None:
+    model = blender.model
+    exact = rag_prompt(1.0)  # recompute everything after the head: a full prefill's numbers
+    full = model.new_cache(len(exact))
+    expected = model.forward(torch.tensor(exact.token_ids), None, full, logits=False)[0]
+    for prompt in (exact, rag_prompt(0.3)):
+        done = prefill_request(blender, RequestPlan(prefix, len(prompt) - prefix, prompt, exact_head=True),
+                               torch.tensor(prompt.token_ids[prefix:]), pool_reader(full, prefix))
+        # Only the chunk after the head is blended (and reported); the head is reused as read.
+        assert done.report["mode"] == "blend" and len(done.report["hits"]) == 1, done.report
+        assert done.report["prefix_tokens_reused"] == prefix and done.start == prefix
+        assert torch.equal(done.cache.keys[:, :, :prefix], full.keys[:, :, :prefix])
+        assert done.new_kv_layers()[0].shape[1] == len(prompt) - prefix
+        if prompt is exact:
+            torch.testing.assert_close(done.last_hidden, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_head_that_is_not_the_prompts_start_is_refused(blender) -> None:
+    from blendgate.chunkcache.kv import ExactHead
+
+    prompt, cache = rag_prompt(0.3), blender.model.new_cache(40)
+    blender.model.forward(torch.tensor(prompt.token_ids), None, cache, logits=False)
+    head = lambda ids_, n: ExactHead(torch.tensor(ids_), cache.keys[:, :, :n], cache.values[:, :, :n])  # noqa: E731
+    with pytest.raises(ValueError, match="first tokens"):
+        blender.blend(prompt, head=head([0] * 16, 16))
+    with pytest.raises(ValueError, match="first segment"):
+        blender.blend(prompt, head=head(prompt.token_ids[:4], 4))
+    with pytest.raises(ValueError, match="nothing to blend"):
+        blender.blend(prompt, head=head(prompt.token_ids[:26], 26))

@@ -124,7 +124,6 @@ def test_batches_without_chunks_are_sglangs_and_say_nothing() -> None:
     (dict(plain_extend=False), "not a plain prefill"),
     (dict(single_device=False), "parallelism"),
     (dict(model_type="gemma"), "gemma"),
-    (dict(prefix_lens=[4], extend_lens=[7]), "past its first segment"),
     (dict(prefix_lens=[4], extend_lens=[7], pool_readable=False), "fp8"),
     (dict(extend_lens=[5]), "chunked prefill"),
     (dict(logprob_starts=[0]), "input logprobs"),
@@ -147,21 +146,33 @@ def test_a_cached_prefix_within_the_first_segment_blends_and_past_it_is_computed
     within = plan([BLEND, PLAIN], prefix_lens=[3, 2], extend_lens=[len(PROMPT) - 3, 1])
     assert within.requests[0].prompt is not None and within.requests[0].prefix_len == 3
     assert within.requests[1] == plans.RequestPlan(2, 1)
-    past = plan([BLEND, BLEND], prefix_lens=[5, 0], extend_lens=[len(PROMPT) - 5, len(PROMPT)])
-    assert past.requests[0].prompt is None and past.requests[0].prefix_len == 5
-    assert "past its first segment" in past.requests[0].report["fallback"]
-    assert past.requests[1].prompt is not None
+    assert not within.requests[0].exact_head  # the blend computes the first segment itself
+    # Past it (a radix-cache match over the system prompt and the first chunk, or part of it): the blend starts
+    # from that exact KV and blends the chunks after it.
+    for prefix in (4, 5, 6):
+        past = plan([BLEND, BLEND], prefix_lens=[prefix, 0], extend_lens=[len(PROMPT) - prefix, len(PROMPT)])
+        assert past.requests[0].prompt is not None and past.requests[0].exact_head, prefix
+        assert past.requests[0].prefix_len == prefix and past.requests[0].report is None
+        assert past.requests[1].prompt is not None and not past.requests[1].exact_head
+    # Past every chunk's start: nothing left to blend, the rest computed exactly after the exact KV.
+    for prefix in (7, 10):
+        past = plan([BLEND], prefix_lens=[prefix], extend_lens=[len(PROMPT) - prefix])
+        assert past.requests is None and "all its chunks" in past.reports[0]["fallback"], prefix
     # An fp8 pool cannot be read back: a batch with a cached prefix is SGLang's.
     assert plan([BLEND, PLAIN], prefix_lens=[0, 2], extend_lens=[len(PROMPT), 1], pool_readable=False).requests is None
 
 
-def test_the_pieces_of_a_split_prompt_are_computed_exactly_beside_the_blends() -> None:
+def test_a_split_prompts_pieces_are_computed_exactly_and_its_last_blends_after_them() -> None:
     first = plan([BLEND, BLEND], extend_lens=[6, len(PROMPT)])
     assert first.requests[0].prompt is None and "chunked prefill" in first.requests[0].report["fallback"]
     assert (first.requests[0].prefix_len, first.requests[0].extend_len) == (0, 6)
     assert first.requests[1].prompt is not None
+    # The last piece: the earlier ones' KV, computed exactly, is its exact head; the chunks after it blend.
     last = plan([BLEND, BLEND], prefix_lens=[6, 0], extend_lens=[len(PROMPT) - 6, len(PROMPT)])
-    assert last.requests[0].prompt is None and last.requests[0].report["requested_mode"] == "blend"
+    assert last.requests[0].prompt is not None and last.requests[0].exact_head
+    # A middle piece (the prompt goes on past this pass) is computed exactly.
+    middle = plan([BLEND, BLEND], prefix_lens=[6, 0], extend_lens=[3, len(PROMPT)])
+    assert middle.requests[0].prompt is None and "chunked prefill" in middle.requests[0].report["fallback"]
 
 
 def test_bad_spans_or_a_prompt_ending_in_a_chunk_fall_back() -> None:
@@ -246,16 +257,22 @@ def test_a_request_whose_blend_would_be_slower_is_computed_exactly_and_says_why(
     requests = [plans.RequestPlan(0, len(PROMPT), PROMPT), plans.RequestPlan(0, 3),
                 plans.RequestPlan(0, len(PROMPT), slow)]
     same = plans.BatchPlan(requests, [])
-    assert plans.slower_than_full(same, lambda p: FallbackDecision(None, [True, True])) == same
-    result = plans.slower_than_full(same, lambda p: FallbackDecision(reasons[id(p)], None))
+    assert plans.slower_than_full(same, lambda p, head: FallbackDecision(None, [True, True])) == same
+    result = plans.slower_than_full(same, lambda p, head: FallbackDecision(reasons[id(p)], None))
     assert result.requests[:2] == requests[:2]  # the others still blend, or are still computed as asked
     assert result.requests[2] == plans.RequestPlan(0, len(PROMPT), report={
         "mode": "full_prefill", "requested_mode": "reuse", "fallback": reasons[id(slow)]})
     # When no request blends any more, SGLang prefills the batch and the slow one says why.
-    alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []), lambda p: FallbackDecision(reasons[id(p)], None))
+    alone = plans.slower_than_full(plans.BatchPlan(requests[1:], []),
+                                   lambda p, head: FallbackDecision(reasons[id(p)], None))
     assert alone.requests is None and alone.reports == [None, result.requests[2].report]
     # With the store's view, the report says which chunks were cached: hit rates count the slow one too.
-    counted = plans.slower_than_full(same, lambda p: FallbackDecision(reasons[id(p)], [False, True]))
+    counted = plans.slower_than_full(same, lambda p, head: FallbackDecision(reasons[id(p)], [False, True]))
+    # A blend after an exact head is weighed over the chunks after it.
+    heads = []
+    after = plans.BatchPlan([plans.RequestPlan(5, len(PROMPT) - 5, PROMPT, exact_head=True), requests[0]], [])
+    assert plans.slower_than_full(after, lambda p, head: heads.append(head) or FallbackDecision(None, [])) == after
+    assert heads == [5, 0]
     assert counted.requests[2].report == {**result.requests[2].report, "hits": [False, True], "hit_count": 1,
                                           "miss_count": 1, "selection": None}
 
@@ -309,7 +326,7 @@ class _Worker:
 
     def __init__(self, fails: bool = False) -> None:
         self.warmed: list[int] = []
-        self.blender = SimpleNamespace(weigh=lambda prompt, costs: FallbackDecision(None, []), pending_warm=0,
+        self.blender = SimpleNamespace(weigh=lambda prompt, costs, head: FallbackDecision(None, []), pending_warm=0,
                                        warm_paced=lambda busy: self.warmed.append(busy))
         self.costs = None
         self.fails = fails
