@@ -62,8 +62,8 @@ class PrefillCalibration:
 
 @dataclass(frozen=True)
 class PrefillCosts:
-    """The cost model blend_fallback decides with, in tokens computed: `pass_tokens` for each forward pass of
-    its own (a chunk not cached yet is computed alone), `placement_tokens` for placing a cached chunk."""
+    """The cost model blend_fallback decides with, in tokens computed: `pass_tokens` for each forward pass that
+    computes chunks not cached yet (blend.precompute_chunks), `placement_tokens` for placing a cached chunk."""
 
     pass_tokens: float = DEFAULT_PASS_COST_TOKENS
     placement_tokens: float = DEFAULT_PLACEMENT_COST_TOKENS
@@ -79,28 +79,33 @@ class FallbackDecision:
 
 
 def blend_fallback(chunk_lengths: Sequence[int], hits: Sequence[bool], recompute_ratio: float,
-                   costs: PrefillCosts = PrefillCosts(), fetch_tokens: Sequence[float] | None = None) -> str | None:
+                   costs: PrefillCosts = PrefillCosts(), fetch_tokens: Sequence[float] | None = None,
+                   passes: int | None = None) -> str | None:
     """Why blending these chunks would be slower than prefilling the prompt in full, or None when it is not.
 
     chunk_lengths: each chunk's tokens; hits: whether each is cached; recompute_ratio: the share of chunk
     tokens the blend recomputes (the most it may, for a fidelity target); fetch_tokens: per chunk, the time
     reading it from the shared tier would take (adaptation.FetchDecision.fetch_ms), in tokens of prefill at the
-    measured rate; 0 for a chunk in a local tier or not read (None: all 0). Both prefills compute the prompt's
-    other tokens; blending saves computing (1 - recompute_ratio) of the chunk tokens, and pays per chunk: a
-    forward pass of its own for each chunk not cached (its tokens are computed there once, for the cache, as
-    a full prefill computes them), a placement for each cached one, and the fetch of each one read from the
-    shared tier. Blending is slower when it pays more than it saves: a prompt whose chunks are each cheaper to
-    fetch than to compute alone may still be cheaper to prefill whole (SmolLM2-135M on an H200 at 1 Gbit/s:
-    five passages fetched and blended in 73 ms, prefilled whole in 18, bench/results/fetch-ttft-2026-12-01.md
-    run 6)."""
+    measured rate; 0 for a chunk in a local tier or not read (None: all 0); `passes`: the forward passes that
+    compute the uncached chunks (blend.precompute_chunks runs chunks after the same prefix side by side in
+    one; None: one a chunk). Both prefills compute the prompt's other tokens; blending saves computing
+    (1 - recompute_ratio) of the chunk tokens, and pays: each pass's fixed cost for the chunks not cached
+    (their tokens are computed there once, for the cache; a full prefill computes them too, and queues them to
+    be computed for the cache again afterwards), a placement for each cached chunk, and the fetch of each one
+    read from the shared tier. Blending is slower when it pays more than it saves: a prompt whose chunks are
+    each cheaper to fetch than to compute alone may still be cheaper to prefill whole (SmolLM2-135M on an H200
+    at 1 Gbit/s: five passages fetched and blended in 73 ms, prefilled whole in 18,
+    bench/results/fetch-ttft-2026-12-01.md run 6)."""
     if len(chunk_lengths) != len(hits) or (fetch_tokens is not None and len(fetch_tokens) != len(hits)):
         raise ValueError("one hit flag (and fetch cost) per chunk is needed")
     misses = sum(not hit for hit in hits)
+    passes = misses if passes is None else (passes if misses else 0)
     fetching = sum(fetch_tokens) if fetch_tokens is not None else 0.0
-    overhead = misses * costs.pass_tokens + (len(hits) - misses) * costs.placement_tokens + fetching
+    overhead = passes * costs.pass_tokens + (len(hits) - misses) * costs.placement_tokens + fetching
     saved = sum(chunk_lengths) * (1.0 - recompute_ratio)
     if overhead <= saved:
         return None
     fetched = f", {fetching:.0f} of them fetching from the shared tier," if fetching else ""
-    return (f"blending {len(hits)} chunks ({misses} not cached) would cost about {overhead:.0f} tokens of "
-            f"per-chunk work{fetched} to save {saved:.0f}: slower than a full prefill")
+    computed = f" in {passes} pass{'es' if passes != 1 else ''}" if passes != misses else ""
+    return (f"blending {len(hits)} chunks ({misses} not cached{computed}) would cost about {overhead:.0f} tokens "
+            f"of per-chunk work{fetched} to save {saved:.0f}: slower than a full prefill")

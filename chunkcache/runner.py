@@ -15,9 +15,10 @@ KV computed in different contexts never mixes): chunk KV computed in a context l
 Cache-Craft (arXiv 2502.15734) reuses KV from earlier contexts and Anthropic's "contextual retrieval" prepends
 a chunk's document context to it.
 
-A blend is never chosen when it would be slower than a full prefill (fallback.py: blend_fallback): every chunk
-costs a fixed overhead (a forward pass of its own when it is not cached yet, placing it when it is), which
-many small chunks do not earn back; such prompts are prefilled in full and the report says why ("fallback").
+A blend is never chosen when it would be slower than a full prefill (fallback.py: blend_fallback): the chunks
+not cached yet cost a forward pass (one for all those computed after the same prefix: chunk_kvs), each cached
+one a placement, which small chunks may not earn back; such prompts are prefilled in full and the report says
+why ("fallback").
 
 With a shared tier, each chunk no local tier holds is fetched from it, or, when the store has a fetch policy
 (adaptation.py) that finds the link too slow for the entry's size, recomputed from its tokens; the report says
@@ -41,7 +42,7 @@ from ..engine.prompt import CHUNK_PREFIXES, Prompt, PromptSegment
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
 from . import defaults
-from .blend import BlendResult, blend_prefill, precompute_chunk
+from .blend import BATCH_CHUNK_TOKENS, BlendResult, blend_prefill, precompute_chunk, precompute_chunks
 from .fallback import (
     DEFAULT_PASS_COST_TOKENS,
     FallbackDecision,
@@ -69,6 +70,41 @@ CALIBRATION_REPEATS = 3
 
 # Chunks at most queued for ChunkBlender.warm (the least missed dropped past it): a few dozen prompts' worth.
 WARM_QUEUE_CHUNKS = 256
+
+
+# Queued chunks a paced warm computes at once (ChunkBlender.warm_paced), side by side in one pass where they
+# share a prefix: one pass's fixed cost for them all.
+WARM_BATCH = 4
+
+
+@dataclass(frozen=True)
+class WantedChunk:
+    """One chunk ChunkBlender.chunk_kvs is asked for: its store key and tokens, what its KV is computed after on a
+    miss, whether the store's shared tier may be read (`read`; False: the fetch policy chose to recompute), and
+    how many of the prefix's first tokens other chunks share (`shared`, None: all; ChunkBlender._prefix_cache)."""
+
+    key: ChunkKey
+    token_ids: tuple[int, ...]
+    prefix_ids: tuple[int, ...]
+    read: bool = True
+    shared: int | None = None
+
+
+def chunk_passes(missing: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> int:
+    """The forward passes ChunkBlender.chunk_kvs takes to compute these (prefix ids, chunk ids) misses: one a
+    distinct prefix, more where a prefix's chunks exceed blend.BATCH_CHUNK_TOKENS (padded to their longest)."""
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for prefix, chunk in missing:
+        by_prefix.setdefault(prefix, []).append(len(chunk))
+    passes = 0
+    for lengths in by_prefix.values():
+        group: list[int] = []  # as precompute_chunks groups them
+        for length in lengths:
+            if group and (len(group) + 1) * max(length, *group) > BATCH_CHUNK_TOKENS:
+                passes, group = passes + 1, []
+            group.append(length)
+        passes += 1
+    return passes
 
 
 @dataclass(frozen=True)
@@ -191,7 +227,9 @@ class ChunkBlender:
                             for source in sources]
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         hits = [source.hit for source in sources]
-        reason = blend_fallback([len(ids) for ids in chunks], hits, ratio, costs, fetch_tokens)
+        missing = [(prefix, segment.token_ids) for (segment, prefix, _), hit in zip(chunk_keys, hits) if not hit]
+        reason = blend_fallback([len(ids) for ids in chunks], hits, ratio, costs, fetch_tokens,
+                                passes=chunk_passes(missing))
         if reason is not None:
             self._queue_misses(prompt, chunk_keys, hits)
         return FallbackDecision(reason, hits)
@@ -215,22 +253,20 @@ class ChunkBlender:
 
     def warm(self, limit: int = 1) -> int:
         """Computes and stores up to `limit` of the queued chunks (the most missed first, warming.WarmQueue; one
-        already cached meanwhile is skipped), as a blend would on a miss. Returns how many were computed.
-        Callers run it off requests' critical paths: the local engine between its steps, the SGLang plugin after
-        a pass."""
-        computed = 0
-        while self._to_warm and computed < limit:
-            key, chunk = self._to_warm.pop()
-            _, hit = self.chunk_kv(key, chunk.token_ids, chunk.prefix_ids, shared=chunk.shared)
-            computed += not hit
-        return computed
+        already cached meanwhile is skipped), as a blend would on a miss, those after the same prefix in one
+        pass (chunk_kvs). Returns how many were computed. Callers run it off requests' critical paths: the local
+        engine between its steps, the SGLang plugin after a pass."""
+        popped = [self._to_warm.pop() for _ in range(min(limit, len(self._to_warm)))]
+        found = self.chunk_kvs([WantedChunk(key, chunk.token_ids, chunk.prefix_ids, shared=chunk.shared)
+                                for key, chunk in popped])
+        return sum(not hit for _, hit in found)
 
     def warm_paced(self, busy: bool) -> bool:
-        """One queued chunk computed (warm) if any is queued and, when `busy` (requests are being served), the
-        pacer says one is due; returns whether chunks are still queued afterwards."""
+        """Up to WARM_BATCH queued chunks computed in one pass (warm) if any is queued and, when `busy` (requests
+        are being served), the pacer says a warm is due; returns whether chunks are still queued afterwards."""
         if self._to_warm and (not busy or self.warm_pacer.due()):
             started = time.perf_counter()
-            self.warm(1)
+            self.warm(WARM_BATCH)
             if busy:
                 self.warm_pacer.spent(time.perf_counter() - started)
         return bool(self._to_warm)
@@ -241,29 +277,55 @@ class ChunkBlender:
         is False: the fetch policy chose to recompute the shared entry, which is then not written to the shared
         tier again), else precomputed after `prefix_ids` and stored. `shared`: how many of the prefix's first
         tokens other chunks are computed after too (their KV is kept for them, _prefix_cache); None: all."""
-        # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
-        # The key holds the digest of the chunk's tokens, and the store refuses entries that are not the key's.
-        cached = self.store.get(key, promote=False, shared=read)
-        if cached is not None:
-            return cached, True
-        if not read:
-            self.store.note_recomputed()
-        prefix_cache = self._prefix_cache(prefix_ids, shared)
-        started = time.perf_counter()
-        kv = precompute_chunk(self.model, list(chunk_ids), list(prefix_ids), prefix_cache, self.channel_weights)
-        self._observe_prefill(kv, started)
-        self.store.put(key, kv, recompute_cost=float(len(chunk_ids) * self.model.num_layers), share=read)
-        return kv, False
+        return self.chunk_kvs([WantedChunk(key, chunk_ids, prefix_ids, read, shared)])[0]
 
-    def _observe_prefill(self, kv: ChunkKV, started: float) -> None:
-        """The fetch policy's prefill rate, from a chunk precomputed since `started` (time.perf_counter), a
-        pass's fixed cost counted as tokens (as FetchPolicy.decide counts it); nothing without a policy."""
+    def chunk_kvs(self, wanted: list["WantedChunk"]) -> list[tuple[ChunkKV, bool]]:
+        """chunk_kv for several chunks, in order: those the store lacks that are computed after the same prefix
+        are computed side by side in one forward pass (blend.precompute_chunks), so a prompt's misses, or a
+        warm's, pay one pass's fixed cost rather than one each. A chunk asked for twice is computed once (a hit
+        the second time)."""
+        found: list[tuple[ChunkKV, bool] | None] = [None] * len(wanted)
+        groups: dict[tuple[tuple[int, ...], int | None], list[int]] = {}
+        first_of: dict[ChunkKey, int] = {}
+        for index, chunk in enumerate(wanted):
+            if chunk.key in first_of:
+                continue
+            # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
+            # The key holds the digest of the chunk's tokens, and the store refuses entries that are not the key's.
+            cached = self.store.get(chunk.key, promote=False, shared=chunk.read)
+            if cached is not None:
+                found[index] = (cached, True)
+                continue
+            if not chunk.read:
+                self.store.note_recomputed()
+            first_of[chunk.key] = index
+            groups.setdefault((chunk.prefix_ids, chunk.shared), []).append(index)
+        for (prefix_ids, shared), indices in groups.items():
+            prefix_cache = self._prefix_cache(prefix_ids, shared)
+            started = time.perf_counter()
+            kvs = precompute_chunks(self.model, [list(wanted[i].token_ids) for i in indices], list(prefix_ids),
+                                    prefix_cache, self.channel_weights)
+            self._observe_prefill(kvs, started)
+            for index, kv in zip(indices, kvs):
+                chunk = wanted[index]
+                self.store.put(chunk.key, kv, recompute_cost=float(kv.length * self.model.num_layers),
+                               share=chunk.read)
+                found[index] = (kv, False)
+        for index, chunk in enumerate(wanted):
+            if found[index] is None:  # asked for again after its first: read back, as it would be one at a time
+                found[index] = (found[first_of[chunk.key]][0], True)
+        return found
+
+    def _observe_prefill(self, kvs: list[ChunkKV], started: float) -> None:
+        """The fetch policy's prefill rate, from chunks precomputed in one pass since `started`
+        (time.perf_counter), the pass's fixed cost counted as tokens (as FetchPolicy.decide counts it); nothing
+        without a policy."""
         policy = self.store.adaptation
-        if policy is None:
+        if policy is None or not kvs:
             return
-        if kv.keys.is_cuda:
-            torch.cuda.synchronize(kv.keys.device)
-        policy.prefill.observe(kv.length + policy.costs.pass_tokens, time.perf_counter() - started)
+        if kvs[0].keys.is_cuda:
+            torch.cuda.synchronize(kvs[0].keys.device)
+        policy.prefill.observe(sum(kv.length for kv in kvs) + policy.costs.pass_tokens, time.perf_counter() - started)
 
     def measure_prefill(self, tokens: int = CALIBRATION_TOKENS, small: int = CALIBRATION_SMALL_TOKENS,
                         repeats: int = CALIBRATION_REPEATS) -> PrefillCalibration:
@@ -326,9 +388,15 @@ class ChunkBlender:
         chunk_keys = self._chunk_keys(prompt, skip)
         if head is not None and not chunk_keys:
             raise ValueError("no chunk of the prompt starts after its exact head: nothing to blend")
-        sources = iter(self._locate(chunk_keys))
+        sources = self._locate(chunk_keys)
         segments = [head.token_ids.tolist()] if head is not None else []
-        hits, found, shared_fetch = [], [], []
+        hits, found, wanted = [], [], []
+        for (segment, chunk_prefix, key), source in zip(chunk_keys, sources):
+            # A chunk of its own context continues the first segment's KV; the others share their prefix.
+            wanted.append(WantedChunk(key, segment.token_ids, chunk_prefix,
+                                      read=source.decision is None or source.decision.fetch,
+                                      shared=shared if segment.context else None))
+        kvs = iter(self.chunk_kvs(wanted))  # the misses computed side by side, a pass a prefix
         start = 0
         for segment in prompt.segments:
             start, begins = start + len(segment.token_ids), start
@@ -337,19 +405,13 @@ class ChunkBlender:
             if begins < skip:  # the head ends inside it: the rest computed
                 segments.append(list(segment.token_ids[skip - begins:]))
             elif segment.is_chunk:
-                chunk_prefix = self.prefix_for(prompt, segment)
-                key = self.chunk_key(chunk_prefix, segment.token_ids)
-                source = next(sources)
-                read = source.decision is None or source.decision.fetch
-                # A chunk of its own context continues the first segment's KV; the others share their prefix.
-                kv, hit = self.chunk_kv(key, segment.token_ids, chunk_prefix, read=read,
-                                        shared=shared if segment.context else None)
+                kv, hit = next(kvs)
                 segments.append(kv)
                 hits.append(hit)
-                found.append((key, kv))
-                shared_fetch.append(shared_fetch_words(source, hit))
+                found.append((wanted[len(hits) - 1].key, kv))
             else:
                 segments.append(list(segment.token_ids))
+        shared_fetch = [shared_fetch_words(source, hit) for source, hit in zip(sources, hits)]
         # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
         prefix_kv = head
         if head is None and not first.is_chunk and len(prompt.segments) > 1:
@@ -431,8 +493,8 @@ class BlendingRunner(LlamaRunner):
         return logits, state
 
     def warm_step(self, busy: bool) -> bool:
-        """One chunk a full-prefill fallback left uncached, computed and stored, paced while `busy`
-        (ChunkBlender.warm_paced); whether chunks are still queued. The engine calls it between its steps."""
+        """Chunks a full-prefill fallback left uncached (up to WARM_BATCH), computed and stored, paced while
+        `busy` (ChunkBlender.warm_paced); whether chunks are still queued. The engine calls it between its steps."""
         return self.blender.warm_paced(busy)
 
     # -- prefix caching -----------------------------------------------------------------------------

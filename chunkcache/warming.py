@@ -1,12 +1,12 @@
 """How often chunks a full-prefill fallback left uncached may be computed while requests are being served (plain
 Python, no torch).
 
-ChunkBlender.warm computes such a chunk with a forward pass of its own, on the same GPU and stream as the
-requests. Between decode steps that pass delays every running request's next token: on the H200 inside SGLang
-(2026-12-02, bench/results/load-2026-12-02.md), warming one chunk after every pass took the inter-token latency's
-median from ~6 ms to 42 ms. WarmPacer spaces warms so that under load they take at most `share` of the time: after
-a warm that took t seconds, the next may start t * (1 - share) / share seconds later (0.1: one 50 ms warm per
-0.5 s). An idle engine warms without pacing (nothing waits on it).
+ChunkBlender.warm computes such chunks (up to WARM_BATCH at a time, side by side in one forward pass where they
+share a prefix) on the same GPU and stream as the requests. Between decode steps that pass delays every running
+request's next token: on the H200 inside SGLang (2026-12-02, bench/results/load-2026-12-02.md), warming one chunk
+after every pass took the inter-token latency's median from ~6 ms to 42 ms. WarmPacer spaces warms so that under
+load they take at most `share` of the time: after a warm that took t seconds, the next may start t * (1 - share) /
+share seconds later (0.1: one 50 ms warm per 0.5 s). An idle engine warms without pacing (nothing waits on it).
 
 WarmQueue says which chunk goes first: the one the most fallbacks missed since it was queued (then the most
 recently missed), so that under a skewed (Zipf) workload the chunks most prompts share are computed first. The

@@ -242,7 +242,7 @@ class LocalEngine:
                         self._step_one(one, allocation)
                     else:
                         self._decode_batch(decode)
-                # Between steps (paced) or idle: one chunk a fallback left uncached (a pass of its own, off
+                # Between steps (paced) or idle: chunks a fallback left uncached (one pass for a few, off
                 # requests' first tokens).
                 warming = self._warm_step(busy=not idle)
 

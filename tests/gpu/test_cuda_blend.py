@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk, precompute_chunks
 from blendgate.chunkcache.keys import ChunkKey
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.kv_store import ChunkCacheStore
@@ -103,6 +103,22 @@ def test_an_exact_prefix_kv_changes_nothing_but_the_work_on_cuda(ratio) -> None:
     computed = blend_prefill(model, [prefix, *chunks, suffix], ratio)
     reused = blend_prefill(model, [prefix, *chunks, suffix], ratio, prefix_kv=precompute_chunk(model, prefix))
     torch.testing.assert_close(reused.logits, computed.logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix_tokens", [0, 24])
+def test_chunks_computed_side_by_side_on_cuda_are_each_computed_alone(dtype, prefix_tokens) -> None:
+    """precompute_chunks on CUDA (SDPA causal from the bottom right, padded chunks) against precompute_chunk
+    (our fused causal or sparse kernels) for each chunk."""
+    model = LlamaFamilyModel.random(tiny_config(), device="cuda", dtype=dtype, seed=7)
+    generator = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 512, (prefix_tokens,), generator=generator).tolist()
+    chunks = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (100, 37, 128)]
+    alone = [precompute_chunk(model, chunk, prefix) for chunk in chunks]
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    for one, other in zip(alone, precompute_chunks(model, chunks, prefix)):
+        torch.testing.assert_close(other.keys, one.keys, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(other.values, one.values, atol=tolerance, rtol=tolerance)
 
 
 def test_auto_pass_cost_is_measured_on_the_gpu() -> None:

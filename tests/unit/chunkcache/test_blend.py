@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from blendgate.chunkcache.blend import blend_prefill, precompute_chunk
+from blendgate.chunkcache import blend as blend_module
+from blendgate.chunkcache.blend import blend_prefill, precompute_chunk, precompute_chunks
 from blendgate.chunkcache.selection import DEFAULT_RULE, SelectionRule, selected_count, sink_count
 from blendgate.engine.llama import LlamaFamilyModel
 from blendgate.kernels.rope import rotate
@@ -359,3 +360,22 @@ def test_the_drift_means_leave_the_sinks_out_and_follow_the_parts(model) -> None
     assert shift.stale_chunk[shift.stale.tolist().index(6)] == 0  # slot 6: chunk 0, part 0
     assert shift.stale_chunk[shift.stale.tolist().index(30)] == 2  # slot 30: chunk 1, part 0
     assert shift.stale_chunk[shift.stale.tolist().index(43)] == 3
+
+
+@pytest.mark.parametrize("prefix", [[], PREFIX])
+def test_chunks_computed_side_by_side_are_each_computed_alone(model, prefix, monkeypatch) -> None:
+    """precompute_chunks: one pass over chunks of different lengths (padded at their ends), each attending to the
+    prefix and itself only, gives precompute_chunk's KV and channel weights for each; past BATCH_CHUNK_TOKENS
+    the chunks go to further passes, with the same numbers."""
+    alone = [precompute_chunk(model, chunk, prefix, channel_weights=True) for chunk in CHUNKS]
+    for batch_tokens in (8192, 30):  # one pass; and two (12 + 9 padded to 24 fit 30, the 15 goes on)
+        monkeypatch.setattr(blend_module, "BATCH_CHUNK_TOKENS", batch_tokens)
+        together = precompute_chunks(model, CHUNKS, prefix, channel_weights=True)
+        assert len(together) == len(CHUNKS)
+        for one, other in zip(alone, together):
+            assert torch.equal(one.token_ids, other.token_ids) and one.keys.shape == other.keys.shape
+            torch.testing.assert_close(other.keys, one.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(other.values, one.values, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(other.weights.keys, one.weights.keys, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="tokens"):
+        precompute_chunks(model, [CHUNKS[0], []])

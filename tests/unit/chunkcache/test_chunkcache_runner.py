@@ -27,6 +27,9 @@ DOCUMENTS = ["The blue castle stands on a granite hill. Its secret code is 4711.
 # These documents are a few tokens each, which blending does not pay for (see the fallback tests at the end):
 # no per-chunk cost, so the runner blends them and the tests exercise blending.
 BLEND_ALWAYS = PrefillCosts(pass_tokens=0, placement_tokens=0)
+# A pass's fixed cost above what eight tiny documents save (0.85 x ~70 tokens): their cold prompt is prefilled
+# in full, where the CPU default (24 tokens, one pass for all their misses) blends it.
+SLOW_PASSES = PrefillCosts(pass_tokens=200, placement_tokens=1)
 
 
 @pytest.fixture()
@@ -124,6 +127,25 @@ def test_the_rule_weighs_per_chunk_work_against_the_tokens_blending_saves() -> N
         blend_fallback([5, 5], [True], 0.15, costs)
 
 
+def test_uncached_chunks_computed_side_by_side_pay_one_pass() -> None:
+    from blendgate.chunkcache.runner import chunk_passes
+
+    costs = PrefillCosts(pass_tokens=2150, placement_tokens=1)  # an 8B model's pass inside SGLang (H200)
+    # Eight 512-token chunks, two not cached: one pass each (4,300 + 6) outweighs the 3,481 saved; both in one
+    # pass (2,150 + 6) do not.
+    assert "2 not cached) would cost about 4306" in blend_fallback([512] * 8, [False] * 2 + [True] * 6, 0.15, costs)
+    assert blend_fallback([512] * 8, [False] * 2 + [True] * 6, 0.15, costs, passes=1) is None
+    reason = blend_fallback([512] * 2, [False] * 2, 0.15, costs, passes=1)
+    assert reason.startswith("blending 2 chunks (2 not cached in 1 pass) would cost about 2150 tokens")
+    assert blend_fallback([512] * 8, [True] * 8, 0.15, costs, passes=1) is None  # no miss: no pass
+    # A pass a distinct prefix, more where a prefix's chunks (padded to their longest) exceed a pass's tokens.
+    system, other = (1, 2), (1, 3)
+    assert chunk_passes([]) == 0
+    assert chunk_passes([(system, (5,) * 512)] * 8) == 1
+    assert chunk_passes([(system, (5,) * 512)] * 8 + [(other, (6,) * 10)]) == 2
+    assert chunk_passes([(system, (5,) * 512)] * 17) == 2 and chunk_passes([(system, (5,) * 8193)]) == 1
+
+
 def test_fetching_from_the_shared_tier_counts_against_blending() -> None:
     costs = PrefillCosts(pass_tokens=4096, placement_tokens=1)
     # Five 150-token passages read from Redis: each fetch is cheaper than a pass of its own (4,096 tokens), but
@@ -173,8 +195,8 @@ def test_many_tiny_chunks_are_prefilled_in_full_and_faster_than_blending_them(lo
     documents = [f"Fact {i} is {i * 7}.\n\n" for i in range(8)]
     prompt = rag_prompt(tokenizer, documents, "blend")
     store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
-    deciding, forced_runner = BlendingRunner(loaded_model, store), BlendingRunner(loaded_model, store,
-                                                                                  costs=BLEND_ALWAYS)
+    deciding = BlendingRunner(loaded_model, store, costs=SLOW_PASSES)
+    forced_runner = BlendingRunner(loaded_model, store, costs=BLEND_ALWAYS)
     with torch.inference_mode():
         full, _ = deciding.prefill(rag_prompt(tokenizer, documents, "full_prefill"))
         started = time.perf_counter()
@@ -186,7 +208,7 @@ def test_many_tiny_chunks_are_prefilled_in_full_and_faster_than_blending_them(lo
         forced_s = time.perf_counter() - started
     report = state.report.as_dict()
     assert report["mode"] == "full_prefill" and report["requested_mode"] == "blend"
-    assert report["fallback"].startswith("blending 8 chunks (8 not cached)")
+    assert report["fallback"].startswith("blending 8 chunks (8 not cached in 1 pass) would cost about 200 tokens")
     torch.testing.assert_close(fallen_back, full, atol=1e-3, rtol=1e-4)
     assert forced.report.mode == "blend" and forced.report.miss_count == 8
     assert fallback_s < forced_s, (fallback_s, forced_s)
@@ -197,15 +219,15 @@ def test_chunks_a_fallback_left_uncached_are_warmed_so_the_prompt_blends_next_ti
     # and be prefilled in full every time (seen on the H200: SGLang's plugin never blended a cold prompt).
     documents = [f"Fact {i} is {i * 7}.\n\n" for i in range(8)]
     store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")])
-    deciding = BlendingRunner(loaded_model, store)
+    deciding = BlendingRunner(loaded_model, store, costs=SLOW_PASSES)
     forced = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]), costs=BLEND_ALWAYS)
     prompt = rag_prompt(tokenizer, documents, "blend")
     with torch.inference_mode():
         _, state = deciding.prefill(prompt)
         assert state.report.mode == "full_prefill" and deciding.blender.pending_warm == 8
         assert state.report.hits == [False] * 8  # counted as misses by the chunk-cache series
-        left = [deciding.warm_step(busy=False) for _ in range(8)]  # idle: one chunk a call, unpaced
-        assert left == [True] * 7 + [False]
+        left = [deciding.warm_step(busy=False) for _ in range(2)]  # idle: unpaced, WARM_BATCH (4) a call
+        assert left == [True, False]
         assert store.report()["tiers"][0]["entries"] == 8 and deciding.blender.pending_warm == 0
         logits, state = deciding.prefill(prompt)
         expected, _ = forced.prefill(prompt)
@@ -219,7 +241,7 @@ def test_the_engine_warms_between_requests(loaded_model, tokenizer) -> None:
     from blendgate.engine.engine import LocalEngine
     from blendgate.engine.sampling import SamplingParams
 
-    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]))
+    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]), costs=SLOW_PASSES)
     engine = LocalEngine(runner, max_context_tokens=512, stop_token_ids=frozenset(), max_running=2)
     prompt = rag_prompt(tokenizer, [f"Fact {i} is {i * 7}.\n\n" for i in range(8)], "blend")
 
@@ -242,16 +264,16 @@ def test_the_engine_warms_between_requests(loaded_model, tokenizer) -> None:
 
 def test_under_load_warming_is_paced_to_its_share_of_the_time(loaded_model, tokenizer) -> None:
     now = [100.0]
-    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]))
+    runner = BlendingRunner(loaded_model, ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")]), costs=SLOW_PASSES)
     runner.blender.warm_pacer = WarmPacer(0.25, clock=lambda: now[0])
     with torch.inference_mode():
         runner.prefill(rag_prompt(tokenizer, [f"Fact {i} is {i * 7}.\n\n" for i in range(8)], "blend"))
-        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 7  # the first is due at once
+        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 4  # the first is due at once
         next_at = runner.blender.warm_pacer._next_at
         assert next_at > now[0]  # 3x the warm's time later (share 0.25)
-        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 7  # not due yet: nothing done
+        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 4  # not due yet: nothing done
         now[0] = next_at
-        assert runner.warm_step(busy=True) and runner.blender.pending_warm == 6
+        assert not runner.warm_step(busy=True) and runner.blender.pending_warm == 0
 
 
 def test_the_pacer_spaces_warms_by_their_share() -> None:
