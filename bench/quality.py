@@ -250,11 +250,13 @@ def round_trip_blender(model, store, chunk_prefix: str, codec_spec: str):
     decoded = LRUCache(1024)
 
     class RoundTripBlender(ChunkBlender):
-        def chunk_kv(self, key, chunk_ids, prefix_ids, read=True, shared=None):
-            kv, hit = super().chunk_kv(key, chunk_ids, prefix_ids, read, shared)
-            if key not in decoded:
-                decoded[key] = codec.round_trip(kv, kv.keys.device)
-            return decoded[key], hit
+        def chunk_kvs(self, wanted):  # every chunk's KV (and the chunk prefix's: chunk_kv) comes through here
+            found = []
+            for chunk, (kv, hit) in zip(wanted, super().chunk_kvs(wanted)):
+                if chunk.key not in decoded:
+                    decoded[chunk.key] = codec.round_trip(kv, kv.keys.device)
+                found.append((decoded[chunk.key], hit))
+            return found
 
     return RoundTripBlender(model, store, chunk_prefix, channel_weights=True)
 

@@ -58,3 +58,25 @@ def test_every_named_rule_is_a_valid_selection_rule_and_the_probe_weights_rows_d
     # default's probe stride became 4.
     assert replace(fp8, probe_weights="model") == bf16 == every_layer == replace(DEFAULT_RULE, probe_stride=1)
     assert default == DEFAULT_RULE
+
+
+def test_the_round_trip_blender_blends_from_kv_sent_through_the_codec() -> None:
+    """Every chunk's KV (and the chunk prefix's) reaches the blend decoded: the blender's chunk_kvs is where
+    chunk KV is found, one chunk at a time or several in one pass."""
+    import torch
+    from blendgate.chunkcache.kv_store import ChunkCacheStore
+    from blendgate.chunkcache.runner import WantedChunk
+    from blendgate.chunkcache.tiers import MemoryTier
+    from support import tiny_llama
+
+    model = tiny_llama(layers=2, seed=4)
+    blender = quality.round_trip_blender(model, ChunkCacheStore([MemoryTier("cpu", 1 << 26, "cpu")]), "system",
+                                         "int4")
+    chunks = [(11, 12, 13, 14), (21, 22, 23)]
+    wanted = [WantedChunk(blender.chunk_key((1, 2), ids), ids, (1, 2)) for ids in chunks]
+    found = blender.chunk_kvs(wanted)
+    again = blender.chunk_kvs(wanted)  # read back from the store: the same decoded KV
+    for (kv, hit), (same, hit_again) in zip(found, again):
+        assert not hit and hit_again and same is kv
+    plain = [kv for kv, _ in super(type(blender), blender).chunk_kvs(wanted)]  # the store's entries, as computed
+    assert any(not torch.equal(kv.keys, raw.keys) for (kv, _), raw in zip(found, plain))  # int4 is lossy
