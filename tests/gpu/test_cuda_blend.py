@@ -70,8 +70,15 @@ def test_gpu_tier_keeps_kv_on_the_gpu_and_demotes_to_cpu() -> None:
     store.put(first, entry, 16)
     assert store.get(first).keys.device.type == "cuda"
     store.put(second, entry, 16)
-    assert first in store.tiers[1].entries and store.tiers[1].read(first).keys.device.type == "cpu"
+    demoted = store.tiers[1].read(first)  # copied down into pinned memory, waited for on reading
+    assert first in store.tiers[1].entries and demoted.keys.device.type == "cpu" and demoted.keys.is_pinned()
+    assert torch.equal(demoted.keys, entry.keys) and torch.equal(demoted.values, entry.values)
     assert F.mse_loss(store.get(first).keys.cpu(), entry.keys) == 0
+    # A copy down queued behind GPU work: what the host reads is what that work computed.
+    cpu, third = MemoryTier("cpu", 1 << 30, "cpu"), ChunkKey.of("m", [], [3])
+    big = torch.randn(4, 2, 4096, 32, device="cuda")
+    cpu.write(third, ChunkKV(torch.arange(4096), big * 2, big * 3))  # still being computed when copied
+    assert torch.equal(cpu.read(third).values, (big * 3).cpu()) and torch.equal(cpu.read(third).keys, (big * 2).cpu())
 
 
 def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> None:
