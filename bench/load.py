@@ -250,6 +250,9 @@ class RateSummary:
     # Why the RAG requests that were not blended fell back, most frequent first: (reason with its numbers
     # replaced by N, count), at most FALLBACK_REASONS of them.
     fallbacks: tuple[tuple[str, int], ...] = ()
+    # The most frequent reason as one report gave it, numbers kept (the pass cost the worker calibrated at
+    # start-up shows there: it decides which prompts blend).
+    fallback_example: str | None = None
 
 
 # The fallback reasons a row keeps, and how much of each (the reports' reasons open with what decided them).
@@ -262,6 +265,15 @@ def fallback_reasons(outcomes: list[Outcome]) -> tuple[tuple[str, int], ...]:
     counts = Counter(re.sub(r"\d+(\.\d+)?", "N", o.fallback)[:FALLBACK_WORDS]
                      for o in outcomes if o.kind == "rag" and o.fallback)
     return tuple(counts.most_common(FALLBACK_REASONS))
+
+
+def fallback_example(outcomes: list[Outcome]) -> str | None:
+    """The last RAG outcome's fallback reason whose form (numbers as N) is the most frequent, numbers kept."""
+    common = fallback_reasons(outcomes)
+    if not common:
+        return None
+    return next(o.fallback for o in reversed(outcomes) if o.kind == "rag" and o.fallback
+                and re.sub(r"\d+(\.\d+)?", "N", o.fallback)[:FALLBACK_WORDS] == common[0][0])
 
 
 def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummary:
@@ -280,7 +292,8 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
                        sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]),
                        percentile(plugin, 50) if plugin else None,
                        sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None,
-                       sum(reported) / len(reported) if reported else None, fallback_reasons(done))
+                       sum(reported) / len(reported) if reported else None, fallback_reasons(done),
+                       fallback_example(done))
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -321,6 +334,8 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
         lines += ["", "Why the RAG requests not blended were prefilled in full (their reports' `fallback`, numbers "
                       "as N; the most frequent first):", "", "| rate (req/s) | requests | reason |", "|---|---|---|"]
         lines += [f"| {r.rate:g} | {count} | {reason} |" for r in rows for reason, count in r.fallbacks]
+        lines += ["", "The most frequent, as one report gave it:", ""]
+        lines += [f"- {r.rate:g} req/s: {r.fallback_example}" for r in rows if r.fallback_example]
     for r in rows:
         if r.errors:
             lines.append(f"- errors at {r.rate:g} req/s: {'; '.join(r.errors)}")

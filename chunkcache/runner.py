@@ -58,12 +58,15 @@ from .selection import DEFAULT_RULE, SelectionRule
 from .warming import DEFAULT_WARM_SHARE, WarmPacer, WarmQueue
 
 # The chunk sizes the prefill's costs are measured at (ChunkBlender.measure_prefill), and the timed passes each.
-# On a GPU the larger size is 1,024 tokens: an 8B model's passes over 16 and 256 tokens both take about the time
-# its weights take to read, so the fit's slope was noise (six replicas of one H200 run measured 24k to 357k
-# tokens/s for Llama-3-8B's shapes, bench/results/fetch-ttft-2026-12-01.md run 4); on the CPU 256 (SmolLM2-135M:
-# ~0.8 s there).
+# On a GPU the larger size is a whole RAG prompt's, 4,096 tokens (at most the model's context): below that an 8B
+# model's pass is still mostly fixed cost, so the fit's slope is a small difference of two noisy times and the
+# intercept over it (the pass cost in tokens) swings with the noise. At 256 tokens six replicas of one H200 run
+# measured 24k to 357k tokens/s for Llama-3-8B's shapes (bench/results/fetch-ttft-2026-12-01.md run 4); at 1,024
+# inside SGLang's process one start-up measured a pass at ~2,150 tokens and another above the 3,482 a prompt of
+# 8 x 512 saves at r = 0.15, so that worker prefilled every prompt with an uncached chunk in full
+# (bench/results/load-2026-12-03.md). On the CPU 256 (SmolLM2-135M: ~0.8 s there).
 CALIBRATION_TOKENS = 256
-CALIBRATION_GPU_TOKENS = 1024
+CALIBRATION_GPU_TOKENS = 4096
 CALIBRATION_SMALL_TOKENS = 16
 CALIBRATION_REPEATS = 3
 
@@ -360,7 +363,8 @@ class ChunkBlender:
         on_gpu = self.model.embed_tokens.is_cuda
         measured = None
         if on_gpu and (policy is not None or pass_tokens == "auto"):
-            measured = self.measure_prefill(CALIBRATION_GPU_TOKENS)
+            context = getattr(self.model.config, "max_position_embeddings", None) or CALIBRATION_GPU_TOKENS
+            measured = self.measure_prefill(min(CALIBRATION_GPU_TOKENS, context))
         elif policy is not None:  # the CPU: the fetch policy's rate only, from one timed pass a size
             measured = self.measure_prefill(repeats=1)
         if pass_tokens == "auto":

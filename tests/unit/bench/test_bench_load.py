@@ -111,4 +111,7 @@ def test_the_fallback_reasons_are_counted_with_their_numbers_as_n() -> None:
     row = load.summarise(4.0, outcomes, wall_s=1.0)
     assert row.fallbacks == (("blending N chunks (N not cached) would cost about N tokens of per-chunk work to save N",
                               3), ("a piece of a prompt split by chunked prefill, before its last", 1))
-    assert "| 4 | 3 | blending N chunks" in load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
+    text = load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
+    assert "| 4 | 3 | blending N chunks" in text
+    # the most frequent reason once with its numbers (the last seen: the calibrated pass cost shows there)
+    assert row.fallback_example == slow.format(2, 4301) and f"- 4 req/s: {slow.format(2, 4301)}" in text
