@@ -134,6 +134,8 @@ class Outcome:
     chunk_hits: int = 0
     chunks: int = 0
     plugin_gpu_ms: float | None = None  # its share of the plugin pass that prefilled it (profiled workers only)
+    plugin_misses_ms: float | None = None  # of that share, computing chunks the chunk-cache lacked
+    pass_requests: int | None = None  # the requests of the plugin pass that prefilled it
     blended: bool | None = None  # whether its report says it was blended (None: no report, e.g. the stock arm)
     fallback: str | None = None  # why its report says it was prefilled in full instead (a blend asked for)
     error: str | None = None
@@ -175,6 +177,8 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                     timings = report.get(PROFILE_KEY) if isinstance(report, dict) else None
                     if isinstance(timings, dict) and timings.get("requests"):
                         outcome.plugin_gpu_ms = timings["gpu"] / timings["requests"]
+                        outcome.plugin_misses_ms = timings.get("misses", 0.0) / timings["requests"]
+                        outcome.pass_requests = timings["requests"]
         outcome.output_tokens = seen
         outcome.ok = outcome.ttft_s is not None
         if not outcome.ok:
@@ -253,6 +257,10 @@ class RateSummary:
     # The most frequent reason as one report gave it, numbers kept (the pass cost the worker calibrated at
     # start-up shows there: it decides which prompts blend).
     fallback_example: str | None = None
+    # Of the plugin's GPU time a RAG request, the mean spent computing chunks not cached; and the mean number of
+    # requests in the pass that prefilled a RAG request (how much one pass over a batch's blends could share).
+    plugin_misses_ms_mean: float | None = None
+    pass_requests_mean: float | None = None
 
 
 # The fallback reasons a row keeps, and how much of each (the reports' reasons open with what decided them).
@@ -285,6 +293,8 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
     chunks = sum(o.chunks for o in done)
     errors = sorted({o.error for o in outcomes if o.error})
     plugin = [o.plugin_gpu_ms for o in done if o.plugin_gpu_ms is not None]
+    misses = [o.plugin_misses_ms for o in done if o.plugin_gpu_ms is not None and o.plugin_misses_ms is not None]
+    sizes = [o.pass_requests for o in done if o.plugin_gpu_ms is not None and o.pass_requests]
     reported = [o.blended for o in done if o.kind == "rag" and o.blended is not None]
     return RateSummary(rate, len(outcomes), len(done), len(outcomes) - len(done), ms(rag, 50), ms(rag, 99),
                        ms(chat, 50), ms(chat, 99), ms(itl, 50), ms(itl, 99),
@@ -293,7 +303,8 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
                        percentile(plugin, 50) if plugin else None,
                        sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None,
                        sum(reported) / len(reported) if reported else None, fallback_reasons(done),
-                       fallback_example(done))
+                       fallback_example(done), sum(misses) / len(misses) if misses else None,
+                       sum(sizes) / len(sizes) if sizes else None)
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -327,8 +338,10 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
     if any(r.plugin_ms_p50 is not None for r in rows):
         lines += ["", "Profiled worker (BLENDGATE_SGLANG_PROFILE=1): the plugin's GPU time a RAG request (its share "
                       "of the pass that prefilled it) and the share of each rate's wall time spent in those passes:",
-                  "", "| rate (req/s) | plugin GPU ms a RAG request, p50 | plugin GPU busy |", "|---|---|---|"]
-        lines += [f"| {r.rate:g} | {fmt(r.plugin_ms_p50)} | "
+                  "", "| rate (req/s) | plugin GPU ms a RAG request, p50 | of which uncached chunks, mean ms | "
+                      "requests a pass, mean | plugin GPU busy |", "|---|---|---|---|---|"]
+        lines += [f"| {r.rate:g} | {fmt(r.plugin_ms_p50)} | {fmt(r.plugin_misses_ms_mean)} | "
+                  f"{fmt(r.pass_requests_mean)} | "
                   f"{'-' if r.plugin_busy is None else f'{r.plugin_busy:.2f}'} |" for r in rows]
     if any(r.fallbacks for r in rows):
         lines += ["", "Why the RAG requests not blended were prefilled in full (their reports' `fallback`, numbers "

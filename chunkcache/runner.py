@@ -31,7 +31,7 @@ import bisect
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from cachetools import LRUCache
@@ -376,12 +376,15 @@ class ChunkBlender:
         return costs
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None,
-              head: ExactHead | None = None) -> tuple[BlendResult, PrefillReport]:
+              head: ExactHead | None = None,
+              mark: Callable[[str], None] | None = None) -> tuple[BlendResult, PrefillReport]:
         """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
         report of what was reused and recomputed. `head`: the exact KV of the prompt's first head.length tokens
         (at least its first segment), e.g. SGLang's radix-cache match: reused as is; only the chunks starting
         after it are blended (and reported), a chunk it ends inside is computed exactly from there. Raises
-        ValueError when the head is not the prompt's first tokens or shorter than its first segment."""
+        ValueError when the head is not the prompt's first tokens or shorter than its first segment. `mark`
+        (a profiler's, sglang_plugin/profile.py: PassProfile.mark) is called with "prefill" before the chunks
+        not cached are computed and "misses" after: the work between is theirs."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         shared = self._shared_prefix_tokens(prompt)
@@ -400,7 +403,11 @@ class ChunkBlender:
             wanted.append(WantedChunk(key, segment.token_ids, chunk_prefix,
                                       read=source.decision is None or source.decision.fetch,
                                       shared=shared if segment.context else None))
+        if mark is not None:
+            mark("prefill")
         kvs = iter(self.chunk_kvs(wanted))  # the misses computed side by side, a pass a prefix
+        if mark is not None:
+            mark("misses")
         start = 0
         for segment in prompt.segments:
             start, begins = start + len(segment.token_ids), start

@@ -54,11 +54,13 @@ class PrefilledRequest:
 
 @torch.no_grad()
 def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torch.Tensor,
-                    read_prefix: PrefixReader | None) -> PrefilledRequest:
+                    read_prefix: PrefixReader | None,
+                    mark: Callable[[str], None] | None = None) -> PrefilledRequest:
     """The request prefilled as planned. `token_ids` [extend_len]: its tokens computed in this pass (SGLang's
     input_ids for it); `read_prefix`: its cached prefix's KV, needed when it is computed exactly after a prefix
-    or blended after one (RequestPlan.exact_head; None otherwise). Raises ValueError when a prefix is to be
-    read and no reader is given."""
+    or blended after one (RequestPlan.exact_head; None otherwise); `mark`: a pass profile's (ChunkBlender.blend
+    marks the computing of chunks not cached with it). Raises ValueError when a prefix is to be read and no
+    reader is given."""
     model = blender.model
     if request.prompt is not None:
         head = None
@@ -66,7 +68,7 @@ def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torc
             if read_prefix is None:
                 raise ValueError("a blend after a cached prefix needs its prefix's KV")
             head = _exact_head(model.num_layers, request.prompt.token_ids[:request.prefix_len], read_prefix)
-        result, report = blender.blend(request.prompt, logits=False, head=head)
+        result, report = blender.blend(request.prompt, logits=False, head=head, mark=mark)
         return PrefilledRequest(result.cache, request.prefix_len, result.hidden, report.as_dict())
     cache = model.new_cache(request.prefix_len + request.extend_len)
     if request.prefix_len:

@@ -25,8 +25,9 @@ class PassTimings:
     prefills (`prefill`: blends and exact prefills, chunk-cache misses computed included), of writing their KV
     into SGLang's pool (`kv_write`) and of SGLang's logits processor (`logits`); `gpu` from the first launch to
     the last event; `hook_wall` the host's wall time from the hook's entry to the end of the pass (after the
-    final synchronisation). `requests`: the requests the pass prefilled (a request's share of the pass is the
-    times over it)."""
+    final synchronisation). `misses`: the part of `prefill` spent computing chunks the chunk-cache lacked
+    (ChunkBlender.chunk_kvs' passes). `requests`: the requests the pass prefilled (a request's share of the pass
+    is the times over it)."""
 
     requests: int
     plan: float
@@ -35,6 +36,7 @@ class PassTimings:
     logits: float
     gpu: float
     hook_wall: float
+    misses: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: value if isinstance(value, int) else round(value, 3) for name, value in asdict(self).items()}
@@ -68,9 +70,10 @@ class PassProfile:
         """Waits for the pass's last event (one host synchronisation) and sums each stage's spans; `requests`:
         how many the pass prefilled."""
         self._last.synchronize()
-        totals = {"prefill": 0.0, "kv_write": 0.0, "logits": 0.0}
+        totals = {"prefill": 0.0, "kv_write": 0.0, "logits": 0.0, "misses": 0.0}
         for stage, start, end in self._spans:
             totals[stage] = totals.get(stage, 0.0) + start.elapsed_time(end)
-        return PassTimings(requests=requests, plan=self.plan_ms, prefill=totals["prefill"], kv_write=totals["kv_write"],
-                           logits=totals["logits"], gpu=self._first.elapsed_time(self._last),
-                           hook_wall=(time.perf_counter() - self.entered) * 1000)
+        return PassTimings(requests=requests, plan=self.plan_ms, prefill=totals["prefill"] + totals["misses"],
+                           kv_write=totals["kv_write"], logits=totals["logits"],
+                           gpu=self._first.elapsed_time(self._last),
+                           hook_wall=(time.perf_counter() - self.entered) * 1000, misses=totals["misses"])

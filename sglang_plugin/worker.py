@@ -121,7 +121,8 @@ class BlendWorker:
             if request.prefix_len and (request.prompt is None or request.exact_head):
                 slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
                 read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
-            prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix)
+            prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix,
+                                        profile.mark if profile is not None else None)
             if profile is not None:
                 profile.mark("prefill")
             keys, values = prefilled.new_kv_layers()

@@ -120,3 +120,17 @@ def test_a_head_that_is_not_the_prompts_start_is_refused(blender) -> None:
         blender.blend(prompt, head=head(prompt.token_ids[:4], 4))
     with pytest.raises(ValueError, match="nothing to blend"):
         blender.blend(prompt, head=head(prompt.token_ids[:26], 26))
+
+
+def test_a_profile_mark_brackets_the_computing_of_uncached_chunks(blender) -> None:
+    # ChunkBlender.blend marks "prefill" before computing the chunks the store lacks and "misses" after: a pass
+    # profile (sglang_plugin/profile.py) books the work between to the misses.
+    prompt = Prompt([PromptSegment(tuple(ids(6, 20))), PromptSegment(tuple(ids(10, 21)), True),
+                     PromptSegment(tuple(ids(8, 22)), True), PromptSegment(tuple(ids(5, 23)))],
+                    mode="blend", recompute_ratio=0.3)
+    stored = lambda: sum(len(tier.entries) for tier in blender.store.tiers)  # noqa: E731
+    marks = []
+    done = prefill_request(blender, RequestPlan(0, len(prompt), prompt), torch.tensor(prompt.token_ids), None,
+                           mark=lambda stage: marks.append((stage, stored())))
+    assert [stage for stage, _ in marks] == ["prefill", "misses"]
+    assert marks[1][1] == marks[0][1] + 2 and done.report["hit_count"] == 0  # both chunks computed in between
