@@ -203,6 +203,11 @@ class AnswerCache:
         self.retriever: Loadable[Retriever] = retriever or Loadable()
         self.semantic: Loadable[SemanticCache] = semantic or Loadable()
 
+    def embed_function(self) -> Callable[[list[str]], np.ndarray] | None:
+        """The cache's embedder (unit-length vectors), or None while the retriever loads."""
+        retriever = self.retriever.value
+        return retriever.embedder.embed if retriever is not None else None
+
     def collection_version(self, collection: str) -> CollectionVersion | None:
         retriever = self.retriever.value
         return retriever.collection_version(collection) if retriever is not None else None

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator, Mapping
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from ..semcache.audit import HitAuditor
 from ..semcache.lookup import LookupResult
 from ..semcache.policy import LoadMonitor
 from .answer_cache import AnswerCache, AnswerCachePlan
@@ -36,6 +37,7 @@ from .backends.base import ChatBackend, ChatChunk, RequestContext, Usage
 from .backends.request import BackendRequest
 from .config import ModelRagConfig
 from .errors import GatewayError
+from .hit_audit import HitAudits
 from .metrics.series import GatewayMetrics
 from .rag import RagPlanner, retrieval_for
 from .schemas import ChatCompletionRequest
@@ -88,8 +90,12 @@ class ChatService:
         self.cache = cache
         self.load = load
         self.metrics = metrics  # per-request series for /metrics
-        # Requests each model is working on (cache misses): the queue depth the load-adaptive policy reads.
+        # Requests each model is working on (cache misses and hit audits): the queue depth the load-adaptive
+        # policy reads.
         self.in_flight: dict[str, int] = defaultdict(int)
+        # A sampled share of the hits answered again in the background (semantic_cache.audit; off by default).
+        self.audits = HitAudits(HitAuditor(cache.settings.audit), rag, metrics, cache.embed_function,
+                                self.in_flight)
         for name in backends:
             load.watch_queue(name, lambda name=name: self.in_flight[name])
 
@@ -127,6 +133,10 @@ class ChatService:
             result = await plan.lookup()
             ctx.semantic_cache = result.report()
             if result.status == "hit":
+                if self.audits.auditor.enabled and self.audits.start(
+                        backend, request, tenant, plan.cache, result, retrieval, plan.vector,
+                        self.load.level(request.model)):
+                    ctx.semantic_cache["audited"] = True
                 return self._replay(request, ctx, result)
         # 3. RAG, 4. the backend's request.
         rag = await self.rag.prepare(request, retrieval, query_vector=plan.vector if plan is not None else None)

@@ -139,6 +139,7 @@ class AppState:
     async def close(self, loading: asyncio.Task) -> None:
         """Stop the background loading (`start`'s task), the admin history, the semantic cache and the backends."""
         await self.history.stop()
+        await self.chat.audits.close()
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         cache = self.semantic_cache.value

@@ -109,6 +109,23 @@ class FeedbackSettings(_Strict):
     reported_neighbourhoods: int = Field(64, ge=0)
 
 
+class AuditSettings(_Strict):
+    """Hit audits (semcache/audit.py): a sampled share of the hits served is answered again by the model in the
+    background and the new answer compared with the cached one; a cached answer that says something else counts
+    as a false-hit report (feedback.py learns from it) and its entry is invalidated."""
+
+    # The share of hits (similarity matches, not the same question repeated) audited; 0: none. Each audit
+    # costs one generation by the model behind the cache.
+    share: float = Field(0.0, ge=0.0, le=1.0)
+    # The cosine similarity of the two answers (the cache's embedder) at or above which they agree.
+    agreement: float = Field(0.7, gt=0.0, le=1.0)
+    # Audits running at once, at most; a hit sampled while as many run is not audited.
+    max_in_flight: int = Field(2, ge=1)
+    # Audits start only while the model's load level (policy.LoadMonitor, 0 to 1) is at most this: 0, only
+    # while it is below both load marks.
+    max_load_level: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class HnswSettings(_Strict):
     m: int = Field(16, ge=4, le=128)
     ef_construction: int = Field(100, ge=8)
@@ -157,6 +174,8 @@ class SemanticCacheSettings(_Strict):
     verifier_path: Path | None = None
     # Learning from false-hit reports (semcache/feedback.py).
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    # Re-generating a sampled share of hits to check the cached answers (semcache/audit.py); off by default.
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     # The embedder the thresholds were tuned with; another embedder gets a warning at start-up.
     thresholds_tuned_for: str = "all-MiniLM-L6-v2"
 

@@ -48,6 +48,15 @@ class GatewayMetrics:
         self.false_hits = Counter("blendgate_semantic_cache_false_hit_reports", "Cached answers reported wrong "
                                   "by clients", ["category", *tenant_label.names], registry=registry)
 
+        self.audits = Counter("blendgate_semantic_cache_audits", "Semantic-cache hits answered again by the model "
+                              "and compared with the cached answer (semcache/audit.py), by verdict: agree; "
+                              "disagree (counted as a false hit, the entry invalidated); failed", ["category",
+                                                                                                  "verdict"],
+                              registry=registry)
+
+    def audit(self, category: str, verdict: str) -> None:
+        self.audits.labels(category, verdict).inc()
+
     def false_hit(self, category: str, tenant: str) -> None:
         self.false_hits.labels(category, *self.tenant_label.values(tenant)).inc()
 
