@@ -89,16 +89,21 @@ def snapshot(metrics: GatewayMetrics, entry_store: str | None = None) -> dict[st
 
 
 def semantic_categories(metrics: GatewayMetrics) -> dict[str, dict[str, Any]]:
-    """Per category: lookups, hits, hit rate, false-hit reports and entries, from the registry."""
+    """Per category: lookups, hits, hit rate, false-hit reports, entries and hit audits by verdict (agree,
+    disagree, failed: semcache/audit.py), from the registry."""
     s = Samples(metrics.registry)
     lookups = s.by("blendgate_semantic_cache_lookups_total", "category")
     hits = s.by("blendgate_semantic_cache_lookups_total", "category", result="hit")
     false_hits = s.by("blendgate_semantic_cache_false_hit_reports_total", "category")
     entries = s.by("blendgate_semantic_cache_entries", "category")
+    audits = {verdict: s.by("blendgate_semantic_cache_audits_total", "category", verdict=verdict)
+              for verdict in ("agree", "disagree", "failed")}
     categories = sorted(set(lookups) | set(entries) | set(false_hits))
     return {c: {"lookups": int(lookups.get(c, 0)), "hits": int(hits.get(c, 0)),
                 "hit_rate": _rate(hits.get(c, 0), lookups.get(c, 0)), "false_hits": int(false_hits.get(c, 0)),
-                "entries": int(entries.get(c, 0))} for c in categories if c}
+                "entries": int(entries.get(c, 0)),
+                "audits": {verdict: int(counts.get(c, 0)) for verdict, counts in audits.items()}}
+            for c in categories if c}
 
 
 def document_chunk_lookups(metrics: GatewayMetrics) -> dict[str, dict[str, Any]]:

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import EMBEDDED, GatewayProcess, RedisServer
 
 KEY = "sk-audit-tenant-0123456789"
+ADMIN_KEY = "admin-key-audit-0123456789"
 MAX_TOKENS = 16
 DIMENSION = 384  # all-MiniLM-L6-v2
 STALE = "Bananas grow in tropical climates and are rich in potassium."
@@ -36,6 +37,7 @@ def gateway(module_redis: RedisServer, prefix: str, workdir: Path, model_cache_d
     config = {
         "models": [{"name": EMBEDDED, "backend": "local", "sampling_defaults": {"temperature": 0.0}}],
         "api_keys": [{"key": KEY, "tenant": "audited"}],
+        "admin_key": ADMIN_KEY,
         "retrieval": {"data_dir": str(workdir / "audit-collections")},
         "semantic_cache": {"redis_url": module_redis.url, "key_prefix": prefix, "audit": {"share": 1.0}},
     }
@@ -108,6 +110,10 @@ def test_a_cached_answer_the_model_no_longer_gives_is_audited_away(gateway, clie
     wait_until(lambda: key not in entry_keys(module_redis, prefix), "the entry to be invalidated", 10)
     status, again, _ = ask(client, "What's the capital of France?")
     assert status == "miss" and again.choices[0].message.content != STALE
+    # The admin API counts it beside the clients' reports (the admin UI shows "0 + 1" false hits).
+    stats = httpx.get(f"{gateway.url}/admin/api/semantic-cache", timeout=30,
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert stats["categories"][report["category"]]["audits"]["disagree"] >= 1
 
 
 def test_a_cached_answer_the_model_still_gives_is_kept(gateway, client, module_redis, prefix) -> None:
