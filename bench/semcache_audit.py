@@ -29,6 +29,7 @@ import sys
 import tempfile
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from blendgate.engine.weights import load_model
@@ -46,7 +47,8 @@ from semcache_qqp import (
     split_held_out,
 )
 
-from semcache import Embeddings
+if TYPE_CHECKING:
+    from semcache import Embeddings  # bench/semcache.py
 
 AGREEMENTS = (0.5, 0.6, 0.7, 0.8, 0.9)
 BATCH = 16
@@ -154,6 +156,8 @@ def main() -> None:
                         help="where embeddings, answers and the converted model are kept between runs")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
+    from semcache import Embeddings  # bench/semcache.py (run from bench/, it comes before the package)
+
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     embedder = Embedder(device="cpu")
     embeddings = Embeddings(embedder, args.cache_dir)
