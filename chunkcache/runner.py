@@ -31,7 +31,7 @@ import bisect
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 from cachetools import LRUCache
@@ -282,15 +282,20 @@ class ChunkBlender:
         tokens other chunks are computed after too (their KV is kept for them, _prefix_cache); None: all."""
         return self.chunk_kvs([WantedChunk(key, chunk_ids, prefix_ids, read, shared)])[0]
 
-    def chunk_kvs(self, wanted: list["WantedChunk"]) -> list[tuple[ChunkKV, bool]]:
+    def chunk_kvs(self, wanted: list["WantedChunk"],
+                  known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> list[tuple[ChunkKV, bool]]:
         """chunk_kv for several chunks, in order: those the store lacks that are computed after the same prefix
         are computed side by side in one forward pass (blend.precompute_chunks), so a prompt's misses, or a
         warm's, pay one pass's fixed cost rather than one each. A chunk asked for twice is computed once (a hit
-        the second time)."""
+        the second time). `known`: chunks found already (prefetch: an SGLang pass's requests' chunks in one
+        call), taken as they are."""
         found: list[tuple[ChunkKV, bool] | None] = [None] * len(wanted)
         groups: dict[tuple[tuple[int, ...], int | None], list[int]] = {}
         first_of: dict[ChunkKey, int] = {}
         for index, chunk in enumerate(wanted):
+            if known is not None and chunk.key in known:
+                found[index] = known[chunk.key]
+                continue
             if chunk.key in first_of:
                 continue
             # Not promoted yet: a hit in CPU memory is streamed up during the prefill, then promoted.
@@ -375,16 +380,51 @@ class ChunkBlender:
             policy.prefill.observe(measured.large.tokens + costs.pass_tokens, measured.large.seconds)
         return costs
 
+    def _wanted(self, chunk_keys: list[tuple[PromptSegment, tuple[int, ...], ChunkKey]],
+                sources: list[ChunkSource], shared: int) -> list[WantedChunk]:
+        """What chunk_kvs is asked for these chunks (_chunk_keys) found where `sources` say (_locate)."""
+        # A chunk of its own context continues the first segment's KV; the others share their prefix.
+        return [WantedChunk(key, segment.token_ids, chunk_prefix, read=source.decision is None or source.decision.fetch,
+                            shared=shared if segment.context else None)
+                for (segment, chunk_prefix, key), source in zip(chunk_keys, sources)]
+
+    def _first_segment(self, prompt: Prompt) -> WantedChunk | None:
+        """The first segment (system prompt and header) as a chunk of its own, computed alone from position 0,
+        which is exact, so a blend reuses its KV as is; None when the prompt opens with a chunk or has one
+        segment."""
+        first = prompt.segments[0]
+        if first.is_chunk or len(prompt.segments) < 2:
+            return None
+        return WantedChunk(ChunkKey.of(self.fingerprint, [], list(first.token_ids)), first.token_ids, ())
+
+    def prefetch(self, prompts: list[tuple[Prompt, int]]) -> dict[ChunkKey, tuple[ChunkKV, bool]]:
+        """The chunks of several prompts, each after its exact head's first tokens (blend's `head`; 0: none), found
+        in one chunk_kvs call: the misses of all of them computed side by side, one pass a distinct prefix (an
+        SGLang pass's RAG requests share their system prompt: one pass for all their misses, where each request
+        computing its own took a pass each). Hand the result to blend as `known`. {key: (KV, whether the store
+        had it)}."""
+        wanted = []
+        for prompt, after in prompts:
+            first = self._first_segment(prompt) if after == 0 else None  # past an exact head: not needed
+            chunk_keys = self._chunk_keys(prompt, after)
+            wanted += ([first] if first is not None else []) + \
+                self._wanted(chunk_keys, self._locate(chunk_keys), self._shared_prefix_tokens(prompt))
+        found: dict[ChunkKey, tuple[ChunkKV, bool]] = {}
+        for chunk, kv in zip(wanted, self.chunk_kvs(wanted)):
+            found.setdefault(chunk.key, kv)  # a chunk two prompts share: as the first found it
+        return found
+
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None,
-              head: ExactHead | None = None,
-              mark: Callable[[str], None] | None = None) -> tuple[BlendResult, PrefillReport]:
+              head: ExactHead | None = None, mark: Callable[[str], None] | None = None,
+              known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> tuple[BlendResult, PrefillReport]:
         """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
         report of what was reused and recomputed. `head`: the exact KV of the prompt's first head.length tokens
         (at least its first segment), e.g. SGLang's radix-cache match: reused as is; only the chunks starting
         after it are blended (and reported), a chunk it ends inside is computed exactly from there. Raises
         ValueError when the head is not the prompt's first tokens or shorter than its first segment. `mark`
         (a profiler's, sglang_plugin/profile.py: PassProfile.mark) is called with "prefill" before the chunks
-        not cached are computed and "misses" after: the work between is theirs."""
+        not cached are computed and "misses" after: the work between is theirs. `known`: chunks found already
+        (prefetch), used as they are."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         shared = self._shared_prefix_tokens(prompt)
@@ -397,15 +437,11 @@ class ChunkBlender:
             raise ValueError("no chunk of the prompt starts after its exact head: nothing to blend")
         sources = self._locate(chunk_keys)
         segments = [head.token_ids.tolist()] if head is not None else []
-        hits, found, wanted = [], [], []
-        for (segment, chunk_prefix, key), source in zip(chunk_keys, sources):
-            # A chunk of its own context continues the first segment's KV; the others share their prefix.
-            wanted.append(WantedChunk(key, segment.token_ids, chunk_prefix,
-                                      read=source.decision is None or source.decision.fetch,
-                                      shared=shared if segment.context else None))
+        hits, found = [], []
+        wanted = self._wanted(chunk_keys, sources, shared)
         if mark is not None:
             mark("prefill")
-        kvs = iter(self.chunk_kvs(wanted))  # the misses computed side by side, a pass a prefix
+        kvs = iter(self.chunk_kvs(wanted, known))  # the misses computed side by side, a pass a prefix
         if mark is not None:
             mark("misses")
         start = 0
@@ -425,10 +461,10 @@ class ChunkBlender:
         shared_fetch = [shared_fetch_words(source, hit) for source, hit in zip(sources, hits)]
         # The first segment (system prompt and header) computed alone is exact, so its KV is reused as is.
         prefix_kv = head
-        if head is None and not first.is_chunk and len(prompt.segments) > 1:
-            key = ChunkKey.of(self.fingerprint, [], list(first.token_ids))
-            prefix_kv, _ = self.chunk_kv(key, first.token_ids, ())
-            found.append((key, prefix_kv))
+        first_wanted = self._first_segment(prompt) if head is None else None
+        if first_wanted is not None:
+            prefix_kv, _ = self.chunk_kvs([first_wanted], known)[0]
+            found.append((first_wanted.key, prefix_kv))
         rule = rule or self.rule
         target = prompt.fidelity_target if prompt.mode == "blend" else None
         result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv, logits=logits, rule=rule,

@@ -13,11 +13,12 @@ full prefill of the whole prompt, as SGLang's own extend computes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
-from ..chunkcache.kv import ExactHead
+from ..chunkcache.keys import ChunkKey
+from ..chunkcache.kv import ChunkKV, ExactHead
 from ..chunkcache.runner import ChunkBlender
 from ..engine.llama import KVCache
 from .plan import RequestPlan
@@ -53,14 +54,22 @@ class PrefilledRequest:
 
 
 @torch.no_grad()
+def prefetch_chunks(blender: ChunkBlender, requests: list[RequestPlan]) -> dict[ChunkKey, tuple[ChunkKV, bool]]:
+    """The chunks every blended request of a pass will blend, found in one call (ChunkBlender.prefetch): their
+    misses computed side by side, one forward pass for all the requests sharing a system prompt, where each
+    request's blend computing its own took one each. Hand it to prefill_request as `known`."""
+    return blender.prefetch([(request.prompt, request.prefix_len if request.exact_head else 0)
+                             for request in requests if request.prompt is not None])
+
+
 def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torch.Tensor,
-                    read_prefix: PrefixReader | None,
-                    mark: Callable[[str], None] | None = None) -> PrefilledRequest:
+                    read_prefix: PrefixReader | None, mark: Callable[[str], None] | None = None,
+                    known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> PrefilledRequest:
     """The request prefilled as planned. `token_ids` [extend_len]: its tokens computed in this pass (SGLang's
     input_ids for it); `read_prefix`: its cached prefix's KV, needed when it is computed exactly after a prefix
     or blended after one (RequestPlan.exact_head; None otherwise); `mark`: a pass profile's (ChunkBlender.blend
-    marks the computing of chunks not cached with it). Raises ValueError when a prefix is to be read and no
-    reader is given."""
+    marks the computing of chunks not cached with it); `known`: its chunks found already (prefetch_chunks).
+    Raises ValueError when a prefix is to be read and no reader is given."""
     model = blender.model
     if request.prompt is not None:
         head = None
@@ -68,7 +77,7 @@ def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torc
             if read_prefix is None:
                 raise ValueError("a blend after a cached prefix needs its prefix's KV")
             head = _exact_head(model.num_layers, request.prompt.token_ids[:request.prefix_len], read_prefix)
-        result, report = blender.blend(request.prompt, logits=False, head=head, mark=mark)
+        result, report = blender.blend(request.prompt, logits=False, head=head, mark=mark, known=known)
         return PrefilledRequest(result.cache, request.prefix_len, result.hidden, report.as_dict())
     cache = model.new_cache(request.prefix_len + request.extend_len)
     if request.prefix_len:

@@ -57,7 +57,7 @@ from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import LlamaFamilyModel
 from . import internals
 from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
-from .prefill import prefill_request
+from .prefill import prefetch_chunks, prefill_request
 from .profile import PROFILE_KEY, PassProfile
 from .protocol import REPORT_KEY, fallback_report, wants_chunk_cache
 from .settings import PluginSettings
@@ -114,6 +114,10 @@ class BlendWorker:
         hook's entry (default: now)."""
         profile = PassProfile(entered if entered is not None else time.perf_counter()) if self.profile else None
         loc, tokens = forward_batch.out_cache_loc, forward_batch.input_ids
+        # Every blended request's chunks first, the misses of all of them in one pass.
+        known = prefetch_chunks(self.blender, requests)
+        if profile is not None:
+            profile.mark("misses")
         done, offset = [], 0
         for index, request in enumerate(requests):
             end = offset + request.extend_len
@@ -122,7 +126,7 @@ class BlendWorker:
                 slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
                 read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
             prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix,
-                                        profile.mark if profile is not None else None)
+                                        profile.mark if profile is not None else None, known)
             if profile is not None:
                 profile.mark("prefill")
             keys, values = prefilled.new_kv_layers()

@@ -14,7 +14,7 @@ from blendgate.chunkcache.runner import ChunkBlender
 from blendgate.chunkcache.tiers import MemoryTier
 from blendgate.engine.prompt import Prompt, PromptSegment
 from blendgate.sglang_plugin.plan import RequestPlan
-from blendgate.sglang_plugin.prefill import prefill_request
+from blendgate.sglang_plugin.prefill import prefetch_chunks, prefill_request
 from blendgate.sglang_plugin.protocol import fallback_report
 from support import tiny_llama
 
@@ -134,3 +134,40 @@ def test_a_profile_mark_brackets_the_computing_of_uncached_chunks(blender) -> No
                            mark=lambda stage: marks.append((stage, stored())))
     assert [stage for stage, _ in marks] == ["prefill", "misses"]
     assert marks[1][1] == marks[0][1] + 2 and done.report["hit_count"] == 0  # both chunks computed in between
+
+
+def test_a_passs_requests_have_their_chunks_computed_in_one_forward_pass_and_blend_as_alone(monkeypatch) -> None:
+    # Two blended requests sharing a system prompt and one chunk, each with a chunk of its own, none cached: the
+    # pass computes the three chunks side by side once (prefetch_chunks), and each request blends to the numbers
+    # it gets alone, its report saying which chunks were not cached.
+    import blendgate.chunkcache.runner as runner_module
+
+    model = tiny_llama(layers=3, heads=4, seed=5, max_positions=512)
+    system, shared, question = ids(6, 30), ids(10, 31), ids(5, 34)
+
+    def prompt(own_seed: int) -> Prompt:
+        return Prompt([PromptSegment(tuple(system)), PromptSegment(tuple(shared), True),
+                       PromptSegment(tuple(ids(8, own_seed)), True), PromptSegment(tuple(question))],
+                      mode="blend", recompute_ratio=0.3)
+
+    first, second = prompt(32), prompt(33)
+    alone = ChunkBlender(model, ChunkCacheStore([MemoryTier("cpu", 1 << 26, "cpu")]))
+    expected = [alone.blend(p, logits=False)[0].hidden for p in (first, second)]
+
+    passes = []
+    real = runner_module.precompute_chunks
+    monkeypatch.setattr(runner_module, "precompute_chunks",
+                        lambda model, chunks, *rest: passes.append(len(chunks)) or real(model, chunks, *rest))
+    blender = ChunkBlender(model, ChunkCacheStore([MemoryTier("cpu", 1 << 26, "cpu")]))
+    plans = [RequestPlan(0, len(p), p) for p in (first, second)] + [RequestPlan(0, 4)]  # and a plain request
+    known = prefetch_chunks(blender, plans)
+    # the system prompt alone (the blends reuse its exact KV), and the three chunks after it side by side
+    assert sorted(passes) == [1, 3] and len(known) == 4
+    done = [prefill_request(blender, plan, torch.tensor(plan.prompt.token_ids), None, known=known)
+            for plan in plans[:2]]
+    assert sorted(passes) == [1, 3]  # nothing more computed by the blends
+    for prefilled, reference in zip(done, expected):
+        torch.testing.assert_close(prefilled.last_hidden, reference)
+    assert done[0].report["hits"] == [False, False] and done[1].report["hits"] == [False, False]
+    # Once stored, a later pass finds them: no pass at all.
+    assert all(hit for _, hit in prefetch_chunks(blender, plans).values()) and len(passes) == 2
