@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from blendgate.sglang_plugin.profile import PROFILE_KEY
+from blendgate.sglang_plugin.profile import PROFILE_KEY, TIERS_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,6 +136,8 @@ class Outcome:
     plugin_gpu_ms: float | None = None  # its share of the plugin pass that prefilled it (profiled workers only)
     plugin_misses_ms: float | None = None  # of that share, computing chunks the chunk-cache lacked
     pass_requests: int | None = None  # the requests of the plugin pass that prefilled it
+    tiers: tuple[tuple[str, int, int, int], ...] = ()  # the chunk-cache's tiers after that pass: name, entries,
+    # bytes, budget bytes (profiled workers only)
     blended: bool | None = None  # whether its report says it was blended (None: no report, e.g. the stock arm)
     fallback: str | None = None  # why its report says it was prefilled in full instead (a blend asked for)
     error: str | None = None
@@ -179,6 +181,10 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                         outcome.plugin_gpu_ms = timings["gpu"] / timings["requests"]
                         outcome.plugin_misses_ms = timings.get("misses", 0.0) / timings["requests"]
                         outcome.pass_requests = timings["requests"]
+                    held = report.get(TIERS_KEY) if isinstance(report, dict) else None
+                    if isinstance(held, list):
+                        outcome.tiers = tuple((t["name"], int(t["entries"]), int(t["bytes"]), int(t["budget_bytes"]))
+                                              for t in held if isinstance(t, dict))
         outcome.output_tokens = seen
         outcome.ok = outcome.ttft_s is not None
         if not outcome.ok:
@@ -261,6 +267,8 @@ class RateSummary:
     # requests in the pass that prefilled a RAG request (how much one pass over a batch's blends could share).
     plugin_misses_ms_mean: float | None = None
     pass_requests_mean: float | None = None
+    # The chunk-cache's tiers as the rate's last profiled report saw them: (name, entries, bytes, budget bytes).
+    tiers: tuple[tuple[str, int, int, int], ...] = ()
 
 
 # The fallback reasons a row keeps, and how much of each (the reports' reasons open with what decided them).
@@ -304,7 +312,8 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
                        sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None,
                        sum(reported) / len(reported) if reported else None, fallback_reasons(done),
                        fallback_example(done), sum(misses) / len(misses) if misses else None,
-                       sum(sizes) / len(sizes) if sizes else None)
+                       sum(sizes) / len(sizes) if sizes else None,
+                       next((o.tiers for o in reversed(outcomes) if o.tiers), ()))
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -343,6 +352,13 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
         lines += [f"| {r.rate:g} | {fmt(r.plugin_ms_p50)} | {fmt(r.plugin_misses_ms_mean)} | "
                   f"{fmt(r.pass_requests_mean)} | "
                   f"{'-' if r.plugin_busy is None else f'{r.plugin_busy:.2f}'} |" for r in rows]
+    if any(r.tiers for r in rows):
+        lines += ["", "What the chunk-cache's tiers held at the end of each rate (a profiled worker's last "
+                      "report):", ""]
+        lines += [f"- {r.rate:g} req/s: " + "; ".join(f"{name} {entries} chunks, {used / 2**30:.1f} of "
+                                                         f"{budget / 2**30:.1f} GiB"
+                                                         for name, entries, used, budget in r.tiers)
+                  for r in rows if r.tiers]
     if any(r.fallbacks for r in rows):
         lines += ["", "Why the RAG requests not blended were prefilled in full (their reports' `fallback`, numbers "
                       "as N; the most frequent first):", "", "| rate (req/s) | requests | reason |", "|---|---|---|"]

@@ -35,7 +35,8 @@ class Arm:
         try:
             data = json.loads(path.read_text())
             rows = [RateSummary(**{**row, "errors": tuple(row["errors"]),
-                                   "fallbacks": tuple(map(tuple, row.get("fallbacks", ())))})
+                                   "fallbacks": tuple(map(tuple, row.get("fallbacks", ()))),
+                                   "tiers": tuple(map(tuple, row.get("tiers", ())))})
                     for row in data["rows"]]
             return cls(data["arm"], float(data["slo_ms"]), rows)
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 PROFILE_KEY = "plugin_pass_ms"  # key of a report's PassTimings (milliseconds)
+# Key of a profiled report's chunk-cache tiers after the pass: [{"name", "entries", "bytes", "budget_bytes"}] per
+# local tier (ChunkCacheStore.report), what bench/load.py reports the tiers held.
+TIERS_KEY = "chunk_cache_tiers"
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from ..engine.llama import LlamaFamilyModel
 from . import internals
 from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
 from .prefill import prefetch_chunks, prefill_request
-from .profile import PROFILE_KEY, PassProfile
+from .profile import PROFILE_KEY, TIERS_KEY, PassProfile
 from .protocol import REPORT_KEY, fallback_report, wants_chunk_cache
 from .settings import PluginSettings
 
@@ -110,7 +110,8 @@ class BlendWorker:
         its new KV written into SGLang's pool at its `out_cache_loc` slots, its last hidden state through
         SGLang's logits processor, in batch order. Returns SGLang's LogitsProcessorOutput, with each request's
         report (None for those that asked no blend). With profiling on (settings.profile), each report also
-        carries the pass's PassTimings (profile.py) under PROFILE_KEY; `entered`: perf_counter() at the forward
+        carries the pass's PassTimings (profile.py) under PROFILE_KEY and the chunk-cache's tiers after it under
+        TIERS_KEY; `entered`: perf_counter() at the forward
         hook's entry (default: now)."""
         profile = PassProfile(entered if entered is not None else time.perf_counter()) if self.profile else None
         loc, tokens = forward_batch.out_cache_loc, forward_batch.input_ids
@@ -143,7 +144,10 @@ class BlendWorker:
         if profile is not None:
             profile.mark("logits")
             timings = profile.finish(len(done)).as_dict()
-            reports = [None if report is None else {**report, PROFILE_KEY: timings} for report in reports]
+            tiers = [{name: tier[name] for name in ("name", "entries", "bytes", "budget_bytes")}
+                     for tier in self.blender.store.report()["tiers"]]
+            reports = [None if report is None else {**report, PROFILE_KEY: timings, TIERS_KEY: tiers}
+                       for report in reports]
         internals.set_report(logits_output, REPORT_KEY, reports)
         return logits_output
 

@@ -87,6 +87,18 @@ def test_a_profiled_workers_pass_times_give_the_plugins_share_of_the_run() -> No
     assert row.plugin_misses_ms_mean == pytest.approx(4.0) and row.pass_requests_mean == pytest.approx(2.0)
     text = load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
     assert "| 4 | 20.0 | 4.0 | 2.0 | 0.10 |" in text
+    assert "held at the end" not in text  # no tiers reported
+
+
+def test_the_tiers_the_last_profiled_report_saw_are_reported() -> None:
+    gib = 2 ** 30
+    outcomes = [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, plugin_gpu_ms=20.0,
+                             tiers=(("gpu", n, n * gib // 2, 40 * gib), ("cpu", 0, 0, 48 * gib))) for n in (1, 3)]
+    outcomes.append(load.Outcome("rag", True, ttft_s=0.1, output_tokens=1))  # no report: not the last seen
+    row = load.summarise(4.0, outcomes, wall_s=1.0)
+    assert row.tiers == (("gpu", 3, 3 * gib // 2, 40 * gib), ("cpu", 0, 0, 48 * gib))
+    text = load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
+    assert "- 4 req/s: gpu 3 chunks, 1.5 of 40.0 GiB; cpu 0 chunks, 0.0 of 48.0 GiB" in text
 
 
 def test_the_share_of_rag_requests_blended_comes_from_their_reports() -> None:

@@ -56,3 +56,11 @@ def test_bad_input_is_a_usage_error(tmp_path: Path) -> None:
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         compare.main([str(good)])  # a baseline alone compares with nothing
+
+
+def test_a_row_with_fallbacks_and_tiers_reads_back_as_bench_load_wrote_it(tmp_path: Path) -> None:
+    written = {**row(8, 90.0, 250.0, 30.0, 130.0), "fallbacks": [["a reason", 2]],
+               "tiers": [["gpu", 3, 1024, 4096], ["cpu", 0, 0, 8192]]}
+    arm = compare.Arm.read(write(tmp_path / "blendgate.json", "blendgate", [written]))
+    assert arm.rows[0].fallbacks == (("a reason", 2),)
+    assert arm.rows[0].tiers == (("gpu", 3, 1024, 4096), ("cpu", 0, 0, 8192))
