@@ -228,11 +228,13 @@ def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests
 
 
 def test_a_profiled_pass_reports_its_stages(radix, outputs) -> None:
-    from blendgate.sglang_plugin.profile import PROFILE_KEY
+    from blendgate.sglang_plugin.profile import PROFILE_KEY, TIERS_KEY
 
     _, first, _, (third, batched_plain), *_ = radix
     for output in (first, third):  # alone, and in a pass with a plain request
         timings = output["meta_info"]["blendgate"][0][PROFILE_KEY]
+        tiers = output["meta_info"]["blendgate"][0][TIERS_KEY]  # what the chunk-cache held after the pass
+        assert [tier["name"] for tier in tiers] == ["gpu", "cpu"] and tiers[0]["entries"] >= 1, tiers
         assert set(timings) == {"requests", "plan", "prefill", "kv_write", "logits", "gpu", "hook_wall",
                                 "misses"}, timings
         assert all(value > 0 for stage, value in timings.items() if stage != "misses"), timings
