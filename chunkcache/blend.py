@@ -472,165 +472,268 @@ def blend_prefill(model: LlamaFamilyModel, segments: list, recompute_ratio: floa
     logits processor, such as SGLang, finishes it).
     `probe_graphs`: run the query-aware rules' probe pass from CUDA graphs (chunkcache/probe.py: the same
     numbers, without the host's launch time); None: wherever ProbeGraphs.usable says it applies."""
-    def mark(stage: str) -> None:
-        if marks is not None:
+    run = _BlendRun(model, segments, recompute_ratio, marks, prefix_kv, row_alignment, logits, rule,
+                    target_fidelity, probe_graphs)
+    for layer in range(model.num_layers):
+        run.layer(layer)
+    return run.result()
+
+
+@dataclass(frozen=True)
+class BlendJob:
+    """One prompt of blend_prefill_batch: blend_prefill's arguments but the model (no marks)."""
+
+    segments: list
+    recompute_ratio: float
+    prefix_kv: ChunkKV | ExactHead | None = None
+    logits: bool = True
+    rule: SelectionRule = DEFAULT_RULE
+    target_fidelity: float | None = None
+
+
+@torch.no_grad()
+def blend_prefill_batch(model: LlamaFamilyModel, jobs: list[BlendJob], row_alignment: int | None = None,
+                        probe_graphs: bool | None = None) -> list[BlendResult]:
+    """blend_prefill for several prompts, their layers run together: each prompt's probe, selection and
+    attention are its own, but every layer's matrix products (the QKV projection, the output projection and the
+    MLP) run once over the computed rows of all of them, so a batch of blends pays one set of launches a layer
+    and multiplies larger matrices (an SGLang pass's RAG requests: sglang_plugin/prefill.py). The same numbers
+    as blend_prefill of each prompt, up to the matrix products' rounding over more rows. Prompts whose rule
+    selects after layer 0 (a deviation score: its layers before the selection run every row, a count known
+    only there) are blended one after another. Raises ValueError as blend_prefill does."""
+    runs = [_BlendRun(model, job.segments, job.recompute_ratio, None, job.prefix_kv, row_alignment, job.logits,
+                      job.rule, job.target_fidelity, probe_graphs) for job in jobs]
+    together = [run for run in runs if run.selects_at_layer_zero]
+    for run in runs:
+        if run not in together or len(together) == 1:
+            for layer in range(model.num_layers):
+                run.layer(layer)
+    if len(together) > 1:
+        for layer in range(model.num_layers):
+            for run in together:
+                run.loader.ready(layer)
+                run.select_rows(layer)
+            if layer == 0:  # the rows are fixed from here on: one matrix of them all
+                rows = [run.hidden.shape[0] for run in together]
+                hidden = torch.cat([run.hidden for run in together])
+            qkv = model.project_qkv(layer, hidden)
+            attention = torch.cat([run.attend(layer, part) for run, part in zip(together, qkv.split(rows))])
+            hidden = model.finish_layer(layer, hidden, attention)
+        for run, part in zip(together, hidden.split(rows)):
+            run.hidden = part
+    return [run.result() for run in runs]
+
+
+class _BlendRun:
+    """One prompt's blend between its layers (blend_prefill's state): set up by __init__ (layout, placement,
+    probe, drift shift), advanced a layer at a time by `layer` (or, batched, `select_rows`, then the caller's
+    projection, `attend` and the caller's finish_layer), finished by `result`."""
+
+    def __init__(self, model: LlamaFamilyModel, segments: list, recompute_ratio: float, marks: list | None,
+                 prefix_kv: ChunkKV | ExactHead | None, row_alignment: int | None, logits: bool,
+                 rule: SelectionRule, target_fidelity: float | None, probe_graphs: bool | None) -> None:
+        self.model, self.marks, self.rule, self.want_logits = model, marks, rule, logits
+        if not 0.0 <= recompute_ratio <= 1.0:
+            raise ValueError("recompute_ratio must be between 0 and 1")
+        if target_fidelity is not None and not 0.0 < target_fidelity <= 1.0:
+            raise ValueError("the fidelity target must be in (0, 1]")
+        if target_fidelity is not None and rule.gradual > 1.0:
+            raise ValueError("gradual filtering has a fixed budget: it does not take a fidelity target")
+        self.target_fidelity = target_fidelity
+        layout = self.layout = _layout(segments, prefix_kv)
+        exact = self.exact = layout.exact
+        device = model.device
+        self.mark("start")
+        total, chunk_tokens = layout.total, len(layout.chunk_rows)
+        self.total, self.chunk_tokens = total, chunk_tokens
+        if row_alignment is None:
+            row_alignment = GPU_ROW_ALIGNMENT if device.type == "cuda" else 1
+        self.row_alignment = row_alignment
+        cap = self.cap = selected_count(chunk_tokens, recompute_ratio)
+        self.count = aligned_count(cap, len(layout.other_rows), chunk_tokens, row_alignment)
+        self.targeted = target_fidelity is not None and 0 < cap
+        everything = self.everything = self.count == chunk_tokens and not self.targeted  # r = 1: full prefill
+        token_ids, other, chunk, chunk_of = layout.upload(device)
+        self.other, self.chunk = other, chunk
+        chunk_bounds = (None, None)
+        if rule.drift_shift and (not rule.drift_sinks or rule.drift_bins > 1):  # before the probe: no wait
+            chunk_bounds = tuple(upload(torch.tensor([[start for _, start in layout.placements],
+                                                      layout.chunk_lengths], dtype=torch.long), device))
+        positions = torch.arange(total, device=device)
+        cos, sin = self.cos, self.sin = model.rope_table(total)
+
+        scoring = self.scoring = self.count > 0 and not everything
+        query_aware = scoring and rule.query_aware
+        # The first layer at which chunk rows stop being computed in full. Deviation rules run every token
+        # before the selection layer (their KV depends on little context, and the selection needs every token's
+        # fresh KV); attention selects before layer 0; with nothing to recompute, only the other rows run at all.
+        first_cached = rule.first_selective_layer() if scoring else 0
+        self.first_cached = first_cached = min(first_cached, model.num_layers)
+
+        def placed(cache: KVCache) -> ChunkLoader:
+            """The exact prefix and the chunks' KV put into `cache` (chunks streamed from CPU memory: queued)."""
+            if isinstance(prefix_kv, ExactHead):  # every layer: the prefix rows are never computed
+                cache.keys[:, :, :exact] = prefix_kv.keys.to(cache.keys.device, non_blocking=True)
+                cache.values[:, :, :exact] = prefix_kv.values.to(cache.values.device, non_blocking=True)
+            elif exact:
+                place_chunk(cache, prefix_kv, 0, cos, sin)
+            loader = ChunkLoader(cache, [] if everything else layout.placements, cos, sin,
+                                 0 if query_aware else first_cached)
+            self.mark("chunks placed")
+            return loader
+
+        self.importance = None
+        probe_layers = rule.probe_layer_ids(model.num_layers)
+        votes = len(layout.vote_rows)
+        projections = probe_projections(model, rule.probe_weights) if query_aware else model
+        if query_aware and probe_graphs is not False and ProbeGraphs.usable(model):
+            graphs = ProbeGraphs.for_model(model)
+            with graphs.arena_for(total, len(layout.other_rows)) as arena:
+                loader = placed(arena)
+                mass = graphs.probe(token_ids, other + exact, votes, total, cos, sin, loader.ready, probe_layers,
+                                    projections)
+                self.importance = mass[chunk + exact]
+                loader.ready_all()
+                cache = arena.clone(total + 64)  # the request's own cache; the arena serves the next probe
+            self.mark("probe")
+        else:
+            cache = model.new_cache(total + 64)
+            cache.positions[:total] = positions
+            cache.length = total
+            loader = placed(cache)
+            if query_aware:
+                mass = probe_eager(model, token_ids, other + exact, votes, total, cache, loader.ready, cos, sin,
+                                   probe_layers, projections)
+                self.importance = mass[chunk + exact]
+                self.mark("probe")
+        self.cache, self.loader = cache, loader
+        self.covered = None
+
+        self.shift = _DriftShift(model, cache, len(layout.chunk_lengths), chunk_of, chunk + exact, cos, sin,
+                                 rule.drift_shift, *chunk_bounds,
+                                 skip_first=0 if rule.drift_sinks else sink_count(rule, self.count,
+                                                                                  len(layout.chunk_lengths)),
+                                 bins=rule.drift_bins) if rule.drift_shift else None
+        self.plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
+        self.hidden = torch.nn.functional.embedding(token_ids[exact:], model.embed_tokens)
+        # slot j holds position j
+        self.slots, self.active_cos, self.active_sin = positions[exact:], cos[exact:], sin[exact:]
+        self.local = torch.arange(total - exact, device=device)
+        self.selected = chunk if everything else chunk[:0]
+        self.narrow_at = -1  # gradual filtering: the layer at which the widened set is narrowed to the budget
+
+    @property
+    def selects_at_layer_zero(self) -> bool:
+        """Whether every layer computes the same rows, chosen before layer 0 (blend_prefill_batch can run it with
+        others): not a deviation rule that selects at a later layer."""
+        return self.first_cached == 0 and not (self.rule.uses_deviation and self.scoring)
+
+    def mark(self, stage: str) -> None:
+        if self.marks is not None:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            marks.append((stage, event))
+            self.marks.append((stage, event))
 
-    if not 0.0 <= recompute_ratio <= 1.0:
-        raise ValueError("recompute_ratio must be between 0 and 1")
-    if target_fidelity is not None and not 0.0 < target_fidelity <= 1.0:
-        raise ValueError("the fidelity target must be in (0, 1]")
-    if target_fidelity is not None and rule.gradual > 1.0:
-        raise ValueError("gradual filtering has a fixed budget: it does not take a fidelity target")
-    layout = _layout(segments, prefix_kv)
-    exact = layout.exact
-    device = model.device
-    mark("start")
-    total, chunk_tokens = layout.total, len(layout.chunk_rows)
-    if row_alignment is None:
-        row_alignment = GPU_ROW_ALIGNMENT if device.type == "cuda" else 1
-    cap = selected_count(chunk_tokens, recompute_ratio)
-    count = aligned_count(cap, len(layout.other_rows), chunk_tokens, row_alignment)
-    targeted = target_fidelity is not None and 0 < cap
-    everything = count == chunk_tokens and not targeted  # r = 1: full prefill, computed as such
-    token_ids, other, chunk, chunk_of = layout.upload(device)
-    chunk_bounds = (None, None)
-    if rule.drift_shift and (not rule.drift_sinks or rule.drift_bins > 1):  # before the probe: no wait
-        chunk_bounds = tuple(upload(torch.tensor([[start for _, start in layout.placements], layout.chunk_lengths],
-                                                 dtype=torch.long), device))
-    positions = torch.arange(total, device=device)
-    cos, sin = model.rope_table(total)
-
-    scoring = count > 0 and not everything
-    query_aware = scoring and rule.query_aware
-    # The first layer at which chunk rows stop being computed in full. Deviation rules run every token before
-    # the selection layer (their KV depends on little context, and the selection needs every token's fresh
-    # KV); attention selects before layer 0; with nothing to recompute, only the other rows run at all.
-    first_cached = rule.first_selective_layer() if scoring else 0
-    first_cached = min(first_cached, model.num_layers)
-
-    def placed(cache: KVCache) -> ChunkLoader:
-        """The exact prefix and the chunks' KV put into `cache` (chunks streamed from CPU memory: queued)."""
-        if isinstance(prefix_kv, ExactHead):  # every layer: the prefix rows are never computed
-            cache.keys[:, :, :exact] = prefix_kv.keys.to(cache.keys.device, non_blocking=True)
-            cache.values[:, :, :exact] = prefix_kv.values.to(cache.values.device, non_blocking=True)
-        elif exact:
-            place_chunk(cache, prefix_kv, 0, cos, sin)
-        loader = ChunkLoader(cache, [] if everything else layout.placements, cos, sin,
-                             0 if query_aware else first_cached)
-        mark("chunks placed")
-        return loader
-
-    importance = None
-    probe_layers = rule.probe_layer_ids(model.num_layers)
-    votes = len(layout.vote_rows)
-    projections = probe_projections(model, rule.probe_weights) if query_aware else model
-    if query_aware and probe_graphs is not False and ProbeGraphs.usable(model):
-        graphs = ProbeGraphs.for_model(model)
-        with graphs.arena_for(total, len(layout.other_rows)) as arena:
-            loader = placed(arena)
-            mass = graphs.probe(token_ids, other + exact, votes, total, cos, sin, loader.ready, probe_layers,
-                                projections)
-            importance = mass[chunk + exact]
-            loader.ready_all()
-            cache = arena.clone(total + 64)  # the request's own cache; the arena serves the next probe
-        mark("probe")
-    else:
-        cache = model.new_cache(total + 64)
-        cache.positions[:total] = positions
-        cache.length = total
-        loader = placed(cache)
-        if query_aware:
-            mass = probe_eager(model, token_ids, other + exact, votes, total, cache, loader.ready, cos, sin,
-                               probe_layers, projections)
-            importance = mass[chunk + exact]
-            mark("probe")
-    covered = None
-
-    def pick(score: torch.Tensor) -> torch.Tensor:
+    def pick(self, score: torch.Tensor) -> torch.Tensor:
         """The chunk rows (local) to recompute by `score`, fixing the count in the targeted mode."""
-        nonlocal count, covered
-        if targeted:
+        rule, layout = self.rule, self.layout
+        if self.targeted:
             ranked = torch.sort(score, descending=True).values.tolist()  # one host sync, to size the pass
-            count, covered = targeted_count(ranked, target_fidelity, cap)
-            count = max(count, min(cap, sink_count(rule, cap, len(layout.chunk_lengths)) * len(layout.chunk_lengths)))
-            count = aligned_count(count, len(layout.other_rows), chunk_tokens, row_alignment)
-            count = min(count, cap)
-        return chunk[_choose(rule, score, count, layout.chunk_lengths)]
+            count, self.covered = targeted_count(ranked, self.target_fidelity, self.cap)
+            count = max(count, min(self.cap, sink_count(rule, self.cap, len(layout.chunk_lengths))
+                                   * len(layout.chunk_lengths)))
+            count = aligned_count(count, len(layout.other_rows), self.chunk_tokens, self.row_alignment)
+            self.count = min(count, self.cap)
+        return self.chunk[_choose(rule, score, self.count, layout.chunk_lengths)]
 
-    shift = _DriftShift(model, cache, len(layout.chunk_lengths), chunk_of, chunk + exact, cos, sin,
-                        rule.drift_shift, *chunk_bounds,
-                        skip_first=0 if rule.drift_sinks else sink_count(rule, count, len(layout.chunk_lengths)),
-                        bins=rule.drift_bins) if rule.drift_shift else None
-    plan = plan_causal(total) if not exact else plan_sparse(positions[exact:], total)
-    hidden = torch.nn.functional.embedding(token_ids[exact:], model.embed_tokens)
-    slots, active_cos, active_sin = positions[exact:], cos[exact:], sin[exact:]  # slot j holds position j
-    local = torch.arange(total - exact, device=device)
-    selected = chunk if everything else chunk[:0]
-    narrow_at = -1  # gradual filtering: the layer at which the widened set is narrowed to the budget
-    for layer in range(model.num_layers):
-        loader.ready(layer)
-        if layer == first_cached and not everything:
-            mark("layers before selection")
-            if rule.uses_deviation and scoring:
-                qkv = model.project_qkv(layer, hidden)  # every row's, for their fresh KV
-                score = _fresh_deviation(model, rule, layer, qkv[chunk], cache, chunk + exact, cos, sin)
-                if importance is not None:
-                    score = score * importance
-                final = count
-                if rule.gradual > 1.0 and layer + 1 < model.num_layers:
-                    count, narrow_at = min(chunk_tokens, math.ceil(rule.gradual * count)), layer + 1
-                selected = pick(score)
-                local = torch.cat((selected, other)).sort().values
-                qkv, hidden = qkv[local], hidden[local]
-                if narrow_at > layer:
-                    count = final
-            else:
-                if scoring:
-                    selected = pick(importance)
-                local = torch.cat((selected, other)).sort().values
-                hidden = hidden[local]
-                qkv = model.project_qkv(layer, hidden)
-            slots = local + exact
-            plan = plan_sparse(slots, total)
-            active_cos, active_sin = cos[slots], sin[slots]
-            if shift is not None and scoring:
-                shift.select(selected + exact, torch.searchsorted(local, selected))
-            mark("selection")
-        elif layer == narrow_at:
-            is_chunk = torch.zeros(total - exact, dtype=torch.bool, device=device)  # only gradual filtering asks
-            is_chunk[chunk] = True
-            qkv = model.project_qkv(layer, hidden)
+    def _selected(self) -> None:
+        """After the selection (self.local, self.selected set): the computed rows' slots, plan and rotations."""
+        exact = self.exact
+        self.slots = self.local + exact
+        self.plan = plan_sparse(self.slots, self.total)
+        self.active_cos, self.active_sin = self.cos[self.slots], self.sin[self.slots]
+        if self.shift is not None and self.scoring:
+            self.shift.select(self.selected + exact, torch.searchsorted(self.local, self.selected))
+        self.mark("selection")
+
+    def select_rows(self, layer: int) -> None:
+        """At the selection layer of a rule that selects before computing it (attention scores, or nothing to
+        select): the computed rows become the selected chunk rows and the other rows (self.hidden narrowed to
+        them). Any other layer: nothing."""
+        if layer != self.first_cached or self.everything:
+            return
+        self.mark("layers before selection")
+        if self.scoring:
+            self.selected = self.pick(self.importance)
+        self.local = torch.cat((self.selected, self.other)).sort().values
+        self.hidden = self.hidden[self.local]
+        self._selected()
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """This layer's keys and values of the computed rows stored (with the drift correction of the others)
+        and their attention: [rows, heads * head_dim]."""
+        model = self.model
+        if self.shift is not None and layer >= self.first_cached and not self.everything and self.scoring:
+            q = self.shift.store_and_correct(layer, qkv, self.active_cos, self.active_sin, self.slots)
+            return model.attend(layer, q, self.cache, self.plan)
+        return model.attend_storing_kv(layer, qkv, self.active_cos, self.active_sin, self.cache, self.slots,
+                                       self.plan)
+
+    def layer(self, layer: int) -> None:
+        """One layer of the blend, alone."""
+        model, rule = self.model, self.rule
+        self.loader.ready(layer)
+        if layer == self.first_cached and not self.everything and rule.uses_deviation and self.scoring:
+            self.mark("layers before selection")
+            qkv = model.project_qkv(layer, self.hidden)  # every row's, for their fresh KV
+            score = _fresh_deviation(model, rule, layer, qkv[self.chunk], self.cache, self.chunk + self.exact,
+                                     self.cos, self.sin)
+            if self.importance is not None:
+                score = score * self.importance
+            final = self.count
+            if rule.gradual > 1.0 and layer + 1 < model.num_layers:
+                self.count = min(self.chunk_tokens, math.ceil(rule.gradual * self.count))
+                self.narrow_at = layer + 1
+            self.selected = self.pick(score)
+            self.local = torch.cat((self.selected, self.other)).sort().values
+            qkv, self.hidden = qkv[self.local], self.hidden[self.local]
+            if self.narrow_at > layer:
+                self.count = final
+            self._selected()
+        elif layer == self.narrow_at:
+            exact, local = self.exact, self.local
+            is_chunk = torch.zeros(self.total - exact, dtype=torch.bool, device=model.device)  # gradual only
+            is_chunk[self.chunk] = True
+            qkv = model.project_qkv(layer, self.hidden)
             rows = torch.nonzero(is_chunk[local]).flatten()  # positions within `local` of chunk rows
-            score = deviation(model.split_qkv(qkv)[2][:, rows], cache.values[layer][:, local[rows] + exact])
-            keep_chunk = rows[torch.topk(score, count, sorted=False).indices]
+            score = deviation(model.split_qkv(qkv)[2][:, rows], self.cache.values[layer][:, local[rows] + exact])
+            keep_chunk = rows[torch.topk(score, self.count, sorted=False).indices]
             keep = torch.cat((keep_chunk, torch.nonzero(~is_chunk[local]).flatten())).sort().values
-            local, qkv, hidden = local[keep], qkv[keep], hidden[keep]
-            selected = local[is_chunk[local]]
-            slots = local + exact
-            plan = plan_sparse(slots, total)
-            active_cos, active_sin = cos[slots], sin[slots]
-            if shift is not None:
-                shift.select(selected + exact, torch.searchsorted(local, selected))
+            self.local, qkv, self.hidden = local[keep], qkv[keep], self.hidden[keep]
+            self.selected = self.local[is_chunk[self.local]]
+            self.slots = self.local + exact
+            self.plan = plan_sparse(self.slots, self.total)
+            self.active_cos, self.active_sin = self.cos[self.slots], self.sin[self.slots]
+            if self.shift is not None:
+                self.shift.select(self.selected + exact, torch.searchsorted(self.local, self.selected))
         else:
-            qkv = model.project_qkv(layer, hidden)
-        if shift is not None and layer >= first_cached and not everything and scoring:
-            q = shift.store_and_correct(layer, qkv, active_cos, active_sin, slots)
-            attention = model.attend(layer, q, cache, plan)
-        else:
-            attention = model.attend_storing_kv(layer, qkv, active_cos, active_sin, cache, slots, plan)
-        hidden = model.finish_layer(layer, hidden, attention)
-    mark("layers after selection")
-    last = hidden[-1]
-    result_logits = model.logits(last[None])[0] if logits else None
-    mark("logits")
-    recomputed = chunk_tokens if everything else count
-    if first_cached >= model.num_layers:  # the selection layer is past the last: everything was computed
-        recomputed = chunk_tokens
-    share = compute_share(rule, recomputed, chunk_tokens, model.num_layers)
-    return BlendResult(result_logits, cache, chunk_tokens, recomputed, hidden=None if logits else last,
-                       compute_share=share, covered=covered, selected_rows=selected + exact,
-                       chunk_spans=[(start, kv.length) for kv, start in layout.placements],
-                       chunk_drift=None if shift is None else shift.chunk_drift)
+            self.select_rows(layer)
+            qkv = model.project_qkv(layer, self.hidden)
+        attention = self.attend(layer, qkv)
+        self.hidden = model.finish_layer(layer, self.hidden, attention)
+
+    def result(self) -> BlendResult:
+        model, layout = self.model, self.layout
+        self.mark("layers after selection")
+        last = self.hidden[-1]
+        result_logits = model.logits(last[None])[0] if self.want_logits else None
+        self.mark("logits")
+        recomputed = self.chunk_tokens if self.everything else self.count
+        if self.first_cached >= model.num_layers:  # the selection layer is past the last: everything computed
+            recomputed = self.chunk_tokens
+        share = compute_share(self.rule, recomputed, self.chunk_tokens, model.num_layers)
+        return BlendResult(result_logits, self.cache, self.chunk_tokens, recomputed,
+                           hidden=None if self.want_logits else last, compute_share=share, covered=self.covered,
+                           selected_rows=self.selected + self.exact,
+                           chunk_spans=[(start, kv.length) for kv, start in layout.placements],
+                           chunk_drift=None if self.shift is None else self.shift.chunk_drift)

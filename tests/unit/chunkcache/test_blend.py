@@ -379,3 +379,35 @@ def test_chunks_computed_side_by_side_are_each_computed_alone(model, prefix, mon
             torch.testing.assert_close(other.weights.keys, one.weights.keys, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="tokens"):
         precompute_chunks(model, [CHUNKS[0], []])
+
+
+def test_blends_run_together_give_each_prompts_own_blend(model) -> None:
+    # blend_prefill_batch: the layers' matrix products over the computed rows of every prompt at once, each
+    # prompt's selection and attention its own; a deviation rule (selecting at layer 1) runs alone beside them.
+    from blendgate.chunkcache.blend import BlendJob, blend_prefill_batch
+
+    prefix_kv = precompute_chunk(model, PREFIX)
+    kvs = [precompute_chunk(model, chunk, PREFIX) for chunk in CHUNKS]
+    other = [random_ids(7, 6), random_ids(11, 7)]
+    other_kvs = [precompute_chunk(model, chunk, PREFIX) for chunk in other]
+    jobs = [BlendJob([list(PREFIX), *kvs, list(SUFFIX)], 0.3, prefix_kv),
+            BlendJob([list(PREFIX), *other_kvs, random_ids(4, 8)], 0.5, prefix_kv, logits=False),
+            BlendJob([list(PREFIX), kvs[1], other_kvs[0], list(SUFFIX)], 1.0, prefix_kv),  # r = 1: every row
+            BlendJob([list(PREFIX), *kvs, list(SUFFIX)], 0.0, prefix_kv),  # r = 0: no chunk row
+            BlendJob([list(PREFIX), *other_kvs, list(SUFFIX)], 0.3, prefix_kv, rule=SelectionRule(score="value"))]
+    together = blend_prefill_batch(model, jobs)
+    for job, result in zip(jobs, together):
+        alone = blend_prefill(model, job.segments, job.recompute_ratio, prefix_kv=job.prefix_kv, logits=job.logits,
+                              rule=job.rule)
+        assert result.recomputed_chunk_tokens == alone.recomputed_chunk_tokens
+        assert torch.equal(result.selected_rows, alone.selected_rows)
+        if job.logits:
+            torch.testing.assert_close(result.logits, alone.logits, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(result.hidden, alone.hidden, atol=1e-5, rtol=1e-5)
+        length = alone.cache.length
+        assert result.cache.length == length
+        torch.testing.assert_close(result.cache.keys[:, :, :length], alone.cache.keys[:, :, :length],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.cache.values[:, :, :length], alone.cache.values[:, :, :length],
+                                   atol=1e-5, rtol=1e-5)
