@@ -42,7 +42,15 @@ from ..engine.prompt import CHUNK_PREFIXES, Prompt, PromptSegment
 from ..engine.runner import KVState, LlamaRunner
 from ..engine.weights import LoadedModel
 from . import defaults
-from .blend import BATCH_CHUNK_TOKENS, BlendResult, blend_prefill, precompute_chunk, precompute_chunks
+from .blend import (
+    BATCH_CHUNK_TOKENS,
+    BlendJob,
+    BlendResult,
+    blend_prefill,
+    blend_prefill_batch,
+    precompute_chunk,
+    precompute_chunks,
+)
 from .fallback import (
     DEFAULT_PASS_COST_TOKENS,
     FallbackDecision,
@@ -425,6 +433,29 @@ class ChunkBlender:
         (a profiler's, sglang_plugin/profile.py: PassProfile.mark) is called with "prefill" before the chunks
         not cached are computed and "misses" after: the work between is theirs. `known`: chunks found already
         (prefetch), used as they are."""
+        inputs = self._blend_inputs(prompt, head, mark, known, logits, rule)
+        result = blend_prefill(self.model, inputs.job.segments, inputs.job.recompute_ratio,
+                               prefix_kv=inputs.job.prefix_kv, logits=logits, rule=inputs.job.rule,
+                               target_fidelity=inputs.job.target_fidelity)
+        return result, self._blended(prompt, inputs, result)
+
+    def blend_many(self, prompts: list[tuple[Prompt, ExactHead | None]], logits: bool = True,
+                   known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> list[tuple[BlendResult,
+                                                                                              PrefillReport]]:
+        """blend for several prompts (each with its exact head, or None), their layers run together
+        (blend.blend_prefill_batch: one set of matrix products a layer over all their computed rows): an SGLang
+        pass's RAG requests. Give `known` (prefetch) to have all their uncached chunks computed in one pass
+        beforehand. The same results and reports as blend of each; raises ValueError as blend does."""
+        inputs = [self._blend_inputs(prompt, head, None, known, logits, None) for prompt, head in prompts]
+        results = blend_prefill_batch(self.model, [i.job for i in inputs])
+        return [(result, self._blended(prompt, i, result))
+                for (prompt, _), i, result in zip(prompts, inputs, results)]
+
+    def _blend_inputs(self, prompt: Prompt, head: ExactHead | None, mark: Callable[[str], None] | None,
+                      known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None, logits: bool,
+                      rule: SelectionRule | None) -> "_BlendInputs":
+        """What blend_prefill is given for the prompt (its chunks' KV found or computed), and what its report
+        needs."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
         first = prompt.segments[0]
         shared = self._shared_prefix_tokens(prompt)
@@ -465,24 +496,38 @@ class ChunkBlender:
         if first_wanted is not None:
             prefix_kv, _ = self.chunk_kvs([first_wanted], known)[0]
             found.append((first_wanted.key, prefix_kv))
-        rule = rule or self.rule
         target = prompt.fidelity_target if prompt.mode == "blend" else None
-        result = blend_prefill(self.model, segments, ratio, prefix_kv=prefix_kv, logits=logits, rule=rule,
-                               target_fidelity=target)
-        for key, kv in found:
+        job = BlendJob(segments, ratio, prefix_kv, logits, rule or self.rule, target)
+        return _BlendInputs(job, hits, found, shared_fetch)
+
+    def _blended(self, prompt: Prompt, inputs: "_BlendInputs", result: BlendResult) -> PrefillReport:
+        """After the prompt's blend: its chunks promoted, their measured sensitivity noted, and its report."""
+        job = inputs.job
+        for key, kv in inputs.found:
             self.store.promote(key, kv)
         if result.chunk_drift is not None:  # each chunk's measured sensitivity, into its entry (Cache-Craft)
-            for (key, _), drift in zip(found, result.chunk_drift.tolist()):
+            for (key, _), drift in zip(inputs.found, result.chunk_drift.tolist()):
                 self.store.note_sensitivity(key, drift)
-        report = PrefillReport(
-            mode=prompt.mode, hits=hits, recompute_ratio=round(result.recompute_ratio, 4),
+        target = job.target_fidelity
+        return PrefillReport(
+            mode=prompt.mode, hits=inputs.hits, recompute_ratio=round(result.recompute_ratio, 4),
             chunk_tokens=result.chunk_tokens, recomputed_tokens=result.recomputed_chunk_tokens,
-            recomputed_per_chunk=per_chunk_counts(result), selection=rule.score if ratio else None,
+            recomputed_per_chunk=per_chunk_counts(result), selection=job.rule.score if job.recompute_ratio else None,
             compute_share=round(result.compute_share, 4),
-            prefix_tokens_reused=prefix_kv.length if prefix_kv is not None else 0, fidelity_target=target,
+            prefix_tokens_reused=job.prefix_kv.length if job.prefix_kv is not None else 0, fidelity_target=target,
             fidelity_estimate=None if target is None or result.covered is None else round(result.covered, 4),
-            shared_fetch=shared_fetch if self.store.shared is not None else None)
-        return result, report
+            shared_fetch=inputs.shared_fetch if self.store.shared is not None else None)
+
+
+@dataclass(frozen=True)
+class _BlendInputs:
+    """One prompt's blend as ChunkBlender prepares it: blend_prefill's arguments, and for its report and store
+    updates the chunks' hit flags, (key, KV) of what it read or computed, and the shared-tier words."""
+
+    job: BlendJob
+    hits: list[bool]
+    found: list[tuple[ChunkKey, ChunkKV]]
+    shared_fetch: list[str]
 
 
 def shared_fetch_words(source: ChunkSource, hit: bool) -> str:

@@ -57,9 +57,45 @@ class PrefilledRequest:
 def prefetch_chunks(blender: ChunkBlender, requests: list[RequestPlan]) -> dict[ChunkKey, tuple[ChunkKV, bool]]:
     """The chunks every blended request of a pass will blend, found in one call (ChunkBlender.prefetch): their
     misses computed side by side, one forward pass for all the requests sharing a system prompt, where each
-    request's blend computing its own took one each. Hand it to prefill_request as `known`."""
+    request's blend computing its own took one each. Hand it to prefill_request as `known` (prefill_pass
+    does)."""
     return blender.prefetch([(request.prompt, request.prefix_len if request.exact_head else 0)
                              for request in requests if request.prompt is not None])
+
+
+@torch.no_grad()
+def prefill_pass(blender: ChunkBlender, requests: list[RequestPlan], token_ids: list[torch.Tensor],
+                 readers: list[PrefixReader | None],
+                 mark: Callable[[str], None] | None = None) -> list[PrefilledRequest]:
+    """Every request of a plugin pass prefilled as planned, in batch order: the chunks of all the blended ones
+    found first (prefetch_chunks: their misses in one forward pass, marked "misses"), the blends then run
+    together (ChunkBlender.blend_many: one set of matrix products a layer over all their computed rows), the
+    other requests computed exactly one by one (prefill_request); the compute marked "prefill". `token_ids` and
+    `readers`: per request, as prefill_request takes them. The same numbers as prefill_request of each, up to
+    the matrix products' rounding over more rows. Raises ValueError when a prefix is to be read and no reader
+    is given."""
+    known = prefetch_chunks(blender, requests)
+    if mark is not None:
+        mark("misses")
+    blended = [index for index, request in enumerate(requests) if request.prompt is not None]
+    heads = []
+    for index in blended:
+        request, read_prefix = requests[index], readers[index]
+        if request.exact_head and read_prefix is None:
+            raise ValueError("a blend after a cached prefix needs its prefix's KV")
+        heads.append(_exact_head(blender.model.num_layers, request.prompt.token_ids[:request.prefix_len],
+                                 read_prefix) if request.exact_head else None)
+    done: list[PrefilledRequest | None] = [None] * len(requests)
+    outcomes = blender.blend_many([(requests[i].prompt, head) for i, head in zip(blended, heads)], logits=False,
+                                  known=known) if blended else []
+    for index, (result, report) in zip(blended, outcomes):
+        done[index] = PrefilledRequest(result.cache, requests[index].prefix_len, result.hidden, report.as_dict())
+    for index, request in enumerate(requests):
+        if done[index] is None:
+            done[index] = prefill_request(blender, request, token_ids[index], readers[index])
+    if mark is not None:
+        mark("prefill")
+    return done
 
 
 def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torch.Tensor,

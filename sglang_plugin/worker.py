@@ -44,6 +44,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import accumulate
 
 import torch
 
@@ -57,7 +58,7 @@ from ..chunkcache.tiers import MemoryTier
 from ..engine.llama import LlamaFamilyModel
 from . import internals
 from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
-from .prefill import prefetch_chunks, prefill_request
+from .prefill import prefill_pass
 from .profile import PROFILE_KEY, TIERS_KEY, PassProfile
 from .protocol import REPORT_KEY, fallback_report, wants_chunk_cache
 from .settings import PluginSettings
@@ -106,38 +107,34 @@ class BlendWorker:
 
     @torch.no_grad()
     def prefill(self, model_runner, forward_batch, requests: list[RequestPlan], entered: float | None = None):
-        """Every request of the extend batch prefilled as planned (prefill.py: prefill_request), in one pass:
-        its new KV written into SGLang's pool at its `out_cache_loc` slots, its last hidden state through
-        SGLang's logits processor, in batch order. Returns SGLang's LogitsProcessorOutput, with each request's
-        report (None for those that asked no blend). With profiling on (settings.profile), each report also
-        carries the pass's PassTimings (profile.py) under PROFILE_KEY and the chunk-cache's tiers after it under
-        TIERS_KEY; `entered`: perf_counter() at the forward
-        hook's entry (default: now)."""
+        """Every request of the extend batch prefilled as planned (prefill.py: prefill_pass: the blends' chunks
+        found at once, the blends run together, the others one by one), in one pass: each request's new KV
+        written into SGLang's pool at its `out_cache_loc` slots, its last hidden state through SGLang's logits
+        processor, in batch order. Returns SGLang's LogitsProcessorOutput, with each request's report (None for
+        those that asked no blend). With profiling on (settings.profile), each report also carries the pass's
+        PassTimings (profile.py) under PROFILE_KEY and the chunk-cache's tiers after it under TIERS_KEY;
+        `entered`: perf_counter() at the forward hook's entry (default: now)."""
         profile = PassProfile(entered if entered is not None else time.perf_counter()) if self.profile else None
         loc, tokens = forward_batch.out_cache_loc, forward_batch.input_ids
-        # Every blended request's chunks first, the misses of all of them in one pass.
-        known = prefetch_chunks(self.blender, requests)
-        if profile is not None:
-            profile.mark("misses")
-        done, offset = [], 0
+        offsets = [0, *accumulate(request.extend_len for request in requests)]
+        readers = []
         for index, request in enumerate(requests):
-            end = offset + request.extend_len
             read_prefix = None
             if request.prefix_len and (request.prompt is None or request.exact_head):
                 slots = internals.prefix_slots(model_runner, forward_batch, index, request.prefix_len)
                 read_prefix = partial(internals.read_layer_kv, model_runner, loc=slots)
-            prefilled = prefill_request(self.blender, request, tokens[offset:end], read_prefix,
-                                        profile.mark if profile is not None else None, known)
-            if profile is not None:
-                profile.mark("prefill")
+            readers.append(read_prefix)
+        done = prefill_pass(self.blender, requests,
+                            [tokens[offsets[i]:offsets[i + 1]] for i in range(len(requests))], readers,
+                            profile.mark if profile is not None else None)
+        for index, prefilled in enumerate(done):
             keys, values = prefilled.new_kv_layers()
             for layer in range(self.model.num_layers):
-                internals.write_layer_kv(model_runner, layer, loc[offset:end], keys[layer], values[layer])
+                internals.write_layer_kv(model_runner, layer, loc[offsets[index]:offsets[index + 1]], keys[layer],
+                                         values[layer])
             del keys, values
-            if profile is not None:
-                profile.mark("kv_write")
-            done.append(prefilled)
-            offset = end
+        if profile is not None:
+            profile.mark("kv_write")
         logits_output = internals.logits_from_hidden(model_runner, forward_batch,
                                                      torch.stack([p.last_hidden for p in done]))
         reports = [p.report for p in done]

@@ -171,3 +171,40 @@ def test_a_passs_requests_have_their_chunks_computed_in_one_forward_pass_and_ble
     assert done[0].report["hits"] == [False, False] and done[1].report["hits"] == [False, False]
     # Once stored, a later pass finds them: no pass at all.
     assert all(hit for _, hit in prefetch_chunks(blender, plans).values()) and len(passes) == 2
+
+
+def test_a_whole_pass_is_each_request_prefilled_alone(blender) -> None:
+    # prefill_pass: a blend from scratch, a blend after a radix-cache match past its system prompt, a plain request
+    # after a cached prefix and one without: the blends run together, the same numbers and reports as alone.
+    from blendgate.sglang_plugin.prefill import prefill_pass
+
+    model = blender.model
+    exact_prompt, plain = rag_prompt(0.3), ids(9, 40)
+    full = model.new_cache(len(exact_prompt))
+    model.forward(torch.tensor(exact_prompt.token_ids), None, full, logits=False)
+    plain_full = model.new_cache(len(plain))
+    model.forward(torch.tensor(plain), None, plain_full, logits=False)
+    other = Prompt([PromptSegment(tuple(ids(6, 11))), PromptSegment(tuple(ids(7, 41)), True),
+                    PromptSegment(tuple(ids(5, 42)))], mode="blend", recompute_ratio=0.5)
+    plans = [RequestPlan(0, len(other), other), RequestPlan(16, len(exact_prompt) - 16, exact_prompt, exact_head=True),
+             RequestPlan(4, len(plain) - 4), RequestPlan(0, len(plain))]
+    tokens = [torch.tensor(other.token_ids), torch.tensor(exact_prompt.token_ids[16:]), torch.tensor(plain[4:]),
+              torch.tensor(plain)]
+    readers = [None, pool_reader(full, 16), pool_reader(plain_full, 4), None]
+    alone = [prefill_request(blender, plan, ids_, reader) for plan, ids_, reader in zip(plans, tokens, readers)]
+    marks = []
+    together = prefill_pass(blender, plans, tokens, readers, mark=marks.append)
+    assert marks == ["misses", "prefill"]
+    cached = ("hits", "hit_count", "miss_count")  # what the store held: alone put the chunks in it
+    for one, both in zip(alone, together):
+        assert both.start == one.start
+        if one.report is not None and "hits" in one.report:
+            assert all(both.report["hits"]) and {k: v for k, v in both.report.items() if k not in cached} == \
+                {k: v for k, v in one.report.items() if k not in cached}
+        else:
+            assert both.report == one.report
+        torch.testing.assert_close(both.last_hidden, one.last_hidden, atol=1e-5, rtol=1e-5)
+        for mine, theirs in zip(both.new_kv_layers(), one.new_kv_layers()):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix"):
+        prefill_pass(blender, plans[1:2], tokens[1:2], [None])
