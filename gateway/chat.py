@@ -140,11 +140,9 @@ class ChatService:
                 return self._replay(request, ctx, result)
         # 3. RAG, 4. the backend's request.
         rag = await self.rag.prepare(request, retrieval, query_vector=plan.vector if plan is not None else None)
-        if rag is None:
-            backend_request = BackendRequest(request, tenant)
-        else:
+        if rag is not None:
             ctx.rag = rag.report
-            backend_request = BackendRequest(rag.request, tenant, rag.prompt, rag.report.collection)
+        backend_request = BackendRequest.of(request, tenant, rag)
         # 5. The backend's answer, 6. the response (the cache put is in _answer, or in _frames once streamed).
         if request.stream:
             return await self._stream(backend, backend_request, ctx, plan)

@@ -95,8 +95,7 @@ class HitAudits:
         """The backend's whole answer to the request, prepared as a miss would be."""
         whole = request.model_copy(update={"stream": False, "stream_options": None})
         rag = await self.rag.prepare(whole, retrieval, query_vector=query_vector)
-        backend_request = BackendRequest(whole, tenant) if rag is None else \
-            BackendRequest(rag.request, tenant, rag.prompt, rag.report.collection)
+        backend_request = BackendRequest.of(whole, tenant, rag)
         self.in_flight[request.model] += 1
         try:
             result = await backend.complete(backend_request, RequestContext())

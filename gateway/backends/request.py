@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..rag_template import RagPrompt
 from ..schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from ..rag import RagResult
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,14 @@ class BackendRequest:
     tenant: str
     rag_prompt: RagPrompt | None = None
     collection: str | None = None
+
+    @classmethod
+    def of(cls, chat: ChatCompletionRequest, tenant: str, rag: RagResult | None) -> "BackendRequest":
+        """The request as RagPlanner.prepare left it: the client's, or with RAG its rewritten one, its prompt
+        and collection."""
+        if rag is None:
+            return cls(chat, tenant)
+        return cls(rag.request, tenant, rag.prompt, rag.report.collection)
 
     @property
     def model(self) -> str:
