@@ -31,7 +31,7 @@ import bisect
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Literal, Mapping
 
 import torch
 from cachetools import LRUCache
@@ -423,17 +423,15 @@ class ChunkBlender:
         return found
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None,
-              head: ExactHead | None = None, mark: Callable[[str], None] | None = None,
+              head: ExactHead | None = None,
               known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> tuple[BlendResult, PrefillReport]:
         """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
         report of what was reused and recomputed. `head`: the exact KV of the prompt's first head.length tokens
         (at least its first segment), e.g. SGLang's radix-cache match: reused as is; only the chunks starting
         after it are blended (and reported), a chunk it ends inside is computed exactly from there. Raises
-        ValueError when the head is not the prompt's first tokens or shorter than its first segment. `mark`
-        (a profiler's, sglang_plugin/profile.py: PassProfile.mark) is called with "prefill" before the chunks
-        not cached are computed and "misses" after: the work between is theirs. `known`: chunks found already
-        (prefetch), used as they are."""
-        inputs = self._blend_inputs(prompt, head, mark, known, logits, rule)
+        ValueError when the head is not the prompt's first tokens or shorter than its first segment. `known`:
+        chunks found already (prefetch), used as they are."""
+        inputs = self._blend_inputs(prompt, head, known, logits, rule)
         result = blend_prefill(self.model, inputs.job.segments, inputs.job.recompute_ratio,
                                prefix_kv=inputs.job.prefix_kv, logits=logits, rule=inputs.job.rule,
                                target_fidelity=inputs.job.target_fidelity)
@@ -446,12 +444,12 @@ class ChunkBlender:
         (blend.blend_prefill_batch: one set of matrix products a layer over all their computed rows): an SGLang
         pass's RAG requests. Give `known` (prefetch) to have all their uncached chunks computed in one pass
         beforehand. The same results and reports as blend of each; raises ValueError as blend does."""
-        inputs = [self._blend_inputs(prompt, head, None, known, logits, None) for prompt, head in prompts]
+        inputs = [self._blend_inputs(prompt, head, known, logits, None) for prompt, head in prompts]
         results = blend_prefill_batch(self.model, [i.job for i in inputs])
         return [(result, self._blended(prompt, i, result))
                 for (prompt, _), i, result in zip(prompts, inputs, results)]
 
-    def _blend_inputs(self, prompt: Prompt, head: ExactHead | None, mark: Callable[[str], None] | None,
+    def _blend_inputs(self, prompt: Prompt, head: ExactHead | None,
                       known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None, logits: bool,
                       rule: SelectionRule | None) -> "_BlendInputs":
         """What blend_prefill is given for the prompt (its chunks' KV found or computed), and what its report
@@ -470,11 +468,7 @@ class ChunkBlender:
         segments = [head.token_ids.tolist()] if head is not None else []
         hits, found = [], []
         wanted = self._wanted(chunk_keys, sources, shared)
-        if mark is not None:
-            mark("prefill")
         kvs = iter(self.chunk_kvs(wanted, known))  # the misses computed side by side, a pass a prefix
-        if mark is not None:
-            mark("misses")
         start = 0
         for segment in prompt.segments:
             start, begins = start + len(segment.token_ids), start

@@ -99,13 +99,12 @@ def prefill_pass(blender: ChunkBlender, requests: list[RequestPlan], token_ids: 
 
 
 def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torch.Tensor,
-                    read_prefix: PrefixReader | None, mark: Callable[[str], None] | None = None,
+                    read_prefix: PrefixReader | None,
                     known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> PrefilledRequest:
     """The request prefilled as planned. `token_ids` [extend_len]: its tokens computed in this pass (SGLang's
     input_ids for it); `read_prefix`: its cached prefix's KV, needed when it is computed exactly after a prefix
-    or blended after one (RequestPlan.exact_head; None otherwise); `mark`: a pass profile's (ChunkBlender.blend
-    marks the computing of chunks not cached with it); `known`: its chunks found already (prefetch_chunks).
-    Raises ValueError when a prefix is to be read and no reader is given."""
+    or blended after one (RequestPlan.exact_head; None otherwise); `known`: its chunks found already
+    (prefetch_chunks). Raises ValueError when a prefix is to be read and no reader is given."""
     model = blender.model
     if request.prompt is not None:
         head = None
@@ -113,7 +112,7 @@ def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torc
             if read_prefix is None:
                 raise ValueError("a blend after a cached prefix needs its prefix's KV")
             head = _exact_head(model.num_layers, request.prompt.token_ids[:request.prefix_len], read_prefix)
-        result, report = blender.blend(request.prompt, logits=False, head=head, mark=mark, known=known)
+        result, report = blender.blend(request.prompt, logits=False, head=head, known=known)
         return PrefilledRequest(result.cache, request.prefix_len, result.hidden, report.as_dict())
     cache = model.new_cache(request.prefix_len + request.extend_len)
     if request.prefix_len:

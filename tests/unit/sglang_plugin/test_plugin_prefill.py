@@ -123,17 +123,20 @@ def test_a_head_that_is_not_the_prompts_start_is_refused(blender) -> None:
 
 
 def test_a_profile_mark_brackets_the_computing_of_uncached_chunks(blender) -> None:
-    # ChunkBlender.blend marks "prefill" before computing the chunks the store lacks and "misses" after: a pass
-    # profile (sglang_plugin/profile.py) books the work between to the misses.
+    # prefill_pass marks "misses" once the chunks the store lacks are computed and "prefill" after the blends: a
+    # pass profile (sglang_plugin/profile.py) books the work before the first mark to the misses.
+    from blendgate.sglang_plugin.prefill import prefill_pass
+
     prompt = Prompt([PromptSegment(tuple(ids(6, 20))), PromptSegment(tuple(ids(10, 21)), True),
                      PromptSegment(tuple(ids(8, 22)), True), PromptSegment(tuple(ids(5, 23)))],
                     mode="blend", recompute_ratio=0.3)
     stored = lambda: sum(len(tier.entries) for tier in blender.store.tiers)  # noqa: E731
-    marks = []
-    done = prefill_request(blender, RequestPlan(0, len(prompt), prompt), torch.tensor(prompt.token_ids), None,
+    before, marks = stored(), []
+    (done,) = prefill_pass(blender, [RequestPlan(0, len(prompt), prompt)], [torch.tensor(prompt.token_ids)], [None],
                            mark=lambda stage: marks.append((stage, stored())))
-    assert [stage for stage, _ in marks] == ["prefill", "misses"]
-    assert marks[1][1] == marks[0][1] + 2 and done.report["hit_count"] == 0  # both chunks computed in between
+    assert [stage for stage, _ in marks] == ["misses", "prefill"]
+    # the system prompt alone and both chunks computed before the first mark, nothing after it
+    assert marks[0][1] == before + 3 and marks[1][1] == marks[0][1] and done.report["hit_count"] == 0
 
 
 def test_a_passs_requests_have_their_chunks_computed_in_one_forward_pass_and_blend_as_alone(monkeypatch) -> None:
