@@ -278,18 +278,19 @@ FALLBACK_REASONS, FALLBACK_WORDS = 4, 110
 def fallback_reasons(outcomes: list[Outcome]) -> tuple[tuple[str, int], ...]:
     """The RAG outcomes' fallback reasons, their numbers replaced by N (so "2 not cached" and "3 not cached"
     count together), most frequent first."""
-    counts = Counter(re.sub(r"\d+(\.\d+)?", "N", o.fallback)[:FALLBACK_WORDS]
-                     for o in outcomes if o.kind == "rag" and o.fallback)
+    counts = Counter(reason_form(o.fallback) for o in outcomes if o.kind == "rag" and o.fallback)
     return tuple(counts.most_common(FALLBACK_REASONS))
 
 
-def fallback_example(outcomes: list[Outcome]) -> str | None:
-    """The last RAG outcome's fallback reason whose form (numbers as N) is the most frequent, numbers kept."""
-    common = fallback_reasons(outcomes)
-    if not common:
-        return None
-    return next(o.fallback for o in reversed(outcomes) if o.kind == "rag" and o.fallback
-                and re.sub(r"\d+(\.\d+)?", "N", o.fallback)[:FALLBACK_WORDS] == common[0][0])
+def reason_form(reason: str) -> str:
+    """A fallback reason with its numbers replaced by N, cut to FALLBACK_WORDS characters."""
+    return re.sub(r"\d+(\.\d+)?", "N", reason)[:FALLBACK_WORDS]
+
+
+def fallback_example(outcomes: list[Outcome], form: str | None) -> str | None:
+    """The last RAG outcome's fallback reason of this form (reason_form; the most frequent), numbers kept."""
+    return next((o.fallback for o in reversed(outcomes) if o.kind == "rag" and o.fallback
+                 and reason_form(o.fallback) == form), None)
 
 
 def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummary:
@@ -304,14 +305,16 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
     misses = [o.plugin_misses_ms for o in done if o.plugin_gpu_ms is not None and o.plugin_misses_ms is not None]
     sizes = [o.pass_requests for o in done if o.plugin_gpu_ms is not None and o.pass_requests]
     reported = [o.blended for o in done if o.kind == "rag" and o.blended is not None]
+    reasons = fallback_reasons(done)
     return RateSummary(rate, len(outcomes), len(done), len(outcomes) - len(done), ms(rag, 50), ms(rag, 99),
                        ms(chat, 50), ms(chat, 99), ms(itl, 50), ms(itl, 99),
                        sum(o.output_tokens for o in done) / wall_s if wall_s > 0 else 0.0,
                        sum(o.chunk_hits for o in done) / chunks if chunks else None, tuple(errors[:3]),
                        percentile(plugin, 50) if plugin else None,
                        sum(plugin) / 1000 / wall_s if plugin and wall_s > 0 else None,
-                       sum(reported) / len(reported) if reported else None, fallback_reasons(done),
-                       fallback_example(done), sum(misses) / len(misses) if misses else None,
+                       sum(reported) / len(reported) if reported else None, reasons,
+                       fallback_example(done, reasons[0][0] if reasons else None),
+                       sum(misses) / len(misses) if misses else None,
                        sum(sizes) / len(sizes) if sizes else None,
                        next((o.tiers for o in reversed(outcomes) if o.tiers), ()))
 
