@@ -7,6 +7,8 @@ local engine's blend, on a tiny random-weight Llama (the same safetensors file l
 - a mixed extend batch (a blending request, a plain one, and the first piece of a plain prompt split by
   chunked prefill) is one pass of the plugin's: the blending request blends, the plain ones get stock SGLang's
   log-probabilities;
+- two blending requests in one pass (one plugin pass: their misses computed side by side once, their blends
+  batched layer by layer) give what each gives blended alone;
 - the radix cache on: the same RAG request twice blends twice alike, no blended token is ever matched as a
   prefix (cached_tokens), and plain requests sharing the system prompt get it from the radix cache, also when
   batched with a blending request (the plugin reads their cached prefix from SGLang's pool); a RAG request
@@ -98,11 +100,30 @@ def stock(model_dir, prompt, plain_prompts) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def outputs(model_dir, prompt, stock, plain_prompts):
+def shared_miss_prompts(prompt) -> tuple[list[int], list[int], list[int]]:
+    """Two RAG prompts sharing a chunk nobody has asked for before (and the fixture prompt's other chunks, in
+    another order in the second), with the same spans as the fixture prompt."""
     ids, spans = prompt
+    generator = torch.Generator().manual_seed(3)
+    new = torch.randint(10, 1024, (64,), generator=generator).tolist()
+    chunks = [ids[spans[2 * n]:spans[2 * n + 1]] for n in range(4)]
+    system, question = ids[:spans[0]], ids[spans[-1]:]
+    first = system + new + [t for c in chunks[1:] for t in c] + question
+    second = system + [t for c in reversed(chunks[:3]) for t in c] + new + question
+    return first, second, spans
+
+
+@pytest.fixture(scope="module")
+def outputs(model_dir, prompt, stock, plain_prompts, shared_miss_prompts):
+    """The plugin's answers: the RAG prompt at ratio 1, at 0.15, without chunks, a mixed batch; then the two
+    prompts sharing a new chunk batched (one pass), and each alone after."""
+    ids, spans = prompt
+    first, second, shared_spans = shared_miss_prompts
     plugin = generate(model_dir, True, [request(ids, spans, 1.0), request(ids, spans, 0.15), request(ids),
                                         batch(request(ids, spans, 0.15), request(plain_prompts["short"]),
-                                              request(plain_prompts["long"]))],
+                                              request(plain_prompts["long"])),
+                                        batch(request(first, shared_spans, 0.15), request(second, shared_spans, 0.15)),
+                                        request(first, shared_spans, 0.15), request(second, shared_spans, 0.15)],
                       chunked_prefill_size=CHUNKED_PREFILL)
     return stock["rag"], plugin
 
@@ -171,13 +192,13 @@ def test_plugin_blend_matches_the_local_engine(outputs, model_dir, prompt) -> No
 
 
 def test_requests_without_chunks_are_stock_sglang(outputs) -> None:
-    _, (_, _, plain, _) = outputs
+    _, (_, _, plain, *_) = outputs
     assert "blendgate" not in plain["meta_info"]
     assert len(plain["output_ids"]) == 6
 
 
 def test_a_mixed_batch_blends_the_blending_request_and_gives_the_others_stock_sglangs_logits(outputs, stock) -> None:
-    _, (_, _, _, mixed) = outputs
+    _, (_, _, _, mixed, *_) = outputs
     blended, short, long = mixed
     report = blended["meta_info"]["blendgate"][0]
     assert report["mode"] == "blend" and report["recompute_ratio"] < 1.0 and report["hit_count"] == 4, report
@@ -187,6 +208,17 @@ def test_a_mixed_batch_blends_the_blending_request_and_gives_the_others_stock_sg
         assert report_of(output["meta_info"]) == {}, output["meta_info"]
         assert_close(top_logprobs(output), top_logprobs(stock[name]), atol=BF16_LOGITS)
         assert output["output_ids"][:2] == stock[name]["output_ids"][:2]
+
+
+def test_two_blending_requests_in_one_pass_give_what_each_gives_alone(outputs) -> None:
+    _, (*_, batched, first_alone, second_alone) = outputs
+    for together, alone in zip(batched, (first_alone, second_alone)):
+        report, alone_report = report_of(together["meta_info"]), report_of(alone["meta_info"])
+        assert report["mode"] == alone_report["mode"] == "blend", (report, alone_report)
+        # Batched, the new chunk was a miss for both (computed once in the pass); alone after, a hit.
+        assert report["hit_count"] == 3 and alone_report["hit_count"] == 4, (report, alone_report)
+        assert_close(top_logprobs(together), top_logprobs(alone), atol=BF16_LOGITS)
+        assert together["output_ids"][:2] == alone["output_ids"][:2]
 
 
 def test_with_the_radix_cache_on_blended_kv_is_never_a_prefix_and_plain_requests_keep_theirs(radix, stock,
