@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine.weights import load_tokenizer
 from ..retriever.chunking import chunk_id
 from ..retriever.service import RetrievalError, RetrievedChunk, Retriever, open_retriever
 from .config import ModelRagConfig, RetrievalSettings, Settings
@@ -23,8 +22,14 @@ from .schemas import ChatCompletionRequest, ChatMessage, Document, RagOptions
 def build_retriever(settings: Settings) -> Retriever:
     retrieval = settings.retrieval
     tokenizer_model = settings.tokenizer_model()
+
+    def tokenizer() -> object:  # imported here: `blendgate collections` and `delete` need no torch
+        from ..engine.weights import load_tokenizer
+
+        return load_tokenizer(tokenizer_model.path, settings.cache_dir)
+
     return open_retriever(
-        retrieval.data_dir, lambda: load_tokenizer(tokenizer_model.path, settings.cache_dir),
+        retrieval.data_dir, tokenizer,
         retrieval.embedder_path, chunk_tokens=retrieval.chunk_tokens, overlap_tokens=retrieval.chunk_overlap_tokens,
         approximate_threshold=retrieval.approximate_index_threshold, max_file_bytes=retrieval.max_file_bytes,
         nprobe=retrieval.ivf_nprobe)

@@ -118,7 +118,9 @@ class AppState:
         settings = self.settings
         try:
             retriever = await asyncio.to_thread(build_retriever, settings)
+            # The indexes first: a collection that cannot be opened stops the gateway before the embedder loads.
             await asyncio.to_thread(retriever.load_all)
+            await asyncio.to_thread(lambda: retriever.embedder)
         except (CorruptIndexError, EmbedderError, sqlite3.DatabaseError) as exc:
             log.error("cannot open the document collections: %s", exc)
             self.retriever.fail(str(exc))

@@ -115,18 +115,21 @@ class _LoadedIndex:
 
 
 class Retriever:
-    def __init__(self, data_dir: Path, embedder: Embedder, tokenizer: object | None = None, *,
+    def __init__(self, data_dir: Path, embedder: Embedder | Callable[[], Embedder], tokenizer: object | None = None, *,
                  tokenizer_factory: Callable[[], object] | None = None, chunk_tokens: int = defaults.CHUNK_TOKENS,
                  overlap_tokens: int = defaults.OVERLAP_TOKENS,
                  approximate_threshold: int = defaults.APPROXIMATE_THRESHOLD,
                  max_file_bytes: int = defaults.MAX_FILE_BYTES, nprobe: int = defaults.NPROBE) -> None:
         """Give the tokenizer, or a `tokenizer_factory` that loads it on the first ingest rather than at
-        start-up (a GGUF model's tokenizer comes from its one-time conversion, which the model load does)."""
+        start-up (a GGUF model's tokenizer comes from its one-time conversion, which the model load does).
+        `embedder`: the Embedder, or a function that loads it where it is first needed (`embedder`), so that
+        listing or deleting collections, and opening their indexes, load no model."""
         if (tokenizer is None) == (tokenizer_factory is None):
             raise ValueError("give a tokenizer or a tokenizer_factory")
         self.data_dir = data_dir
         self.documents = DocumentStore(data_dir / "chunks.sqlite3")
-        self.embedder = embedder
+        self._embedder = embedder if isinstance(embedder, Embedder) else None
+        self._embedder_factory = None if isinstance(embedder, Embedder) else embedder
         self._tokenizer = tokenizer
         self._tokenizer_factory = tokenizer_factory
         self._chunk_tokens = chunk_tokens
@@ -138,6 +141,14 @@ class Retriever:
         self._indexes: dict[str, _LoadedIndex] = {}
         self._lock = threading.RLock()
         (data_dir / "indexes").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder, loaded here the first time it is needed when a factory was given."""
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = self._embedder_factory()
+            return self._embedder
 
     @property
     def chunker(self) -> Chunker:
@@ -213,10 +224,14 @@ class Retriever:
         return loaded.index.size
 
     # -- ingest -----------------------------------------------------------------------------------
-    def _record(self, name: str) -> CollectionRecord:
+    @staticmethod
+    def _check_name(name: str) -> None:
         if not COLLECTION_NAME.match(name):
             raise RetrievalError(400, f"invalid collection name '{name}': use letters, digits, '_', '-' or '.', "
                                       "up to 64 characters", "invalid_collection_name")
+
+    def _record(self, name: str) -> CollectionRecord:
+        self._check_name(name)
         existing = self.documents.collection(name)
         if existing is not None:
             if existing.embedder != self.embedder.name or existing.dimension != self.embedder.dimension:
@@ -235,7 +250,7 @@ class Retriever:
         (new, changed or unchanged): a path that is missing, an empty folder or only unusable files raises
         RetrievalError (400, "nothing_to_ingest") naming each such path and why, and nothing is written."""
         paths = list(dict.fromkeys(paths))  # each given path once
-        record = self._record(collection)
+        self._check_name(collection)
         progress = progress or Progress()
         started = time.perf_counter()
         summary = IngestSummary(collection)
@@ -260,6 +275,7 @@ class Retriever:
         barren = [f"{given}: {_why_nothing(given, unusable[given])}" for given, ok in usable.items() if not ok]
         if barren:
             raise RetrievalError(400, "nothing to ingest from " + "; ".join(barren), "nothing_to_ingest")
+        record = self._record(collection)  # after reading: a path with nothing to ingest loads no embedder
         files = {str(f.path.resolve()): f.content_hash for f in changed}
         documents = [(str(f.path.resolve()), d) for f in changed for d in f.documents]
         self._write(record, files, documents, summary, progress)
@@ -404,4 +420,6 @@ def _why_nothing(given: Path, skipped: list[SkippedFile]) -> str:
 
 def open_retriever(data_dir: Path, tokenizer_factory: Callable[[], object], embedder_path: Path | None = None,
                    **options) -> Retriever:
-    return Retriever(data_dir, Embedder(embedder_path), tokenizer_factory=tokenizer_factory, **options)
+    """A Retriever whose embedder loads where it is first needed (the gateway loads it at start-up, after
+    opening the indexes: gateway/state.py)."""
+    return Retriever(data_dir, lambda: Embedder(embedder_path), tokenizer_factory=tokenizer_factory, **options)

@@ -233,6 +233,31 @@ def test_a_collection_deleted_and_created_again_elsewhere_is_another_collection(
     assert cache.context(request, None, "c")[0] != key_before
 
 
+def test_an_embedder_factory_is_called_only_where_an_embedder_is_needed(corpus, tmp_path, embedder,
+                                                                       tokenizer) -> None:
+    """Listing, deleting and opening indexes load no embedder (`blendgate collections`, `blendgate delete`, a
+    gateway refusing a corrupt index at start-up); ingesting and searching load it, once."""
+    data = tmp_path / "data"
+    make_retriever(data, embedder, tokenizer).ingest_paths([corpus], "facts")
+    loads: list[int] = []
+
+    def load():
+        loads.append(1)
+        return embedder
+
+    lazy = make_retriever(data, load, tokenizer)
+    lazy.load_all()
+    assert [c["name"] for c in lazy.collections()] == ["facts"]
+    assert lazy.delete("facts", str(corpus / "castle.txt")) >= 1
+    with pytest.raises(RetrievalError, match="nothing to ingest"):
+        lazy.ingest_paths([tmp_path / "missing"], "facts")
+    assert loads == []
+    assert "rye bread" in lazy.search("facts", "When does the bakery sell rye bread?", 1)[0].text
+    assert loads == [1]
+    lazy.ingest_paths([corpus / "castle.txt"], "other")
+    assert loads == [1]
+
+
 def test_an_ingest_that_finds_nothing_usable_in_a_path_is_an_error(corpus, tmp_path, embedder, tokenizer) -> None:
     retriever = make_retriever(tmp_path / "data", embedder, tokenizer)
     (tmp_path / "empty").mkdir()
