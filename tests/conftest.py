@@ -40,20 +40,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def upstream(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
-    """A plain blendgate with the embedded model: the 'remote provider' for litellm routes."""
-    # The semantic cache has tests of its own (e2e/test_semantic_cache_api.py); here it would answer repeated
-    # questions without the model that the tests exercise.
-    config = {"retrieval": {"data_dir": str(workdir / "upstream-collections")}, "semantic_cache": {"enabled": False}}
-    process = GatewayProcess("upstream", config, workdir, model_cache_dir).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="session")
-def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
-    """The gateway under test: the embedded local model plus litellm routes to a live and a dead upstream."""
-    config = {
+def shared_gateways(workdir: Path, model_cache_dir: Path) -> Iterator[dict[str, GatewayProcess]]:
+    """The session's shared gateways (upstream, gateway, cache_gateway below), launched together when the first
+    is needed: a start is mostly single-threaded imports and model loading, so on 2 cores three side by side take
+    little longer than one. Each fixture waits for its own; all stop at the end of the session."""
+    # The semantic cache has tests of its own (e2e/test_semantic_cache_api.py); in the upstream and the gateway
+    # it would answer repeated questions without the model that the tests exercise.
+    upstream = GatewayProcess("upstream", {"retrieval": {"data_dir": str(workdir / "upstream-collections")},
+                                           "semantic_cache": {"enabled": False}}, workdir, model_cache_dir)
+    gateway_config = {
         "models": [
             {"name": EMBEDDED, "backend": "local", "sampling_defaults": {"temperature": 0.2, "top_p": 0.9}},
             {"name": "upstream-smol", "backend": "litellm", "litellm_model": f"openai/{EMBEDDED}",
@@ -69,22 +64,45 @@ def gateway(upstream: GatewayProcess, workdir: Path, model_cache_dir: Path) -> I
         "chunk_cache": BLEND_ALWAYS,
         "semantic_cache": {"enabled": False},
     }
-    process = GatewayProcess("gateway", config, workdir, model_cache_dir).start()
-    yield process
-    process.stop()
+    # The default configuration (the embedded model, the default 8 MiB body limit) with the semantic cache on, in
+    # its embedded store: a request passes through the cache's embedding and classification too.
+    cache_config = {"retrieval": {"data_dir": str(workdir / "cache-gateway-collections")},
+                    "semantic_cache": {"enabled": True}}
+    processes = {"upstream": upstream,
+                 "gateway": GatewayProcess("gateway", gateway_config, workdir, model_cache_dir),
+                 "cache_gateway": GatewayProcess("cache-gateway", cache_config, workdir, model_cache_dir)}
+    for process in processes.values():
+        process.launch()
+    yield processes
+    for process in processes.values():
+        process.stop()
 
 
 @pytest.fixture(scope="session")
-def cache_gateway(workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
-    """The default configuration (the embedded model, the default 8 MiB body limit) with the semantic cache on,
-    in its embedded store: a request passes through the cache's embedding and classification too. Shared by
-    tests that check what each request gets, never what the cache holds (e2e/test_fuzz_chat.py,
-    e2e/test_request_lifecycle.py): one start-up instead of one per module."""
-    config = {"retrieval": {"data_dir": str(workdir / "cache-gateway-collections")},
-              "semantic_cache": {"enabled": True}}
-    process = GatewayProcess("cache-gateway", config, workdir, model_cache_dir).start()
-    yield process
-    process.stop()
+def upstream_launched(shared_gateways: dict[str, GatewayProcess]) -> GatewayProcess:
+    """The upstream, launched, perhaps not ready yet: for a fixture that launches its own gateway first and then
+    waits for both."""
+    return shared_gateways["upstream"]
+
+
+@pytest.fixture(scope="session")
+def upstream(shared_gateways: dict[str, GatewayProcess]) -> GatewayProcess:
+    """A plain blendgate with the embedded model: the 'remote provider' for litellm routes."""
+    return shared_gateways["upstream"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def gateway(upstream: GatewayProcess, shared_gateways: dict[str, GatewayProcess]) -> GatewayProcess:
+    """The gateway under test: the embedded local model plus litellm routes to a live and a dead upstream."""
+    return shared_gateways["gateway"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def cache_gateway(shared_gateways: dict[str, GatewayProcess]) -> GatewayProcess:
+    """The default configuration with the semantic cache on, in its embedded store. Shared by tests that check
+    what each request gets, never what the cache holds (e2e/test_fuzz_chat.py, e2e/test_request_lifecycle.py):
+    one start-up instead of one per module."""
+    return shared_gateways["cache_gateway"].wait_ready()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 
 @pytest.fixture(scope="module")
-def secured(upstream: GatewayProcess, workdir, model_cache_dir) -> Iterator[GatewayProcess]:
+def secured(upstream_launched: GatewayProcess, workdir, model_cache_dir) -> Iterator[GatewayProcess]:
+    upstream = upstream_launched  # started side by side with this gateway, ready before the tests run
     config = {
         "models": [{"name": "routed", "backend": "litellm", "litellm_model": f"openai/{EMBEDDED}",
                     "api_base": f"{upstream.url}/v1"}],
@@ -19,7 +20,9 @@ def secured(upstream: GatewayProcess, workdir, model_cache_dir) -> Iterator[Gate
                      {"key_env": "TEAM_B_KEY", "tenant": "team-b"}],
     }
     process = GatewayProcess("secured", config, workdir, model_cache_dir,
-                             env={"TEAM_B_KEY": "sk-team-b-9876543210"}).start()
+                             env={"TEAM_B_KEY": "sk-team-b-9876543210"}).launch()
+    process.wait_ready()
+    upstream.wait_ready()
     yield process
     process.stop()
 

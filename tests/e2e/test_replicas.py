@@ -24,19 +24,24 @@ DOCUMENT_SETS = [[{"id": f"d{i}", "text": f"Note {i}: the lighthouse keeper numb
 
 
 @pytest.fixture(scope="module")
-def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin]]:
-    # Launched side by side, then waited for: start-up is most of this module's time.
+def launched_workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin]]:
+    # Launched side by side with each other and with the replicas, then waited for: start-up is most of this
+    # module's time.
     started = [SglangStandin(f"replicas-worker-{i}", workdir, model_cache_dir).launch() for i in (1, 2)]
-    for worker in started:
-        worker.wait_ready()
     yield started
     for worker in started:
         worker.stop()
 
 
 @pytest.fixture(scope="module")
-def replicas(redis_server: RedisServer, workers: list[SglangStandin], workdir: Path,
+def workers(launched_workers: list[SglangStandin]) -> list[SglangStandin]:
+    return [worker.wait_ready() for worker in launched_workers]
+
+
+@pytest.fixture(scope="module")
+def replicas(redis_server: RedisServer, launched_workers: list[SglangStandin], workdir: Path,
              model_cache_dir: Path) -> Iterator[list[GatewayProcess]]:
+    workers = launched_workers
     config = {
         "models": [{"name": "sgl", "backend": "sglang", "workers": [w.url for w in workers], "health_interval_s": 0.3,
                     "read_timeout_s": 30, "max_context_tokens": 2048, "sampling_defaults": GREEDY}],
@@ -49,6 +54,8 @@ def replicas(redis_server: RedisServer, workers: list[SglangStandin], workdir: P
     try:
         for process in started:
             process.launch()
+        for worker in workers:
+            worker.wait_ready()
         for process in started:
             process.wait_ready()
         yield started

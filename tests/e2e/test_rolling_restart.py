@@ -55,6 +55,14 @@ class Balancer:
         raise AssertionError("no replica took the request")
 
 
+def wait_for_answers(outcomes: list, count: int, timeout_s: float = 120) -> None:
+    """Until the load has `count` outcomes (answers or failures)."""
+    deadline = time.monotonic() + timeout_s
+    while len(outcomes) < count:
+        assert time.monotonic() < deadline, f"the load got only {len(outcomes)} answers"
+        time.sleep(POLL_S)
+
+
 def test_a_rolling_restart_under_load_loses_no_request(workdir: Path, model_cache_dir: Path) -> None:
     config = {"models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}}],
               "retrieval": {"data_dir": str(workdir / "rolling-collections")},
@@ -84,7 +92,7 @@ def test_a_rolling_restart_under_load_loses_no_request(workdir: Path, model_cach
     try:
         for client in clients:
             client.start()
-        time.sleep(2)
+        wait_for_answers(outcomes, 4)  # under load before the first replica goes
         for replica in replicas:  # one after the other, as a Deployment's rolling update does
             replica.stop()  # SIGTERM: draining, then the listener closes, in-flight requests finish
             assert replica.process.returncode is not None
@@ -93,7 +101,7 @@ def test_a_rolling_restart_under_load_loses_no_request(workdir: Path, model_cach
             while replica.url not in balancer.ready:  # back in rotation before the next one goes
                 assert time.monotonic() < deadline
                 time.sleep(POLL_S)
-        time.sleep(1)
+        wait_for_answers(outcomes, len(outcomes) + 4)  # and answered after the last one is back
     finally:
         done.set()
         for client in clients:

@@ -20,15 +20,23 @@ QUESTION = "What is the secret code of the blue castle?"
 
 
 @pytest.fixture(scope="module")
-def workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin]]:
-    started = [SglangStandin(f"sglang-{i}", workdir, model_cache_dir).start() for i in (1, 2)]
-    yield started
-    for worker in started:
+def launched_workers(workdir: Path, model_cache_dir: Path) -> Iterator[list[SglangStandin]]:
+    """Two stand-in workers, launched side by side (and beside the gateway): `workers` waits for them."""
+    launched = [SglangStandin(f"sglang-{i}", workdir, model_cache_dir).launch() for i in (1, 2)]
+    yield launched
+    for worker in launched:
         worker.stop()
 
 
 @pytest.fixture(scope="module")
-def sgl_gateway(workers: list[SglangStandin], workdir: Path, model_cache_dir: Path) -> Iterator[GatewayProcess]:
+def workers(launched_workers: list[SglangStandin]) -> list[SglangStandin]:
+    return [worker.wait_ready() for worker in launched_workers]
+
+
+@pytest.fixture(scope="module")
+def sgl_gateway(launched_workers: list[SglangStandin], workdir: Path,
+                model_cache_dir: Path) -> Iterator[GatewayProcess]:
+    workers = launched_workers
     greedy = {"temperature": 0.0, "top_p": 1.0}
     # A generous read timeout where the stand-in computes chunks and their contexts on the CPU before its first
     # event (several seconds on a loaded 2-core machine); a short one where a test waits for the 504.
@@ -44,9 +52,11 @@ def sgl_gateway(workers: list[SglangStandin], workdir: Path, model_cache_dir: Pa
         "retrieval": {"data_dir": str(workdir / "sglang-collections")},
         "semantic_cache": {"enabled": False},
     }
-    process = GatewayProcess("sglang-gateway", config, workdir, model_cache_dir)
+    process = GatewayProcess("sglang-gateway", config, workdir, model_cache_dir).launch()
+    for worker in workers:
+        worker.wait_ready()
     # sgl-nowhere is never ready, so the gateway as a whole is not: wait for the other models.
-    yield process.start(ready_models=["sgl", "sgl-second", EMBEDDED])
+    yield process.wait_ready(ready_models=["sgl", "sgl-second", EMBEDDED])
     process.stop()
 
 

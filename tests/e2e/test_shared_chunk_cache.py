@@ -37,7 +37,7 @@ def prefix() -> str:
 
 
 def start_replica(name: str, redis: RedisServer, prefix: str, workdir: Path, model_cache_dir: Path) -> GatewayProcess:
-    """One gateway replica: its own local tiers (disk folder too), the shared tier in `redis`."""
+    """One gateway replica, launched: its own local tiers (disk folder too), the shared tier in `redis`."""
     config = {
         "admin_key": ADMIN_KEY,
         "models": [{"name": EMBEDDED, "sampling_defaults": {"temperature": 0.0, "top_p": 1.0}}],
@@ -46,21 +46,22 @@ def start_replica(name: str, redis: RedisServer, prefix: str, workdir: Path, mod
                         "redis": {"url": redis.url, "key_prefix": prefix, "timeout_s": 0.5, "retry_s": 0.3}},
         "semantic_cache": {"enabled": False},
     }
-    return GatewayProcess(name, config, workdir, model_cache_dir).start()
+    return GatewayProcess(name, config, workdir, model_cache_dir).launch()
 
 
 @pytest.fixture(scope="module")
 def replicas(redis: RedisServer, prefix: str, workdir: Path, model_cache_dir: Path
              ) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
+    # Launched side by side, then waited for.
     first = start_replica("replica-a", redis, prefix, workdir, model_cache_dir)
+    second = start_replica("replica-b", redis, prefix, workdir, model_cache_dir)
     try:
-        second = start_replica("replica-b", redis, prefix, workdir, model_cache_dir)
-    except Exception:
+        first.wait_ready()
+        second.wait_ready()
+        yield first, second
+    finally:
         first.stop()
-        raise
-    yield first, second
-    first.stop()
-    second.stop()
+        second.stop()
 
 
 def ask(gateway: GatewayProcess, documents: list[dict], max_tokens: int = 8):
