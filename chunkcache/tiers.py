@@ -8,7 +8,9 @@ and decoded on the blend's GPU where the codec decodes faster there (Codec.decod
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +21,23 @@ from .codec import Codec
 from .eviction import EntryInfo
 from .keys import ChunkKey
 from .kv import ChannelWeights, ChunkKV
+
+log = logging.getLogger(__name__)
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """The bytes of pinned host memory a tensor of `nbytes` takes: PyTorch's caching host allocator
+    (ATen/core/CachingHostAllocator.h) rounds every allocation up to a power of two and keeps freed blocks in free
+    lists by that size. 0 for 0."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
+def chunk_tensor_bytes(config, tokens: int, element_size: int) -> int:
+    """Bytes of a `tokens`-token chunk's keys (as many for its values) as the chunk-cache stores them
+    ([layers, kv_heads, tokens, head_dim], ChunkKV), for a model of Hugging Face `config` whose KV elements take
+    `element_size` bytes (2 for bf16): what MemoryTier.reserve takes."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * element_size
 
 
 class Tier(ABC):
@@ -61,7 +80,9 @@ class Tier(ABC):
 
 
 class MemoryTier(Tier):
-    """Tensors kept in GPU or CPU memory (pinned on the CPU when there is a GPU, for fast copies up)."""
+    """Tensors kept in GPU or CPU memory (pinned on the CPU when there is a GPU, for fast copies up). A pinned
+    tier counts each tensor at the pinned block it takes (pinned_block_bytes), so its budget is the pinned memory
+    it holds."""
 
     def __init__(self, name: str, budget_bytes: int, device: str | torch.device) -> None:
         super().__init__(name, budget_bytes)
@@ -85,6 +106,38 @@ class MemoryTier(Tier):
         tensor = tensor.to(self.device, non_blocking=tensor.is_pinned())
         return tensor.pin_memory() if self._pin and not tensor.is_pinned() else tensor
 
+    @property
+    def pinned(self) -> bool:
+        """Whether entries are kept in pinned host memory (a CPU tier on a machine with a GPU)."""
+        return self._pin
+
+    def reserve(self, tensor_bytes: int) -> int:
+        """Pins this tier's budget now, as the blocks that entries whose keys and values take up to `tensor_bytes`
+        each (a chunk of the configured size) will be given: PyTorch's caching host allocator keeps them in its
+        free list, and an entry copied down from the GPU later takes one, where otherwise each new entry pinned
+        fresh memory (cudaHostAlloc: page-locking its 2 x `tensor_bytes`, on the serving thread, while the
+        request waits) until the tier was full. Pinned memory is held for the process's life, as SGLang's HiCache
+        host pool and LMCache's CPU buffer are allocated at start-up. Returns the bytes pinned: 0 for a tier that
+        is not pinned, or for a `tensor_bytes` of 0 or one block larger than the budget; less than the budget when
+        the host refuses to pin more (logged as a warning: the blocks pinned so far stay reserved, and entries
+        beyond them are pinned as they come, as without a reservation)."""
+        block = pinned_block_bytes(tensor_bytes)
+        if not self._pin or block == 0:
+            return 0
+        started, blocks = time.perf_counter(), []
+        try:
+            for _ in range(self.budget_bytes // block):
+                blocks.append(torch.empty(block, dtype=torch.uint8, pin_memory=True))
+        except RuntimeError as exc:
+            log.warning("chunk-cache tier %s: the host pinned %.1f of %.1f GiB, then refused: %s", self.name,
+                        len(blocks) * block / 2**30, self.budget_bytes / 2**30, exc)
+        reserved = len(blocks) * block
+        del blocks  # back to the allocator's free list, still pinned
+        if reserved:
+            log.info("chunk-cache tier %s: %.1f GiB pinned at start-up (blocks of %.1f MiB) in %.1f s", self.name,
+                     reserved / 2**30, block / 2**20, time.perf_counter() - started)
+        return reserved
+
     def read(self, key: ChunkKey) -> ChunkKV | None:
         copying = self._copying.pop(key, None)
         if copying is not None:  # the host may read it (a codec, a lower tier): its copy down must be done
@@ -101,7 +154,10 @@ class MemoryTier(Tier):
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(kv.keys.device))
             self._copying[key] = event
-        return stored.nbytes
+        if not self._pin:
+            return stored.nbytes
+        pinned = [stored.keys, stored.values] + ([stored.weights.keys] if stored.weights is not None else [])
+        return stored.token_ids.nbytes + sum(pinned_block_bytes(t.nbytes) for t in pinned)
 
     def remove(self, key: ChunkKey) -> None:
         self._data.pop(key, None)

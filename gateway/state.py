@@ -51,7 +51,8 @@ def build_backends(settings: Settings) -> dict[str, ChatBackend]:
             backends[model.name] = LocalBackend(model, cache_dir=settings.cache_dir,
                                                 max_running=settings.max_running_requests,
                                                 max_waiting=settings.max_waiting_requests,
-                                                chunk_cache=settings.chunk_cache)
+                                                chunk_cache=settings.chunk_cache,
+                                                chunk_tokens=settings.retrieval.chunk_tokens)
         elif isinstance(model, SglangModelConfig):
             backends[model.name] = SglangBackend(model, cache_dir=settings.cache_dir)
         else:

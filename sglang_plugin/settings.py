@@ -4,6 +4,12 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
 
 - BLENDGATE_SGLANG_PLUGIN: 0 turns the plugin off (default on);
 - BLENDGATE_SGLANG_GPU_CACHE_GB, BLENDGATE_SGLANG_CPU_CACHE_GB: the chunk-KV store's tiers (defaults 4 and 16);
+- BLENDGATE_SGLANG_CPU_CACHE_PIN_TOKENS: the chunk size, in tokens, the CPU tier's memory is pinned for at
+  start-up (chunkcache/tiers.py: MemoryTier.reserve): its whole budget is page-locked before the worker serves,
+  in blocks that entries of chunks of more than half this size and at most this size take. Set the gateway's
+  retrieval.chunk_tokens (default 256, the gateway's default); chunks outside that range are pinned as they
+  come, beside the reservation. 0: no reservation (each entry pins its memory on the serving thread, ~10 ms
+  for an 8B model's 512-token chunk, until the tier is full);
 - BLENDGATE_SGLANG_CHUNK_PREFIX: "system" or "none", as the local engine's chunk_prefix;
 - BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
   the local engine's pass_cost_tokens ("auto", the default: measured at start-up on the worker's GPU) and
@@ -42,6 +48,7 @@ from ..chunkcache.fallback import DEFAULT_PLACEMENT_COST_TOKENS
 from ..chunkcache.selection import DEFAULT_RULE, ProbeWeights
 from ..chunkcache.warming import DEFAULT_WARM_SHARE
 from ..engine.prompt import DEFAULT_CHUNK_PREFIX, ChunkPrefix
+from ..retriever import defaults as retrieval_defaults
 
 PREFIX = "BLENDGATE_SGLANG_"
 GIB = 1 << 30
@@ -53,6 +60,7 @@ class PluginSettings(BaseSettings):
     plugin: bool = True
     gpu_cache_gb: float = Field(4.0, ge=0, allow_inf_nan=False)
     cpu_cache_gb: float = Field(16.0, ge=0, allow_inf_nan=False)
+    cpu_cache_pin_tokens: int = Field(retrieval_defaults.CHUNK_TOKENS, ge=0)
     chunk_prefix: ChunkPrefix = DEFAULT_CHUNK_PREFIX
     # A chunk's own forward pass, in tokens computed; "auto": measured at start-up on the worker's GPU
     # (chunkcache/runner.py: ChunkBlender.calibrate).

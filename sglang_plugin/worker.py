@@ -54,7 +54,7 @@ from ..chunkcache.kv_store import ChunkCacheStore
 from ..chunkcache.redis_tier import RedisTier
 from ..chunkcache.runner import ChunkBlender
 from ..chunkcache.selection import DEFAULT_RULE
-from ..chunkcache.tiers import MemoryTier
+from ..chunkcache.tiers import MemoryTier, chunk_tensor_bytes
 from ..engine.llama import LlamaFamilyModel
 from . import internals
 from .plan import BatchPlan, RequestPlan, plan_batch, slower_than_full
@@ -94,6 +94,10 @@ class BlendWorker:
         adaptation = FetchPolicy(
             decode_rate(settings.codec, settings.codec_level, on_gpu=shared.decode_device.type == "cuda"),
             link=shared.link) if shared is not None and settings.redis_adapt else None
+        # The CPU tier's budget pinned before serving, where each demotion pinned its entry's memory on the
+        # scheduler's thread.
+        tiers[1].reserve(chunk_tensor_bytes(internals.hf_config(model_runner), settings.cpu_cache_pin_tokens,
+                                            first.element_size()))
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
                                     replace(DEFAULT_RULE, probe_weights=settings.probe_weights),

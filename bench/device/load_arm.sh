@@ -27,11 +27,16 @@ from ttft import ARCHITECTURES; from sglang_rows import write_model_dir
 print(write_model_dir(ARCHITECTURES['llama3-8b'], Path('/tmp/models')))")
 flags=(--model-path "$model" --load-format dummy --skip-tokenizer-init --dtype bfloat16 --random-seed 0
        --mem-fraction-static 0.55 --host 127.0.0.1 --port 30000 --log-level warning)
+# The CPU tier pinned at start-up for the workload's chunks (bench/load.py's --chunk-tokens default, 512);
+# BLENDGATE_LOAD_PIN_TOKENS=0 to pin entries as they come, as before 2026-12-03.
+pin=${BLENDGATE_LOAD_PIN_TOKENS:-512}
 case $arm in
     stock) export BLENDGATE_SGLANG_PLUGIN=0; client=stock ;;
-    blendgate) export BLENDGATE_SGLANG_PLUGIN=1 BLENDGATE_SGLANG_GPU_CACHE_GB=40 BLENDGATE_SGLANG_CPU_CACHE_GB=48
+    blendgate) export BLENDGATE_SGLANG_PLUGIN=1 BLENDGATE_SGLANG_GPU_CACHE_GB=40 BLENDGATE_SGLANG_CPU_CACHE_GB=48 \
+                      BLENDGATE_SGLANG_CPU_CACHE_PIN_TOKENS=$pin
                flags+=(--chunked-prefill-size -1); client=blendgate ;;
-    blendgate-cpu) export BLENDGATE_SGLANG_PLUGIN=1 BLENDGATE_SGLANG_GPU_CACHE_GB=0 BLENDGATE_SGLANG_CPU_CACHE_GB=64
+    blendgate-cpu) export BLENDGATE_SGLANG_PLUGIN=1 BLENDGATE_SGLANG_GPU_CACHE_GB=0 BLENDGATE_SGLANG_CPU_CACHE_GB=64 \
+                          BLENDGATE_SGLANG_CPU_CACHE_PIN_TOKENS=$pin
                    flags+=(--chunked-prefill-size -1); client=blendgate ;;
     *) echo "unknown arm $arm (stock, blendgate, blendgate-cpu)"; exit 2 ;;
 esac

@@ -17,7 +17,7 @@ from ...chunkcache.keys import token_digest
 from ...chunkcache.kv_store import ChunkCacheStore
 from ...chunkcache.redis_tier import RedisTier
 from ...chunkcache.runner import BlendingRunner
-from ...chunkcache.tiers import DiskTier, MemoryTier
+from ...chunkcache.tiers import DiskTier, MemoryTier, chunk_tensor_bytes
 from ...engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from ...engine.engine import LocalEngine
 from ...engine.errors import EngineError, PromptTooLongError, QueueFullError
@@ -27,6 +27,7 @@ from ...engine.prompt import Prompt
 from ...engine.runner import make_runner
 from ...engine.sampling import SamplingParams
 from ...engine.weights import LoadedModel, WeightsError, load_model
+from ...retriever.defaults import CHUNK_TOKENS
 from ..config import ChunkCacheSettings, LocalModelConfig
 from ..errors import GatewayError
 from ..schemas import ChatCompletionRequest
@@ -53,8 +54,10 @@ class LocalBackend(ChatBackend):
     kind = "local"
 
     def __init__(self, config: LocalModelConfig, *, cache_dir: Path, max_running: int, max_waiting: int,
-                 chunk_cache: ChunkCacheSettings | None = None) -> None:
+                 chunk_cache: ChunkCacheSettings | None = None, chunk_tokens: int = CHUNK_TOKENS) -> None:
+        """`chunk_tokens`: the retriever's chunk size, which the CPU tier's pinned memory is reserved for."""
         self.config = config
+        self.chunk_tokens = chunk_tokens
         self.cache_dir = cache_dir
         self.chunk_cache = chunk_cache or ChunkCacheSettings()
         self.store: ChunkCacheStore | None = None
@@ -101,6 +104,9 @@ class LocalBackend(ChatBackend):
         if model.device.type == "cuda":
             tiers.append(MemoryTier("gpu", settings.gpu_bytes, model.device))
         tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
+        # On a GPU machine the CPU tier's budget is pinned before serving (chunkcache/tiers.py: MemoryTier.reserve).
+        tiers[-1].reserve(chunk_tensor_bytes(model.model.config, self.chunk_tokens,
+                                             next(model.model.parameters()).element_size()))
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         codec = Codec(settings.codec.name, settings.codec.level)  # the disk and shared tiers' entries
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, codec, device=model.device))

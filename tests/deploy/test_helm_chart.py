@@ -38,7 +38,8 @@ VALUE_SETS: dict[str, list[str]] = {
                        "sglang.volumes[0].name=models", "sglang.volumes[0].persistentVolumeClaim.claimName=models",
                        "sglang.volumeMounts[0].name=models", "sglang.volumeMounts[0].mountPath=/models",
                        "gateway.config.chunk_cache.redis.key_prefix=bg:kv",
-                       "gateway.config.chunk_cache.redis.budget_bytes=1610612736"],
+                       "gateway.config.chunk_cache.redis.budget_bytes=1610612736",
+                       "gateway.config.retrieval.chunk_tokens=512"],
     "external-redis": ["redis.enabled=false", "redis.external.url=redis://redis.shared:6379/2"],
     "external-redis-secret": ["redis.enabled=false", "redis.external.existingSecret=redis-auth",
                               "sglang.enabled=true"],
@@ -240,6 +241,8 @@ def test_sglang_workers_are_the_statefulsets_stable_names(tmp_path, monkeypatch)
     assert (plugin.redis_url, plugin.redis_key_prefix) == (tier.url, tier.key_prefix) == (
         "redis://rel-blendgate-redis:6379/0", "bg:kv")
     assert plugin.redis_budget_bytes == tier.budget_bytes
+    # Their CPU tier is pinned for the gateway's chunk size.
+    assert plugin.cpu_cache_pin_tokens == settings.retrieval.chunk_tokens == 512
     # One more worker is one more URL, and the gateway's pods roll (the config checksum changes).
     more = render(VALUE_SETS["sglang-workers"][:1] + ["sglang.replicas=4"])
     checksum = lambda d: one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]  # noqa: E731
