@@ -135,6 +135,7 @@ class Outcome:
     chunks: int = 0
     plugin_gpu_ms: float | None = None  # its share of the plugin pass that prefilled it (profiled workers only)
     plugin_misses_ms: float | None = None  # of that share, computing chunks the chunk-cache lacked
+    plugin_pinning_ms: float | None = None  # of the pass's host time, its share pinning new host memory
     pass_requests: int | None = None  # the requests of the plugin pass that prefilled it
     tiers: tuple[tuple[str, int, int, int], ...] = ()  # the chunk-cache's tiers after that pass: name, entries,
     # bytes, budget bytes (profiled workers only)
@@ -180,6 +181,7 @@ async def send(client: httpx.AsyncClient, url: str, request: LoadRequest, arm: s
                     if isinstance(timings, dict) and timings.get("requests"):
                         outcome.plugin_gpu_ms = timings["gpu"] / timings["requests"]
                         outcome.plugin_misses_ms = timings.get("misses", 0.0) / timings["requests"]
+                        outcome.plugin_pinning_ms = timings.get("pinned_alloc", 0.0) / timings["requests"]
                         outcome.pass_requests = timings["requests"]
                     held = report.get(TIERS_KEY) if isinstance(report, dict) else None
                     if isinstance(held, list):
@@ -269,6 +271,8 @@ class RateSummary:
     pass_requests_mean: float | None = None
     # The chunk-cache's tiers as the rate's last profiled report saw them: (name, entries, bytes, budget bytes).
     tiers: tuple[tuple[str, int, int, int], ...] = ()
+    # The mean host time a RAG request's pass spent pinning new host memory (its share of the pass).
+    plugin_pinning_ms_mean: float | None = None
 
 
 # The fallback reasons a row keeps, and how much of each (the reports' reasons open with what decided them).
@@ -304,6 +308,7 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
     plugin = [o.plugin_gpu_ms for o in done if o.plugin_gpu_ms is not None]
     misses = [o.plugin_misses_ms for o in done if o.plugin_gpu_ms is not None and o.plugin_misses_ms is not None]
     sizes = [o.pass_requests for o in done if o.plugin_gpu_ms is not None and o.pass_requests]
+    pinning = [o.plugin_pinning_ms for o in done if o.plugin_gpu_ms is not None and o.plugin_pinning_ms is not None]
     reported = [o.blended for o in done if o.kind == "rag" and o.blended is not None]
     reasons = fallback_reasons(done)
     return RateSummary(rate, len(outcomes), len(done), len(outcomes) - len(done), ms(rag, 50), ms(rag, 99),
@@ -316,7 +321,8 @@ def summarise(rate: float, outcomes: list[Outcome], wall_s: float) -> RateSummar
                        fallback_example(done, reasons[0][0] if reasons else None),
                        sum(misses) / len(misses) if misses else None,
                        sum(sizes) / len(sizes) if sizes else None,
-                       next((o.tiers for o in reversed(outcomes) if o.tiers), ()))
+                       next((o.tiers for o in reversed(outcomes) if o.tiers), ()),
+                       sum(pinning) / len(pinning) if pinning else None)
 
 
 def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
@@ -351,9 +357,10 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
         lines += ["", "Profiled worker (BLENDGATE_SGLANG_PROFILE=1): the plugin's GPU time a RAG request (its share "
                       "of the pass that prefilled it) and the share of each rate's wall time spent in those passes:",
                   "", "| rate (req/s) | plugin GPU ms a RAG request, p50 | of which uncached chunks, mean ms | "
-                      "requests a pass, mean | plugin GPU busy |", "|---|---|---|---|---|"]
+                      "pinning host memory, mean ms | requests a pass, mean | plugin GPU busy |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r.rate:g} | {fmt(r.plugin_ms_p50)} | {fmt(r.plugin_misses_ms_mean)} | "
-                  f"{fmt(r.pass_requests_mean)} | "
+                  f"{fmt(r.plugin_pinning_ms_mean)} | {fmt(r.pass_requests_mean)} | "
                   f"{'-' if r.plugin_busy is None else f'{r.plugin_busy:.2f}'} |" for r in rows]
     if any(r.tiers for r in rows):
         lines += ["", "What the chunk-cache's tiers held at the end of each rate (a profiled worker's last "

@@ -29,8 +29,10 @@ class PassTimings:
     into SGLang's pool (`kv_write`) and of SGLang's logits processor (`logits`); `gpu` from the first launch to
     the last event; `hook_wall` the host's wall time from the hook's entry to the end of the pass (after the
     final synchronisation). `misses`: the part of `prefill` spent computing chunks the chunk-cache lacked
-    (ChunkBlender.chunk_kvs' passes). `requests`: the requests the pass prefilled (a request's share of the pass
-    is the times over it)."""
+    (ChunkBlender.chunk_kvs' passes). `pinned_alloc`: host time the pass spent pinning new host memory
+    (PyTorch's caching host allocator growing: a CPU tier's new entries beyond its start-up reservation,
+    chunkcache/tiers.py: MemoryTier.reserve), which stalls the launches of whatever stage it falls in.
+    `requests`: the requests the pass prefilled (a request's share of the pass is the times over it)."""
 
     requests: int
     plan: float
@@ -40,6 +42,7 @@ class PassTimings:
     gpu: float
     hook_wall: float
     misses: float = 0.0
+    pinned_alloc: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: value if isinstance(value, int) else round(value, 3) for name, value in asdict(self).items()}
@@ -56,6 +59,7 @@ class PassProfile:
         self._last = self._event()
         self._first = self._last
         self._spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._pinning_us = host_alloc_us()
 
     @staticmethod
     def _event() -> torch.cuda.Event:
@@ -79,4 +83,15 @@ class PassProfile:
         return PassTimings(requests=requests, plan=self.plan_ms, prefill=totals["prefill"] + totals["misses"],
                            kv_write=totals["kv_write"], logits=totals["logits"],
                            gpu=self._first.elapsed_time(self._last),
-                           hook_wall=(time.perf_counter() - self.entered) * 1000, misses=totals["misses"])
+                           hook_wall=(time.perf_counter() - self.entered) * 1000, misses=totals["misses"],
+                           pinned_alloc=(host_alloc_us() - self._pinning_us) / 1000)
+
+
+def host_alloc_us() -> float:
+    """Microseconds the process has spent in CUDA's pinned-memory allocations so far (the caching host
+    allocator's `host_alloc_time` total, torch.cuda.host_memory_stats; 0 where this torch lacks it)."""
+    stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
+    total = stats.get("host_alloc_time.total")
+    if total is None and isinstance(stats.get("host_alloc_time"), dict):
+        total = stats["host_alloc_time"].get("total")
+    return float(total or 0.0)

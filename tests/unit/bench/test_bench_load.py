@@ -78,15 +78,18 @@ REPORT_ARGS = dict(label="t", arm="blendgate", url="u", chunks=8, chunk_tokens=5
 
 def test_a_profiled_workers_pass_times_give_the_plugins_share_of_the_run() -> None:
     # Each RAG request's share of its pass: 20 ms a request; 10 of them over 2 s of wall time: 10% busy.
-    # Half the requests' passes computed uncached chunks (8 ms of their share); passes of 1 and 3 requests.
+    # Half the requests' passes computed uncached chunks (8 ms of their share, 3 of them pinning new host
+    # memory); passes of 1 and 3 requests.
     outcomes = [load.Outcome("rag", True, ttft_s=0.1, output_tokens=1, plugin_gpu_ms=20.0,
-                             plugin_misses_ms=8.0 * (i % 2), pass_requests=1 + 2 * (i % 2)) for i in range(10)]
+                             plugin_misses_ms=8.0 * (i % 2), plugin_pinning_ms=3.0 * (i % 2),
+                             pass_requests=1 + 2 * (i % 2)) for i in range(10)]
     outcomes.append(load.Outcome("chat", True, ttft_s=0.05, output_tokens=1))
     row = load.summarise(4.0, outcomes, wall_s=2.0)
     assert row.plugin_ms_p50 == pytest.approx(20.0) and row.plugin_busy == pytest.approx(0.1)
     assert row.plugin_misses_ms_mean == pytest.approx(4.0) and row.pass_requests_mean == pytest.approx(2.0)
+    assert row.plugin_pinning_ms_mean == pytest.approx(1.5)
     text = load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
-    assert "| 4 | 20.0 | 4.0 | 2.0 | 0.10 |" in text
+    assert "| 4 | 20.0 | 4.0 | 1.5 | 2.0 | 0.10 |" in text
     assert "held at the end" not in text  # no tiers reported
 
 
