@@ -81,6 +81,26 @@ def test_gpu_tier_keeps_kv_on_the_gpu_and_demotes_to_cpu() -> None:
     assert torch.equal(cpu.read(third).values, (big * 3).cpu()) and torch.equal(cpu.read(third).keys, (big * 2).cpu())
 
 
+def test_a_reserved_cpu_tier_takes_demoted_entries_without_pinning_new_memory() -> None:
+    from blendgate.chunkcache.tiers import pinned_block_bytes
+    from blendgate.sglang_plugin.profile import host_alloc_us
+
+    def host_allocs() -> int:  # pinned blocks the caching host allocator has created so far
+        return int(torch.cuda.host_memory_stats().get("num_host_alloc", 0))
+
+    tensor = 4 * 2 * 500 * 32 * 2  # a 500-token chunk's bf16 keys: 256,000 bytes, a 256 KiB block
+    cpu = MemoryTier("cpu", 8 * 2 * pinned_block_bytes(tensor), "cpu")
+    assert cpu.pinned and cpu.reserve(tensor) == cpu.budget_bytes
+    before, pinning = host_allocs(), host_alloc_us()
+    for n in range(8):  # eight chunks computed on the GPU, copied down: each takes two reserved blocks
+        keys, values = (torch.randn(4, 2, 500 - n, 32, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        taken = cpu.write(ChunkKey.of("m", [], [n]), ChunkKV(torch.arange(500 - n), keys, values))
+        assert taken == (500 - n) * 8 + 2 * pinned_block_bytes(tensor)  # counted at the blocks they hold
+        assert torch.equal(cpu.read(ChunkKey.of("m", [], [n])).keys, keys.cpu())
+    assert host_allocs() == before and host_alloc_us() == pinning
+    assert MemoryTier("gpu", 1 << 20, "cuda").reserve(tensor) == 0  # only a CPU tier is pinned
+
+
 def test_a_cpu_memory_hit_blends_from_pinned_memory_and_is_promoted_after() -> None:
     model = LlamaFamilyModel.random(tiny_config(), device="cuda", dtype=torch.bfloat16, seed=4)
     generator = torch.Generator().manual_seed(2)

@@ -101,16 +101,17 @@ def stock(model_dir, prompt, plain_prompts) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def shared_miss_prompts(prompt) -> tuple[list[int], list[int], list[int]]:
-    """Two RAG prompts sharing a chunk nobody has asked for before (and the fixture prompt's other chunks, in
-    another order in the second), with the same spans as the fixture prompt."""
+    """Two RAG prompts of three chunks sharing one nobody has asked for before (and two of the fixture prompt's,
+    in another order in the second): 240 tokens each, so both fit one extend batch of CHUNKED_PREFILL tokens (a
+    prompt split by chunked prefill would blend its second piece after the first as an exact head)."""
     ids, spans = prompt
     generator = torch.Generator().manual_seed(3)
     new = torch.randint(10, 1024, (64,), generator=generator).tolist()
-    chunks = [ids[spans[2 * n]:spans[2 * n + 1]] for n in range(4)]
+    chunks = [ids[spans[2 * n]:spans[2 * n + 1]] for n in range(2)]
     system, question = ids[:spans[0]], ids[spans[-1]:]
-    first = system + new + [t for c in chunks[1:] for t in c] + question
-    second = system + [t for c in reversed(chunks[:3]) for t in c] + new + question
-    return first, second, spans
+    first = system + new + chunks[0] + chunks[1] + question
+    second = system + chunks[1] + chunks[0] + new + question
+    return first, second, spans[:6]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,7 @@ def test_two_blending_requests_in_one_pass_give_what_each_gives_alone(outputs) -
         report, alone_report = report_of(together["meta_info"]), report_of(alone["meta_info"])
         assert report["mode"] == alone_report["mode"] == "blend", (report, alone_report)
         # Batched, the new chunk was a miss for both (computed once in the pass); alone after, a hit.
-        assert report["hit_count"] == 3 and alone_report["hit_count"] == 4, (report, alone_report)
+        assert report["hit_count"] == 2 and alone_report["hit_count"] == 3, (report, alone_report)
         assert_close(top_logprobs(together), top_logprobs(alone), atol=BF16_LOGITS)
         assert together["output_ids"][:2] == alone["output_ids"][:2]
 
@@ -268,8 +269,9 @@ def test_a_profiled_pass_reports_its_stages(radix, outputs) -> None:
         tiers = output["meta_info"]["blendgate"][0][TIERS_KEY]  # what the chunk-cache held after the pass
         assert [tier["name"] for tier in tiers] == ["gpu", "cpu"] and tiers[0]["entries"] >= 1, tiers
         assert set(timings) == {"requests", "plan", "prefill", "kv_write", "logits", "gpu", "hook_wall",
-                                "misses"}, timings
-        assert all(value > 0 for stage, value in timings.items() if stage != "misses"), timings
+                                "misses", "pinned_alloc"}, timings
+        assert all(value > 0 for stage, value in timings.items() if stage not in ("misses", "pinned_alloc")), timings
+        assert timings["pinned_alloc"] >= 0, timings
         assert 0 <= timings["misses"] <= timings["prefill"], timings  # uncached chunks: a part of the prefill
         assert timings["requests"] == (1 if output is first else 2)
         assert timings["prefill"] + timings["kv_write"] + timings["logits"] <= timings["gpu"] * 1.01 + 0.05
