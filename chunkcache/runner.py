@@ -128,6 +128,17 @@ class _WarmChunk:
     shared: int | None
 
 
+@dataclass(frozen=True)
+class Prefetched:
+    """A pass's chunks found at once (ChunkBlender.prefetch), for the blends that follow: per chunk key its KV and
+    whether the store had it, and where the store said it would come from before any miss was computed
+    (ChunkCacheStore.locate: a blend reports those sources, and does not ask the store, a shared tier's round
+    trip, again)."""
+
+    kvs: Mapping[ChunkKey, tuple[ChunkKV, bool]]
+    sources: Mapping[ChunkKey, ChunkSource]
+
+
 class ChunkBlender:
     """Blends a prompt's chunks on a LlamaFamilyModel: each chunk's KV from the store (computed and stored on
     a miss), then CacheBlend. Shared by the local engine's runner and the SGLang plugin, so both find chunk KV
@@ -405,26 +416,27 @@ class ChunkBlender:
             return None
         return WantedChunk(ChunkKey.of(self.fingerprint, [], list(first.token_ids)), first.token_ids, ())
 
-    def prefetch(self, prompts: list[tuple[Prompt, int]]) -> dict[ChunkKey, tuple[ChunkKV, bool]]:
+    def prefetch(self, prompts: list[tuple[Prompt, int]]) -> Prefetched:
         """The chunks of several prompts, each after its exact head's first tokens (blend's `head`; 0: none), found
         in one chunk_kvs call: the misses of all of them computed side by side, one pass a distinct prefix (an
         SGLang pass's RAG requests share their system prompt: one pass for all their misses, where each request
-        computing its own took a pass each). Hand the result to blend as `known`. {key: (KV, whether the store
-        had it)}."""
-        wanted = []
+        computing its own took a pass each). Hand the result to blend as `known`."""
+        wanted, sources = [], {}
         for prompt, after in prompts:
             first = self._first_segment(prompt) if after == 0 else None  # past an exact head: not needed
             chunk_keys = self._chunk_keys(prompt, after)
+            located = self._locate(chunk_keys)
+            sources.update((key, source) for (_, _, key), source in zip(chunk_keys, located))
             wanted += ([first] if first is not None else []) + \
-                self._wanted(chunk_keys, self._locate(chunk_keys), self._shared_prefix_tokens(prompt))
+                self._wanted(chunk_keys, located, self._shared_prefix_tokens(prompt))
         found: dict[ChunkKey, tuple[ChunkKV, bool]] = {}
         for chunk, kv in zip(wanted, self.chunk_kvs(wanted)):
             found.setdefault(chunk.key, kv)  # a chunk two prompts share: as the first found it
-        return found
+        return Prefetched(found, sources)
 
     def blend(self, prompt: Prompt, logits: bool = True, rule: SelectionRule | None = None,
               head: ExactHead | None = None,
-              known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> tuple[BlendResult, PrefillReport]:
+              known: Prefetched | None = None) -> tuple[BlendResult, PrefillReport]:
         """The prompt prefilled in its mode ("reuse" or "blend") by `rule` (default: the blender's), and the
         report of what was reused and recomputed. `head`: the exact KV of the prompt's first head.length tokens
         (at least its first segment), e.g. SGLang's radix-cache match: reused as is; only the chunks starting
@@ -438,8 +450,7 @@ class ChunkBlender:
         return result, self._blended(prompt, inputs, result)
 
     def blend_many(self, prompts: list[tuple[Prompt, ExactHead | None]], logits: bool = True,
-                   known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> list[tuple[BlendResult,
-                                                                                              PrefillReport]]:
+                   known: Prefetched | None = None) -> list[tuple[BlendResult, PrefillReport]]:
         """blend for several prompts (each with its exact head, or None), their layers run together
         (blend.blend_prefill_batch: one set of matrix products a layer over all their computed rows): an SGLang
         pass's RAG requests. Give `known` (prefetch) to have all their uncached chunks computed in one pass
@@ -450,8 +461,7 @@ class ChunkBlender:
                 for (prompt, _), i, result in zip(prompts, inputs, results)]
 
     def _blend_inputs(self, prompt: Prompt, head: ExactHead | None,
-                      known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None, logits: bool,
-                      rule: SelectionRule | None) -> "_BlendInputs":
+                      known: Prefetched | None, logits: bool, rule: SelectionRule | None) -> "_BlendInputs":
         """What blend_prefill is given for the prompt (its chunks' KV found or computed), and what its report
         needs."""
         ratio = 0.0 if prompt.mode == "reuse" else prompt.recompute_ratio
@@ -464,11 +474,15 @@ class ChunkBlender:
         chunk_keys = self._chunk_keys(prompt, skip)
         if head is not None and not chunk_keys:
             raise ValueError("no chunk of the prompt starts after its exact head: nothing to blend")
-        sources = self._locate(chunk_keys)
+        if known is not None and all(key in known.sources for _, _, key in chunk_keys):
+            sources = [known.sources[key] for _, _, key in chunk_keys]  # as the prefetch found them
+        else:
+            sources = self._locate(chunk_keys)
         segments = [head.token_ids.tolist()] if head is not None else []
         hits, found = [], []
         wanted = self._wanted(chunk_keys, sources, shared)
-        kvs = iter(self.chunk_kvs(wanted, known))  # the misses computed side by side, a pass a prefix
+        # The misses computed side by side, a pass a prefix (or by the prefetch already).
+        kvs = iter(self.chunk_kvs(wanted, known.kvs if known is not None else None))
         start = 0
         for segment in prompt.segments:
             start, begins = start + len(segment.token_ids), start
@@ -488,7 +502,7 @@ class ChunkBlender:
         prefix_kv = head
         first_wanted = self._first_segment(prompt) if head is None else None
         if first_wanted is not None:
-            prefix_kv, _ = self.chunk_kvs([first_wanted], known)[0]
+            prefix_kv, _ = self.chunk_kvs([first_wanted], known.kvs if known is not None else None)[0]
             found.append((first_wanted.key, prefix_kv))
         target = prompt.fidelity_target if prompt.mode == "blend" else None
         job = BlendJob(segments, ratio, prefix_kv, logits, rule or self.rule, target)

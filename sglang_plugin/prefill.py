@@ -13,13 +13,12 @@ full prefill of the whole prompt, as SGLang's own extend computes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
-from ..chunkcache.keys import ChunkKey
-from ..chunkcache.kv import ChunkKV, ExactHead
-from ..chunkcache.runner import ChunkBlender
+from ..chunkcache.kv import ExactHead
+from ..chunkcache.runner import ChunkBlender, Prefetched
 from ..engine.llama import KVCache
 from .plan import RequestPlan
 
@@ -54,7 +53,7 @@ class PrefilledRequest:
 
 
 @torch.no_grad()
-def prefetch_chunks(blender: ChunkBlender, requests: list[RequestPlan]) -> dict[ChunkKey, tuple[ChunkKV, bool]]:
+def prefetch_chunks(blender: ChunkBlender, requests: list[RequestPlan]) -> Prefetched:
     """The chunks every blended request of a pass will blend, found in one call (ChunkBlender.prefetch): their
     misses computed side by side, one forward pass for all the requests sharing a system prompt, where each
     request's blend computing its own took one each. Hand it to prefill_request as `known` (prefill_pass
@@ -100,7 +99,7 @@ def prefill_pass(blender: ChunkBlender, requests: list[RequestPlan], token_ids: 
 
 def prefill_request(blender: ChunkBlender, request: RequestPlan, token_ids: torch.Tensor,
                     read_prefix: PrefixReader | None,
-                    known: Mapping[ChunkKey, tuple[ChunkKV, bool]] | None = None) -> PrefilledRequest:
+                    known: Prefetched | None = None) -> PrefilledRequest:
     """The request prefilled as planned. `token_ids` [extend_len]: its tokens computed in this pass (SGLang's
     input_ids for it); `read_prefix`: its cached prefix's KV, needed when it is computed exactly after a prefix
     or blended after one (RequestPlan.exact_head; None otherwise); `known`: its chunks found already

@@ -164,3 +164,32 @@ def test_the_prefill_rate_is_measured_at_start_up_without_storing_anything(redis
         plain.store.close()
     finally:
         runner.store.close()
+
+
+def test_a_blend_after_a_prefetch_reports_what_the_prefetch_decided(redis_server, prefix, loaded_model,
+                                                                     tokenizer) -> None:
+    # An SGLang pass finds its requests' chunks first (ChunkBlender.prefetch), then blends. Over a link believed
+    # to run at 1 KB/s the prefetch recomputes the chunks Redis holds (and stores them locally): the blend's
+    # report gives the prefetch's reason, not "not cached" from a second lookup that finds them local by then,
+    # and the blend asks the store nothing more.
+    first = runner_through(redis_server.url, prefix, loaded_model)
+    codec = Codec("int4", 0)
+    shared = RedisTier(redis_server.url, 1 << 28, key_prefix=prefix, timeout_s=5.0, codec=codec,
+                       link=RateEstimate(1e3))
+    store = ChunkCacheStore([MemoryTier("cpu", 1 << 30, "cpu")], shared=shared,
+                            adaptation=FetchPolicy(decode_rate("int4", 0), BLEND_ALWAYS, link=shared.link))
+    replica = BlendingRunner(loaded_model, store, costs=BLEND_ALWAYS)
+    try:
+        with torch.inference_mode():
+            first.prefill(rag_prompt(tokenizer, DOCUMENTS, "blend"))  # every chunk into Redis
+            first.store.shared.flush()
+            prompt = rag_prompt(tokenizer, DOCUMENTS, "blend")
+            known = replica.blender.prefetch([(prompt, 0)])
+            assert all(source.local for source in replica.blender.locate(prompt))  # computed and stored
+            _, report = replica.blender.blend(prompt, known=known)
+        assert report.hits == [False] * 3
+        for words in report.shared_fetch:
+            assert words.startswith("recomputed: link ") and "> recompute" in words, words
+    finally:
+        first.store.close()
+        replica.store.close()

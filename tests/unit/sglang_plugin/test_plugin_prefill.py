@@ -165,15 +165,18 @@ def test_a_passs_requests_have_their_chunks_computed_in_one_forward_pass_and_ble
     plans = [RequestPlan(0, len(p), p) for p in (first, second)] + [RequestPlan(0, 4)]  # and a plain request
     known = prefetch_chunks(blender, plans)
     # the system prompt alone (the blends reuse its exact KV), and the three chunks after it side by side
-    assert sorted(passes) == [1, 3] and len(known) == 4
+    assert sorted(passes) == [1, 3] and len(known.kvs) == 4 and len(known.sources) == 3
+    located = []  # the blends take the prefetch's sources: no second lookup (a shared tier's round trip)
+    real_locate = blender.store.locate
+    monkeypatch.setattr(blender.store, "locate", lambda *a, **k: located.append(a) or real_locate(*a, **k))
     done = [prefill_request(blender, plan, torch.tensor(plan.prompt.token_ids), None, known=known)
             for plan in plans[:2]]
-    assert sorted(passes) == [1, 3]  # nothing more computed by the blends
+    assert sorted(passes) == [1, 3] and located == []  # nothing more computed or looked up by the blends
     for prefilled, reference in zip(done, expected):
         torch.testing.assert_close(prefilled.last_hidden, reference)
     assert done[0].report["hits"] == [False, False] and done[1].report["hits"] == [False, False]
     # Once stored, a later pass finds them: no pass at all.
-    assert all(hit for _, hit in prefetch_chunks(blender, plans).values()) and len(passes) == 2
+    assert all(hit for _, hit in prefetch_chunks(blender, plans).kvs.values()) and len(passes) == 2
 
 
 def test_a_whole_pass_is_each_request_prefilled_alone(blender) -> None:
