@@ -211,6 +211,11 @@ def tune_thresholds(
     settings = _settings_or_exit(config)
     with _errors_exit(PairsFileError, code=2):
         pairs = read_pairs(pairs_file)
+    if verifier_out is not None:  # refused before the embedder loads (seconds) when the labels are too few
+        from ..semcache.verifier_training import check_label_counts
+
+        with _errors_exit(ValueError, code=2):
+            check_label_counts(pairs)
     _quiet()
     with _errors_exit(EmbedderError, code=1):
         embedder = Embedder(settings.retrieval.embedder_path)

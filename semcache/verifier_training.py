@@ -126,6 +126,18 @@ class TrainingMatrix:
     scale: np.ndarray
 
 
+MIN_PAIRS_PER_LABEL = 10  # the fewest pairs of each label (at cosine >= TRAINING_FLOOR) a verifier is trained on
+
+
+def check_label_counts(pairs: list[LabelledPair]) -> None:
+    """Raises ValueError when `pairs` hold fewer than MIN_PAIRS_PER_LABEL of either label at all: what training
+    would refuse, found before any embedding (the floor on cosines can only remove pairs)."""
+    same = sum(p.same_answer for p in pairs)
+    if min(same, len(pairs) - same) < MIN_PAIRS_PER_LABEL:
+        raise ValueError(f"training the verifier needs at least {MIN_PAIRS_PER_LABEL} pairs of each label at cosine "
+                         f">= {TRAINING_FLOOR}; the file has {same} labelled same_answer and {len(pairs) - same} not")
+
+
 def training_matrix(pairs: list[LabelledPair], cosines: np.ndarray, rarity: WordRarity,
                     rephrased: EmbeddedPairs | None = None) -> TrainingMatrix:
     """The `TrainingMatrix` of `pairs` whose embeddings have `cosines` (shape (n,)) and of `rephrased`. Raises
@@ -133,8 +145,9 @@ def training_matrix(pairs: list[LabelledPair], cosines: np.ndarray, rarity: Word
     keep = cosines >= TRAINING_FLOOR
     chosen = [p for p, k in zip(pairs, keep) if k]
     x, y = feature_matrix(chosen, cosines[keep], rarity), np.array([p.same_answer for p in chosen], float)
-    if y.sum() < 10 or (1 - y).sum() < 10:
-        raise ValueError(f"training the verifier needs at least 10 pairs of each label at cosine >= {TRAINING_FLOOR}")
+    if min(y.sum(), (1 - y).sum()) < MIN_PAIRS_PER_LABEL:
+        raise ValueError(f"training the verifier needs at least {MIN_PAIRS_PER_LABEL} pairs of each label at cosine "
+                         f">= {TRAINING_FLOOR}")
     extra = feature_matrix(rephrased.pairs, rephrased.cosines, rarity) if rephrased else np.zeros((0, x.shape[1]))
     both = np.vstack([x, extra])
     mean, scale = both.mean(axis=0), both.std(axis=0)

@@ -127,3 +127,5 @@ def test_command_trains_the_verifier_with_verifier_out(tmp_path: Path) -> None:
     result = subprocess.run([*command[:4], str(few), "--verifier-out", str(out)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "at least 10 pairs of each label" in result.stderr
+    # Refused from the labels alone, before the embedder loads and the suggestions are printed.
+    assert "the file has 3 labelled same_answer and 3 not" in result.stderr and "labelled pairs," not in result.stderr
