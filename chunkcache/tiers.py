@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from .codec import Codec
 from .eviction import EntryInfo
 from .keys import ChunkKey
 from .kv import ChannelWeights, ChunkKV
+
+if TYPE_CHECKING:
+    from ..engine.llama import LlamaFamilyModel
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +36,10 @@ def pinned_block_bytes(nbytes: int) -> int:
     return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
 
 
-def chunk_tensor_bytes(config, tokens: int, element_size: int) -> int:
-    """Bytes of a `tokens`-token chunk's keys (as many for its values) as the chunk-cache stores them
-    ([layers, kv_heads, tokens, head_dim], ChunkKV), for a model of Hugging Face `config` whose KV elements take
-    `element_size` bytes (2 for bf16): what MemoryTier.reserve takes."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * element_size
+def chunk_tensor_bytes(model: LlamaFamilyModel, tokens: int) -> int:
+    """Bytes of a `tokens`-token chunk's keys (as many for its values) as the chunk-cache stores them for `model`
+    ([layers, kv_heads, tokens, head_dim] in its dtype, ChunkKV): what MemoryTier.reserve takes."""
+    return model.num_layers * model.kv_heads * tokens * model.head_dim * model.dtype.itemsize
 
 
 class Tier(ABC):

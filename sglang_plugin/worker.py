@@ -96,8 +96,7 @@ class BlendWorker:
             link=shared.link) if shared is not None and settings.redis_adapt else None
         # The CPU tier's budget pinned before serving, where each demotion pinned its entry's memory on the
         # scheduler's thread.
-        tiers[1].reserve(chunk_tensor_bytes(internals.hf_config(model_runner), settings.cpu_cache_pin_tokens,
-                                            first.element_size()))
+        tiers[1].reserve(chunk_tensor_bytes(self.model, settings.cpu_cache_pin_tokens))
         store = ChunkCacheStore(tiers, eviction=settings.eviction, shared=shared, adaptation=adaptation)
         self.blender = ChunkBlender(self.model, store, settings.chunk_prefix,
                                     replace(DEFAULT_RULE, probe_weights=settings.probe_weights),

@@ -103,10 +103,8 @@ class LocalBackend(ChatBackend):
         tiers = []
         if model.device.type == "cuda":
             tiers.append(MemoryTier("gpu", settings.gpu_bytes, model.device))
-        tiers.append(MemoryTier("cpu", settings.cpu_bytes, "cpu"))
-        # On a GPU machine the CPU tier's budget is pinned before serving (chunkcache/tiers.py: MemoryTier.reserve).
-        tiers[-1].reserve(chunk_tensor_bytes(model.model.config, self.chunk_tokens,
-                                             next(model.model.parameters()).element_size()))
+        cpu = MemoryTier("cpu", settings.cpu_bytes, "cpu")
+        tiers.append(cpu)
         disk_dir = settings.disk_dir or self.cache_dir / "chunk-kv"
         codec = Codec(settings.codec.name, settings.codec.level)  # the disk and shared tiers' entries
         tiers.append(DiskTier("disk", settings.disk_bytes, disk_dir, codec, device=model.device))
@@ -124,6 +122,8 @@ class LocalBackend(ChatBackend):
         runner = BlendingRunner(model, self.store, prefix_entries=settings.prefix_entries,
                                 chunk_prefix_entries=settings.chunk_prefix_entries,
                                 chunk_prefix=settings.chunk_prefix, rule=settings.selection.rule())
+        # On a GPU machine the CPU tier's budget is pinned before serving (chunkcache/tiers.py: MemoryTier.reserve).
+        cpu.reserve(chunk_tensor_bytes(runner.blender.model, self.chunk_tokens))
         # The blend-or-full-prefill rule's and the fetch policy's costs, measured on this device where needed.
         runner.costs = runner.blender.calibrate(settings.pass_cost_tokens, settings.placement_cost_tokens)
         self.prefill_costs = runner.costs

@@ -1,17 +1,19 @@
 """The CPU tier's pinned memory (chunkcache/tiers.py): the block PyTorch's caching host allocator gives a tensor,
-the bytes a chunk's keys take, and what a tier does without a GPU. On the GPU, tests/gpu/test_cuda_blend.py
-checks that a reserved tier takes demoted entries without pinning new memory."""
+the bytes a chunk's keys take (a 512-token chunk of Llama-3-8B: 32 layers x 8 KV heads x 128 x 2 bytes, 32 MiB),
+and what a tier does without a GPU. On the GPU, tests/gpu/test_cuda_blend.py checks that a reserved tier takes
+demoted entries without pinning new memory."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from blendgate.chunkcache.blend import precompute_chunk
 from blendgate.chunkcache.keys import ChunkKey
 from blendgate.chunkcache.kv import ChunkKV
 from blendgate.chunkcache.tiers import MemoryTier, chunk_tensor_bytes, pinned_block_bytes
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import AutoConfig
+from support import tiny_llama
 
 
 @pytest.mark.parametrize(("nbytes", "block"), [(0, 0), (1, 1), (2, 2), (3, 4), (32 << 20, 32 << 20),
@@ -26,15 +28,12 @@ def test_the_block_is_the_smallest_power_of_two_that_holds_the_tensor(nbytes: in
     assert block & (block - 1) == 0 and nbytes <= block < 2 * nbytes
 
 
-def test_a_chunks_keys_take_layers_times_kv_heads_times_tokens_times_head_dim() -> None:
-    # Llama-3-8B's shapes: 32 layers, 8 KV heads of 128; a 512-token chunk's bf16 keys take 32 MiB (and its values
-    # as much): one pinned block each, no rounding.
-    llama = AutoConfig.for_model("llama", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                 hidden_size=4096)
-    assert chunk_tensor_bytes(llama, 512, 2) == 32 << 20 == pinned_block_bytes(32 << 20)
-    explicit = AutoConfig.for_model("llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    hidden_size=64, head_dim=32)  # head_dim given, not hidden_size / heads
-    assert chunk_tensor_bytes(explicit, 10, 4) == 2 * 2 * 10 * 32 * 4
+@pytest.mark.parametrize("heads", [(4, 2), (8, 2)])  # head_dim 16 and 8 (hidden 64 over the heads)
+def test_a_chunks_keys_take_what_the_model_computes_for_them(heads: tuple[int, int]) -> None:
+    model = tiny_llama(layers=3, heads=heads[0], kv_heads=heads[1])
+    kv = precompute_chunk(model, list(range(10, 47)), [1, 2, 3])
+    assert chunk_tensor_bytes(model, 37) == kv.keys.nbytes == kv.values.nbytes
+    assert chunk_tensor_bytes(model, 0) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
