@@ -8,8 +8,8 @@ ChunkCacheSettings) where both have the setting, taken from the same constant.
   start-up (chunkcache/tiers.py: MemoryTier.reserve): its whole budget is page-locked before the worker serves,
   in blocks that entries of chunks of more than half this size and at most this size take. Set the gateway's
   retrieval.chunk_tokens (default 256, the gateway's default); chunks outside that range are pinned as they
-  come, beside the reservation. 0: no reservation (each entry pins its memory on the serving thread, ~10 ms
-  for an 8B model's 512-token chunk, until the tier is full);
+  come, beside the reservation. 0: no reservation (each entry pins its memory on the serving thread, until the
+  tier is full);
 - BLENDGATE_SGLANG_CHUNK_PREFIX: "system" or "none", as the local engine's chunk_prefix;
 - BLENDGATE_SGLANG_PASS_COST_TOKENS, BLENDGATE_SGLANG_PLACEMENT_COST_TOKENS: the blend-or-full-prefill costs, as
   the local engine's pass_cost_tokens ("auto", the default: measured at start-up on the worker's GPU) and
