@@ -93,6 +93,9 @@ class MemoryTier(Tier):
         self._pin = self.device.type == "cpu" and torch.cuda.is_available()
         # Entries copied down from the GPU whose copies may still be running: the event each waits for.
         self._copying: dict[ChunkKey, torch.cuda.Event] = {}
+        # Pinned blocks held for entries not yet written (`reserve`), each of `_reserved_block` bytes.
+        self._reserved: list[torch.Tensor] = []
+        self._reserved_block = 0
 
     def _place(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._pin and tensor.is_cuda:
@@ -101,12 +104,23 @@ class MemoryTier(Tier):
             # first into pageable memory with the host waiting: ~20 ms for an 8B model's 512-token chunk, on
             # every miss and promotion once the GPU tier is full. The caching host allocator reuses the pinned
             # blocks of entries evicted.
-            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            return pinned.copy_(tensor, non_blocking=True)
+            return self._pinned_like(tensor).copy_(tensor, non_blocking=True)
         # From pinned memory the copy to the GPU is queued, not waited for (the host allocator keeps the source
         # alive until it is done).
         tensor = tensor.to(self.device, non_blocking=tensor.is_pinned())
-        return tensor.pin_memory() if self._pin and not tensor.is_pinned() else tensor
+        return self._pinned_like(tensor).copy_(tensor) if self._pin and not tensor.is_pinned() else tensor
+
+    def _pinned_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Empty pinned host memory for a copy of `tensor`. A reserved block of its size is handed back to the
+        caching host allocator first, which gives the same block straight back: no cudaHostAlloc."""
+        if self._reserved and pinned_block_bytes(tensor.nbytes) == self._reserved_block:
+            self._reserved.pop()  # its last reference: back on the allocator's free list for its size
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Pinned bytes `reserve` still holds for entries to come (0 once they have all been taken)."""
+        return len(self._reserved) * self._reserved_block
 
     @property
     def pinned(self) -> bool:
@@ -115,14 +129,18 @@ class MemoryTier(Tier):
 
     def reserve(self, tensor_bytes: int) -> int:
         """Pins this tier's budget now, as the blocks that entries whose keys and values take up to `tensor_bytes`
-        each (a chunk of the configured size) will be given: PyTorch's caching host allocator keeps them in its
-        free list, and an entry copied down from the GPU later takes one, where otherwise each new entry pinned
-        fresh memory (cudaHostAlloc: page-locking its 2 x `tensor_bytes`, on the serving thread, while the
-        request waits) until the tier was full. Pinned memory is held for the process's life, as SGLang's HiCache
-        host pool and LMCache's CPU buffer are allocated at start-up. Returns the bytes pinned: 0 for a tier that
-        is not pinned, or for a `tensor_bytes` of 0 or one block larger than the budget; less than the budget when
-        the host refuses to pin more (logged as a warning: the blocks pinned so far stay reserved, and entries
-        beyond them are pinned as they come, as without a reservation)."""
+        each (a chunk of the configured size) will be given, where otherwise each new entry pinned fresh memory
+        (cudaHostAlloc: page-locking its 2 x `tensor_bytes`, on the serving thread, while the request waits) until
+        the tier was full. The tier holds the blocks itself and hands one to the caching host allocator just before
+        each entry of that size is written, which gives it straight back. Left in the allocator's free list
+        instead, they were released by the first CUDA graph captured after (torch.cuda.graph empties the host
+        allocator's cache; SGLang captures its graphs after the plugin starts): measured on the H200 on
+        2026-12-03, demotions still pinned 25 ms of memory a request. Entries of another size are pinned as they
+        come. Pinned memory is held for the process's life, as SGLang's HiCache host pool and LMCache's CPU
+        buffer are allocated at start-up. Returns the bytes pinned: 0 for a tier that is not pinned, or for a
+        `tensor_bytes` of 0 or one block larger than the budget; less than the budget when the host refuses to
+        pin more (logged as a warning: the blocks pinned so far stay reserved, and entries beyond them are pinned
+        as they come, as without a reservation). A second call replaces the blocks still held."""
         block = pinned_block_bytes(tensor_bytes)
         if not self._pin or block == 0:
             return 0
@@ -134,7 +152,7 @@ class MemoryTier(Tier):
             log.warning("chunk-cache tier %s: the host pinned %.1f of %.1f GiB, then refused: %s", self.name,
                         len(blocks) * block / 2**30, self.budget_bytes / 2**30, exc)
         reserved = len(blocks) * block
-        del blocks  # back to the allocator's free list, still pinned
+        self._reserved, self._reserved_block = blocks, block
         if reserved:
             log.info("chunk-cache tier %s: %.1f GiB pinned at start-up (blocks of %.1f MiB) in %.1f s", self.name,
                      reserved / 2**30, block / 2**20, time.perf_counter() - started)

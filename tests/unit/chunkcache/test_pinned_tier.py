@@ -39,7 +39,7 @@ def test_a_chunks_keys_take_what_the_model_computes_for_them(heads: tuple[int, i
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
 def test_without_a_gpu_a_cpu_tier_is_not_pinned_and_counts_plain_bytes() -> None:
     tier = MemoryTier("cpu", 1 << 20, "cpu")
-    assert not tier.pinned and tier.reserve(32 << 20) == 0 and tier.reserve(1000) == 0
+    assert not tier.pinned and tier.reserve(32 << 20) == 0 and tier.reserve(1000) == 0 and tier.reserved_bytes == 0
     entry = ChunkKV(torch.arange(3), torch.randn(2, 1, 3, 5), torch.randn(2, 1, 3, 5))  # 120-byte tensors
     assert tier.write(ChunkKey.of("m", [], [1]), entry) == entry.nbytes
 
