@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +17,15 @@ E2E = Path(__file__).parent / "e2e"
 # A test needing one of these fixtures (directly or through another fixture) gets the marker
 # (registered in pyproject.toml): `pytest -m "not slow"` runs the tests that load no model in about a minute.
 MARKERS_BY_FIXTURE = {"redis_executable": "redis", "chromium": "browser", "model_cache_dir": "slow"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process the tests start (gateways, the CLI) keeps collections it is given no data_dir for in a
+    directory of this session's, never in the user's ~/.local/share/blendgate (gateway/config.py:
+    default_data_dir reads XDG_DATA_HOME)."""
+    data_home = tempfile.mkdtemp(prefix="blendgate-test-data-")
+    os.environ["XDG_DATA_HOME"] = data_home
+    config.add_cleanup(lambda: shutil.rmtree(data_home, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

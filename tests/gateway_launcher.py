@@ -1,0 +1,90 @@
+"""`blendgate serve` processes forked from one that has imported the gateway's libraries already.
+
+A gateway start on the CI machine (2 cores) spends most of its ~20 s of CPU importing torch, transformers,
+sentence-transformers and litellm, and the suite starts about forty gateways. multiprocessing's forkserver
+imports them once (`set_forkserver_preload`) and forks each gateway from there: a real, separate `blendgate serve`
+process (its own PID, signals, exit code, log file, environment), minus the repeated imports. Tests of the
+entry point itself (`python -m blendgate.gateway`: exit codes, import-time behaviour) start it with
+subprocess as users do (GatewayProcess(..., fork=False)).
+
+Set BLENDGATE_TEST_FORK=0 to start every gateway with subprocess instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+# What a gateway process imports before it serves (module names; one that fails to import is skipped by the
+# forkserver, and the gateway imports it itself). Nothing here may start a thread: the forkserver forks.
+PRELOAD = ["litellm", "torch", "transformers", "sentence_transformers",
+           "faiss", "fastapi", "uvicorn", "blendgate.gateway.cli", "blendgate.gateway.app",
+           "blendgate.gateway.lifecycle", "blendgate.gateway.server", "blendgate.gateway.rag",
+           "blendgate.retriever.embedder"]
+
+_context: multiprocessing.context.ForkServerContext | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("BLENDGATE_TEST_FORK", "1") != "0" and sys.platform == "linux"
+
+
+def _forkserver() -> multiprocessing.context.ForkServerContext:
+    global _context
+    if _context is None:
+        # The forkserver starts with this environment: litellm reads this one when imported (as the gateway
+        # sets it before importing litellm, gateway/backends/upstream.py).
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _serve(argv: list[str], env: dict[str, str], log_path: str) -> None:
+    """In the forked process: the log as stdout and stderr, the gateway's environment, then the CLI."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["blendgate", *argv]
+    from blendgate.gateway.cli import main
+
+    main()
+
+
+class ForkedProcess:
+    """The parts of subprocess.Popen the tests use, over a multiprocessing.Process."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self._process = _forkserver().Process(target=_serve, args=(argv, env, str(log_path)), daemon=True)
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("blendgate serve", timeout)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
