@@ -1,13 +1,14 @@
-"""`blendgate serve` processes forked from one that has imported the gateway's libraries already.
+"""`blendgate serve` processes, and CLI runs, forked from one that has imported the gateway's libraries already.
 
 A gateway start on the CI machine (2 cores) spends most of its ~20 s of CPU importing torch, transformers,
 sentence-transformers and litellm, and the suite starts about forty gateways. multiprocessing's forkserver
 imports them once (`set_forkserver_preload`) and forks each gateway from there: a real, separate `blendgate serve`
-process (its own PID, signals, exit code, log file, environment), minus the repeated imports. Tests of the
-entry point itself (`python -m blendgate.gateway`: exit codes, import-time behaviour) start it with
-subprocess as users do (GatewayProcess(..., fork=False)).
+process (its own PID, signals, exit code, log file, environment), minus the repeated imports; `run_cli` does the
+same for `blendgate ingest`, `tune-thresholds` and the other commands. The entry point itself (`python -m
+blendgate.gateway`) is still run as users run it by tests/unit/gateway/test_config.py, and
+GatewayProcess(..., fork=False) starts a gateway that way.
 
-Set BLENDGATE_TEST_FORK=0 to start every gateway with subprocess instead.
+Set BLENDGATE_TEST_FORK=0 to start every gateway and command with subprocess instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # What a gateway process imports before it serves (module names; one that fails to import is skipped by the
@@ -44,12 +46,15 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _serve(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """In the forked process: the log as stdout and stderr, the gateway's environment, then the CLI."""
+def _serve(argv: list[str], env: dict[str, str], log_path: str, err_path: str | None = None) -> None:
+    """In the forked process: the log as stdout and stderr (or `err_path` as stderr), the gateway's
+    environment, then the CLI."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if err_path else log
     os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
+    os.dup2(err, 2)
+    for fd in {log, err}:
+        os.close(fd)
     os.environ.clear()
     os.environ.update(env)
     sys.argv = ["blendgate", *argv]
@@ -88,3 +93,24 @@ class ForkedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m blendgate.gateway ARGV` (forked as the gateways are): its exit code, stdout and stderr as
+    text, as subprocess.run(..., capture_output=True, text=True) gives them. `env`: the test process's when None.
+    Raises subprocess.TimeoutExpired after `timeout` seconds (the command killed)."""
+    env = dict(os.environ if env is None else env)
+    if not enabled():
+        return subprocess.run([sys.executable, "-m", "blendgate.gateway", *argv], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="blendgate-cli-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = _forkserver().Process(target=_serve, args=(argv, env, str(out), str(err)), daemon=True)
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["blendgate", *argv], timeout)
+        return subprocess.CompletedProcess(["blendgate", *argv], process.exitcode,
+                                           out.read_text(errors="replace"), err.read_text(errors="replace"))

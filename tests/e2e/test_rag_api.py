@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from blendgate.retriever.document_store import _SCHEMA
+from gateway_launcher import run_cli
 from support import EMBEDDED, GatewayProcess, assert_openai_error
 
 FACTS = [
@@ -110,31 +109,27 @@ def test_cli_ingest_is_seen_by_the_running_gateway(gateway, http: httpx.Client, 
     (folder / "vacation.md").write_text("# Vacation\n\nEmployees get 27 vacation days per year.")
     (folder / "junk.bin").write_bytes(b"\x00\x01")
     env = {**os.environ, "BLENDGATE_CACHE_DIR": gateway.env["BLENDGATE_CACHE_DIR"]}
-    command = [sys.executable, "-m", "blendgate.gateway"]
     config = ["--config", str(gateway.config_path)]
-    ingest = subprocess.run([*command, "ingest", str(folder), "--collection", "handbook", *config],
-                            capture_output=True, text=True, env=env, timeout=180)
+    ingest = run_cli(["ingest", str(folder), "--collection", "handbook", *config], env, timeout=180)
     assert ingest.returncode == 0, ingest.stderr
     assert "1 files ingested" in ingest.stderr and "skipped" in ingest.stderr and "junk.bin" in ingest.stderr
     hits = http.post("/v1/retrieve", json={"collection": "handbook", "query": "vacation days"}).json()["data"]
     assert "27 vacation days" in hits[0]["text"]
-    listing = subprocess.run([*command, "collections", *config], capture_output=True, text=True, env=env, timeout=120)
+    listing = run_cli(["collections", *config], env, timeout=120)
     assert "handbook" in listing.stdout
-    deleted = subprocess.run([*command, "delete", "--collection", "handbook", *config], capture_output=True,
-                             text=True, env=env, timeout=120)
+    deleted = run_cli(["delete", "--collection", "handbook", *config], env, timeout=120)
     assert deleted.returncode == 0, deleted.stderr
     assert_openai_error(http.post("/v1/retrieve", json={"collection": "handbook", "query": "vacation"}), 404)
     # Created again under the same name (its version number starts over): the gateway serves the new documents.
     (folder / "vacation.md").unlink()
     (folder / "parking.md").write_text("# Parking\n\nThe staff car park opens at 6 am.")
-    again = subprocess.run([*command, "ingest", str(folder / "parking.md"), "--collection", "handbook", *config],
-                           capture_output=True, text=True, env=env, timeout=180)
+    again = run_cli(["ingest", str(folder / "parking.md"), "--collection", "handbook", *config], env, timeout=180)
     assert again.returncode == 0, again.stderr
     hits = http.post("/v1/retrieve", json={"collection": "handbook", "query": "when does the car park open"}).json()
     assert hits["version"] == 1 and [h["source"] for h in hits["data"]] == [str((folder / "parking.md").resolve())]
     # A path with nothing to ingest is an error that names it, not "0 files ingested".
-    missing = subprocess.run([*command, "ingest", str(tmp_path / "no-such-folder"), "--collection", "handbook",
-                              *config], capture_output=True, text=True, env=env, timeout=180)
+    missing = run_cli(["ingest", str(tmp_path / "no-such-folder"), "--collection", "handbook", *config], env,
+                      timeout=180)
     assert missing.returncode == 1 and "no-such-folder: no such file or folder" in missing.stderr, missing.stderr
 
 

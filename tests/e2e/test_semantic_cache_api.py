@@ -8,8 +8,6 @@ the gateway or Redis come last and leave both running.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import openai
 import pytest
+from gateway_launcher import run_cli
 from prometheus_client.parser import text_string_to_metric_families
 from support import EMBEDDED, GatewayProcess, RedisServer, assert_openai_error
 
@@ -360,15 +359,12 @@ def test_a_collection_re_created_by_the_cli_is_not_answered_from_the_old_one(
     question = "What does the corner bakery sell on Tuesdays?"
     first, _ = ask_and_store(client_a, entries, question, extra_body=rag)
     assert ask(client_a, question, extra_body=rag)[0]["x-blendgate-cache"] == "hit"
-    command = [sys.executable, "-m", "blendgate.gateway"]
     config = ["--config", str(cached_gateway.config_path)]
-    deleted = subprocess.run([*command, "delete", "--collection", name, *config], capture_output=True, text=True,
-                             env=cached_gateway.env, timeout=180)
+    deleted = run_cli(["delete", "--collection", name, *config], cached_gateway.env, timeout=180)
     assert deleted.returncode == 0, deleted.stderr
     new = tmp_path / "bakery.txt"
     new.write_text("The corner bakery sells plum cake on Tuesdays.")
-    ingested = subprocess.run([*command, "ingest", str(new), "--collection", name, *config], capture_output=True,
-                              text=True, env=cached_gateway.env, timeout=180)
+    ingested = run_cli(["ingest", str(new), "--collection", name, *config], cached_gateway.env, timeout=180)
     assert ingested.returncode == 0, ingested.stderr
     headers, after = ask(client_a, question, extra_body=rag)
     assert headers["x-blendgate-cache"] == "miss"
@@ -487,8 +483,7 @@ def test_a_bad_redis_url_stops_the_gateway_naming_the_setting(tmp_path: Path) ->
     config = tmp_path / "bad.yaml"
     config.write_text('semantic_cache:\n  redis_url: "localhost:6379"\n')
     for command in ("check-config", "serve"):
-        result = subprocess.run([sys.executable, "-m", "blendgate.gateway", command, "--config", str(config)],
-                                capture_output=True, text=True, timeout=120)
+        result = run_cli([command, "--config", str(config)], timeout=120)
         assert result.returncode == 2, result.stderr
         assert "semantic_cache.redis_url" in result.stderr and "redis://" in result.stderr
 

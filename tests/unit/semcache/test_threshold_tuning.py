@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from blendgate.semcache.tuning import (
     read_pairs,
     suggest_thresholds,
 )
+from gateway_launcher import run_cli
 
 
 def test_lowest_threshold_keeps_false_hits_within_the_budget() -> None:
@@ -86,16 +85,15 @@ def test_suggestions_per_category_with_the_real_embedder(embedder) -> None:
 def test_command_prints_the_suggestions_and_refuses_a_bad_file(tmp_path: Path, embedder) -> None:
     pairs = write(tmp_path / "pairs.jsonl",
                   [{"cached": a, "query": b, "same_answer": same} for a, b, same in CODE_PAIRS])
-    command = [sys.executable, "-m", "blendgate.gateway", "tune-thresholds"]
-    result = subprocess.run([*command, str(pairs), "--min-pairs", "3", "--false-hits", "0"],
-                            capture_output=True, text=True, timeout=300)
+    command = ["tune-thresholds"]
+    result = run_cli([*command, str(pairs), "--min-pairs", "3", "--false-hits", "0"])
     assert result.returncode == 0, result.stderr
     suggested = json.loads(result.stdout)
     assert set(suggested) == {"code"} and 0 < suggested["code"] <= 1
     assert "code" in result.stderr and "fewer than 3 labelled pairs" in result.stderr
 
     bad = write(tmp_path / "bad.jsonl", ['{"cached": "a"'])
-    result = subprocess.run([*command, str(bad)], capture_output=True, text=True, timeout=300)
+    result = run_cli([*command, str(bad)])
     assert result.returncode == 2 and "bad.jsonl:1: not JSON" in result.stderr
 
 
@@ -114,8 +112,8 @@ def test_command_trains_the_verifier_with_verifier_out(tmp_path: Path) -> None:
                      "same_answer": False})
     pairs = write(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "verifier.json"
-    command = [sys.executable, "-m", "blendgate.gateway", "tune-thresholds", str(pairs), "--verifier-out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = ["tune-thresholds", str(pairs), "--verifier-out", str(out)]
+    result = run_cli(command)
     assert result.returncode == 0, result.stderr
     assert "verifier written to" in result.stderr and json.loads(result.stdout) is not None
     model = VerifierModel.load(out)
@@ -124,8 +122,7 @@ def test_command_trains_the_verifier_with_verifier_out(tmp_path: Path) -> None:
     assert model.rarity == VerifierModel.load(DEFAULT_VERIFIER_FILE).rarity
 
     few = write(tmp_path / "few.jsonl", rows[:6])
-    result = subprocess.run([*command[:4], str(few), "--verifier-out", str(out)], capture_output=True, text=True,
-                            timeout=300)
+    result = run_cli([command[0], str(few), "--verifier-out", str(out)])
     assert result.returncode == 2 and "at least 10 pairs of each label" in result.stderr
     # Refused from the labels alone, before the embedder loads and the suggestions are printed.
     assert "the file has 3 labelled same_answer and 3 not" in result.stderr and "labelled pairs," not in result.stderr
