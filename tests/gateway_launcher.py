@@ -5,8 +5,7 @@ sentence-transformers and litellm, and the suite starts about forty gateways. mu
 imports them once (`set_forkserver_preload`) and forks each gateway from there: a real, separate `blendgate serve`
 process (its own PID, signals, exit code, log file, environment), minus the repeated imports; `run_cli` does the
 same for `blendgate ingest`, `tune-thresholds` and the other commands. The entry point itself (`python -m
-blendgate.gateway`) is still run as users run it by tests/unit/gateway/test_config.py, and
-GatewayProcess(..., fork=False) starts a gateway that way.
+blendgate.gateway`) is still run as users run it by tests/unit/gateway/test_config.py.
 
 Set BLENDGATE_TEST_FORK=0 to start every gateway and command with subprocess instead.
 """
@@ -27,6 +26,9 @@ PRELOAD = ["litellm", "torch", "transformers", "sentence_transformers",
            "faiss", "fastapi", "uvicorn", "blendgate.gateway.cli", "blendgate.gateway.app",
            "blendgate.gateway.lifecycle", "blendgate.gateway.server", "blendgate.gateway.rag",
            "blendgate.retriever.embedder"]
+
+# `python -m blendgate.gateway`, as users run it: the commands' way without forking (BLENDGATE_TEST_FORK=0).
+ENTRY_POINT = [sys.executable, "-m", "blendgate.gateway"]
 
 _context: multiprocessing.context.ForkServerContext | None = None
 
@@ -63,12 +65,20 @@ def _serve(argv: list[str], env: dict[str, str], log_path: str, err_path: str | 
     main()
 
 
+def _fork(argv: list[str], env: dict[str, str], log_path: Path, err_path: Path | None = None
+          ) -> multiprocessing.Process:
+    """The CLI with `argv`, forked and started (see `_serve`)."""
+    process = _forkserver().Process(target=_serve, args=(argv, env, str(log_path), err_path and str(err_path)),
+                                    daemon=True)
+    process.start()
+    return process
+
+
 class ForkedProcess:
     """The parts of subprocess.Popen the tests use, over a multiprocessing.Process."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self._process = _forkserver().Process(target=_serve, args=(argv, env, str(log_path)), daemon=True)
-        self._process.start()
+        self._process = _fork(argv, env, log_path)
         self.pid = self._process.pid
 
     @property
@@ -101,12 +111,10 @@ def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float =
     Raises subprocess.TimeoutExpired after `timeout` seconds (the command killed)."""
     env = dict(os.environ if env is None else env)
     if not enabled():
-        return subprocess.run([sys.executable, "-m", "blendgate.gateway", *argv], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        return subprocess.run([*ENTRY_POINT, *argv], capture_output=True, text=True, env=env, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="blendgate-cli-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        process = _forkserver().Process(target=_serve, args=(argv, env, str(out), str(err)), daemon=True)
-        process.start()
+        process = _fork(argv, env, out, err)
         process.join(timeout)
         if process.exitcode is None:
             process.kill()

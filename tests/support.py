@@ -50,13 +50,8 @@ class GatewayProcess:
     """`blendgate serve` in a process of its own (forked, see gateway_launcher.py, or a subprocess), with its log
     kept for failure messages."""
 
-    def __init__(self, name: str, config: dict, workdir: Path, cache_dir: Path, env: dict[str, str] | None = None,
-                 fork: bool = True):
-        """fork: forked from a process that has imported the gateway's libraries (gateway_launcher.py), a start
-        of a few seconds instead of ~20 s of imports on 2 cores; False: `python -m blendgate.gateway` as users
-        start it, for tests of the entry point itself."""
+    def __init__(self, name: str, config: dict, workdir: Path, cache_dir: Path, env: dict[str, str] | None = None):
         self.name = name
-        self.fork = fork
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / f"{name}.yaml"
@@ -92,12 +87,12 @@ class GatewayProcess:
     def launch(self) -> "GatewayProcess":
         """Start the process without waiting for anything."""
         argv = ["serve", "--config", str(self.config_path), "--port", str(self.port)]
-        if self.fork and gateway_launcher.enabled():
+        if gateway_launcher.enabled():  # a start of seconds, not ~20 s of imports on 2 cores
             self.process = gateway_launcher.ForkedProcess(argv, self.env, self.log_path)
             return self
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "blendgate.gateway", *argv],
+                [*gateway_launcher.ENTRY_POINT, *argv],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env)
         return self
 
