@@ -11,7 +11,11 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port
+from blendgate.gateway.syspath import drop_working_directory
+
+drop_working_directory()  # `python -m pytest` from the checkout would let kernels/ shadow transformers' `kernels`
+
+from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, find_redis_server, free_port  # noqa: E402
 
 E2E = Path(__file__).parent / "e2e"
 # A test needing one of these fixtures (directly or through another fixture) gets the marker

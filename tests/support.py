@@ -317,7 +317,9 @@ class SglangServer(_WorkerProcess):
                 "--grammar-backend", "none"]
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, **self.plugin_env}
+        # PYTHONSAFEPATH: `python -m` from the checkout would let kernels/ shadow transformers' `kernels`
+        # (gateway/syspath.py).
+        return {**os.environ, "PYTHONSAFEPATH": "1", **self.plugin_env}
 
     def stop(self) -> None:
         """SIGTERM first: SGLang's launcher then stops its scheduler and detokenizer processes with it."""

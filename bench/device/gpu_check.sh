@@ -21,6 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/bg:/tmp/site:${PYTHONPATH:-}
+# python3 -P: the checkout off sys.path, or kernels/ would shadow transformers' `kernels` (gateway/syspath.py).
 mkdir -p /tmp/bg/blendgate "${OUT:-/tmp/out}"
 OUT=${OUT:-/tmp/out}
 for d in gateway engine retriever chunkcache semcache kernels sglang_plugin web; do ln -sfn "$PWD/$d" "/tmp/bg/blendgate/$d"; done
@@ -34,7 +35,7 @@ while [ ${#steps[@]} -gt 0 ]; do
     step=${steps[0]}; steps=("${steps[@]:1}")
     case $step in
         sglang-check) python3 -c "import sglang, sgl_kernel, flashinfer.sampling, sglang.srt.entrypoints.engine; print('sglang', sglang.__version__, 'imports')" 2>&1 | tail -5 || status=1 ;;
-        tests) python3 -m pytest -q tests/gpu --confcutdir tests/gpu -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 || status=1 ;;
+        tests) python3 -P -m pytest -q tests/gpu --confcutdir tests/gpu -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 || status=1 ;;
         # Without --confcutdir: the module needs tests/conftest.py's fixtures (under `tests` it skips itself).
         gateway-e2e)  # the worker's and the gateway's own logs go to $OUT too (e2e-*.log)
             missing=0
@@ -42,12 +43,12 @@ while [ ${#steps[@]} -gt 0 ]; do
                 [ -f /tmp/site/.$ready-ready ] || { echo "no $ready bundle in /tmp/site: run ${ready}_receive.sh"; missing=1; }
             done
             if [ $missing -eq 1 ]; then status=1; else
-                python3 -m pytest -q tests/gpu/test_gateway_sglang_e2e.py -p no:cacheprovider -o timeout=480 2>&1 \
+                python3 -P -m pytest -q tests/gpu/test_gateway_sglang_e2e.py -p no:cacheprovider -o timeout=480 2>&1 \
                     | tee "$OUT/gateway-e2e.log" | tail -25 || status=1
                 cp /tmp/pytest-of-*/pytest-current/gateways*/e2e-*.log "$OUT/" 2>/dev/null || true
             fi ;;
-        decode-tests) python3 -m pytest -q tests/gpu/test_decode.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/decode-tests.log" | tail -25 || status=1 ;;
-        specache-tests) python3 -m pytest -q tests/gpu/test_specache_cuda.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/specache-tests.log" | tail -25 || status=1 ;;
+        decode-tests) python3 -P -m pytest -q tests/gpu/test_decode.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/decode-tests.log" | tail -25 || status=1 ;;
+        specache-tests) python3 -P -m pytest -q tests/gpu/test_specache_cuda.py --confcutdir tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/specache-tests.log" | tail -25 || status=1 ;;
         specache) python3 bench/specache.py "${steps[@]}" --out "$OUT/specache.md" 2>&1 | tee "$OUT/specache.log" | grep -v "Warning\|warn" || status=1; steps=() ;;
         specache-quality) BLENDGATE_QA_DATA=.carry/common python3 bench/specache.py --quality --device cuda \
             --smollm /tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf "${steps[@]}" --out "$OUT/specache-quality.md" \

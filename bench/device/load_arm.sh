@@ -40,7 +40,7 @@ case $arm in
                    flags+=(--chunked-prefill-size -1); client=blendgate ;;
     *) echo "unknown arm $arm (stock, blendgate, blendgate-cpu)"; exit 2 ;;
 esac
-python3 -m sglang.launch_server "${flags[@]}" > "$OUT/server-$arm.log" 2>&1 &
+python3 -P -m sglang.launch_server "${flags[@]}" > "$OUT/server-$arm.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 300); do
