@@ -13,6 +13,7 @@ Set BLENDGATE_TEST_FORK=0 to start every gateway and command with subprocess ins
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import subprocess
@@ -45,6 +46,17 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
+        # The forkserver is `python -c ...`, whose sys.path starts with the working directory, and Python 3.11's
+        # forkserver imports PRELOAD before it takes this process's sys.path: started in the checkout, the
+        # checkout's kernels/ would shadow transformers' `kernels` (gateway/syspath.py). So it starts in a
+        # directory with nothing to import; each forked gateway still gets this process's working directory
+        # and sys.path (multiprocessing's preparation data).
+        here = os.getcwd()
+        os.chdir(tempfile.gettempdir())
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.chdir(here)
     return _context
 
 

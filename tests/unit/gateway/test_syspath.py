@@ -17,9 +17,10 @@ TOP_LEVEL_PACKAGES = sorted(p.parent.name for p in CHECKOUT.glob("*/__init__.py"
 
 
 def _in_checkout_folder(origin: str | None) -> bool:
-    """Whether a module found at `origin` is one of the checkout's top-level folders (the virtual environment
-    may live in the checkout too)."""
-    return origin is not None and Path(origin).resolve().parent.parent == CHECKOUT
+    """Whether a module found at `origin` is one of the checkout's top-level packages (not a module of the
+    virtual environment, which may live in the checkout too, nor a bench/ script the bench tests import)."""
+    return origin is not None and Path(origin).resolve() in {CHECKOUT / name / "__init__.py" for name in
+                                                             TOP_LEVEL_PACKAGES}
 
 
 def test_the_checkout_has_the_packages_this_guards():
@@ -60,4 +61,24 @@ def test_python_m_from_the_checkout_leaves_the_checkout_off_the_path():
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
     origin = done.stdout.rsplit("KERNELS ", 1)[1].strip()
+    assert not _in_checkout_folder(None if origin == "None" else origin), origin
+
+
+def _write_kernels_origin(path: str) -> None:
+    """In a process forked from the tests' forkserver: where the `kernels` it imported came from."""
+    module = sys.modules.get("kernels")
+    Path(path).write_text(str(getattr(module, "__file__", None)))
+
+
+def test_gateways_forked_for_the_tests_import_the_stacks_kernels(tmp_path):
+    """The forkserver (tests/gateway_launcher.py) imports transformers before the gateways fork from it, and
+    starts from a directory where the checkout is not importable."""
+    import gateway_launcher
+
+    out = tmp_path / "origin"
+    process = gateway_launcher._forkserver().Process(target=_write_kernels_origin, args=(str(out),))
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0
+    origin = out.read_text()
     assert not _in_checkout_folder(None if origin == "None" else origin), origin
