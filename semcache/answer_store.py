@@ -14,6 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Mapping
 
+try:
+    from asyncio import timeout as _deadline  # Python 3.11 and later
+except ImportError:  # Python 3.10: async-timeout, the same context manager
+    from async_timeout import timeout as _deadline
+
 Fields = Mapping[Any, Any]
 
 # A pooled connection idle this long is PINGed before it carries a command (one that died silently, with no
@@ -159,9 +164,12 @@ class RedisAnswerStore(AnswerStore):
         return f"{self.namespace}:changes"
 
     async def _call(self, operation, timeout_s: float | None = None):
-        # Bound the whole call, reconnects included: a slow Redis must not hold a request up.
+        # Bound the whole call, reconnects included: a slow Redis must not hold a request up. A deadline around
+        # the await, not asyncio.wait_for: on Python 3.11 wait_for returns the result when a cancellation meets
+        # the operation's completion (CPython gh-86296), and a background loop cancelled that way never ends.
         try:
-            return await asyncio.wait_for(operation, timeout=timeout_s or self.timeout_s * 2)
+            async with _deadline(timeout_s or self.timeout_s * 2):
+                return await operation
         except self._errors as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
 

@@ -23,6 +23,7 @@ from .feedback import NO_RAISE, FeedbackLearner, LearnedRaise, ServedHit
 from .index import IndexedEntry
 from .policy import CachePolicy, EffectivePolicy
 from .state import CacheState
+from .tasks import cancel_and_wait
 from .verifier import Verifier
 
 log = logging.getLogger("blendgate.semcache")
@@ -111,9 +112,7 @@ class CacheLookup:
 
     async def close(self) -> None:
         """Cancel the store calls still running in the background (hit counts, corrupt-entry deletes)."""
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(self._background)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)

@@ -22,6 +22,7 @@ from .entries import CacheEntry, CorruptEntry
 from .index import PartitionedIndex
 from .policy import CachePolicy
 from .state import CacheState, indexed
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("blendgate.semcache")
 
@@ -56,9 +57,7 @@ class ReplicaSync:
                        asyncio.create_task(self._recovery_loop(), name="semcache recover")]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
 
     # -- building -------------------------------------------------------------------------------------------
     async def rebuild(self, reason: str) -> None:
