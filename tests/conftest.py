@@ -44,9 +44,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the GGUF -> safetensors conversion lands; BLENDGATE_TEST_CACHE_DIR keeps it across runs."""
+    """Where the GGUF -> safetensors conversion lands, converted here once for the run: with pytest-xdist the
+    workers share it (the first converts, under a file lock, while the others wait, instead of each converting
+    it beside the others on 2 cores). BLENDGATE_TEST_CACHE_DIR keeps it across runs."""
+    from blendgate.engine.weights import resolve_model_folder
+    from filelock import FileLock
+
     kept = os.environ.get("BLENDGATE_TEST_CACHE_DIR")
-    return Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
+    if kept:
+        cache = Path(kept)
+    else:  # a worker's base temporary folder sits in the run's, which all workers share
+        run_temp = tmp_path_factory.getbasetemp()
+        cache = (run_temp.parent if os.environ.get("PYTEST_XDIST_WORKER") else run_temp) / "model-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".conversion.lock")):
+        resolve_model_folder(None, cache)
+    return cache
 
 
 @pytest.fixture(scope="session")
