@@ -96,7 +96,10 @@ def test_every_replica_sends_a_chunk_set_to_the_same_worker(replicas: list[Gatew
                   for n, replica in enumerate(replicas)}
         assert len(chosen) == 1, f"document set {i}: the replicas disagree: {chosen}"
         homes.append(chosen.pop())
-    assert set(homes) == {w.url for w in workers}, "eight document sets all hashed to one worker"
+    # Which worker each set hashes to depends on the workers' URLs, so on the ports of this run: all eight on
+    # one worker happens in 1 run of 128 (2 x 2^-8), and is no fault. How rendezvous hashing spreads sets is
+    # tests/unit/gateway/test_sglang_routing.py's.
+    assert set(homes) <= {w.url for w in workers}
 
 
 def live_entries(replica: GatewayProcess, search: str) -> list[str]:
@@ -151,8 +154,11 @@ def test_when_a_worker_leaves_only_its_chunk_sets_move(replicas: list[GatewayPro
                                                        workers: list[SglangStandin]) -> None:
     before = [worker_of(routed(replicas[0], f"Which keeper is number {i}?", documents))
               for i, documents in enumerate(DOCUMENT_SETS)]
-    leaving, staying = workers[1], workers[0]
-    assert {leaving.url, staying.url} == set(before)  # each was home to some sets
+    # The worker that leaves is home to the first set (and maybe to all eight: the homes depend on this run's
+    # ports, see above); the sets of the other stay where they are.
+    leaving = next(w for w in workers if w.url == before[0])
+    staying = next(w for w in workers if w is not leaving)
+    assert set(before) <= {leaving.url, staying.url}
     leaving.stop()
     for replica in replicas:  # every replica's health check notices
         deadline = time.monotonic() + 10
