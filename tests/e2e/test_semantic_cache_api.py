@@ -633,7 +633,14 @@ def test_user_scoped_entries_show_their_scope_and_an_owner_hash(cached_gateway: 
     entries.new_after(before)
     with httpx.Client(base_url=f"{cached_gateway.url}/admin/api", timeout=10,
                       headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
-        page = admin.get("/semantic-cache/entries", params={"search": "first teacher"})
+        # The entry reaches Redis before the gateway's own index holds it: on a busy machine the search can run
+        # in between (seen with two pytest workers), so it is asked again for up to 5 s.
+        deadline = time.monotonic() + 5
+        while True:
+            page = admin.get("/semantic-cache/entries", params={"search": "first teacher"})
+            if page.json()["data"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         policy = admin.get("/semantic-cache").json()["policy"][EMBEDDED]["categories"]
     assert {c["category"]: c["scope"] for c in policy if c["cached"]} == {
         "code": "tenant", "factual": "tenant", "conversational": "user", "time_sensitive": "tenant"}
