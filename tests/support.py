@@ -29,6 +29,18 @@ EMBEDDED = "smollm2-135m-instruct"
 BLEND_ALWAYS = {"pass_cost_tokens": 0, "placement_cost_tokens": 0}
 
 
+def wait_until(condition, what: str, timeout_s: float = 120.0):
+    """The first truthy value of `condition()`, asked every 0.1 s; AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def free_port(highest: int | None = None) -> int:
     """A loopback port free now: any the OS picks, or one at most `highest` (tried at random from 20000 up)."""
     for _ in range(200):

@@ -8,7 +8,6 @@ gone. A cached answer the model still gives is kept.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,7 @@ import openai
 import pytest
 from blendgate.semcache.entries import CacheEntry
 from prometheus_client.parser import text_string_to_metric_families
-from support import EMBEDDED, GatewayProcess, RedisServer
+from support import EMBEDDED, GatewayProcess, RedisServer, wait_until
 
 KEY = "sk-audit-tenant-0123456789"
 ADMIN_KEY = "admin-key-audit-0123456789"
@@ -62,16 +61,6 @@ def entry_keys(redis: RedisServer, prefix: str) -> set[bytes]:
     with redis.client() as direct:
         return set(direct.scan_iter(f"{prefix}:*:entry:*"))
 
-
-def wait_until(condition, what: str, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def audits(gateway: GatewayProcess) -> dict[str, float]:

@@ -19,7 +19,7 @@ import openai
 import pytest
 from gateway_launcher import run_cli
 from prometheus_client.parser import text_string_to_metric_families
-from support import EMBEDDED, GatewayProcess, RedisServer, assert_openai_error
+from support import EMBEDDED, GatewayProcess, RedisServer, assert_openai_error, wait_until
 
 KEY_A = "sk-tenant-a-0123456789"
 KEY_B = "sk-tenant-b-9876543210"
@@ -635,12 +635,11 @@ def test_user_scoped_entries_show_their_scope_and_an_owner_hash(cached_gateway: 
                       headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
         # The entry reaches Redis before the gateway's own index holds it: on a busy machine the search can run
         # in between (seen with two pytest workers), so it is asked again for up to 5 s.
-        deadline = time.monotonic() + 5
-        while True:
-            page = admin.get("/semantic-cache/entries", params={"search": "first teacher"})
-            if page.json()["data"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        def search() -> httpx.Response | None:
+            found = admin.get("/semantic-cache/entries", params={"search": "first teacher"})
+            return found if found.json()["data"] else None
+
+        page = wait_until(search, "the entry in the gateway's index", timeout_s=5)
         policy = admin.get("/semantic-cache").json()["policy"][EMBEDDED]["categories"]
     assert {c["category"]: c["scope"] for c in policy if c["cached"]} == {
         "code": "tenant", "factual": "tenant", "conversational": "user", "time_sensitive": "tenant"}
