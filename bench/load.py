@@ -20,6 +20,10 @@ Per rate: requests sent, completed and failed, TTFT p50/p99 (RAG and chat apart)
 per second, and from the workers' prefill reports (`meta_info["blendgate"]`) the chunk-cache hit rate and the
 share of RAG requests blended (the rest fell back to a full prefill). The highest rate whose RAG p99 TTFT stays
 within `--slo-ms` is the arm's sustained rate.
+
+`--precompute` first sends every pool chunk once (Workload.precompute_requests), as an operator's ingestion
+would: without it a short sweep measures a chunk-cache still filling, whose misses are mostly first-time misses
+that a server in service for hours no longer has.
 """
 
 from __future__ import annotations
@@ -103,12 +107,27 @@ class Workload:
             ids = rng.integers(self._low, self.vocab, size=self.chat_tokens).tolist()
             return LoadRequest("chat", ids, [], [], self.answer_tokens)
         chosen = rng.choice(self.chunk_pool, size=self.chunks, replace=False, p=self._popularity).tolist()
+        return self._rag(chosen, rng, self.answer_tokens)
+
+    def _rag(self, chosen: list[int], rng: np.random.Generator, answer_tokens: int) -> LoadRequest:
+        """A RAG request: the system prompt, the pool's chunks `chosen` in order, a question drawn from `rng`."""
         ids, spans = list(self._system), []
         for chunk in chosen:
             spans += [len(ids), len(ids) + self.chunk_tokens]
             ids += self._pool[chunk].tolist()
         ids += rng.integers(self._low, self.vocab, size=self.question_tokens).tolist()
-        return LoadRequest("rag", ids, spans, chosen, self.answer_tokens)
+        return LoadRequest("rag", ids, spans, chosen, answer_tokens)
+
+    def precompute_requests(self) -> list[LoadRequest]:
+        """Every chunk of the pool once, `chunks` to a RAG request (the last may hold fewer), the least popular
+        first, each answered with one token: what an operator's ingestion computes before the server takes
+        traffic, so the sweep measures a chunk-cache in its steady state (misses where its tiers cannot hold
+        the pool) rather than one still filling (first-time misses). Sent in this order, a least-recently-used
+        store too small for the pool ends up holding the most popular chunks. Draws nothing from the workload's
+        generator: the measured requests are the same with and without it."""
+        rng = np.random.default_rng([self.seed, 1])
+        order = list(range(self.chunk_pool - 1, -1, -1))  # rank 0 is the most popular
+        return [self._rag(order[start:start + self.chunks], rng, 1) for start in range(0, len(order), self.chunks)]
 
     def arrivals(self, rate: float, duration_s: float) -> list[float]:
         """Send times (seconds from the start) of a Poisson process of `rate` per second over the duration."""
@@ -212,23 +231,59 @@ async def run_rate(url: str, arm: str, workload: Workload, rate: float, duration
         return list(outcomes), time.perf_counter() - started
 
 
+async def send_all(url: str, arm: str, requests: list[LoadRequest], concurrency: int,
+                   timeout_s: float) -> list[Outcome]:
+    """`requests` in order, `concurrency` at a time (a closed loop: not measured); their outcomes."""
+    queue = list(reversed(requests))
+    outcomes: list[Outcome] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                outcomes.append(await send(client, url, queue.pop(), arm))
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return outcomes
+
+
 async def warm_up(url: str, arm: str, workload: Workload, requests: int, concurrency: int,
                   timeout_s: float) -> int:
     """`requests` requests of the workload, `concurrency` at a time, not measured: the chunk-cache (blendgate)
     and the radix cache (stock) start the sweep holding what a server in service would. Returns how many
     completed."""
-    queue = [workload.next() for _ in range(requests)]
-    done = 0
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal done
-            while queue:
-                outcome = await send(client, url, queue.pop(), arm)
-                done += outcome.ok
+    outcomes = await send_all(url, arm, [workload.next() for _ in range(requests)], concurrency, timeout_s)
+    return sum(o.ok for o in outcomes)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
-    return done
+
+@dataclass(frozen=True)
+class Precompute:
+    """How the pool's precompute went (Workload.precompute_requests): requests sent and completed, the share of
+    them blended (chunks computed into the chunk-cache on the way) and their chunk hit rate (already cached),
+    and its wall time."""
+
+    sent: int
+    completed: int
+    blended: float | None
+    chunk_hit_rate: float | None
+    seconds: float
+
+    def line(self) -> str:
+        share = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        return (f"the pool precomputed before the warm-up (each chunk once, least popular first, one token "
+                f"answered): {self.completed} of {self.sent} requests completed in {self.seconds:.0f} s, blended "
+                f"{share(self.blended)}, chunk hit rate {share(self.chunk_hit_rate)}")
+
+
+async def precompute(url: str, arm: str, workload: Workload, concurrency: int, timeout_s: float) -> Precompute:
+    """Sends Workload.precompute_requests, `concurrency` at a time; what came of it."""
+    requests = workload.precompute_requests()
+    started = time.perf_counter()
+    outcomes = await send_all(url, arm, requests, concurrency, timeout_s)
+    done = [o for o in outcomes if o.ok]
+    blended = [o.blended for o in done if o.blended is not None]
+    chunks = sum(o.chunks for o in done)
+    return Precompute(len(requests), len(done), sum(blended) / len(blended) if blended else None,
+                      sum(o.chunk_hits for o in done) / chunks if chunks else None, time.perf_counter() - started)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -331,7 +386,8 @@ def sustained_rate(rows: list[RateSummary], slo_ms: float) -> float | None:
     return max(good) if good else None
 
 
-def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> str:
+def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float,
+           precomputed: Precompute | None = None) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     lines = [f"# Load benchmark ({args.label or args.arm}), {date.today().isoformat()}", "",
              f"- command: `python bench/load.py {' '.join(sys.argv[1:])}`",
@@ -340,7 +396,8 @@ def report(rows: list[RateSummary], args: argparse.Namespace, slo_ms: float) -> 
              f"(Zipf s = {args.zipf}), {args.system_tokens}-token system prompt, {args.question_tokens}-token "
              f"question, {args.answer_tokens}-token answers; {args.chat_share:.0%} plain chat of "
              f"{args.chat_tokens} tokens; Poisson arrivals for {args.duration:g} s per rate, seed {args.seed}; "
-             f"{args.warmup} warm-up requests before the sweep", "",
+             f"{args.warmup} warm-up requests before the sweep",
+             *([f"- {precomputed.line()}"] if precomputed is not None else []), "",
              "| rate (req/s) | sent | completed | failed | RAG TTFT p50 ms | RAG TTFT p99 ms | chat TTFT p50 ms | "
              "chat TTFT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | chunk hit rate | RAG blended |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -392,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     parser.add_argument("--warmup", type=int, default=0,
                         help="requests sent before the sweep, --warmup-concurrency at a time, not measured")
-    parser.add_argument("--warmup-concurrency", type=int, default=8)
+    parser.add_argument("--warmup-concurrency", type=int, default=8,
+                        help="requests in flight during the warm-up and the precompute")
+    parser.add_argument("--precompute", action="store_true",
+                        help="before the warm-up, send every pool chunk once, least popular first (an operator's "
+                             "ingestion: the sweep then sees the chunk-cache's steady state, not its first misses)")
     parser.add_argument("--label", default=None, help="the arm's name in the report [--arm]")
     parser.add_argument("--stop-after-saturation", action="store_true",
                         help="skip the higher rates once one misses the SLO")
@@ -418,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
+    precomputed = None
+    if args.precompute:
+        precomputed = asyncio.run(precompute(args.url.rstrip("/"), args.arm, workload, args.warmup_concurrency,
+                                             args.timeout))
+        print(precomputed.line(), flush=True)
     if args.warmup:
         warmed = asyncio.run(warm_up(args.url.rstrip("/"), args.arm, workload, args.warmup,
                                      args.warmup_concurrency, args.timeout))
@@ -432,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.ttft_rag_p99_ms if r.ttft_rag_p99_ms is None else round(r.ttft_rag_p99_ms, 1)} ms", flush=True)
         if args.stop_after_saturation and (r.failed or (r.ttft_rag_p99_ms or 0) > args.slo_ms):
             break
-    text = report(rows, args, args.slo_ms)
+    text = report(rows, args, args.slo_ms, precomputed)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         # The rows beside the report, for bench/load_compare.py (arms run against different servers).
         args.out.with_suffix(".json").write_text(json.dumps(
             {"arm": args.label or args.arm, "command": f"python bench/load.py {' '.join(sys.argv[1:])}",
-             "slo_ms": args.slo_ms, "date": date.today().isoformat(), "rows": [asdict(r) for r in rows]}, indent=1))
+             "slo_ms": args.slo_ms, "date": date.today().isoformat(),
+             "precompute": None if precomputed is None else asdict(precomputed),
+             "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
 
 

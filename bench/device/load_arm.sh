@@ -13,6 +13,8 @@
 # writes each report's rows as JSON beside it).
 # With BLENDGATE_SGLANG_PROFILE=1 in the environment the plugin times its passes (sglang_plugin/profile.py) and
 # the report adds the plugin's GPU time a RAG request and its share of the run (the profile waits for each pass).
+# BLENDGATE_LOAD_ARGS: more bench/load.py flags (e.g. --precompute, for every arm alike);
+# BLENDGATE_LOAD_LABEL: the arm's name in the report and its files (default: ARM), to run an arm twice.
 # Both give SGLang the same static memory fraction (0.55 of the GPU: weights and its KV pool), so the plugin's
 # GPU tier fits beside it.
 set -euo pipefail
@@ -40,15 +42,17 @@ case $arm in
                    flags+=(--chunked-prefill-size -1); client=blendgate ;;
     *) echo "unknown arm $arm (stock, blendgate, blendgate-cpu)"; exit 2 ;;
 esac
-python3 -P -m sglang.launch_server "${flags[@]}" > "$OUT/server-$arm.log" 2>&1 &
+label=${BLENDGATE_LOAD_LABEL:-$arm}
+python3 -P -m sglang.launch_server "${flags[@]}" > "$OUT/server-$label.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 300); do
     curl -sf http://127.0.0.1:30000/health >/dev/null 2>&1 && break
-    kill -0 $server 2>/dev/null || { echo "server died"; tail -30 "$OUT/server-$arm.log"; exit 1; }
+    kill -0 $server 2>/dev/null || { echo "server died"; tail -30 "$OUT/server-$label.log"; exit 1; }
     sleep 1
 done
 echo "server up after ${SECONDS}s"
-python3 bench/load.py --url http://127.0.0.1:30000 --arm "$client" --label "$arm" --duration "$duration" \
-    --warmup "$warmup" --rates "$@" --out "$OUT/load-$arm.md" 2>&1 | grep -v "Warning\|warn"
-grep -i "blendgate\|error\|Traceback" "$OUT/server-$arm.log" | tail -15 || true
+# shellcheck disable=SC2086  # BLENDGATE_LOAD_ARGS is a list of flags
+python3 bench/load.py --url http://127.0.0.1:30000 --arm "$client" --label "$label" --duration "$duration" \
+    --warmup "$warmup" ${BLENDGATE_LOAD_ARGS:-} --rates "$@" --out "$OUT/load-$label.md" 2>&1 | grep -v "Warning\|warn"
+grep -i "blendgate\|error\|Traceback" "$OUT/server-$label.log" | tail -15 || true

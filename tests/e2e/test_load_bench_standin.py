@@ -23,7 +23,7 @@ def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(
                           "--chunk-pool", "3", "--chunks", "2", "--chunk-tokens", "16", "--system-tokens", "8",
                           "--question-tokens", "4", "--answer-tokens", "3", "--chat-share", "0.3",
                           "--chat-tokens", "12", "--slo-ms", "60000", "--seed", "5", "--warmup", "3",
-                          "--warmup-concurrency", "2", "--out", str(out)])
+                          "--warmup-concurrency", "2", "--precompute", "--out", str(out)])
     finally:
         worker.stop()
     assert code == 0
@@ -36,6 +36,10 @@ def test_an_open_loop_run_against_a_stand_in_worker_reports_ttft_and_chunk_hits(
     assert cells[11] != "-" and float(cells[11]) > 0, text  # chunk hits seen in the prefill reports
     assert cells[12] != "-" and 0 <= float(cells[12]) <= 1, text  # the share of RAG requests blended
     assert "3 warm-up requests before the sweep" in text
+    # The pool's 3 chunks precomputed 2 to a request before it: 2 requests, all blended.
+    assert "the pool precomputed before the warm-up" in text and "2 of 2 requests completed" in text, text
+    precomputed = json.loads(out.with_suffix(".json").read_text())["precompute"]
+    assert precomputed["completed"] == 2 and precomputed["blended"] == 1.0, precomputed
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]  # for bench/load_compare.py
     assert [r["rate"] for r in rows] == [2] and rows[0]["completed"] == completed
     assert f"{rows[0]['rag_blended']:.2f}" == cells[12]

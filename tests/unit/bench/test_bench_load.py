@@ -50,6 +50,21 @@ def test_popular_chunks_are_drawn_more_often_and_arrivals_follow_the_rate() -> N
         load.Workload(chunk_pool=3, chunks=4)
 
 
+def test_the_precompute_sends_every_pool_chunk_once_least_popular_first_and_leaves_the_sweep_unchanged() -> None:
+    settings = dict(vocab=5000, chunk_pool=11, chunks=3, chunk_tokens=4, system_tokens=2, question_tokens=2,
+                    answer_tokens=9, chat_share=0.3, seed=4)
+    plain, precomputed = load.Workload(**settings), load.Workload(**settings)
+    requests = precomputed.precompute_requests()
+    assert [r.chunk_ids for r in requests] == [[10, 9, 8], [7, 6, 5], [4, 3, 2], [1, 0]]  # rank 0: most popular
+    assert all(r.kind == "rag" and r.max_new_tokens == 1 for r in requests)
+    for r in requests:  # each chunk's tokens at its span, after the workload's one system prompt
+        assert r.input_ids[:2] == plain._system and len(r.input_ids) == 2 + 4 * len(r.chunk_ids) + 2
+        for start, end, chunk in zip(r.chunk_spans[::2], r.chunk_spans[1::2], r.chunk_ids):
+            assert r.input_ids[start:end] == plain._pool[chunk].tolist()
+    # The measured requests are drawn as without a precompute.
+    assert [plain.next().input_ids for _ in range(30)] == [precomputed.next().input_ids for _ in range(30)]
+
+
 def test_the_summary_counts_percentiles_hits_and_the_sustained_rate() -> None:
     outcomes = [load.Outcome("rag", True, ttft_s=0.1 * (i + 1), itl_s=[0.01, 0.02], output_tokens=3, chunk_hits=i % 3,
                              chunks=2) for i in range(10)]
