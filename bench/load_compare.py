@@ -6,8 +6,8 @@ Reads the JSON that `bench/load.py --out X.md` writes beside its report (X.json)
     python bench/load_compare.py out/load-stock.json out/load-blendgate.json [out/load-blendgate-cpu.json] \\
         --out bench/results/load-compare.md
 
-A sustained rate is bench/load.py's: the highest rate run with every request completed and RAG p99 TTFT within
-the arm's SLO. When an arm met the SLO at the highest rate it ran, its true sustained rate is
+A sustained rate is bench/load.py's: the highest rate up to which every rate run completed every request with
+RAG p99 TTFT within the arm's SLO. When an arm met the SLO at the highest rate it ran, its true sustained rate is
 at least that: the table says "at least", and a ratio over such a baseline is an upper bound.
 """
 

@@ -82,6 +82,12 @@ def test_the_summary_counts_percentiles_hits_and_the_sustained_rate() -> None:
     slow = load.RateSummary(8.0, 5, 5, 0, 100.0, 1500.0, None, None, None, None, 10.0, None, ())
     assert load.sustained_rate([ok, row, slow], slo_ms=1000.0) == 2.0  # row failed one request
     assert load.sustained_rate([slow], slo_ms=1000.0) is None
+    # A rate that meets the SLO again above one that missed does not count (a 15-s window's noise).
+    again = load.RateSummary(12.0, 5, 5, 0, 100.0, 950.0, None, None, None, None, 10.0, None, ())
+    assert load.sustained_rate([again, slow, ok], slo_ms=1000.0) == 2.0
+    assert load.highest_rate_meeting([again, slow, ok], slo_ms=1000.0) == 12.0
+    text = load.report([ok, slow, again], SimpleNamespace(**REPORT_ARGS), 1000.0)
+    assert "every rate below it): 2 req/s" in text and "missed: 12 req/s (not counted)" in text
     assert row.plugin_ms_p50 is None and row.plugin_busy is None  # no profiled worker: nothing to report
     assert "Profiled worker" not in load.report([row], SimpleNamespace(**REPORT_ARGS), 1000.0)
 
