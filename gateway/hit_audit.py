@@ -20,6 +20,7 @@ import numpy as np
 from ..semcache.audit import AuditTicket, HitAuditor
 from ..semcache.cache import SemanticCache
 from ..semcache.lookup import LookupResult
+from ..semcache.tasks import cancel_and_wait
 from .backends.base import ChatBackend, RequestContext
 from .backends.request import BackendRequest
 from .metrics.series import GatewayMetrics
@@ -64,10 +65,9 @@ class HitAudits:
         self.auditor.done()
 
     async def close(self) -> None:
-        """Cancel the audits still running (at shutdown)."""
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        """Cancel the audits still running (at shutdown), again while one absorbs its cancellation
+        (semcache/tasks.py: an audit awaits a generation, whose calls may)."""
+        await cancel_and_wait(list(self.tasks))
 
     async def _audit(self, ticket: AuditTicket, backend: ChatBackend, request: ChatCompletionRequest,
                      cache: SemanticCache, retrieval: Retrieval | None, query_vector: np.ndarray,

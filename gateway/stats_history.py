@@ -8,6 +8,8 @@ import logging
 from collections import deque
 from typing import Any, Callable
 
+from ..semcache.tasks import cancel_and_wait
+
 log = logging.getLogger("blendgate.gateway")
 
 SAMPLE_INTERVAL_S = 5.0
@@ -47,8 +49,7 @@ class StatsHistory:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _run(self) -> None:

@@ -29,16 +29,17 @@ EMBEDDED = "smollm2-135m-instruct"
 BLEND_ALWAYS = {"pass_cost_tokens": 0, "placement_cost_tokens": 0}
 
 
-def wait_until(condition, what: str, timeout_s: float = 120.0):
-    """The first truthy value of `condition()`, asked every 0.1 s; AssertionError after `timeout_s`."""
+def wait_until(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0.1):
+    """The first truthy value of `condition()`, asked every `poll_s`; AssertionError naming `what` after
+    `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+            raise AssertionError(f"timed out waiting for {what} ({timeout_s:g} s)")
+        time.sleep(poll_s)
 
 
 def free_port(highest: int | None = None) -> int:

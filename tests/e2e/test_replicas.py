@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from support import GatewayProcess, RedisServer, SglangStandin
+from support import GatewayProcess, RedisServer, SglangStandin, wait_until
 
 ADMIN_KEY = "admin-replicas-0123456789"
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
@@ -110,13 +110,6 @@ def live_entries(replica: GatewayProcess, search: str) -> list[str]:
     return [entry["id"] for entry in page.json()["data"]]
 
 
-def within(seconds: float, condition, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
-        time.sleep(0.02)
-
-
 def test_an_answer_cached_through_one_replica_is_a_hit_through_the_others(replicas: list[GatewayProcess]) -> None:
     marker = uuid.uuid4().hex[:6]
     question = f"What colour is the harbour flag number {marker}?"
@@ -125,8 +118,8 @@ def test_an_answer_cached_through_one_replica_is_a_hit_through_the_others(replic
     entry = first.model_extra["blendgate"]["semantic_cache"].get("entry_id")
     stored = time.monotonic()
     for other in replicas[1:]:  # the other replicas follow Redis's change stream
-        within(max(0.05, 1.0 - (time.monotonic() - stored)), lambda: live_entries(other, marker),
-               f"{other.name} holding the entry")
+        wait_until(lambda: live_entries(other, marker), f"{other.name} holding the entry",
+                   timeout_s=max(0.05, 1.0 - (time.monotonic() - stored)), poll_s=0.02)
     for other in replicas[1:]:
         answer = ask(other, question)
         assert cache_status(answer) == "hit" and answer.choices[0].message.content == first.choices[0].message.content
@@ -138,15 +131,16 @@ def test_an_invalidation_through_one_replica_reaches_all(replicas: list[GatewayP
     question = f"How tall is the lighthouse number {marker}?"
     ask(replicas[0], question)
     for replica in replicas:
-        within(1.0, lambda: live_entries(replica, marker), f"{replica.name} holding the entry")
+        wait_until(lambda: live_entries(replica, marker), f"{replica.name} holding the entry", timeout_s=1.0,
+                   poll_s=0.02)
     (entry,) = live_entries(replicas[2], marker)
     dropped = httpx.post(f"{replicas[1].url}/admin/api/semantic-cache/invalidate", json={"entry_id": entry},
                          headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
     assert dropped.status_code == 200, dropped.text
     dropped_at = time.monotonic()
     for replica in replicas:
-        within(max(0.05, 1.0 - (time.monotonic() - dropped_at)), lambda: not live_entries(replica, marker),
-               f"{replica.name} dropping the entry")
+        wait_until(lambda: not live_entries(replica, marker), f"{replica.name} dropping the entry",
+                   timeout_s=max(0.05, 1.0 - (time.monotonic() - dropped_at)), poll_s=0.02)
     assert cache_status(ask(replicas[0], question)) == "miss"
 
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer
+from support import BLEND_ALWAYS, EMBEDDED, GatewayProcess, RedisServer, wait_until
 
 ADMIN_KEY = "admin-key-for-shared-chunk-cache-tests"
 DOCUMENTS = [{"id": "castle",
@@ -86,13 +86,6 @@ def shared_tier(gateway: GatewayProcess) -> dict:
     return next(t for t in view["models"][EMBEDDED]["tiers"] if t.get("shared"))
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_a_chunk_blended_by_one_replica_is_a_hit_for_the_other(replicas, redis: RedisServer, prefix: str) -> None:
     first, second = replicas
     answer = ask(first, DOCUMENTS)
@@ -100,7 +93,7 @@ def test_a_chunk_blended_by_one_replica_is_a_hit_for_the_other(replicas, redis: 
     assert shared_fetch(answer) == ["not cached", "not cached"]
     # The system prompt's KV and both chunks, written behind the request.
     with redis.client() as direct:
-        wait_for(lambda: direct.zcard(f"{prefix}:lru") >= 3)
+        wait_until(lambda: direct.zcard(f"{prefix}:lru") >= 3, "three chunks in the shared tier", timeout_s=30)
     assert shared_tier(first)["writes"] >= 3
     answer = ask(second, DOCUMENTS[::-1], max_tokens=32)
     assert chunk_hits(answer) == [("river", True), ("castle", True)]  # from Redis: nothing recomputed
