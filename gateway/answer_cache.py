@@ -33,6 +33,7 @@ from ..semcache.settings import SemanticCacheSettings
 from .config import LocalModelConfig, Settings
 from .errors import GatewayError
 from .loadable import Loadable
+from .rag_report import RagReport
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -172,12 +173,15 @@ class AnswerCachePlan:
         self.classification = self.result.classification
         return self.result
 
-    def remember(self, content: str, finish_reason: str | None, usage: dict | None) -> None:
+    def remember(self, content: str, finish_reason: str | None, usage: dict | None,
+                 rag: RagReport | None = None) -> None:
         """Store a completed answer in the background; answers cut short by length are kept too, as OpenAI
-        would return them again for the same max_tokens (which is part of the key)."""
+        would return them again for the same max_tokens (which is part of the key). `rag`: the RAG report the
+        answer was generated with, whose citations a hit returns with it (RagReport.from_cached)."""
         if self.classification is None or self.result is None or self.result.status == "hit":
             return
-        response = {"content": content, "finish_reason": finish_reason, "usage": usage}
+        response = {"content": content, "finish_reason": finish_reason, "usage": usage,
+                    "rag": None if rag is None else rag.cached()}
         task = asyncio.create_task(self.cache.put(self.query, self.vector, self.classification.category, response))
         task.add_done_callback(_log_failure)
 

@@ -40,6 +40,7 @@ from .errors import GatewayError
 from .hit_audit import HitAudits
 from .metrics.series import GatewayMetrics
 from .rag import RagPlanner, retrieval_for
+from .rag_report import RagReport
 from .schemas import ChatCompletionRequest
 
 log = logging.getLogger("blendgate.gateway")
@@ -163,7 +164,7 @@ class ChatService:
         self.metrics.observe_chat(model, ctx)
         if plan is not None:
             plan.remember(result.message.get("content") or "", result.finish_reason,
-                          ctx.usage.as_dict() if ctx.usage else None)
+                          ctx.usage.as_dict() if ctx.usage else None, ctx.rag)
         return self._completion(request.chat, ctx, result.message, result.finish_reason, result.choice)
 
     def _completion(self, request: ChatCompletionRequest, ctx: RequestContext, message: dict[str, Any],
@@ -192,6 +193,7 @@ class ChatService:
         usage = entry.response.get("usage")
         ctx.usage = Usage(usage["prompt_tokens"], usage["completion_tokens"]) if isinstance(usage, dict) else None
         content, finish_reason = entry.response["content"], entry.response.get("finish_reason") or "stop"
+        ctx.rag = RagReport.from_cached(entry.response.get("rag"))  # the citations the answer was generated with
         ctx.mark_first_token()
         ctx.finished_at = time.perf_counter()
         if not request.stream:
@@ -280,7 +282,7 @@ class ChatService:
         if not replay:
             self.load.observe_latency(request.model, (ctx.finished_at - ctx.arrived_at) * 1000)
         if plan is not None and finish_reason is not None:
-            plan.remember("".join(parts), finish_reason, ctx.usage.as_dict() if ctx.usage else None)
+            plan.remember("".join(parts), finish_reason, ctx.usage.as_dict() if ctx.usage else None, ctx.rag)
         if request.include_usage_in_stream():
             if pending is not None:
                 yield _sse(pending)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -71,8 +72,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The shortest key the configuration takes (admin key, client keys, upstream keys given inline).
+SECRET_MIN_LENGTH = 8
+
+
+def _long_enough(secret: SecretStr) -> SecretStr:
+    """Refuses a key shorter than SECRET_MIN_LENGTH characters, saying so in characters (pydantic's own
+    min_length message counts "items" for a SecretStr) and never echoing the key."""
+    if len(secret.get_secret_value()) < SECRET_MIN_LENGTH:
+        raise ValueError(f"a key must be at least {SECRET_MIN_LENGTH} characters long, this one has "
+                         f"{len(secret.get_secret_value())}")
+    return secret
+
+
 # A key given in the configuration: repr, str and JSON output show MASK; get_secret_value() gives the key.
-Secret = Annotated[SecretStr, Field(min_length=8), PlainSerializer(lambda _: MASK, return_type=str, when_used="json")]
+Secret = Annotated[SecretStr, AfterValidator(_long_enough),
+                   PlainSerializer(lambda _: MASK, return_type=str, when_used="json")]
 
 
 class SamplingDefaults(_Strict):

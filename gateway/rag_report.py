@@ -34,3 +34,23 @@ class RagReport:
         if self.retrieval_ms is not None:
             out["retrieval_ms"] = self.retrieval_ms
         return out
+
+    def cached(self) -> dict[str, Any]:
+        """What the semantic cache keeps of it with an answer: as_dict() without the retrieval time (a hit that
+        replays the answer retrieves nothing)."""
+        return {key: value for key, value in self.as_dict().items() if key != "retrieval_ms"}
+
+    @classmethod
+    def from_cached(cls, data: Any) -> RagReport | None:
+        """The report a cached answer was generated with (cached()), for the hit that replays it: the same
+        collection, version and chunk citations. None for an entry stored without one (an answer without RAG,
+        or stored before answers kept it) or with one not of that shape."""
+        if not isinstance(data, dict) or not isinstance(data.get("chunks"), list) \
+                or not all(isinstance(chunk, dict) for chunk in data["chunks"]):
+            return None
+        collection, generation, number = data.get("collection"), data.get("generation"), data.get("version")
+        if collection is not None and not isinstance(collection, str):
+            return None
+        version = CollectionVersion(generation, number) \
+            if isinstance(generation, str) and isinstance(number, int) else None
+        return cls(collection, version, data["chunks"])

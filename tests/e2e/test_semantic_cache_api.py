@@ -337,6 +337,11 @@ def test_reingesting_a_collection_invalidates_its_answers(client_a: openai.OpenA
     headers, hit = ask(client_a, question, extra_body=rag)
     assert headers["x-blendgate-cache"] == "hit"
     assert hit.choices[0].message.content == first.choices[0].message.content
+    # The hit cites what the answer was generated from (no retrieval ran for it: no retrieval time).
+    generated = first.model_extra["blendgate"]["rag"]
+    assert hit.model_extra["blendgate"]["rag"] == {key: value for key, value in generated.items()
+                                                   if key != "retrieval_ms"}
+    assert generated["chunks"] and "retrieval_ms" in generated
     # The same question without the collection is another question.
     assert ask(client_a, question)[0]["x-blendgate-cache"] == "miss"
     added = http.post("/v1/collections/c1/documents",

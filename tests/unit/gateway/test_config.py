@@ -69,6 +69,8 @@ api_keys:
         ("models: []\n", "at least one model"),
         ("api_keys:\n  - key_env: SURELY_UNSET_VAR_42\n    tenant: t\n", "SURELY_UNSET_VAR_42"),
         ("api_keys:\n  - key: short\n    tenant: t\n", "api_keys.0.key"),
+        ("api_keys:\n  - key: short\n    tenant: t\n", "at least 8 characters long, this one has 5"),
+        ("admin_key: s3cret\n", "admin_key: Value error, a key must be at least 8 characters long"),
         ("models:\n  - name: m\n    backend: sglang\n", "models.0.sglang.workers"),
         ("models:\n  - name: m\n    backend: sglang\n    workers: [gpu-1:30000]\n", "must be an http"),
         ("models:\n  - name: m\n    backend: sglang\n    workers: [http://a:1, http://a:1/]\n", "listed twice"),

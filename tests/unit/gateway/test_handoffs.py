@@ -78,3 +78,22 @@ def test_a_loadable_part_is_loading_until_set_or_failed() -> None:
     failed.fail("docs.faiss is corrupt")
     assert (failed.state, failed.error) == ("failed", "docs.faiss is corrupt")
     assert Loadable.of(1).state == "ready"
+
+
+def test_a_cached_answer_keeps_its_rag_report_and_a_hit_gets_it_back() -> None:
+    import json
+
+    from blendgate.gateway.rag_report import RagReport
+    from blendgate.retriever.document_store import CollectionVersion
+
+    chunks = [{"id": "c1", "source": "castle.txt", "position": 0, "score": 0.83}]
+    report = RagReport("docs", CollectionVersion("g1", 3), chunks, retrieval_ms=12.5)
+    kept = json.loads(json.dumps(report.cached()))  # as the answer store keeps it
+    assert kept == {"collection": "docs", "version": 3, "generation": "g1", "chunks": chunks}
+    replayed = RagReport.from_cached(kept)
+    assert replayed == RagReport("docs", CollectionVersion("g1", 3), chunks)  # no retrieval time: none ran
+    inline = RagReport(None, None, chunks)
+    assert RagReport.from_cached(inline.cached()) == inline
+    # Entries stored without one (no RAG, or before answers kept it), or with another shape: no report.
+    for data in (None, {}, {"chunks": "x"}, {"chunks": [1]}, {"collection": 5, "chunks": []}, [chunks]):
+        assert RagReport.from_cached(data) is None
