@@ -47,16 +47,22 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Third-party chatter that says nothing an operator needs.
-    for noisy in ("LiteLLM", "litellm", "httpx", "transformers"):
+    # faiss.loader logs each CPU-specific build it tries and lacks (avx512, avx2) as an INFO-level
+    # ModuleNotFoundError before loading the generic one, which reads like a failure.
+    for noisy in ("LiteLLM", "litellm", "httpx", "transformers", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
 def serve(
     config: Optional[Path] = ConfigOption,
-    host: Optional[str] = typer.Option(None, help="Address to listen on [default: 127.0.0.1]."),
-    port: Optional[int] = typer.Option(None, help="Port to listen on [default: 8000]."),
-    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error [default: info]."),
+    # Defaults in parentheses: rich reads "[default: ...]" in a help text as markup and drops it.
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default: the configuration's host, "
+                                                  "else 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default: the configuration's port, "
+                                                  "else 8000)."),
+    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error (default: the "
+                                                       "configuration's log_level, else info)."),
 ) -> None:
     """Run the gateway. With no configuration it serves the embedded SmolLM2-135M-Instruct on the CPU."""
     settings = _settings_or_exit(config, host=host, port=port, log_level=log_level)

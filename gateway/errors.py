@@ -81,7 +81,14 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 OWN_CODES = frozenset({"nothing_to_ingest"})
 
 
-def validation_error(exc: RequestValidationError) -> GatewayError:
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> GatewayError:
+    """The gateway's error for a request FastAPI could not validate. `content_type`: the request's header; a
+    body FastAPI did not parse as JSON because of it (sent as text or a form) is told so."""
     errors = exc.errors()
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
     if first["type"] == "json_invalid":
@@ -94,6 +101,10 @@ def validation_error(exc: RequestValidationError) -> GatewayError:
         return GatewayError(400, f"Missing required parameter: '{param}'.", code="missing_required_parameter",
                             param=param)
     if first["type"] == "model_attributes_type" or (param is None and first["type"].endswith("_type")):
+        if content_type is not None and not _is_json(content_type):
+            return GatewayError(400, "The request body must be a JSON object sent with Content-Type: "
+                                     f"application/json; this one was sent as {content_type!r}.",
+                                code="invalid_json")
         return GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
     if first["type"] == "string_pattern_mismatch" and tuple(first["loc"]) == ("path", "collection"):
         return GatewayError(400, f"Invalid collection name {first.get('input')!r}: letters, digits, '_', '-', '.', "
@@ -113,8 +124,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc, request.headers.get("content-type", "")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -166,7 +166,7 @@ class CacheLookup:
         result.scope = self.scope_of(query.text, classification.category)
         owner = self.owner_for(query, result.scope)
         if owner is None:
-            result.reason = "no_user_for_personal_question"
+            result.reason = "no_user_for_user_scoped_question"
             return result
         if not self.state.available:
             result.reason = "store_unavailable"

@@ -123,6 +123,15 @@ def test_malformed_json(http: httpx.Client, raw: bytes) -> None:
     assert_openai_error(response, 400, "invalid_json")
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_as_another_content_type_is_told_which(http: httpx.Client, content_type: str) -> None:
+    body = b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
+    assert_openai_error(response, 400, "invalid_json")
+    message = response.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and content_type in message, message
+
+
 def test_unknown_extra_fields_are_ignored(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(model=EMBEDDED, messages=HI, max_tokens=2,
                                                 extra_body={"frobnicate": {"level": 11}, "blend": {"mode": "blend"}})

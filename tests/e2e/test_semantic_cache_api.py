@@ -625,7 +625,7 @@ def test_without_a_user_questions_about_the_asker_are_not_cached(client_a: opena
         for _ in range(2):
             headers, completion = ask(client_a, question)
             assert headers["x-blendgate-cache"] == "bypass", cache_report(completion)
-            assert cache_report(completion)["reason"] in ("no_user_for_personal_question", "category_not_cached")
+            assert cache_report(completion)["reason"] in ("no_user_for_user_scoped_question", "category_not_cached")
         time.sleep(0.3)
         assert entries.keys() == before
 

@@ -215,3 +215,11 @@ def test_operators_can_turn_the_probes_fp8_copy_on(tmp_path: Path) -> None:
     config.write_text("chunk_cache:\n  selection:\n    probe_weights: auto\n")
     assert load_settings(config).chunk_cache.selection.rule().probe_weights == "auto"
     assert load_settings(write(tmp_path, "port: 8080\n")).chunk_cache.selection.rule().probe_weights == "model"
+
+
+def test_serve_help_shows_its_defaults() -> None:
+    """rich drops a help text's "[default: ...]" as markup; the defaults must still show."""
+    result = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for default in ("else 127.0.0.1", "else 8000", "else info"):
+        assert default in result.output, result.output

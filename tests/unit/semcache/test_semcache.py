@@ -194,7 +194,7 @@ def test_questions_that_refer_to_the_asker_are_user_scoped_whatever_their_catego
             question = "What grade did I get on the chemistry exam?"
             for user in (None, "  "):  # no user known: not cached
                 bypass = await harness.lookup(cache, question, user=user)
-                assert (bypass.status, bypass.reason) == ("bypass", "no_user_for_personal_question")
+                assert (bypass.status, bypass.reason) == ("bypass", "no_user_for_user_scoped_question")
                 assert await cache.put(harness.query(question, user=user), harness.vector(question), "factual",
                                        ANSWER) is None
             await harness.store(cache, question, user="alice")
