@@ -276,14 +276,11 @@ class Precompute:
 
 async def precompute(url: str, arm: str, workload: Workload, concurrency: int, timeout_s: float) -> Precompute:
     """Sends Workload.precompute_requests, `concurrency` at a time; what came of it."""
-    requests = workload.precompute_requests()
     started = time.perf_counter()
-    outcomes = await send_all(url, arm, requests, concurrency, timeout_s)
-    done = [o for o in outcomes if o.ok]
-    blended = [o.blended for o in done if o.blended is not None]
-    chunks = sum(o.chunks for o in done)
-    return Precompute(len(requests), len(done), sum(blended) / len(blended) if blended else None,
-                      sum(o.chunk_hits for o in done) / chunks if chunks else None, time.perf_counter() - started)
+    outcomes = await send_all(url, arm, workload.precompute_requests(), concurrency, timeout_s)
+    seconds = time.perf_counter() - started
+    row = summarise(0.0, outcomes, seconds)  # its counts, blended share and hit rate, as a rate's row has them
+    return Precompute(row.sent, row.completed, row.rag_blended, row.chunk_hit_rate, seconds)
 
 
 def percentile(values: list[float], q: float) -> float | None:

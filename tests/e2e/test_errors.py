@@ -132,6 +132,12 @@ def test_a_json_body_sent_as_another_content_type_is_told_which(http: httpx.Clie
     assert "Content-Type: application/json" in message and content_type in message, message
 
 
+def test_a_body_without_a_content_type_is_not_told_about_one(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", content=b"[1, 2]")  # no Content-Type header at all
+    assert_openai_error(response, 400, "invalid_json")
+    assert "Content-Type" not in response.json()["error"]["message"], response.text
+
+
 def test_unknown_extra_fields_are_ignored(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(model=EMBEDDED, messages=HI, max_tokens=2,
                                                 extra_body={"frobnicate": {"level": 11}, "blend": {"mode": "blend"}})

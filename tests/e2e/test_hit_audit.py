@@ -62,7 +62,6 @@ def entry_keys(redis: RedisServer, prefix: str) -> set[bytes]:
         return set(direct.scan_iter(f"{prefix}:*:entry:*"))
 
 
-
 def audits(gateway: GatewayProcess) -> dict[str, float]:
     """blendgate_semantic_cache_audits_total by verdict, summed over categories."""
     text = httpx.get(f"{gateway.url}/metrics", timeout=30).text
